@@ -1,0 +1,199 @@
+"""`raysegment` command line: parse flags, load the job spec, call the job. Nothing else."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from raysegment import __version__
+from raysegment.config import EvaluateSpec, InferSpec, PrepareSpec, TrainSpec, load_spec
+from raysegment.errors import UserError
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception, also when Ray wrapped it in a task or train error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UserError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print user-fixable errors as one line (exit 2), without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            err = _user_error(exc)
+            if err is None:
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _print(result: dict[str, Any]) -> None:
+    click.echo(json.dumps(result, indent=2, default=str))
+
+
+config_option = click.option(
+    "--config", "config", type=click.Path(dir_okay=False), help="job spec YAML; flags override it"
+)
+endpoint_option = click.option("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+
+
+@click.group()
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def main(verbose: bool) -> None:
+    """raysegment: prepare, train, evaluate and run image segmentation jobs on Ray."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.argument("dest", required=False)
+@click.option("--layout", type=click.Choice(["pairs"]), default=None)
+@click.option("--images-dir", default=None, help="images folder under SOURCE (default: images)")
+@click.option("--masks-dir", default=None, help="masks folder under SOURCE (default: masks)")
+@click.option("--num-classes", type=int, default=None, help="class count (default: from the masks)")
+@click.option("--class-names", default=None, help="comma-separated class names")
+@click.option("--val-fraction", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--shard-size-mb", type=float, default=None)
+@click.option("--overwrite", is_flag=True, default=None)
+@endpoint_option
+@config_option
+@handle_errors
+def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
+    """Turn labelled images under SOURCE into Parquet shards + manifest.json under DEST."""
+    from raysegment.data.prepare import prepare as run
+    from raysegment.runtime import init_ray
+
+    flags["class_names"] = class_names.split(",") if class_names else None
+    spec = load_spec(PrepareSpec, config, flags)
+    init_ray()
+    manifest = run(spec)
+    click.echo(
+        f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, classes {manifest['class_names']}"
+    )
+
+
+@main.command()
+@click.argument("data", required=False)
+@click.argument("out", required=False)
+@click.option("--epochs", type=int, default=None)
+@click.option("--workers", type=int, default=None)
+@click.option("--image-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="per-worker batch")
+@click.option("--learning-rate", type=float, default=None)
+@click.option("--depth", type=int, default=None)
+@click.option("--base-filters", type=int, default=None)
+@click.option("--cpus-per-worker", type=float, default=None)
+@click.option("--gpus-per-worker", type=float, default=None)
+@click.option("--resume/--no-resume", default=None, help="continue from the last checkpoint in OUT (default: on)")
+@endpoint_option
+@config_option
+@handle_errors
+def train(config: str | None, **flags: Any) -> None:
+    """Train a U-Net on the data set DATA with Ray Train; write the model to OUT."""
+    from raysegment.runtime import init_ray
+    from raysegment.train.trainer import train as run
+
+    spec = load_spec(TrainSpec, config, flags)
+    init_ray(min_cpus=int(spec.workers * spec.cpus_per_worker) + 1)
+    result = run(spec)
+    best = result["metrics"]["best"]
+    click.echo(
+        f"trained {result['out']}: best epoch {best['epoch']}, val mean_iou {best['val_mean_iou']:.4f}, "
+        f"pixel_accuracy {best['val_pixel_accuracy']:.4f}"
+    )
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.argument("data", required=False)
+@click.option("--split", default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--out", default=None, help="metrics JSON URI (default: MODEL/eval-SPLIT.json)")
+@endpoint_option
+@config_option
+@handle_errors
+def evaluate(config: str | None, **flags: Any) -> None:
+    """Evaluate MODEL on a split of the data set DATA (pixel accuracy, mIoU, Dice)."""
+    from raysegment.evaluate import evaluate as run
+    from raysegment.runtime import init_ray
+
+    spec = load_spec(EvaluateSpec, config, flags)
+    init_ray()
+    result = run(spec)
+    click.echo(f"{'class':<20} {'IoU':>8}")
+    for name, iou in result["per_class_iou"].items():
+        click.echo(f"{name:<20} {'-' if iou is None else f'{iou:.4f}':>8}")
+    click.echo(
+        f"pixel_accuracy {result['pixel_accuracy']:.4f}  mean_iou {result['mean_iou']:.4f}  "
+        f"mean_dice {result['mean_dice']:.4f}  ({result['images']} images, written to {result['written_to']})"
+    )
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.argument("input", required=False)
+@click.argument("output", required=False)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--actors", type=int, default=None, help="predictor actors")
+@click.option("--gpus-per-actor", type=float, default=None)
+@endpoint_option
+@config_option
+@handle_errors
+def infer(config: str | None, **flags: Any) -> None:
+    """Segment every image under INPUT with MODEL; write masks and summaries to OUTPUT."""
+    from raysegment.inference.pipeline import infer as run
+    from raysegment.runtime import init_ray
+
+    spec = load_spec(InferSpec, config, flags)
+    init_ray()
+    record = run(spec)
+    c = record["counts"]
+    click.echo(
+        f"inferred {c['total']} images ({c['ok']} ok, {c['error']} errors) at {record['images_per_second']} images/s; "
+        f"run {record['run_id']} in {spec.output}"
+    )
+
+
+@main.command()
+@click.option("--out", default="raysegment-demo", show_default=True, help="local folder for everything the demo writes")
+@click.option("--epochs", type=int, default=6, show_default=True)
+@handle_errors
+def demo(out: str, epochs: int) -> None:
+    """Synthetic data -> prepare -> train (2 workers) -> evaluate -> infer, on local Ray."""
+    from raysegment.demo import run_demo
+    from raysegment.runtime import init_ray
+
+    init_ray(min_cpus=3)
+    result = run_demo(out, epochs=epochs)
+    m = result["metrics"]
+    click.echo(f"\nraysegment demo finished in {result['seconds']:.0f} s")
+    for name, path in result["paths"].items():
+        click.echo(f"  {name:<10} {path}")
+    click.echo(
+        f"  validation: mean_iou {m['mean_iou']:.4f}  pixel_accuracy {m['pixel_accuracy']:.4f}  mean_dice {m['mean_dice']:.4f}"
+    )
+    c = result["infer"]["counts"]
+    click.echo(f"  inference: {c['ok']} masks written, {c['error']} errors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data sets: layouts, sharding, imaging, pipelines."""

@@ -1,0 +1,17 @@
+"""Errors a user can cause and fix: the CLI prints them as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the input, config or environment that the user can fix."""
+
+
+class ConfigError(UserError):
+    """A job spec or flag is invalid."""
+
+
+class StorageError(UserError):
+    """A URI cannot be read or written (missing bucket, credentials, endpoint)."""
+
+
+class DataError(UserError):
+    """A data set or image is invalid."""

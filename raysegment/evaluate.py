@@ -1,0 +1,82 @@
+"""`evaluate`: a trained model on a data set split, metrics from one accumulated confusion matrix.
+
+Predictions are made at the model's input size and resized (nearest) to each
+image's original size, so the metrics are those a user of `infer` would see.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from raysegment import storage
+from raysegment.config import EvaluateSpec
+from raysegment.data import imaging
+from raysegment.data.pipeline import read_split
+from raysegment.data.prepare import read_manifest
+from raysegment.errors import DataError
+from raysegment.inference.predictor import Predictor, load_model_card, preprocess
+from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
+
+
+def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch["bytes"] = batch.pop("image")
+    return batch
+
+
+def _confusion(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    for pred, mask_bytes, h, w in zip(batch["pred"], batch["mask"], batch["height"], batch["width"]):
+        truth = imaging.decode_mask(mask_bytes)
+        cm += confusion_matrix(truth, imaging.resize_mask(pred, (int(h), int(w))), num_classes)
+    return {"cm": cm.reshape(1, -1), "rows": np.asarray([len(batch["pred"])])}
+
+
+def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
+    """Compute and write metrics; returns them."""
+    card = load_model_card(spec.model, spec.endpoint_url)
+    data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
+    if manifest["num_classes"] != card["num_classes"]:
+        raise DataError(
+            f"{data_loc.uri}: {manifest['num_classes']} classes, but the model predicts {card['num_classes']}"
+        )
+    k = card["num_classes"]
+    ds = read_split(data_loc, manifest, spec.split, columns=["key", "image", "mask", "height", "width"])
+    ds = ds.map_batches(_rename, batch_format="numpy")
+    ds = ds.map_batches(
+        preprocess,
+        fn_kwargs={"size": tuple(card["input"]["size"]), "max_pixels": imaging.MAX_PIXELS},
+        batch_size=spec.batch_size,
+        batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": spec.model, "endpoint_url": spec.endpoint_url},
+        batch_size=spec.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    ds = ds.map_batches(_confusion, fn_kwargs={"num_classes": k}, batch_size=spec.batch_size, batch_format="numpy")
+    cm = np.zeros((k, k), np.int64)
+    images = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        cm += batch["cm"].sum(axis=0).reshape(k, k)
+        images += int(batch["rows"].sum())
+    result = {
+        **metrics_from_confusion(cm, card["class_names"]),
+        "split": spec.split,
+        "images": images,
+        "model_id": card["model_id"],
+        "data_content_hash": manifest["content_hash"],
+        "confusion_matrix": cm.tolist(),
+    }
+    out = (
+        storage.resolve(spec.out, spec.endpoint_url)
+        if spec.out
+        else storage.resolve(spec.model, spec.endpoint_url).child(f"eval-{spec.split}.json")
+    )
+    storage.write_json(out, result)
+    result["written_to"] = out.uri
+    return result

@@ -1,0 +1,89 @@
+"""The model artifact on the inference side: model card, pre-processing, the predictor actor."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from raysegment import storage
+from raysegment.data import imaging
+from raysegment.errors import DataError
+
+MODEL_FILE = "model.keras"
+MODEL_CARD = "model.json"
+
+
+def load_model_card(model_uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """The model card of a trained model directory, or a clear error."""
+    loc = storage.resolve(model_uri, endpoint_url)
+    card_loc = loc.child(MODEL_CARD)
+    if not storage.exists(card_loc) or not storage.exists(loc.child(MODEL_FILE)):
+        raise DataError(f"{loc.uri}: not a trained model (needs {MODEL_FILE} and {MODEL_CARD}); run `raysegment train`")
+    return storage.read_json(card_loc)
+
+
+def preprocess(batch: dict[str, np.ndarray], size: tuple[int, int], max_pixels: int) -> dict[str, np.ndarray]:
+    """Decode the `bytes` column and resize to the model input; bad images become error rows."""
+    data = batch.pop("bytes")
+    n = len(data)
+    images = np.zeros((n, *size, 3), np.uint8)
+    heights = np.zeros(n, np.int32)
+    widths = np.zeros(n, np.int32)
+    errors = np.asarray(batch.get("error", [""] * n), dtype=object)
+    t0 = time.perf_counter()
+    for i in range(n):
+        if errors[i]:
+            continue
+        try:
+            img = imaging.decode_image(data[i], max_pixels)
+        except imaging.ImageDecodeError as exc:
+            errors[i] = str(exc)
+            continue
+        heights[i], widths[i] = img.shape[:2]
+        images[i] = imaging.resize_image(img, size)
+    batch.update(image=images, height=heights, width=widths, error=errors)
+    batch["decode_ms"] = np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32)
+    return batch
+
+
+class Predictor:
+    """A Ray Data actor: loads the model once, turns resized images into class maps."""
+
+    def __init__(self, model_uri: str, endpoint_url: str | None = None) -> None:
+        import keras
+        import tensorflow as tf
+
+        loc = storage.resolve(model_uri, endpoint_url)
+        self.card = storage.read_json(loc.child(MODEL_CARD))
+        with tempfile.TemporaryDirectory() as d:
+            local = os.path.join(d, MODEL_FILE)
+            storage.download_file(loc.child(MODEL_FILE), local)
+            self.model = keras.models.load_model(local, compile=False)
+        model = self.model
+
+        @tf.function(reduce_retracing=True)
+        def predict(x):
+            probs = tf.nn.softmax(model(x, training=False), axis=-1)
+            return tf.argmax(probs, axis=-1, output_type=tf.int32), tf.reduce_max(probs, axis=-1)
+
+        self._predict = predict
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        ok = np.asarray([not e for e in batch["error"]], bool)
+        n = len(images)
+        preds = np.zeros(images.shape[:3], np.uint8)
+        conf = np.zeros(n, np.float32)
+        t0 = time.perf_counter()
+        if ok.any():
+            classes, probs = self._predict(images[ok].astype(np.float32) * (1.0 / 255.0))
+            preds[ok] = classes.numpy().astype(np.uint8)
+            conf[ok] = probs.numpy().reshape(int(ok.sum()), -1).mean(axis=1)
+        batch["pred"] = preds
+        batch["mean_confidence"] = conf
+        batch["predict_ms"] = np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32)
+        return batch

@@ -1,0 +1,1 @@
+"""Segmentation models, losses and metrics."""

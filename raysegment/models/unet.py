@@ -1,0 +1,44 @@
+"""A configurable U-Net (Ronneberger et al., 2015) in Keras 3."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def _conv_block(x: keras.KerasTensor, filters: int, batch_norm: bool, name: str) -> keras.KerasTensor:
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"{name}_conv{i}")(x)
+        if batch_norm:
+            # Momentum 0.9, not Keras' 0.99: with a few hundred steps the 0.99 moving
+            # statistics still lean on their initial values and wreck validation.
+            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    return x
+
+
+def build_unet(
+    num_classes: int,
+    depth: int = 4,
+    base_filters: int = 16,
+    batch_norm: bool = True,
+    dropout: float = 0.0,
+    input_channels: int = 3,
+) -> keras.Model:
+    """U-Net returning per-pixel logits (N, H, W, num_classes); H and W must divide 2**depth."""
+    inputs = keras.Input(shape=(None, None, input_channels), name="image")
+    x = inputs
+    skips = []
+    for level in range(depth):
+        x = _conv_block(x, base_filters * 2**level, batch_norm, f"down{level}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
+    x = _conv_block(x, base_filters * 2**depth, batch_norm, "bottom")
+    if dropout:
+        x = layers.Dropout(dropout, name="bottom_dropout")(x)
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, padding="same", name=f"up{level}_tconv")(x)
+        x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
+        x = _conv_block(x, base_filters * 2**level, batch_norm, f"up{level}")
+    logits = layers.Conv2D(num_classes, 1, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name="unet")

@@ -1,0 +1,278 @@
+"""URIs to filesystems: the one place that builds storage clients.
+
+A URI is a plain path, ``file://path`` or ``s3://bucket/prefix``. S3 follows the
+AWS conventions: credentials from the standard chain (env, profile, instance
+role), endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (or a job
+spec's ``endpoint_url``), region from ``AWS_REGION``. Credentials are never
+passed explicitly, so a pickled filesystem (shipped to Ray workers) carries no
+secrets: every process finds its own through the chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+from raysegment.errors import StorageError
+
+SUCCESS = "_SUCCESS"
+
+
+def endpoint_from_env() -> str | None:
+    """The S3 endpoint the AWS SDKs would use, from the environment."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store URIs (s3://)."""
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI path segments with '/', whatever the scheme."""
+    out = uri.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the fsspec filesystem and the path it understands."""
+
+    uri: str
+    fs: fsspec.AbstractFileSystem
+    path: str
+    endpoint_url: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.uri)
+
+    def child(self, *parts: str) -> Location:
+        """The location of a path below this one."""
+        return Location(join(self.uri, *parts), self.fs, join(self.path, *parts), self.endpoint_url)
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        """A pyarrow filesystem for Ray Data and Parquet (paths as in ``self.path``)."""
+        if not self.remote:
+            return pafs.LocalFileSystem()
+        # pyarrow's own S3FileSystem ignores AWS_ENDPOINT_URL (Arrow #49643); wrapping
+        # s3fs keeps one client configuration for every reader and writer.
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+
+def resolve(uri: str, endpoint_url: str | None = None) -> Location:
+    """Turn a URI into a Location; raises StorageError for unsupported schemes."""
+    if not uri:
+        raise StorageError("empty URI: give a local path, file://path or s3://bucket/prefix")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" not in uri:
+        path = os.path.abspath(os.path.expanduser(uri))
+        return Location(path, fsspec.filesystem("file"), path)
+    scheme = uri.split("://", 1)[0]
+    if scheme not in ("s3", "s3a"):
+        raise StorageError(f"{uri}: unsupported scheme '{scheme}://'; use a local path or s3://bucket/prefix")
+    rest = uri.split("://", 1)[1].rstrip("/")
+    if not rest or rest.startswith("/"):
+        raise StorageError(f"{uri}: no bucket name; write s3://bucket/prefix")
+    if "@" in rest.split("/", 1)[0]:
+        raise StorageError(f"{redact(uri)}: credentials in the URI are not allowed; use AWS_* env vars or a profile")
+    endpoint = endpoint_url or endpoint_from_env()
+    return Location(f"s3://{rest}", _s3fs(endpoint), rest, endpoint)
+
+
+def redact(uri: str) -> str:
+    """Hide a user:secret@ part of a URI."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def _s3fs(endpoint_url: str | None) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    if os.environ.get("AWS_REGION"):
+        client_kwargs["region_name"] = os.environ["AWS_REGION"]
+    # Fail fast on an unreachable endpoint instead of botocore's long default retries.
+    config_kwargs = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+    # No instance cache: a cached client would keep credentials found under an older environment.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, skip_instance_cache=True)
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """One line naming the URI, what went wrong and how to fix it."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket does not exist" in low:
+        return f"{uri}: bucket does not exist; create it or fix the URI"
+    if any(
+        s in low
+        for s in (
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "nocredentials",
+            "unable to locate credentials",
+            "accessdenied",
+            "forbidden",
+            "403",
+        )
+    ):
+        return (
+            f"{uri}: access denied or bad credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE) to credentials that can use this bucket"
+        )
+    if any(
+        s in low
+        for s in (
+            "could not connect",
+            "connect timeout",
+            "connection refused",
+            "endpointconnectionerror",
+            "cannot connect",
+            "name or service not known",
+        )
+    ):
+        return f"{uri}: storage endpoint unreachable ({endpoint_from_env() or 'AWS default'}); check AWS_ENDPOINT_URL and the network"
+    if isinstance(exc, FileNotFoundError):
+        return f"{uri}: not found; check the path"
+    if isinstance(exc, PermissionError):
+        return f"{uri}: permission denied; check the path's permissions or the bucket policy"
+    return f"{uri}: storage error ({text.splitlines()[0][:300]})"
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Re-raise storage failures as one clear StorageError naming the URI."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StorageError(describe_error(redact(uri), exc)) from exc
+    except Exception as exc:  # botocore/aiobotocore errors have no common stdlib base
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "aiohttp"):
+            raise StorageError(describe_error(redact(uri), exc)) from exc
+        raise
+
+
+def exists(loc: Location) -> bool:
+    with storage_errors(loc.uri):
+        return loc.fs.exists(loc.path)
+
+
+def read_bytes(loc: Location) -> bytes:
+    with storage_errors(loc.uri):
+        return loc.fs.cat_file(loc.path)
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Write a whole file so that a reader sees either nothing or all of it."""
+    with storage_errors(loc.uri):
+        if loc.remote:
+            # One PUT is atomic on S3: the object appears whole or not at all.
+            loc.fs.pipe_file(loc.path, data)
+            return
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def upload_file(local_path: str, loc: Location) -> None:
+    """Copy a local file to a location, atomically as write_bytes does."""
+    with storage_errors(loc.uri):
+        if loc.remote:
+            loc.fs.put_file(local_path, loc.path)
+            return
+    with open(local_path, "rb") as f:
+        write_bytes(loc, f.read())
+
+
+def download_file(loc: Location, local_path: str) -> None:
+    with storage_errors(loc.uri):
+        loc.fs.get_file(loc.path, local_path)
+
+
+def read_json(loc: Location) -> Any:
+    data = read_bytes(loc)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"{loc.uri}: not valid JSON ({exc})") from exc
+
+
+def write_json(loc: Location, obj: Any) -> None:
+    write_bytes(loc, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def mark_success(loc: Location, info: dict[str, Any] | None = None) -> None:
+    """Write the _SUCCESS marker under a directory: the last write of a complete output."""
+    write_json(loc.child(SUCCESS), info or {})
+
+
+def has_success(loc: Location) -> bool:
+    return exists(loc.child(SUCCESS))
+
+
+def remove_success(loc: Location) -> None:
+    """Drop a stale marker before rewriting an output, so a partial rewrite never looks complete."""
+    marker = loc.child(SUCCESS)
+    with storage_errors(marker.uri):
+        if loc.fs.exists(marker.path):
+            loc.fs.rm_file(marker.path)
+
+
+def remove_tree(loc: Location) -> None:
+    with storage_errors(loc.uri):
+        if loc.fs.exists(loc.path):
+            loc.fs.rm(loc.path, recursive=True)
+
+
+def check_readable(loc: Location) -> None:
+    """Fail early, with a clear message, when a URI cannot be read."""
+    with storage_errors(loc.uri):
+        if not loc.fs.exists(loc.path):
+            raise FileNotFoundError(loc.path)
+
+
+def check_writable(loc: Location) -> None:
+    """Fail early when the output cannot be written: probe with a tiny object."""
+    probe = loc.child(f".write-probe-{uuid.uuid4().hex}")
+    with storage_errors(loc.uri):
+        if not loc.remote:
+            os.makedirs(loc.path, exist_ok=True)
+        loc.fs.pipe_file(probe.path, b"")
+        loc.fs.rm_file(probe.path)
+
+
+def list_files(loc: Location, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """All file paths under a location (recursive), sorted; extensions are lower-case with a dot."""
+    with storage_errors(loc.uri):
+        if not loc.fs.exists(loc.path):
+            raise FileNotFoundError(loc.path)
+        found = loc.fs.find(loc.path)
+    if extensions:
+        found = [p for p in found if posixpath.splitext(p)[1].lower() in extensions]
+    return sorted(found)

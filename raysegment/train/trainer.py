@@ -1,0 +1,155 @@
+"""`train`: wire the data set, TensorflowTrainer and artifacts together (driver side)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.tensorflow import TensorflowTrainer
+
+from raysegment import __version__, storage
+from raysegment.config import TrainSpec
+from raysegment.data.pipeline import training_dataset
+from raysegment.data.prepare import read_manifest
+from raysegment.errors import DataError
+from raysegment.train.loop import CHECKPOINT_WEIGHTS, build_model, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+MODEL_CARD = "model.json"
+METRICS_FILE = "metrics.json"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train(spec: TrainSpec) -> dict[str, Any]:
+    """Run distributed training and write OUT/model.keras, model.json and metrics.json."""
+    t0 = time.time()
+    data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
+    out = storage.resolve(spec.out, spec.endpoint_url)
+    storage.check_writable(out)
+    if spec.image_size % 2**spec.depth:
+        raise DataError(f"--image-size {spec.image_size} must be a multiple of 2**depth = {2**spec.depth}")
+    train_count = manifest["counts"].get("train", 0)
+    if train_count < spec.batch_size * spec.workers:
+        raise DataError(
+            f"{data_loc.uri}: {train_count} training images, fewer than one global batch "
+            f"({spec.batch_size} x {spec.workers} workers); lower --batch-size or --workers"
+        )
+    if manifest["counts"].get("val", 0) == 0:
+        raise DataError(f"{data_loc.uri}: no validation images; prepare with --val-fraction > 0")
+    # A stale artifact must not pass for this run's result while it trains.
+    storage.remove_success(out)
+
+    cfg = {
+        **spec.model_dump(exclude={"endpoint_url"}),
+        "num_classes": manifest["num_classes"],
+        "class_names": manifest["class_names"],
+        "train_count": train_count,
+    }
+    datasets = {
+        "train": training_dataset(data_loc, manifest, "train", spec.image_size, spec.augment),
+        "val": training_dataset(data_loc, manifest, "val", spec.image_size, augment=False),
+    }
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=spec.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": spec.cpus_per_worker,
+                **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {}),
+            },
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=out.uri if out.remote else out.path,
+            storage_filesystem=out.arrow_fs() if out.remote else None,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_mean_iou", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=3),
+        ),
+    )
+    if not spec.resume:
+        storage.remove_tree(out.child(spec.name))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
+    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, result.metrics, time.time() - t0)
+
+
+def write_artifacts(
+    out: storage.Location,
+    spec: TrainSpec,
+    manifest: dict[str, Any],
+    cfg: dict[str, Any],
+    checkpoint: ray.train.Checkpoint,
+    best: dict[str, Any],
+    last: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Rebuild the model from the best checkpoint and write model.keras + model card + metrics."""
+    import keras
+    import tensorflow as tf
+
+    model = build_model(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        with checkpoint.as_directory() as ckpt_dir:
+            model.load_weights(os.path.join(ckpt_dir, CHECKPOINT_WEIGHTS))
+        local = os.path.join(d, MODEL_FILE)
+        model.save(local)
+        model_hash = file_sha256(local)
+        storage.upload_file(local, out.child(MODEL_FILE))
+    metrics = {"best": best, "last": last, "seconds": round(seconds, 1)}
+    card = {
+        "model_id": f"unet-{model_hash[:12]}",
+        "model_sha256": model_hash,
+        "architecture": {"name": "unet", "depth": spec.depth, "base_filters": spec.base_filters},
+        "num_classes": manifest["num_classes"],
+        "class_names": manifest["class_names"],
+        "palette": manifest["palette"],
+        "ignore_index": manifest["ignore_index"],
+        "input": {
+            "size": [spec.image_size, spec.image_size],
+            "channels": 3,
+            "normalization": "scale_0_1",
+            "resize": "bilinear",
+        },
+        "output": "logits",
+        "training": spec.model_dump(exclude={"endpoint_url"}),
+        "data": {
+            "uri": storage.redact(spec.data),
+            "content_hash": manifest["content_hash"],
+            "counts": manifest["counts"],
+        },
+        "metrics": {k: best[k] for k in ("val_pixel_accuracy", "val_mean_iou", "val_mean_dice") if k in best},
+        "best_epoch": best.get("epoch"),
+        "versions": {
+            "raysegment": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "ray": ray.__version__,
+        },
+    }
+    storage.write_json(out.child(METRICS_FILE), metrics)
+    storage.write_json(out.child(MODEL_CARD), card)
+    storage.mark_success(out, {"model_id": card["model_id"]})
+    return {"model_card": card, "metrics": metrics, "out": out.uri}

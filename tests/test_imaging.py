@@ -1,0 +1,64 @@
+"""Decoding, resizing and encoding: bad input is a clear ImageDecodeError, labels never interpolated."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysegment.data import imaging
+from raysegment.data.synthetic import png_bytes
+
+
+def test_decode_converts_modes():
+    rgb = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    for mode in ("L", "LA", "RGBA", "P", "RGB"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, format="PNG")
+        out = imaging.decode_image(buf.getvalue())
+        assert out.shape == (10, 12, 3) and out.dtype == np.uint8
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 5), 4000, np.uint16)).save(buf, format="PNG")
+    assert imaging.decode_image(buf.getvalue()).shape == (4, 5, 3)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"this is not an image", "cannot decode"),
+        (png_bytes(np.zeros((32, 32, 3), np.uint8))[:60], "cannot decode"),
+    ],
+)
+def test_bad_images_raise_clear_error(data, reason):
+    with pytest.raises(imaging.ImageDecodeError, match=reason):
+        imaging.decode_image(data)
+
+
+def test_pixel_limit():
+    data = png_bytes(np.zeros((100, 100, 3), np.uint8))
+    with pytest.raises(imaging.ImageDecodeError, match="over the limit"):
+        imaging.decode_image(data, max_pixels=5000)
+
+
+def test_mask_resize_is_nearest_and_palette_roundtrip():
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 1
+    mask[4:, 4:] = 2
+    big = imaging.resize_mask(mask, (31, 17))
+    assert set(np.unique(big)) == {0, 1, 2}
+    palette = imaging.default_palette(3)
+    data = imaging.encode_mask(big, palette)
+    img = Image.open(io.BytesIO(data))
+    assert img.mode == "P" and img.size == (17, 31)
+    assert img.getpalette()[:9] == [c for rgb in palette for c in rgb]
+    np.testing.assert_array_equal(imaging.decode_mask(data), big)
+
+
+def test_rgb_mask_rejected():
+    with pytest.raises(imaging.ImageDecodeError, match="single-channel"):
+        imaging.decode_mask(png_bytes(np.zeros((4, 4, 3), np.uint8)))
+
+
+def test_voc_palette_prefix():
+    assert imaging.default_palette(4) == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]

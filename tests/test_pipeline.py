@@ -1,0 +1,98 @@
+"""prepare -> train -> evaluate -> infer end to end on local Ray and the local filesystem."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import TINY, mask_size, write_infer_inputs, write_source
+
+from raysegment.config import EvaluateSpec, PrepareSpec, TrainSpec
+from raysegment.data.prepare import prepare
+from raysegment.evaluate import evaluate
+from raysegment.train.trainer import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    src = write_source(str(root / "src"), count=40)
+    prepare(PrepareSpec(source=src, dest=str(root / "data"), val_fraction=0.25))
+    result = train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **TINY))
+    return root, result
+
+
+def test_train_writes_artifacts(trained):
+    root, result = trained
+    card = json.loads((root / "model" / "model.json").read_text())
+    assert (root / "model" / "model.keras").stat().st_size > 0
+    assert card["num_classes"] == 4 and card["input"]["size"] == [32, 32]
+    assert card["model_id"].startswith("unet-") and len(card["model_sha256"]) == 64
+    metrics = json.loads((root / "model" / "metrics.json").read_text())
+    assert 0.0 <= metrics["best"]["val_mean_iou"] <= 1.0
+    assert (root / "model" / "_SUCCESS").exists()
+
+
+def test_evaluate_counts_every_val_pixel(trained):
+    root, _ = trained
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    m = evaluate(EvaluateSpec(model=str(root / "model"), data=str(root / "data")))
+    assert m["images"] == manifest["counts"]["val"]
+    assert m["pixels"] == manifest["counts"]["val"] * 32 * 32
+    assert 0 <= m["mean_iou"] <= 1 and 0 <= m["pixel_accuracy"] <= 1
+    assert set(m["per_class_iou"]) == set(manifest["class_names"])
+    assert json.loads((root / "model" / "eval-val.json").read_text())["mean_iou"] == m["mean_iou"]
+
+
+def cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "raysegment.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_cli_infer_with_bad_files(trained, ray_cluster, tmp_path):
+    root, _ = trained
+    inputs = write_infer_inputs(str(tmp_path / "in"))
+    out = tmp_path / "out"
+    proc = cli("infer", str(root / "model"), str(tmp_path / "in"), str(out), "--batch-size", "2", env=ray_cluster.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 images (3 ok, 3 errors)" in proc.stdout
+    masks = sorted(
+        os.path.relpath(p, out / "masks") for p in glob.glob(str(out / "masks" / "**" / "*.png"), recursive=True)
+    )
+    assert masks == ["a.png", "b.png", "nested/c.png"]
+    for key, size in inputs["sizes"].items():
+        assert mask_size(str(out / "masks" / f"{key}.png")) == size
+    table = pq.read_table(str(out / "summaries")).to_pylist()
+    assert sorted(r["key"] for r in table) == sorted(inputs["good"] + inputs["bad"])
+    errors = {r["key"]: r["error"] for r in table if r["status"] == "error"}
+    assert set(errors) == set(inputs["bad"]) and all(errors.values())
+    assert "empty" in errors["empty"]
+    for r in table:
+        if r["status"] == "ok":
+            assert abs(sum(r["class_fractions"]) - 1) < 1e-6 and 0 < r["mean_confidence"] <= 1
+    assert (out / "_SUCCESS").exists()
+    run = json.loads(next((out / "runs").iterdir()).read_text())
+    assert run["counts"] == {"total": 6, "ok": 3, "error": 3}
+
+
+def test_cli_misspelled_config_field(tmp_path):
+    spec = tmp_path / "train.yaml"
+    spec.write_text("data: /nowhere\nout: /nowhere-out\nepoch: 3\n")
+    proc = cli("train", "--config", str(spec))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown field 'epoch'" in lines[0] and str(spec) in lines[0]
+
+
+def test_cli_missing_data_set_is_clear(tmp_path):
+    proc = cli("evaluate", str(tmp_path / "model"), str(tmp_path / "data"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'model'}: not a trained model (needs model.keras and model.json); run `raysegment train`"
+    ]

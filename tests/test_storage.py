@@ -1,0 +1,66 @@
+"""URI resolution, atomic writes and markers on the local filesystem."""
+
+import os
+
+import pytest
+
+from raysegment import storage
+from raysegment.errors import StorageError
+
+
+def test_resolve_local_and_file_scheme(tmp_path):
+    a = storage.resolve(str(tmp_path))
+    b = storage.resolve(f"file://{tmp_path}")
+    assert a.path == b.path == str(tmp_path) and not a.remote
+    assert storage.resolve("relative/dir").path == os.path.abspath("relative/dir")
+
+
+def test_resolve_s3_and_errors():
+    loc = storage.resolve("s3://bucket/some/prefix/", endpoint_url="http://127.0.0.1:1")
+    assert loc.remote and loc.path == "bucket/some/prefix" and loc.uri == "s3://bucket/some/prefix"
+    assert loc.child("a", "b.png").path == "bucket/some/prefix/a/b.png"
+    with pytest.raises(StorageError, match="unsupported scheme"):
+        storage.resolve("gs://bucket/x")
+    with pytest.raises(StorageError, match="no bucket"):
+        storage.resolve("s3:///x")
+    with pytest.raises(StorageError, match="credentials in the URI") as err:
+        storage.resolve("s3://AKIAXXX:topsecret@bucket/x")
+    assert "topsecret" not in str(err.value)
+
+
+def test_atomic_write_and_success_marker(tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    target = out.child("a", "b.json")
+    storage.write_json(target, {"x": 1})
+    assert storage.read_json(target) == {"x": 1}
+    assert [p for p in os.listdir(tmp_path / "out" / "a")] == ["b.json"]  # no temp files left
+    assert not storage.has_success(out)
+    storage.mark_success(out, {"run": "r1"})
+    assert storage.has_success(out)
+    storage.remove_success(out)
+    assert not storage.has_success(out)
+
+
+def test_missing_local_path_is_clear(tmp_path):
+    with pytest.raises(StorageError, match="not found"):
+        storage.check_readable(storage.resolve(str(tmp_path / "nope")))
+
+
+def test_missing_credentials_are_named(monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    loc = storage.resolve("s3://bucket/x", endpoint_url="http://127.0.0.1:9")
+    with pytest.raises(StorageError, match="s3://bucket/x: access denied or bad credentials; set AWS_ACCESS_KEY_ID"):
+        storage.check_readable(loc)
+
+
+def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    loc = storage.resolve("s3://bucket/x", endpoint_url="http://127.0.0.1:9")
+    with pytest.raises(StorageError, match="storage endpoint unreachable") as err:
+        storage.check_readable(loc)
+    assert "s3://bucket/x" in str(err.value)
