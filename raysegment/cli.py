@@ -5,11 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
+
+# Quiet TF's C++ start-up chatter in this process and the local Ray workers it starts.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from raysegment import __version__
 from raysegment.config import EvaluateSpec, InferSpec, PrepareSpec, TrainSpec, load_spec
@@ -79,11 +83,11 @@ def main(verbose: bool) -> None:
 @handle_errors
 def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
     """Turn labelled images under SOURCE into Parquet shards + manifest.json under DEST."""
+    flags["class_names"] = class_names.split(",") if class_names else None
+    spec = load_spec(PrepareSpec, config, flags)
     from raysegment.data.prepare import prepare as run
     from raysegment.runtime import init_ray
 
-    flags["class_names"] = class_names.split(",") if class_names else None
-    spec = load_spec(PrepareSpec, config, flags)
     init_ray()
     manifest = run(spec)
     click.echo(
@@ -109,10 +113,10 @@ def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
 @handle_errors
 def train(config: str | None, **flags: Any) -> None:
     """Train a U-Net on the data set DATA with Ray Train; write the model to OUT."""
+    spec = load_spec(TrainSpec, config, flags)
     from raysegment.runtime import init_ray
     from raysegment.train.trainer import train as run
 
-    spec = load_spec(TrainSpec, config, flags)
     init_ray(min_cpus=int(spec.workers * spec.cpus_per_worker) + 1)
     result = run(spec)
     best = result["metrics"]["best"]
@@ -133,10 +137,10 @@ def train(config: str | None, **flags: Any) -> None:
 @handle_errors
 def evaluate(config: str | None, **flags: Any) -> None:
     """Evaluate MODEL on a split of the data set DATA (pixel accuracy, mIoU, Dice)."""
+    spec = load_spec(EvaluateSpec, config, flags)
     from raysegment.evaluate import evaluate as run
     from raysegment.runtime import init_ray
 
-    spec = load_spec(EvaluateSpec, config, flags)
     init_ray()
     result = run(spec)
     click.echo(f"{'class':<20} {'IoU':>8}")
@@ -160,10 +164,10 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @handle_errors
 def infer(config: str | None, **flags: Any) -> None:
     """Segment every image under INPUT with MODEL; write masks and summaries to OUTPUT."""
+    spec = load_spec(InferSpec, config, flags)
     from raysegment.inference.pipeline import infer as run
     from raysegment.runtime import init_ray
 
-    spec = load_spec(InferSpec, config, flags)
     init_ray()
     record = run(spec)
     c = record["counts"]

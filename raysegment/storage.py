@@ -116,44 +116,44 @@ def _s3fs(endpoint_url: str | None) -> fsspec.AbstractFileSystem:
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, skip_instance_cache=True)
 
 
+_NO_BUCKET = ("nosuchbucket", "bucket does not exist")
+_BAD_CREDENTIALS = (
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "nocredentials",
+    "unable to locate credentials",
+    "accessdenied",
+    "access denied",
+    "forbidden",
+)
+_UNREACHABLE = (
+    "could not connect",
+    "connect timeout",
+    "connection refused",
+    "endpointconnectionerror",
+    "cannot connect",
+    "name or service not known",
+)
+
+
 def describe_error(uri: str, exc: BaseException) -> str:
     """One line naming the URI, what went wrong and how to fix it."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
-    if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket does not exist" in low:
+    remote = is_remote(uri)
+    if any(s in low for s in _NO_BUCKET):
         return f"{uri}: bucket does not exist; create it or fix the URI"
-    if any(
-        s in low
-        for s in (
-            "invalidaccesskeyid",
-            "signaturedoesnotmatch",
-            "nocredentials",
-            "unable to locate credentials",
-            "accessdenied",
-            "forbidden",
-            "403",
-        )
-    ):
+    if any(s in low for s in _BAD_CREDENTIALS) or (remote and isinstance(exc, PermissionError)):
         return (
             f"{uri}: access denied or bad credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE) to credentials that can use this bucket"
         )
-    if any(
-        s in low
-        for s in (
-            "could not connect",
-            "connect timeout",
-            "connection refused",
-            "endpointconnectionerror",
-            "cannot connect",
-            "name or service not known",
-        )
-    ):
+    if any(s in low for s in _UNREACHABLE):
         return f"{uri}: storage endpoint unreachable ({endpoint_from_env() or 'AWS default'}); check AWS_ENDPOINT_URL and the network"
     if isinstance(exc, FileNotFoundError):
         return f"{uri}: not found; check the path"
     if isinstance(exc, PermissionError):
-        return f"{uri}: permission denied; check the path's permissions or the bucket policy"
+        return f"{uri}: permission denied; check the path's permissions"
     return f"{uri}: storage error ({text.splitlines()[0][:300]})"
 
 

@@ -20,7 +20,8 @@ def read_split(
         from raysegment.errors import DataError
 
         raise DataError(f"{loc.uri}: split '{split}' has no shards (counts: {manifest['counts']})")
-    return ray.data.read_parquet(paths, filesystem=loc.arrow_fs(), columns=columns)
+    ds = ray.data.read_parquet(paths, filesystem=loc.arrow_fs())
+    return ds.select_columns(columns) if columns else ds
 
 
 def normalise(images: np.ndarray) -> np.ndarray:

@@ -79,7 +79,8 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=out.uri if out.remote else out.path,
+            # With a custom filesystem Ray Train wants the path inside it (bucket/prefix).
+            storage_path=out.path,
             storage_filesystem=out.arrow_fs() if out.remote else None,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_mean_iou", checkpoint_score_order="max"
