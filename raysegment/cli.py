@@ -32,7 +32,7 @@ def _user_error(exc: BaseException) -> UserError | None:
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print user-fixable errors as one line (exit 2), without a traceback."""
+    """Print user-fixable errors as one line (exit 2; 3 for a failed job), without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,7 +43,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if err is None:
                 raise
             click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            sys.exit(err.exit_code)
 
     return wrapper
 
@@ -156,14 +156,28 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @click.argument("model", required=False)
 @click.argument("input", required=False)
 @click.argument("output", required=False)
+@click.option(
+    "--source",
+    type=click.Choice(["auto", "files", "tar", "parquet", "list"]),
+    default=None,
+    help="input kind (default: auto)",
+)
+@click.option("--extensions", default=None, help="comma-separated image extensions to list")
+@click.option("--image-column", default=None, help="image bytes column of a Parquet source")
+@click.option("--key-column", default=None, help="key column of a Parquet source")
 @click.option("--batch-size", type=int, default=None)
-@click.option("--actors", type=int, default=None, help="predictor actors")
+@click.option("--actors", default=None, help="predictor actors, MIN or MIN:MAX")
 @click.option("--gpus-per-actor", type=float, default=None)
+@click.option("--mask-format", type=click.Choice(["png", "npz", "packed"]), default=None)
+@click.option("--overwrite", is_flag=True, default=None, help="redo every key instead of resuming")
+@click.option("--max-error-fraction", type=float, default=None, help="fail the job above this share of bad inputs")
+@click.option("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
 @endpoint_option
 @config_option
 @handle_errors
-def infer(config: str | None, **flags: Any) -> None:
+def infer(config: str | None, extensions: str | None, **flags: Any) -> None:
     """Segment every image under INPUT with MODEL; write masks and summaries to OUTPUT."""
+    flags["extensions"] = extensions.split(",") if extensions else None
     spec = load_spec(InferSpec, config, flags)
     from raysegment.inference.pipeline import infer as run
     from raysegment.runtime import init_ray
@@ -172,8 +186,8 @@ def infer(config: str | None, **flags: Any) -> None:
     record = run(spec)
     c = record["counts"]
     click.echo(
-        f"inferred {c['total']} images ({c['ok']} ok, {c['error']} errors) at {record['images_per_second']} images/s; "
-        f"run {record['run_id']} in {spec.output}"
+        f"inferred {c['processed']} images ({c['ok']} ok, {c['error']} errors; {c['skipped']} already done) "
+        f"at {record['images_per_second']} images/s; run {record['run_id']} in {spec.output}"
     )
 
 

@@ -11,9 +11,10 @@ import os
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raysegment.errors import ConfigError
+from raysegment.data.classes import IGNORE_INDEX
 from raysegment.storage import redact
 
 
@@ -35,15 +36,74 @@ class Spec(BaseModel):
 class PrepareSpec(Spec):
     source: str
     dest: str
-    layout: Literal["pairs"] = "pairs"
-    images_dir: str = "images"
-    masks_dir: str = "masks"
+    layout: Literal["pairs", "voc", "cityscapes"] = "pairs"
+    images_dir: str | None = Field(None, description="pairs: images folder under SOURCE (default images)")
+    masks_dir: str | None = Field(None, description="pairs: masks folder under SOURCE (default masks)")
+    mask_values: dict[int, int] | None = Field(None, description="pairs: raw mask value -> class id, '0:0,255:1'")
     num_classes: int | None = Field(None, ge=2, le=255)
     class_names: list[str] | None = None
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_keys: list[str] | str | None = Field(None, description="keys of the val split: 'a,b,c' or a file of keys")
+    val_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="hash split; default 0.2")
     seed: int = 0
     shard_size_mb: float = Field(256.0, gt=0, le=8192)
+    skip_invalid: bool = False
     overwrite: bool = False
+
+    @field_validator("mask_values", mode="before")
+    @classmethod
+    def _parse_mask_values(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            out: dict[int, int] = {}
+            for item in filter(None, (p.strip() for p in v.split(","))):
+                raw, sep, cid = item.partition(":")
+                if not sep or not raw.strip().isdigit() or not cid.strip().isdigit():
+                    raise ValueError(f"bad entry '{item}'; write RAW:CLASS pairs, e.g. 0:0,255:1")
+                out[int(raw)] = int(cid)
+            return out
+        return v
+
+    @field_validator("val_keys", mode="before")
+    @classmethod
+    def _keys_as_strings(cls, v: Any) -> Any:
+        # YAML reads `val_keys: [24, 25]` as ints; keys are always strings.
+        if isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, list):
+            return [str(k) for k in v]
+        return v
+
+    @field_validator("mask_values", mode="after")
+    @classmethod
+    def _check_mask_values(cls, v: dict[int, int] | None) -> dict[int, int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("empty mapping; write RAW:CLASS pairs, e.g. 0:0,255:1")
+        for raw, cid in v.items():
+            if not 0 <= raw <= 255:
+                raise ValueError(f"raw value {raw} is not a byte (0..255); masks hold 8-bit values")
+            if not 0 <= cid <= 255:
+                raise ValueError(f"class id {cid} for raw value {raw} is outside 0..254 (255 = ignore)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrepareSpec:
+        fixed = self.layout in ("voc", "cityscapes")
+        if fixed:
+            set_flags = [f for f in ("images_dir", "masks_dir", "mask_values") if getattr(self, f) is not None]
+            if set_flags:
+                flags = ", ".join("--" + f.replace("_", "-") for f in set_flags)
+                raise ValueError(f"{flags} only apply to --layout pairs; the {self.layout} layout fixes its folders and classes")
+        if self.val_keys is not None and self.val_fraction is not None:
+            raise ValueError("give --val-keys or --val-fraction, not both")
+        if self.num_classes and self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"--class-names gives {len(self.class_names)} names for --num-classes {self.num_classes}")
+        if self.mask_values:
+            ids = [c for c in self.mask_values.values() if c != IGNORE_INDEX]
+            k = self.num_classes or (len(self.class_names) if self.class_names else None)
+            if k is not None and ids and max(ids) >= k:
+                raise ValueError(f"--mask-values maps to class id {max(ids)}, but there are only {k} classes")
+        return self
 
 
 class TrainSpec(Spec):
@@ -56,7 +116,15 @@ class TrainSpec(Spec):
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="for a global batch of 8; scaled linearly")
     base_filters: int = Field(16, ge=1, le=1024)
     depth: int = Field(4, ge=1, le=8)
-    augment: bool = True
+    augment: bool = Field(True, description="master switch: off = plain resize, none of the options below")
+    crop: Literal["resize", "random"] = Field(
+        "resize", description="resize: whole image to the size; random: shorter side to the size, random square crop"
+    )
+    flip: bool = Field(True, description="random horizontal and vertical flips")
+    rotate90: bool = Field(True, description="random 90-degree turns")
+    scale_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="zoom by a factor in [1-j, 1+j], then crop/pad")
+    brightness: float = Field(0.0, ge=0.0, le=1.0, description="add a shift in [-b, b] of the full range")
+    contrast: float = Field(0.0, ge=0.0, lt=1.0, description="scale around the mean by a factor in [1-c, 1+c]")
     seed: int = 0
     cpus_per_worker: float = Field(1.0, gt=0, le=256)
     gpus_per_worker: float = Field(0.0, ge=0, le=16)
@@ -76,11 +144,36 @@ class InferSpec(Spec):
     model: str
     input: str
     output: str
-    batch_size: int = Field(16, ge=1, le=4096)
-    actors: int = Field(1, ge=1, le=4096)
-    gpus_per_actor: float = Field(0.0, ge=0, le=16)
+    source: Literal["auto", "files", "tar", "parquet", "list"] = "auto"
     extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"])
-    max_pixels: int = Field(100_000_000, ge=1)
+    image_column: str = Field("image", description="image bytes column of a Parquet source")
+    key_column: str | None = Field(None, description="key column of a Parquet source (default: file/row)")
+    batch_size: int = Field(16, ge=1, le=4096)
+    actors: tuple[int, int] = Field((1, 1), description="MIN[:MAX] predictor actors")
+    gpus_per_actor: float = Field(0.0, ge=0, le=16)
+    mask_format: Literal["png", "npz", "packed"] = "png"
+    overwrite: bool = False
+    max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _parse_actors(cls, v: Any) -> Any:
+        if isinstance(v, int):
+            return (v, v)
+        if isinstance(v, str):
+            lo, _, hi = v.partition(":")
+            if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+                raise ValueError("write MIN or MIN:MAX, e.g. 2 or 1:4")
+            return (int(lo), int(hi or lo))
+        return v
+
+    @field_validator("actors", mode="after")
+    @classmethod
+    def _check_actors(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1] <= 4096:
+            raise ValueError("need 1 <= MIN <= MAX <= 4096")
+        return v
 
 
 S = TypeVar("S", bound=Spec)
@@ -90,8 +183,10 @@ def _format_errors(source: str, cls: type[Spec], exc: ValidationError) -> str:
     allowed = ", ".join(sorted(cls.model_fields))
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        if err["type"] == "extra_forbidden":
+        field = ".".join(str(p) for p in err["loc"])
+        if not field:  # a check across fields: its message names the flags
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
             parts.append(f"unknown field '{field}' (allowed: {allowed})")
         elif err["type"] == "missing":
             parts.append(f"field '{field}' is required")
@@ -99,7 +194,7 @@ def _format_errors(source: str, cls: type[Spec], exc: ValidationError) -> str:
             got = err.get("input")
             if isinstance(got, str):
                 got = redact(got)
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "literal_error":
                 msg = f"must be one of {err['ctx']['expected']}"
             parts.append(f"field '{field}': {msg} (got {got!r})")

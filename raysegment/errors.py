@@ -4,6 +4,8 @@
 class UserError(Exception):
     """A problem with the input, config or environment that the user can fix."""
 
+    exit_code = 2
+
 
 class ConfigError(UserError):
     """A job spec or flag is invalid."""
@@ -15,3 +17,9 @@ class StorageError(UserError):
 
 class DataError(UserError):
     """A data set or image is invalid."""
+
+
+class JobError(UserError):
+    """A job ran but its result is not acceptable (too many bad inputs, key collisions)."""
+
+    exit_code = 3

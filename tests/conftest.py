@@ -80,3 +80,19 @@ def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
         yield RayCluster(ray.get_runtime_context().gcs_address, s3_server)
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(data set dir, model dir): a tiny U-Net trained for one epoch on 40 synthetic pairs."""
+    from helpers import TINY, write_source
+
+    from raysegment.config import PrepareSpec, TrainSpec
+    from raysegment.data.prepare import prepare
+    from raysegment.train.trainer import train
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    src = write_source(str(root / "src"), count=40)
+    prepare(PrepareSpec(source=src, dest=str(root / "data"), val_fraction=0.25))
+    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **TINY))
+    return str(root / "data"), str(root / "model")

@@ -5,26 +5,24 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import TINY, mask_size, write_infer_inputs, write_source
+from helpers import mask_size, write_infer_inputs
 
-from raysegment.config import EvaluateSpec, PrepareSpec, TrainSpec
-from raysegment.data.prepare import prepare
+from raysegment.config import EvaluateSpec
 from raysegment.evaluate import evaluate
-from raysegment.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    src = write_source(str(root / "src"), count=40)
-    prepare(PrepareSpec(source=src, dest=str(root / "data"), val_fraction=0.25))
-    result = train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **TINY))
-    return root, result
+def trained(tiny_model):
+    data, model = tiny_model
+    root = Path(data).parent
+    assert Path(model) == root / "model"
+    return root, None
 
 
 def test_train_writes_artifacts(trained):
@@ -61,7 +59,7 @@ def test_cli_infer_with_bad_files(trained, ray_cluster, tmp_path):
     out = tmp_path / "out"
     proc = cli("infer", str(root / "model"), str(tmp_path / "in"), str(out), "--batch-size", "2", env=ray_cluster.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "6 images (3 ok, 3 errors)" in proc.stdout
+    assert "inferred 6 images (3 ok, 3 errors; 0 already done)" in proc.stdout
     masks = sorted(
         os.path.relpath(p, out / "masks") for p in glob.glob(str(out / "masks" / "**" / "*.png"), recursive=True)
     )
@@ -78,7 +76,7 @@ def test_cli_infer_with_bad_files(trained, ray_cluster, tmp_path):
             assert abs(sum(r["class_fractions"]) - 1) < 1e-6 and 0 < r["mean_confidence"] <= 1
     assert (out / "_SUCCESS").exists()
     run = json.loads(next((out / "runs").iterdir()).read_text())
-    assert run["counts"] == {"total": 6, "ok": 3, "error": 3}
+    assert run["counts"] == {"total": 6, "skipped": 0, "processed": 6, "ok": 3, "error": 3}
 
 
 def test_cli_misspelled_config_field(tmp_path):

@@ -38,7 +38,7 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path):
     assert m["images"] == manifest["counts"]["val"] and m["written_to"].startswith("s3://")
 
     run = infer(InferSpec(model=f"{s3_prefix}/model", input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", batch_size=2))
-    assert run["counts"] == {"total": 6, "ok": 3, "error": 3}
+    assert run["counts"] == {"total": 6, "skipped": 0, "processed": 6, "ok": 3, "error": 3}
     masks = sorted(p.split("/masks/", 1)[1] for p in fs.find(f"{bucket_path}/out/masks"))
     assert masks == ["a.png", "b.png", "nested/c.png"]
     with fs.open(fs.find(f"{bucket_path}/out/summaries")[0], "rb") as f:

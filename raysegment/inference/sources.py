@@ -1,0 +1,317 @@
+"""Inference sources: turn INPUT into a Ray dataset of (key, source_uri, bytes, error) rows.
+
+Kinds (``--source``, default ``auto``):
+- ``files``: every image file under a prefix (recursive, extension filter, any case).
+- ``tar``: every .tar / .tar.gz / .tgz under a prefix; each image member is a row
+  keyed ``{archive path without extension}/{member path without extension}``.
+- ``parquet``: Parquet tables with an image-bytes column (``--image-column``) and
+  optionally a key column (``--key-column``).
+- ``list``: a .txt file (one URI per line) or a Parquet file with a ``uri`` column.
+
+Listing scales out: the driver lists only the first level below INPUT; every
+sub-prefix is listed recursively by its own Ray task, so listing runs in
+parallel and the keys live in Ray's object store, never in one Python list. A
+flat prefix with millions of objects is listed by one task; for those, give a
+``list`` source (a Parquet file of URIs) instead.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from raysegment import storage
+from raysegment.errors import DataError
+
+ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+LIST_EXTENSIONS = (".txt", ".parquet")
+MAX_KEY_LENGTH = 512
+BATCH_ROWS = 64
+
+
+def strip_ext(path: str) -> str:
+    for ext in ARCHIVE_EXTENSIONS:
+        if path.lower().endswith(ext):
+            return path[: -len(ext)]
+    return posixpath.splitext(path)[0]
+
+
+def unsafe_key_reason(key: str) -> str | None:
+    """Why a key cannot name an output file (it would escape the output prefix), or None."""
+    if not key:
+        return "empty key"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"key longer than {MAX_KEY_LENGTH} characters"
+    if any(c in key for c in "\x00\n\r"):
+        return "key contains NUL or newline characters"
+    if key.startswith("/") or key.startswith("\\"):
+        return "absolute path"
+    if any(part in ("..", ".") for part in key.replace("\\", "/").split("/")):
+        return "path contains '.' or '..' segments"
+    return None
+
+
+def _ext_ok(path: str, exts: tuple[str, ...]) -> bool:
+    low = path.lower()
+    return any(low.endswith(e) for e in exts)
+
+
+def _rows(keys: list[str], uris: list[str], data: list[bytes], errors: list[str]) -> dict[str, np.ndarray]:
+    return {
+        "key": np.asarray(keys, dtype=object),
+        "source_uri": np.asarray(uris, dtype=object),
+        "bytes": np.asarray(data, dtype=object),
+        "error": np.asarray(errors, dtype=object),
+    }
+
+
+def _uri(loc: storage.Location, path: str) -> str:
+    return f"s3://{path}" if loc.remote else path
+
+
+def _list_subtree(batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """List one sub-prefix recursively (runs as a Ray task)."""
+    prefix = root.path.rstrip("/") + "/"
+    found: list[str] = []
+    for path, is_dir in zip(batch["path"], batch["is_dir"]):
+        found.extend(root.fs.find(path) if is_dir else [path])
+    found = sorted(p for p in found if _ext_ok(p, exts))
+    return {
+        "path": np.asarray(found, dtype=object),
+        "key": np.asarray([strip_ext(p[len(prefix) :]) for p in found], dtype=object),
+    }
+
+
+def list_prefix(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset:
+    """A dataset of (key, path) for every matching file under root, listed in parallel."""
+    with storage.storage_errors(root.uri):
+        if not root.fs.isdir(root.path):
+            if root.fs.exists(root.path):
+                raise DataError(f"{root.uri}: is a file; give a prefix (folder) or use --source list")
+            raise FileNotFoundError(root.path)
+        entries = root.fs.ls(root.path, detail=True)
+    items = [{"path": e["name"], "is_dir": e["type"] == "directory"} for e in entries]
+    if not items:
+        raise DataError(f"{root.uri}: empty prefix, nothing to infer")
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
+    return ds.map_batches(_list_subtree, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy")
+
+
+def read_files(batch: dict[str, np.ndarray], root: storage.Location) -> dict[str, np.ndarray]:
+    """Read each listed file; a failed read or an unsafe key becomes an error row."""
+    keys, uris, data, errors = [], [], [], []
+    for key, path in zip(batch["key"], batch["path"]):
+        keys.append(key)
+        uris.append(_uri(root, path))
+        problem = unsafe_key_reason(key)
+        if problem:
+            data.append(b"")
+            errors.append(f"unsafe key: {problem}")
+            continue
+        try:
+            data.append(root.fs.cat_file(path))
+            errors.append("")
+        except OSError as exc:
+            data.append(b"")
+            errors.append(f"cannot read: {exc}")
+    return _rows(keys, uris, data, errors)
+
+
+def read_archives(
+    batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Stream the image members of each tar archive as rows, BATCH_ROWS at a time."""
+    for key, path in zip(batch["key"], batch["path"]):
+        keys: list[str] = []
+        uris: list[str] = []
+        data: list[bytes] = []
+        errors: list[str] = []
+        try:
+            with root.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile() or not _ext_ok(member.name, exts):
+                        continue
+                    member_key = f"{key}/{strip_ext(member.name)}"
+                    keys.append(member_key)
+                    uris.append(f"{_uri(root, path)}#{member.name}")
+                    problem = unsafe_key_reason(strip_ext(member.name))
+                    if problem:
+                        data.append(b"")
+                        errors.append(f"unsafe member name: {problem}")
+                    else:
+                        extracted = tar.extractfile(member)
+                        data.append(extracted.read() if extracted else b"")
+                        errors.append("")
+                    if len(keys) >= BATCH_ROWS:
+                        yield _rows(keys, uris, data, errors)
+                        keys, uris, data, errors = [], [], [], []
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            # A damaged archive is one error row; members read before the damage are kept.
+            keys.append(f"{key}/(archive)")
+            uris.append(_uri(root, path))
+            data.append(b"")
+            errors.append(f"cannot read archive: {type(exc).__name__}: {exc}")
+        if keys:
+            yield _rows(keys, uris, data, errors)
+
+
+def _parquet_rows(
+    batch: dict[str, np.ndarray], uri: str, image_column: str, key_column: str | None
+) -> dict[str, np.ndarray]:
+    images = batch[image_column]
+    n = len(images)
+    keys = batch[key_column] if key_column else batch["__row"]
+    return _rows(
+        [str(k) for k in keys],
+        [f"{uri}#{k}" for k in keys],
+        [b if isinstance(b, bytes) else b"" for b in images],
+        ["" if isinstance(b, bytes) and b else "empty or missing image bytes" for b in images] if n else [],
+    )
+
+
+def read_parquet_table(root: storage.Location, image_column: str, key_column: str | None) -> ray.data.Dataset:
+    """Rows of Parquet image tables; keys from key_column, else file/row-number."""
+    ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs(), include_paths=key_column is None)
+    names = ds.schema().names
+    if image_column not in names or (key_column and key_column not in names):
+        raise DataError(
+            f"{root.uri}: Parquet columns are {names}; set --image-column / --key-column to existing columns"
+        )
+    if key_column is None:
+        prefix = root.path.rstrip("/") + "/"
+
+        def add_row_keys(batch: dict[str, Any]) -> dict[str, Any]:
+            paths = batch["path"]
+            batch["__row"] = np.asarray(
+                [
+                    f"{strip_ext(p[len(prefix) :] if p.startswith(prefix) else posixpath.basename(p))}/{i}"
+                    for i, p in enumerate(paths)
+                ],
+                dtype=object,
+            )
+            return batch
+
+        # Row numbers are per file: one batch per file keeps them stable across runs.
+        ds = ds.map_batches(add_row_keys, batch_size=None, batch_format="numpy")
+    return ds.map_batches(
+        _parquet_rows,
+        fn_kwargs={"uri": root.uri, "image_column": image_column, "key_column": key_column},
+        batch_format="numpy",
+    )
+
+
+def _uri_key(uri: str) -> str:
+    rest = uri.split("://", 1)[1] if "://" in uri else uri
+    return strip_ext(rest.lstrip("/"))
+
+
+def list_uris(root: storage.Location) -> ray.data.Dataset:
+    """(key, path) rows from a .txt (one URI per line) or Parquet (`uri` column) list."""
+    if root.path.lower().endswith(".parquet"):
+        with storage.storage_errors(root.uri), root.fs.open(root.path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if "uri" not in pf.schema_arrow.names:
+                raise DataError(f"{root.uri}: a URI list in Parquet needs a 'uri' column (has {pf.schema_arrow.names})")
+        ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs()).select_columns(["uri"])
+    else:
+        ds = ray.data.read_text(root.path, filesystem=root.arrow_fs()).rename_columns({"text": "uri"})
+
+    def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        uris = [u.strip() for u in batch["uri"] if u and u.strip() and not u.strip().startswith("#")]
+        return {"key": np.asarray([_uri_key(u) for u in uris], dtype=object), "path": np.asarray(uris, dtype=object)}
+
+    return ds.map_batches(to_rows, batch_format="numpy")
+
+
+def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None) -> dict[str, np.ndarray]:
+    """Read each URI of a list source with its own filesystem."""
+    keys, uris, data, errors = [], [], [], []
+    cache: dict[str, storage.Location] = {}
+    for key, uri in zip(batch["key"], batch["path"]):
+        keys.append(key)
+        uris.append(uri)
+        problem = unsafe_key_reason(key)
+        if problem:
+            data.append(b"")
+            errors.append(f"unsafe key: {problem}")
+            continue
+        try:
+            scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+            if scheme not in cache:
+                cache[scheme] = storage.resolve(uri, endpoint_url)
+            loc = (
+                storage.resolve(uri, endpoint_url)
+                if scheme == "file"
+                else storage.Location(uri, cache[scheme].fs, uri.split("://", 1)[1], endpoint_url)
+            )
+            data.append(loc.fs.cat_file(loc.path))
+            errors.append("")
+        except (OSError, storage.StorageError) as exc:
+            data.append(b"")
+            errors.append(f"cannot read: {exc}")
+    return _rows(keys, uris, data, errors)
+
+
+def detect_kind(root: storage.Location) -> str:
+    """Guess the source kind from INPUT: a list file, Parquet tables, tar shards or image files."""
+    low = root.path.lower()
+    if low.endswith(".txt"):
+        return "list"
+    with storage.storage_errors(root.uri):
+        if not root.fs.exists(root.path):
+            raise FileNotFoundError(root.path)
+        if low.endswith(".parquet") and root.fs.isfile(root.path):
+            with root.fs.open(root.path, "rb") as f:
+                return "list" if "uri" in pq.ParquetFile(f).schema_arrow.names else "parquet"
+        sample = [p for p, _ in zip(root.fs.find(root.path), range(1000))]
+    if sample and all(_ext_ok(p, ARCHIVE_EXTENSIONS) for p in sample):
+        return "tar"
+    if sample and all(p.lower().endswith(".parquet") for p in sample):
+        return "parquet"
+    return "files"
+
+
+KeyFilter = Callable[[ray.data.Dataset], ray.data.Dataset]
+
+
+def source_rows(
+    uri: str,
+    kind: str,
+    extensions: list[str],
+    keep: KeyFilter,
+    endpoint_url: str | None = None,
+    image_column: str = "image",
+    key_column: str | None = None,
+) -> tuple[str, ray.data.Dataset]:
+    """(kind, dataset of key/source_uri/bytes/error rows) for INPUT.
+
+    ``keep`` drops keys already done; it runs on the listing where keys are known
+    before reading (files, list) so skipped images are never read.
+    """
+    root = storage.resolve(uri, endpoint_url)
+    kind = detect_kind(root) if kind == "auto" else kind
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    if kind == "files":
+        ds = keep(list_prefix(root, exts)).map_batches(read_files, fn_kwargs={"root": root}, batch_format="numpy")
+    elif kind == "list":
+        ds = keep(list_uris(root)).map_batches(
+            read_uris, fn_kwargs={"endpoint_url": endpoint_url}, batch_format="numpy"
+        )
+    elif kind == "tar":
+        archives = list_prefix(root, ARCHIVE_EXTENSIONS)
+        ds = keep(
+            archives.map_batches(
+                read_archives, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy"
+            )
+        )
+    elif kind == "parquet":
+        ds = keep(read_parquet_table(root, image_column, key_column))
+    else:
+        raise DataError(f"unknown source kind '{kind}'; use auto, files, tar, parquet or list")
+    return kind, ds

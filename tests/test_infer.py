@@ -1,0 +1,187 @@
+"""`infer`: sources, resume without duplicates, overwrite, actor failure, packed masks, error budget."""
+
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from raysegment.config import InferSpec
+from raysegment.data import synthetic
+from raysegment.errors import DataError, JobError
+from raysegment.inference.pipeline import infer
+
+pytestmark = pytest.mark.slow
+
+
+def summaries(out) -> list[dict]:
+    return pq.read_table(os.path.join(out, "summaries"), columns=["key", "status", "error", "mask_uri", "mask_offset", "mask_length", "run_id"]).to_pylist()
+
+
+def png(i: int, size: int = 32) -> bytes:
+    img, _ = synthetic.make_example(1000 + i, size=size)
+    return synthetic.png_bytes(img)
+
+
+def write_images(root, n: int, start: int = 0) -> list[str]:
+    os.makedirs(root, exist_ok=True)
+    keys = []
+    for i in range(start, start + n):
+        with open(os.path.join(root, f"img{i:04d}.PNG" if i % 5 == 0 else f"img{i:04d}.png"), "wb") as f:
+            f.write(png(i))
+        keys.append(f"img{i:04d}")
+    return keys
+
+
+def assert_one_row_and_mask_per_key(out, keys):
+    rows = summaries(out)
+    assert sorted(r["key"] for r in rows) == sorted(keys)  # exactly one row per key
+    masks = sorted(os.path.splitext(p)[0] for p in os.listdir(os.path.join(out, "masks")))
+    assert masks == sorted(k for k in keys)
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+
+
+def test_resume_skips_done_keys_and_overwrite_redoes_all(tiny_model, tmp_path):
+    _, model = tiny_model
+    keys = write_images(tmp_path / "in", 12)
+    out = str(tmp_path / "out")
+    first = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=4))
+    assert first["counts"]["processed"] == 12
+    keys += write_images(tmp_path / "in", 3, start=12)
+    second = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=4))
+    assert second["counts"] == {"total": 15, "skipped": 12, "processed": 3, "ok": 3, "error": 0}
+    assert_one_row_and_mask_per_key(out, keys)
+    third = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=4, overwrite=True))
+    assert third["counts"]["processed"] == 15
+    rows = summaries(out)
+    assert {r["run_id"] for r in rows} == {third["run_id"]}
+    assert_one_row_and_mask_per_key(out, keys)
+
+
+def test_other_model_output_is_refused(tiny_model, tmp_path):
+    _, model = tiny_model
+    write_images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out)))
+    part = next((out / "summaries").rglob("*.parquet"))
+    table = pq.read_table(part)
+    table = table.set_column(table.schema.get_field_index("model_sha256"), "model_sha256", pa.array(["f" * 64] * table.num_rows))
+    pq.write_table(table, part)
+    with pytest.raises(DataError, match="holds results of another model"):
+        infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out)))
+
+
+def test_killed_actor_and_rerun_leave_one_row_per_key(tiny_model, tmp_path):
+    """SIGKILL the predictor actor mid-run: Ray restarts it and the job still completes exactly."""
+    _, model = tiny_model
+    keys = write_images(tmp_path / "in", 120)
+    out = str(tmp_path / "out")
+    result: dict = {}
+    job = threading.Thread(
+        target=lambda: result.update(infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2)))
+    )
+    job.start()
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and job.is_alive():
+        if os.path.isdir(os.path.join(out, "summaries")) and any(
+            f.endswith(".parquet") for _, _, fs in os.walk(os.path.join(out, "summaries")) for f in fs
+        ):
+            for actor in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")]):
+                if "Predictor" in actor.class_name:
+                    os.kill(actor.pid, signal.SIGKILL)
+                    killed = actor.pid
+                    break
+        time.sleep(0.2)
+    job.join(timeout=600)
+    assert killed is not None, "the run finished before an actor could be killed"
+    assert result["counts"]["total"] == 120
+    assert_one_row_and_mask_per_key(out, keys)
+
+
+def test_tar_source(tiny_model, tmp_path):
+    _, model = tiny_model
+    os.makedirs(tmp_path / "in" / "day1")
+    for shard in range(2):
+        with tarfile.open(tmp_path / "in" / "day1" / f"shard-{shard}.tar.gz", "w:gz") as tar:
+            for i in range(3):
+                for name, data in [(f"sample{i}.png", png(shard * 10 + i)), (f"sample{i}.json", b"{}")]:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            evil = tarfile.TarInfo("../../escape.png")
+            evil.size = 4
+            tar.addfile(evil, io.BytesIO(b"abcd"))
+    out = tmp_path / "out"
+    run = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out)))
+    assert run["source"] == "tar"
+    rows = {r["key"]: r for r in summaries(out)}
+    good = {f"day1/shard-{s}/sample{i}" for s in range(2) for i in range(3)}
+    assert {k for k, r in rows.items() if r["status"] == "ok"} == good
+    evil_rows = [r for r in rows.values() if r["status"] == "error"]
+    assert len(evil_rows) == 2 and all("unsafe member name" in r["error"] for r in evil_rows)
+    assert not list(tmp_path.rglob("escape*"))  # nothing escaped the output prefix
+    assert all((out / "masks" / f"{k}.png").exists() for k in good)
+
+
+def test_parquet_table_source_and_packed_masks(tiny_model, tmp_path):
+    _, model = tiny_model
+    os.makedirs(tmp_path / "in")
+    table = pa.table({"id": [f"row{i}" for i in range(5)], "image": [png(i) for i in range(4)] + [b"broken"]})
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    out = tmp_path / "out"
+    run = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out), key_column="id", mask_format="packed"))
+    assert run["source"] == "parquet" and run["counts"]["ok"] == 4 and run["counts"]["error"] == 1
+    for r in summaries(out):
+        if r["status"] != "ok":
+            continue
+        with open(r["mask_uri"], "rb") as f:
+            f.seek(r["mask_offset"])
+            mask = Image.open(io.BytesIO(f.read(r["mask_length"])))
+            assert mask.size == (32, 32) and mask.mode == "P"
+
+
+def test_uri_list_source_and_npz_masks(tiny_model, tmp_path):
+    _, model = tiny_model
+    write_images(tmp_path / "imgs", 3)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted((tmp_path / "imgs").iterdir())) + f"{tmp_path}/imgs/missing.png\n")
+    out = tmp_path / "out"
+    run = infer(InferSpec(model=model, input=str(listing), output=str(out), mask_format="npz"))
+    assert run["source"] == "list" and run["counts"]["ok"] == 3 and run["counts"]["error"] == 1
+    rows = [r for r in summaries(out) if r["status"] == "ok"]
+    path, key = rows[0]["mask_uri"].split("#")
+    with np.load(path) as packed:
+        assert packed[key].shape == (32, 32)
+
+
+def test_max_error_fraction_fails_without_success(tiny_model, tmp_path):
+    _, model = tiny_model
+    write_images(tmp_path / "in", 2)
+    for i in range(3):
+        (tmp_path / "in" / f"bad{i}.png").write_bytes(b"nope")
+    out = tmp_path / "out"
+    with pytest.raises(JobError, match="3 of 5 images failed"):
+        infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out), max_error_fraction=0.5))
+    assert not (out / "_SUCCESS").exists()
+    run = json.loads(next((out / "runs").iterdir()).read_text())
+    assert run["status"] == "failed"
+
+
+def test_key_collision_is_reported(tiny_model, tmp_path):
+    _, model = tiny_model
+    os.makedirs(tmp_path / "in")
+    (tmp_path / "in" / "same.png").write_bytes(png(1))
+    (tmp_path / "in" / "same.jpg").write_bytes(png(2))
+    with pytest.raises(JobError, match="share a key"):
+        infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
