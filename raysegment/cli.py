@@ -69,14 +69,17 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("source", required=False)
 @click.argument("dest", required=False)
-@click.option("--layout", type=click.Choice(["pairs"]), default=None)
-@click.option("--images-dir", default=None, help="images folder under SOURCE (default: images)")
-@click.option("--masks-dir", default=None, help="masks folder under SOURCE (default: masks)")
+@click.option("--layout", type=click.Choice(["pairs", "voc", "cityscapes"]), default=None, help="default: pairs")
+@click.option("--images-dir", default=None, help="pairs: images folder under SOURCE (default: images)")
+@click.option("--masks-dir", default=None, help="pairs: masks folder under SOURCE (default: masks)")
+@click.option("--mask-values", default=None, help="pairs: raw mask value -> class id, e.g. 0:0,255:1")
 @click.option("--num-classes", type=int, default=None, help="class count (default: from the masks)")
 @click.option("--class-names", default=None, help="comma-separated class names")
-@click.option("--val-fraction", type=float, default=None)
+@click.option("--val-keys", default=None, help="keys of the val split: comma list or a file with one key per line")
+@click.option("--val-fraction", type=float, default=None, help="hash split by key (default: 0.2)")
 @click.option("--seed", type=int, default=None)
-@click.option("--shard-size-mb", type=float, default=None)
+@click.option("--shard-size-mb", type=float, default=None, help="target shard size (default: 256)")
+@click.option("--skip-invalid", is_flag=True, default=None, help="write the valid pairs, record the bad ones")
 @click.option("--overwrite", is_flag=True, default=None)
 @endpoint_option
 @config_option
@@ -90,9 +93,24 @@ def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
 
     init_ray()
     manifest = run(spec)
+    skipped = f", {len(manifest['skipped'])} invalid pairs skipped" if manifest["skipped"] else ""
     click.echo(
-        f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, classes {manifest['class_names']}"
+        f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, "
+        f"classes {manifest['class_names']}{skipped}"
     )
+
+
+@main.command("data-info")
+@click.argument("data")
+@endpoint_option
+@handle_errors
+def data_info(data: str, endpoint_url: str | None) -> None:
+    """Print a prepared data set's manifest: classes, counts, pixel frequencies, shards."""
+    from raysegment.data.info import format_manifest
+    from raysegment.data.prepare import read_manifest
+
+    loc, manifest = read_manifest(data, endpoint_url)
+    click.echo(format_manifest(loc.uri, manifest))
 
 
 @main.command()
@@ -105,6 +123,13 @@ def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--depth", type=int, default=None)
 @click.option("--base-filters", type=int, default=None)
+@click.option("--augment/--no-augment", default=None, help="master switch for augmentation (default: on)")
+@click.option("--crop", type=click.Choice(["resize", "random"]), default=None, help="fit to the size (default: resize)")
+@click.option("--flip/--no-flip", default=None, help="random flips (default: on)")
+@click.option("--rotate90/--no-rotate90", default=None, help="random 90-degree turns (default: on)")
+@click.option("--scale-jitter", type=float, default=None, help="zoom factor in [1-J, 1+J] (default: 0)")
+@click.option("--brightness", type=float, default=None, help="brightness shift in [-B, B] (default: 0)")
+@click.option("--contrast", type=float, default=None, help="contrast factor in [1-C, 1+C] (default: 0)")
 @click.option("--cpus-per-worker", type=float, default=None)
 @click.option("--gpus-per-worker", type=float, default=None)
 @click.option("--resume/--no-resume", default=None, help="continue from the last checkpoint in OUT (default: on)")
@@ -211,6 +236,35 @@ def demo(out: str, epochs: int) -> None:
     )
     c = result["infer"]["counts"]
     click.echo(f"  inference: {c['ok']} masks written, {c['error']} errors")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: each prints its measurements."""
+
+
+@bench.command("prepare")
+@click.option("--pairs", type=int, default=20_000, show_default=True, help="synthetic pairs to generate")
+@click.option("--size", type=int, default=32, show_default=True, help="image side in pixels")
+@click.option("--shard-size-mb", type=float, default=4.0, show_default=True, help="small, so there are many shards")
+@click.option("--workdir", default=None, help="keep source and data set here (default: a temp folder, removed)")
+@handle_errors
+def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | None) -> None:
+    """Generate PAIRS small pairs, prepare them, print the driver's peak RSS and the throughput."""
+    from raysegment.data.bench import bench_prepare as run
+    from raysegment.runtime import init_ray
+
+    init_ray()
+    r = run(pairs, size, shard_size_mb, workdir)
+    click.echo(
+        f"bench prepare: {r['rows']} pairs of {size}x{size} ({r['source_mib']} MiB) -> {r['shards']} shards "
+        f"in {r['prepare_s']} s on {r['cpus']} CPUs: {r['pairs_per_s']} pairs/s, {r['mib_per_s']} MiB/s"
+    )
+    click.echo(
+        f"driver RSS: {r['rss_before_mib']} MiB before prepare (peak so far {r['peak_rss_before_mib']} MiB); "
+        f"peak after prepare {r['peak_rss_after_mib']} MiB (ru_maxrss); {r['rss_after_mib']} MiB now"
+    )
+    _print(r)
 
 
 if __name__ == "__main__":

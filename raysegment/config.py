@@ -13,8 +13,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raysegment.errors import ConfigError
 from raysegment.data.classes import IGNORE_INDEX
+from raysegment.errors import ConfigError
 from raysegment.storage import redact
 
 
@@ -93,7 +93,9 @@ class PrepareSpec(Spec):
             set_flags = [f for f in ("images_dir", "masks_dir", "mask_values") if getattr(self, f) is not None]
             if set_flags:
                 flags = ", ".join("--" + f.replace("_", "-") for f in set_flags)
-                raise ValueError(f"{flags} only apply to --layout pairs; the {self.layout} layout fixes its folders and classes")
+                raise ValueError(
+                    f"{flags} only apply to --layout pairs; the {self.layout} layout fixes its folders and classes"
+                )
         if self.val_keys is not None and self.val_fraction is not None:
             raise ValueError("give --val-keys or --val-fraction, not both")
         if self.num_classes and self.class_names and len(self.class_names) != self.num_classes:
@@ -116,6 +118,24 @@ class TrainSpec(Spec):
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="for a global batch of 8; scaled linearly")
     base_filters: int = Field(16, ge=1, le=1024)
     depth: int = Field(4, ge=1, le=8)
+    batch_norm: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    upsampling: Literal["transpose", "resize"] = "transpose"
+    head: Literal["softmax", "sigmoid"] = Field("softmax", description="sigmoid: binary (2-class) data sets only")
+    loss: Literal["ce", "dice", "ce+dice"] = "ce"
+    class_weights: Literal["none", "inverse_frequency"] = "none"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0, le=1000)
+    patience: int | None = Field(
+        None, ge=1, le=100_000, description="early stop after this many epochs without val mIoU gain"
+    )
+    mixed_precision: Literal["auto", "off", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, off on CPU"
+    )
+    max_failures: int = Field(3, ge=0, le=1000, description="worker-group restarts from the last checkpoint")
+    max_steps: int | None = Field(None, ge=1, description="cap on steps per epoch (tests, benchmarks)")
     augment: bool = Field(True, description="master switch: off = plain resize, none of the options below")
     crop: Literal["resize", "random"] = Field(
         "resize", description="resize: whole image to the size; random: shorter side to the size, random square crop"

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -198,6 +199,28 @@ def write_bytes(loc: Location, data: bytes) -> None:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+@contextlib.contextmanager
+def staged_file(loc: Location) -> Iterator[str]:
+    """A local path to write a large file to; on a clean exit it appears at loc whole, never partly."""
+    if loc.remote:
+        fd, tmp = tempfile.mkstemp(prefix="raysegment-", suffix=posixpath.basename(loc.path))
+        os.close(fd)
+    else:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"  # same folder, so the rename is atomic
+    try:
+        yield tmp
+        with storage_errors(loc.uri):
+            if loc.remote:
+                # One upload (multipart for large files): S3 shows the object only once it is complete.
+                loc.fs.put_file(tmp, loc.path)
+            else:
+                os.replace(tmp, loc.path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def upload_file(local_path: str, loc: Location) -> None:

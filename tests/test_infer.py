@@ -24,7 +24,10 @@ pytestmark = pytest.mark.slow
 
 
 def summaries(out) -> list[dict]:
-    return pq.read_table(os.path.join(out, "summaries"), columns=["key", "status", "error", "mask_uri", "mask_offset", "mask_length", "run_id"]).to_pylist()
+    return pq.read_table(
+        os.path.join(out, "summaries"),
+        columns=["key", "status", "error", "mask_uri", "mask_offset", "mask_length", "run_id"],
+    ).to_pylist()
 
 
 def png(i: int, size: int = 32) -> bytes:
@@ -74,20 +77,24 @@ def test_other_model_output_is_refused(tiny_model, tmp_path):
     infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out)))
     part = next((out / "summaries").rglob("*.parquet"))
     table = pq.read_table(part)
-    table = table.set_column(table.schema.get_field_index("model_sha256"), "model_sha256", pa.array(["f" * 64] * table.num_rows))
+    table = table.set_column(
+        table.schema.get_field_index("model_sha256"), "model_sha256", pa.array(["f" * 64] * table.num_rows)
+    )
     pq.write_table(table, part)
     with pytest.raises(DataError, match="holds results of another model"):
         infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out)))
 
 
-def test_killed_actor_and_rerun_leave_one_row_per_key(tiny_model, tmp_path):
+def test_killed_actor_and_rerun_leave_one_row_per_key(tiny_model, ray_cluster, tmp_path):
     """SIGKILL the predictor actor mid-run: Ray restarts it and the job still completes exactly."""
     _, model = tiny_model
     keys = write_images(tmp_path / "in", 120)
     out = str(tmp_path / "out")
     result: dict = {}
     job = threading.Thread(
-        target=lambda: result.update(infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2)))
+        target=lambda: result.update(
+            infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2))
+        )
     )
     job.start()
     killed = None
@@ -96,7 +103,7 @@ def test_killed_actor_and_rerun_leave_one_row_per_key(tiny_model, tmp_path):
         if os.path.isdir(os.path.join(out, "summaries")) and any(
             f.endswith(".parquet") for _, _, fs in os.walk(os.path.join(out, "summaries")) for f in fs
         ):
-            for actor in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")]):
+            for actor in ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")]):
                 if "Predictor" in actor.class_name:
                     os.kill(actor.pid, signal.SIGKILL)
                     killed = actor.pid
@@ -139,7 +146,9 @@ def test_parquet_table_source_and_packed_masks(tiny_model, tmp_path):
     table = pa.table({"id": [f"row{i}" for i in range(5)], "image": [png(i) for i in range(4)] + [b"broken"]})
     pq.write_table(table, tmp_path / "in" / "part-0.parquet")
     out = tmp_path / "out"
-    run = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out), key_column="id", mask_format="packed"))
+    run = infer(
+        InferSpec(model=model, input=str(tmp_path / "in"), output=str(out), key_column="id", mask_format="packed")
+    )
     assert run["source"] == "parquet" and run["counts"]["ok"] == 4 and run["counts"]["error"] == 1
     for r in summaries(out):
         if r["status"] != "ok":
@@ -154,7 +163,9 @@ def test_uri_list_source_and_npz_masks(tiny_model, tmp_path):
     _, model = tiny_model
     write_images(tmp_path / "imgs", 3)
     listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{p}\n" for p in sorted((tmp_path / "imgs").iterdir())) + f"{tmp_path}/imgs/missing.png\n")
+    listing.write_text(
+        "".join(f"{p}\n" for p in sorted((tmp_path / "imgs").iterdir())) + f"{tmp_path}/imgs/missing.png\n"
+    )
     out = tmp_path / "out"
     run = infer(InferSpec(model=model, input=str(listing), output=str(out), mask_format="npz"))
     assert run["source"] == "list" and run["counts"]["ok"] == 3 and run["counts"]["error"] == 1

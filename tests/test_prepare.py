@@ -1,5 +1,7 @@
 """`prepare` on real Ray: shards and manifest, and a named report for bad pairs."""
 
+import hashlib
+import io
 import os
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from helpers import write_source
 from PIL import Image
 
+from raysegment import storage
 from raysegment.config import PrepareSpec
 from raysegment.data.prepare import prepare, read_manifest
 from raysegment.errors import DataError
@@ -60,3 +63,109 @@ def test_prepare_class_ids_out_of_range(ray_cluster, tmp_path):
     src = write_source(str(tmp_path / "src"), count=4)
     with pytest.raises(DataError, match="class ids out of range 0..1"):
         prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), num_classes=2))
+
+
+def _bad_source(tmp_path, count: int = 8) -> str:
+    """Synthetic pairs plus one of each kind of bad pair; returns the source path."""
+    src = write_source(str(tmp_path / "src"), count=count)
+    os.remove(tmp_path / "src" / "masks" / "00000.png")  # image without mask
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "src" / "masks" / "extra.png")  # mask without image
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "src" / "masks" / "00001.png")  # size mismatch
+    (tmp_path / "src" / "images" / "00002.png").write_bytes(b"garbage")  # undecodable image
+    (tmp_path / "src" / "masks" / "00003.png").write_bytes(b"")  # undecodable mask
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(tmp_path / "src" / "masks" / "00004.png")  # id out of range
+    return src
+
+
+EXPECTED_PROBLEMS = {
+    "00000": "image without mask",
+    "extra": "mask without image",
+    "00001": "size mismatch: image 32x32, mask 10x10",
+    "00002": "undecodable image",
+    "00003": "undecodable mask: empty file",
+    "00004": "class ids out of range 0..3: [9]",
+}
+
+
+def test_skip_invalid_writes_good_pairs_and_records_the_rest(ray_cluster, tmp_path):
+    src = _bad_source(tmp_path)
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match="6 invalid pairs, nothing written.*--skip-invalid"):
+        prepare(PrepareSpec(source=src, dest=str(data), num_classes=4, shard_size_mb=0.005))
+    assert not (data / "manifest.json").exists()
+    manifest = prepare(PrepareSpec(source=src, dest=str(data), num_classes=4, skip_invalid=True, shard_size_mb=0.005))
+    skipped = {s["key"]: s["problem"] for s in manifest["skipped"]}
+    assert set(skipped) == set(EXPECTED_PROBLEMS)
+    for key, problem in EXPECTED_PROBLEMS.items():
+        assert skipped[key].startswith(problem), (key, skipped[key])
+    keys = {k for s in manifest["shards"] for k in pq.read_table(data / s["path"]).column("key").to_pylist()}
+    assert keys == {"00005", "00006", "00007"}
+    assert sum(manifest["counts"].values()) == 3
+    # Only shards the manifest lists exist: the ones whose pairs were all bad were never committed.
+    assert sorted(os.listdir(data / "shards")) == sorted(s["path"].split("/")[1] for s in manifest["shards"])
+
+
+def test_many_bad_pairs_report_names_20_and_the_count(ray_cluster, tmp_path):
+    src = write_source(str(tmp_path / "src"), count=25)
+    for i in range(25):
+        os.remove(tmp_path / "src" / "masks" / f"{i:05d}.png")
+    with pytest.raises(DataError) as err:
+        prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
+    msg = str(err.value)
+    assert "25 invalid pairs" in msg and "(and 5 more)" in msg
+    assert msg.count("image without mask") == 20 and "00019" in msg and "00020" not in msg
+
+
+def test_overwrite_replaces_shards_and_manifest(ray_cluster, tmp_path):
+    src = write_source(str(tmp_path / "src"), count=12)
+    data = tmp_path / "data"
+    first = prepare(PrepareSpec(source=src, dest=str(data), shard_size_mb=0.005))
+    assert len(first["shards"]) > 2
+    second = prepare(PrepareSpec(source=src, dest=str(data), overwrite=True, val_keys="00003,00004"))
+    assert second["counts"] == {"train": 10, "val": 2} and len(second["shards"]) == 2
+    assert sorted(os.listdir(data / "shards")) == ["train-00000.parquet", "val-00000.parquet"]
+    # A failed rewrite leaves no data set behind: the old manifest went first, the new one never came.
+    os.remove(tmp_path / "src" / "masks" / "00000.png")
+    with pytest.raises(DataError, match="1 invalid pairs"):
+        prepare(PrepareSpec(source=src, dest=str(data), overwrite=True))
+    assert not (data / "manifest.json").exists()
+
+
+@pytest.mark.s3
+def test_prepare_s3_to_s3(ray_cluster, s3_prefix, tmp_path):
+    src = tmp_path / "src"
+    write_source(str(src), count=10)
+    os.makedirs(src / "images" / "sub dir")
+    os.makedirs(src / "masks" / "sub dir")
+    os.rename(src / "images" / "00009.png", src / "images" / "sub dir" / "00009.png")
+    os.rename(src / "masks" / "00009.png", src / "masks" / "sub dir" / "00009.png")
+    (src / "val.txt").write_text("00001\nsub dir/00009\n")
+    source = storage.resolve(f"{s3_prefix}/source")
+    for path in sorted(src.rglob("*")):
+        if path.is_file():
+            storage.upload_file(str(path), source.child(str(path.relative_to(src))))
+    dest = f"{s3_prefix}/data"
+    manifest = prepare(PrepareSpec(source=source.uri, dest=dest, val_keys=f"{source.uri}/val.txt", shard_size_mb=0.01))
+    assert manifest["counts"] == {"train": 8, "val": 2} and len(manifest["shards"]) > 2
+    loc, again = read_manifest(dest)
+    assert again["content_hash"] == manifest["content_hash"]
+    keys = {}
+    for shard in manifest["shards"]:
+        data = storage.read_bytes(loc.child(shard["path"]))
+        assert len(data) == shard["bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
+        table = pq.read_table(io.BytesIO(data))
+        keys.update(dict(zip(table.column("key").to_pylist(), table.column("split").to_pylist())))
+    assert keys["sub dir/00009"] == "val" and keys["00001"] == "val" and len(keys) == 10
+    # Readers on the cluster see the same shards through Ray Data.
+    from raysegment.data.pipeline import read_split
+
+    assert read_split(loc, manifest, "val").count() == 2
+
+
+def test_bench_prepare_reports_memory_and_throughput(ray_cluster, tmp_path):
+    from raysegment.data.bench import bench_prepare
+
+    result = bench_prepare(pairs=120, size=16, shard_size_mb=0.05, workdir=str(tmp_path / "bench"))
+    assert result["rows"] == 120 and result["shards"] > 2
+    assert 0 < result["rss_before_mib"] and result["peak_rss_before_mib"] <= result["peak_rss_after_mib"]
+    assert result["pairs_per_s"] > 0

@@ -39,6 +39,12 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def verify_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of an image whose pixels fully decode; raises ImageDecodeError otherwise."""
+    img = _open(data, max_pixels)
+    return img.size[1], img.size[0]
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded bytes -> HxWx3 uint8 RGB; grey, alpha, palette and 16-bit are converted."""
     img = _open(data, max_pixels)

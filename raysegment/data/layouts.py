@@ -1,14 +1,26 @@
-"""Source layouts: find (key, image path, mask path) pairs in a labelled data set."""
+"""Source layouts: find (key, image, mask) pairs, their classes and splits in a labelled data set.
+
+Each layout returns a Listing: the pairs (with problems found while listing,
+such as a missing mask), the classes when the layout fixes them, and the table
+that maps raw mask values to class ids. Nothing here reads pixels: that is the
+shard tasks' work, on the cluster.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 
 from raysegment import storage
+from raysegment.data import classes
 from raysegment.data.imaging import IMAGE_EXTENSIONS
-from raysegment.errors import DataError
+from raysegment.errors import ConfigError, DataError
+
+SPLITS = ("train", "val")
+DEFAULT_VAL_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -17,34 +29,228 @@ class Pair:
     image: str | None  # filesystem path, None when missing
     mask: str | None
     image_bytes: int = 0
+    mask_bytes: int = 0
+    split: str | None = None  # set by the layout's split files, else assigned later
+    problem: str | None = None  # found while listing: missing file, duplicate key, ...
 
 
-def _by_stem(loc: storage.Location) -> dict[str, tuple[str, int]]:
-    """Relative path without extension -> (path, size) for every image file below loc."""
+@dataclass(frozen=True)
+class Listing:
+    pairs: list[Pair]
+    class_names: list[str] | None = None  # None: from the spec or the masks
+    palette: list[list[int]] | None = None
+    # Raw mask value -> class id for all 256 byte values, -1 = not allowed; None = values are class ids as found.
+    lut: list[int] | None = None
+    unmapped: str = "class ids out of range"  # the problem text for values the table does not map
+    split_source: str | None = None  # where the layout's own splits came from, None when it has none
+
+
+def _files_by_key(loc: storage.Location, suffix: str = "") -> dict[str, list[tuple[str, int]]]:
+    """Relative path without extension (and without `suffix`) -> [(path, size)] for image files below loc."""
     with storage.storage_errors(loc.uri):
-        if not loc.fs.isdir(loc.path):
-            raise DataError(f"{loc.uri}: folder not found; check SOURCE and --images-dir/--masks-dir")
         found = loc.fs.find(loc.path, detail=True)
-    out: dict[str, tuple[str, int]] = {}
+    out: dict[str, list[tuple[str, int]]] = defaultdict(list)
     root = loc.path.rstrip("/") + "/"
     for path, info in found.items():
-        stem, ext = posixpath.splitext(path[len(root) :] if path.startswith(root) else path)
-        if ext.lower() in IMAGE_EXTENSIONS:
-            out[stem] = (path, int(info.get("size") or 0))
+        rel = path[len(root) :] if path.startswith(root) else path
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden files: .DS_Store, macOS ._resource forks, editor droppings
+        stem, ext = posixpath.splitext(rel)
+        if ext.lower() not in IMAGE_EXTENSIONS or not stem.endswith(suffix):
+            continue
+        out[stem[: len(stem) - len(suffix)] if suffix else stem].append((path, int(info.get("size") or 0)))
     return out
 
 
-def pairs_layout(source: storage.Location, images_dir: str, masks_dir: str) -> list[Pair]:
+def _require_dir(loc: storage.Location, fix: str) -> None:
+    with storage.storage_errors(loc.uri):
+        if not loc.fs.isdir(loc.path):
+            raise DataError(f"{loc.uri}: folder not found; {fix}")
+
+
+def _pair(
+    key: str,
+    images: dict[str, list[tuple[str, int]]],
+    masks: dict[str, list[tuple[str, int]]],
+    split: str | None = None,
+) -> Pair:
+    """One pair from the two listings, with the listing problem if it is incomplete or ambiguous."""
+    img, msk = images.get(key, []), masks.get(key, [])
+    problem = None
+    if not img:
+        problem = "mask without image"
+    elif not msk:
+        problem = "image without mask"
+    elif len(img) > 1 or len(msk) > 1:
+        many = img if len(img) > 1 else msk
+        problem = "several files for one key: " + ", ".join(posixpath.basename(p) for p, _ in many)
+    return Pair(
+        key,
+        img[0][0] if img else None,
+        msk[0][0] if msk else None,
+        img[0][1] if img else 0,
+        msk[0][1] if msk else 0,
+        split,
+        problem,
+    )
+
+
+def pairs_layout(
+    source: storage.Location,
+    images_dir: str = "images",
+    masks_dir: str = "masks",
+    mask_values: dict[int, int] | None = None,
+    num_classes: int | None = None,
+) -> Listing:
     """Match images and masks by relative path and stem (extensions may differ)."""
-    images = _by_stem(source.child(images_dir))
-    masks = _by_stem(source.child(masks_dir))
+    fix = "check SOURCE and --images-dir/--masks-dir"
+    _require_dir(source.child(images_dir), fix)
+    _require_dir(source.child(masks_dir), fix)
+    images = _files_by_key(source.child(images_dir))
+    masks = _files_by_key(source.child(masks_dir))
     if not images:
         raise DataError(f"{source.child(images_dir).uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
-    keys = sorted(set(images) | set(masks))
-    return [Pair(k, images.get(k, (None, 0))[0], masks.get(k, (None, 0))[0], images.get(k, (None, 0))[1]) for k in keys]
+    pairs = [_pair(k, images, masks) for k in sorted(set(images) | set(masks))]
+    if mask_values:
+        lut = [-1] * 256
+        for raw, cid in mask_values.items():
+            lut[raw] = cid
+        return Listing(pairs, lut=lut, unmapped="mask values not in --mask-values")
+    if num_classes:
+        return Listing(
+            pairs, lut=classes.identity_lut(num_classes), unmapped=f"class ids out of range 0..{num_classes - 1}"
+        )
+    return Listing(pairs)
+
+
+def _read_keys(loc: storage.Location) -> list[str]:
+    text = storage.read_bytes(loc).decode("utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def voc_layout(source: storage.Location) -> Listing:
+    """PASCAL VOC 2012: JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/{train,val}.txt."""
+    fix = "point SOURCE at the VOC2012 folder (the one holding JPEGImages/, SegmentationClass/, ImageSets/)"
+    _require_dir(source.child("JPEGImages"), fix)
+    _require_dir(source.child("SegmentationClass"), fix)
+    images = _files_by_key(source.child("JPEGImages"))
+    masks = _files_by_key(source.child("SegmentationClass"))
+    sets = source.child("ImageSets", "Segmentation")
+    listed: dict[str, list[str]] = {}
+    for split in SPLITS:
+        loc = sets.child(f"{split}.txt")
+        if storage.exists(loc):
+            for key in _read_keys(loc):
+                listed.setdefault(key, []).append(split)
+    if listed:
+        pairs = []
+        for key in sorted(listed):
+            pair = _pair(key, images, masks, listed[key][-1])
+            if len(listed[key]) > 1:
+                pair = replace(pair, problem="listed in both train.txt and val.txt")
+            pairs.append(pair)
+        split_source = "ImageSets/Segmentation/{train,val}.txt"
+    else:
+        # Without split files every segmentation mask is a pair; most JPEGs have none, which is normal in VOC.
+        pairs = [_pair(k, images, masks) for k in sorted(masks)]
+        split_source = None
+    if not pairs:
+        raise DataError(f"{source.uri}: no segmentation masks in SegmentationClass/ nor keys in {sets.uri}")
+    return Listing(
+        pairs,
+        class_names=list(classes.VOC_CLASSES),
+        palette=[list(c) for c in classes.VOC_PALETTE],
+        lut=classes.identity_lut(len(classes.VOC_CLASSES)),
+        unmapped=f"class ids out of range 0..{len(classes.VOC_CLASSES) - 1}",
+        split_source=split_source,
+    )
+
+
+def cityscapes_layout(source: storage.Location) -> Listing:
+    """Cityscapes: leftImg8bit/{split}/{city}/*_leftImg8bit.png with gtFine/{split}/{city}/*_gtFine_labelIds.png."""
+    fix = "point SOURCE at the Cityscapes root (the one holding leftImg8bit/ and gtFine/)"
+    _require_dir(source.child("leftImg8bit"), fix)
+    _require_dir(source.child("gtFine"), fix)
+    pairs: list[Pair] = []
+    # The public test split has no fine labels, so only train and val are data.
+    for split in SPLITS:
+        img_loc, gt_loc = source.child("leftImg8bit", split), source.child("gtFine", split)
+        if not (storage.exists(img_loc) or storage.exists(gt_loc)):
+            continue
+        images = _files_by_key(img_loc, "_leftImg8bit") if storage.exists(img_loc) else {}
+        masks = _files_by_key(gt_loc, "_gtFine_labelIds") if storage.exists(gt_loc) else {}
+        pairs += [_pair(k, images, masks, split) for k in sorted(set(images) | set(masks))]
+    if not pairs:
+        raise DataError(f"{source.uri}: no leftImg8bit/{{train,val}}/*/*_leftImg8bit.png files; {fix}")
+    return Listing(
+        pairs,
+        class_names=list(classes.CITYSCAPES_CLASSES),
+        palette=[list(c) for c in classes.CITYSCAPES_PALETTE],
+        lut=classes.cityscapes_lut(),
+        split_source="leftImg8bit/{train,val}",
+    )
+
+
+def list_source(
+    source: storage.Location,
+    layout: str,
+    images_dir: str | None = None,
+    masks_dir: str | None = None,
+    mask_values: dict[int, int] | None = None,
+    num_classes: int | None = None,
+) -> Listing:
+    """The pairs, classes and splits of a source in the given layout."""
+    if layout == "voc":
+        return voc_layout(source)
+    if layout == "cityscapes":
+        return cityscapes_layout(source)
+    return pairs_layout(source, images_dir or "images", masks_dir or "masks", mask_values, num_classes)
 
 
 def assign_split(key: str, val_fraction: float, seed: int) -> str:
     """Seeded key-hash split: stable for a key when other images are added or removed."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def read_val_keys(value: str | list[str], endpoint_url: str | None = None) -> list[str]:
+    """--val-keys: a list, a comma-separated string, or a file (path or URI) of keys, one per line."""
+    if isinstance(value, list):
+        return [k.strip() for k in value if k.strip()]
+    if "://" in value:
+        loc = storage.resolve(value, endpoint_url)
+        if not storage.exists(loc):
+            raise ConfigError(f"--val-keys {value}: file not found; give an existing file of keys or a comma list")
+        return _read_keys(loc)
+    if "," not in value and os.path.isfile(os.path.expanduser(value)):
+        return _read_keys(storage.resolve(value))
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def assign_splits(
+    listing: Listing,
+    layout: str,
+    val_keys: list[str] | None,
+    val_fraction: float | None,
+    seed: int,
+) -> tuple[list[Pair], str]:
+    """Every pair with its split, and a line saying where the splits came from."""
+    if listing.split_source:
+        if val_keys is not None or val_fraction is not None:
+            raise ConfigError(
+                f"the {layout} source has its own splits ({listing.split_source}); drop --val-keys/--val-fraction"
+            )
+        return listing.pairs, listing.split_source
+    if val_keys is not None:
+        wanted = set(val_keys)
+        missing = sorted(wanted - {p.key for p in listing.pairs})
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
+            raise ConfigError(
+                f"--val-keys names {len(missing)} keys not in the source: {shown}; keys are paths without extension"
+            )
+        pairs = [replace(p, split="val" if p.key in wanted else "train") for p in listing.pairs]
+        return pairs, f"--val-keys ({len(wanted)} keys)"
+    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    pairs = [replace(p, split=assign_split(p.key, fraction, seed)) for p in listing.pairs]
+    return pairs, f"key hash, val_fraction {fraction}, seed {seed}"

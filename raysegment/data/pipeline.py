@@ -1,14 +1,24 @@
-"""Ray Data pipelines over a prepared data set: read shards, decode, resize, augment."""
+"""Ray Data pipelines over a prepared data set: read shards, decode, resize or crop, augment, normalise.
+
+All of it runs in Ray Data map tasks on CPU workers, which stream batches to
+the Ray Train workers; the train loop only sees ready (N, S, S, 3) float32
+images and (N, S, S) uint8 class-id masks.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 
 from raysegment import storage
 from raysegment.data import imaging
+from raysegment.errors import DataError
+
+if TYPE_CHECKING:
+    from raysegment.config import TrainSpec
 
 
 def read_split(
@@ -17,8 +27,6 @@ def read_split(
     """The shards of one split as a Ray dataset (only shards the manifest lists)."""
     paths = [loc.child(s["path"]).path for s in manifest["shards"] if s["split"] == split]
     if not paths:
-        from raysegment.errors import DataError
-
         raise DataError(f"{loc.uri}: split '{split}' has no shards (counts: {manifest['counts']})")
     ds = ray.data.read_parquet(paths, filesystem=loc.arrow_fs())
     return ds.select_columns(columns) if columns else ds
@@ -29,35 +37,113 @@ def normalise(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * (1.0 / 255.0)
 
 
-def decode_for_training(batch: dict[str, np.ndarray], size: int, augment: bool) -> dict[str, np.ndarray]:
-    """Decode, resize to the training size and augment (flips, 90-degree turns)."""
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation; the defaults are the flips and turns `augment: true` always meant."""
+
+    crop: str = "resize"  # resize: whole image to SxS; random: shorter side to S, random SxS crop
+    flip: bool = True
+    rotate90: bool = True
+    scale_jitter: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    @classmethod
+    def from_spec(cls, spec: TrainSpec) -> Augmentation | None:
+        """The train spec's augmentation, or None when its master switch `augment` is off."""
+        if not spec.augment:
+            return None
+        return cls(spec.crop, spec.flip, spec.rotate90, spec.scale_jitter, spec.brightness, spec.contrast)
+
+
+def _crop_or_pad(
+    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random SxS window; where the image is smaller, pad (image 0, mask 255 = ignore, so no loss there)."""
+    for axis in (0, 1):
+        extent = img.shape[axis]
+        if extent > size:
+            start = int(rng.integers(extent - size + 1))
+            window = (slice(None), slice(start, start + size)) if axis else (slice(start, start + size),)
+            img, mask = img[window], mask[window]
+        elif extent < size:
+            before = int(rng.integers(size - extent + 1))
+            pad = [(0, 0)] * img.ndim
+            pad[axis] = (before, size - extent - before)
+            img = np.pad(img, pad)
+            mask = np.pad(mask, pad[:2], constant_values=imaging.IGNORE_INDEX)
+    return img, mask
+
+
+def fit_example(
+    img: np.ndarray, mask: np.ndarray, size: int, aug: Augmentation | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize or randomly crop one decoded pair to SxS and apply the geometric augmentation."""
+    if aug is None:
+        return imaging.resize_image(img, (size, size)), imaging.resize_mask(mask, (size, size))
+    scale = float(rng.uniform(1.0 - aug.scale_jitter, 1.0 + aug.scale_jitter)) if aug.scale_jitter else 1.0
+    h, w = img.shape[:2]
+    if aug.crop == "random":
+        # Keep the aspect ratio and bring the shorter side to S (x scale): at scale 1 a square image
+        # is seen as inference sees it, and a long one gives a random window along its long side.
+        f = size * scale / min(h, w)
+        th, tw = max(1, round(h * f)), max(1, round(w * f))
+    else:
+        th = tw = max(1, round(size * scale))
+    img = imaging.resize_image(img, (th, tw))
+    mask = imaging.resize_mask(mask, (th, tw))  # nearest: class ids are never interpolated
+    img, mask = _crop_or_pad(rng, img, mask, size)
+    if aug.flip:
+        if rng.random() < 0.5:
+            img, mask = img[:, ::-1], mask[:, ::-1]
+        if rng.random() < 0.5:
+            img, mask = img[::-1], mask[::-1]
+    if aug.rotate90:
+        k = int(rng.integers(4))
+        img, mask = np.rot90(img, k), np.rot90(mask, k)
+    return img, mask
+
+
+def photometric(img: np.ndarray, aug: Augmentation | None, rng: np.random.Generator) -> np.ndarray:
+    """Random contrast (around the image mean) and brightness on a [0, 1] float image, clipped."""
+    if aug is None or not (aug.brightness or aug.contrast):
+        return img
+    if aug.contrast:
+        mean = img.mean()
+        img = (img - mean) * rng.uniform(1.0 - aug.contrast, 1.0 + aug.contrast) + mean
+    if aug.brightness:
+        img = img + rng.uniform(-aug.brightness, aug.brightness)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+def decode_for_training(batch: dict[str, np.ndarray], size: int, augment: Augmentation | None) -> dict[str, np.ndarray]:
+    """Decode, resize or crop to the training size, augment and normalise one batch."""
     rng = np.random.default_rng()
     n = len(batch["image"])
-    images = np.empty((n, size, size, 3), np.uint8)
+    images = np.empty((n, size, size, 3), np.float32)
     masks = np.empty((n, size, size), np.uint8)
     for i in range(n):
-        img = imaging.resize_image(imaging.decode_image(batch["image"][i]), (size, size))
-        mask = imaging.resize_mask(imaging.decode_mask(batch["mask"][i]), (size, size))
-        if augment:
-            img, mask = _augment(rng, img, mask)
-        images[i], masks[i] = img, mask
-    return {"image": normalise(images), "mask": masks}
-
-
-def _augment(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if rng.random() < 0.5:
-        img, mask = img[:, ::-1], mask[:, ::-1]
-    if rng.random() < 0.5:
-        img, mask = img[::-1], mask[::-1]
-    k = int(rng.integers(4))
-    return np.rot90(img, k), np.rot90(mask, k)
+        img, mask = imaging.decode_image(batch["image"][i]), imaging.decode_mask(batch["mask"][i])
+        img, mask = fit_example(img, mask, size, augment, rng)
+        images[i] = photometric(normalise(img), augment, rng)
+        masks[i] = mask
+    return {"image": images, "mask": masks}
 
 
 def training_dataset(
-    loc: storage.Location, manifest: dict[str, Any], split: str, size: int, augment: bool
+    loc: storage.Location,
+    manifest: dict[str, Any],
+    split: str,
+    size: int,
+    augment: bool | Augmentation | None,
 ) -> ray.data.Dataset:
-    """Decoded, resized (and for training, augmented) batches ready for the train loop."""
+    """Decoded, resized or cropped (for training, augmented) batches ready for the train loop.
+
+    `augment` is an Augmentation (see `Augmentation.from_spec`), True for the default one,
+    or False/None for a plain resize, as validation and inference see the images.
+    """
+    aug = Augmentation() if augment is True else (augment or None)
     ds = read_split(loc, manifest, split, columns=["image", "mask"])
     return ds.map_batches(
-        decode_for_training, fn_kwargs={"size": size, "augment": augment}, batch_size=32, batch_format="numpy"
+        decode_for_training, fn_kwargs={"size": size, "augment": aug}, batch_size=32, batch_format="numpy"
     )

@@ -1,17 +1,27 @@
 """`prepare`: labelled images -> Parquet shards + manifest.json, built by Ray tasks.
 
-Each shard is one Ray task (read, validate, write), so the work spreads over the
-cluster and the driver holds only the pair list and per-shard statistics.
+The driver lists the source (paths and sizes only), plans shards of about the
+target size and runs one Ray task per shard (read, validate, encode, write),
+keeping a bounded number in flight with ray.wait. Tasks return only small
+statistics (row counts, a 256-bin class histogram, the invalid pairs), so the
+driver never holds image data, whatever the data set's size.
+
+Plain Ray tasks rather than Ray Data: a shard is a unit we name
+(`{split}-NNNNN.parquet`), size by bytes and hash, and whose validation report
+and histogram must come back to the driver; Ray Data's writers name files by
+uuid and have no side channel for per-file statistics.
+
 The manifest is written last and is the commit: readers open only the shards it
-lists, and an old manifest is removed before anything is rewritten.
+lists, and an old manifest is removed before anything is rewritten. Each shard
+appears whole (rename locally, one upload on S3).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,8 +31,8 @@ import ray
 
 from raysegment import __version__, storage
 from raysegment.config import PrepareSpec
-from raysegment.data import imaging
-from raysegment.data.layouts import Pair, assign_split, pairs_layout
+from raysegment.data import classes, imaging
+from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
 from raysegment.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -40,19 +50,21 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 MAX_REPORTED = 20
+# A row group is the unit Ray Data and Parquet readers stream; it also bounds a shard task's buffer.
+ROW_GROUP_BYTES = 32 * 2**20
 
 
-def _plan_shards(pairs: list[tuple[Pair, str]], target_bytes: int) -> list[tuple[str, list[Pair]]]:
-    """Group pairs by split into shards of about target_bytes of image data."""
+def _plan_shards(pairs: list[Pair], target_bytes: int) -> list[tuple[str, list[Pair]]]:
+    """Group valid pairs by split, in key order, into shards of about target_bytes of encoded data."""
     shards: list[tuple[str, list[Pair]]] = []
-    for split in ("train", "val"):
+    for split in SPLITS:
         current: list[Pair] = []
         size = 0
-        for pair, s in pairs:
-            if s != split:
+        for pair in pairs:
+            if pair.split != split:
                 continue
             current.append(pair)
-            size += pair.image_bytes * 2  # mask bytes are unknown before reading; count the image twice
+            size += pair.image_bytes + pair.mask_bytes
             if size >= target_bytes:
                 shards.append((split, current))
                 current, size = [], 0
@@ -61,61 +73,195 @@ def _plan_shards(pairs: list[tuple[Pair, str]], target_bytes: int) -> list[tuple
     return shards
 
 
-@ray.remote
-def _write_shard(
-    dest: storage.Location, name: str, split: str, pairs: list[Pair], source: storage.Location, num_classes: int | None
-) -> dict[str, Any]:
-    """Read, validate and write one shard; return its statistics and the invalid pairs."""
-    rows: dict[str, list[Any]] = {f: [] for f in SHARD_SCHEMA.names}
-    hist = np.zeros(256, np.int64)
-    invalid: list[dict[str, str]] = []
+def _check_pair(
+    img_bytes: bytes, mask_bytes: bytes, lut: np.ndarray | None, unmapped: str
+) -> tuple[str | None, np.ndarray | None, tuple[int, int]]:
+    """(problem, class-id mask, (h, w)) for one pair; the problem is None when it is valid."""
+    try:
+        h, w = imaging.verify_image(img_bytes)
+    except imaging.ImageDecodeError as exc:
+        return f"undecodable image: {exc}", None, (0, 0)
+    try:
+        raw = imaging.decode_mask(mask_bytes)
+    except imaging.ImageDecodeError as exc:
+        return f"undecodable mask: {exc}", None, (h, w)
+    if raw.shape != (h, w):
+        return f"size mismatch: image {w}x{h}, mask {raw.shape[1]}x{raw.shape[0]}", None, (h, w)
+    if lut is None:
+        return None, raw, (h, w)
+    mapped = lut[raw]
+    if (mapped < 0).any():
+        bad = np.unique(raw[mapped < 0]).tolist()
+        return f"{unmapped}: {bad[:10]}{' ...' if len(bad) > 10 else ''}", None, (h, w)
+    return None, mapped.astype(np.uint8), (h, w)
+
+
+class _NoRows(Exception):
+    """A shard whose pairs were all invalid: nothing to commit."""
+
+
+def _valid_rows(
+    source: storage.Location,
+    pairs: list[Pair],
+    lut: list[int] | None,
+    unmapped: str,
+    invalid: list[dict[str, str]],
+    hist: np.ndarray,
+) -> Iterator[tuple[str, bytes, np.ndarray, int, int]]:
+    """(key, image bytes, class-id mask, h, w) of each valid pair; invalid ones go to `invalid`."""
+    table = np.asarray(lut, np.int16) if lut is not None else None
     for pair in pairs:
-        problem = None
-        if pair.image is None:
-            problem = "mask without image"
-        elif pair.mask is None:
-            problem = "image without mask"
-        else:
-            img_bytes = source.fs.cat_file(pair.image)
-            mask_bytes = source.fs.cat_file(pair.mask)
-            try:
-                h, w = imaging.decode_image(img_bytes).shape[:2]
-                mask = imaging.decode_mask(mask_bytes)
-            except imaging.ImageDecodeError as exc:
-                problem = f"undecodable: {exc}"
-            else:
-                if mask.shape != (h, w):
-                    problem = f"size mismatch: image {w}x{h}, mask {mask.shape[1]}x{mask.shape[0]}"
-                else:
-                    counts = np.bincount(mask.ravel(), minlength=256)
-                    bad = [
-                        v
-                        for v in np.nonzero(counts)[0]
-                        if v != imaging.IGNORE_INDEX and num_classes and v >= num_classes
-                    ]
-                    if bad:
-                        problem = f"class ids out of range 0..{num_classes - 1}: {bad[:10]}"
+        try:
+            with storage.storage_errors(source.uri):
+                img_bytes = source.fs.cat_file(pair.image)
+                mask_bytes = source.fs.cat_file(pair.mask)
+        except storage.StorageError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+            invalid.append({"key": pair.key, "problem": "file disappeared while preparing"})
+            continue
+        problem, mask, (h, w) = _check_pair(img_bytes, mask_bytes, table, unmapped)
         if problem:
             invalid.append({"key": pair.key, "problem": problem})
             continue
-        hist += counts
-        for field, value in zip(SHARD_SCHEMA.names, (pair.key, img_bytes, imaging.encode_mask(mask), h, w, split)):
-            rows[field].append(value)
-    n = len(rows["key"])
-    out: dict[str, Any] = {"name": name, "split": split, "rows": n, "hist": hist.tolist(), "invalid": invalid}
-    if n:
-        buf = io.BytesIO()
-        pq.write_table(pa.table(rows, schema=SHARD_SCHEMA), buf, compression="none")
-        data = buf.getvalue()
-        storage.write_bytes(dest.child("shards", name), data)
-        out.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), path=f"shards/{name}")
+        hist += np.bincount(mask.ravel(), minlength=256)
+        yield pair.key, img_bytes, mask, h, w
+
+
+def _write_parquet(path: str, rows: Iterator[tuple[str, bytes, np.ndarray, int, int]], split: str) -> int:
+    """Stream rows into a Parquet file in row groups of about ROW_GROUP_BYTES; returns the row count."""
+    n = 0
+    with pq.ParquetWriter(path, SHARD_SCHEMA, compression="none") as writer:
+        cols: dict[str, list[Any]] = {f: [] for f in SHARD_SCHEMA.names}
+        buffered = 0
+        for key, img_bytes, mask, h, w in rows:
+            mask_png = imaging.encode_mask(mask)
+            for field, value in zip(SHARD_SCHEMA.names, (key, img_bytes, mask_png, h, w, split)):
+                cols[field].append(value)
+            n += 1
+            buffered += len(img_bytes) + len(mask_png)
+            if buffered >= ROW_GROUP_BYTES:
+                writer.write_table(pa.table(cols, schema=SHARD_SCHEMA))
+                cols, buffered = {f: [] for f in SHARD_SCHEMA.names}, 0
+        if cols["key"]:
+            writer.write_table(pa.table(cols, schema=SHARD_SCHEMA))
+    return n
+
+
+def _file_digest(path: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+@ray.remote
+def _build_shard(
+    source: storage.Location,
+    dest: storage.Location,
+    name: str,
+    split: str,
+    pairs: list[Pair],
+    lut: list[int] | None,
+    unmapped: str,
+    write: bool,
+) -> dict[str, Any]:
+    """Read, validate, encode and (when `write`) write one shard; return its statistics and invalid pairs."""
+    hist = np.zeros(256, np.int64)
+    invalid: list[dict[str, str]] = []
+    rows = _valid_rows(source, pairs, lut, unmapped, invalid, hist)
+    out: dict[str, Any] = {"name": name, "split": split, "invalid": invalid}
+    if not write:
+        out["rows"] = sum(1 for _ in rows)
+    else:
+        try:
+            with storage.staged_file(dest.child("shards", name)) as local:
+                out["rows"] = _write_parquet(local, rows, split)
+                if not out["rows"]:
+                    raise _NoRows
+                sha, size = _file_digest(local)
+            out.update(bytes=size, sha256=sha, path=f"shards/{name}")  # committed: the shard is whole
+        except _NoRows:
+            pass
+    out["hist"] = hist.tolist()
     return out
 
 
-def _invalid_report(dest_uri: str, invalid: list[dict[str, str]]) -> str:
+def _invalid_report(uri: str, invalid: list[dict[str, str]]) -> str:
     shown = "; ".join(f"{i['key']}: {i['problem']}" for i in invalid[:MAX_REPORTED])
     more = f" (and {len(invalid) - MAX_REPORTED} more)" if len(invalid) > MAX_REPORTED else ""
-    return f"{dest_uri}: {len(invalid)} invalid pairs, nothing written: {shown}{more}"
+    return (
+        f"{uri}: {len(invalid)} invalid pairs, nothing written: {shown}{more}; "
+        "fix them, or pass --skip-invalid to write the valid pairs and record these in the manifest"
+    )
+
+
+def _check_class_values(uri: str, hist: np.ndarray) -> int:
+    """The class count when masks hold raw values that are already 0..K-1; else a DataError listing them."""
+    present = [int(v) for v in np.nonzero(hist)[0] if v != classes.IGNORE_INDEX]
+    if len(present) >= 2 and present == list(range(len(present))):
+        return len(present)
+    found = [int(v) for v in np.nonzero(hist)[0]]
+    example = ",".join(f"{v}:{i}" for i, v in enumerate(found))
+    raise DataError(
+        f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}, which are not class ids 0..K-1 "
+        f"(255 = ignore) for K >= 2; map them with --mask-values, e.g. --mask-values {example} "
+        "(or, if they are class ids and some classes are absent, set --num-classes)"
+    )
+
+
+def _run_shard_tasks(
+    source: storage.Location,
+    dest: storage.Location,
+    plan: list[tuple[str, list[Pair]]],
+    listing: Listing,
+    skip_invalid: bool,
+    invalid: list[dict[str, str]],
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Run the shard tasks, at most a few per CPU in flight; returns shard entries and the class histogram."""
+    max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    counters: dict[str, int] = {}
+    pending: list[ray.ObjectRef] = []
+    shards: list[dict[str, Any]] = []
+    hist = np.zeros(256, np.int64)
+    done_pairs, last_log = 0, time.time()
+
+    def collect(refs: list[ray.ObjectRef]) -> None:
+        nonlocal done_pairs
+        for result in ray.get(refs):
+            invalid.extend(result.pop("invalid"))
+            hist[:] += np.asarray(result.pop("hist"), np.int64)
+            done_pairs += result["rows"]
+            if result.get("path"):
+                shards.append(result)
+
+    try:
+        for split, group in plan:
+            if len(pending) >= max_in_flight:
+                ready, pending = ray.wait(pending, num_returns=1)
+                collect(ready)
+                if time.time() - last_log > 10:
+                    log.info("prepare: %d valid pairs written, %d invalid so far", done_pairs, len(invalid))
+                    last_log = time.time()
+            idx = counters.get(split, 0)
+            counters[split] = idx + 1
+            # Once the job is bound to fail, the remaining tasks only validate, for the report.
+            write = skip_invalid or not invalid
+            pending.append(
+                _build_shard.remote(
+                    source, dest, f"{split}-{idx:05d}.parquet", split, group, listing.lut, listing.unmapped, write
+                )
+            )
+        collect(pending)
+        pending = []
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        storage.remove_tree(dest.child("shards"))
+        raise
+    return sorted(shards, key=lambda s: s["path"]), hist
 
 
 def prepare(spec: PrepareSpec) -> dict[str, Any]:
@@ -124,6 +270,26 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     source = storage.resolve(spec.source, spec.endpoint_url)
     dest = storage.resolve(spec.dest, spec.endpoint_url)
     storage.check_readable(source)
+    listing = list_source(
+        source,
+        spec.layout,
+        spec.images_dir,
+        spec.masks_dir,
+        spec.mask_values,
+        spec.num_classes or (len(spec.class_names) if spec.class_names else None),
+    )
+    val_keys = read_val_keys(spec.val_keys, spec.endpoint_url) if spec.val_keys is not None else None
+    pairs, split_source = assign_splits(listing, spec.layout, val_keys, spec.val_fraction, spec.seed)
+    if listing.class_names:
+        if spec.num_classes and spec.num_classes != len(listing.class_names):
+            raise DataError(
+                f"the {spec.layout} layout has {len(listing.class_names)} classes, not --num-classes {spec.num_classes}"
+            )
+        if spec.class_names and len(spec.class_names) != len(listing.class_names):
+            raise DataError(
+                f"the {spec.layout} layout has {len(listing.class_names)} classes; --class-names gives {len(spec.class_names)}"
+            )
+
     manifest_loc = dest.child(MANIFEST)
     if storage.exists(manifest_loc):
         if not spec.overwrite:
@@ -133,33 +299,37 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     storage.remove_tree(dest.child("shards"))
     storage.check_writable(dest)
 
-    pairs = pairs_layout(source, spec.images_dir, spec.masks_dir)
-    split_pairs = [(p, assign_split(p.key, spec.val_fraction, spec.seed)) for p in pairs]
-    plan = _plan_shards(split_pairs, int(spec.shard_size_mb * 2**20))
-    counters: dict[str, int] = {}
-    refs = []
-    for split, group in plan:
-        idx = counters.get(split, 0)
-        counters[split] = idx + 1
-        refs.append(_write_shard.remote(dest, f"{split}-{idx:05d}.parquet", split, group, source, spec.num_classes))
-    results = ray.get(refs)
+    invalid = [{"key": p.key, "problem": p.problem} for p in pairs if p.problem]
+    plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
+    log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
+    shards, hist = _run_shard_tasks(source, dest, plan, listing, spec.skip_invalid, invalid)
+    invalid.sort(key=lambda i: i["key"])
 
-    invalid = [i for r in results for i in r["invalid"]]
-    hist = np.sum([r["hist"] for r in results], axis=0)
-    present = [int(v) for v in np.nonzero(hist)[0] if v != imaging.IGNORE_INDEX]
-    if spec.num_classes is None and present and present != list(range(max(present) + 1)):
-        invalid.append(
-            {"key": "(all masks)", "problem": f"mask values {present} are not class ids 0..K-1; set --num-classes"}
-        )
-    if invalid:
+    if invalid and not spec.skip_invalid:
         storage.remove_tree(dest.child("shards"))
         raise DataError(_invalid_report(dest.uri, invalid))
+    if not shards:
+        storage.remove_tree(dest.child("shards"))
+        raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
 
-    num_classes = spec.num_classes or max(present + [1]) + 1
-    names = spec.class_names or [f"class_{i}" for i in range(num_classes)]
+    if listing.class_names:
+        num_classes = len(listing.class_names)
+    elif listing.lut is not None:
+        num_classes = spec.num_classes or (len(spec.class_names) if spec.class_names else None) or 0
+        num_classes = max(num_classes, max((c for c in listing.lut if 0 <= c < classes.IGNORE_INDEX), default=0) + 1)
+    else:
+        try:
+            num_classes = _check_class_values(source.uri, hist)
+        except DataError:
+            storage.remove_tree(dest.child("shards"))
+            raise
+    if num_classes < 2:
+        storage.remove_tree(dest.child("shards"))
+        raise DataError(f"{source.uri}: --mask-values gives only {num_classes} class; a segmentation needs at least 2")
+    names = spec.class_names or listing.class_names or [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
+        storage.remove_tree(dest.child("shards"))
         raise DataError(f"--class-names gives {len(names)} names for {num_classes} classes")
-    shards = [{k: r[k] for k in ("path", "split", "rows", "bytes", "sha256")} for r in results if r["rows"]]
     labelled = hist[:num_classes].sum()
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -167,17 +337,21 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         "source": storage.redact(spec.source),
         "num_classes": num_classes,
         "class_names": names,
-        "palette": imaging.default_palette(num_classes),
-        "ignore_index": imaging.IGNORE_INDEX,
-        "counts": {s: sum(r["rows"] for r in results if r["split"] == s) for s in ("train", "val")},
+        "palette": listing.palette or imaging.default_palette(num_classes),
+        "ignore_index": classes.IGNORE_INDEX,
+        "mask_values": {str(k): v for k, v in sorted(spec.mask_values.items())} if spec.mask_values else None,
+        "splits_from": split_source,
+        "counts": {s: sum(sh["rows"] for sh in shards if sh["split"] == s) for s in SPLITS},
         "pixel_frequency": [float(hist[i] / labelled) if labelled else 0.0 for i in range(num_classes)],
-        "shards": shards,
+        "ignored_pixels": int(hist[classes.IGNORE_INDEX]),
+        "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "sha256")} for s in shards],
         "content_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
+        "skipped": invalid,
         "created_by": f"raysegment {__version__}",
         "seconds": round(time.time() - t0, 2),
     }
     storage.write_json(manifest_loc, manifest)
-    log.info("prepared %s: %s", dest.uri, manifest["counts"])
+    log.info("prepared %s: %s, %d skipped", dest.uri, manifest["counts"], len(invalid))
     return manifest
 
 

@@ -52,12 +52,18 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 
 def write_pairs(
-    root: str, count: int, size: int = 64, seed: int = 0, images_dir: str = "images", masks_dir: str = "masks"
+    root: str,
+    count: int,
+    size: int = 64,
+    seed: int = 0,
+    images_dir: str = "images",
+    masks_dir: str = "masks",
+    start: int = 0,
 ) -> None:
-    """Write `count` pairs as root/images/NNNNN.png and root/masks/NNNNN.png."""
+    """Write `count` pairs as root/images/NNNNN.png and root/masks/NNNNN.png, numbered from `start`."""
     os.makedirs(os.path.join(root, images_dir), exist_ok=True)
     os.makedirs(os.path.join(root, masks_dir), exist_ok=True)
-    for i in range(count):
+    for i in range(start, start + count):
         img, mask = make_example(seed * 1_000_003 + i, size)
         Image.fromarray(img).save(os.path.join(root, images_dir, f"{i:05d}.png"))
         Image.fromarray(mask).save(os.path.join(root, masks_dir, f"{i:05d}.png"))

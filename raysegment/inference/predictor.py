@@ -65,9 +65,11 @@ class Predictor:
             self.model = keras.models.load_model(local, compile=False)
         model = self.model
 
+        from raysegment.models.losses import probabilities
+
         @tf.function(reduce_retracing=True)
         def predict(x):
-            probs = tf.nn.softmax(model(x, training=False), axis=-1)
+            probs = probabilities(model(x, training=False))
             return tf.argmax(probs, axis=-1, output_type=tf.int32), tf.reduce_max(probs, axis=-1)
 
         self._predict = predict

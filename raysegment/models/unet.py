@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import keras
 from keras import layers
 
@@ -17,15 +19,31 @@ def _conv_block(x: keras.KerasTensor, filters: int, batch_norm: bool, name: str)
     return x
 
 
+def _upsample(x: keras.KerasTensor, filters: int, mode: str, name: str) -> keras.KerasTensor:
+    if mode == "transpose":
+        return layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_tconv")(x)
+    # Resize-convolution avoids the checkerboard artefacts of strided transpose convs.
+    x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
+    return layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv")(x)
+
+
 def build_unet(
     num_classes: int,
     depth: int = 4,
     base_filters: int = 16,
     batch_norm: bool = True,
     dropout: float = 0.0,
+    upsampling: Literal["transpose", "resize"] = "transpose",
+    head: Literal["softmax", "sigmoid"] = "softmax",
     input_channels: int = 3,
 ) -> keras.Model:
-    """U-Net returning per-pixel logits (N, H, W, num_classes); H and W must divide 2**depth."""
+    """U-Net returning per-pixel logits, (N, H, W, K) for softmax or (N, H, W, 1) for a sigmoid head.
+
+    H and W must be multiples of 2**depth. The sigmoid head is for two classes
+    (background / foreground); its logit is the foreground's.
+    """
+    if head == "sigmoid" and num_classes != 2:
+        raise ValueError(f"a sigmoid head needs exactly 2 classes, got {num_classes}")
     inputs = keras.Input(shape=(None, None, input_channels), name="image")
     x = inputs
     skips = []
@@ -37,8 +55,9 @@ def build_unet(
     if dropout:
         x = layers.Dropout(dropout, name="bottom_dropout")(x)
     for level in reversed(range(depth)):
-        x = layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, padding="same", name=f"up{level}_tconv")(x)
+        x = _upsample(x, base_filters * 2**level, upsampling, f"up{level}")
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
         x = _conv_block(x, base_filters * 2**level, batch_norm, f"up{level}")
-    logits = layers.Conv2D(num_classes, 1, dtype="float32", name="logits")(x)
+    # Logits in float32 whatever the mixed-precision policy: the loss needs the range.
+    logits = layers.Conv2D(1 if head == "sigmoid" else num_classes, 1, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name="unet")

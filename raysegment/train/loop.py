@@ -32,9 +32,18 @@ def _set_threads(cpus: float) -> None:
 
 
 def build_model(cfg: dict[str, Any]):
+    """The U-Net a training config describes (also used by the driver to export it)."""
     from raysegment.models.unet import build_unet
 
-    return build_unet(cfg["num_classes"], depth=cfg["depth"], base_filters=cfg["base_filters"])
+    return build_unet(
+        cfg["num_classes"],
+        depth=cfg["depth"],
+        base_filters=cfg["base_filters"],
+        batch_norm=cfg.get("batch_norm", True),
+        dropout=cfg.get("dropout", 0.0),
+        upsampling=cfg.get("upsampling", "transpose"),
+        head=cfg.get("head", "softmax"),
+    )
 
 
 def scaled_learning_rate(base_lr: float, global_batch: int) -> float:
@@ -42,14 +51,68 @@ def scaled_learning_rate(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 8.0
 
 
+def learning_rate_schedule(cfg: dict[str, Any], peak: float, steps_per_epoch: int):
+    """Linear warm-up to `peak`, then cosine decay, step decay or constant."""
+    import keras
+
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+    warmup = min(int(cfg.get("warmup_epochs", 0) * steps_per_epoch), total - 1)
+    schedule = cfg.get("schedule", "constant")
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=peak / 10 if warmup else peak,
+            decay_steps=total - warmup,
+            alpha=0.01,
+            warmup_target=peak if warmup else None,
+            warmup_steps=warmup,
+        )
+    if schedule == "step":
+        # x0.1 at 60% and 85% of training.
+        bounds = [max(warmup + 1, int(total * 0.6)), max(warmup + 2, int(total * 0.85))]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [peak, peak * 0.1, peak * 0.01])
+    return peak
+
+
+def make_optimizer(cfg: dict[str, Any], learning_rate):
+    import keras
+
+    if cfg.get("optimizer", "adam") == "sgd":
+        opt = keras.optimizers.SGD(learning_rate, momentum=cfg.get("momentum", 0.0))
+    else:
+        opt = keras.optimizers.Adam(learning_rate)
+    if cfg.get("precision") == "float16":
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def precision_policy(cfg: dict[str, Any]) -> str:
+    """Keras dtype policy: mixed precision only where GPUs make it pay."""
+    mode = cfg.get("mixed_precision", "auto")
+    if mode == "auto":
+        mode = "bfloat16" if cfg.get("gpus_per_worker", 0) > 0 else "off"
+    return {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[mode]
+
+
 def save_checkpoint(directory: str, model, optimizer, state: dict[str, Any]) -> None:
     model.save_weights(os.path.join(directory, CHECKPOINT_WEIGHTS))
     np.savez(os.path.join(directory, CHECKPOINT_OPTIMIZER), *[np.asarray(v) for v in optimizer.variables])
+    # state.json last: a checkpoint with a state file is complete.
     with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
         json.dump(state, f)
 
 
 def load_checkpoint(directory: str, model, optimizer) -> dict[str, Any]:
+    """Restore weights and optimizer state; raises ValueError for an incomplete checkpoint."""
+    missing = [
+        n
+        for n in (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER)
+        if not os.path.exists(os.path.join(directory, n))
+    ]
+    if missing:
+        raise ValueError(f"checkpoint {directory} is incomplete: missing {missing}")
+    with open(os.path.join(directory, CHECKPOINT_STATE)) as f:
+        state = json.load(f)
     model.load_weights(os.path.join(directory, CHECKPOINT_WEIGHTS))
     with np.load(os.path.join(directory, CHECKPOINT_OPTIMIZER)) as saved:
         values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
@@ -57,8 +120,7 @@ def load_checkpoint(directory: str, model, optimizer) -> dict[str, Any]:
         raise ValueError(f"checkpoint has {len(values)} optimizer variables, model needs {len(optimizer.variables)}")
     for var, value in zip(optimizer.variables, values):
         var.assign(value)
-    with open(os.path.join(directory, CHECKPOINT_STATE)) as f:
-        return json.load(f)
+    return state
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -68,12 +130,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import tensorflow as tf
 
-    from raysegment.models.losses import LOSSES
-    from raysegment.models.metrics import metrics_from_confusion
+    from raysegment.models.losses import make_loss, probabilities
+    from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     keras.utils.set_random_seed(cfg["seed"])
+    keras.mixed_precision.set_global_policy(precision_policy(cfg))
     # Pack gradients into few large all-reduces: one collective per variable costs a
     # network round trip each, which dominates small models on CPU clusters.
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
@@ -82,20 +145,26 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     batch = cfg["batch_size"]
     global_batch = batch * world
     steps = cfg["train_count"] // global_batch
+    if cfg.get("max_steps"):
+        steps = min(steps, cfg["max_steps"])
     num_classes = cfg["num_classes"]
-    loss_fn = LOSSES[cfg.get("loss", "ce")]
+    loss_fn = make_loss(cfg.get("loss", "ce"), cfg.get("class_weights"))
 
     with strategy.scope():
         model = build_model(cfg)
-        optimizer = keras.optimizers.Adam(scaled_learning_rate(cfg["learning_rate"], global_batch))
+        peak = scaled_learning_rate(cfg["learning_rate"], global_batch)
+        optimizer = make_optimizer(cfg, learning_rate_schedule(cfg, peak, steps))
         optimizer.build(model.trainable_variables)
 
-    start_epoch, best = 0, -1.0
+    state: dict[str, Any] = {"epoch": -1, "best_val_mean_iou": -1.0, "best_epoch": -1, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer)
-        start_epoch, best = state["epoch"] + 1, state["best_val_mean_iou"]
+        if rank == 0:
+            print(f"[raysegment] resumed from epoch {state['epoch']} ({checkpoint.path})", flush=True)
+
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     @tf.function
     def train_step(images, masks):
@@ -103,7 +172,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)
                 loss = tf.reduce_sum(loss_fn(y, logits)) / global_batch
-            grads = tape.gradient(loss, model.trainable_variables)
+                scaled_loss = optimizer.scale_loss(loss) if scaled else loss
+            grads = tape.gradient(scaled_loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
@@ -111,7 +181,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     @tf.function
     def predict(images):
-        return tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32)
+        return tf.argmax(probabilities(model(images, training=False)), axis=-1, output_type=tf.int32)
 
     def all_reduce_sum(array: np.ndarray) -> np.ndarray:
         local = tf.constant(array, tf.float64)
@@ -119,7 +189,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(state["epoch"] + 1, cfg["epochs"]):
         t0 = time.time()
         losses = []
         # Every worker runs exactly `steps` steps (collectives hang otherwise); rows past
@@ -133,24 +203,36 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
         cm = np.zeros((num_classes, num_classes), np.float64)
         for b in val_shard.iter_batches(batch_size=batch, batch_format="numpy"):
-            pred = predict(tf.constant(b["image"])).numpy()
-            labels = b["mask"].astype(np.int64).ravel()
-            keep = labels < num_classes
-            cm += np.bincount(labels[keep] * num_classes + pred.ravel()[keep], minlength=num_classes**2).reshape(
-                num_classes, num_classes
-            )
-        val = metrics_from_confusion(all_reduce_sum(cm), cfg["class_names"])
+            cm += confusion_matrix(b["mask"], predict(tf.constant(b["image"])).numpy(), num_classes)
+        cm = all_reduce_sum(cm)
+        val = metrics_from_confusion(cm, cfg["class_names"])
+        improved = val["mean_iou"] > state["best_val_mean_iou"]
+        if improved:
+            state["best_val_mean_iou"], state["best_epoch"] = val["mean_iou"], epoch
+        lr = optimizer.learning_rate
         metrics = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
             "val_pixel_accuracy": val["pixel_accuracy"],
             "val_mean_iou": val["mean_iou"],
             "val_mean_dice": val["mean_dice"],
+            "learning_rate": float(lr.numpy() if hasattr(lr, "numpy") else lr),
             "images_per_second": steps * global_batch / max(train_seconds, 1e-9),
             "epoch_seconds": time.time() - t0,
         }
-        best = max(best, val["mean_iou"])
-        state = {"epoch": epoch, "best_val_mean_iou": best, "metrics": metrics}
+        state["epoch"] = epoch
+        state["history"] = state["history"] + [metrics]
+        state["confusion_matrix"] = cm.astype(np.int64).tolist()
+        stop = cfg.get("patience") and epoch - state["best_epoch"] >= cfg["patience"]
+        state["stopped_early"] = bool(stop)
+        if rank == 0:
+            eta = (cfg["epochs"] - epoch - 1) * metrics["epoch_seconds"]
+            print(
+                f"[raysegment] epoch {epoch + 1}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+                f"val mIoU {val['mean_iou']:.4f}  pixel acc {val['pixel_accuracy']:.4f}  "
+                f"{metrics['images_per_second']:.1f} img/s  ETA {eta:.0f}s",
+                flush=True,
+            )
         # Every rank reports (it is a barrier); only rank 0 uploads the checkpoint.
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -158,3 +240,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+        if stop:
+            if rank == 0:
+                print(f"[raysegment] early stop: no val mIoU gain for {cfg['patience']} epochs", flush=True)
+            break

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import logging
 import os
 import tempfile
@@ -13,18 +16,40 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from raysegment import __version__, storage
+from raysegment import __version__, plots, storage
 from raysegment.config import TrainSpec
-from raysegment.data.pipeline import training_dataset
+from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.errors import DataError
-from raysegment.train.loop import CHECKPOINT_WEIGHTS, build_model, train_loop_per_worker
+from raysegment.models.losses import inverse_frequency_weights
+from raysegment.train.loop import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, build_model, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 MODEL_CARD = "model.json"
 METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "training_curves.png"
+HISTORY_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_pixel_accuracy",
+    "val_mean_iou",
+    "val_mean_dice",
+    "learning_rate",
+    "images_per_second",
+    "epoch_seconds",
+)
+
+
+def history_csv(history: list[dict[str, Any]]) -> bytes:
+    """Per-epoch metrics as CSV, one row per epoch."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue().encode()
 
 
 def file_sha256(path: str) -> str:
@@ -59,9 +84,14 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         "num_classes": manifest["num_classes"],
         "class_names": manifest["class_names"],
         "train_count": train_count,
+        "class_weights": (
+            inverse_frequency_weights(manifest["pixel_frequency"])
+            if spec.class_weights == "inverse_frequency"
+            else None
+        ),
     }
     datasets = {
-        "train": training_dataset(data_loc, manifest, "train", spec.image_size, spec.augment),
+        "train": training_dataset(data_loc, manifest, "train", spec.image_size, Augmentation.from_spec(spec)),
         "val": training_dataset(data_loc, manifest, "val", spec.image_size, augment=False),
     }
     trainer = TensorflowTrainer(
@@ -85,7 +115,8 @@ def train(spec: TrainSpec) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_mean_iou", checkpoint_score_order="max"
             ),
-            failure_config=FailureConfig(max_failures=3),
+            # A dead worker restarts the whole group from the latest checkpoint.
+            failure_config=FailureConfig(max_failures=spec.max_failures),
         ),
     )
     if not spec.resume:
@@ -94,7 +125,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     if result.error:
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
-    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, result.metrics, time.time() - t0)
+    with result.checkpoint.as_directory() as d, open(os.path.join(d, CHECKPOINT_STATE)) as f:
+        state = json.load(f)
+    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0)
 
 
 def write_artifacts(
@@ -104,10 +137,10 @@ def write_artifacts(
     cfg: dict[str, Any],
     checkpoint: ray.train.Checkpoint,
     best: dict[str, Any],
-    last: dict[str, Any],
+    state: dict[str, Any],
     seconds: float,
 ) -> dict[str, Any]:
-    """Rebuild the model from the best checkpoint and write model.keras + model card + metrics."""
+    """Rebuild the model from the best checkpoint; write model.keras, model card, metrics, history."""
     import keras
     import tensorflow as tf
 
@@ -119,11 +152,27 @@ def write_artifacts(
         model.save(local)
         model_hash = file_sha256(local)
         storage.upload_file(local, out.child(MODEL_FILE))
-    metrics = {"best": best, "last": last, "seconds": round(seconds, 1)}
+    history = state["history"]
+    metrics = {
+        "best": best,
+        "last": history[-1],
+        "epochs_run": len(history),
+        "stopped_early": state.get("stopped_early", False),
+        "seconds": round(seconds, 1),
+    }
+    storage.write_bytes(out.child(HISTORY_FILE), history_csv(history))
+    storage.write_bytes(out.child(CURVES_FILE), plots.training_curves(history))
     card = {
         "model_id": f"unet-{model_hash[:12]}",
         "model_sha256": model_hash,
-        "architecture": {"name": "unet", "depth": spec.depth, "base_filters": spec.base_filters},
+        "architecture": {
+            "name": "unet",
+            "depth": spec.depth,
+            "base_filters": spec.base_filters,
+            "batch_norm": spec.batch_norm,
+            "upsampling": spec.upsampling,
+            "head": spec.head,
+        },
         "num_classes": manifest["num_classes"],
         "class_names": manifest["class_names"],
         "palette": manifest["palette"],

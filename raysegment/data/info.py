@@ -1,0 +1,58 @@
+"""`data-info`: a prepared data set's manifest as plain aligned text tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_SHARDS_LISTED = 30
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns padded to their widest cell; columns in `right` are right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        parts = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(parts).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
+    """Summary, class table (colour, pixel frequency) and shard table of one data set."""
+    shards = manifest["shards"]
+    counts = manifest["counts"]
+    skipped = manifest.get("skipped") or []
+    out = [
+        f"data set      {uri}",
+        f"layout        {manifest['layout']} (format {manifest['format_version']}, {manifest.get('created_by', '?')})",
+        f"source        {manifest.get('source', '?')}",
+        "images        " + ", ".join(f"{s} {n}" for s, n in counts.items()) + f" (total {sum(counts.values())})",
+        f"splits from   {manifest.get('splits_from') or '?'}",
+        f"skipped       {len(skipped)} invalid pairs" + (" (listed in manifest.json 'skipped')" if skipped else ""),
+        f"content hash  {manifest['content_hash']}",
+        "",
+    ]
+    freq = manifest.get("pixel_frequency") or [0.0] * manifest["num_classes"]
+    rows = [
+        [str(i), name, "#{:02x}{:02x}{:02x}".format(*manifest["palette"][i]), f"{100 * freq[i]:.2f}%"]
+        for i, name in enumerate(manifest["class_names"])
+    ]
+    ignored = manifest.get("ignored_pixels")
+    rows.append([str(manifest["ignore_index"]), "(ignore)", "", "" if ignored is None else f"{ignored} px"])
+    out += _table(["id", "class", "colour", "pixels"], rows, right={0, 3})
+    out.append("")
+    listed = shards if len(shards) <= MAX_SHARDS_LISTED else shards[: MAX_SHARDS_LISTED // 2]
+    rows = [[s["path"], s["split"], str(s["rows"]), _mib(s["bytes"])] for s in listed]
+    if len(listed) < len(shards):
+        rows.append([f"... {len(shards) - len(listed)} more", "", "", ""])
+    sizes = sorted(s["bytes"] for s in shards)
+    rows.append([f"total ({len(shards)} shards)", "", str(sum(s["rows"] for s in shards)), _mib(sum(sizes))])
+    out += _table(["shard", "split", "rows", "size"], rows, right={2, 3})
+    if sizes:
+        out.append(f"shard size: min {_mib(sizes[0])}, median {_mib(sizes[len(sizes) // 2])}, max {_mib(sizes[-1])}")
+    return "\n".join(out)

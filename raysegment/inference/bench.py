@@ -1,0 +1,225 @@
+"""`raysegment bench infer`: the pipeline against its ceiling and a plain baseline, in one run.
+
+(a) model only: pre-decoded tensors through the model in this process (the ceiling);
+(b) baseline: one process in the style of a Keras example (tf.data decode, predict,
+    write each mask); (c) raysegment's Ray Data pipeline end to end. Same images,
+    same model, same machine, measured back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from raysegment.data import imaging, synthetic
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class WorkerMemory:
+    """Samples the RSS of every Ray worker process while a block runs."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.peak_total_mb = 0.0
+        self.peak_single_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0.0
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if cmd.startswith("ray::") and p.info["memory_info"]:
+                    mb = p.info["memory_info"].rss / 2**20
+                    total += mb
+                    self.peak_single_mb = max(self.peak_single_mb, mb)
+            self.peak_total_mb = max(self.peak_total_mb, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_model_dir(root: str, image_size: int, depth: int, base_filters: int, num_classes: int = 4) -> str:
+    """A U-Net artifact (randomly initialised: throughput does not depend on the weights)."""
+    import keras
+
+    from raysegment.models.unet import build_unet
+    from raysegment.train.trainer import file_sha256
+
+    model_dir = os.path.join(root, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    keras.utils.set_random_seed(0)
+    model = build_unet(num_classes, depth=depth, base_filters=base_filters)
+    path = os.path.join(model_dir, "model.keras")
+    model.save(path)
+    digest = file_sha256(path)
+    card = {
+        "model_id": f"unet-{digest[:12]}",
+        "model_sha256": digest,
+        "num_classes": num_classes,
+        "class_names": synthetic.CLASS_NAMES[:num_classes],
+        "palette": imaging.default_palette(num_classes),
+        "ignore_index": imaging.IGNORE_INDEX,
+        "input": {"size": [image_size, image_size], "channels": 3, "normalization": "scale_0_1", "resize": "bilinear"},
+        "architecture": {"name": "unet", "depth": depth, "base_filters": base_filters},
+    }
+    with open(os.path.join(model_dir, "model.json"), "w") as f:
+        json.dump(card, f)
+    return model_dir
+
+
+def model_only(model_dir: str, images: np.ndarray, batch_size: int) -> float:
+    """(a) images/s of the model alone on pre-decoded, pre-resized tensors."""
+    from raysegment.inference.predictor import Predictor
+
+    predictor = Predictor(model_dir)
+    n = len(images)
+    warm = {"image": images[:batch_size], "error": np.asarray([""] * batch_size, dtype=object)}
+    predictor(dict(warm))
+    t0 = time.perf_counter()
+    for i in range(0, n, batch_size):
+        chunk = images[i : i + batch_size]
+        predictor({"image": chunk, "error": np.asarray([""] * len(chunk), dtype=object)})
+    return n / (time.perf_counter() - t0)
+
+
+def baseline(model_dir: str, input_dir: str, output_dir: str, batch_size: int, size: int) -> float:
+    """(b) images/s of a plain single-process job: tf.data decode, model.predict, write each mask."""
+    import keras
+    import tensorflow as tf
+    from PIL import Image
+
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False)
+    files = sorted(os.path.join(input_dir, f) for f in os.listdir(input_dir))
+    os.makedirs(output_dir, exist_ok=True)
+
+    def load(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return tf.image.resize(tf.cast(img, tf.float32) / 255.0, (size, size)), tf.shape(img)[:2]
+
+    ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    model.predict(ds.take(1), verbose=0)
+    t0 = time.perf_counter()
+    i = 0
+    for images, shapes in ds:
+        pred = np.argmax(model.predict_on_batch(images), axis=-1).astype(np.uint8)
+        for p, (h, w) in zip(pred, shapes.numpy()):
+            mask = Image.fromarray(p).resize((int(w), int(h)), Image.NEAREST)
+            mask.save(os.path.join(output_dir, os.path.basename(files[i])))
+            i += 1
+    return len(files) / (time.perf_counter() - t0)
+
+
+def pipeline(
+    model_dir: str, input_dir: str, output_dir: str, batch_size: int, actors: int
+) -> tuple[float, dict[str, Any]]:
+    """(c) images/s of raysegment's pipeline end to end (listing to _SUCCESS)."""
+    from raysegment.config import InferSpec
+    from raysegment.inference.pipeline import infer
+
+    spec = InferSpec(
+        model=model_dir, input=input_dir, output=output_dir, batch_size=batch_size, actors=actors, overwrite=True
+    )
+    t0 = time.perf_counter()
+    record = infer(spec)
+    return record["counts"]["processed"] / (time.perf_counter() - t0), record
+
+
+def write_inputs(root: str, count: int, size: int) -> None:
+    """Distinct synthetic PNGs, written in a few seconds even for 100,000."""
+    os.makedirs(root, exist_ok=True)
+    base = [synthetic.make_example(i, size=size)[0] for i in range(64)]
+    for i in range(count):
+        img = np.roll(base[i % 64], i // 64, axis=1)
+        synthetic.Image.fromarray(img).save(os.path.join(root, f"img-{i:06d}.png"), compress_level=1)
+
+
+def bench_infer(
+    images: int, image_size: int, depth: int, base_filters: int, batch_size: int, actors: int, workdir: str | None
+) -> dict[str, Any]:
+    """Measure (a), (b), (c) on the same images and model; ratios come from this one run."""
+    with tempfile.TemporaryDirectory(dir=workdir) as root:
+        model_dir = make_model_dir(root, image_size, depth, base_filters)
+        input_dir = os.path.join(root, "in")
+        write_inputs(input_dir, images, image_size)
+        decoded = np.stack(
+            [
+                imaging.resize_image(
+                    imaging.decode_image(open(os.path.join(input_dir, f), "rb").read()), (image_size, image_size)
+                )
+                for f in sorted(os.listdir(input_dir))
+            ]
+        )
+        t0 = time.perf_counter()
+        for f in sorted(os.listdir(input_dir))[:200]:
+            imaging.decode_image(open(os.path.join(input_dir, f), "rb").read())
+        decode_ms = (time.perf_counter() - t0) * 1000 / min(images, 200)
+        a = model_only(model_dir, decoded, batch_size)
+        b = baseline(model_dir, input_dir, os.path.join(root, "baseline"), batch_size, image_size)
+        with WorkerMemory() as mem:
+            c, record = pipeline(model_dir, input_dir, os.path.join(root, "pipeline"), batch_size, actors)
+    return {
+        "images": images,
+        "image_size": image_size,
+        "model": {"depth": depth, "base_filters": base_filters},
+        "batch_size": batch_size,
+        "actors": actors,
+        "model_ms_per_image": round(1000 / a, 3),
+        "decode_ms_per_image": round(decode_ms, 3),
+        "model_only_ips": round(a, 2),
+        "baseline_ips": round(b, 2),
+        "pipeline_ips": round(c, 2),
+        "ratio_vs_model_only": round(c / a, 3),
+        "ratio_vs_baseline": round(c / b, 3),
+        "peak_rss_mb": {
+            "driver": round(_rss_mb(), 1),
+            "workers_total": round(mem.peak_total_mb, 1),
+            "worker_max": round(mem.peak_single_mb, 1),
+        },
+        "pipeline_errors": record["counts"]["error"],
+    }
+
+
+def bench_scale(total: int, image_size: int, batch_size: int, actors: int, workdir: str | None) -> dict[str, Any]:
+    """The full pipeline over 10% then 100% of `total` images: throughput and peak memory at each."""
+    out: dict[str, Any] = {"image_size": image_size, "points": []}
+    with tempfile.TemporaryDirectory(dir=workdir) as root:
+        model_dir = make_model_dir(root, image_size, depth=2, base_filters=4)
+        for count in (total // 10, total):
+            input_dir = os.path.join(root, f"in-{count}")
+            write_inputs(input_dir, count, image_size)
+            with WorkerMemory() as mem:
+                ips, record = pipeline(model_dir, input_dir, os.path.join(root, f"out-{count}"), batch_size, actors)
+            assert record["counts"]["total"] == count
+            out["points"].append(
+                {
+                    "images": count,
+                    "images_per_second": round(ips, 1),
+                    "driver_peak_rss_mb": round(_rss_mb(), 1),
+                    "workers_peak_total_mb": round(mem.peak_total_mb, 1),
+                    "worker_peak_max_mb": round(mem.peak_single_mb, 1),
+                }
+            )
+    small, large = out["points"]
+    out["workers_peak_growth"] = round(large["workers_peak_total_mb"] / max(small["workers_peak_total_mb"], 1e-9), 3)
+    out["driver_peak_growth"] = round(large["driver_peak_rss_mb"] / max(small["driver_peak_rss_mb"], 1e-9), 3)
+    return out

@@ -1,0 +1,404 @@
+"""Source layouts (pairs, VOC, Cityscapes), class tables, splits, and the training input pipeline."""
+
+import io
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raysegment import storage
+from raysegment.config import PrepareSpec, TrainSpec, load_spec
+from raysegment.data import classes, imaging
+from raysegment.data.info import format_manifest
+from raysegment.data.layouts import assign_splits, pairs_layout, read_val_keys
+from raysegment.data.pipeline import Augmentation, decode_for_training, fit_example, photometric
+from raysegment.data.prepare import prepare
+from raysegment.errors import ConfigError, DataError
+
+# The PASCAL VOC devkit colour map (VOCdevkit labelcolormap), written out independently of raysegment.
+VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 7: (128, 128, 128), 15: (192, 128, 128), 20: (0, 64, 128)}
+VOC_VOID = (224, 224, 192)
+# Cityscapes labelId -> trainId for the 19 trained classes (cityscapesScripts helpers/labels.py); all else -> 255.
+CITYSCAPES_TRAIN_IDS = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+
+
+def voc_devkit_palette() -> list[int]:
+    """The VOC devkit's bit-interleaved colour map for all 256 indices, flat, with 255 = void (cream)."""
+    flat = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        flat += [r, g, b]
+    flat[255 * 3 : 256 * 3] = list(VOC_VOID)
+    return flat
+
+
+def save(arr: np.ndarray, path: str, mode: str | None = None, palette: list[int] | None = None, fmt: str = "PNG"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.fromarray(arr)
+    if mode:
+        img = img.convert(mode)
+    if palette:
+        img.putpalette(palette)
+    img.save(path, format=fmt)
+
+
+def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def write_voc(root: str) -> None:
+    """A VOC2012-shaped tree: 5 JPEGs (one without a mask, as most VOC images are), palette masks, split files."""
+    palette = voc_devkit_palette()
+    for i, key in enumerate(["2007_000032", "2007_000039", "2008_000001", "2009_000002", "2010_000003"]):
+        save(rgb(20, 24, i), f"{root}/JPEGImages/{key}.jpg", fmt="JPEG")
+        if key == "2010_000003":
+            continue  # detection-only image: no SegmentationClass mask, not in the split files
+        mask = np.zeros((20, 24), np.uint8)
+        mask[4:12, 4:14] = 15  # person
+        mask[12:18, 14:22] = 1 + i  # aeroplane, bicycle, ...
+        mask[3, :] = 255  # VOC draws a void border around objects
+        save(mask, f"{root}/SegmentationClass/{key}.png", mode="P", palette=palette)
+    os.makedirs(f"{root}/ImageSets/Segmentation", exist_ok=True)
+    with open(f"{root}/ImageSets/Segmentation/train.txt", "w") as f:
+        f.write("2007_000032\n2008_000001\n2009_000002\n")
+    with open(f"{root}/ImageSets/Segmentation/val.txt", "w") as f:
+        f.write("2007_000039\n")
+    with open(f"{root}/ImageSets/Segmentation/trainval.txt", "w") as f:
+        f.write("2007_000032\n2007_000039\n2008_000001\n2009_000002\n")
+
+
+def write_cityscapes(root: str) -> dict[str, np.ndarray]:
+    """Cityscapes-shaped tree: two train cities, one val city, the extra gtFine files and a test split."""
+    label_ids = {}
+    frames = {
+        "train": [("aachen", "000000_000019"), ("bochum", "000000_000313")],
+        "val": [("frankfurt", "000000_000294")],
+    }
+    for split, items in frames.items():
+        for n, (city, frame) in enumerate(items):
+            base = f"{city}_{frame}"
+            save(rgb(16, 32, n), f"{root}/leftImg8bit/{split}/{city}/{base}_leftImg8bit.png")
+            ids = np.zeros((16, 32), np.uint8)  # 0 = unlabeled
+            ids[:8] = 7  # road
+            ids[8:, :8] = 26  # car
+            ids[8:, 8:16] = 9  # parking: no train id
+            ids[8:, 16:24] = 33  # bicycle
+            ids[8:, 24:] = 23 + n  # sky / person
+            save(ids, f"{root}/gtFine/{split}/{city}/{base}_gtFine_labelIds.png")
+            save(ids, f"{root}/gtFine/{split}/{city}/{base}_gtFine_instanceIds.png")
+            save(np.zeros((16, 32, 3), np.uint8), f"{root}/gtFine/{split}/{city}/{base}_gtFine_color.png")
+            with open(f"{root}/gtFine/{split}/{city}/{base}_gtFine_polygons.json", "w") as f:
+                f.write("{}")
+            label_ids[f"{city}/{base}"] = ids
+    save(rgb(16, 32), f"{root}/leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png")
+    return label_ids
+
+
+def read_rows(data: str, manifest: dict) -> dict[str, dict]:
+    rows = {}
+    for shard in manifest["shards"]:
+        for row in pq.read_table(os.path.join(data, shard["path"])).to_pylist():
+            rows[row["key"]] = row
+    return rows
+
+
+# --- class tables -------------------------------------------------------------------------------
+
+
+def test_voc_classes_and_palette_are_the_devkit_ones():
+    assert len(classes.VOC_CLASSES) == 21
+    assert classes.VOC_CLASSES[0] == "background" and classes.VOC_CLASSES[15] == "person"
+    assert classes.VOC_CLASSES[-1] == "tvmonitor"
+    flat = voc_devkit_palette()
+    assert classes.VOC_PALETTE == [flat[3 * i : 3 * i + 3] for i in range(21)]
+    for i, colour in VOC_COLOURS.items():
+        assert tuple(classes.VOC_PALETTE[i]) == colour
+    assert imaging.default_palette(21) == classes.VOC_PALETTE
+
+
+def test_cityscapes_train_ids():
+    lut = classes.cityscapes_lut()
+    assert {i: lut[i] for i in range(256) if lut[i] != 255} == CITYSCAPES_TRAIN_IDS
+    assert len(classes.CITYSCAPES_CLASSES) == 19
+    assert classes.CITYSCAPES_CLASSES[0] == "road" and classes.CITYSCAPES_CLASSES[13] == "car"
+    assert classes.CITYSCAPES_CLASSES[18] == "bicycle"
+    assert classes.CITYSCAPES_PALETTE[0] == [128, 64, 128] and classes.CITYSCAPES_PALETTE[10] == [70, 130, 180]
+
+
+# --- listing and splits (no Ray) ----------------------------------------------------------------
+
+
+def test_pairs_match_nested_folders_extensions_and_spaces(tmp_path):
+    root = str(tmp_path)
+    save(rgb(8, 8), f"{root}/my images/sub dir/a b.png")
+    save(rgb(8, 8), f"{root}/my images/sub dir/c.jpg", fmt="JPEG")
+    save(rgb(8, 8), f"{root}/my images/top.tif", fmt="TIFF")
+    save(rgb(8, 8), f"{root}/my images/dup.png")
+    save(rgb(8, 8), f"{root}/my images/dup.jpg", fmt="JPEG")
+    for key in ("sub dir/a b", "sub dir/c", "top", "dup", "orphan"):
+        save(np.zeros((8, 8), np.uint8), f"{root}/my masks/{key}.png")
+    (tmp_path / "my images" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "my images" / "sub dir" / "._a b.png").write_bytes(b"mac resource fork")
+    (tmp_path / "my images" / "notes.txt").write_text("not an image")
+    listing = pairs_layout(storage.resolve(root), "my images", "my masks")
+    by_key = {p.key: p for p in listing.pairs}
+    assert set(by_key) == {"sub dir/a b", "sub dir/c", "top", "dup", "orphan"}
+    assert by_key["sub dir/c"].image.endswith("c.jpg") and by_key["sub dir/c"].mask.endswith("c.png")
+    assert by_key["sub dir/a b"].problem is None and by_key["top"].problem is None
+    assert by_key["orphan"].problem == "mask without image"
+    assert by_key["dup"].problem.startswith("several files for one key")
+    assert by_key["top"].image_bytes == os.path.getsize(f"{root}/my images/top.tif")
+    with pytest.raises(DataError, match="folder not found.*--images-dir"):
+        pairs_layout(storage.resolve(root), "images", "my masks")
+
+
+def test_val_keys_list_file_and_unknown_keys(tmp_path):
+    save(rgb(4, 4), f"{tmp_path}/images/a.png")
+    save(rgb(4, 4), f"{tmp_path}/images/b.png")
+    save(rgb(4, 4), f"{tmp_path}/images/n/c.png")
+    for k in ("a", "b", "n/c"):
+        save(np.zeros((4, 4), np.uint8), f"{tmp_path}/masks/{k}.png")
+    listing = pairs_layout(storage.resolve(str(tmp_path)))
+    keys_file = tmp_path / "val.txt"
+    keys_file.write_text("b\nn/c\n\n")
+    assert read_val_keys(str(keys_file)) == ["b", "n/c"]
+    assert read_val_keys("b, n/c") == ["b", "n/c"]
+    pairs, source = assign_splits(listing, "pairs", read_val_keys(str(keys_file)), None, 0)
+    assert {p.key: p.split for p in pairs} == {"a": "train", "b": "val", "n/c": "val"}
+    assert source == "--val-keys (2 keys)"
+    with pytest.raises(ConfigError, match="1 keys not in the source: zz"):
+        assign_splits(listing, "pairs", ["b", "zz"], None, 0)
+
+
+def test_hash_split_is_stable_when_images_are_added(tmp_path):
+    for k in range(40):
+        save(rgb(2, 2), f"{tmp_path}/images/{k}.png")
+        save(np.zeros((2, 2), np.uint8), f"{tmp_path}/masks/{k}.png")
+    before = dict(
+        (p.key, p.split) for p in assign_splits(pairs_layout(storage.resolve(str(tmp_path))), "pairs", None, 0.3, 5)[0]
+    )
+    for k in range(40, 80):
+        save(rgb(2, 2), f"{tmp_path}/images/{k}.png")
+        save(np.zeros((2, 2), np.uint8), f"{tmp_path}/masks/{k}.png")
+    after = dict(
+        (p.key, p.split) for p in assign_splits(pairs_layout(storage.resolve(str(tmp_path))), "pairs", None, 0.3, 5)[0]
+    )
+    assert all(after[k] == s for k, s in before.items())
+    assert 10 < sum(s == "val" for s in after.values()) < 40
+
+
+def test_prepare_spec_flags():
+    spec = load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0:0, 255:1", "val_keys": "24,25"})
+    assert spec.mask_values == {0: 0, 255: 1}
+    spec = load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "val_keys": [24, 25]})
+    assert spec.val_keys == ["24", "25"]
+    with pytest.raises(ConfigError, match="field 'mask_values': bad entry '0-0'"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0-0"})
+    with pytest.raises(ConfigError, match="raw value 300 is not a byte"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "300:1"})
+    with pytest.raises(ConfigError, match="--val-keys or --val-fraction, not both"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "val_keys": "a", "val_fraction": 0.1})
+    with pytest.raises(ConfigError, match="--mask-values only apply to --layout pairs"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "layout": "voc", "mask_values": "0:0"})
+    with pytest.raises(ConfigError, match="maps to class id 2, but there are only 2 classes"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0:0,1:2", "num_classes": 2})
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "layout": "coco"})
+
+
+# --- prepare on real Ray --------------------------------------------------------------------------
+
+
+def test_pairs_image_modes_and_mask_values(ray_cluster, tmp_path):
+    """L, LA, RGB, RGBA, P, 16-bit and JPEG images; P masks with arbitrary raw values mapped by --mask-values."""
+    src = tmp_path / "src"
+    base = rgb(12, 10)
+    modes = {"l": "L", "la": "LA", "rgb": "RGB", "rgba": "RGBA", "p": "P"}
+    for key, mode in modes.items():
+        save(base, f"{src}/images/{key}.png", mode=mode)
+    save((np.arange(120, dtype=np.uint16).reshape(12, 10) * 500), f"{src}/images/deep/u16.png")
+    save(base, f"{src}/images/deep/photo.jpg", fmt="JPEG")
+    assert Image.open(f"{src}/images/deep/u16.png").mode.startswith("I")
+    raw = np.full((12, 10), 40, np.uint8)
+    raw[:6] = 200
+    raw[0] = 7  # not a class: ignore
+    for key in [*modes, "deep/u16", "deep/photo"]:
+        save(raw, f"{src}/masks/{key}.png", mode="P", palette=voc_devkit_palette())
+    data = str(tmp_path / "data")
+    manifest = prepare(
+        PrepareSpec(
+            source=str(src), dest=data, mask_values="40:0,200:1,7:255", val_keys="rgb", class_names=["bg", "fg"]
+        )
+    )
+    assert manifest["counts"] == {"train": 6, "val": 1}
+    assert manifest["class_names"] == ["bg", "fg"] and manifest["mask_values"] == {"7": 255, "40": 0, "200": 1}
+    rows = read_rows(data, manifest)
+    for row in rows.values():
+        assert imaging.decode_image(row["image"]).shape == (12, 10, 3)
+        mask = imaging.decode_mask(row["mask"])
+        assert (mask[0] == 255).all() and (mask[1:6] == 1).all() and (mask[6:] == 0).all()
+    assert rows["deep/photo"]["image"] == (src / "images" / "deep" / "photo.jpg").read_bytes()
+    assert manifest["pixel_frequency"] == pytest.approx([60 / 110, 50 / 110])
+
+    # Without --mask-values the raw values are reported, with the flag to map them.
+    with pytest.raises(DataError, match=r"values \[7, 40, 200\].*--mask-values 7:0,40:1,200:2"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "data2")))
+    # A value the mapping leaves out is a bad pair.
+    with pytest.raises(DataError, match=r"7 invalid pairs.*mask values not in --mask-values: \[7\]"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "data3"), mask_values="40:0,200:1"))
+
+
+def test_voc_layout(ray_cluster, tmp_path):
+    write_voc(str(tmp_path / "VOC2012"))
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(tmp_path / "VOC2012"), dest=data, layout="voc"))
+    assert manifest["num_classes"] == 21 and manifest["class_names"] == classes.VOC_CLASSES
+    assert manifest["palette"] == classes.VOC_PALETTE and manifest["ignore_index"] == 255
+    assert manifest["counts"] == {"train": 3, "val": 1}
+    assert manifest["splits_from"].startswith("ImageSets/Segmentation")
+    rows = read_rows(data, manifest)
+    assert rows["2007_000039"]["split"] == "val" and "2010_000003" not in rows
+    mask = imaging.decode_mask(rows["2007_000032"]["mask"])
+    assert set(np.unique(mask)) == {0, 1, 15, 255} and (mask[3] == 255).all()
+    assert manifest["ignored_pixels"] == 4 * 24
+    freq = manifest["pixel_frequency"]
+    assert freq[15] > 0 and freq[4] > 0 and freq[5] == 0
+    with pytest.raises(ConfigError, match="own splits"):
+        prepare(
+            PrepareSpec(source=str(tmp_path / "VOC2012"), dest=str(tmp_path / "d2"), layout="voc", val_fraction=0.5)
+        )
+    # A key listed in a split file without its files is a named bad pair.
+    with open(tmp_path / "VOC2012/ImageSets/Segmentation/val.txt", "a") as f:
+        f.write("2011_999999\n")
+    with pytest.raises(DataError, match="2011_999999: mask without image"):
+        prepare(PrepareSpec(source=str(tmp_path / "VOC2012"), dest=str(tmp_path / "d3"), layout="voc"))
+    with pytest.raises(DataError, match="point SOURCE at the VOC2012 folder"):
+        prepare(PrepareSpec(source=str(tmp_path), dest=str(tmp_path / "d4"), layout="voc"))
+
+
+def test_cityscapes_layout(ray_cluster, tmp_path):
+    label_ids = write_cityscapes(str(tmp_path / "cs"))
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(tmp_path / "cs"), dest=data, layout="cityscapes"))
+    assert manifest["num_classes"] == 19 and manifest["class_names"] == classes.CITYSCAPES_CLASSES
+    assert manifest["palette"] == classes.CITYSCAPES_PALETTE
+    assert manifest["counts"] == {"train": 2, "val": 1}
+    rows = read_rows(data, manifest)
+    assert set(rows) == set(label_ids) and rows["frankfurt/frankfurt_000000_000294"]["split"] == "val"
+    for key, ids in label_ids.items():
+        expected = np.vectorize(lambda v: CITYSCAPES_TRAIN_IDS.get(int(v), 255))(ids)
+        assert (imaging.decode_mask(rows[key]["mask"]) == expected).all()
+    freq = manifest["pixel_frequency"]
+    assert freq[0] > 0 and freq[13] > 0 and freq[18] > 0 and freq[1] == 0
+    assert manifest["ignored_pixels"] == 3 * (8 * 8)  # the parking block of each frame
+
+
+def test_data_info_table(ray_cluster, tmp_path):
+    write_voc(str(tmp_path / "VOC2012"))
+    manifest = prepare(PrepareSpec(source=str(tmp_path / "VOC2012"), dest=str(tmp_path / "data"), layout="voc"))
+    text = format_manifest(str(tmp_path / "data"), manifest)
+    assert "train 3, val 1 (total 4)" in text
+    lines = text.splitlines()
+    person = next(line for line in lines if " person " in line)
+    assert person.split()[0] == "15" and "#c08080" in person and person.endswith("%")
+    assert any(line.startswith("255") and "(ignore)" in line for line in lines)
+    assert "total (2 shards)" in text and "shards/train-00000.parquet" in text
+
+
+# --- training input pipeline ----------------------------------------------------------------------
+
+
+def _encoded_pair(h: int, w: int) -> tuple[bytes, bytes, np.ndarray, np.ndarray]:
+    img = rgb(h, w, 3)
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, : w // 2] = 1
+    mask[h // 3 :, w // 2 :] = 2
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue(), imaging.encode_mask(mask), img, mask
+
+
+def test_augmentation_from_spec_and_master_switch():
+    spec = TrainSpec(data="d", out="o", crop="random", scale_jitter=0.2, brightness=0.1, contrast=0.2, rotate90=False)
+    assert Augmentation.from_spec(spec) == Augmentation("random", True, False, 0.2, 0.1, 0.2)
+    assert Augmentation.from_spec(TrainSpec(data="d", out="o", augment=False, crop="random")) is None
+    with pytest.raises(ConfigError, match="field 'crop'"):
+        load_spec(TrainSpec, None, {"data": "d", "out": "o", "crop": "centre"})
+
+
+def test_pipeline_shapes_and_masks_never_interpolated():
+    img_bytes, mask_bytes, _, mask = _encoded_pair(30, 50)
+    batch = {"image": np.array([img_bytes] * 4, dtype=object), "mask": np.array([mask_bytes] * 4, dtype=object)}
+    aug = Augmentation(crop="random", scale_jitter=0.3, brightness=0.2, contrast=0.3)
+    for augment in (None, Augmentation(), aug):
+        out = decode_for_training(batch, 24, augment)
+        assert out["image"].shape == (4, 24, 24, 3) and out["image"].dtype == np.float32
+        assert out["mask"].shape == (4, 24, 24) and out["mask"].dtype == np.uint8
+        assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+        assert set(np.unique(out["mask"])) <= {0, 1, 2, 255}  # labels, or 255 where scale jitter padded
+    plain = decode_for_training(batch, 24, None)
+    assert (plain["mask"][0] == imaging.resize_mask(mask, (24, 24))).all()
+
+
+def test_random_crop_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    # The image encodes each pixel's class in its red channel, so alignment survives any crop, flip or turn.
+    mask = rng.integers(0, 3, (40, 64)).astype(np.uint8)
+    img = np.stack([mask * 100, np.zeros_like(mask), np.zeros_like(mask)], axis=-1).astype(np.uint8)
+    # Shorter side already the training size: a pure random window along the long side, flips and turns.
+    starts = set()
+    for _ in range(20):
+        out_img, out_mask = fit_example(img, mask, 40, Augmentation(crop="random"), rng)
+        assert out_img.shape == (40, 40, 3) and out_mask.shape == (40, 40)
+        assert (out_img[..., 0] == out_mask * 100).all()
+        starts.add(out_mask.tobytes())
+    assert len(starts) > 5
+    # Zooming out pads: black image where the mask says ignore, so the loss never sees the padding.
+    padded = 0
+    for _ in range(20):
+        out_img, out_mask = fit_example(img, mask, 32, Augmentation(crop="random", scale_jitter=0.5), rng)
+        assert out_img.shape == (32, 32, 3) and out_mask.shape == (32, 32)
+        assert (out_img[out_mask == 255] == 0).all()
+        padded += int((out_mask == 255).any())
+    assert padded > 0
+
+
+def test_photometric_is_clipped_and_off_by_default():
+    img = np.full((4, 4, 3), 0.5, np.float32)
+    assert photometric(img, Augmentation(), np.random.default_rng(0)) is img
+    out = photometric(img, Augmentation(brightness=1.0, contrast=0.5), np.random.default_rng(1))
+    assert out.dtype == np.float32 and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_cli_flags_and_one_line_config_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["prepare", "--help"]).output
+    for flag in ("--layout", "--mask-values", "--val-keys", "--skip-invalid", "cityscapes"):
+        assert flag in help_text
+    help_text = runner.invoke(main, ["train", "--help"]).output
+    for flag in ("--augment / --no-augment", "--crop", "--flip / --no-flip", "--rotate90", "--scale-jitter"):
+        assert flag in help_text
+    assert "--brightness" in help_text and "--contrast" in help_text
+    assert "--pairs" in runner.invoke(main, ["bench", "prepare", "--help"]).output
+    # Spec errors come before Ray starts: one line, exit 2.
+    result = runner.invoke(main, ["prepare", str(tmp_path), str(tmp_path / "d"), "--layout", "voc", "--masks-dir", "m"])
+    assert result.exit_code == 2 and "--masks-dir only apply to --layout pairs" in result.output
+    result = runner.invoke(main, ["prepare", str(tmp_path), str(tmp_path / "d"), "--mask-values", "a:b"])
+    assert result.exit_code == 2 and "bad entry 'a:b'" in result.output
+    result = runner.invoke(main, ["data-info", str(tmp_path)])
+    assert result.exit_code == 2 and "no manifest.json" in result.output
