@@ -130,6 +130,18 @@ def data_info(data: str, endpoint_url: str | None) -> None:
 @click.option("--scale-jitter", type=float, default=None, help="zoom factor in [1-J, 1+J] (default: 0)")
 @click.option("--brightness", type=float, default=None, help="brightness shift in [-B, B] (default: 0)")
 @click.option("--contrast", type=float, default=None, help="contrast factor in [1-C, 1+C] (default: 0)")
+@click.option("--batch-norm/--no-batch-norm", default=None, help="batch normalisation (default: on)")
+@click.option("--dropout", type=float, default=None, help="dropout at the bottleneck (default: 0)")
+@click.option("--upsampling", type=click.Choice(["transpose", "resize"]), default=None)
+@click.option("--head", type=click.Choice(["softmax", "sigmoid"]), default=None, help="sigmoid: binary data sets")
+@click.option("--loss", type=click.Choice(["ce", "dice", "ce+dice"]), default=None)
+@click.option("--class-weights", type=click.Choice(["none", "inverse_frequency"]), default=None)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), default=None, help="(default: cosine)")
+@click.option("--warmup-epochs", type=float, default=None)
+@click.option("--patience", type=int, default=None, help="early stop after N epochs without val mIoU gain")
+@click.option("--mixed-precision", type=click.Choice(["auto", "off", "bfloat16", "float16"]), default=None)
+@click.option("--max-failures", type=int, default=None, help="worker-group restarts from the last checkpoint")
 @click.option("--cpus-per-worker", type=float, default=None)
 @click.option("--gpus-per-worker", type=float, default=None)
 @click.option("--resume/--no-resume", default=None, help="continue from the last checkpoint in OUT (default: on)")
@@ -263,6 +275,90 @@ def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | No
     click.echo(
         f"driver RSS: {r['rss_before_mib']} MiB before prepare (peak so far {r['peak_rss_before_mib']} MiB); "
         f"peak after prepare {r['peak_rss_after_mib']} MiB (ru_maxrss); {r['rss_after_mib']} MiB now"
+    )
+    _print(r)
+
+
+@bench.command("infer")
+@click.option("--images", type=int, default=2000, show_default=True)
+@click.option("--image-size", type=int, default=128, show_default=True)
+@click.option("--depth", type=int, default=4, show_default=True)
+@click.option("--base-filters", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--actors", type=int, default=1, show_default=True)
+@click.option("--scale", type=int, default=None, help="instead: run the pipeline over N/10 then N tiny images")
+@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
+@handle_errors
+def bench_infer(
+    images: int,
+    image_size: int,
+    depth: int,
+    base_filters: int,
+    batch_size: int,
+    actors: int,
+    scale: int | None,
+    workdir: str | None,
+    as_json: bool,
+) -> None:
+    """Model only (a) vs plain baseline (b) vs raysegment's pipeline (c), on the same images."""
+    from raysegment.inference.bench import bench_infer as run
+    from raysegment.inference.bench import bench_scale
+    from raysegment.runtime import init_ray
+
+    init_ray()
+    if scale:
+        r = bench_scale(scale, 32, batch_size, actors, workdir)
+        if not as_json:
+            for p in r["points"]:
+                click.echo(
+                    f"{p['images']:>8} images: {p['images_per_second']} images/s, driver peak {p['driver_peak_rss_mb']} MB, "
+                    f"workers peak {p['workers_peak_total_mb']} MB (largest {p['worker_peak_max_mb']} MB)"
+                )
+            click.echo(
+                f"growth {r['points'][0]['images']} -> {r['points'][1]['images']}: workers x{r['workers_peak_growth']}, driver x{r['driver_peak_growth']}"
+            )
+        _print(r)
+        return
+    r = run(images, image_size, depth, base_filters, batch_size, actors, workdir)
+    if not as_json:
+        click.echo(
+            f"{images} images {image_size}x{image_size}, U-Net depth {depth} base {base_filters}: "
+            f"model {r['model_ms_per_image']} ms/image, decode {r['decode_ms_per_image']} ms/image"
+        )
+        click.echo(f"  (a) model only  {r['model_only_ips']:>8} images/s")
+        click.echo(f"  (b) baseline    {r['baseline_ips']:>8} images/s")
+        click.echo(
+            f"  (c) pipeline    {r['pipeline_ips']:>8} images/s   c/a {r['ratio_vs_model_only']}   c/b {r['ratio_vs_baseline']}"
+        )
+        click.echo(f"  peak RSS MB: {r['peak_rss_mb']}")
+    _print(r)
+
+
+@bench.command("train")
+@click.option("--images", type=int, default=320, show_default=True)
+@click.option("--image-size", type=int, default=64, show_default=True)
+@click.option("--depth", type=int, default=3, show_default=True)
+@click.option("--base-filters", type=int, default=16, show_default=True)
+@click.option("--global-batch", type=int, default=16, show_default=True)
+@click.option("--epochs", type=int, default=4, show_default=True, help="the first is warm-up, not timed")
+@click.option("--workers", type=int, default=2, show_default=True)
+@handle_errors
+def bench_train(
+    images: int, image_size: int, depth: int, base_filters: int, global_batch: int, epochs: int, workers: int
+) -> None:
+    """Ray Train loop vs a plain single-process Keras loop, same model and data, one run."""
+    from raysegment.runtime import init_ray
+    from raysegment.train.bench import bench_train as run
+
+    init_ray(min_cpus=(os.cpu_count() or 1) + 1)
+    r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)
+    click.echo(f"  plain Keras (1 process, {r['cores']} cores)   {r['plain_keras_ips']:>8} images/s")
+    click.echo(
+        f"  Ray Train, 1 worker x {r['cores']} cores     {r['ray_train_1_worker_ips']:>8} images/s   overhead {r['overhead_equal_cores']:.1%}"
+    )
+    click.echo(
+        f"  Ray Train, {workers} workers               {r[f'ray_train_{workers}_workers_ips']:>8} images/s   ratio {r[f'ratio_{workers}_workers_vs_plain']}"
     )
     _print(r)
 

@@ -48,7 +48,9 @@ def cross_entropy(
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
     if class_weights is not None:
         weights = tf.gather(tf.constant(class_weights, tf.float32), safe)
-        return tf.reduce_sum(ce * weights * valid, axis=[1, 2]) / tf.maximum(tf.reduce_sum(weights * valid, axis=[1, 2]), 1e-6)
+        return tf.reduce_sum(ce * weights * valid, axis=[1, 2]) / tf.maximum(
+            tf.reduce_sum(weights * valid, axis=[1, 2]), 1e-6
+        )
     return _mean_over_valid(ce, valid)
 
 
