@@ -196,3 +196,30 @@ def test_key_collision_is_reported(tiny_model, tmp_path):
     with pytest.raises(JobError, match="share a key"):
         infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "out")))
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.mark.s3
+def test_resume_on_s3(tiny_model, s3_server, s3_prefix, tmp_path):
+    """Resume on the real S3 server: a re-run processes only the new keys, one row per key."""
+    import s3fs
+
+    _, model = tiny_model
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url}, skip_instance_cache=True)
+    bucket = s3_prefix[len("s3://") :]
+    keys = write_images(tmp_path / "in", 6)
+    (tmp_path / "in" / "corrupt.png").write_bytes(png(99)[:40])
+    fs.put(str(tmp_path / "in"), f"{bucket}/in", recursive=True)
+    first = infer(InferSpec(model=model, input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", batch_size=4))
+    assert first["counts"] == {"total": 7, "skipped": 0, "processed": 7, "ok": 6, "error": 1}
+    new = write_images(tmp_path / "more", 2, start=50)
+    fs.put(str(tmp_path / "more") + "/", f"{bucket}/in/", recursive=True)
+    second = infer(InferSpec(model=model, input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", batch_size=4))
+    assert second["counts"] == {"total": 9, "skipped": 7, "processed": 2, "ok": 2, "error": 0}
+    rows = []
+    for path in fs.find(f"{bucket}/out/summaries"):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(f, columns=["key"]).column("key").to_pylist()
+    assert sorted(rows) == sorted(keys + new + ["corrupt"])
+    masks = sorted(p.rsplit("/", 1)[1][:-4] for p in fs.find(f"{bucket}/out/masks"))
+    assert masks == sorted(keys + new)
+    assert fs.exists(f"{bucket}/out/_SUCCESS")
