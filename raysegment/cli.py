@@ -206,6 +206,7 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @click.option("--actors", default=None, help="predictor actors, MIN or MIN:MAX")
 @click.option("--gpus-per-actor", type=float, default=None)
 @click.option("--mask-format", type=click.Choice(["png", "npz", "packed"]), default=None)
+@click.option("--tta-flip", is_flag=True, default=None, help="flip test-time augmentation (2x model cost)")
 @click.option("--overwrite", is_flag=True, default=None, help="redo every key instead of resuming")
 @click.option("--max-error-fraction", type=float, default=None, help="fail the job above this share of bad inputs")
 @click.option("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
@@ -361,6 +362,212 @@ def bench_train(
         f"  Ray Train, {workers} workers               {r[f'ray_train_{workers}_workers_ips']:>8} images/s   ratio {r[f'ratio_{workers}_workers_vs_plain']}"
     )
     _print(r)
+
+
+@main.command()
+@click.argument("run_uri")
+@click.option("--run-id", default=None, help="run record to show (default: the one _SUCCESS names, else the newest)")
+@click.option("--samples", type=int, default=16, show_default=True, help="overlays in the contact sheet")
+@endpoint_option
+@handle_errors
+def report(run_uri: str, run_id: str | None, samples: int, endpoint_url: str | None) -> None:
+    """(Re)write RUN_URI/report.html and overlays.png from an inference output's summaries and masks."""
+    from raysegment.report import write_run_report
+
+    r = write_run_report(run_uri, run_id, samples, endpoint_url)
+    click.echo(
+        f"report for run {r['run_id']}: {r['rows']} rows ({r['ok']} ok, {r['error']} errors), "
+        f"{r['samples']} overlays\n  {r['report']}\n  {r['overlays']}"
+    )
+
+
+@main.command()
+@click.argument("image_uri")
+@click.option("--model", "model_uri", required=True, help="trained model directory (model.keras + model.json)")
+@click.option("--out", default=None, help="overlay PNG to write (default: IMAGE name + .overlay.png, here)")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="mask colour share")
+@endpoint_option
+@handle_errors
+def show(image_uri: str, model_uri: str, out: str | None, alpha: float, endpoint_url: str | None) -> None:
+    """Segment one image with MODEL and write it with the mask blended in palette colours."""
+    from raysegment.show import show_overlay
+
+    r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url)
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in r["class_fractions"].items() if share > 0)
+    click.echo(f"wrote {r['out']} ({r['width']}x{r['height']}): {shares}")
+
+
+address_option = click.option(
+    "--address", default=None, help="Ray Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)"
+)
+
+
+@main.command()
+@click.argument("spec_file", metavar="[SPEC]", required=False)
+@click.option("--model", default=None, help="trained model directory")
+@click.option("--input", "input", default=None, help="prefix of images, listed every night")
+@click.option("--output", default=None, help="date partitions, ledger and reports go here")
+@click.option("--date", default=None, help="the night, YYYY-MM-DD (default: today, UTC)")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--actors", default=None, help="predictor actors, MIN or MIN:MAX")
+@click.option("--gpus-per-actor", type=float, default=None)
+@click.option("--drift-threshold", type=float, default=None, help="flag a class mean fraction shift above this")
+@endpoint_option
+@handle_errors
+def nightly(spec_file: str | None, **flags: Any) -> None:
+    """Infer only new or changed images under INPUT into OUTPUT/date=D; ledger + report.
+
+    Exit codes: 0 ok (also nothing new), 2 user error, 3 the job failed, 4 drift flagged,
+    5 another nightly run holds the lock.
+    """
+    from raysegment.config import NightlySpec
+    from raysegment.entrypoints import nightly_line
+    from raysegment.nightly import exit_code, run_nightly
+    from raysegment.runtime import init_ray
+
+    spec = load_spec(NightlySpec, spec_file, flags)
+    init_ray()
+    report = run_nightly(spec)
+    click.echo(nightly_line(report))
+    sys.exit(exit_code(report))
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["train", "evaluate", "infer", "nightly"]))
+@click.argument("spec_file", metavar="SPEC")
+@address_option
+@click.option("--working-dir", default=None, help="folder shipped to the cluster (default: this repo checkout)")
+@click.option("--no-working-dir", is_flag=True, help="ship nothing; the cluster has raysegment installed")
+@click.option("--pip", "pip", multiple=True, help="pip requirement installed for the job, e.g. raysegment==0.1.0")
+@click.option("--env", "env", multiple=True, help="KEY=VALUE set in the job; never secrets")
+@click.option("--num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
+@click.option("--num-gpus", type=float, default=None, help="GPUs reserved for the job's driver")
+@click.option("--date", default=None, help="nightly: the night to run (default: today, UTC)")
+@click.option("--submission-id", default=None, help="instead of the id derived from the spec, e.g. to re-run")
+@click.option("--wait", is_flag=True, help="stream the job's logs; exit with the job's exit code")
+@handle_errors
+def submit(
+    kind: str,
+    spec_file: str,
+    address: str | None,
+    working_dir: str | None,
+    no_working_dir: bool,
+    pip: tuple[str, ...],
+    env: tuple[str, ...],
+    num_cpus: float | None,
+    num_gpus: float | None,
+    date: str | None,
+    submission_id: str | None,
+    wait: bool,
+) -> None:
+    """Submit a job spec to a Ray cluster (Ray Jobs API); a spec already submitted is not run twice.
+
+    Exit codes: 0 submitted or already submitted; with --wait, the job's own exit code
+    (0 ok, 2 user error, 3 failed, 4 nightly drift, 5 nightly locked).
+    """
+    import datetime
+
+    from raysegment import jobs
+    from raysegment.entrypoints import load_job_spec
+    from raysegment.errors import ConfigError
+
+    spec = load_job_spec(kind, spec_file)
+    if kind == "nightly":
+        spec.date = date or spec.date or datetime.datetime.now(datetime.UTC).date().isoformat()
+    elif date:
+        raise ConfigError("--date only applies to nightly")
+    if no_working_dir:
+        working_dir = None
+    elif working_dir is None:
+        checkout = jobs.find_checkout()
+        working_dir = str(checkout) if checkout else None
+    if working_dir is None and not pip and not no_working_dir:
+        raise ConfigError(
+            "nothing ships raysegment to the cluster: run from the repo checkout, or pass --working-dir DIR, "
+            "--pip REQUIREMENT, or --no-working-dir if the cluster has it installed"
+        )
+    client = jobs.connect(address)
+    job_id, existed = jobs.submit(
+        client,
+        kind,
+        spec,
+        working_dir=working_dir,
+        pip=list(pip),
+        env=jobs.parse_env(env),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        job_id=submission_id,
+    )
+    if existed:
+        info = jobs.job_info(client, job_id)
+        click.echo(f"{job_id}: already submitted ({jobs.status_of(info)}); pass --submission-id to run it again")
+    else:
+        click.echo(f"{job_id}: submitted to {client.get_address()}")
+    if wait:
+        info = jobs.wait(client, job_id, lambda chunk: click.echo(chunk, nl=False))
+        code = jobs.exit_status(info)
+        click.echo(f"{job_id}: {jobs.status_of(info)} (exit code {code})")
+        sys.exit(code)
+
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """List, inspect, follow and stop jobs on a Ray cluster."""
+
+
+@jobs_group.command("list")
+@address_option
+@handle_errors
+def jobs_list(address: str | None) -> None:
+    """Every job on the cluster, oldest first."""
+    from raysegment import jobs
+
+    rows = jobs.job_rows(jobs.connect(address))
+    click.echo(f"{'submission id':<48} {'status':<10} {'kind':<9} {'started (UTC)':<20} {'exit':>4}")
+    for r in rows:
+        click.echo(f"{r['id']:<48} {r['status']:<10} {r['kind']:<9} {r['start_utc']:<20} {r['exit_code']!s:>4}")
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@address_option
+@handle_errors
+def jobs_status(job_id: str, address: str | None) -> None:
+    """One job's status, message and exit code."""
+    from raysegment import jobs
+
+    info = jobs.job_info(jobs.connect(address), job_id)
+    exit_code = "-" if info.driver_exit_code is None else info.driver_exit_code
+    click.echo(f"{job_id}: {jobs.status_of(info)} (exit code {exit_code}) {info.message or ''}".rstrip())
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@address_option
+@click.option("--follow", "-f", is_flag=True, help="stream until the job ends")
+@handle_errors
+def jobs_logs(job_id: str, address: str | None, follow: bool) -> None:
+    """A job's driver logs."""
+    from raysegment import jobs
+
+    client = jobs.connect(address)
+    if follow:
+        jobs.job_info(client, job_id)
+        jobs.wait(client, job_id, lambda chunk: click.echo(chunk, nl=False))
+    else:
+        click.echo(jobs.job_logs(client, job_id), nl=False)
+
+
+@jobs_group.command("stop")
+@click.argument("job_id")
+@address_option
+@handle_errors
+def jobs_stop(job_id: str, address: str | None) -> None:
+    """Ask a running job to stop."""
+    from raysegment import jobs
+
+    stopped = jobs.stop_job(jobs.connect(address), job_id)
+    click.echo(f"{job_id}: {'stop requested' if stopped else 'not running'}")
 
 
 if __name__ == "__main__":

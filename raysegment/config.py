@@ -7,6 +7,7 @@ a misspelt option must never silently fall back to a default.
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Literal, TypeVar
 
@@ -172,6 +173,7 @@ class InferSpec(Spec):
     actors: tuple[int, int] = Field((1, 1), description="MIN[:MAX] predictor actors")
     gpus_per_actor: float = Field(0.0, ge=0, le=16)
     mask_format: Literal["png", "npz", "packed"] = "png"
+    tta_flip: bool = Field(False, description="average with a horizontally flipped pass (2x the model cost)")
     overwrite: bool = False
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)
@@ -194,6 +196,57 @@ class InferSpec(Spec):
         if not 1 <= v[0] <= v[1] <= 4096:
             raise ValueError("need 1 <= MIN <= MAX <= 4096")
         return v
+
+
+class NightlySpec(Spec):
+    """`nightly`: infer only on images under INPUT that are new or changed since the last night."""
+
+    model: str
+    input: str
+    output: str
+    date: str | None = Field(None, description="the night's date partition, YYYY-MM-DD (default: today, UTC)")
+    extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"])
+    batch_size: int = Field(16, ge=1, le=4096)
+    actors: tuple[int, int] = Field((1, 1), description="MIN[:MAX] predictor actors")
+    gpus_per_actor: float = Field(0.0, ge=0, le=16)
+    mask_format: Literal["png", "npz", "packed"] = "png"
+    max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)
+    drift_threshold: float = Field(
+        0.05, gt=0.0, le=1.0, description="flag a class whose mean pixel fraction moved more than this"
+    )
+    lock_stale_after_s: int = Field(
+        6 * 3600, ge=60, le=7 * 86400, description="a lock older than this is taken over (its run is presumed dead)"
+    )
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_string(cls, v: Any) -> Any:
+        # YAML reads an unquoted 2026-01-02 as a date.
+        if isinstance(v, datetime.date):
+            return v.isoformat()
+        return v
+
+    @field_validator("date", mode="after")
+    @classmethod
+    def _check_date(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                if datetime.date.fromisoformat(v).isoformat() != v:
+                    raise ValueError
+            except ValueError:
+                raise ValueError("write the date as YYYY-MM-DD, e.g. 2026-01-31") from None
+        return v
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _parse_actors(cls, v: Any) -> Any:
+        return InferSpec._parse_actors(v)
+
+    @field_validator("actors", mode="after")
+    @classmethod
+    def _check_actors(cls, v: tuple[int, int]) -> tuple[int, int]:
+        return InferSpec._check_actors(v)
 
 
 S = TypeVar("S", bound=Spec)

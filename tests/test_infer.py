@@ -147,7 +147,14 @@ def test_parquet_table_source_and_packed_masks(tiny_model, tmp_path):
     pq.write_table(table, tmp_path / "in" / "part-0.parquet")
     out = tmp_path / "out"
     run = infer(
-        InferSpec(model=model, input=str(tmp_path / "in"), output=str(out), key_column="id", mask_format="packed")
+        InferSpec(
+            model=model,
+            input=str(tmp_path / "in"),
+            output=str(out),
+            key_column="id",
+            mask_format="packed",
+            tta_flip=True,
+        )
     )
     assert run["source"] == "parquet" and run["counts"]["ok"] == 4 and run["counts"]["error"] == 1
     for r in summaries(out):

@@ -80,7 +80,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
     )
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": spec.model, "endpoint_url": spec.endpoint_url},
+        fn_constructor_kwargs={"model_uri": spec.model, "endpoint_url": spec.endpoint_url, "tta_flip": spec.tta_flip},
         batch_size=spec.batch_size,
         batch_format="numpy",
         num_gpus=spec.gpus_per_actor,

@@ -53,7 +53,7 @@ def preprocess(batch: dict[str, np.ndarray], size: tuple[int, int], max_pixels: 
 class Predictor:
     """A Ray Data actor: loads the model once, turns resized images into class maps."""
 
-    def __init__(self, model_uri: str, endpoint_url: str | None = None) -> None:
+    def __init__(self, model_uri: str, endpoint_url: str | None = None, tta_flip: bool = False) -> None:
         import keras
         import tensorflow as tf
 
@@ -70,6 +70,10 @@ class Predictor:
         @tf.function(reduce_retracing=True)
         def predict(x):
             probs = probabilities(model(x, training=False))
+            if tta_flip:
+                # Test-time augmentation: average with the prediction on the mirrored image.
+                flipped = probabilities(model(tf.reverse(x, axis=[2]), training=False))
+                probs = (probs + tf.reverse(flipped, axis=[2])) / 2.0
             return tf.argmax(probs, axis=-1, output_type=tf.int32), tf.reduce_max(probs, axis=-1)
 
         self._predict = predict
