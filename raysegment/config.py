@@ -138,8 +138,10 @@ class TrainSpec(Spec):
     max_failures: int = Field(3, ge=0, le=1000, description="worker-group restarts from the last checkpoint")
     max_steps: int | None = Field(None, ge=1, description="cap on steps per epoch (tests, benchmarks)")
     augment: bool = Field(True, description="master switch: off = plain resize, none of the options below")
-    crop: Literal["resize", "random"] = Field(
-        "resize", description="resize: whole image to the size; random: shorter side to the size, random square crop"
+    crop: Literal["resize", "random", "native"] = Field(
+        "resize",
+        description="resize: whole image to the size; random: shorter side to the size, random square crop; "
+        "native: random square window at the original scale, and inference at full resolution",
     )
     flip: bool = Field(True, description="random horizontal and vertical flips")
     rotate90: bool = Field(True, description="random 90-degree turns")

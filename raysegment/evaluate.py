@@ -47,7 +47,11 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     ds = ds.map_batches(_rename, batch_format="numpy")
     ds = ds.map_batches(
         preprocess,
-        fn_kwargs={"size": tuple(card["input"]["size"]), "max_pixels": imaging.MAX_PIXELS},
+        fn_kwargs={
+            "size": tuple(card["input"]["size"]),
+            "max_pixels": imaging.MAX_PIXELS,
+            "resize": card["input"].get("resize") != "none",
+        },
         batch_size=spec.batch_size,
         batch_format="numpy",
     )

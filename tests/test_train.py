@@ -97,3 +97,41 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model, ray_cluster, tmp_path
     assert epochs == [0, 1, 2, 3]  # every epoch once: resumed, not restarted or repeated
     assert result["metrics"]["epochs_run"] == 4
     assert (out / "training_curves.png").stat().st_size > 1000
+
+
+def test_native_scale_model_predicts_at_full_resolution(ray_cluster, tmp_path):
+    """crop=native: trained on windows at the original scale, evaluated and inferred unresized."""
+    from PIL import Image
+
+    from raysegment.config import EvaluateSpec, InferSpec
+    from raysegment.data import synthetic
+    from raysegment.evaluate import evaluate
+    from raysegment.inference.pipeline import infer
+
+    synthetic.write_pairs(str(tmp_path / "src"), 16, size=48, seed=3)
+    prepare(PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_fraction=0.25))
+    train(
+        TrainSpec(
+            data=str(tmp_path / "data"),
+            out=str(tmp_path / "model"),
+            epochs=1,
+            workers=1,
+            image_size=32,
+            batch_size=4,
+            depth=2,
+            base_filters=4,
+            crop="native",
+            resume=False,
+        )
+    )
+    card = __import__("json").loads((tmp_path / "model" / "model.json").read_text())
+    assert card["input"]["resize"] == "none"
+    m = evaluate(EvaluateSpec(model=str(tmp_path / "model"), data=str(tmp_path / "data")))
+    assert m["pixels"] == m["images"] * 48 * 48
+    os.makedirs(tmp_path / "in")
+    img, _ = synthetic.make_example(5, size=64)
+    Image.fromarray(img).resize((50, 37)).save(tmp_path / "in" / "odd.png")  # not a multiple of 4: padded
+    run = infer(InferSpec(model=str(tmp_path / "model"), input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    assert run["counts"]["ok"] == 1
+    with Image.open(tmp_path / "out" / "masks" / "odd.png") as mask:
+        assert mask.size == (50, 37)

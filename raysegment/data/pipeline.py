@@ -52,8 +52,13 @@ class Augmentation:
     def from_spec(cls, spec: TrainSpec) -> Augmentation | None:
         """The train spec's augmentation, or None when its master switch `augment` is off."""
         if not spec.augment:
-            return None
+            # A native-scale model still trains on windows, just without augmentation.
+            return cls("native", False, False) if spec.crop == "native" else None
         return cls(spec.crop, spec.flip, spec.rotate90, spec.scale_jitter, spec.brightness, spec.contrast)
+
+
+# Validation for `crop: native` models: a deterministic central window, no augmentation.
+NATIVE_VAL = Augmentation(crop="center", flip=False, rotate90=False)
 
 
 def _crop_or_pad(
@@ -81,9 +86,14 @@ def fit_example(
     """Resize or randomly crop one decoded pair to SxS and apply the geometric augmentation."""
     if aug is None:
         return imaging.resize_image(img, (size, size)), imaging.resize_mask(mask, (size, size))
+    if aug.crop == "center":
+        return center_window(img, mask, size)
     scale = float(rng.uniform(1.0 - aug.scale_jitter, 1.0 + aug.scale_jitter)) if aug.scale_jitter else 1.0
     h, w = img.shape[:2]
-    if aug.crop == "random":
+    if aug.crop == "native":
+        # Original scale (x jitter): the model learns at the resolution it will predict at.
+        th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    elif aug.crop == "random":
         # Keep the aspect ratio and bring the shorter side to S (x scale): at scale 1 a square image
         # is seen as inference sees it, and a long one gives a random window along its long side.
         f = size * scale / min(h, w)
@@ -101,6 +111,18 @@ def fit_example(
     if aug.rotate90:
         k = int(rng.integers(4))
         img, mask = np.rot90(img, k), np.rot90(mask, k)
+    return img, mask
+
+
+def center_window(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The central SxS window at the original scale (padded with ignore where the image is smaller)."""
+    h, w = img.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    img, mask = img[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+    ph, pw = size - img.shape[0], size - img.shape[1]
+    if ph or pw:
+        img = np.pad(img, [(0, ph), (0, pw), (0, 0)])
+        mask = np.pad(mask, [(0, ph), (0, pw)], constant_values=imaging.IGNORE_INDEX)
     return img, mask
 
 
@@ -136,13 +158,18 @@ def training_dataset(
     split: str,
     size: int,
     augment: bool | Augmentation | None,
+    native_validation: bool = False,
 ) -> ray.data.Dataset:
     """Decoded, resized or cropped (for training, augmented) batches ready for the train loop.
 
     `augment` is an Augmentation (see `Augmentation.from_spec`), True for the default one,
     or False/None for a plain resize, as validation and inference see the images.
+    `native_validation` takes the central window at the original scale instead, for
+    models trained with `crop: native`.
     """
     aug = Augmentation() if augment is True else (augment or None)
+    if native_validation:
+        aug = NATIVE_VAL
     ds = read_split(loc, manifest, split, columns=["image", "mask"])
     return ds.map_batches(
         decode_for_training, fn_kwargs={"size": size, "augment": aug}, batch_size=32, batch_format="numpy"

@@ -73,7 +73,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
     # so decoding overlaps with prediction instead of taking turns with it.
     ds = ds.map_batches(
         preprocess,
-        fn_kwargs={"size": size, "max_pixels": spec.max_pixels},
+        fn_kwargs={"size": size, "max_pixels": spec.max_pixels, "resize": card["input"].get("resize") != "none"},
         batch_size=spec.batch_size,
         batch_format="numpy",
         num_cpus=0.5,

@@ -26,11 +26,19 @@ def load_model_card(model_uri: str, endpoint_url: str | None = None) -> dict[str
     return storage.read_json(card_loc)
 
 
-def preprocess(batch: dict[str, np.ndarray], size: tuple[int, int], max_pixels: int) -> dict[str, np.ndarray]:
-    """Decode the `bytes` column and resize to the model input; bad images become error rows."""
+def preprocess(
+    batch: dict[str, np.ndarray], size: tuple[int, int], max_pixels: int, resize: bool = True
+) -> dict[str, np.ndarray]:
+    """Decode the `bytes` column and resize to the model input; bad images become error rows.
+
+    With resize=False (models trained at native scale) images keep their size and the
+    column holds one array per row.
+    """
     data = batch.pop("bytes")
     n = len(data)
-    images = np.zeros((n, *size, 3), np.uint8)
+    images = np.zeros((n, *size, 3), np.uint8) if resize else np.empty(n, dtype=object)
+    if not resize:
+        images[:] = [np.zeros((1, 1, 3), np.uint8) for _ in range(n)]
     heights = np.zeros(n, np.int32)
     widths = np.zeros(n, np.int32)
     errors = np.asarray(batch.get("error", [""] * n), dtype=object)
@@ -44,7 +52,7 @@ def preprocess(batch: dict[str, np.ndarray], size: tuple[int, int], max_pixels: 
             errors[i] = str(exc)
             continue
         heights[i], widths[i] = img.shape[:2]
-        images[i] = imaging.resize_image(img, size)
+        images[i] = imaging.resize_image(img, size) if resize else img
     batch.update(image=images, height=heights, width=widths, error=errors)
     batch["decode_ms"] = np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32)
     return batch
@@ -82,10 +90,14 @@ class Predictor:
         images = batch.pop("image")
         ok = np.asarray([not e for e in batch["error"]], bool)
         n = len(images)
-        preds = np.zeros(images.shape[:3], np.uint8)
+        preds = np.zeros(images.shape[:3] if images.dtype != object else (n, 1, 1), np.uint8)  # replaced when native
         conf = np.zeros(n, np.float32)
         t0 = time.perf_counter()
-        if ok.any():
+        if self.card["input"].get("resize") == "none":
+            # Full resolution: shapes may differ per row (Ray Data hands a ragged column as
+            # an object array, a uniform one as a plain array).
+            preds = self._predict_each(images, ok, conf)
+        elif ok.any():
             classes, probs = self._predict(images[ok].astype(np.float32) * (1.0 / 255.0))
             preds[ok] = classes.numpy().astype(np.uint8)
             conf[ok] = probs.numpy().reshape(int(ok.sum()), -1).mean(axis=1)
@@ -93,3 +105,20 @@ class Predictor:
         batch["mean_confidence"] = conf
         batch["predict_ms"] = np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32)
         return batch
+
+    def _predict_each(self, images: np.ndarray, ok: np.ndarray, conf: np.ndarray) -> np.ndarray:
+        """Full-resolution prediction, one image at a time, padded to a multiple of 2**depth."""
+        multiple = 2 ** self.card.get("architecture", {}).get("depth", 0)
+        preds = np.empty(len(images), dtype=object)
+        for i, img in enumerate(images):
+            if not ok[i]:
+                preds[i] = np.zeros(img.shape[:2], np.uint8)
+                continue
+            h, w = img.shape[:2]
+            ph, pw = -h % multiple, -w % multiple
+            # Reflect padding keeps the border context natural for the convolutions.
+            x = np.pad(img, [(0, ph), (0, pw), (0, 0)], mode="reflect") if ph or pw else img
+            classes, probs = self._predict(x[None].astype(np.float32) * (1.0 / 255.0))
+            preds[i] = classes.numpy()[0, :h, :w].astype(np.uint8)
+            conf[i] = float(probs.numpy()[0, :h, :w].mean())
+        return preds

@@ -92,7 +92,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     }
     datasets = {
         "train": training_dataset(data_loc, manifest, "train", spec.image_size, Augmentation.from_spec(spec)),
-        "val": training_dataset(data_loc, manifest, "val", spec.image_size, augment=False),
+        "val": training_dataset(
+            data_loc, manifest, "val", spec.image_size, augment=False, native_validation=spec.crop == "native"
+        ),
     }
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -177,11 +179,13 @@ def write_artifacts(
         "class_names": manifest["class_names"],
         "palette": manifest["palette"],
         "ignore_index": manifest["ignore_index"],
+        # "none": trained on windows at the original scale, so inference runs at full
+        # resolution (padded to a multiple of 2**depth) instead of resizing to `size`.
         "input": {
             "size": [spec.image_size, spec.image_size],
             "channels": 3,
             "normalization": "scale_0_1",
-            "resize": "bilinear",
+            "resize": "none" if spec.crop == "native" else "bilinear",
         },
         "output": "logits",
         "training": spec.model_dump(exclude={"endpoint_url"}),
