@@ -207,6 +207,7 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @click.option("--gpus-per-actor", type=float, default=None)
 @click.option("--mask-format", type=click.Choice(["png", "npz", "packed"]), default=None)
 @click.option("--tta-flip", is_flag=True, default=None, help="flip test-time augmentation (2x model cost)")
+@click.option("--report/--no-report", default=None, help="write report.html and overlays.png (default: on)")
 @click.option("--overwrite", is_flag=True, default=None, help="redo every key instead of resuming")
 @click.option("--max-error-fraction", type=float, default=None, help="fail the job above this share of bad inputs")
 @click.option("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
@@ -386,13 +387,16 @@ def report(run_uri: str, run_id: str | None, samples: int, endpoint_url: str | N
 @click.option("--model", "model_uri", required=True, help="trained model directory (model.keras + model.json)")
 @click.option("--out", default=None, help="overlay PNG to write (default: IMAGE name + .overlay.png, here)")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="mask colour share")
+@click.option("--tta-flip", is_flag=True, help="flip test-time augmentation, as infer --tta-flip")
 @endpoint_option
 @handle_errors
-def show(image_uri: str, model_uri: str, out: str | None, alpha: float, endpoint_url: str | None) -> None:
+def show(
+    image_uri: str, model_uri: str, out: str | None, alpha: float, tta_flip: bool, endpoint_url: str | None
+) -> None:
     """Segment one image with MODEL and write it with the mask blended in palette colours."""
     from raysegment.show import show_overlay
 
-    r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url)
+    r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url, tta_flip)
     shares = ", ".join(f"{name} {share:.1%}" for name, share in r["class_fractions"].items() if share > 0)
     click.echo(f"wrote {r['out']} ({r['width']}x{r['height']}): {shares}")
 
@@ -486,6 +490,8 @@ def submit(
             "nothing ships raysegment to the cluster: run from the repo checkout, or pass --working-dir DIR, "
             "--pip REQUIREMENT, or --no-working-dir if the cluster has it installed"
         )
+    extra_env = jobs.parse_env(env)
+    jobs.job_env(extra_env)  # refuse secrets before talking to the cluster
     client = jobs.connect(address)
     job_id, existed = jobs.submit(
         client,
@@ -493,7 +499,7 @@ def submit(
         spec,
         working_dir=working_dir,
         pip=list(pip),
-        env=jobs.parse_env(env),
+        env=extra_env,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         job_id=submission_id,

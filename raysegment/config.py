@@ -176,6 +176,7 @@ class InferSpec(Spec):
     gpus_per_actor: float = Field(0.0, ge=0, le=16)
     mask_format: Literal["png", "npz", "packed"] = "png"
     tta_flip: bool = Field(False, description="average with a horizontally flipped pass (2x the model cost)")
+    report: bool = Field(True, description="write OUTPUT/report.html and overlays.png")
     overwrite: bool = False
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)

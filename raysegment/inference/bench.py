@@ -137,7 +137,13 @@ def pipeline(
     from raysegment.inference.pipeline import infer
 
     spec = InferSpec(
-        model=model_dir, input=input_dir, output=output_dir, batch_size=batch_size, actors=actors, overwrite=True
+        model=model_dir,
+        input=input_dir,
+        output=output_dir,
+        batch_size=batch_size,
+        actors=actors,
+        overwrite=True,
+        report=False,
     )
     t0 = time.perf_counter()
     record = infer(spec)

@@ -134,6 +134,13 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         record["status"] = "failed"
         record["problems"] = problems
     storage.write_json(output.child("runs", f"{run_id}.json"), record)
+    if spec.report:
+        from raysegment.report import write_run_report
+
+        try:
+            write_run_report(output.uri, run_id, endpoint_url=spec.endpoint_url)
+        except Exception as exc:  # pictures must never fail a finished run; `raysegment report` redoes them
+            log.warning("run report not written (%s); run `raysegment report %s`", exc, storage.redact(output.uri))
     if problems:
         raise JobError(f"{output.uri}: run {run_id} failed: " + "; ".join(problems))
     storage.mark_success(output, {"run_id": run_id})

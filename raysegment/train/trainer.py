@@ -12,11 +12,12 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from raysegment import __version__, plots, storage
+from raysegment import __version__, overlay, plots, storage
 from raysegment.config import TrainSpec
 from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
@@ -31,6 +32,8 @@ MODEL_CARD = "model.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "training_curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+EXAMPLES_FILE = "examples.png"
 HISTORY_COLUMNS = (
     "epoch",
     "train_loss",
@@ -58,6 +61,19 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], count: int = 8) -> bytes:
+    """image | ground truth | prediction for the first validation images, as a PNG grid."""
+    from raysegment.models.losses import probabilities
+
+    data_loc = storage.resolve(spec.data, spec.endpoint_url)
+    val = training_dataset(
+        data_loc, manifest, "val", spec.image_size, augment=False, native_validation=spec.crop == "native"
+    )
+    batch = val.take_batch(count, batch_format="numpy")
+    pred = np.argmax(probabilities(model(batch["image"], training=False)).numpy(), axis=-1)
+    return overlay.example_grid(list(zip(batch["image"], batch["mask"], pred)), manifest["palette"])
 
 
 def train(spec: TrainSpec) -> dict[str, Any]:
@@ -150,6 +166,8 @@ def write_artifacts(
     with tempfile.TemporaryDirectory() as d:
         with checkpoint.as_directory() as ckpt_dir:
             model.load_weights(os.path.join(ckpt_dir, CHECKPOINT_WEIGHTS))
+            with open(os.path.join(ckpt_dir, CHECKPOINT_STATE)) as f:
+                best_cm = json.load(f).get("confusion_matrix")
         local = os.path.join(d, MODEL_FILE)
         model.save(local)
         model_hash = file_sha256(local)
@@ -164,6 +182,9 @@ def write_artifacts(
     }
     storage.write_bytes(out.child(HISTORY_FILE), history_csv(history))
     storage.write_bytes(out.child(CURVES_FILE), plots.training_curves(history))
+    if best_cm:
+        storage.write_bytes(out.child(CONFUSION_FILE), plots.confusion_matrix_png(best_cm, manifest["class_names"]))
+    storage.write_bytes(out.child(EXAMPLES_FILE), validation_examples(model, spec, manifest))
     card = {
         "model_id": f"unet-{model_hash[:12]}",
         "model_sha256": model_hash,

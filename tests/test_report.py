@@ -1,0 +1,345 @@
+"""Reports and pictures: overlays, plots, report.html/overlays.png, `raysegment report` and `show`.
+
+The unit tests build an inference output without Ray or a model: sinks.write_outputs
+writes masks and summaries exactly as the pipeline's last stage does. The slow tests
+run the real pipeline on the tiny model and open the page in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from raysegment import overlay, plots, report, storage
+from raysegment.cli import main
+from raysegment.config import InferSpec
+from raysegment.data import imaging, synthetic
+from raysegment.errors import DataError
+from raysegment.inference.sinks import write_outputs
+
+CHROMIUM = "/usr/bin/chromium"
+NAMES = ["background", "disc", "square", "triangle"]
+PALETTE = imaging.default_palette(4)
+RUN_ID = "20260101T000000Z-0000abcd"
+
+
+def decode_png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    assert img.format == "PNG"
+    return img
+
+
+def make_output(out: storage.Location, sources: storage.Location, mask_format: str = "png") -> dict[str, list[str]]:
+    """A finished run's output: 6 ok images (one of them from a tar archive) and 2 error rows."""
+    card = {
+        "num_classes": 4,
+        "class_names": NAMES,
+        "palette": PALETTE,
+        "model_id": "unet-test",
+        "model_sha256": "a" * 64,
+    }
+    keys, uris, sizes, preds, errors = [], [], [], [], []
+    for i, (h, w) in enumerate([(48, 48), (40, 56), (64, 24), (33, 33), (48, 48)]):
+        img, mask = synthetic.make_example(i, size=64)
+        img = np.asarray(Image.fromarray(img).resize((w, h)))
+        loc = sources.child(f"img{i}.png")
+        storage.write_bytes(loc, synthetic.png_bytes(img))
+        keys.append(f"img{i}")
+        uris.append(loc.uri)
+        sizes.append((h, w))
+        preds.append(mask)
+    keys.append("shard-0/member")  # no single object holds a tar member: shown as mask only
+    uris.append(sources.child("shard-0.tar").uri + "#member.png")
+    sizes.append((64, 64))
+    preds.append(preds[0])
+    for key, error in [("bad<script>alert(1)</script>", "cannot decode image: <b>truncated</b>"), ("empty", "empty")]:
+        keys.append(key)
+        uris.append(sources.child(f"{key}.png").uri)
+        sizes.append((0, 0))
+        preds.append(np.zeros((64, 64), np.uint8))
+        errors.append(error)
+    n = len(keys)
+    batch = {
+        "key": np.asarray(keys, object),
+        "source_uri": np.asarray(uris, object),
+        "height": np.asarray([h for h, _ in sizes]),
+        "width": np.asarray([w for _, w in sizes]),
+        "pred": np.stack(preds).astype(np.uint8),
+        "error": np.asarray([""] * (n - len(errors)) + errors, object),
+        "mean_confidence": np.full(n, 0.9, np.float32),
+        "decode_ms": np.full(n, 1.0, np.float32),
+        "predict_ms": np.full(n, 2.0, np.float32),
+    }
+    write_outputs(batch, out, card, RUN_ID, mask_format)
+    record = {
+        "run_id": RUN_ID,
+        "status": "succeeded",
+        "model_id": "unet-test",
+        "input": sources.uri,
+        "source": "files",
+        "output": out.uri,
+        "counts": {"total": n, "skipped": 0, "processed": n, "ok": n - 2, "error": 2},
+        "seconds": 1.5,
+        "images_per_second": 5.33,
+        "config": {"actors": [1, 1], "batch_size": 16},
+    }
+    storage.write_json(out.child("runs", f"{RUN_ID}.json"), record)
+    storage.mark_success(out, {"run_id": RUN_ID})
+    return {"ok": keys[:6], "error": keys[6:]}
+
+
+def page_images(page: str) -> list[str]:
+    return re.findall(r'<img [^>]*src="([^"]*)"', page)
+
+
+def dump_dom(path: str, tmp_path: Path) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium; skips when Chromium is absent."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"headless Chromium not installed ({CHROMIUM}); apt-get install -y chromium")
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        Path(path).as_uri(),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: Chromium and its helpers
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-2000:]
+    return out
+
+
+def dom_text(dom: str, element_id: str) -> str:
+    match = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
+    assert match, f"no #{element_id} in the page"
+    return match.group(1).strip()
+
+
+# -- pictures ---------------------------------------------------------------------------------------
+
+
+def test_blend_tints_classes_and_keeps_black_background():
+    image = np.full((4, 6, 3), 100, np.uint8)
+    mask = np.zeros((4, 6), np.uint8)
+    mask[:, 3:] = 1
+    mask[0, 0] = 255
+    out = overlay.blend(image, mask, PALETTE, alpha=0.5)
+    assert out.shape == (4, 6, 3)
+    assert (out[1, 0] == 100).all()  # class 0 is black in the VOC palette: left as it was
+    assert tuple(out[1, 4]) == (114, 50, 50)  # half (128, 0, 0), half grey 100
+    assert tuple(out[0, 0]) == (162, 162, 146)  # 255 = ignore, in the mask PNGs' ignore colour
+
+
+def test_blend_resizes_the_image_to_the_mask():
+    out = overlay.blend(np.zeros((10, 20, 3), np.uint8), np.ones((5, 7), np.uint8), PALETTE)
+    assert out.shape == (5, 7, 3)
+
+
+def test_example_grid_png_has_one_row_per_example():
+    rows = []
+    for i in range(3):
+        img, mask = synthetic.make_example(i, size=32)
+        rows.append((img.astype(np.float32) / 255, mask, np.roll(mask, 3, axis=0)))
+    png = overlay.example_grid(rows, PALETTE)
+    img = decode_png(png)
+    assert img.size == overlay.sheet_size(9, 3)
+    assert img.mode == "RGB"
+    with pytest.raises(ValueError):
+        overlay.example_grid([], PALETTE)
+
+
+def test_confusion_matrix_png():
+    cm = [[90, 5, 3, 2], [1, 8, 1, 0], [0, 0, 6, 0], [0, 1, 1, 3]]
+    small = decode_png(plots.confusion_matrix_png(cm, NAMES))
+    names = [f"class {i}" for i in range(21)]
+    large = decode_png(plots.confusion_matrix_png(np.eye(21, dtype=np.int64) * 7, names))
+    assert small.width > 300 and small.height > 300
+    assert large.width > small.width and large.height > small.height  # grows with the class count
+    with pytest.raises(ValueError, match="class names"):
+        plots.confusion_matrix_png(cm, NAMES[:3])
+
+
+def test_drift_png():
+    before = {"background": 0.8, "disc": 0.1, "square": 0.1}
+    after = {"background": 0.7, "disc": 0.15, "square": 0.1, "triangle": 0.05}
+    img = decode_png(plots.drift_png(before, after))
+    assert img.width > 500 and img.height > 150
+    with pytest.raises(ValueError):
+        plots.drift_png({}, {})
+
+
+def test_class_fraction_histograms_png():
+    hist = np.zeros((4, report.HIST_BINS), np.int64)
+    hist[:, 0] = 1000  # most images hold none of most classes: a log axis
+    hist[1, 5] = 3
+    img = decode_png(plots.class_fraction_histograms(hist, NAMES, PALETTE))
+    assert img.width > 600
+
+
+# -- run reports --------------------------------------------------------------------------------------
+
+
+def test_container_sources_are_recognised():
+    assert report._in_container("/data/shard-0.tar#a/b.png")
+    assert report._in_container("s3://b/x.TAR.GZ#m.jpg")
+    assert report._in_container("/t/part-0.parquet#row3")
+    assert not report._in_container("/data/a#b.png")  # a file name may hold '#'
+    assert not report._in_container("s3://b/in/img.png")
+
+
+@pytest.mark.parametrize("mask_format", ["png", "npz", "packed"])
+def test_report_from_output(tmp_path, mask_format):
+    out = storage.resolve(str(tmp_path / "out"))
+    keys = make_output(out, storage.resolve(str(tmp_path / "in")), mask_format)
+    result = report.write_run_report(out.uri, samples=16)
+    assert result["run_id"] == RUN_ID
+    assert (result["rows"], result["ok"], result["error"]) == (8, 6, 2)
+    assert result["samples"] == 6 and result["mask_only"] == 1  # the tar member
+    page = (tmp_path / "out" / "report.html").read_text()
+    images = page_images(page)
+    assert len(images) == 6 + 1  # overlays + histograms
+    assert all(src.startswith("data:image/") for src in images)  # self-contained
+    assert "http://" not in page and "https://" not in page
+    for key in keys["ok"]:
+        assert f"<figcaption>{key}" in page
+    # Keys and error texts are escaped, never markup.
+    assert "<script>alert" not in page and "<b>truncated" not in page
+    assert "bad&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;truncated" in page
+    assert re.search(r'id="run-ok">6<', page) and re.search(r'id="out-error">2<', page)
+    sheet = Image.open(tmp_path / "out" / "overlays.png")
+    assert sheet.format == "PNG" and sheet.size == overlay.sheet_size(6, report.COLUMNS, report.TILE)
+
+
+def test_report_sample_is_stable_and_bounded(tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    make_output(out, storage.resolve(str(tmp_path / "in")))
+    first = report.write_run_report(out.uri, samples=3)
+    page = (tmp_path / "out" / "report.html").read_text()
+    report.write_run_report(out.uri, samples=3)
+    assert first["samples"] == 3
+    assert (tmp_path / "out" / "report.html").read_text() == page  # same keys, same page
+    assert Image.open(tmp_path / "out" / "overlays.png").size == overlay.sheet_size(3, report.COLUMNS, report.TILE)
+
+
+def test_report_without_source_images_or_run_record(tmp_path):
+    """Sources deleted and no run record (a killed run): the report still shows what the output holds."""
+    out = storage.resolve(str(tmp_path / "out"))
+    make_output(out, storage.resolve(str(tmp_path / "in")))
+    storage.remove_tree(storage.resolve(str(tmp_path / "in")))
+    storage.remove_tree(out.child("runs"))
+    storage.remove_success(out)
+    result = report.write_run_report(out.uri)
+    assert result["run_id"] is None and result["samples"] == 6 and result["mask_only"] == 6
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "no run record" in page and "source not readable" in page
+
+
+def test_report_of_an_empty_output_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no inference summaries"):
+        report.write_run_report(str(tmp_path))
+
+
+def test_report_command(tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    make_output(out, storage.resolve(str(tmp_path / "in")))
+    res = CliRunner().invoke(main, ["report", out.uri, "--samples", "2"])
+    assert res.exit_code == 0, res.output
+    assert f"report for run {RUN_ID}: 8 rows (6 ok, 2 errors), 2 overlays" in res.output
+    assert (tmp_path / "out" / "report.html").exists()
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no inference summaries" in res.output
+
+
+def test_report_renders_in_chromium(tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    make_output(out, storage.resolve(str(tmp_path / "in")))
+    report.write_run_report(out.uri)
+    dom = dump_dom(str(tmp_path / "out" / "report.html"), tmp_path)
+    assert dom_text(dom, "images-loaded") == "7/7"
+    assert dom_text(dom, "run-processed") == "8"
+
+
+@pytest.mark.s3
+def test_report_on_s3(s3_prefix):
+    out = storage.resolve(f"{s3_prefix}/out")
+    make_output(out, storage.resolve(f"{s3_prefix}/in"))
+    res = CliRunner().invoke(main, ["report", out.uri])
+    assert res.exit_code == 0, res.output
+    page = storage.read_bytes(out.child("report.html")).decode()
+    assert len(page_images(page)) == 7
+    assert "source not readable" not in page  # sources were read from S3
+    sheet = decode_png(storage.read_bytes(out.child("overlays.png")))
+    assert sheet.size == overlay.sheet_size(6, report.COLUMNS, report.TILE)
+
+
+# -- with the real pipeline and model -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run_renders_in_chromium(tiny_model, tmp_path):
+    """Done-when: infer on a few images, write the report, Chromium shows the counts and every image."""
+    from raysegment.inference.pipeline import infer
+
+    _, model = tiny_model
+    src = tmp_path / "in"
+    os.makedirs(src / "nested")
+    for i, (h, w) in enumerate([(32, 32), (40, 52), (64, 20), (33, 33), (32, 32)]):
+        img, _ = synthetic.make_example(500 + i, size=64)
+        Image.fromarray(img).resize((w, h)).save(src / ("nested" if i == 4 else "") / f"img{i}.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    out = str(tmp_path / "out")
+    record = infer(InferSpec(model=model, input=str(src), output=out, batch_size=4))
+    result = report.write_run_report(out, record["run_id"], samples=4)
+    assert (result["rows"], result["ok"], result["error"], result["samples"]) == (6, 5, 1, 4)
+    assert result["mask_only"] == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "broken" in page and "cannot decode image" in page
+    sheet = decode_png(storage.read_bytes(storage.resolve(result["overlays"])))
+    assert sheet.size == overlay.sheet_size(4, report.COLUMNS, report.TILE)
+
+    dom = dump_dom(result["report"], tmp_path)
+    assert dom_text(dom, "images-loaded") == "5/5"  # 4 overlays + the histograms
+    assert dom_text(dom, "run-processed") == "6"
+    assert dom_text(dom, "run-ok") == "5"
+    assert dom_text(dom, "run-error") == "1"
+
+
+@pytest.mark.slow
+def test_show_writes_an_overlay_at_the_original_size(tiny_model, tmp_path):
+    _, model = tiny_model
+    img, _ = synthetic.make_example(7, size=64)
+    Image.fromarray(img).resize((52, 40)).save(tmp_path / "photo.png")
+    res = CliRunner().invoke(
+        main, ["show", str(tmp_path / "photo.png"), "--model", model, "--out", str(tmp_path / "o.png")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and "(52x40)" in res.output
+    out = decode_png((tmp_path / "o.png").read_bytes())
+    assert out.size == (52, 40) and out.mode == "RGB"
+    res = CliRunner().invoke(main, ["show", str(tmp_path / "missing.png"), "--model", model])
+    assert res.exit_code == 2 and "not found" in res.output
