@@ -205,6 +205,7 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @click.option("--batch-size", type=int, default=None)
 @click.option("--actors", default=None, help="predictor actors, MIN or MIN:MAX")
 @click.option("--gpus-per-actor", type=float, default=None)
+@click.option("--cpus-per-actor", type=float, default=None, help="CPUs and TF threads per actor (default: 1)")
 @click.option("--mask-format", type=click.Choice(["png", "npz", "packed"]), default=None)
 @click.option("--tta-flip", is_flag=True, default=None, help="flip test-time augmentation (2x model cost)")
 @click.option("--report/--no-report", default=None, help="write report.html and overlays.png (default: on)")
@@ -308,7 +309,9 @@ def bench_infer(
     from raysegment.inference.bench import bench_scale
     from raysegment.runtime import init_ray
 
-    init_ray()
+    # The actor takes every core (equal cores with the in-process measurements); one more
+    # logical CPU lets the decode and write tasks run beside it.
+    init_ray(min_cpus=(os.cpu_count() or 1) + 1)
     if scale:
         r = bench_scale(scale, 32, batch_size, actors, workdir)
         if not as_json:

@@ -174,6 +174,7 @@ class InferSpec(Spec):
     batch_size: int = Field(16, ge=1, le=4096)
     actors: tuple[int, int] = Field((1, 1), description="MIN[:MAX] predictor actors")
     gpus_per_actor: float = Field(0.0, ge=0, le=16)
+    cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPUs (and TF threads) per predictor actor")
     mask_format: Literal["png", "npz", "packed"] = "png"
     tta_flip: bool = Field(False, description="average with a horizontally flipped pass (2x the model cost)")
     report: bool = Field(True, description="write OUTPUT/report.html and overlays.png")
@@ -212,6 +213,7 @@ class NightlySpec(Spec):
     batch_size: int = Field(16, ge=1, le=4096)
     actors: tuple[int, int] = Field((1, 1), description="MIN[:MAX] predictor actors")
     gpus_per_actor: float = Field(0.0, ge=0, le=16)
+    cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPUs (and TF threads) per predictor actor")
     mask_format: Literal["png", "npz", "packed"] = "png"
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)

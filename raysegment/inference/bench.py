@@ -144,6 +144,8 @@ def pipeline(
         actors=actors,
         overwrite=True,
         report=False,
+        # Equal cores with (a) and (b): the actor's TF uses every core of the machine.
+        cpus_per_actor=float(os.cpu_count() or 1),
     )
     t0 = time.perf_counter()
     record = infer(spec)

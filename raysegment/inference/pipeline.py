@@ -80,10 +80,16 @@ def infer(spec: InferSpec) -> dict[str, Any]:
     )
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": spec.model, "endpoint_url": spec.endpoint_url, "tta_flip": spec.tta_flip},
+        fn_constructor_kwargs={
+            "model_uri": spec.model,
+            "endpoint_url": spec.endpoint_url,
+            "tta_flip": spec.tta_flip,
+            "threads": max(1, int(spec.cpus_per_actor)),
+        },
         batch_size=spec.batch_size,
         batch_format="numpy",
         num_gpus=spec.gpus_per_actor,
+        num_cpus=spec.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(min_size=spec.actors[0], max_size=spec.actors[1]),
     )
     ds = ds.map_batches(
