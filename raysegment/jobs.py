@@ -1,0 +1,318 @@
+"""Submitting and following raysegment jobs on a Ray cluster through the Ray Jobs API.
+
+A submission carries the validated spec inline (``python -m raysegment.entrypoints
+KIND --spec JSON``), the package (the repo checkout as ``working_dir``, or pip
+requirements), storage endpoint variables, and entrypoint resources. Its id is
+derived from the spec, so submitting the same job twice is refused by Ray and
+reported as "already submitted".
+
+Authentication: Ray 2.60's ``JobSubmissionClient`` adds ``Authorization: Bearer
+<token>`` by itself when ``RAY_AUTH_MODE=token`` is set, reading the token from
+``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
+(``ray.dashboard.modules.dashboard_sdk.SubmissionClient.__init__`` ->
+``get_auth_headers_if_auth_enabled``). Nothing here reads or forwards the token;
+a 401/403 becomes one line naming those variables. Secrets never enter the
+runtime_env or job metadata: every node finds its own credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shlex
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from raysegment import __version__
+from raysegment.config import NightlySpec, Spec
+from raysegment.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("train", "evaluate", "infer", "nightly")
+# Where storage is, not who may use it: safe to put in a job's runtime_env.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|ACCESS_KEY|SESSION|API_KEY|AUTH", re.I)
+WORKING_DIR_EXCLUDES = [
+    ".git/",
+    "**/__pycache__/",
+    ".venv/",
+    "venv/",
+    "*.egg-info/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    "raysegment-demo/",
+]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def spec_digest(spec: Spec, exclude: set[str] | None = None) -> str:
+    """sha256 of the spec's canonical JSON (all fields, defaults included)."""
+    values = spec.model_dump(mode="json", exclude=exclude)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def submission_id(kind: str, spec: Spec) -> str:
+    """raysegment-{kind}-{sha256[:12]}; nightly adds its date, so each night is one submission."""
+    if isinstance(spec, NightlySpec):
+        return f"raysegment-{kind}-{spec_digest(spec, {'date'})[:12]}-{spec.date}"
+    return f"raysegment-{kind}-{spec_digest(spec)[:12]}"
+
+
+def find_checkout(start: str | Path | None = None) -> Path | None:
+    """The raysegment repo checkout containing `start` (default: cwd), if any."""
+    here = Path(start or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        pyproject = d / "pyproject.toml"
+        if (d / "raysegment" / "__init__.py").is_file() and pyproject.is_file():
+            if re.search(r'^name\s*=\s*"raysegment"', pyproject.read_text(), re.M):
+                return d
+    return None
+
+
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Env vars for the job: storage endpoints from this shell plus `extra`; secret names refused."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    for key, value in (extra or {}).items():
+        if _SECRET_NAME.search(key):
+            raise ConfigError(
+                f"--env {key}: looks like a secret; secrets never go into a job's runtime_env or metadata. "
+                "Give the cluster nodes their own credentials (instance role, Kubernetes Secret, env on each node)"
+            )
+        env[key] = value
+    return env
+
+
+def parse_env(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """KEY=VALUE pairs from --env."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--env {item!r}: write KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def runtime_env(working_dir: str | None, pip: list[str] | None, env_vars: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime_env: the package (working_dir or pip) and non-secret env vars."""
+    env: dict[str, Any] = {"env_vars": env_vars}
+    if working_dir:
+        path = Path(working_dir).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--working-dir {working_dir}: not a folder")
+        env.update(working_dir=str(path), excludes=WORKING_DIR_EXCLUDES)
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+def entrypoint(kind: str, spec: Spec) -> str:
+    """The job's shell command: the spec travels inline, so it need not exist on the cluster."""
+    values = spec.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(spec, NightlySpec):
+        values["date"] = spec.date  # pinned at submission: a queued job still runs the night it was meant for
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return f"python -m raysegment.entrypoints {kind} --spec {shlex.quote(text)}"
+
+
+def metadata(kind: str, spec: Spec) -> dict[str, str]:
+    """Job metadata (strings only): what ran, never credentials."""
+    out = {"raysegment_kind": kind, "raysegment_spec_sha256": spec_digest(spec), "raysegment_version": __version__}
+    if isinstance(spec, NightlySpec) and spec.date:
+        out["raysegment_date"] = spec.date
+    return out
+
+
+def _normalise_address(address: str) -> str:
+    return address if "://" in address else f"http://{address}"
+
+
+def _warn_clear_token(address: str) -> None:
+    url = urllib.parse.urlparse(address)
+    if url.scheme != "http" or os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return
+    host = url.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning("the Ray auth token travels in clear over http to %s; use an SSH tunnel or an https proxy", host)
+
+
+@contextlib.contextmanager
+def _address_env_hidden() -> Iterator[None]:
+    # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address; an explicit --address must win.
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _describe(address: str, exc: BaseException) -> UserError | None:
+    """A one-line UserError for connection and authentication failures, else None."""
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(exc, AuthenticationError) or "Authentication required" in str(exc):
+        forbidden = "invalid or incorrect" in str(exc) or "Forbidden" in str(exc)
+        what = "rejected the auth token" if forbidden else "requires an auth token"
+        return UserError(
+            f"{address}: the Ray cluster {what}; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or "
+            "RAY_AUTH_TOKEN) to the cluster's token (`ray get-auth-token` on the head node)"
+        )
+    # JobSubmissionClient raises the builtin ConnectionError; later calls let requests' own escape.
+    unreachable = type(exc).__name__ in ("ConnectionError", "ConnectTimeout", "ReadTimeout")
+    if isinstance(exc, ConnectionError) or unreachable or "Failed to connect" in str(exc):
+        return UserError(
+            f"{address}: cannot reach the Ray Jobs API; check --address (http://HEAD:8265), that the cluster "
+            "is up, and the tunnel if it is remote"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def cluster_errors(address: str) -> Iterator[None]:
+    """Re-raise connection and authentication failures as one-line UserErrors."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        err = _describe(address, exc)
+        if err is None:
+            raise
+        raise err from exc
+
+
+def connect(address: str | None) -> Any:
+    """A JobSubmissionClient for --address (else RAY_API_SERVER_ADDRESS / RAY_ADDRESS, as Ray does)."""
+    from ray.job_submission import JobSubmissionClient
+
+    if address:
+        address = _normalise_address(address)
+        _warn_clear_token(address)
+        with cluster_errors(address), _address_env_hidden():
+            return JobSubmissionClient(address)
+    env_address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not env_address:
+        raise ConfigError("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
+    with cluster_errors(env_address):
+        return JobSubmissionClient()
+
+
+def submit(
+    client: Any,
+    kind: str,
+    spec: Spec,
+    *,
+    working_dir: str | None = None,
+    pip: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    job_id: str | None = None,
+) -> tuple[str, bool]:
+    """Submit one job; (submission id, True if it had been submitted already)."""
+    job_id = job_id or submission_id(kind, spec)
+    with cluster_errors(client.get_address()):
+        try:
+            client.submit_job(
+                entrypoint=entrypoint(kind, spec),
+                submission_id=job_id,
+                runtime_env=runtime_env(working_dir, pip, job_env(env)),
+                metadata=metadata(kind, spec),
+                entrypoint_num_cpus=num_cpus,
+                entrypoint_num_gpus=num_gpus,
+            )
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):
+                raise
+            return job_id, True
+    return job_id, False
+
+
+def status_of(info: Any) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    return getattr(info.status, "value", str(info.status))
+
+
+def exit_status(info: Any) -> int:
+    """The job's own exit code when its driver ran, else 0 for SUCCEEDED and 3 otherwise."""
+    if info.driver_exit_code is not None:
+        return int(info.driver_exit_code)
+    return 0 if status_of(info) == "SUCCEEDED" else 3
+
+
+def wait(client: Any, job_id: str, out: Callable[[str], None], poll_s: float = 1.0) -> Any:
+    """Stream a job's logs until it ends; returns its final JobDetails."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out(chunk)
+
+    with cluster_errors(client.get_address()):
+        try:
+            asyncio.run(tail())
+        except RuntimeError as exc:  # the log socket closed early: fall back to polling the status
+            log.warning("log stream for %s ended early (%s); polling its status", job_id, exc)
+        info = client.get_job_info(job_id)
+        while status_of(info) not in TERMINAL:
+            time.sleep(poll_s)
+            info = client.get_job_info(job_id)
+    return info
+
+
+def job_rows(client: Any) -> list[dict[str, Any]]:
+    """Every job on the cluster, oldest first, as plain rows."""
+    with cluster_errors(client.get_address()):
+        jobs = client.list_jobs()
+    rows = []
+    for j in sorted(jobs, key=lambda j: j.start_time or 0):
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j.start_time / 1000)) if j.start_time else "-"
+        rows.append(
+            {
+                "id": j.submission_id or j.job_id,
+                "status": status_of(j),
+                "kind": (j.metadata or {}).get("raysegment_kind", "-"),
+                "start_utc": start,
+                "exit_code": "-" if j.driver_exit_code is None else j.driver_exit_code,
+                "entrypoint": j.entrypoint,
+            }
+        )
+    return rows
+
+
+def job_info(client: Any, job_id: str) -> Any:
+    """JobDetails of one job, or a UserError naming the id."""
+    with cluster_errors(client.get_address()):
+        try:
+            return client.get_job_info(job_id)
+        except RuntimeError as exc:
+            if "404" in str(exc) or "does not exist" in str(exc):
+                raise UserError(f"{job_id}: no such job on {client.get_address()}; see `raysegment jobs list`") from exc
+            raise
+
+
+def job_logs(client: Any, job_id: str) -> str:
+    """A job's driver logs so far."""
+    job_info(client, job_id)
+    with cluster_errors(client.get_address()):
+        return client.get_job_logs(job_id)
+
+
+def stop_job(client: Any, job_id: str) -> bool:
+    """Ask a job to stop; False if it was not running."""
+    job_info(client, job_id)
+    with cluster_errors(client.get_address()):
+        return client.stop_job(job_id)

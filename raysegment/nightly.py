@@ -1,0 +1,370 @@
+"""`nightly`: infer only on the images under INPUT that are new or changed, then report.
+
+Layout under OUTPUT (see DESIGN.md, "Nightly runs"):
+
+    date=YYYY-MM-DD/            that night's `infer` output: masks/, summaries/, runs/, _SUCCESS,
+                                plus inputs/{stamp}.parquet, the key/uri list it was given
+    ledger/part-{date}-{stamp}.parquet
+                                one row per input processed: key, uri, size, version, model_sha256,
+                                status, date, run_id, recorded_at; appended only after _SUCCESS
+    reports/YYYY-MM-DD.json     counts, mean class fractions, drift against the previous report
+    _nightly.lock               while a run is in progress (conditional create, see lock.py)
+
+An input is up to date when the latest ledger row for its key has the same size,
+version (S3 ETag, local mtime) and model hash; everything else is inferred again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import logging
+import posixpath
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from raysegment import __version__, storage
+from raysegment.config import InferSpec, NightlySpec
+from raysegment.errors import ConfigError, DataError, JobError
+from raysegment.inference.sources import strip_ext
+from raysegment.lock import RunLock
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_DRIFT = 0, 3, 4
+LOCK_NAME = "_nightly.lock"
+LISTING_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+LEDGER_SCHEMA = pa.schema(
+    [
+        *LISTING_SCHEMA,
+        ("model_sha256", pa.string()),
+        ("status", pa.string()),
+        ("date", pa.string()),
+        ("run_id", pa.string()),
+        ("recorded_at", pa.string()),
+    ]
+)
+
+
+def partition_name(date: str) -> str:
+    """The date partition of one night's output."""
+    return f"date={date}"
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What changes when an object is rewritten: the S3 ETag, else the local mtime."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    return repr(info.get("mtime") or info.get("LastModified") or "")
+
+
+def _listing(root: storage.Location, infos: dict[str, dict[str, Any]], exts: tuple[str, ...]) -> pa.Table:
+    prefix = root.path.rstrip("/") + "/"
+    found = sorted(
+        (path, info)
+        for path, info in infos.items()
+        if info.get("type") != "directory" and path.startswith(prefix) and path.lower().endswith(exts)
+    )
+    return pa.table(
+        {
+            "key": [strip_ext(p[len(prefix) :]) for p, _ in found],
+            "uri": [f"s3://{p}" if root.remote else p for p, _ in found],
+            "size": [int(i.get("size") or 0) for _, i in found],
+            "version": [_version(i) for _, i in found],
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+@ray.remote(num_cpus=0.25)
+def _list_subtree(root: storage.Location, path: str, exts: tuple[str, ...]) -> pa.Table:
+    with storage.storage_errors(root.uri):
+        return _listing(root, root.fs.find(path, detail=True), exts)
+
+
+def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> pa.Table:
+    """(key, uri, size, version) of every image under root; each sub-prefix listed by its own Ray task."""
+    with storage.storage_errors(root.uri):
+        if not root.fs.isdir(root.path):
+            if root.fs.exists(root.path):
+                raise DataError(f"{root.uri}: is a file; nightly needs a prefix (folder) of images")
+            raise FileNotFoundError(root.path)
+        entries = root.fs.ls(root.path, detail=True)
+    top = {e["name"]: e for e in entries if e["type"] != "directory"}
+    subtrees = [_list_subtree.remote(root, e["name"], exts) for e in entries if e["type"] == "directory"]
+    return pa.concat_tables([_listing(root, top, exts), *ray.get(subtrees)])
+
+
+def _read_parquet_files(loc: storage.Location, paths: list[str], columns: list[str] | None = None) -> list[pa.Table]:
+    tables = []
+    for path in paths:
+        with storage.storage_errors(loc.uri), loc.fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return tables
+
+
+def _parquet_files(loc: storage.Location) -> list[str]:
+    with storage.storage_errors(loc.uri):
+        if not loc.fs.exists(loc.path):
+            return []
+        return sorted(p for p in loc.fs.find(loc.path) if p.endswith(".parquet"))
+
+
+def read_ledger(output: storage.Location) -> pa.Table:
+    """Every ledger row under OUTPUT/ledger/."""
+    root = output.child("ledger")
+    tables = _read_parquet_files(root, _parquet_files(root))
+    return pa.concat_tables(
+        [t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in tables] or [LEDGER_SCHEMA.empty_table()]
+    )
+
+
+def _fingerprint(size: pa.ChunkedArray, version: pa.ChunkedArray, model: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return pc.binary_join_element_wise(pc.cast(size, pa.string()), version, model, "|")
+
+
+def plan(listing: pa.Table, ledger: pa.Table, model_sha256: str, date: str) -> pa.Table:
+    """The listing with a `change` column: new, changed, unchanged, or deferred.
+
+    Deferred: changed again after being processed into tonight's partition; the
+    partition already holds a row for the key, so the next night picks it up.
+    """
+    model = pa.array([model_sha256] * listing.num_rows, pa.string())
+    listed = listing.append_column("fp", _fingerprint(listing["size"], listing["version"], model))
+    if ledger.num_rows:
+        led = ledger.sort_by([("recorded_at", "ascending")])
+        led = led.append_column("fp", _fingerprint(led["size"], led["version"], led["model_sha256"]))
+        latest = led.group_by("key", use_threads=False).aggregate([("fp", "last"), ("date", "last")])
+    else:
+        latest = pa.table({"key": pa.array([], pa.string()), "fp_last": pa.array([], pa.string())})
+        latest = latest.append_column("date_last", pa.array([], pa.string()))
+    joined = listed.join(latest, "key", join_type="left outer").sort_by("key")
+    new = pc.is_null(joined["fp_last"])
+    same = pc.fill_null(pc.equal(joined["fp"], joined["fp_last"]), False)
+    today = pc.fill_null(pc.equal(joined["date_last"], date), False)
+    change = pc.if_else(new, "new", pc.if_else(same, "unchanged", pc.if_else(today, "deferred", "changed")))
+    return joined.select(LISTING_SCHEMA.names).append_column("change", change)
+
+
+def _list_uris_with_keys(root: storage.Location) -> ray.data.Dataset:
+    """(key, path) rows from a Parquet list with `key` and `uri` columns."""
+    ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs()).select_columns(["key", "uri"])
+    return ds.rename_columns({"uri": "path"})
+
+
+@contextlib.contextmanager
+def _keys_from_list() -> Iterator[None]:
+    """Make the `list` source take keys from the list's `key` column (keys relative to INPUT).
+
+    The `list` source derives a key from the whole URI path (bucket and prefix
+    included). Until sources.py reads a `key` column itself (it then sets
+    LIST_KEY_COLUMN), swap in a reader that does, for the duration of one infer()
+    on this driver.
+    """
+    from raysegment.inference import sources
+
+    if getattr(sources, "LIST_KEY_COLUMN", None) == "key":
+        yield
+        return
+    original = sources.list_uris
+    sources.list_uris = _list_uris_with_keys
+    try:
+        yield
+    finally:
+        sources.list_uris = original
+
+
+def _partition_rows(partition: storage.Location) -> pa.Table:
+    """key, status, class_fractions of every summary row in a date partition."""
+    from raysegment.inference.sinks import summary_files
+
+    tables = _read_parquet_files(partition, summary_files(partition), ["key", "status", "class_fractions"])
+    if not tables:
+        return pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    return pa.concat_tables(tables)
+
+
+def class_fraction_means(rows: pa.Table, class_names: list[str]) -> dict[str, float] | None:
+    """Mean of class_fractions over the ok rows, by class name; None without ok rows."""
+    if "class_fractions" not in rows.column_names:
+        return None
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    if not ok.num_rows:
+        return None
+    fractions = np.asarray(ok["class_fractions"].to_pylist(), np.float64)
+    return {name: round(float(v), 6) for name, v in zip(class_names, fractions.mean(axis=0))}
+
+
+def previous_report(reports: storage.Location, date: str) -> dict[str, Any] | None:
+    """The latest report before `date` that has class statistics."""
+    with storage.storage_errors(reports.uri):
+        names = sorted(
+            (posixpath.basename(p) for p in reports.fs.find(reports.path) if p.endswith(".json"))
+            if reports.fs.exists(reports.path)
+            else []
+        )
+    for name in reversed([n for n in names if n < f"{date}.json"]):
+        report = storage.read_json(reports.child(name))
+        if report.get("class_fraction_mean"):
+            return report
+    return None
+
+
+def drift(now: dict[str, float] | None, before: dict[str, Any] | None, threshold: float) -> dict[str, Any]:
+    """Per-class shift of the mean fractions against the previous report; flagged beyond threshold."""
+    out: dict[str, Any] = {"threshold": threshold, "compared_with": None, "shifts": {}, "max_shift": None}
+    if now and before:
+        prev = before["class_fraction_mean"]
+        shifts = {k: round(abs(v - prev[k]), 6) for k, v in now.items() if k in prev}
+        out.update(compared_with=before["date"], shifts=shifts, max_shift=max(shifts.values(), default=None))
+    out["flagged"] = out["max_shift"] is not None and out["max_shift"] > threshold
+    return out
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """What a scheduler acts on: 0 ok (also nothing new), 3 the job failed, 4 drift flagged."""
+    return int(report["exit_code"])
+
+
+def _check_layout(input_loc: storage.Location, output: storage.Location) -> None:
+    inp, out = input_loc.uri.rstrip("/") + "/", output.uri.rstrip("/") + "/"
+    if out.startswith(inp):
+        raise ConfigError(
+            f"nightly: OUTPUT {output.uri} is inside INPUT {input_loc.uri}; put it outside the input prefix "
+            "(masks written there would be listed as new images)"
+        )
+
+
+def _count(values: pa.ChunkedArray, value: str) -> int:
+    return int(pc.sum(pc.equal(values, value)).as_py() or 0)
+
+
+def _stamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def _write_parquet(loc: storage.Location, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(loc, buf.getvalue())
+
+
+def run_nightly(spec: NightlySpec) -> dict[str, Any]:
+    """One night: list, diff against the ledger, infer the rest into OUTPUT/date=D, report."""
+    from raysegment.inference.pipeline import infer
+    from raysegment.inference.predictor import load_model_card
+
+    t0 = time.time()
+    date = spec.date or datetime.datetime.now(datetime.UTC).date().isoformat()
+    card = load_model_card(spec.model, spec.endpoint_url)
+    input_loc = storage.resolve(spec.input, spec.endpoint_url)
+    output = storage.resolve(spec.output, spec.endpoint_url)
+    _check_layout(input_loc, output)
+    storage.check_writable(output)
+    partition = output.child(partition_name(date))
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in spec.extensions)
+
+    with RunLock(output.child(LOCK_NAME), spec.lock_stale_after_s, purpose="nightly run"):
+        planned = plan(list_inputs(input_loc, exts), read_ledger(output), card["model_sha256"], date)
+        counts = {c: _count(planned["change"], c) for c in ("new", "changed", "unchanged", "deferred")}
+        counts["listed"] = planned.num_rows
+        todo = planned.filter(pc.is_in(planned["change"], pa.array(["new", "changed"])))
+        report: dict[str, Any] = {
+            "date": date,
+            "status": "nothing_new",
+            "exit_code": EXIT_OK,
+            "input": storage.redact(spec.input),
+            "output": storage.redact(spec.output),
+            "partition": None,
+            "model_id": card["model_id"],
+            "model_sha256": card["model_sha256"],
+            "run_id": None,
+            "counts": {**counts, "processed": 0, "ok": 0, "error": 0},
+            "class_names": card["class_names"],
+        }
+        if todo.num_rows:
+            stamp = _stamp()
+            list_loc = partition.child("inputs", f"{stamp}.parquet")
+            _write_parquet(list_loc, todo.select(["uri", "key"]))
+            infer_spec = InferSpec(
+                model=spec.model,
+                input=list_loc.uri,
+                output=partition.uri,
+                source="list",
+                batch_size=spec.batch_size,
+                actors=spec.actors,
+                gpus_per_actor=spec.gpus_per_actor,
+                cpus_per_actor=spec.cpus_per_actor,
+                mask_format=spec.mask_format,
+                max_error_fraction=spec.max_error_fraction,
+                max_pixels=spec.max_pixels,
+                endpoint_url=spec.endpoint_url,
+            )
+            report["partition"] = storage.redact(partition.uri)
+            try:
+                with _keys_from_list():
+                    record = infer(infer_spec)
+            except JobError as exc:
+                # No ledger rows: every key of this run stays new/changed for the next attempt.
+                report.update(status="failed", exit_code=EXIT_FAILED, problem=str(exc))
+                _finish(report, output, date, t0)
+                raise
+            c = record["counts"]
+            report["run_id"] = record["run_id"]
+            report["counts"].update(processed=c["processed"], ok=c["ok"], error=c["error"])
+            report["status"] = "ok"
+            _append_ledger(
+                output, todo, _partition_rows(partition), card["model_sha256"], date, record["run_id"], stamp
+            )
+        if storage.exists(partition.child(storage.SUCCESS)):
+            # The report describes the whole date partition, also on a second run the same day.
+            rows = _partition_rows(partition)
+            report["partition"] = storage.redact(partition.uri)
+            report["partition_rows"] = {"total": rows.num_rows, "ok": _count(rows["status"], "ok")}
+            report["class_fraction_mean"] = class_fraction_means(rows, card["class_names"])
+        else:
+            report["class_fraction_mean"] = None
+        report["drift"] = drift(
+            report["class_fraction_mean"], previous_report(output.child("reports"), date), spec.drift_threshold
+        )
+        if report["drift"]["flagged"]:
+            report.update(status="drift", exit_code=EXIT_DRIFT)
+        _finish(report, output, date, t0)
+    return report
+
+
+def _append_ledger(
+    output: storage.Location, todo: pa.Table, rows: pa.Table, model: str, date: str, run_id: str, stamp: str
+) -> None:
+    """Record the inputs that now have a summary row; the run's _SUCCESS is already written."""
+    status = dict(zip(rows["key"].to_pylist(), rows["status"].to_pylist()))
+    done = todo.filter(pc.is_in(todo["key"], pa.array(list(status), pa.string())))
+    n = done.num_rows
+    recorded = datetime.datetime.now(datetime.UTC).isoformat()
+    table = pa.table(
+        {
+            **{name: done[name] for name in LISTING_SCHEMA.names},
+            "model_sha256": [model] * n,
+            "status": [status[k] for k in done["key"].to_pylist()],
+            "date": [date] * n,
+            "run_id": [run_id] * n,
+            "recorded_at": [recorded] * n,
+        },
+        schema=LEDGER_SCHEMA,
+    )
+    _write_parquet(output.child("ledger", f"part-{date}-{stamp}.parquet"), table)
+
+
+def _finish(report: dict[str, Any], output: storage.Location, date: str, t0: float) -> None:
+    report["seconds"] = round(time.time() - t0, 2)
+    report["raysegment"] = __version__
+    storage.write_json(output.child("reports", f"{date}.json"), report)

@@ -1,0 +1,189 @@
+"""The real path: a multi-node Ray cluster from cluster/local/start.sh, jobs submitted with `ray job
+submit` and `raysegment submit --wait`, results in the S3 server, then nightly runs that only process
+new images. The session's in-process Ray (ray_cluster fixture) is a different cluster: every command
+here gets this cluster's address explicitly and its own token file.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysegment import storage
+from raysegment.data import synthetic
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SPAN = 100 + 200 * 3  # ports start.sh uses for a head and one worker, see its header
+
+
+@dataclass
+class LocalCluster:
+    dir: str
+    address: str  # the Jobs API (dashboard), what every submitter is given
+    env: dict[str, str]  # for CLI subprocesses: this cluster's token, no other Ray address
+
+
+def free_port_block(span: int) -> int:
+    """A base port with base..base+span free on 127.0.0.1 (and on all interfaces)."""
+    for base in range(21000, 40000, 997):
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + span):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("", port))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def without_ray_env(env: dict[str, str]) -> dict[str, str]:
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+    return {k: v for k, v in env.items() if k not in drop}
+
+
+@pytest.fixture(scope="module")
+def local_cluster(s3_server):
+    # Short path: Ray's Unix sockets live under it (107-byte limit). s3_server has exported AWS_*,
+    # so the nodes (and the jobs they run) find the S3 credentials in their environment.
+    cdir = tempfile.mkdtemp(prefix="rsc-", dir="/tmp")
+    base = free_port_block(SPAN)
+    env = without_ray_env(os.environ) | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAYSEG_PORT_BASE": str(base),
+        "RAYSEG_WORKERS": "1",
+        "RAYSEG_HEAD_CPUS": "1",
+        "RAYSEG_WORKER_CPUS": "2",
+    }
+    try:
+        subprocess.run([str(REPO / "cluster/local/start.sh"), cdir], env=env, check=True, timeout=420)
+        client_env = without_ray_env(os.environ) | {
+            "PATH": env["PATH"],
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": f"{cdir}/auth_token",
+        }
+        yield LocalCluster(cdir, f"http://127.0.0.1:{base + 1}", client_env)
+    finally:
+        subprocess.run([str(REPO / "cluster/local/stop.sh"), cdir], env=env, timeout=180)
+        shutil.rmtree(cdir, ignore_errors=True)
+
+
+def run(cluster: LocalCluster, *argv: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    t0 = time.time()
+    r = subprocess.run(
+        list(argv), cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    print(f"$ {' '.join(argv)}  -> {r.returncode} in {time.time() - t0:.0f} s\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def put_images(uri: str, names: list[str], seed: int) -> None:
+    loc = storage.resolve(uri)
+    for i, name in enumerate(names):
+        img, _ = synthetic.make_example(seed + i, size=32)
+        storage.write_bytes(loc.child(f"{name}.png"), synthetic.png_bytes(img))
+
+
+def keys_under(uri: str, suffix: str) -> list[str]:
+    loc = storage.resolve(uri)
+    if not loc.fs.exists(loc.path):
+        return []
+    prefix = loc.path.rstrip("/") + "/"
+    return sorted(p[len(prefix) : -len(suffix)] for p in loc.fs.find(loc.path) if p.endswith(suffix))
+
+
+def spec_file(tmp_path: Path, name: str, **values: object) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_jobs_and_nightly_on_a_local_multi_node_cluster(local_cluster, tiny_model, s3_prefix, tmp_path):
+    t0 = time.time()
+    _, model_dir = tiny_model
+    model = f"{s3_prefix}/model"
+    for name in ("model.keras", "model.json"):
+        storage.upload_file(os.path.join(model_dir, name), storage.resolve(model).child(name))
+    incoming = f"{s3_prefix}/incoming"
+    first = ["a", "b", "sub/c", "sub/deeper/d"]
+    put_images(incoming, first, seed=0)
+    nodes = run(
+        local_cluster, str(BIN / "ray"), "list", "nodes", "--address", local_cluster.address, "--format", "json"
+    )
+    assert nodes.returncode == 0 and len(json.loads(nodes.stdout)) == 2  # a head and a worker node
+
+    # 1. Ray's own CLI with the job script, as an operator would type it.
+    out_a = f"{s3_prefix}/out-a"
+    spec_a = spec_file(tmp_path, "infer-a", model=model, input=incoming, output=out_a, batch_size=4)
+    r = run(
+        local_cluster, str(BIN / "ray"), "job", "submit", "--address", local_cluster.address,
+        "--working-dir", ".", "--", "python", "jobs/infer.py", "--config", spec_a,
+    )  # fmt: skip
+    assert r.returncode == 0 and "inferred 4 images" in r.stdout + r.stderr
+    assert keys_under(f"{out_a}/masks", ".png") == first
+    assert len(keys_under(f"{out_a}/summaries", ".parquet")) >= 1
+    assert storage.exists(storage.resolve(out_a).child("_SUCCESS"))
+
+    # 2. raysegment submit --wait: the checkout as working_dir, the job's exit code as ours.
+    out_b = f"{s3_prefix}/out-b"
+    spec_b = spec_file(tmp_path, "infer-b", model=model, input=incoming, output=out_b, batch_size=2)
+    rs = str(BIN / "raysegment")
+    r = run(local_cluster, rs, "submit", "infer", spec_b, "--address", local_cluster.address, "--wait")
+    assert r.returncode == 0 and "SUCCEEDED (exit code 0)" in r.stdout
+    job_b = r.stdout.split(":", 1)[0]
+    assert job_b.startswith("raysegment-infer-")
+    assert keys_under(f"{out_b}/masks", ".png") == first
+    again = run(local_cluster, rs, "submit", "infer", spec_b, "--address", local_cluster.address)
+    assert again.returncode == 0 and f"{job_b}: already submitted (SUCCEEDED)" in again.stdout
+    status = run(local_cluster, rs, "jobs", "status", job_b, "--address", local_cluster.address)
+    assert status.returncode == 0 and f"{job_b}: SUCCEEDED (exit code 0)" in status.stdout
+    logs = run(local_cluster, rs, "jobs", "logs", job_b, "--address", local_cluster.address)
+    assert logs.returncode == 0 and "inferred 4 images" in logs.stdout
+    info = run(
+        local_cluster, str(BIN / "python"), "-c",
+        "import json,sys; from ray.job_submission import JobSubmissionClient as C; "
+        "i=C(sys.argv[1]).get_job_info(sys.argv[2]); print(json.dumps([i.metadata, i.runtime_env, i.entrypoint]))",
+        local_cluster.address, job_b,
+    )  # fmt: skip
+    sent = info.stdout
+    assert info.returncode == 0 and "raysegment_spec_sha256" in sent and "AWS_ENDPOINT_URL" in sent
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in sent and "AWS_SECRET_ACCESS_KEY" not in sent
+
+    # 3. Nightly: the first night processes everything, the next only what is new, then nothing.
+    night_out = f"{s3_prefix}/nightly"
+    spec_n = spec_file(tmp_path, "nightly", model=model, input=incoming, output=night_out, batch_size=4)
+
+    def night(date: str) -> dict:
+        r = run(
+            local_cluster, rs, "submit", "nightly", spec_n, "--date", date, "--address", local_cluster.address, "--wait"
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        return storage.read_json(storage.resolve(night_out).child("reports", f"{date}.json"))
+
+    r1 = night("2026-01-01")
+    assert r1["counts"]["processed"] == 4
+    assert keys_under(f"{night_out}/date=2026-01-01/masks", ".png") == first
+    put_images(incoming, ["e", "sub/f"], seed=50)
+    r2 = night("2026-01-02")
+    assert (r2["counts"]["new"], r2["counts"]["unchanged"], r2["counts"]["processed"]) == (2, 4, 2)
+    assert keys_under(f"{night_out}/date=2026-01-02/masks", ".png") == ["e", "sub/f"]
+    r3 = night("2026-01-03")
+    assert r3["status"] == "nothing_new" and r3["counts"]["processed"] == 0 and r3["counts"]["unchanged"] == 6
+    assert keys_under(f"{night_out}/date=2026-01-03", "") == []  # no inference, no partition
+    assert not storage.exists(storage.resolve(night_out).child("_nightly.lock"))
+    listed = run(local_cluster, rs, "jobs", "list", "--address", local_cluster.address)
+    assert listed.returncode == 0 and listed.stdout.count("raysegment-nightly-") == 3
+    print(f"cluster test body: {time.time() - t0:.0f} s")

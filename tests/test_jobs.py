@@ -1,0 +1,120 @@
+"""Job submission without a cluster: ids, runtime_env, secrets kept out, entrypoint specs, CLI errors."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from raysegment import jobs
+from raysegment.cli import main
+from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, TrainSpec, load_spec
+from raysegment.entrypoints import JOBS, load_job_spec
+from raysegment.entrypoints import main as entry_main
+from raysegment.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-1",
+    "AWS_SESSION_TOKEN": "s3cr3t-value-2",
+    "AWS_ACCESS_KEY_ID": "s3cr3t-value-3",
+    "RAY_AUTH_TOKEN": "s3cr3t-value-4",
+}
+
+
+def infer_spec(**kw) -> InferSpec:
+    return InferSpec(model="s3://b/model", input="s3://b/in/", output="s3://b/out", **kw)
+
+
+def test_submission_id_is_derived_from_the_spec():
+    a = jobs.submission_id("infer", infer_spec())
+    assert a == jobs.submission_id("infer", infer_spec(batch_size=16))  # explicit default: same job
+    assert a != jobs.submission_id("infer", infer_spec(batch_size=8))
+    assert a.startswith("raysegment-infer-") and len(a) == len("raysegment-infer-") + 12
+    night = NightlySpec(model="m", input="s3://b/in", output="s3://b/n", date="2026-01-02")
+    nid = jobs.submission_id("nightly", night)
+    assert nid.endswith("-2026-01-02")
+    assert jobs.submission_id("nightly", night.model_copy(update={"date": "2026-01-03"}))[:-10] == nid[:-10]
+
+
+def test_runtime_env_metadata_and_entrypoint_carry_no_secret(monkeypatch):
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    spec = infer_spec()
+    env = jobs.runtime_env(str(REPO), None, jobs.job_env({"TF_CPP_MIN_LOG_LEVEL": "2"}))
+    assert env["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_REGION": "eu-west-1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    assert env["working_dir"] == str(REPO) and ".git/" in env["excludes"]
+    sent = json.dumps([env, jobs.metadata("infer", spec), jobs.entrypoint("infer", spec)])
+    assert not any(value in sent for value in SECRETS.values())
+
+
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN", "MY_API_KEY", "DB_PASSWORD"])
+def test_secret_env_names_are_refused(name):
+    with pytest.raises(ConfigError, match="secret"):
+        jobs.job_env({name: "x"})
+
+
+def test_entrypoint_spec_round_trips_and_pins_the_nightly_date():
+    spec = infer_spec(actors="1:3", batch_size=4)
+    command = shlex.split(jobs.entrypoint("infer", spec))
+    assert command[:4] == ["python", "-m", "raysegment.entrypoints", "infer"] and command[4] == "--spec"
+    assert load_job_spec("infer", spec_json=command[5]) == spec
+    night = NightlySpec(model="m", input="s3://b/in", output="s3://b/n", date="2026-01-02")
+    assert json.loads(shlex.split(jobs.entrypoint("nightly", night))[5])["date"] == "2026-01-02"
+
+
+def test_find_checkout(tmp_path):
+    assert jobs.find_checkout(REPO / "raysegment" / "inference") == REPO
+    assert jobs.find_checkout(tmp_path) is None
+
+
+@pytest.mark.parametrize("kind", sorted(JOBS))
+def test_example_specs_are_valid(kind):
+    spec = load_spec(JOBS[kind][0], str(REPO / "jobs" / "examples" / f"{kind}.yaml"))
+    assert isinstance(spec, {"train": TrainSpec, "evaluate": EvaluateSpec, "infer": InferSpec}.get(kind, NightlySpec))
+    assert (REPO / "jobs" / f"{kind}.py").read_text().count(f'main("{kind}")') == 1
+
+
+def test_entrypoint_user_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        entry_main("infer", ["--spec", '{"model": "m"}'])
+    assert exc.value.code == 2
+    assert "field 'input' is required" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ninput: i\noutput: o\nbatch_sise: 3\n")
+    with pytest.raises(SystemExit) as exc:
+        entry_main("infer", ["--config", str(bad)])
+    assert exc.value.code == 2
+
+
+def test_submit_needs_an_address_and_refuses_secret_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    spec = tmp_path / "infer.yaml"
+    spec.write_text("model: s3://b/m\ninput: s3://b/in\noutput: s3://b/out\n")
+    runner = CliRunner()
+    r = runner.invoke(main, ["submit", "infer", str(spec), "--working-dir", str(REPO)])
+    assert r.exit_code == 2 and "no cluster address" in r.output
+    r = runner.invoke(
+        main, ["submit", "infer", str(spec), "--address", "http://127.0.0.1:1", "--env", "AWS_SECRET_ACCESS_KEY=x"]
+    )
+    assert r.exit_code == 2 and "looks like a secret" in r.output
+    r = runner.invoke(main, ["submit", "infer", str(spec), "--address", "http://127.0.0.1:1"])
+    assert r.exit_code == 2 and "cannot reach the Ray Jobs API" in r.output
+    r = runner.invoke(main, ["submit", "infer", str(spec), "--date", "2026-01-01", "--address", "http://127.0.0.1:1"])
+    assert r.exit_code == 2 and "--date only applies to nightly" in r.output
+
+
+def test_exit_status_is_the_jobs_own():
+    from types import SimpleNamespace as Info
+
+    assert jobs.exit_status(Info(driver_exit_code=4, status="FAILED")) == 4
+    assert jobs.exit_status(Info(driver_exit_code=None, status="SUCCEEDED")) == 0
+    assert jobs.exit_status(Info(driver_exit_code=None, status="STOPPED")) == 3

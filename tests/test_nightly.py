@@ -1,0 +1,180 @@
+"""Nightly runs: the ledger diff, the run lock (local and S3), drift, and real runs on local Ray."""
+
+import json
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raysegment import nightly, storage
+from raysegment.config import NightlySpec
+from raysegment.data import synthetic
+from raysegment.errors import ConfigError, JobError
+from raysegment.inference import pipeline
+from raysegment.lock import LockedError, RunLock, create_exclusive
+
+
+def listing(rows):
+    return pa.table(
+        {
+            "key": [r[0] for r in rows],
+            "uri": [f"/in/{r[0]}.png" for r in rows],
+            "size": [r[1] for r in rows],
+            "version": [r[2] for r in rows],
+        },
+        schema=nightly.LISTING_SCHEMA,
+    )
+
+
+def ledger(rows, model="m1"):
+    t = listing([r[:3] for r in rows])
+    n = t.num_rows
+    extra = {
+        "model_sha256": [model] * n,
+        "status": ["ok"] * n,
+        "date": [r[3] for r in rows],
+        "run_id": ["r"] * n,
+        "recorded_at": [r[4] for r in rows],
+    }
+    for name, values in extra.items():
+        t = t.append_column(name, pa.array(values, pa.string()))
+    return t
+
+
+def changes(planned):
+    return dict(zip(planned["key"].to_pylist(), planned["change"].to_pylist()))
+
+
+def test_plan_new_changed_unchanged_deferred():
+    seen = ledger(
+        [
+            ("a", 10, "v1", "2026-01-01", "2026-01-01T01:00:00"),
+            ("b", 10, "v1", "2026-01-01", "2026-01-01T01:00:00"),
+            ("b", 12, "v2", "2026-01-02", "2026-01-02T01:00:00"),  # the latest row wins
+            ("c", 10, "v1", "2026-01-03", "2026-01-03T01:00:00"),
+        ]
+    )
+    now = listing([("a", 10, "v1"), ("b", 12, "v2"), ("c", 11, "v9"), ("d", 5, "v1"), ("e", 10, "v7")])
+    assert changes(nightly.plan(now, seen, "m1", "2026-01-04")) == {
+        "a": "unchanged",
+        "b": "unchanged",
+        "c": "changed",
+        "d": "new",
+        "e": "new",
+    }
+    # c changed again after being processed into tonight's partition: left for the next night.
+    assert changes(nightly.plan(now, seen, "m1", "2026-01-03"))["c"] == "deferred"
+    # Another model: everything is redone.
+    assert set(changes(nightly.plan(now, seen, "m2", "2026-01-04")).values()) == {"changed", "new"}
+    assert set(changes(nightly.plan(now, ledger([]), "m1", "2026-01-04")).values()) == {"new"}
+
+
+def test_drift_flags_a_shift_beyond_the_threshold():
+    before = {"date": "2026-01-01", "class_fraction_mean": {"bg": 0.7, "cell": 0.3}}
+    assert not nightly.drift({"bg": 0.68, "cell": 0.32}, before, 0.05)["flagged"]
+    d = nightly.drift({"bg": 0.5, "cell": 0.5}, before, 0.05)
+    assert d["flagged"] and d["max_shift"] == pytest.approx(0.2) and d["compared_with"] == "2026-01-01"
+    assert not nightly.drift(None, before, 0.05)["flagged"] and not nightly.drift({"bg": 1.0}, None, 0.05)["flagged"]
+
+
+def check_lock(root: storage.Location):
+    loc = root.child("_nightly.lock")
+    assert create_exclusive(loc, b"first")
+    assert not create_exclusive(loc, b"second")
+    assert storage.read_bytes(loc) == b"first"
+    storage.remove_tree(loc)
+    with RunLock(loc, stale_after_s=3600) as held:
+        with pytest.raises(LockedError, match="another run holds the lock") as exc:
+            RunLock(loc, stale_after_s=3600).acquire()
+        assert exc.value.exit_code == 5
+        assert json.loads(storage.read_bytes(loc))["owner"] == held.owner
+    assert not storage.exists(loc)  # released
+    # A stale lock (its run died) is taken over.
+    storage.write_bytes(loc, json.dumps({"owner": "dead", "created_ts": time.time() - 7200}).encode())
+    with RunLock(loc, stale_after_s=3600) as taker:
+        assert json.loads(storage.read_bytes(loc))["owner"] == taker.owner
+    assert not storage.exists(loc)
+
+
+def test_lock_local(tmp_path):
+    check_lock(storage.resolve(str(tmp_path / "out")))
+
+
+@pytest.mark.s3
+def test_lock_s3_conditional_put(s3_prefix):
+    check_lock(storage.resolve(s3_prefix))
+
+
+def test_output_inside_input_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="inside INPUT"):
+        nightly._check_layout(storage.resolve(str(tmp_path / "in")), storage.resolve(str(tmp_path / "in" / "out")))
+
+
+def write_pngs(root, names, seed=0):
+    for i, name in enumerate(names):
+        path = os.path.join(root, f"{name}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        img, _ = synthetic.make_example(seed + i, size=32)
+        Image.fromarray(img).save(path)
+
+
+def summary_keys(partition):
+    return sorted(pq.read_table(os.path.join(partition, "summaries"), columns=["key"])["key"].to_pylist())
+
+
+@pytest.mark.slow
+def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypatch):
+    _, model = tiny_model
+    calls = []
+    real_infer = pipeline.infer
+    monkeypatch.setattr(pipeline, "infer", lambda spec: calls.append(spec.input) or real_infer(spec))
+    inp, out = tmp_path / "in", tmp_path / "nightly"
+    write_pngs(inp, ["a", "b", "sub/c", "sub/deeper/d"])
+
+    def night(date, **kw):
+        return nightly.run_nightly(
+            NightlySpec(model=model, input=str(inp), output=str(out), date=date, batch_size=4, **kw)
+        )
+
+    r1 = night("2026-01-01")
+    assert r1["status"] == "ok" and r1["counts"]["processed"] == 4 and r1["counts"]["new"] == 4
+    p1 = out / "date=2026-01-01"
+    # Keys are relative to INPUT, as the `files` source makes them.
+    assert summary_keys(p1) == ["a", "b", "sub/c", "sub/deeper/d"]
+    assert (p1 / "masks" / "sub" / "deeper" / "d.png").exists() and (p1 / "_SUCCESS").exists()
+    assert set(r1["class_fraction_mean"]) == set(r1["class_names"])
+
+    # Night 2: two new images, one rewritten; the previous report is doctored to force a drift flag.
+    write_pngs(inp, ["e", "sub/f"], seed=10)
+    write_pngs(inp, ["b"], seed=20)
+    os.utime(inp / "b.png", (time.time() + 5, time.time() + 5))
+    rep1 = out / "reports" / "2026-01-01.json"
+    doctored = json.loads(rep1.read_text())
+    doctored["class_fraction_mean"] = {name: (1.0 if i == 0 else 0.0) for i, name in enumerate(r1["class_names"])}
+    rep1.write_text(json.dumps(doctored))
+    r2 = night("2026-01-02", drift_threshold=0.01)
+    assert (r2["counts"]["new"], r2["counts"]["changed"], r2["counts"]["unchanged"]) == (2, 1, 3)
+    assert summary_keys(out / "date=2026-01-02") == ["b", "e", "sub/f"]
+    assert r2["drift"]["flagged"] and r2["status"] == "drift" and nightly.exit_code(r2) == 4
+    assert len(calls) == 2
+
+    # Night 3: nothing new: no inference, no partition, a report that says so.
+    r3 = night("2026-01-03")
+    assert len(calls) == 2
+    assert r3["status"] == "nothing_new" and r3["counts"]["processed"] == 0 and r3["counts"]["unchanged"] == 6
+    assert not (out / "date=2026-01-03").exists() and nightly.exit_code(r3) == 0
+    assert json.loads((out / "reports" / "2026-01-03.json").read_text())["counts"]["processed"] == 0
+    ledger_rows = nightly.read_ledger(storage.resolve(str(out)))
+    assert ledger_rows.num_rows == 7 and not (out / "_nightly.lock").exists()
+
+    # A failed run (all inputs bad, no error budget) writes no ledger rows: they are retried next time.
+    (inp / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(JobError):
+        night("2026-01-04", max_error_fraction=0.0)
+    r4 = json.loads((out / "reports" / "2026-01-04.json").read_text())
+    assert r4["status"] == "failed" and r4["exit_code"] == 3
+    assert nightly.read_ledger(storage.resolve(str(out))).num_rows == 7
+    assert not (out / "_nightly.lock").exists()
