@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from raysegment import __version__, storage
+from raysegment import __version__, plots, storage
 from raysegment.config import InferSpec, NightlySpec
 from raysegment.errors import ConfigError, DataError, JobError
 from raysegment.inference.sources import strip_ext
@@ -333,9 +333,13 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             report["class_fraction_mean"] = class_fraction_means(rows, card["class_names"])
         else:
             report["class_fraction_mean"] = None
-        report["drift"] = drift(
-            report["class_fraction_mean"], previous_report(output.child("reports"), date), spec.drift_threshold
-        )
+        previous = previous_report(output.child("reports"), date)
+        report["drift"] = drift(report["class_fraction_mean"], previous, spec.drift_threshold)
+        if report["class_fraction_mean"] and previous:
+            # The same comparison as a picture: per-class share before, now and the change.
+            plot = output.child("reports", f"{date}-drift.png")
+            storage.write_bytes(plot, plots.drift_png(previous["class_fraction_mean"], report["class_fraction_mean"]))
+            report["drift"]["plot"] = storage.redact(plot.uri)
         if report["drift"]["flagged"]:
             report.update(status="drift", exit_code=EXIT_DRIFT)
         _finish(report, output, date, t0)

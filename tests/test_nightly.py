@@ -159,6 +159,11 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     assert (r2["counts"]["new"], r2["counts"]["changed"], r2["counts"]["unchanged"]) == (2, 1, 3)
     assert summary_keys(out / "date=2026-01-02") == ["b", "e", "sub/f"]
     assert r2["drift"]["flagged"] and r2["status"] == "drift" and nightly.exit_code(r2) == 4
+    from PIL import Image
+
+    with Image.open(out / "reports" / "2026-01-02-drift.png") as plot:  # the drift as a picture too
+        assert plot.size[0] > 200 and plot.size[1] > 100
+    assert r2["drift"]["plot"].endswith("2026-01-02-drift.png")
     assert len(calls) == 2
 
     # Night 3: nothing new: no inference, no partition, a report that says so.

@@ -103,24 +103,28 @@ def list_prefix(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Datas
     return ds.map_batches(_list_subtree, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy")
 
 
-def read_files(batch: dict[str, np.ndarray], root: storage.Location) -> dict[str, np.ndarray]:
-    """Read each listed file; a failed read or an unsafe key becomes an error row."""
-    keys, uris, data, errors = [], [], [], []
-    for key, path in zip(batch["key"], batch["path"]):
-        keys.append(key)
-        uris.append(_uri(root, path))
+def _read_each(keys: np.ndarray, uris: list[str], read: Callable[[int], bytes]) -> dict[str, np.ndarray]:
+    """Rows for keys read one by one; an unsafe key or a failed read becomes an error row."""
+    data, errors = [], []
+    for i, key in enumerate(keys):
         problem = unsafe_key_reason(key)
         if problem:
             data.append(b"")
             errors.append(f"unsafe key: {problem}")
             continue
         try:
-            data.append(root.fs.cat_file(path))
+            data.append(read(i))
             errors.append("")
-        except OSError as exc:
+        except (OSError, storage.StorageError) as exc:
             data.append(b"")
             errors.append(f"cannot read: {exc}")
-    return _rows(keys, uris, data, errors)
+    return _rows(list(keys), uris, data, errors)
+
+
+def read_files(batch: dict[str, np.ndarray], root: storage.Location) -> dict[str, np.ndarray]:
+    """Read each listed file under root."""
+    paths = batch["path"]
+    return _read_each(batch["key"], [_uri(root, p) for p in paths], lambda i: root.fs.cat_file(paths[i]))
 
 
 def read_archives(
@@ -230,32 +234,21 @@ def list_uris(root: storage.Location) -> ray.data.Dataset:
 
 
 def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None) -> dict[str, np.ndarray]:
-    """Read each URI of a list source with its own filesystem."""
-    keys, uris, data, errors = [], [], [], []
-    cache: dict[str, storage.Location] = {}
-    for key, uri in zip(batch["key"], batch["path"]):
-        keys.append(key)
-        uris.append(uri)
-        problem = unsafe_key_reason(key)
-        if problem:
-            data.append(b"")
-            errors.append(f"unsafe key: {problem}")
-            continue
-        try:
-            scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-            if scheme not in cache:
-                cache[scheme] = storage.resolve(uri, endpoint_url)
-            loc = (
-                storage.resolve(uri, endpoint_url)
-                if scheme == "file"
-                else storage.Location(uri, cache[scheme].fs, uri.split("://", 1)[1], endpoint_url)
-            )
-            data.append(loc.fs.cat_file(loc.path))
-            errors.append("")
-        except (OSError, storage.StorageError) as exc:
-            data.append(b"")
-            errors.append(f"cannot read: {exc}")
-    return _rows(keys, uris, data, errors)
+    """Read each URI of a list source, with one filesystem per scheme."""
+    filesystems: dict[str, storage.Location] = {}
+
+    def read(i: int) -> bytes:
+        uri = str(batch["path"][i])
+        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+        if scheme == "file":
+            loc = storage.resolve(uri, endpoint_url)
+        else:
+            if scheme not in filesystems:
+                filesystems[scheme] = storage.resolve(uri, endpoint_url)
+            loc = storage.Location(uri, filesystems[scheme].fs, uri.split("://", 1)[1], endpoint_url)
+        return loc.fs.cat_file(loc.path)
+
+    return _read_each(batch["key"], [str(u) for u in batch["path"]], read)
 
 
 def detect_kind(root: storage.Location) -> str:
