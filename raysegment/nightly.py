@@ -33,8 +33,8 @@ import ray
 
 from raysegment import __version__, plots, storage
 from raysegment.config import InferSpec, NightlySpec
-from raysegment.errors import ConfigError, DataError, JobError
-from raysegment.inference.sources import strip_ext
+from raysegment.errors import ConfigError, JobError
+from raysegment.inference.sources import strip_ext, top_level
 from raysegment.lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,7 @@ def _list_subtree(root: storage.Location, path: str, exts: tuple[str, ...]) -> p
 
 def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> pa.Table:
     """(key, uri, size, version) of every image under root; each sub-prefix listed by its own Ray task."""
-    with storage.storage_errors(root.uri):
-        if not root.fs.isdir(root.path):
-            if root.fs.exists(root.path):
-                raise DataError(f"{root.uri}: is a file; nightly needs a prefix (folder) of images")
-            raise FileNotFoundError(root.path)
-        entries = root.fs.ls(root.path, detail=True)
+    entries = top_level(root, "nightly needs a prefix (folder) of images")
     top = {e["name"]: e for e in entries if e["type"] != "directory"}
     subtrees = [_list_subtree.remote(root, e["name"], exts) for e in entries if e["type"] == "directory"]
     return pa.concat_tables([_listing(root, top, exts), *ray.get(subtrees)])

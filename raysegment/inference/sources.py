@@ -88,14 +88,19 @@ def _list_subtree(batch: dict[str, np.ndarray], root: storage.Location, exts: tu
     }
 
 
-def list_prefix(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset:
-    """A dataset of (key, path) for every matching file under root, listed in parallel."""
+def top_level(root: storage.Location, file_hint: str) -> list[dict[str, Any]]:
+    """The entries directly under a prefix (the listing's fan-out); a clear error if it is a file or missing."""
     with storage.storage_errors(root.uri):
         if not root.fs.isdir(root.path):
             if root.fs.exists(root.path):
-                raise DataError(f"{root.uri}: is a file; give a prefix (folder) or use --source list")
+                raise DataError(f"{root.uri}: is a file; {file_hint}")
             raise FileNotFoundError(root.path)
-        entries = root.fs.ls(root.path, detail=True)
+        return root.fs.ls(root.path, detail=True)
+
+
+def list_prefix(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset:
+    """A dataset of (key, path) for every matching file under root, listed in parallel."""
+    entries = top_level(root, "give a prefix (folder) or use --source list")
     items = [{"path": e["name"], "is_dir": e["type"] == "directory"} for e in entries]
     if not items:
         raise DataError(f"{root.uri}: empty prefix, nothing to infer")
