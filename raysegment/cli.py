@@ -212,6 +212,14 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @click.option("--overwrite", is_flag=True, default=None, help="redo every key instead of resuming")
 @click.option("--max-error-fraction", type=float, default=None, help="fail the job above this share of bad inputs")
 @click.option("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default=None,
+    help="model compute dtype (default auto: bfloat16 on GPU, float32 on CPU)",
+)
+@click.option("--tile-size", type=int, default=None, help="native-scale models: tile images larger than this (1024)")
+@click.option("--tile-overlap", type=int, default=None, help="pixels shared by neighbouring tiles (64)")
 @endpoint_option
 @config_option
 @handle_errors

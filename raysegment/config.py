@@ -181,6 +181,16 @@ class InferSpec(Spec):
     overwrite: bool = False
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model compute dtype; auto: bfloat16 on GPU actors, float32 on CPU"
+    )
+    tile_size: int = Field(
+        1024, ge=16, le=65536, description="native-scale models: images larger than this are predicted in tiles"
+    )
+    tile_overlap: int = Field(64, ge=0, le=4096, description="pixels shared by neighbouring tiles")
+    storage_retry_s: float = Field(
+        120.0, ge=0, le=86400, description="keep retrying unreachable object storage this long, then fail"
+    )
 
     @field_validator("actors", mode="before")
     @classmethod

@@ -12,7 +12,13 @@ class ConfigError(UserError):
 
 
 class StorageError(UserError):
-    """A URI cannot be read or written (missing bucket, credentials, endpoint)."""
+    """A URI cannot be read or written (missing bucket, credentials, endpoint).
+
+    ``transient`` is True when the store stayed unreachable past the retry deadline:
+    the input may be fine, so it must fail the job rather than become an error row.
+    """
+
+    transient = False
 
 
 class DataError(UserError):

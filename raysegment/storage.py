@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
@@ -26,6 +28,13 @@ import pyarrow.fs as pafs
 from raysegment.errors import StorageError
 
 SUCCESS = "_SUCCESS"
+# How long object-storage operations keep retrying transient failures (endpoint down,
+# connection reset, 5xx, throttling) before the job fails; a job spec can set its own.
+RETRY_ENV = "RAYSEGMENT_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 120.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def endpoint_from_env() -> str | None:
@@ -56,6 +65,7 @@ class Location:
     fs: fsspec.AbstractFileSystem
     path: str
     endpoint_url: str | None = None
+    retry_s: float | None = None  # None: $RAYSEGMENT_STORAGE_RETRY_S, else DEFAULT_RETRY_S
 
     @property
     def remote(self) -> bool:
@@ -63,7 +73,11 @@ class Location:
 
     def child(self, *parts: str) -> Location:
         """The location of a path below this one."""
-        return Location(join(self.uri, *parts), self.fs, join(self.path, *parts), self.endpoint_url)
+        return Location(join(self.uri, *parts), self.fs, join(self.path, *parts), self.endpoint_url, self.retry_s)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run one storage operation on this location (see `call`)."""
+        return call(self, fn)
 
     def arrow_fs(self) -> pafs.FileSystem:
         """A pyarrow filesystem for Ray Data and Parquet (paths as in ``self.path``)."""
@@ -74,7 +88,7 @@ class Location:
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
 
-def resolve(uri: str, endpoint_url: str | None = None) -> Location:
+def resolve(uri: str, endpoint_url: str | None = None, retry_s: float | None = None) -> Location:
     """Turn a URI into a Location; raises StorageError for unsupported schemes."""
     if not uri:
         raise StorageError("empty URI: give a local path, file://path or s3://bucket/prefix")
@@ -92,7 +106,7 @@ def resolve(uri: str, endpoint_url: str | None = None) -> Location:
     if "@" in rest.split("/", 1)[0]:
         raise StorageError(f"{redact(uri)}: credentials in the URI are not allowed; use AWS_* env vars or a profile")
     endpoint = endpoint_url or endpoint_from_env()
-    return Location(f"s3://{rest}", _s3fs(endpoint), rest, endpoint)
+    return Location(f"s3://{rest}", _s3fs(endpoint), rest, endpoint, retry_s)
 
 
 def redact(uri: str) -> str:
@@ -158,6 +172,69 @@ def describe_error(uri: str, exc: BaseException) -> str:
     return f"{uri}: storage error ({text.splitlines()[0][:300]})"
 
 
+_TRANSIENT = (
+    *_UNREACHABLE,
+    "connection reset",
+    "connection aborted",
+    "broken pipe",
+    "server disconnected",
+    "serverdisconnected",
+    "read timeout",
+    "timed out",
+    "slowdown",
+    "serviceunavailable",
+    "service unavailable",
+    "internalerror",
+    "bad gateway",
+    "gateway timeout",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth retrying: the store is unreachable or overloaded, not wrong about the request."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if any(s in text for s in (*_NO_BUCKET, *_BAD_CREDENTIALS)) or isinstance(exc, FileNotFoundError):
+        return False
+    return any(s in text for s in _TRANSIENT)
+
+
+def retry_seconds(loc: Location) -> float:
+    if loc.retry_s is not None:
+        return loc.retry_s
+    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+
+
+def call(loc: Location, fn: Callable[[], T]) -> T:
+    """Run a storage operation; one clear StorageError on failure.
+
+    On object storage, transient failures are retried with exponential backoff
+    (0.5 s doubling to 8 s) until the location's retry deadline; past it the error
+    says so and is marked ``transient``, so callers fail the job instead of
+    recording a good input as bad.
+    """
+    deadline = time.monotonic() + retry_seconds(loc)
+    delay, attempts = 0.5, 0
+    while True:
+        try:
+            with storage_errors(loc.uri):
+                return fn()
+        except StorageError as exc:
+            cause = exc.__cause__
+            if not (loc.remote and cause is not None and is_transient(cause)):
+                raise
+            attempts += 1
+            if time.monotonic() + delay > deadline:
+                err = StorageError(
+                    f"{exc} (still failing after {attempts} attempts over {retry_seconds(loc):.0f}s; "
+                    f"set {RETRY_ENV} or the job's storage_retry_s to wait longer)"
+                )
+                err.transient = True
+                raise err from cause
+            log.warning("%s: transient storage error, retrying in %.1fs (%s)", loc.uri, delay, cause)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
 @contextlib.contextmanager
 def storage_errors(uri: str) -> Iterator[None]:
     """Re-raise storage failures as one clear StorageError naming the URI."""
@@ -174,22 +251,20 @@ def storage_errors(uri: str) -> Iterator[None]:
 
 
 def exists(loc: Location) -> bool:
-    with storage_errors(loc.uri):
-        return loc.fs.exists(loc.path)
+    return call(loc, lambda: loc.fs.exists(loc.path))
 
 
 def read_bytes(loc: Location) -> bytes:
-    with storage_errors(loc.uri):
-        return loc.fs.cat_file(loc.path)
+    return call(loc, lambda: loc.fs.cat_file(loc.path))
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write a whole file so that a reader sees either nothing or all of it."""
+    if loc.remote:
+        # One PUT is atomic on S3: the object appears whole or not at all.
+        call(loc, lambda: loc.fs.pipe_file(loc.path, data))
+        return
     with storage_errors(loc.uri):
-        if loc.remote:
-            # One PUT is atomic on S3: the object appears whole or not at all.
-            loc.fs.pipe_file(loc.path, data)
-            return
         os.makedirs(os.path.dirname(loc.path), exist_ok=True)
         tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -212,11 +287,11 @@ def staged_file(loc: Location) -> Iterator[str]:
         tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"  # same folder, so the rename is atomic
     try:
         yield tmp
-        with storage_errors(loc.uri):
-            if loc.remote:
-                # One upload (multipart for large files): S3 shows the object only once it is complete.
-                loc.fs.put_file(tmp, loc.path)
-            else:
+        if loc.remote:
+            # One upload (multipart for large files): S3 shows the object only once it is complete.
+            call(loc, lambda: loc.fs.put_file(tmp, loc.path))
+        else:
+            with storage_errors(loc.uri):
                 os.replace(tmp, loc.path)
     finally:
         if os.path.exists(tmp):
@@ -225,17 +300,15 @@ def staged_file(loc: Location) -> Iterator[str]:
 
 def upload_file(local_path: str, loc: Location) -> None:
     """Copy a local file to a location, atomically as write_bytes does."""
-    with storage_errors(loc.uri):
-        if loc.remote:
-            loc.fs.put_file(local_path, loc.path)
-            return
+    if loc.remote:
+        call(loc, lambda: loc.fs.put_file(local_path, loc.path))
+        return
     with open(local_path, "rb") as f:
         write_bytes(loc, f.read())
 
 
 def download_file(loc: Location, local_path: str) -> None:
-    with storage_errors(loc.uri):
-        loc.fs.get_file(loc.path, local_path)
+    call(loc, lambda: loc.fs.get_file(loc.path, local_path))
 
 
 def read_json(loc: Location) -> Any:
@@ -262,40 +335,54 @@ def has_success(loc: Location) -> bool:
 def remove_success(loc: Location) -> None:
     """Drop a stale marker before rewriting an output, so a partial rewrite never looks complete."""
     marker = loc.child(SUCCESS)
-    with storage_errors(marker.uri):
+
+    def remove() -> None:
         if loc.fs.exists(marker.path):
             loc.fs.rm_file(marker.path)
 
+    call(marker, remove)
+
 
 def remove_tree(loc: Location) -> None:
-    with storage_errors(loc.uri):
+    def remove() -> None:
         if loc.fs.exists(loc.path):
             loc.fs.rm(loc.path, recursive=True)
+
+    call(loc, remove)
 
 
 def check_readable(loc: Location) -> None:
     """Fail early, with a clear message, when a URI cannot be read."""
-    with storage_errors(loc.uri):
+
+    def check() -> None:
         if not loc.fs.exists(loc.path):
             raise FileNotFoundError(loc.path)
+
+    call(loc, check)
 
 
 def check_writable(loc: Location) -> None:
     """Fail early when the output cannot be written: probe with a tiny object."""
     probe = loc.child(f".write-probe-{uuid.uuid4().hex}")
-    with storage_errors(loc.uri):
+
+    def write_probe() -> None:
         if not loc.remote:
             os.makedirs(loc.path, exist_ok=True)
         loc.fs.pipe_file(probe.path, b"")
         loc.fs.rm_file(probe.path)
 
+    call(loc, write_probe)
+
 
 def list_files(loc: Location, extensions: tuple[str, ...] | None = None) -> list[str]:
     """All file paths under a location (recursive), sorted; extensions are lower-case with a dot."""
-    with storage_errors(loc.uri):
+
+    def find() -> list[str]:
         if not loc.fs.exists(loc.path):
             raise FileNotFoundError(loc.path)
-        found = loc.fs.find(loc.path)
+        return loc.fs.find(loc.path)
+
+    found = call(loc, find)
     if extensions:
         found = [p for p in found if posixpath.splitext(p)[1].lower() in extensions]
     return sorted(found)

@@ -1,6 +1,7 @@
 """Every stage with every URI on s3:// against the real S3 server (SeaweedFS)."""
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -44,6 +45,27 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path):
     with fs.open(fs.find(f"{bucket_path}/out/summaries")[0], "rb") as f:
         assert "status" in pq.read_schema(f).names
     assert json.loads(fs.cat_file(f"{bucket_path}/out/_SUCCESS"))["run_id"] == run["run_id"]
+    assert_no_credentials(fs, bucket_path, ray_cluster.s3)
+
+
+def assert_no_credentials(fs, bucket_path: str, server) -> None:
+    """The credentials in the environment appear in no output object and no Ray log."""
+    import ray
+
+    secrets = [server.secret_key.encode(), server.access_key.encode()]
+    checked = 0
+    for path in fs.find(bucket_path):
+        data = fs.cat_file(path)
+        assert not any(s in data for s in secrets), f"credentials in s3://{path}"
+        checked += 1
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    for root, _, files in os.walk(logs):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                data = f.read()
+            assert not any(s in data for s in secrets), f"credentials in Ray log {name}"
+            checked += 1
+    assert checked > 20  # manifest, shards, checkpoints, model card, summaries, masks, run record, logs
 
 
 def test_storage_errors_name_the_uri(s3_server, monkeypatch):

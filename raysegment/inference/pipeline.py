@@ -21,7 +21,7 @@ import ray
 from raysegment import __version__, storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
-from raysegment.inference.predictor import Predictor, load_model_card, preprocess
+from raysegment.inference.predictor import Predictor, load_model_card, preprocess, resolve_precision
 from raysegment.inference.sinks import read_done, write_outputs
 from raysegment.inference.sources import source_rows
 
@@ -45,8 +45,8 @@ def infer(spec: InferSpec) -> dict[str, Any]:
     """Run batch inference; returns the run record written to runs/{run_id}.json."""
     t0 = time.time()
     card = load_model_card(spec.model, spec.endpoint_url)
-    output = storage.resolve(spec.output, spec.endpoint_url)
-    storage.check_readable(storage.resolve(spec.input, spec.endpoint_url))
+    output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
+    storage.check_readable(storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s))
     storage.check_writable(output)
     if spec.overwrite:
         clear_output(output)
@@ -65,7 +65,14 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         return ds.map_batches(_drop_done, fn_kwargs={"done": [done_ref]}, batch_format="numpy") if done else ds
 
     kind, ds = source_rows(
-        spec.input, spec.source, spec.extensions, keep, spec.endpoint_url, spec.image_column, spec.key_column
+        spec.input,
+        spec.source,
+        spec.extensions,
+        keep,
+        spec.endpoint_url,
+        spec.image_column,
+        spec.key_column,
+        spec.storage_retry_s,
     )
     size = tuple(card["input"]["size"])
     # Decode tasks ask for half a CPU: short tasks pack two to a core, and resources that
@@ -85,6 +92,10 @@ def infer(spec: InferSpec) -> dict[str, Any]:
             "endpoint_url": spec.endpoint_url,
             "tta_flip": spec.tta_flip,
             "threads": max(1, int(spec.cpus_per_actor)),
+            "precision": resolve_precision(spec.precision, spec.gpus_per_actor),
+            "tile_size": spec.tile_size,
+            "tile_overlap": spec.tile_overlap,
+            "batch_size": spec.batch_size,
         },
         batch_size=spec.batch_size,
         batch_format="numpy",

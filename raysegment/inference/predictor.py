@@ -58,11 +58,49 @@ def preprocess(
     return batch
 
 
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of `tile` pixels covering `length`, consecutive tiles sharing >= `overlap`."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def tile_bounds(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
+    """The part of each tile that is kept: overlaps are split at their middle, so the kept
+    parts partition [0, length) and every pixel comes from the tile where it is farthest
+    from an edge (convolutions see the most context there)."""
+    cuts = [0] + [(nxt + prev + tile) // 2 for prev, nxt in zip(starts, starts[1:])] + [length]
+    return list(zip(cuts, cuts[1:]))
+
+
+def resolve_precision(precision: str, gpus: float) -> str:
+    """'auto' is bfloat16 on GPU actors (half the memory traffic) and float32 on CPU."""
+    if precision == "auto":
+        return "bfloat16" if gpus > 0 else "float32"
+    return precision
+
+
 class Predictor:
-    """A Ray Data actor: loads the model once, turns resized images into class maps."""
+    """A Ray Data actor: loads the model once, turns resized images into class maps.
+
+    Native-scale models (card ``input.resize == "none"``) predict at full resolution;
+    images wider or taller than ``tile_size`` are cut into overlapping tiles that are
+    predicted as one batch and stitched (see `tile_bounds`), so memory per image stays
+    bounded whatever its size.
+    """
 
     def __init__(
-        self, model_uri: str, endpoint_url: str | None = None, tta_flip: bool = False, threads: int | None = None
+        self,
+        model_uri: str,
+        endpoint_url: str | None = None,
+        tta_flip: bool = False,
+        threads: int | None = None,
+        precision: str = "float32",
+        tile_size: int = 1024,
+        tile_overlap: int = 64,
+        batch_size: int = 16,
     ) -> None:
         if threads:
             # Ray sets OMP_NUM_THREADS to the actor's CPUs (1 by default) and TF then runs its
@@ -80,7 +118,14 @@ class Predictor:
             local = os.path.join(d, MODEL_FILE)
             storage.download_file(loc.child(MODEL_FILE), local)
             self.model = keras.models.load_model(local, compile=False)
+        if precision != "float32":
+            self.model = _with_policy(self.model, f"mixed_{precision}")
         model = self.model
+        multiple = 2 ** self.card.get("architecture", {}).get("depth", 0)
+        self.multiple = multiple
+        self.tile = max(multiple, tile_size // multiple * multiple)
+        self.overlap = min(tile_overlap, self.tile // 2)
+        self.batch_size = batch_size
 
         from raysegment.models.losses import probabilities
 
@@ -116,18 +161,60 @@ class Predictor:
         return batch
 
     def _predict_each(self, images: np.ndarray, ok: np.ndarray, conf: np.ndarray) -> np.ndarray:
-        """Full-resolution prediction, one image at a time, padded to a multiple of 2**depth."""
-        multiple = 2 ** self.card.get("architecture", {}).get("depth", 0)
+        """Full-resolution prediction, image by image (tiled when larger than the tile size)."""
         preds = np.empty(len(images), dtype=object)
         for i, img in enumerate(images):
             if not ok[i]:
                 preds[i] = np.zeros(img.shape[:2], np.uint8)
                 continue
-            h, w = img.shape[:2]
-            ph, pw = -h % multiple, -w % multiple
-            # Reflect padding keeps the border context natural for the convolutions.
-            x = np.pad(img, [(0, ph), (0, pw), (0, 0)], mode="reflect") if ph or pw else img
-            classes, probs = self._predict(x[None].astype(np.float32) * (1.0 / 255.0))
-            preds[i] = classes.numpy()[0, :h, :w].astype(np.uint8)
-            conf[i] = float(probs.numpy()[0, :h, :w].mean())
+            preds[i], conf[i] = self._predict_tiled(img)
         return preds
+
+    def _padded(self, img: np.ndarray) -> np.ndarray:
+        """Reflect-pad to a multiple of 2**depth (natural border context for the convolutions)."""
+        h, w = img.shape[:2]
+        ph, pw = -h % self.multiple, -w % self.multiple
+        if not (ph or pw):
+            return img
+        mode = "reflect" if ph < h and pw < w else "edge"  # reflect needs more pixels than the pad
+        return np.pad(img, [(0, ph), (0, pw), (0, 0)], mode=mode)
+
+    def _predict_tiled(self, img: np.ndarray) -> tuple[np.ndarray, float]:
+        h, w = img.shape[:2]
+        x = self._padded(img)
+        th, tw = min(self.tile, x.shape[0]), min(self.tile, x.shape[1])
+        rows, cols = tile_starts(x.shape[0], th, self.overlap), tile_starts(x.shape[1], tw, self.overlap)
+        windows = [(r, c) for r in rows for c in cols]
+        row_keep, col_keep = (
+            dict(zip(rows, tile_bounds(rows, th, x.shape[0]))),
+            dict(zip(cols, tile_bounds(cols, tw, x.shape[1]))),
+        )
+        out = np.zeros(x.shape[:2], np.uint8)
+        conf_sum = 0.0
+        for b in range(0, len(windows), self.batch_size):
+            chunk = windows[b : b + self.batch_size]
+            tiles = np.stack([x[r : r + th, c : c + tw] for r, c in chunk]).astype(np.float32) * (1.0 / 255.0)
+            classes, probs = self._predict(tiles)
+            classes, probs = classes.numpy(), probs.numpy()
+            for k, (r, c) in enumerate(chunk):
+                (r0, r1), (c0, c1) = row_keep[r], col_keep[c]
+                out[r0:r1, c0:c1] = classes[k, r0 - r : r1 - r, c0 - c : c1 - c]
+                # Confidence over the image's own pixels only (not the padding).
+                r1, c1 = min(r1, h), min(c1, w)
+                if r1 > r0 and c1 > c0:
+                    conf_sum += float(probs[k, r0 - r : r1 - r, c0 - c : c1 - c].sum())
+        return out[:h, :w], conf_sum / (h * w)
+
+
+def _with_policy(model, policy: str):
+    """The same model with a mixed-precision dtype policy (weights copied, kept in float32)."""
+    import keras
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    mixed = keras.models.clone_model(model, clone_function=clone)
+    mixed.set_weights(model.get_weights())
+    return mixed

@@ -141,10 +141,13 @@ def write_outputs(
 def summary_files(output: storage.Location) -> list[str]:
     """Paths of every summary file of every run under OUTPUT."""
     root = output.child("summaries")
-    with storage.storage_errors(root.uri):
+
+    def find() -> list[str]:
         if not root.fs.exists(root.path):
             return []
         return sorted(p for p in root.fs.find(root.path) if p.endswith(".parquet"))
+
+    return root.call(find)
 
 
 def read_done(output: storage.Location) -> tuple[set[str], set[str]]:
@@ -152,8 +155,8 @@ def read_done(output: storage.Location) -> tuple[set[str], set[str]]:
     keys: set[str] = set()
     models: set[str] = set()
     for path in summary_files(output):
-        with storage.storage_errors(_uri(output, path)), output.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["key", "model_sha256"])
+        data = output.call(lambda: output.fs.cat_file(path))  # noqa: B023 (called at once)
+        table = pq.read_table(io.BytesIO(data), columns=["key", "model_sha256"])
         keys.update(table.column("key").to_pylist())
         models.update(table.column("model_sha256").unique().to_pylist())
     return keys, models

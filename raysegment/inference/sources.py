@@ -80,7 +80,7 @@ def _list_subtree(batch: dict[str, np.ndarray], root: storage.Location, exts: tu
     prefix = root.path.rstrip("/") + "/"
     found: list[str] = []
     for path, is_dir in zip(batch["path"], batch["is_dir"]):
-        found.extend(root.fs.find(path) if is_dir else [path])
+        found.extend(root.call(lambda: root.fs.find(path)) if is_dir else [path])  # noqa: B023
     found = sorted(p for p in found if _ext_ok(p, exts))
     return {
         "path": np.asarray(found, dtype=object),
@@ -90,12 +90,15 @@ def _list_subtree(batch: dict[str, np.ndarray], root: storage.Location, exts: tu
 
 def top_level(root: storage.Location, file_hint: str) -> list[dict[str, Any]]:
     """The entries directly under a prefix (the listing's fan-out); a clear error if it is a file or missing."""
-    with storage.storage_errors(root.uri):
+
+    def ls() -> list[dict[str, Any]]:
         if not root.fs.isdir(root.path):
             if root.fs.exists(root.path):
                 raise DataError(f"{root.uri}: is a file; {file_hint}")
             raise FileNotFoundError(root.path)
         return root.fs.ls(root.path, detail=True)
+
+    return root.call(ls)
 
 
 def list_prefix(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset:
@@ -121,6 +124,8 @@ def _read_each(keys: np.ndarray, uris: list[str], read: Callable[[int], bytes]) 
             data.append(read(i))
             errors.append("")
         except (OSError, storage.StorageError) as exc:
+            if getattr(exc, "transient", False):
+                raise  # the store is down, not the input bad: fail the job, keep the key undone
             data.append(b"")
             errors.append(f"cannot read: {exc}")
     return _rows(list(keys), uris, data, errors)
@@ -129,7 +134,9 @@ def _read_each(keys: np.ndarray, uris: list[str], read: Callable[[int], bytes]) 
 def read_files(batch: dict[str, np.ndarray], root: storage.Location) -> dict[str, np.ndarray]:
     """Read each listed file under root."""
     paths = batch["path"]
-    return _read_each(batch["key"], [_uri(root, p) for p in paths], lambda i: root.fs.cat_file(paths[i]))
+    return _read_each(
+        batch["key"], [_uri(root, p) for p in paths], lambda i: root.call(lambda: root.fs.cat_file(paths[i]))
+    )
 
 
 def read_archives(
@@ -161,6 +168,8 @@ def read_archives(
                         yield _rows(keys, uris, data, errors)
                         keys, uris, data, errors = [], [], [], []
         except (OSError, tarfile.TarError, EOFError) as exc:
+            if root.remote and storage.is_transient(exc):
+                raise storage.StorageError(f"{_uri(root, path)}: storage unreachable mid-archive ({exc})") from exc
             # A damaged archive is one error row; members read before the damage are kept.
             keys.append(f"{key}/(archive)")
             uris.append(_uri(root, path))
@@ -251,7 +260,7 @@ def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None) -> dict[st
             if scheme not in filesystems:
                 filesystems[scheme] = storage.resolve(uri, endpoint_url)
             loc = storage.Location(uri, filesystems[scheme].fs, uri.split("://", 1)[1], endpoint_url)
-        return loc.fs.cat_file(loc.path)
+        return loc.call(lambda: loc.fs.cat_file(loc.path))
 
     return _read_each(batch["key"], [str(u) for u in batch["path"]], read)
 
@@ -261,13 +270,18 @@ def detect_kind(root: storage.Location) -> str:
     low = root.path.lower()
     if low.endswith(".txt"):
         return "list"
-    with storage.storage_errors(root.uri):
+
+    def look() -> str | list[str]:
         if not root.fs.exists(root.path):
             raise FileNotFoundError(root.path)
         if low.endswith(".parquet") and root.fs.isfile(root.path):
             with root.fs.open(root.path, "rb") as f:
                 return "list" if "uri" in pq.ParquetFile(f).schema_arrow.names else "parquet"
-        sample = [p for p, _ in zip(root.fs.find(root.path), range(1000))]
+        return [p for p, _ in zip(root.fs.find(root.path), range(1000))]
+
+    sample = root.call(look)
+    if isinstance(sample, str):
+        return sample
     if sample and all(_ext_ok(p, ARCHIVE_EXTENSIONS) for p in sample):
         return "tar"
     if sample and all(p.lower().endswith(".parquet") for p in sample):
@@ -286,13 +300,14 @@ def source_rows(
     endpoint_url: str | None = None,
     image_column: str = "image",
     key_column: str | None = None,
+    retry_s: float | None = None,
 ) -> tuple[str, ray.data.Dataset]:
     """(kind, dataset of key/source_uri/bytes/error rows) for INPUT.
 
     ``keep`` drops keys already done; it runs on the listing where keys are known
     before reading (files, list) so skipped images are never read.
     """
-    root = storage.resolve(uri, endpoint_url)
+    root = storage.resolve(uri, endpoint_url, retry_s)
     kind = detect_kind(root) if kind == "auto" else kind
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     if kind == "files":

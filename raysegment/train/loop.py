@@ -9,6 +9,7 @@ one worker would take with batch N*B.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -94,12 +95,22 @@ def precision_policy(cfg: dict[str, Any]) -> str:
     return {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[mode]
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_checkpoint(directory: str, model, optimizer, state: dict[str, Any]) -> None:
     model.save_weights(os.path.join(directory, CHECKPOINT_WEIGHTS))
     np.savez(os.path.join(directory, CHECKPOINT_OPTIMIZER), *[np.asarray(v) for v in optimizer.variables])
-    # state.json last: a checkpoint with a state file is complete.
+    # state.json last, with the other files' hashes: a checkpoint is complete and intact
+    # exactly when its state file exists and the hashes match.
+    digests = {n: _sha256(os.path.join(directory, n)) for n in (CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER)}
     with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
-        json.dump(state, f)
+        json.dump({**state, "sha256": digests}, f)
 
 
 def load_checkpoint(directory: str, model, optimizer) -> dict[str, Any]:
@@ -113,6 +124,9 @@ def load_checkpoint(directory: str, model, optimizer) -> dict[str, Any]:
         raise ValueError(f"checkpoint {directory} is incomplete: missing {missing}")
     with open(os.path.join(directory, CHECKPOINT_STATE)) as f:
         state = json.load(f)
+    for name, digest in state.pop("sha256", {}).items():
+        if _sha256(os.path.join(directory, name)) != digest:
+            raise ValueError(f"checkpoint {directory}: {name} does not match its recorded sha256 (corrupt or partial)")
     model.load_weights(os.path.join(directory, CHECKPOINT_WEIGHTS))
     with np.load(os.path.join(directory, CHECKPOINT_OPTIMIZER)) as saved:
         values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
@@ -121,6 +135,40 @@ def load_checkpoint(directory: str, model, optimizer) -> dict[str, Any]:
     for var, value in zip(optimizer.variables, values):
         var.assign(value)
     return state
+
+
+def restore(checkpoint, model, optimizer, rank: int) -> dict[str, Any]:
+    """Load the latest checkpoint; if it is corrupt or partial, the newest older one that loads.
+
+    Ray Train hands over only the latest checkpoint; its siblings (``num_to_keep``) sit
+    next to it in the run's storage. Every rank walks the same list, so all agree.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, latest = checkpoint.filesystem, checkpoint.path
+    parent = os.path.dirname(latest.rstrip("/"))
+    siblings = [
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        if info.type == pafs.FileType.Directory
+        and os.path.basename(info.path).startswith("checkpoint_")
+        and info.path.rstrip("/") != latest.rstrip("/")
+    ]
+    problems = []
+    for path in [latest, *sorted(siblings, reverse=True)]:
+        try:
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+                state = load_checkpoint(d, model, optimizer)
+        except Exception as exc:  # h5py, zipfile and json each raise their own kind
+            problems.append(f"{path}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if rank == 0:
+            for problem in problems:
+                print(f"[raysegment] skipped unreadable checkpoint {problem}", flush=True)
+            print(f"[raysegment] resumed from epoch {state['epoch']} ({path})", flush=True)
+        return state
+    raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(problems))
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -159,10 +207,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     state: dict[str, Any] = {"epoch": -1, "best_val_mean_iou": -1.0, "best_epoch": -1, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer)
-        if rank == 0:
-            print(f"[raysegment] resumed from epoch {state['epoch']} ({checkpoint.path})", flush=True)
+        state = restore(checkpoint, model, optimizer, rank)
 
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 

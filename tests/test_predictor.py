@@ -1,0 +1,66 @@
+"""The predictor on its own (no Ray): tiling and stitching, mixed precision."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from raysegment.inference.bench import make_model_dir
+from raysegment.inference.predictor import Predictor, tile_bounds, tile_starts
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (64, 32, 0), (33, 32, 16), (20, 32, 8), (1000, 256, 64)])
+def test_tiles_cover_once_with_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + min(tile, length) == length
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap
+    kept = tile_bounds(starts, min(tile, length), length)
+    covered = np.zeros(length, int)
+    for start, (lo, hi) in zip(starts, kept):
+        assert start <= lo < hi <= start + tile  # each kept part lies inside its tile
+        covered[lo:hi] += 1
+    assert (covered == 1).all()
+
+
+@pytest.fixture(scope="module")
+def native_model(tmp_path_factory):
+    """A randomly initialised depth-2 U-Net whose card says: predict at full resolution."""
+    root = str(tmp_path_factory.mktemp("native"))
+    model_dir = make_model_dir(root, image_size=32, depth=2, base_filters=4)
+    card_path = os.path.join(model_dir, "model.json")
+    card = json.load(open(card_path))
+    card["input"]["resize"] = "none"
+    json.dump(card, open(card_path, "w"))
+    return model_dir
+
+
+def predict(predictor, img):
+    """Predict `img` in a ragged batch beside a 5x7 image (smaller than the padding multiple)."""
+    images = np.empty(2, dtype=object)
+    images[:] = [img, img[:5, :7]]
+    out = predictor({"image": images, "error": np.asarray(["", ""], object)})
+    assert out["pred"][1].shape == (5, 7)
+    return out["pred"][0], out["mean_confidence"][0]
+
+
+def test_tiled_prediction_matches_whole_image(native_model):
+    """Overlap wider than the U-Net's receptive field: stitched tiles give the whole-image answer."""
+    rng = np.random.default_rng(0)
+    img = (rng.random((150, 203, 3)) * 255).astype(np.uint8)
+    whole, whole_conf = predict(Predictor(native_model, tile_size=4096), img)
+    tiled, tiled_conf = predict(Predictor(native_model, tile_size=64, tile_overlap=56, batch_size=4), img)
+    assert whole.shape == tiled.shape == (150, 203)
+    assert len(np.unique(whole)) > 1  # a model that paints one class would make this test vacuous
+    assert (whole == tiled).mean() > 0.999
+    assert abs(whole_conf - tiled_conf) < 1e-3
+
+
+def test_bfloat16_predictor_agrees_with_float32(native_model):
+    rng = np.random.default_rng(1)
+    img = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    full, _ = predict(Predictor(native_model), img)
+    half, conf = predict(Predictor(native_model, precision="bfloat16"), img)
+    assert half.shape == full.shape and 0.0 < conf <= 1.0
+    assert len(np.unique(full)) > 1
+    assert (half == full).mean() > 0.9
