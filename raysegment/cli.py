@@ -124,7 +124,13 @@ def data_info(data: str, endpoint_url: str | None) -> None:
 @click.option("--depth", type=int, default=None)
 @click.option("--base-filters", type=int, default=None)
 @click.option("--augment/--no-augment", default=None, help="master switch for augmentation (default: on)")
-@click.option("--crop", type=click.Choice(["resize", "random"]), default=None, help="fit to the size (default: resize)")
+@click.option(
+    "--crop",
+    type=click.Choice(["resize", "random", "native"]),
+    default=None,
+    help="resize (default), random crop, or native: windows at the original scale, full-resolution inference",
+)
+@click.option("--repeat", type=int, default=None, help="passes over the training split per epoch (default: 1)")
 @click.option("--flip/--no-flip", default=None, help="random flips (default: on)")
 @click.option("--rotate90/--no-rotate90", default=None, help="random 90-degree turns (default: on)")
 @click.option("--scale-jitter", type=float, default=None, help="zoom factor in [1-J, 1+J] (default: 0)")
@@ -366,7 +372,9 @@ def bench_train(
 
     init_ray(min_cpus=(os.cpu_count() or 1) + 1)
     r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)
-    click.echo(f"  plain Keras (1 process, {r['cores']} cores)   {r['plain_keras_ips']:>8} images/s")
+    click.echo(
+        f"  plain Keras (1 process, {r['cores']} cores)   {r['plain_keras_ips']:>8} images/s   (best of {r['plain_keras_runs_ips']}, before and after)"
+    )
     click.echo(
         f"  Ray Train, 1 worker x {r['cores']} cores     {r['ray_train_1_worker_ips']:>8} images/s   overhead {r['overhead_equal_cores']:.1%}"
     )

@@ -143,6 +143,9 @@ class TrainSpec(Spec):
         description="resize: whole image to the size; random: shorter side to the size, random square crop; "
         "native: random square window at the original scale, and inference at full resolution",
     )
+    repeat: int = Field(
+        1, ge=1, le=10_000, description="passes over the training split per epoch (each with fresh random crops)"
+    )
     flip: bool = Field(True, description="random horizontal and vertical flips")
     rotate90: bool = Field(True, description="random 90-degree turns")
     scale_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="zoom by a factor in [1-j, 1+j], then crop/pad")

@@ -171,3 +171,11 @@ def test_local_cluster_scripts():
     start = (CLUSTER / "local" / "start.sh").read_text()
     assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start and "worker_node" in start
     assert "ray stop" not in (CLUSTER / "local" / "stop.sh").read_text().replace("Never `ray stop`", "")
+
+
+def test_embedded_ray_serves_its_dashboard_on_loopback(ray_cluster):
+    """The local Ray a command starts (no RAY_ADDRESS) keeps its dashboard and job server on loopback."""
+    import ray
+
+    url = ray._private.worker._global_node.address_info["webui_url"]
+    assert url.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"), url

@@ -53,3 +53,27 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_spec(TrainSpec, write(tmp_path, "data: [unclosed\n"))
     with pytest.raises(ConfigError, match="not found"):
         load_spec(TrainSpec, str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "spec,field,value",
+    [
+        (InferSpec, "batch_size", 0),
+        (InferSpec, "batch_size", 10**9),
+        (InferSpec, "max_error_fraction", -0.1),
+        (InferSpec, "max_pixels", 10**12),
+        (InferSpec, "storage_retry_s", -1),
+        (InferSpec, "tile_size", 0),
+        (InferSpec, "actors", "4:2"),
+        (InferSpec, "precision", "int4"),
+        (TrainSpec, "epochs", 10**9),
+        (TrainSpec, "learning_rate", -1e-3),
+        (TrainSpec, "repeat", 0),
+        (TrainSpec, "name", "../escape"),
+    ],
+)
+def test_out_of_range_values_name_the_field(spec, field, value):
+    base = {"model": "m", "input": "i", "output": "o"} if spec is InferSpec else {"data": "d", "out": "o"}
+    with pytest.raises(ConfigError, match=f"field '{field}'") as err:
+        load_spec(spec, None, {**base, field: value})
+    assert "\n" not in str(err.value)

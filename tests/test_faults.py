@@ -2,6 +2,7 @@
 a corrupt checkpoint. Each test checks that nothing is lost or duplicated."""
 
 import csv
+import io
 import json
 import os
 import signal
@@ -167,31 +168,30 @@ def test_s3_outage_is_retried_or_fails_clearly(tiny_model, s3_server, s3_prefix,
     assert fs.exists(f"{bucket}/out/_SUCCESS")
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_model, tmp_path, capfd):
-    """A truncated latest checkpoint is detected (sha256 in state.json) and the one before it used."""
+@pytest.mark.s3
+def test_corrupt_checkpoint_on_s3_falls_back_to_the_previous_one(tiny_model, s3_server, s3_prefix, capfd):
+    """Checkpoints in the bucket; a truncated latest one is detected (sha256 in state.json) and the one
+    before it used; resuming keeps every epoch exactly once."""
     data, _ = tiny_model
-    out = tmp_path / "model"
-    spec = {
-        "data": data,
-        "out": str(out),
-        "workers": 1,
-        "image_size": 32,
-        "batch_size": 4,
-        "depth": 2,
-        "base_filters": 4,
-    }
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url}, skip_instance_cache=True)
+    out = f"{s3_prefix}/model"
+    bucket = out[len("s3://") :]
+    spec = {"data": data, "out": out, "workers": 1, "image_size": 32, "batch_size": 4, "depth": 2, "base_filters": 4}
     train(TrainSpec(**spec, epochs=2, resume=False))
-    checkpoints = sorted(p for p in (out / "train").iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    checkpoints = sorted(
+        p
+        for p in fs.ls(f"{bucket}/train", detail=False)
+        if p.rsplit("/", 1)[1].startswith("checkpoint_") and fs.isdir(p)
+    )
     assert len(checkpoints) == 2
     latest = checkpoints[-1]
-    assert json.loads((latest / "state.json").read_text())["epoch"] == 1
-    weights = latest / "model.weights.h5"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert json.loads(fs.cat_file(f"{latest}/state.json"))["epoch"] == 1
+    weights = fs.cat_file(f"{latest}/model.weights.h5")
+    fs.pipe_file(f"{latest}/model.weights.h5", weights[: len(weights) // 2])
 
     result = train(TrainSpec(**spec, epochs=3, resume=True))
-    with open(out / "history.csv") as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
-    assert epochs == [0, 1, 2]  # epoch 1 redone from the epoch-0 checkpoint, none doubled
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{bucket}/history.csv").decode())))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # epoch 1 redone from the epoch-0 checkpoint
     assert result["metrics"]["epochs_run"] == 3
     logs = capfd.readouterr()
     assert "skipped unreadable checkpoint" in logs.out + logs.err

@@ -7,10 +7,13 @@ images and (N, S, S) uint8 class-id masks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from raysegment import storage
@@ -21,15 +24,34 @@ if TYPE_CHECKING:
     from raysegment.config import TrainSpec
 
 
+READ_ROWS = 32
+
+
+def _read_shards(batch: dict[str, np.ndarray], loc: storage.Location, columns: list[str] | None) -> Iterator[pa.Table]:
+    """Stream the rows of each listed shard, READ_ROWS at a time (bounded memory whatever the shard size)."""
+    for path in batch["path"]:
+        shard = loc.child(str(path))
+        with storage.storage_errors(shard.uri), shard.fs.open(shard.path, "rb") as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=READ_ROWS, columns=columns):
+                yield pa.Table.from_batches([record_batch])
+
+
 def read_split(
-    loc: storage.Location, manifest: dict[str, Any], split: str, columns: list[str] | None = None
+    loc: storage.Location, manifest: dict[str, Any], split: str, columns: list[str] | None = None, repeat: int = 1
 ) -> ray.data.Dataset:
-    """The shards of one split as a Ray dataset (only shards the manifest lists)."""
-    paths = [loc.child(s["path"]).path for s in manifest["shards"] if s["split"] == split]
-    if not paths:
+    """The shards of one split as a Ray dataset (only shards the manifest lists).
+
+    One task per shard reads it with pyarrow. Not `ray.data.read_parquet`: its file
+    listing and metadata stages cost 3-8 s per execution here, and a training epoch
+    executes the dataset anew (measured: 30 images, 7 s to the first batch with
+    read_parquet, 0.07 s this way).
+    """
+    shards = [s["path"] for s in manifest["shards"] if s["split"] == split]
+    if not shards:
         raise DataError(f"{loc.uri}: split '{split}' has no shards (counts: {manifest['counts']})")
-    ds = ray.data.read_parquet(paths, filesystem=loc.arrow_fs())
-    return ds.select_columns(columns) if columns else ds
+    items = [{"path": path} for path in shards] * repeat
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(_read_shards, fn_kwargs={"loc": loc, "columns": columns}, batch_size=1, batch_format="numpy")
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
@@ -159,18 +181,20 @@ def training_dataset(
     size: int,
     augment: bool | Augmentation | None,
     native_validation: bool = False,
+    repeat: int = 1,
 ) -> ray.data.Dataset:
     """Decoded, resized or cropped (for training, augmented) batches ready for the train loop.
 
     `augment` is an Augmentation (see `Augmentation.from_spec`), True for the default one,
     or False/None for a plain resize, as validation and inference see the images.
     `native_validation` takes the central window at the original scale instead, for
-    models trained with `crop: native`.
+    models trained with `crop: native`. `repeat` reads the split that many times per
+    epoch (small data sets with random crops: more steps per epoch, fewer epoch ends).
     """
     aug = Augmentation() if augment is True else (augment or None)
     if native_validation:
         aug = NATIVE_VAL
-    ds = read_split(loc, manifest, split, columns=["image", "mask"])
+    ds = read_split(loc, manifest, split, columns=["image", "mask"], repeat=repeat)
     return ds.map_batches(
         decode_for_training, fn_kwargs={"size": size, "augment": aug}, batch_size=32, batch_format="numpy"
     )

@@ -239,9 +239,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         losses = []
         # Every worker runs exactly `steps` steps (collectives hang otherwise); rows past
         # that are drained, so each epoch still consumes the whole streaming split.
-        for i, b in enumerate(train_shard.iter_batches(batch_size=batch, drop_last=True, batch_format="numpy")):
+        # Two batches in flight so decoding the next overlaps this step; losses stay tensors
+        # until the epoch ends (no host sync per step).
+        batches = train_shard.iter_batches(batch_size=batch, drop_last=True, batch_format="numpy", prefetch_batches=2)
+        for i, b in enumerate(batches):
             if i < steps:
-                losses.append(float(train_step(tf.constant(b["image"]), tf.constant(b["mask"]))))
+                losses.append(train_step(tf.constant(b["image"]), tf.constant(b["mask"])))
         if len(losses) < steps:
             raise RuntimeError(f"rank {rank}: shard gave {len(losses)} batches, expected {steps}")
         train_seconds = time.time() - t0
@@ -257,7 +260,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         lr = optimizer.learning_rate
         metrics = {
             "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": float(np.mean([float(x) for x in losses])),
             "val_pixel_accuracy": val["pixel_accuracy"],
             "val_mean_iou": val["mean_iou"],
             "val_mean_dice": val["mean_dice"],

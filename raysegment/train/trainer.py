@@ -99,7 +99,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         **spec.model_dump(exclude={"endpoint_url"}),
         "num_classes": manifest["num_classes"],
         "class_names": manifest["class_names"],
-        "train_count": train_count,
+        "train_count": train_count * spec.repeat,
         "class_weights": (
             inverse_frequency_weights(manifest["pixel_frequency"])
             if spec.class_weights == "inverse_frequency"
@@ -107,7 +107,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         ),
     }
     datasets = {
-        "train": training_dataset(data_loc, manifest, "train", spec.image_size, Augmentation.from_spec(spec)),
+        "train": training_dataset(
+            data_loc, manifest, "train", spec.image_size, Augmentation.from_spec(spec), repeat=spec.repeat
+        ),
         "val": training_dataset(
             data_loc, manifest, "val", spec.image_size, augment=False, native_validation=spec.crop == "native"
         ),
