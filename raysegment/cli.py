@@ -296,6 +296,32 @@ def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | No
     _print(r)
 
 
+@bench.command("soak")
+@click.option("--images", type=int, default=100_000, show_default=True)
+@click.option("--kill-every", type=float, default=30.0, show_default=True, help="seconds between actor kills")
+@click.option("--image-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--actors", type=int, default=1, show_default=True)
+@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
+@handle_errors
+def bench_soak(
+    images: int, kill_every: float, image_size: int, batch_size: int, actors: int, workdir: str | None
+) -> None:
+    """Inference over generated images while a predictor actor is SIGKILLed every N seconds; then a count check."""
+    from raysegment.inference.bench import bench_soak as run
+    from raysegment.runtime import init_ray
+
+    init_ray(min_cpus=(os.cpu_count() or 1) + 1)
+    r = run(images, kill_every, image_size, batch_size, actors, workdir)
+    click.echo(
+        f"{r['images']} images in {r['seconds']} s ({r['images_per_second']} images/s) with {r['actor_kills']} actor kills; "
+        f"{r['summary_rows']} summary rows, {r['distinct_keys']} distinct keys, {r['mask_files']} masks: {r['count_check']}"
+    )
+    _print(r)
+    if r["count_check"] != "ok":
+        raise SystemExit(3)
+
+
 @bench.command("infer")
 @click.option("--images", type=int, default=2000, show_default=True)
 @click.option("--image-size", type=int, default=128, show_default=True)

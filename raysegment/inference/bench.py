@@ -231,3 +231,78 @@ def bench_scale(total: int, image_size: int, batch_size: int, actors: int, workd
     out["workers_peak_growth"] = round(large["workers_peak_total_mb"] / max(small["workers_peak_total_mb"], 1e-9), 3)
     out["driver_peak_growth"] = round(large["driver_peak_rss_mb"] / max(small["driver_peak_rss_mb"], 1e-9), 3)
     return out
+
+
+class ActorKiller:
+    """Every `every` seconds, SIGKILLs one live predictor actor on this node (a soak's fault)."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.kills = 0
+        self.pids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import signal
+
+        import ray
+        from ray.util.state import list_actors
+
+        address = ray.get_runtime_context().gcs_address
+        while not self._stop.wait(self.every):
+            alive = [
+                a
+                for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+                if "Predictor" in a.class_name and a.pid
+            ]
+            self.pids.update(a.pid for a in alive)
+            if alive:
+                try:
+                    os.kill(alive[0].pid, signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def __enter__(self) -> ActorKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_soak(
+    images: int, kill_every: float, image_size: int, batch_size: int, actors: int, workdir: str | None
+) -> dict[str, Any]:
+    """Inference over `images` generated images while an actor is killed every `kill_every` seconds."""
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(dir=workdir) as root:
+        model_dir = make_model_dir(root, image_size, depth=2, base_filters=4)
+        input_dir, output_dir = os.path.join(root, "in"), os.path.join(root, "out")
+        write_inputs(input_dir, images, image_size)
+        t0 = time.perf_counter()
+        with WorkerMemory() as mem, ActorKiller(kill_every) as killer:
+            _, record = pipeline(model_dir, input_dir, output_dir, batch_size, actors)
+        seconds = time.perf_counter() - t0
+        keys = pq.read_table(os.path.join(output_dir, "summaries"), columns=["key"]).column("key").to_pylist()
+        masks = sum(len(files) for _, _, files in os.walk(os.path.join(output_dir, "masks")))
+    return {
+        "images": images,
+        "kill_every_s": kill_every,
+        "actor_kills": killer.kills,
+        "predictor_pids_seen": len(killer.pids),
+        "seconds": round(seconds, 1),
+        "images_per_second": round(images / seconds, 1),
+        "summary_rows": len(keys),
+        "distinct_keys": len(set(keys)),
+        "mask_files": masks,
+        "count_check": "ok" if len(keys) == len(set(keys)) == masks == images else "FAILED",
+        "peak_rss_mb": {
+            "driver": round(_rss_mb(), 1),
+            "workers_total": round(mem.peak_total_mb, 1),
+            "worker_max": round(mem.peak_single_mb, 1),
+        },
+    }
