@@ -63,7 +63,7 @@ def make_model_dir(root: str, image_size: int, depth: int, base_filters: int, nu
     import keras
 
     from raysegment.models.unet import build_unet
-    from raysegment.train.trainer import file_sha256
+    from raysegment.train.loop import file_sha256
 
     model_dir = os.path.join(root, "model")
     os.makedirs(model_dir, exist_ok=True)

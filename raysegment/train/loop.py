@@ -95,7 +95,8 @@ def precision_policy(cfg: dict[str, Any]) -> str:
     return {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[mode]
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -108,7 +109,7 @@ def save_checkpoint(directory: str, model, optimizer, state: dict[str, Any]) -> 
     np.savez(os.path.join(directory, CHECKPOINT_OPTIMIZER), *[np.asarray(v) for v in optimizer.variables])
     # state.json last, with the other files' hashes: a checkpoint is complete and intact
     # exactly when its state file exists and the hashes match.
-    digests = {n: _sha256(os.path.join(directory, n)) for n in (CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER)}
+    digests = {n: file_sha256(os.path.join(directory, n)) for n in (CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER)}
     with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
         json.dump({**state, "sha256": digests}, f)
 
@@ -125,7 +126,7 @@ def load_checkpoint(directory: str, model, optimizer) -> dict[str, Any]:
     with open(os.path.join(directory, CHECKPOINT_STATE)) as f:
         state = json.load(f)
     for name, digest in state.pop("sha256", {}).items():
-        if _sha256(os.path.join(directory, name)) != digest:
+        if file_sha256(os.path.join(directory, name)) != digest:
             raise ValueError(f"checkpoint {directory}: {name} does not match its recorded sha256 (corrupt or partial)")
     model.load_weights(os.path.join(directory, CHECKPOINT_WEIGHTS))
     with np.load(os.path.join(directory, CHECKPOINT_OPTIMIZER)) as saved:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -23,7 +22,13 @@ from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.errors import DataError
 from raysegment.models.losses import inverse_frequency_weights
-from raysegment.train.loop import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, build_model, train_loop_per_worker
+from raysegment.train.loop import (
+    CHECKPOINT_STATE,
+    CHECKPOINT_WEIGHTS,
+    build_model,
+    file_sha256,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +58,6 @@ def history_csv(history: list[dict[str, Any]]) -> bytes:
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue().encode()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], count: int = 8) -> bytes:
