@@ -100,24 +100,13 @@ def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> pa.Table:
 
 
 def _read_parquet_files(loc: storage.Location, paths: list[str], columns: list[str] | None = None) -> list[pa.Table]:
-    tables = []
-    for path in paths:
-        with storage.storage_errors(loc.uri), loc.fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    return tables
-
-
-def _parquet_files(loc: storage.Location) -> list[str]:
-    with storage.storage_errors(loc.uri):
-        if not loc.fs.exists(loc.path):
-            return []
-        return sorted(p for p in loc.fs.find(loc.path) if p.endswith(".parquet"))
+    return [storage.read_table(loc, path, columns) for path in paths]
 
 
 def read_ledger(output: storage.Location) -> pa.Table:
     """Every ledger row under OUTPUT/ledger/."""
     root = output.child("ledger")
-    tables = _read_parquet_files(root, _parquet_files(root))
+    tables = _read_parquet_files(root, storage.parquet_files(root))
     return pa.concat_tables(
         [t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in tables] or [LEDGER_SCHEMA.empty_table()]
     )

@@ -11,6 +11,7 @@ secrets: every process finds its own through the chain.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raysegment.errors import StorageError
 
@@ -372,6 +375,23 @@ def check_writable(loc: Location) -> None:
         loc.fs.rm_file(probe.path)
 
     call(loc, write_probe)
+
+
+def parquet_files(loc: Location) -> list[str]:
+    """Paths of every Parquet file under a location (recursive, sorted); none if it does not exist."""
+
+    def find() -> list[str]:
+        if not loc.fs.exists(loc.path):
+            return []
+        return sorted(p for p in loc.fs.find(loc.path) if p.endswith(".parquet"))
+
+    return call(loc, find)
+
+
+def read_table(loc: Location, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (a path inside loc's filesystem, as `parquet_files` gives)."""
+    data = call(loc, lambda: loc.fs.cat_file(path))
+    return pq.read_table(io.BytesIO(data), columns=columns)
 
 
 def list_files(loc: Location, extensions: tuple[str, ...] | None = None) -> list[str]:

@@ -140,14 +140,7 @@ def write_outputs(
 
 def summary_files(output: storage.Location) -> list[str]:
     """Paths of every summary file of every run under OUTPUT."""
-    root = output.child("summaries")
-
-    def find() -> list[str]:
-        if not root.fs.exists(root.path):
-            return []
-        return sorted(p for p in root.fs.find(root.path) if p.endswith(".parquet"))
-
-    return root.call(find)
+    return storage.parquet_files(output.child("summaries"))
 
 
 def read_done(output: storage.Location) -> tuple[set[str], set[str]]:
@@ -155,12 +148,7 @@ def read_done(output: storage.Location) -> tuple[set[str], set[str]]:
     keys: set[str] = set()
     models: set[str] = set()
     for path in summary_files(output):
-        data = output.call(lambda: output.fs.cat_file(path))  # noqa: B023 (called at once)
-        table = pq.read_table(io.BytesIO(data), columns=["key", "model_sha256"])
+        table = storage.read_table(output, path, columns=["key", "model_sha256"])
         keys.update(table.column("key").to_pylist())
         models.update(table.column("model_sha256").unique().to_pylist())
     return keys, models
-
-
-def _uri(loc: storage.Location, path: str) -> str:
-    return f"s3://{path}" if loc.remote else path
