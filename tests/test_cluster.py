@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,11 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from raysegment import storage
 from raysegment.data import synthetic
+from raysegment.inference.sinks import summary_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -65,7 +68,8 @@ def local_cluster(s3_server):
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "RAYSEG_PORT_BASE": str(base),
         "RAYSEG_WORKERS": "1",
-        "RAYSEG_HEAD_CPUS": "1",
+        # Two on the head: after the worker node is removed, the head alone runs actor and tasks.
+        "RAYSEG_HEAD_CPUS": "2",
         "RAYSEG_WORKER_CPUS": "2",
     }
     try:
@@ -187,3 +191,57 @@ def test_jobs_and_nightly_on_a_local_multi_node_cluster(local_cluster, tiny_mode
     listed = run(local_cluster, rs, "jobs", "list", "--address", local_cluster.address)
     assert listed.returncode == 0 and listed.stdout.count("raysegment-nightly-") == 3
     print(f"cluster test body: {time.time() - t0:.0f} s")
+
+
+def node_busy(pgid: int) -> bool:
+    """A process of that node's group runs a task or actor of the job (idle workers are ray::IDLE)."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            title = " ".join(p.info["cmdline"] or [])
+            if os.getpgid(p.pid) == pgid and title.startswith("ray::") and "IDLE" not in title:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def test_job_finishes_after_a_worker_node_is_removed(local_cluster, tiny_model, s3_prefix, tmp_path):
+    """Stop the worker node (its `ray start --block` gets SIGTERM, as `ray stop` there would do)
+    while it runs part of an infer job: the job finishes on the head, one row and one mask per key.
+    Runs last in this module: the cluster has one node afterwards."""
+    _, model_dir = tiny_model
+    model = f"{s3_prefix}/model"
+    for name in ("model.keras", "model.json"):
+        storage.upload_file(os.path.join(model_dir, name), storage.resolve(model).child(name))
+    incoming = f"{s3_prefix}/many"
+    names = [f"img{i:04d}" for i in range(300)]
+    put_images(incoming, names, seed=100)
+    out = f"{s3_prefix}/out-node-loss"
+    spec = spec_file(tmp_path, "infer-node-loss", model=model, input=incoming, output=out, batch_size=4)
+    rs = str(BIN / "raysegment")
+    argv = [rs, "submit", "infer", spec, "--address", local_cluster.address, "--wait"]
+    job = subprocess.Popen(argv, cwd=REPO, env=local_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    worker = int(Path(local_cluster.dir, "worker1.pid").read_text())
+    deadline = time.time() + 300
+    while not (len(keys_under(f"{out}/masks", ".png")) >= 8 and node_busy(worker)):
+        assert job.poll() is None, "the job ended before the worker node could be removed"
+        assert time.time() < deadline, "the worker node never ran part of the job"
+        time.sleep(0.5)
+    done_before = len(keys_under(f"{out}/masks", ".png"))
+    os.kill(worker, signal.SIGTERM)
+    psutil.Process(worker).wait(timeout=60)
+    stdout, _ = job.communicate(timeout=400)
+    text = stdout.decode(errors="replace")
+    print(f"worker node removed after {done_before} of {len(names)} masks\n{text[-3000:]}")
+    assert done_before < len(names), "the job was over before the node went"
+    assert job.returncode == 0 and "SUCCEEDED (exit code 0)" in text, text[-3000:]
+    loc = storage.resolve(out)
+    rows = [k for path in summary_files(loc) for k in storage.read_table(loc, path, ["key"]).column("key").to_pylist()]
+    assert sorted(rows) == names  # exactly one summary row per key
+    assert keys_under(f"{out}/masks", ".png") == names
+    assert storage.exists(loc.child("_SUCCESS"))
+    nodes = run(
+        local_cluster, str(BIN / "ray"), "list", "nodes", "--address", local_cluster.address, "--format", "json"
+    )
+    states = sorted(n["state"] for n in json.loads(nodes.stdout))
+    assert states == ["ALIVE", "DEAD"]
