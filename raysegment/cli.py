@@ -25,7 +25,10 @@ def _user_error(exc: BaseException) -> UserError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, UserError):
+        # Ray re-raises a task's error as a subclass of both RayTaskError and the error: its text
+        # is the remote traceback, so keep walking to the original (its .cause).
+        wrapped = any(c.__module__.startswith("ray.") for c in type(exc).__mro__)
+        if isinstance(exc, UserError) and not wrapped:
             return exc
         exc = getattr(exc, "cause", None) or exc.__cause__
     return None
@@ -226,6 +229,12 @@ def evaluate(config: str | None, **flags: Any) -> None:
 )
 @click.option("--tile-size", type=int, default=None, help="native-scale models: tile images larger than this (1024)")
 @click.option("--tile-overlap", type=int, default=None, help="pixels shared by neighbouring tiles (64)")
+@click.option(
+    "--storage-retry-s",
+    type=float,
+    default=None,
+    help="retry unreachable object storage this long, then fail (default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
+)
 @endpoint_option
 @config_option
 @handle_errors

@@ -191,8 +191,12 @@ class InferSpec(Spec):
         1024, ge=16, le=65536, description="native-scale models: images larger than this are predicted in tiles"
     )
     tile_overlap: int = Field(64, ge=0, le=4096, description="pixels shared by neighbouring tiles")
-    storage_retry_s: float = Field(
-        120.0, ge=0, le=86400, description="keep retrying unreachable object storage this long, then fail"
+    storage_retry_s: float | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="keep retrying unreachable object storage this long, then fail "
+        "(default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
     )
 
     @field_validator("actors", mode="before")

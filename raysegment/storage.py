@@ -109,6 +109,9 @@ def resolve(uri: str, endpoint_url: str | None = None, retry_s: float | None = N
     if "@" in rest.split("/", 1)[0]:
         raise StorageError(f"{redact(uri)}: credentials in the URI are not allowed; use AWS_* env vars or a profile")
     endpoint = endpoint_url or endpoint_from_env()
+    # Fixed here, in the process that resolves: tasks on other nodes get the driver's deadline.
+    if retry_s is None:
+        retry_s = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
     return Location(f"s3://{rest}", _s3fs(endpoint), rest, endpoint, retry_s)
 
 
@@ -144,6 +147,8 @@ _BAD_CREDENTIALS = (
     "access denied",
     "forbidden",
 )
+# Local ENOSPC/EDQUOT, and the QuotaExceeded code of S3 stores that have quotas (Ceph RGW, MinIO).
+_NO_SPACE = ("no space left", "disk quota exceeded", "quotaexceeded", "quota exceeded")
 _UNREACHABLE = (
     "could not connect",
     "connect timeout",
@@ -161,6 +166,8 @@ def describe_error(uri: str, exc: BaseException) -> str:
     remote = is_remote(uri)
     if any(s in low for s in _NO_BUCKET):
         return f"{uri}: bucket does not exist; create it or fix the URI"
+    if any(s in low for s in _NO_SPACE):
+        return f"{uri}: out of space or over quota; free space, raise the quota or write elsewhere"
     if any(s in low for s in _BAD_CREDENTIALS) or (remote and isinstance(exc, PermissionError)):
         return (
             f"{uri}: access denied or bad credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
@@ -188,6 +195,7 @@ _TRANSIENT = (
     "serviceunavailable",
     "service unavailable",
     "internalerror",
+    "internal error",  # s3fs turns an InternalError (HTTP 500) into OSError(EREMOTEIO, message)
     "bad gateway",
     "gateway timeout",
 )
@@ -196,7 +204,7 @@ _TRANSIENT = (
 def is_transient(exc: BaseException) -> bool:
     """A failure worth retrying: the store is unreachable or overloaded, not wrong about the request."""
     text = f"{type(exc).__name__}: {exc}".lower()
-    if any(s in text for s in (*_NO_BUCKET, *_BAD_CREDENTIALS)) or isinstance(exc, FileNotFoundError):
+    if any(s in text for s in (*_NO_BUCKET, *_BAD_CREDENTIALS, *_NO_SPACE)) or isinstance(exc, FileNotFoundError):
         return False
     return any(s in text for s in _TRANSIENT)
 

@@ -18,6 +18,20 @@ import pytest
 from s3server import S3Server, find_weed
 
 S3_TEST_BUCKET = "raysegment-test"
+# Extra S3 users of the session's server, for permission-denied tests (tests/test_denied.py).
+READ_ONLY_KEY = "raysegment-reader"
+MASKS_ONLY_KEY = "raysegment-masks-only"
+MASKS_ONLY_OUTPUT = f"s3://{S3_TEST_BUCKET}/masks-only/out"
+IDENTITIES = {
+    READ_ONLY_KEY: ["Read", "List"],
+    # May write OUTPUT's masks (and the write probe), not its summaries: denied mid-run.
+    MASKS_ONLY_KEY: [
+        "Read",
+        "List",
+        f"Write:{S3_TEST_BUCKET}/masks-only/out/masks/*",
+        f"Write:{S3_TEST_BUCKET}/masks-only/out/.write-probe*",
+    ],
+}
 
 # Variables from a developer's shell that would override or spoil env():
 # storage.py prefers AWS_ENDPOINT_URL_S3, and a session token would be sent
@@ -38,7 +52,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             pytrace=False,
         )
     # Under pytest's basetemp so the server log survives a failed run.
-    with S3Server(S3_TEST_BUCKET, root=tmp_path_factory.mktemp("s3server")) as server:
+    with S3Server(S3_TEST_BUCKET, root=tmp_path_factory.mktemp("s3server"), identities=IDENTITIES) as server:
         env = server.env()
         saved = {k: os.environ.get(k) for k in (*env, *_AWS_ENV_OVERRIDES)}
         for key in _AWS_ENV_OVERRIDES:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -103,7 +104,11 @@ class S3Server:
         root: Path | str | None = None,
         weed: str | None = None,
         startup_timeout: float = 60.0,
+        identities: dict[str, list[str]] | None = None,
     ) -> None:
+        """identities: extra S3 users, access key -> SeaweedFS actions (e.g. ["Read", "List",
+        "Write:bucket/prefix/*"]); the secret key is the access key + "-secret". The
+        ACCESS_KEY/SECRET_KEY user is always there, with every right."""
         weed = weed or find_weed()
         if weed is None:
             raise FileNotFoundError(
@@ -123,6 +128,7 @@ class S3Server:
         self.data_dir = self.root / "data"
         self.log_dir = self.root / "logs"
         self.log_path = self.root / "weed.out"
+        self.identities = identities or {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
         self._pick_ports()
@@ -164,7 +170,40 @@ class S3Server:
             f"-s3.localSocket={self.root / 's3.sock'}",
             f"-bucket={self.bucket}",
         ]
+        if self.identities:
+            argv.append(f"-s3.config={self.root / 's3.json'}")
         return argv
+
+    def _write_identities(self) -> None:
+        users = {self.access_key: (self.secret_key, ["Admin", "Read", "Write", "List", "Tagging"])}
+        users |= {key: (f"{key}-secret", actions) for key, actions in self.identities.items()}
+        config = {
+            "identities": [
+                {"name": key, "credentials": [{"accessKey": key, "secretKey": secret}], "actions": actions}
+                for key, (secret, actions) in users.items()
+            ]
+        }
+        (self.root / "s3.json").write_text(json.dumps(config))
+
+    def shell(self, commands: str, timeout: float = 60.0) -> str:
+        """Run `weed shell` commands against this server (e.g. fs.configure); returns its output."""
+        p = self.ports
+        argv = [
+            self.weed,
+            "shell",
+            f"-master=127.0.0.1:{p['master.port']}.{p['master.port.grpc']}",
+            f"-filer=127.0.0.1:{p['filer.port']}.{p['filer.port.grpc']}",
+        ]
+        r = subprocess.run(
+            argv, input=f"lock\n{commands}\nunlock\n", capture_output=True, text=True, timeout=timeout, cwd=self.root
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"weed shell failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        return r.stdout
+
+    def env_for(self, access_key: str) -> dict[str, str]:
+        """env() with one of the extra identities' credentials."""
+        return self.env() | {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": f"{access_key}-secret"}
 
     def start(self) -> Self:
         """Launch the server and block until the bucket answers a real S3 request."""
@@ -194,6 +233,8 @@ class S3Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
+        if self.identities:
+            self._write_identities()
         env = {
             **os.environ,
             # weed mini turns these into the initial S3 identity.

@@ -59,6 +59,9 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         )
     storage.remove_success(output)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    # Let a task's StorageError/DataError reach the driver as itself (Ray Data would wrap it in a
+    # UserCodeException whose cause does not survive pickling), so the CLI prints its one line.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     done_ref = ray.put(frozenset(done))
 
     def keep(ds: ray.data.Dataset) -> ray.data.Dataset:
