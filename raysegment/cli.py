@@ -230,6 +230,12 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @click.option("--tile-size", type=int, default=None, help="native-scale models: tile images larger than this (1024)")
 @click.option("--tile-overlap", type=int, default=None, help="pixels shared by neighbouring tiles (64)")
 @click.option(
+    "--decode",
+    type=click.Choice(["auto", "tasks", "actor"]),
+    default=None,
+    help="decode images in CPU tasks or inside the predictor actor (default auto: actor unless it has GPUs)",
+)
+@click.option(
     "--storage-retry-s",
     type=float,
     default=None,
@@ -384,7 +390,10 @@ def bench_infer(
         click.echo(f"  (b) baseline    {r['baseline_ips']:>8} images/s")
         click.echo(
             f"  (c) pipeline    {r['pipeline_ips']:>8} images/s   c/a {r['ratio_vs_model_only']}   c/b {r['ratio_vs_baseline']}"
+            f"   (decoded in the {r['pipeline_decode_in']})"
         )
+        other = next(k for k in r if k.startswith("pipeline_decode_in_") and k.endswith("_ips"))
+        click.echo(f"      decoded in {other.split('_')[3]:<6} {r[other]:>8} images/s")
         click.echo(f"  peak RSS MB: {r['peak_rss_mb']}")
     _print(r)
 

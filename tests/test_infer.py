@@ -230,3 +230,24 @@ def test_resume_on_s3(tiny_model, s3_server, s3_prefix, tmp_path):
     masks = sorted(p.rsplit("/", 1)[1][:-4] for p in fs.find(f"{bucket}/out/masks"))
     assert masks == sorted(keys + new)
     assert fs.exists(f"{bucket}/out/_SUCCESS")
+
+
+def test_decoding_in_tasks_or_in_the_actor_gives_the_same_results(tiny_model, tmp_path):
+    """The two plans (decode in CPU tasks beside a GPU actor, or inside a CPU actor) write the
+    same rows, errors and masks; the run record says which one ran."""
+    from helpers import write_infer_inputs
+
+    _, model = tiny_model
+    inputs = write_infer_inputs(str(tmp_path / "in"))
+    results = {}
+    for decode in ("tasks", "actor"):
+        out = str(tmp_path / decode)
+        record = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, decode=decode, report=False))
+        assert record["decoded_in"] == decode
+        rows = sorted((r["key"], r["status"], r["error"]) for r in summaries(out))
+        masks = {k: np.asarray(Image.open(os.path.join(out, "masks", f"{k}.png"))) for k in inputs["good"]}
+        results[decode] = rows, masks
+    assert [k for k, status, _ in results["actor"][0] if status == "error"] == sorted(inputs["bad"])
+    assert results["tasks"][0] == results["actor"][0]
+    for key in inputs["good"]:
+        np.testing.assert_array_equal(results["tasks"][1][key], results["actor"][1][key])

@@ -34,6 +34,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError("cannot decode image: not a PNG, JPEG, TIFF, BMP or WebP file") from exc
     except Exception as exc:  # PIL raises many types for corrupt input
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return img
@@ -74,6 +76,8 @@ def image_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(height, width) from the header only."""
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError("cannot decode image: not a PNG, JPEG, TIFF, BMP or WebP file") from exc
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     w, h = img.size

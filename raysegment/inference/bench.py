@@ -130,7 +130,7 @@ def baseline(model_dir: str, input_dir: str, output_dir: str, batch_size: int, s
 
 
 def pipeline(
-    model_dir: str, input_dir: str, output_dir: str, batch_size: int, actors: int
+    model_dir: str, input_dir: str, output_dir: str, batch_size: int, actors: int, decode: str = "auto"
 ) -> tuple[float, dict[str, Any]]:
     """(c) images/s of raysegment's pipeline end to end (listing to _SUCCESS)."""
     from raysegment.config import InferSpec
@@ -146,6 +146,7 @@ def pipeline(
         report=False,
         # Equal cores with (a) and (b): the actor's TF uses every core of the machine.
         cpus_per_actor=float(os.cpu_count() or 1),
+        decode=decode,
     )
     t0 = time.perf_counter()
     record = infer(spec)
@@ -183,8 +184,12 @@ def bench_infer(
         decode_ms = (time.perf_counter() - t0) * 1000 / min(images, 200)
         a = model_only(model_dir, decoded, batch_size)
         b = baseline(model_dir, input_dir, os.path.join(root, "baseline"), batch_size, image_size)
+        # c is the default plan (decode auto: in the actor on CPU); the other place to decode,
+        # in CPU tasks, is measured in the same run for comparison.
         with WorkerMemory() as mem:
             c, record = pipeline(model_dir, input_dir, os.path.join(root, "pipeline"), batch_size, actors)
+        other = "tasks" if record["decoded_in"] == "actor" else "actor"
+        c_other, _ = pipeline(model_dir, input_dir, os.path.join(root, other), batch_size, actors, other)
     return {
         "images": images,
         "image_size": image_size,
@@ -196,6 +201,8 @@ def bench_infer(
         "model_only_ips": round(a, 2),
         "baseline_ips": round(b, 2),
         "pipeline_ips": round(c, 2),
+        "pipeline_decode_in": record["decoded_in"],
+        f"pipeline_decode_in_{other}_ips": round(c_other, 2),
         "ratio_vs_model_only": round(c / a, 3),
         "ratio_vs_baseline": round(c / b, 3),
         "peak_rss_mb": {

@@ -34,6 +34,15 @@ def _drop_done(batch: dict[str, np.ndarray], done: list[Any]) -> dict[str, np.nd
     return {name: col[keep] for name, col in batch.items()}
 
 
+def decode_in_actor(spec: InferSpec) -> bool:
+    """Decode inside the predictor actor? A GPU actor should only predict, with CPU tasks
+    decoding alongside; a CPU actor shares its cores with those tasks anyway, and decoding
+    in place saves a task and an object-store hand-off per batch."""
+    if spec.decode == "auto":
+        return spec.gpus_per_actor == 0
+    return spec.decode == "actor"
+
+
 def clear_output(output: storage.Location) -> None:
     """--overwrite: remove the marker first, then everything an earlier run wrote."""
     storage.remove_success(output)
@@ -77,17 +86,19 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         spec.key_column,
         spec.storage_retry_s,
     )
-    size = tuple(card["input"]["size"])
-    # Decode tasks ask for half a CPU: short tasks pack two to a core, and resources that
-    # differ from the actor's keep Ray Data from fusing decoding into the predictor actor,
-    # so decoding overlaps with prediction instead of taking turns with it.
-    ds = ds.map_batches(
-        preprocess,
-        fn_kwargs={"size": size, "max_pixels": spec.max_pixels, "resize": card["input"].get("resize") != "none"},
-        batch_size=spec.batch_size,
-        batch_format="numpy",
-        num_cpus=0.5,
-    )
+    decode = {
+        "size": tuple(card["input"]["size"]),
+        "max_pixels": spec.max_pixels,
+        "resize": card["input"].get("resize") != "none",
+    }
+    in_actor = decode_in_actor(spec)
+    if not in_actor:
+        # Decode tasks ask for half a CPU: short tasks pack two to a core, and resources that
+        # differ from the actor's keep Ray Data from fusing decoding into the predictor actor,
+        # so decoding overlaps with prediction instead of taking turns with it.
+        ds = ds.map_batches(
+            preprocess, fn_kwargs=decode, batch_size=spec.batch_size, batch_format="numpy", num_cpus=0.5
+        )
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -99,6 +110,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
             "tile_size": spec.tile_size,
             "tile_overlap": spec.tile_overlap,
             "batch_size": spec.batch_size,
+            "decode": decode if in_actor else None,
         },
         batch_size=spec.batch_size,
         batch_format="numpy",
@@ -127,6 +139,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         "model_sha256": card["model_sha256"],
         "input": storage.redact(spec.input),
         "source": kind,
+        "decoded_in": "actor" if in_actor else "tasks",
         "output": storage.redact(spec.output),
         "counts": {
             "total": len(all_keys),

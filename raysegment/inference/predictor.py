@@ -101,7 +101,9 @@ class Predictor:
         tile_size: int = 1024,
         tile_overlap: int = 64,
         batch_size: int = 16,
+        decode: dict[str, Any] | None = None,
     ) -> None:
+        self.decode = decode  # preprocess() kwargs when the actor decodes its own batches
         if threads:
             # Ray sets OMP_NUM_THREADS to the actor's CPUs (1 by default) and TF then runs its
             # kernels on one core; use the cores the actor was given (measured: 2x on 2 cores).
@@ -141,6 +143,8 @@ class Predictor:
         self._predict = predict
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode is not None:
+            batch = preprocess(batch, **self.decode)
         images = batch.pop("image")
         ok = np.asarray([not e for e in batch["error"]], bool)
         n = len(images)
