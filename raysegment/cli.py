@@ -231,9 +231,9 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @click.option("--tile-overlap", type=int, default=None, help="pixels shared by neighbouring tiles (64)")
 @click.option(
     "--decode",
-    type=click.Choice(["auto", "tasks", "actor"]),
+    type=click.Choice(["tasks", "actor"]),
     default=None,
-    help="decode images in CPU tasks or inside the predictor actor (default auto: actor unless it has GPUs)",
+    help="decode images in CPU tasks beside the actors (default) or inside the predictor actor",
 )
 @click.option(
     "--storage-retry-s",

@@ -198,10 +198,8 @@ class InferSpec(Spec):
         description="keep retrying unreachable object storage this long, then fail "
         "(default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
     )
-    decode: Literal["auto", "tasks", "actor"] = Field(
-        "auto",
-        description="where images are decoded: CPU tasks beside the actors, or inside the predictor "
-        "actor; auto: tasks for GPU actors, actor for CPU actors",
+    decode: Literal["tasks", "actor"] = Field(
+        "tasks", description="where images are decoded: in CPU tasks beside the actors, or inside the predictor actor"
     )
 
     @field_validator("actors", mode="before")

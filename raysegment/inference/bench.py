@@ -130,7 +130,7 @@ def baseline(model_dir: str, input_dir: str, output_dir: str, batch_size: int, s
 
 
 def pipeline(
-    model_dir: str, input_dir: str, output_dir: str, batch_size: int, actors: int, decode: str = "auto"
+    model_dir: str, input_dir: str, output_dir: str, batch_size: int, actors: int, decode: str = "tasks"
 ) -> tuple[float, dict[str, Any]]:
     """(c) images/s of raysegment's pipeline end to end (listing to _SUCCESS)."""
     from raysegment.config import InferSpec
@@ -184,8 +184,8 @@ def bench_infer(
         decode_ms = (time.perf_counter() - t0) * 1000 / min(images, 200)
         a = model_only(model_dir, decoded, batch_size)
         b = baseline(model_dir, input_dir, os.path.join(root, "baseline"), batch_size, image_size)
-        # c is the default plan (decode auto: in the actor on CPU); the other place to decode,
-        # in CPU tasks, is measured in the same run for comparison.
+        # c is the default plan (decoding in CPU tasks); the other place to decode, inside
+        # the predictor actor, is measured in the same run for comparison.
         with WorkerMemory() as mem:
             c, record = pipeline(model_dir, input_dir, os.path.join(root, "pipeline"), batch_size, actors)
         other = "tasks" if record["decoded_in"] == "actor" else "actor"

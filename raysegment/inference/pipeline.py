@@ -35,11 +35,9 @@ def _drop_done(batch: dict[str, np.ndarray], done: list[Any]) -> dict[str, np.nd
 
 
 def decode_in_actor(spec: InferSpec) -> bool:
-    """Decode inside the predictor actor? A GPU actor should only predict, with CPU tasks
-    decoding alongside; a CPU actor shares its cores with those tasks anyway, and decoding
-    in place saves a task and an object-store hand-off per batch."""
-    if spec.decode == "auto":
-        return spec.gpus_per_actor == 0
+    """Decode inside the predictor actor instead of in CPU tasks beside it? Tasks are the
+    default: a GPU actor should only predict, and on CPU actors the two measured the same
+    (`raysegment bench infer` reports both)."""
     return spec.decode == "actor"
 
 
