@@ -16,13 +16,11 @@ version (S3 ETag, local mtime) and model hash; everything else is inferred again
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import io
 import logging
 import posixpath
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -137,34 +135,6 @@ def plan(listing: pa.Table, ledger: pa.Table, model_sha256: str, date: str) -> p
     today = pc.fill_null(pc.equal(joined["date_last"], date), False)
     change = pc.if_else(new, "new", pc.if_else(same, "unchanged", pc.if_else(today, "deferred", "changed")))
     return joined.select(LISTING_SCHEMA.names).append_column("change", change)
-
-
-def _list_uris_with_keys(root: storage.Location) -> ray.data.Dataset:
-    """(key, path) rows from a Parquet list with `key` and `uri` columns."""
-    ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs()).select_columns(["key", "uri"])
-    return ds.rename_columns({"uri": "path"})
-
-
-@contextlib.contextmanager
-def _keys_from_list() -> Iterator[None]:
-    """Make the `list` source take keys from the list's `key` column (keys relative to INPUT).
-
-    The `list` source derives a key from the whole URI path (bucket and prefix
-    included). Until sources.py reads a `key` column itself (it then sets
-    LIST_KEY_COLUMN), swap in a reader that does, for the duration of one infer()
-    on this driver.
-    """
-    from raysegment.inference import sources
-
-    if getattr(sources, "LIST_KEY_COLUMN", None) == "key":
-        yield
-        return
-    original = sources.list_uris
-    sources.list_uris = _list_uris_with_keys
-    try:
-        yield
-    finally:
-        sources.list_uris = original
 
 
 def _partition_rows(partition: storage.Location) -> pa.Table:
@@ -295,8 +265,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             )
             report["partition"] = storage.redact(partition.uri)
             try:
-                with _keys_from_list():
-                    record = infer(infer_spec)
+                record = infer(infer_spec)
             except JobError as exc:
                 # No ledger rows: every key of this run stays new/changed for the next attempt.
                 report.update(status="failed", exit_code=EXIT_FAILED, problem=str(exc))

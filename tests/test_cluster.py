@@ -214,7 +214,7 @@ def test_job_finishes_after_a_worker_node_is_removed(local_cluster, tiny_model, 
     for name in ("model.keras", "model.json"):
         storage.upload_file(os.path.join(model_dir, name), storage.resolve(model).child(name))
     incoming = f"{s3_prefix}/many"
-    names = [f"img{i:04d}" for i in range(300)]
+    names = [f"img{i:04d}" for i in range(200)]
     put_images(incoming, names, seed=100)
     out = f"{s3_prefix}/out-node-loss"
     spec = spec_file(tmp_path, "infer-node-loss", model=model, input=incoming, output=out, batch_size=4)

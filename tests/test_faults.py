@@ -1,9 +1,6 @@
 """Faults the jobs survive, with the real parts: SIGKILLed task workers and drivers, an S3 outage,
-a corrupt checkpoint. Each test checks that nothing is lost or duplicated."""
+a corrupt checkpoint (on S3: test_pipeline_s3.py). Each test checks that nothing is lost or duplicated."""
 
-import csv
-import io
-import json
 import os
 import signal
 import subprocess
@@ -19,9 +16,8 @@ import ray
 import s3fs
 from test_infer import assert_one_row_and_mask_per_key, write_images
 
-from raysegment.config import InferSpec, TrainSpec
+from raysegment.config import InferSpec
 from raysegment.inference.pipeline import infer
-from raysegment.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
@@ -166,32 +162,3 @@ def test_s3_outage_is_retried_or_fails_clearly(tiny_model, s3_server, s3_prefix,
     assert sorted(rows) == sorted(keys)  # one row per key across the failed run and the re-run
     assert sorted(p.rsplit("/", 1)[1][:-4] for p in fs.find(f"{bucket}/out/masks")) == sorted(keys)
     assert fs.exists(f"{bucket}/out/_SUCCESS")
-
-
-@pytest.mark.s3
-def test_corrupt_checkpoint_on_s3_falls_back_to_the_previous_one(tiny_model, s3_server, s3_prefix, capfd):
-    """Checkpoints in the bucket; a truncated latest one is detected (sha256 in state.json) and the one
-    before it used; resuming keeps every epoch exactly once."""
-    data, _ = tiny_model
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url}, skip_instance_cache=True)
-    out = f"{s3_prefix}/model"
-    bucket = out[len("s3://") :]
-    spec = {"data": data, "out": out, "workers": 1, "image_size": 32, "batch_size": 4, "depth": 2, "base_filters": 4}
-    train(TrainSpec(**spec, epochs=2, resume=False))
-    checkpoints = sorted(
-        p
-        for p in fs.ls(f"{bucket}/train", detail=False)
-        if p.rsplit("/", 1)[1].startswith("checkpoint_") and fs.isdir(p)
-    )
-    assert len(checkpoints) == 2
-    latest = checkpoints[-1]
-    assert json.loads(fs.cat_file(f"{latest}/state.json"))["epoch"] == 1
-    weights = fs.cat_file(f"{latest}/model.weights.h5")
-    fs.pipe_file(f"{latest}/model.weights.h5", weights[: len(weights) // 2])
-
-    result = train(TrainSpec(**spec, epochs=3, resume=True))
-    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{bucket}/history.csv").decode())))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # epoch 1 redone from the epoch-0 checkpoint
-    assert result["metrics"]["epochs_run"] == 3
-    logs = capfd.readouterr()
-    assert "skipped unreadable checkpoint" in logs.out + logs.err

@@ -181,6 +181,15 @@ def test_uri_list_source_and_npz_masks(tiny_model, tmp_path):
     with np.load(path) as packed:
         assert packed[key].shape == (32, 32)
 
+    # A Parquet list may carry the keys; blank and comment lines are skipped.
+    uris = [str(p) for p in sorted((tmp_path / "imgs").iterdir())]
+    pq.write_table(
+        pa.table({"uri": [*uris, "", "# note"], "key": ["x/0", "x/1", "x/2", "", ""]}), tmp_path / "l.parquet"
+    )
+    run = infer(InferSpec(model=model, input=str(tmp_path / "l.parquet"), output=str(tmp_path / "out2"), report=False))
+    assert run["source"] == "list" and run["counts"]["ok"] == 3
+    assert sorted(r["key"] for r in summaries(tmp_path / "out2")) == ["x/0", "x/1", "x/2"]
+
 
 def test_max_error_fraction_fails_without_success(tiny_model, tmp_path):
     _, model = tiny_model

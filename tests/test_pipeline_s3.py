@@ -1,5 +1,7 @@
 """Every stage with every URI on s3:// against the real S3 server (SeaweedFS)."""
 
+import csv
+import io
 import json
 import os
 
@@ -19,7 +21,9 @@ from raysegment.train.trainer import train
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
-def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path):
+def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, capfd):
+    """Every stage on S3; then a truncated latest checkpoint in the bucket is detected (sha256 in
+    state.json) and the one before it used: resuming keeps every epoch exactly once."""
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": ray_cluster.s3.endpoint_url})
     bucket_path = s3_prefix[len("s3://") :]
     fs.put(write_source(str(tmp_path / "src"), count=40), f"{bucket_path}/src", recursive=True)
@@ -30,10 +34,12 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path):
     assert sum(manifest["counts"].values()) == 40
     assert fs.exists(f"{bucket_path}/data/manifest.json")
 
-    train(TrainSpec(data=f"{s3_prefix}/data", out=f"{s3_prefix}/model", **TINY))
+    spec = {"data": f"{s3_prefix}/data", "out": f"{s3_prefix}/model"} | TINY | {"epochs": 2}
+    train(TrainSpec(**spec))
     for name in ("model.keras", "model.json", "metrics.json", "_SUCCESS"):
         assert fs.exists(f"{bucket_path}/model/{name}"), name
-    assert fs.glob(f"{bucket_path}/model/train/checkpoint_*"), "Ray Train checkpoints go to the bucket"
+    checkpoints = sorted(p for p in fs.glob(f"{bucket_path}/model/train/checkpoint_*") if fs.isdir(p))
+    assert len(checkpoints) == 2, "Ray Train checkpoints go to the bucket, one per epoch"
 
     m = evaluate(EvaluateSpec(model=f"{s3_prefix}/model", data=f"{s3_prefix}/data"))
     assert m["images"] == manifest["counts"]["val"] and m["written_to"].startswith("s3://")
@@ -45,6 +51,18 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path):
     with fs.open(fs.find(f"{bucket_path}/out/summaries")[0], "rb") as f:
         assert "status" in pq.read_schema(f).names
     assert json.loads(fs.cat_file(f"{bucket_path}/out/_SUCCESS"))["run_id"] == run["run_id"]
+
+    latest = checkpoints[-1]
+    assert json.loads(fs.cat_file(f"{latest}/state.json"))["epoch"] == 1
+    weights = fs.cat_file(f"{latest}/model.weights.h5")
+    fs.pipe_file(f"{latest}/model.weights.h5", weights[: len(weights) // 2])
+    capfd.readouterr()
+    result = train(TrainSpec(**spec | {"epochs": 3, "resume": True}))
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{bucket_path}/model/history.csv").decode())))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # epoch 1 redone from the epoch-0 checkpoint
+    assert result["metrics"]["epochs_run"] == 3
+    logs = capfd.readouterr()
+    assert "skipped unreadable checkpoint" in logs.out + logs.err
     assert_no_credentials(fs, bucket_path, ray_cluster.s3)
 
 

@@ -17,6 +17,7 @@ flat prefix with millions of objects is listed by one task; for those, give a
 
 from __future__ import annotations
 
+import io
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator
@@ -229,22 +230,57 @@ def _uri_key(uri: str) -> str:
     return strip_ext(rest.lstrip("/"))
 
 
+LIST_ROWS = 4096  # URIs per block when streaming a list
+
+
+def _list_rows(uris: list[str], keys: list[str] | None) -> dict[str, np.ndarray]:
+    """(key, path) for the non-blank, non-comment URIs; keys from the list or from each URI."""
+    rows = [
+        (k if keys is not None else _uri_key(u.strip()), u.strip())
+        for u, k in zip(uris, keys if keys is not None else uris)
+        if u and u.strip() and not u.strip().startswith("#")
+    ]
+    return {
+        "key": np.asarray([k for k, _ in rows], dtype=object),
+        "path": np.asarray([u for _, u in rows], dtype=object),
+    }
+
+
+def _read_list(batch: dict[str, np.ndarray], root: storage.Location) -> Iterator[dict[str, np.ndarray]]:
+    """Stream a list file, LIST_ROWS URIs at a time (bounded memory for millions of URIs)."""
+    with storage.storage_errors(root.uri), root.fs.open(root.path, "rb") as f:
+        if root.path.lower().endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            columns = ["uri", "key"] if "key" in pf.schema_arrow.names else ["uri"]
+            for rb in pf.iter_batches(batch_size=LIST_ROWS, columns=columns):
+                keys = rb.column("key").to_pylist() if "key" in columns else None
+                yield _list_rows(rb.column("uri").to_pylist(), keys)
+            return
+        lines: list[str] = []
+        for raw in io.TextIOWrapper(f, encoding="utf-8"):
+            lines.append(raw)
+            if len(lines) == LIST_ROWS:
+                yield _list_rows(lines, None)
+                lines = []
+        yield _list_rows(lines, None)
+
+
 def list_uris(root: storage.Location) -> ray.data.Dataset:
-    """(key, path) rows from a .txt (one URI per line) or Parquet (`uri` column) list."""
+    """(key, path) rows from a .txt list (one URI per line) or a Parquet list (`uri` column, and
+    an optional `key` column; without one the key is the URI's path without extension).
+
+    One task streams the file with pyarrow: `ray.data.read_parquet` starts footer-reader
+    actors and costs seconds per execution (a minute on a loaded 2-node cluster).
+    """
     if root.path.lower().endswith(".parquet"):
         with storage.storage_errors(root.uri), root.fs.open(root.path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if "uri" not in pf.schema_arrow.names:
-                raise DataError(f"{root.uri}: a URI list in Parquet needs a 'uri' column (has {pf.schema_arrow.names})")
-        ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs()).select_columns(["uri"])
-    else:
-        ds = ray.data.read_text(root.path, filesystem=root.arrow_fs()).rename_columns({"text": "uri"})
-
-    def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        uris = [u.strip() for u in batch["uri"] if u and u.strip() and not u.strip().startswith("#")]
-        return {"key": np.asarray([_uri_key(u) for u in uris], dtype=object), "path": np.asarray(uris, dtype=object)}
-
-    return ds.map_batches(to_rows, batch_format="numpy")
+            names = pq.ParquetFile(f).schema_arrow.names
+        if "uri" not in names:
+            raise DataError(f"{root.uri}: a URI list in Parquet needs a 'uri' column (has {names})")
+    elif not storage.exists(root):
+        raise DataError(f"{root.uri}: URI list not found")
+    ds = ray.data.from_items([{"list": root.uri}])
+    return ds.map_batches(_read_list, fn_kwargs={"root": root}, batch_size=1, batch_format="numpy")
 
 
 def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None) -> dict[str, np.ndarray]:
