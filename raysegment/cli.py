@@ -178,6 +178,7 @@ def train(config: str | None, **flags: Any) -> None:
 @click.option("--split", default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--out", default=None, help="metrics JSON URI (default: MODEL/eval-SPLIT.json)")
+@click.option("--tta-flip", is_flag=True, default=None, help="average with a flipped pass, as infer --tta-flip")
 @endpoint_option
 @config_option
 @handle_errors

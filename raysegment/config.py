@@ -164,6 +164,7 @@ class EvaluateSpec(Spec):
     split: str = "val"
     batch_size: int = Field(8, ge=1, le=4096)
     out: str | None = Field(None, description="metrics JSON URI; default MODEL/eval-{split}.json")
+    tta_flip: bool = Field(False, description="average with a horizontally flipped pass, as `infer --tta-flip`")
 
 
 class InferSpec(Spec):

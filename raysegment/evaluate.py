@@ -57,7 +57,7 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     )
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": spec.model, "endpoint_url": spec.endpoint_url},
+        fn_constructor_kwargs={"model_uri": spec.model, "endpoint_url": spec.endpoint_url, "tta_flip": spec.tta_flip},
         batch_size=spec.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -71,6 +71,7 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     result = {
         **metrics_from_confusion(cm, card["class_names"]),
         "split": spec.split,
+        "tta_flip": spec.tta_flip,
         "images": images,
         "model_id": card["model_id"],
         "data_content_hash": manifest["content_hash"],

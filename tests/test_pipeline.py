@@ -45,6 +45,8 @@ def test_evaluate_counts_every_val_pixel(trained):
     assert 0 <= m["mean_iou"] <= 1 and 0 <= m["pixel_accuracy"] <= 1
     assert set(m["per_class_iou"]) == set(manifest["class_names"])
     assert json.loads((root / "model" / "eval-val.json").read_text())["mean_iou"] == m["mean_iou"]
+    tta = evaluate(EvaluateSpec(model=str(root / "model"), data=str(root / "data"), tta_flip=True, out=None))
+    assert tta["tta_flip"] and tta["pixels"] == m["pixels"]  # same pixels, predicted twice and averaged
 
 
 def cli(*args, env=None):
