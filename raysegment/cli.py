@@ -393,8 +393,7 @@ def bench_infer(
             f"  (c) pipeline    {r['pipeline_ips']:>8} images/s   c/a {r['ratio_vs_model_only']}   c/b {r['ratio_vs_baseline']}"
             f"   (decoded in the {r['pipeline_decode_in']})"
         )
-        other = next(k for k in r if k.startswith("pipeline_decode_in_") and k.endswith("_ips"))
-        click.echo(f"      decoded in {other.split('_')[3]:<6} {r[other]:>8} images/s")
+        click.echo(f"      decoded in the {r['other_decode_in']:<6} {r['other_decode_ips']:>8} images/s")
         click.echo(f"  peak RSS MB: {r['peak_rss_mb']}")
     _print(r)
 

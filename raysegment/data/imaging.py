@@ -19,6 +19,9 @@ class ImageDecodeError(ValueError):
     """An image or mask that cannot be decoded; the message says why."""
 
 
+NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG, TIFF, BMP or WebP file"
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -35,7 +38,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError("cannot decode image: not a PNG, JPEG, TIFF, BMP or WebP file") from exc
+        raise ImageDecodeError(NOT_AN_IMAGE) from exc
     except Exception as exc:  # PIL raises many types for corrupt input
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return img
@@ -77,7 +80,7 @@ def image_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     try:
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError("cannot decode image: not a PNG, JPEG, TIFF, BMP or WebP file") from exc
+        raise ImageDecodeError(NOT_AN_IMAGE) from exc
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     w, h = img.size

@@ -34,13 +34,6 @@ def _drop_done(batch: dict[str, np.ndarray], done: list[Any]) -> dict[str, np.nd
     return {name: col[keep] for name, col in batch.items()}
 
 
-def decode_in_actor(spec: InferSpec) -> bool:
-    """Decode inside the predictor actor instead of in CPU tasks beside it? Tasks are the
-    default: a GPU actor should only predict, and on CPU actors the two measured the same
-    (`raysegment bench infer` reports both)."""
-    return spec.decode == "actor"
-
-
 def clear_output(output: storage.Location) -> None:
     """--overwrite: remove the marker first, then everything an earlier run wrote."""
     storage.remove_success(output)
@@ -89,7 +82,9 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         "max_pixels": spec.max_pixels,
         "resize": card["input"].get("resize") != "none",
     }
-    in_actor = decode_in_actor(spec)
+    # Tasks by default: a GPU actor should only predict, and on CPU actors decoding in the
+    # actor measured the same (`raysegment bench infer` reports both).
+    in_actor = spec.decode == "actor"
     if not in_actor:
         # Decode tasks ask for half a CPU: short tasks pack two to a core, and resources that
         # differ from the actor's keep Ray Data from fusing decoding into the predictor actor,

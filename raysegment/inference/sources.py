@@ -235,15 +235,13 @@ LIST_ROWS = 4096  # URIs per block when streaming a list
 
 def _list_rows(uris: list[str], keys: list[str] | None) -> dict[str, np.ndarray]:
     """(key, path) for the non-blank, non-comment URIs; keys from the list or from each URI."""
-    rows = [
-        (k if keys is not None else _uri_key(u.strip()), u.strip())
-        for u, k in zip(uris, keys if keys is not None else uris)
-        if u and u.strip() and not u.strip().startswith("#")
-    ]
-    return {
-        "key": np.asarray([k for k, _ in rows], dtype=object),
-        "path": np.asarray([u for _, u in rows], dtype=object),
-    }
+    out_keys, paths = [], []
+    for i, raw in enumerate(uris):
+        uri = (raw or "").strip()
+        if uri and not uri.startswith("#"):
+            out_keys.append(keys[i] if keys is not None else _uri_key(uri))
+            paths.append(uri)
+    return {"key": np.asarray(out_keys, dtype=object), "path": np.asarray(paths, dtype=object)}
 
 
 def _read_list(batch: dict[str, np.ndarray], root: storage.Location) -> Iterator[dict[str, np.ndarray]]:
