@@ -97,9 +97,13 @@ def resolve(uri: str, endpoint_url: str | None = None, retry_s: float | None = N
         raise StorageError("empty URI: give a local path, file://path or s3://bucket/prefix")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
+    # Fixed here, in the process that resolves: tasks on other nodes get the driver's deadline
+    # (also from a local location, e.g. a local URI list that names s3:// images).
+    if retry_s is None:
+        retry_s = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
     if "://" not in uri:
         path = os.path.abspath(os.path.expanduser(uri))
-        return Location(path, fsspec.filesystem("file"), path)
+        return Location(path, fsspec.filesystem("file"), path, retry_s=retry_s)
     scheme = uri.split("://", 1)[0]
     if scheme not in ("s3", "s3a"):
         raise StorageError(f"{uri}: unsupported scheme '{scheme}://'; use a local path or s3://bucket/prefix")
@@ -109,9 +113,6 @@ def resolve(uri: str, endpoint_url: str | None = None, retry_s: float | None = N
     if "@" in rest.split("/", 1)[0]:
         raise StorageError(f"{redact(uri)}: credentials in the URI are not allowed; use AWS_* env vars or a profile")
     endpoint = endpoint_url or endpoint_from_env()
-    # Fixed here, in the process that resolves: tasks on other nodes get the driver's deadline.
-    if retry_s is None:
-        retry_s = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
     return Location(f"s3://{rest}", _s3fs(endpoint), rest, endpoint, retry_s)
 
 

@@ -70,3 +70,13 @@ def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
     message = str(err.value)
     assert "s3://bucket/x" in message and "still failing after" in message and "\n" not in message
     assert err.value.transient
+
+
+def test_retry_deadline_is_fixed_where_the_uri_is_resolved(monkeypatch):
+    """The driver's deadline travels with each Location (local ones too: a local URI list can name
+    s3:// images), so tasks on other nodes do not fall back to their own environment."""
+    monkeypatch.setenv("RAYSEGMENT_STORAGE_RETRY_S", "7")
+    for uri in ("/tmp/raysegment-x", "s3://bucket/x"):
+        loc = storage.resolve(uri)
+        assert loc.retry_s == 7.0 and loc.child("y").retry_s == 7.0
+        assert storage.resolve(uri, retry_s=3).retry_s == 3

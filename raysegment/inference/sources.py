@@ -281,8 +281,8 @@ def list_uris(root: storage.Location) -> ray.data.Dataset:
     return ds.map_batches(_read_list, fn_kwargs={"root": root}, batch_size=1, batch_format="numpy")
 
 
-def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None) -> dict[str, np.ndarray]:
-    """Read each URI of a list source, with one filesystem per scheme."""
+def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None, retry_s: float | None) -> dict[str, np.ndarray]:
+    """Read each URI of a list source, with one filesystem per scheme and the job's retry deadline."""
     filesystems: dict[str, storage.Location] = {}
 
     def read(i: int) -> bytes:
@@ -292,8 +292,8 @@ def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None) -> dict[st
             loc = storage.resolve(uri, endpoint_url)
         else:
             if scheme not in filesystems:
-                filesystems[scheme] = storage.resolve(uri, endpoint_url)
-            loc = storage.Location(uri, filesystems[scheme].fs, uri.split("://", 1)[1], endpoint_url)
+                filesystems[scheme] = storage.resolve(uri, endpoint_url, retry_s)
+            loc = storage.Location(uri, filesystems[scheme].fs, uri.split("://", 1)[1], endpoint_url, retry_s)
         return loc.call(lambda: loc.fs.cat_file(loc.path))
 
     return _read_each(batch["key"], [str(u) for u in batch["path"]], read)
@@ -348,7 +348,7 @@ def source_rows(
         ds = keep(list_prefix(root, exts)).map_batches(read_files, fn_kwargs={"root": root}, batch_format="numpy")
     elif kind == "list":
         ds = keep(list_uris(root)).map_batches(
-            read_uris, fn_kwargs={"endpoint_url": endpoint_url}, batch_format="numpy"
+            read_uris, fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s}, batch_format="numpy"
         )
     elif kind == "tar":
         archives = list_prefix(root, ARCHIVE_EXTENSIONS)
