@@ -339,12 +339,20 @@ def bench_soak(
 
 
 @bench.command("infer")
-@click.option("--images", type=int, default=2000, show_default=True)
-@click.option("--image-size", type=int, default=128, show_default=True)
+@click.option("--images", type=int, default=8000, show_default=True)
+@click.option("--image-size", type=int, default=128, show_default=True, help="model input")
+@click.option("--source-size", type=int, default=None, help="size of the generated images (default: --image-size)")
 @click.option("--depth", type=int, default=4, show_default=True)
 @click.option("--base-filters", type=int, default=16, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--actors", type=int, default=1, show_default=True)
+@click.option(
+    "--actors",
+    type=int,
+    default=None,
+    help="predictor actors sharing the cores (default: one per core; --scale default: 1)",
+)
+@click.option("--decode", type=click.Choice(["tasks", "actor"]), default="tasks", show_default=True)
+@click.option("--compare-one-actor", is_flag=True, help="also run (c) with one actor on every core")
 @click.option("--scale", type=int, default=None, help="instead: run the pipeline over N/10 then N tiny images")
 @click.option("--workdir", default=None, help="temp folder location (default: system temp)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
@@ -352,10 +360,13 @@ def bench_soak(
 def bench_infer(
     images: int,
     image_size: int,
+    source_size: int | None,
     depth: int,
     base_filters: int,
     batch_size: int,
-    actors: int,
+    actors: int | None,
+    decode: str,
+    compare_one_actor: bool,
     scale: int | None,
     workdir: str | None,
     as_json: bool,
@@ -365,11 +376,12 @@ def bench_infer(
     from raysegment.inference.bench import bench_scale
     from raysegment.runtime import init_ray
 
-    # The actor takes every core (equal cores with the in-process measurements); one more
-    # logical CPU lets the decode and write tasks run beside it.
-    init_ray(min_cpus=(os.cpu_count() or 1) + 1)
+    # The actors take every core (equal cores with the in-process measurements); one more
+    # logical CPU lets the decode and write tasks run beside them.
+    cores = os.cpu_count() or 1
+    init_ray(min_cpus=cores + 1)
     if scale:
-        r = bench_scale(scale, 32, batch_size, actors, workdir)
+        r = bench_scale(scale, 32, batch_size, actors or 1, workdir)
         if not as_json:
             for p in r["points"]:
                 click.echo(
@@ -381,19 +393,36 @@ def bench_infer(
             )
         _print(r)
         return
-    r = run(images, image_size, depth, base_filters, batch_size, actors, workdir)
+    r = run(
+        images,
+        image_size,
+        depth,
+        base_filters,
+        batch_size,
+        actors or cores,
+        workdir,
+        decode,
+        source_size,
+        compare_one_actor,
+    )
     if not as_json:
         click.echo(
-            f"{images} images {image_size}x{image_size}, U-Net depth {depth} base {base_filters}: "
+            f"{images} images {r['source_size']}x{r['source_size']} -> model input {image_size}x{image_size}, "
+            f"U-Net depth {depth} base {base_filters}, {r['cores']} cores: "
             f"model {r['model_ms_per_image']} ms/image, decode {r['decode_ms_per_image']} ms/image"
         )
-        click.echo(f"  (a) model only  {r['model_only_ips']:>8} images/s")
-        click.echo(f"  (b) baseline    {r['baseline_ips']:>8} images/s")
+        click.echo(f"  (a) model only  {r['model_only_ips']:>8} images/s   (one process, TF on every core)")
+        click.echo(f"  (b) baseline    {r['baseline_ips']:>8} images/s   (one process: tf.data, predict, write)")
         click.echo(
             f"  (c) pipeline    {r['pipeline_ips']:>8} images/s   c/a {r['ratio_vs_model_only']}   c/b {r['ratio_vs_baseline']}"
-            f"   (decoded in the {r['pipeline_decode_in']})"
+            f"   ({r['actors']} actors x {r['cpus_per_actor']:g} CPU, decoded in {r['decoded_in']})"
         )
-        click.echo(f"      decoded in the {r['other_decode_in']:<6} {r['other_decode_ips']:>8} images/s")
+        click.echo(f"      first masks after {r['pipeline_first_batch_s']} s, then {r['pipeline_steady_ips']} images/s")
+        if r["one_actor"]:
+            one = r["one_actor"]
+            click.echo(
+                f"      one actor on every core: {one['ips']} images/s ({one['steady_ips']} after the first batch)"
+            )
         click.echo(f"  peak RSS MB: {r['peak_rss_mb']}")
     _print(r)
 

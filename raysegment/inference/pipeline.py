@@ -118,9 +118,12 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         batch_format="numpy",
     )
     new = {"rows": 0, "ok": 0, "error": 0}
+    first_batch = None  # start-up cost: when the first masks were written (actor start, model load)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for name in new:
             new[name] += int(batch[name].sum())
+        if first_batch is None:
+            first_batch = {"seconds": round(time.time() - t0, 2), "rows": new["rows"]}
 
     # Check what is on storage, not what the driver counted: one row per key.
     all_keys, _ = read_done(output)
@@ -143,6 +146,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         },
         "seconds": round(seconds, 2),
         "images_per_second": round(new["rows"] / seconds, 2),
+        "first_batch": first_batch,
         "config": spec.model_dump(),
         "raysegment": __version__,
     }

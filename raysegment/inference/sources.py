@@ -102,13 +102,21 @@ def top_level(root: storage.Location, file_hint: str) -> list[dict[str, Any]]:
     return root.call(ls)
 
 
+FILES_PER_TASK = 64
+
+
 def list_prefix(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset:
     """A dataset of (key, path) for every matching file under root, listed in parallel."""
     entries = top_level(root, "give a prefix (folder) or use --source list")
     items = [{"path": e["name"], "is_dir": e["type"] == "directory"} for e in entries]
     if not items:
         raise DataError(f"{root.uri}: empty prefix, nothing to infer")
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
+    # One task per sub-folder, but files directly under root go FILES_PER_TASK to a task: a flat
+    # folder of thousands of images would otherwise become thousands of tiny read tasks whose
+    # scheduling costs more than the reads.
+    files = sum(not item["is_dir"] for item in items)
+    blocks = len(items) - files + -(-files // FILES_PER_TASK)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(blocks, 200)))
     return ds.map_batches(_list_subtree, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy")
 
 
