@@ -59,6 +59,7 @@ def test_resume_skips_done_keys_and_overwrite_redoes_all(tiny_model, tmp_path):
     out = str(tmp_path / "out")
     first = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=4))
     assert first["counts"]["processed"] == 12
+    assert 0 < first["first_batch"]["seconds"] <= first["seconds"] and 0 < first["first_batch"]["rows"] <= 12
     keys += write_images(tmp_path / "in", 3, start=12)
     second = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=4))
     assert second["counts"] == {"total": 15, "skipped": 12, "processed": 3, "ok": 3, "error": 0}
@@ -260,3 +261,26 @@ def test_decoding_in_tasks_or_in_the_actor_gives_the_same_results(tiny_model, tm
     assert results["tasks"][0] == results["actor"][0]
     for key in inputs["good"]:
         np.testing.assert_array_equal(results["tasks"][1][key], results["actor"][1][key])
+
+
+def test_bench_infer_measures_all_three_on_the_same_images(ray_cluster, tmp_path):
+    from raysegment.inference.bench import bench_infer
+
+    r = bench_infer(
+        images=100,
+        image_size=32,
+        depth=1,
+        base_filters=4,
+        batch_size=8,
+        actors=1,
+        workdir=str(tmp_path),
+        source_size=48,
+        cpus_per_actor=1.0,
+    )
+    assert r["pipeline_rows"] == 100 and r["pipeline_errors"] == 0
+    assert min(r["model_only_ips"], r["baseline_ips"], r["pipeline_ips"], r["pipeline_steady_ips"]) > 0
+    assert r["ratio_vs_model_only"] == pytest.approx(r["pipeline_ips"] / r["model_only_ips"], abs=2e-3)
+    assert r["ratio_vs_baseline"] == pytest.approx(r["pipeline_ips"] / r["baseline_ips"], abs=2e-3)
+    assert r["pipeline_first_batch_s"] > 0 and r["cpus_per_actor"] == 1.0 and r["source_size"] == 48
+    assert r["peak_rss_mb"]["workers_total"] > 0
+    assert not os.listdir(tmp_path)  # the temp folder is removed

@@ -165,11 +165,12 @@ def pipeline(
     return record["counts"]["processed"] / (time.perf_counter() - t0), record
 
 
-def steady_ips(record: dict[str, Any]) -> float:
-    """images/s after the first batch was written: the pipeline without its start-up."""
+def steady_ips(record: dict[str, Any]) -> float | None:
+    """images/s after the first batch was written: the pipeline without its start-up
+    (None when everything came in the first batch)."""
     first = record["first_batch"]
     rows = record["counts"]["processed"] - first["rows"]
-    return rows / max(record["seconds"] - first["seconds"], 1e-9)
+    return round(rows / max(record["seconds"] - first["seconds"], 1e-9), 2) if rows else None
 
 
 def write_inputs(root: str, count: int, size: int) -> None:
@@ -202,6 +203,7 @@ def bench_infer(
     decode: str = "tasks",
     source_size: int | None = None,
     compare_one_actor: bool = False,
+    cpus_per_actor: float | None = None,
 ) -> dict[str, Any]:
     """Measure (a), (b), (c) on the same images and model; ratios come from this one run.
 
@@ -233,14 +235,14 @@ def bench_infer(
         warm_ray_data()
         with WorkerMemory() as mem:
             c, record = pipeline(
-                model_dir, input_dir, os.path.join(root, "pipeline"), batch_size, actors, decode=decode
+                model_dir, input_dir, os.path.join(root, "pipeline"), batch_size, actors, cpus_per_actor, decode
             )
         one = None
         if compare_one_actor:
             ips, one_record = pipeline(
                 model_dir, input_dir, os.path.join(root, "one-actor"), batch_size, 1, float(cores), decode
             )
-            one = {"ips": round(ips, 2), "steady_ips": round(steady_ips(one_record), 2)}
+            one = {"ips": round(ips, 2), "steady_ips": steady_ips(one_record)}
     return {
         "images": images,
         "image_size": image_size,
@@ -259,13 +261,14 @@ def bench_infer(
         "ratio_vs_model_only": round(c / a, 3),
         "ratio_vs_baseline": round(c / b, 3),
         "pipeline_first_batch_s": record["first_batch"]["seconds"],
-        "pipeline_steady_ips": round(steady_ips(record), 2),
+        "pipeline_steady_ips": steady_ips(record),
         "one_actor": one,
         "peak_rss_mb": {
             "driver": round(_rss_mb(), 1),
             "workers_total": round(mem.peak_total_mb, 1),
             "worker_max": round(mem.peak_single_mb, 1),
         },
+        "pipeline_rows": record["counts"]["total"],
         "pipeline_errors": record["counts"]["error"],
     }
 
