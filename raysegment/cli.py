@@ -401,9 +401,9 @@ def bench_infer(
         batch_size,
         actors or cores,
         workdir,
-        decode,
-        source_size,
-        compare_one_actor,
+        decode=decode,
+        source_size=source_size,
+        compare_one_actor=compare_one_actor,
     )
     if not as_json:
         click.echo(
