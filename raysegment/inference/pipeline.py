@@ -76,6 +76,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         spec.image_column,
         spec.key_column,
         spec.storage_retry_s,
+        spec.batch_size,
     )
     decode = {
         "size": tuple(card["input"]["size"]),

@@ -102,20 +102,23 @@ def top_level(root: storage.Location, file_hint: str) -> list[dict[str, Any]]:
     return root.call(ls)
 
 
-FILES_PER_TASK = 64
+# Image files directly under INPUT are read this many batches to a task: a task per handful
+# of files cost more in scheduling than the reads, and much bigger blocks hold back the
+# first masks (an actor hands on a block when all of it is predicted).
+BATCHES_PER_READ_TASK = 4
 
 
-def list_prefix(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset:
-    """A dataset of (key, path) for every matching file under root, listed in parallel."""
+def list_prefix(root: storage.Location, exts: tuple[str, ...], files_per_task: int = 1) -> ray.data.Dataset:
+    """A dataset of (key, path) for every matching file under root, listed in parallel.
+
+    Each sub-folder is listed by its own task; files directly under root go
+    ``files_per_task`` to a task (1 for archives, which are shards of their own)."""
     entries = top_level(root, "give a prefix (folder) or use --source list")
     items = [{"path": e["name"], "is_dir": e["type"] == "directory"} for e in entries]
     if not items:
         raise DataError(f"{root.uri}: empty prefix, nothing to infer")
-    # One task per sub-folder, but files directly under root go FILES_PER_TASK to a task: a flat
-    # folder of thousands of images would otherwise become thousands of tiny read tasks whose
-    # scheduling costs more than the reads.
     files = sum(not item["is_dir"] for item in items)
-    blocks = len(items) - files + -(-files // FILES_PER_TASK)
+    blocks = len(items) - files + -(-files // files_per_task)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(blocks, 200)))
     return ds.map_batches(_list_subtree, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy")
 
@@ -343,6 +346,7 @@ def source_rows(
     image_column: str = "image",
     key_column: str | None = None,
     retry_s: float | None = None,
+    batch_size: int = 16,
 ) -> tuple[str, ray.data.Dataset]:
     """(kind, dataset of key/source_uri/bytes/error rows) for INPUT.
 
@@ -353,7 +357,9 @@ def source_rows(
     kind = detect_kind(root) if kind == "auto" else kind
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     if kind == "files":
-        ds = keep(list_prefix(root, exts)).map_batches(read_files, fn_kwargs={"root": root}, batch_format="numpy")
+        ds = keep(list_prefix(root, exts, BATCHES_PER_READ_TASK * batch_size)).map_batches(
+            read_files, fn_kwargs={"root": root}, batch_format="numpy"
+        )
     elif kind == "list":
         ds = keep(list_uris(root)).map_batches(
             read_uris, fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s}, batch_format="numpy"
