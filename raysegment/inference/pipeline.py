@@ -84,7 +84,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         "resize": card["input"].get("resize") != "none",
     }
     # Tasks by default: a GPU actor should only predict, and on CPU actors decoding in the
-    # actor measured the same (`raysegment bench infer` reports both).
+    # actor measured the same (`raysegment bench infer --decode actor|tasks`).
     in_actor = spec.decode == "actor"
     if not in_actor:
         # Decode tasks ask for half a CPU: short tasks pack two to a core, and resources that
