@@ -296,7 +296,7 @@ def bench() -> None:
 @handle_errors
 def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | None) -> None:
     """Generate PAIRS small pairs, prepare them, print the driver's peak RSS and the throughput."""
-    from raysegment.data.bench import bench_prepare as run
+    from raysegment.bench.prepare import bench_prepare as run
     from raysegment.runtime import init_ray
 
     init_ray()
@@ -324,7 +324,7 @@ def bench_soak(
     images: int, kill_every: float, image_size: int, batch_size: int, actors: int, workdir: str | None
 ) -> None:
     """Inference over generated images while a predictor actor is SIGKILLed every N seconds; then a count check."""
-    from raysegment.inference.bench import bench_soak as run
+    from raysegment.bench.infer import bench_soak as run
     from raysegment.runtime import init_ray
 
     init_ray(min_cpus=(os.cpu_count() or 1) + 1)
@@ -372,8 +372,8 @@ def bench_infer(
     as_json: bool,
 ) -> None:
     """Model only (a) vs plain baseline (b) vs raysegment's pipeline (c), on the same images."""
-    from raysegment.inference.bench import bench_infer as run
-    from raysegment.inference.bench import bench_scale
+    from raysegment.bench.infer import bench_infer as run
+    from raysegment.bench.infer import bench_scale
     from raysegment.runtime import init_ray
 
     # The actors take every core (equal cores with the in-process measurements); one more
@@ -441,7 +441,7 @@ def bench_train(
 ) -> None:
     """Ray Train loop vs a plain single-process Keras loop, same model and data, one run."""
     from raysegment.runtime import init_ray
-    from raysegment.train.bench import bench_train as run
+    from raysegment.bench.train import bench_train as run
 
     init_ray(min_cpus=(os.cpu_count() or 1) + 1)
     r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)

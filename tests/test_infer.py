@@ -264,7 +264,7 @@ def test_decoding_in_tasks_or_in_the_actor_gives_the_same_results(tiny_model, tm
 
 
 def test_bench_infer_measures_all_three_on_the_same_images(ray_cluster, tmp_path):
-    from raysegment.inference.bench import bench_infer
+    from raysegment.bench.infer import bench_infer
 
     r = bench_infer(
         images=100,

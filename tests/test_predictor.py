@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from raysegment.inference.bench import make_model_dir
+from raysegment.bench.infer import make_model_dir
 from raysegment.inference.predictor import Predictor, tile_bounds, tile_starts
 
 

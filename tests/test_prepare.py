@@ -163,7 +163,7 @@ def test_prepare_s3_to_s3(ray_cluster, s3_prefix, tmp_path):
 
 
 def test_bench_prepare_reports_memory_and_throughput(ray_cluster, tmp_path):
-    from raysegment.data.bench import bench_prepare
+    from raysegment.bench.prepare import bench_prepare
 
     result = bench_prepare(pairs=120, size=16, shard_size_mb=0.05, workdir=str(tmp_path / "bench"))
     assert result["rows"] == 120 and result["shards"] > 2
