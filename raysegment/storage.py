@@ -270,6 +270,12 @@ def read_bytes(loc: Location) -> bytes:
     return call(loc, lambda: loc.fs.cat_file(loc.path))
 
 
+def _local_tmp(path: str) -> str:
+    """A temporary name beside path: same folder, so the rename is atomic; short, so a legal
+    255-byte file name does not become an illegal temporary one."""
+    return os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+
+
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write a whole file so that a reader sees either nothing or all of it."""
     if loc.remote:
@@ -278,7 +284,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
         return
     with storage_errors(loc.uri):
         os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+        tmp = _local_tmp(loc.path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -296,7 +302,7 @@ def staged_file(loc: Location) -> Iterator[str]:
         os.close(fd)
     else:
         os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"  # same folder, so the rename is atomic
+        tmp = _local_tmp(loc.path)
     try:
         yield tmp
         if loc.remote:

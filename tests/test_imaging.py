@@ -62,3 +62,17 @@ def test_rgb_mask_rejected():
 
 def test_voc_palette_prefix():
     assert imaging.default_palette(4) == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+
+
+def test_header_over_pillows_own_limit_is_refused_in_our_terms():
+    # 100000 x 100000: Pillow refuses it before we read the size; the message still names --max-pixels.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+    data = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+    with pytest.raises(imaging.ImageDecodeError, match=r"10000000000 pixels, over the limit of 1000 \(--max-pixels\)"):
+        imaging.decode_image(data, max_pixels=1000)

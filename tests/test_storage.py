@@ -80,3 +80,15 @@ def test_retry_deadline_is_fixed_where_the_uri_is_resolved(monkeypatch):
         loc = storage.resolve(uri)
         assert loc.retry_s == 7.0 and loc.child("y").retry_s == 7.0
         assert storage.resolve(uri, retry_s=3).retry_s == 3
+
+
+def test_longest_legal_file_name_is_written_atomically(tmp_path):
+    # A 255-byte name is legal on ext4; its temporary name must not be longer (issue #20, case 4).
+    name = "k" * 251 + ".png"
+    loc = storage.resolve(str(tmp_path)).child(name)
+    storage.write_bytes(loc, b"mask")
+    with storage.staged_file(storage.resolve(str(tmp_path)).child("s" * 255)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"shard")
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "s" * 255])
+    assert (tmp_path / name).read_bytes() == b"mask"

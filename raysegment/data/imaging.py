@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -31,17 +32,25 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {max_pixels}")
+                raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {max_pixels} (--max-pixels)")
             img.load()
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from exc
+        # Pillow refuses headers over twice its own limit before we see the size: say it in our terms.
+        raise ImageDecodeError(
+            f"image is {_pillow_pixels(exc)}, over the limit of {max_pixels} (--max-pixels)"
+        ) from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError(NOT_AN_IMAGE) from exc
     except Exception as exc:  # PIL raises many types for corrupt input
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return img
+
+
+def _pillow_pixels(exc: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1))} pixels" if found else "size from its header"
 
 
 def verify_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
@@ -85,7 +94,7 @@ def image_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {max_pixels}")
+        raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {max_pixels} (--max-pixels)")
     return h, w
 
 

@@ -264,12 +264,8 @@ def _run_shard_tasks(
     return sorted(shards, key=lambda s: s["path"]), hist
 
 
-def prepare(spec: PrepareSpec) -> dict[str, Any]:
-    """Run the prepare job and return the manifest."""
-    t0 = time.time()
-    source = storage.resolve(spec.source, spec.endpoint_url)
-    dest = storage.resolve(spec.dest, spec.endpoint_url)
-    storage.check_readable(source)
+def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, list[Pair], str]:
+    """The source's pairs with their splits, checked against the class options."""
     listing = list_source(
         source,
         spec.layout,
@@ -289,7 +285,11 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
             raise DataError(
                 f"the {spec.layout} layout has {len(listing.class_names)} classes; --class-names gives {len(spec.class_names)}"
             )
+    return listing, pairs, split_source
 
+
+def _clear_destination(spec: PrepareSpec, dest: storage.Location) -> storage.Location:
+    """Remove an old data set at DEST (manifest first) if --overwrite allows; returns the manifest's location."""
     manifest_loc = dest.child(MANIFEST)
     if storage.exists(manifest_loc):
         if not spec.overwrite:
@@ -298,40 +298,38 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         storage.remove_tree(manifest_loc)
     storage.remove_tree(dest.child("shards"))
     storage.check_writable(dest)
+    return manifest_loc
 
-    invalid = [{"key": p.key, "problem": p.problem} for p in pairs if p.problem]
-    plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
-    log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
-    shards, hist = _run_shard_tasks(source, dest, plan, listing, spec.skip_invalid, invalid)
-    invalid.sort(key=lambda i: i["key"])
 
-    if invalid and not spec.skip_invalid:
-        storage.remove_tree(dest.child("shards"))
-        raise DataError(_invalid_report(dest.uri, invalid))
-    if not shards:
-        storage.remove_tree(dest.child("shards"))
-        raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
-
+def _classes(spec: PrepareSpec, source: storage.Location, listing: Listing, hist: np.ndarray) -> tuple[int, list[str]]:
+    """(class count, class names) from the layout, the mask mapping or the mask values themselves."""
     if listing.class_names:
         num_classes = len(listing.class_names)
     elif listing.lut is not None:
         num_classes = spec.num_classes or (len(spec.class_names) if spec.class_names else None) or 0
         num_classes = max(num_classes, max((c for c in listing.lut if 0 <= c < classes.IGNORE_INDEX), default=0) + 1)
     else:
-        try:
-            num_classes = _check_class_values(source.uri, hist)
-        except DataError:
-            storage.remove_tree(dest.child("shards"))
-            raise
+        num_classes = _check_class_values(source.uri, hist)
     if num_classes < 2:
-        storage.remove_tree(dest.child("shards"))
         raise DataError(f"{source.uri}: --mask-values gives only {num_classes} class; a segmentation needs at least 2")
     names = spec.class_names or listing.class_names or [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
-        storage.remove_tree(dest.child("shards"))
         raise DataError(f"--class-names gives {len(names)} names for {num_classes} classes")
+    return num_classes, names
+
+
+def _manifest(
+    spec: PrepareSpec,
+    listing: Listing,
+    split_source: str,
+    shards: list[dict[str, Any]],
+    hist: np.ndarray,
+    invalid: list[dict[str, str]],
+    num_classes: int,
+    names: list[str],
+) -> dict[str, Any]:
     labelled = hist[:num_classes].sum()
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "layout": spec.layout,
         "source": storage.redact(spec.source),
@@ -348,8 +346,34 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         "content_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
         "skipped": invalid,
         "created_by": f"raysegment {__version__}",
-        "seconds": round(time.time() - t0, 2),
     }
+
+
+def prepare(spec: PrepareSpec) -> dict[str, Any]:
+    """Run the prepare job and return the manifest (written last: it is the commit)."""
+    t0 = time.time()
+    source = storage.resolve(spec.source, spec.endpoint_url)
+    dest = storage.resolve(spec.dest, spec.endpoint_url)
+    storage.check_readable(source)
+    listing, pairs, split_source = _list_pairs(spec, source)
+    manifest_loc = _clear_destination(spec, dest)
+
+    invalid = [{"key": p.key, "problem": p.problem} for p in pairs if p.problem]
+    plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
+    log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
+    shards, hist = _run_shard_tasks(source, dest, plan, listing, spec.skip_invalid, invalid)
+    invalid.sort(key=lambda i: i["key"])
+    try:
+        if invalid and not spec.skip_invalid:
+            raise DataError(_invalid_report(dest.uri, invalid))
+        if not shards:
+            raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
+        num_classes, names = _classes(spec, source, listing, hist)
+    except DataError:
+        storage.remove_tree(dest.child("shards"))  # nothing without a manifest may look like a data set
+        raise
+    manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names)
+    manifest["seconds"] = round(time.time() - t0, 2)
     storage.write_json(manifest_loc, manifest)
     log.info("prepared %s: %s, %d skipped", dest.uri, manifest["counts"], len(invalid))
     return manifest
