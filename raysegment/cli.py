@@ -1,13 +1,14 @@
-"""`raysegment` command line: parse flags, load the job spec, call the job. Nothing else."""
+"""`raysegment` command line: parse flags, load the job spec, call the job. Nothing else.
+
+The job kinds, what they print and the CPUs they need are in `registry.py`; error printing in
+`console.py`; submission in `jobs.py`; the `bench` commands in `bench/cli.py`.
+"""
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -15,44 +16,18 @@ import click
 # Quiet TF's C++ start-up chatter in this process and the local Ray workers it starts.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from raysegment import __version__
-from raysegment.config import EvaluateSpec, InferSpec, PrepareSpec, TrainSpec, load_spec
-from raysegment.errors import UserError
+from raysegment import __version__, registry
+from raysegment.bench.cli import bench
+from raysegment.cli_options import infer_options
+from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
+from raysegment.console import handle_errors
 
 
-def _user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind an exception, also when Ray wrapped it in a task or train error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        # Ray re-raises a task's error as a subclass of both RayTaskError and the error: its text
-        # is the remote traceback, so keep walking to the original (its .cause).
-        wrapped = any(c.__module__.startswith("ray.") for c in type(exc).__mro__)
-        if isinstance(exc, UserError) and not wrapped:
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print user-fixable errors as one line (exit 2; 3 for a failed job), without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            err = _user_error(exc)
-            if err is None:
-                raise
-            click.echo(f"error: {err}", err=True)
-            sys.exit(err.exit_code)
-
-    return wrapper
-
-
-def _print(result: dict[str, Any]) -> None:
-    click.echo(json.dumps(result, indent=2, default=str))
+def _run(spec: Spec) -> None:
+    """Run the job on local Ray (or RAY_ADDRESS) and exit with its exit code when that is not 0."""
+    code = registry.run(spec)
+    if code:
+        sys.exit(code)
 
 
 config_option = click.option(
@@ -90,17 +65,7 @@ def main(verbose: bool) -> None:
 def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
     """Turn labelled images under SOURCE into Parquet shards + manifest.json under DEST."""
     flags["class_names"] = class_names.split(",") if class_names else None
-    spec = load_spec(PrepareSpec, config, flags)
-    from raysegment.data.prepare import prepare as run
-    from raysegment.runtime import init_ray
-
-    init_ray()
-    manifest = run(spec)
-    skipped = f", {len(manifest['skipped'])} invalid pairs skipped" if manifest["skipped"] else ""
-    click.echo(
-        f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, "
-        f"classes {manifest['class_names']}{skipped}"
-    )
+    _run(load_spec(PrepareSpec, config, flags))
 
 
 @main.command("data-info")
@@ -159,17 +124,7 @@ def data_info(data: str, endpoint_url: str | None) -> None:
 @handle_errors
 def train(config: str | None, **flags: Any) -> None:
     """Train a U-Net on the data set DATA with Ray Train; write the model to OUT."""
-    spec = load_spec(TrainSpec, config, flags)
-    from raysegment.runtime import init_ray
-    from raysegment.train.trainer import train as run
-
-    init_ray(min_cpus=int(spec.workers * spec.cpus_per_worker) + 1)
-    result = run(spec)
-    best = result["metrics"]["best"]
-    click.echo(
-        f"trained {result['out']}: best epoch {best['epoch']}, val mean_iou {best['val_mean_iou']:.4f}, "
-        f"pixel_accuracy {best['val_pixel_accuracy']:.4f}"
-    )
+    _run(load_spec(TrainSpec, config, flags))
 
 
 @main.command()
@@ -184,81 +139,21 @@ def train(config: str | None, **flags: Any) -> None:
 @handle_errors
 def evaluate(config: str | None, **flags: Any) -> None:
     """Evaluate MODEL on a split of the data set DATA (pixel accuracy, mIoU, Dice)."""
-    spec = load_spec(EvaluateSpec, config, flags)
-    from raysegment.evaluate import evaluate as run
-    from raysegment.runtime import init_ray
-
-    init_ray()
-    result = run(spec)
-    click.echo(f"{'class':<20} {'IoU':>8}")
-    for name, iou in result["per_class_iou"].items():
-        click.echo(f"{name:<20} {'-' if iou is None else f'{iou:.4f}':>8}")
-    click.echo(
-        f"pixel_accuracy {result['pixel_accuracy']:.4f}  mean_iou {result['mean_iou']:.4f}  "
-        f"mean_dice {result['mean_dice']:.4f}  ({result['images']} images, written to {result['written_to']})"
-    )
+    _run(load_spec(EvaluateSpec, config, flags))
 
 
 @main.command()
 @click.argument("model", required=False)
 @click.argument("input", required=False)
 @click.argument("output", required=False)
-@click.option(
-    "--source",
-    type=click.Choice(["auto", "files", "tar", "parquet", "list"]),
-    default=None,
-    help="input kind (default: auto)",
-)
-@click.option("--extensions", default=None, help="comma-separated image extensions to list")
-@click.option("--image-column", default=None, help="image bytes column of a Parquet source")
-@click.option("--key-column", default=None, help="key column of a Parquet source")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--actors", default=None, help="predictor actors, MIN or MIN:MAX")
-@click.option("--gpus-per-actor", type=float, default=None)
-@click.option("--cpus-per-actor", type=float, default=None, help="CPUs and TF threads per actor (default: 1)")
-@click.option("--mask-format", type=click.Choice(["png", "npz", "packed"]), default=None)
-@click.option("--tta-flip", is_flag=True, default=None, help="flip test-time augmentation (2x model cost)")
-@click.option("--report/--no-report", default=None, help="write report.html and overlays.png (default: on)")
-@click.option("--overwrite", is_flag=True, default=None, help="redo every key instead of resuming")
-@click.option("--max-error-fraction", type=float, default=None, help="fail the job above this share of bad inputs")
-@click.option("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default=None,
-    help="model compute dtype (default auto: bfloat16 on GPU, float32 on CPU)",
-)
-@click.option("--tile-size", type=int, default=None, help="native-scale models: tile images larger than this (1024)")
-@click.option("--tile-overlap", type=int, default=None, help="pixels shared by neighbouring tiles (64)")
-@click.option(
-    "--decode",
-    type=click.Choice(["tasks", "actor"]),
-    default=None,
-    help="decode images in CPU tasks beside the actors (default) or inside the predictor actor",
-)
-@click.option(
-    "--storage-retry-s",
-    type=float,
-    default=None,
-    help="retry unreachable object storage this long, then fail (default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
-)
+@infer_options
 @endpoint_option
 @config_option
 @handle_errors
 def infer(config: str | None, extensions: str | None, **flags: Any) -> None:
     """Segment every image under INPUT with MODEL; write masks and summaries to OUTPUT."""
     flags["extensions"] = extensions.split(",") if extensions else None
-    spec = load_spec(InferSpec, config, flags)
-    from raysegment.inference.pipeline import infer as run
-    from raysegment.runtime import init_ray
-
-    init_ray()
-    record = run(spec)
-    c = record["counts"]
-    click.echo(
-        f"inferred {c['processed']} images ({c['ok']} ok, {c['error']} errors; {c['skipped']} already done) "
-        f"at {record['images_per_second']} images/s; run {record['run_id']} in {spec.output}"
-    )
+    _run(load_spec(InferSpec, config, flags))
 
 
 @main.command()
@@ -283,178 +178,7 @@ def demo(out: str, epochs: int) -> None:
     click.echo(f"  inference: {c['ok']} masks written, {c['error']} errors")
 
 
-@main.group()
-def bench() -> None:
-    """Benchmarks: each prints its measurements."""
-
-
-@bench.command("prepare")
-@click.option("--pairs", type=int, default=20_000, show_default=True, help="synthetic pairs to generate")
-@click.option("--size", type=int, default=32, show_default=True, help="image side in pixels")
-@click.option("--shard-size-mb", type=float, default=4.0, show_default=True, help="small, so there are many shards")
-@click.option("--workdir", default=None, help="keep source and data set here (default: a temp folder, removed)")
-@handle_errors
-def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | None) -> None:
-    """Generate PAIRS small pairs, prepare them, print the driver's peak RSS and the throughput."""
-    from raysegment.bench.prepare import bench_prepare as run
-    from raysegment.runtime import init_ray
-
-    init_ray()
-    r = run(pairs, size, shard_size_mb, workdir)
-    click.echo(
-        f"bench prepare: {r['rows']} pairs of {size}x{size} ({r['source_mib']} MiB) -> {r['shards']} shards "
-        f"in {r['prepare_s']} s on {r['cpus']} CPUs: {r['pairs_per_s']} pairs/s, {r['mib_per_s']} MiB/s"
-    )
-    click.echo(
-        f"driver RSS: {r['rss_before_mib']} MiB before prepare (peak so far {r['peak_rss_before_mib']} MiB); "
-        f"peak after prepare {r['peak_rss_after_mib']} MiB (ru_maxrss); {r['rss_after_mib']} MiB now"
-    )
-    _print(r)
-
-
-@bench.command("soak")
-@click.option("--images", type=int, default=100_000, show_default=True)
-@click.option("--kill-every", type=float, default=30.0, show_default=True, help="seconds between actor kills")
-@click.option("--image-size", type=int, default=32, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--actors", type=int, default=1, show_default=True)
-@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
-@handle_errors
-def bench_soak(
-    images: int, kill_every: float, image_size: int, batch_size: int, actors: int, workdir: str | None
-) -> None:
-    """Inference over generated images while a predictor actor is SIGKILLed every N seconds; then a count check."""
-    from raysegment.bench.infer import bench_soak as run
-    from raysegment.runtime import init_ray
-
-    init_ray(min_cpus=(os.cpu_count() or 1) + 1)
-    r = run(images, kill_every, image_size, batch_size, actors, workdir)
-    click.echo(
-        f"{r['images']} images in {r['seconds']} s ({r['images_per_second']} images/s) with {r['actor_kills']} actor kills; "
-        f"{r['summary_rows']} summary rows, {r['distinct_keys']} distinct keys, {r['mask_files']} masks: {r['count_check']}"
-    )
-    _print(r)
-    if r["count_check"] != "ok":
-        raise SystemExit(3)
-
-
-@bench.command("infer")
-@click.option("--images", type=int, default=8000, show_default=True)
-@click.option("--image-size", type=int, default=128, show_default=True, help="model input")
-@click.option("--source-size", type=int, default=None, help="size of the generated images (default: --image-size)")
-@click.option("--depth", type=int, default=4, show_default=True)
-@click.option("--base-filters", type=int, default=16, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option(
-    "--actors",
-    type=int,
-    default=None,
-    help="predictor actors sharing the cores (default: one per core; --scale default: 1)",
-)
-@click.option("--decode", type=click.Choice(["tasks", "actor"]), default="tasks", show_default=True)
-@click.option("--compare-one-actor", is_flag=True, help="also run (c) with one actor on every core")
-@click.option("--scale", type=int, default=None, help="instead: run the pipeline over N/10 then N tiny images")
-@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
-@handle_errors
-def bench_infer(
-    images: int,
-    image_size: int,
-    source_size: int | None,
-    depth: int,
-    base_filters: int,
-    batch_size: int,
-    actors: int | None,
-    decode: str,
-    compare_one_actor: bool,
-    scale: int | None,
-    workdir: str | None,
-    as_json: bool,
-) -> None:
-    """Model only (a) vs plain baseline (b) vs raysegment's pipeline (c), on the same images."""
-    from raysegment.bench.infer import bench_infer as run
-    from raysegment.bench.infer import bench_scale
-    from raysegment.runtime import init_ray
-
-    # The actors take every core (equal cores with the in-process measurements); one more
-    # logical CPU lets the decode and write tasks run beside them.
-    cores = os.cpu_count() or 1
-    init_ray(min_cpus=cores + 1)
-    if scale:
-        r = bench_scale(scale, 32, batch_size, actors or 1, workdir)
-        if not as_json:
-            for p in r["points"]:
-                click.echo(
-                    f"{p['images']:>8} images: {p['images_per_second']} images/s, driver peak {p['driver_peak_rss_mb']} MB, "
-                    f"workers peak {p['workers_peak_total_mb']} MB (largest {p['worker_peak_max_mb']} MB)"
-                )
-            click.echo(
-                f"growth {r['points'][0]['images']} -> {r['points'][1]['images']}: workers x{r['workers_peak_growth']}, driver x{r['driver_peak_growth']}"
-            )
-        _print(r)
-        return
-    r = run(
-        images,
-        image_size,
-        depth,
-        base_filters,
-        batch_size,
-        actors or cores,
-        workdir,
-        decode=decode,
-        source_size=source_size,
-        compare_one_actor=compare_one_actor,
-    )
-    if not as_json:
-        click.echo(
-            f"{images} images {r['source_size']}x{r['source_size']} -> model input {image_size}x{image_size}, "
-            f"U-Net depth {depth} base {base_filters}, {r['cores']} cores: "
-            f"model {r['model_ms_per_image']} ms/image, decode {r['decode_ms_per_image']} ms/image"
-        )
-        click.echo(f"  (a) model only  {r['model_only_ips']:>8} images/s   (one process, TF on every core)")
-        click.echo(f"  (b) baseline    {r['baseline_ips']:>8} images/s   (one process: tf.data, predict, write)")
-        click.echo(
-            f"  (c) pipeline    {r['pipeline_ips']:>8} images/s   c/a {r['ratio_vs_model_only']}   c/b {r['ratio_vs_baseline']}"
-            f"   ({r['actors']} actors x {r['cpus_per_actor']:g} CPU, decoded in {r['decoded_in']})"
-        )
-        click.echo(f"      first masks after {r['pipeline_first_batch_s']} s, then {r['pipeline_steady_ips']} images/s")
-        if r["one_actor"]:
-            one = r["one_actor"]
-            click.echo(
-                f"      one actor on every core: {one['ips']} images/s ({one['steady_ips']} after the first batch)"
-            )
-        click.echo(f"  peak RSS MB: {r['peak_rss_mb']}")
-    _print(r)
-
-
-@bench.command("train")
-@click.option("--images", type=int, default=320, show_default=True)
-@click.option("--image-size", type=int, default=64, show_default=True)
-@click.option("--depth", type=int, default=3, show_default=True)
-@click.option("--base-filters", type=int, default=16, show_default=True)
-@click.option("--global-batch", type=int, default=16, show_default=True)
-@click.option("--epochs", type=int, default=4, show_default=True, help="the first is warm-up, not timed")
-@click.option("--workers", type=int, default=2, show_default=True)
-@handle_errors
-def bench_train(
-    images: int, image_size: int, depth: int, base_filters: int, global_batch: int, epochs: int, workers: int
-) -> None:
-    """Ray Train loop vs a plain single-process Keras loop, same model and data, one run."""
-    from raysegment.runtime import init_ray
-    from raysegment.bench.train import bench_train as run
-
-    init_ray(min_cpus=(os.cpu_count() or 1) + 1)
-    r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)
-    click.echo(
-        f"  plain Keras (1 process, {r['cores']} cores)   {r['plain_keras_ips']:>8} images/s   (best of {r['plain_keras_runs_ips']}, before and after)"
-    )
-    click.echo(
-        f"  Ray Train, 1 worker x {r['cores']} cores     {r['ray_train_1_worker_ips']:>8} images/s   overhead {r['overhead_equal_cores']:.1%}"
-    )
-    click.echo(
-        f"  Ray Train, {workers} workers               {r[f'ray_train_{workers}_workers_ips']:>8} images/s   ratio {r[f'ratio_{workers}_workers_vs_plain']}"
-    )
-    _print(r)
+main.add_command(bench)
 
 
 @main.command()
@@ -504,10 +228,8 @@ address_option = click.option(
 @click.option("--input", "input", default=None, help="prefix of images, listed every night")
 @click.option("--output", default=None, help="date partitions, ledger and reports go here")
 @click.option("--date", default=None, help="the night, YYYY-MM-DD (default: today, UTC)")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--actors", default=None, help="predictor actors, MIN or MIN:MAX")
-@click.option("--gpus-per-actor", type=float, default=None)
 @click.option("--drift-threshold", type=float, default=None, help="flag a class mean fraction shift above this")
+@infer_options
 @endpoint_option
 @handle_errors
 def nightly(spec_file: str | None, **flags: Any) -> None:
@@ -516,20 +238,11 @@ def nightly(spec_file: str | None, **flags: Any) -> None:
     Exit codes: 0 ok (also nothing new), 2 user error, 3 the job failed, 4 drift flagged,
     5 another nightly run holds the lock.
     """
-    from raysegment.config import NightlySpec
-    from raysegment.entrypoints import nightly_line
-    from raysegment.nightly import exit_code, run_nightly
-    from raysegment.runtime import init_ray
-
-    spec = load_spec(NightlySpec, spec_file, flags)
-    init_ray()
-    report = run_nightly(spec)
-    click.echo(nightly_line(report))
-    sys.exit(exit_code(report))
+    _run(load_spec(NightlySpec, spec_file, flags))
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["train", "evaluate", "infer", "nightly"]))
+@click.argument("kind", type=click.Choice(registry.CLUSTER_KINDS))
 @click.argument("spec_file", metavar="SPEC")
 @address_option
 @click.option("--working-dir", default=None, help="folder shipped to the cluster (default: this repo checkout)")
@@ -542,69 +255,16 @@ def nightly(spec_file: str | None, **flags: Any) -> None:
 @click.option("--submission-id", default=None, help="instead of the id derived from the spec, e.g. to re-run")
 @click.option("--wait", is_flag=True, help="stream the job's logs; exit with the job's exit code")
 @handle_errors
-def submit(
-    kind: str,
-    spec_file: str,
-    address: str | None,
-    working_dir: str | None,
-    no_working_dir: bool,
-    pip: tuple[str, ...],
-    env: tuple[str, ...],
-    num_cpus: float | None,
-    num_gpus: float | None,
-    date: str | None,
-    submission_id: str | None,
-    wait: bool,
-) -> None:
+def submit(**request: Any) -> None:
     """Submit a job spec to a Ray cluster (Ray Jobs API); a spec already submitted is not run twice.
 
     Exit codes: 0 submitted or already submitted; with --wait, the job's own exit code
     (0 ok, 2 user error, 3 failed, 4 nightly drift, 5 nightly locked).
     """
-    import datetime
-
     from raysegment import jobs
-    from raysegment.entrypoints import load_job_spec
-    from raysegment.errors import ConfigError
 
-    spec = load_job_spec(kind, spec_file)
-    if kind == "nightly":
-        spec.date = date or spec.date or datetime.datetime.now(datetime.UTC).date().isoformat()
-    elif date:
-        raise ConfigError("--date only applies to nightly")
-    if no_working_dir:
-        working_dir = None
-    elif working_dir is None:
-        checkout = jobs.find_checkout()
-        working_dir = str(checkout) if checkout else None
-    if working_dir is None and not pip and not no_working_dir:
-        raise ConfigError(
-            "nothing ships raysegment to the cluster: run from the repo checkout, or pass --working-dir DIR, "
-            "--pip REQUIREMENT, or --no-working-dir if the cluster has it installed"
-        )
-    extra_env = jobs.parse_env(env)
-    jobs.job_env(extra_env)  # refuse secrets before talking to the cluster
-    client = jobs.connect(address)
-    job_id, existed = jobs.submit(
-        client,
-        kind,
-        spec,
-        working_dir=working_dir,
-        pip=list(pip),
-        env=extra_env,
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        job_id=submission_id,
-    )
-    if existed:
-        info = jobs.job_info(client, job_id)
-        click.echo(f"{job_id}: already submitted ({jobs.status_of(info)}); pass --submission-id to run it again")
-    else:
-        click.echo(f"{job_id}: submitted to {client.get_address()}")
-    if wait:
-        info = jobs.wait(client, job_id, lambda chunk: click.echo(chunk, nl=False))
-        code = jobs.exit_status(info)
-        click.echo(f"{job_id}: {jobs.status_of(info)} (exit code {code})")
+    code = jobs.submit_and_follow(jobs.Submission(**request), lambda text: click.echo(text, nl=False))
+    if code:
         sys.exit(code)
 
 

@@ -8,14 +8,14 @@ a misspelt option must never silently fall back to a default.
 from __future__ import annotations
 
 import datetime
-import os
 from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raysegment.data.classes import IGNORE_INDEX
+from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError
+from raysegment.specfile import clip, echo, read_yaml
 from raysegment.storage import redact
 
 
@@ -167,12 +167,22 @@ class EvaluateSpec(Spec):
     tta_flip: bool = Field(False, description="average with a horizontally flipped pass, as `infer --tta-flip`")
 
 
-class InferSpec(Spec):
-    model: str
-    input: str
-    output: str
+def _dotted(ext: str) -> str:
+    ext = ext.strip().lower()
+    return ext if ext.startswith(".") else f".{ext}"
+
+
+class InferOptions(Spec):
+    """How to run inference: every option of `infer`, defined and checked once.
+
+    `InferSpec` adds what to infer (MODEL, INPUT, OUTPUT); `NightlySpec` adds the
+    night's own fields and hands these options on to its `infer` run unchanged.
+    """
+
     source: Literal["auto", "files", "tar", "parquet", "list"] = "auto"
-    extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"])
+    extensions: list[str] = Field(
+        default_factory=lambda: list(IMAGE_EXTENSIONS), description="image file extensions to list, any case"
+    )
     image_column: str = Field("image", description="image bytes column of a Parquet source")
     key_column: str | None = Field(None, description="key column of a Parquet source (default: file/row)")
     batch_size: int = Field(16, ge=1, le=4096)
@@ -203,6 +213,20 @@ class InferSpec(Spec):
         "tasks", description="where images are decoded: in CPU tasks beside the actors, or inside the predictor actor"
     )
 
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _split_extensions(cls, v: Any) -> Any:
+        # The flag gives one comma-separated string; YAML may give either form.
+        return v.split(",") if isinstance(v, str) else v
+
+    @field_validator("extensions", mode="after")
+    @classmethod
+    def _check_extensions(cls, v: list[str]) -> list[str]:
+        exts = [_dotted(e) for e in v if e.strip()]
+        if not exts:
+            raise ValueError("give at least one extension, e.g. .png,.jpg")
+        return exts
+
     @field_validator("actors", mode="before")
     @classmethod
     def _parse_actors(cls, v: Any) -> Any:
@@ -222,22 +246,28 @@ class InferSpec(Spec):
             raise ValueError("need 1 <= MIN <= MAX <= 4096")
         return v
 
+    def infer_options(self) -> dict[str, Any]:
+        """These options as field values, to build another spec from (nightly's infer run)."""
+        return self.model_dump(include=set(InferOptions.model_fields))
 
-class NightlySpec(Spec):
-    """`nightly`: infer only on images under INPUT that are new or changed since the last night."""
+
+class InferSpec(InferOptions):
+    model: str
+    input: str
+    output: str
+
+
+class NightlySpec(InferOptions):
+    """`nightly`: infer only on images under INPUT that are new or changed since the last night.
+
+    Takes every `infer` option; the night's infer run reads a list of the new and
+    changed files, so only sources of image files fit and resuming is by the ledger.
+    """
 
     model: str
     input: str
     output: str
     date: str | None = Field(None, description="the night's date partition, YYYY-MM-DD (default: today, UTC)")
-    extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"])
-    batch_size: int = Field(16, ge=1, le=4096)
-    actors: tuple[int, int] = Field((1, 1), description="MIN[:MAX] predictor actors")
-    gpus_per_actor: float = Field(0.0, ge=0, le=16)
-    cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPUs (and TF threads) per predictor actor")
-    mask_format: Literal["png", "npz", "packed"] = "png"
-    max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
-    max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)
     drift_threshold: float = Field(
         0.05, gt=0.0, le=1.0, description="flag a class whose mean pixel fraction moved more than this"
     )
@@ -264,56 +294,49 @@ class NightlySpec(Spec):
                 raise ValueError("write the date as YYYY-MM-DD, e.g. 2026-01-31") from None
         return v
 
-    @field_validator("actors", mode="before")
-    @classmethod
-    def _parse_actors(cls, v: Any) -> Any:
-        return InferSpec._parse_actors(v)
-
-    @field_validator("actors", mode="after")
-    @classmethod
-    def _check_actors(cls, v: tuple[int, int]) -> tuple[int, int]:
-        return InferSpec._check_actors(v)
+    @model_validator(mode="after")
+    def _fits_a_night(self) -> NightlySpec:
+        if self.source not in ("auto", "files"):
+            raise ValueError(
+                f"--source {self.source} does not apply to nightly: it lists the image files under INPUT "
+                "(use infer for tar, parquet or list sources)"
+            )
+        if self.overwrite:
+            raise ValueError(
+                "--overwrite does not apply to nightly: the ledger decides what is redone "
+                "(a new model hash redoes everything)"
+            )
+        return self
 
 
 S = TypeVar("S", bound=Spec)
 
 
+# Problems (and unknown field names) named in one error: a bad file gets a short message.
+MAX_ITEMS = 8
+
+
 def _format_errors(source: str, cls: type[Spec], exc: ValidationError) -> str:
-    allowed = ", ".join(sorted(cls.model_fields))
-    parts = []
+    parts, unknown = [], []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"])
+        field = clip(".".join(str(p) for p in err["loc"]))
         if not field:  # a check across fields: its message names the flags
             parts.append(err["msg"].removeprefix("Value error, "))
         elif err["type"] == "extra_forbidden":
-            parts.append(f"unknown field '{field}' (allowed: {allowed})")
+            unknown.append(f"'{field}'")
         elif err["type"] == "missing":
             parts.append(f"field '{field}' is required")
         else:
-            got = err.get("input")
-            if isinstance(got, str):
-                got = redact(got)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "literal_error":
                 msg = f"must be one of {err['ctx']['expected']}"
-            parts.append(f"field '{field}': {msg} (got {got!r})")
-    return f"{source}: " + "; ".join(parts)
-
-
-def read_yaml(path: str) -> dict[str, Any]:
-    """A spec file's mapping, or a ConfigError naming the file."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a job spec must be a mapping of field: value")
-    return data
+            parts.append(f"field '{field}': {msg} (got {echo(err.get('input'))})")
+    if unknown:
+        names = ", ".join(unknown[:MAX_ITEMS]) + (", …" if len(unknown) > MAX_ITEMS else "")
+        allowed = ", ".join(sorted(cls.model_fields))
+        parts.append(f"unknown field{'s' if len(unknown) > 1 else ''} {names} (allowed: {allowed})")
+    more = f"; and {len(parts) - MAX_ITEMS} more" if len(parts) > MAX_ITEMS else ""
+    return f"{source}: " + "; ".join(parts[:MAX_ITEMS]) + more
 
 
 def load_spec(cls: type[S], path: str | None = None, overrides: dict[str, Any] | None = None) -> S:

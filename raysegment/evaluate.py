@@ -17,7 +17,8 @@ from raysegment.data import imaging
 from raysegment.data.pipeline import read_split
 from raysegment.data.prepare import read_manifest
 from raysegment.errors import DataError
-from raysegment.inference.predictor import Predictor, load_model_card, preprocess
+from raysegment.inference.predictor import Predictor, preprocess
+from raysegment.models.card import ModelCard
 from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
 
 
@@ -36,22 +37,16 @@ def _confusion(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.n
 
 def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     """Compute and write metrics; returns them."""
-    card = load_model_card(spec.model, spec.endpoint_url)
+    card = ModelCard.read(spec.model, spec.endpoint_url)
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
-    if manifest["num_classes"] != card["num_classes"]:
-        raise DataError(
-            f"{data_loc.uri}: {manifest['num_classes']} classes, but the model predicts {card['num_classes']}"
-        )
-    k = card["num_classes"]
+    k = card.num_classes
+    if manifest["num_classes"] != k:
+        raise DataError(f"{data_loc.uri}: {manifest['num_classes']} classes, but the model predicts {k}")
     ds = read_split(data_loc, manifest, spec.split, columns=["key", "image", "mask", "height", "width"])
     ds = ds.map_batches(_rename, batch_format="numpy")
     ds = ds.map_batches(
         preprocess,
-        fn_kwargs={
-            "size": tuple(card["input"]["size"]),
-            "max_pixels": imaging.MAX_PIXELS,
-            "resize": card["input"].get("resize") != "none",
-        },
+        fn_kwargs={"card": card, "max_pixels": imaging.MAX_PIXELS},
         batch_size=spec.batch_size,
         batch_format="numpy",
     )
@@ -69,11 +64,11 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
         cm += batch["cm"].sum(axis=0).reshape(k, k)
         images += int(batch["rows"].sum())
     result = {
-        **metrics_from_confusion(cm, card["class_names"]),
+        **metrics_from_confusion(cm, card.class_names),
         "split": spec.split,
         "tta_flip": spec.tta_flip,
         "images": images,
-        "model_id": card["model_id"],
+        "model_id": card.model_id,
         "data_content_hash": manifest["content_hash"],
         "confusion_matrix": cm.tolist(),
     }

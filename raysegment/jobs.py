@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import ipaddress
 import json
@@ -29,16 +30,17 @@ import shlex
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raysegment import __version__
 from raysegment.config import NightlySpec, Spec
 from raysegment.errors import ConfigError, UserError
+from raysegment.registry import load_job_spec
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "evaluate", "infer", "nightly")
 # Where storage is, not who may use it: safe to put in a job's runtime_env.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|ACCESS_KEY|SESSION|API_KEY|AUTH", re.I)
@@ -240,6 +242,80 @@ def submit(
                 raise
             return job_id, True
     return job_id, False
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `raysegment submit` was asked: the spec, the cluster, how the package ships, the job's env."""
+
+    kind: str
+    spec_file: str
+    address: str | None = None
+    working_dir: str | None = None
+    no_working_dir: bool = False
+    pip: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    date: str | None = None
+    submission_id: str | None = None
+    wait: bool = False
+
+
+def spec_to_submit(kind: str, spec_file: str, date: str | None) -> Spec:
+    """The validated spec; nightly's date pinned to --date, else the spec's, else today (UTC)."""
+    spec = load_job_spec(kind, spec_file)
+    if isinstance(spec, NightlySpec):
+        spec.date = date or spec.date or datetime.datetime.now(datetime.UTC).date().isoformat()
+    elif date:
+        raise ConfigError("--date only applies to nightly")
+    return spec
+
+
+def shipped_dir(working_dir: str | None, no_working_dir: bool, pip: tuple[str, ...]) -> str | None:
+    """The folder shipped as working_dir: --working-dir, else this repo checkout; refuses to ship nothing."""
+    if no_working_dir:
+        return None
+    if working_dir is None:
+        checkout = find_checkout()
+        working_dir = str(checkout) if checkout else None
+    if working_dir is None and not pip:
+        raise ConfigError(
+            "nothing ships raysegment to the cluster: run from the repo checkout, or pass --working-dir DIR, "
+            "--pip REQUIREMENT, or --no-working-dir if the cluster has it installed"
+        )
+    return working_dir
+
+
+def submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
+    """Submit (once per spec), report it through `write`; with `wait`, stream logs: the job's exit code."""
+    spec = spec_to_submit(req.kind, req.spec_file, req.date)
+    working_dir = shipped_dir(req.working_dir, req.no_working_dir, req.pip)
+    extra_env = parse_env(req.env)
+    job_env(extra_env)  # refuse secrets before talking to the cluster
+    client = connect(req.address)
+    job_id, existed = submit(
+        client,
+        req.kind,
+        spec,
+        working_dir=working_dir,
+        pip=list(req.pip),
+        env=extra_env,
+        num_cpus=req.num_cpus,
+        num_gpus=req.num_gpus,
+        job_id=req.submission_id,
+    )
+    if existed:
+        status = status_of(job_info(client, job_id))
+        write(f"{job_id}: already submitted ({status}); pass --submission-id to run it again\n")
+    else:
+        write(f"{job_id}: submitted to {client.get_address()}\n")
+    if not req.wait:
+        return 0
+    info = wait(client, job_id, write)
+    code = exit_status(info)
+    write(f"{job_id}: {status_of(info)} (exit code {code})\n")
+    return code
 
 
 def status_of(info: Any) -> str:

@@ -27,19 +27,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from raysegment import __version__, plots, storage
 from raysegment.config import InferSpec, NightlySpec
 from raysegment.errors import ConfigError, JobError
-from raysegment.inference.sources import strip_ext, top_level
+from raysegment.inference.listing import LISTING_SCHEMA, list_table
 from raysegment.lock import RunLock
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_DRIFT = 0, 3, 4
 LOCK_NAME = "_nightly.lock"
-LISTING_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 LEDGER_SCHEMA = pa.schema(
     [
         *LISTING_SCHEMA,
@@ -57,44 +55,16 @@ def partition_name(date: str) -> str:
     return f"date={date}"
 
 
-def _version(info: dict[str, Any]) -> str:
-    """What changes when an object is rewritten: the S3 ETag, else the local mtime."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return str(etag).strip('"')
-    return repr(info.get("mtime") or info.get("LastModified") or "")
-
-
-def _listing(root: storage.Location, infos: dict[str, dict[str, Any]], exts: tuple[str, ...]) -> pa.Table:
-    prefix = root.path.rstrip("/") + "/"
-    found = sorted(
-        (path, info)
-        for path, info in infos.items()
-        if info.get("type") != "directory" and path.startswith(prefix) and path.lower().endswith(exts)
-    )
-    return pa.table(
-        {
-            "key": [strip_ext(p[len(prefix) :]) for p, _ in found],
-            "uri": [f"s3://{p}" if root.remote else p for p, _ in found],
-            "size": [int(i.get("size") or 0) for _, i in found],
-            "version": [_version(i) for _, i in found],
-        },
-        schema=LISTING_SCHEMA,
-    )
-
-
-@ray.remote(num_cpus=0.25)
-def _list_subtree(root: storage.Location, path: str, exts: tuple[str, ...]) -> pa.Table:
-    with storage.storage_errors(root.uri):
-        return _listing(root, root.fs.find(path, detail=True), exts)
-
-
 def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> pa.Table:
-    """(key, uri, size, version) of every image under root; each sub-prefix listed by its own Ray task."""
-    entries = top_level(root, "nightly needs a prefix (folder) of images")
-    top = {e["name"]: e for e in entries if e["type"] != "directory"}
-    subtrees = [_list_subtree.remote(root, e["name"], exts) for e in entries if e["type"] == "directory"]
-    return pa.concat_tables([_listing(root, top, exts), *ray.get(subtrees)])
+    """(key, uri, size, version) of every image under root, listed in parallel as infer lists."""
+    return list_table(root, exts, "nightly needs a prefix (folder) of images")
+
+
+def night_infer_spec(spec: NightlySpec, list_uri: str, partition_uri: str) -> InferSpec:
+    """The night's `infer` run: every inference option of the nightly spec, on the list of new and changed images."""
+    return InferSpec.model_validate(
+        {**spec.infer_options(), "model": spec.model, "input": list_uri, "output": partition_uri, "source": "list"}
+    )
 
 
 def _read_parquet_files(loc: storage.Location, paths: list[str], columns: list[str] | None = None) -> list[pa.Table]:
@@ -139,9 +109,9 @@ def plan(listing: pa.Table, ledger: pa.Table, model_sha256: str, date: str) -> p
 
 def _partition_rows(partition: storage.Location) -> pa.Table:
     """key, status, class_fractions of every summary row in a date partition."""
-    from raysegment.inference.sinks import summary_files
+    from raysegment.inference.output import summary_tables
 
-    tables = _read_parquet_files(partition, summary_files(partition), ["key", "status", "class_fractions"])
+    tables = list(summary_tables(partition, ["key", "status", "class_fractions"]))
     if not tables:
         return pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())})
     return pa.concat_tables(tables)
@@ -214,21 +184,21 @@ def _write_parquet(loc: storage.Location, table: pa.Table) -> None:
 
 def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     """One night: list, diff against the ledger, infer the rest into OUTPUT/date=D, report."""
+    from raysegment.inference.output import is_complete
     from raysegment.inference.pipeline import infer
-    from raysegment.inference.predictor import load_model_card
+    from raysegment.models.card import ModelCard
 
     t0 = time.time()
     date = spec.date or datetime.datetime.now(datetime.UTC).date().isoformat()
-    card = load_model_card(spec.model, spec.endpoint_url)
-    input_loc = storage.resolve(spec.input, spec.endpoint_url)
-    output = storage.resolve(spec.output, spec.endpoint_url)
+    card = ModelCard.read(spec.model, spec.endpoint_url)
+    input_loc = storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s)
+    output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     _check_layout(input_loc, output)
     storage.check_writable(output)
     partition = output.child(partition_name(date))
-    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in spec.extensions)
 
     with RunLock(output.child(LOCK_NAME), spec.lock_stale_after_s, purpose="nightly run"):
-        planned = plan(list_inputs(input_loc, exts), read_ledger(output), card["model_sha256"], date)
+        planned = plan(list_inputs(input_loc, tuple(spec.extensions)), read_ledger(output), card.model_sha256, date)
         counts = {c: _count(planned["change"], c) for c in ("new", "changed", "unchanged", "deferred")}
         counts["listed"] = planned.num_rows
         todo = planned.filter(pc.is_in(planned["change"], pa.array(["new", "changed"])))
@@ -239,30 +209,17 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             "input": storage.redact(spec.input),
             "output": storage.redact(spec.output),
             "partition": None,
-            "model_id": card["model_id"],
-            "model_sha256": card["model_sha256"],
+            "model_id": card.model_id,
+            "model_sha256": card.model_sha256,
             "run_id": None,
             "counts": {**counts, "processed": 0, "ok": 0, "error": 0},
-            "class_names": card["class_names"],
+            "class_names": card.class_names,
         }
         if todo.num_rows:
             stamp = _stamp()
             list_loc = partition.child("inputs", f"{stamp}.parquet")
             _write_parquet(list_loc, todo.select(["uri", "key"]))
-            infer_spec = InferSpec(
-                model=spec.model,
-                input=list_loc.uri,
-                output=partition.uri,
-                source="list",
-                batch_size=spec.batch_size,
-                actors=spec.actors,
-                gpus_per_actor=spec.gpus_per_actor,
-                cpus_per_actor=spec.cpus_per_actor,
-                mask_format=spec.mask_format,
-                max_error_fraction=spec.max_error_fraction,
-                max_pixels=spec.max_pixels,
-                endpoint_url=spec.endpoint_url,
-            )
+            infer_spec = night_infer_spec(spec, list_loc.uri, partition.uri)
             report["partition"] = storage.redact(partition.uri)
             try:
                 record = infer(infer_spec)
@@ -275,15 +232,13 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             report["run_id"] = record["run_id"]
             report["counts"].update(processed=c["processed"], ok=c["ok"], error=c["error"])
             report["status"] = "ok"
-            _append_ledger(
-                output, todo, _partition_rows(partition), card["model_sha256"], date, record["run_id"], stamp
-            )
-        if storage.exists(partition.child(storage.SUCCESS)):
+            _append_ledger(output, todo, _partition_rows(partition), card.model_sha256, date, record["run_id"], stamp)
+        if is_complete(partition):
             # The report describes the whole date partition, also on a second run the same day.
             rows = _partition_rows(partition)
             report["partition"] = storage.redact(partition.uri)
             report["partition_rows"] = {"total": rows.num_rows, "ok": _count(rows["status"], "ok")}
-            report["class_fraction_mean"] = class_fraction_means(rows, card["class_names"])
+            report["class_fraction_mean"] = class_fraction_means(rows, card.class_names)
         else:
             report["class_fraction_mean"] = None
         previous = previous_report(output.child("reports"), date)

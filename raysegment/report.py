@@ -1,7 +1,7 @@
 """Run reports: OUTPUT/report.html (self-contained) and OUTPUT/overlays.png for an inference run.
 
-Everything is read back from the run's output (summaries, run record, masks) and
-the sources the summaries name, so a report can be (re)built for any run, local
+Everything is read back from the run's output (summaries, run record, masks, all
+through inference/output.py) and the sources the summaries name, so a report can be (re)built for any run, local
 or on S3, long after it finished. Summaries are streamed: counts, histograms,
 the first errors and a hash-chosen sample are all that is kept in memory.
 """
@@ -12,22 +12,20 @@ import base64
 import dataclasses
 import hashlib
 import html
-import io
-import json
 import logging
-import posixpath
 import string
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from PIL import Image
 
 from raysegment import __version__, overlay, plots, storage
 from raysegment.data import imaging
-from raysegment.errors import DataError, UserError
+from raysegment.errors import UserError
+from raysegment.inference import output as layout
+from raysegment.inference.output import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +36,6 @@ COLUMNS = 4
 HIST_BINS = 20
 MAX_ERRORS = 200  # error rows listed in the page; the count covers all of them
 CONTAINERS = (".tar", ".tar.gz", ".tgz", ".parquet")
-SUMMARY_COLUMNS = [
-    "key",
-    "source_uri",
-    "mask_uri",
-    "mask_offset",
-    "status",
-    "error",
-    "class_fractions",
-    "run_id",
-    "decode_ms",
-    "predict_ms",
-    "write_ms",
-]
 SAMPLE_FIELDS = ("key", "source_uri", "mask_uri", "mask_offset", "mask_length", "run_id")
 STAGES = ("decode_ms", "predict_ms", "write_ms")
 
@@ -92,22 +77,10 @@ def _shares(column: pa.ChunkedArray | pa.Array, n: int, k: int) -> np.ndarray:
 
 def scan_summaries(output: storage.Location, samples: int, run_id: str | None) -> Scan:
     """Stream every summary row under OUTPUT into counts, histograms, errors and a sample of ok rows."""
-    from raysegment.inference.sinks import summary_files
-
-    paths = summary_files(output)
-    if not paths:
-        raise DataError(
-            f"{output.uri}: no inference summaries (summaries/run=*/part-*.parquet); run `raysegment infer`"
-        )
-    with storage.storage_errors(output.uri):
-        dataset = pads.dataset(paths, format="parquet", filesystem=output.arrow_fs())
-        meta = dataset.schema.metadata or {}
-        names = meta.get(b"raysegment.class_names")
-        class_names = [str(n) for n in json.loads(names)] if names else []
-        columns = [c for c in SUMMARY_COLUMNS + ["mask_length"] if c in dataset.schema.names]
-        scan = Scan(class_names)
-        for batch in dataset.to_batches(columns=columns, batch_size=65_536):
-            _add_batch(scan, batch, samples, run_id)
+    summaries = layout.Summaries(output)
+    scan = Scan(summaries.class_names)
+    for batch in summaries.batches():
+        _add_batch(scan, batch, samples, run_id)
     scan.errors.sort(key=lambda e: e["key"])
     return scan
 
@@ -169,22 +142,6 @@ def _add_batch(scan: Scan, batch: pa.RecordBatch, samples: int, run_id: str | No
     ]
 
 
-def find_run(output: storage.Location, run_id: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
-    """(run id, run record): the given run, else the one _SUCCESS names, else the newest record."""
-    runs = output.child("runs")
-    if run_id is None and storage.has_success(output):
-        run_id = storage.read_json(output.child(storage.SUCCESS)).get("run_id")
-    if run_id is None and storage.exists(runs):
-        # Run ids start with a UTC timestamp, so the last name is the newest run.
-        records = storage.list_files(runs, (".json",))
-        if records:
-            run_id = posixpath.basename(records[-1])[: -len(".json")]
-    if run_id is None:
-        return None, None
-    record_loc = runs.child(f"{run_id}.json")
-    return run_id, storage.read_json(record_loc) if storage.exists(record_loc) else None
-
-
 def _in_container(uri: str) -> bool:
     """True for `archive.tar#member` and `table.parquet#key`: no single object holds the image."""
     at = uri.find("#")
@@ -212,37 +169,6 @@ def read_source(
         return None, f"mask only: source not readable ({str(exc)[:120]})"
 
 
-def _mask_location(output: storage.Location, uri: str) -> storage.Location:
-    """Where a mask file is now: below OUTPUT/masks even if the output was moved since the run."""
-    if "/masks/" in uri:
-        return output.child("masks", uri.rsplit("/masks/", 1)[1])
-    return storage.resolve(uri, output.endpoint_url)
-
-
-def _decode_mask(data: bytes) -> tuple[np.ndarray, list[list[int]] | None]:
-    ids = imaging.decode_mask(data)
-    with Image.open(io.BytesIO(data)) as img:
-        flat = img.getpalette() if img.mode == "P" else None
-    palette = [flat[i : i + 3] for i in range(0, len(flat), 3)] if flat else None
-    return ids, palette
-
-
-def read_mask(output: storage.Location, row: dict[str, Any]) -> tuple[np.ndarray, list[list[int]] | None]:
-    """(class ids, the PNG's palette or None) for a summary row, whatever its --mask-format."""
-    uri = row.get("mask_uri") or ""
-    offset = row.get("mask_offset")
-    if offset is not None and offset >= 0:  # packed: a byte range of a per-batch pack
-        loc = _mask_location(output, uri)
-        with storage.storage_errors(loc.uri):
-            data = loc.fs.cat_file(loc.path, start=offset, end=offset + int(row["mask_length"]))
-        return _decode_mask(data)
-    if ".npz#" in uri:  # npz: one array per key in a per-batch pack
-        pack, key = uri.split(".npz#", 1)
-        with np.load(io.BytesIO(storage.read_bytes(_mask_location(output, pack + ".npz")))) as arrays:
-            return np.asarray(arrays[key], np.uint8), None
-    return _decode_mask(storage.read_bytes(output.child("masks", f"{row['key']}.png")))
-
-
 def _palette(found: list[list[int]] | None, k: int) -> list[list[int]]:
     if found and len(found) >= k:
         return [list(c) for c in found[:k]]
@@ -257,7 +183,7 @@ def build_overlays(
     found: list[list[int]] | None = None
     for row in sorted(rows, key=lambda r: r["key"]):
         try:
-            mask, palette = read_mask(output, row)
+            mask, palette = layout.read_mask(output, row)
             found = found or palette
         except (UserError, imaging.ImageDecodeError, KeyError, ValueError, OSError) as exc:
             loaded.append((row, None, f"no mask: not readable ({str(exc)[:120]})"))
@@ -292,8 +218,7 @@ figcaption{font-size:12px;word-break:break-all}.note{color:#777}.failed{color:#b
 code{font-size:13px}img.plot{max-width:100%}
 </style></head><body>
 <h1>raysegment run <code>$run_id</code></h1>
-<table>$meta</table>
-$problems
+$meta
 <h2>Counts</h2>
 <table id="counts"><tr><th></th><th>this run</th><th>whole output</th></tr>$counts</table>
 <h2>Throughput</h2>
@@ -330,102 +255,120 @@ def _num(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else _e(value)
 
 
+def _meta_html(output: storage.Location, record: RunRecord | None) -> str:
+    status = record.status if record else "no run record (killed or still running?)"
+    rows = [
+        ("output", storage.redact(output.uri)),
+        ("input", record.input if record else ""),
+        ("source", record.source if record else ""),
+        ("model", record.model_id if record else ""),
+        ("status", status),
+    ]
+    failed = ' class="failed"'
+    meta = "".join(
+        f"<tr><th>{_e(k)}</th><td{failed if k == 'status' and v != 'succeeded' else ''}>{_e(v)}</td></tr>"
+        for k, v in rows
+    )
+    problems = "".join(f"<li>{_e(p)}</li>" for p in (record.problems if record else []))
+    return f"<table>{meta}</table>\n" + (f'<ul class="failed">{problems}</ul>' if problems else "")
+
+
+def _counts_html(record: RunRecord | None, scan: Scan) -> str:
+    run = record.counts if record else None
+    rows = [
+        ("images", "processed", run and run.processed, "rows", scan.rows),
+        ("ok", "ok", run and run.ok, "ok", scan.ok),
+        ("errors", "error", run and run.error, "error", scan.error),
+        ("skipped (done by earlier runs)", "skipped", run and run.skipped, None, None),
+    ]
+    return "".join(
+        f'<tr><th>{label}</th><td class="n" id="run-{rid}">{_num(rv)}</td>'
+        + (f'<td class="n" id="out-{oid}">{_num(ov)}</td></tr>' if oid else "<td></td></tr>")
+        for label, rid, rv, oid, ov in rows
+    )
+
+
+def _throughput_html(record: RunRecord | None, scan: Scan) -> str:
+    cfg = record.config if record else {}
+    per_image = {s: scan.stage_sum[s] / scan.run_rows if scan.run_rows else None for s in STAGES}
+    rows = [
+        ("images per second", record and record.images_per_second),
+        ("seconds", record and record.seconds),
+        ("actors, batch size", f"{cfg.get('actors', '')}, {cfg.get('batch_size', '')}" if cfg else None),
+        *((f"{s[:-3]} ms per image", None if v is None else round(v, 2)) for s, v in per_image.items()),
+    ]
+    return "".join(f'<tr><th>{_e(k)}</th><td class="n">{_num(v)}</td></tr>' for k, v in rows)
+
+
+def _classes_html(scan: Scan, palette: list[list[int]]) -> str:
+    return "".join(
+        f'<tr><td class="n">{c}</td><td><span class="swatch" style="background:rgb({",".join(map(str, palette[c]))})">'
+        f'</span> {_e(name)}</td><td class="n">{(scan.share_sum[c] / scan.ok if scan.ok else 0):.2%}</td>'
+        f'<td class="n">{(scan.present[c] / scan.ok if scan.ok else 0):.1%}</td></tr>'
+        for c, name in enumerate(scan.class_names)
+    )
+
+
+def _overlays_html(tiles: list[tuple[np.ndarray, str, str]], scan: Scan) -> tuple[str, str]:
+    """(the figures, the sentence above them)."""
+    figures = "".join(
+        f'<figure><img alt="{_e(key)}" src="{_data_uri("image/jpeg", overlay.jpeg_bytes(thumb))}">'
+        f"<figcaption>{_e(key)}{f' <span class=note>({_e(note)})</span>' if note else ''}</figcaption></figure>"
+        for thumb, key, note in tiles
+    )
+    text = (
+        f"{len(tiles)} of the {scan.ok:,} ok images, chosen by a hash of their key; the mask's palette "
+        f"colours are blended into the image (also in {OVERLAYS_FILE})."
+        if tiles
+        else "No ok images to show."
+    )
+    return figures, text
+
+
+def _errors_html(scan: Scan) -> str:
+    if not scan.error:
+        return "<p>None.</p>"
+    rows = "".join(
+        f"<tr><td>{_e(r['key'])}</td><td>{_e(r['error'])}</td><td>{_e(r['source_uri'])}</td>"
+        f"<td>{_e(r['run_id'])}</td></tr>"
+        for r in scan.errors
+    )
+    more = scan.error - len(scan.errors)
+    return (
+        f'<p>{scan.error:,} image{"s" if scan.error != 1 else ""} failed.</p><table id="errors"><tr><th>key</th><th>error</th>'
+        f"<th>source</th><th>run</th></tr>{rows}</table>"
+        + (f"<p>... and {more:,} more (the summaries' <code>error</code> column).</p>" if more > 0 else "")
+    )
+
+
 def render_html(
     output: storage.Location,
     run_id: str | None,
-    record: dict[str, Any] | None,
+    record: RunRecord | None,
     scan: Scan,
     tiles: list[tuple[np.ndarray, str, str]],
     palette: list[list[int]],
     histograms_png: bytes | None,
 ) -> str:
     """The report page: one HTML string with every image inlined as a data: URI."""
-    rec = record or {}
-    counts = rec.get("counts", {})
-    status = rec.get("status", "no run record (killed or still running?)")
-    meta_rows = [
-        ("output", storage.redact(output.uri)),
-        ("input", rec.get("input", "")),
-        ("source", rec.get("source", "")),
-        ("model", rec.get("model_id", "")),
-        ("status", status),
-    ]
-    failed = ' class="failed"'
-    meta = "".join(
-        f"<tr><th>{_e(k)}</th><td{failed if k == 'status' and v != 'succeeded' else ''}>{_e(v)}</td></tr>"
-        for k, v in meta_rows
-    )
-    problems = "".join(f"<li>{_e(p)}</li>" for p in rec.get("problems", []))
-    problems = f'<ul class="failed">{problems}</ul>' if problems else ""
-    count_rows = [
-        ("images", "processed", counts.get("processed"), "rows", scan.rows),
-        ("ok", "ok", counts.get("ok"), "ok", scan.ok),
-        ("errors", "error", counts.get("error"), "error", scan.error),
-        ("skipped (done by earlier runs)", "skipped", counts.get("skipped"), None, None),
-    ]
-    count_html = "".join(
-        f'<tr><th>{label}</th><td class="n" id="run-{rid}">{_num(rv)}</td>'
-        + (f'<td class="n" id="out-{oid}">{_num(ov)}</td></tr>' if oid else "<td></td></tr>")
-        for label, rid, rv, oid, ov in count_rows
-    )
-    cfg = rec.get("config", {})
-    per_image = {s: scan.stage_sum[s] / scan.run_rows if scan.run_rows else None for s in STAGES}
-    throughput_rows = [
-        ("images per second", rec.get("images_per_second")),
-        ("seconds", rec.get("seconds")),
-        ("actors, batch size", f"{cfg.get('actors', '')}, {cfg.get('batch_size', '')}" if cfg else None),
-        *((f"{s[:-3]} ms per image", None if v is None else round(v, 2)) for s, v in per_image.items()),
-    ]
-    throughput = "".join(f'<tr><th>{_e(k)}</th><td class="n">{_num(v)}</td></tr>' for k, v in throughput_rows)
-    classes = "".join(
-        f'<tr><td class="n">{c}</td><td><span class="swatch" style="background:rgb({",".join(map(str, palette[c]))})">'
-        f'</span> {_e(name)}</td><td class="n">{(scan.share_sum[c] / scan.ok if scan.ok else 0):.2%}</td>'
-        f'<td class="n">{(scan.present[c] / scan.ok if scan.ok else 0):.1%}</td></tr>'
-        for c, name in enumerate(scan.class_names)
-    )
     hist = (
         f'<img class="plot" alt="class share histograms" src="{_data_uri("image/png", histograms_png)}">'
         if histograms_png
         else ""
     )
-    figures = "".join(
-        f'<figure><img alt="{_e(key)}" src="{_data_uri("image/jpeg", overlay.jpeg_bytes(thumb))}">'
-        f"<figcaption>{_e(key)}{f' <span class=note>({_e(note)})</span>' if note else ''}</figcaption></figure>"
-        for thumb, key, note in tiles
-    )
-    sample_text = (
-        f"{len(tiles)} of the {scan.ok:,} ok images, chosen by a hash of their key; the mask's palette "
-        f"colours are blended into the image (also in {OVERLAYS_FILE})."
-        if tiles
-        else "No ok images to show."
-    )
-    if scan.error:
-        rows = "".join(
-            f"<tr><td>{_e(r['key'])}</td><td>{_e(r['error'])}</td><td>{_e(r['source_uri'])}</td>"
-            f"<td>{_e(r['run_id'])}</td></tr>"
-            for r in scan.errors
-        )
-        more = scan.error - len(scan.errors)
-        errors = (
-            f'<p>{scan.error:,} image{"s" if scan.error != 1 else ""} failed.</p><table id="errors"><tr><th>key</th><th>error</th>'
-            f"<th>source</th><th>run</th></tr>{rows}</table>"
-            + (f"<p>... and {more:,} more (the summaries' <code>error</code> column).</p>" if more > 0 else "")
-        )
-    else:
-        errors = "<p>None.</p>"
+    figures, sample_text = _overlays_html(tiles, scan)
     return _PAGE.substitute(
         run_id=_e(run_id or "unknown"),
         tile=TILE,
-        meta=meta,
-        problems=problems,
-        counts=count_html,
-        throughput=throughput,
+        meta=_meta_html(output, record),
+        counts=_counts_html(record, scan),
+        throughput=_throughput_html(record, scan),
         ok=f"{scan.ok:,}",
-        classes=classes,
+        classes=_classes_html(scan, palette),
         histograms=hist,
         sample_text=sample_text,
         overlays=figures,
-        errors=errors,
+        errors=_errors_html(scan),
         version=_e(__version__),
     )
 
@@ -435,7 +378,7 @@ def write_run_report(
 ) -> dict[str, Any]:
     """Write OUTPUT/report.html and OUTPUT/overlays.png for a run; returns where and what they show."""
     output = storage.resolve(output_uri, endpoint_url)
-    run_id, record = find_run(output, run_id)
+    run_id, record = layout.find_run(output, run_id)
     scan = scan_summaries(output, samples, run_id)
     log.info("report: %d summary rows (%d ok, %d errors) in %s", scan.rows, scan.ok, scan.error, output.uri)
     k = len(scan.class_names)
@@ -451,7 +394,7 @@ def write_run_report(
         "report": output.child(REPORT_FILE).uri,
         "overlays": output.child(OVERLAYS_FILE).uri,
         "run_id": run_id,
-        "status": (record or {}).get("status"),
+        "status": record.status if record else None,
         "rows": scan.rows,
         "ok": scan.ok,
         "error": scan.error,

@@ -8,6 +8,11 @@ import os
 import ray
 
 
+def cores() -> int:
+    """CPU cores of this machine."""
+    return os.cpu_count() or 1
+
+
 def init_ray(min_cpus: int = 0) -> None:
     """Join RAY_ADDRESS if set, else start local Ray with at least `min_cpus` logical CPUs.
 
@@ -20,5 +25,5 @@ def init_ray(min_cpus: int = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
         return
-    cpus = max(os.cpu_count() or 1, min_cpus)
+    cpus = max(cores(), min_cpus)
     ray.init(num_cpus=cpus, logging_level=logging.WARNING)

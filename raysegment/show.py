@@ -11,6 +11,7 @@ import numpy as np
 from raysegment import overlay, storage
 from raysegment.data import imaging
 from raysegment.errors import DataError
+from raysegment.models.card import ModelCard
 
 
 def default_out(image_uri: str) -> str:
@@ -28,18 +29,14 @@ def show_overlay(
     tta_flip: bool = False,
 ) -> dict[str, Any]:
     """Predict one image as the inference pipeline does; write the overlay PNG at its original size."""
-    from raysegment.inference.predictor import Predictor, load_model_card, preprocess
+    from raysegment.inference.predictor import Predictor, preprocess
 
-    card = load_model_card(model_uri, endpoint_url)
+    card = ModelCard.read(model_uri, endpoint_url)
     data = storage.read_bytes(storage.resolve(image_uri, endpoint_url))
-    # The pipeline's own two steps, on a batch of one: same decoding, resizing and model call.
-    # Native-scale models (card input resize "none") predict at full resolution, as infer does.
-    native = {"resize": False} if card["input"].get("resize") == "none" else {}
+    # The pipeline's own two steps, on a batch of one: same decoding, resizing and model call
+    # (native-scale models predict at full resolution, as infer does).
     batch = preprocess(
-        {"key": np.asarray(["image"], object), "bytes": np.asarray([data], object)},
-        size=tuple(card["input"]["size"]),
-        max_pixels=imaging.MAX_PIXELS,
-        **native,
+        {"key": np.asarray(["image"], object), "bytes": np.asarray([data], object)}, card, imaging.MAX_PIXELS
     )
     if batch["error"][0]:
         raise DataError(f"{image_uri}: {batch['error'][0]}")
@@ -48,12 +45,12 @@ def show_overlay(
     height, width = int(batch["height"][0]), int(batch["width"][0])
     mask = imaging.resize_mask(np.asarray(batch["pred"][0], np.uint8), (height, width))
     target = storage.resolve(out or default_out(image_uri), endpoint_url)
-    storage.write_bytes(target, overlay.overlay_png(image, mask, card["palette"], alpha))
-    counts = np.bincount(mask.ravel(), minlength=card["num_classes"])[: card["num_classes"]]
+    storage.write_bytes(target, overlay.overlay_png(image, mask, card.palette, alpha))
+    counts = np.bincount(mask.ravel(), minlength=card.num_classes)[: card.num_classes]
     return {
         "out": target.uri,
         "height": height,
         "width": width,
-        "class_fractions": dict(zip(card["class_names"], (counts / mask.size).tolist())),
+        "class_fractions": dict(zip(card.class_names, (counts / mask.size).tolist())),
         "mean_confidence": float(batch["mean_confidence"][0]),
     }

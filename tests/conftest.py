@@ -5,7 +5,8 @@ Real S3 (SeaweedFS ``weed mini``, see tests/s3server.py):
     its ``env()`` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
     AWS_REGION) is exported to os.environ for the whole session.
   * ``s3_prefix`` (function): a fresh ``s3://raysegment-test/<uuid>`` per test.
-Mark tests that use them with ``@pytest.mark.s3``.
+Mark tests that use them with ``@pytest.mark.s3``. The server's extra S3 users
+(read-only, masks-only) are helpers.IDENTITIES.
 """
 
 from __future__ import annotations
@@ -15,23 +16,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from helpers import IDENTITIES, S3_TEST_BUCKET, TINY, write_source
 from s3server import S3Server, find_weed
-
-S3_TEST_BUCKET = "raysegment-test"
-# Extra S3 users of the session's server, for permission-denied tests (tests/test_denied.py).
-READ_ONLY_KEY = "raysegment-reader"
-MASKS_ONLY_KEY = "raysegment-masks-only"
-MASKS_ONLY_OUTPUT = f"s3://{S3_TEST_BUCKET}/masks-only/out"
-IDENTITIES = {
-    READ_ONLY_KEY: ["Read", "List"],
-    # May write OUTPUT's masks (and the write probe), not its summaries: denied mid-run.
-    MASKS_ONLY_KEY: [
-        "Read",
-        "List",
-        f"Write:{S3_TEST_BUCKET}/masks-only/out/masks/*",
-        f"Write:{S3_TEST_BUCKET}/masks-only/out/.write-probe*",
-    ],
-}
 
 # Variables from a developer's shell that would override or spoil env():
 # storage.py prefers AWS_ENDPOINT_URL_S3, and a session token would be sent
@@ -99,8 +85,6 @@ def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
 @pytest.fixture(scope="session")
 def tiny_model(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(data set dir, model dir): a tiny U-Net trained for one epoch on 40 synthetic pairs."""
-    from helpers import TINY, write_source
-
     from raysegment.config import PrepareSpec, TrainSpec
     from raysegment.data.prepare import prepare
     from raysegment.train.trainer import train

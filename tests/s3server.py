@@ -7,6 +7,8 @@ Usage::
         ...
         server.stop()   # simulate an outage; data stays in server.root
         server.start()  # same ports, same data
+        with server.paused():  # a hung server: requests wait, nothing is refused
+            ...
 
 Everything the server writes (data, glog files, stdout/stderr) stays under
 ``server.root``; nothing listens outside 127.0.0.1.
@@ -274,6 +276,18 @@ class S3Server:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._remove_grpc_sockets()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the server's process group while inside: the kernel still accepts connections,
+        so requests hang (until the client's read timeout) instead of being refused."""
+        proc = self._proc
+        assert proc is not None and proc.poll() is None, "the server is not running"
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop the server and delete its temp dir (only if we created it)."""

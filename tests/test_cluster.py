@@ -23,7 +23,7 @@ import yaml
 
 from raysegment import storage
 from raysegment.data import synthetic
-from raysegment.inference.sinks import summary_files
+from raysegment.inference.output import summary_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 

@@ -1,9 +1,13 @@
 """Job specs: YAML + flags, and one clear message for every wrong field."""
 
+import tracemalloc
+
 import pytest
 
-from raysegment.config import InferSpec, TrainSpec, load_spec
+from raysegment.config import InferOptions, InferSpec, NightlySpec, TrainSpec, load_spec
+from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError
+from raysegment.specfile import MAX_SPEC_ALIASES, MAX_SPEC_BYTES
 
 
 def write(tmp_path, text):
@@ -77,3 +81,85 @@ def test_out_of_range_values_name_the_field(spec, field, value):
     with pytest.raises(ConfigError, match=f"field '{field}'") as err:
         load_spec(spec, None, {**base, field: value})
     assert "\n" not in str(err.value)
+
+
+def test_infer_and_nightly_share_every_inference_option():
+    from raysegment.cli import main
+
+    options = set(InferOptions.model_fields)
+    assert set(InferSpec.model_fields) == options | {"model", "input", "output"}
+    assert options < set(NightlySpec.model_fields)
+    for command in ("infer", "nightly"):  # and both commands take them as flags
+        flags = {p.name for p in main.commands[command].params}
+        assert options - {"endpoint_url"} <= flags, command
+
+
+def test_extensions_one_list_normalised():
+    base = {"model": "m", "input": "i", "output": "o"}
+    assert load_spec(InferSpec, None, base).extensions == list(IMAGE_EXTENSIONS)
+    assert load_spec(NightlySpec, None, base).extensions == list(IMAGE_EXTENSIONS)
+    assert load_spec(InferSpec, None, {**base, "extensions": "PNG, .Jpg"}).extensions == [".png", ".jpg"]
+    with pytest.raises(ConfigError, match="field 'extensions': give at least one"):
+        load_spec(InferSpec, None, {**base, "extensions": []})
+
+
+@pytest.mark.parametrize("field,value", [("source", "tar"), ("source", "list"), ("overwrite", True)])
+def test_nightly_refuses_options_a_night_cannot_honour(field, value):
+    with pytest.raises(ConfigError, match=f"--{field}.*does not apply to nightly"):
+        load_spec(NightlySpec, None, {"model": "m", "input": "i", "output": "o", field: value})
+
+
+BILLION_LAUGHS = "\n".join(
+    [
+        'lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+        *(f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 9)}]" for i in range(1, 9)),
+        "model: *lol8",
+        "input: i",
+        "output: o",
+    ]
+)
+
+
+def test_yaml_bomb_is_refused_in_a_short_message(tmp_path):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="YAML aliases") as err:
+            load_spec(InferSpec, write(tmp_path, BILLION_LAUGHS))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(str(err.value)) < 300 and peak < 20 << 20
+
+
+def test_small_alias_expansion_is_quoted_short(tmp_path):
+    # Under every bound, but the value is still a nested list: the error quotes a bounded repr.
+    text = "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nmodel: [*b, *b, *b]\ninput: i\noutput: o\n"
+    with pytest.raises(ConfigError, match=r"field 'model'.*got \[\[\[") as err:
+        load_spec(InferSpec, write(tmp_path, text))
+    assert len(str(err.value)) < 600
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("model: " + "[" * 100 + "]" * 100 + "\n", "nested more than"),
+        ("a: &a x\nb: [" + ", ".join(["*a"] * (MAX_SPEC_ALIASES + 1)) + "]\n", "aliases"),
+        ("model: m\n" + "#" * (MAX_SPEC_BYTES + 1) + "\n", "KiB"),
+        # Few aliases, each doubling the one before: 2**30 values once expanded.
+        ("d0: &d0 [x, x]\n" + "".join(f"d{i}: &d{i} [*d{i - 1}, *d{i - 1}]\n" for i in range(1, 31)), "expands to"),
+    ],
+)
+def test_spec_file_bounds(tmp_path, text, problem):
+    with pytest.raises(ConfigError, match=problem) as err:
+        load_spec(InferSpec, write(tmp_path, text))
+    assert len(str(err.value)) < 300
+
+
+def test_long_values_and_many_unknown_fields_are_cut_short():
+    base = {"model": "m", "input": "i", "output": "o"}
+    with pytest.raises(ConfigError, match="field 'batch_size'") as err:
+        load_spec(InferSpec, None, {**base, "batch_size": "9" * 100_000})
+    assert len(str(err.value)) < 300 and "9...9" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown fields 'x0', 'x1'") as err:
+        load_spec(InferSpec, None, {**base, **{f"x{i}": 1 for i in range(1000)}})
+    assert len(str(err.value)) < 800

@@ -2,7 +2,7 @@
 a prefix the store turned read-only (what SeaweedFS's bucket quota enforcement does). Each fails
 with one clear line, writes no _SUCCESS, and reports nothing as done that is not.
 
-The S3 users come from the session's server (conftest.IDENTITIES). The CLI runs with its own
+The S3 users come from the session's server (helpers.IDENTITIES). The CLI runs with its own
 local Ray, so its Ray workers hold the restricted credentials, as the nodes of a real cluster would.
 """
 
@@ -10,18 +10,16 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import MASKS_ONLY_KEY, MASKS_ONLY_OUTPUT, READ_ONLY_KEY
-from test_infer import write_images
+from helpers import MASKS_ONLY_KEY, MASKS_ONLY_OUTPUT, READ_ONLY_KEY, wait_for, write_images
 
 from raysegment import storage
 from raysegment.config import InferSpec
 from raysegment.errors import StorageError
+from raysegment.inference.output import summary_files
 from raysegment.inference.pipeline import infer
-from raysegment.inference.sinks import summary_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -111,15 +109,17 @@ def test_output_made_read_only_by_the_store_fails_the_job(tiny_model, s3_server,
     try:
         client = s3_server.client(retries={"max_attempts": 1})
         probe = f"{out.split('/', 3)[3]}/summaries/probe"
-        deadline = time.time() + 30
-        while True:  # the S3 gateway picks the filer configuration up asynchronously
+
+        def refused() -> bool:
             try:
                 client.put_object(Bucket=s3_server.bucket, Key=probe, Body=b"")
             except client.exceptions.ClientError:
-                break
+                return True
             client.delete_object(Bucket=s3_server.bucket, Key=probe)
-            assert time.time() < deadline, "the read-only location never took effect"
-            time.sleep(0.5)
+            return False
+
+        # The S3 gateway picks the filer configuration up asynchronously.
+        wait_for(refused, "the read-only location to take effect", timeout=30, interval=0.5)
         r = cli(ray_cluster.env, "infer", model, str(tmp_path / "in"), out, "--no-report", "--storage-retry-s", "2")
         assert r.returncode == 2
         line = error_line(r.stderr)

@@ -1,80 +1,83 @@
 """Faults the jobs survive, with the real parts: SIGKILLed task workers and drivers, an S3 outage,
-a corrupt checkpoint (on S3: test_pipeline_s3.py). Each test checks that nothing is lost or duplicated."""
+a corrupt checkpoint (on S3: test_pipeline_s3.py). Each test checks that nothing is lost or duplicated.
+
+The kills cannot race the job: a named pipe among the inputs (helpers.PipeBarrier) holds the job
+until the fault is in place, and the test acts on events the job signals (a committed summary)."""
 
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 import ray
 import s3fs
-from test_infer import assert_one_row_and_mask_per_key, write_images
+from helpers import (
+    PipeBarrier,
+    assert_one_row_and_mask_per_key,
+    has_summary,
+    in_background,
+    png,
+    wait_for,
+    write_images,
+)
 
+from raysegment import storage
 from raysegment.config import InferSpec
+from raysegment.inference.output import summary_files, write_outputs
 from raysegment.inference.pipeline import infer
 
 pytestmark = pytest.mark.slow
 
 RAYSEGMENT = str(Path(sys.executable).parent / "raysegment")
+BARRIER_KEY = "zz-barrier/hold"
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def s3(server) -> s3fs.S3FileSystem:
+    """A client with no listing cache, so every poll sees the bucket as it is."""
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint_url}, skip_instance_cache=True)
 
 
-def has_summary(out) -> bool:
-    return any(f.endswith(".parquet") for _, _, fs in os.walk(os.path.join(out, "summaries")) for f in fs)
+def assert_one_row_and_mask_per_key_on_s3(out: str, keys: list[str], unreadable: tuple[str, ...] = ()) -> None:
+    loc = storage.resolve(out)
+    rows = [k for p in summary_files(loc) for k in storage.read_table(loc, p, ["key"]).column("key").to_pylist()]
+    assert sorted(rows) == sorted([*keys, *unreadable])  # one row per key across every run
+    masks = loc.fs.find(loc.child("masks").path)
+    assert sorted(p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in masks) == sorted(keys)
+    assert storage.exists(loc.child("_SUCCESS"))
 
 
-def in_thread(fn) -> tuple[threading.Thread, dict]:
-    """Run fn in a thread; its result or exception lands in the returned dict."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # the test inspects it
-            box["error"] = exc
-
-    job = threading.Thread(target=run)
-    job.start()
-    return job, box
+def running_task(function_name: str) -> int | None:
+    """The pid of a Ray worker process running a Ray Data task of that function, if any."""
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if title.startswith("ray::") and f"MapBatches({function_name})" in title:
+            return p.info["pid"]
+    return None
 
 
-def test_killed_task_worker_is_retried(tiny_model, tmp_path):
-    """SIGKILL the process of a running decode or write task: Ray re-runs the task, nothing is lost."""
+@pytest.mark.s3
+def test_killed_task_worker_is_retried(tiny_model, s3_server, s3_prefix, tmp_path):
+    """SIGKILL the process of a running write task: Ray re-runs the task, nothing is lost or doubled.
+
+    The task is held for the kill: the barrier keeps the job from finishing until the S3 output is
+    paused; released, its batch goes on to a write task that waits on the paused store."""
     _, model = tiny_model
-    keys = write_images(tmp_path / "in", 100)
-    out = str(tmp_path / "out")
-    job, box = in_thread(lambda: infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2)))
-    killed = []
-
-    def kill_a_task_worker() -> bool:
-        for p in psutil.process_iter(["cmdline"]):
-            title = " ".join(p.info["cmdline"] or [])
-            if title.startswith("ray::MapBatches(write_outputs)") or title.startswith("ray::MapBatches(preprocess)"):
-                os.kill(p.pid, signal.SIGKILL)
-                killed.append(title)
-                return True
-        return not job.is_alive()
-
-    wait_for(kill_a_task_worker, 240, "a running task worker", interval=0.05)
-    job.join(timeout=600)
-    assert killed, "the run finished before a task worker could be killed"
-    assert "error" not in box, box.get("error")
-    assert box["result"]["counts"]["total"] == 100
-    assert_one_row_and_mask_per_key(out, keys)
+    keys = write_images(tmp_path / "in", 40)
+    out = f"{s3_prefix}/out"
+    with PipeBarrier(tmp_path / "in" / f"{BARRIER_KEY}.png") as barrier:
+        job = in_background(lambda: infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2)))
+        wait_for(lambda: summary_files(storage.resolve(out)), "the first committed summary", job=job)
+        with s3_server.paused():
+            barrier.release(job)
+            writer = wait_for(lambda: running_task(write_outputs.__name__), "a write task held by the store", job=job)
+            os.kill(writer, signal.SIGKILL)
+        record = job.result(timeout=600)
+    assert record["counts"]["total"] == 41
+    assert_one_row_and_mask_per_key_on_s3(out, keys, unreadable=(BARRIER_KEY,))
 
 
 def test_killed_driver_then_rerun_completes(tiny_model, ray_cluster, tmp_path):
@@ -83,27 +86,29 @@ def test_killed_driver_then_rerun_completes(tiny_model, ray_cluster, tmp_path):
     keys = write_images(tmp_path / "in", 100)
     out = str(tmp_path / "out")
     cmd = [RAYSEGMENT, "infer", model, str(tmp_path / "in"), out, "--batch-size", "2", "--no-report"]
-    driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: has_summary(out) or driver.poll() is not None, 240, "the first summary file")
-        assert driver.poll() is None, "the run finished before its driver could be killed"
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+    with PipeBarrier(tmp_path / "in" / f"{BARRIER_KEY}.png") as barrier:
+        driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: has_summary(out) or driver.poll() is not None, "the first summary file")
+            assert driver.poll() is None, f"the driver exited with {driver.returncode} before its first summary"
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        assert not os.path.exists(os.path.join(out, "_SUCCESS"))
 
-    # Ray tears down a dead driver's actors and tasks; wait for that before the re-run.
-    def predictors_gone() -> bool:
-        alive = ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
-        return not [a for a in alive if "Predictor" in a.class_name]
+        # Ray tears down a dead driver's actors and tasks; wait for that before the re-run.
+        def predictors_gone() -> bool:
+            alive = ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
+            return not [a for a in alive if "Predictor" in a.class_name]
 
-    wait_for(predictors_gone, 60, "the killed driver's actors to exit", interval=0.5)
+        wait_for(predictors_gone, "the killed driver's actors to exit", timeout=60, interval=0.5)
+        barrier.replace_with(png(999))
     rerun = subprocess.run(cmd, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "already done" in rerun.stdout
-    assert_one_row_and_mask_per_key(out, keys)
+    assert_one_row_and_mask_per_key(out, [*keys, BARRIER_KEY])
     assert len(os.listdir(os.path.join(out, "runs"))) == 1  # the killed run never claimed completion
 
 
@@ -112,53 +117,40 @@ def test_s3_outage_is_retried_or_fails_clearly(tiny_model, s3_server, s3_prefix,
     """The S3 server stops mid-run. Past the retry deadline the job fails with a clear message and no
     _SUCCESS; back within the deadline, reads and writes are retried and the job completes exactly."""
     _, model = tiny_model
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url}, skip_instance_cache=True)
+    fs = s3(s3_server)
     bucket = s3_prefix[len("s3://") :]
     keys = write_images(tmp_path / "in", 60)
     fs.put(str(tmp_path / "in"), f"{bucket}/in", recursive=True)
     spec = {"model": model, "input": f"{s3_prefix}/in", "output": f"{s3_prefix}/out", "batch_size": 2}
 
-    def summaries_written() -> bool:
+    def summaries_written() -> int:
         fs.invalidate_cache()
-        return bool(fs.glob(f"{bucket}/out/summaries/**/*.parquet"))
+        return len(fs.glob(f"{bucket}/out/summaries/**/*.parquet"))
 
-    # 1. Down for longer than a 3 s deadline: a clear failure.
-    job, box = in_thread(lambda: infer(InferSpec(**spec, storage_retry_s=3)))
-    wait_for(lambda: summaries_written() or not job.is_alive(), 240, "the first summary on S3")
-    assert job.is_alive(), "the run finished before the outage"
+    # 1. Down for longer than a 3 s deadline: a clear failure. (The input is on S3, where no pipe
+    # can hold the job: 60 images at batch 2 outlast the poll after the first summary.)
+    job = in_background(lambda: infer(InferSpec(**spec, storage_retry_s=3)))
+    wait_for(summaries_written, "the first summary on S3", job=job)
+    assert not job.done(), "the run finished before the outage"
     s3_server.stop()
     try:
-        job.join(timeout=300)
+        error = job.exception(timeout=300)
     finally:
         s3_server.start()
-    assert "error" in box, "the job reported success with its storage down"
-    message = str(box["error"])
-    assert "still failing after" in message and "storage_retry_s" in message, message
+    assert error is not None, "the job reported success with its storage down"
+    assert "still failing after" in str(error) and "storage_retry_s" in str(error), error
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
 
     # 2. Down for a few seconds, well within the default deadline: the job rides it out.
-    before = len(fs.glob(f"{bucket}/out/summaries/**/*.parquet"))
-
-    def rerun_wrote() -> bool:
-        fs.invalidate_cache()
-        return len(fs.glob(f"{bucket}/out/summaries/**/*.parquet")) > before
-
-    job, box = in_thread(lambda: infer(InferSpec(**spec)))
-    wait_for(lambda: rerun_wrote() or not job.is_alive(), 240, "the re-run's first summary")
-    assert job.is_alive(), "the re-run finished before the outage"
+    before = summaries_written()
+    job = in_background(lambda: infer(InferSpec(**spec)))
+    wait_for(lambda: summaries_written() > before, "the re-run's first summary", job=job)
+    assert not job.done(), "the re-run finished before the outage"
     s3_server.stop()
     try:
-        time.sleep(6)
+        time.sleep(6)  # the length of the outage, not a wait for the job
     finally:
         s3_server.start()
-    job.join(timeout=600)
-    assert "error" not in box, box.get("error")
-    fs.invalidate_cache()
-    rows = []
-    for path in fs.find(f"{bucket}/out/summaries"):
-        with fs.open(path, "rb") as f:
-            rows += pq.read_table(f, columns=["key"]).column("key").to_pylist()
-    assert sorted(rows) == sorted(keys)  # one row per key across the failed run and the re-run
-    assert sorted(p.rsplit("/", 1)[1][:-4] for p in fs.find(f"{bucket}/out/masks")) == sorted(keys)
-    assert fs.exists(f"{bucket}/out/_SUCCESS")
+    job.result(timeout=600)
+    assert_one_row_and_mask_per_key_on_s3(spec["output"], keys)  # across the failed run and the re-run

@@ -5,52 +5,29 @@ import json
 import os
 import signal
 import tarfile
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from helpers import (
+    PipeBarrier,
+    assert_one_row_and_mask_per_key,
+    has_summary,
+    in_background,
+    png,
+    summaries,
+    wait_for,
+    write_images,
+)
 from PIL import Image
 
 from raysegment.config import InferSpec
-from raysegment.data import synthetic
 from raysegment.errors import DataError, JobError
 from raysegment.inference.pipeline import infer
 
 pytestmark = pytest.mark.slow
-
-
-def summaries(out) -> list[dict]:
-    return pq.read_table(
-        os.path.join(out, "summaries"),
-        columns=["key", "status", "error", "mask_uri", "mask_offset", "mask_length", "run_id"],
-    ).to_pylist()
-
-
-def png(i: int, size: int = 32) -> bytes:
-    img, _ = synthetic.make_example(1000 + i, size=size)
-    return synthetic.png_bytes(img)
-
-
-def write_images(root, n: int, start: int = 0) -> list[str]:
-    os.makedirs(root, exist_ok=True)
-    keys = []
-    for i in range(start, start + n):
-        with open(os.path.join(root, f"img{i:04d}.PNG" if i % 5 == 0 else f"img{i:04d}.png"), "wb") as f:
-            f.write(png(i))
-        keys.append(f"img{i:04d}")
-    return keys
-
-
-def assert_one_row_and_mask_per_key(out, keys):
-    rows = summaries(out)
-    assert sorted(r["key"] for r in rows) == sorted(keys)  # exactly one row per key
-    masks = sorted(os.path.splitext(p)[0] for p in os.listdir(os.path.join(out, "masks")))
-    assert masks == sorted(k for k in keys)
-    assert os.path.exists(os.path.join(out, "_SUCCESS"))
 
 
 def test_resume_skips_done_keys_and_overwrite_redoes_all(tiny_model, tmp_path):
@@ -87,33 +64,25 @@ def test_other_model_output_is_refused(tiny_model, tmp_path):
 
 
 def test_killed_actor_and_rerun_leave_one_row_per_key(tiny_model, ray_cluster, tmp_path):
-    """SIGKILL the predictor actor mid-run: Ray restarts it and the job still completes exactly."""
+    """SIGKILL the predictor actor after the first committed summary: Ray restarts it, re-runs its
+    batches, and the job still completes exactly. A named pipe among the inputs holds the job
+    until the kill is done, so the job cannot finish first however fast or slow the machine."""
     _, model = tiny_model
     keys = write_images(tmp_path / "in", 120)
     out = str(tmp_path / "out")
-    result: dict = {}
-    job = threading.Thread(
-        target=lambda: result.update(
-            infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2))
-        )
-    )
-    job.start()
-    killed = None
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and job.is_alive():
-        if os.path.isdir(os.path.join(out, "summaries")) and any(
-            f.endswith(".parquet") for _, _, fs in os.walk(os.path.join(out, "summaries")) for f in fs
-        ):
-            for actor in ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")]):
-                if "Predictor" in actor.class_name:
-                    os.kill(actor.pid, signal.SIGKILL)
-                    killed = actor.pid
-                    break
-        time.sleep(0.2)
-    job.join(timeout=600)
-    assert killed is not None, "the run finished before an actor could be killed"
-    assert result["counts"]["total"] == 120
-    assert_one_row_and_mask_per_key(out, keys)
+    with PipeBarrier(tmp_path / "in" / "zz-barrier" / "hold.png") as barrier:
+        job = in_background(lambda: infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2)))
+        wait_for(lambda: has_summary(out), "the first committed summary", job=job)
+
+        def predictor_pid() -> int | None:
+            alive = ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
+            return next((a.pid for a in alive if "Predictor" in a.class_name), None)
+
+        os.kill(wait_for(predictor_pid, "a live predictor actor", job=job), signal.SIGKILL)
+        barrier.release(job)
+        record = job.result(timeout=600)
+    assert record["counts"]["total"] == 121
+    assert_one_row_and_mask_per_key(out, keys, unreadable=("zz-barrier/hold",))
 
 
 def test_tar_source(tiny_model, tmp_path):

@@ -2,6 +2,8 @@
 
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,9 @@ from click.testing import CliRunner
 from raysegment import jobs
 from raysegment.cli import main
 from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, TrainSpec, load_spec
-from raysegment.entrypoints import JOBS, load_job_spec
 from raysegment.entrypoints import main as entry_main
 from raysegment.errors import ConfigError
+from raysegment.registry import CLUSTER_KINDS, JOBS, load_job_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = {
@@ -75,11 +77,22 @@ def test_find_checkout(tmp_path):
     assert jobs.find_checkout(tmp_path) is None
 
 
-@pytest.mark.parametrize("kind", sorted(JOBS))
+@pytest.mark.parametrize("kind", CLUSTER_KINDS)
 def test_example_specs_are_valid(kind):
-    spec = load_spec(JOBS[kind][0], str(REPO / "jobs" / "examples" / f"{kind}.yaml"))
+    spec = load_spec(JOBS[kind].spec, str(REPO / "jobs" / "examples" / f"{kind}.yaml"))
     assert isinstance(spec, {"train": TrainSpec, "evaluate": EvaluateSpec, "infer": InferSpec}.get(kind, NightlySpec))
     assert (REPO / "jobs" / f"{kind}.py").read_text().count(f'main("{kind}")') == 1
+
+
+def test_submit_takes_the_registry_kinds_and_entrypoints_do_not_import_the_cli():
+    submit_kinds = next(p for p in main.commands["submit"].params if p.name == "kind").type.choices
+    assert list(submit_kinds) == list(CLUSTER_KINDS) == ["train", "evaluate", "infer", "nightly"]
+    # The entrypoints must not pull in the CLI (once a cycle: each imported the other), nor TF or Ray.
+    probe = (
+        "import sys, raysegment.entrypoints; print(sorted({'raysegment.cli', 'tensorflow', 'ray'} & {*sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_entrypoint_user_errors_exit_2(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from raysegment import nightly, storage
-from raysegment.config import NightlySpec
+from raysegment.config import InferSpec, NightlySpec
 from raysegment.data import synthetic
 from raysegment.errors import ConfigError, JobError
 from raysegment.inference import pipeline
@@ -80,6 +80,53 @@ def test_drift_flags_a_shift_beyond_the_threshold():
     assert not nightly.drift(None, before, 0.05)["flagged"] and not nightly.drift({"bg": 1.0}, None, 0.05)["flagged"]
 
 
+def test_the_nights_infer_run_gets_every_inference_option():
+    chosen = {
+        "precision": "float32",
+        "tile_size": 512,
+        "tile_overlap": 32,
+        "tta_flip": True,
+        "decode": "actor",
+        "storage_retry_s": 15.0,
+        "extensions": [".png"],
+        "actors": (1, 3),
+        "mask_format": "npz",
+        "report": False,
+        "endpoint_url": "http://127.0.0.1:1",
+    }
+    night = NightlySpec(model="m", input="/in", output="/out", date="2026-01-02", **chosen)
+    spec = nightly.night_infer_spec(night, "/out/date=2026-01-02/inputs/x.parquet", "/out/date=2026-01-02")
+    assert {name: getattr(spec, name) for name in chosen} == chosen
+    assert (spec.model, spec.input, spec.source) == ("m", "/out/date=2026-01-02/inputs/x.parquet", "list")
+    # Every option not chosen keeps its default, as in an `infer` spec.
+    plain = nightly.night_infer_spec(NightlySpec(model="m", input="/in", output="/out"), "l", "p")
+    assert plain.model_dump(exclude={"input", "output", "source"}) == InferSpec(
+        model="m", input="l", output="p"
+    ).model_dump(exclude={"input", "output", "source"})
+
+
+def check_listing(root: storage.Location):
+    files = {"top.png": b"1", "A/b.PNG": b"22", "A/deep/c.jpg": b"333", "A/notes.txt": b"x", "B/d.tar.gz": b"4"}
+    for name, data in files.items():
+        storage.write_bytes(root.child(name), data)
+    table = nightly.list_inputs(root, (".png", ".jpg"))
+    assert table.schema == nightly.LISTING_SCHEMA
+    rows = sorted(table.to_pylist(), key=lambda r: r["key"])
+    assert [(r["key"], r["size"]) for r in rows] == [("A/b", 2), ("A/deep/c", 3), ("top", 1)]
+    assert [r["uri"] for r in rows] == [root.child(n).uri for n in ("A/b.PNG", "A/deep/c.jpg", "top.png")]
+    assert all(r["version"] for r in rows)
+    assert nightly.list_inputs(root.child("A", "deep"), (".gif",)).num_rows == 0
+
+
+def test_listing_local(ray_cluster, tmp_path):
+    check_listing(storage.resolve(str(tmp_path / "in")))
+
+
+@pytest.mark.s3
+def test_listing_s3(ray_cluster, s3_prefix):
+    check_listing(storage.resolve(f"{s3_prefix}/in"))
+
+
 def check_lock(root: storage.Location):
     loc = root.child("_nightly.lock")
     assert create_exclusive(loc, b"first")
@@ -130,7 +177,7 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     _, model = tiny_model
     calls = []
     real_infer = pipeline.infer
-    monkeypatch.setattr(pipeline, "infer", lambda spec: calls.append(spec.input) or real_infer(spec))
+    monkeypatch.setattr(pipeline, "infer", lambda spec: calls.append(spec) or real_infer(spec))
     inp, out = tmp_path / "in", tmp_path / "nightly"
     write_pngs(inp, ["a", "b", "sub/c", "sub/deeper/d"])
 
@@ -139,7 +186,8 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
             NightlySpec(model=model, input=str(inp), output=str(out), date=date, batch_size=4, **kw)
         )
 
-    r1 = night("2026-01-01")
+    r1 = night("2026-01-01", tta_flip=True, precision="float32", storage_retry_s=30)
+    assert (calls[0].tta_flip, calls[0].precision, calls[0].storage_retry_s) == (True, "float32", 30)
     assert r1["status"] == "ok" and r1["counts"]["processed"] == 4 and r1["counts"]["new"] == 4
     p1 = out / "date=2026-01-01"
     # Keys are relative to INPUT, as the `files` source makes them.

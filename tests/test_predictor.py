@@ -1,13 +1,15 @@
 """The predictor on its own (no Ray): tiling and stitching, mixed precision."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
+from raysegment import storage
 from raysegment.bench.infer import make_model_dir
+from raysegment.errors import DataError
 from raysegment.inference.predictor import Predictor, tile_bounds, tile_starts
+from raysegment.models.card import ModelCard
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (64, 32, 0), (33, 32, 16), (20, 32, 8), (1000, 256, 64)])
@@ -28,10 +30,10 @@ def native_model(tmp_path_factory):
     """A randomly initialised depth-2 U-Net whose card says: predict at full resolution."""
     root = str(tmp_path_factory.mktemp("native"))
     model_dir = make_model_dir(root, image_size=32, depth=2, base_filters=4)
-    card_path = os.path.join(model_dir, "model.json")
-    card = json.load(open(card_path))
-    card["input"]["resize"] = "none"
-    json.dump(card, open(card_path, "w"))
+    card = ModelCard.read(model_dir)
+    native = card.model_copy(update={"input": card.input.model_copy(update={"resize": "none"})})
+    native.write(storage.resolve(model_dir))
+    assert ModelCard.read(model_dir).native_scale
     return model_dir
 
 
@@ -64,3 +66,48 @@ def test_bfloat16_predictor_agrees_with_float32(native_model):
     assert half.shape == full.shape and 0.0 < conf <= 1.0
     assert len(np.unique(full)) > 1
     assert (half == full).mean() > 0.9
+
+
+FIRST_RELEASE_CARD = {
+    "model_id": "unet-0123456789ab",
+    "model_sha256": "0123456789ab" + "0" * 52,
+    "architecture": {"name": "unet", "depth": 2, "base_filters": 4},
+    "num_classes": 2,
+    "class_names": ["background", "object"],
+    "palette": [[0, 0, 0], [128, 0, 0]],
+    "ignore_index": 255,
+    "input": {"size": [32, 32], "channels": 3, "normalization": "scale_0_1", "resize": "bilinear"},
+    "output": "logits",
+    "training": {"epochs": 1},
+    "data": {"uri": "/data", "content_hash": "h", "counts": {"train": 8, "val": 2}},
+    "metrics": {"val_mean_iou": 0.5},
+    "best_epoch": 1,
+    "versions": {"raysegment": "0.1.0"},
+}
+
+
+def test_model_card_of_the_first_release_loads_and_rewrites_unchanged(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"weights")
+    (tmp_path / "model.json").write_text(json.dumps(FIRST_RELEASE_CARD))
+    card = ModelCard.read(str(tmp_path))
+    assert (card.input_size, card.native_scale, card.size_multiple, card.head) == ((32, 32), False, 4, "softmax")
+    card.write(storage.resolve(str(tmp_path / "copy")))
+    assert json.loads((tmp_path / "copy" / "model.json").read_text()) == FIRST_RELEASE_CARD
+
+
+@pytest.mark.parametrize(
+    "card,field",
+    [
+        ({"architectures": ["SegformerForSemanticSegmentation"]}, "model_id"),  # another tool's config
+        ({**FIRST_RELEASE_CARD, "input": {"size": [32, 32], "normalization": "imagenet"}}, "input.normalization"),
+        ({**FIRST_RELEASE_CARD, "class_names": ["background"]}, "class_names"),
+    ],
+)
+def test_foreign_or_broken_model_card_is_one_clear_error(tmp_path, card, field):
+    (tmp_path / "model.keras").write_bytes(b"weights")
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    with pytest.raises(DataError) as err:
+        ModelCard.read(str(tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'model.json'}: not a raysegment model card")
+    assert field in message and "raysegment train" in message

@@ -1,6 +1,6 @@
 """Reports and pictures: overlays, plots, report.html/overlays.png, `raysegment report` and `show`.
 
-The unit tests build an inference output without Ray or a model: sinks.write_outputs
+The unit tests build an inference output without Ray or a model: output.write_outputs
 writes masks and summaries exactly as the pipeline's last stage does. The slow tests
 run the real pipeline on the tiny model and open the page in headless Chromium.
 """
@@ -24,7 +24,8 @@ from raysegment.cli import main
 from raysegment.config import InferSpec
 from raysegment.data import imaging, synthetic
 from raysegment.errors import DataError
-from raysegment.inference.sinks import write_outputs
+from raysegment.inference.output import write_outputs
+from raysegment.models.card import ModelCard
 
 CHROMIUM = "/usr/bin/chromium"
 NAMES = ["background", "disc", "square", "triangle"]
@@ -41,13 +42,14 @@ def decode_png(data: bytes) -> Image.Image:
 
 def make_output(out: storage.Location, sources: storage.Location, mask_format: str = "png") -> dict[str, list[str]]:
     """A finished run's output: 6 ok images (one of them from a tar archive) and 2 error rows."""
-    card = {
-        "num_classes": 4,
-        "class_names": NAMES,
-        "palette": PALETTE,
-        "model_id": "unet-test",
-        "model_sha256": "a" * 64,
-    }
+    card = ModelCard(
+        model_id="unet-test",
+        model_sha256="a" * 64,
+        num_classes=4,
+        class_names=NAMES,
+        palette=PALETTE,
+        input={"size": (64, 64)},
+    )
     keys, uris, sizes, preds, errors = [], [], [], [], []
     for i, (h, w) in enumerate([(48, 48), (40, 56), (64, 24), (33, 33), (48, 48)]):
         img, mask = synthetic.make_example(i, size=64)

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from botocore.exceptions import EndpointConnectionError
+from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 from s3server import S3Server
 
 pytestmark = pytest.mark.s3
@@ -110,3 +110,14 @@ def test_stop_start_keeps_data(s3_server: S3Server, s3_prefix: str) -> None:
     assert fs.cat(key) == b"still here"
     fs.pipe(f"{s3_prefix}/after.txt", b"writable")
     assert fs.cat(f"{s3_prefix}/after.txt") == b"writable"
+
+
+def test_paused_server_hangs_requests_then_serves_them(s3_server: S3Server, s3_prefix: str) -> None:
+    key = f"{s3_prefix}/paused.txt"
+    fs = _s3fs(s3_server, config_kwargs={"read_timeout": 1, "retries": {"max_attempts": 1}})
+    fs.retries = 1
+    fs.pipe(key, b"kept")
+    with s3_server.paused():
+        with pytest.raises(ReadTimeoutError):  # accepted, never answered: not an outage that refuses
+            fs.cat(key)
+    assert fs.cat(key) == b"kept"

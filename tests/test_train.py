@@ -3,14 +3,12 @@
 import csv
 import os
 import signal
-import threading
-import time
 
 import keras
 import numpy as np
 import pytest
 import ray
-from helpers import write_source
+from helpers import in_background, training_held_after_first_checkpoint, write_source
 
 from raysegment.config import PrepareSpec, TrainSpec
 from raysegment.data.prepare import prepare
@@ -68,33 +66,27 @@ def test_two_workers_batch_b_equal_one_worker_batch_2b(eight_train_images):
 
 
 def test_killed_worker_resumes_from_checkpoint(tiny_model, ray_cluster, tmp_path):
+    """SIGKILL a training worker after the first checkpoint: the group restarts from it and every
+    epoch runs once. Ray Train's controller holds the run after that checkpoint until the kill is
+    done, so the run cannot finish first however fast or slow the machine."""
     data, _ = tiny_model
     out = tmp_path / "model"
     spec = TrainSpec(
         data=data, out=str(out), epochs=4, workers=2, image_size=32, batch_size=4, depth=2, base_filters=4, resume=False
     )
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.update(train(spec)))
-    job.start()
-    killed = None
-    deadline = time.time() + 300
-    while killed is None and job.is_alive() and time.time() < deadline:
-        if (out / "train").is_dir() and any(p.name.startswith("checkpoint_") for p in (out / "train").iterdir()):
-            workers = [
-                a
-                for a in ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
-                if a.class_name == "RayTrainWorker"
-            ]
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed = workers[-1].pid
-        time.sleep(0.5)
-    job.join(timeout=900)
-    assert killed is not None, "training finished before a worker could be killed"
-    assert result, "training did not finish after the worker was killed"
+    with training_held_after_first_checkpoint(tmp_path / "hold") as hold:
+        job = in_background(lambda: train(spec))
+        hold.wait_reported(job)
+        alive = ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
+        workers = [a for a in alive if a.class_name == "RayTrainWorker"]
+        assert len(workers) == 2, workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        hold.release()
+        result = job.result(timeout=900)
     with open(out / "history.csv") as f:
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
-    assert epochs == [0, 1, 2, 3]  # every epoch once: resumed, not restarted or repeated
+    assert epochs == [0, 1, 2, 3]  # every epoch once in the history
+    assert hold.reported_epochs() == [0, 1, 2, 3]  # resumed after epoch 0: not restarted, nothing repeated
     assert result["metrics"]["epochs_run"] == 4
     assert (out / "training_curves.png").stat().st_size > 1000
 

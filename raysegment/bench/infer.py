@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
@@ -18,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from raysegment import storage
 from raysegment.data import imaging, synthetic
+from raysegment.models.card import MODEL_FILE, ModelCard
 
 
 def _rss_mb() -> float:
@@ -63,27 +64,24 @@ def make_model_dir(root: str, image_size: int, depth: int, base_filters: int, nu
     import keras
 
     from raysegment.models.unet import build_unet
-    from raysegment.train.loop import file_sha256
+    from raysegment.train.checkpoint import file_sha256
 
     model_dir = os.path.join(root, "model")
     os.makedirs(model_dir, exist_ok=True)
     keras.utils.set_random_seed(0)
     model = build_unet(num_classes, depth=depth, base_filters=base_filters)
-    path = os.path.join(model_dir, "model.keras")
+    path = os.path.join(model_dir, MODEL_FILE)
     model.save(path)
-    digest = file_sha256(path)
-    card = {
-        "model_id": f"unet-{digest[:12]}",
-        "model_sha256": digest,
-        "num_classes": num_classes,
-        "class_names": synthetic.CLASS_NAMES[:num_classes],
-        "palette": imaging.default_palette(num_classes),
-        "ignore_index": imaging.IGNORE_INDEX,
-        "input": {"size": [image_size, image_size], "channels": 3, "normalization": "scale_0_1", "resize": "bilinear"},
-        "architecture": {"name": "unet", "depth": depth, "base_filters": base_filters},
-    }
-    with open(os.path.join(model_dir, "model.json"), "w") as f:
-        json.dump(card, f)
+    card = ModelCard.create(
+        file_sha256(path),
+        architecture={"name": "unet", "depth": depth, "base_filters": base_filters},
+        num_classes=num_classes,
+        class_names=synthetic.CLASS_NAMES[:num_classes],
+        palette=imaging.default_palette(num_classes),
+        ignore_index=imaging.IGNORE_INDEX,
+        input={"size": [image_size, image_size], "channels": 3, "normalization": "scale_0_1", "resize": "bilinear"},
+    )
+    card.write(storage.resolve(model_dir))
     return model_dir
 
 
@@ -112,7 +110,7 @@ def baseline(model_dir: str, input_dir: str, output_dir: str, batch_size: int, s
     from PIL import Image
 
     t0 = time.perf_counter()
-    model = keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False)
+    model = keras.models.load_model(os.path.join(model_dir, MODEL_FILE), compile=False)
     files = sorted(os.path.join(input_dir, f) for f in os.listdir(input_dir))
     os.makedirs(output_dir, exist_ok=True)
 

@@ -11,12 +11,15 @@ import csv
 import os
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raysegment.config import PrepareSpec, TrainSpec
 from raysegment.data import synthetic
+
+if TYPE_CHECKING:
+    from raysegment.train.config import TrainConfig
 
 
 def _load_encoded(data_dir: str) -> tuple[list[bytes], list[bytes]]:
@@ -32,16 +35,14 @@ def _load_encoded(data_dir: str) -> tuple[list[bytes], list[bytes]]:
     return images, masks
 
 
-def plain_keras(data_dir: str, cfg: dict[str, Any], epochs: int) -> float:
+def plain_keras(data_dir: str, cfg: TrainConfig, epochs: int) -> float:
     """Steady-state images/s of a Keras-example loop in this process: tf.data decode + model.fit."""
     import keras
     import tensorflow as tf
 
-    from raysegment.train.loop import build_model
-
     images, masks = _load_encoded(data_dir)
-    size = cfg["image_size"]
-    batch = cfg["global_batch"]
+    size = cfg.image_size
+    batch = cfg.global_batch
     n = (len(images) // batch) * batch
 
     def decode(img: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -55,7 +56,7 @@ def plain_keras(data_dir: str, cfg: dict[str, Any], epochs: int) -> float:
         .batch(batch, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    model = build_model(cfg)
+    model = cfg.model.build()
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
@@ -65,7 +66,7 @@ def plain_keras(data_dir: str, cfg: dict[str, Any], epochs: int) -> float:
     return n * (epochs - 1) / (time.perf_counter() - t0)
 
 
-def ray_train(data_dir: str, out: str, cfg: dict[str, Any], workers: int, cpus_per_worker: float, epochs: int) -> float:
+def ray_train(spec: TrainSpec) -> float:
     """Steady-state images/s of raysegment's Ray Train loop (epochs after the first).
 
     Each epoch's time includes Ray Data reading and decoding the shards afresh, as
@@ -73,24 +74,8 @@ def ray_train(data_dir: str, out: str, cfg: dict[str, Any], workers: int, cpus_p
     """
     from raysegment.train.trainer import train
 
-    train(
-        TrainSpec(
-            data=data_dir,
-            out=out,
-            epochs=epochs,
-            workers=workers,
-            cpus_per_worker=cpus_per_worker,
-            batch_size=cfg["global_batch"] // workers,
-            image_size=cfg["image_size"],
-            depth=cfg["depth"],
-            base_filters=cfg["base_filters"],
-            augment=False,
-            resume=False,
-            schedule="constant",
-        )
-    )
-    local = os.path.join(out, "history.csv")
-    with open(local) as f:
+    train(spec)
+    with open(os.path.join(spec.out, "history.csv")) as f:
         rows = list(csv.DictReader(f))[1:]
     return float(np.mean([float(r["images_per_second"]) for r in rows]))
 
@@ -99,25 +84,39 @@ def bench_train(
     images: int, image_size: int, depth: int, base_filters: int, global_batch: int, epochs: int, workers: int
 ) -> dict[str, Any]:
     """Plain Keras vs Ray Train with 1 worker on all cores (equal cores) vs `workers` workers."""
-    from raysegment.data.prepare import prepare
+    from raysegment.data.prepare import prepare, read_manifest
+    from raysegment.train.config import train_config
 
     cores = os.cpu_count() or 1
-    cfg = {
-        "num_classes": 4,
-        "image_size": image_size,
-        "depth": depth,
-        "base_filters": base_filters,
-        "global_batch": global_batch,
-    }
     with tempfile.TemporaryDirectory() as root:
         synthetic.write_pairs(os.path.join(root, "src"), images, size=image_size)
         data_dir = os.path.join(root, "data")
         prepare(PrepareSpec(source=os.path.join(root, "src"), dest=data_dir, val_fraction=0.1, shard_size_mb=1))
+
+        def spec(name: str, count: int, cpus_per_worker: float) -> TrainSpec:
+            return TrainSpec(
+                data=data_dir,
+                out=os.path.join(root, name),
+                epochs=epochs,
+                workers=count,
+                cpus_per_worker=cpus_per_worker,
+                batch_size=global_batch // count,
+                image_size=image_size,
+                depth=depth,
+                base_filters=base_filters,
+                augment=False,
+                resume=False,
+                schedule="constant",
+            )
+
+        one_spec, many_spec = spec("one", 1, float(cores)), spec("many", workers, max(1.0, cores / workers))
+        # The baseline trains the model the 1-worker run trains, on the same global batch.
+        cfg = train_config(one_spec, read_manifest(data_dir)[1], data_dir)
         # The baseline runs before and after the Ray runs and its better figure counts: on a
         # shared machine a slow spell must not flatter raysegment.
         plain_before = plain_keras(data_dir, cfg, epochs)
-        one = ray_train(data_dir, os.path.join(root, "one"), cfg, 1, float(cores), epochs)
-        many = ray_train(data_dir, os.path.join(root, "many"), cfg, workers, max(1.0, cores / workers), epochs)
+        one = ray_train(one_spec)
+        many = ray_train(many_spec)
         plain_after = plain_keras(data_dir, cfg, epochs)
         plain = max(plain_before, plain_after)
     return {

@@ -5,14 +5,15 @@ list (parallel) -> drop keys already done -> read bytes -> decode + resize (CPU 
 one summary file per batch (CPU tasks). The driver only counts. ``runs/{run_id}.json``
 then ``_SUCCESS`` are written last: an output without the marker is never complete.
 A re-run over the same output skips keys that already have a summary row, so a
-killed job resumes without duplicates.
+killed job resumes without duplicates. What lies where under OUTPUT, and how it is
+read back, is inference/output.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,59 @@ import ray
 from raysegment import __version__, storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
-from raysegment.inference.predictor import Predictor, load_model_card, preprocess, resolve_precision
-from raysegment.inference.sinks import read_done, write_outputs
+from raysegment.inference import output as layout
+from raysegment.inference.predictor import Predictor, preprocess, resolve_precision
 from raysegment.inference.sources import source_rows
+from raysegment.models.card import ModelCard
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the steps of one run share."""
+
+    spec: InferSpec
+    card: ModelCard
+    output: storage.Location
+    run_id: str
+    done: frozenset[str]  # keys earlier runs finished
+    started: float  # time.time() at the start
+
+
+def infer(spec: InferSpec) -> dict[str, Any]:
+    """Run batch inference; returns the run record written to runs/{run_id}.json."""
+    run = plan(spec)
+    kind, ds = list_inputs(run)
+    ds = write(run, predict(run, ds))
+    record = verify(run, kind, *drain(run, ds))
+    layout.write_run_record(run.output, record)
+    if spec.report:
+        write_report(run)
+    if record.problems:
+        raise JobError(f"{run.output.uri}: run {run.run_id} failed: " + "; ".join(record.problems))
+    layout.mark_complete(run.output, run.run_id)
+    return record.as_dict()
+
+
+def plan(spec: InferSpec) -> Run:
+    """Check model and locations, clear or read what earlier runs did, and start a run."""
+    started = time.time()
+    card = ModelCard.read(spec.model, spec.endpoint_url)
+    output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
+    storage.check_readable(storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s))
+    storage.check_writable(output)
+    if spec.overwrite:
+        layout.clear(output)
+    done = layout.read_done(output)
+    other = done.models - {card.model_sha256}
+    if other:
+        raise DataError(
+            f"{output.uri}: holds results of another model ({sorted(other)[0][:12]}); "
+            "pass --overwrite to replace them or choose another OUTPUT"
+        )
+    layout.mark_incomplete(output)
+    return Run(spec, card, output, layout.new_run_id(), done.keys, started)
 
 
 def _drop_done(batch: dict[str, np.ndarray], done: list[Any]) -> dict[str, np.ndarray]:
@@ -34,40 +83,19 @@ def _drop_done(batch: dict[str, np.ndarray], done: list[Any]) -> dict[str, np.nd
     return {name: col[keep] for name, col in batch.items()}
 
 
-def clear_output(output: storage.Location) -> None:
-    """--overwrite: remove the marker first, then everything an earlier run wrote."""
-    storage.remove_success(output)
-    for part in ("summaries", "masks", "runs"):
-        storage.remove_tree(output.child(part))
-
-
-def infer(spec: InferSpec) -> dict[str, Any]:
-    """Run batch inference; returns the run record written to runs/{run_id}.json."""
-    t0 = time.time()
-    card = load_model_card(spec.model, spec.endpoint_url)
-    output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
-    storage.check_readable(storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s))
-    storage.check_writable(output)
-    if spec.overwrite:
-        clear_output(output)
-    done, models = read_done(output)
-    other = models - {card["model_sha256"]}
-    if other:
-        raise DataError(
-            f"{output.uri}: holds results of another model ({sorted(other)[0][:12]}); "
-            "pass --overwrite to replace them or choose another OUTPUT"
-        )
-    storage.remove_success(output)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
+    """(source kind, rows of key/source_uri/bytes/error) for the keys not done yet."""
+    spec = run.spec
     # Let a task's StorageError/DataError reach the driver as itself (Ray Data would wrap it in a
     # UserCodeException whose cause does not survive pickling), so the CLI prints its one line.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    done_ref = ray.put(frozenset(done))
+    done_ref = ray.put(run.done)
 
     def keep(ds: ray.data.Dataset) -> ray.data.Dataset:
-        return ds.map_batches(_drop_done, fn_kwargs={"done": [done_ref]}, batch_format="numpy") if done else ds
+        # Right after listing, before any read: skipped images are never fetched.
+        return ds.map_batches(_drop_done, fn_kwargs={"done": [done_ref]}, batch_format="numpy") if run.done else ds
 
-    kind, ds = source_rows(
+    return source_rows(
         spec.input,
         spec.source,
         spec.extensions,
@@ -78,11 +106,11 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         spec.storage_retry_s,
         spec.batch_size,
     )
-    decode = {
-        "size": tuple(card["input"]["size"]),
-        "max_pixels": spec.max_pixels,
-        "resize": card["input"].get("resize") != "none",
-    }
+
+
+def predict(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Decode (tasks, or in the actor) and predict (actor pool): rows gain pred and mean_confidence."""
+    spec = run.spec
     # Tasks by default: a GPU actor should only predict, and on CPU actors decoding in the
     # actor measured the same (`raysegment bench infer --decode actor|tasks`).
     in_actor = spec.decode == "actor"
@@ -91,9 +119,13 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         # differ from the actor's keep Ray Data from fusing decoding into the predictor actor,
         # so decoding overlaps with prediction instead of taking turns with it.
         ds = ds.map_batches(
-            preprocess, fn_kwargs=decode, batch_size=spec.batch_size, batch_format="numpy", num_cpus=0.5
+            preprocess,
+            fn_kwargs={"card": run.card, "max_pixels": spec.max_pixels},
+            batch_size=spec.batch_size,
+            batch_format="numpy",
+            num_cpus=0.5,
         )
-    ds = ds.map_batches(
+    return ds.map_batches(
         Predictor,
         fn_constructor_kwargs={
             "model_uri": spec.model,
@@ -104,7 +136,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
             "tile_size": spec.tile_size,
             "tile_overlap": spec.tile_overlap,
             "batch_size": spec.batch_size,
-            "decode": decode if in_actor else None,
+            "decode_max_pixels": spec.max_pixels if in_actor else None,
         },
         batch_size=spec.batch_size,
         batch_format="numpy",
@@ -112,67 +144,70 @@ def infer(spec: InferSpec) -> dict[str, Any]:
         num_cpus=spec.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(min_size=spec.actors[0], max_size=spec.actors[1]),
     )
-    ds = ds.map_batches(
-        write_outputs,
-        fn_kwargs={"output": output, "card": card, "run_id": run_id, "mask_format": spec.mask_format},
-        batch_size=spec.batch_size,
+
+
+def write(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Write masks and one summary file per batch (CPU tasks); each batch yields its counts."""
+    return ds.map_batches(
+        layout.write_outputs,
+        fn_kwargs={"output": run.output, "card": run.card, "run_id": run.run_id, "mask_format": run.spec.mask_format},
+        batch_size=run.spec.batch_size,
         batch_format="numpy",
     )
-    new = {"rows": 0, "ok": 0, "error": 0}
-    first_batch = None  # start-up cost: when the first masks were written (actor start, model load)
+
+
+def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.FirstBatch | None]:
+    """Run the pipeline; the driver only sums the per-batch counts."""
+    counts = layout.RunCounts(skipped=len(run.done))
+    first_batch = None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for name in new:
-            new[name] += int(batch[name].sum())
+        counts.processed += int(batch["rows"].sum())
+        counts.ok += int(batch["ok"].sum())
+        counts.error += int(batch["error"].sum())
         if first_batch is None:
-            first_batch = {"seconds": round(time.time() - t0, 2), "rows": new["rows"]}
+            first_batch = layout.FirstBatch(seconds=round(time.time() - run.started, 2), rows=counts.processed)
+    return counts, first_batch
 
-    # Check what is on storage, not what the driver counted: one row per key.
-    all_keys, _ = read_done(output)
-    seconds = time.time() - t0
-    record = {
-        "run_id": run_id,
-        "status": "succeeded",
-        "model_id": card["model_id"],
-        "model_sha256": card["model_sha256"],
-        "input": storage.redact(spec.input),
-        "source": kind,
-        "decoded_in": "actor" if in_actor else "tasks",
-        "output": storage.redact(spec.output),
-        "counts": {
-            "total": len(all_keys),
-            "skipped": len(done),
-            "processed": new["rows"],
-            "ok": new["ok"],
-            "error": new["error"],
-        },
-        "seconds": round(seconds, 2),
-        "images_per_second": round(new["rows"] / seconds, 2),
-        "first_batch": first_batch,
-        "config": spec.model_dump(),
-        "raysegment": __version__,
-    }
+
+def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.FirstBatch | None) -> layout.RunRecord:
+    """The run record, checked against what is on storage (not what the driver counted): one row per key."""
+    spec = run.spec
+    counts.total = len(layout.read_done(run.output).keys)
+    seconds = time.time() - run.started
     problems = []
-    if len(all_keys) != len(done) + new["rows"]:
+    if counts.total != counts.skipped + counts.processed:
         problems.append(
-            f"{len(done) + new['rows']} summary rows for {len(all_keys)} distinct keys: some inputs share a key "
-            "(same path with different extensions?); rename them or split the input"
+            f"{counts.skipped + counts.processed} summary rows for {counts.total} distinct keys: some inputs share "
+            "a key (same path with different extensions?); rename them or split the input"
         )
-    if new["rows"] and new["error"] / new["rows"] > spec.max_error_fraction:
+    if counts.processed and counts.error / counts.processed > spec.max_error_fraction:
         problems.append(
-            f"{new['error']} of {new['rows']} images failed, over --max-error-fraction {spec.max_error_fraction}"
+            f"{counts.error} of {counts.processed} images failed, over --max-error-fraction {spec.max_error_fraction}"
         )
-    if problems:
-        record["status"] = "failed"
-        record["problems"] = problems
-    storage.write_json(output.child("runs", f"{run_id}.json"), record)
-    if spec.report:
-        from raysegment.report import write_run_report
+    return layout.RunRecord(
+        run_id=run.run_id,
+        status="failed" if problems else "succeeded",
+        model_id=run.card.model_id,
+        model_sha256=run.card.model_sha256,
+        input=storage.redact(spec.input),
+        source=kind,
+        decoded_in="actor" if spec.decode == "actor" else "tasks",
+        output=storage.redact(spec.output),
+        counts=counts,
+        seconds=round(seconds, 2),
+        images_per_second=round(counts.processed / seconds, 2),
+        first_batch=first_batch,
+        config=spec.model_dump(),
+        raysegment=__version__,
+        problems=problems,
+    )
 
-        try:
-            write_run_report(output.uri, run_id, endpoint_url=spec.endpoint_url)
-        except Exception as exc:  # pictures must never fail a finished run; `raysegment report` redoes them
-            log.warning("run report not written (%s); run `raysegment report %s`", exc, storage.redact(output.uri))
-    if problems:
-        raise JobError(f"{output.uri}: run {run_id} failed: " + "; ".join(problems))
-    storage.mark_success(output, {"run_id": run_id})
-    return record
+
+def write_report(run: Run) -> None:
+    """report.html and overlays.png; never fails a finished run (`raysegment report` redoes them)."""
+    from raysegment.report import write_run_report
+
+    try:
+        write_run_report(run.output.uri, run.run_id, endpoint_url=run.spec.endpoint_url)
+    except Exception as exc:
+        log.warning("run report not written (%s); run `raysegment report %s`", exc, storage.redact(run.output.uri))

@@ -1,39 +1,24 @@
-"""The model artifact on the inference side: model card, pre-processing, the predictor actor."""
+"""The model on the inference side: pre-processing and the predictor actor (the card is models/card.py)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
-from typing import Any
 
 import numpy as np
 
 from raysegment import storage
 from raysegment.data import imaging
-from raysegment.errors import DataError
-
-MODEL_FILE = "model.keras"
-MODEL_CARD = "model.json"
+from raysegment.models.card import MODEL_FILE, ModelCard, model_file
 
 
-def load_model_card(model_uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
-    """The model card of a trained model directory, or a clear error."""
-    loc = storage.resolve(model_uri, endpoint_url)
-    card_loc = loc.child(MODEL_CARD)
-    if not storage.exists(card_loc) or not storage.exists(loc.child(MODEL_FILE)):
-        raise DataError(f"{loc.uri}: not a trained model (needs {MODEL_FILE} and {MODEL_CARD}); run `raysegment train`")
-    return storage.read_json(card_loc)
-
-
-def preprocess(
-    batch: dict[str, np.ndarray], size: tuple[int, int], max_pixels: int, resize: bool = True
-) -> dict[str, np.ndarray]:
+def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -> dict[str, np.ndarray]:
     """Decode the `bytes` column and resize to the model input; bad images become error rows.
 
-    With resize=False (models trained at native scale) images keep their size and the
-    column holds one array per row.
+    Native-scale models keep each image at its size, and the column holds one array per row.
     """
+    size, resize = card.input_size, not card.native_scale
     data = batch.pop("bytes")
     n = len(data)
     images = np.zeros((n, *size, 3), np.uint8) if resize else np.empty(n, dtype=object)
@@ -85,7 +70,7 @@ def resolve_precision(precision: str, gpus: float) -> str:
 class Predictor:
     """A Ray Data actor: loads the model once, turns resized images into class maps.
 
-    Native-scale models (card ``input.resize == "none"``) predict at full resolution;
+    Native-scale models (`ModelCard.native_scale`) predict at full resolution;
     images wider or taller than ``tile_size`` are cut into overlapping tiles that are
     predicted as one batch and stitched (see `tile_bounds`), so memory per image stays
     bounded whatever its size.
@@ -101,9 +86,9 @@ class Predictor:
         tile_size: int = 1024,
         tile_overlap: int = 64,
         batch_size: int = 16,
-        decode: dict[str, Any] | None = None,
+        decode_max_pixels: int | None = None,
     ) -> None:
-        self.decode = decode  # preprocess() kwargs when the actor decodes its own batches
+        self.decode_max_pixels = decode_max_pixels  # set when the actor decodes its own batches
         if threads:
             # Ray sets OMP_NUM_THREADS to the actor's CPUs (1 by default) and TF then runs its
             # kernels on one core; use the cores the actor was given (measured: 2x on 2 cores).
@@ -114,17 +99,17 @@ class Predictor:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
 
-        loc = storage.resolve(model_uri, endpoint_url)
-        self.card = storage.read_json(loc.child(MODEL_CARD))
+        self.card = ModelCard.read(model_uri, endpoint_url)
         with tempfile.TemporaryDirectory() as d:
             local = os.path.join(d, MODEL_FILE)
-            storage.download_file(loc.child(MODEL_FILE), local)
+            storage.download_file(model_file(storage.resolve(model_uri, endpoint_url)), local)
             self.model = keras.models.load_model(local, compile=False)
         if precision != "float32":
             self.model = _with_policy(self.model, f"mixed_{precision}")
         model = self.model
-        multiple = 2 ** self.card.get("architecture", {}).get("depth", 0)
+        multiple = self.card.size_multiple
         self.multiple = multiple
+        self.scale = self.card.pixel_scale
         self.tile = max(multiple, tile_size // multiple * multiple)
         self.overlap = min(tile_overlap, self.tile // 2)
         self.batch_size = batch_size
@@ -143,20 +128,20 @@ class Predictor:
         self._predict = predict
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.decode is not None:
-            batch = preprocess(batch, **self.decode)
+        if self.decode_max_pixels is not None:
+            batch = preprocess(batch, self.card, self.decode_max_pixels)
         images = batch.pop("image")
         ok = np.asarray([not e for e in batch["error"]], bool)
         n = len(images)
         preds = np.zeros(images.shape[:3] if images.dtype != object else (n, 1, 1), np.uint8)  # replaced when native
         conf = np.zeros(n, np.float32)
         t0 = time.perf_counter()
-        if self.card["input"].get("resize") == "none":
+        if self.card.native_scale:
             # Full resolution: shapes may differ per row (Ray Data hands a ragged column as
             # an object array, a uniform one as a plain array).
             preds = self._predict_each(images, ok, conf)
         elif ok.any():
-            classes, probs = self._predict(images[ok].astype(np.float32) * (1.0 / 255.0))
+            classes, probs = self._predict(images[ok].astype(np.float32) * self.scale)
             preds[ok] = classes.numpy().astype(np.uint8)
             conf[ok] = probs.numpy().reshape(int(ok.sum()), -1).mean(axis=1)
         batch["pred"] = preds
@@ -197,7 +182,7 @@ class Predictor:
         conf_sum = 0.0
         for b in range(0, len(windows), self.batch_size):
             chunk = windows[b : b + self.batch_size]
-            tiles = np.stack([x[r : r + th, c : c + tw] for r, c in chunk]).astype(np.float32) * (1.0 / 255.0)
+            tiles = np.stack([x[r : r + th, c : c + tw] for r, c in chunk]).astype(np.float32) * self.scale
             classes, probs = self._predict(tiles)
             classes, probs = classes.numpy(), probs.numpy()
             for k, (r, c) in enumerate(chunk):

@@ -8,11 +8,8 @@ Kinds (``--source``, default ``auto``):
   optionally a key column (``--key-column``).
 - ``list``: a .txt file (one URI per line) or a Parquet file with a ``uri`` column.
 
-Listing scales out: the driver lists only the first level below INPUT; every
-sub-prefix is listed recursively by its own Ray task, so listing runs in
-parallel and the keys live in Ray's object store, never in one Python list. A
-flat prefix with millions of objects is listed by one task; for those, give a
-``list`` source (a Parquet file of URIs) instead.
+Files and tar archives are listed in parallel by ``listing.list_prefix`` (the lister
+nightly uses too): keys stream through Ray's object store, never one Python list.
 """
 
 from __future__ import annotations
@@ -29,18 +26,11 @@ import ray
 
 from raysegment import storage
 from raysegment.errors import DataError
+from raysegment.inference.listing import ARCHIVE_EXTENSIONS, has_ext, list_prefix, path_of, strip_ext
 
-ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 LIST_EXTENSIONS = (".txt", ".parquet")
 MAX_KEY_LENGTH = 512
 BATCH_ROWS = 64
-
-
-def strip_ext(path: str) -> str:
-    for ext in ARCHIVE_EXTENSIONS:
-        if path.lower().endswith(ext):
-            return path[: -len(ext)]
-    return posixpath.splitext(path)[0]
 
 
 def unsafe_key_reason(key: str) -> str | None:
@@ -58,11 +48,6 @@ def unsafe_key_reason(key: str) -> str | None:
     return None
 
 
-def _ext_ok(path: str, exts: tuple[str, ...]) -> bool:
-    low = path.lower()
-    return any(low.endswith(e) for e in exts)
-
-
 def _rows(keys: list[str], uris: list[str], data: list[bytes], errors: list[str]) -> dict[str, np.ndarray]:
     return {
         "key": np.asarray(keys, dtype=object),
@@ -72,55 +57,18 @@ def _rows(keys: list[str], uris: list[str], data: list[bytes], errors: list[str]
     }
 
 
-def _uri(loc: storage.Location, path: str) -> str:
-    return f"s3://{path}" if loc.remote else path
-
-
-def _list_subtree(batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """List one sub-prefix recursively (runs as a Ray task)."""
-    prefix = root.path.rstrip("/") + "/"
-    found: list[str] = []
-    for path, is_dir in zip(batch["path"], batch["is_dir"]):
-        found.extend(root.call(lambda: root.fs.find(path)) if is_dir else [path])  # noqa: B023
-    found = sorted(p for p in found if _ext_ok(p, exts))
-    return {
-        "path": np.asarray(found, dtype=object),
-        "key": np.asarray([strip_ext(p[len(prefix) :]) for p in found], dtype=object),
-    }
-
-
-def top_level(root: storage.Location, file_hint: str) -> list[dict[str, Any]]:
-    """The entries directly under a prefix (the listing's fan-out); a clear error if it is a file or missing."""
-
-    def ls() -> list[dict[str, Any]]:
-        if not root.fs.isdir(root.path):
-            if root.fs.exists(root.path):
-                raise DataError(f"{root.uri}: is a file; {file_hint}")
-            raise FileNotFoundError(root.path)
-        return root.fs.ls(root.path, detail=True)
-
-    return root.call(ls)
-
-
 # Image files directly under INPUT are read this many batches to a task: a task per handful
 # of files cost more in scheduling than the reads, and much bigger blocks hold back the
 # first masks (an actor hands on a block when all of it is predicted).
 BATCHES_PER_READ_TASK = 4
 
 
-def list_prefix(root: storage.Location, exts: tuple[str, ...], files_per_task: int = 1) -> ray.data.Dataset:
-    """A dataset of (key, path) for every matching file under root, listed in parallel.
-
-    Each sub-folder is listed by its own task; files directly under root go
-    ``files_per_task`` to a task (1 for archives, which are shards of their own)."""
-    entries = top_level(root, "give a prefix (folder) or use --source list")
-    items = [{"path": e["name"], "is_dir": e["type"] == "directory"} for e in entries]
-    if not items:
+def _listed(root: storage.Location, exts: tuple[str, ...], files_per_task: int = 1) -> ray.data.Dataset:
+    """(key, uri, size, version) of the files under INPUT; an empty prefix is an error."""
+    ds = list_prefix(root, exts, "give a prefix (folder) or use --source list", files_per_task)
+    if ds is None:
         raise DataError(f"{root.uri}: empty prefix, nothing to infer")
-    files = sum(not item["is_dir"] for item in items)
-    blocks = len(items) - files + -(-files // files_per_task)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(blocks, 200)))
-    return ds.map_batches(_list_subtree, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy")
+    return ds
 
 
 def _read_each(keys: np.ndarray, uris: list[str], read: Callable[[int], bytes]) -> dict[str, np.ndarray]:
@@ -145,29 +93,27 @@ def _read_each(keys: np.ndarray, uris: list[str], read: Callable[[int], bytes]) 
 
 def read_files(batch: dict[str, np.ndarray], root: storage.Location) -> dict[str, np.ndarray]:
     """Read each listed file under root."""
-    paths = batch["path"]
-    return _read_each(
-        batch["key"], [_uri(root, p) for p in paths], lambda i: root.call(lambda: root.fs.cat_file(paths[i]))
-    )
+    uris = [str(u) for u in batch["uri"]]
+    return _read_each(batch["key"], uris, lambda i: root.call(lambda: root.fs.cat_file(path_of(root, uris[i]))))
 
 
 def read_archives(
     batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...]
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream the image members of each tar archive as rows, BATCH_ROWS at a time."""
-    for key, path in zip(batch["key"], batch["path"]):
+    for key, uri in zip(batch["key"], batch["uri"]):
         keys: list[str] = []
         uris: list[str] = []
         data: list[bytes] = []
         errors: list[str] = []
         try:
-            with root.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
-                    if not member.isfile() or not _ext_ok(member.name, exts):
+                    if not member.isfile() or not has_ext(member.name, exts):
                         continue
                     member_key = f"{key}/{strip_ext(member.name)}"
                     keys.append(member_key)
-                    uris.append(f"{_uri(root, path)}#{member.name}")
+                    uris.append(f"{uri}#{member.name}")
                     problem = unsafe_key_reason(strip_ext(member.name))
                     if problem:
                         data.append(b"")
@@ -181,10 +127,10 @@ def read_archives(
                         keys, uris, data, errors = [], [], [], []
         except (OSError, tarfile.TarError, EOFError) as exc:
             if root.remote and storage.is_transient(exc):
-                raise storage.StorageError(f"{_uri(root, path)}: storage unreachable mid-archive ({exc})") from exc
+                raise storage.StorageError(f"{uri}: storage unreachable mid-archive ({exc})") from exc
             # A damaged archive is one error row; members read before the damage are kept.
             keys.append(f"{key}/(archive)")
-            uris.append(_uri(root, path))
+            uris.append(uri)
             data.append(b"")
             errors.append(f"cannot read archive: {type(exc).__name__}: {exc}")
         if keys:
@@ -327,7 +273,7 @@ def detect_kind(root: storage.Location) -> str:
     sample = root.call(look)
     if isinstance(sample, str):
         return sample
-    if sample and all(_ext_ok(p, ARCHIVE_EXTENSIONS) for p in sample):
+    if sample and all(has_ext(p, ARCHIVE_EXTENSIONS) for p in sample):
         return "tar"
     if sample and all(p.lower().endswith(".parquet") for p in sample):
         return "parquet"
@@ -355,9 +301,9 @@ def source_rows(
     """
     root = storage.resolve(uri, endpoint_url, retry_s)
     kind = detect_kind(root) if kind == "auto" else kind
-    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    exts = tuple(extensions)  # lower-case with the dot: InferOptions normalises them
     if kind == "files":
-        ds = keep(list_prefix(root, exts, BATCHES_PER_READ_TASK * batch_size)).map_batches(
+        ds = keep(_listed(root, exts, BATCHES_PER_READ_TASK * batch_size)).map_batches(
             read_files, fn_kwargs={"root": root}, batch_format="numpy"
         )
     elif kind == "list":
@@ -365,7 +311,7 @@ def source_rows(
             read_uris, fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s}, batch_format="numpy"
         )
     elif kind == "tar":
-        archives = list_prefix(root, ARCHIVE_EXTENSIONS)
+        archives = _listed(root, ARCHIVE_EXTENSIONS)
         ds = keep(
             archives.map_batches(
                 read_archives, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy"

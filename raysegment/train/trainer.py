@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
-import json
 import logging
 import os
 import tempfile
@@ -20,20 +20,13 @@ from raysegment import __version__, overlay, plots, storage
 from raysegment.config import TrainSpec
 from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
-from raysegment.errors import DataError
-from raysegment.models.losses import inverse_frequency_weights
-from raysegment.train.loop import (
-    CHECKPOINT_STATE,
-    CHECKPOINT_WEIGHTS,
-    build_model,
-    file_sha256,
-    train_loop_per_worker,
-)
+from raysegment.models.card import MODEL_FILE, ModelCard
+from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
+from raysegment.train.config import TrainConfig, train_config
+from raysegment.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
-MODEL_CARD = "model.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "training_curves.png"
@@ -79,30 +72,10 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
-    if spec.image_size % 2**spec.depth:
-        raise DataError(f"--image-size {spec.image_size} must be a multiple of 2**depth = {2**spec.depth}")
-    train_count = manifest["counts"].get("train", 0)
-    if train_count < spec.batch_size * spec.workers:
-        raise DataError(
-            f"{data_loc.uri}: {train_count} training images, fewer than one global batch "
-            f"({spec.batch_size} x {spec.workers} workers); lower --batch-size or --workers"
-        )
-    if manifest["counts"].get("val", 0) == 0:
-        raise DataError(f"{data_loc.uri}: no validation images; prepare with --val-fraction > 0")
+    cfg = train_config(spec, manifest, data_loc.uri)
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
 
-    cfg = {
-        **spec.model_dump(exclude={"endpoint_url"}),
-        "num_classes": manifest["num_classes"],
-        "class_names": manifest["class_names"],
-        "train_count": train_count * spec.repeat,
-        "class_weights": (
-            inverse_frequency_weights(manifest["pixel_frequency"])
-            if spec.class_weights == "inverse_frequency"
-            else None
-        ),
-    }
     datasets = {
         "train": training_dataset(
             data_loc, manifest, "train", spec.image_size, Augmentation.from_spec(spec), repeat=spec.repeat
@@ -112,8 +85,8 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         ),
     }
     trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg,
+        # Bound here rather than passed as `train_loop_config`, which Ray types as a dict.
+        functools.partial(train_loop_per_worker, cfg),
         scaling_config=ScalingConfig(
             num_workers=spec.workers,
             use_gpu=spec.gpus_per_worker > 0,
@@ -142,8 +115,8 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     if result.error:
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
-    with result.checkpoint.as_directory() as d, open(os.path.join(d, CHECKPOINT_STATE)) as f:
-        state = json.load(f)
+    with result.checkpoint.as_directory() as d:
+        state = read_state(d)
     return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0)
 
 
@@ -151,32 +124,31 @@ def write_artifacts(
     out: storage.Location,
     spec: TrainSpec,
     manifest: dict[str, Any],
-    cfg: dict[str, Any],
+    cfg: TrainConfig,
     checkpoint: ray.train.Checkpoint,
     best: dict[str, Any],
-    state: dict[str, Any],
+    state: TrainState,
     seconds: float,
 ) -> dict[str, Any]:
     """Rebuild the model from the best checkpoint; write model.keras, model card, metrics, history."""
     import keras
     import tensorflow as tf
 
-    model = build_model(cfg)
+    model = cfg.model.build()
     with tempfile.TemporaryDirectory() as d:
         with checkpoint.as_directory() as ckpt_dir:
             model.load_weights(os.path.join(ckpt_dir, CHECKPOINT_WEIGHTS))
-            with open(os.path.join(ckpt_dir, CHECKPOINT_STATE)) as f:
-                best_cm = json.load(f).get("confusion_matrix")
+            best_cm = read_state(ckpt_dir).confusion_matrix
         local = os.path.join(d, MODEL_FILE)
         model.save(local)
         model_hash = file_sha256(local)
         storage.upload_file(local, out.child(MODEL_FILE))
-    history = state["history"]
+    history = state.history
     metrics = {
         "best": best,
         "last": history[-1],
         "epochs_run": len(history),
-        "stopped_early": state.get("stopped_early", False),
+        "stopped_early": state.stopped_early,
         "seconds": round(seconds, 1),
     }
     storage.write_bytes(out.child(HISTORY_FILE), history_csv(history))
@@ -184,10 +156,9 @@ def write_artifacts(
     if best_cm:
         storage.write_bytes(out.child(CONFUSION_FILE), plots.confusion_matrix_png(best_cm, manifest["class_names"]))
     storage.write_bytes(out.child(EXAMPLES_FILE), validation_examples(model, spec, manifest))
-    card = {
-        "model_id": f"unet-{model_hash[:12]}",
-        "model_sha256": model_hash,
-        "architecture": {
+    card = ModelCard.create(
+        model_hash,
+        architecture={
             "name": "unet",
             "depth": spec.depth,
             "base_filters": spec.base_filters,
@@ -195,35 +166,31 @@ def write_artifacts(
             "upsampling": spec.upsampling,
             "head": spec.head,
         },
-        "num_classes": manifest["num_classes"],
-        "class_names": manifest["class_names"],
-        "palette": manifest["palette"],
-        "ignore_index": manifest["ignore_index"],
+        num_classes=manifest["num_classes"],
+        class_names=manifest["class_names"],
+        palette=manifest["palette"],
+        ignore_index=manifest["ignore_index"],
         # "none": trained on windows at the original scale, so inference runs at full
         # resolution (padded to a multiple of 2**depth) instead of resizing to `size`.
-        "input": {
+        input={
             "size": [spec.image_size, spec.image_size],
             "channels": 3,
             "normalization": "scale_0_1",
             "resize": "none" if spec.crop == "native" else "bilinear",
         },
-        "output": "logits",
-        "training": spec.model_dump(exclude={"endpoint_url"}),
-        "data": {
-            "uri": storage.redact(spec.data),
-            "content_hash": manifest["content_hash"],
-            "counts": manifest["counts"],
-        },
-        "metrics": {k: best[k] for k in ("val_pixel_accuracy", "val_mean_iou", "val_mean_dice") if k in best},
-        "best_epoch": best.get("epoch"),
-        "versions": {
+        output="logits",
+        training=spec.model_dump(exclude={"endpoint_url"}),
+        data={"uri": storage.redact(spec.data), "content_hash": manifest["content_hash"], "counts": manifest["counts"]},
+        metrics={k: best[k] for k in ("val_pixel_accuracy", "val_mean_iou", "val_mean_dice") if k in best},
+        best_epoch=best.get("epoch"),
+        versions={
             "raysegment": __version__,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
             "ray": ray.__version__,
         },
-    }
+    )
     storage.write_json(out.child(METRICS_FILE), metrics)
-    storage.write_json(out.child(MODEL_CARD), card)
-    storage.mark_success(out, {"model_id": card["model_id"]})
-    return {"model_card": card, "metrics": metrics, "out": out.uri}
+    card.write(out)
+    storage.mark_success(out, {"model_id": card.model_id})
+    return {"model_card": card.as_dict(), "metrics": metrics, "out": out.uri}

@@ -1,0 +1,212 @@
+"""`raysegment bench ...`: the benchmark commands and what each prints before its JSON.
+
+The measurements are in `prepare.py`, `train.py` and `infer.py`; the lines that report
+them are here, beside the flags, so a new figure and its line change together. The
+main CLI (`raysegment/cli.py`) only adds this group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from raysegment.console import echo_lines, handle_errors, print_json
+
+
+def prepare_lines(r: dict[str, Any]) -> list[str]:
+    """`bench prepare`: throughput and the driver's peak RSS before and after prepare."""
+    size = r["size"]
+    return [
+        f"bench prepare: {r['rows']} pairs of {size}x{size} ({r['source_mib']} MiB) -> {r['shards']} shards "
+        f"in {r['prepare_s']} s on {r['cpus']} CPUs: {r['pairs_per_s']} pairs/s, {r['mib_per_s']} MiB/s",
+        f"driver RSS: {r['rss_before_mib']} MiB before prepare (peak so far {r['peak_rss_before_mib']} MiB); "
+        f"peak after prepare {r['peak_rss_after_mib']} MiB (ru_maxrss); {r['rss_after_mib']} MiB now",
+    ]
+
+
+def soak_lines(r: dict[str, Any]) -> list[str]:
+    """`bench soak`: throughput under actor kills and the count check."""
+    return [
+        f"{r['images']} images in {r['seconds']} s ({r['images_per_second']} images/s) with {r['actor_kills']} "
+        f"actor kills; {r['summary_rows']} summary rows, {r['distinct_keys']} distinct keys, {r['mask_files']} masks: "
+        f"{r['count_check']}"
+    ]
+
+
+def scale_lines(r: dict[str, Any]) -> list[str]:
+    """`bench infer --scale`: throughput and peak memory at N/10 and N images, and their growth."""
+    lines = [
+        f"{p['images']:>8} images: {p['images_per_second']} images/s, driver peak {p['driver_peak_rss_mb']} MB, "
+        f"workers peak {p['workers_peak_total_mb']} MB (largest {p['worker_peak_max_mb']} MB)"
+        for p in r["points"]
+    ]
+    small, large = r["points"][0]["images"], r["points"][1]["images"]
+    growth = f"workers x{r['workers_peak_growth']}, driver x{r['driver_peak_growth']}"
+    return [*lines, f"growth {small} -> {large}: {growth}"]
+
+
+def infer_lines(r: dict[str, Any]) -> list[str]:
+    """`bench infer`: model only (a), plain baseline (b) and the pipeline (c), with c/a and c/b."""
+    size, source, model = r["image_size"], r["source_size"], r["model"]
+    lines = [
+        f"{r['images']} images {source}x{source} -> model input {size}x{size}, "
+        f"U-Net depth {model['depth']} base {model['base_filters']}, {r['cores']} cores: "
+        f"model {r['model_ms_per_image']} ms/image, decode {r['decode_ms_per_image']} ms/image",
+        f"  (a) model only  {r['model_only_ips']:>8} images/s   (one process, TF on every core)",
+        f"  (b) baseline    {r['baseline_ips']:>8} images/s   (one process: tf.data, predict, write)",
+        f"  (c) pipeline    {r['pipeline_ips']:>8} images/s   c/a {r['ratio_vs_model_only']}   "
+        f"c/b {r['ratio_vs_baseline']}   ({r['actors']} actors x {r['cpus_per_actor']:g} CPU, "
+        f"decoded in {r['decoded_in']})",
+        f"      first masks after {r['pipeline_first_batch_s']} s, then {r['pipeline_steady_ips']} images/s",
+    ]
+    if r["one_actor"]:
+        one = r["one_actor"]
+        lines.append(
+            f"      one actor on every core: {one['ips']} images/s ({one['steady_ips']} after the first batch)"
+        )
+    lines.append(f"  peak RSS MB: {r['peak_rss_mb']}")
+    return lines
+
+
+def train_lines(r: dict[str, Any], workers: int) -> list[str]:
+    """`bench train`: plain Keras vs Ray Train with 1 worker (equal cores) and with `workers` workers."""
+    cores = r["cores"]
+    return [
+        f"  plain Keras (1 process, {cores} cores)   {r['plain_keras_ips']:>8} images/s   "
+        f"(best of {r['plain_keras_runs_ips']}, before and after)",
+        f"  Ray Train, 1 worker x {cores} cores     {r['ray_train_1_worker_ips']:>8} images/s   "
+        f"overhead {r['overhead_equal_cores']:.1%}",
+        f"  Ray Train, {workers} workers               {r[f'ray_train_{workers}_workers_ips']:>8} images/s   "
+        f"ratio {r[f'ratio_{workers}_workers_vs_plain']}",
+    ]
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: each prints its measurements."""
+
+
+@bench.command("prepare")
+@click.option("--pairs", type=int, default=20_000, show_default=True, help="synthetic pairs to generate")
+@click.option("--size", type=int, default=32, show_default=True, help="image side in pixels")
+@click.option("--shard-size-mb", type=float, default=4.0, show_default=True, help="small, so there are many shards")
+@click.option("--workdir", default=None, help="keep source and data set here (default: a temp folder, removed)")
+@handle_errors
+def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | None) -> None:
+    """Generate PAIRS small pairs, prepare them, print the driver's peak RSS and the throughput."""
+    from raysegment.bench.prepare import bench_prepare as run
+    from raysegment.runtime import init_ray
+
+    init_ray()
+    r = run(pairs, size, shard_size_mb, workdir)
+    echo_lines(prepare_lines(r))
+    print_json(r)
+
+
+@bench.command("soak")
+@click.option("--images", type=int, default=100_000, show_default=True)
+@click.option("--kill-every", type=float, default=30.0, show_default=True, help="seconds between actor kills")
+@click.option("--image-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--actors", type=int, default=1, show_default=True)
+@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
+@handle_errors
+def bench_soak(
+    images: int, kill_every: float, image_size: int, batch_size: int, actors: int, workdir: str | None
+) -> None:
+    """Inference over generated images while a predictor actor is SIGKILLed every N seconds; then a count check."""
+    from raysegment.bench.infer import bench_soak as run
+    from raysegment.runtime import cores, init_ray
+
+    init_ray(min_cpus=cores() + 1)  # as bench infer: the actors' cores plus a slot for the read and write tasks
+    r = run(images, kill_every, image_size, batch_size, actors, workdir)
+    echo_lines(soak_lines(r))
+    print_json(r)
+    if r["count_check"] != "ok":
+        raise SystemExit(3)
+
+
+@bench.command("infer")
+@click.option("--images", type=int, default=8000, show_default=True)
+@click.option("--image-size", type=int, default=128, show_default=True, help="model input")
+@click.option("--source-size", type=int, default=None, help="size of the generated images (default: --image-size)")
+@click.option("--depth", type=int, default=4, show_default=True)
+@click.option("--base-filters", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--actors",
+    type=int,
+    default=None,
+    help="predictor actors sharing the cores (default: one per core; --scale default: 1)",
+)
+@click.option("--decode", type=click.Choice(["tasks", "actor"]), default="tasks", show_default=True)
+@click.option("--compare-one-actor", is_flag=True, help="also run (c) with one actor on every core")
+@click.option("--scale", type=int, default=None, help="instead: run the pipeline over N/10 then N tiny images")
+@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
+@handle_errors
+def bench_infer(
+    images: int,
+    image_size: int,
+    source_size: int | None,
+    depth: int,
+    base_filters: int,
+    batch_size: int,
+    actors: int | None,
+    decode: str,
+    compare_one_actor: bool,
+    scale: int | None,
+    workdir: str | None,
+    as_json: bool,
+) -> None:
+    """Model only (a) vs plain baseline (b) vs raysegment's pipeline (c), on the same images."""
+    from raysegment.bench.infer import bench_infer as run
+    from raysegment.bench.infer import bench_scale
+    from raysegment.runtime import cores, init_ray
+
+    # The actors take every core (equal cores with the in-process measurements); one more
+    # logical CPU lets the decode and write tasks run beside them.
+    init_ray(min_cpus=cores() + 1)
+    if scale:
+        r = bench_scale(scale, 32, batch_size, actors or 1, workdir)
+        lines = scale_lines(r)
+    else:
+        r = run(
+            images,
+            image_size,
+            depth,
+            base_filters,
+            batch_size,
+            actors or cores(),
+            workdir,
+            decode=decode,
+            source_size=source_size,
+            compare_one_actor=compare_one_actor,
+        )
+        lines = infer_lines(r)
+    if not as_json:
+        echo_lines(lines)
+    print_json(r)
+
+
+@bench.command("train")
+@click.option("--images", type=int, default=320, show_default=True)
+@click.option("--image-size", type=int, default=64, show_default=True)
+@click.option("--depth", type=int, default=3, show_default=True)
+@click.option("--base-filters", type=int, default=16, show_default=True)
+@click.option("--global-batch", type=int, default=16, show_default=True)
+@click.option("--epochs", type=int, default=4, show_default=True, help="the first is warm-up, not timed")
+@click.option("--workers", type=int, default=2, show_default=True)
+@handle_errors
+def bench_train(
+    images: int, image_size: int, depth: int, base_filters: int, global_batch: int, epochs: int, workers: int
+) -> None:
+    """Ray Train loop vs a plain single-process Keras loop, same model and data, one run."""
+    from raysegment.bench.train import bench_train as run
+    from raysegment.runtime import cores, init_ray
+
+    init_ray(min_cpus=cores() + 1)  # the Ray Train runs use every core; one more slot for the data tasks
+    r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)
+    echo_lines(train_lines(r, workers))
+    print_json(r)

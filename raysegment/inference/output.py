@@ -1,0 +1,441 @@
+"""The inference output layout, both directions: what `infer` writes under OUTPUT and how it is read back.
+
+    masks/{key}.png              --mask-format png: one PNG per image
+    masks/part-{batch}.npz       --mask-format npz: one array per key, per batch
+    masks/part-{batch}.bin       --mask-format packed: PNGs back to back, per batch (offset/length in the row)
+    summaries/run={run_id}/part-{batch}.parquet   one row per input image (SUMMARY_COLUMNS)
+    runs/{run_id}.json           the run record (RunRecord)
+    _SUCCESS                     {"run_id": ...}: the output is complete
+
+The commit protocol: each batch writes its masks first and its summary file last,
+atomically, under a name derived from the batch's keys. A key counts as done only
+once its summary row exists, so a job killed at any point leaves at worst masks
+that the re-run rewrites under the same names (or, for the per-batch packs, an
+orphan pack no summary points to). `_SUCCESS` is removed when a run starts and
+written after its run record, only when the run checks out.
+
+`infer` (inference/pipeline.py) writes through this module; `report`, `nightly`
+and resuming read through it. One file on purpose, a little over 400 lines: the
+layout is one contract, and its writers and readers change together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import posixpath
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raysegment import storage
+from raysegment.data import imaging
+from raysegment.errors import DataError
+from raysegment.models.card import ModelCard
+
+MASKS = "masks"
+SUMMARIES = "summaries"
+RUNS = "runs"
+CLASS_NAMES_META = b"raysegment.class_names"
+Palette = Sequence[Sequence[int]] | None
+
+
+def summary_schema(class_names: list[str]) -> pa.Schema:
+    """The summaries' columns; class names travel in the file metadata."""
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("source_uri", pa.string()),
+            ("mask_uri", pa.string()),
+            ("mask_offset", pa.int64()),
+            ("mask_length", pa.int64()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("class_fractions", pa.list_(pa.float32())),
+            ("mean_confidence", pa.float32()),
+            ("model_id", pa.string()),
+            ("model_sha256", pa.string()),
+            ("run_id", pa.string()),
+            ("decode_ms", pa.float32()),
+            ("predict_ms", pa.float32()),
+            ("write_ms", pa.float32()),
+        ],
+        metadata={CLASS_NAMES_META: json.dumps(class_names)},
+    )
+
+
+SUMMARY_COLUMNS = tuple(summary_schema([]).names)
+
+
+# -- masks: one small writer/reader per --mask-format ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRef:
+    """Where a summary row says its mask is: a URI, plus a byte range inside a packed file."""
+
+    uri: str = ""
+    offset: int = -1
+    length: int = -1
+
+    @classmethod
+    def of_row(cls, row: Mapping[str, Any]) -> MaskRef:
+        offset, length = row.get("mask_offset"), row.get("mask_length")  # absent in summaries of old runs
+        return cls(row.get("mask_uri") or "", -1 if offset is None else offset, -1 if length is None else length)
+
+
+class MaskFormat:
+    """One mask format, in the shape of a Ray Data datasink: opened per batch, `write` per
+    mask, `finish` before the batch's summary commits the rows; `read` decodes one back."""
+
+    name: ClassVar[str]
+
+    def __init__(self, output: storage.Location, batch: str, palette: Palette) -> None:
+        self.output, self.batch, self.palette = output, batch, palette
+
+    def write(self, key: str, mask: np.ndarray) -> MaskRef:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Flush what the batch's masks share (a pack); nothing for one file per mask."""
+
+    @staticmethod
+    def holds(ref: MaskRef) -> bool:
+        """True when a summary row's mask reference was written in this format."""
+        raise NotImplementedError
+
+    @staticmethod
+    def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
+        """(class ids, the PNG's palette or None)."""
+        raise NotImplementedError
+
+
+class PngMasks(MaskFormat):
+    name = "png"
+
+    def write(self, key: str, mask: np.ndarray) -> MaskRef:
+        target = self.output.child(MASKS, f"{key}.png")
+        storage.write_bytes(target, imaging.encode_mask(mask, self.palette))
+        return MaskRef(target.uri)
+
+    @staticmethod
+    def holds(ref: MaskRef) -> bool:
+        return True  # the default: asked last
+
+    @staticmethod
+    def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
+        return _decode_png(storage.read_bytes(output.child(MASKS, f"{key}.png")))
+
+
+class NpzMasks(MaskFormat):
+    name = "npz"
+
+    def __init__(self, output: storage.Location, batch: str, palette: Palette) -> None:
+        super().__init__(output, batch, palette)
+        self.pack = output.child(MASKS, f"part-{batch}.npz")
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def write(self, key: str, mask: np.ndarray) -> MaskRef:
+        self.arrays[key] = mask
+        return MaskRef(f"{self.pack.uri}#{key}")
+
+    def finish(self) -> None:
+        if self.arrays:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **self.arrays)
+            storage.write_bytes(self.pack, buf.getvalue())
+
+    @staticmethod
+    def holds(ref: MaskRef) -> bool:
+        return ".npz#" in ref.uri
+
+    @staticmethod
+    def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
+        pack, member = ref.uri.split(".npz#", 1)
+        with np.load(io.BytesIO(storage.read_bytes(_mask_location(output, pack + ".npz")))) as arrays:
+            return np.asarray(arrays[member], np.uint8), None
+
+
+class PackedMasks(MaskFormat):
+    name = "packed"
+
+    def __init__(self, output: storage.Location, batch: str, palette: Palette) -> None:
+        super().__init__(output, batch, palette)
+        self.pack = output.child(MASKS, f"part-{batch}.bin")
+        self.buf = io.BytesIO()
+
+    def write(self, key: str, mask: np.ndarray) -> MaskRef:
+        png = imaging.encode_mask(mask, self.palette)
+        offset = self.buf.tell()
+        self.buf.write(png)
+        return MaskRef(self.pack.uri, offset, len(png))
+
+    def finish(self) -> None:
+        if self.buf.tell():
+            storage.write_bytes(self.pack, self.buf.getvalue())
+
+    @staticmethod
+    def holds(ref: MaskRef) -> bool:
+        return ref.offset >= 0
+
+    @staticmethod
+    def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
+        loc = _mask_location(output, ref.uri)
+        with storage.storage_errors(loc.uri):
+            data = loc.fs.cat_file(loc.path, start=ref.offset, end=ref.offset + ref.length)
+        return _decode_png(data)
+
+
+MASK_FORMATS: dict[str, type[MaskFormat]] = {f.name: f for f in (PngMasks, NpzMasks, PackedMasks)}
+
+
+def read_mask(output: storage.Location, row: Mapping[str, Any]) -> tuple[np.ndarray, Palette]:
+    """(class ids, the PNG's palette or None) for a summary row, whatever its --mask-format."""
+    ref = MaskRef.of_row(row)
+    fmt = next(f for f in (PackedMasks, NpzMasks, PngMasks) if f.holds(ref))  # summaries do not name the format
+    return fmt.read(output, str(row["key"]), ref)
+
+
+def _mask_location(output: storage.Location, uri: str) -> storage.Location:
+    """Where a mask file is now: below OUTPUT/masks even if the output was moved since the run."""
+    if f"/{MASKS}/" in uri:
+        return output.child(MASKS, uri.rsplit(f"/{MASKS}/", 1)[1])
+    return storage.resolve(uri, output.endpoint_url)
+
+
+def _decode_png(data: bytes) -> tuple[np.ndarray, Palette]:
+    ids = imaging.decode_mask(data)
+    with Image.open(io.BytesIO(data)) as img:
+        flat = img.getpalette() if img.mode == "P" else None
+    return ids, [flat[i : i + 3] for i in range(0, len(flat), 3)] if flat else None
+
+
+# -- writing a batch: masks, then its summary file (the commit) -------------------------------------------
+
+
+def batch_name(keys: np.ndarray) -> str:
+    """A stable file name for a batch, from its keys."""
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(str(k).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def write_outputs(
+    batch: dict[str, np.ndarray], output: storage.Location, card: ModelCard, run_id: str, mask_format: str
+) -> dict[str, np.ndarray]:
+    """Resize predictions to the original size, write masks then the batch's summary file; returns counts."""
+    n, k = len(batch["key"]), card.num_classes
+    name = batch_name(batch["key"])
+    masks = MASK_FORMATS[mask_format](output, name, card.palette)
+    refs: list[MaskRef] = []
+    fractions: list[list[float]] = []
+    write_ms: list[float] = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        if batch["error"][i]:
+            refs.append(MaskRef())
+            fractions.append([0.0] * k)
+        else:
+            mask = imaging.resize_mask(batch["pred"][i], (int(batch["height"][i]), int(batch["width"][i])))
+            refs.append(masks.write(str(batch["key"][i]), mask))
+            fractions.append((np.bincount(mask.ravel(), minlength=k)[:k] / max(mask.size, 1)).tolist())
+        write_ms.append((time.perf_counter() - t0) * 1000)
+    masks.finish()
+    status = ["error" if e else "ok" for e in batch["error"]]
+    table = pa.table(
+        {
+            "key": batch["key"].astype(str),
+            "source_uri": batch["source_uri"].astype(str),
+            "mask_uri": [r.uri for r in refs],
+            "mask_offset": [r.offset for r in refs],
+            "mask_length": [r.length for r in refs],
+            "height": batch["height"].astype(np.int32),
+            "width": batch["width"].astype(np.int32),
+            "status": status,
+            "error": batch["error"].astype(str),
+            "class_fractions": fractions,
+            "mean_confidence": batch["mean_confidence"].astype(np.float32),
+            "model_id": [card.model_id] * n,
+            "model_sha256": [card.model_sha256] * n,
+            "run_id": [run_id] * n,
+            "decode_ms": batch["decode_ms"].astype(np.float32),
+            "predict_ms": batch["predict_ms"].astype(np.float32),
+            "write_ms": np.asarray(write_ms, np.float32),
+        },
+        schema=summary_schema(card.class_names),
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    # The summary is the batch's commit: written last, atomically, under a stable name.
+    storage.write_bytes(output.child(SUMMARIES, f"run={run_id}", f"part-{name}.parquet"), buf.getvalue())
+    ok = status.count("ok")
+    return {"rows": np.asarray([n]), "ok": np.asarray([ok]), "error": np.asarray([n - ok])}
+
+
+# -- reading summaries back -----------------------------------------------------------------------------
+
+
+def summary_files(output: storage.Location) -> list[str]:
+    """Paths of every summary file of every run under OUTPUT."""
+    return storage.parquet_files(output.child(SUMMARIES))
+
+
+def summary_tables(output: storage.Location, columns: list[str]) -> Iterator[pa.Table]:
+    """The given columns of each summary file under OUTPUT, one file at a time."""
+    for path in summary_files(output):
+        yield storage.read_table(output, path, columns=columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """What earlier runs finished: keys with a summary row, and the model hashes that wrote them."""
+
+    keys: frozenset[str]
+    models: frozenset[str]
+
+
+def read_done(output: storage.Location) -> Done:
+    """The keys done under OUTPUT (resume skips them) and the models that did them."""
+    keys: set[str] = set()
+    models: set[str] = set()
+    for table in summary_tables(output, ["key", "model_sha256"]):
+        keys.update(table.column("key").to_pylist())
+        models.update(table.column("model_sha256").unique().to_pylist())
+    return Done(frozenset(keys), frozenset(models))
+
+
+class Summaries:
+    """Every summary row under OUTPUT as one streamed Arrow dataset (the report's pass over them)."""
+
+    def __init__(self, output: storage.Location) -> None:
+        paths = summary_files(output)
+        if not paths:
+            raise DataError(
+                f"{output.uri}: no inference summaries ({SUMMARIES}/run=*/part-*.parquet); run `raysegment infer`"
+            )
+        self.uri = output.uri
+        with storage.storage_errors(output.uri):
+            self.dataset = pads.dataset(paths, format="parquet", filesystem=output.arrow_fs())
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names from the files' metadata; empty for summaries written without them."""
+        names = (self.dataset.schema.metadata or {}).get(CLASS_NAMES_META)
+        return [str(n) for n in json.loads(names)] if names else []
+
+    def batches(self, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """Record batches of the summary columns the files have (older runs lack some)."""
+        columns = [c for c in SUMMARY_COLUMNS if c in self.dataset.schema.names]
+        with storage.storage_errors(self.uri):
+            yield from self.dataset.to_batches(columns=columns, batch_size=batch_size)
+
+
+# -- run records and the _SUCCESS marker -----------------------------------------------------------------
+
+
+class RunCounts(BaseModel):
+    total: int = 0  # distinct keys under OUTPUT after the run
+    skipped: int = 0  # done by earlier runs
+    processed: int = 0
+    ok: int = 0
+    error: int = 0
+
+
+class FirstBatch(BaseModel):
+    """When the first masks were written: the job's start-up cost (actor start, model load)."""
+
+    seconds: float
+    rows: int
+
+
+class RunRecord(BaseModel):
+    """runs/{run_id}.json. Fields other than run_id have defaults so records of older runs load."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    status: str = "succeeded"  # succeeded | failed
+    model_id: str = ""
+    model_sha256: str = ""
+    input: str = ""
+    source: str = ""
+    decoded_in: str = ""
+    output: str = ""
+    counts: RunCounts = Field(default_factory=RunCounts)
+    seconds: float | None = None
+    images_per_second: float | None = None
+    first_batch: FirstBatch | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    raysegment: str = ""
+    problems: list[str] = Field(default_factory=list)  # why a run failed; only written for failed runs
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record's JSON; `problems` only when there are some, as records have always been."""
+        out = self.model_dump(mode="json")
+        if not self.problems:
+            out.pop("problems")
+        return out
+
+
+def new_run_id() -> str:
+    """A UTC timestamp and a random suffix: sorting run ids sorts runs by start time (see find_run)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def write_run_record(output: storage.Location, record: RunRecord) -> None:
+    storage.write_json(output.child(RUNS, f"{record.run_id}.json"), record.as_dict())
+
+
+def find_run(output: storage.Location, run_id: str | None = None) -> tuple[str | None, RunRecord | None]:
+    """(run id, run record): the given run, else the one _SUCCESS names, else the newest record."""
+    runs = output.child(RUNS)
+    if run_id is None and storage.has_success(output):
+        run_id = storage.read_json(output.child(storage.SUCCESS)).get("run_id")
+    if run_id is None and storage.exists(runs):
+        records = storage.list_files(runs, (".json",))
+        if records:
+            run_id = posixpath.basename(records[-1])[: -len(".json")]
+    if run_id is None:
+        return None, None
+    record_loc = runs.child(f"{run_id}.json")
+    if not storage.exists(record_loc):
+        return run_id, None
+    try:
+        return run_id, RunRecord.model_validate(storage.read_json(record_loc))
+    except ValidationError as exc:
+        raise DataError(f"{record_loc.uri}: not a raysegment run record ({exc.errors()[0]['msg']})") from None
+
+
+def clear(output: storage.Location) -> None:
+    """--overwrite: remove the marker first, then everything an earlier run wrote."""
+    storage.remove_success(output)
+    for part in (SUMMARIES, MASKS, RUNS):
+        storage.remove_tree(output.child(part))
+
+
+def mark_incomplete(output: storage.Location) -> None:
+    """Remove _SUCCESS: done first by every run, so a half-written output never looks complete."""
+    storage.remove_success(output)
+
+
+def mark_complete(output: storage.Location, run_id: str) -> None:
+    """Write _SUCCESS naming the run: the last write of a complete output."""
+    storage.mark_success(output, {"run_id": run_id})
+
+
+def is_complete(output: storage.Location) -> bool:
+    return storage.has_success(output)

@@ -1,0 +1,138 @@
+"""The model card: OUT/model.json beside OUT/model.keras, the one description of a trained model.
+
+`train` writes it; `infer`, `evaluate`, `show`, `nightly` and the predictor actor read it.
+This module owns both file names, reading and writing (local or s3:// through
+`storage`), validation (a card that is not raysegment's, or too old to use, is one
+clear error naming the file and the fix) and the facts callers derive from it:
+input size, native scale, normalisation, classes, palette, head.
+
+The JSON on disk keeps the keys of the first release, so every model trained so
+far still loads; keys this module does not know are kept when a card is rewritten.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raysegment import storage
+from raysegment.errors import DataError
+
+MODEL_FILE = "model.keras"
+CARD_FILE = "model.json"
+
+
+class _Part(BaseModel):
+    # Unknown keys are kept (a newer raysegment or a person may add some); known ones are checked.
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class Architecture(_Part):
+    name: str = "unet"
+    depth: int = Field(0, ge=0, le=10)
+    base_filters: int | None = None
+    batch_norm: bool | None = None
+    upsampling: str | None = None
+    head: Literal["softmax", "sigmoid"] = "softmax"
+
+
+class InputSpec(_Part):
+    size: tuple[int, int]
+    channels: Literal[3] = 3
+    # What the predictor does to pixels: uint8 RGB scaled to [0, 1] (data.pipeline.normalize).
+    normalization: Literal["scale_0_1"] = "scale_0_1"
+    # "none": trained on windows at the original scale; inference runs at full resolution.
+    resize: Literal["bilinear", "none"] = "bilinear"
+
+
+class ModelCard(_Part):
+    """model.json, typed. Build one with `ModelCard.create`, load one with `ModelCard.read`."""
+
+    model_id: str
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    architecture: Architecture = Field(default_factory=Architecture)
+    num_classes: int = Field(ge=1, le=255)
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    ignore_index: int = 255
+    input: InputSpec
+    output: Literal["logits"] = "logits"
+    training: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    metrics: dict[str, float] | None = None
+    best_epoch: int | None = None
+    versions: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _names_match_classes(self) -> ModelCard:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes {self.num_classes}")
+        return self
+
+    @classmethod
+    def create(cls, model_sha256: str, architecture: dict[str, Any], **fields: Any) -> ModelCard:
+        """A new card; the model id is the architecture's name and the start of the model file's hash."""
+        arch = Architecture(**architecture)
+        return cls(model_id=f"{arch.name}-{model_sha256[:12]}", model_sha256=model_sha256, architecture=arch, **fields)
+
+    @classmethod
+    def read(cls, model_uri: str, endpoint_url: str | None = None) -> ModelCard:
+        """The card of a trained model directory (local or s3://), or one clear DataError."""
+        loc = storage.resolve(model_uri, endpoint_url)
+        card_loc = loc.child(CARD_FILE)
+        if not storage.exists(card_loc) or not storage.exists(loc.child(MODEL_FILE)):
+            raise DataError(
+                f"{loc.uri}: not a trained model (needs {MODEL_FILE} and {CARD_FILE}); run `raysegment train`"
+            )
+        return cls.parse(storage.read_json(card_loc), card_loc.uri)
+
+    @classmethod
+    def parse(cls, obj: Any, source: str) -> ModelCard:
+        """Validate a card's JSON; `source` names the file in the error."""
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "card"
+            raise DataError(
+                f"{source}: not a raysegment model card or too old to use ({where}: {first['msg']}); "
+                "train the model again with `raysegment train`"
+            ) from None
+
+    def write(self, model_dir: storage.Location) -> None:
+        """Write model.json under the model directory."""
+        storage.write_json(model_dir.child(CARD_FILE), self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The card's JSON: the keys that were set (or read), nothing filled in by defaults."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the model was trained at; images are resized to it unless native scale."""
+        return self.input.size
+
+    @property
+    def native_scale(self) -> bool:
+        """True when the model predicts at the image's own resolution (trained with crop: native)."""
+        return self.input.resize == "none"
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width a full-resolution input must be a multiple of (2**depth for a U-Net)."""
+        return 2**self.architecture.depth
+
+    @property
+    def pixel_scale(self) -> float:
+        """Factor from uint8 pixels to the model's input range (normalisation scale_0_1)."""
+        return 1.0 / 255.0
+
+    @property
+    def head(self) -> str:
+        return self.architecture.head
+
+
+def model_file(model_dir: storage.Location) -> storage.Location:
+    """Where the Keras model of a model directory lives."""
+    return model_dir.child(MODEL_FILE)

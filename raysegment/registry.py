@@ -1,0 +1,167 @@
+"""The job kinds: for each, its spec class, the function that runs it, the lines it prints, its exit
+code and the logical CPUs a local Ray needs for it.
+
+One table read by the CLI (`raysegment train ...`), the `ray job submit` entrypoints
+(`jobs/{kind}.py`, `python -m raysegment.entrypoints KIND`) and `raysegment submit`, so a
+job prints the same result whether it runs here or on a cluster. The job functions are
+imported when a job runs: loading this table must not start TensorFlow or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
+from raysegment.console import echo_lines
+from raysegment.errors import ConfigError
+
+
+def _no_min_cpus(spec: Any) -> int:
+    return 0
+
+
+def _ok(result: Any) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job kind. `run(spec)` returns the job's result; `lines(spec, result)` is what it prints."""
+
+    kind: str
+    spec: type[Spec]
+    run: Callable[[Any], Any]
+    lines: Callable[[Any, Any], list[str]]
+    exit_code: Callable[[Any], int] = _ok
+    min_cpus: Callable[[Any], int] = _no_min_cpus
+    # Has a jobs/{kind}.py entrypoint and can be sent with `raysegment submit`.
+    on_cluster: bool = True
+
+
+def train_min_cpus(spec: TrainSpec) -> int:
+    """Logical CPUs for training: every worker's share plus one, so the Ray Data tasks that feed them can run."""
+    return int(spec.workers * spec.cpus_per_worker) + 1
+
+
+def _prepare(spec: PrepareSpec) -> dict[str, Any]:
+    from raysegment.data.prepare import prepare
+
+    return prepare(spec)
+
+
+def _prepare_lines(spec: PrepareSpec, manifest: dict[str, Any]) -> list[str]:
+    skipped = f", {len(manifest['skipped'])} invalid pairs skipped" if manifest["skipped"] else ""
+    return [
+        f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, "
+        f"classes {manifest['class_names']}{skipped}"
+    ]
+
+
+def _train(spec: TrainSpec) -> dict[str, Any]:
+    from raysegment.train.trainer import train
+
+    return train(spec)
+
+
+def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
+    best = result["metrics"]["best"]
+    return [
+        f"trained {result['out']}: best epoch {best['epoch']}, val mean_iou {best['val_mean_iou']:.4f}, "
+        f"pixel_accuracy {best['val_pixel_accuracy']:.4f}"
+    ]
+
+
+def _evaluate(spec: EvaluateSpec) -> dict[str, Any]:
+    from raysegment.evaluate import evaluate
+
+    return evaluate(spec)
+
+
+def _evaluate_lines(spec: EvaluateSpec, result: dict[str, Any]) -> list[str]:
+    table = [f"{'class':<20} {'IoU':>8}"]
+    table += [f"{name:<20} {'-' if iou is None else f'{iou:.4f}':>8}" for name, iou in result["per_class_iou"].items()]
+    return [
+        *table,
+        f"pixel_accuracy {result['pixel_accuracy']:.4f}  mean_iou {result['mean_iou']:.4f}  "
+        f"mean_dice {result['mean_dice']:.4f}  ({result['images']} images, written to {result['written_to']})",
+    ]
+
+
+def _infer(spec: InferSpec) -> dict[str, Any]:
+    from raysegment.inference.pipeline import infer
+
+    return infer(spec)
+
+
+def _infer_lines(spec: InferSpec, record: dict[str, Any]) -> list[str]:
+    c = record["counts"]
+    return [
+        f"inferred {c['processed']} images ({c['ok']} ok, {c['error']} errors; {c['skipped']} already done) "
+        f"at {record['images_per_second']} images/s; run {record['run_id']} in {spec.output}"
+    ]
+
+
+def _nightly(spec: NightlySpec) -> dict[str, Any]:
+    from raysegment.nightly import run_nightly
+
+    return run_nightly(spec)
+
+
+def nightly_line(report: dict[str, Any]) -> str:
+    """The one-line summary of a nightly report."""
+    c = report["counts"]
+    d = report["drift"]
+    shift = "" if d["max_shift"] is None else f", max class shift {d['max_shift']} vs {d['compared_with']}"
+    return (
+        f"nightly {report['date']}: {report['status']}; {c['listed']} listed, {c['new']} new, {c['changed']} changed, "
+        f"{c['processed']} processed ({c['ok']} ok, {c['error']} errors){shift}; report "
+        f"{report['output']}/reports/{report['date']}.json"
+    )
+
+
+def _nightly_exit_code(report: dict[str, Any]) -> int:
+    from raysegment.nightly import exit_code
+
+    return exit_code(report)
+
+
+JOBS: dict[str, Job] = {
+    job.kind: job
+    for job in (
+        Job("prepare", PrepareSpec, _prepare, _prepare_lines, on_cluster=False),
+        Job("train", TrainSpec, _train, _train_lines, min_cpus=train_min_cpus),
+        Job("evaluate", EvaluateSpec, _evaluate, _evaluate_lines),
+        Job("infer", InferSpec, _infer, _infer_lines),
+        Job("nightly", NightlySpec, _nightly, lambda spec, report: [nightly_line(report)], _nightly_exit_code),
+    )
+}
+# What `raysegment submit` and `python -m raysegment.entrypoints` accept, in help order.
+CLUSTER_KINDS: tuple[str, ...] = tuple(kind for kind, job in JOBS.items() if job.on_cluster)
+
+
+def load_job_spec(kind: str, config: str | None = None, spec_json: str | None = None) -> Spec:
+    """A validated spec from a YAML file or inline JSON (what `raysegment submit` sends)."""
+    cls = JOBS[kind].spec
+    if spec_json is None:
+        return load_spec(cls, config)
+    try:
+        values = json.loads(spec_json)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--spec: not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ConfigError("--spec: a job spec must be a JSON object of field: value")
+    return load_spec(cls, None, values)
+
+
+def run(spec: Spec) -> int:
+    """Join Ray (or start it with enough CPUs), run the job the spec is for, print its lines; its exit code."""
+    from raysegment.runtime import init_ray
+
+    job = next(job for job in JOBS.values() if type(spec) is job.spec)
+    init_ray(min_cpus=job.min_cpus(spec))
+    result = job.run(spec)
+    echo_lines(job.lines(spec, result))
+    return job.exit_code(result)

@@ -1,0 +1,140 @@
+"""Training checkpoints: what one holds (`TrainState`), writing it intact, and resuming from it.
+
+A checkpoint directory holds the model weights, every optimizer variable (Adam
+moments and the step count that drives the LR schedule resume exactly) and
+`state.json`, written last with the other files' sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import ray.train
+
+CHECKPOINT_WEIGHTS = "model.weights.h5"
+CHECKPOINT_OPTIMIZER = "optimizer.npz"
+CHECKPOINT_STATE = "state.json"
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Progress so far; state.json holds exactly these fields (plus the file hashes)."""
+
+    epoch: int = -1  # the last finished epoch
+    best_val_mean_iou: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per epoch
+    confusion_matrix: list[list[int]] | None = None  # the last epoch's, on the val split
+    stopped_early: bool = False
+
+    def after_epoch(self, metrics: dict[str, Any], confusion: np.ndarray, patience: int | None) -> TrainState:
+        """The state once `metrics["epoch"]` has finished; stopped_early when patience ran out."""
+        epoch, miou = metrics["epoch"], metrics["val_mean_iou"]
+        best_iou, best_epoch = (
+            (miou, epoch) if miou > self.best_val_mean_iou else (self.best_val_mean_iou, self.best_epoch)
+        )
+        return TrainState(
+            epoch=epoch,
+            best_val_mean_iou=best_iou,
+            best_epoch=best_epoch,
+            history=[*self.history, metrics],
+            confusion_matrix=confusion.astype(np.int64).tolist(),
+            stopped_early=bool(patience and epoch - best_epoch >= patience),
+        )
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(directory: str, model, optimizer, state: TrainState) -> None:
+    """Weights, optimizer variables, then state.json (the checkpoint is complete once it exists)."""
+    model.save_weights(os.path.join(directory, CHECKPOINT_WEIGHTS))
+    np.savez(os.path.join(directory, CHECKPOINT_OPTIMIZER), *[np.asarray(v) for v in optimizer.variables])
+    # state.json last, with the other files' hashes: a checkpoint is complete and intact
+    # exactly when its state file exists and the hashes match.
+    digests = {n: file_sha256(os.path.join(directory, n)) for n in (CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER)}
+    with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
+        json.dump({**dataclasses.asdict(state), "sha256": digests}, f)
+
+
+def _read_state_file(directory: str) -> tuple[TrainState, dict[str, str]]:
+    with open(os.path.join(directory, CHECKPOINT_STATE)) as f:
+        saved = json.load(f)
+    digests = saved.pop("sha256", {})
+    return TrainState(**saved), digests
+
+
+def read_state(directory: str) -> TrainState:
+    """A checkpoint's state (its files are not checked: `load_checkpoint` does that)."""
+    return _read_state_file(directory)[0]
+
+
+def load_checkpoint(directory: str, model, optimizer) -> TrainState:
+    """Restore weights and optimizer state; raises ValueError for an incomplete checkpoint."""
+    missing = [
+        n
+        for n in (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER)
+        if not os.path.exists(os.path.join(directory, n))
+    ]
+    if missing:
+        raise ValueError(f"checkpoint {directory} is incomplete: missing {missing}")
+    state, digests = _read_state_file(directory)
+    for name, digest in digests.items():
+        if file_sha256(os.path.join(directory, name)) != digest:
+            raise ValueError(f"checkpoint {directory}: {name} does not match its recorded sha256 (corrupt or partial)")
+    model.load_weights(os.path.join(directory, CHECKPOINT_WEIGHTS))
+    with np.load(os.path.join(directory, CHECKPOINT_OPTIMIZER)) as saved:
+        values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    if len(values) != len(optimizer.variables):
+        raise ValueError(f"checkpoint has {len(values)} optimizer variables, model needs {len(optimizer.variables)}")
+    for var, value in zip(optimizer.variables, values):
+        var.assign(value)
+    return state
+
+
+def restore(checkpoint: ray.train.Checkpoint, model, optimizer, rank: int) -> TrainState:
+    """Load the latest checkpoint; if it is corrupt or partial, the newest older one that loads.
+
+    Ray Train hands over only the latest checkpoint; its siblings (``num_to_keep``) sit
+    next to it in the run's storage. Every rank walks the same list, so all agree.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, latest = checkpoint.filesystem, checkpoint.path
+    parent = os.path.dirname(latest.rstrip("/"))
+    siblings = [
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        if info.type == pafs.FileType.Directory
+        and os.path.basename(info.path).startswith("checkpoint_")
+        and info.path.rstrip("/") != latest.rstrip("/")
+    ]
+    problems = []
+    for path in [latest, *sorted(siblings, reverse=True)]:
+        try:
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+                state = load_checkpoint(d, model, optimizer)
+        except Exception as exc:  # h5py, zipfile and json each raise their own kind
+            problems.append(f"{path}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if rank == 0:
+            for problem in problems:
+                print(f"[raysegment] skipped unreadable checkpoint {problem}", flush=True)
+            print(f"[raysegment] resumed from epoch {state.epoch} ({path})", flush=True)
+        return state
+    raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(problems))

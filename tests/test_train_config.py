@@ -1,0 +1,109 @@
+"""The workers' training config: every field from the spec or the manifest, frozen, picklable; the epoch state."""
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+from raysegment.config import TrainSpec
+from raysegment.errors import DataError
+from raysegment.train.checkpoint import TrainState
+from raysegment.train.config import TrainConfig, train_config
+
+MANIFEST = {
+    "num_classes": 2,
+    "class_names": ["background", "cell"],
+    "counts": {"train": 50, "val": 5},
+    "pixel_frequency": [0.9, 0.1],
+}
+
+
+def config(**fields) -> TrainConfig:
+    return train_config(TrainSpec(data="d", out="o", **fields), MANIFEST, "d")
+
+
+def test_spec_defaults_reach_the_workers():
+    """The spec's own defaults, not the reader's: the schedule is cosine unless the spec says otherwise."""
+    spec = TrainSpec(data="d", out="o")
+    cfg = config()
+    assert cfg.schedule == spec.schedule == "cosine"
+    assert (cfg.optimizer, cfg.loss, cfg.patience, cfg.class_weights) == ("adam", "ce", None, None)
+    assert cfg.model.batch_norm and cfg.model.upsampling == "transpose" and cfg.model.head == "softmax"
+
+
+def test_spec_knobs_and_manifest_facts():
+    cfg = config(
+        workers=2,
+        batch_size=4,
+        learning_rate=0.01,
+        repeat=2,
+        schedule="step",
+        optimizer="sgd",
+        momentum=0.9,
+        loss="ce+dice",
+        class_weights="inverse_frequency",
+        head="sigmoid",
+        dropout=0.2,
+        patience=3,
+        seed=5,
+    )
+    assert cfg.model.num_classes == 2 and cfg.class_names == ("background", "cell")
+    assert cfg.global_batch == 8
+    assert cfg.steps_per_epoch == 50 * 2 // 8
+    assert cfg.peak_learning_rate == pytest.approx(0.01)  # a global batch of 8 keeps the rate
+    assert (cfg.schedule, cfg.optimizer, cfg.momentum, cfg.loss) == ("step", "sgd", 0.9, "ce+dice")
+    assert cfg.class_weights is not None and cfg.class_weights[1] > cfg.class_weights[0]
+    assert (cfg.model.head, cfg.model.dropout, cfg.patience, cfg.seed) == ("sigmoid", 0.2, 3, 5)
+    assert config(max_steps=2).steps_per_epoch == 2
+    assert config(workers=4, batch_size=4).peak_learning_rate == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize(
+    ("mixed_precision", "gpus", "policy"),
+    [("auto", 0, "float32"), ("auto", 1, "mixed_bfloat16"), ("off", 1, "float32"), ("float16", 0, "mixed_float16")],
+)
+def test_dtype_policy(mixed_precision, gpus, policy):
+    assert config(mixed_precision=mixed_precision, gpus_per_worker=gpus).dtype_policy == policy
+
+
+def test_frozen_and_picklable():
+    cfg = config(class_weights="inverse_frequency")
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("fields", "counts", "message"),
+    [
+        ({"image_size": 40, "depth": 4}, {"train": 50, "val": 5}, "multiple of 2\\*\\*depth"),
+        ({"workers": 4, "batch_size": 16}, {"train": 50, "val": 5}, "fewer than one global batch"),
+        ({}, {"train": 50}, "no validation images"),
+    ],
+)
+def test_data_set_that_cannot_train(fields, counts, message):
+    with pytest.raises(DataError, match=message):
+        train_config(TrainSpec(data="d", out="o", **fields), {**MANIFEST, "counts": counts}, "d")
+
+
+def test_optimizer_follows_the_config():
+    import keras
+
+    from raysegment.train.optim import learning_rate_schedule, make_optimizer
+
+    assert isinstance(learning_rate_schedule(config()), keras.optimizers.schedules.CosineDecay)
+    assert learning_rate_schedule(config(schedule="constant")) == pytest.approx(1e-3 * 16 / 8)
+    assert isinstance(make_optimizer(config(mixed_precision="float16")), keras.optimizers.LossScaleOptimizer)
+    assert isinstance(make_optimizer(config(optimizer="sgd")), keras.optimizers.SGD)
+
+
+def test_state_tracks_the_best_epoch_and_patience():
+    cm = np.eye(2)
+    state = TrainState()
+    for epoch, miou in enumerate([0.5, 0.6, 0.55, 0.58]):
+        state = state.after_epoch({"epoch": epoch, "val_mean_iou": miou}, cm, patience=2)
+        assert state.epoch == epoch and len(state.history) == epoch + 1
+    assert (state.best_epoch, state.best_val_mean_iou) == (1, 0.6)
+    assert state.stopped_early  # two epochs without a gain
+    assert not TrainState().after_epoch({"epoch": 5, "val_mean_iou": 0.1}, cm, patience=None).stopped_early
