@@ -53,7 +53,8 @@ def infer_lines(r: dict[str, Any]) -> list[str]:
         f"{r['images']} images {source}x{source} -> model input {size}x{size}, "
         f"U-Net depth {model['depth']} base {model['base_filters']}, {r['cores']} cores: "
         f"model {r['model_ms_per_image']} ms/image, decode {r['decode_ms_per_image']} ms/image",
-        f"  (a) model only  {r['model_only_ips']:>8} images/s   (one process, TF on every core)",
+        f"  (a) model only  {r['model_only_ips']:>8} images/s   (best of one process with TF on every core "
+        f"{r['model_only_one_process_ips']}, one 1-thread process per core {r['model_only_per_core_ips']})",
         f"  (b) baseline    {r['baseline_ips']:>8} images/s   (one process: tf.data, predict, write)",
         f"  (c) pipeline    {r['pipeline_ips']:>8} images/s   c/a {r['ratio_vs_model_only']}   "
         f"c/b {r['ratio_vs_baseline']}   ({r['actors']} actors x {r['cpus_per_actor']:g} CPU, "
