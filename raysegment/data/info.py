@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raysegment.data.fingerprint import Fingerprint, format_fingerprint
+
 MAX_SHARDS_LISTED = 30
 
 
@@ -55,4 +57,6 @@ def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
     out += _table(["shard", "split", "rows", "size"], rows, right={2, 3})
     if sizes:
         out.append(f"shard size: min {_mib(sizes[0])}, median {_mib(sizes[len(sizes) // 2])}, max {_mib(sizes[-1])}")
+    if manifest.get("fingerprint"):
+        out += ["", *format_fingerprint(Fingerprint.from_json(manifest["fingerprint"]), manifest["class_names"])]
     return "\n".join(out)

@@ -32,6 +32,7 @@ import ray
 from raysegment import __version__, storage
 from raysegment.config import PrepareSpec
 from raysegment.data import classes, imaging
+from raysegment.data.fingerprint import ShardFingerprint, merge
 from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
 from raysegment.errors import DataError
 
@@ -157,6 +158,14 @@ def _file_digest(path: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _fingerprinted(
+    rows: Iterator[tuple[str, bytes, np.ndarray, int, int]], fingerprint: ShardFingerprint
+) -> Iterator[tuple[str, bytes, np.ndarray, int, int]]:
+    for row in rows:
+        fingerprint.add(row[0], row[1], row[2])
+        yield row
+
+
 @ray.remote
 def _build_shard(
     source: storage.Location,
@@ -171,7 +180,8 @@ def _build_shard(
     """Read, validate, encode and (when `write`) write one shard; return its statistics and invalid pairs."""
     hist = np.zeros(256, np.int64)
     invalid: list[dict[str, str]] = []
-    rows = _valid_rows(source, pairs, lut, unmapped, invalid, hist)
+    fingerprint = ShardFingerprint()
+    rows = _fingerprinted(_valid_rows(source, pairs, lut, unmapped, invalid, hist), fingerprint)
     out: dict[str, Any] = {"name": name, "split": split, "invalid": invalid}
     if not write:
         out["rows"] = sum(1 for _ in rows)
@@ -186,6 +196,7 @@ def _build_shard(
         except _NoRows:
             pass
     out["hist"] = hist.tolist()
+    out["fingerprint"] = fingerprint
     return out
 
 
@@ -219,8 +230,11 @@ def _run_shard_tasks(
     listing: Listing,
     skip_invalid: bool,
     invalid: list[dict[str, str]],
+    fingerprints: list[ShardFingerprint],
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Run the shard tasks, at most a few per CPU in flight; returns shard entries and the class histogram."""
+    """Run the shard tasks, at most a few per CPU in flight; returns shard entries and the class histogram.
+
+    Invalid pairs and each task's fingerprint part are appended to the lists passed in."""
     max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     counters: dict[str, int] = {}
     pending: list[ray.ObjectRef] = []
@@ -233,6 +247,7 @@ def _run_shard_tasks(
         for result in ray.get(refs):
             invalid.extend(result.pop("invalid"))
             hist[:] += np.asarray(result.pop("hist"), np.int64)
+            fingerprints.append(result.pop("fingerprint"))
             done_pairs += result["rows"]
             if result.get("path"):
                 shards.append(result)
@@ -361,7 +376,8 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     invalid = [{"key": p.key, "problem": p.problem} for p in pairs if p.problem]
     plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
     log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
-    shards, hist = _run_shard_tasks(source, dest, plan, listing, spec.skip_invalid, invalid)
+    fingerprints: list[ShardFingerprint] = []
+    shards, hist = _run_shard_tasks(source, dest, plan, listing, spec.skip_invalid, invalid, fingerprints)
     invalid.sort(key=lambda i: i["key"])
     try:
         if invalid and not spec.skip_invalid:
@@ -373,6 +389,8 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         storage.remove_tree(dest.child("shards"))  # nothing without a manifest may look like a data set
         raise
     manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names)
+    fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
+    manifest["fingerprint"] = fingerprint.to_json()
     manifest["seconds"] = round(time.time() - t0, 2)
     storage.write_json(manifest_loc, manifest)
     log.info("prepared %s: %s, %d skipped", dest.uri, manifest["counts"], len(invalid))

@@ -1,0 +1,200 @@
+"""The data set's fingerprint: what a training plan needs to know about the images and masks.
+
+nnU-Net derives patch size, depth, normalisation and loss from such a fingerprint; this
+is the raysegment version (issue #15, item 1). Every shard task of `prepare` fills one
+`ShardFingerprint` from the pairs it writes (sizes and modes of all of them; pixel values
+and object sizes from a bounded, key-seeded sample), returns it as plain lists, and the
+driver merges them into `Fingerprint`, stored in the manifest under "fingerprint".
+`fingerprint_shards` computes the same from the shards of a data set prepared earlier
+(`raysegment data-info`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from raysegment.data import imaging
+
+# Per shard task: pixel values from this many images (this many pixels each), object sizes
+# from this many images. Enough for stable percentiles; the driver merges a few MB at most.
+SAMPLED_IMAGES = 32
+PIXELS_PER_IMAGE = 512
+MAX_OBJECTS_PER_CLASS = 2000
+PERCENTILES = (0.5, 50.0, 99.5)
+
+
+def _seed(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+def _mode(data: bytes) -> tuple[int, str]:
+    """(bands, mode) from the header: 'L' is 8-bit grey, 'I;16' 16-bit, 'RGB' 3 x 8-bit, ..."""
+    with Image.open(io.BytesIO(data)) as img:
+        return len(img.getbands()), img.mode
+
+
+def object_areas(mask: np.ndarray, class_id: int) -> np.ndarray:
+    """Pixel areas of the 4-connected components of one class in a class-id mask."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask == class_id)
+    if not n:
+        return np.zeros(0, np.int64)
+    return np.bincount(labels.ravel())[1:]
+
+
+@dataclass
+class ShardFingerprint:
+    """What one shard task saw; merged on the driver. Plain lists so it pickles small."""
+
+    heights: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    modes: dict[str, int] = field(default_factory=dict)
+    bands: dict[int, int] = field(default_factory=dict)
+    pixels: list[list[int]] = field(default_factory=list)  # sampled RGB values as the model sees them
+    images_with_class: list[int] = field(default_factory=lambda: [0] * 256)
+    areas: dict[int, list[int]] = field(default_factory=dict)
+    sampled: int = 0
+
+    def add(self, key: str, image: bytes, mask: np.ndarray) -> None:
+        h, w = mask.shape
+        self.heights.append(h)
+        self.widths.append(w)
+        bands, mode = _mode(image)
+        self.modes[mode] = self.modes.get(mode, 0) + 1
+        self.bands[bands] = self.bands.get(bands, 0) + 1
+        present = np.unique(mask)
+        for c in present.tolist():
+            self.images_with_class[c] += 1
+        if self.sampled >= SAMPLED_IMAGES:
+            return
+        self.sampled += 1
+        rng = np.random.default_rng(_seed(key))
+        pixels = imaging.decode_image(image).reshape(-1, 3)
+        take = rng.choice(len(pixels), size=min(PIXELS_PER_IMAGE, len(pixels)), replace=False)
+        self.pixels.extend(pixels[take].tolist())
+        for c in present.tolist():
+            if c == imaging.IGNORE_INDEX:
+                continue
+            kept = self.areas.setdefault(c, [])
+            if len(kept) < MAX_OBJECTS_PER_CLASS:
+                kept.extend(object_areas(mask, c)[: MAX_OBJECTS_PER_CLASS - len(kept)].tolist())
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The merged fingerprint, as stored in manifest.json under "fingerprint"."""
+
+    images: int
+    height: dict[str, float]  # min, median, max
+    width: dict[str, float]
+    modes: dict[str, int]  # PIL mode -> images ("L", "RGB", "I;16", ...)
+    channels: dict[str, int]  # bands in the file -> images
+    intensity: dict[str, list[float]]  # mean, std, p0.5, p50, p99.5 per RGB channel, 0..255
+    class_pixel_share: list[float]  # per class, over labelled pixels
+    class_image_share: list[float]  # per class, share of images that contain it
+    object_area_median: list[float | None]  # per class, median 4-connected component area (sampled)
+    sampled_images: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Fingerprint:
+        return cls(**data)
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    arr = np.asarray(values)
+    return {"min": int(arr.min()), "median": float(np.median(arr)), "max": int(arr.max())}
+
+
+def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: list[float]) -> Fingerprint:
+    """One Fingerprint from every shard task's part."""
+    heights = [h for p in parts for h in p.heights]
+    widths = [w for p in parts for w in p.widths]
+    modes: dict[str, int] = {}
+    bands: dict[str, int] = {}
+    with_class = np.zeros(256, np.int64)
+    areas: dict[int, list[int]] = {}
+    for p in parts:
+        for m, n in p.modes.items():
+            modes[m] = modes.get(m, 0) + n
+        for b, n in p.bands.items():
+            bands[str(b)] = bands.get(str(b), 0) + n
+        with_class += np.asarray(p.images_with_class, np.int64)
+        for c, a in p.areas.items():
+            areas.setdefault(int(c), []).extend(a)
+    pixels = np.asarray([px for p in parts for px in p.pixels], np.float64).reshape(-1, 3)
+    if len(pixels):
+        pct = np.percentile(pixels, PERCENTILES, axis=0)
+        intensity = {
+            "mean": pixels.mean(axis=0).round(3).tolist(),
+            "std": pixels.std(axis=0).round(3).tolist(),
+            **{f"p{q:g}": pct[i].round(3).tolist() for i, q in enumerate(PERCENTILES)},
+        }
+    else:
+        intensity = {}
+    n = len(heights)
+    return Fingerprint(
+        images=n,
+        height=_spread(heights),
+        width=_spread(widths),
+        modes=dict(sorted(modes.items())),
+        channels=dict(sorted(bands.items())),
+        intensity=intensity,
+        class_pixel_share=[round(float(s), 6) for s in class_pixel_share],
+        class_image_share=[round(float(with_class[c] / n), 6) if n else 0.0 for c in range(num_classes)],
+        object_area_median=[float(np.median(areas[c])) if areas.get(c) else None for c in range(num_classes)],
+        sampled_images=sum(p.sampled for p in parts),
+    )
+
+
+def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
+    """Lines for `raysegment data-info`."""
+    h, w = fp.height, fp.width
+    lines = [
+        f"fingerprint ({fp.images} images; pixel values and objects from {fp.sampled_images} of them):",
+        f"  size         height {h['min']}/{h['median']:g}/{h['max']}, width {w['min']}/{w['median']:g}/{w['max']}"
+        " (min/median/max)",
+        f"  files        {', '.join(f'{m}: {n}' for m, n in fp.modes.items())} (modes); "
+        f"{', '.join(f'{b} band(s): {n}' for b, n in fp.channels.items())}",
+    ]
+    if fp.intensity:
+        for i, ch in enumerate("RGB"):
+            stats = ", ".join(f"{name} {values[i]:.1f}" for name, values in fp.intensity.items())
+            lines.append(f"  intensity {ch}  {stats}")
+    lines.append(f"  {'class':<20} {'pixels':>8} {'images':>8} {'median object px':>17}")
+    for c, name in enumerate(class_names):
+        area = fp.object_area_median[c]
+        lines.append(
+            f"  {name:<20} {fp.class_pixel_share[c]:>8.2%} {fp.class_image_share[c]:>8.1%} "
+            f"{'-' if area is None else f'{area:g}':>17}"
+        )
+    return lines
+
+
+def _shard_part(loc: Any, path: str) -> ShardFingerprint:
+    """One shard's fingerprint part, from its key, image and mask columns."""
+    from raysegment import storage
+
+    part = ShardFingerprint()
+    table = storage.read_table(loc, path, columns=["key", "image", "mask"])
+    for key, image, mask in zip(*(table.column(c).to_pylist() for c in ("key", "image", "mask"))):
+        part.add(key, image, imaging.decode_mask(mask))
+    return part
+
+
+def fingerprint_shards(loc: Any, manifest: dict[str, Any]) -> Fingerprint:
+    """The fingerprint of a data set prepared before fingerprints existed: one Ray task per shard."""
+    import ray
+
+    task = ray.remote(_shard_part)
+    parts = ray.get([task.remote(loc, loc.child(s["path"]).path) for s in manifest["shards"]])
+    return merge(parts, manifest["num_classes"], manifest.get("pixel_frequency") or [0.0] * manifest["num_classes"])

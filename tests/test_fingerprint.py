@@ -1,0 +1,82 @@
+"""The data-set fingerprint (#15 item 1): crafted pairs with known sizes, modes and object areas."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysegment import storage
+from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, merge, object_areas
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pair(h: int, w: int, squares: int, grey: bool) -> tuple[bytes, np.ndarray]:
+    """An image of value 100 (grey or RGB) with `squares` 4x4 objects of class 1 on class 0."""
+    mask = np.zeros((h, w), np.uint8)
+    for i in range(squares):
+        mask[2 + 8 * i : 6 + 8 * i, 2:6] = 1
+    image = np.full((h, w) if grey else (h, w, 3), 100, np.uint8)
+    return _png(image), mask
+
+
+def test_object_areas_are_4_connected_components():
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0:2, 0:2] = 1  # 4 px
+    mask[5:8, 5:8] = 1  # 9 px
+    mask[3, 3] = mask[4, 4] = 1  # diagonal neighbours: two objects of 1 px
+    assert sorted(object_areas(mask, 1).tolist()) == [1, 1, 4, 9]
+    assert object_areas(mask, 2).size == 0
+
+
+def test_merged_fingerprint_states_sizes_modes_shares_and_object_sizes():
+    a, b = ShardFingerprint(), ShardFingerprint()
+    image, mask = _pair(40, 60, squares=2, grey=True)
+    a.add("a", image, mask)
+    image, mask = _pair(50, 30, squares=3, grey=False)
+    b.add("b", image, mask)
+    image, mask = _pair(20, 20, squares=0, grey=False)
+    b.add("c", image, mask)
+    fp = merge([a, b], num_classes=2, class_pixel_share=[0.9, 0.1])
+    assert fp.images == 3 and fp.sampled_images == 3
+    assert fp.height == {"min": 20, "median": 40.0, "max": 50}
+    assert fp.width == {"min": 20, "median": 30.0, "max": 60}
+    assert fp.modes == {"L": 1, "RGB": 2} and fp.channels == {"1": 1, "3": 2}
+    assert fp.intensity["mean"] == [100.0, 100.0, 100.0] and fp.intensity["std"] == [0.0, 0.0, 0.0]
+    assert fp.class_image_share == [1.0, pytest.approx(2 / 3, abs=1e-6)]
+    # Background is one object per image (2400-32, 1500-48, 400 px); the squares are 16 px each.
+    assert fp.object_area_median == [1452.0, 16.0]
+    assert Fingerprint.from_json(fp.to_json()) == fp
+
+
+@pytest.mark.slow
+def test_prepare_stores_the_fingerprint_and_data_info_recomputes_it(ray_cluster, tmp_path):
+    from raysegment.config import PrepareSpec
+    from raysegment.data.fingerprint import fingerprint_shards
+    from raysegment.data.info import format_manifest
+    from raysegment.data.prepare import prepare
+
+    for sub in ("images", "masks"):
+        os.makedirs(tmp_path / "src" / sub)
+    for i in range(6):
+        image, mask = _pair(32 + 8 * i, 48, squares=1 + i % 3, grey=i % 2 == 0)
+        (tmp_path / "src" / "images" / f"k{i}.png").write_bytes(image)
+        Image.fromarray(mask).save(tmp_path / "src" / "masks" / f"k{i}.png")
+    manifest = prepare(PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_fraction=0.3))
+    fp = Fingerprint.from_json(manifest["fingerprint"])
+    assert fp.images == 6 and fp.height == {"min": 32, "median": 52.0, "max": 72}
+    assert fp.class_image_share == [1.0, 1.0] and fp.object_area_median[1] == 16.0
+    assert fp.modes == {"L": 3, "RGB": 3}
+    # A data set prepared before fingerprints: data-info computes the same from the shards.
+    again = fingerprint_shards(storage.resolve(str(tmp_path / "data")), manifest)
+    assert again.to_json() == manifest["fingerprint"]
+    text = format_manifest(str(tmp_path / "data"), manifest)
+    assert "median object px" in text and "height 32/52/72" in text
