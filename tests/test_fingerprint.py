@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -54,6 +55,8 @@ def test_merged_fingerprint_states_sizes_modes_shares_and_object_sizes():
     assert fp.class_image_share == [1.0, pytest.approx(2 / 3, abs=1e-6)]
     # Background is one object per image (2400-32, 1500-48, 400 px); the squares are 16 px each.
     assert fp.object_area_median == [1452.0, 16.0]
+    # The squares sit at the left edge, mostly near the top: the data is oriented left-right.
+    assert fp.class_left_share[1] == 1.0 and 0.5 < fp.class_top_share[1] <= 1.0
     assert Fingerprint.from_json(fp.to_json()) == fp
 
 
@@ -80,3 +83,15 @@ def test_prepare_stores_the_fingerprint_and_data_info_recomputes_it(ray_cluster,
     assert again.to_json() == manifest["fingerprint"]
     text = format_manifest(str(tmp_path / "data"), manifest)
     assert "median object px" in text and "height 32/52/72" in text
+    # `raysegment plan` reads the stored fingerprint and writes the plan it prints (window: the median side, 48;
+    # native, as resizing the 72 px images to 48 would shrink the 16 px squares to 7 px).
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(main, ["plan", str(tmp_path / "data"), "--time-budget", "10m", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    written = json.loads(out.read_text())
+    assert written["image_size"] == 48 and written["crop"] == "native" and written["time_budget_s"] == 600
+    assert "training plan" in res.output and f"written to {out}" in res.output

@@ -59,6 +59,10 @@ class ShardFingerprint:
     bands: dict[int, int] = field(default_factory=dict)
     pixels: list[list[int]] = field(default_factory=list)  # sampled RGB values as the model sees them
     images_with_class: list[int] = field(default_factory=lambda: [0] * 256)
+    # Per class: labelled pixels in the top and left halves, and in all: is the data oriented?
+    top: list[int] = field(default_factory=lambda: [0] * 256)
+    left: list[int] = field(default_factory=lambda: [0] * 256)
+    total: list[int] = field(default_factory=lambda: [0] * 256)
     areas: dict[int, list[int]] = field(default_factory=dict)
     sampled: int = 0
 
@@ -72,6 +76,9 @@ class ShardFingerprint:
         present = np.unique(mask)
         for c in present.tolist():
             self.images_with_class[c] += 1
+        for counts, part in ((self.total, mask), (self.top, mask[: h // 2]), (self.left, mask[:, : w // 2])):
+            for c, n in enumerate(np.bincount(part.ravel(), minlength=256).tolist()):
+                counts[c] += n
         if self.sampled >= SAMPLED_IMAGES:
             return
         self.sampled += 1
@@ -100,6 +107,8 @@ class Fingerprint:
     class_pixel_share: list[float]  # per class, over labelled pixels
     class_image_share: list[float]  # per class, share of images that contain it
     object_area_median: list[float | None]  # per class, median 4-connected component area (sampled)
+    class_top_share: list[float | None]  # per class, share of its pixels in the images' top halves
+    class_left_share: list[float | None]  # ... and in their left halves
     sampled_images: int
 
     def to_json(self) -> dict[str, Any]:
@@ -122,6 +131,7 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
     modes: dict[str, int] = {}
     bands: dict[str, int] = {}
     with_class = np.zeros(256, np.int64)
+    top, left, total = (np.zeros(256, np.int64) for _ in range(3))
     areas: dict[int, list[int]] = {}
     for p in parts:
         for m, n in p.modes.items():
@@ -129,6 +139,9 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
         for b, n in p.bands.items():
             bands[str(b)] = bands.get(str(b), 0) + n
         with_class += np.asarray(p.images_with_class, np.int64)
+        top += np.asarray(p.top, np.int64)
+        left += np.asarray(p.left, np.int64)
+        total += np.asarray(p.total, np.int64)
         for c, a in p.areas.items():
             areas.setdefault(int(c), []).extend(a)
     pixels = np.asarray([px for p in parts for px in p.pixels], np.float64).reshape(-1, 3)
@@ -153,6 +166,8 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
         class_image_share=[round(float(with_class[c] / n), 6) if n else 0.0 for c in range(num_classes)],
         object_area_median=[float(np.median(areas[c])) if areas.get(c) else None for c in range(num_classes)],
         sampled_images=sum(p.sampled for p in parts),
+        class_top_share=[round(float(top[c] / total[c]), 6) if total[c] else None for c in range(num_classes)],
+        class_left_share=[round(float(left[c] / total[c]), 6) if total[c] else None for c in range(num_classes)],
     )
 
 

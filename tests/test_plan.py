@@ -1,0 +1,101 @@
+"""The training plan's rules (#15 item 2), each on a crafted fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from raysegment.data.fingerprint import Fingerprint
+from raysegment.plan import Compute, depth_for, make_plan, parse_duration
+
+CPU = Compute(workers=2)
+GPU = Compute(workers=1, gpus_per_worker=1)
+
+
+def fingerprint(side: int = 128, shares=(0.7, 0.3), areas=(5000.0, 400.0), top=None, modes=None) -> Fingerprint:
+    k = len(shares)
+    return Fingerprint(
+        images=100,
+        height={"min": side, "median": float(side), "max": side},
+        width={"min": side, "median": float(side), "max": side},
+        modes=modes or {"RGB": 100},
+        channels={"3": 100},
+        intensity={"mean": [120.0] * 3, "std": [40.0] * 3, "p0.5": [2.0] * 3, "p50": [118.0] * 3, "p99.5": [250.0] * 3},
+        class_pixel_share=list(shares),
+        class_image_share=[1.0] * k,
+        object_area_median=list(areas),
+        sampled_images=32,
+        class_top_share=list(top or [0.5] * k),
+        class_left_share=[0.5] * k,
+    )
+
+
+def test_small_images_with_large_objects_are_resized():
+    plan = make_plan(fingerprint(side=128), 80, CPU)
+    assert (plan.crop, plan.image_size) == ("resize", 128)
+
+
+def test_images_larger_than_the_window_train_on_native_windows():
+    plan = make_plan(fingerprint(side=1024), 80, CPU)
+    assert (plan.crop, plan.image_size) == ("native", 256)
+    assert make_plan(fingerprint(side=100), 80, CPU).image_size == 112  # a multiple of 16
+    assert make_plan(fingerprint(side=1024), 80, GPU).image_size == 512
+
+
+def test_resizing_that_would_erase_small_objects_keeps_native_scale():
+    # Median 128 px but some images 1024 px: resizing those to 128 divides areas by 64.
+    mixed = fingerprint(side=128, areas=(30000.0, 16.0))
+    mixed = dataclasses.replace(mixed, height={**mixed.height, "max": 1024})
+    assert make_plan(mixed, 80, CPU).crop == "native"
+    big_objects = dataclasses.replace(mixed, object_area_median=[30000.0, 2000.0])
+    assert make_plan(big_objects, 80, CPU).crop == "resize"
+
+
+@pytest.mark.parametrize(("size", "depth"), [(32, 2), (64, 3), (128, 4), (256, 5), (512, 5)])
+def test_depth_keeps_an_8_pixel_bottleneck(size, depth):
+    assert depth_for(size) == depth
+    assert size >> depth >= 8
+
+
+def test_rare_class_gets_ce_dice_and_oversampling():
+    rare = make_plan(fingerprint(shares=(0.95, 0.05)), 80, CPU)
+    common = make_plan(fingerprint(shares=(0.6, 0.4)), 80, CPU)
+    assert (rare.loss, rare.oversample_rare) == ("ce+dice", True)
+    assert (common.loss, common.oversample_rare) == ("ce", False)
+
+
+def test_oriented_data_gets_no_flips_or_turns():
+    street = make_plan(fingerprint(shares=(0.5, 0.3, 0.2), areas=(1e4, 1e4, 1e4), top=(0.95, 0.1, 0.5)), 80, CPU)
+    cells = make_plan(fingerprint(), 80, CPU)
+    assert (street.flip, street.rotate90) == (False, False) and "oriented" in street.reasons["augment"]
+    assert (cells.flip, cells.rotate90) == (True, True)
+
+
+def test_sixteen_bit_data_is_clipped_before_zscore():
+    assert make_plan(fingerprint(modes={"I;16": 100}), 80, CPU).normalization["kind"] == "zscore_clipped"
+    assert make_plan(fingerprint(), 80, CPU).normalization["kind"] == "zscore"
+
+
+def test_budget_sets_epochs_and_width_follows_the_device():
+    short, long = make_plan(fingerprint(), 80, CPU, 600), make_plan(fingerprint(), 80, CPU, 2400)
+    assert long.epochs >= 3 * short.epochs and short.time_budget_s == 600
+    default = make_plan(fingerprint(), 80, CPU)
+    assert 300 <= default.time_budget_s <= 7200
+    assert make_plan(fingerprint(), 80, GPU).base_filters > default.base_filters
+
+
+def test_plan_values_are_train_spec_fields():
+    from raysegment.config import TrainSpec
+
+    plan = make_plan(fingerprint(side=1024), 80, CPU, 900)
+    spec = TrainSpec(data="d", out="o", **plan.train_values())
+    assert spec.crop == "native" and spec.epochs == plan.epochs
+    json.dumps(plan.to_json())
+
+
+def test_durations():
+    assert parse_duration("40m") == 2400 and parse_duration("2h") == 7200 and parse_duration("90") == 90
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
