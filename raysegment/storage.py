@@ -113,7 +113,7 @@ def resolve(uri: str, endpoint_url: str | None = None, retry_s: float | None = N
     if "@" in rest.split("/", 1)[0]:
         raise StorageError(f"{redact(uri)}: credentials in the URI are not allowed; use AWS_* env vars or a profile")
     endpoint = endpoint_url or endpoint_from_env()
-    return Location(f"s3://{rest}", _s3fs(endpoint), rest, endpoint, retry_s)
+    return Location(f"s3://{rest}", _s3fs(endpoint, retry_s), rest, endpoint, retry_s)
 
 
 def redact(uri: str) -> str:
@@ -124,8 +124,8 @@ def redact(uri: str) -> str:
     return uri
 
 
-def _s3fs(endpoint_url: str | None) -> fsspec.AbstractFileSystem:
-    import s3fs
+def _s3fs(endpoint_url: str | None, retry_s: float) -> fsspec.AbstractFileSystem:
+    from raysegment.s3client import BoundedS3FileSystem
 
     client_kwargs: dict[str, Any] = {}
     if endpoint_url:
@@ -135,7 +135,12 @@ def _s3fs(endpoint_url: str | None) -> fsspec.AbstractFileSystem:
     # Fail fast on an unreachable endpoint instead of botocore's long default retries.
     config_kwargs = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
     # No instance cache: a cached client would keep credentials found under an older environment.
-    return s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, skip_instance_cache=True)
+    return BoundedS3FileSystem(
+        client_kwargs=client_kwargs,
+        config_kwargs=config_kwargs,
+        skip_instance_cache=True,
+        attempt_timeout_s=min(120.0, max(10.0, retry_s)),
+    )
 
 
 _NO_BUCKET = ("nosuchbucket", "bucket does not exist")
@@ -178,6 +183,8 @@ def describe_error(uri: str, exc: BaseException) -> str:
         return f"{uri}: storage endpoint unreachable ({endpoint_from_env() or 'AWS default'}); check AWS_ENDPOINT_URL and the network"
     if isinstance(exc, FileNotFoundError):
         return f"{uri}: not found; check the path"
+    if type(exc).__name__ == "FSTimeoutError":
+        return f"{uri}: the store accepted the request but did not answer in time; check that it is healthy"
     if isinstance(exc, PermissionError):
         return f"{uri}: permission denied; check the path's permissions"
     return f"{uri}: storage error ({text.splitlines()[0][:300]})"
@@ -192,6 +199,7 @@ _TRANSIENT = (
     "serverdisconnected",
     "read timeout",
     "timed out",
+    "fstimeouterror",  # an attempt past ATTEMPT_TIMEOUT_S
     "slowdown",
     "serviceunavailable",
     "service unavailable",

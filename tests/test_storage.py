@@ -92,3 +92,27 @@ def test_longest_legal_file_name_is_written_atomically(tmp_path):
             f.write(b"shard")
     assert sorted(os.listdir(tmp_path)) == sorted([name, "s" * 255])
     assert (tmp_path / name).read_bytes() == b"mask"
+
+
+def test_a_store_that_never_answers_fails_within_the_deadline(monkeypatch):
+    # A PUT to an endpoint that accepts connections and stays silent hung without end before
+    # every attempt got a time bound (raysegment/s3client.py); now the job's deadline holds.
+    import pickle
+    import socket
+    import threading
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: held.extend(server.accept() for _ in range(16)), daemon=True).start()
+    try:
+        loc = storage.resolve("s3://bucket/x.bin", f"http://127.0.0.1:{server.getsockname()[1]}", retry_s=1)
+        assert pickle.loads(pickle.dumps(loc.fs)).pipe_file.keywords == {"timeout": 10.0}  # survives Ray
+        with pytest.raises(StorageError, match="did not answer in time") as err:
+            storage.write_bytes(loc, b"mask")
+        assert err.value.transient and "after 1 attempts" in str(err.value)
+    finally:
+        server.close()
