@@ -6,26 +6,22 @@ The job kinds, what they print and the CPUs they need are in `registry.py`; erro
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Any
 
 import click
 
-# Quiet TF's C++ start-up chatter in this process and the local Ray workers it starts.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from raysegment import __version__, registry
+from raysegment import __version__, logs, registry
 from raysegment.bench.cli import bench
 from raysegment.cli_options import infer_options
 from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
-from raysegment.console import handle_errors
+from raysegment.console import handle_errors, json_option, session
 
 
-def _run(spec: Spec) -> None:
+def _run(spec: Spec, as_json: bool) -> None:
     """Run the job on local Ray (or RAY_ADDRESS) and exit with its exit code when that is not 0."""
-    code = registry.run(spec)
+    code = registry.run(spec, as_json)
     if code:
         sys.exit(code)
 
@@ -38,10 +34,16 @@ endpoint_option = click.option("--endpoint-url", default=None, help="S3 endpoint
 
 @click.group()
 @click.version_option(__version__)
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.option("-v", "--verbose", is_flag=True, help="full logs on the console (as RAYSEGMENT_LOG_LEVEL=DEBUG)")
 def main(verbose: bool) -> None:
-    """raysegment: prepare, train, evaluate and run image segmentation jobs on Ray."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """raysegment: prepare, train, evaluate and run image segmentation jobs on Ray.
+
+    Progress goes to stderr, the closing summary to stdout, the detail to a log file next to the
+    outputs (OUT/logs/; printed at the end); --json prints one JSON object instead of the summary.
+    """
+    if verbose:
+        os.environ[logs.LEVEL_ENV] = "DEBUG"
+    logs.apply_quiet_env()  # before any command imports TensorFlow
 
 
 @main.command()
@@ -59,13 +61,20 @@ def main(verbose: bool) -> None:
 @click.option("--shard-size-mb", type=float, default=None, help="target shard size (default: 256)")
 @click.option("--skip-invalid", is_flag=True, default=None, help="write the valid pairs, record the bad ones")
 @click.option("--overwrite", is_flag=True, default=None)
+@click.option(
+    "--storage-retry-s",
+    type=float,
+    default=None,
+    help="retry unreachable object storage this long, then fail (default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
+)
 @endpoint_option
 @config_option
+@json_option
 @handle_errors
-def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
+def prepare(config: str | None, class_names: str | None, as_json: bool, **flags: Any) -> None:
     """Turn labelled images under SOURCE into Parquet shards + manifest.json under DEST."""
     flags["class_names"] = class_names.split(",") if class_names else None
-    _run(load_spec(PrepareSpec, config, flags))
+    _run(load_spec(PrepareSpec, config, flags), as_json)
 
 
 @main.command("data-info")
@@ -73,12 +82,63 @@ def prepare(config: str | None, class_names: str | None, **flags: Any) -> None:
 @endpoint_option
 @handle_errors
 def data_info(data: str, endpoint_url: str | None) -> None:
-    """Print a prepared data set's manifest: classes, counts, pixel frequencies, shards."""
+    """Print a prepared data set's manifest: classes, counts, shards and its fingerprint.
+
+    A data set prepared before fingerprints existed gets one computed from its shards (Ray tasks)."""
     from raysegment.data.info import format_manifest
     from raysegment.data.prepare import read_manifest
 
     loc, manifest = read_manifest(data, endpoint_url)
+    if "fingerprint" not in manifest:
+        from raysegment.data.fingerprint import fingerprint_shards
+        from raysegment.runtime import init_ray
+
+        init_ray()
+        manifest["fingerprint"] = fingerprint_shards(loc, manifest).to_json()
     click.echo(format_manifest(loc.uri, manifest))
+
+
+@main.command("plan")
+@click.argument("data")
+@click.option("--time-budget", default=None, help="training time, e.g. 40m or 2h (default: from the data set size)")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True)
+@click.option("--out", default="plan.json", show_default=True, help="where to write the plan (path or URI)")
+@endpoint_option
+@handle_errors
+def plan(
+    data: str,
+    time_budget: str | None,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    out: str,
+    endpoint_url: str | None,
+) -> None:
+    """Derive a training plan for DATA from its fingerprint and the compute; print it, write plan.json."""
+    from raysegment import plan as planning
+    from raysegment import storage
+    from raysegment.data.fingerprint import Fingerprint, fingerprint_shards
+    from raysegment.data.prepare import read_manifest
+    from raysegment.errors import ConfigError
+
+    try:
+        budget = planning.parse_duration(time_budget) if time_budget else None
+    except ValueError as exc:
+        raise ConfigError(f"--time-budget: {exc}") from None
+    loc, manifest = read_manifest(data, endpoint_url)
+    if "fingerprint" in manifest:
+        fp = Fingerprint.from_json(manifest["fingerprint"])
+    else:
+        from raysegment.runtime import init_ray
+
+        init_ray()
+        fp = fingerprint_shards(loc, manifest)
+    compute = planning.Compute(workers, gpus_per_worker, cpus_per_worker)
+    result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, budget)
+    storage.write_json(storage.resolve(out, endpoint_url), {"data": loc.uri, **result.to_json()})
+    click.echo("\n".join([*planning.format_plan(result), f"written to {out}"]))
 
 
 @main.command()
@@ -121,10 +181,11 @@ def data_info(data: str, endpoint_url: str | None) -> None:
 @click.option("--resume/--no-resume", default=None, help="continue from the last checkpoint in OUT (default: on)")
 @endpoint_option
 @config_option
+@json_option
 @handle_errors
-def train(config: str | None, **flags: Any) -> None:
+def train(config: str | None, as_json: bool, **flags: Any) -> None:
     """Train a U-Net on the data set DATA with Ray Train; write the model to OUT."""
-    _run(load_spec(TrainSpec, config, flags))
+    _run(load_spec(TrainSpec, config, flags), as_json)
 
 
 @main.command()
@@ -136,10 +197,11 @@ def train(config: str | None, **flags: Any) -> None:
 @click.option("--tta-flip", is_flag=True, default=None, help="average with a flipped pass, as infer --tta-flip")
 @endpoint_option
 @config_option
+@json_option
 @handle_errors
-def evaluate(config: str | None, **flags: Any) -> None:
+def evaluate(config: str | None, as_json: bool, **flags: Any) -> None:
     """Evaluate MODEL on a split of the data set DATA (pixel accuracy, mIoU, Dice)."""
-    _run(load_spec(EvaluateSpec, config, flags))
+    _run(load_spec(EvaluateSpec, config, flags), as_json)
 
 
 @main.command()
@@ -149,11 +211,12 @@ def evaluate(config: str | None, **flags: Any) -> None:
 @infer_options
 @endpoint_option
 @config_option
+@json_option
 @handle_errors
-def infer(config: str | None, extensions: str | None, **flags: Any) -> None:
+def infer(config: str | None, extensions: str | None, as_json: bool, **flags: Any) -> None:
     """Segment every image under INPUT with MODEL; write masks and summaries to OUTPUT."""
     flags["extensions"] = extensions.split(",") if extensions else None
-    _run(load_spec(InferSpec, config, flags))
+    _run(load_spec(InferSpec, config, flags), as_json)
 
 
 @main.command()
@@ -162,20 +225,12 @@ def infer(config: str | None, extensions: str | None, **flags: Any) -> None:
 @handle_errors
 def demo(out: str, epochs: int) -> None:
     """Synthetic data -> prepare -> train (2 workers) -> evaluate -> infer, on local Ray."""
-    from raysegment.demo import run_demo
-    from raysegment.runtime import init_ray
+    with session("demo", out) as s:
+        from raysegment.demo import demo_lines, run_demo  # loads TensorFlow: inside, so its notices go to the log
+        from raysegment.runtime import init_ray
 
-    init_ray(min_cpus=3)
-    result = run_demo(out, epochs=epochs)
-    m = result["metrics"]
-    click.echo(f"\nraysegment demo finished in {result['seconds']:.0f} s")
-    for name, path in result["paths"].items():
-        click.echo(f"  {name:<10} {path}")
-    click.echo(
-        f"  validation: mean_iou {m['mean_iou']:.4f}  pixel_accuracy {m['pixel_accuracy']:.4f}  mean_dice {m['mean_dice']:.4f}"
-    )
-    c = result["infer"]["counts"]
-    click.echo(f"  inference: {c['ok']} masks written, {c['error']} errors")
+        init_ray(min_cpus=3)
+        s.done(demo_lines(run_demo(out, epochs=epochs)), None)
 
 
 main.add_command(bench)
@@ -185,17 +240,35 @@ main.add_command(bench)
 @click.argument("run_uri")
 @click.option("--run-id", default=None, help="run record to show (default: the one _SUCCESS names, else the newest)")
 @click.option("--samples", type=int, default=16, show_default=True, help="overlays in the contact sheet")
+@click.option(
+    "--storage-retry-s",
+    type=click.FloatRange(0, 86400),
+    default=None,
+    help="retry unreachable object storage this long, then fail (default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
+)
 @endpoint_option
+@json_option
 @handle_errors
-def report(run_uri: str, run_id: str | None, samples: int, endpoint_url: str | None) -> None:
+def report(
+    run_uri: str,
+    run_id: str | None,
+    samples: int,
+    storage_retry_s: float | None,
+    endpoint_url: str | None,
+    as_json: bool,
+) -> None:
     """(Re)write RUN_URI/report.html and overlays.png from an inference output's summaries and masks."""
     from raysegment.report import write_run_report
 
-    r = write_run_report(run_uri, run_id, samples, endpoint_url)
-    click.echo(
-        f"report for run {r['run_id']}: {r['rows']} rows ({r['ok']} ok, {r['error']} errors), "
-        f"{r['samples']} overlays\n  {r['report']}\n  {r['overlays']}"
-    )
+    with session("report", run_uri, as_json) as s:
+        r = write_run_report(run_uri, run_id, samples, endpoint_url, storage_retry_s)
+        lines = [
+            f"report for run {r['run_id']}: {r['rows']} rows ({r['ok']} ok, {r['error']} errors), "
+            f"{r['samples']} overlays",
+            f"  {r['report']}",
+            f"  {r['overlays']}",
+        ]
+        s.done(lines, r)
 
 
 @main.command()
@@ -210,11 +283,12 @@ def show(
     image_uri: str, model_uri: str, out: str | None, alpha: float, tta_flip: bool, endpoint_url: str | None
 ) -> None:
     """Segment one image with MODEL and write it with the mask blended in palette colours."""
-    from raysegment.show import show_overlay
+    with session("show") as s:
+        from raysegment.show import show_overlay  # TensorFlow loads here: its start-up notices go to the log
 
-    r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url, tta_flip)
-    shares = ", ".join(f"{name} {share:.1%}" for name, share in r["class_fractions"].items() if share > 0)
-    click.echo(f"wrote {r['out']} ({r['width']}x{r['height']}): {shares}")
+        r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url, tta_flip)
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in r["class_fractions"].items() if share > 0)
+        s.done([f"wrote {r['out']} ({r['width']}x{r['height']}): {shares}"], None)
 
 
 address_option = click.option(
@@ -231,14 +305,15 @@ address_option = click.option(
 @click.option("--drift-threshold", type=float, default=None, help="flag a class mean fraction shift above this")
 @infer_options
 @endpoint_option
+@json_option
 @handle_errors
-def nightly(spec_file: str | None, **flags: Any) -> None:
+def nightly(spec_file: str | None, as_json: bool, **flags: Any) -> None:
     """Infer only new or changed images under INPUT into OUTPUT/date=D; ledger + report.
 
     Exit codes: 0 ok (also nothing new), 2 user error, 3 the job failed, 4 drift flagged,
     5 another nightly run holds the lock.
     """
-    _run(load_spec(NightlySpec, spec_file, flags))
+    _run(load_spec(NightlySpec, spec_file, flags), as_json)
 
 
 @main.command()

@@ -49,6 +49,13 @@ class PrepareSpec(Spec):
     shard_size_mb: float = Field(256.0, gt=0, le=8192)
     skip_invalid: bool = False
     overwrite: bool = False
+    storage_retry_s: float | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="keep retrying unreachable object storage this long, then fail "
+        "(default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
+    )
 
     @field_validator("mask_values", mode="before")
     @classmethod
@@ -288,10 +295,16 @@ class NightlySpec(InferOptions):
     def _check_date(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                if datetime.date.fromisoformat(v).isoformat() != v:
+                day = datetime.date.fromisoformat(v)
+                if day.isoformat() != v:
                     raise ValueError
             except ValueError:
                 raise ValueError("write the date as YYYY-MM-DD, e.g. 2026-01-31") from None
+            # A night not yet begun would get a partition and ledger rows from the future, and the
+            # drift check would compare real nights against it; one day of slack for zones ahead of UTC.
+            tomorrow = datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1)
+            if day > tomorrow:
+                raise ValueError(f"{v} is in the future; a night's date is today (UTC, the default) or an earlier one")
         return v
 
     @model_validator(mode="after")

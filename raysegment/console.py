@@ -1,20 +1,35 @@
-"""What every command and job entrypoint prints: user errors as one line with their exit code, results, JSON.
+"""What every command and job entrypoint prints: progress (stderr), one closing summary, results as JSON,
+user errors as one line with their exit code.
 
 Shared by the CLI (`cli.py`) and the `ray job submit` entrypoints (`entrypoints.py`), so neither
-imports the other.
+imports the other. A command that runs a job does it inside `session`: the log file (`logs.py`),
+progress on, and under `--json` stdout kept for the one JSON object (everything else goes to stderr).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
 import click
 
+from raysegment import logs, progress
 from raysegment.errors import UserError
+
+# What a command's exit code tells a script or a scheduler.
+EXIT_MEANINGS = {
+    0: "ok",
+    2: "user error: fix the input named above",
+    3: "the job failed",
+    4: "drift flagged (everything written)",
+    5: "another nightly run holds the lock (nothing done)",
+}
 
 
 def user_error(exc: BaseException | None) -> UserError | None:
@@ -31,29 +46,158 @@ def user_error(exc: BaseException | None) -> UserError | None:
     return None
 
 
+@dataclass
+class Session:
+    """One command's run: what it is, where its log is, and the summary and result it ends with."""
+
+    kind: str
+    as_json: bool
+    results: TextIO  # the real stdout: the summary, or under --json only the JSON object
+    log: logs.LogFile
+    log_path: str = ""  # where the log file ended up
+    lines: list[str] = field(default_factory=list)
+    payload: dict[str, Any] | None = None
+    exit_code: int = 0
+    json_too: bool = False  # the benchmarks print their JSON after the summary also without --json
+
+    def done(
+        self, lines: list[str], payload: dict[str, Any] | None, exit_code: int = 0, json_too: bool = False
+    ) -> None:
+        """The closing summary and the JSON result, printed once the log file is in its place."""
+        self.lines, self.payload, self.exit_code, self.json_too = lines, payload, exit_code, json_too
+
+    def print_results(self) -> None:
+        human = sys.stderr if self.as_json else self.results
+        for line in [*self.lines, f"  log        {self.log_path}", f"  exit {self.exit_code}: {exit_meaning(self)}"]:
+            click.echo(line, file=human)
+        if self.as_json:
+            payload = {"command": self.kind, **(self.payload or {}), "exit_code": self.exit_code}
+            print_json({**payload, "log_file": self.log_path}, self.results)
+        elif self.json_too and self.payload is not None:
+            print_json(self.payload, self.results)
+
+
+def exit_meaning(s: Session) -> str:
+    return EXIT_MEANINGS.get(s.exit_code, "see the lines above")
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="print one JSON object on stdout (progress and summary on stderr)"
+)
+
+# The latest session of this process: handle_errors reads its log path and JSON mode.
+_last: Session | None = None
+
+
+@contextlib.contextmanager
+def _console() -> Iterator[TextIO]:
+    """Our own human output (progress, warnings): the terminal or pipe stderr is now, kept while `_fds_into`
+    points fd 2 elsewhere."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield sys.stderr
+        return
+    stream = os.fdopen(fd, "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8")
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+@contextlib.contextmanager
+def _fds_into(path: str | None, fds: tuple[int, ...]) -> Iterator[None]:
+    """Meanwhile, whatever is written to these file descriptors, by Python, C++ (TensorFlow, Ray's core
+    worker) or child processes, goes to `path` (None: to stderr)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else os.dup(2)
+    saved: list[tuple[int, int]] = []
+    try:
+        for fd in fds:
+            saved.append((fd, os.dup(fd)))
+            os.dup2(target, fd)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy in reversed(saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(target)
+
+
+@contextlib.contextmanager
+def session(kind: str, output_uri: str | None = None, as_json: bool = False) -> Iterator[Session]:
+    """Run a command: progress on stderr, the rest of stderr (and under --json of stdout) into the log file,
+    and at the end the summary (or the JSON object) on stdout. Verbose: nothing is diverted."""
+    global _last
+    logs.apply_quiet_env()  # before anything imports TensorFlow
+    quiet = not logs.verbose()
+    with _console() if quiet else contextlib.nullcontext(None) as console:
+        log = logs.start(kind, output_uri, console)
+        s = _last = Session(kind, as_json, sys.stdout, log)
+        progress.configure(progress.mode_for(console or sys.stderr), stream=console)
+        # Quiet: stray output (C++ logs, Ray's messages) into the log; verbose --json: stdout onto stderr.
+        fds = (1, 2) if quiet else (1,) if as_json else ()
+        try:
+            with _fds_into(log.path if quiet else None, fds), _python_stdout_to_stderr(as_json):
+                try:
+                    yield s
+                finally:
+                    log.close_resources()  # while stray output still goes to the log
+        finally:
+            progress.configure(progress.OFF)
+            s.log_path = log.finish()
+    s.print_results()
+
+
+def _python_stdout_to_stderr(as_json: bool) -> contextlib.AbstractContextManager[Any]:
+    """Under --json, print() goes to stderr too (a test runner's stdout has no file descriptor to divert)."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+
+
+def _error_json(kind: str, err: BaseException, exit_code: int, s: Session | None) -> dict[str, Any]:
+    return {"command": kind, "exit_code": exit_code, "error": str(err), "log_file": s.log_path if s else None}
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print user-fixable errors as one line (exit 2; 3 for a failed job), without a traceback."""
+    """Print user-fixable errors as one line (exit 2; 3 for a failed job, with the log's path), no traceback.
+
+    Under `--json` (an `as_json` argument) the error is also the one JSON object on stdout."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _last
+        _last = None
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            err = user_error(exc)
+            err, s = user_error(exc), _last
+            as_json = bool(kwargs.get("as_json") or (s is not None and s.as_json))
+            kind = s.kind if s is not None else fn.__name__.replace("_", " ")
             if err is None:
+                if s is not None:
+                    click.echo(f"details in {s.log_path}", err=True)
+                if as_json:  # a crash too leaves one object on stdout; the traceback follows on stderr
+                    print_json(_error_json(kind, exc, 1, s), s.results if s is not None else sys.stdout)
                 raise
             click.echo(f"error: {err}", err=True)
+            if s is not None and err.exit_code not in (0, 2):
+                click.echo(f"  log: {s.log_path}", err=True)
+            if as_json:
+                print_json(_error_json(kind, err, err.exit_code, s), s.results if s is not None else sys.stdout)
             sys.exit(err.exit_code)
 
     return wrapper
 
 
-def echo_lines(lines: Iterable[str]) -> None:
-    """Print each line to stdout."""
+def echo_lines(lines: Iterable[str], err: bool = False) -> None:
+    """Print each line to stdout (stderr with err=True)."""
     for line in lines:
-        click.echo(line)
+        click.echo(line, err=err)
 
 
-def print_json(result: dict[str, Any]) -> None:
-    """Print a result as indented JSON (benchmarks end with it, for scripts)."""
-    click.echo(json.dumps(result, indent=2, default=str))
+def print_json(result: dict[str, Any], stream: TextIO | None = None) -> None:
+    """Print a result as one indented JSON object (benchmarks end with it; --json prints only it)."""
+    click.echo(json.dumps(result, indent=2, default=str), file=stream or sys.stdout)

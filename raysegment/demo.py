@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from raysegment import progress
 from raysegment.config import EvaluateSpec, InferSpec, PrepareSpec, TrainSpec
 from raysegment.data import synthetic
 from raysegment.data.prepare import prepare
@@ -26,6 +27,7 @@ def run_demo(
     synthetic.write_pairs(source, train_images, size=IMAGE_SIZE, seed=seed)
     synthetic.write_images(os.path.join(out, "incoming"), infer_images, size=IMAGE_SIZE, seed=seed + 1)
     paths = {k: os.path.join(out, k) for k in ("data", "model", "inference")}
+    progress.note(f"demo: {train_images} synthetic pairs and {infer_images} new images in {out}")
     prepare(
         PrepareSpec(
             source=source, dest=paths["data"], class_names=synthetic.CLASS_NAMES, overwrite=True, shard_size_mb=1
@@ -45,6 +47,20 @@ def run_demo(
             resume=False,
         )
     )
+    progress.note("demo: evaluate on the val split")
     metrics = evaluate(EvaluateSpec(model=paths["model"], data=paths["data"], split="val"))
     run = infer(InferSpec(model=paths["model"], input=os.path.join(out, "incoming"), output=paths["inference"]))
     return {"paths": paths, "metrics": metrics, "infer": run, "seconds": round(time.time() - t0, 1)}
+
+
+def demo_lines(result: dict[str, Any]) -> list[str]:
+    """The demo's closing summary: where everything is and how good the model is."""
+    m = result["metrics"]
+    c = result["infer"]["counts"]
+    return [
+        f"raysegment demo finished in {result['seconds']:.0f} s",
+        *(f"  {name:<10} {path}" for name, path in result["paths"].items()),
+        f"  validation: mean_iou {m['mean_iou']:.4f}  pixel_accuracy {m['pixel_accuracy']:.4f}  "
+        f"mean_dice {m['mean_dice']:.4f}",
+        f"  inference: {c['ok']} masks written, {c['error']} errors",
+    ]

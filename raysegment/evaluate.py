@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from raysegment import storage
+from raysegment import progress, storage
 from raysegment.config import EvaluateSpec
 from raysegment.data import imaging
 from raysegment.data.pipeline import read_split
@@ -37,7 +37,7 @@ def _confusion(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.n
 
 def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     """Compute and write metrics; returns them."""
-    card = ModelCard.read(spec.model, spec.endpoint_url)
+    card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True)
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     k = card.num_classes
     if manifest["num_classes"] != k:
@@ -60,9 +60,11 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     ds = ds.map_batches(_confusion, fn_kwargs={"num_classes": k}, batch_size=spec.batch_size, batch_format="numpy")
     cm = np.zeros((k, k), np.int64)
     images = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        cm += batch["cm"].sum(axis=0).reshape(k, k)
-        images += int(batch["rows"].sum())
+    with progress.stage("evaluate", manifest["counts"].get(spec.split)) as shown:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            cm += batch["cm"].sum(axis=0).reshape(k, k)
+            images += int(batch["rows"].sum())
+            shown.update(int(batch["rows"].sum()))
     result = {
         **metrics_from_confusion(cm, card.class_names),
         "split": spec.split,

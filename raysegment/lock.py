@@ -5,16 +5,25 @@ Creation is the atomic step: ``O_CREAT | O_EXCL`` locally, a conditional PUT
 conditional PUT is its only compare-and-set, and a store that ignores the
 header would let two runs in (AWS S3 and SeaweedFS honour it). A lock older
 than ``stale_after_s`` belongs to a run presumed dead and is taken over.
+
+A lock's age is measured from the store's modification time (S3 LastModified,
+local mtime), not from the clock of the host that wrote it: a writer whose clock
+runs ahead can't make its lock look fresh for ever, and one whose clock lags
+can't make a live lock look stale. Every create, read and remove goes through
+``storage.call``, under the job's storage deadline (``storage_retry_s``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -32,7 +41,8 @@ class LockedError(UserError):
 
 def create_exclusive(loc: storage.Location, data: bytes) -> bool:
     """Write data at loc only if nothing is there; False if something already is."""
-    with storage.storage_errors(loc.uri):
+
+    def create() -> bool:
         if loc.remote:
             try:
                 loc.fs.pipe_file(loc.path, data, mode="create")
@@ -53,14 +63,40 @@ def create_exclusive(loc: storage.Location, data: bytes) -> bool:
             f.write(data)
         return True
 
+    return loc.call(create)
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """The store's modification time of an object, as a Unix time."""
+    stamp = info.get("LastModified") or info.get("mtime")
+    if isinstance(stamp, datetime.datetime):
+        return stamp.timestamp()
+    return float(stamp) if stamp else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """What a lock says about the run that holds it, and how old the lock is by the store's clock."""
+
+    info: dict[str, Any]  # the lock's JSON; {} when unreadable (a create caught before its write)
+    age_s: float
+
 
 class RunLock:
-    """A lock object at `loc`, held for the duration of a `with` block."""
+    """A lock object at `loc`, held for the duration of a `with` block. ``now`` is the clock ages are
+    measured with (tests move it)."""
 
-    def __init__(self, loc: storage.Location, stale_after_s: float, purpose: str = "run") -> None:
+    def __init__(
+        self,
+        loc: storage.Location,
+        stale_after_s: float,
+        purpose: str = "run",
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.loc = loc
         self.stale_after_s = stale_after_s
         self.purpose = purpose
+        self.now = now
         self.owner = uuid.uuid4().hex
         self.held = False
 
@@ -75,11 +111,27 @@ class RunLock:
         }
         return json.dumps(info).encode()
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(storage.read_bytes(self.loc))
-        except (storage.StorageError, ValueError):
+    def _holder(self) -> Holder | None:
+        """The current lock, or None if there is none; a store that stays down past the deadline raises."""
+
+        def read() -> tuple[bytes, dict[str, Any]] | None:
+            self.loc.fs.invalidate_cache(self.loc.path)  # the modification time of the lock there now
+            try:
+                return self.loc.fs.cat_file(self.loc.path), self.loc.fs.info(self.loc.path)
+            except FileNotFoundError:
+                return None
+
+        found = self.loc.call(read)
+        if found is None:
             return None
+        data, info = found
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else {}
+        modified = _modified(info) or float(body.get("created_ts") or 0)
+        return Holder(body, self.now() - modified)
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; LockedError if a live run holds it."""
@@ -87,25 +139,33 @@ class RunLock:
             if create_exclusive(self.loc, self._body()):
                 self.held = True
                 return
-            other = self._read()
-            if other is None:
-                continue  # released (or unreadable) between our attempt and the read: try once more
-            age = time.time() - float(other.get("created_ts", 0))
-            if age <= self.stale_after_s:
-                raise LockedError(
-                    f"{self.loc.uri}: another {self.purpose} holds the lock since {other.get('created')} "
-                    f"(host {other.get('host')}, pid {other.get('pid')}); wait for it to finish, or delete the "
-                    f"lock if that run is dead (it is taken over after {int(self.stale_after_s)} s)"
-                )
-            log.warning("taking over a stale lock %s (%.0f s old, host %s)", self.loc.uri, age, other.get("host"))
-            self._remove_if_owned_by(other.get("owner"))
+            holder = self._holder()
+            if holder is None:
+                continue  # released between our attempt and the read: try once more
+            if holder.info.get("owner") == self.owner:
+                self.held = True  # our own create, retried after its reply was lost
+                return
+            if holder.age_s <= self.stale_after_s:
+                raise LockedError(self._held_message(holder))
+            log.warning(
+                "taking over a stale lock %s (%.0f s old, host %s)", self.loc.uri, holder.age_s, holder.info.get("host")
+            )
+            self._remove_if_owned_by(holder.info.get("owner"))
         raise LockedError(f"{self.loc.uri}: could not take the lock; another {self.purpose} is starting, try again")
 
+    def _held_message(self, holder: Holder) -> str:
+        info = holder.info
+        return (
+            f"{self.loc.uri}: another {self.purpose} holds the lock since {info.get('created', '?')} "
+            f"(host {info.get('host', '?')}, pid {info.get('pid', '?')}, {max(holder.age_s, 0):.0f} s old by the "
+            f"store's clock); wait for it to finish, or delete the lock if that run is dead (it is taken over "
+            f"after {int(self.stale_after_s)} s)"
+        )
+
     def _remove_if_owned_by(self, owner: str | None) -> None:
-        current = self._read()
-        if current is not None and current.get("owner") == owner:
-            with storage.storage_errors(self.loc.uri):
-                self.loc.fs.rm_file(self.loc.path)
+        current = self._holder()
+        if current is not None and current.info.get("owner") == owner:
+            self.loc.call(lambda: self.loc.fs.rm_file(self.loc.path))
 
     def release(self) -> None:
         """Remove the lock if it is still ours (a taker-over may have replaced it)."""

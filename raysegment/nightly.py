@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysegment import __version__, plots, storage
+from raysegment import __version__, plots, progress, storage
 from raysegment.config import InferSpec, NightlySpec
-from raysegment.errors import ConfigError, JobError
-from raysegment.inference.listing import LISTING_SCHEMA, list_table
+from raysegment.errors import JobError
+from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_table
+from raysegment.inference.overlap import check_apart
 from raysegment.lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def partition_name(date: str) -> str:
 
 
 def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> pa.Table:
-    """(key, uri, size, version) of every image under root, listed in parallel as infer lists."""
+    """(key, uri, size, version, error, collides) of every image under root, listed in parallel as infer lists."""
     return list_table(root, exts, "nightly needs a prefix (folder) of images")
 
 
@@ -99,12 +100,13 @@ def plan(listing: pa.Table, ledger: pa.Table, model_sha256: str, date: str) -> p
     else:
         latest = pa.table({"key": pa.array([], pa.string()), "fp_last": pa.array([], pa.string())})
         latest = latest.append_column("date_last", pa.array([], pa.string()))
-    joined = listed.join(latest, "key", join_type="left outer").sort_by("key")
+    joined = listed.join(latest, "key", join_type="left outer").sort_by([("key", "ascending"), ("uri", "ascending")])
     new = pc.is_null(joined["fp_last"])
     same = pc.fill_null(pc.equal(joined["fp"], joined["fp_last"]), False)
     today = pc.fill_null(pc.equal(joined["date_last"], date), False)
     change = pc.if_else(new, "new", pc.if_else(same, "unchanged", pc.if_else(today, "deferred", "changed")))
-    return joined.select(LISTING_SCHEMA.names).append_column("change", change)
+    columns = [name for name in LISTED_SCHEMA.names if name in listing.column_names]
+    return joined.select(columns).append_column("change", change)
 
 
 def _partition_rows(partition: storage.Location) -> pa.Table:
@@ -130,12 +132,13 @@ def class_fraction_means(rows: pa.Table, class_names: list[str]) -> dict[str, fl
 
 def previous_report(reports: storage.Location, date: str) -> dict[str, Any] | None:
     """The latest report before `date` that has class statistics."""
-    with storage.storage_errors(reports.uri):
-        names = sorted(
-            (posixpath.basename(p) for p in reports.fs.find(reports.path) if p.endswith(".json"))
-            if reports.fs.exists(reports.path)
-            else []
-        )
+
+    def find() -> list[str]:
+        if not reports.fs.exists(reports.path):
+            return []
+        return sorted(posixpath.basename(p) for p in reports.fs.find(reports.path) if p.endswith(".json"))
+
+    names = reports.call(find)
     for name in reversed([n for n in names if n < f"{date}.json"]):
         report = storage.read_json(reports.child(name))
         if report.get("class_fraction_mean"):
@@ -159,13 +162,28 @@ def exit_code(report: dict[str, Any]) -> int:
     return int(report["exit_code"])
 
 
-def _check_layout(input_loc: storage.Location, output: storage.Location) -> None:
-    inp, out = input_loc.uri.rstrip("/") + "/", output.uri.rstrip("/") + "/"
-    if out.startswith(inp):
-        raise ConfigError(
-            f"nightly: OUTPUT {output.uri} is inside INPUT {input_loc.uri}; put it outside the input prefix "
-            "(masks written there would be listed as new images)"
-        )
+def _written(name: str) -> bool:
+    """Whether a name directly under OUTPUT is one nightly writes (partitions, ledger, reports, lock)."""
+    return name.startswith("date=") or name in ("ledger", "reports", LOCK_NAME)
+
+
+def check_layout(input_loc: storage.Location, output: storage.Location) -> None:
+    """OUTPUT outside INPUT, INPUT outside what nightly writes: masks are never listed as new images."""
+    check_apart(input_loc, output, _written, job="nightly")
+
+
+def refuse_collisions(planned: pa.Table) -> None:
+    """Key collisions fail the night before any inference: one error naming the first few.
+
+    Infer would mark them as error rows, but a night's partition then holds two rows for
+    one key and its re-run could never pass; refused here, the same night re-runs cleanly
+    once the inputs are renamed.
+    """
+    clashes = planned.filter(planned["collides"]) if "collides" in planned.column_names else planned.slice(0, 0)
+    if clashes.num_rows:
+        shown = list(dict.fromkeys(clashes["error"].to_pylist()))
+        more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
+        raise JobError(f"nightly: {clashes.num_rows} inputs share keys: " + "; ".join(shown[:3]) + more)
 
 
 def _count(values: pa.ChunkedArray, value: str) -> int:
@@ -193,7 +211,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     card = ModelCard.read(spec.model, spec.endpoint_url)
     input_loc = storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s)
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
-    _check_layout(input_loc, output)
+    check_layout(input_loc, output)
     storage.check_writable(output)
     partition = output.child(partition_name(date))
 
@@ -202,6 +220,11 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
         counts = {c: _count(planned["change"], c) for c in ("new", "changed", "unchanged", "deferred")}
         counts["listed"] = planned.num_rows
         todo = planned.filter(pc.is_in(planned["change"], pa.array(["new", "changed"])))
+        progress.note(
+            f"nightly {date}: {counts['listed']} listed, {counts['new']} new, {counts['changed']} changed, "
+            f"{counts['unchanged']} unchanged"
+        )
+        progress.expect_total("infer", todo.num_rows)
         report: dict[str, Any] = {
             "date": date,
             "status": "nothing_new",
@@ -215,10 +238,17 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             "counts": {**counts, "processed": 0, "ok": 0, "error": 0},
             "class_names": card.class_names,
         }
+        try:
+            refuse_collisions(planned)
+        except JobError as exc:
+            report.update(status="failed", exit_code=EXIT_FAILED, class_fraction_mean=None, problem=str(exc))
+            _finish(report, output, date, t0)
+            raise
         if todo.num_rows:
             stamp = _stamp()
             list_loc = partition.child("inputs", f"{stamp}.parquet")
-            _write_parquet(list_loc, todo.select(["uri", "key"]))
+            # The lister's errors (symlinks it will not follow) become error rows of the night's run.
+            _write_parquet(list_loc, todo.select(["uri", "key", "error"]))
             infer_spec = night_infer_spec(spec, list_loc.uri, partition.uri)
             report["partition"] = storage.redact(partition.uri)
             try:

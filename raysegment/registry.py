@@ -1,5 +1,5 @@
-"""The job kinds: for each, its spec class, the function that runs it, the lines it prints, its exit
-code and the logical CPUs a local Ray needs for it.
+"""The job kinds: for each, its spec class, the function that runs it, its closing summary and JSON
+result, its exit code, where its outputs (and log file) go and the logical CPUs a local Ray needs for it.
 
 One table read by the CLI (`raysegment train ...`), the `ray job submit` entrypoints
 (`jobs/{kind}.py`, `python -m raysegment.entrypoints KIND`) and `raysegment submit`, so a
@@ -10,12 +10,14 @@ imported when a job runs: loading this table must not start TensorFlow or Ray.
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from raysegment import storage
 from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
-from raysegment.console import echo_lines
+from raysegment.console import session
 from raysegment.errors import ConfigError
 
 
@@ -29,12 +31,16 @@ def _ok(result: Any) -> int:
 
 @dataclass(frozen=True)
 class Job:
-    """One job kind. `run(spec)` returns the job's result; `lines(spec, result)` is what it prints."""
+    """One job kind. `run(spec)` returns the job's result; `lines(spec, result)` is its closing summary,
+    `payload(spec, result)` its `--json` object (README, "Results as JSON"); `output(spec)` is the folder
+    its log file goes to."""
 
     kind: str
     spec: type[Spec]
     run: Callable[[Any], Any]
     lines: Callable[[Any, Any], list[str]]
+    payload: Callable[[Any, Any], dict[str, Any]]
+    output: Callable[[Any], str | None]
     exit_code: Callable[[Any], int] = _ok
     min_cpus: Callable[[Any], int] = _no_min_cpus
     # Has a jobs/{kind}.py entrypoint and can be sent with `raysegment submit`.
@@ -56,8 +62,22 @@ def _prepare_lines(spec: PrepareSpec, manifest: dict[str, Any]) -> list[str]:
     skipped = f", {len(manifest['skipped'])} invalid pairs skipped" if manifest["skipped"] else ""
     return [
         f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, "
-        f"classes {manifest['class_names']}{skipped}"
+        f"classes {manifest['class_names']}{skipped}",
+        f"  data set   {storage.join(spec.dest, 'manifest.json')} (+ shards/), in {manifest.get('seconds', '?')} s",
     ]
+
+
+def _prepare_payload(spec: PrepareSpec, manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "dest": spec.dest,
+        "counts": manifest["counts"],
+        "shards": len(manifest["shards"]),
+        "num_classes": manifest["num_classes"],
+        "class_names": manifest["class_names"],
+        "skipped": len(manifest["skipped"]),
+        "content_hash": manifest["content_hash"],
+        "seconds": manifest.get("seconds"),
+    }
 
 
 def _train(spec: TrainSpec) -> dict[str, Any]:
@@ -67,11 +87,25 @@ def _train(spec: TrainSpec) -> dict[str, Any]:
 
 
 def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
-    best = result["metrics"]["best"]
+    m = result["metrics"]
+    best = m["best"]
+    early = ", stopped early" if m["stopped_early"] else ""
     return [
         f"trained {result['out']}: best epoch {best['epoch']}, val mean_iou {best['val_mean_iou']:.4f}, "
-        f"pixel_accuracy {best['val_pixel_accuracy']:.4f}"
+        f"pixel_accuracy {best['val_pixel_accuracy']:.4f}",
+        f"  {m['epochs_run']} epochs in {m['seconds']} s{early}",
+        f"  model      {storage.join(result['out'], 'model.keras')} (+ model.json, metrics.json, history.csv, "
+        "training_curves.png)",
     ]
+
+
+def _train_payload(spec: TrainSpec, result: dict[str, Any]) -> dict[str, Any]:
+    m = result["metrics"]
+    return {
+        "out": result["out"],
+        "model_id": result["model_card"]["model_id"],
+        **{k: m[k] for k in ("best", "last", "epochs_run", "stopped_early", "seconds")},
+    }
 
 
 def _evaluate(spec: EvaluateSpec) -> dict[str, Any]:
@@ -98,9 +132,11 @@ def _infer(spec: InferSpec) -> dict[str, Any]:
 
 def _infer_lines(spec: InferSpec, record: dict[str, Any]) -> list[str]:
     c = record["counts"]
+    report = f", {storage.join(spec.output, 'report.html')}" if spec.report else ""
     return [
         f"inferred {c['processed']} images ({c['ok']} ok, {c['error']} errors; {c['skipped']} already done) "
-        f"at {record['images_per_second']} images/s; run {record['run_id']} in {spec.output}"
+        f"at {record['images_per_second']} images/s; run {record['run_id']} in {spec.output}",
+        f"  outputs    {storage.join(spec.output, 'masks')}/, summaries/, runs/{record['run_id']}.json{report}",
     ]
 
 
@@ -128,14 +164,31 @@ def _nightly_exit_code(report: dict[str, Any]) -> int:
     return exit_code(report)
 
 
+def _as_is(spec: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """The result as the job wrote it: eval-SPLIT.json, runs/{run_id}.json, reports/DATE.json."""
+    return result
+
+
+def _evaluate_output(spec: EvaluateSpec) -> str:
+    return posixpath.dirname(spec.out) or "." if spec.out else spec.model
+
+
 JOBS: dict[str, Job] = {
     job.kind: job
     for job in (
-        Job("prepare", PrepareSpec, _prepare, _prepare_lines, on_cluster=False),
-        Job("train", TrainSpec, _train, _train_lines, min_cpus=train_min_cpus),
-        Job("evaluate", EvaluateSpec, _evaluate, _evaluate_lines),
-        Job("infer", InferSpec, _infer, _infer_lines),
-        Job("nightly", NightlySpec, _nightly, lambda spec, report: [nightly_line(report)], _nightly_exit_code),
+        Job("prepare", PrepareSpec, _prepare, _prepare_lines, _prepare_payload, lambda s: s.dest, on_cluster=False),
+        Job("train", TrainSpec, _train, _train_lines, _train_payload, lambda s: s.out, min_cpus=train_min_cpus),
+        Job("evaluate", EvaluateSpec, _evaluate, _evaluate_lines, _as_is, _evaluate_output),
+        Job("infer", InferSpec, _infer, _infer_lines, _as_is, lambda s: s.output),
+        Job(
+            "nightly",
+            NightlySpec,
+            _nightly,
+            lambda spec, report: [nightly_line(report)],
+            _as_is,
+            lambda s: s.output,
+            _nightly_exit_code,
+        ),
     )
 }
 # What `raysegment submit` and `python -m raysegment.entrypoints` accept, in help order.
@@ -156,12 +209,14 @@ def load_job_spec(kind: str, config: str | None = None, spec_json: str | None = 
     return load_spec(cls, None, values)
 
 
-def run(spec: Spec) -> int:
-    """Join Ray (or start it with enough CPUs), run the job the spec is for, print its lines; its exit code."""
+def run(spec: Spec, as_json: bool = False) -> int:
+    """Join Ray (or start it with enough CPUs), run the job the spec is for, print its summary (and under
+    `as_json` its one JSON object); its exit code."""
     from raysegment.runtime import init_ray
 
     job = next(job for job in JOBS.values() if type(spec) is job.spec)
-    init_ray(min_cpus=job.min_cpus(spec))
-    result = job.run(spec)
-    echo_lines(job.lines(spec, result))
-    return job.exit_code(result)
+    with session(job.kind, job.output(spec), as_json) as s:
+        init_ray(min_cpus=job.min_cpus(spec))
+        result = job.run(spec)
+        s.done(job.lines(spec, result), job.payload(spec, result), job.exit_code(result))
+    return s.exit_code

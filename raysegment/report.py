@@ -2,30 +2,33 @@
 
 Everything is read back from the run's output (summaries, run record, masks, all
 through inference/output.py) and the sources the summaries name, so a report can be (re)built for any run, local
-or on S3, long after it finished. Summaries are streamed: counts, histograms,
+or on S3, long after it finished. Summaries are streamed (report_scan.py): counts, histograms,
 the first errors and a hash-chosen sample are all that is kept in memory.
+
+Every storage call of a report retries for the job's deadline (`storage_retry_s`, passed in by
+`infer`), and a store still down past it is not asked again (`DownStores`): a report over a dead
+store ends after about one deadline, not one per sampled image.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import html
 import logging
 import string
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 
 from raysegment import __version__, overlay, plots, storage
 from raysegment.data import imaging
-from raysegment.errors import UserError
+from raysegment.errors import StorageError, UserError
 from raysegment.inference import output as layout
 from raysegment.inference.output import RunRecord
+from raysegment.report_scan import HIST_BINS as HIST_BINS  # re-exported: the histograms' bins
+from raysegment.report_scan import STAGES, Scan, scan_summaries
 
 log = logging.getLogger(__name__)
 
@@ -33,113 +36,27 @@ REPORT_FILE = "report.html"
 OVERLAYS_FILE = "overlays.png"
 TILE = 256  # px: overlay thumbnails, in the page and in overlays.png
 COLUMNS = 4
-HIST_BINS = 20
-MAX_ERRORS = 200  # error rows listed in the page; the count covers all of them
 CONTAINERS = (".tar", ".tar.gz", ".tgz", ".parquet")
-SAMPLE_FIELDS = ("key", "source_uri", "mask_uri", "mask_offset", "mask_length", "run_id")
-STAGES = ("decode_ms", "predict_ms", "write_ms")
 
 
 @dataclasses.dataclass
-class Scan:
-    """What the report keeps from a pass over every summary row."""
+class DownStores:
+    """Stores (S3 endpoints) found unreachable past the storage deadline while building a report.
 
-    class_names: list[str]
-    rows: int = 0
-    ok: int = 0
-    error: int = 0
-    hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, HIST_BINS), np.int64))
-    share_sum: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
-    present: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    samples: list[tuple[int, dict[str, Any]]] = dataclasses.field(default_factory=list)
-    run_rows: int = 0
-    stage_sum: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    Every call retries for the job's deadline (`storage_retry_s`); a store still down past it is
+    not asked again, so a dead store costs a report one deadline, not one per sampled image."""
 
+    endpoints: set[str] = dataclasses.field(default_factory=set)
 
-def _key_hash(key: str) -> int:
-    # A hash, not a random draw: the same output always gives the same sample.
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    def __contains__(self, loc: storage.Location) -> bool:
+        return loc.remote and (loc.endpoint_url or "") in self.endpoints
+
+    def note(self, loc: storage.Location, exc: StorageError) -> None:
+        if exc.transient and loc.remote:
+            self.endpoints.add(loc.endpoint_url or "")
 
 
-def _shares(column: pa.ChunkedArray | pa.Array, n: int, k: int) -> np.ndarray:
-    """class_fractions (list<float>) -> n x k float array; short or missing lists count as zeros."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    if flat.size == n * k and (pc.min(pc.list_value_length(arr)).as_py() or 0) == k:
-        return flat.reshape(n, k).astype(np.float64)
-    out = np.zeros((n, k))
-    for i, row in enumerate(arr.to_pylist()):
-        vals = (row or [])[:k]
-        out[i, : len(vals)] = vals
-    return out
-
-
-def scan_summaries(output: storage.Location, samples: int, run_id: str | None) -> Scan:
-    """Stream every summary row under OUTPUT into counts, histograms, errors and a sample of ok rows."""
-    summaries = layout.Summaries(output)
-    scan = Scan(summaries.class_names)
-    for batch in summaries.batches():
-        _add_batch(scan, batch, samples, run_id)
-    scan.errors.sort(key=lambda e: e["key"])
-    return scan
-
-
-def _add_batch(scan: Scan, batch: pa.RecordBatch, samples: int, run_id: str | None) -> None:
-    n = batch.num_rows
-    if not n:
-        return
-    ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)
-    k = len(scan.class_names)
-    if not k:  # no names in the metadata: number the classes
-        k = max((len(v) for v in batch.column("class_fractions").to_pylist() if v), default=0)
-        scan.class_names = [f"class {i}" for i in range(k)]
-    if scan.hist.shape[0] != k:
-        scan.hist = np.zeros((k, HIST_BINS), np.int64)
-        scan.share_sum = np.zeros(k)
-        scan.present = np.zeros(k, np.int64)
-    scan.rows += n
-    scan.ok += int(ok.sum())
-    scan.error += int(n - ok.sum())
-
-    shares = _shares(batch.column("class_fractions"), n, k)[ok]
-    if shares.size:
-        bins = np.clip((shares * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
-        for c in range(k):
-            scan.hist[c] += np.bincount(bins[:, c], minlength=HIST_BINS)
-        scan.share_sum += shares.sum(axis=0)
-        scan.present += (shares > 0).sum(axis=0)
-
-    if run_id is not None:
-        mine = pc.equal(batch.column("run_id"), run_id).to_numpy(zero_copy_only=False)
-        scan.run_rows += int(mine.sum())
-        for stage in STAGES:
-            if stage in batch.schema.names:
-                values = batch.column(stage).to_numpy(zero_copy_only=False)
-                scan.stage_sum[stage] += float(np.nansum(values[mine]))
-
-    bad = np.flatnonzero(~ok)
-    room = MAX_ERRORS - len(scan.errors)
-    if room > 0 and bad.size:
-        taken = batch.take(pa.array(bad[:room])).select(["key", "source_uri", "error", "run_id"])
-        scan.errors += taken.to_pylist()
-
-    good = np.flatnonzero(ok)
-    if samples <= 0 or not good.size:
-        return
-    keys = batch.column("key").take(pa.array(good)).to_pylist()
-    hashes = np.fromiter((_key_hash(key) for key in keys), np.uint64, len(keys))
-    limit = scan.samples[-1][0] if len(scan.samples) >= samples else None
-    chosen = np.argsort(hashes)[:samples]
-    if limit is not None:
-        chosen = chosen[hashes[chosen] < limit]
-    if not chosen.size:
-        return
-    fields = [f for f in SAMPLE_FIELDS if f in batch.schema.names]
-    rows = batch.take(pa.array(good[chosen])).select(fields).to_pylist()
-    scan.samples = sorted(scan.samples + list(zip((int(h) for h in hashes[chosen]), rows)), key=lambda s: s[0])[
-        :samples
-    ]
+UNREACHABLE = "not read: storage unreachable past the deadline"
 
 
 def _in_container(uri: str) -> bool:
@@ -153,18 +70,25 @@ def _in_container(uri: str) -> bool:
 
 
 def read_source(
-    uri: str, endpoint_url: str | None, output: storage.Location | None = None
+    uri: str, endpoint_url: str | None, output: storage.Location, down: DownStores
 ) -> tuple[np.ndarray | None, str]:
     """(RGB image or None, why not): plain files and S3 objects only; archives and tables are skipped."""
     if not uri:
         return None, "no source"
     if _in_container(uri):
         return None, "mask only: source is inside an archive or table"
+    loc = None
     try:
-        loc = storage.resolve(uri, endpoint_url)
-        if output is not None and loc.remote and output.remote and loc.endpoint_url == output.endpoint_url:
+        loc = storage.resolve(uri, endpoint_url, output.retry_s)
+        if loc in down:
+            return None, f"mask only: source {UNREACHABLE}"
+        if loc.remote and output.remote and loc.endpoint_url == output.endpoint_url:
             loc = dataclasses.replace(loc, fs=output.fs)  # one S3 client for all samples, not one each
         return imaging.decode_image(storage.read_bytes(loc)), ""
+    except StorageError as exc:
+        if loc is not None:
+            down.note(loc, exc)
+        return None, f"mask only: source not readable ({str(exc)[:120]})"
     except (UserError, imaging.ImageDecodeError) as exc:
         return None, f"mask only: source not readable ({str(exc)[:120]})"
 
@@ -175,27 +99,38 @@ def _palette(found: list[list[int]] | None, k: int) -> list[list[int]]:
     return imaging.default_palette(k)
 
 
+def _load_mask(output: storage.Location, row: dict[str, Any], down: DownStores) -> tuple[Any, str]:
+    """((class ids, palette) or None, why not) for a sampled row."""
+    if output in down:
+        return None, f"no mask: {UNREACHABLE}"
+    try:
+        return layout.read_mask(output, row), ""
+    except StorageError as exc:
+        down.note(output, exc)
+        return None, f"no mask: not readable ({str(exc)[:120]})"
+    except (UserError, imaging.ImageDecodeError, KeyError, ValueError, OSError) as exc:
+        return None, f"no mask: not readable ({str(exc)[:120]})"
+
+
 def build_overlays(
-    output: storage.Location, rows: list[dict[str, Any]], k: int, endpoint_url: str | None
+    output: storage.Location, rows: list[dict[str, Any]], k: int, endpoint_url: str | None, down: DownStores
 ) -> tuple[list[tuple[np.ndarray, str, str]], list[list[int]]]:
     """([(thumbnail, key, note)], palette) for the sampled rows, ordered by key."""
     loaded = []
     found: list[list[int]] | None = None
     for row in sorted(rows, key=lambda r: r["key"]):
-        try:
-            mask, palette = layout.read_mask(output, row)
+        mask, note = _load_mask(output, row, down)
+        if mask is not None:
+            mask, palette = mask
             found = found or palette
-        except (UserError, imaging.ImageDecodeError, KeyError, ValueError, OSError) as exc:
-            loaded.append((row, None, f"no mask: not readable ({str(exc)[:120]})"))
-            continue
-        loaded.append((row, mask, ""))
+        loaded.append((row, mask, note))
     palette = _palette(found, k)
     tiles = []
     for row, mask, note in loaded:
         if mask is None:
             tiles.append((np.full((TILE // 2, TILE // 2, 3), 128, np.uint8), row["key"], note))
             continue
-        image, note = read_source(row.get("source_uri") or "", endpoint_url, output)
+        image, note = read_source(row.get("source_uri") or "", endpoint_url, output, down)
         tiles.append((overlay.thumbnail(image, mask, palette, TILE), row["key"], note))
     return tiles, palette
 
@@ -374,15 +309,28 @@ def render_html(
 
 
 def write_run_report(
-    output_uri: str, run_id: str | None = None, samples: int = 16, endpoint_url: str | None = None
+    output_uri: str,
+    run_id: str | None = None,
+    samples: int = 16,
+    endpoint_url: str | None = None,
+    retry_s: float | None = None,
+    record: RunRecord | None = None,
 ) -> dict[str, Any]:
-    """Write OUTPUT/report.html and OUTPUT/overlays.png for a run; returns where and what they show."""
-    output = storage.resolve(output_uri, endpoint_url)
-    run_id, record = layout.find_run(output, run_id)
+    """Write OUTPUT/report.html and OUTPUT/overlays.png for a run; returns where and what they show.
+
+    Storage calls retry for `retry_s` (the job's `storage_retry_s`; default RAYSEGMENT_STORAGE_RETRY_S
+    or 120), and a store down past it is not asked again. `record`: the run record `infer` holds in
+    memory, so the report is built before the record is written (a killed report step leaves no
+    record); without it the report reads runs/ (see find_run)."""
+    output = storage.resolve(output_uri, endpoint_url, retry_s)
+    if record is not None:
+        run_id = record.run_id
+    else:
+        run_id, record = layout.find_run(output, run_id)
     scan = scan_summaries(output, samples, run_id)
     log.info("report: %d summary rows (%d ok, %d errors) in %s", scan.rows, scan.ok, scan.error, output.uri)
     k = len(scan.class_names)
-    tiles, palette = build_overlays(output, [row for _, row in scan.samples], k, endpoint_url)
+    tiles, palette = build_overlays(output, [row for _, row in scan.samples], k, endpoint_url, DownStores())
     histograms = plots.class_fraction_histograms(scan.hist, scan.class_names, palette) if scan.ok and k else None
     page = render_html(output, run_id, record, scan, tiles, palette, histograms)
     storage.write_bytes(output.child(REPORT_FILE), page.encode())
@@ -400,4 +348,5 @@ def write_run_report(
         "error": scan.error,
         "samples": len(tiles),
         "mask_only": sum(1 for _, _, note in tiles if note),
+        "unreachable": sum(1 for _, _, note in tiles if UNREACHABLE in note),
     }

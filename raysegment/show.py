@@ -31,7 +31,7 @@ def show_overlay(
     """Predict one image as the inference pipeline does; write the overlay PNG at its original size."""
     from raysegment.inference.predictor import Predictor, preprocess
 
-    card = ModelCard.read(model_uri, endpoint_url)
+    card = ModelCard.read(model_uri, endpoint_url, verify_model=True)
     data = storage.read_bytes(storage.resolve(image_uri, endpoint_url))
     # The pipeline's own two steps, on a batch of one: same decoding, resizing and model call
     # (native-scale models predict at full resolution, as infer does).

@@ -107,14 +107,21 @@ def test_the_nights_infer_run_gets_every_inference_option():
 
 def check_listing(root: storage.Location):
     files = {"top.png": b"1", "A/b.PNG": b"22", "A/deep/c.jpg": b"333", "A/notes.txt": b"x", "B/d.tar.gz": b"4"}
-    for name, data in files.items():
+    for name, data in {**files, "A/two.png": b"5", "A/two.JPG": b"6", "t.jpg": b"7", "t.png": b"8"}.items():
         storage.write_bytes(root.child(name), data)
     table = nightly.list_inputs(root, (".png", ".jpg"))
-    assert table.schema == nightly.LISTING_SCHEMA
-    rows = sorted(table.to_pylist(), key=lambda r: r["key"])
-    assert [(r["key"], r["size"]) for r in rows] == [("A/b", 2), ("A/deep/c", 3), ("top", 1)]
-    assert [r["uri"] for r in rows] == [root.child(n).uri for n in ("A/b.PNG", "A/deep/c.jpg", "top.png")]
+    assert table.schema == nightly.LISTED_SCHEMA
+    rows = sorted(table.to_pylist(), key=lambda r: r["uri"])
+    good = [r for r in rows if not r["collides"]]
+    assert [(r["key"], r["size"], r["error"]) for r in good] == [("A/b", 2, ""), ("A/deep/c", 3, ""), ("top", 1, "")]
+    assert [r["uri"] for r in good] == [root.child(n).uri for n in ("A/b.PNG", "A/deep/c.jpg", "top.png")]
     assert all(r["version"] for r in rows)
+    # Key collisions, in a sub-folder's task and in the driver's first level: marked, never read.
+    clashes = {r["key"]: r["error"] for r in rows if r["collides"]}
+    assert clashes == {
+        "A/two": "key collision: A/two.JPG and A/two.png map to key 'A/two'; rename one, then re-run with --overwrite",
+        "t": "key collision: t.jpg and t.png map to key 't'; rename one, then re-run with --overwrite",
+    }
     assert nightly.list_inputs(root.child("A", "deep"), (".gif",)).num_rows == 0
 
 
@@ -139,9 +146,9 @@ def check_lock(root: storage.Location):
         assert exc.value.exit_code == 5
         assert json.loads(storage.read_bytes(loc))["owner"] == held.owner
     assert not storage.exists(loc)  # released
-    # A stale lock (its run died) is taken over.
-    storage.write_bytes(loc, json.dumps({"owner": "dead", "created_ts": time.time() - 7200}).encode())
-    with RunLock(loc, stale_after_s=3600) as taker:
+    # A stale lock (its run died) is taken over: aged by the store's clock, two hours on.
+    storage.write_bytes(loc, json.dumps({"owner": "dead", "created_ts": time.time()}).encode())
+    with RunLock(loc, stale_after_s=3600, now=lambda: time.time() + 7200) as taker:
         assert json.loads(storage.read_bytes(loc))["owner"] == taker.owner
     assert not storage.exists(loc)
 
@@ -157,7 +164,13 @@ def test_lock_s3_conditional_put(s3_prefix):
 
 def test_output_inside_input_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="inside INPUT"):
-        nightly._check_layout(storage.resolve(str(tmp_path / "in")), storage.resolve(str(tmp_path / "in" / "out")))
+        nightly.check_layout(storage.resolve(str(tmp_path / "in")), storage.resolve(str(tmp_path / "in" / "out")))
+    # INPUT inside what nightly writes (a date partition's masks) is refused too; beside it is fine.
+    with pytest.raises(ConfigError, match=r"inside what the job writes .* \(date=2026-01-01\)"):
+        nightly.check_layout(
+            storage.resolve(str(tmp_path / "n" / "date=2026-01-01" / "masks")), storage.resolve(str(tmp_path / "n"))
+        )
+    nightly.check_layout(storage.resolve(str(tmp_path / "n" / "images")), storage.resolve(str(tmp_path / "n")))
 
 
 def write_pngs(root, names, seed=0):
@@ -224,10 +237,16 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     assert ledger_rows.num_rows == 7 and not (out / "_nightly.lock").exists()
 
     # A failed run (all inputs bad, no error budget) writes no ledger rows: they are retried next time.
+    # A symlink out of INPUT is listed but not followed: an error row of the night's run.
     (inp / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "elsewhere.png").write_bytes((inp / "a.png").read_bytes())
+    os.symlink(tmp_path / "elsewhere.png", inp / "link.png")
     with pytest.raises(JobError):
         night("2026-01-04", max_error_fraction=0.0)
     r4 = json.loads((out / "reports" / "2026-01-04.json").read_text())
     assert r4["status"] == "failed" and r4["exit_code"] == 3
+    rows = pq.read_table(out / "date=2026-01-04" / "summaries", columns=["key", "error"]).to_pylist()
+    assert {r["key"] for r in rows} == {"broken", "link"}
+    assert "outside INPUT, not followed" in next(r["error"] for r in rows if r["key"] == "link")
     assert nightly.read_ledger(storage.resolve(str(out))).num_rows == 7
     assert not (out / "_nightly.lock").exists()

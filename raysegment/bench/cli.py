@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from raysegment.console import echo_lines, handle_errors, print_json
+from raysegment.console import handle_errors, json_option, session
 
 
 def prepare_lines(r: dict[str, Any]) -> list[str]:
@@ -85,7 +85,7 @@ def train_lines(r: dict[str, Any], workers: int) -> list[str]:
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: each prints its measurements."""
+    """Benchmarks: each prints its measurements, then them as JSON (--json: only the JSON object)."""
 
 
 @bench.command("prepare")
@@ -93,16 +93,17 @@ def bench() -> None:
 @click.option("--size", type=int, default=32, show_default=True, help="image side in pixels")
 @click.option("--shard-size-mb", type=float, default=4.0, show_default=True, help="small, so there are many shards")
 @click.option("--workdir", default=None, help="keep source and data set here (default: a temp folder, removed)")
+@json_option
 @handle_errors
-def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | None) -> None:
+def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | None, as_json: bool) -> None:
     """Generate PAIRS small pairs, prepare them, print the driver's peak RSS and the throughput."""
     from raysegment.bench.prepare import bench_prepare as run
     from raysegment.runtime import init_ray
 
-    init_ray()
-    r = run(pairs, size, shard_size_mb, workdir)
-    echo_lines(prepare_lines(r))
-    print_json(r)
+    with session("bench-prepare", None, as_json) as s:
+        init_ray()
+        r = run(pairs, size, shard_size_mb, workdir)
+        s.done(prepare_lines(r), r, json_too=True)
 
 
 @bench.command("soak")
@@ -112,20 +113,21 @@ def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | No
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--actors", type=int, default=1, show_default=True)
 @click.option("--workdir", default=None, help="temp folder location (default: system temp)")
+@json_option
 @handle_errors
 def bench_soak(
-    images: int, kill_every: float, image_size: int, batch_size: int, actors: int, workdir: str | None
+    images: int, kill_every: float, image_size: int, batch_size: int, actors: int, workdir: str | None, as_json: bool
 ) -> None:
     """Inference over generated images while a predictor actor is SIGKILLed every N seconds; then a count check."""
     from raysegment.bench.infer import bench_soak as run
     from raysegment.runtime import cores, init_ray
 
-    init_ray(min_cpus=cores() + 1)  # as bench infer: the actors' cores plus a slot for the read and write tasks
-    r = run(images, kill_every, image_size, batch_size, actors, workdir)
-    echo_lines(soak_lines(r))
-    print_json(r)
-    if r["count_check"] != "ok":
-        raise SystemExit(3)
+    with session("bench-soak", None, as_json) as s:
+        init_ray(min_cpus=cores() + 1)  # as bench infer: the actors' cores plus a slot for the read and write tasks
+        r = run(images, kill_every, image_size, batch_size, actors, workdir)
+        s.done(soak_lines(r), r, 0 if r["count_check"] == "ok" else 3, json_too=True)
+    if s.exit_code:
+        raise SystemExit(s.exit_code)
 
 
 @bench.command("infer")
@@ -145,7 +147,7 @@ def bench_soak(
 @click.option("--compare-one-actor", is_flag=True, help="also run (c) with one actor on every core")
 @click.option("--scale", type=int, default=None, help="instead: run the pipeline over N/10 then N tiny images")
 @click.option("--workdir", default=None, help="temp folder location (default: system temp)")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
+@json_option
 @handle_errors
 def bench_infer(
     images: int,
@@ -166,29 +168,28 @@ def bench_infer(
     from raysegment.bench.infer import bench_scale
     from raysegment.runtime import cores, init_ray
 
-    # The actors take every core (equal cores with the in-process measurements); one more
-    # logical CPU lets the decode and write tasks run beside them.
-    init_ray(min_cpus=cores() + 1)
-    if scale:
-        r = bench_scale(scale, 32, batch_size, actors or 1, workdir)
-        lines = scale_lines(r)
-    else:
-        r = run(
-            images,
-            image_size,
-            depth,
-            base_filters,
-            batch_size,
-            actors or cores(),
-            workdir,
-            decode=decode,
-            source_size=source_size,
-            compare_one_actor=compare_one_actor,
-        )
-        lines = infer_lines(r)
-    if not as_json:
-        echo_lines(lines)
-    print_json(r)
+    with session("bench-infer", None, as_json) as s:
+        # The actors take every core (equal cores with the in-process measurements); one more
+        # logical CPU lets the decode and write tasks run beside them.
+        init_ray(min_cpus=cores() + 1)
+        if scale:
+            r = bench_scale(scale, 32, batch_size, actors or 1, workdir)
+            lines = scale_lines(r)
+        else:
+            r = run(
+                images,
+                image_size,
+                depth,
+                base_filters,
+                batch_size,
+                actors or cores(),
+                workdir,
+                decode=decode,
+                source_size=source_size,
+                compare_one_actor=compare_one_actor,
+            )
+            lines = infer_lines(r)
+        s.done(lines, r, json_too=True)
 
 
 @bench.command("train")
@@ -199,15 +200,23 @@ def bench_infer(
 @click.option("--global-batch", type=int, default=16, show_default=True)
 @click.option("--epochs", type=int, default=4, show_default=True, help="the first is warm-up, not timed")
 @click.option("--workers", type=int, default=2, show_default=True)
+@json_option
 @handle_errors
 def bench_train(
-    images: int, image_size: int, depth: int, base_filters: int, global_batch: int, epochs: int, workers: int
+    images: int,
+    image_size: int,
+    depth: int,
+    base_filters: int,
+    global_batch: int,
+    epochs: int,
+    workers: int,
+    as_json: bool,
 ) -> None:
     """Ray Train loop vs a plain single-process Keras loop, same model and data, one run."""
     from raysegment.bench.train import bench_train as run
     from raysegment.runtime import cores, init_ray
 
-    init_ray(min_cpus=cores() + 1)  # the Ray Train runs use every core; one more slot for the data tasks
-    r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)
-    echo_lines(train_lines(r, workers))
-    print_json(r)
+    with session("bench-train", None, as_json) as s:
+        init_ray(min_cpus=cores() + 1)  # the Ray Train runs use every core; one more slot for the data tasks
+        r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)
+        s.done(train_lines(r, workers), r, json_too=True)

@@ -20,7 +20,7 @@ class ImageDecodeError(ValueError):
     """An image or mask that cannot be decoded; the message says why."""
 
 
-NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG, TIFF, BMP or WebP file"
+NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG, TIFF, BMP, WebP or GIF file"
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -47,8 +47,7 @@ class Listing:
 
 def _files_by_key(loc: storage.Location, suffix: str = "") -> dict[str, list[tuple[str, int]]]:
     """Relative path without extension (and without `suffix`) -> [(path, size)] for image files below loc."""
-    with storage.storage_errors(loc.uri):
-        found = loc.fs.find(loc.path, detail=True)
+    found = loc.call(lambda: loc.fs.find(loc.path, detail=True))
     out: dict[str, list[tuple[str, int]]] = defaultdict(list)
     root = loc.path.rstrip("/") + "/"
     for path, info in found.items():
@@ -63,9 +62,8 @@ def _files_by_key(loc: storage.Location, suffix: str = "") -> dict[str, list[tup
 
 
 def _require_dir(loc: storage.Location, fix: str) -> None:
-    with storage.storage_errors(loc.uri):
-        if not loc.fs.isdir(loc.path):
-            raise DataError(f"{loc.uri}: folder not found; {fix}")
+    if not loc.call(lambda: loc.fs.isdir(loc.path)):
+        raise DataError(f"{loc.uri}: folder not found; {fix}")
 
 
 def _pair(
@@ -213,12 +211,12 @@ def assign_split(key: str, val_fraction: float, seed: int) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def read_val_keys(value: str | list[str], endpoint_url: str | None = None) -> list[str]:
+def read_val_keys(value: str | list[str], endpoint_url: str | None = None, retry_s: float | None = None) -> list[str]:
     """--val-keys: a list, a comma-separated string, or a file (path or URI) of keys, one per line."""
     if isinstance(value, list):
         return [k.strip() for k in value if k.strip()]
     if "://" in value:
-        loc = storage.resolve(value, endpoint_url)
+        loc = storage.resolve(value, endpoint_url, retry_s)
         if not storage.exists(loc):
             raise ConfigError(f"--val-keys {value}: file not found; give an existing file of keys or a comma list")
         return _read_keys(loc)

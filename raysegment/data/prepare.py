@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raysegment import __version__, storage
+from raysegment import __version__, progress, storage
 from raysegment.config import PrepareSpec
 from raysegment.data import classes, imaging
 from raysegment.data.fingerprint import ShardFingerprint, merge
@@ -97,6 +97,11 @@ def _check_pair(
     return None, mapped.astype(np.uint8), (h, w)
 
 
+def _read(source: storage.Location, path: str) -> bytes:
+    """One file of the source, retried for the driver's storage deadline (the Location carries it)."""
+    return source.call(lambda: source.fs.cat_file(path))
+
+
 class _NoRows(Exception):
     """A shard whose pairs were all invalid: nothing to commit."""
 
@@ -113,9 +118,7 @@ def _valid_rows(
     table = np.asarray(lut, np.int16) if lut is not None else None
     for pair in pairs:
         try:
-            with storage.storage_errors(source.uri):
-                img_bytes = source.fs.cat_file(pair.image)
-                mask_bytes = source.fs.cat_file(pair.mask)
+            img_bytes, mask_bytes = _read(source, pair.image), _read(source, pair.mask)
         except storage.StorageError as exc:
             if not isinstance(exc.__cause__, FileNotFoundError):
                 raise
@@ -241,14 +244,17 @@ def _run_shard_tasks(
     shards: list[dict[str, Any]] = []
     hist = np.zeros(256, np.int64)
     done_pairs, last_log = 0, time.time()
+    shown = progress.stage("prepare", sum(len(group) for _, group in plan), unit="pairs")
 
     def collect(refs: list[ray.ObjectRef]) -> None:
         nonlocal done_pairs
         for result in ray.get(refs):
-            invalid.extend(result.pop("invalid"))
+            found = result.pop("invalid")
+            invalid.extend(found)
             hist[:] += np.asarray(result.pop("hist"), np.int64)
             fingerprints.append(result.pop("fingerprint"))
             done_pairs += result["rows"]
+            shown.update(result["rows"] + len(found), invalid=len(invalid))
             if result.get("path"):
                 shards.append(result)
 
@@ -271,6 +277,7 @@ def _run_shard_tasks(
             )
         collect(pending)
         pending = []
+        shown.close()
     except BaseException:
         for ref in pending:
             ray.cancel(ref)
@@ -289,7 +296,7 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, l
         spec.mask_values,
         spec.num_classes or (len(spec.class_names) if spec.class_names else None),
     )
-    val_keys = read_val_keys(spec.val_keys, spec.endpoint_url) if spec.val_keys is not None else None
+    val_keys = read_val_keys(spec.val_keys, spec.endpoint_url, source.retry_s) if spec.val_keys is not None else None
     pairs, split_source = assign_splits(listing, spec.layout, val_keys, spec.val_fraction, spec.seed)
     if listing.class_names:
         if spec.num_classes and spec.num_classes != len(listing.class_names):
@@ -367,8 +374,9 @@ def _manifest(
 def prepare(spec: PrepareSpec) -> dict[str, Any]:
     """Run the prepare job and return the manifest (written last: it is the commit)."""
     t0 = time.time()
-    source = storage.resolve(spec.source, spec.endpoint_url)
-    dest = storage.resolve(spec.dest, spec.endpoint_url)
+    # The deadline is fixed here, on the driver; the shard tasks get it with the Locations.
+    source = storage.resolve(spec.source, spec.endpoint_url, spec.storage_retry_s)
+    dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
     storage.check_readable(source)
     listing, pairs, split_source = _list_pairs(spec, source)
     manifest_loc = _clear_destination(spec, dest)

@@ -6,24 +6,35 @@ through Ray's object store, never one Python list on the driver. A flat prefix w
 millions of objects is listed by the driver's first-level listing; for those, give a
 ``list`` source (a Parquet file of URIs) instead.
 
-Rows are (key, uri, size, version): the key is the path below the prefix without
-extension, the version what changes when an object is rewritten (S3 ETag, local mtime).
+Rows are (key, uri, size, version, error, collides): the key is the path below the
+prefix without extension, the version what changes when an object is rewritten (S3
+ETag, local mtime). ``error`` says why an input must not be read: its key collides
+with another's (``collisions.within``: the files of one folder are always listed by
+one unit, the driver's first level or one sub-prefix task), or it is a local symlink
+that is dangling or points outside the prefix (never followed).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from raysegment import storage
 from raysegment.errors import DataError
+from raysegment.inference import collisions
 
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+# The columns nightly's ledger rows start with.
 LISTING_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+# What the lister returns: a row with an error is not to be read (it becomes an error row).
+LISTED_SCHEMA = pa.schema([*LISTING_SCHEMA, ("error", pa.string()), ("collides", pa.bool_())])
 
 
 def strip_ext(path: str) -> str:
@@ -70,71 +81,139 @@ def top_level(root: storage.Location, file_hint: str) -> list[dict[str, Any]]:
     return root.call(ls)
 
 
-def _files(infos: dict[str, dict[str, Any]]) -> Iterator[tuple[str, int, str]]:
-    """(path, size, version) of the files among fsspec info entries."""
-    for path, info in infos.items():
-        if info.get("type") != "directory":
-            yield path, int(info.get("size") or 0), version(info)
+@dataclasses.dataclass(frozen=True, order=True)
+class Entry:
+    """One listed file; ``problem`` says why it must not be read ('' if it may)."""
+
+    path: str
+    size: int
+    version: str
+    problem: str = ""
 
 
-def _table(root: storage.Location, files: Iterable[tuple[str, int, str]], exts: tuple[str, ...]) -> pa.Table:
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def link_problem(path: str, real_root: str) -> str:
+    """Why a local symlink is not followed: dangling, or pointing outside INPUT ('' if inside)."""
+    target = os.path.realpath(path)
+    if not os.path.exists(target):
+        return f"dangling symlink {path} -> {os.readlink(path)}: its target does not exist"
+    if not _within(target, real_root):
+        return f"symlink {path} -> {target}: a file outside INPUT, not followed"
+    return ""
+
+
+def entry(info: dict[str, Any], real_root: str | None) -> Entry:
+    """An fsspec info dict as an Entry; local symlinks are checked against the real INPUT folder."""
+    path = info["name"]
+    problem = link_problem(path, real_root) if real_root is not None and info.get("islink") else ""
+    return Entry(path, int(info.get("size") or 0), version(info), problem)
+
+
+def unit_table(
+    root: storage.Location,
+    entries: Iterable[Entry],
+    exts: tuple[str, ...],
+    containers: bool = False,
+    claimed: Iterable[str] = (),
+) -> pa.Table:
+    """The rows of one listing unit, with its key collisions marked."""
     prefix = root.path.rstrip("/") + "/"
-    found = sorted(f for f in files if f[0].startswith(prefix) and has_ext(f[0], exts))
+    found = sorted(e for e in entries if e.path.startswith(prefix) and has_ext(e.path, exts))
+    names = [e.path[len(prefix) :] for e in found]
+    keys = [strip_ext(n) for n in names]
+    clashes = collisions.within(keys, names)
+    # An archive under another's key is refused as a whole (an error row, not a collision of its own).
+    problems = collisions.nested(keys, names, claimed) if containers else [""] * len(keys)
     return pa.table(
         {
-            "key": [strip_ext(p[len(prefix) :]) for p, _, _ in found],
-            "uri": [uri_of(root, p) for p, _, _ in found],
-            "size": [s for _, s, _ in found],
-            "version": [v for _, _, v in found],
+            "key": keys,
+            "uri": [uri_of(root, e.path) for e in found],
+            "size": [e.size for e in found],
+            "version": [e.version for e in found],
+            "error": [c or p or e.problem for c, p, e in zip(clashes, problems, found)],
+            "collides": [bool(c) for c in clashes],
         },
-        schema=LISTING_SCHEMA,
+        schema=LISTED_SCHEMA,
     )
 
 
-def _list_entries(batch: pa.Table, root: storage.Location, exts: tuple[str, ...]) -> pa.Table:
-    """List first-level entries (runs as a Ray task): files as they are, folders recursively."""
-    files: list[tuple[str, int, str]] = []
-    for entry in batch.to_pylist():
-        if entry["is_dir"]:
-            path = entry["path"]
-            files.extend(_files(root.call(lambda: root.fs.find(path, detail=True))))  # noqa: B023
-        else:
-            files.append((entry["path"], entry["size"], entry["version"]))
-    return _table(root, files, exts)
+def _list_entries(
+    batch: pa.Table,
+    root: storage.Location,
+    exts: tuple[str, ...],
+    real_root: str | None,
+    containers: bool,
+    claimed: frozenset[str],
+) -> pa.Table:
+    """List first-level entries (runs as a Ray task): rows the driver made as they are, folders recursively."""
+    tables = [batch.filter(pc.invert(batch["is_dir"])).select(LISTED_SCHEMA.names).cast(LISTED_SCHEMA)]
+    for path in batch.filter(batch["is_dir"])["path"].to_pylist():
+        found = root.call(lambda: root.fs.find(path, detail=True))  # noqa: B023
+        files = (entry(i, real_root) for i in found.values() if i.get("type") != "directory")
+        tables.append(unit_table(root, files, exts, containers, claimed))
+    return pa.concat_tables(tables)
+
+
+def _real_root(root: storage.Location) -> str | None:
+    """The local prefix with its symlinks resolved, to tell links that leave it; None on S3."""
+    return None if root.remote else os.path.realpath(root.path)
+
+
+def _holds_any(root: storage.Location, folders: list[str], exts: tuple[str, ...]) -> bool:
+    """Whether any file under the folders has one of exts: walked lazily, stopping at the first."""
+
+    def search() -> bool:
+        for folder in folders:
+            for _, _, files in root.fs.walk(folder):
+                if any(has_ext(f, exts) for f in files):
+                    return True
+        return False
+
+    return root.call(search)
+
+
+_NO_ROW = {"key": "", "uri": "", "size": 0, "version": "", "error": "", "collides": False}
 
 
 def list_prefix(
-    root: storage.Location, exts: tuple[str, ...], file_hint: str, files_per_task: int = 1
+    root: storage.Location, exts: tuple[str, ...], file_hint: str, files_per_task: int = 1, containers: bool = False
 ) -> ray.data.Dataset | None:
-    """A dataset of (key, uri, size, version) for every file under root with one of exts; None if root is empty.
+    """A dataset of LISTED_SCHEMA rows for every file under root with one of exts; None if there is none.
 
-    Each sub-folder is listed by its own task; files directly under root go
-    ``files_per_task`` to a task. ``file_hint`` says what to give instead when root is a file.
+    Each sub-folder is listed by its own task; files directly under root (checked for
+    collisions here, on the driver) go ``files_per_task`` to a task. ``containers``: the
+    files are archives whose members are keyed below the archive's key, so an archive
+    under another's key is refused too. ``file_hint`` says what to give instead when root is a file.
     """
+    real_root = _real_root(root)
     entries = top_level(root, file_hint)
-    if not entries:
+    folders = [e["name"] for e in entries if e["type"] == "directory"]
+    top = unit_table(root, (entry(e, real_root) for e in entries if e["type"] != "directory"), exts, containers)
+    if not top.num_rows and not _holds_any(root, folders, exts):
         return None
-    items = [
-        {
-            "path": e["name"],
-            "is_dir": e["type"] == "directory",
-            "size": int(e.get("size") or 0),
-            "version": version(e),
-        }
-        for e in entries
-    ]
-    files = sum(not item["is_dir"] for item in items)
-    blocks = len(items) - files + -(-files // files_per_task)
+    items = [{"path": "", "is_dir": False, **row} for row in top.to_pylist()]
+    items += [{"path": f, "is_dir": True, **_NO_ROW} for f in folders]
+    blocks = len(folders) + -(-top.num_rows // files_per_task)
     # Let a task's StorageError/DataError reach the driver as itself (Ray Data would wrap it in a
     # UserCodeException whose cause does not survive pickling), so the CLI prints its one line.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(blocks, 200)))
-    return ds.map_batches(_list_entries, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="pyarrow")
+    kwargs = {
+        "root": root,
+        "exts": exts,
+        "real_root": real_root,
+        "containers": containers,
+        "claimed": frozenset(top["key"].to_pylist()) if containers else frozenset(),
+    }
+    return ds.map_batches(_list_entries, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow")
 
 
 def list_table(root: storage.Location, exts: tuple[str, ...], file_hint: str) -> pa.Table:
     """The whole listing as one Arrow table on the driver, for callers that need every row at once."""
     ds = list_prefix(root, exts, file_hint)
     tables = ray.get(ds.to_arrow_refs()) if ds is not None else []
-    names = LISTING_SCHEMA.names
-    return pa.concat_tables([LISTING_SCHEMA.empty_table(), *(t.select(names).cast(LISTING_SCHEMA) for t in tables)])
+    names = LISTED_SCHEMA.names
+    return pa.concat_tables([LISTED_SCHEMA.empty_table(), *(t.select(names).cast(LISTED_SCHEMA) for t in tables)])

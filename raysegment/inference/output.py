@@ -1,6 +1,7 @@
 """The inference output layout, both directions: what `infer` writes under OUTPUT and how it is read back.
 
-    masks/{key}.png              --mask-format png: one PNG per image
+    masks/{key}.png              --mask-format png: one PNG per image (masks/_long/{sha256}.png for keys
+                                 too long to be a file name: see png_mask_name)
     masks/part-{batch}.npz       --mask-format npz: one array per key, per batch
     masks/part-{batch}.bin       --mask-format packed: PNGs back to back, per batch (offset/length in the row)
     summaries/run={run_id}/part-{batch}.parquet   one row per input image (SUMMARY_COLUMNS)
@@ -15,7 +16,7 @@ orphan pack no summary points to). `_SUCCESS` is removed when a run starts and
 written after its run record, only when the run checks out.
 
 `infer` (inference/pipeline.py) writes through this module; `report`, `nightly`
-and resuming read through it. One file on purpose, a little over 400 lines: the
+and resuming read through it. One file on purpose, a little over 450 lines: the
 layout is one contract, and its writers and readers change together.
 """
 
@@ -33,7 +34,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,6 +47,11 @@ MASKS = "masks"
 SUMMARIES = "summaries"
 RUNS = "runs"
 CLASS_NAMES_META = b"raysegment.class_names"
+# What filesystems and S3 allow a mask name: ext4, XFS and most others take 255 bytes per path
+# component; S3 takes 1024 bytes per key, of which OUTPUT's own prefix needs a part.
+MAX_NAME_BYTES = 255
+MAX_MASK_NAME_BYTES = 512
+LONG_NAMES = "_long"
 Palette = Sequence[Sequence[int]] | None
 
 
@@ -122,11 +127,23 @@ class MaskFormat:
         raise NotImplementedError
 
 
+def png_mask_name(key: str) -> str:
+    """A key's PNG below masks/: `{key}.png`, or `_long/{sha256(key)}.png` when that name would pass
+    what a filesystem or S3 allows (a part over 255 bytes, or the whole over 512). The summary row
+    keeps the key and points at the stored name; a function of the key alone, so a moved output
+    and a re-run find the same file."""
+    name = f"{key}.png"
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_MASK_NAME_BYTES or any(len(part) > MAX_NAME_BYTES for part in raw.split(b"/")):
+        return f"{LONG_NAMES}/{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()}.png"
+    return name
+
+
 class PngMasks(MaskFormat):
     name = "png"
 
     def write(self, key: str, mask: np.ndarray) -> MaskRef:
-        target = self.output.child(MASKS, f"{key}.png")
+        target = self.output.child(MASKS, png_mask_name(key))
         storage.write_bytes(target, imaging.encode_mask(mask, self.palette))
         return MaskRef(target.uri)
 
@@ -136,7 +153,7 @@ class PngMasks(MaskFormat):
 
     @staticmethod
     def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
-        return _decode_png(storage.read_bytes(output.child(MASKS, f"{key}.png")))
+        return _decode_png(storage.read_bytes(output.child(MASKS, png_mask_name(key))))
 
 
 class NpzMasks(MaskFormat):
@@ -193,9 +210,7 @@ class PackedMasks(MaskFormat):
     @staticmethod
     def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
         loc = _mask_location(output, ref.uri)
-        with storage.storage_errors(loc.uri):
-            data = loc.fs.cat_file(loc.path, start=ref.offset, end=ref.offset + ref.length)
-        return _decode_png(data)
+        return _decode_png(loc.call(lambda: loc.fs.cat_file(loc.path, start=ref.offset, end=ref.offset + ref.length)))
 
 
 MASK_FORMATS: dict[str, type[MaskFormat]] = {f.name: f for f in (PngMasks, NpzMasks, PackedMasks)}
@@ -242,13 +257,13 @@ def write_outputs(
     name = batch_name(batch["key"])
     masks = MASK_FORMATS[mask_format](output, name, card.palette)
     refs: list[MaskRef] = []
-    fractions: list[list[float]] = []
+    fractions: list[list[float] | None] = []
     write_ms: list[float] = []
     for i in range(n):
         t0 = time.perf_counter()
         if batch["error"][i]:
             refs.append(MaskRef())
-            fractions.append([0.0] * k)
+            fractions.append(None)  # NULL, not zeros: an average that forgets `status` must not count it
         else:
             mask = imaging.resize_mask(batch["pred"][i], (int(batch["height"][i]), int(batch["width"][i])))
             refs.append(masks.write(str(batch["key"][i]), mask))
@@ -256,6 +271,7 @@ def write_outputs(
         write_ms.append((time.perf_counter() - t0) * 1000)
     masks.finish()
     status = ["error" if e else "ok" for e in batch["error"]]
+    confidence = [None if e else float(c) for e, c in zip(batch["error"], batch["mean_confidence"])]
     table = pa.table(
         {
             "key": batch["key"].astype(str),
@@ -268,7 +284,7 @@ def write_outputs(
             "status": status,
             "error": batch["error"].astype(str),
             "class_fractions": fractions,
-            "mean_confidence": batch["mean_confidence"].astype(np.float32),
+            "mean_confidence": pa.array(confidence, pa.float32()),
             "model_id": [card.model_id] * n,
             "model_sha256": [card.model_sha256] * n,
             "run_id": [run_id] * n,
@@ -302,46 +318,53 @@ def summary_tables(output: storage.Location, columns: list[str]) -> Iterator[pa.
 
 @dataclasses.dataclass(frozen=True)
 class Done:
-    """What earlier runs finished: keys with a summary row, and the model hashes that wrote them."""
+    """What earlier runs finished: keys with a summary row, the model hashes that wrote them, and
+    the number of rows (more rows than keys: two inputs shared a key)."""
 
     keys: frozenset[str]
     models: frozenset[str]
+    rows: int = 0
 
 
 def read_done(output: storage.Location) -> Done:
-    """The keys done under OUTPUT (resume skips them) and the models that did them."""
+    """The keys done under OUTPUT (resume skips them), the models that did them, and the rows."""
     keys: set[str] = set()
     models: set[str] = set()
+    rows = 0
     for table in summary_tables(output, ["key", "model_sha256"]):
         keys.update(table.column("key").to_pylist())
         models.update(table.column("model_sha256").unique().to_pylist())
-    return Done(frozenset(keys), frozenset(models))
+        rows += table.num_rows
+    return Done(frozenset(keys), frozenset(models), rows)
 
 
 class Summaries:
-    """Every summary row under OUTPUT as one streamed Arrow dataset (the report's pass over them)."""
+    """Every summary row under OUTPUT, streamed a file at a time (the report's pass over them).
+
+    Each file is read through `storage`, so under the output's retry deadline, like every other
+    storage call of a report; a file is one batch of rows, so memory stays that small."""
 
     def __init__(self, output: storage.Location) -> None:
-        paths = summary_files(output)
-        if not paths:
+        self.paths = summary_files(output)
+        if not self.paths:
             raise DataError(
                 f"{output.uri}: no inference summaries ({SUMMARIES}/run=*/part-*.parquet); run `raysegment infer`"
             )
-        self.uri = output.uri
-        with storage.storage_errors(output.uri):
-            self.dataset = pads.dataset(paths, format="parquet", filesystem=output.arrow_fs())
+        self.output = output
+        # The first file names the classes, as a dataset over all of them would.
+        self.metadata = storage.read_table(output, self.paths[0], columns=[]).schema.metadata or {}
 
     @property
     def class_names(self) -> list[str]:
         """Class names from the files' metadata; empty for summaries written without them."""
-        names = (self.dataset.schema.metadata or {}).get(CLASS_NAMES_META)
+        names = self.metadata.get(CLASS_NAMES_META)
         return [str(n) for n in json.loads(names)] if names else []
 
-    def batches(self, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
-        """Record batches of the summary columns the files have (older runs lack some)."""
-        columns = [c for c in SUMMARY_COLUMNS if c in self.dataset.schema.names]
-        with storage.storage_errors(self.uri):
-            yield from self.dataset.to_batches(columns=columns, batch_size=batch_size)
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Record batches of the summary columns each file has (older runs lack some)."""
+        for path in self.paths:
+            table = storage.read_table(self.output, path)
+            yield from table.select([c for c in SUMMARY_COLUMNS if c in table.schema.names]).to_batches()
 
 
 # -- run records and the _SUCCESS marker -----------------------------------------------------------------

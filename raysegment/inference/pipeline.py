@@ -2,8 +2,9 @@
 
 list (parallel) -> drop keys already done -> read bytes -> decode + resize (CPU tasks)
 -> predict (actor pool, model loaded once per actor) -> resize back, write masks and
-one summary file per batch (CPU tasks). The driver only counts. ``runs/{run_id}.json``
-then ``_SUCCESS`` are written last: an output without the marker is never complete.
+one summary file per batch (CPU tasks). The driver only counts. The report, then
+``runs/{run_id}.json``, then ``_SUCCESS`` are written last: an output without the marker is
+never complete, and a run killed before its record was written leaves none.
 A re-run over the same output skips keys that already have a summary row, so a
 killed job resumes without duplicates. What lies where under OUTPUT, and how it is
 read back, is inference/output.py.
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from raysegment import __version__, storage
+from raysegment import __version__, progress, storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
+from raysegment.inference import collisions
 from raysegment.inference import output as layout
+from raysegment.inference.overlap import check_apart
 from raysegment.inference.predictor import Predictor, preprocess, resolve_precision
 from raysegment.inference.sources import source_rows
 from raysegment.models.card import ModelCard
@@ -48,9 +51,9 @@ def infer(spec: InferSpec) -> dict[str, Any]:
     kind, ds = list_inputs(run)
     ds = write(run, predict(run, ds))
     record = verify(run, kind, *drain(run, ds))
-    layout.write_run_record(run.output, record)
     if spec.report:
-        write_report(run)
+        write_report(run, record)  # from the record in memory: it is written only after the report
+    layout.write_run_record(run.output, record)
     if record.problems:
         raise JobError(f"{run.output.uri}: run {run.run_id} failed: " + "; ".join(record.problems))
     layout.mark_complete(run.output, run.run_id)
@@ -60,9 +63,12 @@ def infer(spec: InferSpec) -> dict[str, Any]:
 def plan(spec: InferSpec) -> Run:
     """Check model and locations, clear or read what earlier runs did, and start a run."""
     started = time.time()
-    card = ModelCard.read(spec.model, spec.endpoint_url)
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
-    storage.check_readable(storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s))
+    # Hashed here, once: a model.keras that is not the card's would stamp every row with a wrong hash.
+    card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True, retry_s=output.retry_s)
+    input_loc = storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s)
+    storage.check_readable(input_loc)
+    check_apart(input_loc, output)  # before the first write: outputs are never read as inputs
     storage.check_writable(output)
     if spec.overwrite:
         layout.clear(output)
@@ -80,6 +86,8 @@ def plan(spec: InferSpec) -> Run:
 def _drop_done(batch: dict[str, np.ndarray], done: list[Any]) -> dict[str, np.ndarray]:
     keys = ray.get(done[0])
     keep = np.asarray([k not in keys for k in batch["key"]], bool)
+    if "collides" in batch:  # a key collision is reported again on every run until it is renamed
+        keep |= batch["collides"].astype(bool)
     return {name: col[keep] for name, col in batch.items()}
 
 
@@ -105,6 +113,7 @@ def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
         spec.key_column,
         spec.storage_retry_s,
         spec.batch_size,
+        output=spec.output,
     )
 
 
@@ -130,6 +139,7 @@ def predict(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
         fn_constructor_kwargs={
             "model_uri": spec.model,
             "endpoint_url": spec.endpoint_url,
+            "retry_s": run.output.retry_s,
             "tta_flip": spec.tta_flip,
             "threads": max(1, int(spec.cpus_per_actor)),
             "precision": resolve_precision(spec.precision, spec.gpus_per_actor),
@@ -160,25 +170,31 @@ def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.Firs
     """Run the pipeline; the driver only sums the per-batch counts."""
     counts = layout.RunCounts(skipped=len(run.done))
     first_batch = None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        counts.processed += int(batch["rows"].sum())
-        counts.ok += int(batch["ok"].sum())
-        counts.error += int(batch["error"].sum())
-        if first_batch is None:
-            first_batch = layout.FirstBatch(seconds=round(time.time() - run.started, 2), rows=counts.processed)
+    with progress.stage("infer") as shown:  # the total only where the caller knows it (nightly)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            counts.processed += int(batch["rows"].sum())
+            counts.ok += int(batch["ok"].sum())
+            counts.error += int(batch["error"].sum())
+            shown.update(int(batch["rows"].sum()), errors=counts.error)
+            if first_batch is None:
+                first_batch = layout.FirstBatch(seconds=round(time.time() - run.started, 2), rows=counts.processed)
     return counts, first_batch
 
 
 def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.FirstBatch | None) -> layout.RunRecord:
     """The run record, checked against what is on storage (not what the driver counted): one row per key."""
     spec = run.spec
-    counts.total = len(layout.read_done(run.output).keys)
+    done = layout.read_done(run.output)
+    counts.total = len(done.keys)
     seconds = time.time() - run.started
     problems = []
-    if counts.total != counts.skipped + counts.processed:
+    # Rows against keys over the whole output, not this run's count: a re-run must not pass a
+    # collision that an earlier run recorded. Keys count as one when only their Unicode form differs.
+    distinct = len({collisions.fold(k) for k in done.keys})
+    if done.rows != distinct:
         problems.append(
-            f"{counts.skipped + counts.processed} summary rows for {counts.total} distinct keys: some inputs share "
-            "a key (same path with different extensions?); rename them or split the input"
+            f"{done.rows} summary rows for {distinct} distinct keys: some inputs share a key (same path "
+            "with different extensions?); rename them, then re-run with --overwrite"
         )
     if counts.processed and counts.error / counts.processed > spec.max_error_fraction:
         problems.append(
@@ -203,11 +219,12 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
     )
 
 
-def write_report(run: Run) -> None:
-    """report.html and overlays.png; never fails a finished run (`raysegment report` redoes them)."""
+def write_report(run: Run, record: layout.RunRecord) -> None:
+    """report.html and overlays.png, under the job's storage deadline; never fails a finished run
+    (`raysegment report` redoes them)."""
     from raysegment.report import write_run_report
 
     try:
-        write_run_report(run.output.uri, run.run_id, endpoint_url=run.spec.endpoint_url)
+        write_run_report(run.output.uri, endpoint_url=run.spec.endpoint_url, retry_s=run.output.retry_s, record=record)
     except Exception as exc:
         log.warning("run report not written (%s); run `raysegment report %s`", exc, storage.redact(run.output.uri))

@@ -87,6 +87,7 @@ class Predictor:
         tile_overlap: int = 64,
         batch_size: int = 16,
         decode_max_pixels: int | None = None,
+        retry_s: float | None = None,
     ) -> None:
         self.decode_max_pixels = decode_max_pixels  # set when the actor decodes its own batches
         if threads:
@@ -99,10 +100,11 @@ class Predictor:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
 
-        self.card = ModelCard.read(model_uri, endpoint_url)
+        # retry_s: the driver's storage deadline (a worker's environment may say otherwise).
+        self.card = ModelCard.read(model_uri, endpoint_url, retry_s=retry_s)
         with tempfile.TemporaryDirectory() as d:
             local = os.path.join(d, MODEL_FILE)
-            storage.download_file(model_file(storage.resolve(model_uri, endpoint_url)), local)
+            storage.download_file(model_file(storage.resolve(model_uri, endpoint_url, retry_s)), local)
             self.model = keras.models.load_model(local, compile=False)
         if precision != "float32":
             self.model = _with_policy(self.model, f"mixed_{precision}")

@@ -1,4 +1,4 @@
-"""Inference sources: turn INPUT into a Ray dataset of (key, source_uri, bytes, error) rows.
+"""Inference sources: turn INPUT into a Ray dataset of (key, source_uri, bytes, error, collides) rows.
 
 Kinds (``--source``, default ``auto``):
 - ``files``: every image file under a prefix (recursive, extension filter, any case).
@@ -10,11 +10,14 @@ Kinds (``--source``, default ``auto``):
 
 Files and tar archives are listed in parallel by ``listing.list_prefix`` (the lister
 nightly uses too): keys stream through Ray's object store, never one Python list.
+Every source marks inputs whose keys collide before anything is read
+(``collisions.py``), and never reads what the job writes: OUTPUT inside INPUT is
+refused (``overlap.check_apart``), and a list naming OUTPUT's masks or summaries gets error rows.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator
@@ -26,9 +29,10 @@ import ray
 
 from raysegment import storage
 from raysegment.errors import DataError
+from raysegment.inference import collisions
 from raysegment.inference.listing import ARCHIVE_EXTENSIONS, has_ext, list_prefix, path_of, strip_ext
+from raysegment.inference.urilist import list_uris
 
-LIST_EXTENSIONS = (".txt", ".parquet")
 MAX_KEY_LENGTH = 512
 BATCH_ROWS = 64
 
@@ -45,15 +49,21 @@ def unsafe_key_reason(key: str) -> str | None:
         return "absolute path"
     if any(part in ("..", ".") for part in key.replace("\\", "/").split("/")):
         return "path contains '.' or '..' segments"
+    if "//" in key.replace("\\", "/") or key.endswith(("/", "\\")):
+        return "path contains an empty segment ('//' or a trailing '/')"  # a//b's mask is a/b's
     return None
 
 
-def _rows(keys: list[str], uris: list[str], data: list[bytes], errors: list[str]) -> dict[str, np.ndarray]:
+def _rows(
+    keys: list[str], uris: list[str], data: list[bytes], errors: list[str], collides: list[bool] | None = None
+) -> dict[str, np.ndarray]:
+    # `collides` rides along so that resuming never drops a collision as done (pipeline._drop_done).
     return {
         "key": np.asarray(keys, dtype=object),
         "source_uri": np.asarray(uris, dtype=object),
         "bytes": np.asarray(data, dtype=object),
         "error": np.asarray(errors, dtype=object),
+        "collides": np.asarray(collides if collides is not None else [False] * len(keys), bool),
     }
 
 
@@ -63,22 +73,28 @@ def _rows(keys: list[str], uris: list[str], data: list[bytes], errors: list[str]
 BATCHES_PER_READ_TASK = 4
 
 
-def _listed(root: storage.Location, exts: tuple[str, ...], files_per_task: int = 1) -> ray.data.Dataset:
-    """(key, uri, size, version) of the files under INPUT; an empty prefix is an error."""
-    ds = list_prefix(root, exts, "give a prefix (folder) or use --source list", files_per_task)
+def _listed(
+    root: storage.Location, exts: tuple[str, ...], files_per_task: int = 1, containers: bool = False
+) -> ray.data.Dataset:
+    """Listing rows of the files under INPUT; none at all (an empty folder, or only empty folders) is an error."""
+    ds = list_prefix(root, exts, "give a prefix (folder) or use --source list", files_per_task, containers)
     if ds is None:
-        raise DataError(f"{root.uri}: empty prefix, nothing to infer")
+        raise DataError(
+            f"{root.uri}: no files ending in {', '.join(exts)} under it, nothing to infer; "
+            "check INPUT, --extensions and --source"
+        )
     return ds
 
 
-def _read_each(keys: np.ndarray, uris: list[str], read: Callable[[int], bytes]) -> dict[str, np.ndarray]:
-    """Rows for keys read one by one; an unsafe key or a failed read becomes an error row."""
+def _read_each(batch: dict[str, np.ndarray], uris: list[str], read: Callable[[int], bytes]) -> dict[str, np.ndarray]:
+    """Rows for listed keys read one by one; a listing error, an unsafe key or a failed read becomes an error row."""
+    keys, listed = batch["key"], batch["error"]
     data, errors = [], []
     for i, key in enumerate(keys):
-        problem = unsafe_key_reason(key)
+        problem = listed[i] or (f"unsafe key: {reason}" if (reason := unsafe_key_reason(key)) else "")
         if problem:
             data.append(b"")
-            errors.append(f"unsafe key: {problem}")
+            errors.append(problem)
             continue
         try:
             data.append(read(i))
@@ -88,67 +104,127 @@ def _read_each(keys: np.ndarray, uris: list[str], read: Callable[[int], bytes]) 
                 raise  # the store is down, not the input bad: fail the job, keep the key undone
             data.append(b"")
             errors.append(f"cannot read: {exc}")
-    return _rows(list(keys), uris, data, errors)
+    return _rows(list(keys), uris, data, errors, list(batch["collides"]))
 
 
 def read_files(batch: dict[str, np.ndarray], root: storage.Location) -> dict[str, np.ndarray]:
-    """Read each listed file under root."""
+    """Read each listed file under root; a failure names the file, not INPUT."""
     uris = [str(u) for u in batch["uri"]]
-    return _read_each(batch["key"], uris, lambda i: root.call(lambda: root.fs.cat_file(path_of(root, uris[i]))))
+
+    def read(i: int) -> bytes:
+        loc = storage.Location(uris[i], root.fs, path_of(root, uris[i]), root.endpoint_url, root.retry_s)
+        return loc.call(lambda: loc.fs.cat_file(loc.path))
+
+    return _read_each(batch, uris, read)
+
+
+@dataclasses.dataclass
+class _Block:
+    """Rows gathered for one yield of a streaming reader."""
+
+    keys: list[str] = dataclasses.field(default_factory=list)
+    uris: list[str] = dataclasses.field(default_factory=list)
+    data: list[bytes] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    collides: list[bool] = dataclasses.field(default_factory=list)
+
+    def add(self, key: str, uri: str, data: bytes, error: str = "", collides: bool = False) -> None:
+        self.keys.append(key)
+        self.uris.append(uri)
+        self.data.append(data)
+        self.errors.append(error)
+        self.collides.append(collides)
+
+    def rows(self) -> dict[str, np.ndarray]:
+        return _rows(self.keys, self.uris, self.data, self.errors, self.collides)
 
 
 def read_archives(
     batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...]
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream the image members of each tar archive as rows, BATCH_ROWS at a time."""
-    for key, uri in zip(batch["key"], batch["uri"]):
-        keys: list[str] = []
-        uris: list[str] = []
-        data: list[bytes] = []
-        errors: list[str] = []
-        try:
-            with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile() or not has_ext(member.name, exts):
-                        continue
-                    member_key = f"{key}/{strip_ext(member.name)}"
-                    keys.append(member_key)
-                    uris.append(f"{uri}#{member.name}")
-                    problem = unsafe_key_reason(strip_ext(member.name))
-                    if problem:
-                        data.append(b"")
-                        errors.append(f"unsafe member name: {problem}")
-                    else:
-                        extracted = tar.extractfile(member)
-                        data.append(extracted.read() if extracted else b"")
-                        errors.append("")
-                    if len(keys) >= BATCH_ROWS:
-                        yield _rows(keys, uris, data, errors)
-                        keys, uris, data, errors = [], [], [], []
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            if root.remote and storage.is_transient(exc):
-                raise storage.StorageError(f"{uri}: storage unreachable mid-archive ({exc})") from exc
-            # A damaged archive is one error row; members read before the damage are kept.
-            keys.append(f"{key}/(archive)")
-            uris.append(uri)
-            data.append(b"")
-            errors.append(f"cannot read archive: {type(exc).__name__}: {exc}")
-        if keys:
-            yield _rows(keys, uris, data, errors)
+    for key, uri, error, collides in zip(batch["key"], batch["uri"], batch["error"], batch["collides"]):
+        if error:  # refused by the listing (a key collision, a symlink): one row, nothing read
+            yield _rows([f"{key}/(archive)"], [str(uri)], [b""], [str(error)], [bool(collides)])
+        else:
+            yield from _archive_rows(root, str(key), str(uri), exts)
+
+
+def _archive_rows(root: storage.Location, key: str, uri: str, exts: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+    block = _Block()
+    seen: dict[str, str] = {}  # fold(member key) -> the first member with it
+    try:
+        with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile() and has_ext(member.name, exts):
+                    _add_member(block, tar, member, key, uri, seen)
+                if len(block.keys) >= BATCH_ROWS:
+                    yield block.rows()
+                    block = _Block()
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        if root.remote and storage.is_transient(exc):
+            raise storage.StorageError(f"{uri}: storage unreachable mid-archive ({exc})") from exc
+        # A damaged archive is one error row; members read before the damage are kept.
+        block.add(f"{key}/(archive)", uri, b"", f"cannot read archive: {type(exc).__name__}: {exc}")
+    if block.keys:
+        yield block.rows()
+
+
+def _add_member(
+    block: _Block, tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, uri: str, seen: dict[str, str]
+) -> None:
+    """One member's row. A member whose key repeats an earlier one's (x.png and x.jpg, or one name
+    stored twice) is an error row: the archive streams, so the earlier one is already on its way."""
+    member_key = f"{key}/{strip_ext(member.name)}"
+    source = f"{uri}#{member.name}"
+    problem = unsafe_key_reason(strip_ext(member.name))
+    folded = collisions.fold(member_key)
+    if problem:
+        block.add(member_key, source, b"", f"unsafe member name: {problem}")
+    elif folded in seen:
+        block.add(member_key, source, b"", collisions.repeated(member.name, seen[folded], member_key), True)
+    else:
+        seen[folded] = member.name
+        extracted = tar.extractfile(member)
+        block.add(member_key, source, extracted.read() if extracted else b"")
 
 
 def _parquet_rows(
-    batch: dict[str, np.ndarray], uri: str, image_column: str, key_column: str | None
+    batch: dict[str, np.ndarray], uri: str, image_column: str, key_column: str | None, clashes: dict[str, str]
 ) -> dict[str, np.ndarray]:
     images = batch[image_column]
-    n = len(images)
-    keys = batch[key_column] if key_column else batch["__row"]
+    keys = [str(k) for k in (batch[key_column] if key_column else batch["__row"])]
+    refused = [clashes.get(collisions.fold(k), "") if clashes else "" for k in keys]
     return _rows(
-        [str(k) for k in keys],
+        keys,
         [f"{uri}#{k}" for k in keys],
-        [b if isinstance(b, bytes) else b"" for b in images],
-        ["" if isinstance(b, bytes) and b else "empty or missing image bytes" for b in images] if n else [],
+        [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
+        [r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes") for b, r in zip(images, refused)],
+        [bool(r) for r in refused],
     )
+
+
+def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str]:
+    """fold(key) -> error text, for keys of the key column that more than one row has.
+
+    Read first, on the driver, and only that column: a table's keys can repeat anywhere in it.
+    """
+    prefix = root.path.rstrip("/") + "/"
+
+    def pairs() -> Iterator[tuple[list[str], list[str]]]:
+        files = [root.path] if root.fs.isfile(root.path) else storage.parquet_files(root)
+        for path in files:
+            name = path.removeprefix(prefix)
+            with root.fs.open(path, "rb") as f:
+                row = 0
+                for rb in pq.ParquetFile(f).iter_batches(columns=[key_column]):
+                    keys = [str(k) for k in rb.column(0).to_pylist()]
+                    yield keys, [f"{name} row {row + i}" for i in range(len(keys))]
+                    row += len(keys)
+
+    found = root.call(lambda: collisions.duplicated(pairs))
+    fix = f"make --key-column {key_column} unique, then re-run with --overwrite"
+    return {folded: collisions.message(names, folded, fix) for folded, names in found.items()}
 
 
 def read_parquet_table(root: storage.Location, image_column: str, key_column: str | None) -> ray.data.Dataset:
@@ -173,69 +249,15 @@ def read_parquet_table(root: storage.Location, image_column: str, key_column: st
             )
             return batch
 
-        # Row numbers are per file: one batch per file keeps them stable across runs.
+        # Row numbers are per file: one batch per file keeps them stable across runs. Paths
+        # differ, so these keys never collide.
         ds = ds.map_batches(add_row_keys, batch_size=None, batch_format="numpy")
+    clashes = key_column_clashes(root, key_column) if key_column else {}
     return ds.map_batches(
         _parquet_rows,
-        fn_kwargs={"uri": root.uri, "image_column": image_column, "key_column": key_column},
+        fn_kwargs={"uri": root.uri, "image_column": image_column, "key_column": key_column, "clashes": clashes},
         batch_format="numpy",
     )
-
-
-def _uri_key(uri: str) -> str:
-    rest = uri.split("://", 1)[1] if "://" in uri else uri
-    return strip_ext(rest.lstrip("/"))
-
-
-LIST_ROWS = 4096  # URIs per block when streaming a list
-
-
-def _list_rows(uris: list[str], keys: list[str] | None) -> dict[str, np.ndarray]:
-    """(key, path) for the non-blank, non-comment URIs; keys from the list or from each URI."""
-    out_keys, paths = [], []
-    for i, raw in enumerate(uris):
-        uri = (raw or "").strip()
-        if uri and not uri.startswith("#"):
-            out_keys.append(keys[i] if keys is not None else _uri_key(uri))
-            paths.append(uri)
-    return {"key": np.asarray(out_keys, dtype=object), "path": np.asarray(paths, dtype=object)}
-
-
-def _read_list(batch: dict[str, np.ndarray], root: storage.Location) -> Iterator[dict[str, np.ndarray]]:
-    """Stream a list file, LIST_ROWS URIs at a time (bounded memory for millions of URIs)."""
-    with storage.storage_errors(root.uri), root.fs.open(root.path, "rb") as f:
-        if root.path.lower().endswith(".parquet"):
-            pf = pq.ParquetFile(f)
-            columns = ["uri", "key"] if "key" in pf.schema_arrow.names else ["uri"]
-            for rb in pf.iter_batches(batch_size=LIST_ROWS, columns=columns):
-                keys = rb.column("key").to_pylist() if "key" in columns else None
-                yield _list_rows(rb.column("uri").to_pylist(), keys)
-            return
-        lines: list[str] = []
-        for raw in io.TextIOWrapper(f, encoding="utf-8"):
-            lines.append(raw)
-            if len(lines) == LIST_ROWS:
-                yield _list_rows(lines, None)
-                lines = []
-        yield _list_rows(lines, None)
-
-
-def list_uris(root: storage.Location) -> ray.data.Dataset:
-    """(key, path) rows from a .txt list (one URI per line) or a Parquet list (`uri` column, and
-    an optional `key` column; without one the key is the URI's path without extension).
-
-    One task streams the file with pyarrow: `ray.data.read_parquet` starts footer-reader
-    actors and costs seconds per execution (a minute on a loaded 2-node cluster).
-    """
-    if root.path.lower().endswith(".parquet"):
-        with storage.storage_errors(root.uri), root.fs.open(root.path, "rb") as f:
-            names = pq.ParquetFile(f).schema_arrow.names
-        if "uri" not in names:
-            raise DataError(f"{root.uri}: a URI list in Parquet needs a 'uri' column (has {names})")
-    elif not storage.exists(root):
-        raise DataError(f"{root.uri}: URI list not found")
-    ds = ray.data.from_items([{"list": root.uri}])
-    return ds.map_batches(_read_list, fn_kwargs={"root": root}, batch_size=1, batch_format="numpy")
 
 
 def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None, retry_s: float | None) -> dict[str, np.ndarray]:
@@ -253,7 +275,17 @@ def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None, retry_s: f
             loc = storage.Location(uri, filesystems[scheme].fs, uri.split("://", 1)[1], endpoint_url, retry_s)
         return loc.call(lambda: loc.fs.cat_file(loc.path))
 
-    return _read_each(batch["key"], [str(u) for u in batch["path"]], read)
+    return _read_each(batch, [str(u) for u in batch["path"]], read)
+
+
+def _sample(root: storage.Location, n: int = 1000) -> list[str]:
+    """Up to n file names under root, walked folder by folder: never the whole listing on the driver."""
+    names: list[str] = []
+    for _, _, files in root.fs.walk(root.path):
+        names.extend(files[: n - len(names)])
+        if len(names) >= n:
+            break
+    return names
 
 
 def detect_kind(root: storage.Location) -> str:
@@ -268,7 +300,7 @@ def detect_kind(root: storage.Location) -> str:
         if low.endswith(".parquet") and root.fs.isfile(root.path):
             with root.fs.open(root.path, "rb") as f:
                 return "list" if "uri" in pq.ParquetFile(f).schema_arrow.names else "parquet"
-        return [p for p, _ in zip(root.fs.find(root.path), range(1000))]
+        return _sample(root)
 
     sample = root.call(look)
     if isinstance(sample, str):
@@ -293,11 +325,13 @@ def source_rows(
     key_column: str | None = None,
     retry_s: float | None = None,
     batch_size: int = 16,
+    output: str | None = None,
 ) -> tuple[str, ray.data.Dataset]:
-    """(kind, dataset of key/source_uri/bytes/error rows) for INPUT.
+    """(kind, dataset of key/source_uri/bytes/error/collides rows) for INPUT.
 
     ``keep`` drops keys already done; it runs on the listing where keys are known
-    before reading (files, list) so skipped images are never read.
+    before reading (files, list) so skipped images are never read. A list's entries
+    under ``output``'s own folders become error rows.
     """
     root = storage.resolve(uri, endpoint_url, retry_s)
     kind = detect_kind(root) if kind == "auto" else kind
@@ -307,11 +341,12 @@ def source_rows(
             read_files, fn_kwargs={"root": root}, batch_format="numpy"
         )
     elif kind == "list":
-        ds = keep(list_uris(root)).map_batches(
+        out = storage.resolve(output, endpoint_url, retry_s) if output else None
+        ds = keep(list_uris(root, out)).map_batches(
             read_uris, fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s}, batch_format="numpy"
         )
     elif kind == "tar":
-        archives = _listed(root, ARCHIVE_EXTENSIONS)
+        archives = _listed(root, ARCHIVE_EXTENSIONS, containers=True)
         ds = keep(
             archives.map_batches(
                 read_archives, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy"

@@ -12,6 +12,7 @@ far still loads; keys this module does not know are kept when a card is rewritte
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -77,15 +78,35 @@ class ModelCard(_Part):
         return cls(model_id=f"{arch.name}-{model_sha256[:12]}", model_sha256=model_sha256, architecture=arch, **fields)
 
     @classmethod
-    def read(cls, model_uri: str, endpoint_url: str | None = None) -> ModelCard:
-        """The card of a trained model directory (local or s3://), or one clear DataError."""
-        loc = storage.resolve(model_uri, endpoint_url)
+    def read(
+        cls, model_uri: str, endpoint_url: str | None = None, verify_model: bool = False, retry_s: float | None = None
+    ) -> ModelCard:
+        """The card of a trained model directory (local or s3://), or one clear DataError.
+
+        `verify_model`: also hash model.keras and compare with the card's model_sha256 (see
+        `check_model_file`); the jobs do this once, on the driver."""
+        loc = storage.resolve(model_uri, endpoint_url, retry_s)
         card_loc = loc.child(CARD_FILE)
         if not storage.exists(card_loc) or not storage.exists(loc.child(MODEL_FILE)):
             raise DataError(
                 f"{loc.uri}: not a trained model (needs {MODEL_FILE} and {CARD_FILE}); run `raysegment train`"
             )
-        return cls.parse(storage.read_json(card_loc), card_loc.uri)
+        card = cls.parse(storage.read_json(card_loc), card_loc.uri)
+        if verify_model:
+            card.check_model_file(loc)
+        return card
+
+    def check_model_file(self, model_dir: storage.Location) -> None:
+        """model.keras must be the file this card was written for: another model's file copied into
+        the folder would predict under this card's classes and stamp every row with the wrong hash."""
+        loc = model_file(model_dir)
+        found = loc.call(lambda: _sha256(loc))
+        if found != self.model_sha256:
+            raise DataError(
+                f"{loc.uri}: sha256 {found[:12]}... does not match {CARD_FILE}'s model_sha256 "
+                f"{self.model_sha256[:12]}...: the model file was replaced or damaged; copy {MODEL_FILE} and "
+                f"{CARD_FILE} together from one `raysegment train` output, or train again"
+            )
 
     @classmethod
     def parse(cls, obj: Any, source: str) -> ModelCard:
@@ -136,3 +157,12 @@ class ModelCard(_Part):
 def model_file(model_dir: storage.Location) -> storage.Location:
     """Where the Keras model of a model directory lives."""
     return model_dir.child(MODEL_FILE)
+
+
+def _sha256(loc: storage.Location) -> str:
+    """Hex sha256 of a file, streamed in 1 MiB chunks (a model may not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with loc.fs.open(loc.path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

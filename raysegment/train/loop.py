@@ -19,6 +19,7 @@ import numpy as np
 
 from raysegment.train.checkpoint import TrainState, restore, save_checkpoint
 from raysegment.train.config import TrainConfig
+from raysegment.train.events import Poster
 from raysegment.train.optim import current_learning_rate, make_optimizer
 
 
@@ -33,19 +34,21 @@ class Worker:
     optimizer: Any  # keras.optimizers.Optimizer
     train_step: Callable[[Any, Any], Any]  # (images, masks) -> summed loss, one optimizer step
     predict: Callable[[Any], Any]  # images -> class ids
+    all_reduce_sum: Callable[[Any], Any]  # a float64 tensor -> its sum over every worker (compiled)
+    poster: Poster | None  # rank 0's progress channel to the driver, when the driver shows progress
 
 
-def train_loop_per_worker(cfg: TrainConfig) -> None:
-    """Runs on every Ray Train worker; rank 0 writes checkpoints."""
+def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
+    """Runs on every Ray Train worker; rank 0 writes checkpoints and posts progress to `inbox` (an actor)."""
     import ray.train
 
-    worker = build(cfg)
+    worker = build(cfg, inbox)
     state = resume(worker)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(state.epoch + 1, cfg.epochs):
         t0 = time.time()
-        train_loss = train_epoch(worker, train_shard)
+        train_loss = train_epoch(worker, train_shard, epoch)
         train_seconds = time.time() - t0
         confusion = validate(worker, val_shard)
         metrics = epoch_metrics(worker, epoch, train_loss, confusion, train_seconds, time.time() - t0)
@@ -64,7 +67,7 @@ def _set_threads(cpus: float) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, n)))
 
 
-def build(cfg: TrainConfig) -> Worker:
+def build(cfg: TrainConfig, inbox: Any = None) -> Worker:
     """Strategy, model and optimizer (in the strategy's scope), and the compiled steps."""
     _set_threads(cfg.cpus_per_worker)  # before TensorFlow starts its runtime
     import keras  # Keras 3: never tf.keras, which Ray maps to tf_keras in workers
@@ -85,14 +88,17 @@ def build(cfg: TrainConfig) -> Worker:
         model = cfg.model.build()
         optimizer = make_optimizer(cfg)
         optimizer.build(model.trainable_variables)
+    rank = ctx.get_world_rank()
     return Worker(
         cfg,
-        ctx.get_world_rank(),
+        rank,
         strategy,
         model,
         optimizer,
         train_step=make_train_step(cfg, strategy, model, optimizer),
         predict=make_predict(model),
+        all_reduce_sum=make_all_reduce_sum(strategy, cfg.model.num_classes),
+        poster=Poster(inbox) if inbox is not None and rank == 0 else None,
     )
 
 
@@ -134,6 +140,18 @@ def make_predict(model) -> Callable[[Any], Any]:
     return predict
 
 
+def make_all_reduce_sum(strategy, num_classes: int) -> Callable[[Any], Any]:
+    """The confusion matrices' sum over workers, compiled once: run eagerly, the collective is slow and TF warns
+    about it every epoch."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([num_classes, num_classes], tf.float64)])
+    def all_reduce_sum(local):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(local,)), axis=None)
+
+    return all_reduce_sum
+
+
 def resume(worker: Worker) -> TrainState:
     """The state of the latest readable checkpoint, loaded into the model and optimizer; else a fresh start."""
     import ray.train
@@ -144,7 +162,7 @@ def resume(worker: Worker) -> TrainState:
     return restore(checkpoint, worker.model, worker.optimizer, worker.rank)
 
 
-def train_epoch(worker: Worker, shard) -> float:
+def train_epoch(worker: Worker, shard, epoch: int) -> float:
     """Exactly `steps_per_epoch` steps on this worker's shard; the mean loss."""
     import tensorflow as tf
 
@@ -157,9 +175,13 @@ def train_epoch(worker: Worker, shard) -> float:
     batches = shard.iter_batches(
         batch_size=worker.cfg.batch_size, drop_last=True, batch_format="numpy", prefetch_batches=2
     )
+    if worker.poster is not None:
+        worker.poster.step(epoch, 0, steps)
     for i, b in enumerate(batches):
         if i < steps:
             losses.append(worker.train_step(tf.constant(b["image"]), tf.constant(b["mask"])))
+            if worker.poster is not None:
+                worker.poster.step(epoch, i + 1, steps, losses[-1])
     if len(losses) < steps:
         raise RuntimeError(f"rank {worker.rank}: shard gave {len(losses)} batches, expected {steps}")
     return float(np.mean([float(x) for x in losses]))
@@ -175,9 +197,7 @@ def validate(worker: Worker, shard) -> np.ndarray:
     cm = np.zeros((n, n), np.float64)
     for b in shard.iter_batches(batch_size=worker.cfg.batch_size, batch_format="numpy"):
         cm += confusion_matrix(b["mask"], worker.predict(tf.constant(b["image"])).numpy(), n)
-    local = tf.constant(cm, tf.float64)
-    summed = worker.strategy.run(lambda: tf.identity(local))
-    return worker.strategy.reduce(tf.distribute.ReduceOp.SUM, summed, axis=None).numpy()
+    return worker.all_reduce_sum(tf.constant(cm, tf.float64)).numpy()
 
 
 def epoch_metrics(
@@ -210,12 +230,14 @@ def report(worker: Worker, state: TrainState, metrics: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, worker.model, worker.optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    if worker.poster is not None:
+        worker.poster.epoch_end(metrics, state.stopped_early)
     if state.stopped_early:
         print(f"[raysegment] early stop: no val mIoU gain for {worker.cfg.patience} epochs", flush=True)
 
 
 def log_epoch(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
-    """The driver's one line per epoch (Ray forwards worker stdout)."""
+    """One line per epoch in the worker's log (Ray's log files; on the console only with -v)."""
     epoch = metrics["epoch"]
     eta = (cfg.epochs - epoch - 1) * metrics["epoch_seconds"]
     print(

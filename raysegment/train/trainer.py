@@ -16,11 +16,12 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from raysegment import __version__, overlay, plots, storage
+from raysegment import __version__, overlay, plots, progress, storage
 from raysegment.config import TrainSpec
 from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.models.card import MODEL_FILE, ModelCard
+from raysegment.train import events
 from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
 from raysegment.train.config import TrainConfig, train_config
 from raysegment.train.loop import train_loop_per_worker
@@ -76,7 +77,20 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
 
-    datasets = {
+    with events.follow(cfg.epochs) as inbox:
+        result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest), inbox)
+    if result.error:
+        raise result.error
+    progress.note(f"train: writing the model, its card and plots to {out.uri}")
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
+    with result.checkpoint.as_directory() as d:
+        state = read_state(d)
+    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0)
+
+
+def training_datasets(spec: TrainSpec, data_loc: storage.Location, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The train split (augmented, repeated) and the val split (plain), as Ray datasets."""
+    return {
         "train": training_dataset(
             data_loc, manifest, "train", spec.image_size, Augmentation.from_spec(spec), repeat=spec.repeat
         ),
@@ -84,9 +98,15 @@ def train(spec: TrainSpec) -> dict[str, Any]:
             data_loc, manifest, "val", spec.image_size, augment=False, native_validation=spec.crop == "native"
         ),
     }
+
+
+def fit(
+    spec: TrainSpec, out: storage.Location, cfg: TrainConfig, datasets: dict[str, Any], inbox: Any
+) -> ray.train.Result:
+    """Run the Ray Train job; rank 0 posts progress to `inbox` (None: no progress shown)."""
     trainer = TensorflowTrainer(
         # Bound here rather than passed as `train_loop_config`, which Ray types as a dict.
-        functools.partial(train_loop_per_worker, cfg),
+        functools.partial(train_loop_per_worker, cfg, inbox),
         scaling_config=ScalingConfig(
             num_workers=spec.workers,
             use_gpu=spec.gpus_per_worker > 0,
@@ -111,13 +131,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     )
     if not spec.resume:
         storage.remove_tree(out.child(spec.name))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
-    with result.checkpoint.as_directory() as d:
-        state = read_state(d)
-    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0)
+    return trainer.fit()
 
 
 def write_artifacts(

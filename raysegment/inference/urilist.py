@@ -1,0 +1,132 @@
+"""The ``list`` source's listing: (key, path) rows from a .txt file (one URI per line) or a
+Parquet file (a ``uri`` column, optional ``key`` and ``error`` columns).
+
+One task streams the file with pyarrow in LIST_ROWS blocks, so a list of millions of
+URIs is read in bounded memory; `ray.data.read_parquet` starts footer-reader actors
+and costs seconds per execution (a minute on a loaded 2-node cluster). The task reads
+the list twice: first for key collisions (``collisions.duplicated``: a hash per key),
+then to emit rows. A URI listed twice under one key is read once; different URIs
+under one key are error rows, as are URIs that name this job's own outputs. An
+``error`` column (nightly writes one) carries problems its lister found: such rows
+are not read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from raysegment import storage
+from raysegment.errors import DataError
+from raysegment.inference import collisions
+from raysegment.inference.listing import strip_ext
+from raysegment.inference.overlap import OutputParts
+
+LIST_ROWS = 4096  # URIs per block when streaming a list
+FIX = "rename one or give it its own key (a Parquet list's key column), then re-run with --overwrite"
+
+
+@dataclasses.dataclass
+class Block:
+    """Entries of a list, blank and comment lines dropped."""
+
+    keys: list[str] = dataclasses.field(default_factory=list)
+    paths: list[str] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+
+def _uri_key(uri: str) -> str:
+    rest = uri.split("://", 1)[1] if "://" in uri else uri
+    return strip_ext(rest.lstrip("/"))
+
+
+def _block(uris: list[str | None], keys: list[str | None] | None, errors: list[str | None] | None) -> Block:
+    """The non-blank, non-comment URIs; keys from the list or from each URI."""
+    block = Block()
+    for i, raw in enumerate(uris):
+        uri = (raw or "").strip()
+        if uri and not uri.startswith("#"):
+            block.keys.append(str(keys[i] or "") if keys is not None else _uri_key(uri))
+            block.paths.append(uri)
+            block.errors.append(str(errors[i] or "") if errors is not None else "")
+    return block
+
+
+def _blocks(root: storage.Location) -> Iterator[Block]:
+    """Stream a list file, LIST_ROWS URIs at a time."""
+    with storage.storage_errors(root.uri), root.fs.open(root.path, "rb") as f:
+        if root.path.lower().endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            columns = [c for c in ("uri", "key", "error") if c in pf.schema_arrow.names]
+            for rb in pf.iter_batches(batch_size=LIST_ROWS, columns=columns):
+                column = {c: rb.column(c).to_pylist() for c in columns}
+                yield _block(column["uri"], column.get("key"), column.get("error"))
+            return
+        lines: list[str | None] = []
+        for raw in io.TextIOWrapper(f, encoding="utf-8"):
+            lines.append(raw)
+            if len(lines) == LIST_ROWS:
+                yield _block(lines, None, None)
+                lines = []
+        yield _block(lines, None, None)
+
+
+def _marked(
+    block: Block, clashes: dict[str, list[str]], emitted: set[tuple[str, str]], parts: OutputParts | None
+) -> dict[str, np.ndarray]:
+    """The block's rows with collisions and outputs marked; a URI already emitted under its key is left out."""
+    keys, paths, errors, collides = [], [], [], []
+    for key, path, error in zip(block.keys, block.paths, block.errors):
+        collide = False
+        folded = collisions.fold(key) if clashes else key
+        if folded in clashes:
+            if (folded, path) in emitted:
+                continue  # the same URI listed again under the same key: read once
+            emitted.add((folded, path))
+            names = list(dict.fromkeys(clashes[folded]))
+            if len(names) > 1:
+                error, collide = collisions.message(names, key, FIX), True
+        keys.append(key)
+        paths.append(path)
+        errors.append(error or (parts.problem(path) if parts else ""))
+        collides.append(collide)
+    return {
+        "key": np.asarray(keys, dtype=object),
+        "path": np.asarray(paths, dtype=object),
+        "error": np.asarray(errors, dtype=object),
+        "collides": np.asarray(collides, bool),
+    }
+
+
+def _read_list(
+    batch: dict[str, np.ndarray], root: storage.Location, parts: OutputParts | None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Runs as the one task that streams the list: collisions first (a pass retried whole under the
+    job's storage deadline), then the rows (a stream: a store lost mid-way fails the task, and the run)."""
+    clashes = root.call(lambda: collisions.duplicated(lambda: ((b.keys, b.paths) for b in _blocks(root))))
+    emitted: set[tuple[str, str]] = set()
+    for block in _blocks(root):
+        yield _marked(block, clashes, emitted, parts)
+
+
+def list_uris(root: storage.Location, output: storage.Location | None = None) -> ray.data.Dataset:
+    """(key, path, error, collides) rows of a URI list; entries under OUTPUT's own folders are error rows."""
+    if root.path.lower().endswith(".parquet"):
+
+        def columns() -> list[str]:
+            with root.fs.open(root.path, "rb") as f:
+                return pq.ParquetFile(f).schema_arrow.names
+
+        names = root.call(columns)
+        if "uri" not in names:
+            raise DataError(f"{root.uri}: a URI list in Parquet needs a 'uri' column (has {names})")
+    elif not storage.exists(root):
+        raise DataError(f"{root.uri}: URI list not found")
+    parts = OutputParts.of(output) if output is not None else None
+    ds = ray.data.from_items([{"list": root.uri}])
+    return ds.map_batches(_read_list, fn_kwargs={"root": root, "parts": parts}, batch_size=1, batch_format="numpy")

@@ -1,0 +1,187 @@
+"""Progress of the long stages: a tqdm bar on a terminal, a timestamped line every few seconds elsewhere.
+
+A stage (prepare, an epoch, evaluate, infer) counts what it has done of its total and a few
+named figures (loss, errors); this module decides how that is shown. Nothing is shown until a
+command turns progress on (`configure`, called by `console.session`), so library calls and
+tests stay silent. Bars and lines go to stderr: stdout holds results (and only the JSON
+object under `--json`). Every final line also goes to the log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
+
+OFF, BAR, LINES = "off", "bar", "lines"
+
+
+@dataclass
+class Settings:
+    """How progress is shown: off (library use), bar (a terminal) or lines (cron, CI, `ray job logs`)."""
+
+    mode: str = OFF
+    interval_s: float = 10.0
+    stream: TextIO | None = None  # default: sys.stderr at the time of writing
+    # Totals announced before their stage starts (nightly knows how many images its infer run gets).
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+settings = Settings()
+
+
+def configure(mode: str, interval_s: float = 10.0, stream: TextIO | None = None) -> None:
+    """Turn progress on (`bar`, `lines`) or off for this process."""
+    settings.mode, settings.interval_s, settings.stream = mode, interval_s, stream
+    settings.totals.clear()
+
+
+def mode_for(stream: TextIO) -> str:
+    """Bars on a terminal, plain lines anywhere else."""
+    try:
+        return BAR if stream.isatty() else LINES
+    except (AttributeError, ValueError):
+        return LINES
+
+
+def expect_total(name: str, total: int) -> None:
+    """Announce the total of the next stage called `name` (for a stage that cannot count its input)."""
+    settings.totals[name] = total
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def _figure(name: str, value: Any) -> str:
+    """`img_per_s=312.5` -> `img/s 312.5`; floats below 10 (losses, metrics) with 4 decimals."""
+    label = name.replace("_per_", "/").replace("_", " ")
+    if isinstance(value, float):
+        return f"{label} {value:.4f}" if abs(value) < 10 else f"{label} {value:.1f}"
+    return f"{label} {value}"
+
+
+class Stage:
+    """One stage's progress: done of total, rate, ETA and named figures, shown per `settings.mode`."""
+
+    def __init__(self, name: str, total: int | None = None, unit: str = "images") -> None:
+        self.name, self.unit = name, unit
+        self.total = total if total is not None else settings.totals.pop(name, None)
+        self.done = 0
+        self.figures: dict[str, Any] = {}
+        self.started = self._last_line = time.time()
+        self.mode = settings.mode
+        self._bar = self._make_bar() if self.mode == BAR else None
+        self._closed = False
+
+    def _stream(self) -> TextIO:
+        return settings.stream or sys.stderr
+
+    def _make_bar(self) -> Any:
+        from tqdm import tqdm
+
+        stream = self._stream()
+        # A terminal that reports no width (a fresh pseudo-terminal) would get an empty bar.
+        sized = _columns(stream) > 0
+        return tqdm(
+            total=self.total,
+            desc=self.name,
+            unit=f" {self.unit}",
+            file=stream,
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
+            leave=True,
+        )
+
+    def update(self, n: int = 0, **figures: Any) -> None:
+        """`n` more done; figures (loss=0.41, errors=3) replace the ones shown."""
+        self.done += n
+        self.figures.update(figures)
+        if self._bar is not None:
+            if figures:
+                self._bar.set_postfix_str(self._figures_text(), refresh=False)
+            self._bar.update(n)
+        elif self.mode == LINES and time.time() - self._last_line >= settings.interval_s and not self._complete():
+            self._write(self.line())  # a complete stage gets its final line from close()
+
+    def close(self, eta_s: float | None = None, **figures: Any) -> str:
+        """The stage is over: its final line (shown in lines mode, kept by the bar, always logged)."""
+        if self._closed:
+            return self.line()
+        self._closed = True
+        self.figures.update(figures)
+        line = self.line(final=True, eta_s=eta_s)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._figures_text(eta_s), refresh=False)
+            self._bar.close()
+        elif self.mode == LINES:
+            self._write(line)
+        log.info("%s", line)
+        return line
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _complete(self) -> bool:
+        return bool(self.total) and self.done >= self.total
+
+    def rate(self) -> float:
+        return self.done / max(time.time() - self.started, 1e-9)
+
+    def line(self, final: bool = False, eta_s: float | None = None) -> str:
+        """`infer  120/400 images (30%)  12.3 images/s  ETA 23s  errors 0` (lines mode prefixes the time)."""
+        elapsed = time.time() - self.started
+        count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+        parts = [self.name, f"{count} {self.unit}"]
+        if self.total:
+            parts[-1] += f" ({self.done / self.total:.0%})"
+        parts.append(f"{self.rate():.1f} {self.unit}/s")
+        if final:
+            parts.append(f"in {duration(elapsed)}")
+        elif self.total and self.done:
+            parts.append(f"ETA {duration((self.total - self.done) / self.rate())}")
+        text = self._figures_text(eta_s)
+        return "  ".join([*parts, text] if text else parts)
+
+    def _figures_text(self, eta_s: float | None = None) -> str:
+        items = [_figure(k, v) for k, v in self.figures.items() if v is not None]
+        if eta_s is not None:
+            items.append(f"ETA {duration(eta_s)}")
+        return "  ".join(items)
+
+    def _write(self, line: str) -> None:
+        self._last_line = time.time()
+        print(f"{time.strftime('%H:%M:%S')} {line}", file=self._stream(), flush=True)
+
+
+def stage(name: str, total: int | None = None, unit: str = "images") -> Stage:
+    """A new stage's progress; use as a context manager or call close()."""
+    return Stage(name, total, unit)
+
+
+def note(text: str) -> None:
+    """A one-off progress line (nightly: listed, new, changed), shown whenever progress is on."""
+    log.info("%s", text)
+    if settings.mode != OFF:
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=settings.stream or sys.stderr, flush=True)

@@ -1,0 +1,153 @@
+"""Training progress from rank 0 to the driver: a tiny Ray actor that rank 0 posts to and the driver polls.
+
+The driver keeps the workers' output off the console (`ray.init(log_to_driver=False)`), and Ray
+Train's report callbacks run in its controller, not the driver, and only at epoch ends; the
+steps inside an epoch come through here. Posting is fire-and-forget (one actor call, no wait),
+at most about once a second, so it costs the training loop nothing measurable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from raysegment import progress
+
+POST_EVERY_S = 1.0
+POLL_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class Step:
+    """Rank 0 is `step` steps into `epoch` (0-based) of `steps`; `loss` is its latest step's (None at step 0)."""
+
+    epoch: int
+    step: int
+    steps: int
+    loss: float | None
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """One epoch's row of the history (`loop.epoch_metrics`)."""
+
+    metrics: dict[str, Any]
+    stopped_early: bool
+
+
+class Inbox:
+    """The actor's state: events in arrival order until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.events: list[Step | EpochEnd] = []
+
+    def put(self, event: Step | EpochEnd) -> None:
+        self.events.append(event)
+
+    def take(self) -> list[Step | EpochEnd]:
+        events, self.events = self.events, []
+        return events
+
+
+class Poster:
+    """Rank 0's side: post steps (throttled) and epoch ends."""
+
+    def __init__(self, inbox: Any) -> None:
+        self.inbox = inbox
+        self._last = 0.0
+
+    def step(self, epoch: int, step: int, steps: int, loss: Any = None) -> None:
+        """Step 0 (the epoch starts) and the last step always; between them about once a second."""
+        now = time.time()
+        if now - self._last >= POST_EVERY_S or step in (0, steps):
+            self._last = now
+            self.inbox.put.remote(Step(epoch, step, steps, None if loss is None else float(loss)))
+
+    def epoch_end(self, metrics: dict[str, Any], stopped_early: bool) -> None:
+        self.inbox.put.remote(EpochEnd(metrics, stopped_early))
+
+
+class EpochView:
+    """The driver's side: one progress stage per epoch, closed with its loss, val metrics and ETA."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.current: progress.Stage | None = None
+        self.epoch = -1
+
+    def show(self, event: Step | EpochEnd) -> None:
+        if isinstance(event, Step):
+            self._step(event)
+        else:
+            self._end(event)
+
+    def _stage(self, epoch: int, steps: int) -> progress.Stage:
+        if self.current is None or self.epoch != epoch:
+            if self.current is not None:
+                self.current.close()  # a restarted worker group began this epoch again
+            self.current = progress.stage(f"epoch {epoch + 1}/{self.epochs}", steps, unit="steps")
+            self.epoch = epoch
+        return self.current
+
+    def _step(self, event: Step) -> None:
+        stage = self._stage(event.epoch, event.steps)
+        stage.update(event.step - stage.done, loss=event.loss)
+
+    def _end(self, event: EpochEnd) -> None:
+        m = event.metrics
+        stage = self._stage(m["epoch"], None)
+        stage.figures.clear()
+        eta = (self.epochs - m["epoch"] - 1) * m["epoch_seconds"]
+        stage.close(
+            eta_s=None if event.stopped_early else eta,
+            loss=m["train_loss"],
+            val_mIoU=m["val_mean_iou"],
+            pixel_acc=m["val_pixel_accuracy"],
+            img_per_s=f"{m['images_per_second']:.1f}",
+        )
+        if event.stopped_early:
+            progress.note("train: early stop, no val mIoU gain for the last epochs")
+        self.current = None
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+
+
+@contextmanager
+def follow(epochs: int) -> Iterator[Any | None]:
+    """While training runs: the inbox actor (None when progress is off) and a thread showing its events."""
+    if progress.settings.mode == progress.OFF:
+        yield None
+        return
+    import ray
+
+    inbox = ray.remote(num_cpus=0)(Inbox).remote()
+    view = EpochView(epochs)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            done = stop.is_set()
+            try:
+                for event in ray.get(inbox.take.remote(), timeout=30):
+                    view.show(event)
+            except Exception:  # progress must never fail a training run
+                return
+            if done:
+                return
+            stop.wait(POLL_EVERY_S)
+
+    thread = threading.Thread(target=poll, name="raysegment-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield inbox
+    finally:
+        stop.set()
+        thread.join(timeout=35)
+        view.close()
+        ray.kill(inbox)

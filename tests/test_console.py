@@ -1,0 +1,201 @@
+"""The console a user reads (issue #17): quiet through a pipe, a bar on a terminal, one JSON object under --json.
+
+One short CLI train and one infer run through a pipe, in subprocesses that join the session's Ray;
+the other commands run in this process (CliRunner) against the session's model and data set.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import io
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import TINY, write_images, write_source
+
+from raysegment import logs, progress
+from raysegment.cli import main
+
+RAYSEGMENT = str(Path(sys.executable).parent / "raysegment")
+# Lines that are TensorFlow's, absl's, CUDA's or Ray's, never ours.
+NOISE = re.compile(
+    r"oneDNN|cudart|cuInit|absl::InitializeLog|INFO:tensorflow|WARNING:tensorflow|Reporting training result"
+    r"|Execution plan of Dataset|RayDeprecationWarning|tqdm is not installed|CollectiveAllReduceStrategy"
+    r"|core_worker\.cc|PreemptionWatcher|Started a local Ray instance|Connecting to existing Ray cluster"
+)
+# The documented --json keys (README, "Results as JSON"), besides command, exit_code and log_file.
+KEYS = {
+    "prepare": {"dest", "counts", "shards", "num_classes", "class_names", "skipped", "content_hash", "seconds"},
+    "train": {"out", "model_id", "best", "last", "epochs_run", "stopped_early", "seconds"},
+    "evaluate": {"pixel_accuracy", "mean_iou", "mean_dice", "per_class_iou", "images", "split", "written_to"},
+    "infer": {"run_id", "status", "counts", "seconds", "images_per_second", "output"},
+    "nightly": {"date", "status", "counts", "drift", "run_id", "partition"},
+    "report": {"report", "overlays", "run_id", "rows", "ok", "error", "samples"},
+    "bench-prepare": {"rows", "shards", "pairs_per_s", "peak_rss_after_mib"},
+}
+
+
+def noise(text: str) -> list[str]:
+    return [line for line in text.splitlines() if NOISE.search(line)]
+
+
+def one_json(stdout: str, kind: str) -> dict:
+    """stdout is exactly one JSON object, with the command's documented keys."""
+    result = json.loads(stdout)
+    assert isinstance(result, dict) and result["command"] == kind
+    missing = (KEYS[kind] | {"exit_code", "log_file"}) - set(result)
+    assert not missing, f"{kind} --json lacks {sorted(missing)}"
+    return result
+
+
+def run_cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    r = subprocess.run([RAYSEGMENT, *argv], env=env, capture_output=True, text=True, timeout=600)
+    print(f"$ raysegment {' '.join(argv)} -> {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def piped(tiny_model, ray_cluster, tmp_path_factory):
+    """A short `train --json` and an `infer --json` through pipes: (root, train, infer)."""
+    data, model = tiny_model
+    root = tmp_path_factory.mktemp("piped")
+    write_images(root / "in", 6)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "resume"]
+    train = run_cli("train", data, str(root / "model"), *flags, "--no-resume", "--json", env=ray_cluster.env)
+    infer = run_cli(
+        "infer", model, str(root / "in"), str(root / "out"), "--batch-size", "2", "--json", env=ray_cluster.env
+    )
+    return root, train, infer
+
+
+@pytest.mark.slow
+def test_train_through_a_pipe_is_quiet_shows_each_epoch_once_and_logs_the_detail(piped):
+    root, train, _ = piped
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert noise(train.stdout + train.stderr) == []
+    result = one_json(train.stdout, "train")
+    assert result["epochs_run"] == 1 and result["exit_code"] == 0
+    assert len(re.findall(r"^\d\d:\d\d:\d\d epoch 1/1 .* in \d+s .*loss .*val mIoU", train.stderr, re.M)) == 1
+    assert "trained " in train.stderr and "exit 0: ok" in train.stderr  # the summary, on stderr under --json
+    log = Path(result["log_file"])
+    assert log.parent == root / "model" / "logs"
+    detail = log.read_text()
+    assert "epoch 1/1" in detail and "Ray's own logs" in detail and "Started a local Ray instance" not in train.stderr
+
+
+@pytest.mark.slow
+def test_infer_through_a_pipe_is_quiet_and_the_log_holds_ray_datas_plan(piped):
+    root, _, infer = piped
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    assert noise(infer.stdout + infer.stderr) == []
+    result = one_json(infer.stdout, "infer")
+    assert result["counts"]["processed"] == 6
+    assert re.search(r"^\d\d:\d\d:\d\d infer  6 images .* in \d+s  errors 0$", infer.stderr, re.M)
+    assert "Execution plan of Dataset" in Path(result["log_file"]).read_text()
+    assert Path(result["log_file"]).parent == root / "out" / "logs"
+
+
+@pytest.mark.slow
+def test_json_of_prepare_evaluate_report_nightly_and_bench(piped, tiny_model, tmp_path):
+    root, _, infer = piped
+    data, model = tiny_model
+    runner = CliRunner()
+
+    def invoke(*argv: str) -> dict:
+        r = runner.invoke(main, [*argv, "--json"], catch_exceptions=False)
+        assert r.exit_code == 0, r.stderr[-3000:]
+        return one_json(r.stdout, argv[0] if argv[0] != "bench" else f"bench-{argv[1]}")
+
+    prepared = invoke("prepare", write_source(str(tmp_path / "src"), count=8), str(tmp_path / "data"))
+    assert sum(prepared["counts"].values()) == 8
+    assert invoke("evaluate", model, data, "--out", str(tmp_path / "eval.json"))["images"] > 0
+    assert invoke("report", str(root / "out"))["rows"] == 6
+    write_images(tmp_path / "night", 2)
+    night = invoke("nightly", "--model", model, "--input", str(tmp_path / "night"), "--output", str(tmp_path / "n"))
+    assert night["counts"]["processed"] == 2 and night["status"] == "ok"
+    bench = invoke("bench", "prepare", "--pairs", "16", "--size", "16", "--workdir", str(tmp_path / "bench"))
+    assert bench["rows"] == 16
+
+
+def test_json_error_is_one_object_and_one_line(ray_cluster, tmp_path):
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nomodel"), str(tmp_path / "data"), "--json"])
+    assert r.exit_code == 2
+    assert json.loads(r.stdout)["exit_code"] == 2 and "not a trained model" in json.loads(r.stdout)["error"]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: {tmp_path / 'nomodel'}: not a trained model (needs model.keras and model.json); run `raysegment train`"
+    ]
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_a_progress_bar(ray_cluster, tmp_path):
+    """`prepare` under a real pseudo-terminal draws a tqdm bar (carriage returns, a full bar at the end)."""
+    src = write_source(str(tmp_path / "src"), count=12)
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # rows, columns, as a terminal
+    proc = subprocess.Popen(
+        [RAYSEGMENT, "prepare", src, str(tmp_path / "data")],
+        env=ray_cluster.env,
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the terminal's last writer closed it
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(primary)
+    assert proc.wait(timeout=300) == 0, screen.decode(errors="replace")[-3000:]
+    text = screen.decode(errors="replace")
+    print(text)
+    assert re.search(r"prepare: 100%\|█+\| 12/12 \[", text), text[-2000:]
+    assert "\r" in text and noise(text) == []
+    assert glob.glob(str(tmp_path / "data" / "logs" / "raysegment-prepare-*.log"))
+
+
+def test_progress_lines_off_a_terminal():
+    """Lines with the time, counts, rate and ETA at the interval, and a final line; nothing when off."""
+    out = io.StringIO()
+    progress.configure(progress.LINES, interval_s=0.0, stream=out)
+    try:
+        with progress.stage("infer", total=10) as shown:
+            shown.update(4, errors=1)
+        progress.expect_total("infer", 3)
+        assert progress.stage("infer").total == 3
+    finally:
+        progress.configure(progress.OFF)
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d infer  4/10 images \(40%\)  [\d.]+ images/s  ETA \d+s  errors 1", lines[0])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d infer  4/10 images \(40%\)  [\d.]+ images/s  in \d+s  errors 1", lines[1])
+    silent = io.StringIO()
+    progress.configure(progress.OFF, stream=silent)
+    with progress.stage("infer", total=2) as shown:
+        shown.update(2)
+    assert silent.getvalue() == ""
+
+
+def test_log_level_from_the_environment(monkeypatch):
+    monkeypatch.delenv(logs.LEVEL_ENV, raising=False)
+    assert not logs.verbose()
+    monkeypatch.setenv(logs.LEVEL_ENV, "info")
+    assert logs.verbose() and logs.worker_env_vars() == {}
+    monkeypatch.setenv(logs.LEVEL_ENV, "warning")
+    assert not logs.verbose() and logs.worker_env_vars()["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    job = {"runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "1"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert "TF_CPP_MIN_LOG_LEVEL" not in logs.worker_env_vars()  # a submitted job's own value is not merged twice

@@ -1,0 +1,277 @@
+"""Inputs, specs, storage and clocks as a hostile or unlucky user would give them (issue #20).
+
+Key collisions are error rows before any mask is written and fail every run until renamed;
+outputs are never read as inputs; symlinks never lead out of INPUT; a folder without images
+is one error; every storage call of nightly and the lock keeps the job's deadline; a lock's
+age is the store's, not its writer's clock.
+"""
+
+import io
+import json
+import os
+import socket
+import tarfile
+import time
+import unicodedata
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import png, summaries
+
+from raysegment import nightly, storage
+from raysegment.config import InferSpec, NightlySpec, load_spec
+from raysegment.errors import ConfigError, DataError, JobError, StorageError
+from raysegment.inference.pipeline import infer
+from raysegment.inference.sources import unsafe_key_reason
+from raysegment.lock import LockedError, RunLock
+
+NFC, NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+
+
+def rows_by_key(out) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for row in summaries(out):
+        found.setdefault(row["key"], []).append(row)
+    return found
+
+
+def masks(out) -> set[str]:
+    root = os.path.join(out, "masks")
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
+# --- key collisions, symlinks, odd names: one folder, three runs ---------------------------------
+
+
+def hostile_folder(tmp_path):
+    inp, outside = tmp_path / "in", tmp_path / "outside"
+    (inp / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for name, i in [
+        ("a.png", 1),
+        ("a.jpg", 2),
+        ("b.png", 3),
+        (".png", 4),
+        (f"sub/{NFC}.png", 5),
+        (f"sub/{NFD}.png", 6),
+    ]:
+        (inp / name).write_bytes(png(i))
+    (outside / "secret.png").write_bytes(png(7))
+    os.symlink(outside / "secret.png", inp / "link.png")  # leaves INPUT: not followed
+    os.symlink(tmp_path / "nowhere.png", inp / "dang.png")  # dangling
+    os.symlink("../b.png", inp / "sub" / "inside.png")  # stays inside INPUT: followed
+    return inp
+
+
+@pytest.mark.slow
+def test_collisions_fail_every_run_until_renamed_and_links_stay_inside(tiny_model, tmp_path):
+    _, model = tiny_model
+    inp, out = hostile_folder(tmp_path), tmp_path / "out"
+
+    def run(**kw):
+        return infer(InferSpec(model=model, input=str(inp), output=str(out), report=False, **kw))
+
+    with pytest.raises(JobError, match="share a key") as exc:
+        run()
+    assert exc.value.exit_code == 3 and not (out / "_SUCCESS").exists()
+    rows = rows_by_key(out)
+    # Every colliding input is an error row and no mask was written for it: nothing overwritten.
+    expected = "key collision: a.jpg and a.png map to key 'a'; rename one, then re-run with --overwrite"
+    assert [r["error"] for r in rows["a"]] == [expected, expected]
+    café = rows[f"sub/{NFC}"] + rows.get(f"sub/{NFD}", [])
+    assert len(café) == 2 and all("two Unicode forms" in r["error"] for r in café)
+    assert "outside INPUT, not followed" in rows["link"][0]["error"]
+    assert "dangling symlink" in rows["dang"][0]["error"] and "dang.png" in rows["dang"][0]["error"]
+    assert masks(out) == {"b.png", ".png.png", "sub/inside.png"}  # '.png' is a key like any other
+
+    # The same command again must not pass the collision an earlier run recorded.
+    with pytest.raises(JobError, match="share a key"):
+        run()
+    assert not (out / "_SUCCESS").exists() and "a.png" not in masks(out)
+
+    (inp / "a.jpg").rename(inp / "c.jpg")
+    (inp / "sub" / f"{NFD}.png").unlink()
+    record = run(overwrite=True)
+    assert record["counts"]["ok"] == 6 and record["counts"]["error"] == 2  # the two links
+    assert (out / "_SUCCESS").exists() and {"a.png", "c.png", f"sub/{NFC}.png"} <= masks(out)
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_tar_collisions_within_and_across_archives(tiny_model, tmp_path):
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    (inp / "n").mkdir(parents=True)
+    for name in ("dup.tar", "dup.tgz"):  # one archive key, 'dup'
+        with tarfile.open(inp / name, "w:gz" if name.endswith("tgz") else "w") as tar:
+            add_member(tar, "x.png", png(1))
+    with tarfile.open(inp / "m.tar", "w") as tar:
+        for i, name in enumerate(["x.png", "x.jpg", "y.png", "y.png"]):  # a repeated key, a repeated name
+            add_member(tar, name, png(10 + i))
+    with tarfile.open(inp / "n.tar", "w") as tar:
+        add_member(tar, "k/z.png", png(20))  # key n/k/z
+    with tarfile.open(inp / "n" / "k.tar", "w") as tar:
+        add_member(tar, "z.png", png(21))  # key n/k/z again, from an archive below n.tar's key
+    with pytest.raises(JobError, match="share a key"):
+        infer(InferSpec(model=model, input=str(inp), output=str(out), source="tar", report=False))
+    rows = rows_by_key(out)
+    assert [r["status"] for r in rows["dup/(archive)"]] == ["error", "error"]
+    assert all("key collision: dup.tar and dup.tgz" in r["error"] for r in rows["dup/(archive)"])
+    assert sorted(r["status"] for r in rows["m/x"]) == sorted(r["status"] for r in rows["m/y"]) == ["error", "ok"]
+    assert "repeats key 'm/x' of member x.png" in next(r["error"] for r in rows["m/x"] if r["error"])
+    assert [r["status"] for r in rows["n/k/z"]] == ["ok"]
+    assert "lies under the key of archive 'n'" in rows["n/k/(archive)"][0]["error"]
+    assert masks(out) == {"m/x.png", "m/y.png", "n/k/z.png"}
+
+
+@pytest.mark.slow
+def test_parquet_key_column_duplicates_across_files(tiny_model, tmp_path):
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    pq.write_table(pa.table({"id": ["r0", "r1"], "image": [png(0), png(1)]}), inp / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["r1", "r2"], "image": [png(2), png(3)]}), inp / "part-1.parquet")
+    with pytest.raises(JobError, match="share a key"):
+        infer(InferSpec(model=model, input=str(inp), output=str(out), key_column="id", report=False))
+    rows = rows_by_key(out)
+    assert [r["status"] for r in rows["r1"]] == ["error", "error"]
+    assert "part-0.parquet row 1 and part-1.parquet row 0 map to key 'r1'" in rows["r1"][0]["error"]
+    assert masks(out) == {"r0.png", "r2.png"}
+
+
+@pytest.mark.slow
+def test_uri_list_duplicates_outputs_and_collisions(tiny_model, tmp_path):
+    _, model = tiny_model
+    imgs, out = tmp_path / "imgs", tmp_path / "out"
+    imgs.mkdir()
+    for name, i in [("i0.png", 0), ("c.png", 1), ("c.jpg", 2)]:
+        (imgs / name).write_bytes(png(i))
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "old.png").write_bytes(png(3))
+    entries = [imgs / "i0.png", imgs / "i0.png", out / "masks" / "old.png", imgs / "c.png", imgs / "c.jpg"]
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in entries))
+    with pytest.raises(JobError, match="share a key"):
+        infer(InferSpec(model=model, input=str(tmp_path / "list.txt"), output=str(out), report=False))
+    rows = {key.rsplit("/", 1)[1]: found for key, found in rows_by_key(out).items()}  # keys are the URIs' paths
+    assert [r["status"] for r in rows["i0"]] == ["ok"]  # listed twice, read once
+    assert "an output of this job" in rows["old"][0]["error"]
+    assert [r["status"] for r in rows["c"]] == ["error", "error"]
+
+
+# --- outputs never inputs; folders without images --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_output_inside_input_is_refused_before_anything_is_written(tiny_model, tmp_path):
+    _, model = tiny_model
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png(0))
+    os.symlink(tmp_path / "in", tmp_path / "alias")
+    for output in (tmp_path / "in" / "out", tmp_path / "alias" / "out", tmp_path / "in"):
+        with pytest.raises(ConfigError, match="is inside INPUT") as exc:
+            infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(output)))
+        assert exc.value.exit_code == 2 and "choose an OUTPUT outside INPUT" in str(exc.value)
+    assert sorted(os.listdir(tmp_path / "in")) == ["a.png"]
+    # Reading what the job writes is refused too (and --overwrite would delete it).
+    (tmp_path / "out" / "masks").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"inside what the job writes under OUTPUT .* \(masks\)"):
+        infer(InferSpec(model=model, input=str(tmp_path / "out" / "masks"), output=str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match="nightly: OUTPUT .* is inside INPUT"):
+        nightly.run_nightly(NightlySpec(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "in" / "n")))
+
+
+@pytest.mark.slow
+def test_a_folder_without_images_is_one_error(tiny_model, tmp_path):
+    _, model = tiny_model
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "nested" / "only" / "empty").mkdir(parents=True)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "README.txt").write_text("no images here")
+    for name in ("empty", "nested", "text"):
+        with pytest.raises(DataError, match="no files ending in .png, .jpg.* nothing to infer"):
+            infer(InferSpec(model=model, input=str(tmp_path / name), output=str(tmp_path / f"out-{name}")))
+        assert not (tmp_path / f"out-{name}" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_nightly_refuses_colliding_keys_before_inference(tiny_model, tmp_path):
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "n"
+    inp.mkdir()
+    for name, i in [("a.png", 0), ("a.jpg", 1), ("b.png", 2)]:
+        (inp / name).write_bytes(png(i))
+    with pytest.raises(JobError, match="2 inputs share keys: key collision: a.jpg and a.png"):
+        nightly.run_nightly(NightlySpec(model=model, input=str(inp), output=str(out), date="2026-01-01"))
+    report = json.loads((out / "reports" / "2026-01-01.json").read_text())
+    assert (report["status"], report["exit_code"]) == ("failed", 3) and "a.jpg and a.png" in report["problem"]
+    assert not (out / "date=2026-01-01").exists() and not (out / "ledger").exists()
+    assert not (out / "_nightly.lock").exists()
+
+
+# --- specs, keys, clocks, deadlines (no Ray) ---------------------------------------------------------
+
+
+def test_a_night_in_the_future_is_refused():
+    with pytest.raises(ConfigError, match="date': 9999-12-31 is in the future"):
+        load_spec(NightlySpec, overrides={"model": "m", "input": "/in", "output": "/out", "date": "9999-12-31"})
+
+
+def test_keys_with_empty_segments_are_unsafe():
+    # 'a//b' would write the mask of 'a/b' on a local output.
+    assert "empty segment" in unsafe_key_reason("a//b") and "empty segment" in unsafe_key_reason("a/")
+    assert unsafe_key_reason(".png") is None and unsafe_key_reason(NFD) is None
+
+
+def write_lock(loc: storage.Location, created_ts: float) -> None:
+    body = {"owner": "other", "host": "elsewhere", "pid": 1, "created": "?", "created_ts": created_ts}
+    storage.write_bytes(loc, json.dumps(body).encode())
+
+
+def test_a_lock_is_aged_by_the_store_not_by_its_writers_clock(tmp_path):
+    loc = storage.resolve(str(tmp_path / "_nightly.lock"))
+    # Written by a host whose clock is ten years ahead: live now, stale once its real age passes.
+    write_lock(loc, time.time() + 10 * 365 * 86400)
+    with pytest.raises(LockedError, match="another run holds the lock"):
+        RunLock(loc, stale_after_s=3600).acquire()
+    with RunLock(loc, stale_after_s=3600, now=lambda: time.time() + 7200) as taker:
+        assert json.loads(storage.read_bytes(loc))["owner"] == taker.owner
+    # Written by a host whose clock lags ten years: still live, never taken over at once.
+    write_lock(loc, time.time() - 10 * 365 * 86400)
+    with pytest.raises(LockedError, match=r"\d+ s old by the store's clock"):
+        RunLock(loc, stale_after_s=3600).acquire()
+    # An empty lock (a create caught before its write) is a held lock, not a free one.
+    storage.write_bytes(loc, b"")
+    with pytest.raises(LockedError):
+        RunLock(loc, stale_after_s=3600).acquire()
+
+
+@pytest.fixture
+def unreachable(monkeypatch) -> storage.Location:
+    """OUTPUT on an S3 endpoint nobody listens on, with a 1 s storage deadline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    return storage.resolve("s3://nowhere/out", endpoint_url=f"http://127.0.0.1:{port}", retry_s=1)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        lambda out: RunLock(out.child(nightly.LOCK_NAME), stale_after_s=3600).acquire(),
+        lambda out: nightly.previous_report(out.child("reports"), "2026-01-02"),
+    ],
+    ids=["lock", "reports"],
+)
+def test_nightly_storage_calls_keep_the_jobs_deadline(unreachable, step):
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"still failing after \d+ attempts over 1s") as exc:
+        step(unreachable)
+    assert exc.value.transient and time.monotonic() - t0 < 60
