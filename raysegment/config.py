@@ -8,7 +8,7 @@ a misspelt option must never silently fall back to a default.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,6 +34,18 @@ class Spec(BaseModel):
         return v
 
 
+# One storage deadline field, shared by every spec that touches object storage.
+StorageRetryS = Annotated[
+    float | None,
+    Field(
+        ge=0,
+        le=86400,
+        description="keep retrying unreachable object storage this long, then fail "
+        "(default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
+    ),
+]
+
+
 class PrepareSpec(Spec):
     source: str
     dest: str
@@ -49,13 +61,7 @@ class PrepareSpec(Spec):
     shard_size_mb: float = Field(256.0, gt=0, le=8192)
     skip_invalid: bool = False
     overwrite: bool = False
-    storage_retry_s: float | None = Field(
-        None,
-        ge=0,
-        le=86400,
-        description="keep retrying unreachable object storage this long, then fail "
-        "(default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
-    )
+    storage_retry_s: StorageRetryS = None
 
     @field_validator("mask_values", mode="before")
     @classmethod
@@ -209,13 +215,7 @@ class InferOptions(Spec):
         1024, ge=16, le=65536, description="native-scale models: images larger than this are predicted in tiles"
     )
     tile_overlap: int = Field(64, ge=0, le=4096, description="pixels shared by neighbouring tiles")
-    storage_retry_s: float | None = Field(
-        None,
-        ge=0,
-        le=86400,
-        description="keep retrying unreachable object storage this long, then fail "
-        "(default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
-    )
+    storage_retry_s: StorageRetryS = None
     decode: Literal["tasks", "actor"] = Field(
         "tasks", description="where images are decoded: in CPU tasks beside the actors, or inside the predictor actor"
     )
