@@ -21,7 +21,7 @@ from raysegment.train.trainer import train
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
-def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, capfd):
+def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, caplog):
     """Every stage on S3; then a truncated latest checkpoint in the bucket is detected (sha256 in
     state.json) and the one before it used: resuming keeps every epoch exactly once."""
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": ray_cluster.s3.endpoint_url})
@@ -56,13 +56,14 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, ca
     assert json.loads(fs.cat_file(f"{latest}/state.json"))["epoch"] == 1
     weights = fs.cat_file(f"{latest}/model.weights.h5")
     fs.pipe_file(f"{latest}/model.weights.h5", weights[: len(weights) // 2])
-    capfd.readouterr()
     result = train(TrainSpec(**spec | {"epochs": 3, "resume": True}))
     rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{bucket_path}/model/history.csv").decode())))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # epoch 1 redone from the epoch-0 checkpoint
     assert result["metrics"]["epochs_run"] == 3
-    logs = capfd.readouterr()
-    assert "skipped unreadable checkpoint" in logs.out + logs.err
+    (resumed,) = result["metrics"]["resumes"]
+    assert resumed["from_epoch"] == 0 and "checkpoint_" in resumed["checkpoint"]
+    assert len(resumed["skipped"]) == 1 and latest.rstrip("/").rsplit("/", 1)[1] in resumed["skipped"][0]
+    assert "skipped unreadable checkpoint" in caplog.text
     assert_no_credentials(fs, bucket_path, ray_cluster.s3)
 
 

@@ -34,6 +34,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per epoch
     confusion_matrix: list[list[int]] | None = None  # the last epoch's, on the val split
     stopped_early: bool = False
+    # One entry per resume: the epoch it went on from, the checkpoint, and the newer ones skipped as unreadable.
+    resumes: list[dict[str, Any]] = field(default_factory=list)
 
     def after_epoch(self, metrics: dict[str, Any], confusion: np.ndarray, patience: int | None) -> TrainState:
         """The state once `metrics["epoch"]` has finished; stopped_early when patience ran out."""
@@ -48,6 +50,7 @@ class TrainState:
             history=[*self.history, metrics],
             confusion_matrix=confusion.astype(np.int64).tolist(),
             stopped_early=bool(patience and epoch - best_epoch >= patience),
+            resumes=self.resumes,
         )
 
 
@@ -106,7 +109,7 @@ def load_checkpoint(directory: str, model, optimizer) -> TrainState:
     return state
 
 
-def restore(checkpoint: ray.train.Checkpoint, model, optimizer, rank: int) -> TrainState:
+def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
     """Load the latest checkpoint; if it is corrupt or partial, the newest older one that loads.
 
     Ray Train hands over only the latest checkpoint; its siblings (``num_to_keep``) sit
@@ -132,9 +135,7 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer, rank: int) -> Tr
         except Exception as exc:  # h5py, zipfile and json each raise their own kind
             problems.append(f"{path}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        if rank == 0:
-            for problem in problems:
-                print(f"[raysegment] skipped unreadable checkpoint {problem}", flush=True)
-            print(f"[raysegment] resumed from epoch {state.epoch} ({path})", flush=True)
-        return state
+        # The workers' output stays in Ray's logs; the driver reports `resumes` from the final state.
+        resume = {"from_epoch": state.epoch, "checkpoint": path, "skipped": problems}
+        return dataclasses.replace(state, resumes=[*state.resumes, resume])
     raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(problems))

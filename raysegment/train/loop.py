@@ -159,7 +159,7 @@ def resume(worker: Worker) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState()
-    return restore(checkpoint, worker.model, worker.optimizer, worker.rank)
+    return restore(checkpoint, worker.model, worker.optimizer)
 
 
 def train_epoch(worker: Worker, shard, epoch: int) -> float:

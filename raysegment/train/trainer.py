@@ -85,6 +85,12 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
     with result.checkpoint.as_directory() as d:
         state = read_state(d)
+    for resume in state.resumes:
+        for problem in resume["skipped"]:
+            log.warning("train: skipped unreadable checkpoint %s", problem)
+        progress.note(
+            f"train: resumed after epoch {resume['from_epoch'] + 1} from {storage.redact(resume['checkpoint'])}"
+        )
     return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0)
 
 
@@ -163,6 +169,7 @@ def write_artifacts(
         "last": history[-1],
         "epochs_run": len(history),
         "stopped_early": state.stopped_early,
+        "resumes": state.resumes,
         "seconds": round(seconds, 1),
     }
     storage.write_bytes(out.child(HISTORY_FILE), history_csv(history))
