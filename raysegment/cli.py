@@ -15,7 +15,7 @@ import click
 from raysegment import __version__, logs, registry
 from raysegment.bench.cli import bench
 from raysegment.cli_options import infer_options
-from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
+from raysegment.config import CompactSpec, EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
 from raysegment.console import handle_errors, json_option, session
 
 
@@ -49,10 +49,22 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("source", required=False)
 @click.argument("dest", required=False)
-@click.option("--layout", type=click.Choice(["pairs", "voc", "cityscapes"]), default=None, help="default: pairs")
+@click.option(
+    "--layout",
+    type=click.Choice(["pairs", "voc", "cityscapes", "list"]),
+    default=None,
+    help="default: pairs; list: SOURCE is a CSV/Parquet of image,mask[,split]",
+)
 @click.option("--images-dir", default=None, help="pairs: images folder under SOURCE (default: images)")
 @click.option("--masks-dir", default=None, help="pairs: masks folder under SOURCE (default: masks)")
 @click.option("--mask-values", default=None, help="pairs: raw mask value -> class id, e.g. 0:0,255:1")
+@click.option("--mask-threshold", type=int, default=None, help="soft binary masks: value >= T -> 1, else 0")
+@click.option(
+    "--mask-colors", default=None, help="colour-coded masks: 'R,G,B:ID;R,G,B:ID' or a class_dict.csv (name,r,g,b)"
+)
+@click.option(
+    "--unlisted-colors", type=click.Choice(["invalid", "ignore"]), default=None, help="colours not in --mask-colors"
+)
 @click.option("--num-classes", type=int, default=None, help="class count (default: from the masks)")
 @click.option("--class-names", default=None, help="comma-separated class names")
 @click.option("--val-keys", default=None, help="keys of the val split: comma list or a file with one key per line")
@@ -179,12 +191,26 @@ def plan(
 @click.option("--cpus-per-worker", type=float, default=None)
 @click.option("--gpus-per-worker", type=float, default=None)
 @click.option("--resume/--no-resume", default=None, help="continue from the last checkpoint in OUT (default: on)")
+@click.option(
+    "--time-budget",
+    default=None,
+    help="training time, e.g. 40m or 2h: the plan's epochs fit it and training stops inside it "
+    "(default: the plan's, from the data set size)",
+)
+@click.option(
+    "--plan/--no-plan",
+    default=None,
+    help="options you do not give come from `raysegment plan` for DATA (default: on); --no-plan: fixed defaults",
+)
 @endpoint_option
 @config_option
 @json_option
 @handle_errors
 def train(config: str | None, as_json: bool, **flags: Any) -> None:
-    """Train a U-Net on the data set DATA with Ray Train; write the model to OUT."""
+    """Train a U-Net on the data set DATA with Ray Train; write the model to OUT.
+
+    Options you do not give (on the command line or in --config) are the ones `raysegment plan DATA`
+    prints for the same --workers, --gpus-per-worker, --cpus-per-worker and --time-budget."""
     _run(load_spec(TrainSpec, config, flags), as_json)
 
 
@@ -202,6 +228,20 @@ def train(config: str | None, as_json: bool, **flags: Any) -> None:
 def evaluate(config: str | None, as_json: bool, **flags: Any) -> None:
     """Evaluate MODEL on a split of the data set DATA (pixel accuracy, mIoU, Dice)."""
     _run(load_spec(EvaluateSpec, config, flags), as_json)
+
+
+@main.command()
+@click.argument("output", required=False)
+@click.option("--summary-rows", type=int, default=None, help="target rows per merged file (default 100000)")
+@click.option("--include-unfinished", is_flag=True, default=None, help="also merge runs without a run record")
+@click.option("--storage-retry-s", type=float, default=None, help="retry unreachable object storage this long")
+@endpoint_option
+@config_option
+@json_option
+@handle_errors
+def compact(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Merge the small summary files of finished runs under OUTPUT into large ones (readers stay safe)."""
+    _run(load_spec(CompactSpec, config, flags), as_json)
 
 
 @main.command()

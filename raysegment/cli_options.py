@@ -24,8 +24,8 @@ INFER_OPTIONS = [
     click.option("--image-column", default=None, help="image bytes column of a Parquet source"),
     click.option("--key-column", default=None, help="key column of a Parquet source"),
     click.option("--batch-size", type=int, default=None),
-    click.option("--actors", default=None, help="predictor actors, MIN or MIN:MAX"),
-    click.option("--gpus-per-actor", type=float, default=None),
+    click.option("--actors", default=None, help="predictor actors: auto (default: fit the cluster), MIN or MIN:MAX"),
+    click.option("--gpus-per-actor", default=None, help="GPUs per actor (default auto: 1 where the cluster has GPUs)"),
     click.option("--cpus-per-actor", type=float, default=None, help="CPUs and TF threads per actor (default: 1)"),
     click.option("--mask-format", type=click.Choice(["png", "npz", "packed"]), default=None),
     click.option("--tta-flip", is_flag=True, default=None, help="flip test-time augmentation (2x model cost)"),
@@ -48,6 +48,12 @@ INFER_OPTIONS = [
         type=click.Choice(["tasks", "actor"]),
         default=None,
         help="decode images in CPU tasks beside the actors (default) or inside the predictor actor",
+    ),
+    click.option(
+        "--summary-rows",
+        type=int,
+        default=None,
+        help="rows per summary file; each file commits its rows (default 100000)",
     ),
     click.option(
         "--storage-retry-s",

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raysegment.data import masks
 from raysegment.data.classes import IGNORE_INDEX
 from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError
@@ -49,10 +50,15 @@ StorageRetryS = Annotated[
 class PrepareSpec(Spec):
     source: str
     dest: str
-    layout: Literal["pairs", "voc", "cityscapes"] = "pairs"
+    layout: Literal["pairs", "voc", "cityscapes", "list"] = "pairs"
     images_dir: str | None = Field(None, description="pairs: images folder under SOURCE (default images)")
     masks_dir: str | None = Field(None, description="pairs: masks folder under SOURCE (default masks)")
     mask_values: dict[int, int] | None = Field(None, description="pairs: raw mask value -> class id, '0:0,255:1'")
+    mask_threshold: int | None = Field(None, ge=1, le=255, description="soft binary masks: value >= T -> 1, else 0")
+    mask_colors: str | list[str] | None = Field(
+        None, description="colour-coded masks: 'R,G,B:ID;R,G,B:ID' or a class_dict.csv of name,r,g,b"
+    )
+    unlisted_colors: Literal["invalid", "ignore"] = Field("invalid", description="colours not in mask_colors")
     num_classes: int | None = Field(None, ge=2, le=255)
     class_names: list[str] | None = None
     val_keys: list[str] | str | None = Field(None, description="keys of the val split: 'a,b,c' or a file of keys")
@@ -100,11 +106,22 @@ class PrepareSpec(Spec):
                 raise ValueError(f"class id {cid} for raw value {raw} is outside 0..254 (255 = ignore)")
         return v
 
+    @field_validator("mask_colors", mode="after")
+    @classmethod
+    def _check_mask_colors(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is not None and not (isinstance(v, str) and masks.is_color_file(v)):
+            masks.parse_color_pairs(v)  # a ValueError names the bad entry
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> PrepareSpec:
+        self._consistent_mask_encoding()
         fixed = self.layout in ("voc", "cityscapes")
+        if self.layout == "list" and (self.images_dir is not None or self.masks_dir is not None):
+            raise ValueError("--images-dir/--masks-dir do not apply to --layout list; the list names every file")
         if fixed:
-            set_flags = [f for f in ("images_dir", "masks_dir", "mask_values") if getattr(self, f) is not None]
+            mask_flags = ("images_dir", "masks_dir", "mask_values", "mask_threshold", "mask_colors")
+            set_flags = [f for f in mask_flags if getattr(self, f) is not None]
             if set_flags:
                 flags = ", ".join("--" + f.replace("_", "-") for f in set_flags)
                 raise ValueError(
@@ -120,6 +137,15 @@ class PrepareSpec(Spec):
             if k is not None and ids and max(ids) >= k:
                 raise ValueError(f"--mask-values maps to class id {max(ids)}, but there are only {k} classes")
         return self
+
+    def _consistent_mask_encoding(self) -> None:
+        given = [f for f in ("mask_values", "mask_threshold", "mask_colors") if getattr(self, f) is not None]
+        if len(given) > 1:
+            flags = " and ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"{flags} are different ways to read masks; give one of them")
+        k = self.num_classes or (len(self.class_names) if self.class_names else None)
+        if self.mask_threshold is not None and k not in (None, 2):
+            raise ValueError(f"--mask-threshold makes two classes (0 and 1), not {k}")
 
 
 class TrainSpec(Spec):
@@ -169,6 +195,34 @@ class TrainSpec(Spec):
     gpus_per_worker: float = Field(0.0, ge=0, le=16)
     name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray Train run name under OUT")
     resume: bool = True
+    plan: bool = Field(
+        True,
+        description="fields not given (flag or spec field) come from `raysegment plan`'s rules for the data set; "
+        "false: the fixed defaults above",
+    )
+    time_budget: float | None = Field(
+        None,
+        gt=0,
+        le=30 * 86400,
+        description="training time in seconds, or '40m', '2h': the plan sets the epochs from it, and training "
+        "stops after the last epoch that ends inside it (default: the plan's, from the data set size)",
+    )
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _parse_time_budget(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            from raysegment.plan import parse_duration
+
+            return parse_duration(v)
+        return v
+
+
+class CompactSpec(Spec):
+    output: str
+    summary_rows: int = Field(100_000, ge=2, le=10_000_000, description="target rows per merged summary file")
+    include_unfinished: bool = Field(False, description="also merge files of runs without a run record")
+    storage_retry_s: StorageRetryS = None
 
 
 class EvaluateSpec(Spec):
@@ -199,8 +253,12 @@ class InferOptions(Spec):
     image_column: str = Field("image", description="image bytes column of a Parquet source")
     key_column: str | None = Field(None, description="key column of a Parquet source (default: file/row)")
     batch_size: int = Field(16, ge=1, le=4096)
-    actors: tuple[int, int] = Field((1, 1), description="MIN[:MAX] predictor actors")
-    gpus_per_actor: float = Field(0.0, ge=0, le=16)
+    actors: tuple[int, int] | Literal["auto"] = Field(
+        "auto", description="MIN[:MAX] predictor actors; auto: fit the cluster (inference/actors.py)"
+    )
+    gpus_per_actor: Annotated[float, Field(ge=0, le=16)] | Literal["auto"] = Field(
+        "auto", description="auto: 1 where the cluster has GPUs, else 0"
+    )
     cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPUs (and TF threads) per predictor actor")
     mask_format: Literal["png", "npz", "packed"] = "png"
     tta_flip: bool = Field(False, description="average with a horizontally flipped pass (2x the model cost)")
@@ -218,6 +276,9 @@ class InferOptions(Spec):
     storage_retry_s: StorageRetryS = None
     decode: Literal["tasks", "actor"] = Field(
         "tasks", description="where images are decoded: in CPU tasks beside the actors, or inside the predictor actor"
+    )
+    summary_rows: int = Field(
+        100_000, ge=1, le=10_000_000, description="rows per summary file (each file commits its rows)"
     )
 
     @field_validator("extensions", mode="before")
@@ -237,19 +298,21 @@ class InferOptions(Spec):
     @field_validator("actors", mode="before")
     @classmethod
     def _parse_actors(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
         if isinstance(v, int):
             return (v, v)
         if isinstance(v, str):
             lo, _, hi = v.partition(":")
             if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
-                raise ValueError("write MIN or MIN:MAX, e.g. 2 or 1:4")
+                raise ValueError("write auto, MIN or MIN:MAX, e.g. 2 or 1:4")
             return (int(lo), int(hi or lo))
         return v
 
     @field_validator("actors", mode="after")
     @classmethod
-    def _check_actors(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= v[0] <= v[1] <= 4096:
+    def _check_actors(cls, v: tuple[int, int] | str) -> tuple[int, int] | str:
+        if v != "auto" and not 1 <= v[0] <= v[1] <= 4096:
             raise ValueError("need 1 <= MIN <= MAX <= 4096")
         return v
 

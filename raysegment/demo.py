@@ -15,6 +15,8 @@ from raysegment.inference.pipeline import infer
 from raysegment.train.trainer import train
 
 IMAGE_SIZE = 64
+# Training stops after the last epoch that ends inside this, however slow the machine.
+TRAIN_BUDGET_S = 240.0
 
 
 def run_demo(
@@ -33,6 +35,10 @@ def run_demo(
             source=source, dest=paths["data"], class_names=synthetic.CLASS_NAMES, overwrite=True, shard_size_mb=1
         )
     )
+    # The plan (`raysegment plan` on this data) picks 64 px resize, depth 3, base 16, CE+Dice (the shapes
+    # hold under 10% of the pixels), flips and turns, mild jitter, but 40 epochs of batch 4 in a 9-minute
+    # default budget. The demo keeps its own epochs and batch 8 at a higher rate (val mIoU ~0.987 in 6
+    # epochs, ~2 minutes on 2 cores) and a short budget; the rest comes from the plan (model.json: plan).
     train(
         TrainSpec(
             data=paths["data"],
@@ -44,6 +50,7 @@ def run_demo(
             depth=3,
             base_filters=16,
             learning_rate=2e-3,
+            time_budget=TRAIN_BUDGET_S,
             resume=False,
         )
     )

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from raysegment import __version__
-from raysegment.config import NightlySpec, Spec
+from raysegment.config import NightlySpec, Spec, TrainSpec
 from raysegment.errors import ConfigError, UserError
 from raysegment.registry import load_job_spec
 
@@ -58,8 +58,16 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def spec_digest(spec: Spec, exclude: set[str] | None = None) -> str:
-    """sha256 of the spec's canonical JSON (all fields, defaults included)."""
+    """sha256 of the spec's canonical JSON (all fields, defaults included). A train spec also names the
+    fields given equal to their default: the plan fills only the others, so those specs differ."""
     values = spec.model_dump(mode="json", exclude=exclude)
+    if isinstance(spec, TrainSpec):
+        fields = TrainSpec.model_fields
+        given = sorted(
+            k for k in spec.model_fields_set if getattr(spec, k) == fields[k].get_default(call_default_factory=True)
+        )
+        if given:  # only then: the ids of specs without such fields stay what they were
+            values["given_defaults"] = given
     return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -119,8 +127,10 @@ def runtime_env(working_dir: str | None, pip: list[str] | None, env_vars: dict[s
 
 
 def entrypoint(kind: str, spec: Spec) -> str:
-    """The job's shell command: the spec travels inline, so it need not exist on the cluster."""
-    values = spec.model_dump(mode="json", exclude_defaults=True)
+    """The job's shell command: the spec travels inline, so it need not exist on the cluster. The fields
+    the user set travel, defaults stay out: a train spec's plan fills what was not given (`plan.py`), so a
+    value given equal to its default must still travel as given."""
+    values = spec.model_dump(mode="json", exclude_unset=True)
     if isinstance(spec, NightlySpec):
         values["date"] = spec.date  # pinned at submission: a queued job still runs the night it was meant for
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))

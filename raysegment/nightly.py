@@ -111,9 +111,9 @@ def plan(listing: pa.Table, ledger: pa.Table, model_sha256: str, date: str) -> p
 
 def _partition_rows(partition: storage.Location) -> pa.Table:
     """key, status, class_fractions of every summary row in a date partition."""
-    from raysegment.inference.output import summary_tables
+    from raysegment.inference.output import consistent, summary_tables
 
-    tables = list(summary_tables(partition, ["key", "status", "class_fractions"]))
+    tables = consistent(lambda: list(summary_tables(partition, ["key", "status", "class_fractions"])))
     if not tables:
         return pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())})
     return pa.concat_tables(tables)

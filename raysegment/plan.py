@@ -2,22 +2,34 @@
 
 nnU-Net's idea on raysegment's options: every choice below is a rule on the
 fingerprint (`data/fingerprint.py`), written down with its reason so `raysegment plan`
-can show it. The plan's fields are `TrainSpec` field names, so an explicit flag
-overrides exactly its part (`Plan.train_values`).
+can show it. The plan's fields are `TrainSpec` field names (`PLAN_FIELDS`), so an
+explicit flag overrides exactly its part: `train` calls `plan_for_spec`, which makes the
+plan `raysegment plan` prints for the same data set and compute, with the fields the user
+gave (`TrainSpec.model_fields_set`) taken as given. A given value is also an input to the
+rules that depend on it (a given --image-size sets the depth and the epoch estimate, given
+--epochs the warm-up) and is recorded as given in the model card.
 
-Not yet done (the rest of #15): `train` does not make this plan by itself, the time
-budget is turned into epochs by a cost model instead of the first epoch's measured
-throughput, and z-score normalisation is recorded here but inference still scales to
-[0, 1].
+The time budget becomes epochs by a cost model (PIXELS_PER_CORE_S); the training loop then
+stops at the end of the epoch after which the next one would end past the budget (the LR
+schedule keeps the planned epochs, the best checkpoint is kept; `train/loop.py`).
+
+Not yet done (the rest of #15): the number of epochs is not re-derived from the first
+epoch's measured throughput (only the stop at the budget uses it); z-score normalisation
+and rare-class oversampling are recorded in the plan and the card but not applied
+(inference still scales to [0, 1]).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysegment.data.fingerprint import Fingerprint
+
+if TYPE_CHECKING:
+    from raysegment.config import TrainSpec
+    from raysegment.storage import Location
 
 # An object resized below this many pixels of area is lost to a U-Net (about 3 x 3).
 MIN_OBJECT_PX = 9.0
@@ -40,6 +52,26 @@ GPU_AS_CORES = 40
 # Without --time-budget: 40 passes over the training pixels, between 5 minutes and 2 hours.
 DEFAULT_PASSES = 40
 DEFAULT_BUDGET_S = (300.0, 7200.0)
+# The TrainSpec fields a plan decides, in the order `raysegment plan` prints them.
+PLAN_FIELDS = (
+    "crop",
+    "image_size",
+    "depth",
+    "base_filters",
+    "batch_size",
+    "loss",
+    "class_weights",
+    "flip",
+    "rotate90",
+    "scale_jitter",
+    "brightness",
+    "contrast",
+    "epochs",
+    "warmup_epochs",
+    "schedule",
+)
+# Recorded with the plan (and in the model card) but not applied by this version.
+RECORDED_ONLY = ("normalization", "oversample_rare")
 
 
 @dataclass(frozen=True)
@@ -81,25 +113,34 @@ class Plan:
     oversample_rare: bool
     time_budget_s: float
     reasons: dict[str, str] = field(default_factory=dict)
+    # PLAN_FIELDS the user gave (their values above are the given ones); the rest are the rules'.
+    given: tuple[str, ...] = ()
 
     def train_values(self) -> dict[str, Any]:
-        """The TrainSpec fields this plan sets (flags given by the user win over these)."""
-        skip = {"normalization", "oversample_rare", "time_budget_s", "reasons"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        """The TrainSpec fields this plan sets, given ones included (PLAN_FIELDS, in order)."""
+        return {k: getattr(self, k) for k in PLAN_FIELDS}
+
+    @property
+    def auto(self) -> tuple[str, ...]:
+        """PLAN_FIELDS chosen by the rules."""
+        return tuple(k for k in PLAN_FIELDS if k not in self.given)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["given"] = list(self.given)
+        return out
 
 
-def window(fp: Fingerprint, compute: Compute) -> tuple[str, int, str]:
+def window(fp: Fingerprint, compute: Compute, size: int | None = None) -> tuple[str, int, str]:
     """(crop, window side, reason). The window is the median image side (a multiple of 16, capped
-    for the device). Native windows when the median image is larger than that, or when resizing the
-    largest images to it would shrink a class's median object below MIN_OBJECT_PX; else resize,
-    which then changes the scale of few images by little."""
+    for the device), or `size` where the user gave one. Native windows when the median image is
+    larger than that, or when resizing the largest images to it would shrink a class's median
+    object below MIN_OBJECT_PX; else resize, which then changes the scale of few images by little."""
     side = min(fp.height["median"], fp.width["median"])
-    cap = MAX_WINDOW[compute.device]
-    step = 32 if side > 256 else 16  # divisible by 2^depth (depth 5 from 256 px up)
-    size = max(MIN_WINDOW, min(cap, step * math.ceil(side / step)))
+    if size is None:
+        cap = MAX_WINDOW[compute.device]
+        step = 32 if side > 256 else 16  # divisible by 2^depth (depth 5 from 256 px up)
+        size = max(MIN_WINDOW, min(cap, step * math.ceil(side / step)))
     if side > size:
         return "native", size, f"median image side {side:g} px is larger than the {size} px window: train on windows"
     largest = max(fp.height["max"], fp.width["max"])
@@ -116,8 +157,12 @@ def window(fp: Fingerprint, compute: Compute) -> tuple[str, int, str]:
 
 
 def depth_for(size: int) -> int:
-    """Down-samplings that keep the bottleneck at >= MIN_BOTTLENECK pixels per side."""
-    return max(1, min(MAX_DEPTH, int(math.log2(size / MIN_BOTTLENECK))))
+    """Down-samplings that keep the bottleneck at >= MIN_BOTTLENECK pixels per side (and divide the
+    window: a given --image-size need not be a power of two)."""
+    depth = max(1, min(MAX_DEPTH, int(math.log2(max(size, 1) / MIN_BOTTLENECK))))
+    while depth > 1 and size % 2**depth:
+        depth -= 1
+    return depth
 
 
 def loss_for(fp: Fingerprint) -> tuple[str, str]:
@@ -156,26 +201,63 @@ def default_budget_s(fp: Fingerprint, train_images: int, compute: Compute, size:
     return min(max(seconds, DEFAULT_BUDGET_S[0]), DEFAULT_BUDGET_S[1])
 
 
-def make_plan(fp: Fingerprint, train_images: int, compute: Compute, time_budget_s: float | None = None) -> Plan:
-    """The plan for a data set (its fingerprint and training-split size) on `compute`."""
+def make_plan(
+    fp: Fingerprint,
+    train_images: int,
+    compute: Compute,
+    time_budget_s: float | None = None,
+    given: dict[str, Any] | None = None,
+    repeat: int = 1,
+    max_steps: int | None = None,
+) -> Plan:
+    """The plan for a data set (its fingerprint and training-split size) on `compute`.
+
+    `given`: PLAN_FIELDS values the user chose; they are kept, and the rules that depend on them
+    use them. `repeat` and `max_steps` (train's) change what an epoch costs."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(PLAN_FIELDS))
+    if unknown:
+        raise ValueError(f"not plan fields: {unknown}")
     reasons: dict[str, str] = {}
-    crop, size, reasons["crop"] = window(fp, compute)
-    depth = depth_for(size)
-    reasons["depth"] = f"{size} px / 2^{depth} keeps a {size >> depth} px bottleneck"
-    base = 32 if compute.device == "gpu" else 16
+    crop, size, reasons["crop"] = window(fp, compute, given.get("image_size"))
+    crop = given.get("crop", crop)
+    if "crop" in given:
+        reasons["crop"] = f"{crop} given; the rule says: {reasons['crop']}"
+    elif "image_size" in given:
+        reasons["crop"] = f"{size} px window given: {reasons['crop']}"
+    depth = given.get("depth", depth_for(size))
+    reasons["depth"] = f"{size} px / 2^{depth} keeps a {size >> depth} px bottleneck" + (
+        " (depth given)" if "depth" in given else ""
+    )
+    base = given.get("base_filters", 32 if compute.device == "gpu" else 16)
     batch = 16 if compute.device == "gpu" else 4
+    # One global batch must fit the training split (train refuses a smaller split).
+    batch = given.get("batch_size", max(1, min(batch, train_images // max(compute.workers, 1))))
     reasons["width"] = f"{compute.device}: base {base} filters, {batch} windows per worker"
     loss, reasons["loss"] = loss_for(fp)
+    loss = given.get("loss", loss)
     flip, rotate90, reasons["augment"] = orientation(fp)
+    flip, rotate90 = given.get("flip", flip), given.get("rotate90", rotate90)
+    reasons["jitter"] = "mild scale, brightness and contrast jitter for every data set"
     norm, reasons["normalization"] = normalization_for(fp)
     budget = time_budget_s or default_budget_s(fp, train_images, compute, size)
     reasons["budget"] = f"{budget / 60:.0f} min " + (
         "given" if time_budget_s else f"({DEFAULT_PASSES} passes, 5 min..2 h)"
     )
     # Native windows see a part of each image per step: count one window per image and epoch.
-    epoch_s = max(train_images, 1) * size * size / compute.pixels_per_s
-    epochs = max(1, int(budget / epoch_s))
-    reasons["epochs"] = f"~{epoch_s:.0f} s an epoch (estimated) fits {epochs} in the budget"
+    windows = max(train_images, 1) * repeat
+    if max_steps:
+        windows = min(windows, max_steps * batch * compute.workers)
+    epoch_s = windows * size * size / compute.pixels_per_s
+    if "epochs" in given:
+        epochs = given["epochs"]
+        reasons["epochs"] = f"given (~{epoch_s:.0f} s an epoch, estimated)"
+    else:
+        epochs = max(1, int(budget / epoch_s))
+        reasons["epochs"] = f"~{epoch_s:.0f} s an epoch (estimated) fits {epochs} in the budget"
+    warmup = given.get("warmup_epochs", min(2.0, max(0.5, epochs / 20)))
+    schedule = given.get("schedule", "cosine")
+    reasons["schedule"] = f"{warmup:g} epochs of linear warm-up, then {schedule}"
     rare = loss == "ce+dice"
     return Plan(
         crop=crop,
@@ -184,20 +266,61 @@ def make_plan(fp: Fingerprint, train_images: int, compute: Compute, time_budget_
         base_filters=base,
         batch_size=batch,
         loss=loss,
-        class_weights="none",
+        class_weights=given.get("class_weights", "none"),
         flip=flip,
         rotate90=rotate90,
-        scale_jitter=0.2,
-        brightness=0.1,
-        contrast=0.1,
+        scale_jitter=given.get("scale_jitter", 0.2),
+        brightness=given.get("brightness", 0.1),
+        contrast=given.get("contrast", 0.1),
         epochs=epochs,
-        warmup_epochs=min(2.0, max(0.5, epochs / 20)),
-        schedule="cosine",
+        warmup_epochs=warmup,
+        schedule=schedule,
         normalization=norm,
         oversample_rare=rare,
         time_budget_s=round(budget, 1),
         reasons=reasons,
+        given=tuple(k for k in PLAN_FIELDS if k in given),
     )
+
+
+def read_fingerprint(loc: Location, manifest: dict[str, Any]) -> Fingerprint:
+    """The manifest's fingerprint; computed from the shards (Ray tasks) for a data set prepared before
+    fingerprints existed."""
+    if "fingerprint" in manifest:
+        return Fingerprint.from_json(manifest["fingerprint"])
+    from raysegment.data.fingerprint import fingerprint_shards
+    from raysegment.runtime import init_ray
+
+    init_ray()
+    return fingerprint_shards(loc, manifest)
+
+
+def compute_of(spec: TrainSpec) -> Compute:
+    return Compute(spec.workers, spec.gpus_per_worker, spec.cpus_per_worker)
+
+
+def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> Plan:
+    """The plan `raysegment plan` makes for the spec's data set and compute, with the PLAN_FIELDS the
+    spec sets explicitly (`model_fields_set`: a flag, a spec-file field, a keyword) as given."""
+    given = {k: getattr(spec, k) for k in PLAN_FIELDS if k in spec.model_fields_set}
+    return make_plan(
+        read_fingerprint(loc, manifest),
+        manifest["counts"].get("train", 0),
+        compute_of(spec),
+        spec.time_budget,
+        given,
+        repeat=spec.repeat,
+        max_steps=spec.max_steps,
+    )
+
+
+def planned_spec(spec: TrainSpec, plan: Plan) -> TrainSpec:
+    """The spec with the plan's values in (given ones are the spec's own), validated again. When the
+    plan chose the epochs, its budget becomes the spec's `time_budget`: training stops inside it."""
+    values = {**spec.model_dump(exclude_unset=True), **plan.train_values()}
+    if "epochs" not in plan.given:
+        values["time_budget"] = plan.time_budget_s
+    return type(spec).model_validate(values)
 
 
 def parse_duration(text: str) -> float:
@@ -216,7 +339,8 @@ def format_plan(plan: Plan) -> list[str]:
     values = plan.train_values()
     lines = ["training plan (flags you give override their part):"]
     for name, value in values.items():
-        lines.append(f"  {name:<14} {value!s:<10} {plan.reasons.get(_reason_of(name), '')}".rstrip())
+        reason = "given" if name in plan.given else plan.reasons.get(_reason_of(name), "")
+        lines.append(f"  {name:<14} {value!s:<10} {reason}".rstrip())
     lines.append(f"  normalization  {plan.normalization['kind']:<10} {plan.reasons['normalization']}")
     lines.append(f"  budget         {plan.reasons['budget']}")
     return lines
@@ -229,5 +353,23 @@ def _reason_of(name: str) -> str:
         "base_filters": "width",
         "loss": "loss",
         "flip": "augment",
+        "scale_jitter": "jitter",
         "epochs": "epochs",
+        "warmup_epochs": "schedule",
     }.get(name, "")
+
+
+def card_record(plan: Plan, compute: Compute) -> dict[str, Any]:
+    """What the model card keeps of the plan: the values used, which were given and which chosen
+    by the rules, the reasons, the budget and compute, and what is recorded but not applied."""
+    return {
+        "values": plan.train_values(),
+        "given": list(plan.given),
+        "auto": list(plan.auto),
+        "reasons": plan.reasons,
+        "time_budget_s": plan.time_budget_s,
+        "compute": asdict(compute),
+        "normalization": plan.normalization,
+        "oversample_rare": plan.oversample_rare,
+        "recorded_only": list(RECORDED_ONLY),
+    }

@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from raysegment import storage
-from raysegment.config import EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
+from raysegment.config import (
+    CompactSpec,
+    EvaluateSpec,
+    InferOptions,
+    InferSpec,
+    NightlySpec,
+    PrepareSpec,
+    Spec,
+    TrainSpec,
+    load_spec,
+)
 from raysegment.console import session
 from raysegment.errors import ConfigError
 
@@ -50,6 +60,16 @@ class Job:
 def train_min_cpus(spec: TrainSpec) -> int:
     """Logical CPUs for training: every worker's share plus one, so the Ray Data tasks that feed them can run."""
     return int(spec.workers * spec.cpus_per_worker) + 1
+
+
+def infer_min_cpus(spec: InferOptions) -> int:
+    """Logical CPUs for inference on a local Ray: with `--actors auto`, one per core for the actors
+    plus two for the read, decode and write tasks beside them (what inference/actors.py leaves them)."""
+    if spec.actors != "auto":
+        return 0
+    from raysegment.runtime import cores
+
+    return cores() + 2
 
 
 def _prepare(spec: PrepareSpec) -> dict[str, Any]:
@@ -90,10 +110,19 @@ def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
     m = result["metrics"]
     best = m["best"]
     early = ", stopped early" if m["stopped_early"] else ""
+    if m.get("stopped_by") == "time_budget":
+        early = ", stopped at the time budget"
+    plan = m.get("plan")
+    planned = (
+        f"  plan       {len(plan['auto'])} choices from the data set, {len(plan['given'])} given (model.json: plan)"
+        if plan
+        else "  plan       off (--no-plan): fixed defaults"
+    )
     return [
         f"trained {result['out']}: best epoch {best['epoch']}, val mean_iou {best['val_mean_iou']:.4f}, "
         f"pixel_accuracy {best['val_pixel_accuracy']:.4f}",
         f"  {m['epochs_run']} epochs in {m['seconds']} s{early}",
+        planned,
         f"  model      {storage.join(result['out'], 'model.keras')} (+ model.json, metrics.json, history.csv, "
         "training_curves.png)",
     ]
@@ -169,6 +198,25 @@ def _as_is(spec: Any, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _compact(spec: CompactSpec) -> dict[str, Any]:
+    from raysegment.inference.compact import compact
+
+    return compact(spec)
+
+
+def _compact_lines(spec: CompactSpec, r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"compacted {r['output']}: {r['files_before']} summary files -> {r['files_after']} "
+        f"({r['merged_files']} merged into {r['written_files']}, {r['rows_moved']} rows)"
+    ]
+    if r["unfinished_runs_left"]:
+        lines.append(
+            f"  left {len(r['unfinished_runs_left'])} runs without a run record (running or killed): "
+            "re-run infer, or pass --include-unfinished"
+        )
+    return lines
+
+
 def _evaluate_output(spec: EvaluateSpec) -> str:
     return posixpath.dirname(spec.out) or "." if spec.out else spec.model
 
@@ -179,7 +227,7 @@ JOBS: dict[str, Job] = {
         Job("prepare", PrepareSpec, _prepare, _prepare_lines, _prepare_payload, lambda s: s.dest, on_cluster=False),
         Job("train", TrainSpec, _train, _train_lines, _train_payload, lambda s: s.out, min_cpus=train_min_cpus),
         Job("evaluate", EvaluateSpec, _evaluate, _evaluate_lines, _as_is, _evaluate_output),
-        Job("infer", InferSpec, _infer, _infer_lines, _as_is, lambda s: s.output),
+        Job("infer", InferSpec, _infer, _infer_lines, _as_is, lambda s: s.output, min_cpus=infer_min_cpus),
         Job(
             "nightly",
             NightlySpec,
@@ -188,7 +236,9 @@ JOBS: dict[str, Job] = {
             _as_is,
             lambda s: s.output,
             _nightly_exit_code,
+            min_cpus=infer_min_cpus,
         ),
+        Job("compact", CompactSpec, _compact, _compact_lines, _as_is, lambda s: s.output),
     )
 }
 # What `raysegment submit` and `python -m raysegment.entrypoints` accept, in help order.

@@ -225,11 +225,12 @@ def _counts_html(record: RunRecord | None, scan: Scan) -> str:
 
 def _throughput_html(record: RunRecord | None, scan: Scan) -> str:
     cfg = record.config if record else {}
+    actors = (record.actors or {}).get("actors") if record else None  # what `--actors auto` resolved to
     per_image = {s: scan.stage_sum[s] / scan.run_rows if scan.run_rows else None for s in STAGES}
     rows = [
         ("images per second", record and record.images_per_second),
         ("seconds", record and record.seconds),
-        ("actors, batch size", f"{cfg.get('actors', '')}, {cfg.get('batch_size', '')}" if cfg else None),
+        ("actors, batch size", f"{actors or cfg.get('actors', '')}, {cfg.get('batch_size', '')}" if cfg else None),
         *((f"{s[:-3]} ms per image", None if v is None else round(v, 2)) for s, v in per_image.items()),
     ]
     return "".join(f'<tr><th>{_e(k)}</th><td class="n">{_num(v)}</td></tr>' for k, v in rows)

@@ -58,13 +58,18 @@ def _shares(column: pa.ChunkedArray | pa.Array, n: int, k: int) -> np.ndarray:
 
 
 def scan_summaries(output: storage.Location, samples: int, run_id: str | None) -> Scan:
-    """Stream every summary row under OUTPUT into counts, histograms, errors and a sample of ok rows."""
-    summaries = layout.Summaries(output)
-    scan = Scan(summaries.class_names)
-    for batch in summaries.batches():
-        _add_batch(scan, batch, samples, run_id)
-    scan.errors.sort(key=lambda e: e["key"])
-    return scan
+    """Stream every summary row under OUTPUT into counts, histograms, errors and a sample of ok rows
+    (again from the start if a compaction replaced files meanwhile: no row counted twice or missed)."""
+
+    def scan_once() -> Scan:
+        summaries = layout.Summaries(output)
+        scan = Scan(summaries.class_names)
+        for batch in summaries.batches():
+            _add_batch(scan, batch, samples, run_id)
+        scan.errors.sort(key=lambda e: e["key"])
+        return scan
+
+    return layout.consistent(scan_once)
 
 
 def _add_batch(scan: Scan, batch: pa.RecordBatch, samples: int, run_id: str | None) -> None:

@@ -27,7 +27,7 @@ from helpers import (
 
 from raysegment import storage
 from raysegment.config import InferSpec
-from raysegment.inference.output import summary_files, write_outputs
+from raysegment.inference.output import summary_files, write_masks
 from raysegment.inference.pipeline import infer
 
 pytestmark = pytest.mark.slow
@@ -69,11 +69,13 @@ def test_killed_task_worker_is_retried(tiny_model, s3_server, s3_prefix, tmp_pat
     keys = write_images(tmp_path / "in", 40)
     out = f"{s3_prefix}/out"
     with PipeBarrier(tmp_path / "in" / f"{BARRIER_KEY}.png") as barrier:
-        job = in_background(lambda: infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2)))
+        job = in_background(
+            lambda: infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2, summary_rows=2))
+        )
         wait_for(lambda: summary_files(storage.resolve(out)), "the first committed summary", job=job)
         with s3_server.paused():
             barrier.release(job)
-            writer = wait_for(lambda: running_task(write_outputs.__name__), "a write task held by the store", job=job)
+            writer = wait_for(lambda: running_task(write_masks.__name__), "a write task held by the store", job=job)
             os.kill(writer, signal.SIGKILL)
         record = job.result(timeout=600)
     assert record["counts"]["total"] == 41
@@ -85,7 +87,18 @@ def test_killed_driver_then_rerun_completes(tiny_model, ray_cluster, tmp_path):
     _, model = tiny_model
     keys = write_images(tmp_path / "in", 100)
     out = str(tmp_path / "out")
-    cmd = [RAYSEGMENT, "infer", model, str(tmp_path / "in"), out, "--batch-size", "2", "--no-report"]
+    cmd = [
+        RAYSEGMENT,
+        "infer",
+        model,
+        str(tmp_path / "in"),
+        out,
+        "--batch-size",
+        "2",
+        "--summary-rows",
+        "2",
+        "--no-report",
+    ]
     with PipeBarrier(tmp_path / "in" / f"{BARRIER_KEY}.png") as barrier:
         driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -121,7 +134,13 @@ def test_s3_outage_is_retried_or_fails_clearly(tiny_model, s3_server, s3_prefix,
     bucket = s3_prefix[len("s3://") :]
     keys = write_images(tmp_path / "in", 60)
     fs.put(str(tmp_path / "in"), f"{bucket}/in", recursive=True)
-    spec = {"model": model, "input": f"{s3_prefix}/in", "output": f"{s3_prefix}/out", "batch_size": 2}
+    spec = {
+        "model": model,
+        "input": f"{s3_prefix}/in",
+        "output": f"{s3_prefix}/out",
+        "batch_size": 2,
+        "summary_rows": 2,
+    }
 
     def summaries_written() -> int:
         fs.invalidate_cache()

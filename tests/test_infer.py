@@ -71,7 +71,9 @@ def test_killed_actor_and_rerun_leave_one_row_per_key(tiny_model, ray_cluster, t
     keys = write_images(tmp_path / "in", 120)
     out = str(tmp_path / "out")
     with PipeBarrier(tmp_path / "in" / "zz-barrier" / "hold.png") as barrier:
-        job = in_background(lambda: infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2)))
+        job = in_background(
+            lambda: infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=2, summary_rows=2))
+        )
         wait_for(lambda: has_summary(out), "the first committed summary", job=job)
 
         def predictor_pid() -> int | None:

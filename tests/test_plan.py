@@ -8,7 +8,7 @@ import json
 import pytest
 
 from raysegment.data.fingerprint import Fingerprint
-from raysegment.plan import Compute, depth_for, make_plan, parse_duration
+from raysegment.plan import Compute, depth_for, format_plan, make_plan, parse_duration
 
 CPU = Compute(workers=2)
 GPU = Compute(workers=1, gpus_per_worker=1)
@@ -99,3 +99,21 @@ def test_durations():
     assert parse_duration("40m") == 2400 and parse_duration("2h") == 7200 and parse_duration("90") == 90
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("soon")
+
+
+def test_a_given_window_gets_a_depth_that_divides_it_and_batches_fit_the_split():
+    assert (depth_for(96), depth_for(100), depth_for(24)) == (3, 2, 1)
+    plan = make_plan(fingerprint(), 6, CPU)  # 6 training images on 2 workers: 3 a worker
+    assert plan.batch_size == 3
+    given = make_plan(fingerprint(), 80, CPU, given={"image_size": 96, "loss": "dice"})
+    assert (given.image_size, given.depth, given.loss, given.given) == (96, 3, "dice", ("image_size", "loss"))
+    assert "loss           dice       given" in "\n".join(format_plan(given))
+    with pytest.raises(ValueError, match="not plan fields"):
+        make_plan(fingerprint(), 80, CPU, given={"workers": 4})
+
+
+def test_the_budget_stops_before_an_epoch_that_would_end_past_it():
+    from raysegment.train.checkpoint import out_of_budget
+
+    assert not out_of_budget(spent_s=40, last_epoch_s=10, budget_s=60)
+    assert out_of_budget(spent_s=55, last_epoch_s=10, budget_s=60)

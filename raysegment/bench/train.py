@@ -107,6 +107,7 @@ def bench_train(
                 augment=False,
                 resume=False,
                 schedule="constant",
+                plan=False,  # the plain Keras baseline trains exactly these settings
             )
 
         one_spec, many_spec = spec("one", 1, float(cores)), spec("many", workers, max(1.0, cores / workers))

@@ -7,7 +7,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IGNORE_INDEX = 255
 # Decompression-bomb guard: refuse anything larger than this before decoding pixels.
@@ -51,6 +51,28 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def _pillow_pixels(exc: Exception) -> str:
     found = re.search(r"\((\d+) pixels\)", str(exc))
     return f"{int(found.group(1))} pixels" if found else "size from its header"
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A decoded PIL image (pixels loaded), within the pixel limit; raises ImageDecodeError otherwise."""
+    return _open(data, max_pixels)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def upright_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[bytes, int, int]:
+    """(bytes, height, width) of an image as it is meant to be seen: an EXIF orientation other than
+    1 (phone photos) is applied and the pixels re-encoded as lossless PNG; other images keep their bytes."""
+    img = _open(data, max_pixels)
+    if img.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return data, img.size[1], img.size[0]
+    img = ImageOps.exif_transpose(img)
+    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+        img = img.convert("RGB")  # CMYK and YCbCr JPEGs
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), img.size[1], img.size[0]
 
 
 def verify_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:

@@ -43,6 +43,7 @@ class Listing:
     lut: list[int] | None = None
     unmapped: str = "class ids out of range"  # the problem text for values the table does not map
     split_source: str | None = None  # where the layout's own splits came from, None when it has none
+    root: storage.Location | None = None  # the store the pairs' paths are in, when not SOURCE (list layout)
 
 
 def _files_by_key(loc: storage.Location, suffix: str = "") -> dict[str, list[tuple[str, int]]]:
@@ -109,16 +110,21 @@ def pairs_layout(
     if not images:
         raise DataError(f"{source.child(images_dir).uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
     pairs = [_pair(k, images, masks) for k in sorted(set(images) | set(masks))]
+    return _with_value_table(Listing(pairs), mask_values, num_classes)
+
+
+def _with_value_table(listing: Listing, mask_values: dict[int, int] | None, num_classes: int | None) -> Listing:
+    """The listing with the raw value -> class id table of --mask-values or --num-classes, if given."""
     if mask_values:
         lut = [-1] * 256
         for raw, cid in mask_values.items():
             lut[raw] = cid
-        return Listing(pairs, lut=lut, unmapped="mask values not in --mask-values")
+        return replace(listing, lut=lut, unmapped="mask values not in --mask-values")
     if num_classes:
-        return Listing(
-            pairs, lut=classes.identity_lut(num_classes), unmapped=f"class ids out of range 0..{num_classes - 1}"
+        return replace(
+            listing, lut=classes.identity_lut(num_classes), unmapped=f"class ids out of range 0..{num_classes - 1}"
         )
-    return Listing(pairs)
+    return listing
 
 
 def _read_keys(loc: storage.Location) -> list[str]:
@@ -202,6 +208,10 @@ def list_source(
         return voc_layout(source)
     if layout == "cityscapes":
         return cityscapes_layout(source)
+    if layout == "list":
+        from raysegment.data.pairlist import list_layout  # it builds this module's Pairs
+
+        return _with_value_table(list_layout(source), mask_values, num_classes)
     return pairs_layout(source, images_dir or "images", masks_dir or "masks", mask_values, num_classes)
 
 

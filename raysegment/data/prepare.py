@@ -22,6 +22,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ import ray
 
 from raysegment import __version__, progress, storage
 from raysegment.config import PrepareSpec
-from raysegment.data import classes, imaging
+from raysegment.data import classes, imaging, masks
 from raysegment.data.fingerprint import ShardFingerprint, merge
 from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
 from raysegment.errors import DataError
@@ -75,26 +76,24 @@ def _plan_shards(pairs: list[Pair], target_bytes: int) -> list[tuple[str, list[P
 
 
 def _check_pair(
-    img_bytes: bytes, mask_bytes: bytes, lut: np.ndarray | None, unmapped: str
-) -> tuple[str | None, np.ndarray | None, tuple[int, int]]:
-    """(problem, class-id mask, (h, w)) for one pair; the problem is None when it is valid."""
+    img_bytes: bytes, mask_bytes: bytes, lut: np.ndarray | None, unmapped: str, encoding: masks.MaskEncoding
+) -> tuple[str | None, np.ndarray | None, bytes, tuple[int, int]]:
+    """(problem, class-id mask, image bytes, (h, w)) for one pair; the problem is None when it is valid.
+
+    The image bytes are the file's own, or an upright PNG when the file carries an EXIF rotation."""
     try:
-        h, w = imaging.verify_image(img_bytes)
+        img_bytes, h, w = imaging.upright_image(img_bytes)
     except imaging.ImageDecodeError as exc:
-        return f"undecodable image: {exc}", None, (0, 0)
+        return f"undecodable image: {exc}", None, img_bytes, (0, 0)
     try:
-        raw = imaging.decode_mask(mask_bytes)
+        ids = masks.class_ids(mask_bytes, encoding, lut, unmapped)
     except imaging.ImageDecodeError as exc:
-        return f"undecodable mask: {exc}", None, (h, w)
-    if raw.shape != (h, w):
-        return f"size mismatch: image {w}x{h}, mask {raw.shape[1]}x{raw.shape[0]}", None, (h, w)
-    if lut is None:
-        return None, raw, (h, w)
-    mapped = lut[raw]
-    if (mapped < 0).any():
-        bad = np.unique(raw[mapped < 0]).tolist()
-        return f"{unmapped}: {bad[:10]}{' ...' if len(bad) > 10 else ''}", None, (h, w)
-    return None, mapped.astype(np.uint8), (h, w)
+        return f"undecodable mask: {exc}", None, img_bytes, (h, w)
+    except masks.MaskValueError as exc:
+        return str(exc), None, img_bytes, (h, w)
+    if ids.shape != (h, w):
+        return f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]}", None, img_bytes, (h, w)
+    return None, ids, img_bytes, (h, w)
 
 
 def _read(source: storage.Location, path: str) -> bytes:
@@ -113,6 +112,7 @@ def _valid_rows(
     unmapped: str,
     invalid: list[dict[str, str]],
     hist: np.ndarray,
+    encoding: masks.MaskEncoding,
 ) -> Iterator[tuple[str, bytes, np.ndarray, int, int]]:
     """(key, image bytes, class-id mask, h, w) of each valid pair; invalid ones go to `invalid`."""
     table = np.asarray(lut, np.int16) if lut is not None else None
@@ -124,7 +124,7 @@ def _valid_rows(
                 raise
             invalid.append({"key": pair.key, "problem": "file disappeared while preparing"})
             continue
-        problem, mask, (h, w) = _check_pair(img_bytes, mask_bytes, table, unmapped)
+        problem, mask, img_bytes, (h, w) = _check_pair(img_bytes, mask_bytes, table, unmapped, encoding)
         if problem:
             invalid.append({"key": pair.key, "problem": problem})
             continue
@@ -179,12 +179,13 @@ def _build_shard(
     lut: list[int] | None,
     unmapped: str,
     write: bool,
+    encoding: masks.MaskEncoding = masks.PLAIN,
 ) -> dict[str, Any]:
     """Read, validate, encode and (when `write`) write one shard; return its statistics and invalid pairs."""
     hist = np.zeros(256, np.int64)
     invalid: list[dict[str, str]] = []
     fingerprint = ShardFingerprint()
-    rows = _fingerprinted(_valid_rows(source, pairs, lut, unmapped, invalid, hist), fingerprint)
+    rows = _fingerprinted(_valid_rows(source, pairs, lut, unmapped, invalid, hist, encoding), fingerprint)
     out: dict[str, Any] = {"name": name, "split": split, "invalid": invalid}
     if not write:
         out["rows"] = sum(1 for _ in rows)
@@ -219,6 +220,10 @@ def _check_class_values(uri: str, hist: np.ndarray) -> int:
         return len(present)
     found = [int(v) for v in np.nonzero(hist)[0]]
     example = ",".join(f"{v}:{i}" for i, v in enumerate(found))
+    if masks.looks_soft_binary(hist):
+        raise DataError(
+            f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}"
+        )
     raise DataError(
         f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}, which are not class ids 0..K-1 "
         f"(255 = ignore) for K >= 2; map them with --mask-values, e.g. --mask-values {example} "
@@ -231,6 +236,7 @@ def _run_shard_tasks(
     dest: storage.Location,
     plan: list[tuple[str, list[Pair]]],
     listing: Listing,
+    encoding: masks.MaskEncoding,
     skip_invalid: bool,
     invalid: list[dict[str, str]],
     fingerprints: list[ShardFingerprint],
@@ -272,7 +278,15 @@ def _run_shard_tasks(
             write = skip_invalid or not invalid
             pending.append(
                 _build_shard.remote(
-                    source, dest, f"{split}-{idx:05d}.parquet", split, group, listing.lut, listing.unmapped, write
+                    listing.root or source,
+                    dest,
+                    f"{split}-{idx:05d}.parquet",
+                    split,
+                    group,
+                    listing.lut,
+                    listing.unmapped,
+                    write,
+                    encoding=encoding,
                 )
             )
         collect(pending)
@@ -286,8 +300,20 @@ def _run_shard_tasks(
     return sorted(shards, key=lambda s: s["path"]), hist
 
 
-def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, list[Pair], str]:
-    """The source's pairs with their splits, checked against the class options."""
+def _mask_encoding(spec: PrepareSpec, source: storage.Location, listing: Listing) -> tuple[Listing, masks.MaskEncoding]:
+    """The encoding the shard tasks apply, and the listing with the classes a colour table or threshold fixes."""
+    if spec.mask_colors is not None:
+        table = masks.load_color_table(spec.mask_colors, spec.endpoint_url, source.retry_s)
+        k = max(table.num_classes, spec.num_classes or 0, 0 if table.names else len(spec.class_names or []))
+        listing = replace(listing, lut=classes.identity_lut(k), class_names=table.names, palette=table.palette(k))
+        return listing, masks.MaskEncoding(colors=table.colors, unlisted=spec.unlisted_colors)
+    if spec.mask_threshold is not None:
+        return replace(listing, lut=classes.identity_lut(2)), masks.MaskEncoding(threshold=spec.mask_threshold)
+    return listing, masks.PLAIN
+
+
+def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, masks.MaskEncoding, list[Pair], str]:
+    """The source's pairs with their splits and the mask encoding, checked against the class options."""
     listing = list_source(
         source,
         spec.layout,
@@ -296,18 +322,18 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, l
         spec.mask_values,
         spec.num_classes or (len(spec.class_names) if spec.class_names else None),
     )
+    listing, encoding = _mask_encoding(spec, source, listing)
     val_keys = read_val_keys(spec.val_keys, spec.endpoint_url, source.retry_s) if spec.val_keys is not None else None
     pairs, split_source = assign_splits(listing, spec.layout, val_keys, spec.val_fraction, spec.seed)
     if listing.class_names:
+        fixed_by = f"--mask-colors {spec.mask_colors}" if spec.mask_colors else f"the {spec.layout} layout"
         if spec.num_classes and spec.num_classes != len(listing.class_names):
-            raise DataError(
-                f"the {spec.layout} layout has {len(listing.class_names)} classes, not --num-classes {spec.num_classes}"
-            )
+            raise DataError(f"{fixed_by} has {len(listing.class_names)} classes, not --num-classes {spec.num_classes}")
         if spec.class_names and len(spec.class_names) != len(listing.class_names):
             raise DataError(
-                f"the {spec.layout} layout has {len(listing.class_names)} classes; --class-names gives {len(spec.class_names)}"
+                f"{fixed_by} has {len(listing.class_names)} classes; --class-names gives {len(spec.class_names)}"
             )
-    return listing, pairs, split_source
+    return listing, encoding, pairs, split_source
 
 
 def _clear_destination(spec: PrepareSpec, dest: storage.Location) -> storage.Location:
@@ -349,6 +375,7 @@ def _manifest(
     invalid: list[dict[str, str]],
     num_classes: int,
     names: list[str],
+    encoding: masks.MaskEncoding,
 ) -> dict[str, Any]:
     labelled = hist[:num_classes].sum()
     return {
@@ -360,6 +387,8 @@ def _manifest(
         "palette": listing.palette or imaging.default_palette(num_classes),
         "ignore_index": classes.IGNORE_INDEX,
         "mask_values": {str(k): v for k, v in sorted(spec.mask_values.items())} if spec.mask_values else None,
+        "mask_threshold": spec.mask_threshold,
+        "mask_colors": {",".join(map(str, c)): i for c, i in encoding.colors.items()} if encoding.colors else None,
         "splits_from": split_source,
         "counts": {s: sum(sh["rows"] for sh in shards if sh["split"] == s) for s in SPLITS},
         "pixel_frequency": [float(hist[i] / labelled) if labelled else 0.0 for i in range(num_classes)],
@@ -378,14 +407,14 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     source = storage.resolve(spec.source, spec.endpoint_url, spec.storage_retry_s)
     dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
     storage.check_readable(source)
-    listing, pairs, split_source = _list_pairs(spec, source)
+    listing, encoding, pairs, split_source = _list_pairs(spec, source)
     manifest_loc = _clear_destination(spec, dest)
 
     invalid = [{"key": p.key, "problem": p.problem} for p in pairs if p.problem]
     plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
     log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
     fingerprints: list[ShardFingerprint] = []
-    shards, hist = _run_shard_tasks(source, dest, plan, listing, spec.skip_invalid, invalid, fingerprints)
+    shards, hist = _run_shard_tasks(source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints)
     invalid.sort(key=lambda i: i["key"])
     try:
         if invalid and not spec.skip_invalid:
@@ -396,7 +425,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     except DataError:
         storage.remove_tree(dest.child("shards"))  # nothing without a manifest may look like a data set
         raise
-    manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names)
+    manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names, encoding)
     fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
     manifest["fingerprint"] = fingerprint.to_json()
     manifest["seconds"] = round(time.time() - t0, 2)

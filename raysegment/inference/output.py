@@ -29,8 +29,8 @@ import json
 import posixpath
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -40,18 +40,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raysegment import storage
 from raysegment.data import imaging
-from raysegment.errors import DataError
+from raysegment.errors import DataError, StorageError
 from raysegment.models.card import ModelCard
 
 MASKS = "masks"
 SUMMARIES = "summaries"
 RUNS = "runs"
 CLASS_NAMES_META = b"raysegment.class_names"
+# `raysegment compact` writes under summaries/run=_compacted/; each file's footer lists what it replaces.
+COMPACTED = "run=_compacted"
+REPLACES_META = b"raysegment.replaces"
+T = TypeVar("T")
 # What filesystems and S3 allow a mask name: ext4, XFS and most others take 255 bytes per path
 # component; S3 takes 1024 bytes per key, of which OUTPUT's own prefix needs a part.
 MAX_NAME_BYTES = 255
 MAX_MASK_NAME_BYTES = 512
 LONG_NAMES = "_long"
+# Summary files hold many batches' rows (`--summary-rows`); these bound one from the other sides.
+MAX_SUMMARY_BYTES = 64 << 20
+FLUSH_EVERY_S = 300.0
+ROW_GROUP_ROWS = 64 * 1024
 Palette = Sequence[Sequence[int]] | None
 
 
@@ -249,13 +257,15 @@ def batch_name(keys: np.ndarray) -> str:
     return h.hexdigest()[:24]
 
 
-def write_outputs(
+def write_masks(
     batch: dict[str, np.ndarray], output: storage.Location, card: ModelCard, run_id: str, mask_format: str
-) -> dict[str, np.ndarray]:
-    """Resize predictions to the original size, write masks then the batch's summary file; returns counts."""
+) -> pa.Table:
+    """Resize predictions to the original size and write the batch's masks; returns its summary rows.
+
+    The rows are not committed here: `SummaryWriter` commits many batches' rows in one file, after
+    their masks exist (this runs in Ray tasks; the writer in the driver, as the rows stream in)."""
     n, k = len(batch["key"]), card.num_classes
-    name = batch_name(batch["key"])
-    masks = MASK_FORMATS[mask_format](output, name, card.palette)
+    masks = MASK_FORMATS[mask_format](output, batch_name(batch["key"]), card.palette)
     refs: list[MaskRef] = []
     fractions: list[list[float] | None] = []
     write_ms: list[float] = []
@@ -270,9 +280,7 @@ def write_outputs(
             fractions.append((np.bincount(mask.ravel(), minlength=k)[:k] / max(mask.size, 1)).tolist())
         write_ms.append((time.perf_counter() - t0) * 1000)
     masks.finish()
-    status = ["error" if e else "ok" for e in batch["error"]]
-    confidence = [None if e else float(c) for e, c in zip(batch["error"], batch["mean_confidence"])]
-    table = pa.table(
+    return pa.table(
         {
             "key": batch["key"].astype(str),
             "source_uri": batch["source_uri"].astype(str),
@@ -281,10 +289,12 @@ def write_outputs(
             "mask_length": [r.length for r in refs],
             "height": batch["height"].astype(np.int32),
             "width": batch["width"].astype(np.int32),
-            "status": status,
+            "status": ["error" if e else "ok" for e in batch["error"]],
             "error": batch["error"].astype(str),
             "class_fractions": fractions,
-            "mean_confidence": pa.array(confidence, pa.float32()),
+            "mean_confidence": pa.array(
+                [None if e else float(c) for e, c in zip(batch["error"], batch["mean_confidence"])], pa.float32()
+            ),
             "model_id": [card.model_id] * n,
             "model_sha256": [card.model_sha256] * n,
             "run_id": [run_id] * n,
@@ -294,48 +304,129 @@ def write_outputs(
         },
         schema=summary_schema(card.class_names),
     )
+
+
+def commit_rows(output: storage.Location, run_id: str, rows: pa.Table) -> str:
+    """Write one summary file holding exactly `rows` (their masks must exist): the rows' commit.
+
+    Written whole (one PUT on S3, a rename locally) under a name derived from its keys, so a
+    file is never half there and a retried write replaces itself. Returns the file's URI."""
     buf = io.BytesIO()
-    pq.write_table(table, buf)
-    # The summary is the batch's commit: written last, atomically, under a stable name.
-    storage.write_bytes(output.child(SUMMARIES, f"run={run_id}", f"part-{name}.parquet"), buf.getvalue())
-    ok = status.count("ok")
-    return {"rows": np.asarray([n]), "ok": np.asarray([ok]), "error": np.asarray([n - ok])}
+    pq.write_table(rows, buf, row_group_size=ROW_GROUP_ROWS)
+    target = output.child(SUMMARIES, f"run={run_id}", f"part-{batch_name(rows.column('key').to_numpy(False))}.parquet")
+    storage.write_bytes(target, buf.getvalue())
+    return target.uri
+
+
+def write_outputs(
+    batch: dict[str, np.ndarray], output: storage.Location, card: ModelCard, run_id: str, mask_format: str
+) -> dict[str, np.ndarray]:
+    """One batch's masks and its own summary file (tests and tools that write outside a run); counts."""
+    rows = write_masks(batch, output, card, run_id, mask_format)
+    commit_rows(output, run_id, rows)
+    ok = rows.column("status").to_pylist().count("ok")
+    return {"rows": np.asarray([rows.num_rows]), "ok": np.asarray([ok]), "error": np.asarray([rows.num_rows - ok])}
+
+
+class SummaryWriter:
+    """Commits rows many batches at a time: one summary file per `max_rows` rows (or MAX_SUMMARY_BYTES,
+    or FLUSH_EVERY_S since the last file, so a killed run loses minutes, not hours), and the rest at
+    `close`. Rows waiting here are not done: a run killed before their file exists redoes them."""
+
+    def __init__(self, output: storage.Location, run_id: str, max_rows: int) -> None:
+        self.output, self.run_id, self.max_rows = output, run_id, max_rows
+        self.pending: list[pa.Table] = []
+        self.rows = self.nbytes = 0
+        self.files: list[str] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, rows: pa.Table) -> None:
+        self.pending.append(rows)
+        self.rows += rows.num_rows
+        self.nbytes += rows.nbytes
+        if (
+            self.rows >= self.max_rows
+            or self.nbytes >= MAX_SUMMARY_BYTES
+            or time.monotonic() - self.last_flush >= FLUSH_EVERY_S
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.files.append(commit_rows(self.output, self.run_id, pa.concat_tables(self.pending)))
+        self.pending, self.rows, self.nbytes = [], 0, 0
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
 
 
 # -- reading summaries back -----------------------------------------------------------------------------
 
 
+class SummariesChanged(Exception):
+    """A summary file went away while being read: `raysegment compact` replaced it. Read again."""
+
+
+def relative_path(output: storage.Location, path: str) -> str:
+    """A summary file's path below OUTPUT/summaries/ (what a compacted file's `replaces` names)."""
+    return path[len(output.child(SUMMARIES).path.rstrip("/")) + 1 :]
+
+
+def replaced_by(output: storage.Location, path: str) -> list[str]:
+    """The files a compacted summary file replaces (paths below summaries/), from its footer."""
+    loc = output.child(SUMMARIES)
+
+    def read() -> dict[bytes, bytes]:
+        with loc.fs.open(path, "rb") as f:
+            return pq.read_metadata(f).metadata or {}
+
+    try:
+        meta = loc.call(read)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise SummariesChanged(path) from None
+        raise
+    return json.loads(meta.get(REPLACES_META, b"[]"))
+
+
 def summary_files(output: storage.Location) -> list[str]:
-    """Paths of every summary file of every run under OUTPUT."""
-    return storage.parquet_files(output.child(SUMMARIES))
+    """Every summary file under OUTPUT that holds rows now: all of them, less those a compacted
+    file replaces (compaction writes the new file first and deletes the old ones after, so a
+    listing in between sees both, and must read only the new one)."""
+    paths = storage.parquet_files(output.child(SUMMARIES))
+    replaced = {
+        r for p in paths if relative_path(output, p).startswith(f"{COMPACTED}/") for r in replaced_by(output, p)
+    }
+    return [p for p in paths if relative_path(output, p) not in replaced]
+
+
+def read_summary(output: storage.Location, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One summary file; SummariesChanged when compaction removed it since it was listed."""
+    try:
+        return storage.read_table(output, path, columns=columns)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise SummariesChanged(path) from None
+        raise
+
+
+def consistent(read: Callable[[], T], attempts: int = 5) -> T:
+    """`read()` (a whole pass over the summaries), again from the start when compaction changed
+    the files under it: a pass sees every row exactly once or is repeated."""
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except SummariesChanged:
+            continue
+    return read()
 
 
 def summary_tables(output: storage.Location, columns: list[str]) -> Iterator[pa.Table]:
-    """The given columns of each summary file under OUTPUT, one file at a time."""
+    """The given columns of each summary file under OUTPUT, one file at a time (SummariesChanged
+    midway: see `consistent`)."""
     for path in summary_files(output):
-        yield storage.read_table(output, path, columns=columns)
-
-
-@dataclasses.dataclass(frozen=True)
-class Done:
-    """What earlier runs finished: keys with a summary row, the model hashes that wrote them, and
-    the number of rows (more rows than keys: two inputs shared a key)."""
-
-    keys: frozenset[str]
-    models: frozenset[str]
-    rows: int = 0
-
-
-def read_done(output: storage.Location) -> Done:
-    """The keys done under OUTPUT (resume skips them), the models that did them, and the rows."""
-    keys: set[str] = set()
-    models: set[str] = set()
-    rows = 0
-    for table in summary_tables(output, ["key", "model_sha256"]):
-        keys.update(table.column("key").to_pylist())
-        models.update(table.column("model_sha256").unique().to_pylist())
-        rows += table.num_rows
-    return Done(frozenset(keys), frozenset(models), rows)
+        yield read_summary(output, path, columns)
 
 
 class Summaries:
@@ -352,7 +443,7 @@ class Summaries:
             )
         self.output = output
         # The first file names the classes, as a dataset over all of them would.
-        self.metadata = storage.read_table(output, self.paths[0], columns=[]).schema.metadata or {}
+        self.metadata = read_summary(output, self.paths[0], columns=[]).schema.metadata or {}
 
     @property
     def class_names(self) -> list[str]:
@@ -363,7 +454,7 @@ class Summaries:
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Record batches of the summary columns each file has (older runs lack some)."""
         for path in self.paths:
-            table = storage.read_table(self.output, path)
+            table = read_summary(self.output, path)
             yield from table.select([c for c in SUMMARY_COLUMNS if c in table.schema.names]).to_batches()
 
 
@@ -403,6 +494,7 @@ class RunRecord(BaseModel):
     images_per_second: float | None = None
     first_batch: FirstBatch | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    actors: dict[str, Any] = Field(default_factory=dict)  # the predictor pool `--actors auto` resolved to
     raysegment: str = ""
     problems: list[str] = Field(default_factory=list)  # why a run failed; only written for failed runs
 

@@ -1,8 +1,8 @@
 """`infer`: a streaming Ray Data job over INPUT.
 
-list (parallel) -> drop keys already done -> read bytes -> decode + resize (CPU tasks)
--> predict (actor pool, model loaded once per actor) -> resize back, write masks and
-one summary file per batch (CPU tasks). The driver only counts. The report, then
+list (parallel) -> drop keys already done (inference/resume.py) -> read bytes -> decode + resize
+(CPU tasks) -> predict (actor pool, model loaded once per actor) -> resize back and write masks
+(CPU tasks) -> the driver commits their summary rows, many batches to a file. The report, then
 ``runs/{run_id}.json``, then ``_SUCCESS`` are written last: an output without the marker is
 never complete, and a run killed before its record was written leaves none.
 A re-run over the same output skips keys that already have a summary row, so a
@@ -17,13 +17,13 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
+import pyarrow.compute as pc
 import ray
 
 from raysegment import __version__, progress, storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
-from raysegment.inference import collisions
+from raysegment.inference import actors, resume
 from raysegment.inference import output as layout
 from raysegment.inference.overlap import check_apart
 from raysegment.inference.predictor import Predictor, preprocess, resolve_precision
@@ -41,7 +41,8 @@ class Run:
     card: ModelCard
     output: storage.Location
     run_id: str
-    done: frozenset[str]  # keys earlier runs finished
+    done: resume.DoneIndex  # keys earlier runs finished
+    actors: actors.Actors  # the predictor pool, resolved against the cluster
     started: float  # time.time() at the start
 
 
@@ -72,7 +73,7 @@ def plan(spec: InferSpec) -> Run:
     storage.check_writable(output)
     if spec.overwrite:
         layout.clear(output)
-    done = layout.read_done(output)
+    done = resume.build(output)
     other = done.models - {card.model_sha256}
     if other:
         raise DataError(
@@ -80,15 +81,8 @@ def plan(spec: InferSpec) -> Run:
             "pass --overwrite to replace them or choose another OUTPUT"
         )
     layout.mark_incomplete(output)
-    return Run(spec, card, output, layout.new_run_id(), done.keys, started)
-
-
-def _drop_done(batch: dict[str, np.ndarray], done: list[Any]) -> dict[str, np.ndarray]:
-    keys = ray.get(done[0])
-    keep = np.asarray([k not in keys for k in batch["key"]], bool)
-    if "collides" in batch:  # a key collision is reported again on every run until it is renamed
-        keep |= batch["collides"].astype(bool)
-    return {name: col[keep] for name, col in batch.items()}
+    pool = actors.resolve(spec, ray.cluster_resources())
+    return Run(spec, card, output, layout.new_run_id(), done, pool, started)
 
 
 def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
@@ -97,11 +91,12 @@ def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
     # Let a task's StorageError/DataError reach the driver as itself (Ray Data would wrap it in a
     # UserCodeException whose cause does not survive pickling), so the CLI prints its one line.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    done_ref = ray.put(run.done)
 
     def keep(ds: ray.data.Dataset) -> ray.data.Dataset:
         # Right after listing, before any read: skipped images are never fetched.
-        return ds.map_batches(_drop_done, fn_kwargs={"done": [done_ref]}, batch_format="numpy") if run.done else ds
+        if not run.done:
+            return ds
+        return ds.map_batches(resume.drop_done, fn_kwargs={"done": [run.done.buckets]}, batch_format="numpy")
 
     return source_rows(
         spec.input,
@@ -142,7 +137,7 @@ def predict(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
             "retry_s": run.output.retry_s,
             "tta_flip": spec.tta_flip,
             "threads": max(1, int(spec.cpus_per_actor)),
-            "precision": resolve_precision(spec.precision, spec.gpus_per_actor),
+            "precision": resolve_precision(spec.precision, run.actors.gpus),
             "tile_size": spec.tile_size,
             "tile_overlap": spec.tile_overlap,
             "batch_size": spec.batch_size,
@@ -150,16 +145,16 @@ def predict(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
         },
         batch_size=spec.batch_size,
         batch_format="numpy",
-        num_gpus=spec.gpus_per_actor,
-        num_cpus=spec.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(min_size=spec.actors[0], max_size=spec.actors[1]),
+        num_gpus=run.actors.gpus,
+        num_cpus=run.actors.cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=run.actors.min, max_size=run.actors.max),
     )
 
 
 def write(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Write masks and one summary file per batch (CPU tasks); each batch yields its counts."""
+    """Write masks (CPU tasks); each batch yields its summary rows, which `drain` commits."""
     return ds.map_batches(
-        layout.write_outputs,
+        layout.write_masks,
         fn_kwargs={"output": run.output, "card": run.card, "run_id": run.run_id, "mask_format": run.spec.mask_format},
         batch_size=run.spec.batch_size,
         batch_format="numpy",
@@ -167,30 +162,38 @@ def write(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.FirstBatch | None]:
-    """Run the pipeline; the driver only sums the per-batch counts."""
-    counts = layout.RunCounts(skipped=len(run.done))
+    """Run the pipeline; the driver counts the rows and commits them, `summary_rows` to a file.
+
+    Rows reach the driver only after their masks are written, so a summary file never points at a
+    mask that is not there; rows still waiting when the driver dies are redone by the next run.
+    They are small (about 200 bytes), and the driver keeps at most one file's worth."""
+    counts = layout.RunCounts(skipped=run.done.keys)
+    writer = layout.SummaryWriter(run.output, run.run_id, run.spec.summary_rows)
     first_batch = None
     with progress.stage("infer") as shown:  # the total only where the caller knows it (nightly)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            counts.processed += int(batch["rows"].sum())
-            counts.ok += int(batch["ok"].sum())
-            counts.error += int(batch["error"].sum())
-            shown.update(int(batch["rows"].sum()), errors=counts.error)
+        for rows in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(rows)
+            ok = pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0
+            counts.processed += rows.num_rows
+            counts.ok += ok
+            counts.error += rows.num_rows - ok
+            shown.update(rows.num_rows, errors=counts.error)
             if first_batch is None:
                 first_batch = layout.FirstBatch(seconds=round(time.time() - run.started, 2), rows=counts.processed)
+    writer.close()
     return counts, first_batch
 
 
 def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.FirstBatch | None) -> layout.RunRecord:
     """The run record, checked against what is on storage (not what the driver counted): one row per key."""
     spec = run.spec
-    done = layout.read_done(run.output)
-    counts.total = len(done.keys)
+    done = resume.build(run.output)  # by tasks, like the resume index: the driver gets counts only
+    counts.total = done.keys
     seconds = time.time() - run.started
     problems = []
     # Rows against keys over the whole output, not this run's count: a re-run must not pass a
     # collision that an earlier run recorded. Keys count as one when only their Unicode form differs.
-    distinct = len({collisions.fold(k) for k in done.keys})
+    distinct = done.folded
     if done.rows != distinct:
         problems.append(
             f"{done.rows} summary rows for {distinct} distinct keys: some inputs share a key (same path "
@@ -214,6 +217,7 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
         images_per_second=round(counts.processed / seconds, 2),
         first_batch=first_batch,
         config=spec.model_dump(),
+        actors=run.actors.as_dict(),
         raysegment=__version__,
         problems=problems,
     )

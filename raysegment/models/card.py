@@ -47,6 +47,25 @@ class InputSpec(_Part):
     resize: Literal["bilinear", "none"] = "bilinear"
 
 
+class TrainingPlan(_Part):
+    """How the training values were chosen (`plan.card_record`): the values used, which were given
+    (flag or spec field) and which the plan's rules chose, and the rules' reasons. Absent in cards
+    of models trained before the plan existed or with `plan: false`."""
+
+    values: dict[str, Any]
+    given: list[str] = Field(default_factory=list)
+    auto: list[str] = Field(default_factory=list)
+    reasons: dict[str, str] = Field(default_factory=dict)
+    time_budget_s: float | None = None
+    # Training stops after the last epoch that ends inside this (given, or the plan's when it chose the epochs).
+    stop_at_s: float | None = None
+    compute: dict[str, Any] | None = None
+    # Recorded for the data set, not yet applied by training or inference (see `recorded_only`).
+    normalization: dict[str, Any] | None = None
+    oversample_rare: bool | None = None
+    recorded_only: list[str] = Field(default_factory=list)
+
+
 class ModelCard(_Part):
     """model.json, typed. Build one with `ModelCard.create`, load one with `ModelCard.read`."""
 
@@ -60,6 +79,7 @@ class ModelCard(_Part):
     input: InputSpec
     output: Literal["logits"] = "logits"
     training: dict[str, Any] | None = None
+    plan: TrainingPlan | None = None
     data: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
     best_epoch: int | None = None

@@ -34,6 +34,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per epoch
     confusion_matrix: list[list[int]] | None = None  # the last epoch's, on the val split
     stopped_early: bool = False
+    stopped_by: str | None = None  # "patience" or "time_budget" when stopped_early
     # One entry per resume: the epoch it went on from, the checkpoint, and the newer ones skipped as unreadable.
     resumes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -43,15 +44,25 @@ class TrainState:
         best_iou, best_epoch = (
             (miou, epoch) if miou > self.best_val_mean_iou else (self.best_val_mean_iou, self.best_epoch)
         )
+        patience_out = bool(patience and epoch - best_epoch >= patience)
         return TrainState(
             epoch=epoch,
             best_val_mean_iou=best_iou,
             best_epoch=best_epoch,
             history=[*self.history, metrics],
             confusion_matrix=confusion.astype(np.int64).tolist(),
-            stopped_early=bool(patience and epoch - best_epoch >= patience),
+            stopped_early=patience_out,
+            stopped_by="patience" if patience_out else None,
             resumes=self.resumes,
         )
+
+    def stopped_at_budget(self) -> TrainState:
+        return dataclasses.replace(self, stopped_early=True, stopped_by="time_budget")
+
+
+def out_of_budget(spent_s: float, last_epoch_s: float, budget_s: float) -> bool:
+    """True when another epoch, as long as the last one, would end past the budget."""
+    return spent_s + last_epoch_s > budget_s
 
 
 def file_sha256(path: str) -> str:

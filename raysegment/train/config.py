@@ -64,6 +64,7 @@ class TrainConfig:
     patience: int | None
     seed: int
     cpus_per_worker: float
+    time_budget_s: float | None  # stop after the last epoch that ends inside it (`loop.budget_spent`)
 
     @property
     def global_batch(self) -> int:
@@ -131,4 +132,5 @@ def train_config(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> Tr
         patience=spec.patience,
         seed=spec.seed,
         cpus_per_worker=spec.cpus_per_worker,
+        time_budget_s=spec.time_budget,
     )

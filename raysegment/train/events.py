@@ -36,7 +36,7 @@ class EpochEnd:
     """One epoch's row of the history (`loop.epoch_metrics`)."""
 
     metrics: dict[str, Any]
-    stopped_early: bool
+    stopped_by: str | None  # "patience" or "time_budget" when training stops after this epoch
 
 
 class Inbox:
@@ -67,8 +67,8 @@ class Poster:
             self._last = now
             self.inbox.put.remote(Step(epoch, step, steps, None if loss is None else float(loss)))
 
-    def epoch_end(self, metrics: dict[str, Any], stopped_early: bool) -> None:
-        self.inbox.put.remote(EpochEnd(metrics, stopped_early))
+    def epoch_end(self, metrics: dict[str, Any], stopped_by: str | None) -> None:
+        self.inbox.put.remote(EpochEnd(metrics, stopped_by))
 
 
 class EpochView:
@@ -103,14 +103,16 @@ class EpochView:
         stage.figures.clear()
         eta = (self.epochs - m["epoch"] - 1) * m["epoch_seconds"]
         stage.close(
-            eta_s=None if event.stopped_early else eta,
+            eta_s=None if event.stopped_by else eta,
             loss=m["train_loss"],
             val_mIoU=m["val_mean_iou"],
             pixel_acc=m["val_pixel_accuracy"],
             img_per_s=f"{m['images_per_second']:.1f}",
         )
-        if event.stopped_early:
+        if event.stopped_by == "patience":
             progress.note("train: early stop, no val mIoU gain for the last epochs")
+        elif event.stopped_by == "time_budget":
+            progress.note("train: stopped at the time budget (another epoch would end past it); best checkpoint kept")
         self.current = None
 
     def close(self) -> None:

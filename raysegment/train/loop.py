@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from raysegment.train.checkpoint import TrainState, restore, save_checkpoint
+from raysegment.train.checkpoint import TrainState, out_of_budget, restore, save_checkpoint
 from raysegment.train.config import TrainConfig
 from raysegment.train.events import Poster
 from raysegment.train.optim import current_learning_rate, make_optimizer
@@ -35,6 +35,7 @@ class Worker:
     train_step: Callable[[Any, Any], Any]  # (images, masks) -> summed loss, one optimizer step
     predict: Callable[[Any], Any]  # images -> class ids
     all_reduce_sum: Callable[[Any], Any]  # a float64 tensor -> its sum over every worker (compiled)
+    all_reduce_mean2: Callable[[Any], Any]  # two float64s -> their mean over every worker (compiled)
     poster: Poster | None  # rank 0's progress channel to the driver, when the driver shows progress
 
 
@@ -53,9 +54,25 @@ def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
         confusion = validate(worker, val_shard)
         metrics = epoch_metrics(worker, epoch, train_loss, confusion, train_seconds, time.time() - t0)
         state = state.after_epoch(metrics, confusion, cfg.patience)
+        if not state.stopped_early and epoch + 1 < cfg.epochs and budget_spent(worker, state):
+            state = state.stopped_at_budget()
         report(worker, state, metrics)
         if state.stopped_early:
             break
+
+
+def budget_spent(worker: Worker, state: TrainState) -> bool:
+    """The time budget's rule: stop when another epoch as long as the last would end past it. Time is
+    the epochs' own (train + validate, summed over the history, so resumed runs count what came before),
+    averaged over the workers so every rank takes the same decision (a split one hangs the collectives)."""
+    import tensorflow as tf
+
+    budget = worker.cfg.time_budget_s
+    if not budget:
+        return False
+    spent = sum(row["epoch_seconds"] for row in state.history)
+    mean = worker.all_reduce_mean2(tf.constant([spent, state.history[-1]["epoch_seconds"]], tf.float64)).numpy()
+    return out_of_budget(float(mean[0]), float(mean[1]), budget)
 
 
 def _set_threads(cpus: float) -> None:
@@ -97,7 +114,8 @@ def build(cfg: TrainConfig, inbox: Any = None) -> Worker:
         optimizer,
         train_step=make_train_step(cfg, strategy, model, optimizer),
         predict=make_predict(model),
-        all_reduce_sum=make_all_reduce_sum(strategy, cfg.model.num_classes),
+        all_reduce_sum=make_all_reduce_sum(strategy, [cfg.model.num_classes] * 2),
+        all_reduce_mean2=make_all_reduce_sum(strategy, [2], mean=True),
         poster=Poster(inbox) if inbox is not None and rank == 0 else None,
     )
 
@@ -140,16 +158,18 @@ def make_predict(model) -> Callable[[Any], Any]:
     return predict
 
 
-def make_all_reduce_sum(strategy, num_classes: int) -> Callable[[Any], Any]:
-    """The confusion matrices' sum over workers, compiled once: run eagerly, the collective is slow and TF warns
-    about it every epoch."""
+def make_all_reduce_sum(strategy, shape: list[int], mean: bool = False) -> Callable[[Any], Any]:
+    """A float64 tensor's sum (or mean) over workers, compiled once (the confusion matrices; the time spent):
+    run eagerly, the collective is slow and TF warns about it every epoch."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([num_classes, num_classes], tf.float64)])
-    def all_reduce_sum(local):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(local,)), axis=None)
+    op = tf.distribute.ReduceOp.MEAN if mean else tf.distribute.ReduceOp.SUM
 
-    return all_reduce_sum
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float64)])
+    def all_reduce(local):
+        return strategy.reduce(op, strategy.run(tf.identity, args=(local,)), axis=None)
+
+    return all_reduce
 
 
 def resume(worker: Worker) -> TrainState:
@@ -231,9 +251,11 @@ def report(worker: Worker, state: TrainState, metrics: dict[str, Any]) -> None:
         save_checkpoint(d, worker.model, worker.optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     if worker.poster is not None:
-        worker.poster.epoch_end(metrics, state.stopped_early)
-    if state.stopped_early:
+        worker.poster.epoch_end(metrics, state.stopped_by)
+    if state.stopped_by == "patience":
         print(f"[raysegment] early stop: no val mIoU gain for {worker.cfg.patience} epochs", flush=True)
+    elif state.stopped_by == "time_budget":
+        print(f"[raysegment] stop: another epoch would end past the {worker.cfg.time_budget_s:g} s budget", flush=True)
 
 
 def log_epoch(cfg: TrainConfig, metrics: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.tensorflow import TensorflowTrainer
 
 from raysegment import __version__, overlay, plots, progress, storage
+from raysegment import plan as planning
 from raysegment.config import TrainSpec
 from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
@@ -73,6 +74,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
+    spec, plan_record = apply_plan(spec, data_loc, manifest)
     cfg = train_config(spec, manifest, data_loc.uri)
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
@@ -91,7 +93,22 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         progress.note(
             f"train: resumed after epoch {resume['from_epoch'] + 1} from {storage.redact(resume['checkpoint'])}"
         )
-    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0)
+    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0, plan_record)
+
+
+def apply_plan(
+    spec: TrainSpec, data_loc: storage.Location, manifest: dict[str, Any]
+) -> tuple[TrainSpec, dict[str, Any] | None]:
+    """The spec to train (the plan's values where the user gave none) and the card's record of the plan;
+    `plan: false` trains the spec as written and records no plan."""
+    if not spec.plan:
+        return spec, None
+    plan = planning.plan_for_spec(spec, data_loc, manifest)
+    planned = planning.planned_spec(spec, plan)
+    auto = ", ".join(f"{k} {v}" for k, v in plan.train_values().items() if k in plan.auto)
+    progress.note(f"train: plan for the data set: {auto or 'every planned field given'}")
+    log.info("train: plan reasons %s", plan.reasons)
+    return planned, {**planning.card_record(plan, planning.compute_of(spec)), "stop_at_s": planned.time_budget}
 
 
 def training_datasets(spec: TrainSpec, data_loc: storage.Location, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +166,7 @@ def write_artifacts(
     best: dict[str, Any],
     state: TrainState,
     seconds: float,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rebuild the model from the best checkpoint; write model.keras, model card, metrics, history."""
     import keras
@@ -169,7 +187,10 @@ def write_artifacts(
         "last": history[-1],
         "epochs_run": len(history),
         "stopped_early": state.stopped_early,
+        "stopped_by": state.stopped_by,
         "resumes": state.resumes,
+        # The plan in brief (the model card has all of it): which fields it chose, which were given.
+        "plan": None if plan is None else {k: plan[k] for k in ("auto", "given", "time_budget_s")},
         "seconds": round(seconds, 1),
     }
     storage.write_bytes(out.child(HISTORY_FILE), history_csv(history))
@@ -204,6 +225,7 @@ def write_artifacts(
         data={"uri": storage.redact(spec.data), "content_hash": manifest["content_hash"], "counts": manifest["counts"]},
         metrics={k: best[k] for k in ("val_pixel_accuracy", "val_mean_iou", "val_mean_dice") if k in best},
         best_epoch=best.get("epoch"),
+        **({"plan": plan} if plan is not None else {}),
         versions={
             "raysegment": __version__,
             "tensorflow": tf.__version__,

@@ -1,0 +1,259 @@
+"""Mask encodings: the ways annotation tools and public data sets store labels, read as class ids.
+
+A mask file may be single-channel (L, P, 16-bit I;16 with small ids, 1-bit), grey + alpha
+(LA) or RGBA (the grey or colour channels carry the label, fully transparent pixels become
+ignore 255), RGB colour-coded (`--mask-colors`: colour -> class id), or a soft binary mask
+with anti-aliased edges (`--mask-threshold T`: value >= T -> 1, else 0). EXIF orientation
+is applied to masks as to images, so a pair stays aligned.
+
+`class_ids` turns one file into class ids: raw 8-bit values go through the layout's table
+(`Listing.lut`, from --mask-values or --num-classes) unless a threshold or a colour table
+gives the ids; transparent pixels become ignore whatever their value.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from raysegment import storage
+from raysegment.data import imaging
+from raysegment.data.classes import IGNORE_INDEX
+from raysegment.errors import ConfigError
+
+PAIR = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
+COLOR_EXAMPLE = "'0,0,0:0;128,0,0:1'"
+# The share of pixels strictly between 0 and 255 under which a mask looks like a soft binary mask.
+SOFT_EDGE_SHARE = 0.2
+SOFT_HINT = "the values look like a binary mask with soft edges: try --mask-threshold 128 (values >= 128 -> 1, else 0)"
+
+
+def is_color_file(value: str) -> bool:
+    """--mask-colors names a CSV file (path or URI ending in .csv) rather than R,G,B:ID pairs."""
+    return value.strip().lower().endswith(".csv")
+
+
+def parse_color_pairs(value: str | list[str]) -> dict[tuple[int, int, int], int]:
+    """'R,G,B:ID;R,G,B:ID' (or whitespace between pairs, or a list of pairs) -> {colour: id}."""
+    items = value if isinstance(value, list) else re.split(r"[;\s]+", value)
+    out: dict[tuple[int, int, int], int] = {}
+    for item in filter(None, (str(i).strip() for i in items)):
+        found = PAIR.match(item)
+        if not found:
+            raise ValueError(f"bad entry '{item}'; write R,G,B:ID pairs separated by ';', e.g. {COLOR_EXAMPLE}")
+        *rgb, cid = (int(g) for g in found.groups())
+        colour = (rgb[0], rgb[1], rgb[2])
+        if max(colour) > 255 or cid > 255:
+            raise ValueError(f"bad entry '{item}'; colour channels and ids are 0..255 (255 = ignore)")
+        if colour in out:
+            raise ValueError(f"colour {','.join(map(str, colour))} is listed twice")
+        out[colour] = cid
+    if not out:
+        raise ValueError(f"no colours; write R,G,B:ID pairs separated by ';', e.g. {COLOR_EXAMPLE}")
+    return out
+
+
+@dataclass(frozen=True)
+class ColorTable:
+    """Colour -> class id, with the class names and palette when a CSV gave them."""
+
+    colors: dict[tuple[int, int, int], int]
+    names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return max((c for c in self.colors.values() if c != IGNORE_INDEX), default=-1) + 1
+
+    def palette(self, num_classes: int = 0) -> list[list[int]]:
+        """Each class's colour (the first listed for it); classes without one get the default colour."""
+        palette = imaging.default_palette(max(num_classes, self.num_classes))
+        seen: set[int] = set()
+        for colour, cid in self.colors.items():
+            if cid != IGNORE_INDEX and cid not in seen:
+                palette[cid] = list(colour)
+                seen.add(cid)
+        return palette
+
+
+def parse_color_csv(text: str, uri: str) -> ColorTable:
+    """A CamVid class_dict.csv: a header row `name,r,g,b`, then one class per row; row order = class id."""
+    rows = list(csv.reader(io.StringIO(text)))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if header[:4] != ["name", "r", "g", "b"]:
+        raise ConfigError(f"--mask-colors {uri}: the first row must be the header name,r,g,b (got {header[:4]})")
+    colors: dict[tuple[int, int, int], int] = {}
+    names: list[str] = []
+    for n, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            r, g, b = (int(c) for c in row[1:4])
+            if len(row) < 4 or not all(0 <= c <= 255 for c in (r, g, b)):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--mask-colors {uri}: row {n} {row}: write name,r,g,b with r, g, b in 0..255") from None
+        if (r, g, b) in colors:
+            raise ConfigError(f"--mask-colors {uri}: row {n}: colour {r},{g},{b} is already class {colors[(r, g, b)]}")
+        colors[(r, g, b)] = len(names)
+        names.append(row[0].strip())
+    if len(names) < 2:
+        raise ConfigError(f"--mask-colors {uri}: {len(names)} classes; a segmentation needs at least 2")
+    if len(names) > IGNORE_INDEX:
+        raise ConfigError(f"--mask-colors {uri}: {len(names)} classes; at most {IGNORE_INDEX} (255 = ignore)")
+    return ColorTable(colors, names)
+
+
+def load_color_table(value: str | list[str], endpoint_url: str | None, retry_s: float | None) -> ColorTable:
+    """--mask-colors: R,G,B:ID pairs, or a class_dict.csv (path or URI) giving names and palette too."""
+    if isinstance(value, str) and is_color_file(value):
+        loc = storage.resolve(value, endpoint_url, retry_s)
+        if not storage.exists(loc):
+            raise ConfigError(f"--mask-colors {value}: file not found; give a CSV of name,r,g,b or R,G,B:ID pairs")
+        return parse_color_csv(storage.read_bytes(loc).decode("utf-8-sig", errors="replace"), value)
+    try:
+        return ColorTable(parse_color_pairs(value))
+    except ValueError as exc:
+        raise ConfigError(f"--mask-colors: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MaskEncoding:
+    """How the shard tasks turn mask files into class ids beyond the layout's value table."""
+
+    threshold: int | None = None  # soft binary masks: value >= threshold -> 1, else 0
+    colors: dict[tuple[int, int, int], int] | None = None  # RGB colour-coded masks
+    unlisted: Literal["invalid", "ignore"] = "invalid"  # colours not in `colors`
+
+
+PLAIN = MaskEncoding()  # values as the layout's table reads them
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray | None:
+    """The one channel of an RGB array whose channels are equal everywhere, else None."""
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return rgb[..., 0]
+    return None
+
+
+def _colors_found(rgb: np.ndarray, limit: int = 8) -> list[str]:
+    codes = np.unique(rgb.reshape(-1, 3).astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32))
+    return [f"{c >> 16},{(c >> 8) & 255},{c & 255}" for c in codes[:limit].tolist()]
+
+
+class MaskValueError(ValueError):
+    """A decodable mask with values (or colours) that the mapping does not allow; the message says which."""
+
+
+def _map_colors(rgb: np.ndarray, encoding: MaskEncoding, transparent: np.ndarray | None) -> np.ndarray:
+    """HxWx3 colours -> uint8 class ids; unlisted colours are ignore (255) or a MaskValueError."""
+    assert encoding.colors is not None
+    codes = rgb.reshape(-1, 3).astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32)
+    unique, inverse = np.unique(codes, return_inverse=True)
+    table = {(r << 16) | (g << 8) | b: cid for (r, g, b), cid in encoding.colors.items()}
+    ids = np.asarray([table.get(int(c), -1) for c in unique], np.int16)[inverse].reshape(rgb.shape[:2])
+    unlisted = ids < 0
+    if transparent is not None:
+        unlisted &= ~transparent
+    if unlisted.any() and encoding.unlisted == "invalid":
+        found = _colors_found(rgb[unlisted])
+        raise MaskValueError(
+            f"colours not in --mask-colors: {found}{' ...' if len(found) == 8 else ''}; "
+            "add them, or pass --unlisted-colors ignore"
+        )
+    ids[ids < 0] = IGNORE_INDEX
+    return ids.astype(np.uint8)
+
+
+def _upright(data: bytes, encoding: MaskEncoding, max_pixels: int) -> Image.Image:
+    img = imaging.open_image(data, max_pixels)
+    if img.getexif().get(imaging.EXIF_ORIENTATION, 1) not in (1, None):
+        img = ImageOps.exif_transpose(img)
+    if encoding.threshold is not None and img.mode == "1":
+        img = img.convert("L")  # 0/255, thresholded like any grey mask
+    return img
+
+
+def _transparent(img: Image.Image) -> np.ndarray | None:
+    return np.asarray(img.getchannel("A")) == 0 if img.mode in ("LA", "RGBA", "PA") else None
+
+
+def _raw_values(img: Image.Image) -> np.ndarray:
+    """HxW uint8 raw values of a mask whose pixels carry them in one (or three equal) channels."""
+    mode = img.mode
+    if mode in ("1", "L", "P"):
+        return np.asarray(img, dtype=np.uint8)  # 1-bit: 0 and 1
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img)
+        if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
+            raise imaging.ImageDecodeError(
+                f"{mode} mask holds values up to {int(arr.max())}; 16-bit masks must hold class ids 0..255"
+            )
+        return arr.astype(np.uint8)
+    if mode in ("LA", "PA"):
+        return np.asarray(img.getchannel(0), dtype=np.uint8)
+    if mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img.convert("RGB"))
+        grey = _grey(rgb)
+        if grey is None:
+            raise imaging.ImageDecodeError(
+                f"{mode} mask with colours ({', '.join(_colors_found(rgb))}); map colours to class ids with "
+                f"--mask-colors (R,G,B:ID pairs, e.g. {COLOR_EXAMPLE}, or a class_dict.csv of name,r,g,b)"
+            )
+        return grey
+    raise imaging.ImageDecodeError(f"mask has mode {mode}; masks are L, P, LA, RGB, RGBA, I;16 or 1-bit")
+
+
+def _mapped(values: np.ndarray, transparent: np.ndarray | None, lut: np.ndarray, unmapped: str) -> np.ndarray:
+    """Raw values through the layout's table (-1 = not allowed: a MaskValueError naming them)."""
+    ids = lut[values]
+    bad = ids < 0
+    if transparent is not None:
+        bad &= ~transparent
+    if bad.any():
+        found = np.unique(values[bad]).tolist()
+        seen = values if transparent is None else values[~transparent]
+        hint = f"; {SOFT_HINT}" if looks_soft_binary(np.bincount(seen.ravel(), minlength=256)) else ""
+        raise MaskValueError(f"{unmapped}: {found[:10]}{' ...' if len(found) > 10 else ''}{hint}")
+    return np.where(ids < 0, IGNORE_INDEX, ids).astype(np.uint8)
+
+
+def class_ids(
+    data: bytes,
+    encoding: MaskEncoding,
+    lut: np.ndarray | None,
+    unmapped: str,
+    max_pixels: int = imaging.MAX_PIXELS,
+) -> np.ndarray:
+    """Encoded mask -> HxW uint8 class ids (255 = ignore), EXIF orientation applied.
+
+    `lut` (int16[256], -1 = not allowed) maps raw values; None keeps them as found. A threshold
+    or a colour table gives ids directly. Transparent pixels become 255. Raises
+    ImageDecodeError for files that are no usable mask, MaskValueError for values not allowed."""
+    img = _upright(data, encoding, max_pixels)
+    transparent = _transparent(img)
+    if encoding.colors is not None:
+        if img.mode not in ("RGB", "RGBA", "P", "PA", "L", "LA"):
+            raise imaging.ImageDecodeError(f"mask has mode {img.mode}; colour-coded masks are RGB, RGBA or P")
+        ids = _map_colors(np.asarray(img.convert("RGB")), encoding, transparent)
+    elif encoding.threshold is not None:
+        ids = (_raw_values(img) >= encoding.threshold).astype(np.uint8)
+    elif lut is not None:
+        ids = _mapped(_raw_values(img), transparent, lut, unmapped)
+    else:
+        ids = _raw_values(img)
+    if transparent is not None:
+        ids = np.where(transparent, np.uint8(IGNORE_INDEX), ids)
+    return ids
+
+
+def looks_soft_binary(hist: np.ndarray) -> bool:
+    """Raw values mostly 0 and 255 with a minority in between: a binary mask with anti-aliased edges."""
+    total = int(hist.sum())
+    between = total - int(hist[0]) - int(hist[255])
+    return bool(hist[0]) and bool(hist[255]) and 0 < between <= SOFT_EDGE_SHARE * total

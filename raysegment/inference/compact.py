@@ -1,0 +1,144 @@
+"""`raysegment compact OUTPUT`: merge many small summary files into few large ones, safely beside readers.
+
+Outputs written before summaries held many batches (one file per batch of 16) have tens of
+thousands of files per million images; every pass over them (resume, reports, DuckDB) pays a
+request per file. Compaction rewrites them as files of about `summary_rows` rows under
+`summaries/run=_compacted/`, each naming in its footer the files it replaces, and only then
+deletes those. A reader that lists between the two steps sees both and reads only the new file
+(`output.summary_files`); one that listed before and finds a file gone starts its pass again
+(`output.consistent`). So no reader sees a row twice or misses one. A compaction killed before its
+deletes leaves both, which readers treat the same way, and the next compaction deletes the rest.
+
+Only files of finished runs (those with a run record) are merged, unless `include_unfinished`:
+a run in progress is still adding files. The work is Ray tasks: footers read in parallel, one
+task per merged file; the driver holds one (path, rows) pair per file, never the rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raysegment import progress, storage
+from raysegment.config import CompactSpec
+from raysegment.errors import DataError
+from raysegment.inference import output as layout
+
+FILES_PER_TASK = 64
+READ_THREADS = 8
+
+
+def _rows_of(output: storage.Location, paths: list[str]) -> list[int]:
+    loc = output.child(layout.SUMMARIES)
+
+    def rows(path: str) -> int:
+        def read() -> int:
+            with loc.fs.open(path, "rb") as f:
+                return pq.read_metadata(f).num_rows
+
+        return loc.call(read)
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+        return list(pool.map(rows, paths))
+
+
+@ray.remote(num_cpus=0.25)
+def _count_rows(output: storage.Location, paths: list[str]) -> list[int]:
+    return _rows_of(output, paths)
+
+
+@ray.remote(num_cpus=0.5)
+def _merge(output: storage.Location, paths: list[str], relative: list[str]) -> tuple[str, int]:
+    """Read `paths` and write them as one compacted file that names them; (its URI, rows)."""
+    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+        tables = list(pool.map(lambda p: storage.read_table(output, p), paths))
+    merged = pa.concat_tables(tables, promote_options="default")  # older files lack newer columns
+    meta = dict(tables[0].schema.metadata or {})
+    meta[layout.REPLACES_META] = json.dumps(sorted(relative)).encode()
+    merged = merged.replace_schema_metadata(meta)
+    buf = io.BytesIO()
+    pq.write_table(merged, buf, row_group_size=layout.ROW_GROUP_ROWS)
+    target = output.child(
+        layout.SUMMARIES, layout.COMPACTED, f"part-{layout.batch_name(sorted(relative))}.parquet"
+    )  # named by what it replaces: a retried task rewrites the same file
+    storage.write_bytes(target, buf.getvalue())
+    return target.uri, merged.num_rows
+
+
+def _run_of(relative: str) -> str:
+    return relative.split("/", 1)[0][len("run=") :] if relative.startswith("run=") else ""
+
+
+def _finished_runs(output: storage.Location) -> set[str]:
+    runs = output.child(layout.RUNS)
+    if not storage.exists(runs):
+        return set()
+    return {posixpath.basename(p)[: -len(".json")] for p in storage.list_files(runs, (".json",))}
+
+
+def _remove(output: storage.Location, paths: list[str]) -> None:
+    loc = output.child(layout.SUMMARIES)
+    for i in range(0, len(paths), 1000):  # one DeleteObjects request per 1000 keys on S3
+        chunk = paths[i : i + 1000]
+        loc.call(lambda chunk=chunk: loc.fs.rm([p for p in chunk if loc.fs.exists(p)]))
+
+
+def compact(spec: CompactSpec) -> dict[str, Any]:
+    """Merge the summary files of finished runs into files of about `summary_rows` rows."""
+    output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
+    root = output.child(layout.SUMMARIES)
+    if not storage.exists(root):
+        raise DataError(f"{output.uri}: no inference summaries ({layout.SUMMARIES}/); nothing to compact")
+    every = storage.parquet_files(root)
+    live = set(layout.summary_files(output))
+    # Left over by a compaction killed before its deletes: replaced, so readers skip them already.
+    # Removed first, while the files that replace them still exist.
+    leftovers = [p for p in every if p not in live]
+    _remove(output, leftovers)
+    finished = _finished_runs(output)
+
+    def movable(path: str) -> bool:
+        run = _run_of(layout.relative_path(output, path))
+        return run != layout.COMPACTED[len("run=") :] and (spec.include_unfinished or run in finished)
+
+    candidates = sorted(p for p in live if movable(p) or layout.relative_path(output, p).startswith(layout.COMPACTED))
+    groups = [candidates[i : i + FILES_PER_TASK] for i in range(0, len(candidates), FILES_PER_TASK)]
+    rows = [n for counts in ray.get([_count_rows.remote(output, g) for g in groups]) for n in counts]
+    # Files already holding half a target file's rows stay as they are.
+    small = [(p, n) for p, n in zip(candidates, rows) if n < spec.summary_rows // 2]
+    chunks: list[list[tuple[str, int]]] = [[]]
+    for path, n in small:
+        if chunks[-1] and sum(r for _, r in chunks[-1]) + n > spec.summary_rows:
+            chunks.append([])
+        chunks[-1].append((path, n))
+    chunks = [c for c in chunks if len(c) > 1]
+    merged: list[tuple[str, int]] = []
+    with progress.stage("compact", len(chunks), unit="files") as shown:
+        pending = [
+            _merge.remote(output, [p for p, _ in c], [layout.relative_path(output, p) for p, _ in c]) for c in chunks
+        ]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            merged.append(ray.get(ready[0]))
+            shown.update(1)
+    # Only once every new file is whole: the files they replace (and any a killed compaction left).
+    replaced = [p for c in chunks for p, _ in c]
+    _remove(output, replaced)
+    unfinished = {_run_of(layout.relative_path(output, p)) for p in live if not movable(p)}
+    return {
+        "output": storage.redact(output.uri),
+        "files_before": len(live),
+        "files_after": len(live) - len(replaced) + len(merged),
+        "merged_files": len(replaced),
+        "written_files": len(merged),
+        "rows_moved": sum(n for _, n in merged),
+        "leftovers_removed": len(leftovers),
+        "unfinished_runs_left": sorted(unfinished - {layout.COMPACTED[len("run=") :]}),
+    }

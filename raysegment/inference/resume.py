@@ -1,0 +1,180 @@
+"""Which keys earlier runs finished, found and checked by Ray tasks: resume at archive scale.
+
+A key is done when a summary row holds it. The driver lists the summary files (names only) and
+hands them to tasks, FILES_PER_TASK at a time; each task reads the `key` and `model_sha256`
+columns of its files (several requests in flight) and returns, as objects the driver never
+fetches, the sorted 128-bit digests of its keys and of their Unicode-folded forms, plus a few
+figures (rows, model hashes). One merge task per range of the digest space (a bucket, about
+KEYS_PER_BUCKET keys) then keeps the distinct digests of its range. The filter (`drop_done`)
+hashes a batch's keys and looks each up by binary search in its bucket, fetched zero-copy from
+the object store; the end-of-run check (one row per key) is the same index built again.
+
+So the driver's memory and time grow with the number of summary files, never with the number of
+keys done, and a batch's filter costs a few microseconds instead of unpickling every done key.
+Digests, not keys: 16 bytes a key whatever its length; two keys share a digest with odds of
+about n^2 / 2^129 (1e-26 for a billion keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from raysegment import storage
+from raysegment.inference import collisions
+from raysegment.inference import output as layout
+
+FILES_PER_TASK = 16
+KEYS_PER_BUCKET = 4_000_000
+READ_THREADS = 8
+DIGEST = np.dtype("S16")
+
+
+def digests(keys: Iterable[Any]) -> np.ndarray:
+    """The keys' 16-byte blake2b digests, one per key, as an S16 array (sortable, searchable)."""
+    joined = b"".join(hashlib.blake2b(str(k).encode("utf-8", "surrogateescape"), digest_size=16).digest() for k in keys)
+    return np.frombuffer(joined, DIGEST).copy()
+
+
+def bucket_of(values: np.ndarray, buckets: int) -> np.ndarray:
+    """Each digest's bucket: its first two bytes, spread evenly over `buckets`."""
+    if buckets == 1 or not values.size:
+        return np.zeros(values.size, np.int64)
+    raw = values.view(np.uint8).reshape(-1, 16)
+    head = raw[:, 0].astype(np.int64) << 8 | raw[:, 1]
+    return head * buckets >> 16
+
+
+def _bounds(b: int, buckets: int) -> tuple[bytes, bytes | None]:
+    """The digest range of bucket b: [lo, hi), hi None for the last."""
+
+    def start(i: int) -> bytes:
+        head = -(-(i << 16) // buckets)  # the smallest 16-bit head that falls in bucket i
+        return head.to_bytes(2, "big") + bytes(14)
+
+    return start(b), start(b + 1) if b + 1 < buckets else None
+
+
+@dataclass(frozen=True)
+class GroupFigures:
+    rows: int
+    models: frozenset[str]
+    changed: bool  # a file went away while read (compaction): the index must be built again
+
+
+@ray.remote(num_cpus=0.25, num_returns=3)
+def _read_group(output: storage.Location, paths: list[str]) -> tuple[GroupFigures, np.ndarray, np.ndarray]:
+    """(figures, sorted distinct digests of the keys, the same of their folded forms) for these files."""
+
+    def read(path: str) -> Any:
+        try:
+            return layout.read_summary(output, path, ["key", "model_sha256"])
+        except layout.SummariesChanged:
+            return None
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+        tables = list(pool.map(read, paths))
+    if any(t is None for t in tables):
+        empty = np.zeros(0, DIGEST)
+        return GroupFigures(0, frozenset(), True), empty, empty
+    keys = [k for t in tables for k in t.column("key").to_pylist()]
+    models = frozenset(m for t in tables for m in t.column("model_sha256").unique().to_pylist() if m)
+    exact = np.unique(digests(keys))
+    folded = np.unique(digests(collisions.fold(k) for k in keys))
+    return GroupFigures(len(keys), models, False), exact, folded
+
+
+def _slice(values: np.ndarray, lo: bytes, hi: bytes | None) -> np.ndarray:
+    start = int(np.searchsorted(values, np.asarray(lo, DIGEST)))
+    stop = len(values) if hi is None else int(np.searchsorted(values, np.asarray(hi, DIGEST)))
+    return values[start:stop]
+
+
+@ray.remote(num_cpus=0.25, num_returns=2)
+def _merge_bucket(b: int, buckets: int, groups: int, *arrays: np.ndarray) -> tuple[tuple[int, int], np.ndarray]:
+    """((distinct keys, distinct folded keys) in bucket b, the sorted distinct key digests of it).
+
+    `arrays` are every group's exact digests, then every group's folded digests."""
+    lo, hi = _bounds(b, buckets)
+    exact = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[:groups]] or [np.zeros(0, DIGEST)]))
+    folded = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[groups:]] or [np.zeros(0, DIGEST)]))
+    return (len(exact), len(folded)), exact
+
+
+@dataclass(frozen=True)
+class DoneIndex:
+    """What the summaries under an output hold: `keys` distinct keys (their digests in `buckets`,
+    object refs), `folded` distinct keys once Unicode forms are folded, `rows` rows, and the model
+    hashes that wrote them. More rows than folded keys: two inputs shared a key."""
+
+    buckets: list[Any] = field(default_factory=list)
+    keys: int = 0
+    folded: int = 0
+    rows: int = 0
+    models: frozenset[str] = frozenset()
+    files: int = 0
+
+    def __bool__(self) -> bool:
+        return self.keys > 0
+
+
+def build(output: storage.Location, keys_per_bucket: int = KEYS_PER_BUCKET, attempts: int = 5) -> DoneIndex:
+    """The index of every summary row under OUTPUT (again from the start if compaction changed the
+    files while they were read)."""
+    for _ in range(attempts):
+        index = _build_once(output, keys_per_bucket)
+        if index is not None:
+            return index
+    raise layout.SummariesChanged(f"{output.uri}: summaries kept changing while read; is a compaction looping?")
+
+
+def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | None:
+    try:
+        paths = layout.summary_files(output)
+    except layout.SummariesChanged:
+        return None
+    if not paths:
+        return DoneIndex()
+    groups = [_read_group.remote(output, paths[i : i + FILES_PER_TASK]) for i in range(0, len(paths), FILES_PER_TASK)]
+    figures: list[GroupFigures] = ray.get([g[0] for g in groups])
+    if any(f.changed for f in figures):
+        return None
+    rows = sum(f.rows for f in figures)
+    buckets = max(1, math.ceil(rows / keys_per_bucket))
+    arrays = [g[1] for g in groups] + [g[2] for g in groups]
+    merged = [_merge_bucket.remote(b, buckets, len(groups), *arrays) for b in range(buckets)]
+    counts = ray.get([m[0] for m in merged])
+    return DoneIndex(
+        buckets=[m[1] for m in merged],
+        keys=sum(c[0] for c in counts),
+        folded=sum(c[1] for c in counts),
+        rows=rows,
+        models=frozenset().union(*(f.models for f in figures)),
+        files=len(paths),
+    )
+
+
+def drop_done(batch: dict[str, np.ndarray], done: list[list[Any]]) -> dict[str, np.ndarray]:
+    """A listing batch less its done keys (`done`: [the index's bucket refs], wrapped so Ray Data
+    passes the refs, not their values). A colliding key is kept: it is reported on every run."""
+    buckets = done[0]
+    values = digests(batch["key"])
+    which = bucket_of(values, len(buckets))
+    keep = np.ones(len(values), bool)
+    for b in np.unique(which):
+        known = ray.get(buckets[int(b)])
+        mine = which == b
+        if not len(known):
+            continue
+        pos = np.minimum(np.searchsorted(known, values[mine]), len(known) - 1)
+        keep[mine] = known[pos] != values[mine]
+    if "collides" in batch:
+        keep |= batch["collides"].astype(bool)
+    return {name: col[keep] for name, col in batch.items()}

@@ -1,0 +1,272 @@
+"""Costs that do not grow on the driver: summary files of many batches, the resume index built by
+tasks, compaction beside readers, and `--actors auto`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from helpers import PipeBarrier, assert_one_row_and_mask_per_key, has_summary, png, wait_for, write_images
+
+from raysegment import storage
+from raysegment.config import CompactSpec, InferSpec
+from raysegment.inference import actors, resume
+from raysegment.inference import output as layout
+from raysegment.inference.compact import compact
+from raysegment.inference.pipeline import infer
+
+SHA = "a" * 64
+RAYSEGMENT = str(Path(sys.executable).parent / "raysegment")
+pytestmark = pytest.mark.slow
+
+
+def rows_of(keys: list[str], run_id: str = "r1") -> pa.Table:
+    """Summary rows for `keys` as infer writes them (ok rows, no masks needed for these tests)."""
+    n = len(keys)
+    return pa.table(
+        {
+            "key": keys,
+            "source_uri": [f"/in/{k}.png" for k in keys],
+            "mask_uri": [f"/out/masks/{k}.png" for k in keys],
+            "mask_offset": [-1] * n,
+            "mask_length": [-1] * n,
+            "height": np.full(n, 8, np.int32),
+            "width": np.full(n, 8, np.int32),
+            "status": ["ok"] * n,
+            "error": [""] * n,
+            "class_fractions": [[1.0, 0.0]] * n,
+            "mean_confidence": pa.array([0.9] * n, pa.float32()),
+            "model_id": ["m"] * n,
+            "model_sha256": [SHA] * n,
+            "run_id": [run_id] * n,
+            "decode_ms": np.zeros(n, np.float32),
+            "predict_ms": np.zeros(n, np.float32),
+            "write_ms": np.zeros(n, np.float32),
+        },
+        schema=layout.summary_schema(["background", "thing"]),
+    )
+
+
+def committed_keys(out: storage.Location) -> list[str]:
+    return sorted(k for t in layout.summary_tables(out, ["key"]) for k in t.column("key").to_pylist())
+
+
+def write_runs(out: storage.Location, runs: dict[str, list[list[str]]], records: bool = True) -> None:
+    """One summary file per batch of keys, per run, as outputs of earlier versions hold them."""
+    for run_id, batches in runs.items():
+        for keys in batches:
+            layout.commit_rows(out, run_id, rows_of(keys, run_id))
+        if records:
+            layout.write_run_record(out, layout.RunRecord(run_id=run_id))
+
+
+def test_summary_writer_commits_many_batches_per_file(tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    writer = layout.SummaryWriter(out, "r1", max_rows=10)
+    keys = [f"k{i:03d}" for i in range(50)]
+    for i in range(0, 50, 3):
+        writer.add(rows_of(keys[i : i + 3]))
+        assert writer.rows < 10  # rows wait for at most one file's worth
+    assert len(writer.files) == 4 and committed_keys(out) == keys[:48]  # 4 batches of 3 reach 10
+    writer.close()
+    assert [pq.read_metadata(f).num_rows for f in writer.files] == [12, 12, 12, 12, 2]
+    assert committed_keys(out) == keys
+
+
+def test_resume_index_is_built_by_tasks_and_filters_exactly(ray_cluster, tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    done = [f"img/{i:05d}" for i in range(3000)]
+    nfc = unicodedata.normalize("NFC", "caf\u00e9")
+    nfd = unicodedata.normalize("NFD", nfc)
+    write_runs(out, {"r1": [done[i : i + 100] for i in range(0, 3000, 100)], "r2": [[nfc], [nfd]]})
+    index = resume.build(out, keys_per_bucket=500)  # several buckets, as at millions of keys
+    assert len(index.buckets) == 7
+    assert (index.rows, index.keys, index.folded, index.files) == (3002, 3002, 3001, 32)
+    assert index.models == {SHA}
+
+    listed = np.asarray([*done[::7], "img/new-1", "img/new-2", nfc, "img/99999"], object)
+    batch = {"key": listed, "collides": np.zeros(len(listed), bool)}
+    kept = resume.drop_done(batch, [index.buckets])
+    assert sorted(kept["key"]) == ["img/99999", "img/new-1", "img/new-2"]
+    batch["collides"][0] = True  # a colliding key is reported on every run, done or not
+    assert done[0] in resume.drop_done(batch, [index.buckets])["key"]
+    assert not resume.build(storage.resolve(str(tmp_path / "empty")))
+
+
+def test_a_multi_batch_summary_file_killed_while_assembled_is_redone_once(tiny_model, ray_cluster, tmp_path):
+    """The driver is killed with rows waiting for their summary file (their masks written): the re-run
+    redoes exactly those, and every key ends with one row and one mask."""
+    _, model = tiny_model
+    keys = write_images(tmp_path / "in", 30)
+    out = tmp_path / "out"
+    cmd = [RAYSEGMENT, "infer", model, str(tmp_path / "in"), str(out), "--batch-size", "2"]
+    cmd += ["--summary-rows", "12", "--no-report"]
+
+    def assembling() -> bool:
+        """A file committed, and masks of more rows than the committed files hold."""
+        if not has_summary(out):
+            return False
+        committed = len(committed_keys(storage.resolve(str(out))))
+        masks = sum(len(files) for _, _, files in os.walk(out / "masks"))
+        return 12 <= committed < masks
+
+    with PipeBarrier(tmp_path / "in" / "zz-barrier" / "hold.png") as barrier:
+        driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: assembling() or driver.poll() is not None, "rows waiting for their summary file")
+            assert driver.poll() is None, f"the driver exited with {driver.returncode}"
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        committed = len(committed_keys(storage.resolve(str(out))))
+        masks = sum(len(files) for _, _, files in os.walk(out / "masks"))
+        assert committed < masks  # rows whose masks exist were lost with the driver
+        barrier.replace_with(png(999))
+    wait_for(
+        lambda: (
+            not [
+                a
+                for a in ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
+                if "Predictor" in a.class_name
+            ]
+        ),
+        "the killed driver's actors to exit",
+        timeout=60,
+    )
+    rerun = subprocess.run([*cmd, "--json"], env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    counts = json.loads(rerun.stdout)["counts"]
+    assert counts["skipped"] == committed and counts["processed"] == 31 - committed
+    assert_one_row_and_mask_per_key(out, [*keys, "zz-barrier/hold"])
+
+
+def test_compaction_merges_finished_runs_and_keeps_every_row_once(ray_cluster, tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    keys = [f"k{i:04d}" for i in range(400)]
+    write_runs(out, {"r1": [keys[i : i + 16] for i in range(0, 320, 16)]})
+    write_runs(out, {"r2-running": [keys[i : i + 16] for i in range(320, 400, 16)]}, records=False)
+    before = committed_keys(out)
+    r = compact(CompactSpec(output=out.uri, summary_rows=100))
+    assert (r["files_before"], r["merged_files"], r["unfinished_runs_left"]) == (25, 20, ["r2-running"])
+    assert r["written_files"] == 4 and r["files_after"] == 9  # 320 rows in files of <= 100, 5 left alone
+    assert committed_keys(out) == before == keys
+    compacted = [p for p in layout.summary_files(out) if f"/{layout.COMPACTED}/" in p]
+    assert all(pq.read_metadata(p).num_rows <= 100 for p in compacted)
+    assert layout.Summaries(out).class_names == ["background", "thing"]  # the footer keeps the metadata
+
+    again = compact(CompactSpec(output=out.uri, summary_rows=1000, include_unfinished=True))
+    assert again["files_after"] == 1 and committed_keys(out) == keys
+
+
+def test_a_compaction_killed_before_its_deletes_is_read_once_and_finished_next_time(ray_cluster, tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    keys = [f"k{i:03d}" for i in range(64)]
+    write_runs(out, {"r1": [keys[i : i + 8] for i in range(0, 64, 8)]})
+    originals = storage.parquet_files(out.child(layout.SUMMARIES))
+    # What a compaction leaves when killed between its writes and its deletes: both.
+    merged = pa.concat_tables([pq.read_table(p) for p in originals])
+    meta = dict(merged.schema.metadata or {})
+    meta[layout.REPLACES_META] = str([layout.relative_path(out, p) for p in originals]).replace("'", '"').encode()
+    target = out.child(layout.SUMMARIES, layout.COMPACTED, "part-killed.parquet")
+    os.makedirs(os.path.dirname(target.path))
+    pq.write_table(merged.replace_schema_metadata(meta), target.path)
+    assert layout.summary_files(out) == [target.path]
+    assert committed_keys(out) == keys
+    compact(CompactSpec(output=out.uri))
+    assert storage.parquet_files(out.child(layout.SUMMARIES)) == [target.path]  # the leftovers are gone
+    assert committed_keys(out) == keys
+
+
+def test_a_reader_during_compaction_sees_every_row_exactly_once(ray_cluster, tmp_path):
+    """A pass that listed the files before a compaction and finds one gone starts again; passes
+    running beside compactions never see a row twice or miss one."""
+    out = storage.resolve(str(tmp_path / "out"))
+    keys = [f"k{i:04d}" for i in range(256)]
+    write_runs(out, {f"r{j}": [keys[i : i + 8] for i in range(j * 64, j * 64 + 64, 8)] for j in range(4)})
+
+    # Deterministic: a pass that has read one file when the compaction runs.
+    attempts = []
+
+    def one_pass() -> list[str]:
+        attempts.append(1)
+        seen = []
+        for i, table in enumerate(layout.summary_tables(out, ["key"])):
+            seen += table.column("key").to_pylist()
+            if i == 0 and len(attempts) == 1:
+                compact(CompactSpec(output=out.uri, summary_rows=64))
+        return sorted(seen)
+
+    assert layout.consistent(one_pass) == keys and len(attempts) == 2
+
+    # Free-running: readers in a loop while compactions merge ever larger files.
+    write_runs(out, {"r9": [[f"z{i:03d}" for i in range(j, j + 4)] for j in range(0, 64, 4)]})
+    expected = sorted([*keys, *(f"z{i:03d}" for i in range(64))])
+    stop, reads, wrong = threading.Event(), [], []
+
+    def reader() -> None:
+        while not stop.is_set():
+            got = layout.consistent(
+                lambda: sorted(k for t in layout.summary_tables(out, ["key"]) for k in t.column("key").to_pylist())
+            )
+            reads.append(1)
+            if got != expected:
+                wrong.append(len(got))
+
+    def another_read(what: str) -> None:
+        n = len(reads)
+        wait_for(lambda: len(reads) > n, what)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for rows in (32, 128, 512):
+            another_read("a read between compactions")
+            compact(CompactSpec(output=out.uri, summary_rows=rows, include_unfinished=True))
+        another_read("a read after the last compaction")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not wrong, f"{len(wrong)} of {len(reads)} reads saw a wrong set of rows: {wrong[:5]}"
+    assert len(layout.summary_files(out)) == 1
+
+
+def test_actors_auto_fits_the_cluster():
+    spec = InferSpec(model="m", input="i", output="o")
+    assert spec.actors == "auto" and spec.gpus_per_actor == "auto"
+    # CPU only: one single-threaded actor per core, less an eighth (at least one) for the tasks.
+    assert actors.resolve(spec, {"CPU": 3.0}).as_dict() == {
+        "actors": [1, 2],
+        "gpus_per_actor": 0.0,
+        "cpus_per_actor": 1.0,
+    }
+    assert actors.resolve(spec, {"CPU": 64.0}) == actors.Actors(28, 56, 0.0, 1.0)
+    assert actors.resolve(spec, {"CPU": 1.0}).max == 1
+    # GPUs: one actor per GPU, whatever the CPUs.
+    assert actors.resolve(spec, {"CPU": 64.0, "GPU": 8.0}) == actors.Actors(4, 8, 1.0, 1.0)
+    half = InferSpec(model="m", input="i", output="o", gpus_per_actor=0.5)
+    assert actors.resolve(half, {"CPU": 8.0, "GPU": 2.0}).max == 4
+    # Explicit values are kept.
+    fixed = InferSpec(model="m", input="i", output="o", actors="3:5", gpus_per_actor=0)
+    assert actors.resolve(fixed, {"CPU": 64.0, "GPU": 8.0}) == actors.Actors(3, 5, 0.0, 1.0)
+
+
+def test_infer_records_the_resolved_pool_and_one_file_per_run(tiny_model, ray_cluster, tmp_path):
+    _, model = tiny_model
+    write_images(tmp_path / "in", 40)
+    record = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=4))
+    assert (
+        record["actors"]
+        == actors.resolve(InferSpec(model="m", input="i", output="o"), ray.cluster_resources()).as_dict()
+    )
+    assert len(layout.summary_files(storage.resolve(str(tmp_path / "out")))) == 1  # 40 rows, 10 batches

@@ -1,0 +1,280 @@
+"""Mask encodings in `prepare` (#19 item 1): grey+alpha and RGBA, soft edges with --mask-threshold,
+RGB colour codes (pairs and a class_dict.csv), 16-bit and 1-bit masks, EXIF-rotated pairs.
+
+Each prepared set is read back from its shards: the class ids must be exactly the ones drawn."""
+
+import io
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raysegment.config import PrepareSpec, load_spec
+from raysegment.data import imaging, masks
+from raysegment.data.prepare import prepare, read_manifest
+from raysegment.errors import ConfigError, DataError
+
+H, W = 12, 20
+EXIF_ORIENTATION = 0x0112
+
+
+def _ids(seed: int, classes: int = 2) -> np.ndarray:
+    """Class ids in blocks (so soft edges have boundaries to sit on)."""
+    rng = np.random.default_rng(seed)
+    return np.kron(rng.integers(0, classes, (H // 4, W // 4)), np.ones((4, 4), np.int64)).astype(np.uint8)
+
+
+def _save(img: Image.Image, path, **kwargs) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, **kwargs)
+
+
+def _image(root, key: str, seed: int, shape: tuple[int, int] = (H, W)) -> None:
+    arr = np.random.default_rng(100 + seed).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    _save(Image.fromarray(arr), f"{root}/images/{key}.png")
+
+
+def _shard_masks(data: str, manifest: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for shard in manifest["shards"]:
+        table = pq.read_table(os.path.join(data, shard["path"]))
+        for key, mask in zip(table.column("key").to_pylist(), table.column("mask").to_pylist()):
+            out[key] = imaging.decode_mask(mask)
+    return out
+
+
+def _shard_images(data: str, manifest: dict) -> dict[str, bytes]:
+    out = {}
+    for shard in manifest["shards"]:
+        table = pq.read_table(os.path.join(data, shard["path"]))
+        out.update(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
+    return out
+
+
+def _soft(ids: np.ndarray) -> np.ndarray:
+    """0/255 with anti-aliased edges: pixels left of a 0|1 boundary become 90, right of it 170."""
+    grey = ids.astype(np.int32) * 255
+    edge = np.zeros_like(ids, bool)
+    edge[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    grey[:, 1:][edge[:, 1:] & (ids[:, 1:] == 1)] = 170  # still >= 128: foreground
+    grey[:, :-1][edge[:, 1:] & (ids[:, :-1] == 0)] = 90  # below 128: background
+    return grey.astype(np.uint8)
+
+
+# --- parsing and spec checks (no Ray) -------------------------------------------------------------
+
+
+def test_color_pairs_and_csv_parse():
+    assert masks.parse_color_pairs("0,0,0:0; 128,0,0:1\n0,128,0:2") == {(0, 0, 0): 0, (128, 0, 0): 1, (0, 128, 0): 2}
+    assert masks.parse_color_pairs(["0,0,0:0", "9,9,9:255"]) == {(0, 0, 0): 0, (9, 9, 9): 255}
+    with pytest.raises(ValueError, match="bad entry '128,0:1'"):
+        masks.parse_color_pairs("0,0,0:0;128,0:1")
+    with pytest.raises(ValueError, match="listed twice"):
+        masks.parse_color_pairs("0,0,0:0;0,0,0:1")
+    table = masks.parse_color_csv("name,r,g,b\nSky,128,128,128\nRoad,128,64,128\n", "class_dict.csv")
+    assert table.names == ["Sky", "Road"] and table.colors == {(128, 128, 128): 0, (128, 64, 128): 1}
+    assert table.palette() == [[128, 128, 128], [128, 64, 128]]
+    with pytest.raises(ConfigError, match="first row must be the header name,r,g,b"):
+        masks.parse_color_csv("Sky,128,128,128\nRoad,128,64,128\n", "c.csv")
+    with pytest.raises(ConfigError, match="row 3"):
+        masks.parse_color_csv("name,r,g,b\nSky,128,128,128\nRoad,300,64,128\n", "c.csv")
+
+
+def test_spec_mask_encoding_flags():
+    spec = load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_colors": "0,0,0:0;255,0,0:1"})
+    assert spec.mask_colors == "0,0,0:0;255,0,0:1" and spec.unlisted_colors == "invalid"
+    with pytest.raises(ConfigError, match="mask_colors.*bad entry 'red:1'"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_colors": "red:1"})
+    with pytest.raises(ConfigError, match="--mask-values and --mask-threshold are different ways"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0:0", "mask_threshold": 128})
+    with pytest.raises(ConfigError, match="--mask-threshold makes two classes"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_threshold": 128, "num_classes": 3})
+    with pytest.raises(ConfigError, match="--mask-colors only apply to --layout pairs"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "layout": "voc", "mask_colors": "0,0,0:0"})
+    with pytest.raises(ConfigError, match="mask_threshold"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_threshold": 0})
+
+
+def test_soft_binary_detection():
+    hist = np.zeros(256, np.int64)
+    hist[0], hist[255], hist[128] = 500, 400, 30
+    assert masks.looks_soft_binary(hist)
+    hist[1:255] = 50  # values everywhere: not a binary mask
+    assert not masks.looks_soft_binary(hist)
+    assert not masks.looks_soft_binary(np.bincount([0, 0, 1, 2], minlength=256))
+
+
+# --- prepared on real Ray -------------------------------------------------------------------------
+
+
+def test_grey_alpha_and_rgba_soft_edges_with_threshold(ray_cluster, tmp_path):
+    """LA and RGBA masks with anti-aliased edges: the error suggests --mask-threshold, which maps them
+    to 0/1 exactly; fully transparent pixels become 255."""
+    src, expected = tmp_path / "src", {}
+    for i in range(4):
+        ids = _ids(i)
+        grey = _soft(ids)
+        alpha = np.full((H, W), 255, np.uint8)
+        alpha[0, :] = 0  # fully transparent: ignore
+        alpha[1, :] = 40  # partly transparent: still labelled
+        if i % 2:
+            mask = Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)])
+        else:
+            rgb = [Image.fromarray(grey)] * 3
+            mask = Image.merge("RGBA", [*rgb, Image.fromarray(alpha)])
+        _image(src, f"m{i}", i)
+        _save(mask, f"{src}/masks/m{i}.png")
+        want = ids.copy()
+        want[0, :] = 255
+        expected[f"m{i}"] = want
+    assert {Image.open(f"{src}/masks/m{i}.png").mode for i in range(4)} == {"LA", "RGBA"}
+
+    with pytest.raises(DataError, match=r"soft edges: try --mask-threshold 128"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d0")))
+    with pytest.raises(DataError, match=r"mask values not in --mask-values: \[90, 170\].*--mask-threshold 128"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1"), mask_values="0:0,255:1"))
+
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(src), dest=data, mask_threshold=128, val_fraction=0.0))
+    assert manifest["num_classes"] == 2 and manifest["mask_threshold"] == 128
+    got = _shard_masks(data, manifest)
+    assert set(got) == set(expected)
+    for key, want in expected.items():
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+    assert manifest["ignored_pixels"] == 4 * W
+
+
+def test_colour_coded_masks_from_class_dict_csv(ray_cluster, tmp_path):
+    """RGB (and RGBA) colour codes mapped by a CamVid class_dict.csv: names and palette from the CSV,
+    ids exact; an unlisted colour makes the pair invalid, or ignore with --unlisted-colors ignore."""
+    colours = {"Sky": (128, 128, 128), "Road": (128, 64, 128), "Car": (64, 0, 128)}
+    (tmp_path / "class_dict.csv").write_text(
+        "name,r,g,b\n" + "".join(f"{n},{r},{g},{b}\n" for n, (r, g, b) in colours.items())
+    )
+    lut = np.asarray(list(colours.values()), np.uint8)
+    src, expected = tmp_path / "src", {}
+    for i in range(4):
+        ids = _ids(i, classes=3)
+        _image(src, f"c{i}", i)
+        rgb = Image.fromarray(lut[ids])
+        _save(rgb.convert("RGBA") if i == 3 else rgb, f"{src}/masks/c{i}.png")
+        expected[f"c{i}"] = ids
+    csv_path = str(tmp_path / "class_dict.csv")
+
+    # Without --mask-colors a colour mask is named as such, with the fix.
+    with pytest.raises(DataError, match=r"RGB mask with colours \(64,0,128.*--mask-colors"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d0")))
+
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(src), dest=data, mask_colors=csv_path, val_fraction=0.0))
+    assert manifest["class_names"] == ["Sky", "Road", "Car"]
+    assert manifest["palette"] == [list(c) for c in colours.values()]
+    assert manifest["mask_colors"] == {"128,128,128": 0, "128,64,128": 1, "64,0,128": 2}
+    got = _shard_masks(data, manifest)
+    for key, want in expected.items():
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+    # A colour the table does not list: the pair is invalid, or ignore by option.
+    stray = lut[expected["c0"]].copy()
+    stray[0, 0] = (1, 2, 3)
+    _save(Image.fromarray(stray), f"{src}/masks/c0.png")
+    with pytest.raises(DataError, match=r"c0: colours not in --mask-colors: \['1,2,3'\]; .*--unlisted-colors ignore"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1"), mask_colors=csv_path))
+    data2 = str(tmp_path / "data2")
+    pairs = "128,128,128:0;128,64,128:1;64,0,128:2"
+    manifest = prepare(
+        PrepareSpec(source=str(src), dest=data2, mask_colors=pairs, unlisted_colors="ignore", val_fraction=0.0)
+    )
+    assert manifest["class_names"] == ["class_0", "class_1", "class_2"]
+    assert manifest["palette"] == [list(c) for c in colours.values()]
+    got = _shard_masks(data2, manifest)
+    assert got["c0"][0, 0] == 255 and (got["c0"].ravel()[1:] == expected["c0"].ravel()[1:]).all()
+
+
+def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
+    src, expected = tmp_path / "src", {}
+    for i in range(3):
+        ids = _ids(i, classes=3)
+        _image(src, f"deep{i}", i)
+        _save(Image.fromarray(ids.astype(np.uint16)), f"{src}/masks/deep{i}.png")  # I;16
+        expected[f"deep{i}"] = ids
+    for i in range(3, 5):
+        ids = _ids(i)
+        _image(src, f"bit{i}", i)
+        _save(Image.fromarray(ids.astype(bool)), f"{src}/masks/bit{i}.png")  # mode 1
+        expected[f"bit{i}"] = ids
+    assert Image.open(f"{src}/masks/deep0.png").mode.startswith("I")
+    assert Image.open(f"{src}/masks/bit3.png").mode == "1"
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(src), dest=data, val_fraction=0.0))
+    assert manifest["num_classes"] == 3
+    got = _shard_masks(data, manifest)
+    for key, want in expected.items():
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+    # 16-bit values that are no small ids: one clear line.
+    _save(Image.fromarray(np.full((H, W), 1000, np.uint16)), f"{src}/masks/deep0.png")
+    with pytest.raises(DataError, match="deep0: undecodable mask: I;16 mask holds values up to 1000"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1")))
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return exif.tobytes()
+
+
+def test_exif_rotated_jpeg_pairs_stay_aligned(ray_cluster, tmp_path):
+    """A phone JPEG stored sideways with EXIF orientation 6 (shown turned 90 degrees clockwise): the
+    shard holds the upright pixels; a mask drawn upright, and a mask that carries the same EXIF tag,
+    both line up with it."""
+    src = tmp_path / "src"
+    stored = np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)  # sideways, as the camera wrote it
+    ids_stored = _ids(1)
+    ids_upright = np.rot90(ids_stored, k=-1)  # orientation 6 = turn clockwise to view
+    for key in ("upright_mask", "tagged_mask"):
+        _save(Image.fromarray(stored), f"{src}/images/{key}.jpg", format="JPEG", quality=95, exif=_exif(6))
+    _save(Image.fromarray(np.ascontiguousarray(ids_upright)), f"{src}/masks/upright_mask.png")
+    _save(Image.fromarray(ids_stored), f"{src}/masks/tagged_mask.png", exif=_exif(6))
+    # Without the orientation the sizes would disagree (20x12 against 12x20).
+    assert Image.open(f"{src}/images/upright_mask.jpg").size == (W, H)
+
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(src), dest=data, num_classes=2, val_fraction=0.0))
+    assert manifest["skipped"] == []
+    got, images = _shard_masks(data, manifest), _shard_images(data, manifest)
+    decoded = np.asarray(Image.open(f"{src}/images/upright_mask.jpg").convert("RGB"))  # JPEG pixels, sideways
+    for key in ("upright_mask", "tagged_mask"):
+        np.testing.assert_array_equal(got[key], ids_upright, err_msg=key)
+        image = imaging.decode_image(images[key])
+        assert image.shape == (W, H, 3)
+        np.testing.assert_array_equal(image, np.rot90(decoded, k=-1))  # lossless: exactly the JPEG's pixels, turned
+        assert Image.open(io.BytesIO(images[key])).getexif().get(EXIF_ORIENTATION, 1) == 1
+
+
+def test_cli_mask_flags(ray_cluster, tmp_path):
+    """The flags reach the spec (one-line errors before Ray work), and a colour-coded set prepares from the CLI."""
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    runner = CliRunner()
+    src, dest = tmp_path / "src", tmp_path / "data"
+    result = runner.invoke(main, ["prepare", str(src), str(dest), "--mask-colors", "0,0,0:0;255,0:1"])
+    assert result.exit_code == 2 and "bad entry '255,0:1'" in result.output
+    result = runner.invoke(
+        main, ["prepare", str(src), str(dest), "--mask-threshold", "128", "--mask-colors", "0,0,0:0"]
+    )
+    assert result.exit_code == 2 and "--mask-threshold and --mask-colors are different ways" in result.output
+
+    ids = _ids(5)
+    _image(src, "a", 5)
+    _save(Image.fromarray(np.asarray([[0, 0, 0], [255, 0, 0]], np.uint8)[ids]), f"{src}/masks/a.png")
+    args = ["prepare", str(src), str(dest), "--mask-colors", "0,0,0:0;255,0,0:1", "--class-names", "bg,red"]
+    result = runner.invoke(main, [*args, "--val-fraction", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    _, manifest = read_manifest(str(dest))
+    assert manifest["class_names"] == ["bg", "red"] and manifest["palette"] == [[0, 0, 0], [255, 0, 0]]
+    np.testing.assert_array_equal(_shard_masks(str(dest), manifest)["a"], ids)
