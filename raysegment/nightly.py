@@ -51,6 +51,10 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
+# Ledger files kept before `compact_ledger` merges them into one.
+LEDGER_MAX_FILES = 16
+
+
 def partition_name(date: str) -> str:
     """The date partition of one night's output."""
     return f"date={date}"
@@ -79,6 +83,33 @@ def read_ledger(output: storage.Location) -> pa.Table:
     return pa.concat_tables(
         [t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in tables] or [LEDGER_SCHEMA.empty_table()]
     )
+
+
+def latest_rows(ledger: pa.Table) -> pa.Table:
+    """The latest row per key (by recorded_at): all that `plan` reads of a ledger."""
+    if not ledger.num_rows:
+        return ledger
+    ordered = ledger.sort_by([("recorded_at", "ascending")])
+    others = [name for name in LEDGER_SCHEMA.names if name != "key"]
+    latest = ordered.group_by("key", use_threads=False).aggregate([(name, "last") for name in others])
+    columns = {name: latest["key"] if name == "key" else latest[f"{name}_last"] for name in LEDGER_SCHEMA.names}
+    return pa.table(columns).cast(LEDGER_SCHEMA)
+
+
+def compact_ledger(output: storage.Location, date: str, stamp: str) -> int:
+    """Past LEDGER_MAX_FILES files, merge the ledger into one file of the latest row per key (a
+    year of nights stays a few files): written first, the old files deleted after. A night
+    killed in between leaves both, which `plan` reads the same (the latest row wins either way).
+    Returns the files merged (0 when under the limit)."""
+    root = output.child("ledger")
+    paths = storage.parquet_files(root)
+    if len(paths) <= LEDGER_MAX_FILES:
+        return 0
+    merged = latest_rows(read_ledger(output))
+    _write_parquet(root.child(f"part-{date}-{stamp}-compacted.parquet"), merged)
+    for path in paths:
+        root.call(lambda path=path: root.fs.rm_file(path))
+    return len(paths)
 
 
 def _fingerprint(size: pa.ChunkedArray, version: pa.ChunkedArray, model: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -263,6 +294,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             report["counts"].update(processed=c["processed"], ok=c["ok"], error=c["error"])
             report["status"] = "ok"
             _append_ledger(output, todo, _partition_rows(partition), card.model_sha256, date, record["run_id"], stamp)
+            compact_ledger(output, date, stamp)
         if is_complete(partition):
             # The report describes the whole date partition, also on a second run the same day.
             rows = _partition_rows(partition)

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 from helpers import IDENTITIES, S3_TEST_BUCKET, TINY, write_source
-from s3server import S3Server, find_weed
+
+from raysegment.bench.s3server import S3Server, find_weed
 
 # Variables from a developer's shell that would override or spoil env():
 # storage.py prefers AWS_ENDPOINT_URL_S3, and a session token would be sent

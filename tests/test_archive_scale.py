@@ -270,3 +270,24 @@ def test_infer_records_the_resolved_pool_and_one_file_per_run(tiny_model, ray_cl
         == actors.resolve(InferSpec(model="m", input="i", output="o"), ray.cluster_resources()).as_dict()
     )
     assert len(layout.summary_files(storage.resolve(str(tmp_path / "out")))) == 1  # 40 rows, 10 batches
+
+
+def test_inference_decodes_exif_rotated_photos_upright():
+    """A phone photo stored sideways with an EXIF orientation is decoded upright (as prepare stores
+    training images), so its mask is the upright image's size."""
+    import io
+
+    from PIL import Image
+
+    from raysegment.data import imaging
+
+    upright = np.zeros((20, 40, 3), np.uint8)
+    upright[:, :20] = 255  # left half white when upright
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # as a camera stores it
+    exif = Image.Exif()
+    exif[imaging.EXIF_ORIENTATION] = 6  # "rotate 90 clockwise to view"
+    buf = io.BytesIO()
+    stored.save(buf, format="PNG", exif=exif)
+    decoded = imaging.decode_image(buf.getvalue())
+    assert decoded.shape == (20, 40, 3)
+    assert decoded[:, :20].mean() > 250 and decoded[:, 20:].mean() < 5

@@ -22,8 +22,10 @@ import pytest
 import yaml
 
 from raysegment import storage
+from raysegment.config import InferSpec
 from raysegment.data import synthetic
-from raysegment.inference.output import summary_files
+from raysegment.inference.actors import resolve as resolve_actors
+from raysegment.inference.output import find_run, summary_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -140,6 +142,11 @@ def test_jobs_and_nightly_on_a_local_multi_node_cluster(local_cluster, tiny_mode
     assert keys_under(f"{out_a}/masks", ".png") == first
     assert len(keys_under(f"{out_a}/summaries", ".parquet")) >= 1
     assert storage.exists(storage.resolve(out_a).child("_SUCCESS"))
+    # --actors auto (the default) sized the pool from both nodes' CPUs.
+    cpus = sum(n["resources_total"].get("CPU", 0) for n in json.loads(nodes.stdout))
+    _, record = find_run(storage.resolve(out_a))
+    expected = resolve_actors(InferSpec(model=model, input=incoming, output=out_a), {"CPU": cpus})
+    assert record.actors == expected.as_dict(), (record.actors, cpus)
 
     # 2. raysegment submit --wait: the checkout as working_dir, the job's exit code as ours.
     out_b = f"{s3_prefix}/out-b"

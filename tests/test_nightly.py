@@ -72,6 +72,37 @@ def test_plan_new_changed_unchanged_deferred():
     assert set(changes(nightly.plan(now, ledger([]), "m1", "2026-01-04")).values()) == {"new"}
 
 
+def test_a_compacted_ledger_of_many_nights_gives_the_same_plan(tmp_path):
+    """A year of nights, each changing some keys: compaction keeps one file of the latest row per
+    key, and the plan (new, changed, unchanged, deferred) is the same as from every night's file."""
+    import random
+
+    rng = random.Random(0)
+    out = storage.resolve(str(tmp_path / "out"))
+    versions = {}
+    for night in range(40):
+        date = f"2026-{1 + night // 28:02d}-{1 + night % 28:02d}"
+        keys = rng.sample(range(300), 60)
+        rows = []
+        for k in keys:
+            versions[k] = versions.get(k, 0) + 1
+            rows.append((f"k{k:03d}", 10 + versions[k], f"v{versions[k]}", date, f"{date}T01:00:{k % 60:02d}"))
+        nightly._write_parquet(out.child("ledger", f"part-{date}-{night:04d}.parquet"), ledger(rows))
+    full = nightly.read_ledger(out)
+    listed = listing(
+        [(f"k{k:03d}", 10 + versions.get(k, 0) + (k % 7 == 0), f"v{versions.get(k, 0)}") for k in range(320)]
+    )
+    expected = nightly.plan(listed, full, "m1", "2026-02-12")
+
+    assert nightly.compact_ledger(out, "2026-02-12", "stamp") == 40
+    assert len(storage.parquet_files(out.child("ledger"))) == 1
+    compacted = nightly.read_ledger(out)
+    assert compacted.num_rows == len(versions) < full.num_rows
+    assert nightly.plan(listed, compacted, "m1", "2026-02-12").equals(expected)
+    assert set(changes(expected).values()) == {"new", "changed", "unchanged", "deferred"}
+    assert nightly.compact_ledger(out, "2026-02-13", "stamp") == 0  # under the limit: left alone
+
+
 def test_drift_flags_a_shift_beyond_the_threshold():
     before = {"date": "2026-01-01", "class_fraction_mean": {"bg": 0.7, "cell": 0.3}}
     assert not nightly.drift({"bg": 0.68, "cell": 0.32}, before, 0.05)["flagged"]

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
-from s3server import S3Server
+
+from raysegment.bench.s3server import S3Server
 
 pytestmark = pytest.mark.s3
 

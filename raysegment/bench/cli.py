@@ -34,18 +34,6 @@ def soak_lines(r: dict[str, Any]) -> list[str]:
     ]
 
 
-def scale_lines(r: dict[str, Any]) -> list[str]:
-    """`bench infer --scale`: throughput and peak memory at N/10 and N images, and their growth."""
-    lines = [
-        f"{p['images']:>8} images: {p['images_per_second']} images/s, driver peak {p['driver_peak_rss_mb']} MB, "
-        f"workers peak {p['workers_peak_total_mb']} MB (largest {p['worker_peak_max_mb']} MB)"
-        for p in r["points"]
-    ]
-    small, large = r["points"][0]["images"], r["points"][1]["images"]
-    growth = f"workers x{r['workers_peak_growth']}, driver x{r['driver_peak_growth']}"
-    return [*lines, f"growth {small} -> {large}: {growth}"]
-
-
 def infer_lines(r: dict[str, Any]) -> list[str]:
     """`bench infer`: model only (a), plain baseline (b) and the pipeline (c), with c/a and c/b."""
     size, source, model = r["image_size"], r["source_size"], r["model"]
@@ -141,11 +129,10 @@ def bench_soak(
     "--actors",
     type=int,
     default=None,
-    help="predictor actors sharing the cores (default: one per core; --scale default: 1)",
+    help="predictor actors sharing the cores (default: one per core)",
 )
 @click.option("--decode", type=click.Choice(["tasks", "actor"]), default="tasks", show_default=True)
 @click.option("--compare-one-actor", is_flag=True, help="also run (c) with one actor on every core")
-@click.option("--scale", type=int, default=None, help="instead: run the pipeline over N/10 then N tiny images")
 @click.option("--workdir", default=None, help="temp folder location (default: system temp)")
 @json_option
 @handle_errors
@@ -159,37 +146,62 @@ def bench_infer(
     actors: int | None,
     decode: str,
     compare_one_actor: bool,
-    scale: int | None,
     workdir: str | None,
     as_json: bool,
 ) -> None:
     """Model only (a) vs plain baseline (b) vs raysegment's pipeline (c), on the same images."""
     from raysegment.bench.infer import bench_infer as run
-    from raysegment.bench.infer import bench_scale
     from raysegment.runtime import cores, init_ray
 
     with session("bench-infer", None, as_json) as s:
         # The actors take every core (equal cores with the in-process measurements); one more
         # logical CPU lets the decode and write tasks run beside them.
         init_ray(min_cpus=cores() + 1)
-        if scale:
-            r = bench_scale(scale, 32, batch_size, actors or 1, workdir)
-            lines = scale_lines(r)
-        else:
-            r = run(
-                images,
-                image_size,
-                depth,
-                base_filters,
-                batch_size,
-                actors or cores(),
-                workdir,
-                decode=decode,
-                source_size=source_size,
-                compare_one_actor=compare_one_actor,
-            )
-            lines = infer_lines(r)
-        s.done(lines, r, json_too=True)
+        r = run(
+            images,
+            image_size,
+            depth,
+            base_filters,
+            batch_size,
+            actors or cores(),
+            workdir,
+            decode=decode,
+            source_size=source_size,
+            compare_one_actor=compare_one_actor,
+        )
+        s.done(infer_lines(r), r, json_too=True)
+
+
+@bench.command("io")
+@click.option("--objects", type=int, default=400, show_default=True)
+@click.option("--size", type=int, default=2000, show_default=True, help="bytes per object")
+@json_option
+@handle_errors
+def bench_io(objects: int, size: int, as_json: bool) -> None:
+    """Small objects on a loopback S3 server: one request at a time vs 16 in flight (infer's tasks)."""
+    from raysegment.bench.scale import bench_io as run
+    from raysegment.bench.scale import io_lines
+
+    with session("bench-io", None, as_json) as s:
+        r = run(objects, size)
+        s.done(io_lines(r), r, json_too=True)
+
+
+@bench.command("scale")
+@click.option("--images", type=int, default=1_000_000, show_default=True, help="the larger size (N/10 runs first)")
+@click.option("--store", type=click.Choice(["s3", "local"]), default="s3", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
+@json_option
+@handle_errors
+def bench_scale(images: int, store: str, batch_size: int, workdir: str | None, as_json: bool) -> None:
+    """Archive costs at N/10 and N tiny images: fresh run, no-op re-run, half-done run, memory, files."""
+    from raysegment.bench.scale import bench_scale as run
+    from raysegment.bench.scale import scale_lines
+
+    with session("bench-scale", None, as_json) as s:
+        r = run(images, store, batch_size, workdir)
+        s.done(scale_lines(r), r, json_too=True)
 
 
 @bench.command("train")

@@ -320,32 +320,6 @@ def bench_infer(
     }
 
 
-def bench_scale(total: int, image_size: int, batch_size: int, actors: int, workdir: str | None) -> dict[str, Any]:
-    """The full pipeline over 10% then 100% of `total` images: throughput and peak memory at each."""
-    out: dict[str, Any] = {"image_size": image_size, "points": []}
-    with tempfile.TemporaryDirectory(dir=workdir) as root:
-        model_dir = make_model_dir(root, image_size, depth=2, base_filters=4)
-        for count in (total // 10, total):
-            input_dir = os.path.join(root, f"in-{count}")
-            write_inputs(input_dir, count, image_size)
-            with WorkerMemory() as mem:
-                ips, record = pipeline(model_dir, input_dir, os.path.join(root, f"out-{count}"), batch_size, actors)
-            assert record["counts"]["total"] == count
-            out["points"].append(
-                {
-                    "images": count,
-                    "images_per_second": round(ips, 1),
-                    "driver_peak_rss_mb": round(_rss_mb(), 1),
-                    "workers_peak_total_mb": round(mem.peak_total_mb, 1),
-                    "worker_peak_max_mb": round(mem.peak_single_mb, 1),
-                }
-            )
-    small, large = out["points"]
-    out["workers_peak_growth"] = round(large["workers_peak_total_mb"] / max(small["workers_peak_total_mb"], 1e-9), 3)
-    out["driver_peak_growth"] = round(large["driver_peak_rss_mb"] / max(small["driver_peak_rss_mb"], 1e-9), 3)
-    return out
-
-
 class ActorKiller:
     """Every `every` seconds, SIGKILLs one live predictor actor on this node (a soak's fault)."""
 

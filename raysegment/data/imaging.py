@@ -82,8 +82,12 @@ def verify_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> HxWx3 uint8 RGB; grey, alpha, palette and 16-bit are converted."""
+    """Encoded bytes -> HxWx3 uint8 RGB as meant to be seen (an EXIF orientation is applied, as
+    `prepare` stores training images, so a phone photo is predicted upright and its mask is the
+    upright image's size); grey, alpha, palette and 16-bit are converted."""
     img = _open(data, max_pixels)
+    if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() or 1.0

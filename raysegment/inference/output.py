@@ -4,20 +4,22 @@
                                  too long to be a file name: see png_mask_name)
     masks/part-{batch}.npz       --mask-format npz: one array per key, per batch
     masks/part-{batch}.bin       --mask-format packed: PNGs back to back, per batch (offset/length in the row)
-    summaries/run={run_id}/part-{batch}.parquet   one row per input image (SUMMARY_COLUMNS)
+    summaries/run={run_id}/part-{keys}.parquet    one row per input image (SUMMARY_COLUMNS), many batches a file
+    summaries/run=_compacted/part-{files}.parquet what `raysegment compact` merged (footer: what it replaces)
     runs/{run_id}.json           the run record (RunRecord)
     _SUCCESS                     {"run_id": ...}: the output is complete
 
-The commit protocol: each batch writes its masks first and its summary file last,
-atomically, under a name derived from the batch's keys. A key counts as done only
-once its summary row exists, so a job killed at any point leaves at worst masks
-that the re-run rewrites under the same names (or, for the per-batch packs, an
+The commit protocol: write tasks write each batch's masks and return its rows
+(`write_masks`); the driver commits rows, `--summary-rows` at a time, as one summary
+file written whole under a name derived from its keys (`SummaryWriter`). A key counts
+as done only once its summary row exists, so a job killed at any point leaves at worst
+masks that the re-run rewrites under the same names (or, for the per-batch packs, an
 orphan pack no summary points to). `_SUCCESS` is removed when a run starts and
 written after its run record, only when the run checks out.
 
-`infer` (inference/pipeline.py) writes through this module; `report`, `nightly`
-and resuming read through it. One file on purpose, a little over 450 lines: the
-layout is one contract, and its writers and readers change together.
+`infer` (inference/pipeline.py) writes through this module; `report`, `nightly`,
+resuming (inference/resume.py) and compaction read through it. One file on purpose,
+about 550 lines: the layout is one contract, and its writers and readers change together.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import posixpath
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -60,6 +63,7 @@ LONG_NAMES = "_long"
 MAX_SUMMARY_BYTES = 64 << 20
 FLUSH_EVERY_S = 300.0
 ROW_GROUP_ROWS = 64 * 1024
+WRITES_IN_FLIGHT = 16
 Palette = Sequence[Sequence[int]] | None
 
 
@@ -148,12 +152,24 @@ def png_mask_name(key: str) -> str:
 
 
 class PngMasks(MaskFormat):
+    """One PNG per mask; a batch's files are uploaded WRITES_IN_FLIGHT at a time at `finish`
+    (each under the storage deadline: on S3 a small object costs a round trip, not bandwidth)."""
+
     name = "png"
+
+    def __init__(self, output: storage.Location, batch: str, palette: Palette) -> None:
+        super().__init__(output, batch, palette)
+        self.pending: list[tuple[storage.Location, bytes]] = []
 
     def write(self, key: str, mask: np.ndarray) -> MaskRef:
         target = self.output.child(MASKS, png_mask_name(key))
-        storage.write_bytes(target, imaging.encode_mask(mask, self.palette))
+        self.pending.append((target, imaging.encode_mask(mask, self.palette)))
         return MaskRef(target.uri)
+
+    def finish(self) -> None:
+        if self.pending:
+            with ThreadPoolExecutor(min(WRITES_IN_FLIGHT, len(self.pending))) as pool:
+                list(pool.map(lambda item: storage.write_bytes(*item), self.pending))
 
     @staticmethod
     def holds(ref: MaskRef) -> bool:
@@ -279,7 +295,9 @@ def write_masks(
             refs.append(masks.write(str(batch["key"][i]), mask))
             fractions.append((np.bincount(mask.ravel(), minlength=k)[:k] / max(mask.size, 1)).tolist())
         write_ms.append((time.perf_counter() - t0) * 1000)
-    masks.finish()
+    t0 = time.perf_counter()
+    masks.finish()  # uploads (all of a batch's PNGs at once): their time is shared by its masks
+    write_ms = [ms + (time.perf_counter() - t0) * 1000 / max(n, 1) for ms in write_ms]
     return pa.table(
         {
             "key": batch["key"].astype(str),

