@@ -15,7 +15,17 @@ import click
 from raysegment import __version__, logs, registry
 from raysegment.bench.cli import bench
 from raysegment.cli_options import infer_options
-from raysegment.config import CompactSpec, EvaluateSpec, InferSpec, NightlySpec, PrepareSpec, Spec, TrainSpec, load_spec
+from raysegment.config import (
+    CompactSpec,
+    EvaluateSpec,
+    InferSpec,
+    NightlySpec,
+    PrepareSpec,
+    ServeSpec,
+    Spec,
+    TrainSpec,
+    load_spec,
+)
 from raysegment.console import handle_errors, json_option, session
 
 
@@ -202,6 +212,11 @@ def plan(
     default=None,
     help="options you do not give come from `raysegment plan` for DATA (default: on); --no-plan: fixed defaults",
 )
+@click.option(
+    "--mlflow-uri",
+    default=None,
+    help="MLflow tracking URI: log params, per-epoch metrics, the plan, card and model (extra: raysegment[mlflow])",
+)
 @endpoint_option
 @config_option
 @json_option
@@ -257,6 +272,30 @@ def infer(config: str | None, extensions: str | None, as_json: bool, **flags: An
     """Segment every image under INPUT with MODEL; write masks and summaries to OUTPUT."""
     flags["extensions"] = extensions.split(",") if extensions else None
     _run(load_spec(InferSpec, config, flags), as_json)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--replicas", default=None, help="MIN[:MAX] replicas (default 1); MIN < MAX autoscales on load")
+@click.option("--gpus-per-replica", type=float, default=None, help="default 0")
+@click.option("--cpus-per-replica", type=float, default=None, help="CPUs and TF threads per replica (default 1)")
+@click.option("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+@click.option("--port", type=int, default=None, help="HTTP port (default 8000)")
+@click.option("--max-batch-size", type=int, default=None, help="requests predicted together (default 8)")
+@click.option("--batch-wait-timeout-s", type=float, default=None, help="how long a batch waits to fill (default 0.01)")
+@click.option("--max-body-mb", type=float, default=None, help="larger bodies get 413 (default 32)")
+@click.option("--max-pixels", type=int, default=None, help="larger images get 413 (default 100000000)")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@click.option("--tta-flip", is_flag=True, default=None, help="average with a flipped pass, as infer --tta-flip")
+@click.option("--ready-timeout-s", type=float, default=None, help="wait this long for the model to load (600)")
+@click.option("--storage-retry-s", type=float, default=None, help="retry unreachable object storage this long")
+@endpoint_option
+@config_option
+@json_option
+@handle_errors
+def serve(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Serve MODEL over HTTP (Ray Serve) until Ctrl-C: POST an image to /segment, get its mask (PNG or JSON)."""
+    _run(load_spec(ServeSpec, config, flags), as_json)
 
 
 @main.command()
@@ -329,6 +368,76 @@ def show(
         r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url, tta_flip)
         shares = ", ".join(f"{name} {share:.1%}" for name, share in r["class_fractions"].items() if share > 0)
         s.done([f"wrote {r['out']} ({r['width']}x{r['height']}): {shares}"], None)
+
+
+@main.group("model")
+def model_group() -> None:
+    """Bring a model from elsewhere into raysegment."""
+
+
+@model_group.command("import")
+@click.argument("model_file")
+@click.argument("dest")
+@click.option("--classes", required=True, help="class names in output-channel order, comma-separated")
+@click.option("--input-size", required=True, help="H,W the model takes (images are resized to it), or native")
+@click.option(
+    "--normalize",
+    type=click.Choice(["scale_0_1", "scale_-1_1", "raw_0_255", "imagenet"]),
+    default="scale_0_1",
+    show_default=True,
+    help="what the model expects: uint8 RGB scaled to [0,1], [-1,1], kept 0-255, or ImageNet mean/std",
+)
+@click.option(
+    "--output",
+    type=click.Choice(["auto", "logits", "probabilities"]),
+    default="auto",
+    show_default=True,
+    help="what the model outputs per pixel; auto: probabilities when its last layer is softmax/sigmoid",
+)
+@click.option("--palette", default=None, help="mask colours 'R,G,B;R,G,B;...', one per class (default: VOC's)")
+@click.option("--size-multiple", type=int, default=32, show_default=True, help="native: pad H and W to a multiple")
+@click.option("--overwrite", is_flag=True)
+@endpoint_option
+@json_option
+@handle_errors
+def model_import(
+    model_file: str, dest: str, classes: str, input_size: str, palette: str | None, as_json: bool, **opts: Any
+) -> None:
+    """Wrap the Keras 3 segmentation model MODEL_FILE (.keras) with a model card in DEST, for infer and the rest."""
+    with session("model import", None, as_json) as s:
+        from raysegment.models.importer import import_model, parse_input_size, parse_palette
+
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        r = import_model(
+            model_file,
+            dest,
+            names,
+            parse_input_size(input_size),
+            palette=parse_palette(palette, len(names)) if palette else None,
+            **opts,
+        )
+        card = r["model_card"]
+        s.done(
+            [f"imported {r['model_id']} to {r['out']}: {len(names)} classes, {card['output']}, input {input_size}"], r
+        )
+
+
+@main.command("export")
+@click.argument("model")
+@click.argument("dest")
+@click.option("--format", "fmt", type=click.Choice(["saved_model", "onnx", "tflite"]), required=True)
+@click.option("--probabilities", is_flag=True, help="also output per-class probabilities (HxWxK)")
+@click.option("--overwrite", is_flag=True)
+@endpoint_option
+@json_option
+@handle_errors
+def export_model(as_json: bool, **opts: Any) -> None:
+    """Export MODEL to the local folder DEST as one graph: uint8 image in, class map at its size out."""
+    with session("export", None, as_json) as s:
+        from raysegment.export import export
+
+        r = export(opts.pop("model"), opts.pop("dest"), opts.pop("fmt"), **opts)
+        s.done([f"exported {r['model_id']} as {r['format']}: {r['path']}", f"  {r['note']}"], r)
 
 
 address_option = click.option(

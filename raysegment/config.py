@@ -207,6 +207,11 @@ class TrainSpec(Spec):
         description="training time in seconds, or '40m', '2h': the plan sets the epochs from it, and training "
         "stops after the last epoch that ends inside it (default: the plan's, from the data set size)",
     )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///dir): log params, "
+        "per-epoch metrics, the plan, the model card and the model there (extra: raysegment[mlflow])",
+    )
 
     @field_validator("time_budget", mode="before")
     @classmethod
@@ -383,6 +388,46 @@ class NightlySpec(InferOptions):
                 "(a new model hash redoes everything)"
             )
         return self
+
+
+class ServeSpec(Spec):
+    """`serve`: MODEL behind an HTTP endpoint on Ray Serve (raysegment/serve.py), until stopped."""
+
+    model: str
+    replicas: tuple[int, int] = Field((1, 1), description="MIN[:MAX] replicas; MIN < MAX autoscales on load")
+    gpus_per_replica: float = Field(0.0, ge=0, le=16)
+    cpus_per_replica: float = Field(1.0, gt=0, le=256, description="CPUs (and TF threads) per replica")
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds; 0.0.0.0 exposes it to the network")
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(8, ge=1, le=1024, description="requests a replica predicts together")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="how long a batch waits to fill")
+    max_body_mb: float = Field(32.0, gt=0, le=4096, description="larger request bodies get 413")
+    max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000, description="larger images get 413")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tta_flip: bool = False
+    tile_size: int = Field(1024, ge=16, le=65536)
+    tile_overlap: int = Field(64, ge=0, le=4096)
+    ready_timeout_s: float = Field(600.0, gt=0, le=86400, description="wait this long for the model to load")
+    storage_retry_s: StorageRetryS = None
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _parse_replicas(cls, v: Any) -> Any:
+        if isinstance(v, int):
+            return (v, v)
+        if isinstance(v, str):
+            lo, _, hi = v.partition(":")
+            if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+                raise ValueError("write MIN or MIN:MAX, e.g. 1 or 1:4")
+            return (int(lo), int(hi or lo))
+        return v
+
+    @field_validator("replicas", mode="after")
+    @classmethod
+    def _check_replicas(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1] <= 1024:
+            raise ValueError("need 1 <= MIN <= MAX <= 1024")
+        return v
 
 
 S = TypeVar("S", bound=Spec)

@@ -23,6 +23,7 @@ from raysegment.config import (
     InferSpec,
     NightlySpec,
     PrepareSpec,
+    ServeSpec,
     Spec,
     TrainSpec,
     load_spec,
@@ -217,6 +218,23 @@ def _compact_lines(spec: CompactSpec, r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _serve(spec: ServeSpec) -> dict[str, Any]:
+    from raysegment.serve import serve_until_stopped
+
+    return serve_until_stopped(spec)
+
+
+def _serve_lines(spec: ServeSpec, r: dict[str, Any]) -> list[str]:
+    return [f"served {r['model_id']} at {r['endpoint']} for {r['served_s']} s; stopped"]
+
+
+def serve_min_cpus(spec: ServeSpec) -> int:
+    """Logical CPUs for serving on a local Ray: every replica's share at the most replicas."""
+    import math
+
+    return math.ceil(spec.replicas[1] * spec.cpus_per_replica)
+
+
 def _evaluate_output(spec: EvaluateSpec) -> str:
     return posixpath.dirname(spec.out) or "." if spec.out else spec.model
 
@@ -239,6 +257,7 @@ JOBS: dict[str, Job] = {
             min_cpus=infer_min_cpus,
         ),
         Job("compact", CompactSpec, _compact, _compact_lines, _as_is, lambda s: s.output),
+        Job("serve", ServeSpec, _serve, _serve_lines, _as_is, lambda s: None, min_cpus=serve_min_cpus),
     )
 }
 # What `raysegment submit` and `python -m raysegment.entrypoints` accept, in help order.

@@ -244,8 +244,8 @@ def test_a_reader_during_compaction_sees_every_row_exactly_once(ray_cluster, tmp
 def test_actors_auto_fits_the_cluster():
     spec = InferSpec(model="m", input="i", output="o")
     assert spec.actors == "auto" and spec.gpus_per_actor == "auto"
-    # CPU only: one single-threaded actor per core, less an eighth (at least one) for the tasks.
-    assert actors.resolve(spec, {"CPU": 3.0}).as_dict() == {
+    # CPU only: one single-threaded actor per core, less an eighth (at least two) for the tasks.
+    assert actors.resolve(spec, {"CPU": 4.0}).as_dict() == {
         "actors": [1, 2],
         "gpus_per_actor": 0.0,
         "cpus_per_actor": 1.0,

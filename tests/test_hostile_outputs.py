@@ -231,7 +231,9 @@ def test_report_is_built_before_the_run_record(tiny_model, tmp_path):
     # In a sub-folder, so its own read task holds the job while the files above are committed.
     with PipeBarrier(src / "zz-barrier" / "hold.png") as barrier:
         job = in_background(
-            lambda: infer(InferSpec(model=model, input=str(src), output=str(out), batch_size=1, summary_rows=1))
+            lambda: infer(
+                InferSpec(model=model, input=str(src), output=str(out), batch_size=1, summary_rows=1, actors=1)
+            )
         )
         wait_for(lambda: _has_row(out, "a"), "the summary row of a", job=job)
         (src / "a.png").unlink()

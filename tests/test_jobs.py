@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from raysegment import jobs
 from raysegment.cli import main
-from raysegment.config import CompactSpec, EvaluateSpec, InferSpec, NightlySpec, TrainSpec, load_spec
+from raysegment.config import CompactSpec, EvaluateSpec, InferSpec, NightlySpec, ServeSpec, TrainSpec, load_spec
 from raysegment.entrypoints import main as entry_main
 from raysegment.errors import ConfigError
 from raysegment.registry import CLUSTER_KINDS, JOBS, load_job_spec
@@ -80,14 +80,20 @@ def test_find_checkout(tmp_path):
 @pytest.mark.parametrize("kind", CLUSTER_KINDS)
 def test_example_specs_are_valid(kind):
     spec = load_spec(JOBS[kind].spec, str(REPO / "jobs" / "examples" / f"{kind}.yaml"))
-    expected = {"train": TrainSpec, "evaluate": EvaluateSpec, "infer": InferSpec, "compact": CompactSpec}
+    expected = {
+        "train": TrainSpec,
+        "evaluate": EvaluateSpec,
+        "infer": InferSpec,
+        "compact": CompactSpec,
+        "serve": ServeSpec,
+    }
     assert isinstance(spec, expected.get(kind, NightlySpec))
     assert (REPO / "jobs" / f"{kind}.py").read_text().count(f'main("{kind}")') == 1
 
 
 def test_submit_takes_the_registry_kinds_and_entrypoints_do_not_import_the_cli():
     submit_kinds = next(p for p in main.commands["submit"].params if p.name == "kind").type.choices
-    assert list(submit_kinds) == list(CLUSTER_KINDS) == ["train", "evaluate", "infer", "nightly", "compact"]
+    assert list(submit_kinds) == list(CLUSTER_KINDS) == ["train", "evaluate", "infer", "nightly", "compact", "serve"]
     # The entrypoints must not pull in the CLI (once a cycle: each imported the other), nor TF or Ray.
     probe = (
         "import sys, raysegment.entrypoints; print(sorted({'raysegment.cli', 'tensorflow', 'ray'} & {*sys.modules}))"

@@ -99,7 +99,10 @@ def test_model_card_of_the_first_release_loads_and_rewrites_unchanged(tmp_path):
     "card,field",
     [
         ({"architectures": ["SegformerForSemanticSegmentation"]}, "model_id"),  # another tool's config
-        ({**FIRST_RELEASE_CARD, "input": {"size": [32, 32], "normalization": "imagenet"}}, "input.normalization"),
+        (
+            {**FIRST_RELEASE_CARD, "input": {"size": [32, 32], "normalization": "per_image_magic"}},
+            "input.normalization",
+        ),
         ({**FIRST_RELEASE_CARD, "class_names": ["background"]}, "class_names"),
     ],
 )

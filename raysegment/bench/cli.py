@@ -232,3 +232,27 @@ def bench_train(
         init_ray(min_cpus=cores() + 1)  # the Ray Train runs use every core; one more slot for the data tasks
         r = run(images, image_size, depth, base_filters, global_batch, epochs, workers)
         s.done(train_lines(r, workers), r, json_too=True)
+
+
+@bench.command("serve")
+@click.option("--requests", type=int, default=400, show_default=True, help="timed POSTs, after one per client")
+@click.option("--clients", type=int, default=8, show_default=True, help="client threads, one request in flight each")
+@click.option("--images", type=int, default=256, show_default=True, help="distinct generated PNGs, sent in turn")
+@click.option("--image-size", type=int, default=128, show_default=True, help="model input and image side")
+@click.option("--depth", type=int, default=4, show_default=True)
+@click.option("--base-filters", type=int, default=16, show_default=True)
+@click.option("--max-batch-size", type=int, default=8, show_default=True, help="serve's batches and infer's")
+@click.option("--replicas", type=int, default=1, show_default=True, help="sharing the cores (and infer's actors)")
+@click.option("--workdir", default=None, help="temp folder location (default: system temp)")
+@json_option
+@handle_errors
+def bench_serve(as_json: bool, **opts: Any) -> None:
+    """`raysegment serve` under a bounded load on loopback (p50/p95/p99, images/s) next to `infer`'s images/s."""
+    from raysegment.bench.serve import bench_serve as run
+    from raysegment.bench.serve import serve_lines
+    from raysegment.runtime import cores, init_ray
+
+    with session("bench-serve", None, as_json) as s:
+        init_ray(min_cpus=cores() + 1)  # as bench infer: the replicas' (then actors') cores plus one for tasks
+        r = run(**opts)
+        s.done(serve_lines(r), r, json_too=True)

@@ -43,6 +43,33 @@ def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -
     return batch
 
 
+def normalize(images: np.ndarray, card: ModelCard) -> np.ndarray:
+    """uint8 RGB -> the model's float32 input, per the card's normalisation (`raysegment export`'s
+    graph applies the same `pixel_affine` in the same float32 arithmetic)."""
+    scale, offset = (np.asarray(v, np.float32) for v in card.pixel_affine)
+    return images.astype(np.float32) * scale + offset
+
+
+def reflect_padding(height, width, pad_h, pad_w):
+    """Whether a native-scale image is padded to the size multiple by reflection (natural border context
+    for the convolutions): when it has more pixels than the pad, else its edge is repeated. Python ints
+    here, tensors in `raysegment export`'s graph."""
+    return (pad_h < height) & (pad_w < width)
+
+
+def class_probabilities(scores, output: str):
+    """Per-class probabilities (N, H, W, K) from the model's output, logits or probabilities (the card's
+    `output`); either head (K channels, or one foreground channel for 2 classes)."""
+    import tensorflow as tf
+
+    from raysegment.models.losses import probabilities
+
+    if output == "logits":
+        return probabilities(scores)
+    probs = tf.cast(scores, tf.float32)
+    return tf.concat([1.0 - probs, probs], axis=-1) if probs.shape[-1] == 1 else probs
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of `tile` pixels covering `length`, consecutive tiles sharing >= `overlap`."""
     if length <= tile:
@@ -111,19 +138,18 @@ class Predictor:
         model = self.model
         multiple = self.card.size_multiple
         self.multiple = multiple
-        self.scale = self.card.pixel_scale
         self.tile = max(multiple, tile_size // multiple * multiple)
         self.overlap = min(tile_overlap, self.tile // 2)
         self.batch_size = batch_size
 
-        from raysegment.models.losses import probabilities
+        output = self.card.output
 
         @tf.function(reduce_retracing=True)
         def predict(x):
-            probs = probabilities(model(x, training=False))
+            probs = class_probabilities(model(x, training=False), output)
             if tta_flip:
                 # Test-time augmentation: average with the prediction on the mirrored image.
-                flipped = probabilities(model(tf.reverse(x, axis=[2]), training=False))
+                flipped = class_probabilities(model(tf.reverse(x, axis=[2]), training=False), output)
                 probs = (probs + tf.reverse(flipped, axis=[2])) / 2.0
             return tf.argmax(probs, axis=-1, output_type=tf.int32), tf.reduce_max(probs, axis=-1)
 
@@ -143,7 +169,7 @@ class Predictor:
             # an object array, a uniform one as a plain array).
             preds = self._predict_each(images, ok, conf)
         elif ok.any():
-            classes, probs = self._predict(images[ok].astype(np.float32) * self.scale)
+            classes, probs = self._predict(normalize(images[ok], self.card))
             preds[ok] = classes.numpy().astype(np.uint8)
             conf[ok] = probs.numpy().reshape(int(ok.sum()), -1).mean(axis=1)
         batch["pred"] = preds
@@ -167,8 +193,7 @@ class Predictor:
         ph, pw = -h % self.multiple, -w % self.multiple
         if not (ph or pw):
             return img
-        mode = "reflect" if ph < h and pw < w else "edge"  # reflect needs more pixels than the pad
-        return np.pad(img, [(0, ph), (0, pw), (0, 0)], mode=mode)
+        return np.pad(img, [(0, ph), (0, pw), (0, 0)], mode="reflect" if reflect_padding(h, w, ph, pw) else "edge")
 
     def _predict_tiled(self, img: np.ndarray) -> tuple[np.ndarray, float]:
         h, w = img.shape[:2]
@@ -184,7 +209,7 @@ class Predictor:
         conf_sum = 0.0
         for b in range(0, len(windows), self.batch_size):
             chunk = windows[b : b + self.batch_size]
-            tiles = np.stack([x[r : r + th, c : c + tw] for r, c in chunk]).astype(np.float32) * self.scale
+            tiles = normalize(np.stack([x[r : r + th, c : c + tw] for r, c in chunk]), self.card)
             classes, probs = self._predict(tiles)
             classes, probs = classes.numpy(), probs.numpy()
             for k, (r, c) in enumerate(chunk):

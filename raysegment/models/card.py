@@ -38,11 +38,25 @@ class Architecture(_Part):
     head: Literal["softmax", "sigmoid"] = "softmax"
 
 
+# Model input = uint8 RGB x per-channel scale + per-channel offset (`ModelCard.pixel_affine`).
+# scale_0_1 is what `train` does (data.pipeline.normalize); the others are for imported models.
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "scale_0_1": ((1.0 / 255.0,) * 3, (0.0,) * 3),
+    "scale_-1_1": ((2.0 / 255.0,) * 3, (-1.0,) * 3),
+    "raw_0_255": ((1.0,) * 3, (0.0,) * 3),
+    "imagenet": (
+        tuple(1.0 / (255.0 * s) for s in _IMAGENET_STD),
+        tuple(-m / s for m, s in zip(_IMAGENET_MEAN, _IMAGENET_STD)),
+    ),
+}
+
+
 class InputSpec(_Part):
     size: tuple[int, int]
     channels: Literal[3] = 3
-    # What the predictor does to pixels: uint8 RGB scaled to [0, 1] (data.pipeline.normalize).
-    normalization: Literal["scale_0_1"] = "scale_0_1"
+    # What the predictor does to pixels (NORMALIZATIONS): uint8 RGB scaled to [0, 1] for trained models.
+    normalization: Literal["scale_0_1", "scale_-1_1", "raw_0_255", "imagenet"] = "scale_0_1"
     # "none": trained on windows at the original scale; inference runs at full resolution.
     resize: Literal["bilinear", "none"] = "bilinear"
 
@@ -66,6 +80,14 @@ class TrainingPlan(_Part):
     recorded_only: list[str] = Field(default_factory=list)
 
 
+class Imported(_Part):
+    """Where a model brought by `raysegment model import` came from (absent for trained models)."""
+
+    source: str
+    source_sha256: str
+    keras_class: str
+
+
 class ModelCard(_Part):
     """model.json, typed. Build one with `ModelCard.create`, load one with `ModelCard.read`."""
 
@@ -77,13 +99,15 @@ class ModelCard(_Part):
     palette: list[tuple[int, int, int]]
     ignore_index: int = 255
     input: InputSpec
-    output: Literal["logits"] = "logits"
+    # What the model outputs per pixel: logits, or class probabilities (imported models; see `imported`).
+    output: Literal["logits", "probabilities"] = "logits"
     training: dict[str, Any] | None = None
     plan: TrainingPlan | None = None
     data: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
     best_epoch: int | None = None
     versions: dict[str, str] | None = None
+    imported: Imported | None = None
 
     @model_validator(mode="after")
     def _names_match_classes(self) -> ModelCard:
@@ -168,6 +192,11 @@ class ModelCard(_Part):
     def pixel_scale(self) -> float:
         """Factor from uint8 pixels to the model's input range (normalisation scale_0_1)."""
         return 1.0 / 255.0
+
+    @property
+    def pixel_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (scale, offset) from uint8 pixels to the model's input (see NORMALIZATIONS)."""
+        return NORMALIZATIONS[self.input.normalization]
 
     @property
     def head(self) -> str:

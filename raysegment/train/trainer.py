@@ -22,7 +22,7 @@ from raysegment.config import TrainSpec
 from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.models.card import MODEL_FILE, ModelCard
-from raysegment.train import events
+from raysegment.train import events, tracking
 from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
 from raysegment.train.config import TrainConfig, train_config
 from raysegment.train.loop import train_loop_per_worker
@@ -71,6 +71,8 @@ def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], count:
 def train(spec: TrainSpec) -> dict[str, Any]:
     """Run distributed training and write OUT/model.keras, model.json and metrics.json."""
     t0 = time.time()
+    if spec.mlflow_uri:
+        tracking.mlflow_client(spec.mlflow_uri)  # a missing MLflow package fails here, before any work
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
@@ -79,21 +81,29 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
 
-    with events.follow(cfg.epochs) as inbox:
-        result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest), inbox)
-    if result.error:
-        raise result.error
-    progress.note(f"train: writing the model, its card and plots to {out.uri}")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
-    with result.checkpoint.as_directory() as d:
-        state = read_state(d)
-    for resume in state.resumes:
-        for problem in resume["skipped"]:
-            log.warning("train: skipped unreadable checkpoint %s", problem)
-        progress.note(
-            f"train: resumed after epoch {resume['from_epoch'] + 1} from {storage.redact(resume['checkpoint'])}"
+    # The MLflow run (with --mlflow-uri) exists from here: FINISHED once the artifacts are logged, else FAILED.
+    with tracking.mlflow_run(spec, plan_record) as run:
+        with events.follow(cfg.epochs) as inbox:
+            result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest), inbox)
+        if result.error:
+            raise result.error
+        progress.note(f"train: writing the model, its card and plots to {out.uri}")
+        best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
+        with result.checkpoint.as_directory() as d:
+            state = read_state(d)
+        for resume in state.resumes:
+            for problem in resume["skipped"]:
+                log.warning("train: skipped unreadable checkpoint %s", problem)
+            progress.note(
+                f"train: resumed after epoch {resume['from_epoch'] + 1} from {storage.redact(resume['checkpoint'])}"
+            )
+        summary = write_artifacts(
+            out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0, plan_record
         )
-    return write_artifacts(out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0, plan_record)
+        if run is not None:
+            run.log_result(out, state.history, summary)
+            summary["mlflow_run_id"] = run.run_id
+    return summary
 
 
 def apply_plan(
@@ -197,7 +207,9 @@ def write_artifacts(
     storage.write_bytes(out.child(CURVES_FILE), plots.training_curves(history))
     if best_cm:
         storage.write_bytes(out.child(CONFUSION_FILE), plots.confusion_matrix_png(best_cm, manifest["class_names"]))
-    storage.write_bytes(out.child(EXAMPLES_FILE), validation_examples(model, spec, manifest))
+    examples = validation_examples(model, spec, manifest)
+    storage.write_bytes(out.child(EXAMPLES_FILE), examples)
+    tracking.write_tensorboard(out.child(tracking.TENSORBOARD_DIR), history, examples, best.get("epoch"))
     card = ModelCard.create(
         model_hash,
         architecture={

@@ -1,0 +1,394 @@
+"""`raysegment serve`: a model behind an HTTP endpoint on Ray Serve, with `infer`'s own code.
+
+    POST /segment   body: the image's bytes (Content-Type image/* or application/octet-stream)
+                    -> the mask as a palette PNG at the image's size, exactly the file `infer` writes;
+                    ?format=json (or Accept: application/json) -> class fractions by class name,
+                    mean confidence, height, width: the summary row `infer` writes
+    GET  /healthz   200 while the replica's process is up
+    GET  /readyz    200 once the model is loaded and has answered a warm-up request, else 503
+
+A request is checked before it reaches the model: content type (415), body size (413,
+`max_body_mb`), the header's pixel count (413, `max_pixels`) and an image header at all (400);
+every 4xx is one line of JSON, {"error": "..."}. Requests wait up to `batch_wait_timeout_s` for
+`max_batch_size` others (`@serve.batch`) and a batch runs in a thread, so /healthz answers while
+the model predicts.
+
+One implementation with `infer`: a batch goes through `predictor.preprocess`, the `Predictor` and
+`output.write_masks` (into the replica's scratch folder, read back and removed), so the mask bytes,
+class fractions and confidence are those of `infer`'s rows and files. The replica loads the model in
+a thread, so /healthz answers during the load and /readyz says when it is done.
+
+The driver (`serve_until_stopped`, the `serve` job) checks the model card and its hash once, starts
+Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` and blocks until
+SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then deletes the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from ray import serve
+
+from raysegment import progress, storage
+from raysegment.config import ServeSpec
+from raysegment.data import imaging
+from raysegment.errors import ConfigError, JobError
+from raysegment.models.card import ModelCard
+
+APP_NAME = "raysegment"
+DEPLOYMENT_NAME = "segmenter"
+SEGMENT, HEALTHZ, READYZ = "/segment", "/healthz", "/readyz"
+# Where a 413 for pixels is decided: read the header's size without a limit, then compare.
+NO_LIMIT = 1 << 62
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaConfig:
+    """What every replica gets (plain values: it crosses to the replica's process)."""
+
+    model: str
+    endpoint_url: str | None
+    retry_s: float
+    threads: int
+    precision: str
+    tta_flip: bool
+    tile_size: int
+    tile_overlap: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_body_bytes: int
+    max_pixels: int
+
+
+def _error(status: int, message: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _accepted_type(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind.startswith("image/") or kind == "application/octet-stream"
+
+
+def _header_problem(body: bytes, max_pixels: int) -> tuple[int, str] | None:
+    """(status, message) when the body is not an image (400) or has too many pixels (413), from the header
+    alone; decoding the pixels (and any error in them) is `preprocess`'s, in the batch."""
+    try:
+        height, width = imaging.image_size(body, NO_LIMIT)
+    except imaging.ImageDecodeError as exc:
+        if isinstance(exc.__cause__, Image.DecompressionBombError):
+            return 413, f"image is over Pillow's decompression-bomb limit; this server takes {max_pixels} pixels"
+        return 400, str(exc)
+    if height * width > max_pixels:
+        return 413, f"image is {width}x{height} pixels, over the limit of {max_pixels} (--max-pixels)"
+    return None
+
+
+class Segmenter:
+    """The deployment: one per replica, the model loaded once (in a thread, see `/readyz`)."""
+
+    def __init__(self, config: ReplicaConfig) -> None:
+        self.config = config
+        self.card: ModelCard | None = None
+        self.predictor: Any = None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+        self.scratch = storage.resolve(tempfile.mkdtemp(prefix="raysegment-serve-"))
+        self.segment_batch.set_max_batch_size(config.max_batch_size)
+        self.segment_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        threading.Thread(target=self._load, name="load-model", daemon=True).start()
+
+    def _load(self) -> None:
+        from raysegment.inference.predictor import Predictor
+
+        c = self.config
+        try:
+            self.predictor = Predictor(
+                c.model,
+                c.endpoint_url,
+                tta_flip=c.tta_flip,
+                threads=c.threads,
+                precision=c.precision,
+                tile_size=c.tile_size,
+                tile_overlap=c.tile_overlap,
+                batch_size=c.max_batch_size,
+                retry_s=c.retry_s,
+            )
+            self.card = self.predictor.card
+            warm = imaging.encode_mask(np.zeros((8, 8), np.uint8))  # one request end to end (traces the graph)
+            (answer,) = self._segment([warm])
+            if answer["status"] != "ok":
+                raise RuntimeError(f"warm-up request failed: {answer['error']}")
+            self.ready.set()
+        except Exception as exc:  # reported by /readyz and check_health (Serve then replaces the replica)
+            self.load_error = f"model did not load: {type(exc).__name__}: {exc}"
+
+    def __del__(self) -> None:
+        # Serve calls it when it stops a replica; masks never stay in scratch longer than their request.
+        shutil.rmtree(self.scratch.path, ignore_errors=True)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose model failed to load is replaced."""
+        if self.load_error:
+            raise RuntimeError(self.load_error)
+
+    def readiness(self) -> dict[str, Any]:
+        """Readiness for the driver (through a DeploymentHandle): ready, or the load error."""
+        model_id = self.card.model_id if self.card else None
+        return {"ready": self.ready.is_set(), "error": self.load_error, "model_id": model_id}
+
+    def _segment(self, bodies: list[bytes]) -> list[dict[str, Any]]:
+        """A batch of encoded images through infer's steps: preprocess, predict, write_masks (into scratch)."""
+        from raysegment.inference import output
+        from raysegment.inference.predictor import preprocess
+
+        card, n = self.predictor.card, len(bodies)
+        keys = np.asarray([uuid.uuid4().hex for _ in range(n)], dtype=object)
+        data = np.empty(n, dtype=object)
+        data[:] = bodies
+        batch = {"key": keys, "source_uri": np.full(n, "http", dtype=object), "bytes": data}
+        batch = self.predictor(preprocess(batch, card, self.config.max_pixels))
+        rows = output.write_masks(batch, self.scratch, card, "serve", "png").to_pylist()
+        answers = []
+        for key, row in zip(keys, rows):
+            if row["status"] == "ok":
+                mask = self.scratch.child(output.MASKS, output.png_mask_name(key))
+                row["png"] = storage.read_bytes(mask)
+                os.remove(mask.path)
+            answers.append(row)
+        return answers
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def segment_batch(self, bodies: list[bytes]) -> list[dict[str, Any]]:
+        # In a thread: the replica's event loop keeps answering /healthz and taking the next batch's requests.
+        return await asyncio.to_thread(self._segment, bodies)
+
+    async def __call__(self, request):
+        path = "/" + request.url.path.strip("/")
+        if path == HEALTHZ:
+            return _json({"status": "ok"})
+        if path == READYZ:
+            state = self.readiness()
+            return _json(state, 200 if state["ready"] else 503)
+        if path != SEGMENT:
+            return _error(404, f"no route {path}: POST an image to {SEGMENT}; GET {HEALTHZ} or {READYZ}")
+        if request.method != "POST":
+            return _error(405, f"{SEGMENT} takes POST with the image's bytes as the body")
+        return await self._segment_request(request)
+
+    async def _segment_request(self, request):
+        if not self.ready.is_set():
+            return _error(503, self.load_error or "model still loading; poll /readyz")
+        fmt = request.query_params.get("format") or (
+            "json" if "application/json" in request.headers.get("accept", "") else "png"
+        )
+        if fmt not in ("png", "json"):
+            return _error(400, f"format={fmt}: use png (the mask) or json (class fractions)")
+        if not _accepted_type(request.headers.get("content-type", "")):
+            return _error(415, "send the image's bytes with Content-Type image/* or application/octet-stream")
+        body = await _read_body(request, self.config.max_body_bytes)
+        if body is None:
+            return _error(413, f"body over the limit of {self.config.max_body_bytes} bytes (--max-body-mb)")
+        if not body:
+            return _error(400, "empty body: POST the image's bytes")
+        problem = _header_problem(body, self.config.max_pixels)
+        if problem:
+            return _error(*problem)
+        row = await self.segment_batch(body)
+        if row["status"] != "ok":
+            return _error(400, row["error"])
+        return self._answer(row, fmt)
+
+    def _answer(self, row: dict[str, Any], fmt: str):
+        from starlette.responses import Response
+
+        card = self.card
+        if fmt == "png":
+            headers = {"X-Model-Id": card.model_id, "X-Mean-Confidence": f"{row['mean_confidence']:.6f}"}
+            return Response(row["png"], media_type="image/png", headers=headers)
+        return _json(
+            {
+                "model_id": card.model_id,
+                "height": row["height"],
+                "width": row["width"],
+                "mean_confidence": row["mean_confidence"],
+                "class_fractions": dict(zip(card.class_names, row["class_fractions"])),
+            }
+        )
+
+
+def _json(obj: dict[str, Any], status: int = 200):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(obj, status_code=status)
+
+
+async def _read_body(request, limit: int) -> bytes | None:
+    """The body, or None once it passes `limit` bytes (by Content-Length, or while it streams in)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    url: str
+    model_id: str
+    replicas: tuple[int, int]
+
+
+def replica_config(spec: ServeSpec, retry_s: float) -> ReplicaConfig:
+    from raysegment.inference.predictor import resolve_precision
+
+    return ReplicaConfig(
+        model=spec.model,
+        endpoint_url=spec.endpoint_url,
+        retry_s=retry_s,
+        threads=max(1, int(spec.cpus_per_replica)),
+        precision=resolve_precision(spec.precision, spec.gpus_per_replica),
+        tta_flip=spec.tta_flip,
+        tile_size=spec.tile_size,
+        tile_overlap=spec.tile_overlap,
+        max_batch_size=spec.max_batch_size,
+        batch_wait_timeout_s=spec.batch_wait_timeout_s,
+        max_body_bytes=int(spec.max_body_mb * (1 << 20)),
+        max_pixels=spec.max_pixels,
+    )
+
+
+def deployment_options(spec: ServeSpec) -> dict[str, Any]:
+    """Serve's options: replicas (fixed, or autoscaled between MIN and MAX on ongoing requests) and resources."""
+    lo, hi = spec.replicas
+    scale: dict[str, Any] = {"num_replicas": lo}
+    if hi > lo:
+        scale = {
+            "autoscaling_config": {
+                "min_replicas": lo,
+                "max_replicas": hi,
+                "target_ongoing_requests": spec.max_batch_size,
+            }
+        }
+    return {
+        "name": DEPLOYMENT_NAME,
+        "ray_actor_options": {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
+        # Room for one batch predicting and the next one filling (and the health probes).
+        "max_ongoing_requests": 2 * spec.max_batch_size + 2,
+        **scale,
+    }
+
+
+def url_of(spec: ServeSpec) -> str:
+    host = "127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host
+    return f"http://{host}:{spec.port}"
+
+
+def _check_port(spec: ServeSpec) -> None:
+    """A port held by something that is not Serve's proxy is one clear error, before Serve starts."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((spec.host, spec.port))
+        return
+    except OSError:
+        pass
+    try:  # already Serve's proxy (an earlier `serve`, another app): the app joins it
+        with urllib.request.urlopen(f"{url_of(spec)}/-/healthz", timeout=5) as r:
+            if r.status == 200:
+                return
+    except OSError:
+        pass
+    raise ConfigError(f"{spec.host}:{spec.port} is in use or cannot be bound; choose another --port or --host")
+
+
+def deploy(spec: ServeSpec) -> Served:
+    """Check the model, start Serve's proxy and deploy the app; returns once a replica answers ready."""
+    loc = storage.resolve(spec.model, spec.endpoint_url, spec.storage_retry_s)
+    # Hashed here, once, as infer does: a model.keras that is not the card's would answer under its classes.
+    card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True, retry_s=loc.retry_s)
+    _check_port(spec)
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    app = serve.deployment(Segmenter, **deployment_options(spec)).bind(replica_config(spec, loc.retry_s))
+    handle = serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        _wait_ready(handle, spec.ready_timeout_s)
+    except BaseException:
+        undeploy()
+        raise
+    return Served(url_of(spec), card.model_id, spec.replicas)
+
+
+def _wait_ready(handle: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = handle.readiness.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
+        if state["ready"]:
+            return
+        if state["error"]:
+            raise JobError(f"serve: {state['error']}")
+        if time.monotonic() > deadline:
+            raise JobError(f"serve: the model did not load within {timeout_s:g} s (--ready-timeout-s)")
+        time.sleep(0.2)  # polling the replica's state, not driving it
+
+
+def undeploy() -> None:
+    """Delete the app (Serve itself and its proxy stay for other apps; `serve shutdown` ends them).
+    Not blocking: `ray job stop` SIGKILLs the driver 3 s after its SIGTERM."""
+    serve.delete(APP_NAME, _blocking=False)
+
+
+def serve_until_stopped(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
+    """The `serve` job: deploy, block until SIGINT/SIGTERM (or `stop`), delete the app."""
+    stop = stop or threading.Event()
+    started = time.time()
+    served = deploy(spec)
+    restore = _stop_on_signals(stop)
+    try:
+        lo, hi = served.replicas
+        progress.note(
+            f"serving {served.model_id} at {served.url}{SEGMENT} ({lo}..{hi} replicas; "
+            f"{HEALTHZ}, {READYZ}); Ctrl-C or `raysegment jobs stop ID` stops it"
+        )
+        while not stop.wait(timeout=1.0):  # timed: a signal handled in this thread is acted on within 1 s
+            pass
+    finally:
+        restore()
+        undeploy()
+    return {
+        "url": served.url,
+        "endpoint": served.url + SEGMENT,
+        "model_id": served.model_id,
+        "replicas": list(served.replicas),
+        "served_s": round(time.time() - started, 1),
+    }
+
+
+def _stop_on_signals(stop: threading.Event):
+    """SIGINT and SIGTERM set `stop` (in the main thread only; elsewhere the caller sets it); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    saved = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in saved.items()]

@@ -1,0 +1,151 @@
+"""`raysegment export`: each format, loaded in a fresh process with only its runtime, gives `infer`'s masks.
+
+Tolerances (changed pixels, against infer's mask files on 20 images from 5x7 to 80x80, model 32x32):
+- SavedModel and ONNX: equal where Pillow resizes width first (every image whose height grows); where
+  Pillow goes height first its resized pixels may differ by 1 and a mask pixel near a class boundary may
+  flip: at most 2% of an image, 0.5% over all.
+- TFLite: the resampling maths is float32 (no float64 builtins), so a coefficient or an exact nearest tie
+  may round the other way as well: at most 10% of a (tiny) image, 3% over all (measured: 5%, 1.5%).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import summaries
+from PIL import Image
+
+from raysegment import storage
+from raysegment.bench.infer import make_model_dir
+from raysegment.cli import main
+from raysegment.config import InferSpec
+from raysegment.export import FILE_NAMES
+from raysegment.inference.pipeline import infer
+from raysegment.models.card import ModelCard
+
+SIZES = [(32, 32), (5, 7), (20, 61), (31, 33), (16, 16), (24, 80), (64, 64), (47, 33), (80, 80), (33, 47)]
+SIZES += [(40, 40), (12, 30), (30, 12), (50, 70), (70, 50), (28, 28), (64, 48), (9, 100), (100, 9), (36, 20)]
+
+RUNNER = r"""
+import json, sys
+import numpy as np
+from PIL import Image
+fmt, path, files, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+masks = {}
+if fmt == "saved_model":
+    import tensorflow as tf
+    loaded = tf.saved_model.load(path)
+    serve, encoded = loaded.signatures["serving_default"], loaded.signatures["segment_encoded"]
+    for f, img in zip(files, images):
+        masks[f] = serve(image=tf.constant(img))["class_map"].numpy()
+        same = encoded(image_bytes=tf.constant(open(f, "rb").read()))["class_map"].numpy()
+        assert (same == masks[f]).all(), f
+elif fmt == "onnx":
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for f, img in zip(files, images):
+        masks[f] = session.run(["class_map"], {name: img})[0]
+else:
+    import tensorflow as tf
+    interpreter = tf.lite.Interpreter(model_path=path)
+    inp = interpreter.get_input_details()[0]
+    for f, img in zip(files, images):
+        interpreter.resize_tensor_input(inp["index"], img.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], img)
+        interpreter.invoke()
+        masks[f] = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+assert all(m.dtype == np.uint8 and m.shape == i.shape[:2] for m, i in zip(masks.values(), images))
+np.savez(out, **{str(i): masks[f] for i, f in enumerate(files)})
+"""
+
+
+@pytest.fixture(scope="module")
+def infer_masks(ray_cluster, tmp_path_factory):
+    """(model dir, image files, infer's masks): a random 32x32 U-Net run by `infer` on 20 smooth images."""
+    root = tmp_path_factory.mktemp("export")
+    model = make_model_dir(str(root), image_size=32, depth=2, base_filters=4)
+    rng = np.random.default_rng(0)
+    files = []
+    os.makedirs(root / "in")
+    for i, (h, w) in enumerate(SIZES):
+        coarse = Image.fromarray((rng.random((6, 6, 3)) * 255).astype(np.uint8))  # smooth: several classes
+        files.append(str(root / "in" / f"img{i:02d}.png"))
+        coarse.resize((w, h), Image.BICUBIC).save(files[-1])
+    infer(InferSpec(model=model, input=str(root / "in"), output=str(root / "out")))
+    masks = {}
+    for row in summaries(root / "out"):
+        data = storage.read_bytes(storage.resolve(row["mask_uri"]))
+        if row["mask_offset"] is not None and row["mask_offset"] >= 0:
+            data = data[row["mask_offset"] : row["mask_offset"] + row["mask_length"]]
+        masks[row["key"]] = np.asarray(Image.open(__import__("io").BytesIO(data)))
+    refs = [masks[os.path.splitext(os.path.basename(f))[0]] for f in files]
+    assert sum(len(np.unique(m)) > 1 for m in refs) >= 10  # a one-class model would make the test vacuous
+    return model, files, refs
+
+
+def run_export(fmt, model, dest, tmp_path, files):
+    result = CliRunner().invoke(main, ["export", model, str(dest), "--format", fmt])
+    assert result.exit_code == 0, result.output
+    path = str(dest / FILE_NAMES[fmt])
+    assert f"as {fmt}: {path}" in result.output
+    out = tmp_path / f"{fmt}.npz"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, fmt, path, json.dumps(files), str(out)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    return [got[str(i)] for i in range(len(files))]
+
+
+def changed(masks, refs):
+    return [float((m != r).mean()) for m, r in zip(masks, refs)]
+
+
+@pytest.mark.parametrize("fmt,per_image,overall", [("saved_model", 0.02, 0.005), ("onnx", 0.02, 0.005)])
+def test_export_gives_infers_masks(infer_masks, tmp_path, fmt, per_image, overall):
+    if fmt == "onnx":
+        pytest.importorskip("tf2onnx")
+        pytest.importorskip("onnxruntime")
+    model, files, refs = infer_masks
+    diffs = changed(run_export(fmt, model, tmp_path / fmt, tmp_path, files), refs)
+    assert max(diffs) <= per_image and np.mean(diffs) <= overall, diffs
+    # Pillow resizes width first when the height grows: there the graph is Pillow, byte for byte.
+    assert all(d == 0 for d, (h, _) in zip(diffs, SIZES) if h <= 32), diffs
+    card = json.loads((tmp_path / fmt / "model.json").read_text())
+    assert card["model_id"] == ModelCard.read(model).model_id  # the card travels with the export
+
+
+def test_tflite_export_within_tolerance(infer_masks, tmp_path):
+    model, files, refs = infer_masks
+    diffs = changed(run_export("tflite", model, tmp_path / "tflite", tmp_path, files), refs)
+    assert max(diffs) <= 0.10 and np.mean(diffs) <= 0.03, diffs
+
+
+def test_native_scale_export_pads_as_the_predictor(tmp_path):
+    """A native-scale model: padded to 2**depth (reflect, or edge for tiny images) and cropped, as infer."""
+    import tensorflow as tf
+
+    from raysegment.export import export
+    from raysegment.inference.predictor import Predictor
+
+    model = make_model_dir(str(tmp_path), image_size=32, depth=2, base_filters=4)
+    card = ModelCard.read(model)
+    card.model_copy(update={"input": card.input.model_copy(update={"resize": "none"})}).write(storage.resolve(model))
+    path = export(model, str(tmp_path / "sm"), "saved_model", probabilities=True)["path"]
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    rng = np.random.default_rng(2)
+    images = np.empty(3, dtype=object)
+    images[:] = [(rng.random(s) * 255).astype(np.uint8) for s in [(45, 50, 3), (3, 2, 3), (32, 32, 3)]]
+    preds = Predictor(model)({"image": images, "error": np.asarray([""] * 3, object)})["pred"]
+    for img, pred in zip(images, preds):
+        out = serve(image=tf.constant(img))
+        assert out["probabilities"].shape == (*img.shape[:2], 4)
+        assert (out["class_map"].numpy() == pred).all()

@@ -1,0 +1,185 @@
+"""`raysegment serve` on the test cluster: real HTTP; masks equal to `infer`'s, every 4xx, health, SIGTERM ends it."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import wait_for, write_infer_inputs
+from PIL import Image
+
+from raysegment.config import InferSpec, ServeSpec, load_spec
+from raysegment.data import imaging
+from raysegment.errors import ConfigError
+from raysegment.serve import APP_NAME, deployment_options
+
+MAX_BODY_MB = 0.05  # 52,428 bytes: the test images are a few KB
+MAX_PIXELS = 64 * 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            conn.close()
+
+    def segment(self, body: bytes, query: str = "", content_type: str = "image/png", **headers: str):
+        return self.request("POST", f"/segment{query}", body, {"Content-Type": content_type, **headers})
+
+    def status_of(self, path: str) -> int:
+        try:
+            return self.request("GET", path)[0]
+        except OSError:  # the proxy is not listening yet
+            return 0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, ray_cluster):
+    """`raysegment serve` as a process joined to the test cluster, ready; SIGTERM after the module (as `ray job
+    stop` sends), which must end it with exit 0 and its summary line."""
+    from ray import serve
+
+    _, model = tiny_model
+    port = free_port()
+    command = [sys.executable, "-m", "raysegment.cli", "serve", model, "--port", str(port), "--max-batch-size", "4"]
+    command += ["--max-body-mb", str(MAX_BODY_MB), "--max-pixels", str(MAX_PIXELS)]
+    proc = subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = Client(port)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode} before it was ready: {proc.communicate()}")
+        return client.status_of("/readyz") == 200
+
+    try:
+        wait_for(ready, "readiness", timeout=180)
+        yield client
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert f"at http://127.0.0.1:{port}/segment for" in out and out.startswith("served unet-"), out
+        wait_for(lambda: APP_NAME not in serve.status().applications, "the app deleted on SIGTERM", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inferred(tiny_model, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """(input dir, infer's output dir, good keys): `infer` over the images the server is sent."""
+    from raysegment.inference.pipeline import infer
+
+    _, model = tiny_model
+    root = tmp_path_factory.mktemp("serve-infer")
+    inputs = write_infer_inputs(str(root / "in"))
+    infer(InferSpec(model=model, input=str(root / "in"), output=str(root / "out"), actors=1, report=False))
+    return root / "in", root / "out", inputs["good"]
+
+
+@pytest.mark.slow
+def test_health_and_readiness(server):
+    status, _, body = server.request("GET", "/healthz")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    status, _, body = server.request("GET", "/readyz")
+    state = json.loads(body)
+    assert status == 200 and state["ready"] is True and state["error"] is None and state["model_id"].startswith("unet-")
+
+
+@pytest.mark.slow
+def test_masks_and_json_equal_infer(server, inferred):
+    inputs, out, keys = inferred
+    rows = {r["key"]: r for r in pq.read_table(out / "summaries").to_pylist()}
+    for key in keys:
+        image = (inputs / f"{key}.png").read_bytes()
+        status, headers, png = server.segment(image)
+        assert status == 200 and headers["content-type"] == "image/png", png
+        assert png == (out / "masks" / f"{key}.png").read_bytes(), key  # the very file infer wrote
+        assert Image.open(io.BytesIO(png)).mode == "P"  # a palette PNG, as infer writes
+
+        status, headers, body = server.segment(image, "?format=json")
+        assert status == 200 and headers["content-type"] == "application/json"
+        answer, row = json.loads(body), rows[key]
+        assert (answer["height"], answer["width"]) == (row["height"], row["width"])
+        names = list(answer["class_fractions"])
+        assert [answer["class_fractions"][n] for n in names] == pytest.approx(row["class_fractions"], abs=1e-6)
+        assert answer["mean_confidence"] == pytest.approx(row["mean_confidence"], abs=1e-5)
+        assert json.loads(server.segment(image, Accept="application/json")[2]) == answer
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_each_gets_its_own_mask(server, inferred):
+    inputs, out, keys = inferred
+    images = [(inputs / f"{k}.png").read_bytes() for k in keys] * 4
+    with ThreadPoolExecutor(len(images)) as pool:
+        answers = list(pool.map(server.segment, images))
+    for i, (status, _, png) in enumerate(answers):
+        assert status == 200 and png == (out / "masks" / f"{keys[i % len(keys)]}.png").read_bytes()
+
+
+def _error(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, str]:
+    status, headers, body = answer
+    assert headers["content-type"] == "application/json" and body.count(b"\n") == 0, body
+    return status, json.loads(body)["error"]
+
+
+@pytest.mark.slow
+def test_bad_requests_get_one_line_json_4xx(server, inferred):
+    inputs, _, keys = inferred
+    good = (inputs / f"{keys[0]}.png").read_bytes()
+    status, error = _error(server.segment((inputs / "corrupt.png").read_bytes()))  # header fine, pixels cut off
+    assert status == 400 and "cannot decode image" in error
+    status, error = _error(server.segment((inputs / "notes.jpg").read_bytes(), content_type="image/jpeg"))
+    assert status == 400 and "not a PNG, JPEG" in error
+    assert _error(server.segment(b""))[0] == 400
+    status, error = _error(server.segment(os.urandom(int(MAX_BODY_MB * 2**20) + 1)))
+    assert status == 413 and "--max-body-mb" in error
+    big = imaging.encode_mask(np.zeros((65, 64), np.uint8))  # one row over MAX_PIXELS
+    status, error = _error(server.segment(big))
+    assert status == 413 and "64x65 pixels, over the limit of 4096" in error
+    status, error = _error(server.segment(good, content_type="text/plain"))
+    assert status == 415 and "Content-Type" in error
+    assert _error(server.segment(good, content_type=""))[0] == 415
+    assert _error(server.segment(good, "?format=xml"))[0] == 400
+    assert _error(server.request("GET", "/segment"))[0] == 405
+    assert _error(server.request("GET", "/nothing"))[0] == 404
+    assert server.segment(good, content_type="application/octet-stream")[0] == 200  # and still serving
+
+
+def test_serve_spec_replicas_and_deployment_options():
+    spec = load_spec(ServeSpec, None, {"model": "m", "replicas": "1:4", "gpus_per_replica": 1})
+    options = deployment_options(spec)
+    assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0} and "num_replicas" not in options
+    assert deployment_options(load_spec(ServeSpec, None, {"model": "m", "replicas": 2}))["num_replicas"] == 2
+    assert spec.host == "127.0.0.1"  # loopback unless asked
+    for bad in ("4:1", "0", "a:b"):
+        with pytest.raises(ConfigError, match="replicas"):
+            load_spec(ServeSpec, None, {"model": "m", "replicas": bad})

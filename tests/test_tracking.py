@@ -1,0 +1,212 @@
+"""Experiment tracking (#18 item 4): TensorBoard event files under OUT/tensorboard/, read back with
+TensorFlow's own event reader, and `--mlflow-uri` logged to a real MLflow file store in tmp_path.
+
+The MLflow tests need the `mlflow` extra (mlflow-skinny, about 60 MB, so not in the `test` extra):
+`pip install -e '.[test,mlflow]'`. Without it they are skipped, and the missing-package error is
+still tested. MLflow 3 keeps its file store only behind MLFLOW_ALLOW_FILE_STORE=true; the file store
+needs nothing beyond mlflow-skinny, where a sqlite URI would need SQLAlchemy and Alembic too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import write_source
+from PIL import Image
+
+from raysegment import storage
+from raysegment.config import PrepareSpec, TrainSpec, load_spec
+from raysegment.errors import ConfigError, StorageError
+from raysegment.train import tracking
+
+HISTORY = [
+    {
+        "epoch": e,
+        "train_loss": 1.0 / (e + 1),
+        "val_pixel_accuracy": 0.5 + e / 10,
+        "val_mean_iou": 0.25 + e / 10,
+        "val_mean_dice": 0.3 + e / 10,
+        "learning_rate": 1e-3,
+        "images_per_second": 10.0 + e,
+        "epoch_seconds": 2.0,
+    }
+    for e in range(3)
+]
+
+
+def png_bytes(h: int = 6, w: int = 10) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_events(tb_dir: str | Path) -> tuple[list[str], dict[str, list[tuple[int, object]]], dict[str, str]]:
+    """(event files, tag -> [(step, value)] in file order, tag -> plugin name), with TensorFlow's reader."""
+    import tensorflow as tf
+
+    files = sorted(f for f in os.listdir(tb_dir) if f.startswith("events.out.tfevents"))
+    values: dict[str, list[tuple[int, object]]] = {}
+    plugins: dict[str, str] = {}
+    for name in files:
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(tb_dir, name)):
+            for v in event.summary.value:
+                plugins.setdefault(v.tag, v.metadata.plugin_data.plugin_name)
+                array = tf.make_ndarray(v.tensor)
+                values.setdefault(v.tag, []).append((event.step, array.item() if array.ndim == 0 else list(array)))
+    return files, values, plugins
+
+
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real MLflow file store under tmp_path (MLflow 3 wants the opt-in for it)."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed: pip install -e '.[mlflow]'")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv(tracking.MLFLOW_EXPERIMENT_ENV, raising=False)
+    return (tmp_path / "mlruns").as_uri()
+
+
+# --- TensorBoard, without training ----------------------------------------------------------------
+
+
+def test_tensorboard_has_every_epoch_once_and_the_examples_at_the_best_epoch(tmp_path):
+    dest = storage.resolve(str(tmp_path / "tensorboard"))
+    examples = png_bytes()
+    tracking.write_tensorboard(dest, HISTORY[:2], examples, best_epoch=1)
+    # A re-run that resumed writes the whole history again: the directory is replaced, not added to.
+    tracking.write_tensorboard(dest, HISTORY, examples, best_epoch=2)
+    files, values, plugins = read_events(dest.path)
+    assert len(files) == 1
+    for column, tag in tracking.SCALAR_TAGS.items():
+        assert plugins[tag] == "scalars"
+        assert values[tag] == [(row["epoch"], pytest.approx(row[column])) for row in HISTORY]
+    assert plugins[tracking.EXAMPLES_TAG] == "images"
+    [(step, blob)] = values[tracking.EXAMPLES_TAG]
+    assert step == 2 and blob == [b"10", b"6", examples]  # width, height, the PNG
+
+
+@pytest.mark.s3
+def test_tensorboard_on_s3_is_written_locally_then_uploaded_whole(s3_prefix, tmp_path):
+    dest = storage.resolve(f"{s3_prefix}/model/tensorboard")
+    tracking.write_tensorboard(dest, HISTORY[:2], png_bytes(), best_epoch=1)
+    tracking.write_tensorboard(dest, HISTORY, png_bytes(), best_epoch=2)
+    [path] = storage.list_files(dest)  # the second write replaced the first
+    storage.download_file(dest.child(path.rsplit("/", 1)[1]), str(tmp_path / "events.out.tfevents.copy"))
+    _, values, _ = read_events(tmp_path)
+    assert [step for step, _ in values["val/mean_iou"]] == [0, 1, 2]
+
+
+# --- MLflow, without training ---------------------------------------------------------------------
+
+
+def test_a_missing_mlflow_package_is_one_clear_error_before_any_work(monkeypatch, tmp_path):
+    from raysegment.train.trainer import train
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    (tmp_path / "spec.yaml").write_text(
+        f"data: {tmp_path / 'no-data'}\nout: {tmp_path / 'out'}\nmlflow_uri: http://127.0.0.1:1\n"
+    )
+    spec = load_spec(TrainSpec, str(tmp_path / "spec.yaml"))
+    with pytest.raises(ConfigError, match=r"pip install 'raysegment\[mlflow\]'") as err:
+        train(spec)  # before the data set is read: it does not exist
+    assert err.value.exit_code == 2
+
+
+def test_a_failed_training_leaves_a_failed_run_with_its_params(tmp_path, monkeypatch):
+    uri = mlflow_store(tmp_path, monkeypatch)
+    spec = TrainSpec(data="s3://b/data", out="s3://b/models/unet1", epochs=3, mlflow_uri=uri)
+    plan = {"auto": ["epochs", "crop"], "given": ["batch_size"], "time_budget_s": 60.0, "values": {"epochs": 3}}
+    with pytest.raises(RuntimeError, match="worker died"), tracking.mlflow_run(spec, plan) as run:
+        raise RuntimeError("worker died")
+    got = tracking.mlflow_client(uri).get_run(run.run_id)
+    assert got.info.status == "FAILED" and got.info.run_name == "unet1"
+    assert got.data.params["epochs"] == "3" and got.data.params["out"] == "s3://b/models/unet1"
+    assert got.data.params["plan.auto"] == "epochs,crop" and got.data.params["plan.given"] == "batch_size"
+    assert "mlflow_uri" not in got.data.params and "endpoint_url" not in got.data.params
+
+
+def test_an_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed: pip install -e '.[mlflow]'")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    spec = TrainSpec(data="d", out="o", mlflow_uri="http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(StorageError, match=r"--mlflow-uri http://127.0.0.1:9: could not create a run"):
+        with tracking.mlflow_run(spec, None):
+            pytest.fail("the run must not start")
+
+
+# --- one real tiny training run -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data(ray_cluster, tmp_path_factory):
+    from raysegment.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tracking")
+    src = write_source(str(root / "src"), count=24)
+    prepare(PrepareSpec(source=src, dest=str(root / "data"), val_fraction=0.25))
+    return root
+
+
+def invoke_train(*argv: str):
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    result = CliRunner().invoke(main, ["train", *argv])
+    print(result.output[-3000:])
+    return result
+
+
+@pytest.mark.slow
+def test_training_writes_tensorboard_events_and_an_mlflow_run(tiny_data, tmp_path, monkeypatch):
+    uri = mlflow_store(tmp_path, monkeypatch)
+    out = tmp_path / "model"
+    (tmp_path / "spec.yaml").write_text(
+        "epochs: 2\nworkers: 1\nimage_size: 32\nbatch_size: 4\ndepth: 2\nbase_filters: 4\nmax_steps: 1\nresume: false\n"
+    )
+    r = invoke_train(
+        str(tiny_data / "data"), str(out), "--config", str(tmp_path / "spec.yaml"), "--mlflow-uri", uri, "--json"
+    )
+    assert r.exit_code == 0, r.output[-3000:]
+    with open(out / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in history] == [0, 1]
+
+    files, values, _ = read_events(out / "tensorboard")
+    assert len(files) == 1
+    for column, tag in tracking.SCALAR_TAGS.items():
+        assert values[tag] == [(int(row["epoch"]), pytest.approx(float(row[column]))) for row in history]
+    card = json.loads((out / "model.json").read_text())
+    [(step, blob)] = values[tracking.EXAMPLES_TAG]
+    assert step == card["best_epoch"] and blob[2] == (out / "examples.png").read_bytes()
+
+    client = tracking.mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("raysegment").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["raysegment.model_id"] == card["model_id"]
+    assert run.data.params["epochs"] == "2" and run.data.params["max_steps"] == "1"
+    assert "plan.auto" in run.data.params  # the plan filled in what the spec did not give
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in loss) == [
+        (int(row["epoch"]), pytest.approx(float(row["train_loss"]))) for row in history
+    ]
+    assert run.data.metrics["best_val_mean_iou"] == pytest.approx(card["metrics"]["val_mean_iou"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "plan.json", "metrics.json", "history.csv", "examples.png"} <= artifacts
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert model_files == {"model/model.keras", "model/model.json"}
+    logged_card = client.download_artifacts(run.info.run_id, "model/model.json", str(tmp_path))
+    assert json.loads(Path(logged_card).read_text()) == card
+
+
+@pytest.mark.slow
+def test_cli_with_mlflow_uri_but_no_mlflow_exits_2(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    r = invoke_train(str(tmp_path / "data"), str(tmp_path / "out"), "--mlflow-uri", "http://127.0.0.1:1")
+    assert r.exit_code == 2 and "pip install 'raysegment[mlflow]'" in r.output
