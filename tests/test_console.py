@@ -42,6 +42,7 @@ KEYS = {
     "nightly": {"date", "status", "counts", "drift", "run_id", "partition"},
     "report": {"report", "overlays", "run_id", "rows", "ok", "error", "samples"},
     "bench-prepare": {"rows", "shards", "pairs_per_s", "peak_rss_after_mib"},
+    "compact": {"output", "files_before", "files_after", "merged_files", "written_files", "unfinished_runs_left"},
 }
 
 
@@ -120,6 +121,8 @@ def test_json_of_prepare_evaluate_report_nightly_and_bench(piped, tiny_model, tm
     assert sum(prepared["counts"].values()) == 8
     assert invoke("evaluate", model, data, "--out", str(tmp_path / "eval.json"))["images"] > 0
     assert invoke("report", str(root / "out"))["rows"] == 6
+    compacted = invoke("compact", str(root / "out"))
+    assert compacted["files_before"] == compacted["files_after"] == 1  # one run, one file: nothing to merge
     write_images(tmp_path / "night", 2)
     night = invoke("nightly", "--model", model, "--input", str(tmp_path / "night"), "--output", str(tmp_path / "n"))
     assert night["counts"]["processed"] == 2 and night["status"] == "ok"

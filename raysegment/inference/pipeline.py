@@ -171,7 +171,9 @@ def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.Firs
     writer = layout.SummaryWriter(run.output, run.run_id, run.spec.summary_rows)
     first_batch = None
     with progress.stage("infer") as shown:  # the total only where the caller knows it (nightly)
-        for rows in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # No prefetch: a block reaches the writer as soon as it exists, not once the next one does
+        # (a held read would otherwise keep finished rows from their commit).
+        for rows in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             writer.add(rows)
             ok = pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0
             counts.processed += rows.num_rows
