@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -166,6 +168,29 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def kill_driver_when(driver: subprocess.Popen, ready: Callable[[], bool], what: str) -> None:
+    """SIGKILL a CLI driver once `ready()` holds (failing if it exits first), and reap it."""
+    try:
+        wait_for(lambda: ready() or driver.poll() is not None, what)
+        assert driver.poll() is None, f"the driver exited with {driver.returncode} before {what}"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def wait_predictors_gone(address: str) -> None:
+    """Ray tears down a dead driver's actors and tasks; wait for that before a re-run."""
+    import ray.util.state
+
+    def gone() -> bool:
+        alive = ray.util.state.list_actors(address=address, filters=[("state", "=", "ALIVE")])
+        return not [a for a in alive if "Predictor" in a.class_name]
+
+    wait_for(gone, "the killed driver's actors to exit", timeout=60, interval=0.5)
 
 
 # --- barriers -----------------------------------------------------------------------------------

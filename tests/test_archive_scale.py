@@ -15,7 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from helpers import PipeBarrier, assert_one_row_and_mask_per_key, has_summary, png, wait_for, write_images
+from helpers import (
+    PipeBarrier,
+    assert_one_row_and_mask_per_key,
+    has_summary,
+    kill_driver_when,
+    png,
+    wait_for,
+    wait_predictors_gone,
+    write_images,
+)
 
 from raysegment import storage
 from raysegment.config import CompactSpec, InferSpec
@@ -121,6 +130,13 @@ def test_a_multi_batch_summary_file_killed_while_assembled_is_redone_once(tiny_m
 
     with PipeBarrier(tmp_path / "in" / "zz-barrier" / "hold.png") as barrier:
         driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_driver_when(driver, assembling, "rows waiting for their summary file")
+        committed = len(committed_keys(storage.resolve(str(out))))
+        masks = sum(len(files) for _, _, files in os.walk(out / "masks"))
+        return 12 <= committed < masks
+
+    with PipeBarrier(tmp_path / "in" / "zz-barrier" / "hold.png") as barrier:
+        driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: assembling() or driver.poll() is not None, "rows waiting for their summary file")
             assert driver.poll() is None, f"the driver exited with {driver.returncode}"
@@ -133,17 +149,7 @@ def test_a_multi_batch_summary_file_killed_while_assembled_is_redone_once(tiny_m
         masks = sum(len(files) for _, _, files in os.walk(out / "masks"))
         assert committed < masks  # rows whose masks exist were lost with the driver
         barrier.replace_with(png(999))
-    wait_for(
-        lambda: (
-            not [
-                a
-                for a in ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
-                if "Predictor" in a.class_name
-            ]
-        ),
-        "the killed driver's actors to exit",
-        timeout=60,
-    )
+    wait_predictors_gone(ray_cluster.address)
     rerun = subprocess.run([*cmd, "--json"], env=ray_cluster.env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     counts = json.loads(rerun.stdout)["counts"]

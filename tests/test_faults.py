@@ -13,15 +13,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
 import s3fs
 from helpers import (
     PipeBarrier,
     assert_one_row_and_mask_per_key,
     has_summary,
     in_background,
+    kill_driver_when,
     png,
     wait_for,
+    wait_predictors_gone,
     write_images,
 )
 
@@ -101,22 +102,9 @@ def test_killed_driver_then_rerun_completes(tiny_model, ray_cluster, tmp_path):
     ]
     with PipeBarrier(tmp_path / "in" / f"{BARRIER_KEY}.png") as barrier:
         driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: has_summary(out) or driver.poll() is not None, "the first summary file")
-            assert driver.poll() is None, f"the driver exited with {driver.returncode} before its first summary"
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+        kill_driver_when(driver, lambda: has_summary(out), "its first summary file")
         assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-
-        # Ray tears down a dead driver's actors and tasks; wait for that before the re-run.
-        def predictors_gone() -> bool:
-            alive = ray.util.state.list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")])
-            return not [a for a in alive if "Predictor" in a.class_name]
-
-        wait_for(predictors_gone, "the killed driver's actors to exit", timeout=60, interval=0.5)
+        wait_predictors_gone(ray_cluster.address)
         barrier.replace_with(png(999))
     rerun = subprocess.run(cmd, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

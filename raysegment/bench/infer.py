@@ -27,37 +27,50 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class WorkerMemory:
-    """Samples the RSS of every Ray worker process while a block runs."""
+class RssSampler:
+    """Samples memory on a thread while a block runs; subclasses say what `sample` reads."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
-        self.peak_total_mb = 0.0
-        self.peak_single_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        import psutil
+    def sample(self) -> None:
+        raise NotImplementedError
 
+    def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0.0
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("ray::") and p.info["memory_info"]:
-                    mb = p.info["memory_info"].rss / 2**20
-                    total += mb
-                    self.peak_single_mb = max(self.peak_single_mb, mb)
-            self.peak_total_mb = max(self.peak_total_mb, total)
+            self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> WorkerMemory:
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class WorkerMemory(RssSampler):
+    """The RSS of every Ray worker process: the peak total and the largest one."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        super().__init__(interval)
+        self.peak_total_mb = 0.0
+        self.peak_single_mb = 0.0
+
+    def sample(self) -> None:
+        import psutil
+
+        total = 0.0
+        for p in psutil.process_iter(["cmdline", "memory_info"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if cmd.startswith("ray::") and p.info["memory_info"]:
+                mb = p.info["memory_info"].rss / 2**20
+                total += mb
+                self.peak_single_mb = max(self.peak_single_mb, mb)
+        self.peak_total_mb = max(self.peak_total_mb, total)
 
 
 def make_model_dir(root: str, image_size: int, depth: int, base_filters: int, num_classes: int = 4) -> str:

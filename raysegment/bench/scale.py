@@ -16,7 +16,6 @@ import os
 import random
 import tarfile
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -25,36 +24,24 @@ import numpy as np
 from PIL import Image
 
 from raysegment import storage
-from raysegment.bench.infer import WorkerMemory, make_model_dir
+from raysegment.bench.infer import RssSampler, WorkerMemory, make_model_dir
 from raysegment.inference import output as layout
 
 SHARD_IMAGES = 10_000
 IMAGE_SIZE = 32
 
 
-class DriverMemory:
-    """Samples this process's RSS while a block runs (the phase's own peak)."""
+class DriverMemory(RssSampler):
+    """This process's RSS while a block runs (the phase's own peak, not the process's)."""
 
     def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak_mb = interval, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.peak_mb = 0.0
 
-    def _run(self) -> None:
+    def sample(self) -> None:
         import psutil
 
-        me = psutil.Process()
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, me.memory_info().rss / 2**20)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> DriverMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.peak_mb = max(self.peak_mb, psutil.Process().memory_info().rss / 2**20)
 
 
 def write_shards(loc: storage.Location, count: int) -> None:
