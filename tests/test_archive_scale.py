@@ -3,7 +3,6 @@ tasks, compaction beside readers, and `--actors auto`."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from helpers import (
 
 from raysegment import storage
 from raysegment.config import CompactSpec, InferSpec
-from raysegment.inference import actors, resume
+from raysegment.inference import actors, archives, resume
 from raysegment.inference import output as layout
 from raysegment.inference.compact import compact
 from raysegment.inference.pipeline import infer
@@ -131,20 +130,6 @@ def test_a_multi_batch_summary_file_killed_while_assembled_is_redone_once(tiny_m
     with PipeBarrier(tmp_path / "in" / "zz-barrier" / "hold.png") as barrier:
         driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_driver_when(driver, assembling, "rows waiting for their summary file")
-        committed = len(committed_keys(storage.resolve(str(out))))
-        masks = sum(len(files) for _, _, files in os.walk(out / "masks"))
-        return 12 <= committed < masks
-
-    with PipeBarrier(tmp_path / "in" / "zz-barrier" / "hold.png") as barrier:
-        driver = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: assembling() or driver.poll() is not None, "rows waiting for their summary file")
-            assert driver.poll() is None, f"the driver exited with {driver.returncode}"
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
         committed = len(committed_keys(storage.resolve(str(out))))
         masks = sum(len(files) for _, _, files in os.walk(out / "masks"))
         assert committed < masks  # rows whose masks exist were lost with the driver
@@ -297,3 +282,42 @@ def test_inference_decodes_exif_rotated_photos_upright():
     decoded = imaging.decode_image(buf.getvalue())
     assert decoded.shape == (20, 40, 3)
     assert decoded[:, :20].mean() > 250 and decoded[:, 20:].mean() < 5
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_resumed_run_does_not_open_archives_whose_members_are_all_done(tiny_model, ray_cluster, tmp_path):
+    """The first run records each archive's members; a re-run skips unchanged, finished archives
+    unread (one is overwritten with garbage of the same size and mtime: reading it would be an
+    error row), and reads a changed one again, for its new member only."""
+    _, model = tiny_model
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for a in range(3):
+        write_tar(inputs / f"a{a}.tar", {f"img{i}.png": png(10 * a + i) for i in range(4)})
+    out = storage.resolve(str(tmp_path / "out"))
+    spec = InferSpec(model=model, input=str(inputs), output=out.uri, batch_size=4, report=False)
+    first = infer(spec)
+    assert first["counts"]["processed"] == 12
+    assert archives.recorded(out) == 3
+
+    garbage = inputs / "a0.tar"
+    stat = garbage.stat()
+    garbage.write_bytes(b"\0" * stat.st_size)  # same size and mtime: the same version to the listing
+    os.utime(garbage, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    write_tar(inputs / "a1.tar", {f"img{i}.png": png(10 + i) for i in range(5)})  # one member more
+    second = infer(spec)
+    assert (second["counts"]["processed"], second["counts"]["error"]) == (1, 0)
+    assert sorted(committed_keys(out))[-1] == "a2/img3" and "a1/img4" in committed_keys(out)
+    assert archives.recorded(out) == 3
+    third = infer(spec)  # a1's new list: nothing opened, nothing to do
+    assert third["counts"]["processed"] == 0 and third["status"] == "succeeded"

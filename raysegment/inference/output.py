@@ -7,6 +7,7 @@
     summaries/run={run_id}/part-{keys}.parquet    one row per input image (SUMMARY_COLUMNS), many batches a file
     summaries/run=_compacted/part-{files}.parquet what `raysegment compact` merged (footer: what it replaces)
     runs/{run_id}.json           the run record (RunRecord)
+    archives/{uri digest}.parquet the member keys of one input tar archive (inference/archives.py)
     _SUCCESS                     {"run_id": ...}: the output is complete
 
 The commit protocol: write tasks write each batch's masks and return its rows
@@ -49,6 +50,7 @@ from raysegment.models.card import ModelCard
 MASKS = "masks"
 SUMMARIES = "summaries"
 RUNS = "runs"
+ARCHIVES = "archives"  # member lists of input tar archives (inference/archives.py)
 CLASS_NAMES_META = b"raysegment.class_names"
 # `raysegment compact` writes under summaries/run=_compacted/; each file's footer lists what it replaces.
 COMPACTED = "run=_compacted"
@@ -556,7 +558,7 @@ def find_run(output: storage.Location, run_id: str | None = None) -> tuple[str |
 def clear(output: storage.Location) -> None:
     """--overwrite: remove the marker first, then everything an earlier run wrote."""
     storage.remove_success(output)
-    for part in (SUMMARIES, MASKS, RUNS):
+    for part in (SUMMARIES, MASKS, RUNS, ARCHIVES):
         storage.remove_tree(output.child(part))
 
 

@@ -18,7 +18,7 @@ from raysegment import storage
 from raysegment.errors import ConfigError
 
 # What `infer` writes directly under OUTPUT (inference/output.py, report.py).
-INFER_PARTS = ("masks", "summaries", "runs", "report.html", "overlays.png", storage.SUCCESS)
+INFER_PARTS = ("masks", "summaries", "runs", "archives", "report.html", "overlays.png", storage.SUCCESS)
 
 
 def comparable(uri: str) -> str:

@@ -25,6 +25,7 @@ from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
 from raysegment.inference import actors, resume
 from raysegment.inference import output as layout
+from raysegment.inference.archives import MemberIndex
 from raysegment.inference.overlap import check_apart
 from raysegment.inference.predictor import Predictor, preprocess, resolve_precision
 from raysegment.inference.sources import source_rows
@@ -109,6 +110,7 @@ def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
         spec.storage_retry_s,
         spec.batch_size,
         output=spec.output,
+        members=MemberIndex(run.output, run.done.buckets),
     )
 
 
@@ -189,7 +191,9 @@ def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.Firs
 def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.FirstBatch | None) -> layout.RunRecord:
     """The run record, checked against what is on storage (not what the driver counted): one row per key."""
     spec = run.spec
-    done = resume.build(run.output)  # by tasks, like the resume index: the driver gets counts only
+    # By tasks, like the resume index: the driver gets counts only. A run that wrote nothing
+    # checks the index it started from (compaction keeps rows exactly), not a second pass.
+    done = run.done if not counts.processed else resume.build(run.output)
     counts.total = done.keys
     seconds = time.time() - run.started
     problems = []

@@ -164,20 +164,24 @@ def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | N
     )
 
 
+def known(values: np.ndarray, buckets: list[Any]) -> np.ndarray:
+    """Which of these digests the index holds (`buckets`: the index's bucket refs, each fetched
+    zero-copy from the object store the first time a digest falls in it)."""
+    which = bucket_of(values, len(buckets))
+    found = np.zeros(len(values), bool)
+    for b in np.unique(which):
+        held = ray.get(buckets[int(b)])
+        mine = which == b
+        if len(held):
+            pos = np.minimum(np.searchsorted(held, values[mine]), len(held) - 1)
+            found[mine] = held[pos] == values[mine]
+    return found
+
+
 def drop_done(batch: dict[str, np.ndarray], done: list[list[Any]]) -> dict[str, np.ndarray]:
     """A listing batch less its done keys (`done`: [the index's bucket refs], wrapped so Ray Data
     passes the refs, not their values). A colliding key is kept: it is reported on every run."""
-    buckets = done[0]
-    values = digests(batch["key"])
-    which = bucket_of(values, len(buckets))
-    keep = np.ones(len(values), bool)
-    for b in np.unique(which):
-        known = ray.get(buckets[int(b)])
-        mine = which == b
-        if not len(known):
-            continue
-        pos = np.minimum(np.searchsorted(known, values[mine]), len(known) - 1)
-        keep[mine] = known[pos] != values[mine]
+    keep = ~known(digests(batch["key"]), done[0])
     if "collides" in batch:
         keep |= batch["collides"].astype(bool)
     return {name: col[keep] for name, col in batch.items()}

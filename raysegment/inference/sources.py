@@ -31,6 +31,7 @@ import ray
 from raysegment import storage
 from raysegment.errors import DataError
 from raysegment.inference import collisions
+from raysegment.inference.archives import Archive, MemberIndex
 from raysegment.inference.listing import ARCHIVE_EXTENSIONS, has_ext, list_prefix, path_of, strip_ext
 from raysegment.inference.urilist import list_uris
 
@@ -144,24 +145,37 @@ class _Block:
 
 
 def read_archives(
-    batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...]
+    batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...], index: MemberIndex | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Stream the image members of each tar archive as rows, BATCH_ROWS at a time."""
-    for key, uri, error, collides in zip(batch["key"], batch["uri"], batch["error"], batch["collides"]):
+    """Stream the image members of each tar archive as rows, BATCH_ROWS at a time. With `index`
+    (a resumed run), an archive whose recorded members are all done is not opened."""
+    for key, uri, size, version, error, collides in zip(
+        batch["key"], batch["uri"], batch["size"], batch["version"], batch["error"], batch["collides"]
+    ):
         if error:  # refused by the listing (a key collision, a symlink): one row, nothing read
             yield _rows([f"{key}/(archive)"], [str(uri)], [b""], [str(error)], [bool(collides)])
-        else:
-            yield from _archive_rows(root, str(key), str(uri), exts)
+            continue
+        archive = Archive(str(uri), int(size), str(version))
+        if index is not None and index.all_done(archive):
+            continue
+        yield from _archive_rows(root, str(key), archive, exts, index)
 
 
-def _archive_rows(root: storage.Location, key: str, uri: str, exts: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+def _archive_rows(
+    root: storage.Location, key: str, archive: Archive, exts: tuple[str, ...], index: MemberIndex | None
+) -> Iterator[dict[str, np.ndarray]]:
+    uri = archive.uri
     block = _Block()
     seen: dict[str, str] = {}  # fold(member key) -> the first member with it
+    members: list[str] = []
+    whole = True  # read to the end, without damage or a repeated member: its list may be kept
     try:
         with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if member.isfile() and has_ext(member.name, exts):
                     _add_member(block, tar, member, key, uri, seen)
+                    members.append(block.keys[-1])
+                    whole = whole and not block.collides[-1]
                 if len(block.keys) >= BATCH_ROWS:
                     yield block.rows()
                     block = _Block()
@@ -170,8 +184,11 @@ def _archive_rows(root: storage.Location, key: str, uri: str, exts: tuple[str, .
             raise storage.StorageError(f"{uri}: storage unreachable mid-archive ({exc})") from exc
         # A damaged archive is one error row; members read before the damage are kept.
         block.add(f"{key}/(archive)", uri, b"", f"cannot read archive: {type(exc).__name__}: {exc}")
+        whole = False
     if block.keys:
         yield block.rows()
+    if whole and index is not None:
+        index.record(archive, members)
 
 
 def _add_member(
@@ -330,12 +347,14 @@ def source_rows(
     retry_s: float | None = None,
     batch_size: int = 16,
     output: str | None = None,
+    members: MemberIndex | None = None,
 ) -> tuple[str, ray.data.Dataset]:
     """(kind, dataset of key/source_uri/bytes/error/collides rows) for INPUT.
 
     ``keep`` drops keys already done; it runs on the listing where keys are known
-    before reading (files, list) so skipped images are never read. A list's entries
-    under ``output``'s own folders become error rows.
+    before reading (files, list) so skipped images are never read; tar archives whose members
+    ``members`` records as all done are not opened. A list's entries under ``output``'s own
+    folders become error rows.
     """
     root = storage.resolve(uri, endpoint_url, retry_s)
     kind = detect_kind(root) if kind == "auto" else kind
@@ -351,11 +370,8 @@ def source_rows(
         )
     elif kind == "tar":
         archives = _listed(root, ARCHIVE_EXTENSIONS, containers=True)
-        ds = keep(
-            archives.map_batches(
-                read_archives, fn_kwargs={"root": root, "exts": exts}, batch_size=1, batch_format="numpy"
-            )
-        )
+        kwargs = {"root": root, "exts": exts, "index": members}
+        ds = keep(archives.map_batches(read_archives, fn_kwargs=kwargs, batch_size=1, batch_format="numpy"))
     elif kind == "parquet":
         ds = keep(read_parquet_table(root, image_column, key_column))
     else:
