@@ -11,27 +11,29 @@ Layout under OUTPUT (see DESIGN.md, "Nightly runs"):
     _nightly.lock               while a run is in progress (conditional create, see lock.py)
 
 An input is up to date when the latest ledger row for its key has the same size,
-version (S3 ETag, local mtime) and model hash; everything else is inferred again.
+version (S3 ETag, local mtime) and model hash; everything else is inferred again. The
+listing, the ledger and the comparison stay in Ray's object store (ledger.py): the driver
+gets counts and tonight's work.
 """
 
 from __future__ import annotations
 
 import datetime
-import io
 import logging
 import posixpath
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import ray
 
-from raysegment import __version__, plots, progress, storage
+from raysegment import __version__, ledger, plots, progress, storage
 from raysegment.config import InferSpec, NightlySpec
 from raysegment.errors import JobError
-from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_table
+from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix
 from raysegment.inference.overlap import check_apart
 from raysegment.lock import RunLock
 
@@ -39,20 +41,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_DRIFT = 0, 3, 4
 LOCK_NAME = "_nightly.lock"
-LEDGER_SCHEMA = pa.schema(
-    [
-        *LISTING_SCHEMA,
-        ("model_sha256", pa.string()),
-        ("status", pa.string()),
-        ("date", pa.string()),
-        ("run_id", pa.string()),
-        ("recorded_at", pa.string()),
-    ]
-)
-
-
-# Ledger files kept before `compact_ledger` merges them into one.
-LEDGER_MAX_FILES = 16
 
 
 def partition_name(date: str) -> str:
@@ -60,9 +48,10 @@ def partition_name(date: str) -> str:
     return f"date={date}"
 
 
-def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> pa.Table:
-    """(key, uri, size, version, error, collides) of every image under root, listed in parallel as infer lists."""
-    return list_table(root, exts, "nightly needs a prefix (folder) of images")
+def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset | None:
+    """(key, uri, size, version, error, collides) of every image under root, listed in parallel as
+    infer lists (None: nothing there)."""
+    return list_prefix(root, exts, "nightly needs a prefix (folder) of images")
 
 
 def night_infer_spec(spec: NightlySpec, list_uri: str, partition_uri: str) -> InferSpec:
@@ -72,72 +61,48 @@ def night_infer_spec(spec: NightlySpec, list_uri: str, partition_uri: str) -> In
     )
 
 
-def _read_parquet_files(loc: storage.Location, paths: list[str], columns: list[str] | None = None) -> list[pa.Table]:
-    return [storage.read_table(loc, path, columns) for path in paths]
+def plan(listing: pa.Table, ledger_rows: pa.Table, model_sha256: str, date: str) -> pa.Table:
+    """The listing with a `change` column (new, changed, unchanged, deferred), by key and uri: the
+    night's comparison (ledger.classify) on tables in memory."""
+    index = ledger.index_of(ledger_rows, date)
+    return ledger.classify(listing, [index.lookups], model_sha256).sort_by([("key", "ascending"), ("uri", "ascending")])
 
 
-def read_ledger(output: storage.Location) -> pa.Table:
-    """Every ledger row under OUTPUT/ledger/."""
-    root = output.child("ledger")
-    tables = _read_parquet_files(root, storage.parquet_files(root))
-    return pa.concat_tables(
-        [t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in tables] or [LEDGER_SCHEMA.empty_table()]
-    )
+@dataclass(frozen=True)
+class NightPlan:
+    """What tonight's listing holds against the ledger: counts, and the rows the driver needs."""
+
+    counts: dict[str, int]
+    todo: pa.Table  # new and changed inputs, by key
+    clashes: pa.Table  # inputs whose keys collide
 
 
-def latest_rows(ledger: pa.Table) -> pa.Table:
-    """The latest row per key (by recorded_at): all that `plan` reads of a ledger."""
-    if not ledger.num_rows:
-        return ledger
-    ordered = ledger.sort_by([("recorded_at", "ascending")])
-    others = [name for name in LEDGER_SCHEMA.names if name != "key"]
-    latest = ordered.group_by("key", use_threads=False).aggregate([(name, "last") for name in others])
-    columns = {name: latest["key"] if name == "key" else latest[f"{name}_last"] for name in LEDGER_SCHEMA.names}
-    return pa.table(columns).cast(LEDGER_SCHEMA)
+def _tally(batch: pa.Table) -> pa.Table:
+    return pa.table({c: [_count(batch["change"], c)] for c in ledger.CHANGES})
 
 
-def compact_ledger(output: storage.Location, date: str, stamp: str) -> int:
-    """Past LEDGER_MAX_FILES files, merge the ledger into one file of the latest row per key (a
-    year of nights stays a few files): written first, the old files deleted after. A night
-    killed in between leaves both, which `plan` reads the same (the latest row wins either way).
-    Returns the files merged (0 when under the limit)."""
-    root = output.child("ledger")
-    paths = storage.parquet_files(root)
-    if len(paths) <= LEDGER_MAX_FILES:
-        return 0
-    merged = latest_rows(read_ledger(output))
-    _write_parquet(root.child(f"part-{date}-{stamp}-compacted.parquet"), merged)
-    for path in paths:
-        root.call(lambda path=path: root.fs.rm_file(path))
-    return len(paths)
+def _rows_needed(batch: pa.Table) -> pa.Table:
+    needed = pc.or_(pc.is_in(batch["change"], pa.array(["new", "changed"])), batch["collides"])
+    return batch.filter(needed)
 
 
-def _fingerprint(size: pa.ChunkedArray, version: pa.ChunkedArray, model: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return pc.binary_join_element_wise(pc.cast(size, pa.string()), version, model, "|")
-
-
-def plan(listing: pa.Table, ledger: pa.Table, model_sha256: str, date: str) -> pa.Table:
-    """The listing with a `change` column: new, changed, unchanged, or deferred.
-
-    Deferred: changed again after being processed into tonight's partition; the
-    partition already holds a row for the key, so the next night picks it up.
-    """
-    model = pa.array([model_sha256] * listing.num_rows, pa.string())
-    listed = listing.append_column("fp", _fingerprint(listing["size"], listing["version"], model))
-    if ledger.num_rows:
-        led = ledger.sort_by([("recorded_at", "ascending")])
-        led = led.append_column("fp", _fingerprint(led["size"], led["version"], led["model_sha256"]))
-        latest = led.group_by("key", use_threads=False).aggregate([("fp", "last"), ("date", "last")])
-    else:
-        latest = pa.table({"key": pa.array([], pa.string()), "fp_last": pa.array([], pa.string())})
-        latest = latest.append_column("date_last", pa.array([], pa.string()))
-    joined = listed.join(latest, "key", join_type="left outer").sort_by([("key", "ascending"), ("uri", "ascending")])
-    new = pc.is_null(joined["fp_last"])
-    same = pc.fill_null(pc.equal(joined["fp"], joined["fp_last"]), False)
-    today = pc.fill_null(pc.equal(joined["date_last"], date), False)
-    change = pc.if_else(new, "new", pc.if_else(same, "unchanged", pc.if_else(today, "deferred", "changed")))
-    columns = [name for name in LISTED_SCHEMA.names if name in listing.column_names]
-    return joined.select(columns).append_column("change", change)
+def plan_night(input_loc: storage.Location, exts: tuple[str, ...], index: ledger.LedgerIndex, model: str) -> NightPlan:
+    """List INPUT and classify every image by tasks; the driver gets counts and the rows to act on."""
+    listed = list_inputs(input_loc, exts)
+    if listed is None:
+        empty = LISTED_SCHEMA.empty_table().append_column("change", pa.array([], pa.string()))
+        return NightPlan({**dict.fromkeys(ledger.CHANGES, 0), "listed": 0}, empty, empty)
+    kwargs = {"lookups": [index.lookups], "model_sha256": model}
+    planned = listed.map_batches(ledger.classify, fn_kwargs=kwargs, batch_format="pyarrow").materialize()
+    tallies = ray.get(planned.map_batches(_tally, batch_format="pyarrow").to_arrow_refs())
+    counts = {c: int(sum(pc.sum(t[c]).as_py() or 0 for t in tallies)) for c in ledger.CHANGES}
+    counts["listed"] = sum(counts.values())
+    needed = ray.get(planned.map_batches(_rows_needed, batch_format="pyarrow").to_arrow_refs())
+    schema = planned.schema().base_schema
+    rows = pa.concat_tables([t.cast(schema) for t in needed] or [schema.empty_table()])
+    rows = rows.sort_by([("key", "ascending"), ("uri", "ascending")])
+    todo = rows.filter(pc.is_in(rows["change"], pa.array(["new", "changed"])))
+    return NightPlan(counts, todo, rows.filter(rows["collides"]))
 
 
 def _partition_rows(partition: storage.Location) -> pa.Table:
@@ -203,14 +168,13 @@ def check_layout(input_loc: storage.Location, output: storage.Location) -> None:
     check_apart(input_loc, output, _written, job="nightly")
 
 
-def refuse_collisions(planned: pa.Table) -> None:
+def refuse_collisions(clashes: pa.Table) -> None:
     """Key collisions fail the night before any inference: one error naming the first few.
 
     Infer would mark them as error rows, but a night's partition then holds two rows for
     one key and its re-run could never pass; refused here, the same night re-runs cleanly
     once the inputs are renamed.
     """
-    clashes = planned.filter(planned["collides"]) if "collides" in planned.column_names else planned.slice(0, 0)
     if clashes.num_rows:
         shown = list(dict.fromkeys(clashes["error"].to_pylist()))
         more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
@@ -223,12 +187,6 @@ def _count(values: pa.ChunkedArray, value: str) -> int:
 
 def _stamp() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-
-
-def _write_parquet(loc: storage.Location, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(loc, buf.getvalue())
 
 
 def run_nightly(spec: NightlySpec) -> dict[str, Any]:
@@ -247,10 +205,10 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     partition = output.child(partition_name(date))
 
     with RunLock(output.child(LOCK_NAME), spec.lock_stale_after_s, purpose="nightly run"):
-        planned = plan(list_inputs(input_loc, tuple(spec.extensions)), read_ledger(output), card.model_sha256, date)
-        counts = {c: _count(planned["change"], c) for c in ("new", "changed", "unchanged", "deferred")}
-        counts["listed"] = planned.num_rows
-        todo = planned.filter(pc.is_in(planned["change"], pa.array(["new", "changed"])))
+        index = ledger.build(output, date)
+        ledger.compact(output, index, f"{date}-{_stamp()}")  # a year of nights stays a few files
+        night = plan_night(input_loc, tuple(spec.extensions), index, card.model_sha256)
+        counts, todo = dict(night.counts), night.todo
         progress.note(
             f"nightly {date}: {counts['listed']} listed, {counts['new']} new, {counts['changed']} changed, "
             f"{counts['unchanged']} unchanged"
@@ -270,7 +228,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             "class_names": card.class_names,
         }
         try:
-            refuse_collisions(planned)
+            refuse_collisions(night.clashes)
         except JobError as exc:
             report.update(status="failed", exit_code=EXIT_FAILED, class_fraction_mean=None, problem=str(exc))
             _finish(report, output, date, t0)
@@ -279,7 +237,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             stamp = _stamp()
             list_loc = partition.child("inputs", f"{stamp}.parquet")
             # The lister's errors (symlinks it will not follow) become error rows of the night's run.
-            _write_parquet(list_loc, todo.select(["uri", "key", "error"]))
+            ledger.write_parquet(list_loc, todo.select(["uri", "key", "error"]))
             infer_spec = night_infer_spec(spec, list_loc.uri, partition.uri)
             report["partition"] = storage.redact(partition.uri)
             try:
@@ -294,7 +252,6 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             report["counts"].update(processed=c["processed"], ok=c["ok"], error=c["error"])
             report["status"] = "ok"
             _append_ledger(output, todo, _partition_rows(partition), card.model_sha256, date, record["run_id"], stamp)
-            compact_ledger(output, date, stamp)
         if is_complete(partition):
             # The report describes the whole date partition, also on a second run the same day.
             rows = _partition_rows(partition)
@@ -333,9 +290,9 @@ def _append_ledger(
             "run_id": [run_id] * n,
             "recorded_at": [recorded] * n,
         },
-        schema=LEDGER_SCHEMA,
+        schema=ledger.LEDGER_SCHEMA,
     )
-    _write_parquet(output.child("ledger", f"part-{date}-{stamp}.parquet"), table)
+    ledger.write_parquet(output.child(ledger.LEDGER, f"part-{date}-{stamp}.parquet"), table)
 
 
 def _finish(report: dict[str, Any], output: storage.Location, date: str, t0: float) -> None:

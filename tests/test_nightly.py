@@ -5,10 +5,12 @@ import os
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from raysegment import ledger as night_ledger
 from raysegment import nightly, storage
 from raysegment.config import InferSpec, NightlySpec
 from raysegment.data import synthetic
@@ -27,6 +29,24 @@ def listing(rows):
         },
         schema=nightly.LISTING_SCHEMA,
     )
+
+
+def arrow_plan(listing: pa.Table, ledger_rows: pa.Table, model: str, date: str) -> pa.Table:
+    """The comparison as the driver made it in one Arrow table before it moved to tasks: the oracle."""
+
+    def fp(size, version, models):
+        return pc.binary_join_element_wise(pc.cast(size, pa.string()), version, models, "|")
+
+    listed = listing.append_column("fp", fp(listing["size"], listing["version"], pa.array([model] * listing.num_rows)))
+    led = ledger_rows.sort_by([("recorded_at", "ascending")])
+    led = led.append_column("fp", fp(led["size"], led["version"], led["model_sha256"]))
+    latest = led.group_by("key", use_threads=False).aggregate([("fp", "last"), ("date", "last")])
+    joined = listed.join(latest, "key", join_type="left outer").sort_by([("key", "ascending"), ("uri", "ascending")])
+    new = pc.is_null(joined["fp_last"])
+    same = pc.fill_null(pc.equal(joined["fp"], joined["fp_last"]), False)
+    today = pc.fill_null(pc.equal(joined["date_last"], date), False)
+    change = pc.if_else(new, "new", pc.if_else(same, "unchanged", pc.if_else(today, "deferred", "changed")))
+    return joined.select(listing.column_names).append_column("change", change)
 
 
 def ledger(rows, model="m1"):
@@ -48,7 +68,7 @@ def changes(planned):
     return dict(zip(planned["key"].to_pylist(), planned["change"].to_pylist()))
 
 
-def test_plan_new_changed_unchanged_deferred():
+def test_plan_new_changed_unchanged_deferred(ray_cluster):
     seen = ledger(
         [
             ("a", 10, "v1", "2026-01-01", "2026-01-01T01:00:00"),
@@ -72,9 +92,10 @@ def test_plan_new_changed_unchanged_deferred():
     assert set(changes(nightly.plan(now, ledger([]), "m1", "2026-01-04")).values()) == {"new"}
 
 
-def test_a_compacted_ledger_of_many_nights_gives_the_same_plan(tmp_path):
-    """A year of nights, each changing some keys: compaction keeps one file of the latest row per
-    key, and the plan (new, changed, unchanged, deferred) is the same as from every night's file."""
+def test_a_ledger_of_many_nights_gives_the_same_plan_by_tasks_and_compacted(ray_cluster, tmp_path):
+    """40 nights, each changing some keys: the plan made by tasks over many ledger files in several
+    buckets equals the one-table comparison, and so does the plan after compaction (the latest row
+    per key, one file per bucket)."""
     import random
 
     rng = random.Random(0)
@@ -87,20 +108,28 @@ def test_a_compacted_ledger_of_many_nights_gives_the_same_plan(tmp_path):
         for k in keys:
             versions[k] = versions.get(k, 0) + 1
             rows.append((f"k{k:03d}", 10 + versions[k], f"v{versions[k]}", date, f"{date}T01:00:{k % 60:02d}"))
-        nightly._write_parquet(out.child("ledger", f"part-{date}-{night:04d}.parquet"), ledger(rows))
-    full = nightly.read_ledger(out)
+        night_ledger.write_parquet(out.child("ledger", f"part-{date}-{night:04d}.parquet"), ledger(rows))
+    full = night_ledger.read(out)
     listed = listing(
         [(f"k{k:03d}", 10 + versions.get(k, 0) + (k % 7 == 0), f"v{versions.get(k, 0)}") for k in range(320)]
     )
-    expected = nightly.plan(listed, full, "m1", "2026-02-12")
-
-    assert nightly.compact_ledger(out, "2026-02-12", "stamp") == 40
-    assert len(storage.parquet_files(out.child("ledger"))) == 1
-    compacted = nightly.read_ledger(out)
-    assert compacted.num_rows == len(versions) < full.num_rows
-    assert nightly.plan(listed, compacted, "m1", "2026-02-12").equals(expected)
+    expected = arrow_plan(listed, full, "m1", "2026-02-12")
     assert set(changes(expected).values()) == {"new", "changed", "unchanged", "deferred"}
-    assert nightly.compact_ledger(out, "2026-02-13", "stamp") == 0  # under the limit: left alone
+
+    def by_tasks(index):
+        return night_ledger.classify(listed, [index.lookups], "m1").sort_by([("key", "ascending")])
+
+    index = night_ledger.build(out, "2026-02-12", rows_per_bucket=500)  # 2,400 rows: 5 buckets
+    assert (len(index.lookups), index.rows, index.keys, len(index.files)) == (5, 2400, len(versions), 40)
+    assert by_tasks(index).equals(expected)
+    assert nightly.plan(listed, full, "m1", "2026-02-12").equals(expected)
+
+    assert night_ledger.compact(out, index, "2026-02-12-stamp") == 40
+    assert len(storage.parquet_files(out.child("ledger"))) == 5
+    assert night_ledger.read(out).num_rows == len(versions) < full.num_rows
+    again = night_ledger.build(out, "2026-02-12")
+    assert by_tasks(again).equals(expected)
+    assert night_ledger.compact(out, again, "2026-02-13-stamp") == 0  # under the limit: left alone
 
 
 def test_drift_flags_a_shift_beyond_the_threshold():
@@ -140,8 +169,10 @@ def check_listing(root: storage.Location):
     files = {"top.png": b"1", "A/b.PNG": b"22", "A/deep/c.jpg": b"333", "A/notes.txt": b"x", "B/d.tar.gz": b"4"}
     for name, data in {**files, "A/two.png": b"5", "A/two.JPG": b"6", "t.jpg": b"7", "t.png": b"8"}.items():
         storage.write_bytes(root.child(name), data)
-    table = nightly.list_inputs(root, (".png", ".jpg"))
-    assert table.schema == nightly.LISTED_SCHEMA
+    import ray
+
+    table = pa.concat_tables(ray.get(nightly.list_inputs(root, (".png", ".jpg")).to_arrow_refs()))
+    assert table.select(nightly.LISTED_SCHEMA.names).cast(nightly.LISTED_SCHEMA).num_rows == 7
     rows = sorted(table.to_pylist(), key=lambda r: r["uri"])
     good = [r for r in rows if not r["collides"]]
     assert [(r["key"], r["size"], r["error"]) for r in good] == [("A/b", 2, ""), ("A/deep/c", 3, ""), ("top", 1, "")]
@@ -153,7 +184,7 @@ def check_listing(root: storage.Location):
         "A/two": "key collision: A/two.JPG and A/two.png map to key 'A/two'; rename one, then re-run with --overwrite",
         "t": "key collision: t.jpg and t.png map to key 't'; rename one, then re-run with --overwrite",
     }
-    assert nightly.list_inputs(root.child("A", "deep"), (".gif",)).num_rows == 0
+    assert nightly.list_inputs(root.child("A", "deep"), (".gif",)) is None
 
 
 def test_listing_local(ray_cluster, tmp_path):
@@ -264,7 +295,7 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     assert r3["status"] == "nothing_new" and r3["counts"]["processed"] == 0 and r3["counts"]["unchanged"] == 6
     assert not (out / "date=2026-01-03").exists() and nightly.exit_code(r3) == 0
     assert json.loads((out / "reports" / "2026-01-03.json").read_text())["counts"]["processed"] == 0
-    ledger_rows = nightly.read_ledger(storage.resolve(str(out)))
+    ledger_rows = night_ledger.read(storage.resolve(str(out)))
     assert ledger_rows.num_rows == 7 and not (out / "_nightly.lock").exists()
 
     # A failed run (all inputs bad, no error budget) writes no ledger rows: they are retried next time.
@@ -279,5 +310,5 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     rows = pq.read_table(out / "date=2026-01-04" / "summaries", columns=["key", "error"]).to_pylist()
     assert {r["key"] for r in rows} == {"broken", "link"}
     assert "outside INPUT, not followed" in next(r["error"] for r in rows if r["key"] == "link")
-    assert nightly.read_ledger(storage.resolve(str(out))).num_rows == 7
+    assert night_ledger.read(storage.resolve(str(out))).num_rows == 7
     assert not (out / "_nightly.lock").exists()

@@ -209,11 +209,3 @@ def list_prefix(
         "claimed": frozenset(top["key"].to_pylist()) if containers else frozenset(),
     }
     return ds.map_batches(_list_entries, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow")
-
-
-def list_table(root: storage.Location, exts: tuple[str, ...], file_hint: str) -> pa.Table:
-    """The whole listing as one Arrow table on the driver, for callers that need every row at once."""
-    ds = list_prefix(root, exts, file_hint)
-    tables = ray.get(ds.to_arrow_refs()) if ds is not None else []
-    names = LISTED_SCHEMA.names
-    return pa.concat_tables([LISTED_SCHEMA.empty_table(), *(t.select(names).cast(LISTED_SCHEMA) for t in tables)])
