@@ -18,6 +18,8 @@ from raysegment.cli_options import infer_options
 from raysegment.config import (
     CompactSpec,
     EvaluateSpec,
+    ExportSpec,
+    ImportSpec,
     InferSpec,
     NightlySpec,
     PrepareSpec,
@@ -74,6 +76,9 @@ def main(verbose: bool) -> None:
 )
 @click.option(
     "--unlisted-colors", type=click.Choice(["invalid", "ignore"]), default=None, help="colours not in --mask-colors"
+)
+@click.option(
+    "--bands", default=None, help="image bands the model sees, 1-based, e.g. 1,2,3 (default: RGB, or all past 4)"
 )
 @click.option("--num-classes", type=int, default=None, help="class count (default: from the masks)")
 @click.option("--class-names", default=None, help="comma-separated class names")
@@ -181,17 +186,62 @@ def plan(
     help="resize (default), random crop, or native: windows at the original scale, full-resolution inference",
 )
 @click.option("--repeat", type=int, default=None, help="passes over the training split per epoch (default: 1)")
-@click.option("--flip/--no-flip", default=None, help="random flips (default: on)")
+@click.option(
+    "--flip",
+    type=click.Choice(["auto", "none", "horizontal", "vertical", "both"]),
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    help="random flips on these axes; --flip alone: auto, the plan's (left-right only for data with a top)",
+)
+@click.option("--no-flip", "no_flip", is_flag=True, default=None, help="no flips (--flip none)")
 @click.option("--rotate90/--no-rotate90", default=None, help="random 90-degree turns (default: on)")
 @click.option("--scale-jitter", type=float, default=None, help="zoom factor in [1-J, 1+J] (default: 0)")
 @click.option("--brightness", type=float, default=None, help="brightness shift in [-B, B] (default: 0)")
 @click.option("--contrast", type=float, default=None, help="contrast factor in [1-C, 1+C] (default: 0)")
+@click.option("--rotate", type=float, default=None, help="turn windows by up to DEG degrees, 180: any (default: 0)")
+@click.option("--elastic", type=float, default=None, help="elastic deformation, displacement std PX (default: 0)")
+@click.option("--gamma", type=float, default=None, help="gamma exponent in [1/(1+G), 1+G] (default: 0)")
+@click.option("--noise", type=float, default=None, help="Gaussian noise std up to N of the range (default: 0)")
+@click.option(
+    "--oversample", type=float, default=None, help="share of windows centred on a rare-class pixel (default: 0)"
+)
+@click.option(
+    "--normalization",
+    type=click.Choice(["scale_0_1", "zscore", "zscore_clipped"]),
+    default=None,
+    help="pixels / 255, or per-channel z-score from the data set's fingerprint (clipped: 0.5-99.5 percentiles first)",
+)
 @click.option("--batch-norm/--no-batch-norm", default=None, help="batch normalisation (default: on)")
 @click.option("--dropout", type=float, default=None, help="dropout at the bottleneck (default: 0)")
 @click.option("--upsampling", type=click.Choice(["transpose", "resize"]), default=None)
 @click.option("--head", type=click.Choice(["softmax", "sigmoid"]), default=None, help="sigmoid: binary data sets")
+@click.option(
+    "--architecture",
+    type=click.Choice(["unet", "resunet", "deeplabv3plus"]),
+    default=None,
+    help="unet (default); resunet: residual encoder; deeplabv3plus: ASPP head on an --encoder",
+)
+@click.option(
+    "--encoder",
+    type=click.Choice(
+        ["resnet50", "efficientnetv2b0", "efficientnetv2s", "mobilenetv3small", "mobilenetv3large", "convnext_tiny"]
+    ),
+    default=None,
+    help="a keras.applications backbone (input: raw pixels; size a multiple of 32)",
+)
+@click.option(
+    "--encoder-weights",
+    default=None,
+    help="imagenet (default; downloaded by Keras: needs network access), none, or a backbone weights file",
+)
 @click.option("--loss", type=click.Choice(["ce", "dice", "ce+dice"]), default=None)
-@click.option("--class-weights", type=click.Choice(["none", "inverse_frequency"]), default=None)
+@click.option(
+    "--class-weights",
+    type=click.Choice(["none", "inverse_frequency", "inverse_sqrt_frequency"]),
+    default=None,
+    help="cross-entropy weights by class from the pixel shares (default: the plan's)",
+)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
 @click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), default=None, help="(default: cosine)")
 @click.option("--warmup-epochs", type=float, default=None)
@@ -226,6 +276,8 @@ def train(config: str | None, as_json: bool, **flags: Any) -> None:
 
     Options you do not give (on the command line or in --config) are the ones `raysegment plan DATA`
     prints for the same --workers, --gpus-per-worker, --cpus-per-worker and --time-budget."""
+    if flags.pop("no_flip"):
+        flags["flip"] = "none"
     _run(load_spec(TrainSpec, config, flags), as_json)
 
 
@@ -367,7 +419,8 @@ def show(
 
         r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url, tta_flip)
         shares = ", ".join(f"{name} {share:.1%}" for name, share in r["class_fractions"].items() if share > 0)
-        s.done([f"wrote {r['out']} ({r['width']}x{r['height']}): {shares}"], None)
+        view = f", a {r['view'][1]}x{r['view'][0]} view" if "view" in r else ""  # a big raster's overlay
+        s.done([f"wrote {r['out']} ({r['width']}x{r['height']}{view}): {shares}"], None)
 
 
 @main.group("model")
@@ -376,68 +429,49 @@ def model_group() -> None:
 
 
 @model_group.command("import")
-@click.argument("model_file")
-@click.argument("dest")
-@click.option("--classes", required=True, help="class names in output-channel order, comma-separated")
-@click.option("--input-size", required=True, help="H,W the model takes (images are resized to it), or native")
+@click.argument("model_file", required=False)
+@click.argument("dest", required=False)
+@click.option("--classes", default=None, help="class names in output-channel order, comma-separated")
+@click.option("--input-size", default=None, help="H,W the model takes (images are resized to it), or native")
 @click.option(
     "--normalize",
     type=click.Choice(["scale_0_1", "scale_-1_1", "raw_0_255", "imagenet"]),
-    default="scale_0_1",
-    show_default=True,
-    help="what the model expects: uint8 RGB scaled to [0,1], [-1,1], kept 0-255, or ImageNet mean/std",
+    default=None,
+    help="what the model expects: uint8 RGB scaled to [0,1] (default), [-1,1], kept 0-255, or ImageNet mean/std",
 )
 @click.option(
     "--output",
     type=click.Choice(["auto", "logits", "probabilities"]),
-    default="auto",
-    show_default=True,
-    help="what the model outputs per pixel; auto: probabilities when its last layer is softmax/sigmoid",
+    default=None,
+    help="what the model outputs per pixel; auto (default): probabilities when its last layer is softmax/sigmoid",
 )
 @click.option("--palette", default=None, help="mask colours 'R,G,B;R,G,B;...', one per class (default: VOC's)")
-@click.option("--size-multiple", type=int, default=32, show_default=True, help="native: pad H and W to a multiple")
-@click.option("--overwrite", is_flag=True)
+@click.option("--size-multiple", type=int, default=None, help="native: pad H and W to a multiple (default 32)")
+@click.option("--overwrite", is_flag=True, default=None)
+@click.option("--storage-retry-s", type=float, default=None, help="retry unreachable object storage this long")
 @endpoint_option
+@config_option
 @json_option
 @handle_errors
-def model_import(
-    model_file: str, dest: str, classes: str, input_size: str, palette: str | None, as_json: bool, **opts: Any
-) -> None:
-    """Wrap the Keras 3 segmentation model MODEL_FILE (.keras) with a model card in DEST, for infer and the rest."""
-    with session("model import", None, as_json) as s:
-        from raysegment.models.importer import import_model, parse_input_size, parse_palette
-
-        names = [c.strip() for c in classes.split(",") if c.strip()]
-        r = import_model(
-            model_file,
-            dest,
-            names,
-            parse_input_size(input_size),
-            palette=parse_palette(palette, len(names)) if palette else None,
-            **opts,
-        )
-        card = r["model_card"]
-        s.done(
-            [f"imported {r['model_id']} to {r['out']}: {len(names)} classes, {card['output']}, input {input_size}"], r
-        )
+def model_import(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Wrap the segmentation model MODEL_FILE (.keras, or a SavedModel folder) with a model card in DEST."""
+    _run(load_spec(ImportSpec, config, flags), as_json)
 
 
 @main.command("export")
-@click.argument("model")
-@click.argument("dest")
-@click.option("--format", "fmt", type=click.Choice(["saved_model", "onnx", "tflite"]), required=True)
-@click.option("--probabilities", is_flag=True, help="also output per-class probabilities (HxWxK)")
-@click.option("--overwrite", is_flag=True)
+@click.argument("model", required=False)
+@click.argument("dest", required=False)
+@click.option("--format", "format", type=click.Choice(["saved_model", "onnx", "tflite"]), default=None)
+@click.option("--probabilities", is_flag=True, default=None, help="also output per-class probabilities (HxWxK)")
+@click.option("--overwrite", is_flag=True, default=None)
+@click.option("--storage-retry-s", type=float, default=None, help="retry unreachable object storage this long")
 @endpoint_option
+@config_option
 @json_option
 @handle_errors
-def export_model(as_json: bool, **opts: Any) -> None:
-    """Export MODEL to the local folder DEST as one graph: uint8 image in, class map at its size out."""
-    with session("export", None, as_json) as s:
-        from raysegment.export import export
-
-        r = export(opts.pop("model"), opts.pop("dest"), opts.pop("fmt"), **opts)
-        s.done([f"exported {r['model_id']} as {r['format']}: {r['path']}", f"  {r['note']}"], r)
+def export_model(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Export MODEL to DEST (a folder, local or s3://) as one graph: uint8 image in, class map at its size out."""
+    _run(load_spec(ExportSpec, config, flags), as_json)
 
 
 address_option = click.option(

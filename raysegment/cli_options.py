@@ -42,7 +42,7 @@ INFER_OPTIONS = [
     click.option(
         "--tile-size", type=int, default=None, help="native-scale models: tile images larger than this (1024)"
     ),
-    click.option("--tile-overlap", type=int, default=None, help="pixels shared by neighbouring tiles (64)"),
+    click.option("--tile-overlap", type=int, default=None, help="pixels shared by neighbouring tiles (half a tile)"),
     click.option(
         "--decode",
         type=click.Choice(["tasks", "actor"]),

@@ -59,6 +59,9 @@ class PrepareSpec(Spec):
         None, description="colour-coded masks: 'R,G,B:ID;R,G,B:ID' or a class_dict.csv of name,r,g,b"
     )
     unlisted_colors: Literal["invalid", "ignore"] = Field("invalid", description="colours not in mask_colors")
+    bands: list[int] | None = Field(
+        None, description="image bands the model sees, 1-based: '1,2,3' (default: RGB, or every band past 4)"
+    )
     num_classes: int | None = Field(None, ge=2, le=255)
     class_names: list[str] | None = None
     val_keys: list[str] | str | None = Field(None, description="keys of the val split: 'a,b,c' or a file of keys")
@@ -80,6 +83,25 @@ class PrepareSpec(Spec):
                     raise ValueError(f"bad entry '{item}'; write RAW:CLASS pairs, e.g. 0:0,255:1")
                 out[int(raw)] = int(cid)
             return out
+        return v
+
+    @field_validator("bands", mode="before")
+    @classmethod
+    def _parse_bands(cls, v: Any) -> Any:
+        if isinstance(v, int):
+            return [v]
+        if isinstance(v, str):
+            items = [p.strip() for p in v.split(",") if p.strip()]
+            if not items or not all(p.isdigit() for p in items):
+                raise ValueError(f"bad bands '{v}'; write 1-based band numbers separated by commas, e.g. 1,2,3")
+            return [int(p) for p in items]
+        return v
+
+    @field_validator("bands", mode="after")
+    @classmethod
+    def _check_bands(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1 or len(set(v)) != len(v)):
+            raise ValueError("bands are distinct 1-based band numbers, e.g. 1,2,3 (band 1 is the first)")
         return v
 
     @field_validator("val_keys", mode="before")
@@ -162,8 +184,20 @@ class TrainSpec(Spec):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     upsampling: Literal["transpose", "resize"] = "transpose"
     head: Literal["softmax", "sigmoid"] = Field("softmax", description="sigmoid: binary (2-class) data sets only")
+    architecture: Literal["unet", "resunet", "deeplabv3plus"] = Field(
+        "unet", description="unet; resunet: residual encoder blocks; deeplabv3plus: ASPP head (needs --encoder)"
+    )
+    encoder: Literal[
+        None, "resnet50", "efficientnetv2b0", "efficientnetv2s", "mobilenetv3small", "mobilenetv3large", "convnext_tiny"
+    ] = Field(None, description="a keras.applications backbone under the U-Net decoder or the DeepLabV3+ head")
+    encoder_weights: str = Field(
+        "imagenet",
+        description="imagenet (Keras downloads them: needs network access), none, or a backbone weights file",
+    )
     loss: Literal["ce", "dice", "ce+dice"] = "ce"
-    class_weights: Literal["none", "inverse_frequency"] = "none"
+    class_weights: Literal["none", "inverse_frequency", "inverse_sqrt_frequency"] = Field(
+        "none", description="cross-entropy weights by class: (1 / pixel share), or its square root; mean 1, at most 10"
+    )
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
     schedule: Literal["constant", "cosine", "step"] = "cosine"
@@ -185,11 +219,27 @@ class TrainSpec(Spec):
     repeat: int = Field(
         1, ge=1, le=10_000, description="passes over the training split per epoch (each with fresh random crops)"
     )
-    flip: bool = Field(True, description="random horizontal and vertical flips")
+    flip: Literal["auto", "none", "horizontal", "vertical", "both"] = Field(
+        "auto",
+        description="random flips on these axes (horizontal: left-right); auto (and true): the plan's axes, "
+        "both with plan: false; false: none",
+    )
     rotate90: bool = Field(True, description="random 90-degree turns")
     scale_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="zoom by a factor in [1-j, 1+j], then crop/pad")
     brightness: float = Field(0.0, ge=0.0, le=1.0, description="add a shift in [-b, b] of the full range")
     contrast: float = Field(0.0, ge=0.0, lt=1.0, description="scale around the mean by a factor in [1-c, 1+c]")
+    rotate: float = Field(0.0, ge=0.0, le=180.0, description="turn windows by up to this many degrees (180: any)")
+    elastic: float = Field(0.0, ge=0.0, le=64.0, description="elastic deformation, displacement std in pixels")
+    gamma: float = Field(0.0, ge=0.0, le=4.0, description="gamma exponent log-uniform in [1/(1+g), 1+g]")
+    noise: float = Field(0.0, ge=0.0, le=1.0, description="Gaussian noise, std up to this share of the range")
+    oversample: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of training windows centred on a pixel of a rare class"
+    )
+    normalization: Literal["scale_0_1", "zscore", "zscore_clipped"] = Field(
+        "scale_0_1",
+        description="scale_0_1: pixels / 255; zscore: per-channel mean/std from the data set's fingerprint; "
+        "zscore_clipped: clipped to its 0.5-99.5 percentiles first",
+    )
     seed: int = 0
     cpus_per_worker: float = Field(1.0, gt=0, le=256)
     gpus_per_worker: float = Field(0.0, ge=0, le=16)
@@ -212,6 +262,27 @@ class TrainSpec(Spec):
         description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///dir): log params, "
         "per-epoch metrics, the plan, the model card and the model there (extra: raysegment[mlflow])",
     )
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> TrainSpec:
+        if self.architecture == "deeplabv3plus" and not self.encoder:
+            raise ValueError("--architecture deeplabv3plus needs an --encoder (e.g. resnet50 or mobilenetv3large)")
+        if self.architecture == "resunet" and self.encoder:
+            raise ValueError("--architecture resunet is its own residual encoder; drop --encoder or use unet")
+        if self.encoder and "normalization" in self.model_fields_set:
+            raise ValueError("an --encoder takes raw 0..255 pixels (it rescales inside); drop --normalization")
+        return self
+
+    @property
+    def model_depth(self) -> int:
+        """Downsamplings: --depth, or 5 for an encoder (every backbone is 32x)."""
+        return 5 if self.encoder else self.depth
+
+    @field_validator("flip", mode="before")
+    @classmethod
+    def _flip_axes(cls, v: Any) -> Any:
+        # `flip: true` (and --flip) from before the axes were explicit: flip where the plan says it is right.
+        return {True: "auto", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("time_budget", mode="before")
     @classmethod
@@ -277,7 +348,9 @@ class InferOptions(Spec):
     tile_size: int = Field(
         1024, ge=16, le=65536, description="native-scale models: images larger than this are predicted in tiles"
     )
-    tile_overlap: int = Field(64, ge=0, le=4096, description="pixels shared by neighbouring tiles")
+    tile_overlap: int | None = Field(
+        None, ge=0, le=4096, description="pixels shared by neighbouring tiles (default: half a tile)"
+    )
     storage_retry_s: StorageRetryS = None
     decode: Literal["tasks", "actor"] = Field(
         "tasks", description="where images are decoded: in CPU tasks beside the actors, or inside the predictor actor"
@@ -406,7 +479,7 @@ class ServeSpec(Spec):
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tta_flip: bool = False
     tile_size: int = Field(1024, ge=16, le=65536)
-    tile_overlap: int = Field(64, ge=0, le=4096)
+    tile_overlap: int | None = Field(None, ge=0, le=4096)
     ready_timeout_s: float = Field(600.0, gt=0, le=86400, description="wait this long for the model to load")
     storage_retry_s: StorageRetryS = None
 
@@ -428,6 +501,90 @@ class ServeSpec(Spec):
         if not 1 <= v[0] <= v[1] <= 1024:
             raise ValueError("need 1 <= MIN <= MAX <= 1024")
         return v
+
+
+class ImportSpec(Spec):
+    """`model import`: a Keras model (.keras) or a TensorFlow SavedModel folder made a model directory
+    (raysegment/models/importer.py). `classes`, `input_size` and `palette` take the flags' text forms too."""
+
+    model_file: str = Field(description=".keras file or SavedModel folder, local or s3://")
+    dest: str = Field(description="the model directory to write, local or s3://")
+    classes: list[str] = Field(description="class names in output-channel order: 'a,b,c' or a list")
+    input_size: tuple[int, int] | Literal["native"] = Field(description="H,W the model takes, or native")
+    normalize: Literal["scale_0_1", "scale_-1_1", "raw_0_255", "imagenet"] = "scale_0_1"
+    output: Literal["auto", "logits", "probabilities"] = Field(
+        "auto", description="auto: probabilities when the last layer is softmax/sigmoid (a SavedModel needs it given)"
+    )
+    palette: list[tuple[int, int, int]] | None = Field(None, description="'R,G,B;R,G,B;...', one colour per class")
+    size_multiple: int = Field(32, ge=1, le=1024, description="native: pad H and W to a multiple (a power of two)")
+    overwrite: bool = False
+    storage_retry_s: StorageRetryS = None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _parse_classes(cls, v: Any) -> Any:
+        return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
+
+    @field_validator("classes", mode="after")
+    @classmethod
+    def _check_classes(cls, v: list[str]) -> list[str]:
+        if len(v) < 2 or len(set(v)) != len(v) or len(v) > 255:
+            raise ValueError("give 2 to 255 distinct class names, comma-separated")
+        return v
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _parse_input_size(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() != "native":
+            h, _, w = v.partition(",")
+            if not (h.strip().isdigit() and w.strip().isdigit()):
+                raise ValueError("give H,W (e.g. 512,512) or native")
+            return (int(h), int(w))
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("input_size", mode="after")
+    @classmethod
+    def _check_input_size(cls, v: Any) -> Any:
+        if v != "native" and not all(1 <= s <= 65536 for s in v):
+            raise ValueError("height and width from 1 to 65536")
+        return v
+
+    @field_validator("palette", mode="before")
+    @classmethod
+    def _parse_palette(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            parts = [p.split(",") for p in v.split(";")]
+            if not all(len(p) == 3 and all(s.strip().isdigit() for s in p) for p in parts):
+                raise ValueError("give R,G,B;R,G,B;... with one colour per class")
+            return [tuple(int(s) for s in p) for p in parts]
+        return v
+
+    @field_validator("size_multiple", mode="after")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("a power of two from 1 to 1024")
+        return v
+
+    @model_validator(mode="after")
+    def _palette_fits(self) -> ImportSpec:
+        if self.palette is not None:
+            if len(self.palette) != len(self.classes):
+                raise ValueError(f"--palette: {len(self.palette)} colours for {len(self.classes)} classes")
+            if not all(0 <= c <= 255 for colour in self.palette for c in colour):
+                raise ValueError("--palette: colour values from 0 to 255")
+        return self
+
+
+class ExportSpec(Spec):
+    """`export`: MODEL as one graph with infer's pre- and post-processing (raysegment/export.py)."""
+
+    model: str
+    dest: str = Field(description="folder for the export and its model.json, local or s3://")
+    format: Literal["saved_model", "onnx", "tflite"]
+    probabilities: bool = Field(False, description="also output per-class probabilities (HxWxK)")
+    overwrite: bool = False
+    storage_retry_s: StorageRetryS = None
 
 
 S = TypeVar("S", bound=Spec)

@@ -8,9 +8,9 @@ doing inside the graph what `infer` does around the model:
   (`pil_resize`: its coefficients and 22-bit fixed-point rounding, so the resized pixels are the bytes
   `imaging.resize_image` makes; Pillow chooses which axis to resample first by a rule of its own, this
   graph always goes width first, and where Pillow went height first a pixel may differ by 1), normalised
-  (`predictor.normalize`'s `pixel_affine`), predicted, and the class map is brought back to the image
-  size with Pillow's nearest-neighbour sampling (`nearest_indices`, its double-precision steps), as
-  `imaging.resize_mask` does for infer's mask files;
+  (`predictor.normalize`'s `pixel_clip` and `pixel_affine`), predicted, and the probabilities are
+  upsampled bilinearly to the image size before the argmax (`upsample`: `stitch.upsample_argmax`'s
+  positions and arithmetic, as infer does);
 - native-scale models: the image is padded to the size multiple as the predictor pads
   (`predictor.reflect_padding`) and predicted whole (infer cuts images above its tile size, 1024 by
   default, into tiles; the export does not), then cropped.
@@ -24,13 +24,16 @@ resampling maths runs in float32 there, see `segment_fn`). The model card is wri
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
 from raysegment.errors import ConfigError
-from raysegment.models.card import CARD_FILE, MODEL_FILE, ModelCard, model_file
+from raysegment.models.card import CARD_FILE, ModelCard
+from raysegment.models.loader import load_model, put_tree
+
+if TYPE_CHECKING:
+    from raysegment.config import ExportSpec
 
 FORMATS = ("saved_model", "onnx", "tflite")
 FILE_NAMES = {"saved_model": "saved_model", "onnx": "model.onnx", "tflite": "model.tflite"}
@@ -78,14 +81,28 @@ def pil_resize(image, size: tuple[int, int], dtype: str = "float64"):
     return tf.transpose(x, [2, 1, 0])
 
 
-def nearest_indices(src, dst, dtype="float64"):
-    """Source index of each of `dst` pixels for Pillow's NEAREST resize (Geometry.c ImagingScaleAffine:
-    start at half a step and add the step in double precision; its rounding at exact ties is kept)."""
+def bilinear_weights(src, dst, dtype="float64"):
+    """`stitch.bilinear_weights` in graph ops (`dst` may be a tensor): the same double-precision
+    positions, so the upsampled probabilities are infer's."""
     import tensorflow as tf
 
-    step = tf.cast(src, dtype) / tf.cast(dst, dtype)
-    steps = tf.concat([tf.reshape(step * 0.5, [1]), tf.fill([dst - 1], step)], axis=0)
-    return tf.minimum(tf.cast(tf.math.cumsum(steps), tf.int32), src - 1)
+    pos = (tf.cast(tf.range(dst), dtype) + 0.5) * (tf.cast(src, dtype) / tf.cast(dst, dtype)) - 0.5
+    low = tf.floor(pos)
+    first = tf.cast(tf.clip_by_value(low, 0, src - 1), tf.int32)
+    second = tf.cast(tf.clip_by_value(low + 1, 0, src - 1), tf.int32)
+    return first, second, tf.cast(pos - low, tf.float32)
+
+
+def upsample(probs, height, width, input_size, dtype="float64"):
+    """`stitch.upsample_argmax`'s probabilities in graph ops: columns first, then rows."""
+    import tensorflow as tf
+
+    c0, c1, cw = bilinear_weights(input_size[1], width, dtype)
+    left, right = tf.gather(probs, c0, axis=1), tf.gather(probs, c1, axis=1)
+    cols = left + (right - left) * cw[None, :, None]
+    r0, r1, rw = bilinear_weights(input_size[0], height, dtype)
+    upper, lower = tf.gather(cols, r0, axis=0), tf.gather(cols, r1, axis=0)
+    return upper + (lower - upper) * rw[:, None, None]
 
 
 def _pad_indices(length, pad, reflect):
@@ -109,6 +126,7 @@ def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str =
 
     def segment(image):
         scale, offset = (tf.constant(v, tf.float32) for v in card.pixel_affine)  # inside: graph constants
+        clip = card.pixel_clip  # zscore_clipped: per-channel bounds before the affine, as `predictor.normalize`
         shape = tf.shape(image)
         h, w = shape[0], shape[1]
         if card.native_scale:
@@ -118,12 +136,13 @@ def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str =
             x = tf.cast(x, tf.float32)
         else:
             x = pil_resize(image, card.input_size, dtype)
+        if clip is not None:
+            x = tf.clip_by_value(x, tf.constant(clip[0], tf.float32), tf.constant(clip[1], tf.float32))
         probs = class_probabilities(model(x[None] * scale + offset, training=False), card.output)[0]
         if card.native_scale:
             probs = probs[:h, :w]
         else:
-            rows, cols = nearest_indices(card.input_size[0], h, dtype), nearest_indices(card.input_size[1], w, dtype)
-            probs = tf.gather(tf.gather(probs, rows, axis=0), cols, axis=1)
+            probs = upsample(probs, h, w, card.input_size, dtype)
         out = {"class_map": tf.cast(tf.argmax(probs, axis=-1, output_type=tf.int32), tf.uint8)}
         if probabilities:
             out["probabilities"] = probs
@@ -132,39 +151,35 @@ def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str =
     return segment
 
 
-def export(
-    model_uri: str,
-    dest: str,
-    fmt: str,
-    probabilities: bool = False,
-    endpoint_url: str | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Write MODEL as `fmt` under the local folder DEST (with model.json); returns what was written."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
-    card = ModelCard.read(model_uri, endpoint_url, verify_model=True)
-    target = os.path.join(dest, FILE_NAMES[fmt])
-    if os.path.exists(target) and not overwrite:
-        raise ConfigError(f"{target} exists; pass --overwrite or choose another DEST")
-    import keras
+def export(spec: ExportSpec) -> dict[str, Any]:
+    """Write MODEL as `spec.format` under DEST (local or s3://), with model.json; returns what was written."""
+    model_dir = storage.resolve(spec.model, spec.endpoint_url, spec.storage_retry_s)
+    card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True, retry_s=spec.storage_retry_s)
+    if card.input.channels != 3 or card.input.bands:
+        # The graph decodes PNG/JPEG to 8-bit RGB; a model of chosen or many bands needs TIFF decoding it lacks.
+        raise ConfigError(
+            f"{spec.model}: the model takes {card.input.channels} bands ({card.input.bands or 'all'}); "
+            "export handles RGB models only: run it with `raysegment infer` or `serve`"
+        )
+    dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
+    target = dest.child(FILE_NAMES[spec.format])
+    if storage.exists(target) and not spec.overwrite:
+        raise ConfigError(f"{target.uri} exists; pass --overwrite or choose another DEST")
     import tensorflow as tf
 
+    model = load_model(model_dir, card)
+    segment = segment_fn(model, card, spec.probabilities, "float32" if spec.format == "tflite" else "float64")
+    image = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
     with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, MODEL_FILE)
-        storage.download_file(model_file(storage.resolve(model_uri, endpoint_url)), local)
-        model = keras.models.load_model(local, compile=False)
-    segment = segment_fn(model, card, probabilities, "float32" if fmt == "tflite" else "float64")
-    spec = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
-    os.makedirs(dest, exist_ok=True)
-    if os.path.isdir(target):
-        shutil.rmtree(target)
-    note = _WRITERS[fmt](model, segment, spec, target)
-    card.write(storage.resolve(dest))
+        local = os.path.join(d, FILE_NAMES[spec.format])
+        note = _WRITERS[spec.format](model, segment, image, local)
+        storage.remove_tree(target)
+        put_tree(local, target)
+    card.write(dest)
     return {
-        "format": fmt,
-        "path": target,
-        "card": os.path.join(dest, CARD_FILE),
+        "format": spec.format,
+        "path": target.uri,
+        "card": dest.child(CARD_FILE).uri,
         "note": note,
         "model_id": card.model_id,
     }

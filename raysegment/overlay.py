@@ -38,8 +38,8 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         arr = np.clip(arr.astype(np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim == 2 or arr.shape[-1] < 3:  # grey, or a model input of one or two bands: the first, as grey
+        arr = np.repeat(arr[..., :1] if arr.ndim == 3 else arr[..., None], 3, axis=-1)
     return arr[..., :3]
 
 

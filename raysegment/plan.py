@@ -9,14 +9,14 @@ gave (`TrainSpec.model_fields_set`) taken as given. A given value is also an inp
 rules that depend on it (a given --image-size sets the depth and the epoch estimate, given
 --epochs the warm-up) and is recorded as given in the model card.
 
-The time budget becomes epochs by a cost model (PIXELS_PER_CORE_S); the training loop then
-stops at the end of the epoch after which the next one would end past the budget (the LR
-schedule keeps the planned epochs, the best checkpoint is kept; `train/loop.py`).
+The time budget becomes epochs by a cost model (PIXELS_PER_CORE_S): an estimate. The training
+loop then measures its first epoch and sets the epochs that fit the budget (the LR schedule
+re-fitted to them; `train/loop.py`), and still stops at the end of an epoch after which the next
+one would end past the budget; the best checkpoint is kept.
 
-Not yet done (the rest of #15): the number of epochs is not re-derived from the first
-epoch's measured throughput (only the stop at the budget uses it); z-score normalisation
-and rare-class oversampling are recorded in the plan and the card but not applied
-(inference still scales to [0, 1]).
+Everything the plan chooses is applied: the normalisation is recorded in the model card's input
+and applied by training and inference alike (`predictor.normalize`), rare-class oversampling and
+the augmentation run in the Ray Data tasks (`data/pipeline.py`, `data/augment.py`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,20 @@ MAX_WINDOW = {"cpu": 256, "gpu": 512}
 MIN_WINDOW = 32
 # A class under this share of labelled pixels is rare: CE + Dice, oversampled windows.
 RARE_CLASS = 0.10
+# Three or more classes, one of them under this share of labelled pixels: the cross-entropy weighs classes by
+# 1/sqrt(share). Unweighted, such a class can stay at IoU 0 on the training split itself for the steps a CPU
+# budget allows (tests/test_street_scenes.py); two classes have the foreground's Dice term and oversampling.
+WEIGHTED_CLASS = 0.01
 # The data is oriented when a common class sits mostly in one half (sky at the top).
 ORIENTED = 0.70
 COMMON_CLASS = 0.01
+# Share of training windows centred on a rare-class pixel (nnU-Net: a third of patches on foreground).
+OVERSAMPLE = 1 / 3
+# Grey (one-band) or 16-bit/float images: microscopy-like, whose textures have no "up" and whose intensities
+# vary between acquisitions: any-angle turns, elastic deformation, gamma and noise; z-score after clipping.
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+MICROSCOPY_AUG = {"rotate": 180.0, "gamma": 0.3, "noise": 0.03}
+ELASTIC_PER_WINDOW_PX = 1 / 64  # elastic displacement std: 4 px on a 256 px window
 # Training throughput per CPU core (pixels/s through forward + backward) of the base-16 U-Net,
 # measured on this project's 2-core machine (ISBI, 256 px windows, depth 4: 2.1 windows/s on
 # 2 cores); a GPU is counted as 40 cores. An estimate until train measures its first epoch.
@@ -59,19 +70,23 @@ PLAN_FIELDS = (
     "depth",
     "base_filters",
     "batch_size",
+    "normalization",
     "loss",
     "class_weights",
+    "oversample",
     "flip",
     "rotate90",
+    "rotate",
+    "elastic",
     "scale_jitter",
     "brightness",
     "contrast",
+    "gamma",
+    "noise",
     "epochs",
     "warmup_epochs",
     "schedule",
 )
-# Recorded with the plan (and in the model card) but not applied by this version.
-RECORDED_ONLY = ("normalization", "oversample_rare")
 
 
 @dataclass(frozen=True)
@@ -92,25 +107,31 @@ class Compute:
 
 @dataclass(frozen=True)
 class Plan:
-    """TrainSpec values with the reason for each; `normalization` is recorded for the card."""
+    """TrainSpec values with the reason for each; `pixel_stats` (the fingerprint's, for the z-score) goes to the
+    model card with the normalisation."""
 
     crop: str
     image_size: int
     depth: int
     base_filters: int
     batch_size: int
+    normalization: str
     loss: str
     class_weights: str
-    flip: bool
+    oversample: float
+    flip: str  # axes: none, horizontal, vertical, both (`TrainSpec.flip`)
     rotate90: bool
+    rotate: float
+    elastic: float
     scale_jitter: float
     brightness: float
     contrast: float
+    gamma: float
+    noise: float
     epochs: int
     warmup_epochs: float
     schedule: str
-    normalization: dict[str, Any]
-    oversample_rare: bool
+    pixel_stats: dict[str, Any] | None
     time_budget_s: float
     reasons: dict[str, str] = field(default_factory=dict)
     # PLAN_FIELDS the user gave (their values above are the given ones); the rest are the rules'.
@@ -119,6 +140,10 @@ class Plan:
     def train_values(self) -> dict[str, Any]:
         """The TrainSpec fields this plan sets, given ones included (PLAN_FIELDS, in order)."""
         return {k: getattr(self, k) for k in PLAN_FIELDS}
+
+    @property
+    def oversample_rare(self) -> bool:
+        return self.oversample > 0
 
     @property
     def auto(self) -> tuple[str, ...]:
@@ -172,28 +197,99 @@ def loss_for(fp: Fingerprint) -> tuple[str, str]:
     return "ce", f"every class holds at least {RARE_CLASS:.0%} of labelled pixels"
 
 
-def orientation(fp: Fingerprint) -> tuple[bool, bool, str]:
-    """(flip, rotate90, reason): turns and flips only where no common class sits mostly in one half."""
-    oriented = []
+def class_weights_for(fp: Fingerprint) -> tuple[str, str]:
+    shares = fp.class_pixel_share
+    scarce = [i for i, s in enumerate(shares) if s < WEIGHTED_CLASS]
+    if len(shares) >= 3 and scarce:
+        return (
+            "inverse_sqrt_frequency",
+            f"{len(shares)} classes, {scarce} under {WEIGHTED_CLASS:.0%} of labelled pixels: "
+            "cross-entropy weighted by 1/sqrt(share)",
+        )
+    if len(shares) < 3:
+        return "none", "two classes: the foreground's Dice term and oversampling balance them"
+    return "none", f"no class under {WEIGHTED_CLASS:.0%} of labelled pixels"
+
+
+def orientation(fp: Fingerprint) -> tuple[str, bool, str]:
+    """(flip axes, rotate90, reason). A flip only along an axis no common class prefers a side of: street
+    scenes (sky on top, road below) are mirrored left-right, never upside down; 90-degree turns only where
+    no class prefers any side (cells, overhead scenes)."""
+    sides: dict[str, list[str]] = {"top": [], "left": []}
     for c, share in enumerate(fp.class_pixel_share):
         if share < COMMON_CLASS:
             continue
         for name, half in (("top", fp.class_top_share[c]), ("left", fp.class_left_share[c])):
             if half is not None and max(half, 1 - half) > ORIENTED:
-                oriented.append(f"class {c} {half:.0%} in the {name} half")
+                sides[name].append(f"class {c} {half:.0%} in the {name} half")
+    up, left = bool(sides["top"]), bool(sides["left"])
+    if not (up or left):
+        return "both", True, "no class prefers a side: flips and 90-degree turns"
+    flip = "none" if up and left else "vertical" if left else "horizontal"
+    found = sides["top"] + sides["left"]
+    seen = "; ".join(found[:3]) + (f"; {len(found) - 3} more" if len(found) > 3 else "")
+    kept = {"none": "no flips", "vertical": "top-bottom flips only", "horizontal": "left-right flips only"}[flip]
+    return flip, False, f"the data is oriented ({seen}): {kept}, no 90-degree turns"
+
+
+def microscopy_like(fp: Fingerprint) -> bool:
+    """Every image grey (one band), or 16-bit/float: electron and light microscopy, medical slices, overhead
+    multi-band scenes; not 8-bit colour photographs."""
+    # tifffile's modes are "dtype x bands" ("uint16x1": one band).
+    grey = bool(fp.modes) and all(m in GREY_MODES or m.endswith("x1") for m in fp.modes)
+    return grey or fp.high_depth
+
+
+def normalization_for(fp: Fingerprint) -> tuple[str, str]:
+    """(kind, reason): per-channel z-score from the fingerprint; clipped to its 0.5-99.5 percentiles first
+    for 16-bit/float and grey (microscopy-like) images, whose rare extreme pixels (hot pixels, saturated
+    or empty regions) would otherwise stretch the scale."""
+    if not fp.intensity:
+        return "scale_0_1", "no sampled intensities in the fingerprint: pixels / 255"
+    if fp.high_depth:
+        return "zscore_clipped", "16-bit or float images: clip to the 0.5-99.5 percentiles, then per-channel z-score"
+    if microscopy_like(fp):
+        return "zscore_clipped", "grey (microscopy-like) images: clip to the 0.5-99.5 percentiles, then z-score"
+    return "zscore", "per-channel z-score from the sampled intensities"
+
+
+def pixel_stats(fp: Fingerprint | None, kind: str) -> dict[str, Any] | None:
+    """The fingerprint's per-channel statistics a z-score `kind` needs (`card.PixelStats`), else None."""
+    if kind not in ("zscore", "zscore_clipped"):
+        return None
+    if fp is None or not fp.intensity:
+        raise ValueError(f"normalization {kind} needs the data set's sampled intensities (its fingerprint)")
+    # The percentiles are the clip bounds of zscore_clipped, and for both the range the photometric
+    # augmentation measures its brightness and noise in.
+    return {k: fp.intensity[f] for k, f in (("mean", "mean"), ("std", "std"), ("low", "p0.5"), ("high", "p99.5"))}
+
+
+def oversample_for(fp: Fingerprint, crop: str) -> tuple[float, str]:
+    rare = [i for i, s in enumerate(fp.class_pixel_share) if s < RARE_CLASS]
+    if not rare:
+        return 0.0, "no rare class: windows at random"
+    if crop == "resize":
+        return 0.0, f"class(es) {rare} rare, but every window is a whole image"
+    return round(OVERSAMPLE, 4), f"class(es) {rare} rare: a third of the windows centred on one of their pixels"
+
+
+def augmentation_for(fp: Fingerprint, size: int, oriented: bool) -> tuple[dict[str, float], str]:
+    """Any-angle turns, elastic deformation, gamma and noise for microscopy-like data that has no orientation;
+    none of them for other data (turning a street scene puts the sky aside; colour photos vary in light,
+    which brightness and contrast cover)."""
     if oriented:
-        return False, False, "the data is oriented (" + "; ".join(oriented) + "): no flips or 90-degree turns"
-    return True, True, "no class prefers a side: flips and 90-degree turns"
-
-
-def normalization_for(fp: Fingerprint) -> tuple[dict[str, Any], str]:
-    deep = any(m.startswith("I") or m == "F" for m in fp.modes)
-    stats = fp.intensity
-    norm = {"kind": "zscore", "mean": stats.get("mean"), "std": stats.get("std")}
-    if deep:
-        norm.update(kind="zscore_clipped", low=stats.get("p0.5"), high=stats.get("p99.5"))
-        return norm, "16-bit or float images: clip to the 0.5-99.5 percentiles, then per-channel z-score"
-    return norm, "per-channel z-score from the sampled intensities"
+        return {"rotate": 0.0, "elastic": 0.0, "gamma": 0.0, "noise": 0.0}, "oriented data: no turns or warps"
+    if not microscopy_like(fp):
+        return (
+            {"rotate": 0.0, "elastic": 0.0, "gamma": 0.0, "noise": 0.0},
+            "colour images: flips and 90-degree turns only, no warps, gamma or noise",
+        )
+    elastic = max(1.0, round(size * ELASTIC_PER_WINDOW_PX, 1))
+    return (
+        {**MICROSCOPY_AUG, "elastic": elastic},
+        f"grey images without orientation (microscopy-like): any-angle turns, elastic {elastic:g} px, "
+        f"gamma {MICROSCOPY_AUG['gamma']:g}, noise {MICROSCOPY_AUG['noise']:g}",
+    )
 
 
 def default_budget_s(fp: Fingerprint, train_images: int, compute: Compute, size: int) -> float:
@@ -236,10 +332,17 @@ def make_plan(
     reasons["width"] = f"{compute.device}: base {base} filters, {batch} windows per worker"
     loss, reasons["loss"] = loss_for(fp)
     loss = given.get("loss", loss)
+    weights, reasons["class_weights"] = class_weights_for(fp)
     flip, rotate90, reasons["augment"] = orientation(fp)
+    oriented = not rotate90
     flip, rotate90 = given.get("flip", flip), given.get("rotate90", rotate90)
+    warps, reasons["warp"] = augmentation_for(fp, size, oriented)
+    warps = {k: given.get(k, v) for k, v in warps.items()}
     reasons["jitter"] = "mild scale, brightness and contrast jitter for every data set"
     norm, reasons["normalization"] = normalization_for(fp)
+    norm = given.get("normalization", norm)
+    oversample, reasons["oversample"] = oversample_for(fp, crop)
+    oversample = given.get("oversample", oversample)
     budget = time_budget_s or default_budget_s(fp, train_images, compute, size)
     reasons["budget"] = f"{budget / 60:.0f} min " + (
         "given" if time_budget_s else f"({DEFAULT_PASSES} passes, 5 min..2 h)"
@@ -258,25 +361,29 @@ def make_plan(
     warmup = given.get("warmup_epochs", min(2.0, max(0.5, epochs / 20)))
     schedule = given.get("schedule", "cosine")
     reasons["schedule"] = f"{warmup:g} epochs of linear warm-up, then {schedule}"
-    rare = loss == "ce+dice"
     return Plan(
         crop=crop,
         image_size=size,
         depth=depth,
         base_filters=base,
         batch_size=batch,
+        normalization=norm,
         loss=loss,
-        class_weights=given.get("class_weights", "none"),
+        class_weights=given.get("class_weights", weights),
+        oversample=oversample,
         flip=flip,
         rotate90=rotate90,
+        rotate=warps["rotate"],
+        elastic=warps["elastic"],
         scale_jitter=given.get("scale_jitter", 0.2),
         brightness=given.get("brightness", 0.1),
         contrast=given.get("contrast", 0.1),
+        gamma=warps["gamma"],
+        noise=warps["noise"],
         epochs=epochs,
         warmup_epochs=warmup,
         schedule=schedule,
-        normalization=norm,
-        oversample_rare=rare,
+        pixel_stats=pixel_stats(fp, norm) if fp.intensity else None,
         time_budget_s=round(budget, 1),
         reasons=reasons,
         given=tuple(k for k in PLAN_FIELDS if k in given),
@@ -303,6 +410,8 @@ def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> P
     """The plan `raysegment plan` makes for the spec's data set and compute, with the PLAN_FIELDS the
     spec sets explicitly (`model_fields_set`: a flag, a spec-file field, a keyword) as given."""
     given = {k: getattr(spec, k) for k in PLAN_FIELDS if k in spec.model_fields_set}
+    if given.get("flip") == "auto":
+        del given["flip"]  # `flip: true` / --flip: flips on the axes the plan finds right
     return make_plan(
         read_fingerprint(loc, manifest),
         manifest["counts"].get("train", 0),
@@ -317,7 +426,13 @@ def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> P
 def planned_spec(spec: TrainSpec, plan: Plan) -> TrainSpec:
     """The spec with the plan's values in (given ones are the spec's own), validated again. When the
     plan chose the epochs, its budget becomes the spec's `time_budget`: training stops inside it."""
-    values = {**spec.model_dump(exclude_unset=True), **plan.train_values()}
+    planned = plan.train_values()
+    if spec.encoder:
+        # An encoder fixes its input: raw pixels (it rescales inside), sides a multiple of its 32x.
+        planned.pop("normalization", None)
+        if "image_size" in planned and "image_size" not in plan.given:
+            planned["image_size"] = 32 * math.ceil(planned["image_size"] / 32)
+    values = {**spec.model_dump(exclude_unset=True), **planned}
     if "epochs" not in plan.given:
         values["time_budget"] = plan.time_budget_s
     return type(spec).model_validate(values)
@@ -340,8 +455,7 @@ def format_plan(plan: Plan) -> list[str]:
     lines = ["training plan (flags you give override their part):"]
     for name, value in values.items():
         reason = "given" if name in plan.given else plan.reasons.get(_reason_of(name), "")
-        lines.append(f"  {name:<14} {value!s:<10} {reason}".rstrip())
-    lines.append(f"  normalization  {plan.normalization['kind']:<10} {plan.reasons['normalization']}")
+        lines.append(f"  {name:<14} {value!s:<14} {reason}".rstrip())
     lines.append(f"  budget         {plan.reasons['budget']}")
     return lines
 
@@ -352,7 +466,11 @@ def _reason_of(name: str) -> str:
         "depth": "depth",
         "base_filters": "width",
         "loss": "loss",
+        "class_weights": "class_weights",
+        "normalization": "normalization",
+        "oversample": "oversample",
         "flip": "augment",
+        "rotate": "warp",
         "scale_jitter": "jitter",
         "epochs": "epochs",
         "warmup_epochs": "schedule",
@@ -361,7 +479,7 @@ def _reason_of(name: str) -> str:
 
 def card_record(plan: Plan, compute: Compute) -> dict[str, Any]:
     """What the model card keeps of the plan: the values used, which were given and which chosen
-    by the rules, the reasons, the budget and compute, and what is recorded but not applied."""
+    by the rules, the reasons, the budget and compute, and the normalisation's statistics."""
     return {
         "values": plan.train_values(),
         "given": list(plan.given),
@@ -369,7 +487,6 @@ def card_record(plan: Plan, compute: Compute) -> dict[str, Any]:
         "reasons": plan.reasons,
         "time_budget_s": plan.time_budget_s,
         "compute": asdict(compute),
-        "normalization": plan.normalization,
+        "normalization": {"kind": plan.normalization, **(plan.pixel_stats or {})},
         "oversample_rare": plan.oversample_rare,
-        "recorded_only": list(RECORDED_ONLY),
     }

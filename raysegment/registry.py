@@ -19,6 +19,8 @@ from raysegment import storage
 from raysegment.config import (
     CompactSpec,
     EvaluateSpec,
+    ExportSpec,
+    ImportSpec,
     InferOptions,
     InferSpec,
     NightlySpec,
@@ -56,6 +58,8 @@ class Job:
     min_cpus: Callable[[Any], int] = _no_min_cpus
     # Has a jobs/{kind}.py entrypoint and can be sent with `raysegment submit`.
     on_cluster: bool = True
+    # Joins Ray (or starts a local one); model import and export run in the job's own process.
+    uses_ray: bool = True
 
 
 def train_min_cpus(spec: TrainSpec) -> int:
@@ -235,6 +239,28 @@ def serve_min_cpus(spec: ServeSpec) -> int:
     return math.ceil(spec.replicas[1] * spec.cpus_per_replica)
 
 
+def _import(spec: ImportSpec) -> dict[str, Any]:
+    from raysegment.models.importer import import_model
+
+    return import_model(spec)
+
+
+def _import_lines(spec: ImportSpec, r: dict[str, Any]) -> list[str]:
+    card = r["model_card"]
+    size = "native" if spec.input_size == "native" else f"{spec.input_size[0]},{spec.input_size[1]}"
+    return [f"imported {r['model_id']} to {r['out']}: {card['num_classes']} classes, {card['output']}, input {size}"]
+
+
+def _export(spec: ExportSpec) -> dict[str, Any]:
+    from raysegment.export import export
+
+    return export(spec)
+
+
+def _export_lines(spec: ExportSpec, r: dict[str, Any]) -> list[str]:
+    return [f"exported {r['model_id']} as {r['format']}: {r['path']}", f"  {r['note']}"]
+
+
 def _evaluate_output(spec: EvaluateSpec) -> str:
     return posixpath.dirname(spec.out) or "." if spec.out else spec.model
 
@@ -258,6 +284,8 @@ JOBS: dict[str, Job] = {
         ),
         Job("compact", CompactSpec, _compact, _compact_lines, _as_is, lambda s: s.output),
         Job("serve", ServeSpec, _serve, _serve_lines, _as_is, lambda s: None, min_cpus=serve_min_cpus),
+        Job("import", ImportSpec, _import, _import_lines, _as_is, lambda s: None, uses_ray=False),
+        Job("export", ExportSpec, _export, _export_lines, _as_is, lambda s: None, uses_ray=False),
     )
 }
 # What `raysegment submit` and `python -m raysegment.entrypoints` accept, in help order.
@@ -285,7 +313,8 @@ def run(spec: Spec, as_json: bool = False) -> int:
 
     job = next(job for job in JOBS.values() if type(spec) is job.spec)
     with session(job.kind, job.output(spec), as_json) as s:
-        init_ray(min_cpus=job.min_cpus(spec))
+        if job.uses_ray:
+            init_ray(min_cpus=job.min_cpus(spec))
         result = job.run(spec)
         s.done(job.lines(spec, result), job.payload(spec, result), job.exit_code(result))
     return s.exit_code

@@ -23,10 +23,12 @@ import numpy as np
 from PIL import Image
 
 from raysegment import __version__, overlay, plots, storage
-from raysegment.data import imaging
+from raysegment.data import imaging, tiff
 from raysegment.errors import StorageError, UserError
 from raysegment.inference import output as layout
+from raysegment.inference import rasters
 from raysegment.inference.output import RunRecord
+from raysegment.models.card import ModelCard
 from raysegment.report_scan import HIST_BINS as HIST_BINS  # re-exported: the histograms' bins
 from raysegment.report_scan import STAGES, Scan, scan_summaries
 
@@ -70,27 +72,56 @@ def _in_container(uri: str) -> bool:
 
 
 def read_source(
-    uri: str, endpoint_url: str | None, output: storage.Location, down: DownStores
+    uri: str,
+    endpoint_url: str | None,
+    output: storage.Location,
+    down: DownStores,
+    channels: imaging.Channels = imaging.OWN,
+    raster: bool = False,
 ) -> tuple[np.ndarray | None, str]:
-    """(RGB image or None, why not): plain files and S3 objects only; archives and tables are skipped."""
+    """(RGB image or None, why not): plain files and S3 objects only; archives and tables are skipped.
+
+    A stack's slice (`vol.tif#page=3`, as infer names it) is read from its file; a multi-band image is
+    shown by the first three of the model's bands (`channels`), a 16-bit or float one contrast-stretched.
+    A big raster's source (`raster`) is read as a view at most `rasters.VIEW_SIDE` pixels per side."""
     if not uri:
         return None, "no source"
     if _in_container(uri):
         return None, "mask only: source is inside an archive or table"
     loc = None
+    file_uri, page = tiff.split_page_uri(uri)
     try:
-        loc = storage.resolve(uri, endpoint_url, output.retry_s)
+        loc = storage.resolve(file_uri, endpoint_url, output.retry_s)
         if loc in down:
             return None, f"mask only: source {UNREACHABLE}"
         if loc.remote and output.remote and loc.endpoint_url == output.endpoint_url:
             loc = dataclasses.replace(loc, fs=output.fs)  # one S3 client for all samples, not one each
-        return imaging.decode_image(storage.read_bytes(loc)), ""
+        if raster:  # a big raster (its mask is a GeoTIFF): a view from its overviews, never read whole
+            return rasters.image_view(loc, rasters.VIEW_SIDE, channels), ""
+        data = storage.read_bytes(loc)
+        if page is not None:
+            data = tiff.page_bytes(data, page)
+        return imaging.decode_display(data, channels=channels), ""
     except StorageError as exc:
         if loc is not None:
             down.note(loc, exc)
         return None, f"mask only: source not readable ({str(exc)[:120]})"
-    except (UserError, imaging.ImageDecodeError) as exc:
+    except (UserError, imaging.ImageDecodeError, tiff.TiffError) as exc:
         return None, f"mask only: source not readable ({str(exc)[:120]})"
+
+
+def model_channels(record: RunRecord | None, endpoint_url: str | None, retry_s: float | None) -> imaging.Channels:
+    """The bands the run's model takes (its card), to show multi-band sources by them; any image's own
+    first three when the card cannot be read (a report must not fail for a picture)."""
+    model = (record.config or {}).get("model") if record is not None else None
+    if not model:
+        return imaging.OWN
+    try:
+        card = ModelCard.read(model, endpoint_url, retry_s=retry_s)
+    except Exception as exc:  # the report shows the images anyway
+        log.info("report: model card not read (%s): images shown by their own first bands", exc)
+        return imaging.OWN
+    return imaging.Channels(tuple(card.input.bands) if card.input.bands else None, None)
 
 
 def _palette(found: list[list[int]] | None, k: int) -> list[list[int]]:
@@ -113,7 +144,12 @@ def _load_mask(output: storage.Location, row: dict[str, Any], down: DownStores) 
 
 
 def build_overlays(
-    output: storage.Location, rows: list[dict[str, Any]], k: int, endpoint_url: str | None, down: DownStores
+    output: storage.Location,
+    rows: list[dict[str, Any]],
+    k: int,
+    endpoint_url: str | None,
+    down: DownStores,
+    channels: imaging.Channels = imaging.OWN,
 ) -> tuple[list[tuple[np.ndarray, str, str]], list[list[int]]]:
     """([(thumbnail, key, note)], palette) for the sampled rows, ordered by key."""
     loaded = []
@@ -130,7 +166,8 @@ def build_overlays(
         if mask is None:
             tiles.append((np.full((TILE // 2, TILE // 2, 3), 128, np.uint8), row["key"], note))
             continue
-        image, note = read_source(row.get("source_uri") or "", endpoint_url, output, down)
+        raster = layout.RasterMasks.holds(layout.MaskRef.of_row(row))
+        image, note = read_source(row.get("source_uri") or "", endpoint_url, output, down, channels, raster)
         tiles.append((overlay.thumbnail(image, mask, palette, TILE), row["key"], note))
     return tiles, palette
 
@@ -331,7 +368,8 @@ def write_run_report(
     scan = scan_summaries(output, samples, run_id)
     log.info("report: %d summary rows (%d ok, %d errors) in %s", scan.rows, scan.ok, scan.error, output.uri)
     k = len(scan.class_names)
-    tiles, palette = build_overlays(output, [row for _, row in scan.samples], k, endpoint_url, DownStores())
+    channels = model_channels(record, endpoint_url, output.retry_s)
+    tiles, palette = build_overlays(output, [row for _, row in scan.samples], k, endpoint_url, DownStores(), channels)
     histograms = plots.class_fraction_histograms(scan.hist, scan.class_names, palette) if scan.ok and k else None
     page = render_html(output, run_id, record, scan, tiles, palette, histograms)
     storage.write_bytes(output.child(REPORT_FILE), page.encode())

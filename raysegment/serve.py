@@ -66,7 +66,7 @@ class ReplicaConfig:
     precision: str
     tta_flip: bool
     tile_size: int
-    tile_overlap: int
+    tile_overlap: int | None
     max_batch_size: int
     batch_wait_timeout_s: float
     max_body_bytes: int

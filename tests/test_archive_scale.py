@@ -59,6 +59,7 @@ def rows_of(keys: list[str], run_id: str = "r1") -> pa.Table:
             "decode_ms": np.zeros(n, np.float32),
             "predict_ms": np.zeros(n, np.float32),
             "write_ms": np.zeros(n, np.float32),
+            "peak_rss_mb": np.zeros(n, np.float32),
         },
         schema=layout.summary_schema(["background", "thing"]),
     )

@@ -22,7 +22,7 @@ from PIL import Image
 from raysegment import storage
 from raysegment.bench.infer import make_model_dir
 from raysegment.cli import main
-from raysegment.config import InferSpec
+from raysegment.config import ExportSpec, InferSpec
 from raysegment.export import FILE_NAMES
 from raysegment.inference.pipeline import infer
 from raysegment.models.card import ModelCard
@@ -139,7 +139,7 @@ def test_native_scale_export_pads_as_the_predictor(tmp_path):
     model = make_model_dir(str(tmp_path), image_size=32, depth=2, base_filters=4)
     card = ModelCard.read(model)
     card.model_copy(update={"input": card.input.model_copy(update={"resize": "none"})}).write(storage.resolve(model))
-    path = export(model, str(tmp_path / "sm"), "saved_model", probabilities=True)["path"]
+    path = export(ExportSpec(model=model, dest=str(tmp_path / "sm"), format="saved_model", probabilities=True))["path"]
     serve = tf.saved_model.load(path).signatures["serving_default"]
     rng = np.random.default_rng(2)
     images = np.empty(3, dtype=object)
@@ -149,3 +149,28 @@ def test_native_scale_export_pads_as_the_predictor(tmp_path):
         out = serve(image=tf.constant(img))
         assert out["probabilities"].shape == (*img.shape[:2], 4)
         assert (out["class_map"].numpy() == pred).all()
+
+
+@pytest.mark.s3
+def test_export_from_a_spec_through_the_job_entrypoint_to_s3(infer_masks, s3_prefix, tmp_path):
+    """`python -m raysegment.entrypoints export --config SPEC` (what `raysegment submit export` runs) into s3://."""
+    import tensorflow as tf
+
+    from raysegment.entrypoints import main as entry_main
+    from raysegment.models.loader import local_tree
+
+    model, files, refs = infer_masks
+    spec = tmp_path / "export.yaml"
+    spec.write_text(f"model: {model}\ndest: {s3_prefix}/exp\nformat: saved_model\nprobabilities: true\n")
+    assert entry_main("export", ["--config", str(spec)]) == 0
+    dest = storage.resolve(f"{s3_prefix}/exp")
+    assert storage.read_json(dest.child("model.json"))["model_id"] == ModelCard.read(model).model_id
+    with pytest.raises(SystemExit) as again:
+        entry_main("export", ["--config", str(spec)])  # the export exists and the spec does not overwrite
+    assert again.value.code == 2
+    serve = tf.saved_model.load(local_tree(dest.child("saved_model"))).signatures["serving_default"]
+    for f, ref, (h, w) in list(zip(files, refs, SIZES))[:6]:
+        out = serve(image=tf.constant(np.asarray(Image.open(f).convert("RGB"))))
+        assert out["probabilities"].shape == (h, w, 4)
+        if h <= 32:  # Pillow resizes width first: the graph's masks are infer's, byte for byte
+            assert (out["class_map"].numpy() == ref).all()

@@ -11,7 +11,17 @@ from click.testing import CliRunner
 
 from raysegment import jobs
 from raysegment.cli import main
-from raysegment.config import CompactSpec, EvaluateSpec, InferSpec, NightlySpec, ServeSpec, TrainSpec, load_spec
+from raysegment.config import (
+    CompactSpec,
+    EvaluateSpec,
+    ExportSpec,
+    ImportSpec,
+    InferSpec,
+    NightlySpec,
+    ServeSpec,
+    TrainSpec,
+    load_spec,
+)
 from raysegment.entrypoints import main as entry_main
 from raysegment.errors import ConfigError
 from raysegment.registry import CLUSTER_KINDS, JOBS, load_job_spec
@@ -86,6 +96,8 @@ def test_example_specs_are_valid(kind):
         "infer": InferSpec,
         "compact": CompactSpec,
         "serve": ServeSpec,
+        "import": ImportSpec,
+        "export": ExportSpec,
     }
     assert isinstance(spec, expected.get(kind, NightlySpec))
     assert (REPO / "jobs" / f"{kind}.py").read_text().count(f'main("{kind}")') == 1
@@ -93,7 +105,8 @@ def test_example_specs_are_valid(kind):
 
 def test_submit_takes_the_registry_kinds_and_entrypoints_do_not_import_the_cli():
     submit_kinds = next(p for p in main.commands["submit"].params if p.name == "kind").type.choices
-    assert list(submit_kinds) == list(CLUSTER_KINDS) == ["train", "evaluate", "infer", "nightly", "compact", "serve"]
+    kinds = ["train", "evaluate", "infer", "nightly", "compact", "serve", "import", "export"]
+    assert list(submit_kinds) == list(CLUSTER_KINDS) == kinds
     # The entrypoints must not pull in the CLI (once a cycle: each imported the other), nor TF or Ray.
     probe = (
         "import sys, raysegment.entrypoints; print(sorted({'raysegment.cli', 'tensorflow', 'ray'} & {*sys.modules}))"

@@ -391,7 +391,8 @@ def test_cli_flags_and_one_line_config_errors(tmp_path):
     for flag in ("--layout", "--mask-values", "--val-keys", "--skip-invalid", "cityscapes"):
         assert flag in help_text
     help_text = runner.invoke(main, ["train", "--help"]).output
-    for flag in ("--augment / --no-augment", "--crop", "--flip / --no-flip", "--rotate90", "--scale-jitter"):
+    flip = "--flip [auto|none|horizontal|vertical|both]"
+    for flag in ("--augment / --no-augment", "--crop", flip, "--no-flip", "--rotate90", "--scale-jitter"):
         assert flag in help_text
     assert "--brightness" in help_text and "--contrast" in help_text
     assert "--pairs" in runner.invoke(main, ["bench", "prepare", "--help"]).output

@@ -1,5 +1,6 @@
 """`raysegment model import`: Keras models from elsewhere (a functional model, keras_hub's SegFormer with
-random weights) run by `infer` and the predictor like trained ones; misfits are one clear error."""
+random weights) and TensorFlow SavedModels run by `infer` and the predictor like trained ones; misfits are
+one clear error."""
 
 import os
 
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import summaries, write_images
+from PIL import Image
 
 from raysegment.cli import main
-from raysegment.config import InferSpec
+from raysegment.config import ImportSpec, InferSpec
+from raysegment.entrypoints import main as entry_main
 from raysegment.errors import ConfigError, DataError
 from raysegment.inference.pipeline import infer
 from raysegment.inference.predictor import Predictor
@@ -30,28 +33,77 @@ def functional(path, classes=3, size=(None, None), activation=None, upsample=Tru
     return str(path)
 
 
-def test_functional_model_imports_from_the_cli_and_infers(ray_cluster, tmp_path):
-    src = functional(tmp_path / "net.keras")
+def saved_both_ways(root):
+    """One functional model as model.keras and as a SavedModel folder (Keras' model.export; its bilinear
+    UpSampling2D does not trace at unknown sizes, so this one upsamples with a transposed convolution)."""
+    root.mkdir(exist_ok=True)
+    keras.utils.set_random_seed(1)
+    x = inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same")(x)
+    model = keras.Model(inp, x)
+    model.save(root / "net.keras")
+    model.export(str(root / "saved"), verbose=False)
+    return str(root / "net.keras"), str(root / "saved")
+
+
+def masks(out):
+    """key -> the mask infer wrote, for a local output of PNG masks."""
+    return {row["key"]: np.asarray(Image.open(row["mask_uri"])) for row in summaries(out)}
+
+
+def test_keras_file_and_saved_model_import_alike_and_infer_the_same_masks(ray_cluster, s3_prefix, tmp_path):
+    """The .keras file from the CLI into a local DEST, the SavedModel from a spec through the job entrypoint
+    into s3://: one model, so infer's masks (and the SavedModel import's export) must be equal."""
+    keras_file, saved = saved_both_ways(tmp_path)
+    options = ["--classes", "bg,road,car", "--input-size", "32,32", "--normalize", "imagenet"]
     result = CliRunner().invoke(
         main,
-        ["model", "import", src, str(tmp_path / "m"), "--classes", "bg,road,car", "--input-size", "32,32"]
-        + ["--normalize", "imagenet", "--palette", "0,0,0;128,64,128;0,0,142", "--json"],
+        ["model", "import", keras_file, str(tmp_path / "m"), *options, "--palette", "0,0,0;128,64,128;0,0,142"]
+        + ["--json"],
     )
     assert result.exit_code == 0, result.output
     card = ModelCard.read(str(tmp_path / "m"), verify_model=True)
     assert card.output == "logits" and card.head == "softmax" and card.input.normalization == "imagenet"
-    assert card.imported.source == os.path.abspath(src) and card.palette[2] == (0, 0, 142)
+    assert card.imported.source == keras_file and card.palette[2] == (0, 0, 142) and card.model_format == "keras"
+
+    spec = tmp_path / "import.yaml"
+    spec.write_text(
+        f"model_file: {saved}\ndest: {s3_prefix}/m\nclasses: [bg, road, car]\ninput_size: 32,32\n"
+        "normalize: imagenet\noutput: logits\npalette: '0,0,0;128,64,128;0,0,142'\n"
+    )
+    assert entry_main("import", ["--config", str(spec)]) == 0
+    imported = ModelCard.read(f"{s3_prefix}/m", verify_model=True)  # the folder's tree hash, on S3
+    assert imported.model_format == "saved_model" and imported.imported.call_endpoint == "serve"
+    assert imported.model_id.startswith("savedmodel-") and imported.head == "softmax"
+
     keys = write_images(tmp_path / "in", 4)
-    r = infer(InferSpec(model=str(tmp_path / "m"), input=str(tmp_path / "in"), output=str(tmp_path / "out")))
-    assert r["counts"]["ok"] == 4 and len(summaries(tmp_path / "out")) == len(keys)
+    for model, out in ((str(tmp_path / "m"), "out-keras"), (f"{s3_prefix}/m", "out-saved")):
+        r = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(tmp_path / out)))
+        assert r["counts"]["ok"] == 4
+    from_keras, from_saved = masks(tmp_path / "out-keras"), masks(tmp_path / "out-saved")
+    assert sorted(from_keras) == keys and sum(len(np.unique(m)) > 1 for m in from_keras.values()) >= 2
+    assert all((from_saved[k] == from_keras[k]).all() for k in keys)
+
+    # Export loads the SavedModel import through the same loader; its graph re-saves the imported one.
+    import tensorflow as tf
+
+    result = CliRunner().invoke(main, ["export", f"{s3_prefix}/m", str(tmp_path / "exp"), "--format", "saved_model"])
+    assert result.exit_code == 0, result.output
+    serve = tf.saved_model.load(str(tmp_path / "exp" / "saved_model")).signatures["serving_default"]
+    for name in os.listdir(tmp_path / "in"):
+        image = np.asarray(Image.open(tmp_path / "in" / name).convert("RGB"))
+        assert (serve(image=tf.constant(image))["class_map"].numpy() == from_keras[name[:-4]]).all()
 
 
 def test_softmax_output_is_recorded_as_probabilities_and_used_as_such(tmp_path):
     src = functional(tmp_path / "p.keras", classes=2, activation="softmax", upsample=False)
     with pytest.raises(DataError, match=r"output \(1, 16, 16, 2\) for a 32x32 input.*upsampling"):
-        import_model(src, str(tmp_path / "bad"), ["a", "b"], (32, 32))
+        import_model(ImportSpec(model_file=src, dest=str(tmp_path / "bad"), classes=["a", "b"], input_size=(32, 32)))
     src = functional(tmp_path / "p.keras", classes=1, activation="sigmoid")
-    r = import_model(src, str(tmp_path / "m"), ["bg", "fg"], None, size_multiple=4)
+    r = import_model(
+        ImportSpec(model_file=src, dest=str(tmp_path / "m"), classes=["bg", "fg"], input_size="native", size_multiple=4)
+    )
     card = ModelCard.read(r["out"])
     assert card.output == "probabilities" and card.head == "sigmoid" and card.native_scale
     img = (np.random.default_rng(0).random((21, 30, 3)) * 255).astype(np.uint8)
@@ -62,6 +114,39 @@ def test_softmax_output_is_recorded_as_probabilities_and_used_as_such(tmp_path):
     padded = np.pad(img, [(0, 3), (0, 2), (0, 0)], mode="reflect").astype(np.float32) / 255.0
     want = (model(padded[None]).numpy()[0, :21, :30, 0] > 0.5).astype(np.uint8)
     assert pred.shape == (21, 30) and (pred == want).mean() > 0.999
+
+
+def test_a_saved_model_with_only_a_signature_imports_and_predicts(tmp_path):
+    """tf.saved_model.save with a `serving_default` signature (named input, dict output), not Keras' export."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((None, None, 3))
+    model = keras.Model(inp, keras.layers.Conv2D(2, 3, padding="same", activation="softmax")(inp))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels")])
+    def serving(pixels):
+        return {"scores": model(pixels)}
+
+    module = tf.Module()
+    module.model = model
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": serving})
+    spec = ImportSpec(
+        model_file=str(tmp_path / "sm"), dest=str(tmp_path / "m"), classes="bg,fg", input_size="native",
+        size_multiple=1, output="probabilities",
+    )  # fmt: skip
+    card = ModelCard.read(import_model(spec)["out"], verify_model=True)
+    assert card.imported.call_endpoint == "serving_default" and card.output == "probabilities"
+    img = (np.random.default_rng(3).random((9, 13, 3)) * 255).astype(np.uint8)
+    images = np.empty(1, dtype=object)
+    images[:] = [img]
+    pred = Predictor(str(tmp_path / "m"))({"image": images, "error": np.asarray([""], object)})["pred"][0]
+    want = np.argmax(model(img[None].astype(np.float32) / 255.0).numpy()[0], axis=-1)
+    assert pred.shape == (9, 13) and (pred == want).all()
+
+
+def hub_spec(root, dest, size):
+    return ImportSpec(model_file=str(root / "segformer.keras"), dest=str(root / dest), classes="a,b,c", input_size=size)
 
 
 def test_keras_hub_segformer_with_random_weights(tmp_path):
@@ -81,23 +166,34 @@ def test_keras_hub_segformer_with_random_weights(tmp_path):
         tmp_path / "segformer.keras"
     )
     with pytest.raises(DataError, match="takes 64x64 images.*--input-size 64,64"):
-        import_model(str(tmp_path / "segformer.keras"), str(tmp_path / "bad"), ["a", "b", "c"], (32, 32))
-    r = import_model(str(tmp_path / "segformer.keras"), str(tmp_path / "m"), ["a", "b", "c"], (64, 64))
+        import_model(hub_spec(tmp_path, "bad", (32, 32)))
+    r = import_model(hub_spec(tmp_path, "m", (64, 64)))
     card = ModelCard.read(r["out"], verify_model=True)
     assert card.architecture.name == "segformerimagesegmenter" and "keras_hub" in card.imported.keras_class
     images = (np.random.default_rng(1).random((2, 64, 64, 3)) * 255).astype(np.uint8)
-    out = Predictor(r["out"])({"image": images, "error": np.asarray(["", ""], object)})
-    assert out["pred"].shape == (2, 64, 64) and out["pred"].max() < 3
+    batch = {"image": images, "error": np.asarray(["", ""], object), "height": [64] * 2, "width": [64] * 2}
+    preds = np.stack(list(Predictor(r["out"])(batch)["pred"]))
+    assert preds.shape == (2, 64, 64) and preds.max() < 3
 
 
 def test_misfits_are_one_clear_error(tmp_path):
     src = functional(tmp_path / "net.keras", classes=4)
     with pytest.raises(DataError, match=r"4 output channels but 3 classes in --classes"):
-        import_model(src, str(tmp_path / "m"), ["a", "b", "c"], (32, 32))
-    os.makedirs(tmp_path / "saved")
-    with pytest.raises(ConfigError, match="SavedModel folder cannot be imported.*model.save"):
-        import_model(str(tmp_path / "saved"), str(tmp_path / "m"), ["a", "b"], (32, 32))
+        import_model(ImportSpec(model_file=src, dest=str(tmp_path / "m"), classes="a,b,c", input_size=(32, 32)))
+    os.makedirs(tmp_path / "folder")
+    with pytest.raises(ConfigError, match="a folder without saved_model.pb; give a .keras file or a SavedModel"):
+        import_model(
+            ImportSpec(
+                model_file=str(tmp_path / "folder"), dest=str(tmp_path / "m"), classes="a,b", input_size=(32, 32)
+            )
+        )
+    _, saved = saved_both_ways(tmp_path / "other")  # three output channels
+    with pytest.raises(ConfigError, match="a SavedModel keeps no layers.*--output logits or --output probabilities"):
+        import_model(ImportSpec(model_file=saved, dest=str(tmp_path / "m"), classes="a,b,c", input_size=(32, 32)))
+    spec = ImportSpec(model_file=saved, dest=str(tmp_path / "m"), classes="a,b", input_size=(32, 32), output="logits")
+    with pytest.raises(DataError, match=r"3 output channels but 2 classes"):  # a SavedModel is checked alike
+        import_model(spec)
     result = CliRunner().invoke(
         main, ["model", "import", src, str(tmp_path / "m"), "--classes", "a,b", "--input-size", "x"]
     )
-    assert result.exit_code == 2 and "--input-size 'x': give H,W" in result.output
+    assert result.exit_code == 2 and "field 'input_size': give H,W (e.g. 512,512) or native (got 'x')" in result.output

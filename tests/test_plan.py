@@ -59,23 +59,47 @@ def test_depth_keeps_an_8_pixel_bottleneck(size, depth):
     assert size >> depth >= 8
 
 
-def test_rare_class_gets_ce_dice_and_oversampling():
-    rare = make_plan(fingerprint(shares=(0.95, 0.05)), 80, CPU)
-    common = make_plan(fingerprint(shares=(0.6, 0.4)), 80, CPU)
-    assert (rare.loss, rare.oversample_rare) == ("ce+dice", True)
-    assert (common.loss, common.oversample_rare) == ("ce", False)
+def test_rare_class_gets_ce_dice_and_oversampled_windows():
+    rare = make_plan(fingerprint(side=1024, shares=(0.95, 0.05)), 80, CPU)
+    common = make_plan(fingerprint(side=1024, shares=(0.6, 0.4)), 80, CPU)
+    assert (rare.crop, rare.loss, rare.oversample) == ("native", "ce+dice", pytest.approx(1 / 3, abs=1e-3))
+    assert (common.loss, common.oversample) == ("ce", 0.0)
+    # Whole images in every window: nothing to centre on.
+    resized = make_plan(fingerprint(side=128, shares=(0.95, 0.05)), 80, CPU)
+    assert (resized.crop, resized.loss, resized.oversample) == ("resize", "ce+dice", 0.0)
 
 
-def test_oriented_data_gets_no_flips_or_turns():
+def test_oriented_data_is_flipped_only_along_the_axis_it_has_no_side_on_and_never_turned():
     street = make_plan(fingerprint(shares=(0.5, 0.3, 0.2), areas=(1e4, 1e4, 1e4), top=(0.95, 0.1, 0.5)), 80, CPU)
     cells = make_plan(fingerprint(), 80, CPU)
-    assert (street.flip, street.rotate90) == (False, False) and "oriented" in street.reasons["augment"]
-    assert (cells.flip, cells.rotate90) == (True, True)
+    assert (street.flip, street.rotate90) == ("horizontal", False) and "oriented" in street.reasons["augment"]
+    assert (cells.flip, cells.rotate90) == ("both", True)
+    sideways = dataclasses.replace(fingerprint(), class_left_share=[0.9, 0.2])  # a class keeps to the left
+    sideways_plan = make_plan(sideways, 80, CPU)
+    assert (sideways_plan.flip, sideways_plan.rotate90) == ("vertical", False)
+    both = dataclasses.replace(sideways, class_top_share=[0.9, 0.2])
+    assert make_plan(both, 80, CPU).flip == "none"
 
 
-def test_sixteen_bit_data_is_clipped_before_zscore():
-    assert make_plan(fingerprint(modes={"I;16": 100}), 80, CPU).normalization["kind"] == "zscore_clipped"
-    assert make_plan(fingerprint(), 80, CPU).normalization["kind"] == "zscore"
+def test_sixteen_bit_and_grey_data_are_clipped_before_zscore():
+    deep = make_plan(fingerprint(modes={"I;16": 100}), 80, CPU)
+    assert deep.normalization == "zscore_clipped" and deep.pixel_stats["low"] == [2.0] * 3
+    assert make_plan(fingerprint(modes={"L": 100}), 80, CPU).normalization == "zscore_clipped"
+    rgb = make_plan(fingerprint(), 80, CPU)
+    assert rgb.normalization == "zscore" and rgb.pixel_stats["mean"] == [120.0] * 3
+
+
+def test_microscopy_like_data_gets_turns_warps_gamma_and_noise_colour_and_oriented_data_none():
+    grey = make_plan(fingerprint(side=256, modes={"L": 100}), 80, CPU)
+    assert (grey.rotate, grey.elastic, grey.gamma, grey.noise) == (180.0, 4.0, 0.3, 0.03)
+    assert "microscopy-like" in grey.reasons["warp"]
+    rgb = make_plan(fingerprint(side=256), 80, CPU)
+    assert (rgb.flip, rgb.rotate90) == ("both", True) and (rgb.rotate, rgb.elastic, rgb.gamma, rgb.noise) == (0,) * 4
+    oriented = fingerprint(side=256, shares=(0.5, 0.5), top=(0.9, 0.1), modes={"L": 100})
+    street = make_plan(oriented, 80, CPU)
+    assert (street.flip, street.rotate, street.elastic) == ("horizontal", 0.0, 0.0)
+    given = make_plan(fingerprint(side=256), 80, CPU, given={"rotate": 15.0, "noise": 0.1})
+    assert (given.rotate, given.noise, given.given) == (15.0, 0.1, ("rotate", "noise"))
 
 
 def test_budget_sets_epochs_and_width_follows_the_device():
@@ -107,7 +131,7 @@ def test_a_given_window_gets_a_depth_that_divides_it_and_batches_fit_the_split()
     assert plan.batch_size == 3
     given = make_plan(fingerprint(), 80, CPU, given={"image_size": 96, "loss": "dice"})
     assert (given.image_size, given.depth, given.loss, given.given) == (96, 3, "dice", ("image_size", "loss"))
-    assert "loss           dice       given" in "\n".join(format_plan(given))
+    assert "loss           dice           given" in "\n".join(format_plan(given))
     with pytest.raises(ValueError, match="not plan fields"):
         make_plan(fingerprint(), 80, CPU, given={"workers": 4})
 

@@ -8,7 +8,8 @@ import pytest
 from raysegment import storage
 from raysegment.bench.infer import make_model_dir
 from raysegment.errors import DataError
-from raysegment.inference.predictor import Predictor, tile_bounds, tile_starts
+from raysegment.inference.predictor import Predictor
+from raysegment.inference.stitch import tile_bounds, tile_starts
 from raysegment.models.card import ModelCard
 
 
@@ -47,15 +48,17 @@ def predict(predictor, img):
 
 
 def test_tiled_prediction_matches_whole_image(native_model):
-    """Overlap wider than the U-Net's receptive field: stitched tiles give the whole-image answer."""
+    """Gaussian-blended windows agree with the whole-image prediction: a window's border pixels see
+    less context, and their low weight keeps them from deciding (an untrained model's near-ties
+    still flip a few pixels; tests/test_stitch.py checks the blending itself exactly)."""
     rng = np.random.default_rng(0)
     img = (rng.random((150, 203, 3)) * 255).astype(np.uint8)
     whole, whole_conf = predict(Predictor(native_model, tile_size=4096), img)
     tiled, tiled_conf = predict(Predictor(native_model, tile_size=64, tile_overlap=56, batch_size=4), img)
     assert whole.shape == tiled.shape == (150, 203)
     assert len(np.unique(whole)) > 1  # a model that paints one class would make this test vacuous
-    assert (whole == tiled).mean() > 0.999
-    assert abs(whole_conf - tiled_conf) < 1e-3
+    assert (whole == tiled).mean() > 0.97
+    assert abs(whole_conf - tiled_conf) < 1e-2
 
 
 def test_bfloat16_predictor_agrees_with_float32(native_model):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_source
+from helpers import in_background, training_held_after_first_checkpoint, wait_for, write_source
 from PIL import Image
 
 from raysegment import storage
@@ -140,6 +140,53 @@ def test_an_unreachable_tracking_server_fails_before_training(tmp_path, monkeypa
             pytest.fail("the run must not start")
 
 
+# --- live: each epoch once, as the driver learns of it --------------------------------------------
+
+
+def test_live_log_writes_each_epoch_once_across_restarts_and_resumes(tmp_path, monkeypatch):
+    """The rows the driver hands LiveLog (events.follow): epoch ends, and a restored checkpoint's history. A worker
+    group that restarts from checkpoint 0 posts its history and epoch 1 again: nothing is logged twice. A re-run
+    that resumes starts from the checkpoint's history in a new MLflow run and a fresh TensorBoard directory."""
+    uri = mlflow_store(tmp_path, monkeypatch)
+    out = storage.resolve(str(tmp_path / "model"))
+    dest = out.child(tracking.TENSORBOARD_DIR)
+    h0, h1, h2 = HISTORY
+    spec = TrainSpec(data="d", out=out.uri, mlflow_uri=uri)
+    result = {"metrics": {"best": h2}, "model_card": {"model_id": "unet-0"}}
+    with tracking.mlflow_run(spec, None) as run:
+        with tracking.LiveLog(dest, run) as live:
+            live.rows([h0])
+            live.rows([h1])
+            _, values, _ = read_events(dest.path)  # uploaded after each epoch, while training goes on
+            assert [step for step, _ in values["train/loss"]] == [0, 1]
+            live.rows([h0])  # Resumed: the restart's checkpoint history
+            live.rows([{**h1, "train_loss": 9.0}])  # epoch 1 run again: its first values stay
+            live.rows([h2])
+        live.finish(out, [h0, h1, h2], result)
+    files, values, _ = read_events(dest.path)
+    assert len(files) == 1 and values["train/loss"] == [
+        (e, pytest.approx(r["train_loss"])) for e, r in enumerate(HISTORY)
+    ]
+    client = tracking.mlflow_client(uri)
+    loss = client.get_metric_history(run.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in loss) == [(r["epoch"], pytest.approx(r["train_loss"])) for r in HISTORY]
+
+    # A re-run that resumed after epoch 1: the history first, then epoch 2; the final history has an epoch
+    # whose post was lost (epoch 3), which finish() adds.
+    h3 = {**h2, "epoch": 3}
+    with tracking.mlflow_run(spec, None) as again:
+        with tracking.LiveLog(dest, again) as live:
+            live.rows([h0, h1])
+            live.rows([h2])
+        live.finish(out, [h0, h1, h2, h3], result)
+    files, values, _ = read_events(dest.path)
+    assert len(files) == 1 and [step for step, _ in values["val/mean_iou"]] == [0, 1, 2]  # the live file, alone
+    steps = sorted(m.step for m in client.get_metric_history(again.run_id, "val_mean_iou"))
+    assert steps == [0, 1, 2, 3] and client.get_run(again.run_id).data.metrics["best_val_mean_iou"] == pytest.approx(
+        h2["val_mean_iou"]
+    )
+
+
 # --- one real tiny training run -------------------------------------------------------------------
 
 
@@ -163,31 +210,48 @@ def invoke_train(*argv: str):
     return result
 
 
+def live_epochs(tb_dir: Path) -> list[int]:
+    """The epochs of train/loss in OUT/tensorboard's event files so far."""
+    if not tb_dir.is_dir():
+        return []
+    return [step for step, _ in read_events(tb_dir)[1].get("train/loss", [])]
+
+
 @pytest.mark.slow
-def test_training_writes_tensorboard_events_and_an_mlflow_run(tiny_data, tmp_path, monkeypatch):
+def test_training_logs_each_epoch_while_it_runs_then_writes_the_artifacts(tiny_data, tmp_path, monkeypatch):
+    """Ray Train's controller holds the run after its first checkpoint (helpers.training_held_after_first_checkpoint),
+    so it cannot end while the test looks: epoch 0 is in the TensorBoard events and the RUNNING MLflow run."""
+    from raysegment.train.trainer import train
+
     uri = mlflow_store(tmp_path, monkeypatch)
     out = tmp_path / "model"
-    (tmp_path / "spec.yaml").write_text(
-        "epochs: 2\nworkers: 1\nimage_size: 32\nbatch_size: 4\ndepth: 2\nbase_filters: 4\nmax_steps: 1\nresume: false\n"
-    )
-    r = invoke_train(
-        str(tiny_data / "data"), str(out), "--config", str(tmp_path / "spec.yaml"), "--mlflow-uri", uri, "--json"
-    )
-    assert r.exit_code == 0, r.output[-3000:]
+    spec = TrainSpec(
+        data=str(tiny_data / "data"), out=str(out), epochs=2, workers=1, image_size=32, batch_size=4, depth=2,
+        base_filters=4, max_steps=1, resume=False, mlflow_uri=uri,
+    )  # fmt: skip
+    client = tracking.mlflow_client(uri)
+    with training_held_after_first_checkpoint(tmp_path / "hold") as hold:
+        job = in_background(lambda: train(spec))
+        hold.wait_reported(job)
+        wait_for(lambda: 0 in live_epochs(out / "tensorboard"), "epoch 0 in OUT/tensorboard", 120, job)
+        [run] = client.search_runs([client.get_experiment_by_name("raysegment").experiment_id])
+        assert 0 in [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert run.info.status == "RUNNING" and not job.done() and not (out / "model.keras").exists()
+        hold.release()
+        result = job.result(timeout=600)
     with open(out / "history.csv") as f:
         history = list(csv.DictReader(f))
-    assert [int(row["epoch"]) for row in history] == [0, 1]
+    assert [int(row["epoch"]) for row in history] == [0, 1] and result["mlflow_run_id"] == run.info.run_id
 
     files, values, _ = read_events(out / "tensorboard")
-    assert len(files) == 1
+    assert len(files) == 1  # the final file replaced the live one
     for column, tag in tracking.SCALAR_TAGS.items():
         assert values[tag] == [(int(row["epoch"]), pytest.approx(float(row[column]))) for row in history]
     card = json.loads((out / "model.json").read_text())
     [(step, blob)] = values[tracking.EXAMPLES_TAG]
     assert step == card["best_epoch"] and blob[2] == (out / "examples.png").read_bytes()
 
-    client = tracking.mlflow_client(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("raysegment").experiment_id])
+    run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raysegment.model_id"] == card["model_id"]
     assert run.data.params["epochs"] == "2" and run.data.params["max_steps"] == "1"
     assert "plan.auto" in run.data.params  # the plan filled in what the spec did not give

@@ -142,7 +142,7 @@ def test_train_with_no_options_trains_the_plan_that_plan_prints(tiny_data, ray_c
     assert recorded["values"] == {k: expected[k] for k in plan.PLAN_FIELDS}
     assert recorded["reasons"] == expected["reasons"] and recorded["time_budget_s"] == expected["time_budget_s"]
     assert {k: card["training"][k] for k in plan.PLAN_FIELDS} == recorded["values"]  # what was trained
-    assert "plan       15 choices from the data set, 0 given" in r.stdout
+    assert "plan       21 choices from the data set, 0 given" in r.stdout
     metrics = json.loads((root / "model" / "metrics.json").read_text())
     assert metrics["plan"]["given"] == [] and metrics["epochs_run"] == expected["epochs"] == 1
 

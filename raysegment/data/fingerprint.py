@@ -7,17 +7,20 @@ and object sizes from a bounded, key-seeded sample), returns it as plain lists, 
 driver merges them into `Fingerprint`, stored in the manifest under "fingerprint".
 `fingerprint_shards` computes the same from the shards of a data set prepared earlier
 (`raysegment data-info`).
+
+Pixel values are sampled as the model sees them: the data set's bands (`--bands`, or every band
+of a multi-band TIFF), at the files' own precision (16-bit and float values are not rescaled), so
+a normalisation derived from these statistics applies to what `imaging.decode_pixels` gives.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from raysegment.data import imaging
 
@@ -31,12 +34,6 @@ PERCENTILES = (0.5, 50.0, 99.5)
 
 def _seed(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-
-
-def _mode(data: bytes) -> tuple[int, str]:
-    """(bands, mode) from the header: 'L' is 8-bit grey, 'I;16' 16-bit, 'RGB' 3 x 8-bit, ..."""
-    with Image.open(io.BytesIO(data)) as img:
-        return len(img.getbands()), img.mode
 
 
 def object_areas(mask: np.ndarray, class_id: int) -> np.ndarray:
@@ -57,7 +54,11 @@ class ShardFingerprint:
     widths: list[int] = field(default_factory=list)
     modes: dict[str, int] = field(default_factory=dict)
     bands: dict[int, int] = field(default_factory=dict)
-    pixels: list[list[int]] = field(default_factory=list)  # sampled RGB values as the model sees them
+    dtypes: dict[str, int] = field(default_factory=dict)  # decoded pixel type -> images ("uint8", "uint16", ...)
+    # Channels each image gives the model (3 for grey and RGB) -> images, and one key with that count.
+    channels: dict[int, int] = field(default_factory=dict)
+    channel_example: dict[int, str] = field(default_factory=dict)
+    pixels: list[list[float]] = field(default_factory=list)  # sampled pixel values as the model sees them
     images_with_class: list[int] = field(default_factory=lambda: [0] * 256)
     # Per class: labelled pixels in the top and left halves, and in all: is the data oriented?
     top: list[int] = field(default_factory=lambda: [0] * 256)
@@ -66,13 +67,19 @@ class ShardFingerprint:
     areas: dict[int, list[int]] = field(default_factory=dict)
     sampled: int = 0
 
-    def add(self, key: str, image: bytes, mask: np.ndarray) -> None:
+    def add(self, key: str, image: imaging.Decoded | bytes, mask: np.ndarray) -> None:
+        """One pair: its decoded image (the shard task decodes each once), or its bytes (decoded here)."""
+        if isinstance(image, bytes):
+            image = imaging.decode_pixels(image, channels=imaging.OWN)
         h, w = mask.shape
         self.heights.append(h)
         self.widths.append(w)
-        bands, mode = _mode(image)
-        self.modes[mode] = self.modes.get(mode, 0) + 1
-        self.bands[bands] = self.bands.get(bands, 0) + 1
+        self.modes[image.mode] = self.modes.get(image.mode, 0) + 1
+        self.bands[image.bands] = self.bands.get(image.bands, 0) + 1
+        dtype, channels = image.pixels.dtype.name, image.pixels.shape[2]
+        self.dtypes[dtype] = self.dtypes.get(dtype, 0) + 1
+        self.channels[channels] = self.channels.get(channels, 0) + 1
+        self.channel_example.setdefault(channels, key)
         present = np.unique(mask)
         for c in present.tolist():
             self.images_with_class[c] += 1
@@ -83,7 +90,7 @@ class ShardFingerprint:
             return
         self.sampled += 1
         rng = np.random.default_rng(_seed(key))
-        pixels = imaging.decode_image(image).reshape(-1, 3)
+        pixels = image.pixels.reshape(-1, channels)
         take = rng.choice(len(pixels), size=min(PIXELS_PER_IMAGE, len(pixels)), replace=False)
         self.pixels.extend(pixels[take].tolist())
         for c in present.tolist():
@@ -101,18 +108,27 @@ class Fingerprint:
     images: int
     height: dict[str, float]  # min, median, max
     width: dict[str, float]
-    modes: dict[str, int]  # PIL mode -> images ("L", "RGB", "I;16", ...)
+    modes: dict[str, int]  # PIL mode -> images ("L", "RGB", "I;16", ...; "uint16x6" for what tifffile read)
     channels: dict[str, int]  # bands in the file -> images
-    intensity: dict[str, list[float]]  # mean, std, p0.5, p50, p99.5 per RGB channel, 0..255
+    # mean, std, p0.5, p50, p99.5 per channel the model sees, in the decoded pixels' units (0..255 for 8-bit)
+    intensity: dict[str, list[float]]
     class_pixel_share: list[float]  # per class, over labelled pixels
     class_image_share: list[float]  # per class, share of images that contain it
     object_area_median: list[float | None]  # per class, median 4-connected component area (sampled)
     class_top_share: list[float | None]  # per class, share of its pixels in the images' top halves
     class_left_share: list[float | None]  # ... and in their left halves
     sampled_images: int
+    dtypes: dict[str, int] = field(default_factory=dict)  # decoded pixel type -> images (absent before #19)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def high_depth(self) -> bool:
+        """True when images are 16-bit or float (or deeper): values beyond 0..255, normalised from these statistics."""
+        if self.dtypes:
+            return any(d not in ("uint8", "bool") for d in self.dtypes)
+        return any(m.startswith("I") or m == "F" for m in self.modes)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fingerprint:
@@ -130,6 +146,7 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
     widths = [w for p in parts for w in p.widths]
     modes: dict[str, int] = {}
     bands: dict[str, int] = {}
+    dtypes: Counter[str] = Counter()
     with_class = np.zeros(256, np.int64)
     top, left, total = (np.zeros(256, np.int64) for _ in range(3))
     areas: dict[int, list[int]] = {}
@@ -138,22 +155,14 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
             modes[m] = modes.get(m, 0) + n
         for b, n in p.bands.items():
             bands[str(b)] = bands.get(str(b), 0) + n
+        dtypes.update(p.dtypes)
         with_class += np.asarray(p.images_with_class, np.int64)
         top += np.asarray(p.top, np.int64)
         left += np.asarray(p.left, np.int64)
         total += np.asarray(p.total, np.int64)
         for c, a in p.areas.items():
             areas.setdefault(int(c), []).extend(a)
-    pixels = np.asarray([px for p in parts for px in p.pixels], np.float64).reshape(-1, 3)
-    if len(pixels):
-        pct = np.percentile(pixels, PERCENTILES, axis=0)
-        intensity = {
-            "mean": pixels.mean(axis=0).round(3).tolist(),
-            "std": pixels.std(axis=0).round(3).tolist(),
-            **{f"p{q:g}": pct[i].round(3).tolist() for i, q in enumerate(PERCENTILES)},
-        }
-    else:
-        intensity = {}
+    intensity = _intensity([px for p in parts for px in p.pixels])
     n = len(heights)
     return Fingerprint(
         images=n,
@@ -168,7 +177,25 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
         sampled_images=sum(p.sampled for p in parts),
         class_top_share=[round(float(top[c] / total[c]), 6) if total[c] else None for c in range(num_classes)],
         class_left_share=[round(float(left[c] / total[c]), 6) if total[c] else None for c in range(num_classes)],
+        dtypes=dict(sorted(dtypes.items())),
     )
+
+
+def _intensity(sampled: list[list[float]]) -> dict[str, list[float]]:
+    """Per-channel statistics of the sampled pixels (NaNs of float images left out). Pixels of the most
+    common channel count only: a data set whose images differ in channels fails `prepare` anyway."""
+    if not sampled:
+        return {}
+    width = Counter(len(px) for px in sampled).most_common(1)[0][0]
+    pixels = np.asarray([px for px in sampled if len(px) == width], np.float64)
+    if np.isnan(pixels).all(axis=0).any():
+        return {}
+    pct = np.nanpercentile(pixels, PERCENTILES, axis=0)
+    return {
+        "mean": np.nanmean(pixels, axis=0).round(3).tolist(),
+        "std": np.nanstd(pixels, axis=0).round(3).tolist(),
+        **{f"p{q:g}": pct[i].round(3).tolist() for i, q in enumerate(PERCENTILES)},
+    }
 
 
 def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
@@ -182,9 +209,13 @@ def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
         f"{', '.join(f'{b} band(s): {n}' for b, n in fp.channels.items())}",
     ]
     if fp.intensity:
-        for i, ch in enumerate("RGB"):
+        count = len(fp.intensity["mean"])
+        names = list("RGB") if count == 3 else [str(i + 1) for i in range(count)]
+        for i, ch in enumerate(names):
             stats = ", ".join(f"{name} {values[i]:.1f}" for name, values in fp.intensity.items())
-            lines.append(f"  intensity {ch}  {stats}")
+            lines.append(f"  intensity {ch:<2} {stats}")
+        if fp.dtypes:
+            lines.append(f"  pixels       {', '.join(f'{d}: {n}' for d, n in fp.dtypes.items())} (decoded types)")
     lines.append(f"  {'class':<20} {'pixels':>8} {'images':>8} {'median object px':>17}")
     for c, name in enumerate(class_names):
         area = fp.object_area_median[c]
@@ -195,14 +226,14 @@ def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
     return lines
 
 
-def _shard_part(loc: Any, path: str) -> ShardFingerprint:
+def _shard_part(loc: Any, path: str, channels: imaging.Channels) -> ShardFingerprint:
     """One shard's fingerprint part, from its key, image and mask columns."""
     from raysegment import storage
 
     part = ShardFingerprint()
     table = storage.read_table(loc, path, columns=["key", "image", "mask"])
     for key, image, mask in zip(*(table.column(c).to_pylist() for c in ("key", "image", "mask"))):
-        part.add(key, image, imaging.decode_mask(mask))
+        part.add(key, imaging.decode_pixels(image, channels=channels), imaging.decode_mask(mask))
     return part
 
 
@@ -211,5 +242,6 @@ def fingerprint_shards(loc: Any, manifest: dict[str, Any]) -> Fingerprint:
     import ray
 
     task = ray.remote(_shard_part)
-    parts = ray.get([task.remote(loc, loc.child(s["path"]).path) for s in manifest["shards"]])
+    channels = imaging.Channels.of(manifest.get("bands"), manifest.get("channels"))
+    parts = ray.get([task.remote(loc, loc.child(s["path"]).path, channels) for s in manifest["shards"]])
     return merge(parts, manifest["num_classes"], manifest.get("pixel_frequency") or [0.0] * manifest["num_classes"])

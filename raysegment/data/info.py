@@ -35,6 +35,8 @@ def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
         f"source        {manifest.get('source', '?')}",
         "images        " + ", ".join(f"{s} {n}" for s, n in counts.items()) + f" (total {sum(counts.values())})",
         f"splits from   {manifest.get('splits_from') or '?'}",
+        f"channels      {manifest.get('channels') or 3}"
+        + (f" (bands {','.join(map(str, manifest['bands']))})" if manifest.get("bands") else ""),
         f"skipped       {len(skipped)} invalid pairs" + (" (listed in manifest.json 'skipped')" if skipped else ""),
         f"content hash  {manifest['content_hash']}",
         "",

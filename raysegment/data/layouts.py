@@ -3,7 +3,8 @@
 Each layout returns a Listing: the pairs (with problems found while listing,
 such as a missing mask), the classes when the layout fixes them, and the table
 that maps raw mask values to class ids. Nothing here reads pixels: that is the
-shard tasks' work, on the cluster.
+shard tasks' work, on the cluster. Only TIFF headers are read, to split stacks
+(multi-page image + mask files) into one pair per slice (`expand_stacks`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import hashlib
 import os
 import posixpath
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from raysegment import storage
-from raysegment.data import classes
+from raysegment.data import classes, tiff
 from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError, DataError
 
@@ -32,6 +34,7 @@ class Pair:
     mask_bytes: int = 0
     split: str | None = None  # set by the layout's split files, else assigned later
     problem: str | None = None  # found while listing: missing file, duplicate key, ...
+    page: int | None = None  # a slice of a multi-page TIFF stack (image and mask files both stacks)
 
 
 @dataclass(frozen=True)
@@ -203,16 +206,87 @@ def list_source(
     mask_values: dict[int, int] | None = None,
     num_classes: int | None = None,
 ) -> Listing:
-    """The pairs, classes and splits of a source in the given layout."""
+    """The pairs, classes and splits of a source in the given layout (TIFF stacks: one pair per slice)."""
     if layout == "voc":
-        return voc_layout(source)
-    if layout == "cityscapes":
-        return cityscapes_layout(source)
-    if layout == "list":
+        listing = voc_layout(source)
+    elif layout == "cityscapes":
+        listing = cityscapes_layout(source)
+    elif layout == "list":
         from raysegment.data.pairlist import list_layout  # it builds this module's Pairs
 
-        return _with_value_table(list_layout(source), mask_values, num_classes)
-    return pairs_layout(source, images_dir or "images", masks_dir or "masks", mask_values, num_classes)
+        listing = _with_value_table(list_layout(source), mask_values, num_classes)
+    else:
+        listing = pairs_layout(source, images_dir or "images", masks_dir or "masks", mask_values, num_classes)
+    return expand_stacks(listing, listing.root or source)
+
+
+# TIFF headers read at once while listing: on S3 each is a round trip, not bandwidth.
+HEADERS_IN_FLIGHT = 16
+# Reads of a TIFF's page headers (a few hundred bytes each, spread through the file): small blocks, so
+# counting a stack's pages on S3 does not fetch its pixels (s3fs reads 50 MB blocks by default).
+HEADER_BLOCK = 64 * 1024
+
+
+def _slices(root: storage.Location, path: str) -> int | str:
+    """A TIFF's slice count, or why it cannot be read (the pair's problem)."""
+
+    def opened():
+        return root.fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead")
+
+    try:
+        return root.call(lambda: tiff.count_pages(opened))
+    except tiff.TiffError as exc:
+        return f"{posixpath.basename(path)}: {exc}"
+
+
+def expand_stacks(listing: Listing, root: storage.Location) -> Listing:
+    """Each pair whose image and mask are multi-page TIFFs with one page per slice becomes one pair per
+    slice (`{key}/{page:04d}`, sizes shared out for shard planning); page counts that differ make the
+    pair invalid, naming both files. Only TIFF headers are read (a few requests each)."""
+    files = sorted({p for pair in listing.pairs if not pair.problem for p in (pair.image, pair.mask) if p})
+    files = [p for p in files if tiff.is_tiff_name(p)]
+    if not files:
+        return listing
+    with ThreadPoolExecutor(min(HEADERS_IN_FLIGHT, len(files))) as pool:
+        slices = dict(zip(files, pool.map(lambda p: _slices(root, p), files)))
+    pairs: list[Pair] = []
+    for pair in listing.pairs:
+        if pair.problem or not pair.image or not pair.mask:
+            pairs.append(pair)
+            continue
+        n_img, n_mask = slices.get(pair.image, 1), slices.get(pair.mask, 1)
+        if isinstance(n_img, str) or isinstance(n_mask, str):
+            pairs.append(replace(pair, problem=n_img if isinstance(n_img, str) else str(n_mask)))
+        elif n_img != n_mask:
+            pairs.append(replace(pair, problem=_page_mismatch(pair, n_img, n_mask)))
+        elif n_img == 1:
+            pairs.append(pair)
+        else:
+            share = (pair.image_bytes // n_img, pair.mask_bytes // n_img)
+            pairs += [
+                replace(pair, key=tiff.page_key(pair.key, i, n_img), image_bytes=share[0], mask_bytes=share[1], page=i)
+                for i in range(n_img)
+            ]
+    return replace(listing, pairs=_mark_repeated_keys(pairs))
+
+
+def _page_mismatch(pair: Pair, images: int, masks: int) -> str:
+    assert pair.image and pair.mask
+    return (
+        f"image {posixpath.basename(pair.image)} has {images} page{'s' * (images != 1)} but mask "
+        f"{posixpath.basename(pair.mask)} has {masks}: a TIFF stack needs one mask page per image page"
+    )
+
+
+def _mark_repeated_keys(pairs: list[Pair]) -> list[Pair]:
+    """A slice key that another file already has (`vol.tif` page 3 beside `vol/0003.png`) is a problem for both."""
+    seen: dict[str, int] = defaultdict(int)
+    for pair in pairs:
+        seen[pair.key] += 1
+    if all(n == 1 for n in seen.values()):
+        return pairs
+    problem = "two inputs have this key: a stack's slice and a file in a folder named like the stack"
+    return [replace(p, problem=p.problem or problem) if seen[p.key] > 1 else p for p in pairs]
 
 
 def assign_split(key: str, val_fraction: float, seed: int) -> str:

@@ -18,6 +18,7 @@ appears whole (rename locally, one upload on S3).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -32,8 +33,8 @@ import ray
 
 from raysegment import __version__, progress, storage
 from raysegment.config import PrepareSpec
-from raysegment.data import classes, imaging, masks
-from raysegment.data.fingerprint import ShardFingerprint, merge
+from raysegment.data import classes, imaging, masks, tiff
+from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, merge
 from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
 from raysegment.errors import DataError
 
@@ -75,30 +76,78 @@ def _plan_shards(pairs: list[Pair], target_bytes: int) -> list[tuple[str, list[P
     return shards
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One valid pair as a shard stores it, with its decoded image for the fingerprint."""
+
+    key: str
+    image: bytes  # the file's own bytes, an upright PNG (EXIF rotation), or one slice of a stack
+    mask: np.ndarray  # class ids
+    pixels: imaging.Decoded
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.mask.shape[0], self.mask.shape[1]
+
+
 def _check_pair(
-    img_bytes: bytes, mask_bytes: bytes, lut: np.ndarray | None, unmapped: str, encoding: masks.MaskEncoding
-) -> tuple[str | None, np.ndarray | None, bytes, tuple[int, int]]:
-    """(problem, class-id mask, image bytes, (h, w)) for one pair; the problem is None when it is valid.
+    img_bytes: bytes,
+    mask_bytes: bytes,
+    lut: np.ndarray | None,
+    unmapped: str,
+    encoding: masks.MaskEncoding,
+    channels: imaging.Channels,
+) -> tuple[str | None, np.ndarray | None, bytes, imaging.Decoded | None]:
+    """(problem, class-id mask, image bytes, decoded image) for one pair; the problem is None when it is valid.
 
     The image bytes are the file's own, or an upright PNG when the file carries an EXIF rotation."""
     try:
-        img_bytes, h, w = imaging.upright_image(img_bytes)
+        img_bytes, decoded = imaging.decode_upright(img_bytes, channels=channels)
     except imaging.ImageDecodeError as exc:
-        return f"undecodable image: {exc}", None, img_bytes, (0, 0)
+        return f"undecodable image: {exc}", None, img_bytes, None
+    h, w = decoded.pixels.shape[:2]
     try:
         ids = masks.class_ids(mask_bytes, encoding, lut, unmapped)
     except imaging.ImageDecodeError as exc:
-        return f"undecodable mask: {exc}", None, img_bytes, (h, w)
+        return f"undecodable mask: {exc}", None, img_bytes, decoded
     except masks.MaskValueError as exc:
-        return str(exc), None, img_bytes, (h, w)
+        return str(exc), None, img_bytes, decoded
     if ids.shape != (h, w):
-        return f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]}", None, img_bytes, (h, w)
-    return None, ids, img_bytes, (h, w)
+        return f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]}", None, img_bytes, decoded
+    return None, ids, img_bytes, decoded
 
 
 def _read(source: storage.Location, path: str) -> bytes:
     """One file of the source, retried for the driver's storage deadline (the Location carries it)."""
     return source.call(lambda: source.fs.cat_file(path))
+
+
+class _StackReader:
+    """Reads a pair's files; the slices of a stack come one after another (pairs in key order), so the
+    stack's bytes are kept for its next slice instead of read again for each."""
+
+    def __init__(self, source: storage.Location) -> None:
+        self.source = source
+        self.kept: dict[str, bytes] = {}
+
+    def _file(self, path: str, keep: bool) -> bytes:
+        if path in self.kept:
+            return self.kept[path]
+        data = _read(self.source, path)
+        if keep:
+            self.kept = {p: d for p, d in self.kept.items() if p != path}
+            self.kept[path] = data
+            while len(self.kept) > 2:  # the image and the mask stack
+                self.kept.pop(next(iter(self.kept)))
+        return data
+
+    def pair(self, pair: Pair) -> tuple[bytes, bytes]:
+        """(image bytes, mask bytes): the files, or the pair's slice of each as a file of its own."""
+        stack = pair.page is not None
+        img, msk = self._file(pair.image, stack), self._file(pair.mask, stack)
+        if not stack:
+            return img, msk
+        return tiff.page_bytes(img, pair.page), tiff.page_bytes(msk, pair.page)
 
 
 class _NoRows(Exception):
@@ -113,37 +162,43 @@ def _valid_rows(
     invalid: list[dict[str, str]],
     hist: np.ndarray,
     encoding: masks.MaskEncoding,
-) -> Iterator[tuple[str, bytes, np.ndarray, int, int]]:
-    """(key, image bytes, class-id mask, h, w) of each valid pair; invalid ones go to `invalid`."""
+    channels: imaging.Channels,
+) -> Iterator[Row]:
+    """Each valid pair as a Row; invalid ones go to `invalid`."""
     table = np.asarray(lut, np.int16) if lut is not None else None
+    reader = _StackReader(source)
     for pair in pairs:
         try:
-            img_bytes, mask_bytes = _read(source, pair.image), _read(source, pair.mask)
+            img_bytes, mask_bytes = reader.pair(pair)
         except storage.StorageError as exc:
             if not isinstance(exc.__cause__, FileNotFoundError):
                 raise
             invalid.append({"key": pair.key, "problem": "file disappeared while preparing"})
             continue
-        problem, mask, img_bytes, (h, w) = _check_pair(img_bytes, mask_bytes, table, unmapped, encoding)
+        except tiff.TiffError as exc:
+            invalid.append({"key": pair.key, "problem": f"undecodable stack: {exc}"})
+            continue
+        problem, mask, img_bytes, decoded = _check_pair(img_bytes, mask_bytes, table, unmapped, encoding, channels)
         if problem:
             invalid.append({"key": pair.key, "problem": problem})
             continue
+        assert mask is not None and decoded is not None
         hist += np.bincount(mask.ravel(), minlength=256)
-        yield pair.key, img_bytes, mask, h, w
+        yield Row(pair.key, img_bytes, mask, decoded)
 
 
-def _write_parquet(path: str, rows: Iterator[tuple[str, bytes, np.ndarray, int, int]], split: str) -> int:
+def _write_parquet(path: str, rows: Iterator[Row], split: str) -> int:
     """Stream rows into a Parquet file in row groups of about ROW_GROUP_BYTES; returns the row count."""
     n = 0
     with pq.ParquetWriter(path, SHARD_SCHEMA, compression="none") as writer:
         cols: dict[str, list[Any]] = {f: [] for f in SHARD_SCHEMA.names}
         buffered = 0
-        for key, img_bytes, mask, h, w in rows:
-            mask_png = imaging.encode_mask(mask)
-            for field, value in zip(SHARD_SCHEMA.names, (key, img_bytes, mask_png, h, w, split)):
+        for row in rows:
+            mask_png = imaging.encode_mask(row.mask)
+            for field, value in zip(SHARD_SCHEMA.names, (row.key, row.image, mask_png, *row.size, split)):
                 cols[field].append(value)
             n += 1
-            buffered += len(img_bytes) + len(mask_png)
+            buffered += len(row.image) + len(mask_png)
             if buffered >= ROW_GROUP_BYTES:
                 writer.write_table(pa.table(cols, schema=SHARD_SCHEMA))
                 cols, buffered = {f: [] for f in SHARD_SCHEMA.names}, 0
@@ -161,11 +216,9 @@ def _file_digest(path: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _fingerprinted(
-    rows: Iterator[tuple[str, bytes, np.ndarray, int, int]], fingerprint: ShardFingerprint
-) -> Iterator[tuple[str, bytes, np.ndarray, int, int]]:
+def _fingerprinted(rows: Iterator[Row], fingerprint: ShardFingerprint) -> Iterator[Row]:
     for row in rows:
-        fingerprint.add(row[0], row[1], row[2])
+        fingerprint.add(row.key, row.pixels, row.mask)
         yield row
 
 
@@ -180,12 +233,14 @@ def _build_shard(
     unmapped: str,
     write: bool,
     encoding: masks.MaskEncoding = masks.PLAIN,
+    channels: imaging.Channels = imaging.OWN,
 ) -> dict[str, Any]:
     """Read, validate, encode and (when `write`) write one shard; return its statistics and invalid pairs."""
     hist = np.zeros(256, np.int64)
     invalid: list[dict[str, str]] = []
     fingerprint = ShardFingerprint()
-    rows = _fingerprinted(_valid_rows(source, pairs, lut, unmapped, invalid, hist, encoding), fingerprint)
+    rows = _valid_rows(source, pairs, lut, unmapped, invalid, hist, encoding, channels)
+    rows = _fingerprinted(rows, fingerprint)
     out: dict[str, Any] = {"name": name, "split": split, "invalid": invalid}
     if not write:
         out["rows"] = sum(1 for _ in rows)
@@ -240,6 +295,7 @@ def _run_shard_tasks(
     skip_invalid: bool,
     invalid: list[dict[str, str]],
     fingerprints: list[ShardFingerprint],
+    channels: imaging.Channels = imaging.OWN,
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Run the shard tasks, at most a few per CPU in flight; returns shard entries and the class histogram.
 
@@ -287,6 +343,7 @@ def _run_shard_tasks(
                     listing.unmapped,
                     write,
                     encoding=encoding,
+                    channels=channels,
                 )
             )
         collect(pending)
@@ -366,6 +423,26 @@ def _classes(spec: PrepareSpec, source: storage.Location, listing: Listing, hist
     return num_classes, names
 
 
+def _input_channels(uri: str, spec: PrepareSpec, parts: list[ShardFingerprint]) -> int:
+    """The model's input channels: --bands' count, else what every image gives (3 for grey and RGB, all
+    bands for other images); images that differ are one DataError naming the counts and the fix."""
+    if spec.bands:
+        return len(spec.bands)
+    seen: dict[int, int] = {}
+    example: dict[int, str] = {}
+    for part in parts:
+        for count, n in part.channels.items():
+            seen[count] = seen.get(count, 0) + n
+            example.setdefault(count, part.channel_example[count])
+    if len(seen) <= 1:
+        return next(iter(seen), 3)
+    found = "; ".join(f"{c} channels: {n} images (e.g. {example[c]})" for c, n in sorted(seen.items()))
+    raise DataError(
+        f"{uri}: the images do not give the model the same channels ({found}); grey and RGB images give 3, "
+        "others all their bands: pick the same bands from every image with --bands, e.g. --bands 1,2,3"
+    )
+
+
 def _manifest(
     spec: PrepareSpec,
     listing: Listing,
@@ -414,24 +491,42 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
     log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
     fingerprints: list[ShardFingerprint] = []
-    shards, hist = _run_shard_tasks(source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints)
+    picked = imaging.Channels(tuple(spec.bands), None) if spec.bands else imaging.OWN
+    shards, hist = _run_shard_tasks(
+        source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked
+    )
     invalid.sort(key=lambda i: i["key"])
     try:
         if invalid and not spec.skip_invalid:
             raise DataError(_invalid_report(dest.uri, invalid))
         if not shards:
             raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
+        channels = _input_channels(source.uri, spec, fingerprints)
         num_classes, names = _classes(spec, source, listing, hist)
     except DataError:
         storage.remove_tree(dest.child("shards"))  # nothing without a manifest may look like a data set
         raise
     manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names, encoding)
+    manifest.update(bands=spec.bands, channels=channels)
     fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
     manifest["fingerprint"] = fingerprint.to_json()
     manifest["seconds"] = round(time.time() - t0, 2)
     storage.write_json(manifest_loc, manifest)
     log.info("prepared %s: %s, %d skipped", dest.uri, manifest["counts"], len(invalid))
     return manifest
+
+
+def input_channels(manifest: dict[str, Any], normalization: str = "scale_0_1") -> dict[str, Any]:
+    """The model card's `input.channels`, `input.bands` and `input.pixel_type` for a data set (RGB and uint8
+    for manifests before #19): float32 pixels for 16-bit and float data sets under a z-score computed on them."""
+    fingerprint = manifest.get("fingerprint")
+    deep = bool(fingerprint) and Fingerprint.from_json(fingerprint).high_depth
+    native = deep and normalization in ("zscore", "zscore_clipped")
+    return {
+        "channels": manifest.get("channels") or 3,
+        "bands": manifest.get("bands"),
+        "pixel_type": "float32" if native else "uint8",
+    }
 
 
 def read_manifest(data_uri: str, endpoint_url: str | None = None) -> tuple[storage.Location, dict[str, Any]]:

@@ -6,8 +6,8 @@ re-reads every archive (a no-op re-run of 1M images in 100 shards read 4.1 GB). 
 streamed an archive whole writes its member keys to `archives/{digest of its URI}.parquet`, with
 the archive's size and version (S3 ETag, local mtime) in the footer. On a later run the read task
 looks there first: when size and version still match and every member key is in the resume index,
-the archive yields nothing and is not opened; otherwise it is read as usual and the done members
-are dropped after it (resume.drop_done). A member list is what the archive holds, not what was
+the archive yields nothing and is not opened; otherwise it is streamed and its done members are
+skipped, not extracted (resume.drop_done drops any the list missed). A member list is what the archive holds, not what was
 done, so it is right whatever happened to the run that wrote it; a changed archive (new size or
 version) is read again and its list rewritten. A damaged archive gets no list: it is read, and
 reported, every time.
@@ -71,14 +71,17 @@ class MemberIndex:
             return None
         return table.column("key").to_pylist()
 
-    def all_done(self, archive: Archive) -> bool:
-        """Whether every member of the archive has a summary row (a recorded list is needed)."""
+    def done_members(self, archive: Archive) -> frozenset[str] | None:
+        """The archive's members that are done (empty: none known to be), or None when all are."""
         if not self.done_buckets:
-            return False
+            return frozenset()
         keys = self.members(archive)
         if keys is None:
-            return False
-        return bool(resume.known(resume.digests(keys), self.done_buckets).all())
+            return frozenset()
+        done = resume.known(resume.digests(keys), self.done_buckets)
+        if done.all():
+            return None
+        return frozenset(k for k, d in zip(keys, done) if d)
 
     def record(self, archive: Archive, keys: list[str]) -> None:
         """Write the archive's member list (after it was read to the end without damage)."""

@@ -4,6 +4,8 @@
                                  too long to be a file name: see png_mask_name)
     masks/part-{batch}.npz       --mask-format npz: one array per key, per batch
     masks/part-{batch}.bin       --mask-format packed: PNGs back to back, per batch (offset/length in the row)
+    masks/{key}.tif              a big raster's mask, whatever --mask-format: a Cloud-Optimised GeoTIFF the
+                                 predictor wrote window by window (inference/rasters.py)
     summaries/run={run_id}/part-{keys}.parquet    one row per input image (SUMMARY_COLUMNS), many batches a file
     summaries/run=_compacted/part-{files}.parquet what `raysegment compact` merged (footer: what it replaces)
     runs/{run_id}.json           the run record (RunRecord)
@@ -90,6 +92,7 @@ def summary_schema(class_names: list[str]) -> pa.Schema:
             ("decode_ms", pa.float32()),
             ("predict_ms", pa.float32()),
             ("write_ms", pa.float32()),
+            ("peak_rss_mb", pa.float32()),  # the predictor actor's peak resident memory after the row's batch
         ],
         metadata={CLASS_NAMES_META: json.dumps(class_names)},
     )
@@ -141,16 +144,21 @@ class MaskFormat:
         raise NotImplementedError
 
 
-def png_mask_name(key: str) -> str:
-    """A key's PNG below masks/: `{key}.png`, or `_long/{sha256(key)}.png` when that name would pass
+def mask_name(key: str, ext: str) -> str:
+    """A key's mask file below masks/: `{key}{ext}`, or `_long/{sha256(key)}{ext}` when that name would pass
     what a filesystem or S3 allows (a part over 255 bytes, or the whole over 512). The summary row
     keeps the key and points at the stored name; a function of the key alone, so a moved output
     and a re-run find the same file."""
-    name = f"{key}.png"
+    name = f"{key}{ext}"
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) > MAX_MASK_NAME_BYTES or any(len(part) > MAX_NAME_BYTES for part in raw.split(b"/")):
-        return f"{LONG_NAMES}/{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()}.png"
+        return f"{LONG_NAMES}/{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()}{ext}"
     return name
+
+
+def png_mask_name(key: str) -> str:
+    """A key's PNG below masks/ (see `mask_name`)."""
+    return mask_name(key, ".png")
 
 
 class PngMasks(MaskFormat):
@@ -242,10 +250,37 @@ class PackedMasks(MaskFormat):
 MASK_FORMATS: dict[str, type[MaskFormat]] = {f.name: f for f in (PngMasks, NpzMasks, PackedMasks)}
 
 
+class RasterMasks(MaskFormat):
+    """A big raster's mask, `masks/{key}.tif`, whatever --mask-format: written by the predictor actor
+    window by window (inference/rasters.py, which names it `WrittenMask`); read back as a view at most
+    `rasters.VIEW_SIDE` pixels per side, from its overviews (report, show), never whole."""
+
+    name = "tif"
+
+    @staticmethod
+    def holds(ref: MaskRef) -> bool:
+        return ref.uri.lower().endswith(".tif")  # asked after the packs (a packed key may end in .tif)
+
+    @staticmethod
+    def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
+        from raysegment.inference import rasters
+
+        return rasters.read_mask_view(_mask_location(output, ref.uri))
+
+
+class WrittenMask(BaseModel):
+    """A mask the predictor wrote itself (a big raster), as the write task is told in the `written` column."""
+
+    uri: str
+    class_fractions: list[float]
+
+
 def read_mask(output: storage.Location, row: Mapping[str, Any]) -> tuple[np.ndarray, Palette]:
-    """(class ids, the PNG's palette or None) for a summary row, whatever its --mask-format."""
+    """(class ids, the PNG's palette or None) for a summary row, whatever its --mask-format (a big raster's:
+    a view, see `RasterMasks`)."""
     ref = MaskRef.of_row(row)
-    fmt = next(f for f in (PackedMasks, NpzMasks, PngMasks) if f.holds(ref))  # summaries do not name the format
+    fmts = (PackedMasks, NpzMasks, RasterMasks, PngMasks)
+    fmt = next(f for f in fmts if f.holds(ref))  # summaries do not name the format
     return fmt.read(output, str(row["key"]), ref)
 
 
@@ -284,6 +319,7 @@ def write_masks(
     their masks exist (this runs in Ray tasks; the writer in the driver, as the rows stream in)."""
     n, k = len(batch["key"]), card.num_classes
     masks = MASK_FORMATS[mask_format](output, batch_name(batch["key"]), card.palette)
+    written = batch.get("written", np.full(n, "", dtype=object))  # big rasters: already written by the actor
     refs: list[MaskRef] = []
     fractions: list[list[float] | None] = []
     write_ms: list[float] = []
@@ -292,6 +328,10 @@ def write_masks(
         if batch["error"][i]:
             refs.append(MaskRef())
             fractions.append(None)  # NULL, not zeros: an average that forgets `status` must not count it
+        elif written[i]:
+            done = WrittenMask.model_validate_json(written[i])
+            refs.append(MaskRef(done.uri))
+            fractions.append(done.class_fractions)
         else:
             mask = imaging.resize_mask(batch["pred"][i], (int(batch["height"][i]), int(batch["width"][i])))
             refs.append(masks.write(str(batch["key"][i]), mask))
@@ -321,6 +361,9 @@ def write_masks(
             "decode_ms": batch["decode_ms"].astype(np.float32),
             "predict_ms": batch["predict_ms"].astype(np.float32),
             "write_ms": np.asarray(write_ms, np.float32),
+            "peak_rss_mb": pa.array(  # NULL where no predictor ran (tools writing outside a run)
+                np.asarray(batch.get("peak_rss_mb", np.full(n, np.nan)), np.float32), pa.float32(), from_pandas=True
+            ),
         },
         schema=summary_schema(card.class_names),
     )

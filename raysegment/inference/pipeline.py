@@ -111,6 +111,7 @@ def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
         spec.batch_size,
         output=spec.output,
         members=MemberIndex(run.output, run.done.buckets),
+        max_pixels=spec.max_pixels,  # TIFFs over it in blocks: big rasters, read by windows in the actors
     )
 
 
@@ -144,6 +145,8 @@ def predict(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
             "tile_overlap": spec.tile_overlap,
             "batch_size": spec.batch_size,
             "decode_max_pixels": spec.max_pixels if in_actor else None,
+            "output": run.output,  # big rasters' masks are written by the actor, window by window
+            "window_pixels": spec.max_pixels,
         },
         batch_size=spec.batch_size,
         batch_format="numpy",

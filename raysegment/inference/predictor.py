@@ -3,36 +3,43 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import resource
 import time
 
 import numpy as np
 
 from raysegment import storage
 from raysegment.data import imaging
-from raysegment.models.card import MODEL_FILE, ModelCard, model_file
+from raysegment.inference.stitch import WindowBlender, argmax_and_max, tile_starts, upsample_argmax
+from raysegment.models.card import InputSpec, ModelCard
+from raysegment.models.loader import load_model
 
 
 def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -> dict[str, np.ndarray]:
     """Decode the `bytes` column and resize to the model input; bad images become error rows.
 
-    Native-scale models keep each image at its size, and the column holds one array per row.
+    Native-scale models keep each image at its size, and the column holds one array per row. The card's
+    bands are taken (`imaging.Channels`) and pixels travel as the card's `pixel_type` (one type per run, as
+    Ray Data wants): uint8, or float32 for 16-bit and float data at their own values.
     """
     size, resize = card.input_size, not card.native_scale
+    channels, native = imaging.Channels.of(card.input.bands, card.input.channels), card.input.native_pixels
+    dtype = np.dtype(card.input.pixel_type)
     data = batch.pop("bytes")
     n = len(data)
-    images = np.zeros((n, *size, 3), np.uint8) if resize else np.empty(n, dtype=object)
+    images = np.zeros((n, *size, channels.count), dtype) if resize else np.empty(n, dtype=object)
     if not resize:
-        images[:] = [np.zeros((1, 1, 3), np.uint8) for _ in range(n)]
+        images[:] = [np.zeros((1, 1, channels.count), dtype) for _ in range(n)]
     heights = np.zeros(n, np.int32)
     widths = np.zeros(n, np.int32)
     errors = np.asarray(batch.get("error", [""] * n), dtype=object)
+    raster = np.asarray(batch.get("raster", np.zeros(n, bool)), bool)  # read by windows in the actor
     t0 = time.perf_counter()
     for i in range(n):
-        if errors[i]:
+        if errors[i] or raster[i]:
             continue
         try:
-            img = imaging.decode_image(data[i], max_pixels)
+            img = imaging.model_pixels(data[i], max_pixels, channels, native).astype(dtype, copy=False)
         except imaging.ImageDecodeError as exc:
             errors[i] = str(exc)
             continue
@@ -43,11 +50,21 @@ def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -
     return batch
 
 
-def normalize(images: np.ndarray, card: ModelCard) -> np.ndarray:
-    """uint8 RGB -> the model's float32 input, per the card's normalisation (`raysegment export`'s
-    graph applies the same `pixel_affine` in the same float32 arithmetic)."""
-    scale, offset = (np.asarray(v, np.float32) for v in card.pixel_affine)
-    return images.astype(np.float32) * scale + offset
+def normalize(images: np.ndarray, card: ModelCard | InputSpec) -> np.ndarray:
+    """Decoded pixels (uint8, uint16 or float, ..., H, W, 3) -> the model's float32 input, per the card's
+    normalisation: clipped to `pixel_clip` where it has bounds, then `pixel_affine`. The one implementation:
+    training (`data.pipeline`, with the `InputSpec` the card is then written with) calls it too, and
+    `raysegment export`'s graph does the same clip and affine in the same float32 arithmetic."""
+    spec = card.input if isinstance(card, ModelCard) else card
+    scale, offset = (np.asarray(v, np.float32) for v in spec.pixel_affine)
+    x = images.astype(np.float32)
+    clip = spec.pixel_clip
+    if clip is not None:
+        np.clip(x, np.asarray(clip[0], np.float32), np.asarray(clip[1], np.float32), out=x)
+    # In place on the copy astype made: the same float32 operations in the same order, half the memory.
+    x *= scale
+    x += offset
+    return x
 
 
 def reflect_padding(height, width, pad_h, pad_w):
@@ -70,23 +87,6 @@ def class_probabilities(scores, output: str):
     return tf.concat([1.0 - probs, probs], axis=-1) if probs.shape[-1] == 1 else probs
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `tile` pixels covering `length`, consecutive tiles sharing >= `overlap`."""
-    if length <= tile:
-        return [0]
-    stride = max(1, tile - overlap)
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def tile_bounds(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
-    """The part of each tile that is kept: overlaps are split at their middle, so the kept
-    parts partition [0, length) and every pixel comes from the tile where it is farthest
-    from an edge (convolutions see the most context there)."""
-    cuts = [0] + [(nxt + prev + tile) // 2 for prev, nxt in zip(starts, starts[1:])] + [length]
-    return list(zip(cuts, cuts[1:]))
-
-
 def resolve_precision(precision: str, gpus: float) -> str:
     """'auto' is bfloat16 on GPU actors (half the memory traffic) and float32 on CPU."""
     if precision == "auto":
@@ -97,10 +97,11 @@ def resolve_precision(precision: str, gpus: float) -> str:
 class Predictor:
     """A Ray Data actor: loads the model once, turns resized images into class maps.
 
-    Native-scale models (`ModelCard.native_scale`) predict at full resolution;
-    images wider or taller than ``tile_size`` are cut into overlapping tiles that are
-    predicted as one batch and stitched (see `tile_bounds`), so memory per image stays
-    bounded whatever its size.
+    Resized models predict at the card's input size and their probabilities are upsampled to
+    each image's size before the argmax (`stitch.upsample_argmax`). Native-scale models
+    (`ModelCard.native_scale`) predict at full resolution; images wider or taller than
+    ``tile_size`` go through Gaussian-weighted sliding windows (`stitch.WindowBlender`), so
+    memory per image stays bounded by a band of rows whatever its size.
     """
 
     def __init__(
@@ -111,17 +112,21 @@ class Predictor:
         threads: int | None = None,
         precision: str = "float32",
         tile_size: int = 1024,
-        tile_overlap: int = 64,
+        tile_overlap: int | None = None,
         batch_size: int = 16,
         decode_max_pixels: int | None = None,
         retry_s: float | None = None,
+        output: storage.Location | None = None,
+        window_pixels: int | None = None,
     ) -> None:
         self.decode_max_pixels = decode_max_pixels  # set when the actor decodes its own batches
+        # Big rasters (inference/rasters.py): read from storage and written to OUTPUT here, by windows of this size.
+        self.output, self.window_pixels = output, window_pixels
+        self.endpoint_url, self.retry_s, self.threads = endpoint_url, retry_s, threads or 1
         if threads:
             # Ray sets OMP_NUM_THREADS to the actor's CPUs (1 by default) and TF then runs its
             # kernels on one core; use the cores the actor was given (measured: 2x on 2 cores).
             os.environ["OMP_NUM_THREADS"] = str(threads)
-        import keras
         import tensorflow as tf
 
         if threads:
@@ -129,38 +134,38 @@ class Predictor:
 
         # retry_s: the driver's storage deadline (a worker's environment may say otherwise).
         self.card = ModelCard.read(model_uri, endpoint_url, retry_s=retry_s)
-        with tempfile.TemporaryDirectory() as d:
-            local = os.path.join(d, MODEL_FILE)
-            storage.download_file(model_file(storage.resolve(model_uri, endpoint_url, retry_s)), local)
-            self.model = keras.models.load_model(local, compile=False)
-        if precision != "float32":
-            self.model = _with_policy(self.model, f"mixed_{precision}")
+        self.model = load_model(storage.resolve(model_uri, endpoint_url, retry_s), self.card, precision)
         model = self.model
         multiple = self.card.size_multiple
         self.multiple = multiple
         self.tile = max(multiple, tile_size // multiple * multiple)
-        self.overlap = min(tile_overlap, self.tile // 2)
+        # Default half a tile (nnU-Net's step of 0.5): each pixel is seen by up to four windows.
+        overlap = self.tile // 2 if tile_overlap is None else min(tile_overlap, self.tile // 2)
+        # The stride a multiple of the size multiple: windows stay on the U-Net's pooling grid, so a big
+        # raster's windows (inference/rasters.py) reproduce the whole-image answer exactly.
+        self.overlap = self.tile - max(multiple, (self.tile - overlap) // multiple * multiple)
         self.batch_size = batch_size
 
         output = self.card.output
 
         @tf.function(reduce_retracing=True)
-        def predict(x):
+        def probabilities(x):
             probs = class_probabilities(model(x, training=False), output)
             if tta_flip:
                 # Test-time augmentation: average with the prediction on the mirrored image.
                 flipped = class_probabilities(model(tf.reverse(x, axis=[2]), training=False), output)
                 probs = (probs + tf.reverse(flipped, axis=[2])) / 2.0
-            return tf.argmax(probs, axis=-1, output_type=tf.int32), tf.reduce_max(probs, axis=-1)
+            return probs
 
-        self._predict = predict
+        self._probabilities = probabilities
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.decode_max_pixels is not None:
             batch = preprocess(batch, self.card, self.decode_max_pixels)
         images = batch.pop("image")
-        ok = np.asarray([not e for e in batch["error"]], bool)
         n = len(images)
+        raster = np.asarray(batch.get("raster", np.zeros(n, bool)), bool)  # big rasters: by windows, below
+        ok = np.asarray([not e for e in batch["error"]], bool) & ~raster
         preds = np.zeros(images.shape[:3] if images.dtype != object else (n, 1, 1), np.uint8)  # replaced when native
         conf = np.zeros(n, np.float32)
         t0 = time.perf_counter()
@@ -169,12 +174,25 @@ class Predictor:
             # an object array, a uniform one as a plain array).
             preds = self._predict_each(images, ok, conf)
         elif ok.any():
-            classes, probs = self._predict(normalize(images[ok], self.card))
-            preds[ok] = classes.numpy().astype(np.uint8)
-            conf[ok] = probs.numpy().reshape(int(ok.sum()), -1).mean(axis=1)
+            # Probabilities at the model's size, upsampled bilinearly to each image's own size.
+            probs = self._probabilities(normalize(images[ok], self.card)).numpy()
+            preds = np.empty(n, dtype=object)
+            preds[:] = [np.zeros((1, 1), np.uint8) for _ in range(n)]
+            # The decoded size (`preprocess`); a batch already at the model's size may come without it.
+            heights, widths = batch.get("height"), batch.get("width")
+            for j, i in enumerate(np.flatnonzero(ok)):
+                size = (int(heights[i]), int(widths[i])) if heights is not None else probs.shape[1:3]
+                preds[i], conf[i] = upsample_argmax(probs[j], size)
+        batch["written"] = np.full(n, "", dtype=object)
+        if raster.any():
+            from raysegment.inference import rasters
+
+            batch["written"] = rasters.predict_rows(self, batch, raster, conf)
         batch["pred"] = preds
         batch["mean_confidence"] = conf
         batch["predict_ms"] = np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32)
+        # The actor's own peak resident memory so far (Linux: KiB): what sizing an actor needs.
+        batch["peak_rss_mb"] = np.full(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, np.float32)
         return batch
 
     def _predict_each(self, images: np.ndarray, ok: np.ndarray, conf: np.ndarray) -> np.ndarray:
@@ -195,42 +213,39 @@ class Predictor:
             return img
         return np.pad(img, [(0, ph), (0, pw), (0, 0)], mode="reflect" if reflect_padding(h, w, ph, pw) else "edge")
 
-    def _predict_tiled(self, img: np.ndarray) -> tuple[np.ndarray, float]:
+    def _predict_tiled(
+        self, img: np.ndarray, keep: tuple[int, int, int, int] | None = None
+    ) -> tuple[np.ndarray, float]:
+        """(class map, mean top probability over `keep`: rows r0:r1, columns c0:c1, default the whole
+        image). Larger than a tile: Gaussian-weighted sliding windows (`stitch.WindowBlender`)."""
         h, w = img.shape[:2]
+        r0, r1, c0, c1 = keep or (0, h, 0, w)
         x = self._padded(img)
         th, tw = min(self.tile, x.shape[0]), min(self.tile, x.shape[1])
         rows, cols = tile_starts(x.shape[0], th, self.overlap), tile_starts(x.shape[1], tw, self.overlap)
-        windows = [(r, c) for r in rows for c in cols]
-        row_keep, col_keep = (
-            dict(zip(rows, tile_bounds(rows, th, x.shape[0]))),
-            dict(zip(cols, tile_bounds(cols, tw, x.shape[1]))),
-        )
+        if len(rows) == len(cols) == 1:
+            probs = self._probabilities(normalize(x[None], self.card)).numpy()[0, :h, :w]
+            classes, top = argmax_and_max(probs)
+            top = top[r0:r1, c0:c1]
+            return classes, float(top.sum(dtype=np.float64)) / max(1, top.size)
+        blender = WindowBlender(x.shape[0], x.shape[1], (th, tw), self.card.num_classes)
         out = np.zeros(x.shape[:2], np.uint8)
-        conf_sum = 0.0
+        top_sum = 0.0
+
+        def finish(until: int) -> None:
+            nonlocal top_sum
+            for start, classes, top in blender.finish_rows(until):
+                out[start : start + len(classes)] = classes
+                lo, hi = max(r0, start), min(r1, start + len(classes))
+                if hi > lo:
+                    top_sum += float(top[lo - start : hi - start, c0:c1].sum(dtype=np.float64))
+
+        windows = [(r, c) for r in rows for c in cols]
         for b in range(0, len(windows), self.batch_size):
             chunk = windows[b : b + self.batch_size]
-            tiles = normalize(np.stack([x[r : r + th, c : c + tw] for r, c in chunk]), self.card)
-            classes, probs = self._predict(tiles)
-            classes, probs = classes.numpy(), probs.numpy()
+            probs = self._probabilities(normalize(np.stack([x[r : r + th, c : c + tw] for r, c in chunk]), self.card))
             for k, (r, c) in enumerate(chunk):
-                (r0, r1), (c0, c1) = row_keep[r], col_keep[c]
-                out[r0:r1, c0:c1] = classes[k, r0 - r : r1 - r, c0 - c : c1 - c]
-                # Confidence over the image's own pixels only (not the padding).
-                r1, c1 = min(r1, h), min(c1, w)
-                if r1 > r0 and c1 > c0:
-                    conf_sum += float(probs[k, r0 - r : r1 - r, c0 - c : c1 - c].sum())
-        return out[:h, :w], conf_sum / (h * w)
-
-
-def _with_policy(model, policy: str):
-    """The same model with a mixed-precision dtype policy (weights copied, kept in float32)."""
-    import keras
-
-    def clone(layer):
-        config = layer.get_config()
-        config["dtype"] = policy
-        return layer.__class__.from_config(config)
-
-    mixed = keras.models.clone_model(model, clone_function=clone)
-    mixed.set_weights(model.get_weights())
-    return mixed
+                finish(r)  # rows above this row of windows are final
+                blender.add(r, c, probs[k].numpy())
+        finish(x.shape[0])
+        return out[:h, :w], top_sum / max(1, (r1 - r0) * (c1 - c0))

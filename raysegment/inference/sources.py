@@ -8,6 +8,9 @@ Kinds (``--source``, default ``auto``):
   optionally a key column (``--key-column``).
 - ``list``: a .txt file (one URI per line) or a Parquet file with a ``uri`` column.
 
+Whatever the kind, a multi-page TIFF (a stack of slices) becomes one row per slice, keyed
+``{key}/{page:04d}`` with source ``{uri}#page={n}`` (``data/tiff.py``).
+
 Files and tar archives are listed in parallel by ``listing.list_prefix`` (the lister
 nightly uses too): keys stream through Ray's object store, never one Python list.
 Every source marks inputs whose keys collide before anything is read
@@ -29,8 +32,9 @@ import pyarrow.parquet as pq
 import ray
 
 from raysegment import storage
+from raysegment.data import tiff
 from raysegment.errors import DataError
-from raysegment.inference import collisions
+from raysegment.inference import collisions, rasters
 from raysegment.inference.archives import Archive, MemberIndex
 from raysegment.inference.listing import ARCHIVE_EXTENSIONS, has_ext, list_prefix, path_of, strip_ext
 from raysegment.inference.urilist import list_uris
@@ -59,15 +63,22 @@ def unsafe_key_reason(key: str) -> str | None:
 
 
 def _rows(
-    keys: list[str], uris: list[str], data: list[bytes], errors: list[str], collides: list[bool] | None = None
+    keys: list[str],
+    uris: list[str],
+    data: list[bytes],
+    errors: list[str],
+    collides: list[bool] | None = None,
+    raster: list[bool] | None = None,
 ) -> dict[str, np.ndarray]:
-    # `collides` rides along so that resuming never drops a collision as done (pipeline._drop_done).
+    # `collides` rides along so that resuming never drops a collision as done (pipeline._drop_done);
+    # `raster`: a big raster, read window by window in the predictor (inference/rasters.py), no bytes here.
     return {
         "key": np.asarray(keys, dtype=object),
         "source_uri": np.asarray(uris, dtype=object),
         "bytes": np.asarray(data, dtype=object),
         "error": np.asarray(errors, dtype=object),
         "collides": np.asarray(collides if collides is not None else [False] * len(keys), bool),
+        "raster": np.asarray(raster if raster is not None else [False] * len(keys), bool),
     }
 
 
@@ -90,13 +101,15 @@ def _listed(
     return ds
 
 
-def _read_each(batch: dict[str, np.ndarray], uris: list[str], read: Callable[[int], bytes]) -> dict[str, np.ndarray]:
+def _read_each(
+    batch: dict[str, np.ndarray], uris: list[str], read: Callable[[int], bytes | rasters.RasterInfo]
+) -> dict[str, np.ndarray]:
     """Rows for listed keys, READS_IN_FLIGHT reads at a time (each under the storage deadline: small
     objects on S3 cost a round trip each, not bandwidth); a listing error, an unsafe key or a failed
     read becomes an error row, a store that stays down past its deadline fails the task."""
     keys, listed = batch["key"], batch["error"]
 
-    def one(i: int) -> tuple[bytes, str]:
+    def one(i: int) -> tuple[bytes | rasters.RasterInfo, str]:
         problem = listed[i] or (f"unsafe key: {reason}" if (reason := unsafe_key_reason(keys[i])) else "")
         if problem:
             return b"", str(problem)
@@ -109,16 +122,21 @@ def _read_each(batch: dict[str, np.ndarray], uris: list[str], read: Callable[[in
 
     with ThreadPoolExecutor(max(1, min(READS_IN_FLIGHT, len(keys)))) as pool:
         results = list(pool.map(one, range(len(keys))))
-    return _rows(list(keys), uris, [d for d, _ in results], [e for _, e in results], list(batch["collides"]))
+    big = [isinstance(d, rasters.RasterInfo) for d, _ in results]
+    data = [b"" if b else d for (d, _), b in zip(results, big)]
+    return _rows(list(keys), uris, data, [e for _, e in results], list(batch["collides"]), big)
 
 
-def read_files(batch: dict[str, np.ndarray], root: storage.Location) -> dict[str, np.ndarray]:
-    """Read each listed file under root; a failure names the file, not INPUT."""
+def read_files(
+    batch: dict[str, np.ndarray], root: storage.Location, max_pixels: int | None = None
+) -> dict[str, np.ndarray]:
+    """Read each listed file under root; a failure names the file, not INPUT. A TIFF over `max_pixels`
+    stored in blocks is not read here (`rasters.read_input`)."""
     uris = [str(u) for u in batch["uri"]]
 
-    def read(i: int) -> bytes:
+    def read(i: int) -> bytes | rasters.RasterInfo:
         loc = storage.Location(uris[i], root.fs, path_of(root, uris[i]), root.endpoint_url, root.retry_s)
-        return loc.call(lambda: loc.fs.cat_file(loc.path))
+        return loc.call(lambda: rasters.read_input(loc, max_pixels))
 
     return _read_each(batch, uris, read)
 
@@ -156,14 +174,21 @@ def read_archives(
             yield _rows([f"{key}/(archive)"], [str(uri)], [b""], [str(error)], [bool(collides)])
             continue
         archive = Archive(str(uri), int(size), str(version))
-        if index is not None and index.all_done(archive):
-            continue
-        yield from _archive_rows(root, str(key), archive, exts, index)
+        done = index.done_members(archive) if index is not None else frozenset()
+        if done is None:
+            continue  # every member is done: not opened
+        yield from _archive_rows(root, str(key), archive, exts, index, done)
 
 
 def _archive_rows(
-    root: storage.Location, key: str, archive: Archive, exts: tuple[str, ...], index: MemberIndex | None
+    root: storage.Location,
+    key: str,
+    archive: Archive,
+    exts: tuple[str, ...],
+    index: MemberIndex | None,
+    done: frozenset[str],
 ) -> Iterator[dict[str, np.ndarray]]:
+    """Rows of the archive's image members, less those in `done` (not even extracted)."""
     uri = archive.uri
     block = _Block()
     seen: dict[str, str] = {}  # fold(member key) -> the first member with it
@@ -173,8 +198,11 @@ def _archive_rows(
         with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if member.isfile() and has_ext(member.name, exts):
+                    member_key = f"{key}/{strip_ext(member.name)}"
+                    members.append(member_key)
+                    if member_key in done:
+                        continue
                     _add_member(block, tar, member, key, uri, seen)
-                    members.append(block.keys[-1])
                     whole = whole and not block.collides[-1]
                 if len(block.keys) >= BATCH_ROWS:
                     yield block.rows()
@@ -187,7 +215,7 @@ def _archive_rows(
         whole = False
     if block.keys:
         yield block.rows()
-    if whole and index is not None:
+    if whole and index is not None and not done:  # a list read for `done` is this version's already
         index.record(archive, members)
 
 
@@ -281,11 +309,14 @@ def read_parquet_table(root: storage.Location, image_column: str, key_column: st
     )
 
 
-def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None, retry_s: float | None) -> dict[str, np.ndarray]:
-    """Read each URI of a list source, with one filesystem per scheme and the job's retry deadline."""
+def read_uris(
+    batch: dict[str, np.ndarray], endpoint_url: str | None, retry_s: float | None, max_pixels: int | None = None
+) -> dict[str, np.ndarray]:
+    """Read each URI of a list source, with one filesystem per scheme and the job's retry deadline (big
+    rasters as `read_files`)."""
     filesystems: dict[str, storage.Location] = {}
 
-    def read(i: int) -> bytes:
+    def read(i: int) -> bytes | rasters.RasterInfo:
         uri = str(batch["path"][i])
         scheme = uri.split("://", 1)[0] if "://" in uri else "file"
         if scheme == "file":
@@ -294,7 +325,7 @@ def read_uris(batch: dict[str, np.ndarray], endpoint_url: str | None, retry_s: f
             if scheme not in filesystems:
                 filesystems[scheme] = storage.resolve(uri, endpoint_url, retry_s)
             loc = storage.Location(uri, filesystems[scheme].fs, uri.split("://", 1)[1], endpoint_url, retry_s)
-        return loc.call(lambda: loc.fs.cat_file(loc.path))
+        return loc.call(lambda: rasters.read_input(loc, max_pixels))
 
     return _read_each(batch, [str(u) for u in batch["path"]], read)
 
@@ -348,25 +379,29 @@ def source_rows(
     batch_size: int = 16,
     output: str | None = None,
     members: MemberIndex | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[str, ray.data.Dataset]:
     """(kind, dataset of key/source_uri/bytes/error/collides rows) for INPUT.
 
     ``keep`` drops keys already done; it runs on the listing where keys are known
     before reading (files, list) so skipped images are never read; tar archives whose members
     ``members`` records as all done are not opened. A list's entries under ``output``'s own
-    folders become error rows.
+    folders become error rows. With ``max_pixels``, TIFF files and URIs over it that are stored in blocks
+    become big-raster rows (``raster``, no bytes: inference/rasters.py).
     """
     root = storage.resolve(uri, endpoint_url, retry_s)
     kind = detect_kind(root) if kind == "auto" else kind
     exts = tuple(extensions)  # lower-case with the dot: InferOptions normalises them
     if kind == "files":
         ds = keep(_listed(root, exts, BATCHES_PER_READ_TASK * batch_size)).map_batches(
-            read_files, fn_kwargs={"root": root}, batch_format="numpy"
+            read_files, fn_kwargs={"root": root, "max_pixels": max_pixels}, batch_format="numpy"
         )
     elif kind == "list":
         out = storage.resolve(output, endpoint_url, retry_s) if output else None
         ds = keep(list_uris(root, out)).map_batches(
-            read_uris, fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s}, batch_format="numpy"
+            read_uris,
+            fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s, "max_pixels": max_pixels},
+            batch_format="numpy",
         )
     elif kind == "tar":
         archives = _listed(root, ARCHIVE_EXTENSIONS, containers=True)
@@ -376,4 +411,6 @@ def source_rows(
         ds = keep(read_parquet_table(root, image_column, key_column))
     else:
         raise DataError(f"unknown source kind '{kind}'; use auto, files, tar, parquet or list")
-    return kind, ds
+    # A multi-page TIFF is one input per slice (`{key}/0003`, `data/tiff.py`; Pillow alone would read its
+    # first page only); the slices' keys exist only now, so the done ones are dropped here again.
+    return kind, keep(ds.map_batches(tiff.split_stacks, batch_size=None, batch_format="numpy"))

@@ -21,6 +21,8 @@ from raysegment import storage
 from raysegment.errors import DataError
 
 MODEL_FILE = "model.keras"
+# An imported TensorFlow SavedModel, kept whole in place of model.keras (`models/loader.py` loads either).
+SAVED_MODEL_DIR = "saved_model"
 CARD_FILE = "model.json"
 
 
@@ -36,10 +38,15 @@ class Architecture(_Part):
     batch_norm: bool | None = None
     upsampling: str | None = None
     head: Literal["softmax", "sigmoid"] = "softmax"
+    encoder: str | None = None  # a keras.applications backbone (models/encoders.py); depth is then 5
+    encoder_weights: str | None = None  # what it started from: imagenet, none, or a weights file
 
 
-# Model input = uint8 RGB x per-channel scale + per-channel offset (`ModelCard.pixel_affine`).
-# scale_0_1 is what `train` does (data.pipeline.normalize); the others are for imported models.
+# Model input = decoded pixels (uint8, or 16-bit/float at their own precision) as float32, clipped per channel
+# to `InputSpec.pixel_clip` where the card has bounds, then x per-channel scale + per-channel offset
+# (`InputSpec.pixel_affine`); `inference.predictor.normalize` is the one implementation (training's too).
+# The presets below are defined on 0..255 pixels: scale_0_1 is what `train --no-plan` does, the others are for
+# imported models; "zscore" and "zscore_clipped" come from the data set's fingerprint (`PixelStats`).
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "scale_0_1": ((1.0 / 255.0,) * 3, (0.0,) * 3),
@@ -52,13 +59,81 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+ZSCORE = ("zscore", "zscore_clipped")
+Normalization = Literal["scale_0_1", "scale_-1_1", "raw_0_255", "imagenet", "zscore", "zscore_clipped"]
+
+
+class PixelStats(_Part):
+    """Per-channel statistics of the training pixels (the data set's fingerprint), in the decoded pixels'
+    units: z-score `mean` and `std`, and for zscore_clipped the clip bounds (its 0.5 and 99.5 percentiles)."""
+
+    # One value per input channel (3 for RGB; a multi-band data set's own count, `InputSpec.channels`).
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+
+
 class InputSpec(_Part):
     size: tuple[int, int]
-    channels: Literal[3] = 3
-    # What the predictor does to pixels (NORMALIZATIONS): uint8 RGB scaled to [0, 1] for trained models.
-    normalization: Literal["scale_0_1", "scale_-1_1", "raw_0_255", "imagenet"] = "scale_0_1"
+    # The channels the model takes, and which bands of an image they are (1-based, `prepare --bands`; None:
+    # grey and RGB images as RGB, multi-band images all their bands): the data set's manifest's, so every
+    # reader decodes what training saw (`imaging.Channels.of(bands, channels)`).
+    channels: int = Field(3, ge=1, le=256)
+    bands: list[int] | None = None
+    # How decoded pixels reach the normalisation: uint8 (8-bit data; deeper images scaled to 8 bits by their
+    # maximum, as before #19), or float32: 16-bit and float data sets at their own values (float32 holds 16-bit
+    # values exactly), for a z-score computed on them.
+    pixel_type: Literal["uint8", "float32"] = "uint8"
+    # What the predictor does to pixels (NORMALIZATIONS, or a z-score from `stats`); cards written before
+    # z-scores have scale_0_1 (uint8 RGB scaled to [0, 1]).
+    normalization: Normalization = "scale_0_1"
+    stats: PixelStats | None = None
     # "none": trained on windows at the original scale; inference runs at full resolution.
     resize: Literal["bilinear", "none"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _zscore_has_stats(self) -> InputSpec:
+        if self.normalization in ZSCORE and self.stats is None:
+            raise ValueError(f"normalization {self.normalization} needs stats (per-channel mean and std)")
+        if self.normalization == "zscore_clipped" and self.stats is not None and self.stats.low is None:
+            raise ValueError("normalization zscore_clipped needs stats.low and stats.high (clip bounds)")
+        if self.bands is not None and len(self.bands) != self.channels:
+            raise ValueError(f"{len(self.bands)} bands for {self.channels} channels")
+        if self.stats is not None and len(self.stats.mean) != self.channels:
+            raise ValueError(f"stats have {len(self.stats.mean)} channels, the input {self.channels}")
+        if self.normalization == "imagenet" and self.channels != 3:
+            raise ValueError("normalization imagenet is for 3 (RGB) channels")
+        if self.pixel_type != "uint8" and self.normalization not in ZSCORE:
+            raise ValueError(f"pixel_type {self.pixel_type} needs a z-score normalization (the presets are on 0..255)")
+        return self
+
+    @property
+    def native_pixels(self) -> bool:
+        """True when 16-bit and float pixels reach the normalisation at their own values (`pixel_type`)."""
+        return self.pixel_type == "float32"
+
+    @property
+    def pixel_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (scale, offset) from the (clipped) pixels to the model's input."""
+        if self.normalization not in ZSCORE:
+            scale, offset = NORMALIZATIONS[self.normalization]
+            # The presets other than imagenet are the same on every channel: as many as the input has.
+            if self.channels == 3:
+                return scale, offset
+            return (scale[0],) * self.channels, (offset[0],) * self.channels
+        assert self.stats is not None
+        # A constant channel (std 0) is only shifted: a scale of 1 / 0 would make it inf.
+        std = tuple(s if s > 0 else 1.0 for s in self.stats.std)
+        return tuple(1.0 / s for s in std), tuple(-m / s for m, s in zip(self.stats.mean, std))
+
+    @property
+    def pixel_clip(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Per-channel (low, high) the pixels are clipped to before the affine, or None (no clipping)."""
+        if self.normalization != "zscore_clipped":
+            return None
+        assert self.stats is not None and self.stats.low is not None and self.stats.high is not None
+        return self.stats.low, self.stats.high
 
 
 class TrainingPlan(_Part):
@@ -74,10 +149,15 @@ class TrainingPlan(_Part):
     # Training stops after the last epoch that ends inside this (given, or the plan's when it chose the epochs).
     stop_at_s: float | None = None
     compute: dict[str, Any] | None = None
-    # Recorded for the data set, not yet applied by training or inference (see `recorded_only`).
+    # The normalisation's kind and statistics (also under `input`, which inference reads).
     normalization: dict[str, Any] | None = None
     oversample_rare: bool | None = None
+    # Cards of the first plan release list what they recorded without applying it.
     recorded_only: list[str] = Field(default_factory=list)
+    # With a time budget: the epochs that the first epoch's measured time fitted in it (`values.epochs` is
+    # the plan's estimate), and that first epoch's seconds (one-time costs taken out). None without a budget.
+    fitted_epochs: int | None = None
+    first_epoch_s: float | None = None
 
 
 class Imported(_Part):
@@ -86,6 +166,8 @@ class Imported(_Part):
     source: str
     source_sha256: str
     keras_class: str
+    # A SavedModel's function the model runs (`serve` from Keras' model.export, else `serving_default`).
+    call_endpoint: str | None = None
 
 
 class ModelCard(_Part):
@@ -93,6 +175,8 @@ class ModelCard(_Part):
 
     model_id: str
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # keras: model.keras; saved_model: an imported SavedModel folder, hashed by `tree_sha256`.
+    model_format: Literal["keras", "saved_model"] = "keras"
     architecture: Architecture = Field(default_factory=Architecture)
     num_classes: int = Field(ge=1, le=255)
     class_names: list[str]
@@ -131,11 +215,10 @@ class ModelCard(_Part):
         `check_model_file`); the jobs do this once, on the driver."""
         loc = storage.resolve(model_uri, endpoint_url, retry_s)
         card_loc = loc.child(CARD_FILE)
-        if not storage.exists(card_loc) or not storage.exists(loc.child(MODEL_FILE)):
-            raise DataError(
-                f"{loc.uri}: not a trained model (needs {MODEL_FILE} and {CARD_FILE}); run `raysegment train`"
-            )
-        card = cls.parse(storage.read_json(card_loc), card_loc.uri)
+        card = cls.parse(storage.read_json(card_loc), card_loc.uri) if storage.exists(card_loc) else None
+        if card is None or not storage.exists(card.model_location(loc)):
+            name = card.model_name if card else MODEL_FILE
+            raise DataError(f"{loc.uri}: not a trained model (needs {name} and {CARD_FILE}); run `raysegment train`")
         if verify_model:
             card.check_model_file(loc)
         return card
@@ -143,12 +226,12 @@ class ModelCard(_Part):
     def check_model_file(self, model_dir: storage.Location) -> None:
         """model.keras must be the file this card was written for: another model's file copied into
         the folder would predict under this card's classes and stamp every row with the wrong hash."""
-        loc = model_file(model_dir)
-        found = loc.call(lambda: _sha256(loc))
+        loc = self.model_location(model_dir)
+        found = loc.call(lambda: tree_sha256(loc) if self.model_format == "saved_model" else _sha256(loc))
         if found != self.model_sha256:
             raise DataError(
                 f"{loc.uri}: sha256 {found[:12]}... does not match {CARD_FILE}'s model_sha256 "
-                f"{self.model_sha256[:12]}...: the model file was replaced or damaged; copy {MODEL_FILE} and "
+                f"{self.model_sha256[:12]}...: the model file was replaced or damaged; copy {self.model_name} and "
                 f"{CARD_FILE} together from one `raysegment train` output, or train again"
             )
 
@@ -174,6 +257,15 @@ class ModelCard(_Part):
         return self.model_dump(mode="json", exclude_unset=True)
 
     @property
+    def model_name(self) -> str:
+        """The model's file (or SavedModel folder) in its directory."""
+        return SAVED_MODEL_DIR if self.model_format == "saved_model" else MODEL_FILE
+
+    def model_location(self, model_dir: storage.Location) -> storage.Location:
+        """Where the model of this card's directory lives."""
+        return model_dir.child(self.model_name)
+
+    @property
     def input_size(self) -> tuple[int, int]:
         """(height, width) the model was trained at; images are resized to it unless native scale."""
         return self.input.size
@@ -195,17 +287,17 @@ class ModelCard(_Part):
 
     @property
     def pixel_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel (scale, offset) from uint8 pixels to the model's input (see NORMALIZATIONS)."""
-        return NORMALIZATIONS[self.input.normalization]
+        """Per-channel (scale, offset) from the (clipped) pixels to the model's input (`InputSpec.pixel_affine`)."""
+        return self.input.pixel_affine
+
+    @property
+    def pixel_clip(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Per-channel (low, high) clip bounds applied before the affine, or None (`InputSpec.pixel_clip`)."""
+        return self.input.pixel_clip
 
     @property
     def head(self) -> str:
         return self.architecture.head
-
-
-def model_file(model_dir: storage.Location) -> storage.Location:
-    """Where the Keras model of a model directory lives."""
-    return model_dir.child(MODEL_FILE)
 
 
 def _sha256(loc: storage.Location) -> str:
@@ -214,4 +306,15 @@ def _sha256(loc: storage.Location) -> str:
     with loc.fs.open(loc.path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_sha256(loc: storage.Location) -> str:
+    """One hex sha256 for a folder (a SavedModel): over each file's relative path and sha256, in path order.
+    Plain filesystem calls, like `_sha256`: the caller retries the whole (`Location.call`)."""
+    digest = hashlib.sha256()
+    root = loc.path.rstrip("/") + "/"
+    for path in sorted(loc.fs.find(loc.path)):
+        rel = path[len(root) :]
+        digest.update(f"{rel}\0{_sha256(loc.child(rel))}\n".encode())
     return digest.hexdigest()

@@ -1,14 +1,15 @@
-"""`raysegment model import`: a Keras 3 segmentation model from elsewhere, made a raysegment model directory.
+"""`raysegment model import`: a segmentation model from elsewhere made a raysegment model directory.
 
-The model is loaded as the predictor will load it (`keras.models.load_model`, safe mode), checked on
-one blank image at the card's input size (one input of HxWx3, output HxWxK with K the number of
-classes, or one foreground channel for two classes), saved as model.keras and described by a card
-(`models/card.py`) with `imported` naming the source, so `infer`, `evaluate`, `show`, `nightly` and
-`export` use it as they use a trained model. Models from keras_hub load where keras_hub is installed
-(Keras imports it by name), so the cluster needs it too.
-
-A TensorFlow SavedModel folder is refused: Keras 3 loads one only as a `TFSMLayer`, which keeps the
-folder's path rather than its graph, so model.keras would not be self-contained.
+Two sources, local or s3://: a Keras 3 model file (.keras, or legacy .h5), loaded as the predictor
+loads it (`keras.models.load_model`, safe mode) and saved again as model.keras; or a TensorFlow
+SavedModel folder (Keras' model.export, tf.saved_model.save), copied whole to saved_model/ and run
+through a TFSMLayer (`models/loader.py`, the one loader every consumer uses). Either is checked on one
+blank image at the card's input size (one input of HxWx3, output HxWxK with K the number of classes,
+or one foreground channel for two classes) and described by a card (`models/card.py`) with `imported`
+naming the source, so `infer`, `evaluate`, `show`, `nightly`, `serve` and `export` use it as they use
+a trained model. Models from keras_hub load where keras_hub is installed (Keras imports it by name),
+so the cluster needs it too. A SavedModel keeps no layers, so whether it outputs logits or
+probabilities must be given (`output`).
 """
 
 from __future__ import annotations
@@ -16,116 +17,136 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysegment import __version__, storage
 from raysegment.data import imaging
 from raysegment.errors import ConfigError, DataError
-from raysegment.models.card import CARD_FILE, MODEL_FILE, ModelCard
+from raysegment.models.card import CARD_FILE, MODEL_FILE, SAVED_MODEL_DIR, ModelCard, tree_sha256
+from raysegment.models.loader import download_tree, put_tree, saved_model_as_keras
 from raysegment.train.checkpoint import file_sha256
 
-OUTPUTS = ("auto", "logits", "probabilities")
+if TYPE_CHECKING:
+    from raysegment.config import ImportSpec
+
+SAVED_MODEL_PB = "saved_model.pb"
 
 
-def parse_input_size(text: str) -> tuple[int, int] | None:
-    """'H,W' -> (H, W); 'native' -> None (predict at the image's own resolution)."""
-    if text.strip().lower() == "native":
-        return None
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--input-size {text!r}: give H,W (e.g. 512,512) or native") from None
-    if h < 1 or w < 1:
-        raise ConfigError(f"--input-size {text!r}: sizes must be positive")
-    return h, w
-
-
-def parse_palette(text: str | None, num_classes: int) -> list[list[int]]:
-    """'R,G,B;R,G,B;...' (one colour per class) or None for the default palette."""
-    if not text:
-        return imaging.default_palette(num_classes)
-    try:
-        colours = [[int(v) for v in part.split(",")] for part in text.split(";")]
-    except ValueError:
-        raise ConfigError(f"--palette {text!r}: give R,G,B;R,G,B;... with one colour per class") from None
-    if len(colours) != num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colours):
-        raise ConfigError(f"--palette: {num_classes} colours R,G,B (0-255) separated by ';', one per class")
-    return colours
-
-
-def import_model(
-    model_file: str,
-    dest: str,
-    classes: list[str],
-    input_size: tuple[int, int] | None,
-    normalize: str = "scale_0_1",
-    output: str = "auto",
-    palette: list[list[int]] | None = None,
-    size_multiple: int = 32,
-    endpoint_url: str | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Check MODEL_FILE against the card these options describe and write the model directory DEST."""
-    if os.path.isdir(model_file):
-        raise ConfigError(
-            f"{model_file}: a SavedModel folder cannot be imported (Keras 3 keeps only its path); load the "
-            "original Keras model and save it with model.save('model.keras'), then import that file"
-        )
-    if not os.path.isfile(model_file):
-        raise ConfigError(f"{model_file}: no such file; give a .keras (or legacy .h5) model file")
-    if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ConfigError("--classes: at least two distinct class names, comma-separated")
-    if output not in OUTPUTS:
-        raise ConfigError(f"--output {output}: use {', '.join(OUTPUTS)}")
-    depth = int(math.log2(size_multiple)) if size_multiple > 0 else -1
-    if input_size is None and (depth < 0 or 2**depth != size_multiple or depth > 10):
-        raise ConfigError(f"--size-multiple {size_multiple}: a power of two from 1 to 1024")
-    out = storage.resolve(dest, endpoint_url)
-    if storage.exists(out.child(CARD_FILE)) and not overwrite:
+def import_model(spec: ImportSpec) -> dict[str, Any]:
+    """Check the spec's model against the card it describes and write the model directory DEST."""
+    out = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
+    if storage.exists(out.child(CARD_FILE)) and not spec.overwrite:
         raise ConfigError(f"{out.uri} already holds a model; pass --overwrite or choose another DEST")
-
-    import keras
-
-    try:
-        model = keras.models.load_model(model_file, compile=False)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's file
-        raise DataError(
-            f"{model_file}: cannot be loaded by keras.models.load_model ({type(exc).__name__}: {exc}); "
-            "save it with Keras 3 model.save(), without Lambda layers or unregistered custom objects"
-        ) from None
-    k = len(classes)
-    probe = input_size or (2 * size_multiple, 3 * size_multiple)
-    head = _check_output(model, model_file, probe, k)
-    kind = _output_kind(model) if output == "auto" else output
-    with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, MODEL_FILE)
-        model.save(local)
-        sha = file_sha256(local)
-        storage.upload_file(local, out.child(MODEL_FILE))
-    card = ModelCard.create(
-        sha,
-        architecture={"name": type(model).__name__.lower(), "depth": max(depth, 0), "head": head},
-        num_classes=k,
-        class_names=classes,
-        palette=palette or imaging.default_palette(k),
-        ignore_index=imaging.IGNORE_INDEX,
-        input={
-            "size": list(input_size or probe),
-            "channels": 3,
-            "normalization": normalize,
-            "resize": "none" if input_size is None else "bilinear",
-        },
-        output=kind,
-        imported={
-            "source": os.path.abspath(model_file),
-            "source_sha256": file_sha256(model_file),
-            "keras_class": f"{type(model).__module__}.{type(model).__name__}",
-        },
-        versions={"raysegment": __version__, "keras": keras.__version__},
-    )
+    input_size = None if spec.input_size == "native" else tuple(spec.input_size)
+    k = len(spec.classes)
+    probe = input_size or (2 * spec.size_multiple, 3 * spec.size_multiple)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _local_source(spec, tmp)
+        saved = os.path.isdir(source)
+        if saved and spec.output == "auto":
+            raise ConfigError(
+                f"{spec.model_file}: a SavedModel keeps no layers to tell whether it outputs logits or "
+                "probabilities; pass --output logits or --output probabilities"
+            )
+        model, endpoint = _load(source, spec.model_file)
+        head = _check_output(model, spec.model_file, probe, k)
+        kind = _output_kind(model) if spec.output == "auto" else spec.output
+        storage.remove_success(out)
+        for stale in (MODEL_FILE, SAVED_MODEL_DIR):  # --overwrite of a model of the other format
+            storage.remove_tree(out.child(stale))
+        if saved:
+            sha = source_sha = tree_sha256(storage.resolve(source))
+            put_tree(source, out.child(SAVED_MODEL_DIR))
+        else:
+            local = os.path.join(tmp, MODEL_FILE)
+            model.save(local)
+            sha, source_sha = file_sha256(local), file_sha256(source)
+            storage.upload_file(local, out.child(MODEL_FILE))
+    card = _card(spec, model, sha, head, kind, probe, endpoint, source_sha)
     card.write(out)
     storage.mark_success(out, {"model_id": card.model_id})
     return {"model_id": card.model_id, "out": out.uri, "model_card": card.as_dict()}
+
+
+def _local_source(spec: ImportSpec, tmp: str) -> str:
+    """The model file or SavedModel folder as a local path (downloaded into tmp when on s3://)."""
+    loc = storage.resolve(spec.model_file, spec.endpoint_url, spec.storage_retry_s)
+    if not loc.remote:
+        if os.path.isdir(loc.path) and not os.path.isfile(os.path.join(loc.path, SAVED_MODEL_PB)):
+            raise ConfigError(
+                f"{spec.model_file}: a folder without {SAVED_MODEL_PB}; give a .keras file or a SavedModel"
+            )
+        if not os.path.exists(loc.path):
+            raise ConfigError(f"{spec.model_file}: no such file; give a .keras model file or a SavedModel folder")
+        return loc.path
+    if storage.exists(loc.child(SAVED_MODEL_PB)):
+        return download_tree(loc, os.path.join(tmp, "source"))
+    if not storage.exists(loc):
+        raise ConfigError(f"{spec.model_file}: no such object; give a .keras model file or a SavedModel folder")
+    local = os.path.join(tmp, os.path.basename(loc.path))
+    storage.download_file(loc, local)
+    return local
+
+
+def _load(path: str, name: str) -> tuple[Any, str | None]:
+    """(the Keras model, the SavedModel endpoint it runs or None for a Keras file)."""
+    if os.path.isdir(path):
+        model = saved_model_as_keras(path, name=name)
+        return model, model.layers[-1].call_endpoint  # the TFSMLayer after the input
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False), None
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's file
+        raise DataError(
+            f"{name}: cannot be loaded by keras.models.load_model ({type(exc).__name__}: {exc}); "
+            "save it with Keras 3 model.save(), without Lambda layers or unregistered custom objects"
+        ) from None
+
+
+def _card(
+    spec: ImportSpec,
+    model: Any,
+    sha: str,
+    head: str,
+    kind: str,
+    size: tuple[int, int],
+    endpoint: str | None,
+    source_sha: str,
+) -> ModelCard:
+    import keras
+
+    saved = endpoint is not None
+    layer = model.layers[-1] if saved else model
+    source = storage.resolve(spec.model_file, spec.endpoint_url)
+    k = len(spec.classes)
+    return ModelCard.create(
+        sha,
+        architecture={
+            "name": "savedmodel" if saved else type(model).__name__.lower(),
+            "depth": int(math.log2(spec.size_multiple)),
+            "head": head,
+        },
+        **({"model_format": "saved_model"} if saved else {}),
+        num_classes=k,
+        class_names=spec.classes,
+        palette=spec.palette or imaging.default_palette(k),
+        ignore_index=imaging.IGNORE_INDEX,
+        input={
+            "size": list(size),
+            "channels": 3,
+            "normalization": spec.normalize,
+            "resize": "none" if spec.input_size == "native" else "bilinear",
+        },
+        output=kind,
+        imported={
+            "source": storage.redact(source.uri),
+            "source_sha256": source_sha,
+            "keras_class": f"{type(layer).__module__}.{type(layer).__name__}",
+            **({"call_endpoint": endpoint} if saved else {}),
+        },
+        versions={"raysegment": __version__, "keras": keras.__version__},
+    )
 
 
 def _check_output(model, model_file: str, size: tuple[int, int], k: int) -> str:

@@ -37,6 +37,10 @@ class TrainState:
     stopped_by: str | None = None  # "patience" or "time_budget" when stopped_early
     # One entry per resume: the epoch it went on from, the checkpoint, and the newer ones skipped as unreadable.
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    # With a time budget: the epochs its first epoch's measured time fitted in it, and that epoch's seconds
+    # without one-time costs (`loop.fit_to_budget`); a resumed run trains and schedules to the same length.
+    fitted_epochs: int | None = None
+    first_epoch_s: float | None = None
 
     def after_epoch(self, metrics: dict[str, Any], confusion: np.ndarray, patience: int | None) -> TrainState:
         """The state once `metrics["epoch"]` has finished; stopped_early when patience ran out."""
@@ -54,6 +58,8 @@ class TrainState:
             stopped_early=patience_out,
             stopped_by="patience" if patience_out else None,
             resumes=self.resumes,
+            fitted_epochs=self.fitted_epochs,
+            first_epoch_s=self.first_epoch_s,
         )
 
     def stopped_at_budget(self) -> TrainState:

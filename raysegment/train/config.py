@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import keras
 
     from raysegment.config import TrainSpec
+    from raysegment.data.fingerprint import Fingerprint
+    from raysegment.models.card import InputSpec
 
 DtypePolicy = Literal["float32", "mixed_bfloat16", "mixed_float16"]
 DTYPE_POLICIES: dict[str, DtypePolicy] = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -25,7 +27,7 @@ DTYPE_POLICIES: dict[str, DtypePolicy] = {"off": "float32", "bfloat16": "mixed_b
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net's architecture: exactly `build_unet`'s arguments."""
+    """The network: `build_unet`'s arguments, or an encoder's (`models/encoders.py`)."""
 
     num_classes: int
     depth: int
@@ -34,12 +36,32 @@ class ModelConfig:
     dropout: float
     upsampling: Literal["transpose", "resize"]
     head: Literal["softmax", "sigmoid"]
+    input_channels: int  # the data set's (manifest `channels`: 3, or a multi-band image's bands)
+    architecture: Literal["unet", "resunet", "deeplabv3plus"] = "unet"
+    encoder: str | None = None
+    encoder_weights: str | None = None  # None: random; "imagenet"; or a weights file
 
     def build(self) -> keras.Model:
         """A freshly initialised model (workers train it; the driver loads the best weights into it)."""
+        if self.encoder:
+            from raysegment.models.encoders import build_encoder_model
+
+            return build_encoder_model(
+                self.num_classes,
+                self.encoder,
+                self.encoder_weights,
+                architecture="deeplabv3plus" if self.architecture == "deeplabv3plus" else "unet",
+                base_filters=self.base_filters,
+                head=self.head,
+                input_channels=self.input_channels,
+                dropout=self.dropout,
+            )
         from raysegment.models.unet import build_unet
 
-        return build_unet(**asdict(self))
+        args = asdict(self)
+        for name in ("architecture", "encoder", "encoder_weights"):
+            args.pop(name)
+        return build_unet(**args, residual=self.architecture == "resunet")
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,14 @@ class TrainConfig:
     patience: int | None
     seed: int
     cpus_per_worker: float
-    time_budget_s: float | None  # stop after the last epoch that ends inside it (`loop.budget_spent`)
+    # With a budget, the first epoch's measured time sets the epochs that fit (`loop.fit_to_budget`): any
+    # number when the plan chose `epochs` (its estimate), at most `epochs` when they were given. Training
+    # also stops after the last epoch that ends inside it (`loop.budget_spent`).
+    time_budget_s: float | None
+    epochs_from_budget: bool
+    # The model card's `input` (size, bands, normalisation with the fingerprint's statistics): the training
+    # pipeline normalises with it and the card is written with it, so inference applies what training did.
+    model_input: InputSpec
 
     @property
     def global_batch(self) -> int:
@@ -80,8 +109,9 @@ def dtype_policy(mixed_precision: str, gpus_per_worker: float) -> DtypePolicy:
 
 def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None:
     """DataError unless the data set and the spec can train together."""
-    if spec.image_size % 2**spec.depth:
-        raise DataError(f"--image-size {spec.image_size} must be a multiple of 2**depth = {2**spec.depth}")
+    if spec.image_size % 2**spec.model_depth:
+        what = "an encoder's 32x downsampling" if spec.encoder else "2**depth"
+        raise DataError(f"--image-size {spec.image_size} must be a multiple of {what} = {2**spec.model_depth}")
     train_count = manifest["counts"].get("train", 0)
     if train_count < spec.batch_size * spec.workers:
         raise DataError(
@@ -92,9 +122,17 @@ def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None
         raise DataError(f"{data_uri}: no validation images; prepare with --val-fraction > 0")
 
 
-def train_config(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> TrainConfig:
-    """The workers' config from the spec and the data set's manifest (classes, counts, pixel frequencies)."""
-    from raysegment.models.losses import inverse_frequency_weights  # imports TensorFlow
+def train_config(
+    spec: TrainSpec,
+    manifest: dict[str, Any],
+    data_uri: str,
+    epochs_from_budget: bool = False,
+    fingerprint: Fingerprint | None = None,
+) -> TrainConfig:
+    """The workers' config from the spec and the data set's manifest (classes, counts, pixel frequencies).
+    `epochs_from_budget`: the plan chose the epochs, so the budget may fit more or fewer; `fingerprint`: the
+    data set's (`plan.read_fingerprint`), for a z-score normalisation."""
+    from raysegment.models.losses import class_weights  # imports TensorFlow
 
     check_fits(spec, manifest, data_uri)
     global_batch = spec.batch_size * spec.workers
@@ -104,12 +142,16 @@ def train_config(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> Tr
     return TrainConfig(
         model=ModelConfig(
             num_classes=manifest["num_classes"],
-            depth=spec.depth,
+            depth=spec.model_depth,
             base_filters=spec.base_filters,
             batch_norm=spec.batch_norm,
             dropout=spec.dropout,
             upsampling=spec.upsampling,
             head=spec.head,
+            input_channels=manifest.get("channels") or 3,
+            architecture=spec.architecture,
+            encoder=spec.encoder,
+            encoder_weights=None if spec.encoder_weights == "none" else spec.encoder_weights,
         ),
         class_names=tuple(manifest["class_names"]),
         image_size=spec.image_size,
@@ -123,14 +165,43 @@ def train_config(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> Tr
         optimizer=spec.optimizer,
         momentum=spec.momentum,
         loss=spec.loss,
-        class_weights=(
-            tuple(inverse_frequency_weights(manifest["pixel_frequency"]))
-            if spec.class_weights == "inverse_frequency"
-            else None
-        ),
+        class_weights=class_weights(spec.class_weights, manifest["pixel_frequency"]),
         dtype_policy=dtype_policy(spec.mixed_precision, spec.gpus_per_worker),
         patience=spec.patience,
         seed=spec.seed,
         cpus_per_worker=spec.cpus_per_worker,
         time_budget_s=spec.time_budget,
+        epochs_from_budget=bool(spec.time_budget) and epochs_from_budget,
+        model_input=model_input(spec, manifest, fingerprint),
     )
+
+
+def model_input(spec: TrainSpec, manifest: dict[str, Any], fingerprint: Fingerprint | None) -> InputSpec:
+    """The model card's `input` for this training: size, bands, resize or native scale, and the normalisation
+    with the fingerprint's statistics (`TrainConfig.model_input`)."""
+    from raysegment.data.prepare import input_channels
+    from raysegment.models.card import InputSpec
+    from raysegment.plan import pixel_stats
+
+    # An encoder rescales inside itself (models/encoders.py): it is fed the decoded pixels as they are.
+    normalization = "raw_0_255" if spec.encoder else spec.normalization
+    try:
+        stats = pixel_stats(fingerprint, normalization)
+    except ValueError as exc:
+        raise DataError(f"{spec.data}: {exc}; use --normalization scale_0_1 or prepare the data set again") from None
+    return InputSpec(
+        size=(spec.image_size, spec.image_size),
+        **input_channels(manifest, normalization),
+        normalization=normalization,
+        stats=stats,
+        # "none": trained on windows at the original scale, so inference runs at full
+        # resolution (padded to a multiple of 2**depth) instead of resizing to `size`.
+        resize="none" if spec.crop == "native" else "bilinear",
+    )
+
+
+def rare_classes(manifest: dict[str, Any]) -> tuple[int, ...]:
+    """Classes under the plan's rare share of labelled pixels (what `oversample` centres windows on)."""
+    from raysegment.plan import RARE_CLASS
+
+    return tuple(c for c, share in enumerate(manifest.get("pixel_frequency") or []) if share < RARE_CLASS)

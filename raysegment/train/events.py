@@ -2,15 +2,16 @@
 
 The driver keeps the workers' output off the console (`ray.init(log_to_driver=False)`), and Ray
 Train's report callbacks run in its controller, not the driver, and only at epoch ends; the
-steps inside an epoch come through here. Posting is fire-and-forget (one actor call, no wait),
-at most about once a second, so it costs the training loop nothing measurable.
+steps inside an epoch come through here, and each finished epoch for live tracking
+(`tracking.LiveLog`). Posting is fire-and-forget (one actor call, no wait), at most about once a
+second, so it costs the training loop nothing measurable.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,22 +40,32 @@ class EpochEnd:
     stopped_by: str | None  # "patience" or "time_budget" when training stops after this epoch
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """Rank 0 restored a checkpoint with this history (the epochs before it): tracking logs those it lacks."""
+
+    history: list[dict[str, Any]]
+
+
+Event = Step | EpochEnd | Resumed
+
+
 class Inbox:
     """The actor's state: events in arrival order until the driver takes them."""
 
     def __init__(self) -> None:
-        self.events: list[Step | EpochEnd] = []
+        self.events: list[Event] = []
 
-    def put(self, event: Step | EpochEnd) -> None:
+    def put(self, event: Event) -> None:
         self.events.append(event)
 
-    def take(self) -> list[Step | EpochEnd]:
+    def take(self) -> list[Event]:
         events, self.events = self.events, []
         return events
 
 
 class Poster:
-    """Rank 0's side: post steps (throttled) and epoch ends."""
+    """Rank 0's side: post steps (throttled), epoch ends and a restored checkpoint's history."""
 
     def __init__(self, inbox: Any) -> None:
         self.inbox = inbox
@@ -70,6 +81,9 @@ class Poster:
     def epoch_end(self, metrics: dict[str, Any], stopped_by: str | None) -> None:
         self.inbox.put.remote(EpochEnd(metrics, stopped_by))
 
+    def resumed(self, history: list[dict[str, Any]]) -> None:
+        self.inbox.put.remote(Resumed(history))
+
 
 class EpochView:
     """The driver's side: one progress stage per epoch, closed with its loss, val metrics and ETA."""
@@ -79,10 +93,10 @@ class EpochView:
         self.current: progress.Stage | None = None
         self.epoch = -1
 
-    def show(self, event: Step | EpochEnd) -> None:
+    def show(self, event: Event) -> None:
         if isinstance(event, Step):
             self._step(event)
-        else:
+        elif isinstance(event, EpochEnd):
             self._end(event)
 
     def _stage(self, epoch: int, steps: int) -> progress.Stage:
@@ -99,6 +113,7 @@ class EpochView:
 
     def _end(self, event: EpochEnd) -> None:
         m = event.metrics
+        self.epochs = m.get("epochs", self.epochs)  # the time budget's fitted epochs, once the first is measured
         stage = self._stage(m["epoch"], None)
         stage.figures.clear()
         eta = (self.epochs - m["epoch"] - 1) * m["epoch_seconds"]
@@ -121,23 +136,33 @@ class EpochView:
 
 
 @contextmanager
-def follow(epochs: int) -> Iterator[Any | None]:
-    """While training runs: the inbox actor (None when progress is off) and a thread showing its events."""
-    if progress.settings.mode == progress.OFF:
+def follow(epochs: int, on_epochs: Callable[[list[dict[str, Any]]], None] | None = None) -> Iterator[Any | None]:
+    """While training runs: the inbox actor and a thread showing its events and handing each finished
+    epoch's row, and a restored checkpoint's history, to `on_epochs` (live tracking) as they arrive.
+    None, and no thread, when progress is off and nobody takes the epochs."""
+    view = None if progress.settings.mode == progress.OFF else EpochView(epochs)
+    if view is None and on_epochs is None:
         yield None
         return
     import ray
 
     inbox = ray.remote(num_cpus=0)(Inbox).remote()
-    view = EpochView(epochs)
     stop = threading.Event()
+
+    def handle(event: Event) -> None:
+        if view is not None:
+            view.show(event)
+        if on_epochs is not None and isinstance(event, EpochEnd):
+            on_epochs([event.metrics])
+        elif on_epochs is not None and isinstance(event, Resumed):
+            on_epochs(event.history)
 
     def poll() -> None:
         while True:
             done = stop.is_set()
             try:
                 for event in ray.get(inbox.take.remote(), timeout=30):
-                    view.show(event)
+                    handle(event)
             except Exception:  # progress must never fail a training run
                 return
             if done:
@@ -151,5 +176,6 @@ def follow(epochs: int) -> Iterator[Any | None]:
     finally:
         stop.set()
         thread.join(timeout=35)
-        view.close()
+        if view is not None:
+            view.close()
         ray.kill(inbox)

@@ -9,6 +9,8 @@ N workers with batch B take exactly the step one worker would take with batch N*
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import numpy as np
 from raysegment.train.checkpoint import TrainState, out_of_budget, restore, save_checkpoint
 from raysegment.train.config import TrainConfig
 from raysegment.train.events import Poster
-from raysegment.train.optim import current_learning_rate, make_optimizer
+from raysegment.train.optim import current_learning_rate, learning_rate_schedule, make_optimizer, refit
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,12 @@ class Worker:
     strategy: Any  # tf.distribute.MultiWorkerMirroredStrategy
     model: Any  # keras.Model
     optimizer: Any  # keras.optimizers.Optimizer
+    schedule: Any  # the optimizer's learning-rate schedule (`optim.refit` changes its length), or a float
     train_step: Callable[[Any, Any], Any]  # (images, masks) -> summed loss, one optimizer step
     predict: Callable[[Any], Any]  # images -> class ids
     all_reduce_sum: Callable[[Any], Any]  # a float64 tensor -> its sum over every worker (compiled)
     all_reduce_mean2: Callable[[Any], Any]  # two float64s -> their mean over every worker (compiled)
-    poster: Poster | None  # rank 0's progress channel to the driver, when the driver shows progress
+    poster: Poster | None  # rank 0's channel to the driver (progress, live tracking), when the driver follows
 
 
 def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
@@ -45,20 +48,69 @@ def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
 
     worker = build(cfg, inbox)
     state = resume(worker)
+    if state.fitted_epochs:
+        refit(worker.schedule, cfg, state.fitted_epochs)  # a resumed run keeps the length its first epoch set
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(state.epoch + 1, cfg.epochs):
+    while state.epoch + 1 < (state.fitted_epochs or cfg.epochs):
+        epoch = state.epoch + 1
         t0 = time.time()
-        train_loss = train_epoch(worker, train_shard, epoch)
+        train_loss, first_step_s = train_epoch(worker, train_shard, epoch)
         train_seconds = time.time() - t0
         confusion = validate(worker, val_shard)
         metrics = epoch_metrics(worker, epoch, train_loss, confusion, train_seconds, time.time() - t0)
         state = state.after_epoch(metrics, confusion, cfg.patience)
-        if not state.stopped_early and epoch + 1 < cfg.epochs and budget_spent(worker, state):
+        total = state.fitted_epochs or cfg.epochs
+        if cfg.time_budget_s and state.fitted_epochs is None:
+            # The first epoch's measured time, not the plan's estimate, sets how many fit (the schedule follows).
+            steady = steady_epoch_seconds(metrics["epoch_seconds"], train_seconds, first_step_s, cfg.steps_per_epoch)
+            state = fit_to_budget(worker, state, steady)
+            total = state.fitted_epochs
+            if not state.stopped_early and epoch + 1 == total < cfg.epochs and not cfg.epochs_from_budget:
+                state = state.stopped_at_budget()  # the given epochs do not fit: the budget ends training
+        elif not state.stopped_early and epoch + 1 < total and budget_spent(worker, state):
             state = state.stopped_at_budget()
+        metrics["epochs"] = total  # the run's length as now known (the progress line and ETA)
         report(worker, state, metrics)
         if state.stopped_early:
             break
+
+
+def steady_epoch_seconds(epoch_s: float, train_s: float, first_step_s: float | None, steps: int) -> float:
+    """An epoch's time without the one-time costs in the first step of a run (tracing the step, starting
+    the input pipeline): the first step counted as long as the mean of the others."""
+    if first_step_s is None or steps < 2:
+        return epoch_s
+    other = (train_s - first_step_s) / (steps - 1)
+    return max(epoch_s - first_step_s + other, 1e-3)
+
+
+def fitted_epochs(budget_s: float, spent_s: float, epoch_s: float, done: int, cap: int | None) -> int:
+    """Epochs to train in all: those done, plus as many `epoch_s`-long ones as end inside the budget; at
+    most `cap` (given epochs), at least those done."""
+    more = max(0, math.floor((budget_s - spent_s) / max(epoch_s, 1e-3)))
+    fitted = min(done + more, 100_000)
+    return max(done, min(fitted, cap) if cap else fitted)
+
+
+def fit_to_budget(worker: Worker, state: TrainState, steady_s: float) -> TrainState:
+    """Set the epochs that fit the budget from the first epoch (times averaged over workers, so every rank
+    decides the same) and re-fit the LR schedule to them."""
+    import tensorflow as tf
+
+    cfg = worker.cfg
+    spent = sum(row["epoch_seconds"] for row in state.history)
+    mean = worker.all_reduce_mean2(tf.constant([spent, steady_s], tf.float64)).numpy()
+    cap = None if cfg.epochs_from_budget else cfg.epochs
+    epochs = fitted_epochs(cfg.time_budget_s or 0.0, float(mean[0]), float(mean[1]), state.epoch + 1, cap)
+    refit(worker.schedule, cfg, epochs)
+    if worker.rank == 0:
+        print(
+            f"[raysegment] the first epoch took {mean[0]:.1f} s ({mean[1]:.1f} s without one-time costs): "
+            f"{epochs} epochs fit the {cfg.time_budget_s:g} s budget (planned {cfg.epochs})",
+            flush=True,
+        )
+    return dataclasses.replace(state, fitted_epochs=epochs, first_epoch_s=round(float(mean[1]), 3))
 
 
 def budget_spent(worker: Worker, state: TrainState) -> bool:
@@ -101,9 +153,11 @@ def build(cfg: TrainConfig, inbox: Any = None) -> Worker:
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=32 * 2**20)
     )
+    # Outside the strategy's scope: the schedule's length is a plain local variable that every rank sets alike.
+    schedule = learning_rate_schedule(cfg)
     with strategy.scope():
         model = cfg.model.build()
-        optimizer = make_optimizer(cfg)
+        optimizer = make_optimizer(cfg, schedule)
         optimizer.build(model.trainable_variables)
     rank = ctx.get_world_rank()
     return Worker(
@@ -112,6 +166,7 @@ def build(cfg: TrainConfig, inbox: Any = None) -> Worker:
         strategy,
         model,
         optimizer,
+        schedule,
         train_step=make_train_step(cfg, strategy, model, optimizer),
         predict=make_predict(model),
         all_reduce_sum=make_all_reduce_sum(strategy, [cfg.model.num_classes] * 2),
@@ -179,14 +234,21 @@ def resume(worker: Worker) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState()
-    return restore(checkpoint, worker.model, worker.optimizer)
+    state = restore(checkpoint, worker.model, worker.optimizer)
+    if worker.poster is not None:
+        worker.poster.resumed(state.history)  # live tracking logs the epochs it has not seen (a re-run)
+    return state
 
 
-def train_epoch(worker: Worker, shard, epoch: int) -> float:
-    """Exactly `steps_per_epoch` steps on this worker's shard; the mean loss."""
+def train_epoch(worker: Worker, shard, epoch: int) -> tuple[float, float | None]:
+    """Exactly `steps_per_epoch` steps on this worker's shard; (the mean loss, the seconds to the end of the
+    first step when this is the run's first epoch with a budget to fit, else None)."""
     import tensorflow as tf
 
     steps = worker.cfg.steps_per_epoch
+    t0 = time.time()
+    first_step_s = None
+    timed = worker.cfg.time_budget_s is not None
     losses = []
     # Every worker runs exactly `steps` steps (collectives hang otherwise); rows past
     # that are drained, so each epoch still consumes the whole streaming split.
@@ -200,11 +262,14 @@ def train_epoch(worker: Worker, shard, epoch: int) -> float:
     for i, b in enumerate(batches):
         if i < steps:
             losses.append(worker.train_step(tf.constant(b["image"]), tf.constant(b["mask"])))
+            if timed and i == 0 and first_step_s is None:
+                float(losses[0])  # wait for it: the one host sync of the epoch, to time the one-time costs
+                first_step_s = time.time() - t0
             if worker.poster is not None:
                 worker.poster.step(epoch, i + 1, steps, losses[-1])
     if len(losses) < steps:
         raise RuntimeError(f"rank {worker.rank}: shard gave {len(losses)} batches, expected {steps}")
-    return float(np.mean([float(x) for x in losses]))
+    return float(np.mean([float(x) for x in losses])), first_step_s
 
 
 def validate(worker: Worker, shard) -> np.ndarray:
@@ -260,10 +325,10 @@ def report(worker: Worker, state: TrainState, metrics: dict[str, Any]) -> None:
 
 def log_epoch(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
     """One line per epoch in the worker's log (Ray's log files; on the console only with -v)."""
-    epoch = metrics["epoch"]
-    eta = (cfg.epochs - epoch - 1) * metrics["epoch_seconds"]
+    epoch, epochs = metrics["epoch"], metrics.get("epochs", cfg.epochs)
+    eta = (epochs - epoch - 1) * metrics["epoch_seconds"]
     print(
-        f"[raysegment] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+        f"[raysegment] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  "
         f"val mIoU {metrics['val_mean_iou']:.4f}  pixel acc {metrics['val_pixel_accuracy']:.4f}  "
         f"{metrics['images_per_second']:.1f} img/s  ETA {eta:.0f}s",
         flush=True,

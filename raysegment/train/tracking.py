@@ -1,19 +1,23 @@
 """Experiment tracking: TensorBoard event files under OUT/tensorboard/ and, with `--mlflow-uri`, an MLflow run.
 
-Both are written by the driver from the history in the final checkpoint, the one history.csv is
-written from. Why not rank 0 as the epochs end: a worker group that restarts from a checkpoint runs
-the epochs after it again, so a per-epoch writer records them twice (or, after falling back past a
-corrupt checkpoint, keeps values the model no longer has); the checkpointed history holds each epoch
-exactly once, resumes included. The final model, its card and the plots exist only on the driver,
-and MLflow's client is then needed there alone, not on every worker node. The cost: TensorBoard and
-MLflow show a run's epochs when it ends (the console shows each one as it finishes); the MLflow run is
-created before training, so a bad URI fails before any work, and a failed training marks it FAILED.
+Live: the driver logs each epoch's scalars (TensorBoard, and MLflow metrics) as it learns that the epoch
+finished (`LiveLog.rows`, fed by the thread that shows the console's epoch lines, `events.follow`), so
+both show a run while it trains. Rank 0 posts each epoch after its checkpoint is written, and after a
+restore the checkpoint's history (`events.Resumed`): a re-run that resumes logs the epochs before it
+first. Each epoch is logged once per `train` call: a worker group that restarts from an older
+checkpoint runs the epochs after it again, and those repeats are skipped, so MLflow keeps the first
+values of such an epoch (history.csv, from the final checkpoint, has the repeat's). When training ends
+the driver logs to MLflow any epoch of the final history it has not (a post lost in a restart, MLflow
+down for a while), then the best epoch's metrics, the model, its card and the plots, which exist only
+there; MLflow's client is needed on the driver alone. The MLflow run is created before training, so a
+bad URI fails before any work, and a failed training marks it FAILED.
 
 TensorBoard: `tf.summary.write` with the scalars and images plugins' metadata is exactly what
 `tf.summary.scalar` and `tf.summary.image` write; those two are implemented in the `tensorboard`
-package, which TensorFlow no longer installs, and the event files need nothing from it. The
-directory is rewritten whole at the end of every `train` (one event file), so a re-run that resumes
-never adds a second copy of an epoch.
+package, which TensorFlow no longer installs, and the event files need nothing from it. The live file
+is written locally and uploaded whole after each epoch (an S3 object cannot be appended to); at the
+end `write_tensorboard` replaces the directory with one file from the final history plus the example
+overlays, so a finished run's events equal history.csv.
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from raysegment import storage
+from raysegment import progress, storage
 from raysegment.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
     from raysegment.config import TrainSpec
+
+log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
 # history.csv column -> TensorBoard tag; the MLflow metrics keep the column names.
@@ -74,14 +82,11 @@ def write_tensorboard(
     from PIL import Image
     from tensorflow.core.framework import summary_pb2
 
-    scalar = _metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
     image = _metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
     with tempfile.TemporaryDirectory() as d:
         writer = tf.summary.create_file_writer(d)
+        _write_scalars(writer, history)
         with writer.as_default():
-            for row in history:
-                for column, tag in SCALAR_TAGS.items():
-                    tf.summary.write(tag, tf.constant(row[column], tf.float32), step=row["epoch"], metadata=scalar)
             if examples_png:
                 with Image.open(io.BytesIO(examples_png)) as img:
                     width, height = img.size
@@ -90,8 +95,97 @@ def write_tensorboard(
                 tf.summary.write(EXAMPLES_TAG, blob, step=best_epoch or 0, metadata=image)
         writer.close()
         storage.remove_tree(dest)
-        for name in sorted(os.listdir(d)):
-            storage.upload_file(os.path.join(d, name), dest.child(name))
+        _upload_events(d, dest)
+
+
+def _write_scalars(writer: Any, rows: list[dict[str, Any]]) -> None:
+    """Each row's scalars at step = its epoch."""
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    scalar = _metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+    with writer.as_default():
+        for row in rows:
+            for column, tag in SCALAR_TAGS.items():
+                tf.summary.write(tag, tf.constant(row[column], tf.float32), step=row["epoch"], metadata=scalar)
+    writer.flush()
+
+
+def _upload_events(local_dir: str, dest: storage.Location) -> None:
+    for name in sorted(os.listdir(local_dir)):
+        storage.upload_file(os.path.join(local_dir, name), dest.child(name))
+
+
+class LiveLog:
+    """The epochs of one `train` call, logged as the driver learns of them: each once (see the module doc).
+
+    `rows` is called from the progress thread and never raises (tracking must not stop training): a
+    failed upload or MLflow call is a warning, and MLflow gets the epochs it missed in `finish`."""
+
+    def __init__(self, dest: storage.Location, run: MlflowRun | None) -> None:
+        import tensorflow as tf
+
+        self.dest, self.run = dest, run
+        self.tensorboard: set[int] = set()  # epochs in the live event file
+        self.mlflow: set[int] = set()  # epochs MLflow has
+        self._lock = threading.Lock()
+        self._warned = False
+        self._tmp = tempfile.TemporaryDirectory(prefix="raysegment-tensorboard-")
+        self._writer = tf.summary.create_file_writer(self._tmp.name)
+        storage.remove_tree(dest)  # this run's events only: a file from an earlier run would repeat epochs
+
+    def rows(self, rows: list[dict[str, Any]]) -> None:
+        """Log the rows (history rows: epoch, metrics) whose epochs are not logged yet."""
+        with self._lock:
+            new = [r for r in rows if r["epoch"] not in self.tensorboard]
+            if new and self._try("write the TensorBoard events", _write_scalars, self._writer, new):
+                self.tensorboard.update(r["epoch"] for r in new)
+                self._try(
+                    f"upload the TensorBoard events to {self.dest.uri}", _upload_events, self._tmp.name, self.dest
+                )
+            if self.run is not None:
+                self._log_to_mlflow(rows, raising=False)
+
+    def finish(self, out: storage.Location, history: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        """After the artifacts: MLflow gets the final history's epochs it has not had, then the result."""
+        if self.run is None:
+            return
+        with self._lock:
+            self._log_to_mlflow(history, raising=True)
+        self.run.log_result(out, result)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LiveLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _log_to_mlflow(self, rows: list[dict[str, Any]], raising: bool) -> None:
+        assert self.run is not None
+        new = {r["epoch"]: r for r in rows if r["epoch"] not in self.mlflow}
+        if not new:
+            return
+        if raising:
+            self.run.log_epochs(list(new.values()))
+        elif not self._try("log epochs to MLflow", self.run.log_epochs, list(new.values())):
+            return
+        self.mlflow.update(new)
+
+    def _try(self, doing: str, fn: Any, *args: Any) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # noqa: BLE001 - retried (MLflow) or rewritten (TensorBoard) at the end
+            log.warning("train: could not %s: %s", doing, exc)
+            if not self._warned:
+                self._warned = True
+                progress.note(f"train: could not {doing} ({exc}); tried again when training ends")
+            return False
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
@@ -163,21 +257,25 @@ class MlflowRun:
                 client.log_dict(run_id, plan, "plan.json")
         return cls(client, uri, run_id)
 
-    def log_result(self, out: storage.Location, history: list[dict[str, Any]], result: dict[str, Any]) -> None:
-        """Metrics per epoch (step = epoch), the best epoch's, the model card and model, and the plots."""
+    def log_epochs(self, rows: list[dict[str, Any]]) -> None:
+        """History rows as metrics, step = epoch (what TensorBoard shows, plus epoch_seconds)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(column, float(row[column]), now, row["epoch"])
-            for row in history
-            for column in (*SCALAR_TAGS, "epoch_seconds")
-        ]
-        best = result["metrics"]["best"]
-        metrics += [Metric(f"best_{k}", float(best[k]), now, 0) for k in SCALAR_TAGS if k.startswith("val_")]
-        with mlflow_errors(self.uri, "log the run's metrics and artifacts"):
-            for i in range(0, len(metrics), 1000):  # and at most 1000 metrics
+        metrics = [Metric(c, float(row[c]), now, row["epoch"]) for row in rows for c in (*SCALAR_TAGS, "epoch_seconds")]
+        with mlflow_errors(self.uri, "log the run's epochs"):
+            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def log_result(self, out: storage.Location, result: dict[str, Any]) -> None:
+        """The best epoch's metrics, the model card and model, and the plots."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        best = result["metrics"]["best"]
+        metrics = [Metric(f"best_{k}", float(best[k]), now, 0) for k in SCALAR_TAGS if k.startswith("val_")]
+        with mlflow_errors(self.uri, "log the run's metrics and artifacts"):
+            self.client.log_batch(self.run_id, metrics=metrics)
             self.client.set_tag(self.run_id, "raysegment.model_id", result["model_card"]["model_id"])
             with tempfile.TemporaryDirectory() as d:
                 for name in (*MODEL_ARTIFACTS, *RUN_ARTIFACTS):

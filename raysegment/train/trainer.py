@@ -24,7 +24,7 @@ from raysegment.data.prepare import read_manifest
 from raysegment.models.card import MODEL_FILE, ModelCard
 from raysegment.train import events, tracking
 from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
-from raysegment.train.config import TrainConfig, train_config
+from raysegment.train.config import TrainConfig, rare_classes, train_config
 from raysegment.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -55,17 +55,25 @@ def history_csv(history: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], count: int = 8) -> bytes:
+def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: TrainConfig, count: int = 8) -> bytes:
     """image | ground truth | prediction for the first validation images, as a PNG grid."""
     from raysegment.models.losses import probabilities
 
     data_loc = storage.resolve(spec.data, spec.endpoint_url)
     val = training_dataset(
-        data_loc, manifest, "val", spec.image_size, augment=False, native_validation=spec.crop == "native"
+        data_loc,
+        manifest,
+        "val",
+        spec.image_size,
+        augment=False,
+        native_validation=spec.crop == "native",
+        norm=cfg.model_input,
     )
     batch = val.take_batch(count, batch_format="numpy")
     pred = np.argmax(probabilities(model(batch["image"], training=False)).numpy(), axis=-1)
-    return overlay.example_grid(list(zip(batch["image"], batch["mask"], pred)), manifest["palette"])
+    # The model's input is normalised (z-scores): each image stretched to its own min..max to be seen.
+    shown = [(x - x.min()) / max(float(x.max() - x.min()), 1e-6) for x in batch["image"]]
+    return overlay.example_grid(list(zip(shown, batch["mask"], pred)), manifest["palette"])
 
 
 def train(spec: TrainSpec) -> dict[str, Any]:
@@ -77,14 +85,19 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
     spec, plan_record = apply_plan(spec, data_loc, manifest)
-    cfg = train_config(spec, manifest, data_loc.uri)
+    fingerprint = planning.read_fingerprint(data_loc, manifest) if spec.normalization != "scale_0_1" else None
+    # With a time budget the first epoch's measured time sets the epochs: any number where the plan chose them.
+    from_budget = plan_record is not None and "epochs" in plan_record["auto"]
+    cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
 
     # The MLflow run (with --mlflow-uri) exists from here: FINISHED once the artifacts are logged, else FAILED.
     with tracking.mlflow_run(spec, plan_record) as run:
-        with events.follow(cfg.epochs) as inbox:
-            result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest), inbox)
+        # Each epoch goes to TensorBoard (and MLflow) as the driver learns that it finished.
+        live = tracking.LiveLog(out.child(tracking.TENSORBOARD_DIR), run)
+        with live, events.follow(cfg.epochs, live.rows) as inbox:
+            result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest, cfg), inbox)
         if result.error:
             raise result.error
         progress.note(f"train: writing the model, its card and plots to {out.uri}")
@@ -100,8 +113,8 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         summary = write_artifacts(
             out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0, plan_record
         )
+        live.finish(out, state.history, summary)
         if run is not None:
-            run.log_result(out, state.history, summary)
             summary["mlflow_run_id"] = run.run_id
     return summary
 
@@ -121,14 +134,24 @@ def apply_plan(
     return planned, {**planning.card_record(plan, planning.compute_of(spec)), "stop_at_s": planned.time_budget}
 
 
-def training_datasets(spec: TrainSpec, data_loc: storage.Location, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The train split (augmented, repeated) and the val split (plain), as Ray datasets."""
+def training_datasets(
+    spec: TrainSpec, data_loc: storage.Location, manifest: dict[str, Any], cfg: TrainConfig
+) -> dict[str, Any]:
+    """The train split (augmented, repeated, rare classes oversampled) and the val split (plain), as Ray
+    datasets, both normalised as the model card will say (`cfg.model_input`)."""
+    augment = Augmentation.from_spec(spec, rare_classes(manifest))
     return {
         "train": training_dataset(
-            data_loc, manifest, "train", spec.image_size, Augmentation.from_spec(spec), repeat=spec.repeat
+            data_loc, manifest, "train", spec.image_size, augment, repeat=spec.repeat, norm=cfg.model_input
         ),
         "val": training_dataset(
-            data_loc, manifest, "val", spec.image_size, augment=False, native_validation=spec.crop == "native"
+            data_loc,
+            manifest,
+            "val",
+            spec.image_size,
+            augment=False,
+            native_validation=spec.crop == "native",
+            norm=cfg.model_input,
         ),
     }
 
@@ -192,10 +215,15 @@ def write_artifacts(
         model_hash = file_sha256(local)
         storage.upload_file(local, out.child(MODEL_FILE))
     history = state.history
+    if plan is not None and state.fitted_epochs is not None:
+        # The plan's epochs were an estimate; its first epoch measured what fits the budget.
+        plan = {**plan, "fitted_epochs": state.fitted_epochs, "first_epoch_s": state.first_epoch_s}
     metrics = {
         "best": best,
         "last": history[-1],
         "epochs_run": len(history),
+        "epochs_planned": cfg.epochs,
+        "epochs_fitted": state.fitted_epochs,
         "stopped_early": state.stopped_early,
         "stopped_by": state.stopped_by,
         "resumes": state.resumes,
@@ -207,14 +235,16 @@ def write_artifacts(
     storage.write_bytes(out.child(CURVES_FILE), plots.training_curves(history))
     if best_cm:
         storage.write_bytes(out.child(CONFUSION_FILE), plots.confusion_matrix_png(best_cm, manifest["class_names"]))
-    examples = validation_examples(model, spec, manifest)
+    examples = validation_examples(model, spec, manifest, cfg)
     storage.write_bytes(out.child(EXAMPLES_FILE), examples)
     tracking.write_tensorboard(out.child(tracking.TENSORBOARD_DIR), history, examples, best.get("epoch"))
     card = ModelCard.create(
         model_hash,
         architecture={
-            "name": "unet",
-            "depth": spec.depth,
+            "name": f"{spec.architecture}-{spec.encoder}" if spec.encoder else spec.architecture,
+            "encoder": spec.encoder,
+            "encoder_weights": spec.encoder_weights if spec.encoder else None,
+            "depth": spec.model_depth,
             "base_filters": spec.base_filters,
             "batch_norm": spec.batch_norm,
             "upsampling": spec.upsampling,
@@ -224,14 +254,8 @@ def write_artifacts(
         class_names=manifest["class_names"],
         palette=manifest["palette"],
         ignore_index=manifest["ignore_index"],
-        # "none": trained on windows at the original scale, so inference runs at full
-        # resolution (padded to a multiple of 2**depth) instead of resizing to `size`.
-        input={
-            "size": [spec.image_size, spec.image_size],
-            "channels": 3,
-            "normalization": "scale_0_1",
-            "resize": "none" if spec.crop == "native" else "bilinear",
-        },
+        # Size, bands, native scale and the normalisation the training pipeline applied (`model_input`).
+        input=cfg.model_input,
         output="logits",
         training=spec.model_dump(exclude={"endpoint_url"}),
         data={"uri": storage.redact(spec.data), "content_hash": manifest["content_hash"], "counts": manifest["counts"]},

@@ -1,0 +1,238 @@
+"""TIFF files beyond what Pillow decodes whole: multi-page stacks, more than four bands, 16-bit colour, float.
+
+Pages are slices: a stack such as the ISBI 2012 volumes (`train-volume.tif` + `train-labels.tif`)
+becomes one pair (in `prepare`) or one input (in `infer`) per page, keyed `{stem}/{page:04d}`
+from 0. Reduced-resolution pages (a pyramid's overviews, NewSubfileType bit 0) are no slices and
+are skipped. Bands are the samples of one page (a multispectral scene, interleaved or planar).
+
+Pillow reads 8-bit grey, RGB(A), palette, CMYK, 1-bit and single-band 16-bit or float TIFFs
+losslessly and applies their orientation, so those stay with it (`pil_reads`); the rest is read
+here with tifffile. Without the optional imagecodecs package tifffile decodes uncompressed, zlib
+(deflate) and LZMA TIFFs; LZW, JPEG or packbits ones are read with rasterio when it is installed
+(extra `geo`), else they are one clear error naming the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
+TIFF_EXTENSIONS = (".tif", ".tiff")
+PAGE_DIGITS = 4
+# `infer` names a page's source `{file uri}#page={n}`; `show` and `report` read such a URI back.
+PAGE_FRAGMENT = re.compile(r"#page=(\d+)$")
+_PALETTE, _SEPARATED, _YCBCR = 3, 5, 6  # TIFF photometric interpretations Pillow converts to RGB itself
+_ALPHA = (1, 2)  # ExtraSamples: associated, unassociated alpha
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")  # Pillow modes a PNG holds losslessly
+
+
+class TiffError(ValueError):
+    """A TIFF that cannot be read as asked; the message says why and, where there is one, the fix."""
+
+
+def is_tiff(data: bytes) -> bool:
+    return data[:4] in TIFF_MAGIC
+
+
+def is_tiff_name(path: str) -> bool:
+    return posixpath.splitext(path)[1].lower() in TIFF_EXTENSIONS
+
+
+def _open(data: bytes) -> Any:
+    import tifffile
+
+    try:
+        return tifffile.TiffFile(io.BytesIO(data))
+    except Exception as exc:  # tifffile raises several types for damaged headers
+        raise TiffError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from exc
+
+
+def slice_pages(tif: Any) -> list[int]:
+    """Indices of the pages that are slices: every full-resolution page (overviews are left out)."""
+    return [i for i, page in enumerate(tif.pages) if not getattr(page, "is_reduced", False)]
+
+
+def count_pages(read: Callable[[], Any]) -> int:
+    """Slices in a TIFF given an opener of its file object (only the headers are read)."""
+    import tifffile
+
+    try:
+        with read() as f, tifffile.TiffFile(f) as tif:
+            return len(slice_pages(tif))
+    except OSError:
+        raise
+    except Exception as exc:
+        raise TiffError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from exc
+
+
+def page_count(data: bytes) -> int:
+    """Slices in an encoded TIFF (1 for anything else)."""
+    if not is_tiff(data):
+        return 1
+    with _open(data) as tif:
+        return len(slice_pages(tif))
+
+
+def page_key(key: str, page: int, pages: int) -> str:
+    """`vol` page 3 of 30 -> `vol/0003` (more digits past 9,999 pages, so keys still sort)."""
+    return f"{key}/{page:0{max(PAGE_DIGITS, len(str(pages - 1)))}d}"
+
+
+def page_uri(uri: str, page: int) -> str:
+    return f"{uri}#page={page}"
+
+
+def split_page_uri(uri: str) -> tuple[str, int | None]:
+    """`.../vol.tif#page=3` -> (`.../vol.tif`, 3); any other URI -> (uri, None)."""
+    found = PAGE_FRAGMENT.search(uri)
+    if found and is_tiff_name(uri[: found.start()]):
+        return uri[: found.start()], int(found.group(1))
+    return uri, None
+
+
+def _alpha_bands(page: Any) -> int:
+    return sum(1 for s in page.extrasamples if int(s) in _ALPHA)
+
+
+def pil_reads(page: Any) -> bool:
+    """True when Pillow decodes this page without losing bands or precision."""
+    if page.dtype is None:  # odd bit depths: tifffile says what it cannot do
+        return False
+    dtype, samples, photometric = np.dtype(page.dtype), page.samplesperpixel, int(page.photometric)
+    if photometric == _PALETTE or dtype == np.bool_:
+        return True
+    if dtype == np.uint8:
+        alpha = _alpha_bands(page)
+        return photometric in (_SEPARATED, _YCBCR) or (alpha <= 1 and samples - alpha in (1, 3))
+    return samples == 1 and dtype in (np.uint16, np.float32)
+
+
+def needs_tifffile(data: bytes) -> bool:
+    """True for a TIFF whose first slice Pillow cannot decode losslessly (see `pil_reads`)."""
+    if not is_tiff(data):
+        return False
+    with _open(data) as tif:
+        pages = slice_pages(tif)
+        return bool(pages) and not pil_reads(tif.pages[pages[0]])
+
+
+def slice_size(data: bytes, page: int = 0) -> tuple[int, int]:
+    """(height, width) of a slice, from the headers only."""
+    with _open(data) as tif:
+        pages = slice_pages(tif)
+        if page >= len(pages):
+            raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
+        p = tif.pages[pages[page]]
+        return p.imagelength, p.imagewidth
+
+
+def _as_yxs(page: Any, arr: np.ndarray) -> np.ndarray:
+    """A page's array as height x width x samples, whatever its planar configuration."""
+    axes = page.axes
+    if axes.startswith("S"):  # planar (band-sequential) storage
+        arr = np.moveaxis(arr, 0, -1)
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def _with_rasterio(data: bytes, why: Exception) -> np.ndarray:
+    try:
+        from rasterio.io import MemoryFile
+    except ImportError:
+        raise TiffError(
+            f"{why}; install imagecodecs (pip install imagecodecs) or rasterio (pip install 'raysegment[geo]'), "
+            "or save the TIFF uncompressed or with deflate"
+        ) from None
+    with MemoryFile(data) as mem, mem.open() as src:
+        return np.moveaxis(src.read(), 0, -1)
+
+
+def read_bands(data: bytes, max_pixels: int, page: int = 0) -> tuple[np.ndarray, int]:
+    """(height x width x bands at the file's own precision, how many trailing bands are alpha) of one slice."""
+    with _open(data) as tif:
+        pages = slice_pages(tif)
+        if page >= len(pages):
+            raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
+        p = tif.pages[pages[page]]
+        h, w = p.imagelength, p.imagewidth
+        if h * w > max_pixels:
+            raise TiffError(f"image is {w}x{h} pixels, over the limit of {max_pixels} (--max-pixels)")
+        try:
+            arr = _as_yxs(p, p.asarray())
+        except ValueError as exc:
+            if "imagecodecs" not in str(exc) or len(pages) > 1:
+                raise TiffError(f"cannot decode TIFF: {exc}") from exc
+            arr = _with_rasterio(data, exc)
+        return arr, _alpha_bands(p)
+
+
+def page_bytes(data: bytes, page: int) -> bytes:
+    """One slice of a stack as a file of its own, lossless: PNG where PNG holds it (8-bit grey or RGB,
+    16-bit grey, 1-bit), else a single-page TIFF (deflate) at the slice's own precision and bands."""
+    from PIL import Image
+
+    with _open(data) as tif:
+        pages = slice_pages(tif)
+        if page >= len(pages):
+            raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
+        index, easy = pages[page], pil_reads(tif.pages[pages[page]])
+    if easy:  # Pillow reads it (LZW and JPEG included) and applies its palette and orientation
+        img = Image.open(io.BytesIO(data))
+        img.seek(index)
+        img.load()
+        if img.mode not in (*PNG_MODES, "F", "I", "I;16B", "I;16L"):
+            img = img.convert("RGBA" if img.mode.upper().endswith("A") else "RGB")  # CMYK, YCbCr, premultiplied
+        if img.mode in PNG_MODES:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG", compress_level=1)
+            return buf.getvalue()
+        arr = np.asarray(img)
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    else:
+        arr, _ = read_bands(data, np.iinfo(np.int64).max, page)
+    return encode_tiff(arr)
+
+
+def encode_tiff(arr: np.ndarray) -> bytes:
+    """Height x width (x bands) pixels as one deflate-compressed TIFF page, bands interleaved."""
+    import tifffile
+
+    buf = io.BytesIO()
+    photometric = "rgb" if arr.ndim == 3 and arr.shape[2] == 3 else "minisblack"
+    tifffile.imwrite(buf, arr, photometric=photometric, planarconfig="contig", compression="zlib")
+    return buf.getvalue()
+
+
+def split_stacks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inference rows (key, source_uri, bytes, error, collides, ...): each multi-page TIFF becomes one row
+    per slice, keyed `{key}/{page:04d}`, its source `{uri}#page={n}`, its bytes the slice alone. A stack that
+    cannot be split is one error row under its own key; other rows pass unchanged."""
+    out: dict[str, list[Any]] = {name: [] for name in batch}
+    for i in range(len(batch["key"])):
+        row = {name: batch[name][i] for name in batch}
+        data = row.get("bytes")
+        pages = 1
+        if not row.get("error") and isinstance(data, bytes) and is_tiff(data):
+            try:
+                pages = page_count(data)
+            except TiffError as exc:
+                row["error"] = str(exc)
+        if pages <= 1:
+            for name in batch:
+                out[name].append(row[name])
+            continue
+        for page in range(pages):
+            piece = dict(row, key=page_key(str(row["key"]), page, pages))
+            piece["source_uri"] = page_uri(str(row["source_uri"]), page)
+            try:
+                piece["bytes"] = page_bytes(data, page)
+            except (TiffError, OSError) as exc:
+                piece["bytes"], piece["error"] = b"", f"cannot read page {page}: {exc}"
+            for name in batch:
+                out[name].append(piece[name])
+    return {name: np.asarray(values, dtype=batch[name].dtype) for name, values in out.items()}

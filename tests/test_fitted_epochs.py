@@ -1,0 +1,98 @@
+"""Epochs from the measured first epoch (#15): with a time budget, the first epoch's time (one-time costs
+taken out) sets how many epochs fit, the learning-rate schedule is re-fitted to them, and the model card
+records the plan's estimate beside the fitted number."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from raysegment.config import TrainSpec
+from raysegment.train.config import train_config
+from raysegment.train.loop import fitted_epochs, steady_epoch_seconds
+
+MANIFEST = {
+    "num_classes": 2,
+    "class_names": ["background", "cell"],
+    "counts": {"train": 40, "val": 5},
+    "pixel_frequency": [0.9, 0.1],
+}
+
+
+def test_the_epochs_that_fit_the_budget():
+    # 100 s budget, the first epoch took 20 s, the next ones take 10: 8 more fit.
+    assert fitted_epochs(100, 20, 10, done=1, cap=None) == 9
+    assert fitted_epochs(100, 20, 10, done=1, cap=5) == 5  # given epochs are a ceiling
+    assert fitted_epochs(15, 20, 10, done=1, cap=None) == 1  # the first epoch alone outlasted the budget
+    # The first step's one-time costs (tracing, the pipeline's start) count as one ordinary step.
+    assert steady_epoch_seconds(epoch_s=12.0, train_s=11.0, first_step_s=6.0, steps=6) == pytest.approx(7.0)
+    assert steady_epoch_seconds(epoch_s=12.0, train_s=11.0, first_step_s=6.0, steps=1) == 12.0
+
+
+def cosine(step: int, total: int, warmup: int, peak: float) -> float:
+    """Keras' CosineDecay with warm-up and alpha 0.01, written out."""
+    if step < warmup:
+        return peak / 10 + (peak - peak / 10) * step / warmup
+    done = min(step - warmup, total - warmup) / (total - warmup)
+    return peak * (0.99 * 0.5 * (1 + math.cos(math.pi * done)) + 0.01)
+
+
+def test_refit_changes_the_schedule_a_compiled_step_already_reads():
+    import tensorflow as tf
+
+    from raysegment.train.optim import learning_rate_schedule, refit
+
+    cfg = train_config(TrainSpec(data="d", out="o", batch_size=4, workers=1, epochs=10, warmup_epochs=1), MANIFEST, "d")
+    schedule = learning_rate_schedule(cfg)
+    lr_at = tf.function(lambda step: schedule(step))
+    steps, peak = cfg.steps_per_epoch, cfg.peak_learning_rate
+    assert float(lr_at(tf.constant(3 * steps))) == pytest.approx(cosine(3 * steps, 10 * steps, steps, peak), rel=1e-5)
+    refit(schedule, cfg, 4)
+    assert float(lr_at(tf.constant(3 * steps))) == pytest.approx(cosine(3 * steps, 4 * steps, steps, peak), rel=1e-5)
+    assert float(lr_at(tf.constant(4 * steps))) == pytest.approx(peak * 0.01, rel=1e-5)  # the end of the schedule
+    step = learning_rate_schedule(
+        train_config(TrainSpec(data="d", out="o", batch_size=4, workers=1, epochs=10, schedule="step"), MANIFEST, "d")
+    )
+    refit(step, cfg, 2)
+    assert float(step(tf.constant(2 * steps))) == pytest.approx(peak * 0.01)  # past 85% of the new length
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_trains_the_epochs_its_first_epoch_fits(tiny_model, ray_cluster, tmp_path):
+    """The plan chooses the epochs from its cost estimate; one worker's first epoch then sets them. Whatever
+    the machine's speed: the run trains the fitted epochs (or stops at the budget), every epoch after the
+    first follows the cosine re-fitted to them, and card and metrics record the estimate and the fit."""
+    from raysegment.train.trainer import train
+
+    data = tiny_model[0]
+    spec = TrainSpec(
+        data=data, out=str(tmp_path / "m"), workers=1, batch_size=4, depth=2, base_filters=4, time_budget=6
+    )
+    train(spec)
+    card = json.loads((Path(tmp_path) / "m" / "model.json").read_text())
+    metrics = json.loads((Path(tmp_path) / "m" / "metrics.json").read_text())
+    plan = card["plan"]
+    planned, fitted = plan["values"]["epochs"], plan["fitted_epochs"]
+    assert "epochs" in plan["auto"] and (metrics["epochs_planned"], metrics["epochs_fitted"]) == (planned, fitted)
+    assert plan["first_epoch_s"] > 0 and fitted >= 1
+    assert metrics["epochs_run"] == fitted or metrics["stopped_by"] == "time_budget"
+    rows = list(csv_rows(Path(tmp_path) / "m" / "history.csv"))
+    steps = json.loads((Path(data) / "manifest.json").read_text())["counts"]["train"] // 4  # global batch 4
+    warmup = int(plan["values"]["warmup_epochs"] * steps)
+    peak = 1e-3 * 4 / 8
+    assert rows[0]["learning_rate"] == pytest.approx(cosine(steps, planned * steps, warmup, peak), rel=1e-4)
+    for epoch, row in enumerate(rows[1:], start=1):
+        expected = cosine((epoch + 1) * steps, fitted * steps, warmup, peak)
+        assert row["learning_rate"] == pytest.approx(expected, rel=1e-4), (epoch, planned, fitted)
+    assert card["input"]["normalization"] == "zscore" and len(card["input"]["stats"]["mean"]) == 3
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            yield {k: float(v) for k, v in row.items()}

@@ -1,0 +1,149 @@
+"""Normalisation from the fingerprint (#15): one implementation, applied alike by training, inference and exports.
+
+`predictor.normalize` (infer, evaluate, show, serve; training through `data.pipeline`) and the export graph
+(`export.segment_fn`) must give the same float32 numbers for the same pixels, 8-bit or 16-bit, for every
+kind of normalisation a card can name; older cards keep their meaning.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysegment.config import TrainSpec
+from raysegment.data import imaging
+from raysegment.data.fingerprint import ShardFingerprint, merge
+from raysegment.data.pipeline import decode_for_training
+from raysegment.errors import DataError
+from raysegment.inference.predictor import normalize
+from raysegment.models.card import InputSpec, ModelCard
+from raysegment.train.config import model_input
+
+STATS = {"mean": [30000.0, 120.0, 0.5], "std": [5000.0, 40.0, 0.25], "low": [1000.0, 3.0, 0.0]}
+STATS["high"] = [60000.0, 250.0, 1.0]
+
+
+def card_for(normalization: str, stats=STATS, size=(8, 8), resize="none") -> ModelCard:
+    """An identity 'model' card: 3 'classes' that are the normalised channels themselves (output probabilities)."""
+    return ModelCard.create(
+        "0" * 64,
+        {"name": "identity", "depth": 0},
+        num_classes=3,
+        class_names=["r", "g", "b"],
+        palette=[[0, 0, 0]] * 3,
+        input={
+            "size": size,
+            "normalization": normalization,
+            "stats": stats,
+            "resize": resize,
+            "pixel_type": "float32" if stats else "uint8",
+        },
+        output="probabilities",
+    )
+
+
+@pytest.fixture(scope="module")
+def identity():
+    import keras
+
+    inp = keras.Input((None, None, 3))
+    return keras.Model(inp, keras.layers.Identity()(inp))
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [
+        ("zscore_clipped", np.uint16),
+        ("zscore_clipped", np.uint8),
+        ("zscore_clipped", np.float32),
+        ("zscore", np.uint16),
+        ("scale_0_1", np.uint8),
+        ("imagenet", np.uint8),
+    ],
+)
+def test_normalize_equals_the_export_graph(identity, kind, dtype):
+    import tensorflow as tf
+
+    from raysegment.export import segment_fn
+
+    card = card_for(kind, STATS if kind.startswith("zscore") else None)
+    rng = np.random.default_rng(3)
+    top = {np.uint8: 255, np.uint16: 65535, np.float32: 1.5}[dtype]
+    image = (rng.random((13, 17, 3)) * top).astype(dtype)  # beyond both clip bounds in some pixels
+    graph = tf.function(
+        segment_fn(identity, card, probabilities=True), input_signature=[tf.TensorSpec([None, None, 3], dtype)]
+    )
+    exported = graph(tf.constant(image))["probabilities"].numpy()
+    expected = normalize(image, card)
+    assert exported.dtype == expected.dtype == np.float32
+    assert np.array_equal(exported, expected)  # bit for bit: the same clip and affine in float32
+    if kind == "zscore_clipped":
+        z_high = (np.float32(STATS["high"][0]) - np.float32(STATS["mean"][0])) * np.float32(1 / STATS["std"][0])
+        assert expected[..., 0].max() <= z_high + 1e-6  # clipped before the affine
+
+
+def test_old_cards_keep_scale_0_1_and_zscore_needs_its_statistics():
+    old = ModelCard.parse(
+        {
+            "model_id": "unet-0",
+            "model_sha256": "0" * 64,
+            "num_classes": 2,
+            "class_names": ["a", "b"],
+            "palette": [[0, 0, 0], [1, 1, 1]],
+            "input": {"size": [32, 32], "channels": 3, "normalization": "scale_0_1", "resize": "bilinear"},
+        },
+        "model.json",
+    )
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    assert old.pixel_clip is None
+    assert np.array_equal(normalize(image, old), image.astype(np.float32) * np.float32(1 / 255))
+    with pytest.raises(DataError, match="needs stats"):
+        ModelCard.parse({**old.as_dict(), "input": {"size": [32, 32], "normalization": "zscore"}}, "model.json")
+
+
+def _png16(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_sixteen_bit_data_gets_z_scores_from_its_fingerprint_in_training_and_inference():
+    """16-bit grey images with hot pixels: the fingerprint's statistics (native units) give the card's
+    zscore_clipped; training's pipeline and inference's normalize then give the same z-scores, ~N(0, 1)."""
+    rng = np.random.default_rng(0)
+    part, files = ShardFingerprint(), []
+    for i in range(6):
+        values = rng.normal(20000, 3000, (48, 48)).clip(0, 65535)
+        values[rng.integers(0, 48, 5), rng.integers(0, 48, 5)] = 65535  # hot pixels (0.2%)
+        files.append(_png16(values))
+        part.add(f"k{i}", imaging.decode_pixels(files[-1]), np.zeros((48, 48), np.uint8))
+    fp = merge([part], 1, [1.0])
+    assert fp.high_depth and fp.intensity["p99.5"][0] < 65535  # the hot pixels lie above the clip bound
+    spec = TrainSpec(data="d", out="o", image_size=48, normalization="zscore_clipped", crop="native")
+    norm = model_input(spec, {"fingerprint": fp.to_json()}, fp)
+    assert norm.native_pixels  # 16-bit values reach the z-score as they are, not scaled to 8 bits
+    assert norm.stats.mean == tuple(fp.intensity["mean"]) and norm.stats.high == tuple(fp.intensity["p99.5"])
+
+    trained = decode_for_training(
+        {"image": np.array(files, dtype=object), "mask": np.array([imaging.encode_mask(np.zeros((48, 48)))] * 6)},
+        48,
+        None,
+        norm,
+    )["image"]
+    inferred = normalize(np.stack([imaging.decode_pixels(f).pixels for f in files]), norm)
+    assert np.array_equal(trained, inferred)
+    assert abs(float(trained.mean())) < 0.1 and 0.8 < float(trained.std()) < 1.1
+    z_high = (fp.intensity["p99.5"][0] - fp.intensity["mean"][0]) / fp.intensity["std"][0]
+    assert float(trained.max()) == pytest.approx(z_high, rel=1e-4)  # hot pixels clipped, not 15 sigma
+    with pytest.raises(DataError, match="sampled intensities"):
+        model_input(spec, {}, None)
+
+
+def test_a_card_round_trips_its_normalisation():
+    card = card_for("zscore_clipped")
+    again = ModelCard.parse(card.as_dict(), "model.json")
+    assert again.pixel_affine == card.pixel_affine and again.pixel_clip == card.pixel_clip
+    assert isinstance(again.input, InputSpec) and again.input.native_pixels

@@ -1,0 +1,308 @@
+"""TIFF inputs (#19 item 2): multi-page stacks (one pair / one input per slice), multi-band images
+(`--bands`, or every band into the model), 16-bit and float images kept at their own precision.
+
+Fixtures are generated with tifffile; every prepared set is read back from its shards: keys, pixel
+values and class ids must be exactly the ones written. One tiny model trained on 6-band 16-bit images
+covers the bands path through train, infer (a stack among the inputs), show and the report."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+from PIL import Image
+
+from raysegment import storage
+from raysegment.config import InferSpec, PrepareSpec, TrainSpec, load_spec
+from raysegment.data import imaging, tiff
+from raysegment.data.prepare import prepare
+from raysegment.errors import ConfigError, DataError
+from raysegment.models.card import ModelCard
+
+H, W = 16, 24
+BANDS = 6
+
+
+def _tiff(path, arr: np.ndarray, **kwargs) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tifffile.imwrite(path, arr, **kwargs)
+
+
+def _png(path, arr: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _ids(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.kron(rng.integers(0, 2, (H // 4, W // 4)), np.ones((4, 4), np.int64)).astype(np.uint8)
+
+
+def _bands(ids: np.ndarray, seed: int) -> np.ndarray:
+    """H x W x 6 uint16 over the whole 16-bit range; band 3 says the class (bright on class 1)."""
+    arr = np.random.default_rng(seed).integers(0, 60_000, (*ids.shape, BANDS)).astype(np.uint16)
+    arr[..., 2] = np.where(ids == 1, 50_000, 8_000) + arr[..., 2] % 1000
+    return arr
+
+
+def _shard_rows(data: str, manifest: dict) -> dict[str, dict]:
+    rows = {}
+    for shard in manifest["shards"]:
+        for row in pq.read_table(os.path.join(data, shard["path"])).to_pylist():
+            rows[row["key"]] = row
+    return rows
+
+
+def _tiff_bytes(arr: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kwargs)
+    return buf.getvalue()
+
+
+# --- decoding (no Ray) ----------------------------------------------------------------------------
+
+
+def test_decoding_keeps_bands_and_precision():
+    ids = _ids(0)
+    planar = _bands(ids, 1)
+    data = _tiff_bytes(np.moveaxis(planar, -1, 0), photometric="minisblack", planarconfig="separate")
+    # Every band, interleaved whatever the file's planar configuration, values exact.
+    own = imaging.decode_pixels(data, channels=imaging.OWN)
+    assert own.pixels.dtype == np.uint16 and own.mode == "uint16x6" and own.bands == BANDS
+    np.testing.assert_array_equal(own.pixels, planar)
+    picked = imaging.decode_pixels(data, channels=imaging.Channels.of([5, 1, 3]))
+    np.testing.assert_array_equal(picked.pixels, planar[..., [4, 0, 2]])
+    assert imaging.image_size(data) == (H, W)
+    with pytest.raises(imaging.ImageDecodeError, match="image has 6 bands, the model takes 3 channels.*--bands"):
+        imaging.decode_pixels(data)
+    with pytest.raises(imaging.ImageDecodeError, match="image has 6 bands; --bands asks for band 7"):
+        imaging.decode_pixels(data, channels=imaging.Channels.of([1, 7]))
+
+    # 16-bit and float grey: repeated to RGB at their own precision (not rescaled to 8 bits).
+    deep = np.arange(H * W, dtype=np.uint16).reshape(H, W) * 151
+    got = imaging.decode_pixels(_tiff_bytes(deep)).pixels
+    assert got.dtype == np.uint16 and (got == deep[..., None]).all()
+    real = np.linspace(-3.5, 1e6, H * W, dtype=np.float32).reshape(H, W)
+    got = imaging.decode_pixels(_tiff_bytes(real)).pixels
+    assert got.dtype == np.float32 and (got == real[..., None]).all()
+    colour16 = planar[..., :3]
+    got = imaging.decode_pixels(_tiff_bytes(colour16, photometric="rgb")).pixels  # Pillow would cut to 8 bits
+    assert got.dtype == np.uint16 and (got == colour16).all()
+
+    # Shown to people: the first three bands, contrast-stretched to the full 8-bit range.
+    shown = imaging.display_rgb(own.pixels)
+    assert shown.dtype == np.uint8 and shown.shape == (H, W, 3)
+    assert shown[..., 0].min() == 0 and shown[..., 0].max() == 255
+    # Resized at float precision, channel by channel.
+    assert imaging.resize_image(own.pixels, (8, 12)).dtype == np.float32
+
+
+def test_stack_slices_and_infer_rows():
+    stack = np.random.default_rng(2).integers(0, 255, (5, H, W), dtype=np.uint8)
+    data = _tiff_bytes(stack, photometric="minisblack")
+    assert tiff.page_count(data) == 5 and tiff.page_count(b"\x89PNG....") == 1
+    assert tiff.page_bytes(data, 3)[:4] == b"\x89PNG"  # 8-bit: a PNG of the slice
+    np.testing.assert_array_equal(imaging.decode_pixels(tiff.page_bytes(data, 3)).pixels[..., 0], stack[3])
+    floats = np.random.default_rng(3).random((3, H, W)).astype(np.float32)
+    page = tiff.page_bytes(_tiff_bytes(floats, photometric="minisblack"), 2)
+    assert tiff.is_tiff(page)  # float: a single-page TIFF, values exact
+    np.testing.assert_array_equal(imaging.decode_pixels(page).pixels[..., 0], floats[2])
+    assert tiff.page_key("vol", 3, 30) == "vol/0003" and tiff.page_key("vol", 3, 12_000) == "vol/00003"
+    assert tiff.split_page_uri("s3://b/vol.tif#page=3") == ("s3://b/vol.tif", 3)
+    assert tiff.split_page_uri("s3://b/a#page=3.png") == ("s3://b/a#page=3.png", None)
+
+    # infer's rows: a stack becomes one row per slice, other rows pass unchanged.
+    png = io.BytesIO()
+    Image.fromarray(stack[0]).save(png, format="PNG")
+    batch = {
+        "key": np.asarray(["vol", "a"], object),
+        "source_uri": np.asarray(["/in/vol.tif", "/in/a.png"], object),
+        "bytes": np.asarray([data, png.getvalue()], object),
+        "error": np.asarray(["", ""], object),
+        "collides": np.asarray([False, False]),
+    }
+    rows = tiff.split_stacks(batch)
+    assert list(rows["key"]) == [f"vol/000{i}" for i in range(5)] + ["a"]
+    assert rows["source_uri"][2] == "/in/vol.tif#page=2" and rows["bytes"][5] == png.getvalue()
+    np.testing.assert_array_equal(imaging.decode_pixels(rows["bytes"][4]).pixels[..., 0], stack[4])
+
+
+def test_bands_option_is_checked():
+    spec = load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "bands": "4, 2,6"})
+    assert spec.bands == [4, 2, 6]
+    for bad in ("0,1", "1,1", "a,b", ""):
+        with pytest.raises(ConfigError, match="bands"):
+            load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "bands": bad})
+
+
+# --- prepared on real Ray -------------------------------------------------------------------------
+
+
+def test_stack_pairs_one_pair_per_slice(ray_cluster, s3_prefix, tmp_path):
+    """ISBI-style volumes: an image stack + a label stack (0/255) give `vol/0000`..`vol/0004`, each slice's
+    pixels and class ids exact; page counts that differ are one problem naming both files. From S3 (page
+    headers read with small blocks) the shards are the same bytes."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(4)
+    volume = rng.integers(0, 255, (5, H, W), dtype=np.uint8)
+    labels = np.stack([_ids(10 + i) * 255 for i in range(5)]).astype(np.uint8)
+    for folder, arr in (("images", volume), ("masks", labels)):
+        _tiff(f"{src}/{folder}/vol.tif", arr, photometric="minisblack")
+    _tiff(f"{src}/images/short.tif", volume[:3], photometric="minisblack")
+    _tiff(f"{src}/masks/short.tif", labels[:2], photometric="minisblack")
+
+    mismatch = "short: image short.tif has 3 pages but mask short.tif has 2: a TIFF stack needs one mask page"
+    with pytest.raises(DataError, match=mismatch):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d0"), mask_values="0:0,255:1"))
+
+    data = str(tmp_path / "data")
+    manifest = prepare(
+        PrepareSpec(
+            source=str(src),
+            dest=data,
+            mask_values="0:0,255:1",
+            val_keys="vol/0003,vol/0004",
+            skip_invalid=True,
+        )
+    )
+    assert manifest["counts"] == {"train": 3, "val": 2} and manifest["channels"] == 3
+    assert [s["key"] for s in manifest["skipped"]] == ["short"]
+    rows = _shard_rows(data, manifest)
+    assert sorted(rows) == [f"vol/000{i}" for i in range(5)]
+    for i in range(5):
+        row = rows[f"vol/000{i}"]
+        assert (row["height"], row["width"], row["split"]) == (H, W, "val" if i >= 3 else "train")
+        np.testing.assert_array_equal(imaging.decode_pixels(row["image"]).pixels[..., 0], volume[i])
+        np.testing.assert_array_equal(imaging.decode_mask(row["mask"]), labels[i] // 255)
+
+    remote = storage.resolve(f"{s3_prefix}/stacks")
+    for path in sorted(src.rglob("*.tif")):
+        storage.write_bytes(remote.child(*path.relative_to(src).parts), path.read_bytes())
+    again = prepare(
+        PrepareSpec(
+            source=remote.uri,
+            dest=str(tmp_path / "from-s3"),
+            mask_values="0:0,255:1",
+            val_keys="vol/0003,vol/0004",
+            skip_invalid=True,
+        )
+    )
+    assert again["content_hash"] == manifest["content_hash"] and again["skipped"] == manifest["skipped"]
+
+
+def test_16_bit_and_float_images_keep_their_values(ray_cluster, tmp_path):
+    src, written = tmp_path / "src", {}
+    for i in range(3):
+        ids = _ids(20 + i)
+        deep = (np.random.default_rng(i).integers(0, 4000, (H, W)) + 20_000 * ids.astype(np.int64)).astype(np.uint16)
+        real = (np.random.default_rng(i).random((H, W)) * 1e-3 - 0.5 + ids).astype(np.float32)
+        for key, arr in ((f"deep{i}", deep), (f"real{i}", real)):
+            _tiff(f"{src}/images/{key}.tif", arr)
+            _png(f"{src}/masks/{key}.png", ids)
+            written[key] = arr
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(src), dest=data, val_fraction=0.0))
+    rows = _shard_rows(data, manifest)
+    for key, arr in written.items():
+        assert rows[key]["image"] == (src / "images" / f"{key}.tif").read_bytes()  # the file's own bytes
+        got = imaging.decode_pixels(rows[key]["image"]).pixels
+        assert got.dtype == arr.dtype
+        np.testing.assert_array_equal(got[..., 0], arr, err_msg=key)
+    fp = manifest["fingerprint"]
+    assert fp["modes"] == {"F": 3, "I;16": 3} and fp["dtypes"] == {"float32": 3, "uint16": 3}
+    assert fp["intensity"]["p99.5"][0] > 20_000  # native units, not 0..255
+
+
+def test_multiband_bands_or_all_of_them(ray_cluster, tmp_path):
+    src = tmp_path / "src"
+    for i in range(4):
+        ids = _ids(30 + i)
+        arr = _bands(ids, 30 + i)
+        if i % 2:
+            _tiff(f"{src}/images/s{i}.tif", np.moveaxis(arr, -1, 0), photometric="minisblack", planarconfig="separate")
+        else:
+            _tiff(f"{src}/images/s{i}.tif", arr, photometric="minisblack", planarconfig="contig")
+        _png(f"{src}/masks/s{i}.png", ids)
+
+    picked = str(tmp_path / "picked")
+    manifest = prepare(PrepareSpec(source=str(src), dest=picked, bands=[2, 3, 6], val_fraction=0.0))
+    assert manifest["bands"] == [2, 3, 6] and manifest["channels"] == 3
+    assert len(manifest["fingerprint"]["intensity"]["mean"]) == 3
+    assert manifest["fingerprint"]["intensity"]["mean"][1] > 8_000  # band 3, 16-bit values
+    rows = _shard_rows(picked, manifest)
+    assert rows["s1"]["image"] == (src / "images" / "s1.tif").read_bytes()
+
+    every = str(tmp_path / "every")
+    manifest = prepare(PrepareSpec(source=str(src), dest=every, val_fraction=0.0))
+    assert manifest["bands"] is None and manifest["channels"] == BANDS
+    assert manifest["fingerprint"]["channels"] == {"6": 4} and manifest["fingerprint"]["modes"] == {"uint16x6": 4}
+
+    # A 6-band scene beside an RGB photo: no common channel count without --bands.
+    _png(f"{src}/images/rgb.png", np.zeros((H, W, 3), np.uint8))
+    _png(f"{src}/masks/rgb.png", _ids(1))
+    with pytest.raises(DataError, match=r"3 channels: 1 images \(e.g. rgb\); 6 channels: 4 images.*--bands"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "mixed")))
+    with pytest.raises(DataError, match=r"rgb: undecodable image: image has 3 bands; --bands asks for band 6"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "mixed"), bands=[2, 3, 6]))
+
+
+@pytest.fixture(scope="module")
+def band_model(ray_cluster, tmp_path_factory):
+    """(data dir, model dir, source dir): a tiny U-Net trained for one short epoch on 6-band 16-bit images."""
+    from raysegment.train.trainer import train
+
+    root = tmp_path_factory.mktemp("bands")
+    for i in range(8):
+        ids = _ids(40 + i)
+        _tiff(f"{root}/src/images/b{i}.tif", _bands(ids, 40 + i), photometric="minisblack", planarconfig="contig")
+        _png(f"{root}/src/masks/b{i}.png", ids)
+    prepare(PrepareSpec(source=str(root / "src"), dest=str(root / "data"), val_fraction=0.25, seed=1))
+    tiny = {"epochs": 1, "workers": 1, "image_size": 16, "batch_size": 2, "depth": 1, "base_filters": 4}
+    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), resume=False, **tiny))
+    return root / "data", root / "model", root / "src"
+
+
+def test_band_model_trains_infers_shows_and_reports(band_model, tmp_path):
+    """The network takes the data set's 6 bands; infer splits a stack of 6-band slices into one mask each,
+    keeps 16-bit and float inputs at their precision, and refuses an RGB photo; show and report draw them."""
+    from raysegment.inference.pipeline import infer
+    from raysegment.report import write_run_report
+    from raysegment.show import show_overlay
+
+    _, model, _ = band_model
+    card = ModelCard.read(str(model))
+    assert card.input.channels == BANDS and card.input.bands is None
+    assert json.loads((model / "model.json").read_text())["input"]["channels"] == BANDS
+
+    inputs = tmp_path / "in"
+    stack = np.stack([_bands(_ids(50 + i), 50 + i) for i in range(3)])
+    _tiff(f"{inputs}/vol.tif", stack, photometric="minisblack", planarconfig="contig")
+    _tiff(f"{inputs}/scene.tif", _bands(_ids(60), 60), photometric="minisblack", planarconfig="contig")
+    real = _bands(_ids(61), 61).astype(np.float32) / 60_000
+    _tiff(f"{inputs}/real.tif", real, photometric="minisblack", planarconfig="contig")
+    _png(f"{inputs}/photo.png", np.zeros((H, W, 3), np.uint8))
+    out = tmp_path / "out"
+    record = infer(InferSpec(input=str(inputs), output=str(out), model=str(model), actors="1", report=False))
+    assert record["counts"]["processed"] == 6
+    table = pq.read_table(out / "summaries", columns=["key", "source_uri", "status", "error"]).to_pylist()
+    rows = {r["key"]: r for r in table}
+    assert sorted(rows) == ["photo", "real", "scene", "vol/0000", "vol/0001", "vol/0002"]
+    assert rows["vol/0002"]["source_uri"].endswith("vol.tif#page=2")
+    assert "image has 3 bands, the model takes 6 channels" in rows["photo"]["error"]
+    for key in ("real", "scene", "vol/0000", "vol/0001", "vol/0002"):
+        assert rows[key]["status"] == "ok", rows[key]["error"]
+        assert Image.open(out / "masks" / f"{key}.png").size == (W, H)
+
+    # A re-run finds the slices done by their own keys: nothing is predicted twice.
+    again = infer(InferSpec(input=str(inputs), output=str(out), model=str(model), actors="1", report=False))
+    assert again["counts"]["processed"] == 0 and again["status"] == "succeeded"
+
+    report = write_run_report(str(out), samples=8)
+    assert report["samples"] == 5 and report["mask_only"] == 0  # every source read, the slices from their stack
+
+    shown = show_overlay(f"{inputs}/vol.tif#page=1", str(model), out=str(tmp_path / "page1.png"))
+    assert (shown["page"], shown["pages"]) == (1, 3) and (shown["height"], shown["width"]) == (H, W)
+    assert Image.open(tmp_path / "page1.png").size == (W, H)
