@@ -198,17 +198,17 @@ def loss_for(fp: Fingerprint) -> tuple[str, str]:
 
 
 def class_weights_for(fp: Fingerprint) -> tuple[str, str]:
+    """(--class-weights, reason): 1/sqrt(share) weights for three or more classes with one under WEIGHTED_CLASS."""
     shares = fp.class_pixel_share
-    scarce = [i for i, s in enumerate(shares) if s < WEIGHTED_CLASS]
-    if len(shares) >= 3 and scarce:
-        return (
-            "inverse_sqrt_frequency",
-            f"{len(shares)} classes, {scarce} under {WEIGHTED_CLASS:.0%} of labelled pixels: "
-            "cross-entropy weighted by 1/sqrt(share)",
-        )
     if len(shares) < 3:
         return "none", "two classes: the foreground's Dice term and oversampling balance them"
-    return "none", f"no class under {WEIGHTED_CLASS:.0%} of labelled pixels"
+    scarce = [i for i, s in enumerate(shares) if s < WEIGHTED_CLASS]
+    if not scarce:
+        return "none", f"no class under {WEIGHTED_CLASS:.0%} of labelled pixels"
+    return (
+        "inverse_sqrt_frequency",
+        f"class(es) {scarce} under {WEIGHTED_CLASS:.0%} of labelled pixels: cross-entropy weighted by 1/sqrt(share)",
+    )
 
 
 def orientation(fp: Fingerprint) -> tuple[str, bool, str]:

@@ -81,6 +81,16 @@ def test_oriented_data_is_flipped_only_along_the_axis_it_has_no_side_on_and_neve
     assert make_plan(both, 80, CPU).flip == "none"
 
 
+def test_many_classes_with_a_scarce_one_get_class_weights():
+    street = fingerprint(shares=(0.5, 0.3, 0.195, 0.005), areas=(1e4,) * 4)
+    assert make_plan(street, 80, CPU).class_weights == "inverse_sqrt_frequency"
+    demo = fingerprint(shares=(0.84, 0.055, 0.07, 0.035), areas=(1e4,) * 4)  # rare, but none under 1%
+    assert make_plan(demo, 80, CPU).class_weights == "none"
+    assert make_plan(fingerprint(shares=(0.995, 0.005)), 80, CPU).class_weights == "none"  # two classes: Dice
+    given = make_plan(street, 80, CPU, given={"class_weights": "inverse_frequency"})
+    assert given.class_weights == "inverse_frequency"
+
+
 def test_sixteen_bit_and_grey_data_are_clipped_before_zscore():
     deep = make_plan(fingerprint(modes={"I;16": 100}), 80, CPU)
     assert deep.normalization == "zscore_clipped" and deep.pixel_stats["low"] == [2.0] * 3

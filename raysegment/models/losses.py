@@ -84,16 +84,18 @@ CLASS_WEIGHT_POWERS = {"inverse_frequency": 1.0, "inverse_sqrt_frequency": 0.5}
 
 
 def frequency_weights(pixel_frequency: Sequence[float], power: float = 1.0, cap: float = 10.0) -> list[float]:
-    """Per-class weights (1 / share) ** power from the manifest's pixel frequencies (index = class id),
-    normalised to mean 1 over the classes that occur and capped at `cap`. A class that never occurs has no
-    label to weigh: it gets 1, and is left out of the mean (its 1 / 0 would otherwise shrink every other
-    weight towards 0 and leave the cap without effect)."""
+    """Per-class weights (1 / share) ** power from the manifest's pixel frequencies (index = class id), at most
+    `cap` times the most common class's, then normalised to mean 1 over the classes that occur. A class that
+    never occurs has no label to weigh: it gets 1 and stays out of the rest (its 1 / 0 would shrink every
+    other weight towards 0)."""
     raw = [f**-power if f > 0 else None for f in pixel_frequency]
     occurring = [r for r in raw if r is not None]
     if not occurring:
         return [1.0] * len(raw)
-    mean = sum(occurring) / len(occurring)
-    return [1.0 if r is None else min(r / mean, cap) for r in raw]
+    least = min(occurring)
+    capped = [None if r is None else min(r / least, cap) for r in raw]
+    mean = sum(c for c in capped if c is not None) / len(occurring)
+    return [1.0 if c is None else c / mean for c in capped]
 
 
 def class_weights(kind: str, pixel_frequency: Sequence[float]) -> tuple[float, ...] | None:
@@ -103,8 +105,3 @@ def class_weights(kind: str, pixel_frequency: Sequence[float]) -> tuple[float, .
     if kind not in CLASS_WEIGHT_POWERS:
         raise ValueError(f"unknown class weights '{kind}'; use none, {', '.join(CLASS_WEIGHT_POWERS)}")
     return tuple(frequency_weights(pixel_frequency, CLASS_WEIGHT_POWERS[kind]))
-
-
-def inverse_frequency_weights(pixel_frequency: Sequence[float], cap: float = 10.0) -> list[float]:
-    """Class weights from the manifest's pixel frequencies, normalised to mean 1 and capped."""
-    return frequency_weights(pixel_frequency, 1.0, cap)
