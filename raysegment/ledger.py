@@ -35,7 +35,7 @@ import ray
 
 from raysegment import storage
 from raysegment.inference.listing import LISTING_SCHEMA
-from raysegment.inference.resume import DIGEST, bucket_of, digests
+from raysegment.inference.resume import DIGEST, bucket_bounds, bucket_of, digests, span
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -93,22 +93,13 @@ class Lookup:
     tonight: np.ndarray  # bool: the latest row is from tonight's date
 
 
-def _bounds(b: int, buckets: int) -> tuple[bytes, bytes | None]:
-    def start(i: int) -> bytes:
-        head = -(-(i << 16) // buckets)  # the smallest 16-bit head that falls in bucket i
-        return head.to_bytes(2, "big") + bytes(14)
-
-    return start(b), start(b + 1) if b + 1 < buckets else None
-
-
 @ray.remote(num_cpus=0.25, num_returns=3)
 def _merge_bucket(b: int, buckets: int, date: str, groups: int, *parts: Any) -> tuple[int, pa.Table, Lookup]:
     """(keys, the latest row per key in bucket b, its Lookup). `parts`: every group's table, then its digests."""
-    lo, hi = _bounds(b, buckets)
+    lo, hi = bucket_bounds(b, buckets)
     tables, keys = [], []
     for table, values in zip(parts[:groups], parts[groups:]):
-        start = int(np.searchsorted(values, np.asarray(lo, DIGEST)))
-        stop = len(values) if hi is None else int(np.searchsorted(values, np.asarray(hi, DIGEST)))
+        start, stop = span(values, lo, hi)
         tables.append(table.slice(start, stop - start))
         keys.append(values[start:stop])
     table = pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()

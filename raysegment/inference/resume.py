@@ -53,7 +53,7 @@ def bucket_of(values: np.ndarray, buckets: int) -> np.ndarray:
     return head * buckets >> 16
 
 
-def _bounds(b: int, buckets: int) -> tuple[bytes, bytes | None]:
+def bucket_bounds(b: int, buckets: int) -> tuple[bytes, bytes | None]:
     """The digest range of bucket b: [lo, hi), hi None for the last."""
 
     def start(i: int) -> bytes:
@@ -92,9 +92,15 @@ def _read_group(output: storage.Location, paths: list[str]) -> tuple[GroupFigure
     return GroupFigures(len(keys), models, False), exact, folded
 
 
-def _slice(values: np.ndarray, lo: bytes, hi: bytes | None) -> np.ndarray:
+def span(values: np.ndarray, lo: bytes, hi: bytes | None) -> tuple[int, int]:
+    """(start, stop) of the sorted digests in [lo, hi)."""
     start = int(np.searchsorted(values, np.asarray(lo, DIGEST)))
     stop = len(values) if hi is None else int(np.searchsorted(values, np.asarray(hi, DIGEST)))
+    return start, stop
+
+
+def _slice(values: np.ndarray, lo: bytes, hi: bytes | None) -> np.ndarray:
+    start, stop = span(values, lo, hi)
     return values[start:stop]
 
 
@@ -103,7 +109,7 @@ def _merge_bucket(b: int, buckets: int, groups: int, *arrays: np.ndarray) -> tup
     """((distinct keys, distinct folded keys) in bucket b, the sorted distinct key digests of it).
 
     `arrays` are every group's exact digests, then every group's folded digests."""
-    lo, hi = _bounds(b, buckets)
+    lo, hi = bucket_bounds(b, buckets)
     exact = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[:groups]] or [np.zeros(0, DIGEST)]))
     folded = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[groups:]] or [np.zeros(0, DIGEST)]))
     return (len(exact), len(folded)), exact

@@ -55,12 +55,9 @@ def history_csv(history: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: TrainConfig, count: int = 8) -> bytes:
-    """image | ground truth | prediction for the first validation images, as a PNG grid."""
-    from raysegment.models.losses import probabilities
-
-    data_loc = storage.resolve(spec.data, spec.endpoint_url)
-    val = training_dataset(
+def validation_dataset(data_loc: storage.Location, manifest: dict[str, Any], spec: TrainSpec, cfg: TrainConfig):
+    """The val split as training sees it: no augmentation, whole images for native-scale models."""
+    return training_dataset(
         data_loc,
         manifest,
         "val",
@@ -69,6 +66,14 @@ def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: T
         native_validation=spec.crop == "native",
         norm=cfg.model_input,
     )
+
+
+def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: TrainConfig, count: int = 8) -> bytes:
+    """image | ground truth | prediction for the first validation images, as a PNG grid."""
+    from raysegment.models.losses import probabilities
+
+    data_loc = storage.resolve(spec.data, spec.endpoint_url)
+    val = validation_dataset(data_loc, manifest, spec, cfg)
     batch = val.take_batch(count, batch_format="numpy")
     pred = np.argmax(probabilities(model(batch["image"], training=False)).numpy(), axis=-1)
     # The model's input is normalised (z-scores): each image stretched to its own min..max to be seen.
@@ -144,15 +149,7 @@ def training_datasets(
         "train": training_dataset(
             data_loc, manifest, "train", spec.image_size, augment, repeat=spec.repeat, norm=cfg.model_input
         ),
-        "val": training_dataset(
-            data_loc,
-            manifest,
-            "val",
-            spec.image_size,
-            augment=False,
-            native_validation=spec.crop == "native",
-            norm=cfg.model_input,
-        ),
+        "val": validation_dataset(data_loc, manifest, spec, cfg),
     }
 
 
