@@ -185,7 +185,12 @@ def plan(
     default=None,
     help="resize (default), random crop, or native: windows at the original scale, full-resolution inference",
 )
-@click.option("--repeat", type=int, default=None, help="passes over the training split per epoch (default: 1)")
+@click.option(
+    "--repeat",
+    type=int,
+    default=None,
+    help="passes over the training split per epoch (default: the plan's; 1 with --no-plan)",
+)
 @click.option(
     "--flip",
     type=click.Choice(["auto", "none", "horizontal", "vertical", "both"]),
@@ -287,7 +292,7 @@ def train(config: str | None, as_json: bool, **flags: Any) -> None:
 @click.option("--split", default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--out", default=None, help="metrics JSON URI (default: MODEL/eval-SPLIT.json)")
-@click.option("--tta-flip", is_flag=True, default=None, help="average with a flipped pass, as infer --tta-flip")
+@click.option("--tta-flip/--no-tta-flip", default=None, help="flip TTA, as infer (default: the card's advice)")
 @endpoint_option
 @config_option
 @json_option
@@ -338,7 +343,7 @@ def infer(config: str | None, extensions: str | None, as_json: bool, **flags: An
 @click.option("--max-body-mb", type=float, default=None, help="larger bodies get 413 (default 32)")
 @click.option("--max-pixels", type=int, default=None, help="larger images get 413 (default 100000000)")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
-@click.option("--tta-flip", is_flag=True, default=None, help="average with a flipped pass, as infer --tta-flip")
+@click.option("--tta-flip/--no-tta-flip", default=None, help="flip TTA, as infer (default: the card's advice)")
 @click.option("--ready-timeout-s", type=float, default=None, help="wait this long for the model to load (600)")
 @click.option("--storage-retry-s", type=float, default=None, help="retry unreachable object storage this long")
 @endpoint_option
@@ -407,11 +412,11 @@ def report(
 @click.option("--model", "model_uri", required=True, help="trained model directory (model.keras + model.json)")
 @click.option("--out", default=None, help="overlay PNG to write (default: IMAGE name + .overlay.png, here)")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="mask colour share")
-@click.option("--tta-flip", is_flag=True, help="flip test-time augmentation, as infer --tta-flip")
+@click.option("--tta-flip/--no-tta-flip", default=None, help="flip TTA, as infer (default: the card's advice)")
 @endpoint_option
 @handle_errors
 def show(
-    image_uri: str, model_uri: str, out: str | None, alpha: float, tta_flip: bool, endpoint_url: str | None
+    image_uri: str, model_uri: str, out: str | None, alpha: float, tta_flip: bool | None, endpoint_url: str | None
 ) -> None:
     """Segment one image with MODEL and write it with the mask blended in palette colours."""
     with session("show") as s:

@@ -28,7 +28,11 @@ INFER_OPTIONS = [
     click.option("--gpus-per-actor", default=None, help="GPUs per actor (default auto: 1 where the cluster has GPUs)"),
     click.option("--cpus-per-actor", type=float, default=None, help="CPUs and TF threads per actor (default: 1)"),
     click.option("--mask-format", type=click.Choice(["png", "npz", "packed"]), default=None),
-    click.option("--tta-flip", is_flag=True, default=None, help="flip test-time augmentation (2x model cost)"),
+    click.option(
+        "--tta-flip/--no-tta-flip",
+        default=None,
+        help="flip test-time augmentation over the model's training flips (2-4x model cost; default: the card's advice)",
+    ),
     click.option("--report/--no-report", default=None, help="write report.html and overlays.png (default: on)"),
     click.option("--overwrite", is_flag=True, default=None, help="redo every key instead of resuming"),
     click.option("--max-error-fraction", type=float, default=None, help="fail the job above this share of bad inputs"),

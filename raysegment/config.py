@@ -235,10 +235,10 @@ class TrainSpec(Spec):
     oversample: float = Field(
         0.0, ge=0.0, le=1.0, description="share of training windows centred on a pixel of a rare class"
     )
-    normalization: Literal["scale_0_1", "zscore", "zscore_clipped"] = Field(
+    normalization: Literal["scale_0_1", "zscore", "zscore_clipped", "raw_0_255"] = Field(
         "scale_0_1",
         description="scale_0_1: pixels / 255; zscore: per-channel mean/std from the data set's fingerprint; "
-        "zscore_clipped: clipped to its 0.5-99.5 percentiles first",
+        "zscore_clipped: clipped to its 0.5-99.5 percentiles first; raw_0_255: an encoder's (the plan's with one)",
     )
     seed: int = 0
     cpus_per_worker: float = Field(1.0, gt=0, le=256)
@@ -269,8 +269,10 @@ class TrainSpec(Spec):
             raise ValueError("--architecture deeplabv3plus needs an --encoder (e.g. resnet50 or mobilenetv3large)")
         if self.architecture == "resunet" and self.encoder:
             raise ValueError("--architecture resunet is its own residual encoder; drop --encoder or use unet")
-        if self.encoder and "normalization" in self.model_fields_set:
+        if self.encoder and "normalization" in self.model_fields_set and self.normalization != "raw_0_255":
             raise ValueError("an --encoder takes raw 0..255 pixels (it rescales inside); drop --normalization")
+        if self.normalization == "raw_0_255" and not self.encoder:
+            raise ValueError("normalization raw_0_255 is an --encoder's input; the U-Net takes scale_0_1 or a z-score")
         return self
 
     @property
@@ -307,7 +309,9 @@ class EvaluateSpec(Spec):
     split: str = "val"
     batch_size: int = Field(8, ge=1, le=4096)
     out: str | None = Field(None, description="metrics JSON URI; default MODEL/eval-{split}.json")
-    tta_flip: bool = Field(False, description="average with a horizontally flipped pass, as `infer --tta-flip`")
+    tta_flip: bool | None = Field(
+        None, description="flip test-time augmentation, as `infer --tta-flip`; default: the model card's advice"
+    )
 
 
 def _dotted(ext: str) -> str:
@@ -337,7 +341,11 @@ class InferOptions(Spec):
     )
     cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPUs (and TF threads) per predictor actor")
     mask_format: Literal["png", "npz", "packed"] = "png"
-    tta_flip: bool = Field(False, description="average with a horizontally flipped pass (2x the model cost)")
+    tta_flip: bool | None = Field(
+        None,
+        description="average over mirrored passes, the flips the model trained with (2-4x the model cost); "
+        "default: the model card's advice (on where it raised val mIoU at the end of training)",
+    )
     report: bool = Field(True, description="write OUTPUT/report.html and overlays.png")
     overwrite: bool = False
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
@@ -477,7 +485,7 @@ class ServeSpec(Spec):
     max_body_mb: float = Field(32.0, gt=0, le=4096, description="larger request bodies get 413")
     max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000, description="larger images get 413")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    tta_flip: bool = False
+    tta_flip: bool | None = Field(None, description="flip TTA, as `infer --tta-flip`; default: the model card's advice")
     tile_size: int = Field(1024, ge=16, le=65536)
     tile_overlap: int | None = Field(None, ge=0, le=4096)
     ready_timeout_s: float = Field(600.0, gt=0, le=86400, description="wait this long for the model to load")

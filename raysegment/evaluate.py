@@ -18,7 +18,7 @@ from raysegment.data.pipeline import read_split
 from raysegment.data.prepare import read_manifest
 from raysegment.errors import DataError
 from raysegment.inference.predictor import Predictor, preprocess
-from raysegment.models.card import ModelCard
+from raysegment.models.card import InferenceAdvice, ModelCard
 from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
 
 
@@ -33,6 +33,41 @@ def _confusion(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.n
         truth = imaging.decode_mask(mask_bytes)
         cm += confusion_matrix(truth, imaging.resize_mask(pred, (int(h), int(w))), num_classes)
     return {"cm": cm.reshape(1, -1), "rows": np.asarray([len(batch["pred"])])}
+
+
+# `train` turns flip TTA on in the card where it raises val mIoU by at least this much (`measure_tta`): below it
+# the gain is noise on a few dozen images, and TTA costs 2-4 model passes.
+TTA_MIN_GAIN = 0.002
+TTA_IMAGES = 64  # val images `measure_tta` scores (the first ones): a bounded cost at the end of training
+
+
+def measure_tta(
+    model_uri: str, data_loc: storage.Location, manifest: dict[str, Any], endpoint_url: str | None = None
+) -> InferenceAdvice:
+    """The model's val mIoU without and with flip TTA, and the card's advice: on when TTA gains TTA_MIN_GAIN.
+
+    Scored as `evaluate` scores (the same preprocess, Predictor and confusion steps, here in this process)
+    on the first TTA_IMAGES val images, so the numbers are those a user of `infer` would see."""
+    card = ModelCard.read(model_uri, endpoint_url)
+    columns = ["key", "image", "mask", "height", "width"]
+    rows = read_split(data_loc, manifest, "val", columns=columns).take_batch(TTA_IMAGES, batch_format="numpy")
+    n, k = len(rows["key"]), card.num_classes
+    step = EvaluateSpec.model_fields["batch_size"].default  # evaluate's batches
+    scores = {}
+    for name, flag in (("plain", False), ("tta", True)):
+        predictor, cm = Predictor(model_uri, endpoint_url, tta_flip=flag), np.zeros((k, k), np.int64)
+        for start in range(0, n, step):
+            batch = _rename({c: rows[c][start : start + step] for c in columns})
+            batch = predictor(preprocess(batch, card, imaging.MAX_PIXELS))
+            cm += _confusion(batch, k)["cm"].reshape(k, k)
+        scores[name] = float(metrics_from_confusion(cm, card.class_names)["mean_iou"])
+    return InferenceAdvice(
+        tta_flip=scores["tta"] - scores["plain"] >= TTA_MIN_GAIN,
+        val_mean_iou=scores,
+        images=n,
+        flips=list(card.tta(True).flips),
+        min_gain=TTA_MIN_GAIN,
+    )
 
 
 def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
@@ -68,7 +103,7 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     result = {
         **metrics_from_confusion(cm, card.class_names),
         "split": spec.split,
-        "tta_flip": spec.tta_flip,
+        **card.tta(spec.tta_flip).record(),  # the Predictor's same decision
         "images": images,
         "model_id": card.model_id,
         "data_content_hash": manifest["content_hash"],

@@ -60,8 +60,15 @@ def fingerprints(sizes: pa.Array, versions: pa.Array, models: pa.Array) -> np.nd
     return digests(joined.to_pylist())
 
 
+def _conformed(tables: list[pa.Table]) -> pa.Table:
+    """Ledger files as one table of LEDGER_SCHEMA (files of earlier versions may order or type columns
+    differently)."""
+    return pa.concat_tables(
+        [t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in tables] or [LEDGER_SCHEMA.empty_table()]
+    )
+
+
 def _sorted_by_digest(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    table = table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
     keys = digests(table["key"].to_pylist())
     order = np.argsort(keys, kind="stable")  # stable: rows of one key keep their file order
     return table.take(pa.array(order)), keys[order]
@@ -71,16 +78,14 @@ def _sorted_by_digest(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
 def _read_group(root: storage.Location, paths: list[str]) -> tuple[int, pa.Table, np.ndarray]:
     """(rows, the rows of these ledger files sorted by key digest, those digests)."""
     tables = [storage.read_table(root, path) for path in paths]
-    table, keys = _sorted_by_digest(
-        pa.concat_tables([t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in tables])
-    )
+    table, keys = _sorted_by_digest(_conformed(tables))
     return table.num_rows, table, keys
 
 
 @ray.remote(num_cpus=0.25, num_returns=3)
 def _group_of(table: pa.Table) -> tuple[int, pa.Table, np.ndarray]:
     """`_read_group` for a table already in memory (tests, and `plan` on tables)."""
-    table, keys = _sorted_by_digest(table)
+    table, keys = _sorted_by_digest(_conformed([table]))
     return table.num_rows, table, keys
 
 
@@ -208,6 +213,4 @@ def read(output: storage.Location) -> pa.Table:
     """Every ledger row under OUTPUT (small ledgers: tests and tools; the night itself uses `build`)."""
     root = output.child(LEDGER)
     tables = [storage.read_table(root, path) for path in storage.parquet_files(root)]
-    return pa.concat_tables(
-        [t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in tables] or [LEDGER_SCHEMA.empty_table()]
-    )
+    return _conformed(tables)

@@ -9,6 +9,10 @@ gave (`TrainSpec.model_fields_set`) taken as given. A given value is also an inp
 rules that depend on it (a given --image-size sets the depth and the epoch estimate, given
 --epochs the warm-up) and is recorded as given in the model card.
 
+Colour photographs get an ImageNet-pretrained encoder (issue #15 item 5) where its weights can be had
+without the network, from the driver's Keras cache (`encoder_for`, `models/pretrained.py`); training sends
+that file to the workers. The encoder then fixes the input: raw pixels, windows a multiple of 32.
+
 The time budget becomes epochs by a cost model (PIXELS_PER_CORE_S): an estimate. The training
 loop then measures its first epoch and sets the epochs that fit the budget (the LR schedule
 re-fitted to them; `train/loop.py`), and still stops at the end of an epoch after which the next
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from raysegment.data.fingerprint import Fingerprint
+from raysegment.models import pretrained
 
 if TYPE_CHECKING:
     from raysegment.config import TrainSpec
@@ -63,10 +68,23 @@ GPU_AS_CORES = 40
 # Without --time-budget: 40 passes over the training pixels, between 5 minutes and 2 hours.
 DEFAULT_PASSES = 40
 DEFAULT_BUDGET_S = (300.0, 7200.0)
+# An epoch of a small training split is several passes over it: at least this many windows, as nnU-Net's
+# epochs are 250 iterations. Validation, a checkpoint and the input pipeline's start come once an epoch,
+# and on 24 images of one pass each they took a fifth of the budget.
+MIN_EPOCH_WINDOWS = 250
+# ... but never so long an epoch that fewer than this many fit the budget (the schedule and the best
+# checkpoint need a few).
+MIN_EPOCHS = 20
+# Pretrained encoders for 8-bit colour photographs, in order of preference, where their ImageNet weights are
+# in the driver's Keras cache (no network needed): a stronger one on a GPU, a light one on CPU cores.
+ENCODER_CHOICES = {"gpu": ("resnet50", "efficientnetv2s"), "cpu": ("mobilenetv3large", "efficientnetv2b0")}
+ENCODER_MULTIPLE = 32  # every encoder downsamples 32x: window sides a multiple of it, depth 5
 # The TrainSpec fields a plan decides, in the order `raysegment plan` prints them.
 PLAN_FIELDS = (
     "crop",
     "image_size",
+    "architecture",
+    "encoder",
     "depth",
     "base_filters",
     "batch_size",
@@ -83,6 +101,7 @@ PLAN_FIELDS = (
     "contrast",
     "gamma",
     "noise",
+    "repeat",
     "epochs",
     "warmup_epochs",
     "schedule",
@@ -112,6 +131,8 @@ class Plan:
 
     crop: str
     image_size: int
+    architecture: str
+    encoder: str | None  # a pretrained keras.applications backbone (`models/encoders.py`), or the plain U-Net
     depth: int
     base_filters: int
     batch_size: int
@@ -128,6 +149,7 @@ class Plan:
     contrast: float
     gamma: float
     noise: float
+    repeat: int
     epochs: int
     warmup_epochs: float
     schedule: str
@@ -253,6 +275,53 @@ def normalization_for(fp: Fingerprint) -> tuple[str, str]:
     return "zscore", "per-channel z-score from the sampled intensities"
 
 
+def colour_photos(fp: Fingerprint) -> bool:
+    """8-bit images of three bands (RGB photographs): what ImageNet encoders were trained on."""
+    bands = {int(b) for b in fp.channels} if fp.channels else ({3} if set(fp.modes) <= {"RGB"} else set())
+    return bands == {3} and not microscopy_like(fp)
+
+
+def encoder_for(fp: Fingerprint, compute: Compute, given: dict[str, Any], weights: str) -> tuple[str | None, str]:
+    """(encoder, reason): a pretrained encoder for 8-bit colour photographs where its ImageNet weights can be
+    had without the network (in the driver's Keras cache; `models/pretrained.py`), the first of
+    ENCODER_CHOICES for the device; else none, and the reason says how to get one. `weights`: the spec's
+    --encoder-weights. A given encoder is kept; given choices an encoder cannot honour keep the plain U-Net."""
+    if "encoder" in given:
+        name = given["encoder"]
+        if name is None or weights != "imagenet":
+            return name, "given"
+        cached = pretrained.cached_weights(name)
+        if cached:
+            return name, f"given; its ImageNet weights from the Keras cache ({cached}) are sent to the workers"
+        return name, "given; its ImageNet weights are not in the Keras cache: each worker downloads them (network)"
+    blocked = {
+        "architecture": "the residual U-Net given: its own encoder",
+        "normalization": "a normalisation given: an encoder takes raw 0..255 pixels",
+        "depth": "a depth given: the plain U-Net of that depth",
+    }
+    for k, why in blocked.items():
+        if k in given and (k != "architecture" or given[k] == "resunet"):
+            return None, why
+    if "image_size" in given and given["image_size"] % ENCODER_MULTIPLE:
+        return None, f"the window given is not a multiple of {ENCODER_MULTIPLE}, which an encoder needs"
+    if not colour_photos(fp):
+        return None, "not 8-bit colour photographs: ImageNet encoders are trained on RGB photos"
+    if weights != "imagenet":
+        return None, f"--encoder-weights {weights} without --encoder: add --encoder, the backbone it is for"
+    choices = ENCODER_CHOICES[compute.device]
+    for name in choices:
+        cached = pretrained.cached_weights(name)
+        if cached:
+            return name, f"colour photos, and its ImageNet weights are in the Keras cache ({cached})"
+    others = [n for n in pretrained.IMAGENET_NOTOP if n not in choices and pretrained.cached_weights(n)]
+    also = f"; cached, but not a {compute.device} choice: {', '.join(others)}" if others else ""
+    return None, (
+        f"no ImageNet weights of {' or '.join(choices)} in the Keras cache ({pretrained.keras_cache_dir()})"
+        f"{also}: for a pretrained encoder give --encoder {choices[0]} with network access (Keras downloads "
+        f"them), or --encoder {choices[0]} --encoder-weights PATH"
+    )
+
+
 def pixel_stats(fp: Fingerprint | None, kind: str) -> dict[str, Any] | None:
     """The fingerprint's per-channel statistics a z-score `kind` needs (`card.PixelStats`), else None."""
     if kind not in ("zscore", "zscore_clipped"):
@@ -292,6 +361,28 @@ def augmentation_for(fp: Fingerprint, size: int, oriented: bool) -> tuple[dict[s
     )
 
 
+def repeat_for(
+    train_images: int, size: int, compute: Compute, budget_s: float, given: dict[str, Any]
+) -> tuple[int, str]:
+    """(passes over the training split per epoch, reason): enough for MIN_EPOCH_WINDOWS windows an
+    epoch while MIN_EPOCHS epochs still fit the budget; one where the user counts the epochs."""
+    if "repeat" in given:
+        return given["repeat"], "given"
+    if "epochs" in given:
+        return 1, "epochs given: each is one pass over the training split"
+    images = max(train_images, 1)
+    wanted = math.ceil(MIN_EPOCH_WINDOWS / images)
+    pass_s = images * size * size / compute.pixels_per_s
+    fits = int(budget_s / (MIN_EPOCHS * pass_s))
+    repeat = max(1, min(wanted, fits))
+    if repeat == 1:
+        return 1, f"{images} training images: one pass an epoch"
+    return repeat, (
+        f"{images} training images: {repeat} passes an epoch ({repeat * images} windows), so validation and "
+        "checkpoints come once per epoch of useful length"
+    )
+
+
 def default_budget_s(fp: Fingerprint, train_images: int, compute: Compute, size: int) -> float:
     seconds = DEFAULT_PASSES * train_images * size * size / compute.pixels_per_s
     return min(max(seconds, DEFAULT_BUDGET_S[0]), DEFAULT_BUDGET_S[1])
@@ -303,27 +394,33 @@ def make_plan(
     compute: Compute,
     time_budget_s: float | None = None,
     given: dict[str, Any] | None = None,
-    repeat: int = 1,
     max_steps: int | None = None,
+    encoder_weights: str = "imagenet",
 ) -> Plan:
     """The plan for a data set (its fingerprint and training-split size) on `compute`.
 
     `given`: PLAN_FIELDS values the user chose; they are kept, and the rules that depend on them
-    use them. `repeat` and `max_steps` (train's) change what an epoch costs."""
+    use them. `max_steps` (train's) changes what an epoch costs; `encoder_weights` (train's
+    --encoder-weights) whether a pretrained encoder can be picked."""
     given = dict(given or {})
     unknown = sorted(set(given) - set(PLAN_FIELDS))
     if unknown:
         raise ValueError(f"not plan fields: {unknown}")
     reasons: dict[str, str] = {}
+    encoder, reasons["encoder"] = encoder_for(fp, compute, given, encoder_weights)
+    architecture = given.get("architecture", "unet")
+    reasons["architecture"] = "a U-Net decoder on the encoder's features" if encoder else "the plain U-Net"
     crop, size, reasons["crop"] = window(fp, compute, given.get("image_size"))
+    if encoder and "image_size" not in given and size % ENCODER_MULTIPLE:
+        crop, size, reasons["crop"] = window(fp, compute, ENCODER_MULTIPLE * math.ceil(size / ENCODER_MULTIPLE))
     crop = given.get("crop", crop)
     if "crop" in given:
         reasons["crop"] = f"{crop} given; the rule says: {reasons['crop']}"
     elif "image_size" in given:
         reasons["crop"] = f"{size} px window given: {reasons['crop']}"
-    depth = given.get("depth", depth_for(size))
+    depth = given.get("depth", 5 if encoder else depth_for(size))
     reasons["depth"] = f"{size} px / 2^{depth} keeps a {size >> depth} px bottleneck" + (
-        " (depth given)" if "depth" in given else ""
+        " (depth given)" if "depth" in given else " (the encoder's 32x)" if encoder else ""
     )
     base = given.get("base_filters", 32 if compute.device == "gpu" else 16)
     batch = 16 if compute.device == "gpu" else 4
@@ -339,7 +436,10 @@ def make_plan(
     warps, reasons["warp"] = augmentation_for(fp, size, oriented)
     warps = {k: given.get(k, v) for k, v in warps.items()}
     reasons["jitter"] = "mild scale, brightness and contrast jitter for every data set"
-    norm, reasons["normalization"] = normalization_for(fp)
+    if encoder:
+        norm, reasons["normalization"] = "raw_0_255", "the encoder takes raw 0..255 pixels (it rescales inside)"
+    else:
+        norm, reasons["normalization"] = normalization_for(fp)
     norm = given.get("normalization", norm)
     oversample, reasons["oversample"] = oversample_for(fp, crop)
     oversample = given.get("oversample", oversample)
@@ -347,6 +447,7 @@ def make_plan(
     reasons["budget"] = f"{budget / 60:.0f} min " + (
         "given" if time_budget_s else f"({DEFAULT_PASSES} passes, 5 min..2 h)"
     )
+    repeat, reasons["repeat"] = repeat_for(train_images, size, compute, budget, given)
     # Native windows see a part of each image per step: count one window per image and epoch.
     windows = max(train_images, 1) * repeat
     if max_steps:
@@ -364,6 +465,8 @@ def make_plan(
     return Plan(
         crop=crop,
         image_size=size,
+        architecture=architecture,
+        encoder=encoder,
         depth=depth,
         base_filters=base,
         batch_size=batch,
@@ -380,6 +483,7 @@ def make_plan(
         contrast=given.get("contrast", 0.1),
         gamma=warps["gamma"],
         noise=warps["noise"],
+        repeat=repeat,
         epochs=epochs,
         warmup_epochs=warmup,
         schedule=schedule,
@@ -418,20 +522,16 @@ def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> P
         compute_of(spec),
         spec.time_budget,
         given,
-        repeat=spec.repeat,
         max_steps=spec.max_steps,
+        encoder_weights=spec.encoder_weights,
     )
 
 
 def planned_spec(spec: TrainSpec, plan: Plan) -> TrainSpec:
     """The spec with the plan's values in (given ones are the spec's own), validated again. When the
     plan chose the epochs, its budget becomes the spec's `time_budget`: training stops inside it."""
+    # An encoder (given or the plan's) fixed its input in the plan: raw pixels, sides a multiple of 32.
     planned = plan.train_values()
-    if spec.encoder:
-        # An encoder fixes its input: raw pixels (it rescales inside), sides a multiple of its 32x.
-        planned.pop("normalization", None)
-        if "image_size" in planned and "image_size" not in plan.given:
-            planned["image_size"] = 32 * math.ceil(planned["image_size"] / 32)
     values = {**spec.model_dump(exclude_unset=True), **planned}
     if "epochs" not in plan.given:
         values["time_budget"] = plan.time_budget_s
@@ -463,6 +563,8 @@ def format_plan(plan: Plan) -> list[str]:
 def _reason_of(name: str) -> str:
     return {
         "crop": "crop",
+        "architecture": "architecture",
+        "encoder": "encoder",
         "depth": "depth",
         "base_filters": "width",
         "loss": "loss",
@@ -472,6 +574,7 @@ def _reason_of(name: str) -> str:
         "flip": "augment",
         "rotate": "warp",
         "scale_jitter": "jitter",
+        "repeat": "repeat",
         "epochs": "epochs",
         "warmup_epochs": "schedule",
     }.get(name, "")

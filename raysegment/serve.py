@@ -64,7 +64,7 @@ class ReplicaConfig:
     retry_s: float
     threads: int
     precision: str
-    tta_flip: bool
+    tta_flip: bool | None  # None: the card's advice (`ModelCard.tta`)
     tile_size: int
     tile_overlap: int | None
     max_batch_size: int
@@ -259,6 +259,7 @@ class Served:
     url: str
     model_id: str
     replicas: tuple[int, int]
+    tta: dict[str, Any]  # the flip TTA the replicas run (`TTA.record`)
 
 
 def replica_config(spec: ServeSpec, retry_s: float) -> ReplicaConfig:
@@ -338,7 +339,7 @@ def deploy(spec: ServeSpec) -> Served:
     except BaseException:
         undeploy()
         raise
-    return Served(url_of(spec), card.model_id, spec.replicas)
+    return Served(url_of(spec), card.model_id, spec.replicas, card.tta(spec.tta_flip).record())
 
 
 def _wait_ready(handle: Any, timeout_s: float) -> None:
@@ -382,6 +383,7 @@ def serve_until_stopped(spec: ServeSpec, stop: threading.Event | None = None) ->
         "endpoint": served.url + SEGMENT,
         "model_id": served.model_id,
         "replicas": list(served.replicas),
+        **served.tta,
         "served_s": round(time.time() - started, 1),
     }
 

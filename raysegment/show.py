@@ -52,7 +52,7 @@ def show_overlay(
     out: str | None = None,
     alpha: float = overlay.ALPHA,
     endpoint_url: str | None = None,
-    tta_flip: bool = False,
+    tta_flip: bool | None = None,
     max_pixels: int = imaging.MAX_PIXELS,
 ) -> dict[str, Any]:
     """Predict one image as the inference pipeline does; write the overlay PNG at its original size (a
@@ -83,6 +83,7 @@ def show_overlay(
         "width": width,
         "class_fractions": dict(zip(card.class_names, (counts / mask.size).tolist())),
         "mean_confidence": float(batch["mean_confidence"][0]),
+        **card.tta(tta_flip).record(),
         **page,
     }
 
@@ -93,7 +94,7 @@ def _show_raster(
     target: storage.Location,
     alpha: float,
     endpoint_url: str | None,
-    tta_flip: bool,
+    tta_flip: bool | None,
     card: ModelCard,
     max_pixels: int,
 ) -> dict[str, Any]:
@@ -111,4 +112,5 @@ def _show_raster(
         "view": list(mask.shape),
         "class_fractions": dict(zip(card.class_names, result.class_fractions)),
         "mean_confidence": result.mean_confidence,
+        **predictor.tta.record(),
     }

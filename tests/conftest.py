@@ -12,6 +12,7 @@ Mark tests that use them with ``@pytest.mark.s3``. The server's extra S3 users
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -28,6 +29,9 @@ _AWS_ENV_OVERRIDES = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_SECURITY_
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "s3: needs the real S3 server (SeaweedFS weed mini, s3_server)")
+    # An empty Keras cache for the session (and the Ray workers it starts): the plan picks a pretrained
+    # encoder where ImageNet weights are cached, and a developer's ~/.keras must not change what tests train.
+    os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="raysegment-test-keras-")
 
 
 @pytest.fixture(scope="session")

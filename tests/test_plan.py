@@ -120,6 +120,16 @@ def test_budget_sets_epochs_and_width_follows_the_device():
     assert make_plan(fingerprint(), 80, GPU).base_filters > default.base_filters
 
 
+def test_a_small_split_is_repeated_to_a_useful_epoch_while_enough_epochs_fit():
+    small = make_plan(fingerprint(side=512), 24, CPU, 2400)  # ISBI's 24 slices, 40 minutes
+    # About 250 windows an epoch, not 24, while the 20 epochs of the rule still fit the estimate.
+    assert 200 <= small.repeat * 24 <= 250 + 24 and small.epochs >= 20
+    assert make_plan(fingerprint(side=512), 2000, CPU, 2400).repeat == 1  # already long epochs
+    assert make_plan(fingerprint(side=512), 24, CPU, 60).repeat == 1  # 20 epochs of one pass barely fit
+    assert make_plan(fingerprint(side=512), 24, CPU, 2400, given={"epochs": 30}).repeat == 1  # epochs = passes
+    assert make_plan(fingerprint(side=512), 24, CPU, 2400, given={"repeat": 3}).repeat == 3
+
+
 def test_plan_values_are_train_spec_fields():
     from raysegment.config import TrainSpec
 

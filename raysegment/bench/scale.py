@@ -6,14 +6,19 @@ model and `--mask-format packed` into a fresh output, on local files or on a rea
 - a fresh run: images/s, seconds to the first mask, driver and workers' peak RSS, summary files;
 - a no-op re-run over the finished output (every key done: listing, the resume index, no image);
 - a run with half the keys done (the other half's summaries removed): images/s against fresh.
-The driver's RSS is sampled per phase (not the process peak, which earlier phases set).
+Each run is its own driver process, as a user's `raysegment infer` or submitted job is
+(`python -m raysegment.entrypoints infer`, joined to this process's Ray): its RSS is sampled from
+start to exit, so no run's figure carries what an earlier run left in the heap.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -32,16 +37,21 @@ IMAGE_SIZE = 32
 
 
 class DriverMemory(RssSampler):
-    """This process's RSS while a block runs (the phase's own peak, not the process's)."""
+    """One driver process's RSS, sampled until it exits."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(interval)
+        self.pid = pid
         self.peak_mb = 0.0
 
     def sample(self) -> None:
         import psutil
 
-        self.peak_mb = max(self.peak_mb, psutil.Process().memory_info().rss / 2**20)
+        try:
+            rss = psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:  # exited between samples
+            return
+        self.peak_mb = max(self.peak_mb, rss / 2**20)
 
 
 def write_shards(loc: storage.Location, count: int) -> None:
@@ -63,15 +73,20 @@ def write_shards(loc: storage.Location, count: int) -> None:
 
 
 def _run(spec_args: dict[str, Any]) -> tuple[dict[str, Any], float, float, float]:
-    """(record, seconds, driver peak MB, workers' peak total MB) of one infer run."""
-    from raysegment.config import InferSpec
-    from raysegment.inference.pipeline import infer
+    """(record, seconds, driver peak MB, workers' peak total MB) of one infer run, in its own driver."""
+    import ray
 
-    with DriverMemory() as driver, WorkerMemory() as workers:
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "raysegment.entrypoints", "infer", "--spec", json.dumps(spec_args), "--json"]
+    with WorkerMemory() as workers:
         t0 = time.perf_counter()
-        record = infer(InferSpec(**spec_args))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with DriverMemory(proc.pid) as driver:
+            out, err = proc.communicate()
         seconds = time.perf_counter() - t0
-    return record, seconds, driver.peak_mb, workers.peak_total_mb
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench scale: the infer driver exited {proc.returncode}: {err[-3000:]}")
+    return json.loads(out), seconds, driver.peak_mb, workers.peak_total_mb
 
 
 def _drop_half(out: storage.Location) -> int:

@@ -227,6 +227,7 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
         first_batch=first_batch,
         config=spec.model_dump(),
         actors=run.actors.as_dict(),
+        tta=run.card.tta(spec.tta_flip).record(),  # the flip TTA the actors ran (their same decision)
         raysegment=__version__,
         problems=problems,
     )

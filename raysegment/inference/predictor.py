@@ -11,7 +11,7 @@ import numpy as np
 from raysegment import storage
 from raysegment.data import imaging
 from raysegment.inference.stitch import WindowBlender, argmax_and_max, tile_starts, upsample_argmax
-from raysegment.models.card import InputSpec, ModelCard
+from raysegment.models.card import TTA_FLIPS, InputSpec, ModelCard
 from raysegment.models.loader import load_model
 
 
@@ -87,6 +87,24 @@ def class_probabilities(scores, output: str):
     return tf.concat([1.0 - probs, probs], axis=-1) if probs.shape[-1] == 1 else probs
 
 
+def averaged_probabilities(model, output: str, flips: tuple[str, ...] = ()):
+    """One tf.function: a batch's class probabilities (N, H, W, K), averaged over the plain pass and the
+    mirrored passes `flips` (`card.TTA_FLIPS`: flip TTA), each flipped back before the average."""
+    import tensorflow as tf
+
+    axes = [[a + 1 for a in TTA_FLIPS[f]] for f in flips]  # image axes -> batch axes
+
+    @tf.function(reduce_retracing=True)
+    def probabilities(x):
+        probs = class_probabilities(model(x, training=False), output)
+        for axis in axes:  # unrolled when traced: 1 + len(flips) model calls in one graph
+            mirrored = class_probabilities(model(tf.reverse(x, axis=axis), training=False), output)
+            probs += tf.reverse(mirrored, axis=axis)
+        return probs / float(1 + len(axes)) if axes else probs
+
+    return probabilities
+
+
 def resolve_precision(precision: str, gpus: float) -> str:
     """'auto' is bfloat16 on GPU actors (half the memory traffic) and float32 on CPU."""
     if precision == "auto":
@@ -96,6 +114,9 @@ def resolve_precision(precision: str, gpus: float) -> str:
 
 class Predictor:
     """A Ray Data actor: loads the model once, turns resized images into class maps.
+
+    `tta_flip`: None follows the card (`ModelCard.tta`); with TTA on, probabilities are averaged over the
+    plain pass and the mirror images the model was trained on (`averaged_probabilities`).
 
     Resized models predict at the card's input size and their probabilities are upsampled to
     each image's size before the argmax (`stitch.upsample_argmax`). Native-scale models
@@ -108,7 +129,7 @@ class Predictor:
         self,
         model_uri: str,
         endpoint_url: str | None = None,
-        tta_flip: bool = False,
+        tta_flip: bool | None = None,
         threads: int | None = None,
         precision: str = "float32",
         tile_size: int = 1024,
@@ -146,18 +167,10 @@ class Predictor:
         self.overlap = self.tile - max(multiple, (self.tile - overlap) // multiple * multiple)
         self.batch_size = batch_size
 
-        output = self.card.output
-
-        @tf.function(reduce_retracing=True)
-        def probabilities(x):
-            probs = class_probabilities(model(x, training=False), output)
-            if tta_flip:
-                # Test-time augmentation: average with the prediction on the mirrored image.
-                flipped = class_probabilities(model(tf.reverse(x, axis=[2]), training=False), output)
-                probs = (probs + tf.reverse(flipped, axis=[2])) / 2.0
-            return probs
-
-        self._probabilities = probabilities
+        # Flip TTA: given, else the card's recommendation (`ModelCard.tta`, the driver's same decision); every
+        # path below (resized batches, whole images, sliding windows) predicts through this one function.
+        self.tta = self.card.tta(tta_flip)
+        self._probabilities = averaged_probabilities(model, self.card.output, self.tta.flips)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.decode_max_pixels is not None:

@@ -4,7 +4,7 @@
 This module owns both file names, reading and writing (local or s3:// through
 `storage`), validation (a card that is not raysegment's, or too old to use, is one
 clear error naming the file and the fix) and the facts callers derive from it:
-input size, native scale, normalisation, classes, palette, head.
+input size, native scale, normalisation, classes, palette, head, and flip TTA (`ModelCard.tta`).
 
 The JSON on disk keeps the keys of the first release, so every model trained so
 far still loads; keys this module does not know are kept when a card is rewritten.
@@ -13,6 +13,7 @@ far still loads; keys this module does not know are kept when a card is rewritte
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -170,6 +171,47 @@ class Imported(_Part):
     call_endpoint: str | None = None
 
 
+# Flip test-time augmentation: the mirrored passes averaged with the plain one, each named by the image axes it
+# reverses (0: rows, a vertical flip; 1: columns, a horizontal flip).
+TTA_FLIPS: dict[str, tuple[int, ...]] = {"horizontal": (1,), "vertical": (0,), "horizontal+vertical": (0, 1)}
+# The passes by the flips training used (`TrainSpec.flip`): the mirror images the model learned. One trained
+# without flips, or without a training record (imported), gets the single horizontal pass TTA always had.
+_TTA_OF_TRAINING = {
+    "none": ("horizontal",),
+    "horizontal": ("horizontal",),
+    "vertical": ("vertical",),
+    "both": tuple(TTA_FLIPS),
+}
+
+
+class InferenceAdvice(_Part):
+    """What `train` measured at its end (`evaluate.measure_tta`): the best model's val mIoU without and with
+    flip TTA, on `images` val images, and whether jobs turn TTA on for this model when not told."""
+
+    tta_flip: bool
+    val_mean_iou: dict[str, float]  # "plain", "tta"
+    images: int
+    flips: list[str] = Field(default_factory=list)  # the mirrored passes measured (TTA_FLIPS)
+    min_gain: float | None = None  # the mIoU gain that turns TTA on
+
+
+@dataclass(frozen=True)
+class TTA:
+    """The flip TTA of one job (`ModelCard.tta`): the mirrored passes (none: off) and who chose: the job's
+    flag or spec field ("given"), or the card's recommendation ("card")."""
+
+    flips: tuple[str, ...]
+    source: Literal["given", "card"]
+
+    @property
+    def on(self) -> bool:
+        return bool(self.flips)
+
+    def record(self) -> dict[str, Any]:
+        """What a run record and evaluate's metrics say about it."""
+        return {"tta_flip": self.on, "tta_flips": list(self.flips), "tta_from": self.source}
+
+
 class ModelCard(_Part):
     """model.json, typed. Build one with `ModelCard.create`, load one with `ModelCard.read`."""
 
@@ -192,6 +234,8 @@ class ModelCard(_Part):
     best_epoch: int | None = None
     versions: dict[str, str] | None = None
     imported: Imported | None = None
+    # Absent in cards written before flip TTA was measured at the end of training, and in imported models'.
+    inference: InferenceAdvice | None = None
 
     @model_validator(mode="after")
     def _names_match_classes(self) -> ModelCard:
@@ -298,6 +342,24 @@ class ModelCard(_Part):
     @property
     def head(self) -> str:
         return self.architecture.head
+
+    @property
+    def tta_flips(self) -> tuple[str, ...]:
+        """The mirrored passes flip TTA averages with the plain one: those of the flips training used."""
+        training = self.training or {}
+        flip = training.get("flip", "none") if training.get("augment", True) else "none"
+        # "auto" is left only by `--no-plan`, which trains both axes; true and false from before the axes.
+        flip = {"auto": "both", True: "both", False: "none"}.get(flip, flip)
+        return _TTA_OF_TRAINING.get(flip, _TTA_OF_TRAINING["none"])
+
+    def tta(self, given: bool | None = None) -> TTA:
+        """The flip TTA a job runs: `given` (flag or spec field) when set, else the card's recommendation
+        (`inference`; off for cards without one). infer, evaluate, serve and show all decide here."""
+        if given is None:
+            on, source = self.inference is not None and self.inference.tta_flip, "card"
+        else:
+            on, source = given, "given"
+        return TTA(self.tta_flips if on else (), source)
 
 
 def _sha256(loc: storage.Location) -> str:

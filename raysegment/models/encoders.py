@@ -11,7 +11,9 @@ an encoder (ImageNet filters are RGB).
 
 Weights: `imagenet` (Keras downloads them on first use: needs network access from every training
 worker, or a warm ~/.keras cache), `none` (random), or a path to a weights file of the backbone
-(`backbone.save_weights(...)`, `.weights.h5`), which is how an offline cluster uses ImageNet weights.
+(`backbone.save_weights(...)`, `.weights.h5`, or Keras' own legacy `.h5` download), which is how an
+offline cluster uses ImageNet weights. Training passes the file a worker got from the driver
+(`models/pretrained.py`: the driver's cached ImageNet file, shipped) as such a path.
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 `TrainSpec` is what the user wrote; `TrainConfig` is what the workers run. It is
 built in one place (`train_config`) and every field is set there, so no reader
 can fall back to a default that disagrees with the spec. It crosses the process
-boundary to the Ray Train workers by pickling, hence plain values only.
+boundary to the Ray Train workers by pickling, hence plain values only (and the
+ObjectRef of a shipped weights file).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from raysegment.errors import DataError
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from raysegment.config import TrainSpec
     from raysegment.data.fingerprint import Fingerprint
     from raysegment.models.card import InputSpec
+    from raysegment.models.pretrained import ShippedWeights
 
 DtypePolicy = Literal["float32", "mixed_bfloat16", "mixed_float16"]
 DTYPE_POLICIES: dict[str, DtypePolicy] = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -40,16 +42,30 @@ class ModelConfig:
     architecture: Literal["unet", "resunet", "deeplabv3plus"] = "unet"
     encoder: str | None = None
     encoder_weights: str | None = None  # None: random; "imagenet"; or a weights file
+    # The driver's file of those weights (its Keras cache's ImageNet file, or the given file), sent through
+    # Ray's object store (`ship_weights`): loaded from a local copy instead of downloaded or read from a
+    # path the worker's node may not have.
+    shipped_weights: ShippedWeights | None = None
+
+    def ship_weights(self) -> ModelConfig:
+        """This config with the encoder's weights file (the driver's cached ImageNet file, or a given file that
+        is here) put into Ray's object store once, for workers whose nodes have no cache and no network
+        (`models/pretrained.py`); unchanged without such a file (Keras downloads on each worker)."""
+        from raysegment.models.pretrained import ship, weights_file
+
+        path = weights_file(self.encoder, self.encoder_weights) if self.encoder else None
+        return replace(self, shipped_weights=ship(path)) if path else self
 
     def build(self) -> keras.Model:
         """A freshly initialised model (workers train it; the driver loads the best weights into it)."""
         if self.encoder:
             from raysegment.models.encoders import build_encoder_model
+            from raysegment.models.pretrained import local_copy
 
             return build_encoder_model(
                 self.num_classes,
                 self.encoder,
-                self.encoder_weights,
+                local_copy(self.shipped_weights) if self.shipped_weights else self.encoder_weights,
                 architecture="deeplabv3plus" if self.architecture == "deeplabv3plus" else "unet",
                 base_filters=self.base_filters,
                 head=self.head,
@@ -59,7 +75,7 @@ class ModelConfig:
         from raysegment.models.unet import build_unet
 
         args = asdict(self)
-        for name in ("architecture", "encoder", "encoder_weights"):
+        for name in ("architecture", "encoder", "encoder_weights", "shipped_weights"):
             args.pop(name)
         return build_unet(**args, residual=self.architecture == "resunet")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import logging
@@ -21,7 +22,8 @@ from raysegment import plan as planning
 from raysegment.config import TrainSpec
 from raysegment.data.pipeline import Augmentation, training_dataset
 from raysegment.data.prepare import read_manifest
-from raysegment.models.card import MODEL_FILE, ModelCard
+from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
+from raysegment.models.card import MODEL_FILE, InferenceAdvice, ModelCard
 from raysegment.train import events, tracking
 from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
 from raysegment.train.config import TrainConfig, rare_classes, train_config
@@ -81,6 +83,17 @@ def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: T
     return overlay.example_grid(list(zip(shown, batch["mask"], pred)), manifest["palette"])
 
 
+def tta_advice(out: storage.Location, spec: TrainSpec, manifest: dict[str, Any]) -> InferenceAdvice:
+    """Whether flip TTA pays for the model in OUT: its val mIoU without and with it (`evaluate.measure_tta`)."""
+    advice = measure_tta(out.uri, storage.resolve(spec.data, spec.endpoint_url), manifest, spec.endpoint_url)
+    plain, tta = advice.val_mean_iou["plain"], advice.val_mean_iou["tta"]
+    progress.note(
+        f"train: flip TTA ({', '.join(advice.flips)}) on {advice.images} val images: mIoU {plain:.4f} plain, "
+        f"{tta:.4f} with it: {'on' if advice.tta_flip else 'off'} by default (gain >= {TTA_MIN_GAIN} turns it on)"
+    )
+    return advice
+
+
 def train(spec: TrainSpec) -> dict[str, Any]:
     """Run distributed training and write OUT/model.keras, model.json and metrics.json."""
     t0 = time.time()
@@ -93,7 +106,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     fingerprint = planning.read_fingerprint(data_loc, manifest) if spec.normalization != "scale_0_1" else None
     # With a time budget the first epoch's measured time sets the epochs: any number where the plan chose them.
     from_budget = plan_record is not None and "epochs" in plan_record["auto"]
+    # An encoder's weights file on the driver goes to the workers through Ray's object store.
     cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
+    cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
 
@@ -266,6 +281,8 @@ def write_artifacts(
             "ray": ray.__version__,
         },
     )
+    card.write(out)  # first without the advice: `measure_tta` loads the model through its card, as infer does
+    card = card.model_copy(update={"inference": tta_advice(out, spec, manifest)})
     storage.write_json(out.child(METRICS_FILE), metrics)
     card.write(out)
     storage.mark_success(out, {"model_id": card.model_id})
