@@ -257,6 +257,11 @@ def plan(
 @click.option("--gpus-per-worker", type=float, default=None)
 @click.option("--resume/--no-resume", default=None, help="continue from the last checkpoint in OUT (default: on)")
 @click.option(
+    "--tta-check/--no-tta-check",
+    default=None,
+    help="measure whether flip TTA pays on the val split; the card advises infer (default: on)",
+)
+@click.option(
     "--time-budget",
     default=None,
     help="training time, e.g. 40m or 2h: the plan's epochs fit it and training stops inside it "

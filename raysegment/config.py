@@ -245,6 +245,11 @@ class TrainSpec(Spec):
     gpus_per_worker: float = Field(0.0, ge=0, le=16)
     name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray Train run name under OUT")
     resume: bool = True
+    tta_check: bool = Field(
+        True,
+        description="at the end, measure val mIoU with and without flip TTA; the card then advises infer "
+        "(false: no measurement, the card advises no TTA)",
+    )
     plan: bool = Field(
         True,
         description="fields not given (flag or spec field) come from `raysegment plan`'s rules for the data set; "

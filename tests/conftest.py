@@ -97,5 +97,5 @@ def tiny_model(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("tiny-model")
     src = write_source(str(root / "src"), count=40)
     prepare(PrepareSpec(source=src, dest=str(root / "data"), val_fraction=0.25))
-    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **TINY))
+    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **(TINY | {"tta_check": True})))
     return str(root / "data"), str(root / "model")

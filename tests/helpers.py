@@ -31,7 +31,17 @@ from raysegment.data import synthetic
 
 T = TypeVar("T")
 
-TINY = {"epochs": 1, "workers": 2, "image_size": 32, "batch_size": 4, "depth": 2, "base_filters": 4, "resume": False}
+# No TTA measurement at the end (tests/test_tta.py covers it, on the session's tiny_model).
+TINY = {
+    "epochs": 1,
+    "workers": 2,
+    "image_size": 32,
+    "batch_size": 4,
+    "depth": 2,
+    "base_filters": 4,
+    "resume": False,
+    "tta_check": False,
+}
 
 # Extra S3 users of the session's server (conftest.s3_server), for permission-denied tests.
 S3_TEST_BUCKET = "raysegment-test"

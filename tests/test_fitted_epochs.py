@@ -69,7 +69,14 @@ def test_a_budgeted_run_trains_the_epochs_its_first_epoch_fits(tiny_model, ray_c
 
     data = tiny_model[0]
     spec = TrainSpec(
-        data=data, out=str(tmp_path / "m"), workers=1, batch_size=4, depth=2, base_filters=4, time_budget=6
+        data=data,
+        out=str(tmp_path / "m"),
+        workers=1,
+        batch_size=4,
+        depth=2,
+        base_filters=4,
+        time_budget=6,
+        tta_check=False,
     )
     train(spec)
     card = json.loads((Path(tmp_path) / "m" / "model.json").read_text())

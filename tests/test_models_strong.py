@@ -95,7 +95,7 @@ def test_train_and_infer_with_a_deeplab_encoder_model(tiny_model, ray_cluster, t
 
     data, _ = tiny_model
     out = tmp_path / "model"
-    spec = dict(data=data, out=str(out), epochs=1, workers=1, batch_size=4, image_size=32, max_steps=2)
+    spec = dict(data=data, out=str(out), epochs=1, workers=1, batch_size=4, image_size=32, max_steps=2, tta_check=False)
     encoder = dict(architecture="deeplabv3plus", encoder="mobilenetv3small", encoder_weights="none", base_filters=4)
     train(TrainSpec(**spec, **encoder))
     card = json.loads((out / "model.json").read_text())

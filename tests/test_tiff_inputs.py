@@ -261,7 +261,7 @@ def band_model(ray_cluster, tmp_path_factory):
         _png(f"{root}/src/masks/b{i}.png", ids)
     prepare(PrepareSpec(source=str(root / "src"), dest=str(root / "data"), val_fraction=0.25, seed=1))
     tiny = {"epochs": 1, "workers": 1, "image_size": 16, "batch_size": 2, "depth": 1, "base_filters": 4}
-    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), resume=False, **tiny))
+    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), resume=False, tta_check=False, **tiny))
     return root / "data", root / "model", root / "src"
 
 

@@ -227,7 +227,7 @@ def test_training_logs_each_epoch_while_it_runs_then_writes_the_artifacts(tiny_d
     out = tmp_path / "model"
     spec = TrainSpec(
         data=str(tiny_data / "data"), out=str(out), epochs=2, workers=1, image_size=32, batch_size=4, depth=2,
-        base_filters=4, max_steps=1, resume=False, mlflow_uri=uri,
+        base_filters=4, max_steps=1, resume=False, tta_check=False, mlflow_uri=uri,
     )  # fmt: skip
     client = tracking.mlflow_client(uri)
     with training_held_after_first_checkpoint(tmp_path / "hold") as hold:

@@ -45,6 +45,7 @@ def one_step(root, name: str, workers: int, batch: int) -> list[np.ndarray]:
             learning_rate=0.05,
             schedule="constant",
             resume=False,
+            tta_check=False,
             max_steps=1,
         )
     )
@@ -72,7 +73,16 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model, ray_cluster, tmp_path
     data, _ = tiny_model
     out = tmp_path / "model"
     spec = TrainSpec(
-        data=data, out=str(out), epochs=4, workers=2, image_size=32, batch_size=4, depth=2, base_filters=4, resume=False
+        data=data,
+        out=str(out),
+        epochs=4,
+        workers=2,
+        image_size=32,
+        batch_size=4,
+        depth=2,
+        base_filters=4,
+        resume=False,
+        tta_check=False,
     )
     with training_held_after_first_checkpoint(tmp_path / "hold") as hold:
         job = in_background(lambda: train(spec))
@@ -114,6 +124,7 @@ def test_native_scale_model_predicts_at_full_resolution(ray_cluster, tmp_path):
             base_filters=4,
             crop="native",
             resume=False,
+            tta_check=False,
         )
     )
     card = __import__("json").loads((tmp_path / "model" / "model.json").read_text())

@@ -132,7 +132,7 @@ def test_train_with_no_options_trains_the_plan_that_plan_prints(tiny_data, ray_c
     assert printed.returncode == 0, printed.stderr
     expected = json.loads((root / "plan.json").read_text())
     r = run_cli(
-        "train", str(root / "data"), str(root / "model"), "--workers", "1", "--time-budget", BUDGET, "--config", str(root / "one-step.yaml"), "--no-resume",
+        "train", str(root / "data"), str(root / "model"), "--workers", "1", "--time-budget", BUDGET, "--config", str(root / "one-step.yaml"), "--no-resume", "--no-tta-check",
         env=ray_cluster.env,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -157,7 +157,7 @@ def test_given_flags_override_their_part_and_the_budget_stops_training(tiny_data
     )
     r = run_cli(
         "train", str(root / "data"), str(root / "model-given"), "--base-filters", "8", "--epochs", "3",
-        "--workers", "1", "--time-budget", BUDGET, "--config", str(root / "one-step.yaml"), "--no-resume", "--json",
+        "--workers", "1", "--time-budget", BUDGET, "--config", str(root / "one-step.yaml"), "--no-resume", "--no-tta-check", "--json",
         env=ray_cluster.env,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

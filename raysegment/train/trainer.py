@@ -281,8 +281,9 @@ def write_artifacts(
             "ray": ray.__version__,
         },
     )
-    card.write(out)  # first without the advice: `measure_tta` loads the model through its card, as infer does
-    card = card.model_copy(update={"inference": tta_advice(out, spec, manifest)})
+    if spec.tta_check:
+        card.write(out)  # first without the advice: `measure_tta` loads the model through its card, as infer does
+        card = card.model_copy(update={"inference": tta_advice(out, spec, manifest)})
     storage.write_json(out.child(METRICS_FILE), metrics)
     card.write(out)
     storage.mark_success(out, {"model_id": card.model_id})
