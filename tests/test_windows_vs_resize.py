@@ -115,8 +115,9 @@ def object_iou(objects: SmallObjects, crop: str, seed: int = 0, **override: Any)
 
     from raysegment.inference.predictor import normalize
     from raysegment.inference.stitch import upsample_argmax
-    from raysegment.models.losses import make_loss, probabilities
+    from raysegment.models.losses import probabilities
     from raysegment.train.config import rare_classes, train_config
+    from raysegment.train.loop import make_train_step
     from raysegment.train.optim import make_optimizer
 
     spec = TrainSpec(data=objects.data, out="unused", crop=crop, seed=seed, **{**SETTINGS, **override})
@@ -125,13 +126,8 @@ def object_iou(objects: SmallObjects, crop: str, seed: int = 0, **override: Any)
     keras.utils.set_random_seed(seed)
     model = cfg.model.build()
     optimizer = make_optimizer(cfg)
-    loss_fn = make_loss(cfg.loss, cfg.class_weights)
-
-    @tf.function
-    def step(images, masks):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(loss_fn(masks, model(images, training=True))) / cfg.batch_size
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    # The worker's own step (sum / global batch; one worker here), under the default single-replica strategy.
+    step = make_train_step(cfg, tf.distribute.get_strategy(), model, optimizer)
 
     aug = Augmentation.from_spec(spec, rare_classes(objects.manifest))
     norm, size = cfg.model_input, cfg.image_size
