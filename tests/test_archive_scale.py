@@ -91,6 +91,23 @@ def test_summary_writer_commits_many_batches_per_file(tmp_path):
     assert committed_keys(out) == keys
 
 
+def test_rows_left_in_the_object_store_are_committed_by_a_task_slices_and_all(ray_cluster, tmp_path):
+    """What infer's driver does: it holds references to the write tasks' blocks (and which of their rows
+    are its), and a task writes the file, so the driver never maps a block into its memory."""
+    out = storage.resolve(str(tmp_path / "out"))
+    keys = [f"k{i:03d}" for i in range(40)]
+    blocks = [ray.put(rows_of(keys[i : i + 10])) for i in range(0, 40, 10)]
+    writer = layout.SummaryWriter(out, "r1", max_rows=15)
+    writer.add(layout.PendingRows(blocks[0], 0, 10, 1))
+    writer.add(layout.PendingRows(blocks[1], 2, 8, 1))  # a slice: rows 12..17
+    assert len(writer.files) == 1 and committed_keys(out) == [*keys[:10], *keys[12:18]]
+    writer.add(layout.PendingRows(blocks[2], 0, 10, 1))
+    writer.add(layout.PendingRows(blocks[3], 9, 10, 1))
+    writer.close()
+    assert [pq.read_metadata(f).num_rows for f in writer.files] == [16, 11]
+    assert committed_keys(out) == sorted([*keys[:10], *keys[12:18], *keys[20:30], keys[39]])
+
+
 def test_resume_index_is_built_by_tasks_and_filters_exactly(ray_cluster, tmp_path):
     out = storage.resolve(str(tmp_path / "out"))
     done = [f"img/{i:05d}" for i in range(3000)]

@@ -37,21 +37,23 @@ IMAGE_SIZE = 32
 
 
 class DriverMemory(RssSampler):
-    """One driver process's RSS, sampled until it exits."""
+    """One driver process's RSS, sampled until it exits; and its peak without shared pages (RSS counts
+    the object store's pages the driver has read blocks from, and shared libraries' pages)."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(interval)
         self.pid = pid
-        self.peak_mb = 0.0
+        self.peak_mb = self.peak_private_mb = 0.0
 
     def sample(self) -> None:
         import psutil
 
         try:
-            rss = psutil.Process(self.pid).memory_info().rss
+            mem = psutil.Process(self.pid).memory_info()
         except psutil.Error:  # exited between samples
             return
-        self.peak_mb = max(self.peak_mb, rss / 2**20)
+        self.peak_mb = max(self.peak_mb, mem.rss / 2**20)
+        self.peak_private_mb = max(self.peak_private_mb, (mem.rss - mem.shared) / 2**20)
 
 
 def write_shards(loc: storage.Location, count: int) -> None:
@@ -72,8 +74,8 @@ def write_shards(loc: storage.Location, count: int) -> None:
         storage.write_bytes(loc.child(f"shard-{shard:05d}.tar"), buf.getvalue())
 
 
-def _run(spec_args: dict[str, Any]) -> tuple[dict[str, Any], float, float, float]:
-    """(record, seconds, driver peak MB, workers' peak total MB) of one infer run, in its own driver."""
+def _run(spec_args: dict[str, Any]) -> tuple[dict[str, Any], float, DriverMemory, float]:
+    """(record, seconds, the driver's memory, workers' peak total MB) of one infer run, in its own driver."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -86,7 +88,7 @@ def _run(spec_args: dict[str, Any]) -> tuple[dict[str, Any], float, float, float
         seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"bench scale: the infer driver exited {proc.returncode}: {err[-3000:]}")
-    return json.loads(out), seconds, driver.peak_mb, workers.peak_total_mb
+    return json.loads(out), seconds, driver, workers.peak_total_mb
 
 
 def _drop_half(out: storage.Location) -> int:
@@ -121,6 +123,7 @@ def measure(root: storage.Location, model_dir: str, count: int, args: dict[str, 
     assert half["counts"]["processed"] == count - kept and half["counts"]["total"] == count, half["counts"]
     fresh_ips = count / fresh_s
     half_ips = half["counts"]["processed"] / half_s
+    drivers = (fresh_driver, noop_driver, half_driver)
     return {
         "images": count,
         "fresh_images_per_second": round(fresh_ips, 1),
@@ -129,7 +132,9 @@ def measure(root: storage.Location, model_dir: str, count: int, args: dict[str, 
         "noop_resume_seconds": round(noop_s, 1),
         "half_done_images_per_second": round(half_ips, 1),
         "half_vs_fresh": round(half_ips / fresh_ips, 3),
-        "driver_peak_rss_mb": round(max(fresh_driver, noop_driver, half_driver), 1),
+        "driver_peak_rss_mb": round(max(d.peak_mb for d in drivers), 1),
+        "driver_peak_rss_mb_by_run": "/".join(f"{d.peak_mb:.0f}" for d in drivers),
+        "driver_peak_private_mb": round(max(d.peak_private_mb for d in drivers), 1),
         "workers_peak_total_mb": round(fresh_workers, 1),
         "summary_files": files,
         "images_per_summary_file": round(count / max(files, 1), 1),
@@ -181,6 +186,8 @@ def scale_lines(r: dict[str, Any]) -> list[str]:
         ("half done: images/s", "half_done_images_per_second"),
         ("half done / fresh", "half_vs_fresh"),
         ("driver peak RSS (MB)", "driver_peak_rss_mb"),
+        ("  fresh/no-op/half", "driver_peak_rss_mb_by_run"),
+        ("  less shared pages", "driver_peak_private_mb"),
         ("workers' peak RSS (MB)", "workers_peak_total_mb"),
         ("summary files", "summary_files"),
         ("images per summary file", "images_per_summary_file"),

@@ -1,4 +1,4 @@
-"""`train`: wire the data set, TensorflowTrainer and artifacts together (driver side)."""
+"""`train`: wire the data set, Ray Train's trainer and artifacts together (driver side)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.tensorflow import TensorflowTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from raysegment import __version__, overlay, plots, progress, storage
 from raysegment import plan as planning
@@ -25,6 +25,7 @@ from raysegment.data.prepare import read_manifest
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
 from raysegment.models.card import MODEL_FILE, InferenceAdvice, ModelCard
 from raysegment.train import events, tracking
+from raysegment.train.backend import TFClusterConfig
 from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
 from raysegment.train.config import TrainConfig, rare_classes, train_config
 from raysegment.train.loop import train_loop_per_worker
@@ -172,9 +173,10 @@ def fit(
     spec: TrainSpec, out: storage.Location, cfg: TrainConfig, datasets: dict[str, Any], inbox: Any
 ) -> ray.train.Result:
     """Run the Ray Train job; rank 0 posts progress to `inbox` (None: no progress shown)."""
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(
         # Bound here rather than passed as `train_loop_config`, which Ray types as a dict.
         functools.partial(train_loop_per_worker, cfg, inbox),
+        backend_config=TFClusterConfig(),  # TensorflowTrainer's set-up without its TF import (see backend.py)
         scaling_config=ScalingConfig(
             num_workers=spec.workers,
             use_gpu=spec.gpus_per_worker > 0,
