@@ -91,13 +91,15 @@ def test_summary_writer_commits_many_batches_per_file(tmp_path):
     assert committed_keys(out) == keys
 
 
-def test_rows_left_in_the_object_store_are_committed_by_a_task_slices_and_all(ray_cluster, tmp_path):
+def test_rows_left_in_the_object_store_are_committed_by_the_committer_slices_and_all(ray_cluster, tmp_path):
     """What infer's driver does: it holds references to the write tasks' blocks (and which of their rows
-    are its), and a task writes the file, so the driver never maps a block into its memory."""
+    are its), and the run's committer actor counts and writes them, so the driver never maps a block."""
     out = storage.resolve(str(tmp_path / "out"))
     keys = [f"k{i:03d}" for i in range(40)]
     blocks = [ray.put(rows_of(keys[i : i + 10])) for i in range(0, 40, 10)]
-    writer = layout.SummaryWriter(out, "r1", max_rows=15)
+    committer = layout.start_committer()
+    assert ray.get(committer.status_counts.remote(blocks[1], 2, 8)) == (6, 6)
+    writer = layout.SummaryWriter(out, "r1", max_rows=15, committer=committer)
     writer.add(layout.PendingRows(blocks[0], 0, 10, 1))
     writer.add(layout.PendingRows(blocks[1], 2, 8, 1))  # a slice: rows 12..17
     assert len(writer.files) == 1 and committed_keys(out) == [*keys[:10], *keys[12:18]]

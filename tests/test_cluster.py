@@ -173,7 +173,7 @@ def test_jobs_and_nightly_on_a_local_multi_node_cluster(local_cluster, tiny_mode
     assert info.returncode == 0 and "raysegment_spec_sha256" in sent and "AWS_ENDPOINT_URL" in sent
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in sent and "AWS_SECRET_ACCESS_KEY" not in sent
 
-    # 3. Nightly: the first night processes everything, the next only what is new.
+    # 3. Nightly as a submitted job: the first night processes everything.
     night_out = f"{s3_prefix}/nightly"
     spec_n = spec_file(tmp_path, "nightly", model=model, input=incoming, output=night_out, batch_size=4)
 
@@ -187,14 +187,11 @@ def test_jobs_and_nightly_on_a_local_multi_node_cluster(local_cluster, tiny_mode
     r1 = night("2026-01-01")
     assert r1["counts"]["processed"] == 4
     assert keys_under(f"{night_out}/date=2026-01-01/masks", ".png") == first
-    put_images(incoming, ["e", "sub/f"], seed=50)
-    r2 = night("2026-01-02")
-    assert (r2["counts"]["new"], r2["counts"]["unchanged"], r2["counts"]["processed"]) == (2, 4, 2)
-    assert keys_under(f"{night_out}/date=2026-01-02/masks", ".png") == ["e", "sub/f"]
-    # A night with nothing new is test_nightly's (in-process); a third job here would add ~15 s.
+    # Nights that find only new images, or nothing new, are test_nightly's (in-process, the same code):
+    # each job here costs ~15-20 s of a driver starting on the cluster.
     assert not storage.exists(storage.resolve(night_out).child("_nightly.lock"))
     listed = run(local_cluster, rs, "jobs", "list", "--address", local_cluster.address)
-    assert listed.returncode == 0 and listed.stdout.count("raysegment-nightly-") == 2
+    assert listed.returncode == 0 and listed.stdout.count("raysegment-nightly-") == 1
     print(f"cluster test body: {time.time() - t0:.0f} s")
 
 

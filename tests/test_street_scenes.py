@@ -14,7 +14,7 @@ plan's class weights mostly fix (the last test).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -324,22 +324,18 @@ def _train_briefly(streets: Streets, spec: TrainSpec) -> dict[str, float]:
     import tensorflow as tf
 
     from raysegment.inference.predictor import normalize
-    from raysegment.models.losses import make_loss, probabilities
+    from raysegment.models.losses import probabilities
     from raysegment.train.config import rare_classes, train_config
+    from raysegment.train.loop import make_train_step
     from raysegment.train.optim import make_optimizer
 
     cfg = train_config(spec, streets.manifest, streets.data, fingerprint=streets.fingerprint)
     keras.mixed_precision.set_global_policy(cfg.dtype_policy)  # as a worker does (float32 on CPU)
     keras.utils.set_random_seed(1)
     model = cfg.model.build()
-    optimizer = make_optimizer(cfg)
-    loss_fn = make_loss(cfg.loss, cfg.class_weights)
-
-    @tf.function
-    def step(images, masks):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(loss_fn(masks, model(images, training=True)))
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    optimizer = make_optimizer(cfg)  # the plan's optimizer and LR, scaled for its global batch
+    # The worker's own step, as one worker taking batch_size windows (its loss: their mean).
+    step = make_train_step(replace(cfg, workers=1), tf.distribute.get_strategy(), model, optimizer)
 
     aug = Augmentation.from_spec(spec, rare_classes(streets.manifest))
     rng = np.random.default_rng(1)

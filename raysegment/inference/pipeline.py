@@ -17,8 +17,6 @@ import logging
 import time
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from raysegment import __version__, progress, storage
@@ -167,27 +165,16 @@ def write(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
     )
 
 
-def _status_counts(block: pa.Table, start: int, stop: int | None) -> tuple[int, int]:
-    """(rows, ok rows) of block[start:stop] (stop None: to its end): a zero-CPU task, so the driver never
-    maps a block."""
-    stop = block.num_rows if stop is None else stop
-    if stop <= start:
-        return 0, 0  # an empty block (a batch whose keys were all done) may have no columns
-    ok = pc.sum(pc.equal(block.column("status").slice(start, stop - start), "ok")).as_py() or 0
-    return stop - start, ok
-
-
 def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.FirstBatch | None]:
     """Run the pipeline; the driver counts the rows and commits them, `summary_rows` to a file.
 
     Rows reach the driver only after their masks are written, so a summary file never points at a
     mask that is not there; rows still waiting when the driver dies are redone by the next run.
-    The driver holds references to the write tasks' blocks, never the rows: reading a block maps
-    every object-store page it sits on into the driver's RSS (bench scale: +83 MB from 30k to 300k
-    images), so zero-CPU tasks count each block's statuses and write each summary file."""
+    The driver holds references to the write tasks' blocks, never the rows: a zero-CPU actor
+    (`layout.BlockCommitter`) counts each block's statuses and writes each summary file."""
     counts = layout.RunCounts(skipped=run.done.keys)
-    writer = layout.SummaryWriter(run.output, run.run_id, run.spec.summary_rows)
-    count_task = ray.remote(_status_counts).options(num_cpus=0, name="raysegment-count-statuses")
+    committer = layout.start_committer()
+    writer = layout.SummaryWriter(run.output, run.run_id, run.spec.summary_rows, committer)
     counting: list[ray.ObjectRef] = []
     first_batch = None
 
@@ -198,24 +185,27 @@ def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.Firs
             counts.error += rows - ok
             shown.update(rows, errors=counts.error)
 
-    with progress.stage("infer") as shown:  # the total only where the caller knows it (nightly)
-        # A block reaches the writer as soon as it exists (no prefetch holds finished rows back).
-        for bundle in ds.iter_internal_ref_bundles():
-            for entry, piece in zip(bundle.blocks, bundle.slices):
-                rows = entry.metadata.num_rows
-                if rows is None:  # a map task's output block has it; else count it
-                    rows = ray.get(count_task.remote(entry.ref, 0, None))[0]
-                start, stop = (piece.start_offset, piece.end_offset) if piece else (0, rows)
-                if stop <= start:
-                    continue
-                writer.add(layout.PendingRows(entry.ref, start, stop, entry.metadata.size_bytes or 0))
-                counting.append(count_task.remote(entry.ref, start, stop))
-                done, counting = ray.wait(counting, num_returns=len(counting), timeout=0)
-                tally(done)
-                if first_batch is None:
-                    first_batch = layout.FirstBatch(seconds=round(time.time() - run.started, 2), rows=stop - start)
-        tally(counting)
-    writer.close()
+    try:
+        with progress.stage("infer") as shown:  # the total only where the caller knows it (nightly)
+            # A block reaches the writer as soon as it exists (no prefetch holds finished rows back).
+            for bundle in ds.iter_internal_ref_bundles():
+                for entry, piece in zip(bundle.blocks, bundle.slices):
+                    rows = entry.metadata.num_rows
+                    if rows is None:  # a map task's output block has it; else count it
+                        rows = ray.get(committer.status_counts.remote(entry.ref, 0, None))[0]
+                    start, stop = (piece.start_offset, piece.end_offset) if piece else (0, rows)
+                    if stop <= start:
+                        continue
+                    writer.add(layout.PendingRows(entry.ref, start, stop, entry.metadata.size_bytes or 0))
+                    counting.append(committer.status_counts.remote(entry.ref, start, stop))
+                    done, counting = ray.wait(counting, num_returns=len(counting), timeout=0)
+                    tally(done)
+                    if first_batch is None:
+                        first_batch = layout.FirstBatch(seconds=round(time.time() - run.started, 2), rows=stop - start)
+            tally(counting)
+        writer.close()
+    finally:
+        ray.kill(committer)
     return counts, first_batch
 
 
