@@ -444,7 +444,7 @@ def start_committer() -> Any:
     """A BlockCommitter actor (stateless, so restarted and retried freely); `ray.kill` it after the run."""
     import ray
 
-    return ray.remote(BlockCommitter).options(num_cpus=0, max_restarts=3, max_task_retries=3, name=None).remote()
+    return ray.remote(BlockCommitter).options(num_cpus=0, max_restarts=3, max_task_retries=3).remote()
 
 
 class SummaryWriter:
