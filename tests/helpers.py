@@ -217,6 +217,7 @@ class PipeBarrier:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self._writer: int | None = None
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         os.mkfifo(self.path)
 
@@ -234,10 +235,16 @@ class PipeBarrier:
                 return None
             raise
 
+    def hold(self, job: Future, timeout: float = 240) -> None:
+        """Wait until the job is reading the pipe; its read stays blocked until `release`."""
+        if self._writer is None:
+            self._writer = wait_for(self._open_writer, "the job to read the barrier pipe", timeout, job, interval=0.05)
+
     def release(self, job: Future, timeout: float = 240) -> None:
-        """Wait until the job is reading the pipe, then let that read through."""
-        fd = wait_for(lambda: self._open_writer(), "the job to read the barrier pipe", timeout, job, interval=0.05)
-        os.close(fd)
+        """Wait until the job is reading the pipe, then let that read through (it reads no bytes)."""
+        self.hold(job, timeout)
+        os.close(self._writer)
+        self._writer = None
 
     def replace_with(self, data: bytes) -> None:
         """Make the pipe a regular file (after its job is gone), so a re-run reads real bytes."""
@@ -247,6 +254,9 @@ class PipeBarrier:
 
     def close(self) -> None:
         """Let any reader through without waiting for one, and remove the pipe."""
+        if self._writer is not None:
+            os.close(self._writer)
+            self._writer = None
         if not os.path.exists(self.path) or not stat.S_ISFIFO(os.stat(self.path).st_mode):
             return
         fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)  # never blocks; a waiting reader's open returns

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 from helpers import (
@@ -44,8 +46,10 @@ def s3(server) -> s3fs.S3FileSystem:
 
 def assert_one_row_and_mask_per_key_on_s3(out: str, keys: list[str], unreadable: tuple[str, ...] = ()) -> None:
     loc = storage.resolve(out)
-    rows = [k for p in summary_files(loc) for k in storage.read_table(loc, p, ["key"]).column("key").to_pylist()]
-    assert sorted(rows) == sorted([*keys, *unreadable])  # one row per key across every run
+    table = pa.concat_tables(storage.read_table(loc, p, ["key", "status", "error"]) for p in summary_files(loc))
+    assert sorted(table["key"].to_pylist()) == sorted([*keys, *unreadable])  # one row per key across every run
+    errors = {r["key"]: r["error"] for r in table.to_pylist() if r["status"] == "error"}
+    assert sorted(errors) == sorted(unreadable), errors
     masks = loc.fs.find(loc.child("masks").path)
     assert sorted(p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in masks) == sorted(keys)
     assert storage.exists(loc.child("_SUCCESS"))
@@ -115,49 +119,47 @@ def test_killed_driver_then_rerun_completes(tiny_model, ray_cluster, tmp_path):
 
 @pytest.mark.s3
 def test_s3_outage_is_retried_or_fails_clearly(tiny_model, s3_server, s3_prefix, tmp_path):
-    """The S3 server stops mid-run. Past the retry deadline the job fails with a clear message and no
-    _SUCCESS; back within the deadline, reads and writes are retried and the job completes exactly."""
+    """The S3 server stops while the job waits on its last input (a local pipe listed among the S3
+    images, so rows are left to write during the outage). Past the retry deadline the job fails with a
+    clear message and no _SUCCESS; back within the deadline, writes are retried and the job completes
+    exactly."""
     _, model = tiny_model
     fs = s3(s3_server)
     bucket = s3_prefix[len("s3://") :]
-    keys = write_images(tmp_path / "in", 60)
+    write_images(tmp_path / "in", 20)
     fs.put(str(tmp_path / "in"), f"{bucket}/in", recursive=True)
-    spec = {
-        "model": model,
-        "input": f"{s3_prefix}/in",
-        "output": f"{s3_prefix}/out",
-        "batch_size": 2,
-        "summary_rows": 2,
-    }
+    hold = tmp_path / "hold" / "hold.png"
+    names = sorted(p.name for p in (tmp_path / "in").iterdir())  # some are .PNG
+    uris = [f"{s3_prefix}/in/{name}" for name in names]
+    keys = [name.rsplit(".", 1)[0] for name in names]
+    pq.write_table(pa.table({"uri": [*uris, str(hold)], "key": [*keys, "hold"]}), tmp_path / "list.parquet")
+    spec = {"model": model, "input": str(tmp_path / "list.parquet"), "output": f"{s3_prefix}/out"}
+    spec |= {"batch_size": 2, "summary_rows": 2}
 
-    def summaries_written() -> int:
-        fs.invalidate_cache()
-        return len(fs.glob(f"{bucket}/out/summaries/**/*.parquet"))
-
-    # 1. Down for longer than a 3 s deadline: a clear failure. (The input is on S3, where no pipe
-    # can hold the job: 60 images at batch 2 outlast the poll after the first summary.)
-    job = in_background(lambda: infer(InferSpec(**spec, storage_retry_s=3)))
-    wait_for(summaries_written, "the first summary on S3", job=job)
-    assert not job.done(), "the run finished before the outage"
-    s3_server.stop()
-    try:
-        error = job.exception(timeout=300)
-    finally:
-        s3_server.start()
+    # 1. Down for longer than a 3 s deadline: a clear failure.
+    with PipeBarrier(hold) as barrier:
+        job = in_background(lambda: infer(InferSpec(**spec, storage_retry_s=3)))
+        barrier.hold(job)
+        s3_server.stop()
+        try:
+            barrier.release(job)  # the pipe's error row needs its summary file on S3
+            error = job.exception(timeout=300)
+        finally:
+            s3_server.start()
     assert error is not None, "the job reported success with its storage down"
     assert "still failing after" in str(error) and "storage_retry_s" in str(error), error
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
 
     # 2. Down for a few seconds, well within the default deadline: the job rides it out.
-    before = summaries_written()
-    job = in_background(lambda: infer(InferSpec(**spec)))
-    wait_for(lambda: summaries_written() > before, "the re-run's first summary", job=job)
-    assert not job.done(), "the re-run finished before the outage"
-    s3_server.stop()
-    try:
-        time.sleep(6)  # the length of the outage, not a wait for the job
-    finally:
-        s3_server.start()
-    job.result(timeout=600)
-    assert_one_row_and_mask_per_key_on_s3(spec["output"], keys)  # across the failed run and the re-run
+    with PipeBarrier(hold) as barrier:
+        job = in_background(lambda: infer(InferSpec(**spec)))
+        barrier.hold(job)
+        s3_server.stop()
+        try:
+            barrier.release(job)
+            time.sleep(6)  # the length of the outage, not a wait for the job
+        finally:
+            s3_server.start()
+        job.result(timeout=600)
+    assert_one_row_and_mask_per_key_on_s3(spec["output"], keys, unreadable=("hold",))  # across both runs

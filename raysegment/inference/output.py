@@ -411,6 +411,14 @@ class PendingRows:
     def num_rows(self) -> int:
         return self.stop - self.start
 
+    def split(self, n: int) -> tuple[PendingRows, PendingRows]:
+        """(the first n rows, the rest); bytes shared in proportion."""
+        head = self.nbytes * n // max(self.num_rows, 1)
+        return (
+            PendingRows(self.table, self.start, self.start + n, head),
+            PendingRows(self.table, self.start + n, self.stop, self.nbytes - head),
+        )
+
 
 def commit_pieces(output: storage.Location, run_id: str, spans: list[tuple[int, int]], *tables: pa.Table) -> str:
     """`commit_rows` of the concatenated `tables[i][start:stop]` (what a SummaryWriter's flush commits)."""
@@ -448,9 +456,10 @@ def start_committer() -> Any:
 
 
 class SummaryWriter:
-    """Commits rows many batches at a time: one summary file per `max_rows` rows (or MAX_SUMMARY_BYTES,
-    or FLUSH_EVERY_S since the last file, so a killed run loses minutes, not hours), and the rest at
-    `close`. Rows waiting here are not done: a run killed before their file exists redoes them.
+    """Commits rows many batches at a time: a summary file of exactly `max_rows` rows (a batch that
+    crosses the mark is split; fewer rows at MAX_SUMMARY_BYTES, or FLUSH_EVERY_S after the last file,
+    so a killed run loses minutes, not hours), and the rest at `close`. Rows waiting here are not
+    done: a run killed before their file exists redoes them.
 
     Rows given as object references are committed by `committer` (a BlockCommitter actor): the driver
     holds references, never the rows."""
@@ -463,16 +472,18 @@ class SummaryWriter:
         self.last_flush = time.monotonic()
 
     def add(self, rows: PendingRows | pa.Table) -> None:
-        rows = rows if isinstance(rows, PendingRows) else PendingRows.of(rows)
-        self.pending.append(rows)
-        self.rows += rows.num_rows
-        self.nbytes += rows.nbytes
-        if (
-            self.rows >= self.max_rows
-            or self.nbytes >= MAX_SUMMARY_BYTES
-            or time.monotonic() - self.last_flush >= FLUSH_EVERY_S
-        ):
-            self.flush()
+        rest = rows if isinstance(rows, PendingRows) else PendingRows.of(rows)
+        while rest.num_rows > 0:
+            rows, rest = rest.split(min(rest.num_rows, self.max_rows - self.rows))
+            self.pending.append(rows)
+            self.rows += rows.num_rows
+            self.nbytes += rows.nbytes
+            if (
+                self.rows >= self.max_rows
+                or self.nbytes >= MAX_SUMMARY_BYTES
+                or time.monotonic() - self.last_flush >= FLUSH_EVERY_S
+            ):
+                self.flush()
 
     def flush(self) -> None:
         if self.rows:
