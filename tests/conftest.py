@@ -92,7 +92,10 @@ def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
 
 @pytest.fixture(scope="session")
 def tiny_model(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """(data set dir, model dir): a tiny U-Net trained for one epoch on 40 synthetic pairs."""
+    """(data set dir, model dir): a tiny U-Net trained for one epoch on 40 synthetic pairs.
+
+    One Ray Train worker (each xdist worker trains its own; a second costs ~8 s of TensorFlow
+    start): training on two is test_train's, test_pipeline_s3's and test_console's."""
     from raysegment.config import PrepareSpec, TrainSpec
     from raysegment.data.prepare import prepare
     from raysegment.train.trainer import train
@@ -100,5 +103,5 @@ def tiny_model(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("tiny-model")
     src = write_source(str(root / "src"), count=40)
     prepare(PrepareSpec(source=src, dest=str(root / "data"), val_fraction=0.25))
-    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **(TINY | {"tta_check": True})))
+    train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **(TINY | {"workers": 1, "tta_check": True})))
     return str(root / "data"), str(root / "model")
