@@ -37,6 +37,35 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
+# Test files by their time in a full run (2 cores, two xdist workers), heaviest first. A free xdist
+# worker takes the next file in collection order: long files dealt last kept one worker busy while
+# the other idled. Files not named keep their order, after these; a stale list costs time, never a result.
+HEAVY_FIRST = (
+    "test_infer",
+    "test_cluster",
+    "test_train",
+    "test_faults",
+    "test_console",
+    "test_denied",
+    "test_models_strong",
+    "test_archive_scale",
+    "test_train_plan",
+    "test_hostile_inputs",
+    "test_pipeline_s3",
+    "test_tta",
+    "test_tracking",
+    "test_hostile_outputs",
+    "test_rasters",
+    "test_tiff_inputs",
+    "test_report",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     if find_weed() is None:

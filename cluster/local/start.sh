@@ -88,7 +88,7 @@ start_node() {
             sleep 2
         done
         echo "node $name did not come up (attempt $attempt); see $DIR/$name.log" >&2
-        kill -KILL -- "-$pid" 2>/dev/null
+        kill -KILL -- "-$pid" 2>/dev/null || true  # gone already if the node exited by itself
         sleep 1
     done
     echo "cluster in $DIR: node $name failed to start; stop it with cluster/local/stop.sh $DIR" >&2
