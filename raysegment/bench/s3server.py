@@ -381,6 +381,10 @@ class S3Server:
             try:
                 # HEAD bucket exercises auth and the filer, and waits for -bucket.
                 client.head_bucket(Bucket=self.bucket)
+                if not self._serves_s3_port(proc.pid):
+                    # Another S3 server (a second test process picking ports at the same moment) holds
+                    # our S3 port and answered for us: stopping or pausing ours would not stop it.
+                    raise _ExitedEarly(f"port {self.ports['s3.port']} answers S3 but is not weed mini pid {proc.pid}'s")
                 return
             except (BotoCoreError, ClientError) as exc:  # refused, 404, 503 on boot
                 last_error = exc
@@ -391,6 +395,21 @@ class S3Server:
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(delay)
+
+    def _serves_s3_port(self, pid: int) -> bool:
+        """Whether process `pid` (or a child of it) listens on our S3 port."""
+        import psutil
+
+        port = self.ports["s3.port"]
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            return any(
+                c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                for p in procs
+                for c in p.net_connections(kind="tcp")
+            )
+        except psutil.NoSuchProcess:
+            return False
 
     def _remove_grpc_sockets(self) -> None:
         # weed hardcodes /tmp/seaweedfs-<svc>-grpc-<port>.sock (ignoring TMPDIR)
