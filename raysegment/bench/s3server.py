@@ -402,7 +402,8 @@ class S3Server:
 
         port = self.ports["s3.port"]
         try:
-            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            server = psutil.Process(pid)
+            procs = [server, *server.children(recursive=True)]
             return any(
                 c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
                 for p in procs

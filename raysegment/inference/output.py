@@ -474,10 +474,10 @@ class SummaryWriter:
     def add(self, rows: PendingRows | pa.Table) -> None:
         rest = rows if isinstance(rows, PendingRows) else PendingRows.of(rows)
         while rest.num_rows > 0:
-            rows, rest = rest.split(min(rest.num_rows, self.max_rows - self.rows))
-            self.pending.append(rows)
-            self.rows += rows.num_rows
-            self.nbytes += rows.nbytes
+            piece, rest = rest.split(min(rest.num_rows, self.max_rows - self.rows))
+            self.pending.append(piece)
+            self.rows += piece.num_rows
+            self.nbytes += piece.nbytes
             if (
                 self.rows >= self.max_rows
                 or self.nbytes >= MAX_SUMMARY_BYTES
