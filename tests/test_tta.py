@@ -18,9 +18,26 @@ from raysegment.models.card import CARD_FILE, MODEL_FILE, TTA, ModelCard
 
 pytestmark = pytest.mark.slow
 
-# The mirrored passes each training flip should bring, as batch axes (N, H, W, C): written out here, not taken
-# from the library, so a wrong mapping there fails.
-EXPECTED_AXES = {"none": [(2,)], "horizontal": [(2,)], "vertical": [(1,)], "both": [(2,), (1,), (1, 2)]}
+# The extra passes each training flip should bring, as (transpose rows and columns first, batch axes to reverse)
+# of (N, H, W, C): written out here, not taken from the library, so a wrong mapping there fails. With 90-degree
+# turns in training too: all 8 symmetries of the square.
+FLIPS = [(False, (2,)), (False, (1,)), (False, (1, 2))]
+EXPECTED_PASSES = {
+    "none": [(False, (2,))],
+    "horizontal": [(False, (2,))],
+    "vertical": [(False, (1,))],
+    "both": FLIPS,
+    "both+rotate90": FLIPS + [(True, ())] + [(True, axes) for _, axes in FLIPS],
+}
+SQUARE = (  # the 7 passes besides the plain one: every symmetry of the square
+    "horizontal",
+    "vertical",
+    "horizontal+vertical",
+    "transpose",
+    "transpose+horizontal",
+    "transpose+vertical",
+    "transpose+horizontal+vertical",
+)
 
 
 def model_copy(model: str, root: Path, **card_changes) -> str:
@@ -43,14 +60,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def numpy_tta(model, x: np.ndarray, flip: str) -> np.ndarray:
     """The mean of the softmax over the plain and mirrored inputs, each mirrored back: the test's own oracle."""
     passes = [softmax(model(x, training=False).numpy())]
-    for axis in EXPECTED_AXES[flip]:
-        passes.append(np.flip(softmax(model(np.flip(x, axis).copy(), training=False).numpy()), axis))
+    for transpose, axes in EXPECTED_PASSES[flip]:
+        y = np.flip(x.transpose(0, 2, 1, 3) if transpose else x, axes).copy()
+        p = np.flip(softmax(model(y, training=False).numpy()), axes)
+        passes.append(p.transpose(0, 2, 1, 3) if transpose else p)
     return np.mean(passes, axis=0)
 
 
 def test_tta_averages_the_flips_the_model_trained_with(tiny_model, tmp_path):
     _, model = tiny_model
-    both = Predictor(model_copy(model, tmp_path / "both", training={"flip": "both"}), tta_flip=True)
+    both = Predictor(model_copy(model, tmp_path / "both", training={"flip": "both", "rotate90": False}), tta_flip=True)
     assert both.tta == TTA(("horizontal", "vertical", "horizontal+vertical"), "given")
     assert both.card.output == "logits" and both.card.num_classes == 4  # the oracle's softmax over 4 logits
     images = np.stack([synthetic.make_example(i, size=32)[0] for i in range(3)])
@@ -60,11 +79,24 @@ def test_tta_averages_the_flips_the_model_trained_with(tiny_model, tmp_path):
     # The oracle is not the plain pass: a TTA that ran one pass (or only the horizontal) would fail above.
     assert not np.allclose(numpy_tta(both.model, x, "horizontal"), numpy_tta(both.model, x, "both"), atol=1e-4)
 
+    # Trained with 90-degree turns as well: the 8 symmetries of the square, on a non-square batch (32x64: a
+    # transposed pass must come back to the batch's own shape).
+    turned = Predictor(
+        model_copy(model, tmp_path / "turned", training={"flip": "both", "rotate90": True}), tta_flip=True
+    )
+    assert turned.tta == TTA(SQUARE, "given")
+    wide = normalize(np.stack([synthetic.make_example(i, size=64)[0][:32] for i in range(2)]), turned.card)
+    got = turned._probabilities(wide).numpy()
+    assert got.shape[:3] == (2, 32, 64)
+    np.testing.assert_allclose(got, numpy_tta(turned.model, wide, "both+rotate90"), atol=1e-5)
+    assert not np.allclose(got, numpy_tta(turned.model, wide, "both"), atol=1e-4)
+
     # Native scale, a whole image at full resolution (52x40: no padding at depth 2): the class map of the
     # average over the vertical pass.
     native = json.loads((Path(model) / CARD_FILE).read_text())["input"] | {"resize": "none"}
     vertical = Predictor(
-        model_copy(model, tmp_path / "vertical", training={"flip": "vertical"}, input=native), tta_flip=True
+        model_copy(model, tmp_path / "vertical", training={"flip": "vertical", "rotate90": False}, input=native),
+        tta_flip=True,
     )
     image = synthetic.make_example(5, size=64)[0][:52, :40]
     column = np.empty(1, object)  # native scale: one array per row, as `preprocess` hands them on
@@ -83,6 +115,10 @@ def test_tta_averages_the_flips_the_model_trained_with(tiny_model, tmp_path):
         ({"flip": "vertical"}, ("vertical",)),
         ({"flip": "both", "augment": False}, ("horizontal",)),  # augmentation off: no flips were seen
         ({"flip": "auto"}, ("horizontal", "vertical", "horizontal+vertical")),  # --no-plan trains both
+        ({"flip": "both", "rotate90": True}, SQUARE),  # flips and 90-degree turns: every symmetry
+        ({"flip": "horizontal", "rotate90": True}, SQUARE),  # a turn and one mirror make them all
+        ({"flip": "none", "rotate90": True}, ("horizontal+vertical", "transpose+horizontal", "transpose+vertical")),
+        ({"flip": "both", "rotate90": True, "augment": False}, ("horizontal",)),
         (None, ("horizontal",)),  # imported models have no training record
     ],
 )

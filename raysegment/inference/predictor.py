@@ -89,18 +89,22 @@ def class_probabilities(scores, output: str):
 
 def averaged_probabilities(model, output: str, flips: tuple[str, ...] = ()):
     """One tf.function: a batch's class probabilities (N, H, W, K), averaged over the plain pass and the
-    mirrored passes `flips` (`card.TTA_FLIPS`: flip TTA), each flipped back before the average."""
+    passes `flips` (`card.TTA_FLIPS`: flip TTA, transposes too), each turned back before the average."""
     import tensorflow as tf
 
-    axes = [[a + 1 for a in TTA_FLIPS[f]] for f in flips]  # image axes -> batch axes
+    passes = [(TTA_FLIPS[f][0], [a + 1 for a in TTA_FLIPS[f][1]]) for f in flips]  # image axes -> batch axes
+    swap = [0, 2, 1, 3]  # rows <-> columns of (N, H, W, C)
 
     @tf.function(reduce_retracing=True)
     def probabilities(x):
         probs = class_probabilities(model(x, training=False), output)
-        for axis in axes:  # unrolled when traced: 1 + len(flips) model calls in one graph
-            mirrored = class_probabilities(model(tf.reverse(x, axis=axis), training=False), output)
-            probs += tf.reverse(mirrored, axis=axis)
-        return probs / float(1 + len(axes)) if axes else probs
+        for transpose, axes in passes:  # unrolled when traced: 1 + len(flips) model calls in one graph
+            y = tf.transpose(x, swap) if transpose else x
+            y = tf.reverse(y, axis=axes) if axes else y
+            p = class_probabilities(model(y, training=False), output)
+            p = tf.reverse(p, axis=axes) if axes else p
+            probs += tf.transpose(p, swap) if transpose else p
+        return probs / float(1 + len(passes)) if passes else probs
 
     return probabilities
 

@@ -171,17 +171,29 @@ class Imported(_Part):
     call_endpoint: str | None = None
 
 
-# Flip test-time augmentation: the mirrored passes averaged with the plain one, each named by the image axes it
-# reverses (0: rows, a vertical flip; 1: columns, a horizontal flip).
-TTA_FLIPS: dict[str, tuple[int, ...]] = {"horizontal": (1,), "vertical": (0,), "horizontal+vertical": (0, 1)}
+# Flip test-time augmentation: the extra passes averaged with the plain one, each named by what it does to the
+# image: "transpose" swaps rows and columns (first), then the named flips reverse image axes (0: rows, a vertical
+# flip; 1: columns, a horizontal flip). With the transposes the passes are the 8 symmetries of the square.
+TTA_FLIPS: dict[str, tuple[bool, tuple[int, ...]]] = {
+    "horizontal": (False, (1,)),
+    "vertical": (False, (0,)),
+    "horizontal+vertical": (False, (0, 1)),
+    "transpose": (True, ()),
+    "transpose+horizontal": (True, (1,)),
+    "transpose+vertical": (True, (0,)),
+    "transpose+horizontal+vertical": (True, (0, 1)),
+}
 # The passes by the flips training used (`TrainSpec.flip`): the mirror images the model learned. One trained
 # without flips, or without a training record (imported), gets the single horizontal pass TTA always had.
-_TTA_OF_TRAINING = {
+_TTA_OF_FLIPS = {
     "none": ("horizontal",),
     "horizontal": ("horizontal",),
     "vertical": ("vertical",),
-    "both": tuple(TTA_FLIPS),
+    "both": ("horizontal", "vertical", "horizontal+vertical"),
 }
+# With 90-degree turns (`TrainSpec.rotate90`): the three turns (a transpose then a flip is a quarter turn), and
+# with any flip as well every symmetry of the square (a turn and a mirror generate them all).
+_TTA_TURNS = ("horizontal+vertical", "transpose+horizontal", "transpose+vertical")
 
 
 class InferenceAdvice(_Part):
@@ -350,7 +362,9 @@ class ModelCard(_Part):
         flip = training.get("flip", "none") if training.get("augment", True) else "none"
         # "auto" is left only by `--no-plan`, which trains both axes; true and false from before the axes.
         flip = {"auto": "both", True: "both", False: "none"}.get(flip, flip)
-        return _TTA_OF_TRAINING.get(flip, _TTA_OF_TRAINING["none"])
+        if training.get("rotate90") and training.get("augment", True):
+            return tuple(TTA_FLIPS) if flip in _TTA_OF_FLIPS and flip != "none" else _TTA_TURNS
+        return _TTA_OF_FLIPS.get(flip, _TTA_OF_FLIPS["none"])
 
     def tta(self, given: bool | None = None) -> TTA:
         """The flip TTA a job runs: `given` (flag or spec field) when set, else the card's recommendation
