@@ -19,7 +19,13 @@ from raysegment.data.prepare import read_manifest
 from raysegment.errors import DataError
 from raysegment.inference.predictor import Predictor, preprocess
 from raysegment.models.card import InferenceAdvice, ModelCard
-from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
+from raysegment.models.metrics import (
+    EDGE_BANDS,
+    confusion_matrix,
+    edge_error_counts,
+    edge_error_table,
+    metrics_from_confusion,
+)
 
 
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -29,10 +35,13 @@ def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _confusion(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
     cm = np.zeros((num_classes, num_classes), np.int64)
+    edges = np.zeros((len(EDGE_BANDS), 2), np.int64)
     for pred, mask_bytes, h, w in zip(batch["pred"], batch["mask"], batch["height"], batch["width"]):
         truth = imaging.decode_mask(mask_bytes)
-        cm += confusion_matrix(truth, imaging.resize_mask(pred, (int(h), int(w))), num_classes)
-    return {"cm": cm.reshape(1, -1), "rows": np.asarray([len(batch["pred"])])}
+        pred = imaging.resize_mask(pred, (int(h), int(w)))
+        cm += confusion_matrix(truth, pred, num_classes)
+        edges += edge_error_counts(truth, pred, num_classes)
+    return {"cm": cm.reshape(1, -1), "edges": edges.reshape(1, -1), "rows": np.asarray([len(batch["pred"])])}
 
 
 # `train` turns flip TTA on in the card where it raises val mIoU by at least this much (`measure_tta`): below it
@@ -94,10 +103,12 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     )
     ds = ds.map_batches(_confusion, fn_kwargs={"num_classes": k}, batch_size=spec.batch_size, batch_format="numpy")
     cm = np.zeros((k, k), np.int64)
+    edges = np.zeros(len(EDGE_BANDS) * 2, np.int64)
     images = 0
     with progress.stage("evaluate", manifest["counts"].get(spec.split)) as shown:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             cm += batch["cm"].sum(axis=0).reshape(k, k)
+            edges += batch["edges"].sum(axis=0)
             images += int(batch["rows"].sum())
             shown.update(int(batch["rows"].sum()))
     result = {
@@ -108,6 +119,8 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
         "model_id": card.model_id,
         "data_content_hash": manifest["content_hash"],
         "confusion_matrix": cm.tolist(),
+        # Where the errors are: on a label edge, an annotator's own pixel-level choice, or away from one.
+        "errors_by_edge_distance": edge_error_table(edges),
     }
     out = (
         storage.resolve(spec.out, spec.endpoint_url)

@@ -151,8 +151,14 @@ def _evaluate(spec: EvaluateSpec) -> dict[str, Any]:
 def _evaluate_lines(spec: EvaluateSpec, result: dict[str, Any]) -> list[str]:
     table = [f"{'class':<20} {'IoU':>8}"]
     table += [f"{name:<20} {'-' if iou is None else f'{iou:.4f}':>8}" for name, iou in result["per_class_iou"].items()]
+    edges = [f"{'from a label edge':<20} {'pixels':>8} {'wrong':>8} {'of errors':>10}"]
+    edges += [
+        f"{b['band']:<20} {b['pixel_share']:>8.1%} {b['error_rate']:>8.1%} {b['error_share']:>10.1%}"
+        for b in result["errors_by_edge_distance"]
+    ]
     return [
         *table,
+        *edges,
         f"pixel_accuracy {result['pixel_accuracy']:.4f}  mean_iou {result['mean_iou']:.4f}  "
         f"mean_dice {result['mean_dice']:.4f}  ({result['images']} images, written to {result['written_to']})",
     ]

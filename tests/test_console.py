@@ -37,7 +37,16 @@ NOISE = re.compile(
 KEYS = {
     "prepare": {"dest", "counts", "shards", "num_classes", "class_names", "skipped", "content_hash", "seconds"},
     "train": {"out", "model_id", "best", "last", "epochs_run", "stopped_early", "seconds"},
-    "evaluate": {"pixel_accuracy", "mean_iou", "mean_dice", "per_class_iou", "images", "split", "written_to"},
+    "evaluate": {
+        "pixel_accuracy",
+        "mean_iou",
+        "mean_dice",
+        "per_class_iou",
+        "errors_by_edge_distance",
+        "images",
+        "split",
+        "written_to",
+    },
     "infer": {"run_id", "status", "counts", "seconds", "images_per_second", "output"},
     "nightly": {"date", "status", "counts", "drift", "run_id", "partition"},
     "report": {"report", "overlays", "run_id", "rows", "ok", "error", "samples"},

@@ -42,3 +42,40 @@ def test_losses_ignore_index():
     perfect = tf.one_hot([[[0, 1], [2, 0]]], 3) * 50.0
     assert float(cross_entropy(labels, perfect)[0]) < 1e-6
     assert float(dice(labels, perfect)[0]) < 1e-3
+
+
+def test_edge_errors_split_a_shifted_boundary_from_a_far_mistake():
+    from raysegment.models.metrics import EDGE_BANDS, edge_distance, edge_error_counts, edge_error_table
+
+    labels = np.zeros((20, 20), np.uint8)
+    labels[5:15, 5:15] = 1
+    dist = edge_distance(labels, 2)
+    assert dist[5, 5] == 0 and dist[4, 7] == 0  # both sides of the boundary are edge pixels
+    assert dist[3, 7] == 1 and dist[10, 10] == 4 and dist[0, 19] == 5
+    shifted = np.roll(labels, 1, axis=1)  # the boundary drawn one pixel to the right
+    counts = edge_error_counts(labels, shifted, 2)
+    assert counts[:, 0].sum() == labels.size
+    assert counts[0, 1] == 20 and counts[1:, 1].sum() == 0  # every error sits on an edge
+    far = labels.copy()
+    far[0, 19] = 1  # one mistake 5 px from the nearest edge, one 4 px
+    far[10, 10] = 0
+    counts = edge_error_counts(labels, far, 2)
+    assert counts[:, 1].tolist() == [0, 0, 0, 1, 1]
+    table = edge_error_table(counts)
+    assert [row["band"] for row in table] == [name for _, _, name in EDGE_BANDS]
+    assert table[3]["error_share"] == 0.5 and table[4]["errors"] == 1
+    assert sum(row["pixel_share"] for row in table) == pytest.approx(1.0)
+
+
+def test_edge_errors_leave_out_ignored_pixels_and_maps_without_edges():
+    from raysegment.models.metrics import edge_distance, edge_error_counts
+
+    labels = np.full((8, 8), 1, np.uint8)
+    labels[:, :3] = 255  # void beside one class: not a class boundary
+    assert (edge_distance(labels, 2)[labels != 255] > 100).all()
+    preds = np.zeros((8, 8), np.uint8)
+    counts = edge_error_counts(labels, preds, 2)
+    assert counts[:-1].sum() == 0 and counts[-1].tolist() == [40, 40]  # 24 void pixels left out
+    labels[0, 7] = 0
+    counts = edge_error_counts(labels, labels, 2)
+    assert counts[:, 1].sum() == 0 and counts[:, 0].sum() == 40

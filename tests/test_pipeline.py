@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import mask_size, write_infer_inputs
@@ -44,6 +45,11 @@ def test_evaluate_counts_every_val_pixel(trained):
     assert m["pixels"] == manifest["counts"]["val"] * 32 * 32
     assert 0 <= m["mean_iou"] <= 1 and 0 <= m["pixel_accuracy"] <= 1
     assert set(m["per_class_iou"]) == set(manifest["class_names"])
+    # Every scored pixel is in one band of distance from a label edge, every error too.
+    bands = m["errors_by_edge_distance"]
+    assert sum(b["pixels"] for b in bands) == m["pixels"]
+    cm = np.asarray(m["confusion_matrix"])
+    assert sum(b["errors"] for b in bands) == cm.sum() - np.trace(cm)
     assert json.loads((root / "model" / "eval-val.json").read_text())["mean_iou"] == m["mean_iou"]
     tta = evaluate(EvaluateSpec(model=str(root / "model"), data=str(root / "data"), tta_flip=True, out=None))
     assert tta["tta_flip"] and tta["pixels"] == m["pixels"]  # same pixels, predicted twice and averaged

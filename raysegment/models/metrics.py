@@ -1,4 +1,5 @@
-"""Segmentation metrics from a confusion matrix (rows: truth, columns: prediction)."""
+"""Segmentation metrics from a confusion matrix (rows: truth, columns: prediction), and errors by their
+distance from a label edge (where an annotation is least certain)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,58 @@ def metrics_from_confusion(cm: np.ndarray, class_names: list[str] | None = None)
         "per_class_dice": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, dice)},
         "pixels": int(total),
     }
+
+
+# Bands of distance (px, chessboard) from the nearest label edge that `evaluate` splits the errors into:
+# (lowest, highest or None for no bound, name).
+EDGE_BANDS = ((0, 0, "on an edge"), (1, 1, "1 px"), (2, 2, "2 px"), (3, 4, "3-4 px"), (5, None, "5+ px"))
+
+
+def edge_distance(labels: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Per pixel of an (H, W) label map, the chessboard distance in px to the nearest edge pixel: a labelled
+    pixel with a 4-neighbour of another labelled class (both sides of a boundary are edge pixels; a
+    boundary with ignored pixels is none). A map with no edge gets a distance past every band."""
+    from scipy import ndimage
+
+    labelled = (labels != ignore_index) & (labels < num_classes)
+    edge = np.zeros(labels.shape, bool)
+    for axis in (0, 1):
+        ahead = [slice(None)] * 2
+        behind = [slice(None)] * 2
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        ahead_t, behind_t = tuple(ahead), tuple(behind)
+        differ = (labels[ahead_t] != labels[behind_t]) & labelled[ahead_t] & labelled[behind_t]
+        edge[ahead_t] |= differ
+        edge[behind_t] |= differ
+    if not edge.any():
+        return np.full(labels.shape, np.iinfo(np.int32).max, np.int32)
+    return ndimage.distance_transform_cdt(~edge, metric="chessboard").astype(np.int32)
+
+
+def edge_error_counts(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(len(EDGE_BANDS), 2) int64: labelled pixels and wrong ones in each band of distance from a label edge."""
+    labelled = (labels != IGNORE_INDEX) & (labels < num_classes)
+    dist = edge_distance(labels, num_classes)[labelled]
+    wrong = (labels != preds)[labelled]
+    counts = np.zeros((len(EDGE_BANDS), 2), np.int64)
+    for i, (low, high, _) in enumerate(EDGE_BANDS):
+        band = (dist >= low) if high is None else (dist >= low) & (dist <= high)
+        counts[i] = band.sum(), (band & wrong).sum()
+    return counts
+
+
+def edge_error_table(counts: np.ndarray) -> list[dict]:
+    """Each band's pixels, errors, share of the pixels, error rate and share of all errors."""
+    counts = np.asarray(counts, np.int64).reshape(len(EDGE_BANDS), 2)
+    pixels, errors = counts.sum(axis=0)
+    return [
+        {
+            "band": name,
+            "pixels": int(n),
+            "errors": int(e),
+            "pixel_share": float(n / pixels) if pixels else 0.0,
+            "error_rate": float(e / n) if n else 0.0,
+            "error_share": float(e / errors) if errors else 0.0,
+        }
+        for (n, e), (_, _, name) in zip(counts, EDGE_BANDS)
+    ]
