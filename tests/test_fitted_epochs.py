@@ -1,6 +1,6 @@
-"""Epochs from the measured first epoch (#15): with a time budget, the first epoch's time (one-time costs
-taken out) sets how many epochs fit, the learning-rate schedule is re-fitted to them, and the model card
-records the plan's estimate beside the fitted number."""
+"""Epochs from measured epochs (#15): with a time budget, the first epoch's time (one-time costs taken out)
+sets how many epochs fit, the epochs after it re-fit that number from their own mean, the learning-rate
+schedule follows, and the model card records the plan's estimate beside the fitted number."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from raysegment.config import TrainSpec
 from raysegment.train.config import train_config
-from raysegment.train.loop import fitted_epochs, steady_epoch_seconds
+from raysegment.train.loop import fitted_epochs, measured_epoch_seconds, steady_epoch_seconds
 
 MANIFEST = {
     "num_classes": 2,
@@ -30,6 +30,19 @@ def test_the_epochs_that_fit_the_budget():
     # The first step's one-time costs (tracing, the pipeline's start) count as one ordinary step.
     assert steady_epoch_seconds(epoch_s=12.0, train_s=11.0, first_step_s=6.0, steps=6) == pytest.approx(7.0)
     assert steady_epoch_seconds(epoch_s=12.0, train_s=11.0, first_step_s=6.0, steps=1) == 12.0
+
+
+def test_later_epochs_refit_from_their_own_mean():
+    rows = [{"epoch": e, "epoch_seconds": t} for e, t in enumerate([47.0, 35.0, 34.0, 36.0])]
+    assert measured_epoch_seconds(rows[:1], run_first_epoch=0) is None  # only the first: nothing measured yet
+    assert measured_epoch_seconds(rows, run_first_epoch=0) == pytest.approx(35.0)  # the first is left out
+    assert measured_epoch_seconds(rows, run_first_epoch=2) == pytest.approx(36.0)  # a resumed run's own epochs
+    many = [{"epoch": e, "epoch_seconds": 10.0 if e < 6 else 20.0} for e in range(11)]
+    assert measured_epoch_seconds(many, run_first_epoch=0) == pytest.approx(20.0)  # the last five
+    # ISBI on 2 cores: the first epoch's estimate (28.9 s) fitted 82 epochs into 2400 s; at 35 s an epoch,
+    # the mean of epochs 2-3 fits 69, and the schedule is re-fitted to end there.
+    assert fitted_epochs(2400, 47.3, 28.9, done=1, cap=None) == 82
+    assert fitted_epochs(2400, 47.3 + 35 + 34, 34.5, done=3, cap=None) == 69
 
 
 def cosine(step: int, total: int, warmup: int, peak: float) -> float:
@@ -91,9 +104,12 @@ def test_a_budgeted_run_trains_the_epochs_its_first_epoch_fits(tiny_model, ray_c
     warmup = int(plan["values"]["warmup_epochs"] * steps)
     peak = 1e-3 * 4 / 8
     assert rows[0]["learning_rate"] == pytest.approx(cosine(steps, planned * steps, warmup, peak), rel=1e-4)
+    # Each epoch trains on the cosine fitted at the end of the one before (its row's `epochs`).
     for epoch, row in enumerate(rows[1:], start=1):
-        expected = cosine((epoch + 1) * steps, fitted * steps, warmup, peak)
-        assert row["learning_rate"] == pytest.approx(expected, rel=1e-4), (epoch, planned, fitted)
+        length = rows[epoch - 1]["epochs"]
+        expected = cosine((epoch + 1) * steps, length * steps, warmup, peak)
+        assert row["learning_rate"] == pytest.approx(expected, rel=1e-4), (epoch, planned, length)
+    assert rows[-1]["epochs"] == fitted  # the card records the last fit
     assert card["input"]["normalization"] == "zscore" and len(card["input"]["stats"]["mean"]) == 3
 
 

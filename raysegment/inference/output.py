@@ -382,13 +382,20 @@ def commit_rows(output: storage.Location, run_id: str, rows: pa.Table) -> str:
     return target.uri
 
 
+def ok_count(status: pa.Array | pa.ChunkedArray) -> int:
+    """How many rows of a summary's `status` column are "ok" (the rest are error rows)."""
+    import pyarrow.compute as pc
+
+    return pc.sum(pc.equal(status, "ok")).as_py() or 0
+
+
 def write_outputs(
     batch: dict[str, np.ndarray], output: storage.Location, card: ModelCard, run_id: str, mask_format: str
 ) -> dict[str, np.ndarray]:
     """One batch's masks and its own summary file (tests and tools that write outside a run); counts."""
     rows = write_masks(batch, output, card, run_id, mask_format)
     commit_rows(output, run_id, rows)
-    ok = rows.column("status").to_pylist().count("ok")
+    ok = ok_count(rows.column("status"))
     return {"rows": np.asarray([rows.num_rows]), "ok": np.asarray([ok]), "error": np.asarray([rows.num_rows - ok])}
 
 
@@ -435,13 +442,10 @@ class BlockCommitter:
 
     def status_counts(self, block: pa.Table, start: int, stop: int | None) -> tuple[int, int]:
         """(rows, ok rows) of block[start:stop] (stop None: to its end)."""
-        import pyarrow.compute as pc
-
         stop = block.num_rows if stop is None else stop
         if stop <= start:
             return 0, 0  # an empty block (a batch whose keys were all done) may have no columns
-        ok = pc.sum(pc.equal(block.column("status").slice(start, stop - start), "ok")).as_py() or 0
-        return stop - start, ok
+        return stop - start, ok_count(block.column("status").slice(start, stop - start))
 
     def commit(self, output: storage.Location, run_id: str, spans: list[tuple[int, int]], *tables: pa.Table) -> str:
         # A retried call writes the same file (its name comes from the keys): no duplicate rows.

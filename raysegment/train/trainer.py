@@ -46,6 +46,7 @@ HISTORY_COLUMNS = (
     "learning_rate",
     "images_per_second",
     "epoch_seconds",
+    "epochs",  # the run's length as known at the epoch's end (a time budget re-fits it)
 )
 
 
