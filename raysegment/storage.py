@@ -228,11 +228,12 @@ def call(loc: Location, fn: Callable[[], T]) -> T:
     """Run a storage operation; one clear StorageError on failure.
 
     On object storage, transient failures are retried with exponential backoff
-    (0.5 s doubling to 8 s) until the location's retry deadline; past it the error
-    says so and is marked ``transient``, so callers fail the job instead of
-    recording a good input as bad.
+    (0.5 s doubling to 8 s) for the location's retry deadline, counted from the first
+    failure: an attempt that timed out on a loaded machine is retried even when the
+    timeout outlasted a short deadline. Past it the error says so and is marked
+    ``transient``, so callers fail the job instead of recording a good input as bad.
     """
-    deadline = time.monotonic() + retry_seconds(loc)
+    deadline: float | None = None
     delay, attempts = 0.5, 0
     while True:
         try:
@@ -242,6 +243,8 @@ def call(loc: Location, fn: Callable[[], T]) -> T:
             cause = exc.__cause__
             if not (loc.remote and cause is not None and is_transient(cause)):
                 raise
+            if deadline is None:
+                deadline = time.monotonic() + retry_seconds(loc)
             attempts += 1
             if time.monotonic() + delay > deadline:
                 err = StorageError(

@@ -3,6 +3,7 @@ tasks, compaction beside readers, and `--actors auto`."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -343,3 +344,23 @@ def test_a_resumed_run_does_not_open_archives_whose_members_are_all_done(tiny_mo
     assert archives.recorded(out) == 3
     third = infer(spec)  # a1's new list: nothing opened, nothing to do
     assert third["counts"]["processed"] == 0 and third["status"] == "succeeded"
+
+
+def test_a_uri_list_is_read_by_many_tasks_not_the_one_that_streams_it(ray_cluster, tmp_path):
+    """One task streams the list; the reads go out in blocks of a read task's worth (4 batches), so a
+    cluster's nodes share them. Fused into the streaming task, 200 reads ran in one process."""
+    from raysegment.data import synthetic
+    from raysegment.inference import sources
+
+    img, _ = synthetic.make_example(0, size=16)
+    (tmp_path / "in").mkdir()
+    for i in range(200):
+        (tmp_path / "in" / f"im{i:03d}.png").write_bytes(synthetic.png_bytes(img))
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{tmp_path}/in/im{i:03d}.png\n" for i in range(200)))
+    _, ds = sources.source_rows(str(listing), "list", [".png"], lambda d: d, batch_size=4)
+    done = ds.materialize()
+    assert done.count() == 200
+    tasks = re.search(r"MapBatches\(read_uris\)[^:\n]*: (\d+) tasks executed", done.stats())
+    assert tasks is not None, done.stats()
+    assert int(tasks.group(1)) == 200 // 16 + 1  # blocks of 4 batches of 4 rows

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import PipeBarrier
 
 from raysegment import storage
 from raysegment.config import InferSpec
@@ -210,7 +213,8 @@ def node_busy(pgid: int) -> bool:
 def test_job_finishes_after_a_worker_node_is_removed(local_cluster, tiny_model, s3_prefix, tmp_path):
     """Stop the worker node (its `ray start --block` gets SIGTERM, as `ray stop` there would do)
     while it runs part of an infer job: the job finishes on the head, one row and one mask per key.
-    Runs last in this module: the cluster has one node afterwards."""
+    A named pipe listed last among the inputs holds the job open until the node is gone, so a fast
+    machine cannot finish the job first. Runs last in this module: the cluster has one node afterwards."""
     _, model_dir = tiny_model
     model = f"{s3_prefix}/model"
     for name in ("model.keras", "model.json"):
@@ -218,28 +222,35 @@ def test_job_finishes_after_a_worker_node_is_removed(local_cluster, tiny_model, 
     incoming = f"{s3_prefix}/many"
     names = [f"img{i:04d}" for i in range(200)]
     put_images(incoming, names, seed=100)
+    hold = tmp_path / "hold" / "hold.png"
+    listing = tmp_path / "list.parquet"
+    uris = [f"{incoming}/{name}.png" for name in names]
+    pq.write_table(pa.table({"uri": [*uris, str(hold)], "key": [*names, "hold"]}), listing)
     out = f"{s3_prefix}/out-node-loss"
-    spec = spec_file(tmp_path, "infer-node-loss", model=model, input=incoming, output=out, batch_size=4)
+    spec = spec_file(tmp_path, "infer-node-loss", model=model, input=str(listing), output=out, batch_size=4)
     rs = str(BIN / "raysegment")
     argv = [rs, "submit", "infer", spec, "--address", local_cluster.address, "--wait"]
-    job = subprocess.Popen(argv, cwd=REPO, env=local_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     worker = int(Path(local_cluster.dir, "worker1.pid").read_text())
-    deadline = time.time() + 300
-    while not (len(keys_under(f"{out}/masks", ".png")) >= 8 and node_busy(worker)):
-        assert job.poll() is None, "the job ended before the worker node could be removed"
-        assert time.time() < deadline, "the worker node never ran part of the job"
-        time.sleep(0.5)
-    done_before = len(keys_under(f"{out}/masks", ".png"))
-    os.kill(worker, signal.SIGTERM)
-    psutil.Process(worker).wait(timeout=60)
-    stdout, _ = job.communicate(timeout=400)
+    with PipeBarrier(hold) as barrier:
+        job = subprocess.Popen(argv, cwd=REPO, env=local_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not (len(keys_under(f"{out}/masks", ".png")) >= 8 and node_busy(worker)):
+            assert job.poll() is None, "the job ended before the worker node could be removed"
+            assert time.time() < deadline, "the worker node never ran part of the job"
+            time.sleep(0.5)
+        done_before = len(keys_under(f"{out}/masks", ".png"))
+        assert job.poll() is None, "the job was over before the node went"
+        os.kill(worker, signal.SIGTERM)
+        psutil.Process(worker).wait(timeout=60)
+        barrier.release(None)  # a read lost with the node is re-run on the head and opens the pipe again
+        stdout, _ = job.communicate(timeout=400)
     text = stdout.decode(errors="replace")
     print(f"worker node removed after {done_before} of {len(names)} masks\n{text[-3000:]}")
-    assert done_before < len(names), "the job was over before the node went"
     assert job.returncode == 0 and "SUCCEEDED (exit code 0)" in text, text[-3000:]
     loc = storage.resolve(out)
-    rows = [k for path in summary_files(loc) for k in storage.read_table(loc, path, ["key"]).column("key").to_pylist()]
-    assert sorted(rows) == names  # exactly one summary row per key
+    table = pa.concat_tables(storage.read_table(loc, p, ["key", "status"]) for p in summary_files(loc))
+    assert sorted(table["key"].to_pylist()) == sorted([*names, "hold"])  # exactly one summary row per key
+    assert [r["key"] for r in table.to_pylist() if r["status"] == "error"] == ["hold"]  # the emptied pipe
     assert keys_under(f"{out}/masks", ".png") == names
     assert storage.exists(loc.child("_SUCCESS"))
     nodes = run(

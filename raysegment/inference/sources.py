@@ -398,7 +398,10 @@ def source_rows(
         )
     elif kind == "list":
         out = storage.resolve(output, endpoint_url, retry_s) if output else None
-        ds = keep(list_uris(root, out)).map_batches(
+        # The list is streamed by one task; its rows are cut into blocks of a read task's worth so
+        # the reads spread over every node's CPUs instead of running inside that one task.
+        listed = keep(list_uris(root, out)).repartition(target_num_rows_per_block=BATCHES_PER_READ_TASK * batch_size)
+        ds = listed.map_batches(
             read_uris,
             fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s, "max_pixels": max_pixels},
             batch_format="numpy",

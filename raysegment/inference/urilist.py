@@ -8,7 +8,9 @@ the list twice: first for key collisions (``collisions.duplicated``: a hash per 
 then to emit rows. A URI listed twice under one key is read once; different URIs
 under one key are error rows, as are URIs that name this job's own outputs. An
 ``error`` column (nightly writes one) carries problems its lister found: such rows
-are not read.
+are not read. The task asks for a quarter CPU: resources unlike the readers' keep Ray
+Data from fusing the images' reads into this one task (`sources.source_rows` cuts its
+rows into read-task blocks that spread over the cluster).
 """
 
 from __future__ import annotations
@@ -129,4 +131,6 @@ def list_uris(root: storage.Location, output: storage.Location | None = None) ->
         raise DataError(f"{root.uri}: URI list not found")
     parts = OutputParts.of(output) if output is not None else None
     ds = ray.data.from_items([{"list": root.uri}])
-    return ds.map_batches(_read_list, fn_kwargs={"root": root, "parts": parts}, batch_size=1, batch_format="numpy")
+    return ds.map_batches(
+        _read_list, fn_kwargs={"root": root, "parts": parts}, batch_size=1, batch_format="numpy", num_cpus=0.25
+    )
