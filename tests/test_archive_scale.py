@@ -347,20 +347,22 @@ def test_a_resumed_run_does_not_open_archives_whose_members_are_all_done(tiny_mo
 
 
 def test_a_uri_list_is_read_by_many_tasks_not_the_one_that_streams_it(ray_cluster, tmp_path):
-    """One task streams the list; the reads go out in blocks of a read task's worth (4 batches), so a
-    cluster's nodes share them. Fused into the streaming task, 200 reads ran in one process."""
+    """One task streams the list; the reads go out LIST_ROWS_PER_READ_TASK rows to a task, so a
+    cluster's nodes share them. Fused into the streaming task, every read ran in one process."""
     from raysegment.data import synthetic
     from raysegment.inference import sources
 
-    img, _ = synthetic.make_example(0, size=16)
+    n = 3 * sources.LIST_ROWS_PER_READ_TASK + 1
+    img, _ = synthetic.make_example(0, size=8)
+    data = synthetic.png_bytes(img)
     (tmp_path / "in").mkdir()
-    for i in range(200):
-        (tmp_path / "in" / f"im{i:03d}.png").write_bytes(synthetic.png_bytes(img))
+    for i in range(n):
+        (tmp_path / "in" / f"im{i:04d}.png").write_bytes(data)
     listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{tmp_path}/in/im{i:03d}.png\n" for i in range(200)))
+    listing.write_text("".join(f"{tmp_path}/in/im{i:04d}.png\n" for i in range(n)))
     _, ds = sources.source_rows(str(listing), "list", [".png"], lambda d: d, batch_size=4)
     done = ds.materialize()
-    assert done.count() == 200
+    assert done.count() == n
     tasks = re.search(r"MapBatches\(read_uris\)[^:\n]*: (\d+) tasks executed", done.stats())
     assert tasks is not None, done.stats()
-    assert int(tasks.group(1)) == 200 // 16 + 1  # blocks of 4 batches of 4 rows
+    assert int(tasks.group(1)) == 4

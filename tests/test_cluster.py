@@ -29,6 +29,7 @@ from raysegment.config import InferSpec
 from raysegment.data import synthetic
 from raysegment.inference.actors import resolve as resolve_actors
 from raysegment.inference.output import find_run, summary_files
+from raysegment.inference.sources import LIST_ROWS_PER_READ_TASK
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -220,7 +221,8 @@ def test_job_finishes_after_a_worker_node_is_removed(local_cluster, tiny_model, 
     for name in ("model.keras", "model.json"):
         storage.upload_file(os.path.join(model_dir, name), storage.resolve(model).child(name))
     incoming = f"{s3_prefix}/many"
-    names = [f"img{i:04d}" for i in range(200)]
+    # More images than one list read task takes, so the task that meets the pipe is not the only one.
+    names = [f"img{i:04d}" for i in range(LIST_ROWS_PER_READ_TASK + 44)]
     put_images(incoming, names, seed=100)
     hold = tmp_path / "hold" / "hold.png"
     listing = tmp_path / "list.parquet"
