@@ -195,7 +195,7 @@ def bench_infer(
 @json_option
 @handle_errors
 def bench_io(objects: int, size: int, as_json: bool) -> None:
-    """Small objects on a loopback S3 server: one request at a time vs 16 in flight (infer's tasks)."""
+    """Small objects on a loopback S3 server: one request at a time, 16 in flight, and infer's list source."""
     from raysegment.bench.scale import bench_io as run
     from raysegment.bench.scale import io_lines
 

@@ -210,7 +210,7 @@ def bench_io(objects: int = 400, size: int = 2000, in_flight: int = 16) -> dict[
         root = storage.resolve(f"s3://{server.bucket}/objects", server.endpoint_url)
         data = os.urandom(size)
         locs = [root.child(f"o{i:05d}.png") for i in range(objects)]
-        result: dict[str, Any] = {"objects": objects, "bytes": size, "in_flight": in_flight}
+        result: dict[str, Any] = {"objects": objects, "bytes": size, "requests_in_flight": in_flight}
         for name, workers in (("one_at_a_time", 1), ("in_flight", in_flight)):
             with ThreadPoolExecutor(workers) as pool:
                 t0 = time.perf_counter()
@@ -219,10 +219,34 @@ def bench_io(objects: int = 400, size: int = 2000, in_flight: int = 16) -> dict[
                 list(pool.map(storage.read_bytes, locs))
                 t2 = time.perf_counter()
             result[name] = {"writes_per_s": round(objects / (t1 - t0), 1), "reads_per_s": round(objects / (t2 - t1), 1)}
+        listing = root.child("list.txt")
+        storage.write_bytes(listing, "".join(f"{loc.uri}\n" for loc in locs).encode())
+        result["list_source_reads_per_s"] = _list_source_reads(listing, objects)
     one, many = result["one_at_a_time"], result["in_flight"]
     result["write_speedup"] = round(many["writes_per_s"] / one["writes_per_s"], 2)
     result["read_speedup"] = round(many["reads_per_s"] / one["reads_per_s"], 2)
+    result["list_source_vs_in_flight"] = round(result["list_source_reads_per_s"] / many["reads_per_s"], 2)
     return result
+
+
+def _list_source_reads(listing: storage.Location, objects: int) -> float:
+    """Reads/s of infer's `list` source (the list streamed by one task, its URIs read by tasks of
+    LIST_ROWS_PER_READ_TASK) on local Ray: the second of two passes, so workers and clients exist."""
+    from raysegment.inference import sources
+    from raysegment.runtime import init_ray
+
+    init_ray()
+    seconds = 0.0
+    for _ in range(2):
+        _, ds = sources.source_rows(listing.uri, "list", [".png"], lambda d: d, listing.endpoint_url, retry_s=120)
+        t0 = time.perf_counter()
+        errors = [str(e) for b in ds.iter_batches(batch_format="numpy") for e in b["error"]]
+        seconds = time.perf_counter() - t0
+        if len(errors) != objects or any(errors):
+            raise RuntimeError(
+                f"bench io: the list source read {len(errors)} of {objects}: {[e for e in errors if e][:3]}"
+            )
+    return round(objects / seconds, 1)
 
 
 def io_lines(r: dict[str, Any]) -> list[str]:
@@ -230,6 +254,8 @@ def io_lines(r: dict[str, Any]) -> list[str]:
     return [
         f"{r['objects']} objects of {r['bytes']} bytes on the loopback S3 server:",
         f"  one at a time   {one['reads_per_s']:>8} reads/s {one['writes_per_s']:>8} writes/s",
-        f"  {r['in_flight']} in flight    {many['reads_per_s']:>8} reads/s {many['writes_per_s']:>8} writes/s",
+        f"  {r['requests_in_flight']} in flight    {many['reads_per_s']:>8} reads/s {many['writes_per_s']:>8} writes/s",
         f"  speed-up        x{r['read_speedup']} reads, x{r['write_speedup']} writes",
+        f"  list source     {r['list_source_reads_per_s']:>8} reads/s (x{r['list_source_vs_in_flight']} of {r['requests_in_flight']} in flight:"
+        " infer's read tasks on local Ray)",
     ]
