@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from raysegment import storage
 from raysegment.data import synthetic
+from raysegment.inference.output import summary_files
 
 T = TypeVar("T")
 
@@ -138,6 +141,18 @@ def assert_one_row_and_mask_per_key(out: str | Path, keys: list[str], unreadable
         ]
     assert sorted(masks) == sorted(keys)
     assert os.path.exists(os.path.join(out, "_SUCCESS"))
+
+
+def assert_one_row_and_mask_per_key_on_s3(out: str, keys: list[str], unreadable: tuple[str, ...] = ()) -> None:
+    """`assert_one_row_and_mask_per_key` for an OUTPUT on S3, the error rows exactly the unreadable keys."""
+    loc = storage.resolve(out)
+    table = pa.concat_tables(storage.read_table(loc, p, ["key", "status", "error"]) for p in summary_files(loc))
+    assert sorted(table["key"].to_pylist()) == sorted([*keys, *unreadable])  # one row per key across every run
+    errors = {r["key"]: r["error"] for r in table.to_pylist() if r["status"] == "error"}
+    assert sorted(errors) == sorted(unreadable), errors
+    masks = loc.fs.find(loc.child("masks").path)
+    assert sorted(p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in masks) == sorted(keys)
+    assert storage.exists(loc.child("_SUCCESS"))
 
 
 # --- background jobs and events -----------------------------------------------------------------

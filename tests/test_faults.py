@@ -19,6 +19,7 @@ import s3fs
 from helpers import (
     PipeBarrier,
     assert_one_row_and_mask_per_key,
+    assert_one_row_and_mask_per_key_on_s3,
     has_summary,
     in_background,
     kill_driver_when,
@@ -42,17 +43,6 @@ BARRIER_KEY = "zz-barrier/hold"
 def s3(server) -> s3fs.S3FileSystem:
     """A client with no listing cache, so every poll sees the bucket as it is."""
     return s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint_url}, skip_instance_cache=True)
-
-
-def assert_one_row_and_mask_per_key_on_s3(out: str, keys: list[str], unreadable: tuple[str, ...] = ()) -> None:
-    loc = storage.resolve(out)
-    table = pa.concat_tables(storage.read_table(loc, p, ["key", "status", "error"]) for p in summary_files(loc))
-    assert sorted(table["key"].to_pylist()) == sorted([*keys, *unreadable])  # one row per key across every run
-    errors = {r["key"]: r["error"] for r in table.to_pylist() if r["status"] == "error"}
-    assert sorted(errors) == sorted(unreadable), errors
-    masks = loc.fs.find(loc.child("masks").path)
-    assert sorted(p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in masks) == sorted(keys)
-    assert storage.exists(loc.child("_SUCCESS"))
 
 
 def running_task(function_name: str) -> int | None:
