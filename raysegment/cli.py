@@ -111,17 +111,14 @@ def prepare(config: str | None, class_names: str | None, as_json: bool, **flags:
 def data_info(data: str, endpoint_url: str | None) -> None:
     """Print a prepared data set's manifest: classes, counts, shards and its fingerprint.
 
-    A data set prepared before fingerprints existed gets one computed from its shards (Ray tasks)."""
+    A data set prepared before fingerprints existed (or before this version's fields) gets one computed
+    from its shards (Ray tasks)."""
+    from raysegment import plan as planning
     from raysegment.data.info import format_manifest
     from raysegment.data.prepare import read_manifest
 
     loc, manifest = read_manifest(data, endpoint_url)
-    if "fingerprint" not in manifest:
-        from raysegment.data.fingerprint import fingerprint_shards
-        from raysegment.runtime import init_ray
-
-        init_ray()
-        manifest["fingerprint"] = fingerprint_shards(loc, manifest).to_json()
+    manifest["fingerprint"] = planning.read_fingerprint(loc, manifest).to_json()
     click.echo(format_manifest(loc.uri, manifest))
 
 
@@ -146,7 +143,6 @@ def plan(
     """Derive a training plan for DATA from its fingerprint and the compute; print it, write plan.json."""
     from raysegment import plan as planning
     from raysegment import storage
-    from raysegment.data.fingerprint import Fingerprint, fingerprint_shards
     from raysegment.data.prepare import read_manifest
     from raysegment.errors import ConfigError
 
@@ -155,13 +151,7 @@ def plan(
     except ValueError as exc:
         raise ConfigError(f"--time-budget: {exc}") from None
     loc, manifest = read_manifest(data, endpoint_url)
-    if "fingerprint" in manifest:
-        fp = Fingerprint.from_json(manifest["fingerprint"])
-    else:
-        from raysegment.runtime import init_ray
-
-        init_ray()
-        fp = fingerprint_shards(loc, manifest)
+    fp = planning.read_fingerprint(loc, manifest)
     compute = planning.Compute(workers, gpus_per_worker, cpus_per_worker)
     result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, budget)
     storage.write_json(storage.resolve(out, endpoint_url), {"data": loc.uri, **result.to_json()})

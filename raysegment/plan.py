@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 # An object resized below this many pixels of area is lost to a U-Net (about 3 x 3).
 MIN_OBJECT_PX = 9.0
+# Resizing squares the images: a median image more elongated than this (long side / short side) would be
+# squashed along its long side, its objects with it, so it gets native windows instead (2:1 and wider).
+MAX_SQUASH = 2.0
 # The bottleneck keeps at least this many pixels per side.
 MIN_BOTTLENECK = 8
 MAX_DEPTH = 5
@@ -190,6 +193,14 @@ def window(fp: Fingerprint, compute: Compute, size: int | None = None) -> tuple[
         size = max(MIN_WINDOW, min(cap, step * math.ceil(side / step)))
     if side > size:
         return "native", size, f"median image side {side:g} px is larger than the {size} px window: train on windows"
+    long = max(fp.height["median"], fp.width["median"])
+    if long > size and long / side >= MAX_SQUASH:
+        return (
+            "native",
+            size,
+            f"median image {fp.width['median']:g}x{fp.height['median']:g} px: resizing it to a {size} px square "
+            f"would squash it {long / side:.1f}x along its long side; train on windows",
+        )
     largest = max(fp.height["max"], fp.width["max"])
     shrink = (size / largest) ** 2
     smallest = min((a for a in fp.object_area_median[1:] if a is not None), default=None)
@@ -276,9 +287,13 @@ def normalization_for(fp: Fingerprint) -> tuple[str, str]:
 
 
 def colour_photos(fp: Fingerprint) -> bool:
-    """8-bit images of three bands (RGB photographs): what ImageNet encoders were trained on."""
-    bands = {int(b) for b in fp.channels} if fp.channels else ({3} if set(fp.modes) <= {"RGB"} else set())
-    return bands == {3} and not microscopy_like(fp)
+    """8-bit images of three colour bands (RGB photographs; RGBA or transparent palette ones, whose alpha
+    the model never sees): what ImageNet encoders were trained on."""
+    if not fp.channels:
+        return set(fp.modes) <= {"RGB"} and not microscopy_like(fp)
+    bands = {int(b) for b in fp.channels}  # bands in the file, alpha included
+    photo = bands == {3} or (bands <= {3, 4} and set(fp.modes) <= {"RGB", "RGBA", "P"})
+    return photo and not microscopy_like(fp)
 
 
 def encoder_for(fp: Fingerprint, compute: Compute, given: dict[str, Any], weights: str) -> tuple[str | None, str]:
@@ -496,8 +511,8 @@ def make_plan(
 
 def read_fingerprint(loc: Location, manifest: dict[str, Any]) -> Fingerprint:
     """The manifest's fingerprint; computed from the shards (Ray tasks) for a data set prepared before
-    fingerprints existed."""
-    if "fingerprint" in manifest:
+    fingerprints existed, or before the fields this version reads (`Fingerprint.is_current`)."""
+    if Fingerprint.is_current(manifest.get("fingerprint")):
         return Fingerprint.from_json(manifest["fingerprint"])
     from raysegment.data.fingerprint import fingerprint_shards
     from raysegment.runtime import init_ray

@@ -95,3 +95,35 @@ def test_prepare_stores_the_fingerprint_and_data_info_recomputes_it(ray_cluster,
     written = json.loads(out.read_text())
     assert written["image_size"] == 48 and written["crop"] == "native" and written["time_budget_s"] == 600
     assert "training plan" in res.output and f"written to {out}" in res.output
+
+    # A fingerprint from an earlier version (no side shares, no decoded pixel types) is computed afresh by
+    # `plan`, `train` and `data-info`, not read as if it held what this version's rules need.
+    from raysegment.plan import read_fingerprint
+
+    old = {k: v for k, v in manifest["fingerprint"].items() if k not in ("class_top_share", "dtypes")}
+    assert not Fingerprint.is_current(old) and Fingerprint.is_current(manifest["fingerprint"])
+    stale = {**manifest, "fingerprint": old}
+    assert read_fingerprint(storage.resolve(str(tmp_path / "data")), stale).to_json() == manifest["fingerprint"]
+
+
+def test_an_earlier_fingerprint_loads_without_the_fields_it_lacks():
+    image, mask = _pair(40, 60, squares=2, grey=True)
+    part = ShardFingerprint()
+    part.add("a", image, mask)
+    stored = merge([part], num_classes=2, class_pixel_share=[0.9, 0.1]).to_json()
+    old = {k: v for k, v in stored.items() if k not in ("class_top_share", "class_left_share", "dtypes")}
+    fp = Fingerprint.from_json({**old, "a_later_field": 1})
+    assert fp.class_top_share == [None, None] and fp.class_left_share == [None, None] and fp.dtypes == {}
+    assert fp.class_pixel_share == stored["class_pixel_share"] and fp.intensity == stored["intensity"]
+
+
+def test_infinite_float_pixels_are_left_out_of_the_intensity_statistics():
+    """A float image's +-inf (as its NaNs) would make the mean infinite and the std NaN, and with them
+    every normalised input pixel."""
+    from raysegment.data.fingerprint import _intensity
+
+    values = np.linspace(0.0, 1.0, 200)
+    finite = _intensity([[v] for v in values])
+    with_inf = _intensity([[v] for v in values] + [[np.inf], [-np.inf], [np.nan]] * 5)
+    assert with_inf == finite
+    assert all(np.isfinite(v[0]) for v in with_inf.values())

@@ -44,6 +44,18 @@ def test_images_larger_than_the_window_train_on_native_windows():
     assert make_plan(fingerprint(side=1024), 80, GPU).image_size == 512
 
 
+def test_elongated_images_train_on_native_windows_not_squashed_into_squares():
+    # 100x2000 px strips: resizing to a 112 px square would shrink them 18x along their length only.
+    strips = dataclasses.replace(
+        fingerprint(side=100), width={"min": 1800, "median": 2000.0, "max": 2200}, object_area_median=[1e5, 400.0]
+    )
+    plan = make_plan(strips, 80, CPU)
+    assert (plan.crop, plan.image_size) == ("native", 112) and "squash it 20.0x" in plan.reasons["crop"]
+    # 4:3 photos of the window's size are resized: a third longer along one side is within the rule.
+    photos = dataclasses.replace(fingerprint(side=96), width={"min": 128, "median": 128.0, "max": 128})
+    assert make_plan(photos, 80, CPU).crop == "resize"
+
+
 def test_resizing_that_would_erase_small_objects_keeps_native_scale():
     # Median 128 px but some images 1024 px: resizing those to 128 divides areas by 64.
     mixed = fingerprint(side=128, areas=(30000.0, 16.0))

@@ -22,7 +22,9 @@ GPU = plan.Compute(workers=1, gpus_per_worker=1)
 PHOTOS = fingerprint(side=100)  # RGB, 8-bit: the plain U-Net's window is 112 px (a multiple of 16)
 GREY = dataclasses.replace(PHOTOS, modes={"L": 100}, channels={"1": 100})
 DEEP = dataclasses.replace(PHOTOS, modes={"uint16x3": 100}, dtypes={"uint16": 100})
-FOUR_BANDS = dataclasses.replace(PHOTOS, modes={"RGBA": 100}, channels={"4": 100})
+FOUR_BANDS = dataclasses.replace(PHOTOS, modes={"uint8x4": 100}, channels={"4": 100})  # e.g. RGB + near infrared
+# Photos with an alpha band (RGBA, transparent palette PNGs) beside plain RGB ones: the model sees RGB.
+WITH_ALPHA = dataclasses.replace(PHOTOS, modes={"RGB": 60, "RGBA": 30, "P": 10}, channels={"3": 60, "4": 40})
 MANIFEST = {
     "fingerprint": PHOTOS.to_json(),
     "counts": {"train": 80, "val": 20},
@@ -108,6 +110,10 @@ def test_colour_photos_get_the_first_cached_encoder_for_the_device(cache, tmp_pa
     assert plan.make_plan(PHOTOS, 80, GPU).encoder == "efficientnetv2s"
     (tmp_path / "models" / IMAGENET_NOTOP["resnet50"]).write_bytes(b"placeholder")
     assert plan.make_plan(PHOTOS, 80, GPU).encoder == "resnet50"
+
+
+def test_photos_with_an_alpha_band_are_colour_photos(cache):
+    assert plan.make_plan(WITH_ALPHA, 80, CPU).encoder == "mobilenetv3large"
 
 
 def test_without_cached_weights_the_plain_unet_and_the_reason_names_the_fix(empty_cache):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -132,7 +132,20 @@ class Fingerprint:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fingerprint:
-        return cls(**data)
+        """The stored fingerprint; one from an earlier version gets no side shares (None: no orientation
+        known) and keys this version does not know are left out."""
+        known = {f.name for f in fields(cls)}
+        shares = [None] * len(data.get("class_pixel_share", []))
+        return cls(
+            **{"class_top_share": shares, "class_left_share": shares} | {k: v for k, v in data.items() if k in known}
+        )
+
+    @classmethod
+    def is_current(cls, data: dict[str, Any] | None) -> bool:
+        """True when a stored fingerprint has every field this version computes: an earlier one (without the
+        side shares, or without `dtypes`, whose intensities were then sampled as 8-bit) is computed afresh
+        by `plan` and `train`."""
+        return bool(data) and {f.name for f in fields(cls)} <= set(data)
 
 
 def _spread(values: list[int]) -> dict[str, float]:
@@ -182,12 +195,13 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
 
 
 def _intensity(sampled: list[list[float]]) -> dict[str, list[float]]:
-    """Per-channel statistics of the sampled pixels (NaNs of float images left out). Pixels of the most
+    """Per-channel statistics of the sampled pixels (NaNs and infinities of float images left out). Pixels of the most
     common channel count only: a data set whose images differ in channels fails `prepare` anyway."""
     if not sampled:
         return {}
     width = Counter(len(px) for px in sampled).most_common(1)[0][0]
     pixels = np.asarray([px for px in sampled if len(px) == width], np.float64)
+    pixels[~np.isfinite(pixels)] = np.nan  # float images' +-inf, like their NaNs, carry no intensity
     if np.isnan(pixels).all(axis=0).any():
         return {}
     pct = np.nanpercentile(pixels, PERCENTILES, axis=0)
