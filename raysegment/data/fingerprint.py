@@ -195,8 +195,8 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
 
 
 def _intensity(sampled: list[list[float]]) -> dict[str, list[float]]:
-    """Per-channel statistics of the sampled pixels (NaNs and infinities of float images left out). Pixels of the most
-    common channel count only: a data set whose images differ in channels fails `prepare` anyway."""
+    """Per-channel statistics of the sampled pixels (NaNs and infinities of float images left out). Pixels
+    of the most common channel count only: a data set whose images differ in channels fails `prepare` anyway."""
     if not sampled:
         return {}
     width = Counter(len(px) for px in sampled).most_common(1)[0][0]
