@@ -145,12 +145,14 @@ def plan(
     from raysegment import storage
     from raysegment.data.prepare import read_manifest
     from raysegment.errors import ConfigError
+    from raysegment.train.config import check_labelled
 
     try:
         budget = planning.parse_duration(time_budget) if time_budget else None
     except ValueError as exc:
         raise ConfigError(f"--time-budget: {exc}") from None
     loc, manifest = read_manifest(data, endpoint_url)
+    check_labelled(manifest, loc.uri)
     fp = planning.read_fingerprint(loc, manifest)
     compute = planning.Compute(workers, gpus_per_worker, cpus_per_worker)
     result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, budget)

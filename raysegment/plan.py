@@ -223,24 +223,40 @@ def depth_for(size: int) -> int:
     return depth
 
 
+def scarce_classes(shares: list[float], below: float) -> list[int]:
+    """Classes with labelled pixels, fewer than `below` of them. A declared class the data never shows is
+    absent, not rare: no loss term or weight can balance a class with no label (`absent_note`)."""
+    return [i for i, s in enumerate(shares) if 0 < s < below]
+
+
+def absent_note(shares: list[float]) -> str:
+    absent = [i for i, s in enumerate(shares) if s <= 0]
+    return f"; class(es) {absent} have no labelled pixel (absent, left out of this rule)" if absent else ""
+
+
 def loss_for(fp: Fingerprint) -> tuple[str, str]:
-    rare = [i for i, s in enumerate(fp.class_pixel_share) if s < RARE_CLASS]
+    shares = fp.class_pixel_share
+    rare = scarce_classes(shares, RARE_CLASS)
     if rare:
-        return "ce+dice", f"class(es) {rare} hold under {RARE_CLASS:.0%} of labelled pixels"
-    return "ce", f"every class holds at least {RARE_CLASS:.0%} of labelled pixels"
+        return "ce+dice", f"class(es) {rare} hold under {RARE_CLASS:.0%} of labelled pixels{absent_note(shares)}"
+    return "ce", f"every class holds at least {RARE_CLASS:.0%} of labelled pixels{absent_note(shares)}"
 
 
 def class_weights_for(fp: Fingerprint) -> tuple[str, str]:
     """(--class-weights, reason): 1/sqrt(share) weights for three or more classes with one under WEIGHTED_CLASS."""
     shares = fp.class_pixel_share
-    if len(shares) < 3:
-        return "none", "two classes: the foreground's Dice term and oversampling balance them"
-    scarce = [i for i, s in enumerate(shares) if s < WEIGHTED_CLASS]
+    if sum(s > 0 for s in shares) < 3:
+        return (
+            "none",
+            f"under three labelled classes: the foreground's Dice term and oversampling balance them{absent_note(shares)}",
+        )
+    scarce = scarce_classes(shares, WEIGHTED_CLASS)
     if not scarce:
-        return "none", f"no class under {WEIGHTED_CLASS:.0%} of labelled pixels"
+        return "none", f"no class under {WEIGHTED_CLASS:.0%} of labelled pixels{absent_note(shares)}"
     return (
         "inverse_sqrt_frequency",
-        f"class(es) {scarce} under {WEIGHTED_CLASS:.0%} of labelled pixels: cross-entropy weighted by 1/sqrt(share)",
+        f"class(es) {scarce} under {WEIGHTED_CLASS:.0%} of labelled pixels: cross-entropy weighted by 1/sqrt(share)"
+        + absent_note(shares),
     )
 
 
@@ -349,7 +365,7 @@ def pixel_stats(fp: Fingerprint | None, kind: str) -> dict[str, Any] | None:
 
 
 def oversample_for(fp: Fingerprint, crop: str) -> tuple[float, str]:
-    rare = [i for i, s in enumerate(fp.class_pixel_share) if s < RARE_CLASS]
+    rare = scarce_classes(fp.class_pixel_share, RARE_CLASS)
     if not rare:
         return 0.0, "no rare class: windows at random"
     if crop == "resize":

@@ -103,6 +103,17 @@ def test_many_classes_with_a_scarce_one_get_class_weights():
     assert given.class_weights == "inverse_frequency"
 
 
+def test_a_declared_class_the_data_never_shows_is_absent_not_rare():
+    # A third class name given to prepare, no pixel of it: no Dice term, weights or oversampling for it.
+    absent = make_plan(fingerprint(side=1024, shares=(0.6, 0.4, 0.0), areas=(1e4, 1e4, None)), 80, CPU)
+    assert (absent.loss, absent.class_weights, absent.oversample) == ("ce", "none", 0.0)
+    assert "class(es) [2] have no labelled pixel" in absent.reasons["loss"]
+    # Beside a labelled rare class it changes nothing: the rare one still gets its rules.
+    rare = make_plan(fingerprint(side=1024, shares=(0.7, 0.295, 0.005, 0.0), areas=(1e4,) * 3 + (None,)), 80, CPU)
+    assert (rare.loss, rare.class_weights, rare.oversample) == ("ce+dice", "inverse_sqrt_frequency", 0.3333)
+    assert "[2]" in rare.reasons["class_weights"] and "[2, 3]" not in rare.reasons["loss"]
+
+
 def test_sixteen_bit_and_grey_data_are_clipped_before_zscore():
     deep = make_plan(fingerprint(modes={"I;16": 100}), 80, CPU)
     assert deep.normalization == "zscore_clipped" and deep.pixel_stats["low"] == [2.0] * 3

@@ -1,12 +1,14 @@
 """The workers' training config: every field from the spec or the manifest, frozen, picklable; the epoch state."""
 
 import dataclasses
+import json
 import pickle
 
 import numpy as np
 import pytest
 
 from raysegment.config import TrainSpec
+from raysegment.data.prepare import FORMAT_VERSION
 from raysegment.errors import DataError
 from raysegment.train.checkpoint import TrainState
 from raysegment.train.config import TrainConfig, train_config
@@ -85,6 +87,20 @@ def test_frozen_and_picklable():
 def test_data_set_that_cannot_train(fields, counts, message):
     with pytest.raises(DataError, match=message):
         train_config(TrainSpec(data="d", out="o", **fields), {**MANIFEST, "counts": counts}, "d")
+
+
+def test_a_data_set_whose_masks_label_no_pixel_is_refused_by_train_and_plan(tmp_path):
+    void = {**MANIFEST, "pixel_frequency": [0.0, 0.0], "ignored_pixels": 4096}
+    with pytest.raises(DataError, match="no mask labels a pixel \\(4096 pixels are 255"):
+        train_config(TrainSpec(data="d", out="o"), void, "d")
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    (tmp_path / "manifest.json").write_text(json.dumps({**void, "format_version": FORMAT_VERSION, "shards": []}))
+    result = CliRunner().invoke(main, ["plan", str(tmp_path)])
+    assert result.exit_code == 2 and "no mask labels a pixel" in result.output
+    assert not (tmp_path / "plan.json").exists()
 
 
 def test_optimizer_follows_the_config():

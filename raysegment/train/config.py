@@ -123,11 +123,23 @@ def dtype_policy(mixed_precision: str, gpus_per_worker: float) -> DtypePolicy:
     return DTYPE_POLICIES[mixed_precision]
 
 
+def check_labelled(manifest: dict[str, Any], data_uri: str) -> None:
+    """DataError for a data set whose masks label no pixel (every one 255, ignore): nothing to learn."""
+    shares = manifest.get("pixel_frequency")
+    if shares and not any(share > 0 for share in shares):
+        ignored = manifest.get("ignored_pixels", 0)
+        raise DataError(
+            f"{data_uri}: no mask labels a pixel ({ignored} pixels are 255, ignore): nothing to train on; "
+            "prepare again with --mask-values mapping the masks' values to class ids"
+        )
+
+
 def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None:
     """DataError unless the data set and the spec can train together."""
     if spec.image_size % 2**spec.model_depth:
         what = "an encoder's 32x downsampling" if spec.encoder else "2**depth"
         raise DataError(f"--image-size {spec.image_size} must be a multiple of {what} = {2**spec.model_depth}")
+    check_labelled(manifest, data_uri)
     train_count = manifest["counts"].get("train", 0)
     if train_count < spec.batch_size * spec.workers:
         raise DataError(
@@ -218,6 +230,6 @@ def model_input(spec: TrainSpec, manifest: dict[str, Any], fingerprint: Fingerpr
 
 def rare_classes(manifest: dict[str, Any]) -> tuple[int, ...]:
     """Classes under the plan's rare share of labelled pixels (what `oversample` centres windows on)."""
-    from raysegment.plan import RARE_CLASS
+    from raysegment.plan import RARE_CLASS, scarce_classes
 
-    return tuple(c for c, share in enumerate(manifest.get("pixel_frequency") or []) if share < RARE_CLASS)
+    return tuple(scarce_classes(manifest.get("pixel_frequency") or [], RARE_CLASS))
