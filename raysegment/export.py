@@ -136,9 +136,13 @@ def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str =
             x = tf.cast(x, tf.float32)
         else:
             x = pil_resize(image, card.input_size, dtype)
+        missing = None if not image.dtype.is_floating else ~tf.math.is_finite(x)  # as `predictor.normalize`
         if clip is not None:
             x = tf.clip_by_value(x, tf.constant(clip[0], tf.float32), tf.constant(clip[1], tf.float32))
-        probs = class_probabilities(model(x[None] * scale + offset, training=False), card.output)[0]
+        x = x * scale + offset
+        if missing is not None:
+            x = tf.where(missing, tf.zeros_like(x), x)
+        probs = class_probabilities(model(x[None], training=False), card.output)[0]
         if card.native_scale:
             probs = probs[:h, :w]
         else:

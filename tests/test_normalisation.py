@@ -73,6 +73,8 @@ def test_normalize_equals_the_export_graph(identity, kind, dtype):
     rng = np.random.default_rng(3)
     top = {np.uint8: 255, np.uint16: 65535, np.float32: 1.5}[dtype]
     image = (rng.random((13, 17, 3)) * top).astype(dtype)  # beyond both clip bounds in some pixels
+    if dtype == np.float32:
+        image[0, 0], image[1, :2], image[2, 0] = np.nan, np.inf, -np.inf  # no data: 0, the mean, in both
     graph = tf.function(
         segment_fn(identity, card, probabilities=True), input_signature=[tf.TensorSpec([None, None, 3], dtype)]
     )
@@ -80,6 +82,8 @@ def test_normalize_equals_the_export_graph(identity, kind, dtype):
     expected = normalize(image, card)
     assert exported.dtype == expected.dtype == np.float32
     assert np.array_equal(exported, expected)  # bit for bit: the same clip and affine in float32
+    if dtype == np.float32:
+        assert (expected[:3, 0] == 0).all() and (expected[1, 1] == 0).all() and np.isfinite(expected).all()
     if kind == "zscore_clipped":
         z_high = (np.float32(STATS["high"][0]) - np.float32(STATS["mean"][0])) * np.float32(1 / STATS["std"][0])
         assert expected[..., 0].max() <= z_high + 1e-6  # clipped before the affine

@@ -24,6 +24,7 @@ from raysegment.models.card import ModelCard
 
 H, W = 16, 24
 BANDS = 6
+GDAL_NODATA = 42113  # the GeoTIFF tag that names a raster's no-data value
 
 
 def _tiff(path, arr: np.ndarray, **kwargs) -> None:
@@ -88,6 +89,13 @@ def test_decoding_keeps_bands_and_precision():
     real = np.linspace(-3.5, 1e6, H * W, dtype=np.float32).reshape(H, W)
     got = imaging.decode_pixels(_tiff_bytes(real)).pixels
     assert got.dtype == np.float32 and (got == real[..., None]).all()
+    # A float raster's GDAL_NODATA value reads as NaN (no data), Pillow's single-band path or not; an integer
+    # raster's stays a value.
+    real[0, :5] = -9999.0
+    nodata = {"extratags": [(GDAL_NODATA, "s", 0, "-9999", True)]}
+    got = imaging.decode_pixels(_tiff_bytes(real, **nodata)).pixels[..., 0]
+    assert np.isnan(got[0, :5]).all() and np.array_equal(got[1:], real[1:])
+    assert (imaging.decode_pixels(_tiff_bytes(deep, **nodata)).pixels == deep[..., None]).all()
     colour16 = planar[..., :3]
     got = imaging.decode_pixels(_tiff_bytes(colour16, photometric="rgb")).pixels  # Pillow would cut to 8 bits
     assert got.dtype == np.uint16 and (got == colour16).all()
@@ -251,13 +259,18 @@ def test_multiband_bands_or_all_of_them(ray_cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def band_model(ray_cluster, tmp_path_factory):
-    """(data dir, model dir, source dir): a tiny U-Net trained for one short epoch on 6-band 16-bit images."""
+    """(data dir, model dir, source dir): a tiny U-Net trained for one short epoch on 6-band 16-bit images and
+    float ones with no-data pixels (a quarter NaN or GDAL_NODATA -9999, as GeoTIFF rasters have)."""
     from raysegment.train.trainer import train
 
     root = tmp_path_factory.mktemp("bands")
     for i in range(8):
-        ids = _ids(40 + i)
-        _tiff(f"{root}/src/images/b{i}.tif", _bands(ids, 40 + i), photometric="minisblack", planarconfig="contig")
+        ids, arr, tags = _ids(40 + i), _bands(_ids(40 + i), 40 + i), {}
+        if i % 2:
+            arr = arr.astype(np.float32)
+            arr[: H // 4] = -9999.0 if i % 4 == 1 else np.nan
+            tags = {"extratags": [(GDAL_NODATA, "s", 0, "-9999", True)]}
+        _tiff(f"{root}/src/images/b{i}.tif", arr, photometric="minisblack", planarconfig="contig", **tags)
         _png(f"{root}/src/masks/b{i}.png", ids)
     prepare(PrepareSpec(source=str(root / "src"), dest=str(root / "data"), val_fraction=0.25, seed=1))
     tiny = {"epochs": 1, "workers": 1, "image_size": 16, "batch_size": 2, "depth": 1, "base_filters": 4}
@@ -268,20 +281,29 @@ def band_model(ray_cluster, tmp_path_factory):
 def test_band_model_trains_infers_shows_and_reports(band_model, tmp_path):
     """The network takes the data set's 6 bands; infer splits a stack of 6-band slices into one mask each,
     keeps 16-bit and float inputs at their precision, and refuses an RGB photo; show and report draw them."""
+    import keras
+
     from raysegment.inference.pipeline import infer
     from raysegment.report import write_run_report
     from raysegment.show import show_overlay
 
-    _, model, _ = band_model
+    data, model, _ = band_model
     card = ModelCard.read(str(model))
     assert card.input.channels == BANDS and card.input.bands is None
     assert json.loads((model / "model.json").read_text())["input"]["channels"] == BANDS
+    # No-data pixels are neither statistics nor inputs: the -9999s would set the 0.5th percentile, and one
+    # NaN in a training window would turn the loss, then every weight, into NaN.
+    fp = json.loads((data / "manifest.json").read_text())["fingerprint"]
+    assert min(fp["intensity"]["p0.5"]) >= 0 and fp["dtypes"] == {"float32": 4, "uint16": 4}
+    weights = keras.models.load_model(model / "model.keras", compile=False).get_weights()
+    assert all(np.isfinite(w).all() for w in weights)
 
     inputs = tmp_path / "in"
     stack = np.stack([_bands(_ids(50 + i), 50 + i) for i in range(3)])
     _tiff(f"{inputs}/vol.tif", stack, photometric="minisblack", planarconfig="contig")
     _tiff(f"{inputs}/scene.tif", _bands(_ids(60), 60), photometric="minisblack", planarconfig="contig")
     real = _bands(_ids(61), 61).astype(np.float32) / 60_000
+    real[:2, :3] = np.nan  # no data: predicted from its neighbours, not an error row
     _tiff(f"{inputs}/real.tif", real, photometric="minisblack", planarconfig="contig")
     _png(f"{inputs}/photo.png", np.zeros((H, W, 3), np.uint8))
     out = tmp_path / "out"

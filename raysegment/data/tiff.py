@@ -15,6 +15,7 @@ here with tifffile. Without the optional imagecodecs package tifffile decodes un
 from __future__ import annotations
 
 import io
+import math
 import posixpath
 import re
 from collections.abc import Callable
@@ -29,6 +30,7 @@ PAGE_DIGITS = 4
 PAGE_FRAGMENT = re.compile(r"#page=(\d+)$")
 _PALETTE, _SEPARATED, _YCBCR = 3, 5, 6  # TIFF photometric interpretations Pillow converts to RGB itself
 _ALPHA = (1, 2)  # ExtraSamples: associated, unassociated alpha
+_GDAL_NODATA = 42113  # GeoTIFF tag: the value of pixels that hold no data
 PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")  # Pillow modes a PNG holds losslessly
 
 
@@ -100,9 +102,19 @@ def _alpha_bands(page: Any) -> int:
     return sum(1 for s in page.extrasamples if int(s) in _ALPHA)
 
 
+def _nodata(page: Any) -> float | None:
+    """A float raster's GDAL_NODATA sentinel (-9999, -3.4e38, ...), None where it has none or is not float.
+    Integer rasters keep theirs as a value: marking it needs a float copy of every image."""
+    if page.dtype is None or np.dtype(page.dtype).kind != "f" or _GDAL_NODATA not in page.tags:
+        return None
+    return float(page.nodata)
+
+
 def pil_reads(page: Any) -> bool:
-    """True when Pillow decodes this page without losing bands or precision."""
+    """True when Pillow decodes this page without losing bands or precision (or a float raster's nodata)."""
     if page.dtype is None:  # odd bit depths: tifffile says what it cannot do
+        return False
+    if _nodata(page) is not None:  # Pillow reads past the GDAL tag
         return False
     dtype, samples, photometric = np.dtype(page.dtype), page.samplesperpixel, int(page.photometric)
     if photometric == _PALETTE or dtype == np.bool_:
@@ -168,6 +180,10 @@ def read_bands(data: bytes, max_pixels: int, page: int = 0) -> tuple[np.ndarray,
             if "imagecodecs" not in str(exc) or len(pages) > 1:
                 raise TiffError(f"cannot decode TIFF: {exc}") from exc
             arr = _with_rasterio(data, exc)
+        nodata = _nodata(p)
+        if nodata is not None and not math.isnan(nodata):
+            # NaN, like a float image's own NaNs: left out of the fingerprint, 0 after normalisation.
+            arr = np.where(arr == np.asarray(nodata, arr.dtype), np.asarray(np.nan, arr.dtype), arr)
         return arr, _alpha_bands(p)
 
 

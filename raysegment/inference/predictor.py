@@ -54,16 +54,23 @@ def normalize(images: np.ndarray, card: ModelCard | InputSpec) -> np.ndarray:
     """Decoded pixels (uint8, uint16 or float, ..., H, W, 3) -> the model's float32 input, per the card's
     normalisation: clipped to `pixel_clip` where it has bounds, then `pixel_affine`. The one implementation:
     training (`data.pipeline`, with the `InputSpec` the card is then written with) calls it too, and
-    `raysegment export`'s graph does the same clip and affine in the same float32 arithmetic."""
+    `raysegment export`'s graph does the same clip and affine in the same float32 arithmetic.
+
+    A float image's NaN and +-inf pixels (no data: a GeoTIFF's nodata, `tiff.read_bands`) become 0, the data
+    set's mean under a z-score: one NaN would otherwise spread through every convolution over it, and in
+    training turn the loss and then every weight into NaN."""
     spec = card.input if isinstance(card, ModelCard) else card
     scale, offset = (np.asarray(v, np.float32) for v in spec.pixel_affine)
     x = images.astype(np.float32)
+    missing = ~np.isfinite(x) if images.dtype.kind == "f" else None
     clip = spec.pixel_clip
     if clip is not None:
         np.clip(x, np.asarray(clip[0], np.float32), np.asarray(clip[1], np.float32), out=x)
     # In place on the copy astype made: the same float32 operations in the same order, half the memory.
     x *= scale
     x += offset
+    if missing is not None and missing.any():
+        x[missing] = 0.0
     return x
 
 
