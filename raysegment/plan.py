@@ -65,9 +65,12 @@ MICROSCOPY_AUG = {"rotate": 180.0, "gamma": 0.3, "noise": 0.03}
 ELASTIC_PER_WINDOW_PX = 1 / 64  # elastic displacement std: 4 px on a 256 px window
 # Training throughput per CPU core (pixels/s through forward + backward) of the base-16 U-Net,
 # measured on this project's 2-core machine (ISBI, 256 px windows, depth 4: 2.1 windows/s on
-# 2 cores); a GPU is counted as 40 cores. An estimate until train measures its first epoch.
+# 2 cores). An estimate until train measures its first epoch.
 PIXELS_PER_CORE_S = 70_000
-GPU_AS_CORES = 40
+# A GPU counted as cores. An H200 trained the 1-GPU ISBI plan (base 32, 512 px, bfloat16; Keras on JAX, the
+# machine had no TensorFlow) at 296 windows/s, ~3,800 cores' worth of the base-16 rate; smaller GPUs are
+# several times slower. Counted low, a fast GPU's epochs last seconds (MIN_EPOCH_S); high, a slow one's long.
+GPU_AS_CORES = 400
 # Without --time-budget: 40 passes over the training pixels, between 5 minutes and 2 hours.
 DEFAULT_PASSES = 40
 DEFAULT_BUDGET_S = (300.0, 7200.0)
@@ -75,6 +78,9 @@ DEFAULT_BUDGET_S = (300.0, 7200.0)
 # epochs are 250 iterations. Validation, a checkpoint and the input pipeline's start come once an epoch,
 # and on 24 images of one pass each they took a fifth of the budget.
 MIN_EPOCH_WINDOWS = 250
+# ... and at least this long (estimated): a GPU passes 250 windows in about a second, and an epoch's
+# validation and checkpoint (seconds) would then take most of the budget.
+MIN_EPOCH_S = 60.0
 # ... but never so long an epoch that fewer than this many fit the budget (the schedule and the best
 # checkpoint need a few).
 MIN_EPOCHS = 20
@@ -395,22 +401,25 @@ def augmentation_for(fp: Fingerprint, size: int, oriented: bool) -> tuple[dict[s
 def repeat_for(
     train_images: int, size: int, compute: Compute, budget_s: float, given: dict[str, Any]
 ) -> tuple[int, str]:
-    """(passes over the training split per epoch, reason): enough for MIN_EPOCH_WINDOWS windows an
-    epoch while MIN_EPOCHS epochs still fit the budget; one where the user counts the epochs."""
+    """(passes over the training split per epoch, reason): enough for MIN_EPOCH_WINDOWS windows and
+    MIN_EPOCH_S seconds (estimated) an epoch while MIN_EPOCHS epochs still fit the budget; one where the
+    user counts the epochs."""
     if "repeat" in given:
         return given["repeat"], "given"
     if "epochs" in given:
         return 1, "epochs given: each is one pass over the training split"
     images = max(train_images, 1)
-    wanted = math.ceil(MIN_EPOCH_WINDOWS / images)
+    windows_per_s = compute.pixels_per_s / (size * size)
+    wanted = math.ceil(max(MIN_EPOCH_WINDOWS, MIN_EPOCH_S * windows_per_s) / images)
     pass_s = images * size * size / compute.pixels_per_s
     fits = int(budget_s / (MIN_EPOCHS * pass_s))
     repeat = max(1, min(wanted, fits))
     if repeat == 1:
         return 1, f"{images} training images: one pass an epoch"
     return repeat, (
-        f"{images} training images: {repeat} passes an epoch ({repeat * images} windows), so validation and "
-        "checkpoints come once per epoch of useful length"
+        f"{images} training images: {repeat} passes an epoch ({repeat * images} windows; the rule asks "
+        f"{MIN_EPOCH_WINDOWS} and a minute's work, as estimated, while {MIN_EPOCHS} epochs fit), so validation "
+        "and checkpoints come once per epoch of useful length"
     )
 
 

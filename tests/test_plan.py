@@ -137,7 +137,8 @@ def test_microscopy_like_data_gets_turns_warps_gamma_and_noise_colour_and_orient
 
 def test_budget_sets_epochs_and_width_follows_the_device():
     short, long = make_plan(fingerprint(), 80, CPU, 600), make_plan(fingerprint(), 80, CPU, 2400)
-    assert long.epochs >= 3 * short.epochs and short.time_budget_s == 600
+    # Four times the budget, about four times the passes (longer epochs as well as more of them).
+    assert long.epochs * long.repeat >= 3 * short.epochs * short.repeat and short.time_budget_s == 600
     default = make_plan(fingerprint(), 80, CPU)
     assert 300 <= default.time_budget_s <= 7200
     assert make_plan(fingerprint(), 80, GPU).base_filters > default.base_filters
@@ -151,6 +152,17 @@ def test_a_small_split_is_repeated_to_a_useful_epoch_while_enough_epochs_fit():
     assert make_plan(fingerprint(side=512), 24, CPU, 60).repeat == 1  # 20 epochs of one pass barely fit
     assert make_plan(fingerprint(side=512), 24, CPU, 2400, given={"epochs": 30}).repeat == 1  # epochs = passes
     assert make_plan(fingerprint(side=512), 24, CPU, 2400, given={"repeat": 3}).repeat == 3
+
+
+def test_a_fast_device_gets_epochs_of_a_minute_not_of_250_windows():
+    # ISBI on one GPU: 250 windows are about a second's work there; validation and a checkpoint every second
+    # would spend the budget. The epoch is stretched to a minute (estimated), and 20 epochs still fit.
+    gpu = make_plan(fingerprint(side=512), 24, GPU, 2400)
+    windows_per_s = GPU.pixels_per_s / gpu.image_size**2
+    assert gpu.repeat * 24 / windows_per_s >= 60 and gpu.repeat * 24 > 1000 and gpu.epochs >= 20
+    assert "a minute" in gpu.reasons["repeat"]
+    # On CPU cores 250 windows already take longer than a minute: the window count decides.
+    assert make_plan(fingerprint(side=512), 24, CPU, 2400).repeat * 24 <= 250 + 24
 
 
 def test_plan_values_are_train_spec_fields():
