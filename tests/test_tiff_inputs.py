@@ -265,7 +265,8 @@ def band_model(ray_cluster, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bands")
     for i in range(8):
-        ids, arr, tags = _ids(40 + i), _bands(_ids(40 + i), 40 + i), {}
+        ids = _ids(40 + i)
+        arr, tags = _bands(ids, 40 + i), {}
         if i % 2:
             arr = arr.astype(np.float32)
             arr[: H // 4] = -9999.0 if i % 4 == 1 else np.nan
