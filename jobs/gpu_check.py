@@ -1,6 +1,7 @@
 """Not a Ray job: issue #15's GPU check, for a GPU machine with Keras 3 on JAX (or torch) but no TensorFlow or Ray
 (the one lent to this project had neither, nor a network to fetch them). It runs raysegment's own U-Net
-(`models/unet.py`) and augmentation ops (`data/augment.py`) without raysegment's Ray Train loop:
+(`models/unet.py`) and per-example training input (`data/examples.py`: window, augmentation, normalisation) without
+raysegment's Ray Train loop. Besides Keras it needs numpy, scipy, Pillow and pydantic (carry them as wheels):
 
 A: per-GPU training images/s of the 1-GPU ISBI plan's model (`raysegment plan DATA --workers 1 --gpus-per-worker 1`:
    depth 5, base 32, 16 whole 512 px slices a batch), float32 and mixed_bfloat16.
@@ -23,6 +24,9 @@ import time
 import numpy as np
 from PIL import Image
 
+from raysegment.data.examples import Augmentation, fit_example, photometric
+from raysegment.models.card import InputSpec, PixelStats, normalize
+
 ROOT = os.environ.get("ISBI", "../shared/datasets/isbi2012-membrane")
 SIZE = int(os.environ.get("SIZE", 512))
 BATCH = int(os.environ.get("BATCH", 16))
@@ -44,33 +48,38 @@ TRAIN_X, TRAIN_Y = load(range(24))
 VAL_X, VAL_Y = load(range(24, 30))
 LOW, HIGH = np.percentile(TRAIN_X, (0.5, 99.5))
 MEAN, STD = float(TRAIN_X.mean()), float(TRAIN_X.std())
-
-
-def normalize(x):
-    return ((np.clip(x, LOW, HIGH) - MEAN) / STD).astype(np.float32)
+# The plan's input (clipped z-score from the training slices' statistics) and augmentation, as `train` builds them.
+SPEC = InputSpec(
+    size=(SIZE, SIZE),
+    channels=1,
+    normalization="zscore_clipped",
+    stats=PixelStats(mean=(MEAN,), std=(STD,), low=(float(LOW),), high=(float(HIGH),)),
+)
+AUG = Augmentation(
+    crop="resize",  # at 512 px the whole slice: no resize, one warp
+    flip="both",
+    rotate90=True,
+    scale_jitter=0.2,
+    brightness=0.1,
+    contrast=0.1,
+    rotate=180.0,
+    elastic=8.0 * SIZE / 512,
+    gamma=0.3,
+    noise=0.03,
+)
 
 
 def batch(seed):
-    """One augmented batch, as data/pipeline.py's fit_example (crop resize at 512 = the whole slice) + photometric."""
-    from raysegment.data import augment as ops
-
+    """One augmented batch through raysegment's own per-example code (`data/examples.py`: `fit_example`, then
+    `normalize` and `photometric`, as `decode_for_training` does after decoding)."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for _ in range(BATCH):
         i = int(rng.integers(len(TRAIN_X)))
-        img, mask = TRAIN_X[i][..., None], TRAIN_Y[i]
-        scale = float(rng.uniform(0.8, 1.2))
-        img, mask = ops.warp(img, mask, SIZE, rng, scale, 180.0, 8.0 * SIZE / 512, None)
-        for axis in (0, 1):
-            if rng.random() < 0.5:
-                img, mask = np.flip(img, axis), np.flip(mask, axis)
-        k = int(rng.integers(4))
-        xs.append(np.rot90(img, k))
-        ys.append(np.rot90(mask, k))
-    x = normalize(np.stack(xs))
-    # As in raysegment: warp fills outside the image with raw 0, normalised with the rest.
-    lo, hi = normalize(np.float32(LOW)), normalize(np.float32(HIGH))
-    x = ops.intensity(x, rng, 0.1, 0.1, 0.3, 0.03, np.array([lo]), np.array([hi]), True)
+        img, mask = fit_example(TRAIN_X[i][..., None], TRAIN_Y[i], SIZE, AUG, rng)
+        xs.append(img)
+        ys.append(mask)
+    x = photometric(normalize(np.stack(xs), SPEC), AUG, rng, SPEC)
     return x.astype(np.float32), np.stack(ys).astype(np.int32)
 
 
@@ -124,8 +133,8 @@ def main():
     # Steps 10..40 (after compilation), at the warm-up's first rate, measure the pace; the schedule then fits TRAIN_S.
     step, total, warmup, at_10 = 0, None, None, 0.0
     history, best = [], (0.0, 0)
-    val_x = normalize(VAL_X[..., None])
-    train_eval_x = normalize(TRAIN_X[..., None])
+    val_x = normalize(VAL_X[..., None], SPEC)
+    train_eval_x = normalize(TRAIN_X[..., None], SPEC)
     next_eval = 30.0
     wait = 0.0
     while True:

@@ -8,7 +8,7 @@ doing inside the graph what `infer` does around the model:
   (`pil_resize`: its coefficients and 22-bit fixed-point rounding, so the resized pixels are the bytes
   `imaging.resize_image` makes; Pillow chooses which axis to resample first by a rule of its own, this
   graph always goes width first, and where Pillow went height first a pixel may differ by 1), normalised
-  (`predictor.normalize`'s `pixel_clip` and `pixel_affine`), predicted, and the probabilities are
+  (`card.normalize`'s `pixel_clip` and `pixel_affine`), predicted, and the probabilities are
   upsampled bilinearly to the image size before the argmax (`upsample`: `stitch.upsample_argmax`'s
   positions and arithmetic, as infer does);
 - native-scale models: the image is padded to the size multiple as the predictor pads
@@ -126,7 +126,7 @@ def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str =
 
     def segment(image):
         scale, offset = (tf.constant(v, tf.float32) for v in card.pixel_affine)  # inside: graph constants
-        clip = card.pixel_clip  # zscore_clipped: per-channel bounds before the affine, as `predictor.normalize`
+        clip = card.pixel_clip  # zscore_clipped: per-channel bounds before the affine, as `card.normalize`
         shape = tf.shape(image)
         h, w = shape[0], shape[1]
         if card.native_scale:
@@ -136,7 +136,7 @@ def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str =
             x = tf.cast(x, tf.float32)
         else:
             x = pil_resize(image, card.input_size, dtype)
-        missing = None if not image.dtype.is_floating else ~tf.math.is_finite(x)  # as `predictor.normalize`
+        missing = None if not image.dtype.is_floating else ~tf.math.is_finite(x)  # as `card.normalize`
         if clip is not None:
             x = tf.clip_by_value(x, tf.constant(clip[0], tf.float32), tf.constant(clip[1], tf.float32))
         x = x * scale + offset

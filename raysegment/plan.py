@@ -19,7 +19,7 @@ re-fitted to them; `train/loop.py`), and still stops at the end of an epoch afte
 one would end past the budget; the best checkpoint is kept.
 
 Everything the plan chooses is applied: the normalisation is recorded in the model card's input
-and applied by training and inference alike (`predictor.normalize`), rare-class oversampling and
+and applied by training and inference alike (`card.normalize`), rare-class oversampling and
 the augmentation run in the Ray Data tasks (`data/pipeline.py`, `data/augment.py`).
 """
 

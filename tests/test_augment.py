@@ -9,8 +9,8 @@ import pytest
 
 from raysegment.config import TrainSpec
 from raysegment.data import augment
+from raysegment.data.examples import Augmentation, fit_example, photometric
 from raysegment.data.imaging import IGNORE_INDEX
-from raysegment.data.pipeline import Augmentation, fit_example, photometric
 from raysegment.train.config import rare_classes
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from raysegment.bench.train import baseline_dataset
 from raysegment.data import synthetic
-from raysegment.data.pipeline import Augmentation, data_range, decode_for_training
+from raysegment.data.examples import Augmentation, data_range, decode_for_training
 from raysegment.models.card import InputSpec
 
 SIZE = 32

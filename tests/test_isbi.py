@@ -14,7 +14,7 @@ import pytest
 
 from raysegment.config import PrepareSpec
 from raysegment.data import imaging
-from raysegment.data.pipeline import Augmentation, decode_for_training
+from raysegment.data.examples import Augmentation, decode_for_training
 from raysegment.data.prepare import prepare
 from raysegment.errors import DataError
 

@@ -11,9 +11,9 @@ from PIL import Image
 from raysegment import storage
 from raysegment.config import PrepareSpec, TrainSpec, load_spec
 from raysegment.data import classes, imaging
+from raysegment.data.examples import Augmentation, decode_for_training, fit_example, photometric
 from raysegment.data.info import format_manifest
 from raysegment.data.layouts import assign_splits, pairs_layout, read_val_keys
-from raysegment.data.pipeline import Augmentation, decode_for_training, fit_example, photometric
 from raysegment.data.prepare import prepare
 from raysegment.errors import ConfigError, DataError
 

@@ -1,6 +1,6 @@
 """Normalisation from the fingerprint (#15): one implementation, applied alike by training, inference and exports.
 
-`predictor.normalize` (infer, evaluate, show, serve; training through `data.pipeline`) and the export graph
+`card.normalize` (infer, evaluate, show, serve; training through `data.examples`) and the export graph
 (`export.segment_fn`) must give the same float32 numbers for the same pixels, 8-bit or 16-bit, for every
 kind of normalisation a card can name; older cards keep their meaning.
 """
@@ -15,8 +15,8 @@ from PIL import Image
 
 from raysegment.config import TrainSpec
 from raysegment.data import imaging
+from raysegment.data.examples import decode_for_training
 from raysegment.data.fingerprint import ShardFingerprint, merge
-from raysegment.data.pipeline import decode_for_training
 from raysegment.errors import DataError
 from raysegment.inference.predictor import normalize
 from raysegment.models.card import InputSpec, ModelCard

@@ -26,8 +26,8 @@ from PIL import Image
 from raysegment import plan as planning
 from raysegment.config import PrepareSpec, TrainSpec
 from raysegment.data import imaging
+from raysegment.data.examples import Augmentation, decode_for_training, fit_example
 from raysegment.data.fingerprint import Fingerprint
-from raysegment.data.pipeline import Augmentation, decode_for_training, fit_example
 from raysegment.data.prepare import prepare, read_manifest
 from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
 from raysegment.storage import Location

@@ -28,7 +28,7 @@ from PIL import Image
 from raysegment import plan as planning
 from raysegment.config import PrepareSpec, TrainSpec
 from raysegment.data import imaging
-from raysegment.data.pipeline import Augmentation, fit_example, photometric
+from raysegment.data.examples import Augmentation, fit_example, photometric
 from raysegment.data.prepare import prepare, read_manifest
 from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
 

@@ -35,7 +35,7 @@ from raysegment.data import synthetic
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from raysegment.data.pipeline import Augmentation
+    from raysegment.data.examples import Augmentation
     from raysegment.plan import Plan
     from raysegment.train.config import TrainConfig
 
@@ -85,11 +85,11 @@ def _geometry(size: int, aug: Augmentation | None):
     import tensorflow as tf
 
     from raysegment.data import augment as ops
+    from raysegment.data.examples import FLIP_AXES
     from raysegment.data.imaging import IGNORE_INDEX
-    from raysegment.data.pipeline import FLIP_AXES
 
     def warp(img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # The Ray Data task's own numpy function (`pipeline.fit_example` -> `augment.warp`).
+        # The Ray Data task's own numpy function (`examples.fit_example` -> `augment.warp`).
         rng = np.random.default_rng()
         scale = float(rng.uniform(1.0 - aug.scale_jitter, 1.0 + aug.scale_jitter)) if aug.scale_jitter else 1.0
         return ops.warp(img, mask, size, rng, scale, aug.rotate, aug.elastic)
@@ -104,7 +104,7 @@ def _geometry(size: int, aug: Augmentation | None):
         return tf.cond(same, lambda: (img, mask), resized)
 
     def crop_or_pad(img: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # `pipeline._crop_or_pad`: a random SxS window where larger, random padding (mask: ignore) where smaller.
+        # `examples._crop_or_pad`: a random SxS window where larger, random padding (mask: ignore) where smaller.
         h, w = tf.shape(img)[0], tf.shape(img)[1]
         top = tf.random.uniform([], 0, tf.maximum(h - size, 0) + 1, tf.int32)
         left = tf.random.uniform([], 0, tf.maximum(w - size, 0) + 1, tf.int32)
@@ -144,11 +144,11 @@ def _geometry(size: int, aug: Augmentation | None):
 
 
 def _photometric(norm: Any, aug: Augmentation | None):
-    """A batch of float32 pixels -> the model's input: `predictor.normalize` (clip, affine), then
+    """A batch of float32 pixels -> the model's input: `card.normalize` (clip, affine), then
     `augment.intensity` (contrast, brightness, gamma, noise, per-image factors; clipped to the data range)."""
     import tensorflow as tf
 
-    from raysegment.data.pipeline import data_range
+    from raysegment.data.examples import data_range
 
     scale, offset = (tf.constant(v, tf.float32) for v in norm.pixel_affine)
     bounds = None if norm.pixel_clip is None else [tf.constant(v, tf.float32) for v in norm.pixel_clip]
@@ -313,7 +313,7 @@ def bench_train(
     """Plain Keras vs Ray Train with 1 worker on all cores (equal cores); N workers with cores/N CPUs each
     vs one worker given cores/N (scaling)."""
     from raysegment import plan as planning
-    from raysegment.data.pipeline import Augmentation
+    from raysegment.data.examples import Augmentation
     from raysegment.data.prepare import prepare, read_manifest
     from raysegment.train.config import rare_classes, train_config
 

@@ -11,7 +11,7 @@ import numpy as np
 from raysegment import storage
 from raysegment.data import imaging
 from raysegment.inference.stitch import WindowBlender, argmax_and_max, tile_starts, upsample_argmax
-from raysegment.models.card import TTA_FLIPS, InputSpec, ModelCard
+from raysegment.models.card import TTA_FLIPS, ModelCard, normalize
 from raysegment.models.loader import load_model
 
 
@@ -48,30 +48,6 @@ def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -
     batch.update(image=images, height=heights, width=widths, error=errors)
     batch["decode_ms"] = np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32)
     return batch
-
-
-def normalize(images: np.ndarray, card: ModelCard | InputSpec) -> np.ndarray:
-    """Decoded pixels (uint8, uint16 or float, ..., H, W, 3) -> the model's float32 input, per the card's
-    normalisation: clipped to `pixel_clip` where it has bounds, then `pixel_affine`. The one implementation:
-    training (`data.pipeline`, with the `InputSpec` the card is then written with) calls it too, and
-    `raysegment export`'s graph does the same clip and affine in the same float32 arithmetic.
-
-    A float image's NaN and +-inf pixels (no data: a GeoTIFF's nodata, `tiff.read_bands`) become 0, the data
-    set's mean under a z-score: one NaN would otherwise spread through every convolution over it, and in
-    training turn the loss and then every weight into NaN."""
-    spec = card.input if isinstance(card, ModelCard) else card
-    scale, offset = (np.asarray(v, np.float32) for v in spec.pixel_affine)
-    x = images.astype(np.float32)
-    missing = ~np.isfinite(x) if images.dtype.kind == "f" else None
-    clip = spec.pixel_clip
-    if clip is not None:
-        np.clip(x, np.asarray(clip[0], np.float32), np.asarray(clip[1], np.float32), out=x)
-    # In place on the copy astype made: the same float32 operations in the same order, half the memory.
-    x *= scale
-    x += offset
-    if missing is not None and missing.any():
-        x[missing] = 0.0
-    return x
 
 
 def reflect_padding(height, width, pad_h, pad_w):

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raysegment import storage
 from raysegment.errors import DataError
+
+if TYPE_CHECKING:
+    # Imported where a card is read or written: the schema and `normalize` need numpy and pydantic only, so
+    # `data/examples.py` runs where fsspec and pyarrow are not installed (jobs/gpu_check.py's GPU machine).
+    from raysegment import storage
 
 MODEL_FILE = "model.keras"
 # An imported TensorFlow SavedModel, kept whole in place of model.keras (`models/loader.py` loads either).
@@ -45,7 +50,7 @@ class Architecture(_Part):
 
 # Model input = decoded pixels (uint8, or 16-bit/float at their own precision) as float32, clipped per channel
 # to `InputSpec.pixel_clip` where the card has bounds, then x per-channel scale + per-channel offset
-# (`InputSpec.pixel_affine`); `inference.predictor.normalize` is the one implementation (training's too).
+# (`InputSpec.pixel_affine`); `normalize` below is the one implementation (training's too).
 # The presets below are defined on 0..255 pixels: scale_0_1 is what `train --no-plan` does, the others are for
 # imported models; "zscore" and "zscore_clipped" come from the data set's fingerprint (`PixelStats`).
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -269,6 +274,8 @@ class ModelCard(_Part):
 
         `verify_model`: also hash model.keras and compare with the card's model_sha256 (see
         `check_model_file`); the jobs do this once, on the driver."""
+        from raysegment import storage
+
         loc = storage.resolve(model_uri, endpoint_url, retry_s)
         card_loc = loc.child(CARD_FILE)
         card = cls.parse(storage.read_json(card_loc), card_loc.uri) if storage.exists(card_loc) else None
@@ -306,6 +313,8 @@ class ModelCard(_Part):
 
     def write(self, model_dir: storage.Location) -> None:
         """Write model.json under the model directory."""
+        from raysegment import storage
+
         storage.write_json(model_dir.child(CARD_FILE), self.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
@@ -394,3 +403,27 @@ def tree_sha256(loc: storage.Location) -> str:
         rel = path[len(root) :]
         digest.update(f"{rel}\0{_sha256(loc.child(rel))}\n".encode())
     return digest.hexdigest()
+
+
+def normalize(images: np.ndarray, card: ModelCard | InputSpec) -> np.ndarray:
+    """Decoded pixels (uint8, uint16 or float, ..., H, W, 3) -> the model's float32 input, per the card's
+    normalisation: clipped to `pixel_clip` where it has bounds, then `pixel_affine`. The one implementation:
+    training (`data.examples`, with the `InputSpec` the card is then written with) calls it too, and
+    `raysegment export`'s graph does the same clip and affine in the same float32 arithmetic.
+
+    A float image's NaN and +-inf pixels (no data: a GeoTIFF's nodata, `tiff.read_bands`) become 0, the data
+    set's mean under a z-score: one NaN would otherwise spread through every convolution over it, and in
+    training turn the loss and then every weight into NaN."""
+    spec = card.input if isinstance(card, ModelCard) else card
+    scale, offset = (np.asarray(v, np.float32) for v in spec.pixel_affine)
+    x = images.astype(np.float32)
+    missing = ~np.isfinite(x) if images.dtype.kind == "f" else None
+    clip = spec.pixel_clip
+    if clip is not None:
+        np.clip(x, np.asarray(clip[0], np.float32), np.asarray(clip[1], np.float32), out=x)
+    # In place on the copy astype made: the same float32 operations in the same order, half the memory.
+    x *= scale
+    x += offset
+    if missing is not None and missing.any():
+        x[missing] = 0.0
+    return x

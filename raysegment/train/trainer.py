@@ -20,7 +20,8 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from raysegment import __version__, overlay, plots, progress, storage
 from raysegment import plan as planning
 from raysegment.config import TrainSpec
-from raysegment.data.pipeline import Augmentation, training_dataset
+from raysegment.data.examples import Augmentation
+from raysegment.data.pipeline import training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
 from raysegment.models.card import MODEL_FILE, InferenceAdvice, ModelCard
