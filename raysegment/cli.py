@@ -144,18 +144,17 @@ def plan(
     from raysegment import plan as planning
     from raysegment import storage
     from raysegment.data.prepare import read_manifest
-    from raysegment.errors import ConfigError
     from raysegment.train.config import check_labelled
 
-    try:
-        budget = planning.parse_duration(time_budget) if time_budget else None
-    except ValueError as exc:
-        raise ConfigError(f"--time-budget: {exc}") from None
+    # The compute and budget checked as `train` checks them (TrainSpec's bounds): a plan is only printed for
+    # values train would accept.
+    given = {"workers": workers, "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker}
+    spec = load_spec(TrainSpec, None, {"data": data, "out": out, "time_budget": time_budget, **given})
     loc, manifest = read_manifest(data, endpoint_url)
     check_labelled(manifest, loc.uri)
     fp = planning.read_fingerprint(loc, manifest)
-    compute = planning.Compute(workers, gpus_per_worker, cpus_per_worker)
-    result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, budget)
+    compute = planning.Compute(spec.workers, spec.gpus_per_worker, spec.cpus_per_worker)
+    result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, spec.time_budget)
     storage.write_json(storage.resolve(out, endpoint_url), {"data": loc.uri, **result.to_json()})
     click.echo("\n".join([*planning.format_plan(result), f"written to {out}"]))
 

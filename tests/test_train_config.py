@@ -123,3 +123,27 @@ def test_state_tracks_the_best_epoch_and_patience():
     assert (state.best_epoch, state.best_val_mean_iou) == (1, 0.6)
     assert state.stopped_early  # two epochs without a gain
     assert not TrainState().after_epoch({"epoch": 5, "val_mean_iou": 0.1}, cm, patience=None).stopped_early
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--workers", "0"], "field 'workers': Input should be greater than or equal to 1"),
+        (["--cpus-per-worker", "0"], "field 'cpus_per_worker': Input should be greater than 0"),
+        (["--gpus-per-worker", "-1"], "field 'gpus_per_worker'"),
+        (["--time-budget", "-5m"], "field 'time_budget': Input should be greater than 0 (got -300.0)"),
+        (["--time-budget", "0"], "field 'time_budget'"),
+        (["--time-budget", "forty"], "'forty' is not a duration"),
+    ],
+)
+def test_plan_refuses_the_compute_and_budgets_train_refuses(tmp_path, flags, named):
+    """`plan` checks its flags with TrainSpec's bounds, as `train` does: no plan for a run train would refuse
+    (--workers 0 was a ZeroDivisionError, a negative budget a plan with -5 minutes)."""
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", str(tmp_path), *flags, "--out", str(out)])
+    assert result.exit_code == 2 and named in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
