@@ -353,7 +353,8 @@ def serve(config: str | None, as_json: bool, **flags: Any) -> None:
 
 @main.command()
 @click.option("--out", default="raysegment-demo", show_default=True, help="local folder for everything the demo writes")
-@click.option("--epochs", type=int, default=6, show_default=True)
+# Checked before the demo prepares anything: a bad value fails in a second, not after the data set is written.
+@click.option("--epochs", type=click.IntRange(1, 100_000), default=6, show_default=True)
 @handle_errors
 def demo(out: str, epochs: int) -> None:
     """Synthetic data -> prepare -> train (2 workers) -> evaluate -> infer, on local Ray."""
@@ -371,7 +372,9 @@ main.add_command(bench)
 @main.command()
 @click.argument("run_uri")
 @click.option("--run-id", default=None, help="run record to show (default: the one _SUCCESS names, else the newest)")
-@click.option("--samples", type=int, default=16, show_default=True, help="overlays in the contact sheet")
+@click.option(
+    "--samples", type=click.IntRange(0, 1000), default=16, show_default=True, help="overlays in the contact sheet"
+)
 @click.option(
     "--storage-retry-s",
     type=click.FloatRange(0, 86400),

@@ -211,3 +211,19 @@ def test_log_level_from_the_environment(monkeypatch):
     job = {"runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "1"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert "TF_CPP_MIN_LOG_LEVEL" not in logs.worker_env_vars()  # a submitted job's own value is not merged twice
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["demo", "--epochs", "0"], "Invalid value for '--epochs': 0 is not in the range 1<=x<=100000"),
+        (["report", "RUN", "--samples", "-1"], "Invalid value for '--samples': -1 is not in the range 0<=x<=1000"),
+    ],
+)
+def test_out_of_range_counts_fail_before_any_work(tmp_path, args, named):
+    """`demo --epochs 0` used to prepare its whole data set before TrainSpec refused it; now click refuses it
+    first, and nothing is written."""
+    args = [a if a != "RUN" else str(tmp_path / "run") for a in args]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")] if args[0] == "demo" else args)
+    assert result.exit_code == 2 and named in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
