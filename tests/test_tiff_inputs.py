@@ -89,13 +89,12 @@ def test_decoding_keeps_bands_and_precision():
     real = np.linspace(-3.5, 1e6, H * W, dtype=np.float32).reshape(H, W)
     got = imaging.decode_pixels(_tiff_bytes(real)).pixels
     assert got.dtype == np.float32 and (got == real[..., None]).all()
-    # A float raster's GDAL_NODATA value reads as NaN (no data), Pillow's single-band path or not; an integer
-    # raster's stays a value.
+    # A float raster's GDAL_NODATA value reads as NaN (no data), Pillow's single-band path or not.
     real[0, :5] = -9999.0
     nodata = {"extratags": [(GDAL_NODATA, "s", 0, "-9999", True)]}
     got = imaging.decode_pixels(_tiff_bytes(real, **nodata)).pixels[..., 0]
     assert np.isnan(got[0, :5]).all() and np.array_equal(got[1:], real[1:])
-    assert (imaging.decode_pixels(_tiff_bytes(deep, **nodata)).pixels == deep[..., None]).all()
+    _check_integer_nodata(deep)
     colour16 = planar[..., :3]
     got = imaging.decode_pixels(_tiff_bytes(colour16, photometric="rgb")).pixels  # Pillow would cut to 8 bits
     assert got.dtype == np.uint16 and (got == colour16).all()
@@ -106,6 +105,57 @@ def test_decoding_keeps_bands_and_precision():
     assert shown[..., 0].min() == 0 and shown[..., 0].max() == 255
     # Resized at float precision, channel by channel.
     assert imaging.resize_image(own.pixels, (8, 12)).dtype == np.float32
+
+
+def _check_integer_nodata(deep: np.ndarray) -> None:
+    """A 16-bit raster's GDAL_NODATA (0 here, as satellite scenes have) reads as NaN in a float32 copy; a value
+    the type cannot hold (-9999 for uint16, which tifffile itself reads as 0) marks nothing; an 8-bit raster
+    keeps its nodata as a value."""
+    zero = {"extratags": [(GDAL_NODATA, "s", 0, "0", True)]}
+    got = imaging.decode_pixels(_tiff_bytes(deep, **zero)).pixels[..., 0]
+    assert got.dtype == np.float32 and (deep == 0).sum() > 0
+    assert np.array_equal(np.isnan(got), deep == 0) and np.array_equal(got[deep != 0], deep[deep != 0])
+    outside = {"extratags": [(GDAL_NODATA, "s", 0, "-9999", True)]}
+    got = imaging.decode_pixels(_tiff_bytes(deep, **outside)).pixels[..., 0]
+    assert not np.isnan(got).any() and np.array_equal(got, deep)
+    small = (deep % 251).astype(np.uint8)
+    got = imaging.decode_pixels(_tiff_bytes(small, **zero)).pixels[..., 0]
+    assert got.dtype == np.uint8 and np.array_equal(got, small)
+
+
+def test_big_raster_windows_read_integer_nodata_as_the_whole_image_decoder_does(tmp_path):
+    """The window-by-window reader (`rasters.model_pixels`, rasterio) marks a uint16 GeoTIFF's nodata as the
+    whole-image decoder does: the same NaNs, so a big raster and a small one reach the model alike."""
+    rasterio = pytest.importorskip("rasterio")
+    from raysegment.inference import rasters
+
+    deep = (np.arange(H * W, dtype=np.uint32).reshape(H, W) * 151 % 4000).astype(np.uint16)
+    path = tmp_path / "scene.tif"
+    profile = {"driver": "GTiff", "height": H, "width": W, "count": 1, "dtype": "uint16", "nodata": 0}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(deep, 1)
+    stats = {"mean": (2000.0,), "std": (1000.0,)}
+    card = ModelCard(
+        model_id="unet-test",
+        model_sha256="a" * 64,
+        num_classes=2,
+        class_names=["a", "b"],
+        palette=[(0, 0, 0), (200, 0, 0)],
+        input={
+            "size": (16, 16),
+            "channels": 1,
+            "bands": [1],
+            "pixel_type": "float32",
+            "normalization": "zscore",
+            "stats": stats,
+        },
+    )
+    whole = imaging.model_pixels(path.read_bytes(), imaging.MAX_PIXELS, imaging.Channels.of([1], 1), True)
+    window = rasters.Window(rows=(0, H), cols=(0, W), keep_rows=(0, H), keep_cols=(0, W))
+    with rasterio.open(path) as src:
+        got = rasters.model_pixels(src, window, card)
+    assert got.dtype == whole.dtype == np.float32 and (deep == 0).sum() > 0
+    assert np.array_equal(np.isnan(got[..., 0]), deep == 0) and np.array_equal(got, whole, equal_nan=True)
 
 
 def test_stack_slices_and_infer_rows():

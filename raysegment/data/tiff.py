@@ -102,16 +102,44 @@ def _alpha_bands(page: Any) -> int:
     return sum(1 for s in page.extrasamples if int(s) in _ALPHA)
 
 
+def marks_nodata(dtype: np.dtype) -> bool:
+    """Whether a raster of this pixel type has its no-data value read as NaN: float, and integers of 16 bits
+    or more (float32 holds 16-bit values exactly). 8-bit rasters keep theirs as a value: marking it would make
+    every such image float, and 8-bit models take 0..255 pixels (the presets), where NaN has no place."""
+    return dtype.kind == "f" or (dtype.kind in "iu" and dtype.itemsize >= 2)
+
+
 def _nodata(page: Any) -> float | None:
-    """A float raster's GDAL_NODATA sentinel (-9999, -3.4e38, ...), None where it has none or is not float.
-    Integer rasters keep theirs as a value: marking it needs a float copy of every image."""
-    if page.dtype is None or np.dtype(page.dtype).kind != "f" or _GDAL_NODATA not in page.tags:
+    """The page's GDAL_NODATA sentinel (-9999, 0, 65535, -3.4e38, ...) where `marks_nodata` its pixel type,
+    else None. The tag is parsed here: tifffile reads an unparsable or out-of-range value as 0, which would
+    mark every real 0 as no data."""
+    if page.dtype is None or _GDAL_NODATA not in page.tags or not marks_nodata(np.dtype(page.dtype)):
         return None
-    return float(page.nodata)
+    text = page.tags[_GDAL_NODATA].value
+    try:
+        return float(str(text).strip().strip("\x00").replace(",", "."))
+    except ValueError:
+        return None
+
+
+def mark_nodata(arr: np.ndarray, nodata: float | None) -> np.ndarray:
+    """`arr` with its `nodata` pixels NaN (integer rasters as float32 copies; `marks_nodata` says which), as a
+    float image's own NaNs: left out of the fingerprint, 0 after normalisation (`card.normalize`). A value the
+    pixel type cannot hold marks nothing (an integer raster is still read as float32, as its tag says)."""
+    if nodata is None or not marks_nodata(arr.dtype):
+        return arr
+    if arr.dtype.kind == "f":
+        return arr if math.isnan(nodata) else np.where(arr == nodata, np.asarray(np.nan, arr.dtype), arr)
+    info = np.iinfo(arr.dtype)
+    hit = arr == arr.dtype.type(nodata) if nodata.is_integer() and info.min <= nodata <= info.max else None
+    arr = arr.astype(np.float32)
+    if hit is not None:
+        arr[hit] = np.nan
+    return arr
 
 
 def pil_reads(page: Any) -> bool:
-    """True when Pillow decodes this page without losing bands or precision (or a float raster's nodata)."""
+    """True when Pillow decodes this page without losing bands or precision (or a raster's marked nodata)."""
     if page.dtype is None:  # odd bit depths: tifffile says what it cannot do
         return False
     if _nodata(page) is not None:  # Pillow reads past the GDAL tag
@@ -180,11 +208,7 @@ def read_bands(data: bytes, max_pixels: int, page: int = 0) -> tuple[np.ndarray,
             if "imagecodecs" not in str(exc) or len(pages) > 1:
                 raise TiffError(f"cannot decode TIFF: {exc}") from exc
             arr = _with_rasterio(data, exc)
-        nodata = _nodata(p)
-        if nodata is not None and not math.isnan(nodata):
-            # NaN, like a float image's own NaNs: left out of the fingerprint, 0 after normalisation.
-            arr = np.where(arr == np.asarray(nodata, arr.dtype), np.asarray(np.nan, arr.dtype), arr)
-        return arr, _alpha_bands(p)
+        return mark_nodata(arr, _nodata(p)), _alpha_bands(p)
 
 
 def page_bytes(data: bytes, page: int) -> bytes:

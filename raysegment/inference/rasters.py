@@ -261,7 +261,9 @@ def model_pixels(src: Any, window: Window, card: ModelCard) -> np.ndarray:
     (r0, r1), (c0, c1) = window.rows, window.cols
     bands = src.read(window=GdalWindow(c0, r0, c1 - c0, r1 - r0))
     channels = imaging.Channels.of(card.input.bands, card.input.channels)
-    pixels = imaging.select_channels(np.moveaxis(bands, 0, -1), _alpha_bands(src), channels)
+    # No-data pixels as the whole-image decoder reads them (`tiff.mark_nodata`: NaN, then 0 after normalisation).
+    pixels = tiff.mark_nodata(np.moveaxis(bands, 0, -1), src.nodata)
+    pixels = imaging.select_channels(pixels, _alpha_bands(src), channels)
     if pixels.dtype != np.uint8 and not card.input.native_pixels:
         raise imaging.ImageDecodeError(f"{pixels.dtype} pixels, but the model was trained on 8-bit images")
     return np.ascontiguousarray(pixels)
