@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import posixpath
+import stat
 import tempfile
 import time
 import uuid
@@ -287,12 +288,43 @@ def _local_tmp(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
 
 
+_NOT_FILES = (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISLNK, "link"),
+    (stat.S_ISCHR, "device"),
+    (stat.S_ISBLK, "device"),
+    (stat.S_ISFIFO, "pipe"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def check_replaceable(loc: Location) -> None:
+    """A local output path must be free or a plain file: a file is written beside it and renamed over it, which
+    would replace a device (`--out /dev/stdout`, a link, replaced as root by a plain file for every program on
+    the machine), a pipe or a link with a plain file, and fail on a folder with a message about a temporary
+    name. One clear error instead, before any work."""
+    if loc.remote:
+        return
+    try:
+        mode = os.lstat(loc.path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(describe_error(loc.uri, exc)) from None
+    for test, kind in _NOT_FILES:
+        if test(mode):
+            raise StorageError(
+                f"{loc.uri}: is a {kind}, not a file; give a file path (outputs replace a file whole, and never a {kind})"
+            )
+
+
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write a whole file so that a reader sees either nothing or all of it."""
     if loc.remote:
         # One PUT is atomic on S3: the object appears whole or not at all.
         call(loc, lambda: loc.fs.pipe_file(loc.path, data))
         return
+    check_replaceable(loc)
     with storage_errors(loc.uri):
         os.makedirs(os.path.dirname(loc.path), exist_ok=True)
         tmp = _local_tmp(loc.path)
@@ -312,6 +344,7 @@ def staged_file(loc: Location) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(prefix="raysegment-", suffix=posixpath.basename(loc.path))
         os.close(fd)
     else:
+        check_replaceable(loc)
         os.makedirs(os.path.dirname(loc.path), exist_ok=True)
         tmp = _local_tmp(loc.path)
     try:

@@ -117,3 +117,26 @@ def test_a_store_that_never_answers_fails_within_the_deadline(monkeypatch):
         assert err.value.transient and "after 2 attempts" in str(err.value)
     finally:
         server.close()
+
+
+def test_an_output_path_that_is_not_a_file_is_refused_and_left_as_it_was(tmp_path):
+    """Outputs are written beside their path and renamed over it: that would replace a pipe or a link (run as
+    root, `--out /dev/stdout` replaced the link every program on the machine writes through) with a plain file,
+    and fail on a folder with a temporary file's name. Each is one error naming the path; nothing is replaced."""
+    target = tmp_path / "real.json"
+    target.write_text("kept")
+    folder, link, pipe = tmp_path / "folder", tmp_path / "link.json", tmp_path / "pipe"
+    folder.mkdir()
+    link.symlink_to(target)
+    os.mkfifo(pipe)
+    for path, kind in ((folder, "folder"), (link, "link"), (pipe, "pipe")):
+        loc = storage.resolve(str(path))
+        with pytest.raises(StorageError, match=f"{path}: is a {kind}, not a file; give a file path"):
+            storage.write_json(loc, {"a": 1})
+        with pytest.raises(StorageError, match=f"is a {kind}"), storage.staged_file(loc):
+            raise AssertionError("staged_file must refuse before the work")
+    assert link.is_symlink() and target.read_text() == "kept" and folder.is_dir() and list(folder.iterdir()) == []
+    assert os.path.exists(pipe) and not os.path.isfile(pipe)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "link.json", "pipe", "real.json"]  # no temp
+    storage.write_json(storage.resolve(str(target)), {"a": 1})  # a plain file is replaced whole, as before
+    assert target.read_text().startswith("{")
