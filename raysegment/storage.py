@@ -302,7 +302,7 @@ def check_replaceable(loc: Location) -> None:
     """A local output path must be free or a plain file: a file is written beside it and renamed over it, which
     would replace a device (`--out /dev/stdout`, a link, replaced as root by a plain file for every program on
     the machine), a pipe or a link with a plain file, and fail on a folder with a message about a temporary
-    name. One clear error instead, before any work."""
+    name. One clear error instead, before the write (before the work, for `staged_file`)."""
     if loc.remote:
         return
     try:
