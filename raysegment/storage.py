@@ -166,6 +166,13 @@ _UNREACHABLE = (
 )
 
 
+def _blocking_file(path: str) -> str:
+    """The file that stands in the way of a folder at `path`: `path` or the nearest ancestor that exists."""
+    while path and not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def describe_error(uri: str, exc: BaseException) -> str:
     """One line naming the URI, what went wrong and how to fix it."""
     text = f"{type(exc).__name__}: {exc}"
@@ -184,6 +191,12 @@ def describe_error(uri: str, exc: BaseException) -> str:
         return f"{uri}: storage endpoint unreachable ({endpoint_from_env() or 'AWS default'}); check AWS_ENDPOINT_URL and the network"
     if isinstance(exc, FileNotFoundError):
         return f"{uri}: not found; check the path"
+    if not remote and isinstance(exc, (FileExistsError, NotADirectoryError)):
+        # makedirs over a file: OUTPUT or DEST (or a folder on the way to it) is a plain file.
+        where = _blocking_file(str(getattr(exc, "filename", None) or uri))
+        return f"{uri}: {where} is a file where a folder is needed; give a folder path"
+    if not remote and isinstance(exc, IsADirectoryError):
+        return f"{uri}: is a folder where a file is needed; give a file path"
     if type(exc).__name__ == "FSTimeoutError":
         return f"{uri}: the store accepted the request but did not answer in time; check that it is healthy"
     if isinstance(exc, PermissionError):

@@ -140,3 +140,14 @@ def test_an_output_path_that_is_not_a_file_is_refused_and_left_as_it_was(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "link.json", "pipe", "real.json"]  # no temp
     storage.write_json(storage.resolve(str(target)), {"a": 1})  # a plain file is replaced whole, as before
     assert target.read_text().startswith("{")
+
+
+def test_a_file_where_an_output_folder_is_needed_is_named(tmp_path):
+    """DEST, OUTPUT or a folder on the way to them being a plain file was `storage error (FileExistsError: ...)`;
+    now the line names the file that stands in the way."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("kept")
+    for path in (blocker / "plan.json", blocker / "sub" / "deeper" / "x.json"):
+        with pytest.raises(StorageError, match=f"{path}: {blocker} is a file where a folder is needed; give a folder"):
+            storage.write_json(storage.resolve(str(path)), {"a": 1})
+    assert blocker.read_text() == "kept"
