@@ -411,7 +411,7 @@ def normalize(images: np.ndarray, card: ModelCard | InputSpec) -> np.ndarray:
     training (`data.examples`, with the `InputSpec` the card is then written with) calls it too, and
     `raysegment export`'s graph does the same clip and affine in the same float32 arithmetic.
 
-    A float image's NaN and +-inf pixels (no data: a GeoTIFF's nodata, `tiff.read_bands`) become 0, the data
+    A float image's NaN and +-inf pixels (no data: a GeoTIFF's nodata, `tiff.mark_nodata`) become 0, the data
     set's mean under a z-score: one NaN would otherwise spread through every convolution over it, and in
     training turn the loss and then every weight into NaN."""
     spec = card.input if isinstance(card, ModelCard) else card
