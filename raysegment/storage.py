@@ -318,12 +318,11 @@ def check_replaceable(loc: Location) -> None:
     name. One clear error instead, before the write (before the work, for `staged_file`)."""
     if loc.remote:
         return
-    try:
-        mode = os.lstat(loc.path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise StorageError(describe_error(loc.uri, exc)) from None
+    with storage_errors(loc.uri):
+        try:
+            mode = os.lstat(loc.path).st_mode
+        except FileNotFoundError:
+            return
     for test, kind in _NOT_FILES:
         if test(mode):
             raise StorageError(
