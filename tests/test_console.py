@@ -216,14 +216,19 @@ def test_log_level_from_the_environment(monkeypatch):
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["demo", "--epochs", "0"], "Invalid value for '--epochs': 0 is not in the range 1<=x<=100000"),
-        (["report", "RUN", "--samples", "-1"], "Invalid value for '--samples': -1 is not in the range 0<=x<=1000"),
+        (
+            ["demo", "--epochs", "0", "--out", "{tmp}/out"],
+            "Invalid value for '--epochs': 0 is not in the range 1<=x<=100000",
+        ),
+        (
+            ["report", "{tmp}/run", "--samples", "-1"],
+            "Invalid value for '--samples': -1 is not in the range 0<=x<=1000",
+        ),
     ],
 )
 def test_out_of_range_counts_fail_before_any_work(tmp_path, args, named):
     """`demo --epochs 0` used to prepare its whole data set before TrainSpec refused it; now click refuses it
     first, and nothing is written."""
-    args = [a if a != "RUN" else str(tmp_path / "run") for a in args]
-    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")] if args[0] == "demo" else args)
+    result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2 and named in result.output, result.output
     assert list(tmp_path.iterdir()) == []
