@@ -136,13 +136,20 @@ def test_parquet_key_column_duplicates_across_files(tiny_model, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     pq.write_table(pa.table({"id": ["r0", "r1"], "image": [png(0), png(1)]}), inp / "part-0.parquet")
-    pq.write_table(pa.table({"id": ["r1", "r2"], "image": [png(2), png(3)]}), inp / "part-1.parquet")
+    # Keys that would name a file outside OUTPUT/masks are error rows, as a listed file's are.
+    unsafe = ["../../escape", "../evil", "/abs/x", None]
+    ids = ["r1", "r2", *unsafe]
+    pq.write_table(pa.table({"id": ids, "image": [png(i) for i in range(2, 2 + len(ids))]}), inp / "part-1.parquet")
     with pytest.raises(JobError, match="share a key"):
         infer(InferSpec(model=model, input=str(inp), output=str(out), key_column="id", report=False))
     rows = rows_by_key(out)
     assert [r["status"] for r in rows["r1"]] == ["error", "error"]
     assert "part-0.parquet row 1 and part-1.parquet row 0 map to key 'r1'" in rows["r1"][0]["error"]
     assert masks(out) == {"r0.png", "r2.png"}
+    for key in ("../../escape", "../evil", "/abs/x"):
+        assert [r["error"].split(":")[0] for r in rows[key]] == ["unsafe key"], key
+    assert [r["error"] for r in rows[""]] == ["unsafe key: empty key"]  # the null: no key, not 'None'
+    assert {p.name for p in tmp_path.rglob("*.png")} == {"r0.png", "r2.png"}  # nothing outside masks/
 
 
 @pytest.mark.slow

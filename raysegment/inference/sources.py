@@ -244,18 +244,25 @@ def _add_member(
         block.add(member_key, source, extracted.read() if extracted else b"")
 
 
+def key_text(value: Any) -> str:
+    """A key column's value as a key: a null is the empty key (an error row), not the text 'None'."""
+    return "" if value is None else str(value)
+
+
 def _parquet_rows(
     batch: dict[str, np.ndarray], uri: str, image_column: str, key_column: str | None, clashes: dict[str, str]
 ) -> dict[str, np.ndarray]:
     images = batch[image_column]
-    keys = [str(k) for k in (batch[key_column] if key_column else batch["__row"])]
-    refused = [clashes.get(collisions.fold(k), "") if clashes else "" for k in keys]
+    keys = [key_text(k) for k in (batch[key_column] if key_column else batch["__row"])]
+    clashing = [clashes.get(collisions.fold(k), "") if clashes else "" for k in keys]
+    # A key names the mask's file: one that would escape OUTPUT (`..`, absolute, empty or null) is an error row.
+    refused = [c or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "") for c, k in zip(clashing, keys)]
     return _rows(
         keys,
         [f"{uri}#{k}" for k in keys],
         [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
         [r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes") for b, r in zip(images, refused)],
-        [bool(r) for r in refused],
+        [bool(c) for c in clashing],
     )
 
 
@@ -273,7 +280,7 @@ def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str
             with root.fs.open(path, "rb") as f:
                 row = 0
                 for rb in pq.ParquetFile(f).iter_batches(columns=[key_column]):
-                    keys = [str(k) for k in rb.column(0).to_pylist()]
+                    keys = [key_text(k) for k in rb.column(0).to_pylist()]
                     yield keys, [f"{name} row {row + i}" for i in range(len(keys))]
                     row += len(keys)
 
