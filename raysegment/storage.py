@@ -61,6 +61,19 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def beside(entry: str, folder: str) -> str:
+    """A list file's entry as a URI or absolute local path: relative entries lie below `folder`, the
+    list file's own folder, wherever the command runs (prepare's pair lists and infer's URI lists)."""
+    if entry.startswith("file://"):
+        entry = entry[len("file://") :]
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    scheme, sep, rest = folder.partition("://")
+    if not sep:
+        return posixpath.normpath(posixpath.join(folder, entry))
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, entry))}"
+
+
 @dataclass(frozen=True)
 class Location:
     """A resolved URI: the fsspec filesystem and the path it understands."""

@@ -24,6 +24,7 @@ from raysegment.config import InferSpec, NightlySpec, load_spec
 from raysegment.errors import ConfigError, DataError, JobError, StorageError
 from raysegment.inference.pipeline import infer
 from raysegment.inference.sources import unsafe_key_reason
+from raysegment.inference.urilist import list_uris
 from raysegment.lock import LockedError, RunLock
 
 NFC, NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
@@ -169,6 +170,19 @@ def test_uri_list_duplicates_outputs_and_collisions(tiny_model, tmp_path):
     assert [r["status"] for r in rows["i0"]] == ["ok"]  # listed twice, read once
     assert "an output of this job" in rows["old"][0]["error"]
     assert [r["status"] for r in rows["c"]] == ["error", "error"]
+
+
+def test_a_uri_list_without_entries_or_not_utf8_is_one_error(tmp_path):
+    """Refused on the driver before any job starts, naming the list (and the line that is not UTF-8)."""
+    empty, comments, latin1 = tmp_path / "empty.txt", tmp_path / "comments.txt", tmp_path / "latin1.txt"
+    empty.write_bytes(b"")
+    comments.write_text("# nothing yet\n\n   \n")
+    latin1.write_bytes(b"/data/a.png\n/data/caf\xe9.png\n")
+    for listing in (empty, comments):
+        with pytest.raises(DataError, match=f"{listing}: the URI list names no images"):
+            list_uris(storage.resolve(str(listing)))
+    with pytest.raises(DataError, match=f"{latin1}: line 2 is not UTF-8 text.*iconv"):
+        list_uris(storage.resolve(str(latin1)))
 
 
 # --- outputs never inputs; folders without images --------------------------------------------------

@@ -142,8 +142,10 @@ def test_uri_list_source_and_npz_masks(tiny_model, tmp_path):
     _, model = tiny_model
     write_images(tmp_path / "imgs", 3)
     listing = tmp_path / "list.txt"
+    first, *rest = sorted((tmp_path / "imgs").iterdir())
+    # A relative entry lies beside the list, wherever the command runs; blank and comment lines are skipped.
     listing.write_text(
-        "".join(f"{p}\n" for p in sorted((tmp_path / "imgs").iterdir())) + f"{tmp_path}/imgs/missing.png\n"
+        f"# images\n\nimgs/{first.name}\n" + "".join(f"{p}\n" for p in rest) + f"{tmp_path}/imgs/missing.png\n"
     )
     out = tmp_path / "out"
     run = infer(InferSpec(model=model, input=str(listing), output=str(out), mask_format="npz"))

@@ -72,18 +72,6 @@ def _check_columns(names: list[str], uri: str) -> None:
         )
 
 
-def _absolute(entry: str, folder: str) -> str:
-    """An entry as a URI or absolute local path; relative entries are below the list file's folder."""
-    if entry.startswith("file://"):
-        entry = entry[len("file://") :]
-    if "://" in entry or entry.startswith("/"):
-        return entry
-    scheme, sep, rest = folder.partition("://")
-    if not sep:
-        return posixpath.normpath(posixpath.join(folder, entry))
-    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, entry))}"
-
-
 def _fs_path(uri: str) -> str:
     """The path the store's filesystem understands: bucket/key on S3, the absolute path locally."""
     return uri.split("://", 1)[1] if "://" in uri else posixpath.normpath(uri)
@@ -142,7 +130,7 @@ def list_layout(source: storage.Location) -> Listing:
             raise DataError(f"{source.uri}: {row.where} has an empty image or mask; every row needs both")
         if row.split is not None and row.split not in SPLITS:
             raise DataError(f"{source.uri}: {row.where} has split '{row.split}'; the split column holds train or val")
-    entries = [(_absolute(r.image, folder), _absolute(r.mask, folder)) for r in rows]
+    entries = [(storage.beside(r.image, folder), storage.beside(r.mask, folder)) for r in rows]
     stores = {_store(u) for pair in entries for u in pair}
     if len(stores) > 1:
         raise DataError(

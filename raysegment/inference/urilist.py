@@ -16,8 +16,9 @@ rows into read-task blocks that spread over the cluster).
 from __future__ import annotations
 
 import dataclasses
-import io
+import posixpath
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -47,35 +48,53 @@ def _uri_key(uri: str) -> str:
     return strip_ext(rest.lstrip("/"))
 
 
-def _block(uris: list[str | None], keys: list[str | None] | None, errors: list[str | None] | None) -> Block:
-    """The non-blank, non-comment URIs; keys from the list or from each URI."""
+def _block(
+    uris: list[str | None], keys: list[str | None] | None, errors: list[str | None] | None, folder: str
+) -> Block:
+    """The non-blank, non-comment URIs, relative ones below the list's `folder`; keys from the list or from
+    each URI."""
     block = Block()
     for i, raw in enumerate(uris):
         uri = (raw or "").strip()
         if uri and not uri.startswith("#"):
+            uri = storage.beside(uri, folder)
             block.keys.append(str(keys[i] or "") if keys is not None else _uri_key(uri))
             block.paths.append(uri)
             block.errors.append(str(errors[i] or "") if errors is not None else "")
     return block
 
 
+def _lines(f: Any, uri: str) -> Iterator[str]:
+    """A text list's lines; one that is not UTF-8 stops the job with its line number (a file name
+    decoded wrongly would be read as another file's, or as none)."""
+    for n, raw in enumerate(f, 1):
+        try:
+            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{uri}: line {n} is not UTF-8 text; a URI list is UTF-8, one URI per line: "
+                "convert it (iconv -t UTF-8) and run again"
+            ) from None
+
+
 def _blocks(root: storage.Location) -> Iterator[Block]:
     """Stream a list file, LIST_ROWS URIs at a time."""
+    folder = posixpath.dirname(root.uri)
     with storage.storage_errors(root.uri), root.fs.open(root.path, "rb") as f:
         if root.path.lower().endswith(".parquet"):
             pf = pq.ParquetFile(f)
             columns = [c for c in ("uri", "key", "error") if c in pf.schema_arrow.names]
             for rb in pf.iter_batches(batch_size=LIST_ROWS, columns=columns):
                 column = {c: rb.column(c).to_pylist() for c in columns}
-                yield _block(column["uri"], column.get("key"), column.get("error"))
+                yield _block(column["uri"], column.get("key"), column.get("error"), folder)
             return
         lines: list[str | None] = []
-        for raw in io.TextIOWrapper(f, encoding="utf-8"):
-            lines.append(raw)
+        for line in _lines(f, root.uri):
+            lines.append(line)
             if len(lines) == LIST_ROWS:
-                yield _block(lines, None, None)
+                yield _block(lines, None, None, folder)
                 lines = []
-        yield _block(lines, None, None)
+        yield _block(lines, None, None, folder)
 
 
 def _marked(
@@ -129,6 +148,9 @@ def list_uris(root: storage.Location, output: storage.Location | None = None) ->
             raise DataError(f"{root.uri}: a URI list in Parquet needs a 'uri' column (has {names})")
     elif not storage.exists(root):
         raise DataError(f"{root.uri}: URI list not found")
+    # An empty list would "finish" with nothing done; read up to its first entry to refuse it here.
+    if not root.call(lambda: any(block.paths for block in _blocks(root))):
+        raise DataError(f"{root.uri}: the URI list names no images (only blank or comment lines); nothing to infer")
     parts = OutputParts.of(output) if output is not None else None
     ds = ray.data.from_items([{"list": root.uri}])
     return ds.map_batches(
