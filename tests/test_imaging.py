@@ -1,6 +1,8 @@
 """Decoding, resizing and encoding: bad input is a clear ImageDecodeError, labels never interpolated."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -64,15 +66,33 @@ def test_voc_palette_prefix():
     assert imaging.default_palette(4) == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
 
 
-def test_header_over_pillows_own_limit_is_refused_in_our_terms():
-    # 100000 x 100000: Pillow refuses it before we read the size; the message still names --max-pixels.
-    import struct
-    import zlib
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of that size with no pixel data: enough for a header read."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
-    data = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
-    with pytest.raises(imaging.ImageDecodeError, match=r"10000000000 pixels, over the limit of 1000 \(--max-pixels\)"):
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_is_max_pixels_not_pillows():
+    # Pillow warns from 89.5M pixels and refuses from 179M whatever the limit asked for.
+    assert imaging.image_size(png_header(9600, 9600)) == (9600, 9600)  # 92M: under the default 100M
+    with pytest.raises(imaging.ImageDecodeError) as no_pixels:
+        imaging.decode_image(png_header(9600, 9600))
+    assert "limit" not in str(no_pixels.value)  # refused for its missing pixel data, not its size
+    with pytest.raises(imaging.ImageDecodeError, match="over the limit of 100000000 pixels"):
+        imaging.image_size(png_header(15_000, 15_000))
+    assert imaging.image_size(png_header(15_000, 15_000), max_pixels=300_000_000) == (15_000, 15_000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own limit is back as it was
+
+
+def test_header_over_pillows_own_limit_is_refused_in_our_terms():
+    # 100000 x 100000: Pillow refuses it before we read the size; the message still names --max-pixels.
+    data = png_header(100_000, 100_000)
+    with pytest.raises(
+        imaging.ImageDecodeError,
+        match=r"10000000000 pixels, over the limit of 1000 pixels \(infer and serve: raise --max-pixels",
+    ):
         imaging.decode_image(data, max_pixels=1000)

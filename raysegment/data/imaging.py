@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -27,6 +28,14 @@ MAX_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 
+def too_big(size: str, max_pixels: int) -> str:
+    """The refusal of an image over the pixel limit, with the fix each command has."""
+    return (
+        f"image is {size}, over the limit of {max_pixels} pixels (infer and serve: raise --max-pixels; "
+        f"prepare takes up to {MAX_PIXELS}: cut larger images into tiles)"
+    )
+
+
 class ImageDecodeError(ValueError):
     """An image or mask that cannot be decoded; the message says why."""
 
@@ -34,34 +43,49 @@ class ImageDecodeError(ValueError):
 NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG, TIFF, BMP, WebP or GIF file"
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _header(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open (the header only) under raysegment's pixel limit instead of Pillow's own.
+
+    Pillow warns from 89.5M pixels and refuses from twice that, whatever `max_pixels` says: its
+    warning is ignored here (the size is checked right after), and an image it refuses that is within
+    `max_pixels` is opened again with Pillow's limit raised to `max_pixels`, never lifted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            if not found or int(found.group(1)) > max_pixels:
+                size = f"{int(found.group(1))} pixels" if found else "its header's size"
+                raise ImageDecodeError(too_big(size, max_pixels)) from exc
+            with _PILLOW_LIMIT_LOCK:
+                pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+                try:
+                    img = Image.open(io.BytesIO(data))
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pillow_limit
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageDecodeError(too_big(f"{w}x{h} pixels", max_pixels))
+    return img
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {max_pixels} (--max-pixels)")
-            img.load()
+        img = _header(data, max_pixels)
+        img.load()
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as exc:
-        # Pillow refuses headers over twice its own limit before we see the size: say it in our terms.
-        raise ImageDecodeError(
-            f"image is {_pillow_pixels(exc)}, over the limit of {max_pixels} (--max-pixels)"
-        ) from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError(NOT_AN_IMAGE) from exc
     except Exception as exc:  # PIL raises many types for corrupt input
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return img
-
-
-def _pillow_pixels(exc: Exception) -> str:
-    found = re.search(r"\((\d+) pixels\)", str(exc))
-    return f"{int(found.group(1))} pixels" if found else "size from its header"
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -266,19 +290,19 @@ def image_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
         if tiff.needs_tifffile(data):
             h, w = tiff.slice_size(data)
             if w * h > max_pixels:
-                raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {max_pixels} (--max-pixels)")
+                raise ImageDecodeError(too_big(f"{w}x{h} pixels", max_pixels))
             return h, w
     except tiff.TiffError as exc:
         raise _tiff_problem(exc) from exc
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _header(data, max_pixels)
+    except ImageDecodeError:
+        raise
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError(NOT_AN_IMAGE) from exc
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     w, h = img.size
-    if w * h > max_pixels:
-        raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {max_pixels} (--max-pixels)")
     return h, w
 
 

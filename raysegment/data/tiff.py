@@ -201,7 +201,9 @@ def read_bands(data: bytes, max_pixels: int, page: int = 0) -> tuple[np.ndarray,
         p = tif.pages[pages[page]]
         h, w = p.imagelength, p.imagewidth
         if h * w > max_pixels:
-            raise TiffError(f"image is {w}x{h} pixels, over the limit of {max_pixels} (--max-pixels)")
+            from raysegment.data.imaging import too_big  # imaging imports this module
+
+            raise TiffError(too_big(f"{w}x{h} pixels", max_pixels))
         try:
             arr = _as_yxs(p, p.asarray())
         except ValueError as exc:
