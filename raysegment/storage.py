@@ -61,6 +61,20 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+NOT_UTF8 = "file name is not UTF-8 text (shown with \\xNN for its bytes): rename it (e.g. convmv -t utf8)"
+
+
+def utf8_name(path: str) -> tuple[str, bool]:
+    """(path as UTF-8 text, whether it already was one). A local file name in another encoding reaches
+    Python with its bad bytes as surrogates (PEP 383), which Parquet, JSON and hashing refuse: such a
+    name is shown with \\xNN escapes, and the file is refused (`NOT_UTF8`), never read under a changed name."""
+    try:
+        path.encode("utf-8")
+        return path, True
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), False
+
+
 def beside(entry: str, folder: str) -> str:
     """A list file's entry as a URI or absolute local path: relative entries lie below `folder`, the
     list file's own folder, wherever the command runs (prepare's pair lists and infer's URI lists)."""

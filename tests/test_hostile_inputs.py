@@ -62,6 +62,11 @@ def hostile_folder(tmp_path):
     os.symlink(outside / "secret.png", inp / "link.png")  # leaves INPUT: not followed
     os.symlink(tmp_path / "nowhere.png", inp / "dang.png")  # dangling
     os.symlink("../b.png", inp / "sub" / "inside.png")  # stays inside INPUT: followed
+    # Latin-1 names (byte 0xe9, no UTF-8): a file, a folder at the top (the driver lists it) and one below.
+    for path in (b"caf\xe9.png", b"top\xe9/y.png", b"sub/dir\xe9/x.png"):
+        os.makedirs(os.path.dirname(os.fsencode(inp) + b"/" + path), exist_ok=True)
+        with open(os.fsencode(inp) + b"/" + path, "wb") as f:
+            f.write(png(8))
     return inp
 
 
@@ -85,6 +90,9 @@ def test_collisions_fail_every_run_until_renamed_and_links_stay_inside(tiny_mode
     assert "outside INPUT, not followed" in rows["link"][0]["error"]
     assert "dangling symlink" in rows["dang"][0]["error"] and "dang.png" in rows["dang"][0]["error"]
     assert masks(out) == {"b.png", ".png.png", "sub/inside.png"}  # '.png' is a key like any other
+    for key in ("caf\\xe9", "top\\xe9", "sub/dir\\xe9/x"):  # shown escaped, refused, never read
+        assert rows[key][0]["error"].startswith("file name is not UTF-8 text"), key
+    assert "a folder: nothing under it is read" in rows["top\\xe9"][0]["error"]
 
     # The same command again must not pass the collision an earlier run recorded.
     with pytest.raises(JobError, match="share a key"):
@@ -94,7 +102,7 @@ def test_collisions_fail_every_run_until_renamed_and_links_stay_inside(tiny_mode
     (inp / "a.jpg").rename(inp / "c.jpg")
     (inp / "sub" / f"{NFD}.png").unlink()
     record = run(overwrite=True)
-    assert record["counts"]["ok"] == 6 and record["counts"]["error"] == 2  # the two links
+    assert record["counts"]["ok"] == 6 and record["counts"]["error"] == 5  # the two links, three Latin-1 names
     assert (out / "_SUCCESS").exists() and {"a.png", "c.png", f"sub/{NFC}.png"} <= masks(out)
 
 
@@ -119,16 +127,21 @@ def test_tar_collisions_within_and_across_archives(tiny_model, tmp_path):
         add_member(tar, "k/z.png", png(20))  # key n/k/z
     with tarfile.open(inp / "n" / "k.tar", "w") as tar:
         add_member(tar, "z.png", png(21))  # key n/k/z again, from an archive below n.tar's key
+    with tarfile.open(inp / "l.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        add_member(tar, "café.png", png(22))  # stored as Latin-1 bytes: no UTF-8 name
+        add_member(tar, "ok.png", png(23))
     with pytest.raises(JobError, match="share a key"):
         infer(InferSpec(model=model, input=str(inp), output=str(out), source="tar", report=False))
     rows = rows_by_key(out)
     assert [r["status"] for r in rows["dup/(archive)"]] == ["error", "error"]
+    assert rows["l/caf\\xe9"][0]["error"].startswith("member file name is not UTF-8 text")
+    assert [r["status"] for r in rows["l/ok"]] == ["ok"]
     assert all("key collision: dup.tar and dup.tgz" in r["error"] for r in rows["dup/(archive)"])
     assert sorted(r["status"] for r in rows["m/x"]) == sorted(r["status"] for r in rows["m/y"]) == ["error", "ok"]
     assert "repeats key 'm/x' of member x.png" in next(r["error"] for r in rows["m/x"] if r["error"])
     assert [r["status"] for r in rows["n/k/z"]] == ["ok"]
     assert "lies under the key of archive 'n'" in rows["n/k/(archive)"][0]["error"]
-    assert masks(out) == {"m/x.png", "m/y.png", "n/k/z.png"}
+    assert masks(out) == {"m/x.png", "m/y.png", "n/k/z.png", "l/ok.png"}
 
 
 @pytest.mark.slow

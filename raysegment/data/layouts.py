@@ -86,15 +86,13 @@ def _pair(
     elif len(img) > 1 or len(msk) > 1:
         many = img if len(img) > 1 else msk
         problem = "several files for one key: " + ", ".join(posixpath.basename(p) for p, _ in many)
-    return Pair(
-        key,
-        img[0][0] if img else None,
-        msk[0][0] if msk else None,
-        img[0][1] if img else 0,
-        msk[0][1] if msk else 0,
-        split,
-        problem,
+    image, mask = img[0][0] if img else None, msk[0][0] if msk else None
+    (key, ok_key), (image, ok_image), (mask, ok_mask) = (
+        storage.utf8_name(p) if p else (p, True) for p in (key, image, mask)
     )
+    if not (ok_key and ok_image and ok_mask):
+        problem = storage.NOT_UTF8
+    return Pair(key, image, mask, img[0][1] if img else 0, msk[0][1] if msk else 0, split, problem)
 
 
 def pairs_layout(

@@ -122,7 +122,8 @@ def unit_table(
     """The rows of one listing unit, with its key collisions marked."""
     prefix = root.path.rstrip("/") + "/"
     found = sorted(e for e in entries if e.path.startswith(prefix) and has_ext(e.path, exts))
-    names = [e.path[len(prefix) :] for e in found]
+    paths, utf8 = zip(*(storage.utf8_name(e.path) for e in found)) if found else ((), ())
+    names = [p[len(prefix) :] for p in paths]
     keys = [strip_ext(n) for n in names]
     clashes = collisions.within(keys, names)
     # An archive under another's key is refused as a whole (an error row, not a collision of its own).
@@ -130,10 +131,13 @@ def unit_table(
     return pa.table(
         {
             "key": keys,
-            "uri": [uri_of(root, e.path) for e in found],
+            "uri": [uri_of(root, p) for p in paths],
             "size": [e.size for e in found],
             "version": [e.version for e in found],
-            "error": [c or p or e.problem for c, p, e in zip(clashes, problems, found)],
+            "error": [
+                c or p or storage.utf8_name(e.problem)[0] or ("" if ok else storage.NOT_UTF8)
+                for c, p, e, ok in zip(clashes, problems, found, utf8)
+            ],
             "collides": [bool(c) for c in clashes],
         },
         schema=LISTED_SCHEMA,
@@ -195,7 +199,16 @@ def list_prefix(
     if not top.num_rows and not _holds_any(root, folders, exts):
         return None
     items = [{"path": "", "is_dir": False, **row} for row in top.to_pylist()]
-    items += [{"path": f, "is_dir": True, **_NO_ROW} for f in folders]
+    for folder in folders:
+        shown, utf8 = storage.utf8_name(folder)
+        if utf8:
+            items.append({"path": folder, "is_dir": True, **_NO_ROW})
+        else:  # one error row for the folder: its files' paths could not be keys either
+            key = shown.removeprefix(root.path.rstrip("/") + "/")
+            error = f"{storage.NOT_UTF8} (a folder: nothing under it is read)"
+            items.append(
+                {"path": "", "is_dir": False, **_NO_ROW, "key": key, "uri": uri_of(root, shown), "error": error}
+            )
     blocks = len(folders) + -(-top.num_rows // files_per_task)
     # Let a task's StorageError/DataError reach the driver as itself (Ray Data would wrap it in a
     # UserCodeException whose cause does not survive pickling), so the CLI prints its one line.

@@ -204,7 +204,7 @@ def _archive_rows(
         with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if member.isfile() and has_ext(member.name, exts):
-                    member_key = f"{key}/{strip_ext(member.name)}"
+                    member_key = f"{key}/{strip_ext(storage.utf8_name(member.name)[0])}"
                     members.append(member_key)
                     if member_key in done:
                         continue
@@ -230,11 +230,14 @@ def _add_member(
 ) -> None:
     """One member's row. A member whose key repeats an earlier one's (x.png and x.jpg, or one name
     stored twice) is an error row: the archive streams, so the earlier one is already on its way."""
-    member_key = f"{key}/{strip_ext(member.name)}"
-    source = f"{uri}#{member.name}"
-    problem = unsafe_key_reason(strip_ext(member.name))
+    name, utf8 = storage.utf8_name(member.name)  # tarfile keeps a name's undecodable bytes as surrogates
+    member_key = f"{key}/{strip_ext(name)}"
+    source = f"{uri}#{name}"
+    problem = unsafe_key_reason(strip_ext(name))
     folded = collisions.fold(member_key)
-    if problem:
+    if not utf8:
+        block.add(member_key, source, b"", f"member {storage.NOT_UTF8}")
+    elif problem:
         block.add(member_key, source, b"", f"unsafe member name: {problem}")
     elif folded in seen:
         block.add(member_key, source, b"", collisions.repeated(member.name, seen[folded], member_key), True)
