@@ -13,7 +13,7 @@ from PIL import Image
 
 from raysegment.config import PrepareSpec, load_spec
 from raysegment.data import imaging, masks
-from raysegment.data.prepare import prepare, read_manifest
+from raysegment.data.prepare import EXIF_TURN, LOSSY_MASK, _check_pair, prepare, read_manifest
 from raysegment.errors import ConfigError, DataError
 
 H, W = 12, 20
@@ -104,6 +104,36 @@ def test_soft_binary_detection():
     hist[1:255] = 50  # values everywhere: not a binary mask
     assert not masks.looks_soft_binary(hist)
     assert not masks.looks_soft_binary(np.bincount([0, 0, 1, 2], minlength=256))
+
+
+def _encoded(img: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, **kwargs)
+    return buf.getvalue()
+
+
+def test_jpeg_masks_need_a_threshold_and_unturned_masks_name_the_exif_tag():
+    """A JPEG mask's compression makes new ids along edges (0/1/2 became 0..3 on a real try), which
+    pass as extra classes: refused unless thresholded. A mask stored unturned beside a phone photo
+    tagged to turn is named as such, not as a plain size mismatch."""
+    image = _encoded(Image.fromarray(np.full((H, W, 3), 90, np.uint8)), format="PNG")
+    ids = _ids(3, classes=3)
+    jpeg_ids = _encoded(Image.fromarray(ids), format="JPEG", quality=90)
+    assert len(np.unique(np.asarray(Image.open(io.BytesIO(jpeg_ids))))) > 3  # what it would have passed on
+    problem, *_ = _check_pair(image, jpeg_ids, None, "", masks.PLAIN, imaging.OWN)
+    assert problem == LOSSY_MASK and "--mask-threshold 128" in problem
+    jpeg_binary = _encoded(Image.fromarray(((ids > 0) * 255).astype(np.uint8)), format="JPEG", quality=90)
+    problem, got, *_ = _check_pair(image, jpeg_binary, None, "", masks.MaskEncoding(threshold=128), imaging.OWN)
+    assert problem is None and set(np.unique(got)) <= {0, 1}
+
+    sideways = _encoded(Image.fromarray(np.zeros((H, W, 3), np.uint8)), format="JPEG", exif=_exif(6))
+    unturned = _encoded(Image.fromarray(_ids(1)), format="PNG")  # H x W, as stored; the photo shows W x H
+    problem, *_ = _check_pair(sideways, unturned, None, "", masks.PLAIN, imaging.OWN)
+    assert problem == f"size mismatch: image {H}x{W}, mask {W}x{H}; {EXIF_TURN}"
+    problem, *_ = _check_pair(
+        image, _encoded(Image.fromarray(_ids(1).T.copy()), format="PNG"), None, "", masks.PLAIN, imaging.OWN
+    )
+    assert problem == f"size mismatch: image {W}x{H}, mask {H}x{W}"  # no tag: no word about one
 
 
 # --- prepared on real Ray -------------------------------------------------------------------------

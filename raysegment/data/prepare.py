@@ -90,6 +90,17 @@ class Row:
         return self.mask.shape[0], self.mask.shape[1]
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+LOSSY_MASK = (
+    "mask is a JPEG, whose lossy compression changes class ids along every edge; "
+    "save masks losslessly (PNG), or for binary 0/255 masks pass --mask-threshold 128"
+)
+EXIF_TURN = (
+    "the image's EXIF orientation tag turns it upright to that size and the mask is stored unturned: "
+    "turn the mask the same way, or remove the image's tag (exiftool -Orientation= FILE)"
+)
+
+
 def _check_pair(
     img_bytes: bytes,
     mask_bytes: bytes,
@@ -101,11 +112,14 @@ def _check_pair(
     """(problem, class-id mask, image bytes, decoded image) for one pair; the problem is None when it is valid.
 
     The image bytes are the file's own, or an upright PNG when the file carries an EXIF rotation."""
+    stored = img_bytes
     try:
         img_bytes, decoded = imaging.decode_upright(img_bytes, channels=channels)
     except imaging.ImageDecodeError as exc:
         return f"undecodable image: {exc}", None, img_bytes, None
     h, w = decoded.pixels.shape[:2]
+    if mask_bytes.startswith(JPEG_MAGIC) and encoding.threshold is None:
+        return LOSSY_MASK, None, img_bytes, decoded
     try:
         ids = masks.class_ids(mask_bytes, encoding, lut, unmapped)
     except imaging.ImageDecodeError as exc:
@@ -113,7 +127,10 @@ def _check_pair(
     except masks.MaskValueError as exc:
         return str(exc), None, img_bytes, decoded
     if ids.shape != (h, w):
-        return f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]}", None, img_bytes, decoded
+        problem = f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]}"
+        if img_bytes is not stored and ids.shape == (w, h):  # decode_upright turned the image by its EXIF tag
+            problem += f"; {EXIF_TURN}"
+        return problem, None, img_bytes, decoded
     return None, ids, img_bytes, decoded
 
 
