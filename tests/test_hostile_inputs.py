@@ -62,6 +62,9 @@ def hostile_folder(tmp_path):
     os.symlink(outside / "secret.png", inp / "link.png")  # leaves INPUT: not followed
     os.symlink(tmp_path / "nowhere.png", inp / "dang.png")  # dangling
     os.symlink("../b.png", inp / "sub" / "inside.png")  # stays inside INPUT: followed
+    os.symlink(outside, inp / "outdir")  # folders outside INPUT: not followed, at the top and below
+    os.symlink(outside, inp / "sub" / "deep")
+    os.symlink(inp / "sub", inp / "alias")  # a folder inside INPUT: its files are listed where they are
     # Latin-1 names (byte 0xe9, no UTF-8): a file, a folder at the top (the driver lists it) and one below.
     for path in (b"caf\xe9.png", b"top\xe9/y.png", b"sub/dir\xe9/x.png"):
         os.makedirs(os.path.dirname(os.fsencode(inp) + b"/" + path), exist_ok=True)
@@ -93,6 +96,9 @@ def test_collisions_fail_every_run_until_renamed_and_links_stay_inside(tiny_mode
     for key in ("caf\\xe9", "top\\xe9", "sub/dir\\xe9/x"):  # shown escaped, refused, never read
         assert rows[key][0]["error"].startswith("file name is not UTF-8 text"), key
     assert "a folder: nothing under it is read" in rows["top\\xe9"][0]["error"]
+    for key in ("outdir", "sub/deep"):
+        assert "a folder outside INPUT, not followed" in rows[key][0]["error"], key
+    assert not any(key.startswith("alias") for key in rows)
 
     # The same command again must not pass the collision an earlier run recorded.
     with pytest.raises(JobError, match="share a key"):
@@ -102,7 +108,7 @@ def test_collisions_fail_every_run_until_renamed_and_links_stay_inside(tiny_mode
     (inp / "a.jpg").rename(inp / "c.jpg")
     (inp / "sub" / f"{NFD}.png").unlink()
     record = run(overwrite=True)
-    assert record["counts"]["ok"] == 6 and record["counts"]["error"] == 5  # the two links, three Latin-1 names
+    assert record["counts"]["ok"] == 6 and record["counts"]["error"] == 7  # four links, three Latin-1 names
     assert (out / "_SUCCESS").exists() and {"a.png", "c.png", f"sub/{NFC}.png"} <= masks(out)
 
 

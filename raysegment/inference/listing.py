@@ -89,6 +89,7 @@ class Entry:
     size: int
     version: str
     problem: str = ""
+    folder: bool = False  # a link to a folder outside INPUT: listed (as an error row) whatever its name
 
 
 def _within(path: str, folder: str) -> bool:
@@ -101,7 +102,8 @@ def link_problem(path: str, real_root: str) -> str:
     if not os.path.exists(target):
         return f"dangling symlink {path} -> {os.readlink(path)}: its target does not exist"
     if not _within(target, real_root):
-        return f"symlink {path} -> {target}: a file outside INPUT, not followed"
+        kind = "folder" if os.path.isdir(target) else "file"
+        return f"symlink {path} -> {target}: a {kind} outside INPUT, not followed"
     return ""
 
 
@@ -109,7 +111,9 @@ def entry(info: dict[str, Any], real_root: str | None) -> Entry:
     """An fsspec info dict as an Entry; local symlinks are checked against the real INPUT folder."""
     path = info["name"]
     problem = link_problem(path, real_root) if real_root is not None and info.get("islink") else ""
-    return Entry(path, int(info.get("size") or 0), version(info), problem)
+    # A link to a folder inside INPUT is not followed either: its files are listed where they are.
+    folder = bool(problem) and info.get("type") != "file" and os.path.isdir(path)
+    return Entry(path, int(info.get("size") or 0), version(info), problem, folder)
 
 
 def unit_table(
@@ -121,7 +125,7 @@ def unit_table(
 ) -> pa.Table:
     """The rows of one listing unit, with its key collisions marked."""
     prefix = root.path.rstrip("/") + "/"
-    found = sorted(e for e in entries if e.path.startswith(prefix) and has_ext(e.path, exts))
+    found = sorted(e for e in entries if e.path.startswith(prefix) and (e.folder or has_ext(e.path, exts)))
     paths, utf8 = zip(*(storage.utf8_name(e.path) for e in found)) if found else ((), ())
     names = [p[len(prefix) :] for p in paths]
     keys = [strip_ext(n) for n in names]
