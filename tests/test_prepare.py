@@ -44,6 +44,8 @@ def test_prepare_reports_bad_pairs_and_writes_nothing(ray_cluster, tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "src" / "masks" / "extra.png")  # mask without image
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "src" / "masks" / "00001.png")  # size mismatch
     (tmp_path / "src" / "images" / "00002.png").write_bytes(b"garbage")  # undecodable
+    os.remove(tmp_path / "src" / "masks" / "00003.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "src" / "masks" / "00003.png")  # a dangling link
     with pytest.raises(DataError) as err:
         prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), num_classes=4))
     msg = str(err.value)
@@ -52,9 +54,10 @@ def test_prepare_reports_bad_pairs_and_writes_nothing(ray_cluster, tmp_path):
         ("extra", "mask without image"),
         ("00001", "size mismatch"),
         ("00002", "undecodable"),
+        ("00003", f"dangling symlink {tmp_path}/src/masks/00003.png -> {tmp_path}/gone.png"),
     ]:
         assert f"{key}: {problem}" in msg
-    assert "4 invalid pairs" in msg
+    assert "5 invalid pairs" in msg
     assert not (tmp_path / "data" / "manifest.json").exists()
     assert not (tmp_path / "data" / "shards").exists() or not os.listdir(tmp_path / "data" / "shards")
 

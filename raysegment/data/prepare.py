@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -134,6 +135,14 @@ def _check_pair(
     return None, ids, img_bytes, decoded
 
 
+def _missing(pair: Pair) -> str:
+    """Why a listed pair's file could not be opened: a dangling link, or gone since the listing."""
+    for path in (pair.image, pair.mask):
+        if path and os.path.islink(path) and not os.path.exists(path):
+            return f"dangling symlink {path} -> {os.readlink(path)}: its target does not exist"
+    return "file disappeared while preparing"
+
+
 def _read(source: storage.Location, path: str) -> bytes:
     """One file of the source, retried for the driver's storage deadline (the Location carries it)."""
     return source.call(lambda: source.fs.cat_file(path))
@@ -190,7 +199,7 @@ def _valid_rows(
         except storage.StorageError as exc:
             if not isinstance(exc.__cause__, FileNotFoundError):
                 raise
-            invalid.append({"key": pair.key, "problem": "file disappeared while preparing"})
+            invalid.append({"key": pair.key, "problem": _missing(pair)})
             continue
         except tiff.TiffError as exc:
             invalid.append({"key": pair.key, "problem": f"undecodable stack: {exc}"})
