@@ -111,7 +111,8 @@ def entry(info: dict[str, Any], real_root: str | None) -> Entry:
     """An fsspec info dict as an Entry; local symlinks are checked against the real INPUT folder."""
     path = info["name"]
     problem = link_problem(path, real_root) if real_root is not None and info.get("islink") else ""
-    # A link to a folder inside INPUT is not followed either: its files are listed where they are.
+    # A link to a folder outside INPUT is an error row whatever its name; one to a folder inside INPUT is
+    # not followed either (no problem, no image extension: left out), its files are listed where they are.
     folder = bool(problem) and info.get("type") != "file" and os.path.isdir(path)
     return Entry(path, int(info.get("size") or 0), version(info), problem, folder)
 
