@@ -188,6 +188,60 @@ def test_stack_slices_and_infer_rows():
     np.testing.assert_array_equal(imaging.decode_pixels(rows["bytes"][4]).pixels[..., 0], stack[4])
 
 
+def _looping(pages: int = 3) -> bytes:
+    """A classic little-endian TIFF whose last page points back at its first: a page list without end."""
+    data = bytearray(_tiff_bytes(np.zeros((pages, 4, 4), np.uint8), photometric="minisblack"))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        first, last = tif.pages[0].offset, tif.pages[pages - 1].offset
+    tags = int.from_bytes(data[last : last + 2], "little")
+    data[last + 2 + 12 * tags : last + 6 + 12 * tags] = first.to_bytes(4, "little")
+    return bytes(data)
+
+
+@pytest.mark.timeout(60)
+def test_hostile_tiffs_are_one_error_each_never_a_hang_or_a_crash(monkeypatch):
+    """Each comes as bytes a client may send to `serve` or a folder may hold for `infer`: a looping page
+    list (it used to walk for ever), a damaged page header tifffile raises its own errors for, more pages
+    than MAX_PAGES, a few pixels of thousands of bands, and PostScript (Pillow would hand it to Ghostscript)."""
+    looping = _looping()
+    for read in (tiff.page_count, lambda d: tiff.page_bytes(d, 1)):
+        with pytest.raises(tiff.TiffError, match="page list loops"):
+            read(looping)
+    rows = tiff.split_stacks(
+        {
+            "key": np.asarray(["vol"], object),
+            "bytes": np.asarray([looping], object),
+            "source_uri": np.asarray(["/in/vol.tif"], object),
+            "error": np.asarray([""], object),
+        }
+    )
+    assert list(rows["key"]) == ["vol"] and "page list loops" in rows["error"][0]
+    assert imaging.image_size(looping) == (4, 4)  # the first slice is all a header check reads
+
+    damaged = bytearray(_tiff_bytes(np.zeros((2, 4, 4), np.uint8), photometric="minisblack"))
+    with tifffile.TiffFile(io.BytesIO(bytes(damaged))) as tif:
+        second = tif.pages[1].offset
+    damaged[second : second + 2] = (5000).to_bytes(2, "little")  # 5000 tags claimed, past the file's end
+    with pytest.raises(tiff.TiffError, match="cannot read TIFF"):
+        tiff.page_count(bytes(damaged))
+
+    monkeypatch.setattr(tiff, "MAX_PAGES", 4)
+    with pytest.raises(tiff.TiffError, match="more than 4 pages; split the stack"):
+        tiff.page_count(_tiff_bytes(np.zeros((6, 4, 4), np.uint8), photometric="minisblack"))
+
+    bands = _tiff_bytes(np.zeros((10, 10, 4000), np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(imaging.ImageDecodeError, match="10x10 pixels of 4000 bands .* over the limit of 10000"):
+        imaging.decode_pixels(bands, max_pixels=10_000)
+    with pytest.raises(tiff.TiffError, match="4000 bands"):
+        tiff.page_bytes(bands, 0, max_pixels=10_000)
+    assert imaging.decode_pixels(bands, 1_000_000, imaging.OWN).pixels.shape == (10, 10, 4000)
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    for read in (imaging.image_size, imaging.decode_image):
+        with pytest.raises(imaging.ImageDecodeError, match="not a PNG, JPEG, TIFF, BMP, WebP or GIF"):
+            read(eps)
+
+
 def test_bands_option_is_checked():
     spec = load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "bands": "4, 2,6"})
     assert spec.bands == [4, 2, 6]

@@ -19,21 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from raysegment.data import tiff
+from raysegment.data import limits, tiff
 
 IGNORE_INDEX = 255
-# Decompression-bomb guard: refuse anything larger than this before decoding pixels.
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = limits.MAX_PIXELS  # the decompression-bomb guard (data/limits.py)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
-
-
-def too_big(size: str, max_pixels: int) -> str:
-    """The refusal of an image over the pixel limit, with the fix each command has."""
-    return (
-        f"image is {size}, over the limit of {max_pixels} pixels (infer and serve: raise --max-pixels; "
-        f"prepare takes up to {MAX_PIXELS}: cut larger images into tiles)"
-    )
 
 
 class ImageDecodeError(ValueError):
@@ -41,6 +32,9 @@ class ImageDecodeError(ValueError):
 
 
 NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG, TIFF, BMP, WebP or GIF file"
+# The formats Pillow may try ("JPEG" opens phones' MPO files too). Not its other forty: EPS would run
+# Ghostscript on the bytes, and formats nobody segments are only attack surface.
+PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
 
 
 _PILLOW_LIMIT_LOCK = threading.Lock()
@@ -55,21 +49,20 @@ def _header(data: bytes, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         except Image.DecompressionBombError as exc:
             found = re.search(r"\((\d+) pixels\)", str(exc))
             if not found or int(found.group(1)) > max_pixels:
                 size = f"{int(found.group(1))} pixels" if found else "its header's size"
-                raise ImageDecodeError(too_big(size, max_pixels)) from exc
+                raise ImageDecodeError(limits.refusal(size, max_pixels)) from exc
             with _PILLOW_LIMIT_LOCK:
                 pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
                 try:
-                    img = Image.open(io.BytesIO(data))
+                    img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
                 finally:
                     Image.MAX_IMAGE_PIXELS = pillow_limit
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageDecodeError(too_big(f"{w}x{h} pixels", max_pixels))
+    if problem := limits.over(*img.size, max_pixels, len(img.getbands())):
+        raise ImageDecodeError(problem)
     return img
 
 
@@ -289,8 +282,8 @@ def image_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     try:
         if tiff.needs_tifffile(data):
             h, w = tiff.slice_size(data)
-            if w * h > max_pixels:
-                raise ImageDecodeError(too_big(f"{w}x{h} pixels", max_pixels))
+            if problem := limits.over(w, h, max_pixels):
+                raise ImageDecodeError(problem)
             return h, w
     except tiff.TiffError as exc:
         raise _tiff_problem(exc) from exc

@@ -15,13 +15,17 @@ here with tifffile. Without the optional imagecodecs package tifffile decodes un
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import posixpath
 import re
-from collections.abc import Callable
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
+
+from raysegment.data import limits
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -32,6 +36,11 @@ _PALETTE, _SEPARATED, _YCBCR = 3, 5, 6  # TIFF photometric interpretations Pillo
 _ALPHA = (1, 2)  # ExtraSamples: associated, unassociated alpha
 _GDAL_NODATA = 42113  # GeoTIFF tag: the value of pixels that hold no data
 PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")  # Pillow modes a PNG holds losslessly
+
+
+T = TypeVar("T")
+# Pages walked in one file at most: a real stack of 100,000 slices is split into files long before.
+MAX_PAGES = 100_000
 
 
 class TiffError(ValueError):
@@ -55,9 +64,38 @@ def _open(data: bytes) -> Any:
         raise TiffError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from exc
 
 
+def _slices(tif: Any) -> Iterator[int]:
+    """Indices of the pages that are slices (full resolution; overviews are left out), walked lazily.
+
+    A file's page chain is the file's to say: one that points back at a page already read would walk
+    forever (tifffile reads pages one by one and does not catch it), and a small file of empty pages could
+    take minutes, so a repeated page and more than MAX_PAGES pages are errors. tifffile's own exceptions
+    for damaged headers become TiffError."""
+    seen: set[int] = set()
+    try:
+        for i, page in enumerate(tif.pages):
+            offset = getattr(page, "offset", None)
+            if offset in seen:
+                raise TiffError(f"TIFF page {i} repeats an earlier page (its page list loops): a damaged file")
+            seen.add(offset)
+            if i >= MAX_PAGES:
+                raise TiffError(f"TIFF has more than {MAX_PAGES} pages; split the stack into smaller files")
+            if not getattr(page, "is_reduced", False):
+                yield i
+    except TiffError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged page headers
+        raise TiffError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from exc
+
+
 def slice_pages(tif: Any) -> list[int]:
-    """Indices of the pages that are slices: every full-resolution page (overviews are left out)."""
-    return [i for i, page in enumerate(tif.pages) if not getattr(page, "is_reduced", False)]
+    """Indices of every slice (see `_slices`)."""
+    return list(_slices(tif))
+
+
+def first_slice(tif: Any) -> int | None:
+    """The index of the first slice, reading no further page headers than it takes (None: no slice)."""
+    return next(_slices(tif), None)
 
 
 def count_pages(read: Callable[[], Any]) -> int:
@@ -67,7 +105,7 @@ def count_pages(read: Callable[[], Any]) -> int:
     try:
         with read() as f, tifffile.TiffFile(f) as tif:
             return len(slice_pages(tif))
-    except OSError:
+    except (OSError, TiffError):
         raise
     except Exception as exc:
         raise TiffError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from exc
@@ -158,18 +196,27 @@ def needs_tifffile(data: bytes) -> bool:
     if not is_tiff(data):
         return False
     with _open(data) as tif:
-        pages = slice_pages(tif)
-        return bool(pages) and not pil_reads(tif.pages[pages[0]])
+        first = first_slice(tif)
+        return first is not None and not _header(lambda: pil_reads(tif.pages[first]))
+
+
+def _header(read: Callable[[], T]) -> T:
+    """A value read from tifffile's page headers; its own exceptions for damaged ones become TiffError."""
+    try:
+        return read()
+    except TiffError:
+        raise
+    except Exception as exc:
+        raise TiffError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from exc
 
 
 def slice_size(data: bytes, page: int = 0) -> tuple[int, int]:
-    """(height, width) of a slice, from the headers only."""
+    """(height, width) of a slice, from the headers only (those of the pages up to it)."""
     with _open(data) as tif:
-        pages = slice_pages(tif)
-        if page >= len(pages):
-            raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
-        p = tif.pages[pages[page]]
-        return p.imagelength, p.imagewidth
+        index = next(itertools.islice(_slices(tif), page, None), None)
+        if index is None:
+            raise TiffError(f"TIFF has {len(slice_pages(tif))} pages; page {page} asked for")
+        return _header(lambda: (tif.pages[index].imagelength, tif.pages[index].imagewidth))
 
 
 def _as_yxs(page: Any, arr: np.ndarray) -> np.ndarray:
@@ -199,11 +246,8 @@ def read_bands(data: bytes, max_pixels: int, page: int = 0) -> tuple[np.ndarray,
         if page >= len(pages):
             raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
         p = tif.pages[pages[page]]
-        h, w = p.imagelength, p.imagewidth
-        if h * w > max_pixels:
-            from raysegment.data.imaging import too_big  # imaging imports this module
-
-            raise TiffError(too_big(f"{w}x{h} pixels", max_pixels))
+        if problem := limits.over(p.imagewidth, p.imagelength, max_pixels, p.samplesperpixel):
+            raise TiffError(problem)
         try:
             arr = _as_yxs(p, p.asarray())
         except ValueError as exc:
@@ -213,18 +257,29 @@ def read_bands(data: bytes, max_pixels: int, page: int = 0) -> tuple[np.ndarray,
         return mark_nodata(arr, _nodata(p)), _alpha_bands(p)
 
 
-def page_bytes(data: bytes, page: int) -> bytes:
+def page_bytes(data: bytes, page: int, max_pixels: int = limits.MAX_PIXELS) -> bytes:
     """One slice of a stack as a file of its own, lossless: PNG where PNG holds it (8-bit grey or RGB,
-    16-bit grey, 1-bit), else a single-page TIFF (deflate) at the slice's own precision and bands."""
+    16-bit grey, 1-bit), else a single-page TIFF (deflate) at the slice's own precision and bands.
+    A slice over `max_pixels` is refused before it is decoded."""
     from PIL import Image
 
     with _open(data) as tif:
         pages = slice_pages(tif)
         if page >= len(pages):
             raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
-        index, easy = pages[page], pil_reads(tif.pages[pages[page]])
+        p = tif.pages[pages[page]]
+        if problem := _header(lambda: limits.over(p.imagewidth, p.imagelength, max_pixels, p.samplesperpixel)):
+            raise TiffError(problem)
+        index, easy = pages[page], _header(lambda: pil_reads(p))
     if easy:  # Pillow reads it (LZW and JPEG included) and applies its palette and orientation
-        img = Image.open(io.BytesIO(data))
+        try:
+            with warnings.catch_warnings():  # the slice's size is checked above; Pillow's guard is for page 0
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data), formats=["TIFF"])
+        except Image.DecompressionBombError as exc:
+            raise TiffError(
+                limits.refusal("over Pillow's 179-million-pixel limit on its first page", max_pixels)
+            ) from exc
         img.seek(index)
         img.load()
         if img.mode not in (*PNG_MODES, "F", "I", "I;16B", "I;16L"):
@@ -236,7 +291,7 @@ def page_bytes(data: bytes, page: int) -> bytes:
         arr = np.asarray(img)
         arr = arr.astype(arr.dtype.newbyteorder("="))
     else:
-        arr, _ = read_bands(data, np.iinfo(np.int64).max, page)
+        arr, _ = read_bands(data, max_pixels, page)
     return encode_tiff(arr)
 
 
@@ -250,7 +305,7 @@ def encode_tiff(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def split_stacks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def split_stacks(batch: dict[str, np.ndarray], max_pixels: int = limits.MAX_PIXELS) -> dict[str, np.ndarray]:
     """Inference rows (key, source_uri, bytes, error, collides, ...): each multi-page TIFF becomes one row
     per slice, keyed `{key}/{page:04d}`, its source `{uri}#page={n}`, its bytes the slice alone. A stack that
     cannot be split is one error row under its own key; other rows pass unchanged."""
@@ -272,7 +327,7 @@ def split_stacks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             piece = dict(row, key=page_key(str(row["key"]), page, pages))
             piece["source_uri"] = page_uri(str(row["source_uri"]), page)
             try:
-                piece["bytes"] = page_bytes(data, page)
+                piece["bytes"] = page_bytes(data, page, max_pixels)
             except (TiffError, OSError) as exc:
                 piece["bytes"], piece["error"] = b"", f"cannot read page {page}: {exc}"
             for name in batch:

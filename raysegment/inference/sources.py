@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raysegment import storage
-from raysegment.data import tiff
+from raysegment.data import limits, tiff
 from raysegment.errors import DataError
 from raysegment.inference import collisions, rasters
 from raysegment.inference.archives import Archive, MemberIndex
@@ -445,4 +445,5 @@ def source_rows(
         raise DataError(f"unknown source kind '{kind}'; use auto, files, tar, parquet or list")
     # A multi-page TIFF is one input per slice (`{key}/0003`, `data/tiff.py`; Pillow alone would read its
     # first page only); the slices' keys exist only now, so the done ones are dropped here again.
-    return kind, keep(ds.map_batches(tiff.split_stacks, batch_size=None, batch_format="numpy"))
+    split = {"max_pixels": max_pixels or limits.MAX_PIXELS}
+    return kind, keep(ds.map_batches(tiff.split_stacks, fn_kwargs=split, batch_size=None, batch_format="numpy"))
