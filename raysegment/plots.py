@@ -12,6 +12,11 @@ matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _labels(names: list[str]) -> list[str]:
+    """Class names as plain text: matplotlib reads `$...$` as maths (a name like `$x^$` fails the plot)."""
+    return [str(n).replace("$", r"\$") for n in names]
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -53,8 +58,8 @@ def confusion_matrix_png(cm: Any, names: list[str]) -> bytes:
     fig, ax = plt.subplots(figsize=(side + 1.0, side))
     im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's pixels")
-    ax.set_xticks(range(k), names, rotation=45, ha="right")
-    ax.set_yticks(range(k), names)
+    ax.set_xticks(range(k), _labels(names), rotation=45, ha="right")
+    ax.set_yticks(range(k), _labels(names))
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     if k <= 12:  # beyond that the numbers no longer fit their cells
@@ -96,7 +101,7 @@ def class_fraction_histograms(
             ax.axis("off")
             continue
         ax.bar(edges[:-1], hist[c], width=1.0 / bins, align="edge", color=_colour(palette[c] if palette else None))
-        ax.set_title(names[c], fontsize=9)
+        ax.set_title(_labels(names)[c], fontsize=9)
         ax.set_xlim(0, 1)
         if log:
             ax.set_yscale("log")
@@ -121,7 +126,7 @@ def drift_png(previous: dict[str, float], current: dict[str, float]) -> bytes:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, height), sharey=True)
     left.barh(y - 0.2, before, height=0.4, label="previous", color="#9e9e9e")
     left.barh(y + 0.2, now, height=0.4, label="current", color="#1f77b4")
-    left.set_yticks(y, names)
+    left.set_yticks(y, _labels(names))
     left.invert_yaxis()
     left.set_xlabel("share of pixels (%)")
     left.legend(loc="lower right", fontsize=8)

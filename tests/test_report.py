@@ -203,6 +203,15 @@ def test_class_fraction_histograms_png():
     assert img.width > 600
 
 
+def test_class_names_with_dollar_signs_plot_as_text():
+    """Matplotlib reads `$...$` as maths: a class named `$\\foo$` or `cost $5` failed every plot naming it
+    (and with the confusion matrix, the end of training)."""
+    names = ["$\\foo$", "cost $5", "a$b$c", "plain"]
+    assert decode_png(plots.confusion_matrix_png(np.eye(4, dtype=np.int64) * 5, names)).width > 300
+    assert decode_png(plots.class_fraction_histograms(np.ones((4, report.HIST_BINS), np.int64), names, PALETTE))
+    assert decode_png(plots.drift_png(dict(zip(names, [0.25] * 4)), dict(zip(names, [0.1, 0.2, 0.3, 0.4]))))
+
+
 # -- run reports --------------------------------------------------------------------------------------
 
 
