@@ -32,6 +32,7 @@ from raysegment.config import (
 )
 from raysegment.console import session
 from raysegment.errors import ConfigError
+from raysegment.specfile import MAX_SPEC_BYTES
 
 
 def _no_min_cpus(spec: Any) -> int:
@@ -303,10 +304,15 @@ def load_job_spec(kind: str, config: str | None = None, spec_json: str | None = 
     cls = JOBS[kind].spec
     if spec_json is None:
         return load_spec(cls, config)
+    # The bounds a spec file has (specfile.py): a spec is a short mapping, whoever submitted it.
+    if len(spec_json) > MAX_SPEC_BYTES:
+        raise ConfigError(f"--spec: over {MAX_SPEC_BYTES >> 10} KiB; a job spec is a short mapping of field: value")
     try:
         values = json.loads(spec_json)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--spec: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ConfigError("--spec: nested too deep; a job spec is a short mapping of field: value") from None
     if not isinstance(values, dict):
         raise ConfigError("--spec: a job spec must be a JSON object of field: value")
     return load_spec(cls, None, values)

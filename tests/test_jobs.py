@@ -80,6 +80,11 @@ def test_entrypoint_spec_round_trips_and_pins_the_nightly_date():
     assert load_job_spec("infer", spec_json=command[5]) == spec
     night = NightlySpec(model="m", input="s3://b/in", output="s3://b/n", date="2026-01-02")
     assert json.loads(shlex.split(jobs.entrypoint("nightly", night))[5])["date"] == "2026-01-02"
+    # Inline JSON has a spec file's bounds: deep nesting was a RecursionError traceback.
+    with pytest.raises(ConfigError, match="--spec: nested too deep"):
+        load_job_spec("infer", spec_json="[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="--spec: over 1024 KiB"):
+        load_job_spec("infer", spec_json=json.dumps({"model": "m" * (2 << 20)}))
 
 
 def test_find_checkout(tmp_path):
