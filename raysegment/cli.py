@@ -337,6 +337,9 @@ def infer(config: str | None, extensions: str | None, as_json: bool, **flags: An
 @click.option("--max-batch-size", type=int, default=None, help="requests predicted together (default 8)")
 @click.option("--batch-wait-timeout-s", type=float, default=None, help="how long a batch waits to fill (default 0.01)")
 @click.option("--max-body-mb", type=float, default=None, help="larger bodies get 413 (default 32)")
+@click.option(
+    "--body-timeout-s", type=float, default=None, help="a body not received within this long gets 408 (default 60)"
+)
 @click.option("--max-pixels", type=int, default=None, help="larger images get 413 (default 100000000)")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
 @click.option("--tta-flip/--no-tta-flip", default=None, help="flip TTA, as infer (default: the card's advice)")

@@ -488,6 +488,9 @@ class ServeSpec(Spec):
     max_batch_size: int = Field(8, ge=1, le=1024, description="requests a replica predicts together")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="how long a batch waits to fill")
     max_body_mb: float = Field(32.0, gt=0, le=4096, description="larger request bodies get 413")
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a request body not received within this long gets 408"
+    )
     max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000, description="larger images get 413")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tta_flip: bool | None = Field(None, description="flip TTA, as `infer --tta-flip`; default: the model card's advice")

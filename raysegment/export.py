@@ -165,10 +165,21 @@ def export(spec: ExportSpec) -> dict[str, Any]:
             f"{spec.model}: the model takes {card.input.channels} bands ({card.input.bands or 'all'}); "
             "export handles RGB models only: run it with `raysegment infer` or `serve`"
         )
+    if card.input.pixel_type != "uint8":
+        # Its normalisation was fitted to 16-bit or float pixels; the graph takes 8-bit images and would
+        # apply those statistics to them, giving wrong masks without an error.
+        raise ConfigError(
+            f"{spec.model}: the model takes {card.input.pixel_type} pixels (16-bit or float images at their own "
+            "values); export's graph takes 8-bit images only: run it with `raysegment infer` or `serve`"
+        )
     dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
+    if dest.uri.rstrip("/") == model_dir.uri.rstrip("/"):
+        raise ConfigError(f"{spec.dest}: DEST is MODEL's own folder (its files would be replaced); choose another DEST")
     target = dest.child(FILE_NAMES[spec.format])
     if storage.exists(target) and not spec.overwrite:
         raise ConfigError(f"{target.uri} exists; pass --overwrite or choose another DEST")
+    if spec.format != "saved_model":  # one file: never a link (a dangling one would be written through)
+        storage.check_replaceable(target)
     import tensorflow as tf
 
     model = load_model(model_dir, card)

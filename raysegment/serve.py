@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -70,6 +71,7 @@ class ReplicaConfig:
     max_batch_size: int
     batch_wait_timeout_s: float
     max_body_bytes: int
+    body_timeout_s: float
     max_pixels: int
 
 
@@ -200,7 +202,11 @@ class Segmenter:
             return _error(400, f"format={fmt}: use png (the mask) or json (class fractions)")
         if not _accepted_type(request.headers.get("content-type", "")):
             return _error(415, "send the image's bytes with Content-Type image/* or application/octet-stream")
-        body = await _read_body(request, self.config.max_body_bytes)
+        try:
+            # A body that trickles in would hold one of the replica's few request slots for good.
+            body = await asyncio.wait_for(_read_body(request, self.config.max_body_bytes), self.config.body_timeout_s)
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within {self.config.body_timeout_s:g} s (--body-timeout-s)")
         if body is None:
             return _error(413, f"body over the limit of {self.config.max_body_bytes} bytes (--max-body-mb)")
         if not body:
@@ -217,6 +223,8 @@ class Segmenter:
         from starlette.responses import Response
 
         card = self.card
+        # A model that overflowed (NaN probabilities) still answers; JSON has no NaN, so it says null.
+        confidence = row["mean_confidence"] if math.isfinite(row["mean_confidence"]) else None
         if fmt == "png":
             headers = {"X-Model-Id": card.model_id, "X-Mean-Confidence": f"{row['mean_confidence']:.6f}"}
             return Response(row["png"], media_type="image/png", headers=headers)
@@ -225,7 +233,7 @@ class Segmenter:
                 "model_id": card.model_id,
                 "height": row["height"],
                 "width": row["width"],
-                "mean_confidence": row["mean_confidence"],
+                "mean_confidence": confidence,
                 "class_fractions": dict(zip(card.class_names, row["class_fractions"])),
             }
         )
@@ -277,6 +285,7 @@ def replica_config(spec: ServeSpec, retry_s: float) -> ReplicaConfig:
         max_batch_size=spec.max_batch_size,
         batch_wait_timeout_s=spec.batch_wait_timeout_s,
         max_body_bytes=int(spec.max_body_mb * (1 << 20)),
+        body_timeout_s=spec.body_timeout_s,
         max_pixels=spec.max_pixels,
     )
 

@@ -151,6 +151,28 @@ def test_native_scale_export_pads_as_the_predictor(tmp_path):
         assert (out["class_map"].numpy() == pred).all()
 
 
+def test_export_refuses_what_it_cannot_write_faithfully(tmp_path):
+    """Refused before any conversion: a model of 16-bit or float pixels (the graph takes 8-bit images and would
+    apply statistics fitted to other values), DEST the model's own folder, and a link where the file goes."""
+    from raysegment.errors import ConfigError, StorageError
+    from raysegment.export import export
+
+    model = make_model_dir(str(tmp_path / "m"), image_size=32, depth=2, base_filters=4)
+    with pytest.raises(ConfigError, match="DEST is MODEL's own folder"):
+        export(ExportSpec(model=model, dest=model, format="saved_model"))
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "elsewhere.onnx", tmp_path / "d" / "model.onnx")  # dangling
+    with pytest.raises(StorageError, match="model.onnx: is a link, not a file"):
+        export(ExportSpec(model=model, dest=str(tmp_path / "d"), format="onnx"))
+    assert not (tmp_path / "elsewhere.onnx").exists()
+    card = ModelCard.read(model)
+    card.model_copy(update={"input": card.input.model_copy(update={"pixel_type": "float32"})}).write(
+        storage.resolve(model)
+    )
+    with pytest.raises(ConfigError, match="takes float32 pixels .* 8-bit images only"):
+        export(ExportSpec(model=model, dest=str(tmp_path / "e"), format="saved_model"))
+
+
 @pytest.mark.s3
 def test_export_from_a_spec_through_the_job_entrypoint_to_s3(infer_masks, s3_prefix, tmp_path):
     """`python -m raysegment.entrypoints export --config SPEC` (what `raysegment submit export` runs) into s3://."""

@@ -26,6 +26,7 @@ from raysegment.serve import APP_NAME, deployment_options
 
 MAX_BODY_MB = 0.05  # 52,428 bytes: the test images are a few KB
 MAX_PIXELS = 64 * 64
+BODY_S = 3  # a body must arrive within this; the test images are sent at once over loopback
 
 
 def free_port() -> int:
@@ -68,7 +69,7 @@ def server(tiny_model, ray_cluster):
     _, model = tiny_model
     port = free_port()
     command = [sys.executable, "-m", "raysegment.cli", "serve", model, "--port", str(port), "--max-batch-size", "4"]
-    command += ["--max-body-mb", str(MAX_BODY_MB), "--max-pixels", str(MAX_PIXELS)]
+    command += ["--max-body-mb", str(MAX_BODY_MB), "--max-pixels", str(MAX_PIXELS), "--body-timeout-s", str(BODY_S)]
     proc = subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = Client(port)
 
@@ -171,6 +172,13 @@ def test_bad_requests_get_one_line_json_4xx(server, inferred):
     assert _error(server.request("GET", "/segment"))[0] == 405
     assert _error(server.request("GET", "/nothing"))[0] == 404
     assert server.segment(good, content_type="application/octet-stream")[0] == 200  # and still serving
+
+    # A body that never completes (a client that stalls, or trickles bytes to hold a slot) gets 408.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as stalled:
+        head = f"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(good)}\r\n\r\n"
+        stalled.sendall(head.encode() + good[:10])
+        reply = stalled.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 408") and f"within {BODY_S} s (--body-timeout-s)" in reply, reply
 
 
 def test_serve_spec_replicas_and_deployment_options():

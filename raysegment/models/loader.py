@@ -78,6 +78,7 @@ def put_tree(local: str, loc: storage.Location) -> None:
         if target.remote:
             storage.upload_file(path, target)
         else:
+            storage.check_replaceable(target)  # a link there would have been written through, out of loc
             with storage.storage_errors(target.uri):
                 os.makedirs(os.path.dirname(target.path), exist_ok=True)
                 shutil.copyfile(path, target.path)
