@@ -25,7 +25,7 @@ from raysegment.cli import main
 from raysegment.config import ExportSpec, InferSpec
 from raysegment.export import FILE_NAMES
 from raysegment.inference.pipeline import infer
-from raysegment.models.card import ModelCard
+from raysegment.models.card import ModelCard, PixelStats
 
 SIZES = [(32, 32), (5, 7), (20, 61), (31, 33), (16, 16), (24, 80), (64, 64), (47, 33), (80, 80), (33, 47)]
 SIZES += [(40, 40), (12, 30), (30, 12), (50, 70), (70, 50), (28, 28), (64, 48), (9, 100), (100, 9), (36, 20)]
@@ -166,9 +166,12 @@ def test_export_refuses_what_it_cannot_write_faithfully(tmp_path):
         export(ExportSpec(model=model, dest=str(tmp_path / "d"), format="onnx"))
     assert not (tmp_path / "elsewhere.onnx").exists()
     card = ModelCard.read(model)
-    card.model_copy(update={"input": card.input.model_copy(update={"pixel_type": "float32"})}).write(
-        storage.resolve(model)
-    )
+    deep = {
+        "pixel_type": "float32",
+        "normalization": "zscore",
+        "stats": PixelStats(mean=(900.0,) * 3, std=(300.0,) * 3),
+    }
+    card.model_copy(update={"input": card.input.model_copy(update=deep)}).write(storage.resolve(model))
     with pytest.raises(ConfigError, match="takes float32 pixels .* 8-bit images only"):
         export(ExportSpec(model=model, dest=str(tmp_path / "e"), format="saved_model"))
 
