@@ -21,7 +21,7 @@ from raysegment import __version__, overlay, plots, progress, storage
 from raysegment import plan as planning
 from raysegment.config import TrainSpec
 from raysegment.data.examples import Augmentation
-from raysegment.data.pipeline import training_dataset
+from raysegment.data.pipeline import padded_for_workers, training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
 from raysegment.models.card import MODEL_FILE, InferenceAdvice, ModelCard
@@ -167,7 +167,13 @@ def training_datasets(
         "train": training_dataset(
             data_loc, manifest, "train", spec.image_size, augment, repeat=spec.repeat, norm=cfg.model_input
         ),
-        "val": validation_dataset(data_loc, manifest, spec, cfg),
+        "val": padded_for_workers(
+            validation_dataset(data_loc, manifest, spec, cfg),
+            int(manifest["counts"]["val"]),
+            spec.workers,
+            spec.image_size,
+            cfg.model_input.channels,
+        ),
     }
 
 
