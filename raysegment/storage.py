@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raysegment.errors import StorageError
+from raysegment.errors import DataError, StorageError
 
 SUCCESS = "_SUCCESS"
 # How long object-storage operations keep retrying transient failures (endpoint down,
@@ -486,10 +486,18 @@ def parquet_files(loc: Location) -> list[str]:
     return call(loc, find)
 
 
-def read_table(loc: Location, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file (a path inside loc's filesystem, as `parquet_files` gives)."""
+DAMAGED_FIX = "restore it, or delete it so that what it recorded is redone"
+
+
+def read_table(loc: Location, path: str, columns: list[str] | None = None, fix: str = DAMAGED_FIX) -> pa.Table:
+    """One Parquet file (a path inside loc's filesystem, as `parquet_files` gives); a damaged one (cut short,
+    emptied, overwritten) is a DataError naming it and `fix`, not pyarrow's traceback."""
     data = call(loc, lambda: loc.fs.cat_file(path))
-    return pq.read_table(io.BytesIO(data), columns=columns)
+    try:
+        return pq.read_table(io.BytesIO(data), columns=columns)
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid: not Parquet, or cut short
+        uri = redact(f"s3://{path}" if loc.remote else path)
+        raise DataError(f"{uri}: damaged Parquet file ({str(exc)[:120]}); {fix}") from exc
 
 
 def list_files(loc: Location, extensions: tuple[str, ...] | None = None) -> list[str]:

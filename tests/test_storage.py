@@ -151,3 +151,23 @@ def test_a_file_where_an_output_folder_is_needed_is_named(tmp_path):
         with pytest.raises(StorageError, match=f"{path}: {blocker} is a file where a folder is needed; give a folder"):
             storage.write_json(storage.resolve(str(path)), {"a": 1})
     assert blocker.read_text() == "kept"
+
+
+def test_a_damaged_parquet_file_is_named_with_the_fix(tmp_path):
+    """A summary or ledger file emptied or cut short (a full disk, a copy stopped half-way) stopped resume,
+    report and nightly with pyarrow's traceback; it is one error naming the file and what to do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysegment.errors import DataError
+    from raysegment.inference.output import DAMAGED_SUMMARY
+
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"]}), path)
+    loc = storage.resolve(str(tmp_path))
+    assert storage.read_table(loc, str(path))["key"].to_pylist() == ["a", "b"]
+    whole = path.read_bytes()
+    for damaged in (b"", whole[: len(whole) // 2], b"x" * len(whole)):
+        path.write_bytes(damaged)
+        with pytest.raises(DataError, match=f"{path}: damaged Parquet file .*; delete it and run `infer` again"):
+            storage.read_table(loc, str(path), fix=DAMAGED_SUMMARY)

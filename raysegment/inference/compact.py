@@ -41,7 +41,13 @@ def _rows_of(output: storage.Location, paths: list[str]) -> list[int]:
     def rows(path: str) -> int:
         def read() -> int:
             with loc.fs.open(path, "rb") as f:
-                return pq.read_metadata(f).num_rows
+                try:
+                    return pq.read_metadata(f).num_rows
+                except pa.ArrowException as exc:  # cut short or emptied: name the file, not the folder
+                    uri = f"s3://{path}" if loc.remote else path
+                    raise DataError(
+                        f"{uri}: damaged Parquet file ({str(exc)[:120]}); {layout.DAMAGED_SUMMARY}"
+                    ) from exc
 
         return loc.call(read)
 

@@ -546,10 +546,13 @@ def summary_files(output: storage.Location) -> list[str]:
     return [p for p in paths if relative_path(output, p) not in replaced]
 
 
+DAMAGED_SUMMARY = "delete it and run `infer` again with the same OUTPUT: the keys it recorded are redone"
+
+
 def read_summary(output: storage.Location, path: str, columns: list[str] | None = None) -> pa.Table:
     """One summary file; SummariesChanged when compaction removed it since it was listed."""
     try:
-        return storage.read_table(output, path, columns=columns)
+        return storage.read_table(output, path, columns=columns, fix=DAMAGED_SUMMARY)
     except StorageError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             raise SummariesChanged(path) from None
