@@ -20,6 +20,13 @@ from raysegment.specfile import clip, echo, read_yaml
 from raysegment.storage import redact
 
 
+def distinct_class_names(names: list[str]) -> None:
+    """2 to 255 names, each non-empty and used once: a repeated name hid one class's figures behind the
+    other's (per-class IoU, class fractions and overlays are keyed by name)."""
+    if len(names) < 2 or len(names) > 255 or len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise ValueError("give 2 to 255 distinct, non-empty class names, comma-separated")
+
+
 class Spec(BaseModel):
     """Base of all job specs: unknown fields and wrong types are rejected."""
 
@@ -126,6 +133,13 @@ class PrepareSpec(Spec):
                 raise ValueError(f"raw value {raw} is not a byte (0..255); masks hold 8-bit values")
             if not 0 <= cid <= 255:
                 raise ValueError(f"class id {cid} for raw value {raw} is outside 0..254 (255 = ignore)")
+        return v
+
+    @field_validator("class_names", mode="after")
+    @classmethod
+    def _check_class_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            distinct_class_names(v)
         return v
 
     @field_validator("mask_colors", mode="after")
@@ -544,8 +558,7 @@ class ImportSpec(Spec):
     @field_validator("classes", mode="after")
     @classmethod
     def _check_classes(cls, v: list[str]) -> list[str]:
-        if len(v) < 2 or len(set(v)) != len(v) or len(v) > 255:
-            raise ValueError("give 2 to 255 distinct class names, comma-separated")
+        distinct_class_names(v)
         return v
 
     @field_validator("input_size", mode="before")

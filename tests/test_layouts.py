@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from raysegment import storage
 from raysegment.config import PrepareSpec, TrainSpec, load_spec
@@ -16,6 +17,7 @@ from raysegment.data.info import format_manifest
 from raysegment.data.layouts import assign_splits, pairs_layout, read_val_keys
 from raysegment.data.prepare import prepare
 from raysegment.errors import ConfigError, DataError
+from raysegment.models.card import ModelCard
 
 # The PASCAL VOC devkit colour map (VOCdevkit labelcolormap), written out independently of raysegment.
 VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 7: (128, 128, 128), 15: (192, 128, 128), 20: (0, 64, 128)}
@@ -219,6 +221,15 @@ def test_prepare_spec_flags():
         load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0:0,1:2", "num_classes": 2})
     with pytest.raises(ConfigError, match="must be one of"):
         load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "layout": "coco"})
+    # A repeated name hid one class's figures behind the other's in every per-class table; one name is no
+    # segmentation (it used to surface as every pair's "class ids out of range").
+    for names in (["a", "a"], ["a", "", "b"], ["a", " "], ["a"]):
+        with pytest.raises(ConfigError, match="distinct, non-empty class names"):
+            load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "class_names": names})
+    # A card written with a repeated name (by a build that allowed one, or by hand) is refused when read.
+    card = {"model_id": "m", "model_sha256": "a" * 64, "num_classes": 2, "palette": [[0, 0, 0], [9, 9, 9]]}
+    with pytest.raises(ValidationError, match="repeat a name or hold an empty one"):
+        ModelCard(**card, class_names=["a", "a"], input={"size": (8, 8)})
 
 
 # --- prepare on real Ray --------------------------------------------------------------------------
