@@ -86,6 +86,23 @@ def test_every_val_image_reaches_a_worker_whatever_their_count(trained):
     assert labelled(val()) < rows * 32 * 32
 
 
+def test_a_shard_changed_after_prepare_is_refused(trained, tmp_path):
+    """A train shard copied over the val one used to be scored as val (\"9/1 images\", under the original data
+    set's hash); a shard's size and row count are the manifest's or the job stops naming it."""
+    import shutil
+
+    from raysegment.errors import DataError
+
+    root, _ = trained
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    train, val = (next(s["path"] for s in manifest["shards"] if s["split"] == split) for split in ("train", "val"))
+    shutil.copyfile(data / train, data / val)
+    with pytest.raises(DataError, match=f"{val}: .* rows, but the manifest lists .*changed after prepare"):
+        evaluate(EvaluateSpec(model=str(root / "model"), data=str(data), out=None))
+
+
 def cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "raysegment.cli", *args], capture_output=True, text=True, env=env, timeout=600
