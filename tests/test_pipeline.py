@@ -103,6 +103,42 @@ def test_a_shard_changed_after_prepare_is_refused(trained, tmp_path):
         evaluate(EvaluateSpec(model=str(root / "model"), data=str(data), out=None))
 
 
+def test_a_hand_edited_or_damaged_manifest_is_one_error(trained, tmp_path):
+    """Every reader goes through `read_manifest`; each of these was a KeyError or TypeError traceback in
+    data-info, plan, train or evaluate (or a model of 0 classes, or a shard read from outside the data set)."""
+    from raysegment.data.prepare import read_manifest
+    from raysegment.errors import DataError
+
+    root, _ = trained
+    good = json.loads((root / "data" / "manifest.json").read_text())
+    assert read_manifest(str(root / "data"))[1] == good
+    train = next(i for i, s in enumerate(good["shards"]) if s["split"] == "train")
+
+    def shard(**change):
+        return [dict(s, **change) if i == train else s for i, s in enumerate(good["shards"])]
+
+    for change, problem in [
+        ({"num_classes": 0}, "num_classes 0 is not"),
+        ({"num_classes": "4"}, "num_classes '4' is not"),
+        ({"class_names": ["a", "b", "c"]}, "are not 4 names"),
+        ({"class_names": ["a", "a", "b", "c"]}, "distinct, non-empty"),
+        ({"palette": [[0, 0]] * 4}, "palette is not 4 R,G,B colours"),
+        ({"counts": {"train": -5, "val": 1}}, "are not image counts"),
+        ({"shards": None}, "lists no shards"),
+        ({"shards": shard(path="../../elsewhere.parquet")}, "is not a path under shards/"),
+        ({"shards": shard(rows=good["shards"][train]["rows"] + 1)}, "train shards hold"),
+        ({"fingerprint": dict(good["fingerprint"], height="x")}, "its fingerprint is damaged"),
+    ]:
+        data = tmp_path / "data"
+        data.mkdir(exist_ok=True)
+        (data / "manifest.json").write_text(json.dumps(dict(good, **change)))
+        with pytest.raises(DataError, match=f"manifest.json: .*{problem}.*prepare` again"):
+            read_manifest(str(data))
+    (data / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="not a manifest"):
+        read_manifest(str(data))
+
+
 def cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "raysegment.cli", *args], capture_output=True, text=True, env=env, timeout=600

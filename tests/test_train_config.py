@@ -97,7 +97,11 @@ def test_a_data_set_whose_masks_label_no_pixel_is_refused_by_train_and_plan(tmp_
 
     from raysegment.cli import main
 
-    (tmp_path / "manifest.json").write_text(json.dumps({**void, "format_version": FORMAT_VERSION, "shards": []}))
+    shards = [
+        {"path": f"shards/{s}-00000.parquet", "split": s, "rows": n, "bytes": 1} for s, n in MANIFEST["counts"].items()
+    ]
+    whole = {**void, "format_version": FORMAT_VERSION, "shards": shards, "palette": [[0, 0, 0], [255, 0, 0]]}
+    (tmp_path / "manifest.json").write_text(json.dumps(whole))
     result = CliRunner().invoke(main, ["plan", str(tmp_path)])
     assert result.exit_code == 2 and "no mask labels a pixel" in result.output
     assert not (tmp_path / "plan.json").exists()

@@ -22,11 +22,11 @@ import ray
 from raysegment import storage
 from raysegment.data import imaging
 from raysegment.data.examples import NATIVE_VAL, Augmentation, decode_for_training
+from raysegment.data.prepare import RE_PREPARE
 from raysegment.errors import DataError
 from raysegment.models.card import InputSpec
 
 READ_ROWS = 32
-RE_PREPARE = "run `raysegment prepare` again into a new DEST"
 
 
 def _read_shards(batch: dict[str, np.ndarray], loc: storage.Location, columns: list[str] | None) -> Iterator[pa.Table]:

@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 import ray
 
 from raysegment import __version__, progress, storage
-from raysegment.config import PrepareSpec
+from raysegment.config import PrepareSpec, distinct_class_names
 from raysegment.data import classes, imaging, masks, tiff
-from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, merge
+from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, format_fingerprint, merge
 from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
 from raysegment.errors import DataError
 
@@ -91,6 +91,7 @@ class Row:
         return self.mask.shape[0], self.mask.shape[1]
 
 
+RE_PREPARE = "run `raysegment prepare` again into a new DEST"
 JPEG_MAGIC = b"\xff\xd8\xff"
 LOSSY_MASK = (
     "mask is a JPEG, whose lossy compression changes class ids along every edge; "
@@ -562,6 +563,68 @@ def read_manifest(data_uri: str, endpoint_url: str | None = None) -> tuple[stora
     if not storage.exists(mloc):
         raise DataError(f"{loc.uri}: no {MANIFEST}; run `raysegment prepare` first (or the write did not finish)")
     manifest = storage.read_json(mloc)
+    if not isinstance(manifest, dict):
+        raise DataError(f"{mloc.uri}: not a manifest (a JSON object); {RE_PREPARE}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{mloc.uri}: unsupported format_version {manifest.get('format_version')}")
+    if problem := manifest_problem(manifest):
+        raise DataError(f"{mloc.uri}: {problem}: it was changed after prepare; {RE_PREPARE}")
     return loc, manifest
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a manifest unusable (a field every reader relies on, missing or of the wrong kind), or None.
+
+    Readers index these fields directly; a hand-edited or damaged manifest was a KeyError or TypeError
+    traceback in data-info, plan, train or evaluate, or a model of 0 classes."""
+    k = manifest.get("num_classes")
+    if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= 255:
+        return f"num_classes {k!r} is not a whole number of classes 2..255"
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) for n in names):
+        return f"class_names {names!r} are not {k} names"
+    try:
+        distinct_class_names(names)
+    except ValueError as exc:
+        return str(exc)
+    palette = manifest.get("palette")
+    if not isinstance(palette, list) or len(palette) < k or not all(_colour(c) for c in palette):
+        return f"palette is not {k} R,G,B colours"
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or not all(_count(counts.get(s)) for s in SPLITS):
+        return f"counts {counts!r} are not image counts per split ({', '.join(SPLITS)})"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        return "it lists no shards"
+    for shard in shards:
+        if not isinstance(shard, dict) or not (
+            isinstance(shard.get("path"), str)
+            and shard["path"].startswith("shards/")
+            and ".." not in shard["path"].split("/")
+            and shard.get("split") in SPLITS
+            and _count(shard.get("rows"))
+            and _count(shard.get("bytes"))
+        ):
+            return f"shard entry {shard!r:.120} is not a path under shards/, a split, rows and bytes"
+    for split in SPLITS:
+        listed = sum(s["rows"] for s in shards if s["split"] == split)
+        if listed != counts[split]:
+            return f"its {split} shards hold {listed} rows, but counts says {counts[split]}"
+    if manifest.get("fingerprint") is not None and not isinstance(manifest["fingerprint"], dict):
+        return "its fingerprint is not a JSON object"
+    # One of this version's (an earlier one is computed afresh by its readers): formatting it reads every
+    # field `data-info` and `plan` read, with the types they take.
+    if isinstance(manifest.get("fingerprint"), dict) and Fingerprint.is_current(manifest["fingerprint"]):
+        try:
+            format_fingerprint(Fingerprint.from_json(manifest["fingerprint"]), names)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            return f"its fingerprint is damaged ({type(exc).__name__}: {str(exc)[:80]})"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _colour(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_count(v) and v <= 255 for v in value)
