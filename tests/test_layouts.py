@@ -230,6 +230,9 @@ def test_prepare_spec_flags():
     card = {"model_id": "m", "model_sha256": "a" * 64, "num_classes": 2, "palette": [[0, 0, 0], [9, 9, 9]]}
     with pytest.raises(ValidationError, match="repeat a name or hold an empty one"):
         ModelCard(**card, class_names=["a", "a"], input={"size": (8, 8)})
+    for size in ((0, 0), (-32, 32), (100_000, 100_000)):  # a hand-edited size: a traceback, or 28 GiB asked for
+        with pytest.raises(ValidationError, match="height and width from 1 to 65536"):
+            ModelCard(**card, class_names=["a", "b"], input={"size": size})
 
 
 # --- prepare on real Ray --------------------------------------------------------------------------

@@ -197,3 +197,26 @@ def test_misfits_are_one_clear_error(tmp_path):
         main, ["model", "import", src, str(tmp_path / "m"), "--classes", "a,b", "--input-size", "x"]
     )
     assert result.exit_code == 2 and "field 'input_size': give H,W (e.g. 512,512) or native (got 'x')" in result.output
+
+
+def test_a_damaged_model_file_whose_hash_was_rewritten_is_one_error(tmp_path):
+    """The card's hash guards against a swapped file, not one rewritten together with its hash: Keras'
+    own error was then a traceback in every command that loads the model."""
+    import hashlib
+
+    from raysegment import storage
+    from raysegment.bench.infer import make_model_dir
+    from raysegment.models.loader import load_model
+
+    model = make_model_dir(str(tmp_path), image_size=32, depth=2, base_filters=4)
+    garbage = os.urandom(3000)
+    path = os.path.join(model, "model.keras")
+    with open(path, "wb") as f:
+        f.write(garbage)
+    card = ModelCard.read(model)
+    card = card.model_copy(update={"model_sha256": hashlib.sha256(garbage).hexdigest()})
+    card.write(storage.resolve(model))
+    with pytest.raises(
+        DataError, match="model.keras: not a Keras model Keras can load .*train or import the model again"
+    ):
+        load_model(storage.resolve(model), ModelCard.read(model, verify_model=True))

@@ -100,6 +100,8 @@ class InputSpec(_Part):
 
     @model_validator(mode="after")
     def _zscore_has_stats(self) -> InputSpec:
+        if not all(1 <= s <= 65536 for s in self.size):  # as `model import` asks; 0 or 10^5 was a traceback
+            raise ValueError(f"input size {self.size}: height and width from 1 to 65536")
         if self.normalization in ZSCORE and self.stats is None:
             raise ValueError(f"normalization {self.normalization} needs stats (per-channel mean and std)")
         if self.normalization == "zscore_clipped" and self.stats is not None and self.stats.low is None:

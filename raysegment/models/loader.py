@@ -39,7 +39,13 @@ def load_model(model_dir: storage.Location, card: ModelCard, precision: str = "f
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, MODEL_FILE)
         storage.download_file(card.model_location(model_dir), local)
-        model = keras.models.load_model(local, compile=False)
+        try:
+            model = keras.models.load_model(local, compile=False)
+        except Exception as exc:  # a damaged or foreign file (its hash can be rewritten with it): one line
+            raise DataError(
+                f"{card.model_location(model_dir).uri}: not a Keras model Keras can load "
+                f"({type(exc).__name__}: {str(exc)[:120]}); train or import the model again"
+            ) from exc
     return model if precision == "float32" else _with_policy(model, f"mixed_{precision}")
 
 
