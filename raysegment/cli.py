@@ -44,6 +44,16 @@ config_option = click.option(
 endpoint_option = click.option("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
 
 
+class FiniteRange(click.FloatRange):
+    """click's FloatRange lets `nan` through (every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number in the range {self._describe_range()}", param, ctx)
+        return number
+
+
 @click.group()
 @click.version_option(__version__)
 @click.option("-v", "--verbose", is_flag=True, help="full logs on the console (as RAYSEGMENT_LOG_LEVEL=DEBUG)")
@@ -380,7 +390,7 @@ main.add_command(bench)
 )
 @click.option(
     "--storage-retry-s",
-    type=click.FloatRange(0, 86400),
+    type=FiniteRange(0, 86400),
     default=None,
     help="retry unreachable object storage this long, then fail (default: RAYSEGMENT_STORAGE_RETRY_S or 120)",
 )
@@ -413,7 +423,13 @@ def report(
 @click.argument("image_uri")
 @click.option("--model", "model_uri", required=True, help="trained model directory (model.keras + model.json)")
 @click.option("--out", default=None, help="overlay PNG to write (default: IMAGE name + .overlay.png, here)")
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="mask colour share")
+@click.option(
+    "--alpha",
+    type=FiniteRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="mask colour share",
+)
 @click.option("--tta-flip/--no-tta-flip", default=None, help="flip TTA, as infer (default: the card's advice)")
 @endpoint_option
 @handle_errors

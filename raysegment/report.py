@@ -16,6 +16,7 @@ import base64
 import dataclasses
 import html
 import logging
+import posixpath
 import string
 from typing import Any
 
@@ -24,7 +25,7 @@ from PIL import Image
 
 from raysegment import __version__, overlay, plots, storage
 from raysegment.data import imaging, tiff
-from raysegment.errors import StorageError, UserError
+from raysegment.errors import DataError, StorageError, UserError
 from raysegment.inference import output as layout
 from raysegment.inference import rasters
 from raysegment.inference.output import RunRecord
@@ -361,11 +362,22 @@ def write_run_report(
     memory, so the report is built before the record is written (a killed report step leaves no
     record); without it the report reads runs/ (see find_run)."""
     output = storage.resolve(output_uri, endpoint_url, retry_s)
+    asked = None
     if record is not None:
         run_id = record.run_id
     else:
+        asked = run_id
+        if asked is not None and ("/" in asked or ".." in asked or not asked.strip()):
+            raise DataError(f"--run-id {asked!r}: a run id names a file under runs/; see OUTPUT/runs/")
         run_id, record = layout.find_run(output, run_id)
     scan = scan_summaries(output, samples, run_id)
+    if record is None and asked is not None and not storage.exists(output.child(layout.SUMMARIES, f"run={asked}")):
+        # Neither a record nor a summary of it (a killed run has the latter): a mistyped id, which replaced
+        # report.html with one that said "no run record".
+        runs = output.child(layout.RUNS)
+        known = storage.list_files(runs, (".json",)) if storage.exists(runs) else []
+        shown = ", ".join(posixpath.basename(p)[: -len(".json")] for p in known[-5:]) or "none"
+        raise DataError(f"{output.uri}: no run {asked} (no run record and no summaries); runs here: {shown}")
     log.info("report: %d summary rows (%d ok, %d errors) in %s", scan.rows, scan.ok, scan.error, output.uri)
     k = len(scan.class_names)
     channels = model_channels(record, endpoint_url, output.retry_s)

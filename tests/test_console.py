@@ -224,6 +224,10 @@ def test_log_level_from_the_environment(monkeypatch):
             ["report", "{tmp}/run", "--samples", "-1"],
             "Invalid value for '--samples': -1 is not in the range 0<=x<=1000",
         ),
+        (  # click's FloatRange lets nan through: every pixel of the overlay came out black
+            ["show", "{tmp}/a.png", "--model", "{tmp}/m", "--alpha", "nan"],
+            "Invalid value for '--alpha': 'nan' is not a number in the range 0.0<=x<=1.0",
+        ),
     ],
 )
 def test_out_of_range_counts_fail_before_any_work(tmp_path, args, named):

@@ -268,6 +268,14 @@ def test_report_without_source_images_or_run_record(tmp_path):
     assert result["run_id"] is None and result["samples"] == 6 and result["mask_only"] == 6
     page = (tmp_path / "out" / "report.html").read_text()
     assert "no run record" in page and "source not readable" in page
+    # A killed run's id (its summaries, no record) is reported as above; an id of no run at all is an error,
+    # and report.html is left as it was (a mistyped id replaced it with an empty report).
+    assert report.write_run_report(out.uri, run_id=RUN_ID)["run_id"] == RUN_ID
+    page = (tmp_path / "out" / "report.html").read_text()
+    for wrong in ("20990101T000000Z-deadbeef", "../../etc/passwd"):
+        with pytest.raises(DataError, match="no run 2099|names a file under runs/"):
+            report.write_run_report(out.uri, run_id=wrong)
+    assert (tmp_path / "out" / "report.html").read_text() == page
 
 
 def test_report_of_an_empty_output_is_a_clear_error(tmp_path):
