@@ -89,6 +89,20 @@ def test_data_set_that_cannot_train(fields, counts, message):
         train_config(TrainSpec(data="d", out="o", **fields), {**MANIFEST, "counts": counts}, "d")
 
 
+def test_encoder_weights_the_driver_does_not_have_are_refused_before_the_run(tmp_path):
+    """A path the driver cannot ship failed on every worker after start-up, with h5py's traceback."""
+    from raysegment.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--encoder-weights /nonexistent/w.h5: no such file on this machine"):
+        train_config(
+            TrainSpec(data="d", out="o", encoder="resnet50", encoder_weights="/nonexistent/w.h5"), MANIFEST, "d"
+        )
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"")
+    for given in ("imagenet", "none", str(weights)):
+        train_config(TrainSpec(data="d", out="o", encoder="resnet50", encoder_weights=given), MANIFEST, "d")
+
+
 def test_a_data_set_whose_masks_label_no_pixel_is_refused_by_train_and_plan(tmp_path):
     void = {**MANIFEST, "pixel_frequency": [0.0, 0.0], "ignored_pixels": 4096}
     with pytest.raises(DataError, match="no mask labels a pixel \\(4096 pixels are 255"):

@@ -9,10 +9,11 @@ ObjectRef of a shipped weights file).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from raysegment.errors import DataError
+from raysegment.errors import ConfigError, DataError
 from raysegment.train.optim import scaled_learning_rate
 
 if TYPE_CHECKING:
@@ -167,6 +168,14 @@ def train_config(
     # Fixed here from the manifest, not counted from the shards: Ray has been seen to
     # double step counts on pre-sharded data (Ray #61838).
     steps = manifest["counts"]["train"] * spec.repeat // global_batch
+    weights = spec.encoder_weights
+    if spec.encoder and weights not in ("imagenet", "none") and not os.path.isfile(weights):
+        # The driver ships a given file to the workers (`ModelConfig.ship_weights`); one it does not have
+        # failed on every worker after start-up, with h5py's traceback.
+        raise ConfigError(
+            f"--encoder-weights {weights}: no such file on this machine; give imagenet, none, "
+            "or a backbone weights file here (it is sent to the workers)"
+        )
     return TrainConfig(
         model=ModelConfig(
             num_classes=manifest["num_classes"],
