@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raysegment.data import masks
-from raysegment.data.classes import IGNORE_INDEX
+from raysegment.data.classes import IGNORE_INDEX, distinct_names
 from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError
 from raysegment.specfile import clip, echo, read_yaml
@@ -21,9 +21,8 @@ from raysegment.storage import redact
 
 
 def distinct_class_names(names: list[str]) -> None:
-    """2 to 255 names, each non-empty and used once: a repeated name hid one class's figures behind the
-    other's (per-class IoU, class fractions and overlays are keyed by name)."""
-    if len(names) < 2 or len(names) > 255 or len(set(names)) != len(names) or not all(n.strip() for n in names):
+    """2 to 255 names, each non-empty and used once (`classes.distinct_names`)."""
+    if not 2 <= len(names) <= 255 or not distinct_names(names):
         raise ValueError("give 2 to 255 distinct, non-empty class names, comma-separated")
 
 

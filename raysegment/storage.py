@@ -496,8 +496,13 @@ def read_table(loc: Location, path: str, columns: list[str] | None = None, fix: 
     try:
         return pq.read_table(io.BytesIO(data), columns=columns)
     except (pa.ArrowException, OSError) as exc:  # ArrowInvalid: not Parquet, or cut short
-        uri = redact(f"s3://{path}" if loc.remote else path)
-        raise DataError(f"{uri}: damaged Parquet file ({str(exc)[:120]}); {fix}") from exc
+        raise damaged_parquet(loc, path, exc, fix) from exc
+
+
+def damaged_parquet(loc: Location, path: str, exc: Exception, fix: str = DAMAGED_FIX) -> DataError:
+    """The error for a Parquet file (a path inside loc's filesystem) that pyarrow cannot read: its URI and `fix`."""
+    uri = redact(f"s3://{path}" if loc.remote else path)
+    return DataError(f"{uri}: damaged Parquet file ({str(exc)[:120]}); {fix}")
 
 
 def list_files(loc: Location, extensions: tuple[str, ...] | None = None) -> list[str]:

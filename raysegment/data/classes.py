@@ -6,6 +6,13 @@ from typing import NamedTuple
 
 IGNORE_INDEX = 255
 
+
+def distinct_names(names: list[str]) -> bool:
+    """Each name non-empty and used once: per-class IoU, class fractions and overlays are keyed by name,
+    so a repeated one hid one class's figures behind the other's."""
+    return len(set(names)) == len(names) and all(n.strip() for n in names)
+
+
 VOC_CLASSES = [
     "background",
     "aeroplane",

@@ -40,7 +40,7 @@ def _read_shards(batch: dict[str, np.ndarray], loc: storage.Location, columns: l
             try:
                 parquet = pq.ParquetFile(f)
             except pa.ArrowException as exc:
-                raise DataError(f"{shard.uri}: damaged shard ({str(exc)[:120]}); {RE_PREPARE}") from exc
+                raise storage.damaged_parquet(shard, shard.path, exc, RE_PREPARE) from exc
             found = (f.size, parquet.metadata.num_rows)
             if found != (int(size), int(rows)):
                 raise DataError(

@@ -610,13 +610,14 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
         listed = sum(s["rows"] for s in shards if s["split"] == split)
         if listed != counts[split]:
             return f"its {split} shards hold {listed} rows, but counts says {counts[split]}"
-    if manifest.get("fingerprint") is not None and not isinstance(manifest["fingerprint"], dict):
+    fingerprint = manifest.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, dict):
         return "its fingerprint is not a JSON object"
     # One of this version's (an earlier one is computed afresh by its readers): formatting it reads every
     # field `data-info` and `plan` read, with the types they take.
-    if isinstance(manifest.get("fingerprint"), dict) and Fingerprint.is_current(manifest["fingerprint"]):
+    if fingerprint and Fingerprint.is_current(fingerprint):
         try:
-            format_fingerprint(Fingerprint.from_json(manifest["fingerprint"]), names)
+            format_fingerprint(Fingerprint.from_json(fingerprint), names)
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
             return f"its fingerprint is damaged ({type(exc).__name__}: {str(exc)[:80]})"
     return None

@@ -58,10 +58,7 @@ def is_tiff_name(path: str) -> bool:
 def _open(data: bytes) -> Any:
     import tifffile
 
-    try:
-        return tifffile.TiffFile(io.BytesIO(data))
-    except Exception as exc:  # tifffile raises several types for damaged headers
-        raise TiffError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from exc
+    return _tifffile(lambda: tifffile.TiffFile(io.BytesIO(data)))
 
 
 def _slices(tif: Any) -> Iterator[int]:
@@ -197,11 +194,12 @@ def needs_tifffile(data: bytes) -> bool:
         return False
     with _open(data) as tif:
         first = first_slice(tif)
-        return first is not None and not _header(lambda: pil_reads(tif.pages[first]))
+        return first is not None and not _tifffile(lambda: pil_reads(tif.pages[first]))
 
 
-def _header(read: Callable[[], T]) -> T:
-    """A value read from tifffile's page headers; its own exceptions for damaged ones become TiffError."""
+def _tifffile(read: Callable[[], T]) -> T:
+    """A tifffile call (opening a file, reading a page's header); its many exception types for damaged
+    headers become TiffError."""
     try:
         return read()
     except TiffError:
@@ -216,7 +214,7 @@ def slice_size(data: bytes, page: int = 0) -> tuple[int, int]:
         index = next(itertools.islice(_slices(tif), page, None), None)
         if index is None:
             raise TiffError(f"TIFF has {len(slice_pages(tif))} pages; page {page} asked for")
-        return _header(lambda: (tif.pages[index].imagelength, tif.pages[index].imagewidth))
+        return _tifffile(lambda: (tif.pages[index].imagelength, tif.pages[index].imagewidth))
 
 
 def _as_yxs(page: Any, arr: np.ndarray) -> np.ndarray:
@@ -268,9 +266,9 @@ def page_bytes(data: bytes, page: int, max_pixels: int = limits.MAX_PIXELS) -> b
         if page >= len(pages):
             raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
         p = tif.pages[pages[page]]
-        if problem := _header(lambda: limits.over(p.imagewidth, p.imagelength, max_pixels, p.samplesperpixel)):
+        if problem := _tifffile(lambda: limits.over(p.imagewidth, p.imagelength, max_pixels, p.samplesperpixel)):
             raise TiffError(problem)
-        index, easy = pages[page], _header(lambda: pil_reads(p))
+        index, easy = pages[page], _tifffile(lambda: pil_reads(p))
     if easy:  # Pillow reads it (LZW and JPEG included) and applies its palette and orientation
         try:
             with warnings.catch_warnings():  # the slice's size is checked above; Pillow's guard is for page 0

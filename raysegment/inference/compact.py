@@ -44,10 +44,7 @@ def _rows_of(output: storage.Location, paths: list[str]) -> list[int]:
                 try:
                     return pq.read_metadata(f).num_rows
                 except pa.ArrowException as exc:  # cut short or emptied: name the file, not the folder
-                    uri = f"s3://{path}" if loc.remote else path
-                    raise DataError(
-                        f"{uri}: damaged Parquet file ({str(exc)[:120]}); {layout.DAMAGED_SUMMARY}"
-                    ) from exc
+                    raise storage.damaged_parquet(loc, path, exc, layout.DAMAGED_SUMMARY) from exc
 
         return loc.call(read)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raysegment.data.classes import distinct_names
 from raysegment.errors import DataError
 
 if TYPE_CHECKING:
@@ -260,7 +261,7 @@ class ModelCard(_Part):
     def _names_match_classes(self) -> ModelCard:
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names for num_classes {self.num_classes}")
-        if len(set(self.class_names)) != len(self.class_names) or not all(n.strip() for n in self.class_names):
+        if not distinct_names(self.class_names):
             raise ValueError(f"class_names {self.class_names} repeat a name or hold an empty one")
         return self
 
