@@ -509,6 +509,9 @@ address_option = click.option(
 @click.option("--output", default=None, help="date partitions, ledger and reports go here")
 @click.option("--date", default=None, help="the night, YYYY-MM-DD (default: today, UTC)")
 @click.option("--drift-threshold", type=float, default=None, help="flag a class mean fraction shift above this")
+@click.option(
+    "--allow-empty-input", is_flag=True, default=None, help="an INPUT with no images is not an error (see README)"
+)
 @infer_options
 @endpoint_option
 @json_option

@@ -448,6 +448,11 @@ class NightlySpec(InferOptions):
     lock_stale_after_s: int = Field(
         6 * 3600, ge=60, le=7 * 86400, description="a lock older than this is taken over (its run is presumed dead)"
     )
+    allow_empty_input: bool = Field(
+        False,
+        description="a night whose INPUT lists no images while the ledger holds earlier ones succeeds "
+        "(default: it fails, as an unmounted share or a wrong prefix would look like that)",
+    )
 
     @field_validator("date", mode="before")
     @classmethod

@@ -209,6 +209,8 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
         ledger.compact(output, index, f"{date}-{_stamp()}")  # a year of nights stays a few files
         night = plan_night(input_loc, tuple(spec.extensions), index, card.model_sha256)
         counts, todo = dict(night.counts), night.todo
+        # Keys the ledger holds that tonight's listing lacks: deleted, moved, or a share not mounted.
+        counts["absent"] = max(0, index.keys - (counts["listed"] - counts["new"]))
         progress.note(
             f"nightly {date}: {counts['listed']} listed, {counts['new']} new, {counts['changed']} changed, "
             f"{counts['unchanged']} unchanged"
@@ -229,6 +231,12 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
         }
         try:
             refuse_collisions(night.clashes)
+            if not counts["listed"] and index.keys and not spec.allow_empty_input:
+                raise JobError(
+                    f"nightly: INPUT {storage.redact(spec.input)} lists no images, but the ledger records "
+                    f"{index.keys} from earlier nights: check that INPUT is mounted and its prefix is right; "
+                    "if it was emptied on purpose, run again with --allow-empty-input"
+                )
         except JobError as exc:
             report.update(status="failed", exit_code=EXIT_FAILED, class_fraction_mean=None, problem=str(exc))
             _finish(report, output, date, t0)

@@ -312,3 +312,17 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     assert "outside INPUT, not followed" in next(r["error"] for r in rows if r["key"] == "link")
     assert night_ledger.read(storage.resolve(str(out))).num_rows == 7
     assert not (out / "_nightly.lock").exists()
+
+    # INPUT empty while the ledger holds earlier images (an unmounted share looks like this): the
+    # night fails with the flag that allows it named; given the flag, it is "nothing new".
+    assert r3["counts"]["absent"] == 0
+    moved = tmp_path / "moved"
+    inp.rename(moved)
+    inp.mkdir()
+    with pytest.raises(JobError, match="lists no images, but the ledger records 6 .*--allow-empty-input"):
+        night("2026-01-05")
+    r5 = json.loads((out / "reports" / "2026-01-05.json").read_text())
+    assert r5["status"] == "failed" and r5["exit_code"] == 3 and r5["counts"]["absent"] == 6
+    r5 = night("2026-01-05", allow_empty_input=True)
+    assert r5["status"] == "nothing_new" and r5["counts"]["absent"] == 6 and nightly.exit_code(r5) == 0
+    assert night_ledger.read(storage.resolve(str(out))).num_rows == 7
