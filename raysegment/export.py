@@ -24,11 +24,13 @@ resampling maths runs in float32 there, see `segment_fn`). The model card is wri
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
-from raysegment.errors import ConfigError
+from raysegment.errors import ConfigError, StorageError
 from raysegment.models.card import CARD_FILE, ModelCard
 from raysegment.models.loader import load_model, put_tree
 
@@ -180,6 +182,12 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         raise ConfigError(f"{target.uri} exists; pass --overwrite or choose another DEST")
     if spec.format != "saved_model":  # one file: never a link (a dangling one would be written through)
         storage.check_replaceable(target)
+    stale = _other_models_exports(dest, spec.format, card)
+    if stale and not spec.overwrite:
+        raise ConfigError(
+            f"{spec.dest}: holds {', '.join(FILE_NAMES[f] for f in stale)} of another model, which the new "
+            "model.json would describe wrongly; pass --overwrite (removes them) or choose another DEST"
+        )
     import tensorflow as tf
 
     model = load_model(model_dir, card)
@@ -188,8 +196,9 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, FILE_NAMES[spec.format])
         note = _WRITERS[spec.format](model, segment, image, local)
-        storage.remove_tree(target)
-        put_tree(local, target)
+        _replace(local, target)
+    for fmt in stale:
+        storage.remove_tree(dest.child(FILE_NAMES[fmt]))
     card.write(dest)
     return {
         "format": spec.format,
@@ -198,6 +207,56 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         "note": note,
         "model_id": card.model_id,
     }
+
+
+def _other_models_exports(dest: storage.Location, fmt: str, card: ModelCard) -> list[str]:
+    """The other formats DEST holds when its model.json is another model's: one card describes a DEST."""
+    held = dest.child(CARD_FILE)
+    if not storage.exists(held):
+        return []
+    try:
+        same = storage.read_json(held).get("model_sha256") == card.model_sha256
+    except (StorageError, AttributeError):
+        same = False  # unreadable: it describes nothing we can trust
+    if same:
+        return []
+    return [f for f in FORMATS if f != fmt and storage.exists(dest.child(FILE_NAMES[f]))]
+
+
+def _replace(local: str, target: storage.Location) -> None:
+    """Put a new export where the old one was, so that no reader finds one part-written.
+
+    A file is one atomic rename (local) or PUT (S3). A SavedModel folder is written beside the old
+    one and swapped in by two renames locally; on S3, where a folder is many objects, its files are
+    overwritten and those the new one lacks removed after, so a reader during the copy may see a mix.
+    """
+    if os.path.isfile(local):
+        storage.upload_file(local, target)
+        return
+    if target.remote:
+        before = set(storage.list_files(target)) if storage.exists(target) else set()
+        put_tree(local, target)
+        written = {
+            target.child(*os.path.relpath(os.path.join(r, n), local).split(os.sep)).path
+            for r, _, names in os.walk(local)
+            for n in names
+        }
+        for path in sorted(before - written):
+            storage.call(target, lambda p=path: target.fs.rm(p))
+        return
+    staged = storage.resolve(os.path.join(os.path.dirname(target.path), f".tmp-{uuid.uuid4().hex}"))
+    aside = f"{staged.path}-old"
+    try:
+        put_tree(local, staged)
+        with storage.storage_errors(target.uri):
+            had = os.path.lexists(target.path)
+            if had:
+                os.rename(target.path, aside)
+            os.rename(staged.path, target.path)
+            if had:
+                shutil.rmtree(aside) if os.path.isdir(aside) and not os.path.islink(aside) else os.remove(aside)
+    finally:
+        storage.remove_tree(staged)
 
 
 def _saved_model(model, segment, spec, target: str) -> str:

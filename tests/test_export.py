@@ -176,6 +176,35 @@ def test_export_refuses_what_it_cannot_write_faithfully(tmp_path):
         export(ExportSpec(model=model, dest=str(tmp_path / "e"), format="saved_model"))
 
 
+def test_overwrite_swaps_the_export_whole_and_one_card_describes_dest(tmp_path):
+    """--overwrite replaces a SavedModel by a swap (nothing of the old one stays, no staging left beside
+    it); a DEST holding another model's export in another format is refused, then cleared with
+    --overwrite; the same model in a second format sits beside the first."""
+    import tensorflow as tf
+
+    from raysegment.errors import ConfigError
+    from raysegment.export import export
+
+    a = make_model_dir(str(tmp_path / "a"), image_size=32, depth=2, base_filters=4)
+    b = make_model_dir(str(tmp_path / "b"), image_size=32, depth=2, base_filters=8)
+    assert ModelCard.read(a).model_sha256 != ModelCard.read(b).model_sha256
+    dest = tmp_path / "dest"
+    export(ExportSpec(model=a, dest=str(dest), format="saved_model"))
+    (dest / "saved_model" / "stray.txt").write_text("left by the old export")
+    export(ExportSpec(model=a, dest=str(dest), format="tflite"))  # the same model: beside it
+    assert (dest / "saved_model").is_dir() and (dest / "model.tflite").is_file()
+
+    with pytest.raises(ConfigError, match="holds saved_model, model.tflite of another model"):
+        export(ExportSpec(model=b, dest=str(dest), format="onnx"))
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        export(ExportSpec(model=b, dest=str(dest), format="saved_model"))
+    export(ExportSpec(model=b, dest=str(dest), format="saved_model", overwrite=True))
+    assert sorted(p.name for p in dest.iterdir()) == ["model.json", "saved_model"]  # tflite of a: removed
+    assert not (dest / "saved_model" / "stray.txt").exists()
+    assert json.loads((dest / "model.json").read_text())["model_sha256"] == ModelCard.read(b).model_sha256
+    assert "serving_default" in tf.saved_model.load(str(dest / "saved_model")).signatures
+
+
 @pytest.mark.s3
 def test_export_from_a_spec_through_the_job_entrypoint_to_s3(infer_masks, s3_prefix, tmp_path):
     """`python -m raysegment.entrypoints export --config SPEC` (what `raysegment submit export` runs) into s3://."""
@@ -199,3 +228,9 @@ def test_export_from_a_spec_through_the_job_entrypoint_to_s3(infer_masks, s3_pre
         assert out["probabilities"].shape == (h, w, 4)
         if h <= 32:  # Pillow resizes width first: the graph's masks are infer's, byte for byte
             assert (out["class_map"].numpy() == ref).all()
+    # --overwrite on S3: the SavedModel's objects are replaced and those the new one lacks removed.
+    stray = dest.child("saved_model", "stray.txt")
+    storage.write_bytes(stray, b"left by the old export")
+    spec.write_text(spec.read_text() + "overwrite: true\n")
+    assert entry_main("export", ["--config", str(spec)]) == 0
+    assert not storage.exists(stray) and storage.exists(dest.child("saved_model", "saved_model.pb"))
