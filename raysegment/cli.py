@@ -154,7 +154,7 @@ def plan(
     from raysegment import plan as planning
     from raysegment import storage
     from raysegment.data.prepare import read_manifest
-    from raysegment.train.config import check_labelled
+    from raysegment.train.config import check_labelled, check_val
 
     # The compute and budget checked as `train` checks them (TrainSpec's bounds): a plan is only printed for
     # values train would accept.
@@ -162,6 +162,7 @@ def plan(
     spec = load_spec(TrainSpec, None, {"data": data, "out": out, "time_budget": time_budget, **given})
     loc, manifest = read_manifest(data, endpoint_url)
     check_labelled(manifest, loc.uri)
+    check_val(manifest, loc.uri)  # train refuses such a data set: no plan for it either
     fp = planning.read_fingerprint(loc, manifest)
     compute = planning.Compute(spec.workers, spec.gpus_per_worker, spec.cpus_per_worker)
     result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, spec.time_budget)

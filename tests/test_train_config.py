@@ -120,6 +120,14 @@ def test_a_data_set_whose_masks_label_no_pixel_is_refused_by_train_and_plan(tmp_
     assert result.exit_code == 2 and "no mask labels a pixel" in result.output
     assert not (tmp_path / "plan.json").exists()
 
+    # No val images: train refuses them (the best checkpoint is chosen by val), so plan does too.
+    no_val = {**whole, "pixel_frequency": MANIFEST["pixel_frequency"], "counts": {**MANIFEST["counts"], "val": 0}}
+    no_val["shards"] = [s for s in shards if s["split"] == "train"]
+    (tmp_path / "manifest.json").write_text(json.dumps(no_val))
+    result = CliRunner().invoke(main, ["plan", str(tmp_path)])
+    assert result.exit_code == 2 and "no validation images" in result.output, result.output
+    assert not (tmp_path / "plan.json").exists()
+
 
 def test_optimizer_follows_the_config():
     import keras

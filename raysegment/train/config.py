@@ -147,6 +147,11 @@ def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None
             f"{data_uri}: {train_count} training images, fewer than one global batch "
             f"({spec.batch_size} x {spec.workers} workers); lower --batch-size or --workers"
         )
+    check_val(manifest, data_uri)
+
+
+def check_val(manifest: dict[str, Any], data_uri: str) -> None:
+    """DataError without val images: training picks its best checkpoint by them (`plan` checks it too)."""
     if manifest["counts"].get("val", 0) == 0:
         raise DataError(f"{data_uri}: no validation images; prepare with --val-fraction > 0")
 
