@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,17 @@ EXIT_MEANINGS = {
 }
 
 
+# Ray Data appends its retry advice to the message of an error raised in a task (it rewrites the
+# exception's args): "Failed to apply UDF transform after 1/1 attempts ..." and how to configure retries.
+# Our errors are not transient, so that advice is noise on the one line the user reads.
+_RAY_RETRY_NOTE = re.compile(r"\nFailed to [^\n]* after \d+/\d+ attempts \(total backoff[\s\S]*\Z")
+
+
+def error_text(err: BaseException) -> str:
+    """An error's message as the user reads it: without what Ray appended on the way."""
+    return _RAY_RETRY_NOTE.sub("", str(err))
+
+
 def user_error(exc: BaseException | None) -> UserError | None:
     """The UserError behind an exception, also when Ray wrapped it in a task or train error."""
     seen = set()
@@ -42,6 +54,11 @@ def user_error(exc: BaseException | None) -> UserError | None:
         wrapped = any(c.__module__.startswith("ray.") for c in type(exc).__mro__)
         if isinstance(exc, UserError) and not wrapped:
             return exc
+        # Ray Train: a worker's error (a damaged shard read by its data feed) is kept per rank.
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict):
+            found = (user_error(failures[rank]) for rank in sorted(failures))
+            return next((e for e in found if e is not None), None)
         exc = getattr(exc, "cause", None) or exc.__cause__
     return None
 
@@ -158,7 +175,7 @@ def _python_stdout_to_stderr(as_json: bool) -> contextlib.AbstractContextManager
 
 
 def _error_json(kind: str, err: BaseException, exit_code: int, s: Session | None) -> dict[str, Any]:
-    return {"command": kind, "exit_code": exit_code, "error": str(err), "log_file": s.log_path if s else None}
+    return {"command": kind, "exit_code": exit_code, "error": error_text(err), "log_file": s.log_path if s else None}
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -182,7 +199,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 if as_json:  # a crash too leaves one object on stdout; the traceback follows on stderr
                     print_json(_error_json(kind, exc, 1, s), s.results if s is not None else sys.stdout)
                 raise
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {error_text(err)}", err=True)
             if s is not None and err.exit_code not in (0, 2):
                 click.echo(f"  log: {s.log_path}", err=True)
             if as_json:

@@ -208,7 +208,7 @@ def _write(loc: storage.Location, table: pa.Table) -> None:
 
 def write_parquet(loc: storage.Location, table: pa.Table) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **storage.PAGE_CHECKSUMS)
     storage.write_bytes(loc, buf.getvalue())
 
 

@@ -236,3 +236,27 @@ def test_out_of_range_counts_fail_before_any_work(tmp_path, args, named):
     result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2 and named in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_user_error_in_a_train_worker_is_one_line_without_rays_retry_advice():
+    """A training worker's data feed that read a damaged shard raised DataError; Ray Data appended its retry
+    advice to the message and Ray Train wrapped it per rank, and `train` ended with a traceback (exit 1). The
+    console finds it among the worker failures and prints its own text (checked end to end by hand: one line,
+    exit 2). Ray's own code does the wrapping here."""
+    from ray.data._internal.util import iterate_with_retry
+    from ray.train import WorkerGroupError
+
+    from raysegment.console import error_text, user_error
+    from raysegment.errors import DataError
+
+    def damaged():
+        raise DataError("s/train-0.parquet: damaged Parquet file (CRC); run `raysegment prepare` again")
+        yield
+
+    with pytest.raises(DataError) as caught:
+        list(iterate_with_retry(damaged, "apply UDF transform", match=[], max_attempts=1))
+    assert "Failed to apply UDF transform after 1/1 attempts" in str(caught.value)  # what Ray does to it
+    group = WorkerGroupError("[Rank 1 Error Snippet] ...", {1: caught.value, 0: RuntimeError("not ours")})
+    assert user_error(group) is caught.value
+    assert error_text(caught.value) == "s/train-0.parquet: damaged Parquet file (CRC); run `raysegment prepare` again"
+    assert user_error(WorkerGroupError("x", {0: RuntimeError("a crash")})) is None  # a crash keeps its traceback

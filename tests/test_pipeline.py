@@ -102,6 +102,15 @@ def test_a_shard_changed_after_prepare_is_refused(trained, tmp_path):
     with pytest.raises(DataError, match=f"{val}: .* rows, but the manifest lists .*changed after prepare"):
         evaluate(EvaluateSpec(model=str(root / "model"), data=str(data), out=None))
 
+    # Damaged in place (same size, bytes in the middle zeroed): PNG decoding did not notice (an image came
+    # back with 8% of its pixels changed); the pages' checksums do.
+    shutil.copyfile(root / "data" / val, data / val)
+    whole = (data / val).read_bytes()
+    middle = len(whole) // 2
+    (data / val).write_bytes(whole[:middle] + bytes(64) + whole[middle + 64 :])
+    with pytest.raises(DataError, match=f"{val}: damaged Parquet file .*CRC.*prepare"):
+        evaluate(EvaluateSpec(model=str(root / "model"), data=str(data), out=None))
+
 
 def test_a_hand_edited_or_damaged_manifest_is_one_error(trained, tmp_path):
     """Every reader goes through `read_manifest`; each of these was a KeyError or TypeError traceback in

@@ -167,7 +167,11 @@ def test_a_damaged_parquet_file_is_named_with_the_fix(tmp_path):
     loc = storage.resolve(str(tmp_path))
     assert storage.read_table(loc, str(path))["key"].to_pylist() == ["a", "b"]
     whole = path.read_bytes()
-    for damaged in (b"", whole[: len(whole) // 2], b"x" * len(whole)):
+    # Written as raysegment writes (a CRC per page), then damaged in place: same size, other bytes.
+    pq.write_table(pa.table({"key": [f"k{i:05d}" for i in range(2000)]}), path, **storage.PAGE_CHECKSUMS)
+    whole = path.read_bytes()
+    flipped = whole[:100] + bytes(b ^ 0xFF for b in whole[100:110]) + whole[110:]
+    for damaged in (b"", whole[: len(whole) // 2], b"x" * len(whole), flipped):
         path.write_bytes(damaged)
         with pytest.raises(DataError, match=f"{path}: damaged Parquet file .*; delete it and run `infer` again"):
             storage.read_table(loc, str(path), fix=DAMAGED_SUMMARY)

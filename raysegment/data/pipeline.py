@@ -38,7 +38,7 @@ def _read_shards(batch: dict[str, np.ndarray], loc: storage.Location, columns: l
         shard = loc.child(str(path))
         with storage.storage_errors(shard.uri), shard.fs.open(shard.path, "rb") as f:
             try:
-                parquet = pq.ParquetFile(f)
+                parquet = pq.ParquetFile(f, **storage.VERIFY_PAGES)
             except pa.ArrowException as exc:
                 raise storage.damaged_parquet(shard, shard.path, exc, RE_PREPARE) from exc
             found = (f.size, parquet.metadata.num_rows)
@@ -47,7 +47,14 @@ def _read_shards(batch: dict[str, np.ndarray], loc: storage.Location, columns: l
                     f"{shard.uri}: {found[0]} bytes and {found[1]} rows, but the manifest lists {size} bytes and "
                     f"{rows} rows: the shard was changed after prepare; {RE_PREPARE}"
                 )
-            for record_batch in parquet.iter_batches(batch_size=READ_ROWS, columns=columns):
+            batches = parquet.iter_batches(batch_size=READ_ROWS, columns=columns)
+            while True:
+                try:
+                    record_batch = next(batches, None)
+                except (pa.ArrowException, OSError) as exc:  # OSError: a page's CRC does not match its bytes
+                    raise storage.damaged_parquet(shard, shard.path, exc, RE_PREPARE) from exc
+                if record_batch is None:
+                    break
                 yield pa.Table.from_batches([record_batch])
 
 

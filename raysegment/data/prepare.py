@@ -217,7 +217,7 @@ def _valid_rows(
 def _write_parquet(path: str, rows: Iterator[Row], split: str) -> int:
     """Stream rows into a Parquet file in row groups of about ROW_GROUP_BYTES; returns the row count."""
     n = 0
-    with pq.ParquetWriter(path, SHARD_SCHEMA, compression="none") as writer:
+    with pq.ParquetWriter(path, SHARD_SCHEMA, compression="none", **storage.PAGE_CHECKSUMS) as writer:
         cols: dict[str, list[Any]] = {f: [] for f in SHARD_SCHEMA.names}
         buffered = 0
         for row in rows:

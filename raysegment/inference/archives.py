@@ -64,7 +64,7 @@ class MemberIndex:
                 return None
             raise
         try:
-            table = pq.read_table(io.BytesIO(data))
+            table = pq.read_table(io.BytesIO(data), **storage.VERIFY_PAGES)
         except (OSError, pa.ArrowException):
             return None  # a torn or foreign file: read the archive and write the list again
         if (table.schema.metadata or {}).get(_META) != archive.stamp():
@@ -87,7 +87,7 @@ class MemberIndex:
         """Write the archive's member list (after it was read to the end without damage)."""
         table = pa.table({"key": pa.array(keys, pa.string())}).replace_schema_metadata({_META: archive.stamp()})
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", **storage.PAGE_CHECKSUMS)
         storage.write_bytes(self.location(archive), sink.getvalue())
 
 

@@ -67,7 +67,7 @@ def _merge(output: storage.Location, paths: list[str], relative: list[str]) -> t
     meta[layout.REPLACES_META] = json.dumps(sorted(relative)).encode()
     merged = merged.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(merged, buf, row_group_size=layout.ROW_GROUP_ROWS)
+    pq.write_table(merged, buf, row_group_size=layout.ROW_GROUP_ROWS, **storage.PAGE_CHECKSUMS)
     target = output.child(
         layout.SUMMARIES, layout.COMPACTED, f"part-{layout.batch_name(sorted(relative))}.parquet"
     )  # named by what it replaces: a retried task rewrites the same file

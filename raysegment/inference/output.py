@@ -376,7 +376,7 @@ def commit_rows(output: storage.Location, run_id: str, rows: pa.Table) -> str:
     Written whole (one PUT on S3, a rename locally) under a name derived from its keys, so a
     file is never half there and a retried write replaces itself. Returns the file's URI."""
     buf = io.BytesIO()
-    pq.write_table(rows, buf, row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(rows, buf, row_group_size=ROW_GROUP_ROWS, **storage.PAGE_CHECKSUMS)
     target = output.child(SUMMARIES, f"run={run_id}", f"part-{batch_name(rows.column('key').to_numpy(False))}.parquet")
     storage.write_bytes(target, buf.getvalue())
     return target.uri
