@@ -235,12 +235,7 @@ def _replace(local: str, target: storage.Location) -> None:
         return
     if target.remote:
         before = set(storage.list_files(target)) if storage.exists(target) else set()
-        put_tree(local, target)
-        written = {
-            target.child(*os.path.relpath(os.path.join(r, n), local).split(os.sep)).path
-            for r, _, names in os.walk(local)
-            for n in names
-        }
+        written = {loc.path for loc in put_tree(local, target)}
         for path in sorted(before - written):
             storage.call(target, lambda p=path: target.fs.rm(p))
         return
@@ -253,8 +248,10 @@ def _replace(local: str, target: storage.Location) -> None:
             if had:
                 os.rename(target.path, aside)
             os.rename(staged.path, target.path)
-            if had:
-                shutil.rmtree(aside) if os.path.isdir(aside) and not os.path.islink(aside) else os.remove(aside)
+            if os.path.isdir(aside) and not os.path.islink(aside):
+                shutil.rmtree(aside)
+            elif had:
+                os.remove(aside)  # a file or a link: never followed
     finally:
         storage.remove_tree(staged)
 

@@ -496,6 +496,11 @@ PAGE_CHECKSUMS: dict[str, Any] = {"write_page_checksum": True}
 VERIFY_PAGES: dict[str, Any] = {"page_checksum_verification": True}
 
 
+def failed_checksum(exc: BaseException) -> bool:
+    """Whether pyarrow refused a page for its CRC (a plain OSError: not a storage failure, which keeps its type)."""
+    return type(exc) is OSError and "checksum verification failed" in str(exc)
+
+
 def read_table(loc: Location, path: str, columns: list[str] | None = None, fix: str = DAMAGED_FIX) -> pa.Table:
     """One Parquet file (a path inside loc's filesystem, as `parquet_files` gives); a damaged one (cut short,
     emptied, overwritten) is a DataError naming it and `fix`, not pyarrow's traceback."""

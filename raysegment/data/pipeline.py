@@ -51,7 +51,9 @@ def _read_shards(batch: dict[str, np.ndarray], loc: storage.Location, columns: l
             while True:
                 try:
                     record_batch = next(batches, None)
-                except (pa.ArrowException, OSError) as exc:  # OSError: a page's CRC does not match its bytes
+                except (pa.ArrowException, OSError) as exc:
+                    if isinstance(exc, OSError) and not storage.failed_checksum(exc):
+                        raise  # a read that failed (storage_errors names it), not a damaged page
                     raise storage.damaged_parquet(shard, shard.path, exc, RE_PREPARE) from exc
                 if record_batch is None:
                     break

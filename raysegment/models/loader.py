@@ -70,8 +70,9 @@ def download_tree(loc: storage.Location, local: str) -> str:
     return local
 
 
-def put_tree(local: str, loc: storage.Location) -> None:
-    """Copy a local file, or a folder's files, to loc (local or s3://), file by file, streamed."""
+def put_tree(local: str, loc: storage.Location) -> list[storage.Location]:
+    """Copy a local file, or a folder's files, to loc (local or s3://), file by file, streamed; returns
+    where each went."""
     if os.path.isfile(local):
         files = {local: loc}
     else:
@@ -88,6 +89,7 @@ def put_tree(local: str, loc: storage.Location) -> None:
             with storage.storage_errors(target.uri):
                 os.makedirs(os.path.dirname(target.path), exist_ok=True)
                 shutil.copyfile(path, target.path)
+    return list(files.values())
 
 
 def saved_model_as_keras(path: str, endpoint: str | None = None, name: str | None = None) -> Any:
