@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import posixpath
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ import ray
 
 from raysegment import __version__, ledger, plots, progress, storage
 from raysegment.config import InferSpec, NightlySpec
-from raysegment.errors import JobError
+from raysegment.errors import JobError, StorageError
 from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix
 from raysegment.inference.overlap import check_apart
 from raysegment.lock import RunLock
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_DRIFT = 0, 3, 4
 LOCK_NAME = "_nightly.lock"
+REPORT_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.json")  # reports/DATE.json; a failed re-run's report is not one
 
 
 def partition_name(date: str) -> str:
@@ -94,12 +96,14 @@ def plan_night(input_loc: storage.Location, exts: tuple[str, ...], index: ledger
         return NightPlan({**dict.fromkeys(ledger.CHANGES, 0), "listed": 0}, empty, empty)
     kwargs = {"lookups": [index.lookups], "model_sha256": model}
     planned = listed.map_batches(ledger.classify, fn_kwargs=kwargs, batch_format="pyarrow").materialize()
-    tallies = ray.get(planned.map_batches(_tally, batch_format="pyarrow").to_arrow_refs())
+    # Ray Data passes an empty block (a sub-folder without images) through map_batches without
+    # calling the function, so such a block lacks the function's columns: only blocks with rows count.
+    tallies = [t for t in ray.get(planned.map_batches(_tally, batch_format="pyarrow").to_arrow_refs()) if t.num_rows]
     counts = {c: int(sum(pc.sum(t[c]).as_py() or 0 for t in tallies)) for c in ledger.CHANGES}
     counts["listed"] = sum(counts.values())
     needed = ray.get(planned.map_batches(_rows_needed, batch_format="pyarrow").to_arrow_refs())
     schema = planned.schema().base_schema
-    rows = pa.concat_tables([t.cast(schema) for t in needed] or [schema.empty_table()])
+    rows = pa.concat_tables([t.cast(schema) for t in needed if t.num_rows] or [schema.empty_table()])
     rows = rows.sort_by([("key", "ascending"), ("uri", "ascending")])
     todo = rows.filter(pc.is_in(rows["change"], pa.array(["new", "changed"])))
     return NightPlan(counts, todo, rows.filter(rows["collides"]))
@@ -132,14 +136,34 @@ def previous_report(reports: storage.Location, date: str) -> dict[str, Any] | No
     def find() -> list[str]:
         if not reports.fs.exists(reports.path):
             return []
-        return sorted(posixpath.basename(p) for p in reports.fs.find(reports.path) if p.endswith(".json"))
+        return sorted(posixpath.basename(p) for p in reports.fs.find(reports.path, maxdepth=1) if p.endswith(".json"))
 
     names = reports.call(find)
-    for name in reversed([n for n in names if n < f"{date}.json"]):
-        report = storage.read_json(reports.child(name))
-        if report.get("class_fraction_mean"):
-            return report
+    for name in reversed([n for n in names if REPORT_NAME.fullmatch(n) and n < f"{date}.json"]):
+        loc = reports.child(name)
+        try:
+            report = storage.read_json(loc)
+        except StorageError as exc:
+            log.warning("nightly: skipping report %s for drift: %s", storage.redact(loc.uri), exc)
+            continue
+        if not _has_class_means(report):
+            if not isinstance(report, dict) or report.get("class_fraction_mean") is not None:
+                log.warning("nightly: skipping report %s for drift: no usable date and class_fraction_mean", name)
+            continue
+        return report
     return None
+
+
+def _has_class_means(report: Any) -> bool:
+    """Whether a report read back can be compared against: a date and finite per-class means."""
+    if not isinstance(report, dict) or not isinstance(report.get("date"), str):
+        return False
+    means = report.get("class_fraction_mean")
+    return (
+        isinstance(means, dict)
+        and bool(means)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in means.values())
+    )
 
 
 def drift(now: dict[str, float] | None, before: dict[str, Any] | None, threshold: float) -> dict[str, Any]:
@@ -306,4 +330,24 @@ def _append_ledger(
 def _finish(report: dict[str, Any], output: storage.Location, date: str, t0: float) -> None:
     report["seconds"] = round(time.time() - t0, 2)
     report["raysegment"] = __version__
-    storage.write_json(output.child("reports", f"{date}.json"), report)
+    target = output.child("reports", f"{date}.json")
+    if report["status"] == "failed" and _succeeded(target):
+        # A failed re-run adds nothing to the date (no ledger rows): the earlier run's report stays.
+        target = output.child("reports", f"{date}-failed-{_stamp()}.json")
+        log.warning(
+            "nightly %s failed; the report of the earlier run on that date is kept, this attempt's is %s",
+            date,
+            storage.redact(target.uri),
+        )
+    storage.write_json(target, report)
+
+
+def _succeeded(loc: storage.Location) -> bool:
+    """Whether a report exists there and records a run that did not fail."""
+    if not storage.exists(loc):
+        return False
+    try:
+        earlier = storage.read_json(loc)
+    except StorageError:
+        return False
+    return isinstance(earlier, dict) and earlier.get("status") not in (None, "failed")

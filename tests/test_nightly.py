@@ -140,6 +140,29 @@ def test_drift_flags_a_shift_beyond_the_threshold():
     assert not nightly.drift(None, before, 0.05)["flagged"] and not nightly.drift({"bg": 1.0}, None, 0.05)["flagged"]
 
 
+def test_drift_skips_earlier_reports_it_cannot_use(tmp_path):
+    """A damaged or hand-edited report is skipped with a warning: the night still reports (it crashed
+    after writing its ledger rows, and every later night crashed the same way)."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    good = {"date": "2026-01-01", "class_fraction_mean": {"bg": 0.7, "cell": 0.3}}
+    odd = {
+        "2026-01-01.json": json.dumps(good),
+        "2026-01-02.json": "[1, 2]",
+        "2026-01-03.json": json.dumps({**good, "date": "2026-01-03", "class_fraction_mean": {"bg": "high"}}),
+        "2026-01-04.json": json.dumps({"class_fraction_mean": {"bg": 0.1}}),
+        "2026-01-05.json": "{not json",
+        "2026-01-06.json": json.dumps({**good, "date": "2026-01-06", "class_fraction_mean": None}),
+        "2026-01-06-failed-x.json": json.dumps({**good, "date": "2026-01-06"}),
+    }
+    for name, text in odd.items():
+        (reports / name).write_text(text)
+    before = nightly.previous_report(storage.resolve(str(reports)), "2026-01-07")
+    assert before == good
+    assert nightly.drift({"bg": 0.5, "cell": 0.5}, before, 0.05)["compared_with"] == "2026-01-01"
+    assert nightly.previous_report(storage.resolve(str(reports)), "2026-01-01") is None
+
+
 def test_the_nights_infer_run_gets_every_inference_option():
     chosen = {
         "precision": "float32",
@@ -312,6 +335,12 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     assert "outside INPUT, not followed" in next(r["error"] for r in rows if r["key"] == "link")
     assert night_ledger.read(storage.resolve(str(out))).num_rows == 7
     assert not (out / "_nightly.lock").exists()
+    # A failed re-run of a date keeps that date's report and writes its own beside it.
+    with pytest.raises(JobError):
+        night("2026-01-03", max_error_fraction=0.0)
+    assert json.loads((out / "reports" / "2026-01-03.json").read_text())["status"] == "nothing_new"
+    (again,) = (out / "reports").glob("2026-01-03-failed-*.json")
+    assert json.loads(again.read_text())["status"] == "failed"
 
     # INPUT empty while the ledger holds earlier images (an unmounted share looks like this): the
     # night fails with the flag that allows it named; given the flag, it is "nothing new".
@@ -326,3 +355,16 @@ def test_nightly_runs_only_new_and_changed_images(tiny_model, tmp_path, monkeypa
     r5 = night("2026-01-05", allow_empty_input=True)
     assert r5["status"] == "nothing_new" and r5["counts"]["absent"] == 6 and nightly.exit_code(r5) == 0
     assert night_ledger.read(storage.resolve(str(out))).num_rows == 7
+
+
+def test_a_subfolder_without_images_is_planned_as_nothing(ray_cluster, tmp_path):
+    """Ray Data passes a sub-folder's empty listing block through map_batches without calling the
+    function, so the block lacks the tally columns: the plan counts it as nothing (it raised KeyError)."""
+    root = storage.resolve(str(tmp_path / "in"))
+    for name in ("a.png", "b.png", "sub/notes.txt"):
+        storage.write_bytes(root.child(name), b"1")
+    (tmp_path / "in" / "empty").mkdir()
+    index = night_ledger.build(storage.resolve(str(tmp_path / "out")), "2026-01-01")
+    night = nightly.plan_night(root, (".png",), index, "m1")
+    assert night.counts == {"new": 2, "changed": 0, "unchanged": 0, "deferred": 0, "listed": 2}
+    assert night.todo["key"].to_pylist() == ["a", "b"] and night.clashes.num_rows == 0
