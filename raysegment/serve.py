@@ -325,13 +325,32 @@ def _check_port(spec: ServeSpec) -> None:
         return
     except OSError:
         pass
-    try:  # already Serve's proxy (an earlier `serve`, another app): the app joins it
-        with urllib.request.urlopen(f"{url_of(spec)}/-/healthz", timeout=5) as r:
-            if r.status == 200:
-                return
-    except OSError:
-        pass
-    raise ConfigError(f"{spec.host}:{spec.port} is in use or cannot be bound; choose another --port or --host")
+    # Already this cluster's Serve proxy (an earlier `serve`, another app): the app joins it. Another
+    # cluster's proxy answers /-/healthz too, but Serve binds with SO_REUSEPORT, so joining it would
+    # split the port's connections between two clusters' models.
+    if _own_proxy_port() == spec.port:
+        try:
+            with urllib.request.urlopen(f"{url_of(spec)}/-/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+    raise ConfigError(
+        f"{spec.host}:{spec.port} is in use (by another process, or another Ray cluster's Serve) or cannot be "
+        "bound; choose another --port or --host"
+    )
+
+
+def _own_proxy_port() -> int | None:
+    """The HTTP port of Serve's proxy on the cluster this driver is connected to (None: Serve not started)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return None
+    return int(ray.get(controller.get_http_config.remote(), timeout=30).port)
 
 
 def deploy(spec: ServeSpec) -> Served:

@@ -114,6 +114,37 @@ def test_health_and_readiness(server):
     assert status == 200 and state["ready"] is True and state["error"] is None and state["model_id"].startswith("unet-")
 
 
+def test_a_port_held_by_another_clusters_proxy_is_refused(server, tiny_model):
+    """This cluster's Serve proxy is joined; a port where something else answers /-/healthz (another
+    local Ray's Serve: it binds with SO_REUSEPORT, so both proxies would take turns) is refused."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from raysegment.serve import _check_port
+
+    _, model = tiny_model
+    _check_port(ServeSpec(model=model, port=server.port))
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        port = other.server_address[1]
+        assert Client(port).status_of("/-/healthz") == 200
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is in use .*another Ray cluster's Serve"):
+            _check_port(ServeSpec(model=model, port=port))
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
 @pytest.mark.slow
 def test_masks_and_json_equal_infer(server, inferred):
     inputs, out, keys = inferred
