@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
 from raysegment.errors import ConfigError, StorageError
-from raysegment.models.card import CARD_FILE, ModelCard
+from raysegment.models.card import CARD_FILE, MODEL_FILE, ModelCard, location_sha256
 from raysegment.models.loader import load_model, put_tree
 
 if TYPE_CHECKING:
@@ -177,6 +177,13 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
     if dest.uri.rstrip("/") == model_dir.uri.rstrip("/"):
         raise ConfigError(f"{spec.dest}: DEST is MODEL's own folder (its files would be replaced); choose another DEST")
+    held = dest.child(MODEL_FILE)
+    if storage.exists(held) and held.call(lambda: location_sha256(held)) != card.model_sha256:
+        # Another trained model's folder: export would replace the model.json it is loaded by.
+        raise ConfigError(
+            f"{spec.dest}: DEST holds another trained model ({MODEL_FILE}), whose {CARD_FILE} export would "
+            "replace; choose another DEST"
+        )
     target = dest.child(FILE_NAMES[spec.format])
     if storage.exists(target) and not spec.overwrite:
         raise ConfigError(f"{target.uri} exists; pass --overwrite or choose another DEST")

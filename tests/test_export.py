@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,12 @@ def test_export_refuses_what_it_cannot_write_faithfully(tmp_path):
     model = make_model_dir(str(tmp_path / "m"), image_size=32, depth=2, base_filters=4)
     with pytest.raises(ConfigError, match="DEST is MODEL's own folder"):
         export(ExportSpec(model=model, dest=model, format="saved_model"))
+    other = make_model_dir(str(tmp_path / "other"), image_size=32, depth=2, base_filters=8)
+    card_before = (Path(other) / "model.json").read_bytes()
+    for overwrite in (False, True):  # another trained model's folder: its model.json would be replaced
+        with pytest.raises(ConfigError, match=r"holds another trained model \(model.keras\)"):
+            export(ExportSpec(model=model, dest=other, format="onnx", overwrite=overwrite))
+    assert (Path(other) / "model.json").read_bytes() == card_before and not (Path(other) / "model.onnx").exists()
     (tmp_path / "d").mkdir()
     os.symlink(tmp_path / "elsewhere.onnx", tmp_path / "d" / "model.onnx")  # dangling
     with pytest.raises(StorageError, match="model.onnx: is a link, not a file"):

@@ -295,7 +295,7 @@ class ModelCard(_Part):
         """model.keras must be the file this card was written for: another model's file copied into
         the folder would predict under this card's classes and stamp every row with the wrong hash."""
         loc = self.model_location(model_dir)
-        found = loc.call(lambda: tree_sha256(loc) if self.model_format == "saved_model" else _sha256(loc))
+        found = loc.call(lambda: tree_sha256(loc) if self.model_format == "saved_model" else location_sha256(loc))
         if found != self.model_sha256:
             raise DataError(
                 f"{loc.uri}: sha256 {found[:12]}... does not match {CARD_FILE}'s model_sha256 "
@@ -390,7 +390,7 @@ class ModelCard(_Part):
         return TTA(self.tta_flips if on else (), source)
 
 
-def _sha256(loc: storage.Location) -> str:
+def location_sha256(loc: storage.Location) -> str:
     """Hex sha256 of a file, streamed in 1 MiB chunks (a model may not fit in memory twice)."""
     digest = hashlib.sha256()
     with loc.fs.open(loc.path, "rb") as f:
@@ -401,12 +401,12 @@ def _sha256(loc: storage.Location) -> str:
 
 def tree_sha256(loc: storage.Location) -> str:
     """One hex sha256 for a folder (a SavedModel): over each file's relative path and sha256, in path order.
-    Plain filesystem calls, like `_sha256`: the caller retries the whole (`Location.call`)."""
+    Plain filesystem calls, like `location_sha256`: the caller retries the whole (`Location.call`)."""
     digest = hashlib.sha256()
     root = loc.path.rstrip("/") + "/"
     for path in sorted(loc.fs.find(loc.path)):
         rel = path[len(root) :]
-        digest.update(f"{rel}\0{_sha256(loc.child(rel))}\n".encode())
+        digest.update(f"{rel}\0{location_sha256(loc.child(rel))}\n".encode())
     return digest.hexdigest()
 
 
