@@ -15,7 +15,7 @@ import numpy as np
 
 from raysegment import overlay, storage
 from raysegment.data import imaging, tiff
-from raysegment.errors import DataError
+from raysegment.errors import ConfigError, DataError
 from raysegment.inference import rasters
 from raysegment.models.card import ModelCard
 
@@ -28,6 +28,28 @@ def default_out(image_uri: str) -> str:
     if page is not None:
         stem = f"{stem}.{page:0{tiff.PAGE_DIGITS}d}"
     return os.path.join(os.getcwd(), f"{stem}.overlay.png")
+
+
+def check_out(target: storage.Location, image: storage.Location, model: storage.Location) -> None:
+    """The overlay is a PNG of its own: never written over the image it shows or into MODEL's files."""
+    if not target.path.lower().endswith(".png"):
+        raise ConfigError(f"--out {target.uri}: the overlay is a PNG; name it with .png")
+    if _same(target, image):
+        raise ConfigError(f"--out {target.uri} is the image shown; choose another --out")
+    if (_same(target, model) or _inside(target, model)) and storage.exists(target):
+        raise ConfigError(f"--out {target.uri} is a file of MODEL {model.uri}; choose another --out")
+
+
+def _same(a: storage.Location, b: storage.Location) -> bool:
+    if a.remote or b.remote:
+        return a.uri.rstrip("/") == b.uri.rstrip("/")
+    return os.path.realpath(a.path) == os.path.realpath(b.path)
+
+
+def _inside(a: storage.Location, folder: storage.Location) -> bool:
+    if a.remote or folder.remote:
+        return a.uri.startswith(folder.uri.rstrip("/") + "/")
+    return os.path.realpath(a.path).startswith(os.path.realpath(folder.path).rstrip(os.sep) + os.sep)
 
 
 def read_image(image_uri: str, endpoint_url: str | None) -> tuple[bytes, dict[str, int]]:
@@ -61,6 +83,11 @@ def show_overlay(
 
     card = ModelCard.read(model_uri, endpoint_url, verify_model=True)
     target = storage.resolve(out or default_out(image_uri), endpoint_url)
+    check_out(
+        target,
+        storage.resolve(tiff.split_page_uri(image_uri)[0], endpoint_url),
+        storage.resolve(model_uri, endpoint_url),
+    )
     if rasters.big_raster(storage.resolve(image_uri, endpoint_url), max_pixels):
         return _show_raster(image_uri, model_uri, target, alpha, endpoint_url, tta_flip, card, max_pixels)
     data, page = read_image(image_uri, endpoint_url)

@@ -362,3 +362,38 @@ def test_show_writes_an_overlay_at_the_original_size(tiny_model, tmp_path):
     assert out.size == (52, 40) and out.mode == "RGB"
     res = CliRunner().invoke(main, ["show", str(tmp_path / "missing.png"), "--model", model])
     assert res.exit_code == 2 and "not found" in res.output
+    before = (tmp_path / "photo.png").read_bytes()
+    res = CliRunner().invoke(
+        main, ["show", str(tmp_path / "photo.png"), "--model", model, "--out", str(tmp_path / "photo.png")]
+    )
+    assert res.exit_code == 2 and "is the image shown" in res.output
+    assert (tmp_path / "photo.png").read_bytes() == before
+
+
+def test_show_never_writes_over_its_image_or_the_model(tmp_path):
+    """--out must name a PNG (a .jpg got PNG bytes), not the image shown (also through a link), and not
+    a file of MODEL's folder (model.keras was overwritten by the overlay)."""
+    from raysegment.errors import ConfigError
+    from raysegment.show import check_out
+
+    (tmp_path / "m").mkdir()
+    for name in ("model.keras", "model.json", "curves.png"):
+        (tmp_path / "m" / name).write_bytes(b"x")
+    (tmp_path / "a.png").write_bytes(b"x")
+    os.symlink(tmp_path / "a.png", tmp_path / "link.png")
+    model, image = storage.resolve(str(tmp_path / "m")), storage.resolve(str(tmp_path / "a.png"))
+
+    def out(path: str) -> None:
+        check_out(storage.resolve(str(tmp_path / path)), image, model)
+
+    for path, why in [
+        ("o.jpg", "the overlay is a PNG"),
+        ("m/model.keras", "the overlay is a PNG"),
+        ("a.png", "is the image shown"),
+        ("link.png", "is the image shown"),
+        ("m/curves.png", "is a file of MODEL"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            out(path)
+    out("o.PNG")
+    out("m/new.overlay.png")  # a new file beside the model is fine
