@@ -260,3 +260,13 @@ def test_a_user_error_in_a_train_worker_is_one_line_without_rays_retry_advice():
     assert user_error(group) is caught.value
     assert error_text(caught.value) == "s/train-0.parquet: damaged Parquet file (CRC); run `raysegment prepare` again"
     assert user_error(WorkerGroupError("x", {0: RuntimeError("a crash")})) is None  # a crash keeps its traceback
+
+
+@pytest.mark.parametrize("command", ["compact", "report"])
+def test_a_refused_command_writes_nothing_into_the_folder_it_was_given(tmp_path, command):
+    """The log of a command refused with exit 2 stays in the temp folder: `compact` or `report` on a folder
+    that is no inference output (and `infer` with OUTPUT inside INPUT) used to leave logs/ in it."""
+    (tmp_path / "a.txt").write_text("not an output")
+    result = CliRunner().invoke(main, [command, str(tmp_path)])
+    assert result.exit_code == 2 and "no inference summaries" in result.output, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
