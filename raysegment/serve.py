@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import glob
 import math
 import os
 import shutil
@@ -81,6 +82,29 @@ def _error(status: int, message: str):
     return JSONResponse({"error": message}, status_code=status)
 
 
+def answer_format(accept: str) -> str:
+    """json when the Accept header prefers application/json over a PNG, else png: by q-value, then by the
+    more specific range (`application/json, */*` asks for JSON, `image/png;q=1, application/json;q=0.5` not)."""
+    best = {"json": (0.0, 0), "png": (0.0, 0)}
+    for item in accept.split(","):
+        media, *params = (part.strip().lower() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue  # q=0: not acceptable
+        if media == "application/json":
+            best["json"] = max(best["json"], (q, 2))
+        elif media in ("image/png", "image/*", "*/*"):
+            best["png"] = max(best["png"], (q, 2 if media == "image/png" else 1 if media == "image/*" else 0))
+    return "json" if best["json"] > best["png"] else "png"
+
+
 def _accepted_type(content_type: str) -> bool:
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind.startswith("image/") or kind == "application/octet-stream"
@@ -100,6 +124,24 @@ def _header_problem(body: bytes, max_pixels: int) -> tuple[int, str] | None:
     return None
 
 
+SCRATCH_PREFIX = "raysegment-serve-"
+
+
+def sweep_scratch(root: str) -> None:
+    """Remove the scratch folders of replicas whose process is gone: Serve kills a replica's process,
+    so its own clean-up (`__del__`) rarely runs."""
+    for path in glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
+
+
 class Segmenter:
     """The deployment: one per replica, the model loaded once (in a thread, see `/readyz`)."""
 
@@ -109,7 +151,8 @@ class Segmenter:
         self.predictor: Any = None
         self.load_error: str | None = None
         self.ready = threading.Event()
-        self.scratch = storage.resolve(tempfile.mkdtemp(prefix="raysegment-serve-"))
+        sweep_scratch(tempfile.gettempdir())
+        self.scratch = storage.resolve(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         self.segment_batch.set_max_batch_size(config.max_batch_size)
         self.segment_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         threading.Thread(target=self._load, name="load-model", daemon=True).start()
@@ -195,9 +238,7 @@ class Segmenter:
     async def _segment_request(self, request):
         if not self.ready.is_set():
             return _error(503, self.load_error or "model still loading; poll /readyz")
-        fmt = request.query_params.get("format") or (
-            "json" if "application/json" in request.headers.get("accept", "") else "png"
-        )
+        fmt = request.query_params.get("format") or answer_format(request.headers.get("accept", ""))
         if fmt not in ("png", "json"):
             return _error(400, f"format={fmt}: use png (the mask) or json (class fractions)")
         if not _accepted_type(request.headers.get("content-type", "")):
@@ -313,7 +354,7 @@ def deployment_options(spec: ServeSpec) -> dict[str, Any]:
 
 def url_of(spec: ServeSpec) -> str:
     host = "127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host
-    return f"http://{host}:{spec.port}"
+    return f"http://[{host}]:{spec.port}" if ":" in host else f"http://{host}:{spec.port}"
 
 
 def _check_port(spec: ServeSpec) -> None:

@@ -24,17 +24,33 @@ def test_decode_converts_modes():
     assert imaging.decode_image(buf.getvalue()).shape == (4, 5, 3)
 
 
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [
         (b"", "empty file"),
         (b"this is not an image", "cannot decode"),
         (png_bytes(np.zeros((32, 32, 3), np.uint8))[:60], "cannot decode"),
+        (b"this is not an image", "not a PNG, JPEG, TIFF, BMP, WebP or GIF file"),
+        # A 0x0 PNG, or a header Pillow cannot read, is named as what it is, not "not a PNG".
+        (_png_header(0, 0), "the PNG header gives a size of 0 pixels"),
+        (_png_header(0, 7), "the PNG header gives a size of 0 pixels"),
+        (b"GIF89a\x00", "a GIF file whose header is damaged or unsupported"),
     ],
 )
 def test_bad_images_raise_clear_error(data, reason):
     with pytest.raises(imaging.ImageDecodeError, match=reason):
         imaging.decode_image(data)
+    if reason != "cannot decode" and data:  # a header that cannot be read fails the size check too
+        with pytest.raises(imaging.ImageDecodeError, match=reason):
+            imaging.image_size(data)
 
 
 def test_pixel_limit():

@@ -224,3 +224,36 @@ def test_serve_spec_replicas_and_deployment_options():
     for bad in ("4:1", "0", "a:b"):
         with pytest.raises(ConfigError, match="replicas"):
             load_spec(ServeSpec, None, {"model": "m", "replicas": bad})
+
+
+def test_accept_header_q_values_choose_the_answer():
+    from raysegment.serve import answer_format
+
+    cases = {
+        "": "png",
+        "*/*": "png",
+        "application/json": "json",
+        "application/json, text/plain, */*": "json",  # axios' default: the specific range wins a tie
+        "application/json;q=0, image/png": "png",  # q=0: not acceptable (it used to answer JSON)
+        "image/png;q=1, application/json;q=0.5": "png",
+        "application/json;q=0.9, image/png;q=0.5": "json",
+        "text/html,application/xhtml+xml,*/*;q=0.8": "png",
+        "application/json;q=oops": "png",
+    }
+    assert {accept: answer_format(accept) for accept in cases} == cases
+
+
+def test_scratch_of_a_gone_replica_is_swept_and_an_ipv6_host_is_bracketed(tmp_path):
+    from raysegment.serve import SCRATCH_PREFIX, sweep_scratch, url_of
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}-abc"
+    live = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{SCRATCH_PREFIX}notapid-x"
+    for folder in (dead, live, other):
+        (folder / "masks").mkdir(parents=True)
+    sweep_scratch(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    assert url_of(ServeSpec(model="m", host="::1", port=8000)) == "http://[::1]:8000"
+    assert url_of(ServeSpec(model="m", host="0.0.0.0", port=8000)) == "http://127.0.0.1:8000"

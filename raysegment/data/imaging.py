@@ -32,6 +32,30 @@ class ImageDecodeError(ValueError):
 
 
 NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG, TIFF, BMP, WebP or GIF file"
+# Leading bytes of the formats taken: a file that starts as one but Pillow cannot open (a 0x0 PNG,
+# a damaged header) is named as that format, not as "not an image".
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _unidentified(data: bytes) -> str:
+    """Why Pillow could not identify the bytes, in the user's terms."""
+    kind = next((name for sig, name in _SIGNATURES if data.startswith(sig)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is None:
+        return NOT_AN_IMAGE
+    if kind == "PNG" and len(data) >= 24 and 0 in (int.from_bytes(data[16:20]), int.from_bytes(data[20:24])):
+        return "cannot decode image: the PNG header gives a size of 0 pixels"
+    return f"cannot decode image: a {kind} file whose header is damaged or unsupported"
+
+
 # The formats Pillow may try ("JPEG" opens phones' MPO files too). Not its other forty: EPS would run
 # Ghostscript on the bytes, and formats nobody segments are only attack surface.
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
@@ -75,7 +99,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError(NOT_AN_IMAGE) from exc
+        raise ImageDecodeError(_unidentified(data)) from exc
     except Exception as exc:  # PIL raises many types for corrupt input
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return img
@@ -292,7 +316,7 @@ def image_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError(NOT_AN_IMAGE) from exc
+        raise ImageDecodeError(_unidentified(data)) from exc
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     w, h = img.size
