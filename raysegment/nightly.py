@@ -35,7 +35,7 @@ from raysegment import __version__, ledger, plots, progress, storage
 from raysegment.config import InferSpec, NightlySpec
 from raysegment.errors import JobError, StorageError
 from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix
-from raysegment.inference.overlap import check_apart
+from raysegment.inference.overlap import check_apart, check_outside_model
 from raysegment.lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     input_loc = storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s)
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     check_layout(input_loc, output)
+    check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output, job="nightly")
     storage.check_writable(output)
     partition = output.child(partition_name(date))
 

@@ -224,6 +224,14 @@ def test_output_inside_input_is_refused_before_anything_is_written(tiny_model, t
         infer(InferSpec(model=model, input=str(tmp_path / "out" / "masks"), output=str(tmp_path / "out")))
     with pytest.raises(ConfigError, match="nightly: OUTPUT .* is inside INPUT"):
         nightly.run_nightly(NightlySpec(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "in" / "n")))
+    # OUTPUT in MODEL's folder: the run's masks and summaries would be mixed into the model's files.
+    model_files = sorted(os.listdir(model))
+    for output in (model, os.path.join(model, "out")):
+        with pytest.raises(ConfigError, match="is inside MODEL .* choose an OUTPUT outside MODEL"):
+            infer(InferSpec(model=model, input=str(tmp_path / "in"), output=output))
+        with pytest.raises(ConfigError, match="nightly: OUTPUT .* is inside MODEL"):
+            nightly.run_nightly(NightlySpec(model=model, input=str(tmp_path / "in"), output=output))
+    assert sorted(os.listdir(model)) == model_files
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from raysegment.errors import DataError, JobError
 from raysegment.inference import actors, resume
 from raysegment.inference import output as layout
 from raysegment.inference.archives import MemberIndex
-from raysegment.inference.overlap import check_apart
+from raysegment.inference.overlap import check_apart, check_outside_model
 from raysegment.inference.predictor import Predictor, preprocess, resolve_precision
 from raysegment.inference.sources import source_rows
 from raysegment.models.card import ModelCard
@@ -70,6 +70,7 @@ def plan(spec: InferSpec) -> Run:
     input_loc = storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s)
     storage.check_readable(input_loc)
     check_apart(input_loc, output)  # before the first write: outputs are never read as inputs
+    check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output)
     storage.check_writable(output)
     if spec.overwrite:
         layout.clear(output)
