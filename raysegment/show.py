@@ -17,6 +17,7 @@ from raysegment import overlay, storage
 from raysegment.data import imaging, tiff
 from raysegment.errors import ConfigError, DataError
 from raysegment.inference import rasters
+from raysegment.inference.overlap import within
 from raysegment.models.card import ModelCard
 
 
@@ -34,22 +35,10 @@ def check_out(target: storage.Location, image: storage.Location, model: storage.
     """The overlay is a PNG of its own: never written over the image it shows or into MODEL's files."""
     if not target.path.lower().endswith(".png"):
         raise ConfigError(f"--out {target.uri}: the overlay is a PNG; name it with .png")
-    if _same(target, image):
+    if within(target, image):
         raise ConfigError(f"--out {target.uri} is the image shown; choose another --out")
-    if (_same(target, model) or _inside(target, model)) and storage.exists(target):
+    if within(target, model) and storage.exists(target):
         raise ConfigError(f"--out {target.uri} is a file of MODEL {model.uri}; choose another --out")
-
-
-def _same(a: storage.Location, b: storage.Location) -> bool:
-    if a.remote or b.remote:
-        return a.uri.rstrip("/") == b.uri.rstrip("/")
-    return os.path.realpath(a.path) == os.path.realpath(b.path)
-
-
-def _inside(a: storage.Location, folder: storage.Location) -> bool:
-    if a.remote or folder.remote:
-        return a.uri.startswith(folder.uri.rstrip("/") + "/")
-    return os.path.realpath(a.path).startswith(os.path.realpath(folder.path).rstrip(os.sep) + os.sep)
 
 
 def read_image(image_uri: str, endpoint_url: str | None) -> tuple[bytes, dict[str, int]]:

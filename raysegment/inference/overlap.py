@@ -70,13 +70,16 @@ def check_apart(
 def check_outside_model(model_loc: storage.Location, output_loc: storage.Location, job: str = "infer") -> None:
     """Refuse an OUTPUT that is MODEL's folder or lies in it: masks, summaries and runs would be mixed
     into the model's files, and copied with it wherever it is exported or deployed."""
-    for m in _forms(model_loc):
-        for b in _forms(output_loc):
-            if below(b, m) is not None:
-                raise ConfigError(
-                    f"{job}: OUTPUT {storage.redact(output_loc.uri)} is inside MODEL {storage.redact(model_loc.uri)}: "
-                    "the run's outputs would be mixed into the model's files; choose an OUTPUT outside MODEL"
-                )
+    if within(output_loc, model_loc):
+        raise ConfigError(
+            f"{job}: OUTPUT {storage.redact(output_loc.uri)} is inside MODEL {storage.redact(model_loc.uri)}: "
+            "the run's outputs would be mixed into the model's files; choose an OUTPUT outside MODEL"
+        )
+
+
+def within(loc: storage.Location, folder: storage.Location) -> bool:
+    """Whether loc is folder (a file: the same file) or lies under it, in any spelling of either."""
+    return any(below(b, a) is not None for a in _forms(folder) for b in _forms(loc))
 
 
 @dataclasses.dataclass(frozen=True)
