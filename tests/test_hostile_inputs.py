@@ -245,6 +245,13 @@ def test_a_folder_without_images_is_one_error(tiny_model, tmp_path):
         with pytest.raises(DataError, match="no files ending in .png, .jpg.* nothing to infer"):
             infer(InferSpec(model=model, input=str(tmp_path / name), output=str(tmp_path / f"out-{name}")))
         assert not (tmp_path / f"out-{name}" / "_SUCCESS").exists()
+    # Archives without an image member are read by tasks: the run fails at its end, not "0 images, ok".
+    (tmp_path / "tars").mkdir()
+    with tarfile.open(tmp_path / "tars" / "notes.tar", "w") as tar:
+        tar.add(tmp_path / "text" / "README.txt", arcname="README.txt")
+    with pytest.raises(JobError, match=r"INPUT .*tars held no images \(tar source\)"):
+        infer(InferSpec(model=model, input=str(tmp_path / "tars"), output=str(tmp_path / "out-tars"), source="tar"))
+    assert not (tmp_path / "out-tars" / "_SUCCESS").exists()
 
 
 @pytest.mark.slow

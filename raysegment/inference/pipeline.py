@@ -52,7 +52,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
     kind, ds = list_inputs(run)
     ds = write(run, predict(run, ds))
     record = verify(run, kind, *drain(run, ds))
-    if spec.report:
+    if spec.report and record.counts.total:
         write_report(run, record)  # from the record in memory: it is written only after the report
     layout.write_run_record(run.output, record)
     if record.problems:
@@ -226,6 +226,13 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
         problems.append(
             f"{done.rows} summary rows for {distinct} distinct keys: some inputs share a key (same path "
             "with different extensions?); rename them, then re-run with --overwrite"
+        )
+    if not done.keys:
+        # A folder without images is refused when it is listed; archives or a table are read by tasks,
+        # so one that holds no image is found here, and must not pass as a complete, empty output.
+        problems.append(
+            f"INPUT {storage.redact(spec.input)} held no images ({kind} source): nothing was inferred; check INPUT, "
+            "--source and --extensions"
         )
     if counts.processed and counts.error / counts.processed > spec.max_error_fraction:
         problems.append(
