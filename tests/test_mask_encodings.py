@@ -104,6 +104,10 @@ def test_soft_binary_detection():
     hist[1:255] = 50  # values everywhere: not a binary mask
     assert not masks.looks_soft_binary(hist)
     assert not masks.looks_soft_binary(np.bincount([0, 0, 1, 2], minlength=256))
+    # VOC-style class ids with a 255 void border: not soft edges (the hint merged every class into one).
+    voc = np.zeros(256, np.int64)
+    voc[0], voc[255], voc[1], voc[2], voc[20] = 3000, 64, 144, 144, 50
+    assert not masks.looks_soft_binary(voc)
 
 
 def _encoded(img: Image.Image, **kwargs) -> bytes:

@@ -138,3 +138,25 @@ def test_native_scale_model_predicts_at_full_resolution(ray_cluster, tmp_path):
     assert run["counts"]["ok"] == 1
     with Image.open(tmp_path / "out" / "masks" / "odd.png") as mask:
         assert mask.size == (50, 37)
+
+
+def test_checkpoints_of_another_data_set_or_network_are_not_resumed(tiny_model, eight_train_images, tmp_path):
+    """Ray Train resumed whatever OUT held: another data set's checkpoint was taken up at its last epoch and
+    written out as a model of the new data (exit 0), another network's failed with a traceback. Both are now
+    refused before OUT is touched; --no-resume starts over."""
+    import shutil
+
+    from helpers import TINY
+
+    from raysegment.errors import ConfigError
+
+    data, model = tiny_model
+    out = tmp_path / "out"
+    shutil.copytree(model, out)
+    before = sorted(os.listdir(out))
+    spec = {**TINY, "workers": 1, "resume": True}
+    with pytest.raises(ConfigError, match="holds a training run on another data set.*--no-resume"):
+        train(TrainSpec(data=str(eight_train_images / "data"), out=str(out), **spec))
+    with pytest.raises(ConfigError, match="holds a training run on another network"):
+        train(TrainSpec(data=data, out=str(out), **{**spec, "base_filters": 8}))
+    assert sorted(os.listdir(out)) == before and (out / "_SUCCESS").exists()

@@ -30,6 +30,7 @@ from raysegment.errors import ConfigError
 PAIR = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
 COLOR_EXAMPLE = "'0,0,0:0;128,0,0:1'"
 # The share of pixels strictly between 0 and 255 under which a mask looks like a soft binary mask.
+SOFT_EDGE_MIN = 64  # an in-between value from here up is an edge's, not a small class id
 SOFT_EDGE_SHARE = 0.2
 SOFT_HINT = "the values look like a binary mask with soft edges: try --mask-threshold 128 (values >= 128 -> 1, else 0)"
 
@@ -253,7 +254,12 @@ def class_ids(
 
 
 def looks_soft_binary(hist: np.ndarray) -> bool:
-    """Raw values mostly 0 and 255 with a minority in between: a binary mask with anti-aliased edges."""
+    """Raw values mostly 0 and 255 with a minority in between: a binary mask with anti-aliased edges.
+
+    An edge fades between the two, so it holds mid-range values; class ids with 255 as void (VOC:
+    0..20 and 255, Cityscapes' ids up to 33) hold only small values in between, and thresholding them
+    would merge every class into one."""
     total = int(hist.sum())
     between = total - int(hist[0]) - int(hist[255])
-    return bool(hist[0]) and bool(hist[255]) and 0 < between <= SOFT_EDGE_SHARE * total
+    fading = bool(hist[SOFT_EDGE_MIN:255].any())
+    return bool(hist[0]) and bool(hist[255]) and fading and 0 < between <= SOFT_EDGE_SHARE * total

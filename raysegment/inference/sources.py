@@ -231,8 +231,10 @@ def _add_member(
     """One member's row. A member whose key repeats an earlier one's (x.png and x.jpg, or one name
     stored twice) is an error row: the archive streams, so the earlier one is already on its way."""
     name, utf8 = storage.utf8_name(member.name)  # tarfile keeps a name's undecodable bytes as surrogates
-    member_key = f"{key}/{strip_ext(name)}"
     source = f"{uri}#{name}"
+    # `tar -cf x.tar .` stores ./a.png: a '.' segment names nothing, so it is dropped ('..' stays refused).
+    name = "/".join(part for part in name.split("/") if part != ".") or name
+    member_key = f"{key}/{strip_ext(name)}"
     problem = unsafe_key_reason(strip_ext(name))
     folded = collisions.fold(member_key)
     if not utf8:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raysegment.errors import ConfigError
+
 if TYPE_CHECKING:
     import ray.train
 
@@ -155,4 +157,9 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
         # The workers' output stays in Ray's logs; the driver reports `resumes` from the final state.
         resume = {"from_epoch": state.epoch, "checkpoint": path, "skipped": problems}
         return dataclasses.replace(state, resumes=[*state.resumes, resume])
-    raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(problems))
+    # A user error (one line, exit 2): the checkpoints are damaged or of another network, and the fix is the user's.
+    raise ConfigError(
+        f"no checkpoint in {os.path.dirname(parent.rstrip('/')) or parent} loads into this run's network "
+        f"(damaged, or trained with other options); pass --no-resume to start over, or choose another OUT: "
+        + "; ".join(problems)[:600]
+    )

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import functools
 import io
+import json
 import logging
 import os
 import tempfile
@@ -23,6 +24,7 @@ from raysegment.config import TrainSpec
 from raysegment.data.examples import Augmentation
 from raysegment.data.pipeline import padded_for_workers, training_dataset
 from raysegment.data.prepare import read_manifest
+from raysegment.errors import ConfigError, StorageError
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
 from raysegment.models.card import MODEL_FILE, InferenceAdvice, ModelCard
 from raysegment.train import events, tracking
@@ -112,6 +114,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     # An encoder's weights file on the driver goes to the workers through Ray's object store.
     cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
     cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
+    identity = run_identity(cfg, manifest["content_hash"])
+    if spec.resume:
+        check_resumable(out.child(spec.name), identity, spec.out)
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
 
@@ -120,7 +125,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         # Each epoch goes to TensorBoard (and MLflow) as the driver learns that it finished.
         live = tracking.LiveLog(out.child(tracking.TENSORBOARD_DIR), run)
         with live, events.follow(cfg.epochs, live.rows) as inbox:
-            result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest, cfg), inbox)
+            result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest, cfg), inbox, identity)
         if result.error:
             raise result.error
         progress.note(f"train: writing the model, its card and plots to {out.uri}")
@@ -178,9 +183,15 @@ def training_datasets(
 
 
 def fit(
-    spec: TrainSpec, out: storage.Location, cfg: TrainConfig, datasets: dict[str, Any], inbox: Any
+    spec: TrainSpec,
+    out: storage.Location,
+    cfg: TrainConfig,
+    datasets: dict[str, Any],
+    inbox: Any,
+    identity: dict[str, Any],
 ) -> ray.train.Result:
-    """Run the Ray Train job; rank 0 posts progress to `inbox` (None: no progress shown)."""
+    """Run the Ray Train job; rank 0 posts progress to `inbox` (None: no progress shown). `identity` is
+    recorded beside the checkpoints (`check_resumable` read it before)."""
     trainer = DataParallelTrainer(
         # Bound here rather than passed as `train_loop_config`, which Ray types as a dict.
         functools.partial(train_loop_per_worker, cfg, inbox),
@@ -209,7 +220,44 @@ def fit(
     )
     if not spec.resume:
         storage.remove_tree(out.child(spec.name))
+    storage.write_json(out.child(spec.name, RUN_IDENTITY), identity)
     return trainer.fit()
+
+
+RUN_IDENTITY = "raysegment-run.json"  # beside Ray Train's checkpoints: what they were trained on
+
+
+def run_identity(cfg: TrainConfig, data_hash: str) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed by it: the data set and the network."""
+    network = dataclasses.asdict(dataclasses.replace(cfg.model, shipped_weights=None))
+    identity = {
+        "data set": data_hash,
+        "network": network,
+        "classes": list(cfg.class_names),
+        "input": cfg.model_input.model_dump(mode="json"),
+    }
+    return json.loads(json.dumps(identity))  # as it reads back: tuples as lists
+
+
+def check_resumable(run_dir: storage.Location, identity: dict[str, Any], out_uri: str) -> None:
+    """Refuse to resume checkpoints of another data set or network, before anything in OUT is touched.
+
+    Ray Train resumes whatever checkpoint the run folder holds: another data set's was taken up at
+    its last epoch and written out as a model of this one, and another network's failed to load with
+    a traceback. Run folders from before this record are resumed as they were."""
+    loc = run_dir.child(RUN_IDENTITY)
+    if storage.exists(loc):
+        try:
+            held = storage.read_json(loc)
+        except StorageError:
+            held = None
+        if held != identity:
+            differs = sorted(k for k in identity if not isinstance(held, dict) or held.get(k) != identity[k])
+            raise ConfigError(
+                f"{out_uri}: holds a training run on another {' and '.join(differs) or 'record'} "
+                "(its checkpoints cannot be resumed by this one); pass --no-resume to start over there, "
+                "or choose another OUT"
+            )
 
 
 def write_artifacts(
