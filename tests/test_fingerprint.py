@@ -127,3 +127,23 @@ def test_infinite_float_pixels_are_left_out_of_the_intensity_statistics():
     with_inf = _intensity([[v] for v in values] + [[np.inf], [-np.inf], [np.nan]] * 5)
     assert with_inf == finite
     assert all(np.isfinite(v[0]) for v in with_inf.values())
+
+
+def test_eight_bit_images_among_sixteen_bit_ones_are_warned_of():
+    """One 16-bit image switched a whole 8-bit data set to normalisation at 16-bit units, without a word:
+    the fingerprint now says so (prepare logs it, data-info prints it)."""
+    from raysegment.data.fingerprint import format_fingerprint
+
+    part = ShardFingerprint()
+    for i in range(3):
+        image, mask = _pair(16, 16, squares=1, grey=True)
+        part.add(f"eight{i}", image, mask)
+    part.add("deep", _png(np.full((16, 16), 40000, np.uint16)), mask)
+    fp = merge([part], num_classes=2, class_pixel_share=[0.9, 0.1])
+    assert fp.high_depth and "3 of 4 images are 8-bit" in (fp.mixed_depth or "")
+    assert any(
+        line.strip().startswith("warning") and "one bit depth" in line for line in format_fingerprint(fp, ["a", "b"])
+    )
+    only_eight = ShardFingerprint()
+    only_eight.add("e", image, mask)
+    assert merge([only_eight], num_classes=2, class_pixel_share=[0.9, 0.1]).mixed_depth is None

@@ -145,6 +145,24 @@ def test_sixteen_bit_data_gets_z_scores_from_its_fingerprint_in_training_and_inf
     with pytest.raises(DataError, match="sampled intensities"):
         model_input(spec, {}, None)
 
+    # An 8-bit image given to this model is an error row: its 0..255 clipped to the 16-bit low bound
+    # was one constant input, and every such image got the same mask, marked ok.
+    from raysegment.inference.predictor import preprocess
+
+    card = ModelCard.create(
+        "0" * 64,
+        architecture={"name": "unet"},
+        num_classes=2,
+        class_names=["background", "cell"],
+        palette=imaging.default_palette(2),
+        ignore_index=imaging.IGNORE_INDEX,
+        input=norm.model_dump(mode="json"),
+    )
+    eight = imaging.encode_mask(np.full((48, 48), 90, np.uint8))
+    batch = {"key": np.array(["deep", "eight"], object), "bytes": np.array([files[0], eight], object)}
+    errors = preprocess(batch, card, imaging.MAX_PIXELS)["error"].tolist()
+    assert errors == ["", imaging.EIGHT_BIT_FOR_DEEP_MODEL]
+
 
 def test_a_card_round_trips_its_normalisation():
     card = card_for("zscore_clipped")

@@ -130,6 +130,19 @@ class Fingerprint:
             return any(d not in ("uint8", "bool") for d in self.dtypes)
         return any(m.startswith("I") or m == "F" for m in self.modes)
 
+    @property
+    def mixed_depth(self) -> str | None:
+        """A warning when 8-bit images sit among 16-bit or float ones: a model normalised for the deeper
+        values (z-scores at their own units) gets the 8-bit ones as nearly constant inputs."""
+        eight = sum(n for d, n in self.dtypes.items() if d in ("uint8", "bool"))
+        if not eight or not self.high_depth:
+            return None
+        return (
+            f"{eight} of {sum(self.dtypes.values())} images are 8-bit, the rest 16-bit or float: a model "
+            "normalised for the deeper values sees the 8-bit ones as nearly constant; convert the images to "
+            "one bit depth and prepare again"
+        )
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fingerprint:
         """The stored fingerprint; one from an earlier version gets no side shares (None: no orientation
@@ -230,6 +243,8 @@ def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
             lines.append(f"  intensity {ch:<2} {stats}")
         if fp.dtypes:
             lines.append(f"  pixels       {', '.join(f'{d}: {n}' for d, n in fp.dtypes.items())} (decoded types)")
+            if fp.mixed_depth:
+                lines.append(f"  warning      {fp.mixed_depth}")
     lines.append(f"  {'class':<20} {'pixels':>8} {'images':>8} {'median object px':>17}")
     for c, name in enumerate(class_names):
         area = fp.object_area_median[c]

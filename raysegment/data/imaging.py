@@ -31,6 +31,10 @@ class ImageDecodeError(ValueError):
     """An image or mask that cannot be decoded; the message says why."""
 
 
+EIGHT_BIT_FOR_DEEP_MODEL = (
+    "an 8-bit image, but the model was trained on 16-bit or float images at their own values; "
+    "give it images of the training data's bit depth"
+)
 NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG, TIFF, BMP, WebP or GIF file"
 # Leading bytes of the formats taken: a file that starts as one but Pillow cannot open (a 0x0 PNG,
 # a damaged header) is named as that format, not as "not an image".

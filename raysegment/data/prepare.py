@@ -536,6 +536,9 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names, encoding)
     manifest.update(bands=spec.bands, channels=channels)
     fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
+    if fingerprint.mixed_depth:
+        log.warning("prepare: %s", fingerprint.mixed_depth)
+        progress.note(f"prepare: warning: {fingerprint.mixed_depth}")
     manifest["fingerprint"] = fingerprint.to_json()
     manifest["seconds"] = round(time.time() - t0, 2)
     storage.write_json(manifest_loc, manifest)

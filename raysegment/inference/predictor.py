@@ -39,10 +39,16 @@ def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -
         if errors[i] or raster[i]:
             continue
         try:
-            img = imaging.model_pixels(data[i], max_pixels, channels, native).astype(dtype, copy=False)
+            img = imaging.model_pixels(data[i], max_pixels, channels, native)
         except imaging.ImageDecodeError as exc:
             errors[i] = str(exc)
             continue
+        if native and img.dtype == np.uint8:
+            # The normalisation was fitted to 16-bit or float values: 0..255 would all clip to its low end,
+            # and every 8-bit image would get the same mask, marked ok.
+            errors[i] = imaging.EIGHT_BIT_FOR_DEEP_MODEL
+            continue
+        img = img.astype(dtype, copy=False)
         heights[i], widths[i] = img.shape[:2]
         images[i] = imaging.resize_image(img, size) if resize else img
     batch.update(image=images, height=heights, width=widths, error=errors)
