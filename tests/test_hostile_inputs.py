@@ -330,3 +330,17 @@ def test_nightly_storage_calls_keep_the_jobs_deadline(unreachable, step):
     with pytest.raises(StorageError, match=r"still failing after \d+ attempts over 1s") as exc:
         step(unreachable)
     assert exc.value.transient and time.monotonic() - t0 < 60
+
+
+def test_a_parquet_uri_lists_rows_without_a_uri_are_error_rows(tmp_path):
+    """A table's rows are inputs: one with a null or empty uri is an error row under its key (or row-N),
+    not dropped as a text list's blank line is (they silently had no row at all); '#' is no comment there."""
+    from raysegment.inference import urilist
+
+    listing = tmp_path / "list.parquet"
+    table = pa.table({"uri": ["a.png", None, "", "#b.png"], "key": ["a", "c", None, "e"]})
+    pq.write_table(table, listing)
+    (block,) = list(urilist._blocks(storage.resolve(str(listing))))
+    assert block.keys == ["a", "c", "row-2", "e"]
+    assert block.errors == ["", "row 1 of the list has no uri", "row 2 of the list has no uri", ""]
+    assert block.paths[3].endswith("/#b.png")

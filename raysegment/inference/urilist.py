@@ -49,14 +49,24 @@ def _uri_key(uri: str) -> str:
 
 
 def _block(
-    uris: list[str | None], keys: list[str | None] | None, errors: list[str | None] | None, folder: str
+    uris: list[str | None],
+    keys: list[str | None] | None,
+    errors: list[str | None] | None,
+    folder: str,
+    first_row: int | None = None,
 ) -> Block:
     """The non-blank, non-comment URIs, relative ones below the list's `folder`; keys from the list or from
-    each URI."""
+    each URI. A Parquet table's rows (`first_row`: the batch's first row number) are all inputs: one with
+    no uri is an error row (keyed by its key column, else `row-N`), never dropped like a text list's blank line."""
     block = Block()
     for i, raw in enumerate(uris):
         uri = (raw or "").strip()
-        if uri and not uri.startswith("#"):
+        if first_row is not None and not uri:
+            block.keys.append(str(keys[i] or "") if keys is not None and keys[i] else f"row-{first_row + i}")
+            block.paths.append("")
+            block.errors.append(f"row {first_row + i} of the list has no uri")
+            continue
+        if uri and (first_row is not None or not uri.startswith("#")):
             uri = storage.beside(uri, folder)
             block.keys.append(str(keys[i] or "") if keys is not None else _uri_key(uri))
             block.paths.append(uri)
@@ -84,9 +94,11 @@ def _blocks(root: storage.Location) -> Iterator[Block]:
         if root.path.lower().endswith(".parquet"):
             pf = pq.ParquetFile(f)
             columns = [c for c in ("uri", "key", "error") if c in pf.schema_arrow.names]
+            first = 0
             for rb in pf.iter_batches(batch_size=LIST_ROWS, columns=columns):
                 column = {c: rb.column(c).to_pylist() for c in columns}
-                yield _block(column["uri"], column.get("key"), column.get("error"), folder)
+                yield _block(column["uri"], column.get("key"), column.get("error"), folder, first)
+                first += rb.num_rows
             return
         lines: list[str | None] = []
         for line in _lines(f, root.uri):
