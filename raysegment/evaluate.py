@@ -6,6 +6,7 @@ image's original size, so the metrics are those a user of `infer` would see.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from raysegment.models.metrics import (
     edge_error_table,
     metrics_from_confusion,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,6 +82,23 @@ def measure_tta(
     )
 
 
+def check_class_names(data_uri: str, data_names: list[str], model_names: list[str]) -> None:
+    """The data set's class ids must mean the model's: the same names in another order would score each
+    class against another one (refused); other names may be a renaming, which is only warned of."""
+    if data_names == model_names:
+        return
+    if sorted(data_names) == sorted(model_names):
+        raise DataError(
+            f"{data_uri}: its classes {data_names} are the model's {model_names} in another order; its ids would be "
+            "scored against the wrong classes: prepare it with the model's order (--class-names)"
+        )
+    log.warning("evaluate: the data set's classes %s are not named as the model's %s", data_names, model_names)
+    progress.note(
+        f"evaluate: warning: the data set's classes {data_names} are not named as the model's {model_names}; "
+        "scores are by id, under the model's names"
+    )
+
+
 def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     """Compute and write metrics; returns them."""
     card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True)
@@ -86,6 +106,7 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     k = card.num_classes
     if manifest["num_classes"] != k:
         raise DataError(f"{data_loc.uri}: {manifest['num_classes']} classes, but the model predicts {k}")
+    check_class_names(data_loc.uri, list(manifest["class_names"]), list(card.class_names))
     ds = read_split(data_loc, manifest, spec.split, columns=["key", "image", "mask", "height", "width"])
     ds = ds.map_batches(_rename, batch_format="numpy")
     ds = ds.map_batches(

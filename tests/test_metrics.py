@@ -79,3 +79,17 @@ def test_edge_errors_leave_out_ignored_pixels_and_maps_without_edges():
     labels[0, 7] = 0
     counts = edge_error_counts(labels, labels, 2)
     assert counts[:, 1].sum() == 0 and counts[:, 0].sum() == 40
+
+
+def test_evaluate_refuses_the_models_classes_in_another_order():
+    """Scores are by class id: a data set naming the model's classes in another order would attribute
+    each class's figures to another (it was accepted, as only the count was checked)."""
+    import pytest
+
+    from raysegment.errors import DataError
+    from raysegment.evaluate import check_class_names
+
+    check_class_names("d", ["bg", "cell"], ["bg", "cell"])
+    check_class_names("d", ["class_0", "class_1"], ["bg", "cell"])  # a renaming: warned of, scored by id
+    with pytest.raises(DataError, match=r"in another order.*--class-names"):
+        check_class_names("d", ["cell", "bg"], ["bg", "cell"])
