@@ -172,3 +172,15 @@ def test_bench_prepare_reports_memory_and_throughput(ray_cluster, tmp_path):
     assert result["rows"] == 120 and result["shards"] > 2
     assert 0 < result["rss_before_mib"] and result["peak_rss_before_mib"] <= result["peak_rss_after_mib"]
     assert result["pairs_per_s"] > 0
+
+
+def test_a_split_without_val_pairs_is_warned_of_at_prepare(ray_cluster, tmp_path, caplog):
+    """Two pairs hashed by --val-fraction can both land in train; train and plan refuse such a data set,
+    so prepare says so at once, with the fix (it said nothing, and plan's advice was the flag already given)."""
+    import logging
+
+    src = write_source(str(tmp_path / "src"), count=2)
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        manifest = prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), val_fraction=0.01))
+    assert manifest["counts"].get("val", 0) == 0
+    assert "no pair is in the val split" in caplog.text and "--val-keys" in caplog.text

@@ -126,6 +126,7 @@ def test_a_data_set_whose_masks_label_no_pixel_is_refused_by_train_and_plan(tmp_
     (tmp_path / "manifest.json").write_text(json.dumps(no_val))
     result = CliRunner().invoke(main, ["plan", str(tmp_path)])
     assert result.exit_code == 2 and "no validation images" in result.output, result.output
+    assert "--val-keys" in result.output  # the fix that works for a data set already split by --val-fraction
     assert not (tmp_path / "plan.json").exists()
 
 

@@ -24,6 +24,9 @@ from raysegment.errors import ConfigError, DataError
 SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.2
 
+# What to do when no pair landed in val (a hash split of a few pairs can give none).
+NO_VAL_FIX = "prepare again with --val-keys naming some pairs, a larger --val-fraction, or more pairs"
+
 
 @dataclass(frozen=True)
 class Pair:

@@ -36,7 +36,7 @@ from raysegment import __version__, progress, storage
 from raysegment.config import PrepareSpec, distinct_class_names
 from raysegment.data import classes, imaging, masks, tiff
 from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, format_fingerprint, merge
-from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
+from raysegment.data.layouts import NO_VAL_FIX, SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
 from raysegment.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -409,6 +409,9 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
     listing, encoding = _mask_encoding(spec, source, listing)
     val_keys = read_val_keys(spec.val_keys, spec.endpoint_url, source.retry_s) if spec.val_keys is not None else None
     pairs, split_source = assign_splits(listing, spec.layout, val_keys, spec.val_fraction, spec.seed)
+    if pairs and not any(p.split == "val" for p in pairs):
+        # train and plan refuse such a data set (the best epoch is picked on val): said now, not after the shards.
+        progress.note(f"prepare: warning: no pair is in the val split ({split_source}); {NO_VAL_FIX}")
     if listing.class_names:
         fixed_by = f"--mask-colors {spec.mask_colors}" if spec.mask_colors else f"the {spec.layout} layout"
         if spec.num_classes and spec.num_classes != len(listing.class_names):

@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from raysegment.data.layouts import NO_VAL_FIX
 from raysegment.errors import ConfigError, DataError
 from raysegment.train.optim import scaled_learning_rate
 
@@ -153,7 +154,7 @@ def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None
 def check_val(manifest: dict[str, Any], data_uri: str) -> None:
     """DataError without val images: training picks its best checkpoint by them (`plan` checks it too)."""
     if manifest["counts"].get("val", 0) == 0:
-        raise DataError(f"{data_uri}: no validation images; prepare with --val-fraction > 0")
+        raise DataError(f"{data_uri}: no validation images; {NO_VAL_FIX}")
 
 
 def train_config(
