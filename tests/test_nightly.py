@@ -190,7 +190,9 @@ def test_the_nights_infer_run_gets_every_inference_option():
 
 def check_listing(root: storage.Location):
     files = {"top.png": b"1", "A/b.PNG": b"22", "A/deep/c.jpg": b"333", "A/notes.txt": b"x", "B/d.tar.gz": b"4"}
-    for name, data in {**files, "A/two.png": b"5", "A/two.JPG": b"6", "t.jpg": b"7", "t.png": b"8"}.items():
+    # Hidden names (macOS resource forks, dot-folders) are never inputs, as prepare skips them.
+    hidden = {"._top.png": b"h", ".cache/h.png": b"h", "A/.x.png": b"h"}
+    for name, data in {**files, **hidden, "A/two.png": b"5", "A/two.JPG": b"6", "t.jpg": b"7", "t.png": b"8"}.items():
         storage.write_bytes(root.child(name), data)
     import ray
 
@@ -208,6 +210,8 @@ def check_listing(root: storage.Location):
         "t": "key collision: t.jpg and t.png map to key 't'; rename one, then re-run with --overwrite",
     }
     assert nightly.list_inputs(root.child("A", "deep"), (".gif",)) is None
+    storage.write_bytes(root.child("only-hidden", ".h.png"), b"h")
+    assert nightly.list_inputs(root.child("only-hidden"), (".png",)) is None
 
 
 def test_listing_local(ray_cluster, tmp_path):

@@ -92,6 +92,12 @@ class Entry:
     folder: bool = False  # a link to a folder outside INPUT: listed (as an error row) whatever its name
 
 
+def hidden(relative: str) -> bool:
+    """A name or folder starting with '.' (.DS_Store, macOS's ._photo.png resource forks, .cache/): never an
+    input, as `prepare` skips them too."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
@@ -126,7 +132,11 @@ def unit_table(
 ) -> pa.Table:
     """The rows of one listing unit, with its key collisions marked."""
     prefix = root.path.rstrip("/") + "/"
-    found = sorted(e for e in entries if e.path.startswith(prefix) and (e.folder or has_ext(e.path, exts)))
+    found = sorted(
+        e
+        for e in entries
+        if e.path.startswith(prefix) and not hidden(e.path[len(prefix) :]) and (e.folder or has_ext(e.path, exts))
+    )
     paths, utf8 = zip(*(storage.utf8_name(e.path) for e in found)) if found else ((), ())
     names = [p[len(prefix) :] for p in paths]
     keys = [strip_ext(n) for n in names]
@@ -176,8 +186,9 @@ def _holds_any(root: storage.Location, folders: list[str], exts: tuple[str, ...]
 
     def search() -> bool:
         for folder in folders:
-            for _, _, files in root.fs.walk(folder):
-                if any(has_ext(f, exts) for f in files):
+            for here, _, files in root.fs.walk(folder):
+                inside = here[len(root.path.rstrip("/")) + 1 :]
+                if not hidden(inside) and any(has_ext(f, exts) and not hidden(f) for f in files):
                     return True
         return False
 
@@ -199,7 +210,7 @@ def list_prefix(
     """
     real_root = _real_root(root)
     entries = top_level(root, file_hint)
-    folders = [e["name"] for e in entries if e["type"] == "directory"]
+    folders = [e["name"] for e in entries if e["type"] == "directory" and not hidden(posixpath.basename(e["name"]))]
     top = unit_table(root, (entry(e, real_root) for e in entries if e["type"] != "directory"), exts, containers)
     if not top.num_rows and not _holds_any(root, folders, exts):
         return None
