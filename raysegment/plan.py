@@ -208,6 +208,14 @@ def window(fp: Fingerprint, compute: Compute, size: int | None = None) -> tuple[
             f"would squash it {long / side:.1f}x along its long side; train on windows",
         )
     largest = max(fp.height["max"], fp.width["max"])
+    if largest <= size:
+        # Images no larger than the (minimum) window: resizing enlarges them, which shrinks no object,
+        # where native windows would be mostly padding.
+        return (
+            "resize",
+            size,
+            f"the largest images ({largest} px) fit the {size} px window: resized up, no object shrinks",
+        )
     shrink = (size / largest) ** 2
     smallest = min((a for a in fp.object_area_median[1:] if a is not None), default=None)
     if smallest is not None and smallest * shrink < MIN_OBJECT_PX:

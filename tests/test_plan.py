@@ -37,6 +37,14 @@ def test_small_images_with_large_objects_are_resized():
     assert (plan.crop, plan.image_size) == ("resize", 128)
 
 
+def test_images_smaller_than_the_smallest_window_are_resized_up():
+    """16 px images with 1 px objects under the 32 px minimum window: the plan said resizing would
+    'shrink' the objects (it enlarges them) and chose native windows, three quarters padding."""
+    plan = make_plan(fingerprint(side=16, areas=(200.0, 1.0)), 80, CPU)
+    assert (plan.crop, plan.image_size) == ("resize", 32)
+    assert "resized up, no object shrinks" in plan.reasons["crop"]
+
+
 def test_images_larger_than_the_window_train_on_native_windows():
     plan = make_plan(fingerprint(side=1024), 80, CPU)
     assert (plan.crop, plan.image_size) == ("native", 256)
