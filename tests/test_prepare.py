@@ -68,6 +68,16 @@ def test_prepare_class_ids_out_of_range(ray_cluster, tmp_path):
         prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), num_classes=2))
 
 
+def test_all_background_masks_name_the_way_out(ray_cluster, tmp_path):
+    """Masks of one value: the error advised --mask-values 0:0, which is then refused (one class)."""
+    src = write_source(str(tmp_path / "src"), count=3)
+    for name in os.listdir(tmp_path / "src" / "masks"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "src" / "masks" / name)
+    with pytest.raises(DataError, match=r"masks hold only the value 0: one class.*set --num-classes") as caught:
+        prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
+    assert "--mask-values" not in str(caught.value)
+
+
 def _bad_source(tmp_path, count: int = 8) -> str:
     """Synthetic pairs plus one of each kind of bad pair; returns the source path."""
     src = write_source(str(tmp_path / "src"), count=count)

@@ -306,6 +306,14 @@ def _check_class_values(uri: str, hist: np.ndarray) -> int:
         raise DataError(
             f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}"
         )
+    if len(present) <= 1:
+        # One value (all background, or one colour): no mapping makes two classes of it.
+        held = f"only the value {present[0]}" if present else "only 255 (ignore)"
+        raise DataError(
+            f"{uri}: masks hold {held}{' and 255 (ignore)' if present and 255 in found else ''}: one class, and "
+            "segmentation needs at least two; check that the masks are the right files, or, if the other "
+            "classes are merely absent here, set --num-classes (or --class-names)"
+        )
     raise DataError(
         f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}, which are not class ids 0..K-1 "
         f"(255 = ignore) for K >= 2; map them with --mask-values, e.g. --mask-values {example} "
