@@ -99,6 +99,9 @@ def test_tar_source(tiny_model, tmp_path):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+            fork = tarfile.TarInfo("._sample0.png")  # macOS tar's AppleDouble companion: skipped, no row
+            fork.size = 4
+            tar.addfile(fork, io.BytesIO(b"abcd"))
             evil = tarfile.TarInfo("../../escape.png")
             evil.size = 4
             tar.addfile(evil, io.BytesIO(b"abcd"))
@@ -112,6 +115,9 @@ def test_tar_source(tiny_model, tmp_path):
     assert len(evil_rows) == 2 and all("unsafe member name" in r["error"] for r in evil_rows)
     assert not list(tmp_path.rglob("escape*"))  # nothing escaped the output prefix
     assert all((out / "masks" / f"{k}.png").exists() for k in good)
+    # A re-run finds every member done, ./sample1.png too (its key is the one its row was written under).
+    again = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out)))
+    assert again["counts"]["processed"] == 0 and again["status"] == "succeeded"
 
 
 def test_parquet_table_source_and_packed_masks(tiny_model, tmp_path):

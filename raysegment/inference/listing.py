@@ -95,7 +95,7 @@ class Entry:
 def hidden(relative: str) -> bool:
     """A name or folder starting with '.' (.DS_Store, macOS's ._photo.png resource forks, .cache/): never an
     input, as `prepare` skips them too."""
-    return any(part.startswith(".") for part in relative.split("/"))
+    return any(part.startswith(".") and part not in (".", "..") for part in relative.split("/"))
 
 
 def _within(path: str, folder: str) -> bool:

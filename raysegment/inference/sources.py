@@ -38,7 +38,7 @@ from raysegment.data import limits, tiff
 from raysegment.errors import DataError
 from raysegment.inference import collisions, rasters
 from raysegment.inference.archives import Archive, MemberIndex
-from raysegment.inference.listing import ARCHIVE_EXTENSIONS, has_ext, list_prefix, path_of, strip_ext
+from raysegment.inference.listing import ARCHIVE_EXTENSIONS, has_ext, hidden, list_prefix, path_of, strip_ext
 from raysegment.inference.urilist import list_uris
 
 MAX_KEY_LENGTH = 512
@@ -203,8 +203,8 @@ def _archive_rows(
     try:
         with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                if member.isfile() and has_ext(member.name, exts):
-                    member_key = f"{key}/{strip_ext(storage.utf8_name(member.name)[0])}"
+                if member.isfile() and has_ext(member.name, exts) and not hidden(member.name):
+                    member_key = f"{key}/{strip_ext(member_name(member)[0])}"
                     members.append(member_key)
                     if member_key in done:
                         continue
@@ -225,15 +225,20 @@ def _archive_rows(
         index.record(archive, members)
 
 
+def member_name(member: tarfile.TarInfo) -> tuple[str, bool]:
+    """(the name its key is made of, whether it was UTF-8). tarfile keeps undecodable bytes as surrogates;
+    `tar -cf x.tar .` stores ./a.png, and a '.' segment names nothing, so it is dropped ('..' stays refused)."""
+    name, utf8 = storage.utf8_name(member.name)
+    return "/".join(part for part in name.split("/") if part != ".") or name, utf8
+
+
 def _add_member(
     block: _Block, tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, uri: str, seen: dict[str, str]
 ) -> None:
     """One member's row. A member whose key repeats an earlier one's (x.png and x.jpg, or one name
     stored twice) is an error row: the archive streams, so the earlier one is already on its way."""
-    name, utf8 = storage.utf8_name(member.name)  # tarfile keeps a name's undecodable bytes as surrogates
-    source = f"{uri}#{name}"
-    # `tar -cf x.tar .` stores ./a.png: a '.' segment names nothing, so it is dropped ('..' stays refused).
-    name = "/".join(part for part in name.split("/") if part != ".") or name
+    name, utf8 = member_name(member)
+    source = f"{uri}#{storage.utf8_name(member.name)[0]}"
     member_key = f"{key}/{strip_ext(name)}"
     problem = unsafe_key_reason(strip_ext(name))
     folded = collisions.fold(member_key)
