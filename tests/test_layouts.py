@@ -2,6 +2,7 @@
 
 import io
 import os
+import unicodedata
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -153,11 +154,15 @@ def test_pairs_match_nested_folders_extensions_and_spaces(tmp_path):
     (tmp_path / "my images" / ".DS_Store").write_bytes(b"x")
     (tmp_path / "my images" / "sub dir" / "._a b.png").write_bytes(b"mac resource fork")
     (tmp_path / "my images" / "notes.txt").write_text("not an image")
+    # The same name in two Unicode forms (macOS writes NFD): they pair, under the NFC key.
+    save(rgb(8, 8), f"{root}/my images/{unicodedata.normalize('NFC', 'crème')}.png")
+    save(np.zeros((8, 8), np.uint8), f"{root}/my masks/{unicodedata.normalize('NFD', 'crème')}.png")
     for folder in ("my images", "my masks"):  # a Latin-1 name: its byte 0xe9 is no UTF-8
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.fsencode(f"{root}/{folder}/caf") + b"\xe9.png", "PNG")
     listing = pairs_layout(storage.resolve(root), "my images", "my masks")
     by_key = {p.key: p for p in listing.pairs}
-    assert set(by_key) == {"sub dir/a b", "sub dir/c", "top", "dup", "orphan", "caf\\xe9"}
+    assert set(by_key) == {"sub dir/a b", "sub dir/c", "top", "dup", "orphan", "caf\\xe9", "crème"}
+    assert by_key["crème"].problem is None
     assert by_key["caf\\xe9"].problem.startswith("file name is not UTF-8 text")
     assert by_key["caf\\xe9"].image.endswith("caf\\xe9.png")  # printable: a manifest and a report can hold it
     assert by_key["sub dir/c"].image.endswith("c.jpg") and by_key["sub dir/c"].mask.endswith("c.png")

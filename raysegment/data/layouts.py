@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import unicodedata
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -64,7 +65,10 @@ def _files_by_key(loc: storage.Location, suffix: str = "") -> dict[str, list[tup
         stem, ext = posixpath.splitext(rel)
         if ext.lower() not in IMAGE_EXTENSIONS or not stem.endswith(suffix):
             continue
-        out[stem[: len(stem) - len(suffix)] if suffix else stem].append((path, int(info.get("size") or 0)))
+        key = stem[: len(stem) - len(suffix)] if suffix else stem
+        # NFC: macOS writes names decomposed (NFD), so an image and its mask named alike by two tools
+        # may differ only in Unicode form, and must still pair.
+        out[unicodedata.normalize("NFC", key)].append((path, int(info.get("size") or 0)))
     return out
 
 
@@ -325,7 +329,7 @@ def assign_splits(
             )
         return listing.pairs, listing.split_source
     if val_keys is not None:
-        wanted = set(val_keys)
+        wanted = {unicodedata.normalize("NFC", k) for k in val_keys}  # as the keys are (`_files_by_key`)
         missing = sorted(wanted - {p.key for p in listing.pairs})
         if missing:
             shown = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
