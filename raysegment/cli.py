@@ -79,6 +79,7 @@ def main(verbose: bool) -> None:
 )
 @click.option("--images-dir", default=None, help="pairs: images folder under SOURCE (default: images)")
 @click.option("--masks-dir", default=None, help="pairs: masks folder under SOURCE (default: masks)")
+@click.option("--mask-suffix", default=None, help="pairs: masks are named NAME + this (e.g. _mask for a_mask.png)")
 @click.option("--mask-values", default=None, help="pairs: raw mask value -> class id, e.g. 0:0,255:1")
 @click.option("--mask-threshold", type=int, default=None, help="soft binary masks: value >= T -> 1, else 0")
 @click.option(

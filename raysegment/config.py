@@ -59,6 +59,9 @@ class PrepareSpec(Spec):
     layout: Literal["pairs", "voc", "cityscapes", "list"] = "pairs"
     images_dir: str | None = Field(None, description="pairs: images folder under SOURCE (default images)")
     masks_dir: str | None = Field(None, description="pairs: masks folder under SOURCE (default masks)")
+    mask_suffix: str | None = Field(
+        None, max_length=64, description="pairs: masks are named NAME + this suffix before the extension (a_mask.png)"
+    )
     mask_values: dict[int, int] | None = Field(None, description="pairs: raw mask value -> class id, '0:0,255:1'")
     mask_threshold: int | None = Field(None, ge=1, le=255, description="soft binary masks: value >= T -> 1, else 0")
     mask_colors: str | list[str] | None = Field(
@@ -154,6 +157,8 @@ class PrepareSpec(Spec):
         fixed = self.layout in ("voc", "cityscapes")
         if self.layout == "list" and (self.images_dir is not None or self.masks_dir is not None):
             raise ValueError("--images-dir/--masks-dir do not apply to --layout list; the list names every file")
+        if self.layout != "pairs" and self.mask_suffix:
+            raise ValueError("--mask-suffix applies to --layout pairs only")
         if fixed:
             mask_flags = ("images_dir", "masks_dir", "mask_values", "mask_threshold", "mask_colors")
             set_flags = [f for f in mask_flags if getattr(self, f) is not None]

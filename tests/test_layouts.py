@@ -426,3 +426,20 @@ def test_cli_flags_and_one_line_config_errors(tmp_path):
     assert result.exit_code == 2 and "bad entry 'a:b'" in result.output
     result = runner.invoke(main, ["data-info", str(tmp_path)])
     assert result.exit_code == 2 and "no manifest.json" in result.output
+
+
+def test_masks_named_with_a_suffix_pair_with_mask_suffix_and_are_hinted_without(tmp_path):
+    """Kaggle-style a.png + a_mask.png: every pair was 'image without mask' / 'mask without image' with no
+    word of why; now the problem names --mask-suffix, which pairs them."""
+    root = str(tmp_path)
+    for key in ("a", "sub/b", "c"):
+        save(rgb(8, 8), f"{root}/images/{key}.png")
+        save(np.zeros((8, 8), np.uint8), f"{root}/masks/{key}_mask.png")
+    plain = {p.key: p.problem for p in pairs_layout(storage.resolve(root), "images", "masks").pairs}
+    assert plain["a_mask"] == "mask without image (masks look named NAME_mask: pass --mask-suffix _mask)"
+    assert plain["a"] == "image without mask"
+    paired = pairs_layout(storage.resolve(root), "images", "masks", mask_suffix="_mask").pairs
+    assert {p.key: p.problem for p in paired} == {"a": None, "sub/b": None, "c": None}
+    assert paired[0].mask.endswith("_mask.png")
+    with pytest.raises(ValueError, match="--mask-suffix applies to --layout pairs only"):
+        PrepareSpec(source="s", dest="d", layout="voc", mask_suffix="_mask")

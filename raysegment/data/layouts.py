@@ -16,6 +16,7 @@ import unicodedata
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 from raysegment import storage
 from raysegment.data import classes, tiff
@@ -108,17 +109,37 @@ def pairs_layout(
     masks_dir: str = "masks",
     mask_values: dict[int, int] | None = None,
     num_classes: int | None = None,
+    mask_suffix: str = "",
 ) -> Listing:
-    """Match images and masks by relative path and stem (extensions may differ)."""
+    """Match images and masks by relative path and stem (extensions may differ); a mask's stem may carry
+    `mask_suffix` (a_mask.png for a.png), which its key drops."""
     fix = "check SOURCE and --images-dir/--masks-dir"
     _require_dir(source.child(images_dir), fix)
     _require_dir(source.child(masks_dir), fix)
     images = _files_by_key(source.child(images_dir))
-    masks = _files_by_key(source.child(masks_dir))
+    masks = _files_by_key(source.child(masks_dir), mask_suffix)
     if not images:
         raise DataError(f"{source.child(images_dir).uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
     pairs = [_pair(k, images, masks) for k in sorted(set(images) | set(masks))]
+    if hint := _suffix_hint([k for k in masks if k not in images], images):
+        pairs = [replace(p, problem=f"{p.problem} ({hint})") if p.problem == "mask without image" else p for p in pairs]
     return _with_value_table(Listing(pairs), mask_values, num_classes)
+
+
+def _suffix_hint(lone_masks: list[str], images: dict[str, Any]) -> str | None:
+    """'masks look named NAME_mask: pass --mask-suffix _mask' when most masks without an image would pair
+    once a common suffix (after the last _, - or .) is dropped."""
+    found: dict[str, int] = defaultdict(int)
+    for key in lone_masks:
+        cut = max(key.rfind(sep) for sep in "_-.")
+        if cut > key.rfind("/") + 1 and key[:cut] in images:
+            found[key[cut:]] += 1
+    if not found:
+        return None
+    suffix, count = max(found.items(), key=lambda kv: kv[1])
+    if count * 2 < len(lone_masks):
+        return None
+    return f"masks look named NAME{suffix}: pass --mask-suffix {suffix}"
 
 
 def _with_value_table(listing: Listing, mask_values: dict[int, int] | None, num_classes: int | None) -> Listing:
@@ -210,6 +231,7 @@ def list_source(
     masks_dir: str | None = None,
     mask_values: dict[int, int] | None = None,
     num_classes: int | None = None,
+    mask_suffix: str = "",
 ) -> Listing:
     """The pairs, classes and splits of a source in the given layout (TIFF stacks: one pair per slice)."""
     if layout == "voc":
@@ -221,7 +243,9 @@ def list_source(
 
         listing = _with_value_table(list_layout(source), mask_values, num_classes)
     else:
-        listing = pairs_layout(source, images_dir or "images", masks_dir or "masks", mask_values, num_classes)
+        listing = pairs_layout(
+            source, images_dir or "images", masks_dir or "masks", mask_values, num_classes, mask_suffix
+        )
     return expand_stacks(listing, listing.root or source)
 
 

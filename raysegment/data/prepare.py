@@ -413,6 +413,7 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
         spec.masks_dir,
         spec.mask_values,
         spec.num_classes or (len(spec.class_names) if spec.class_names else None),
+        spec.mask_suffix or "",
     )
     listing, encoding = _mask_encoding(spec, source, listing)
     val_keys = read_val_keys(spec.val_keys, spec.endpoint_url, source.retry_s) if spec.val_keys is not None else None
