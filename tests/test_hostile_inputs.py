@@ -344,3 +344,18 @@ def test_a_parquet_uri_lists_rows_without_a_uri_are_error_rows(tmp_path):
     assert block.keys == ["a", "c", "row-2", "e"]
     assert block.errors == ["", "row 1 of the list has no uri", "row 2 of the list has no uri", ""]
     assert block.paths[3].endswith("/#b.png")
+
+
+def test_a_parquet_table_with_the_wrong_columns_is_named_before_the_run(ray_cluster, tmp_path):
+    """The columns offered are the file's (Ray's own `path` was listed as one), and a text column given as
+    --image-column is refused (every row was an 'empty or missing image bytes' error row, exit 0)."""
+    from raysegment.inference.sources import read_parquet_table
+
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"img": [png(0)], "name": ["a"]}), tmp_path / "t" / "part.parquet")
+    root = storage.resolve(str(tmp_path / "t"))
+    with pytest.raises(DataError, match=r"Parquet columns are \['img', 'name'\]; set --image-column"):
+        read_parquet_table(root, "image", None)
+    with pytest.raises(DataError, match="column 'name' holds string, not the images' encoded bytes"):
+        read_parquet_table(root, "name", None)
+    assert read_parquet_table(root, "img", None).count() == 1

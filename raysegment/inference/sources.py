@@ -30,6 +30,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
@@ -302,10 +303,19 @@ def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str
 def read_parquet_table(root: storage.Location, image_column: str, key_column: str | None) -> ray.data.Dataset:
     """Rows of Parquet image tables; keys from key_column, else file/row-number."""
     ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs(), include_paths=key_column is None)
-    names = ds.schema().names
+    schema = ds.schema()
+    types = dict(zip(schema.names, schema.types))
+    # `path` is Ray's own column (include_paths), not the file's: not offered as one.
+    names = [n for n in schema.names if key_column is not None or n != "path"]
     if image_column not in names or (key_column and key_column not in names):
         raise DataError(
             f"{root.uri}: Parquet columns are {names}; set --image-column / --key-column to existing columns"
+        )
+    kind = types[image_column]
+    if isinstance(kind, pa.DataType) and not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise DataError(
+            f"{root.uri}: column {image_column!r} holds {kind}, not the images' encoded bytes (binary); "
+            f"set --image-column to the column of PNG/JPEG/TIFF bytes (columns: {names})"
         )
     if key_column is None:
         prefix = root.path.rstrip("/") + "/"
