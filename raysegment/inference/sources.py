@@ -204,10 +204,18 @@ def _archive_rows(
     try:
         with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                if member.isfile() and has_ext(member.name, exts) and not hidden(member.name):
+                if (member.isfile() or member.issym() or member.islnk()) and has_ext(member.name, exts):
+                    if hidden(member.name):
+                        continue
                     member_key = f"{key}/{strip_ext(member_name(member)[0])}"
                     members.append(member_key)
                     if member_key in done:
+                        continue
+                    if not member.isfile():
+                        # A streamed archive cannot go back to a link's target: an error row, not silence.
+                        name = storage.utf8_name(member.name)[0]
+                        link = f"a link to {storage.utf8_name(member.linkname)[0]}"
+                        block.add(member_key, f"{uri}#{name}", b"", f"member is {link}, not followed; store the file")
                         continue
                     _add_member(block, tar, member, key, uri, seen)
                     whole = whole and not block.collides[-1]
