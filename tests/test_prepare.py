@@ -116,6 +116,10 @@ def test_skip_invalid_writes_good_pairs_and_records_the_rest(ray_cluster, tmp_pa
     assert sum(manifest["counts"].values()) == 3
     # Only shards the manifest lists exist: the ones whose pairs were all bad were never committed.
     assert sorted(os.listdir(data / "shards")) == sorted(s["path"].split("/")[1] for s in manifest["shards"])
+    from raysegment.data.info import format_manifest
+
+    shown = format_manifest(str(data), manifest)  # data-info names each skipped pair (it gave only the count)
+    assert "skipped       6 invalid pairs" in shown and "  00001: size mismatch: image 32x32, mask 10x10" in shown
 
 
 def test_many_bad_pairs_report_names_20_and_the_count(ray_cluster, tmp_path):

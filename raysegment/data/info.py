@@ -24,6 +24,9 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+SHOWN_SKIPPED = 20  # as prepare's own report of invalid pairs
+
+
 def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
     """Summary, class table (colour, pixel frequency) and shard table of one data set."""
     shards = manifest["shards"]
@@ -37,7 +40,9 @@ def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
         f"splits from   {manifest.get('splits_from') or '?'}",
         f"channels      {manifest.get('channels') or 3}"
         + (f" (bands {','.join(map(str, manifest['bands']))})" if manifest.get("bands") else ""),
-        f"skipped       {len(skipped)} invalid pairs" + (" (listed in manifest.json 'skipped')" if skipped else ""),
+        f"skipped       {len(skipped)} invalid pairs" + (" (all in manifest.json 'skipped')" if skipped else ""),
+        *[f"  {s.get('key', '?')}: {s.get('problem', '?')}" for s in skipped[:SHOWN_SKIPPED] if isinstance(s, dict)],
+        *([f"  (and {len(skipped) - SHOWN_SKIPPED} more)"] if len(skipped) > SHOWN_SKIPPED else []),
         f"content hash  {manifest['content_hash']}",
         "",
     ]
