@@ -92,7 +92,8 @@ def test_collisions_fail_every_run_until_renamed_and_links_stay_inside(tiny_mode
     assert len(café) == 2 and all("two Unicode forms" in r["error"] for r in café)
     assert "outside INPUT, not followed" in rows["link"][0]["error"]
     assert "dangling symlink" in rows["dang"][0]["error"] and "dang.png" in rows["dang"][0]["error"]
-    assert masks(out) == {"b.png", ".png.png", "sub/inside.png"}  # '.png' is a key like any other
+    # '.png' is a hidden name (as macOS's ._a.png forks): no input, as in prepare; no row, no mask.
+    assert masks(out) == {"b.png", "sub/inside.png"} and ".png" not in rows
     for key in ("caf\\xe9", "top\\xe9", "sub/dir\\xe9/x"):  # shown escaped, refused, never read
         assert rows[key][0]["error"].startswith("file name is not UTF-8 text"), key
     assert "a folder: nothing under it is read" in rows["top\\xe9"][0]["error"]
@@ -108,7 +109,9 @@ def test_collisions_fail_every_run_until_renamed_and_links_stay_inside(tiny_mode
     (inp / "a.jpg").rename(inp / "c.jpg")
     (inp / "sub" / f"{NFD}.png").unlink()
     record = run(overwrite=True)
-    assert record["counts"]["ok"] == 6 and record["counts"]["error"] == 7  # four links, three Latin-1 names
+    assert (
+        record["counts"]["ok"] == 5 and record["counts"]["error"] == 7
+    )  # four links, three Latin-1 names; .png is hidden
     assert (out / "_SUCCESS").exists() and {"a.png", "c.png", f"sub/{NFC}.png"} <= masks(out)
 
 
@@ -333,15 +336,16 @@ def test_nightly_storage_calls_keep_the_jobs_deadline(unreachable, step):
 
 
 def test_a_parquet_uri_lists_rows_without_a_uri_are_error_rows(tmp_path):
-    """A table's rows are inputs: one with a null or empty uri is an error row under its key (or row-N),
-    not dropped as a text list's blank line is (they silently had no row at all); '#' is no comment there."""
+    """A row that names a key is an input: with a null or empty uri it is an error row under that key, not
+    dropped as a text list's blank line is (such keys silently had no row); a row without a key keeps the text
+    list's rule (blank and '#' rows skipped)."""
     from raysegment.inference import urilist
 
     listing = tmp_path / "list.parquet"
-    table = pa.table({"uri": ["a.png", None, "", "#b.png"], "key": ["a", "c", None, "e"]})
+    table = pa.table({"uri": ["a.png", None, "", "#b.png", "", "# note"], "key": ["a", "c", "d", "e", None, ""]})
     pq.write_table(table, listing)
     (block,) = list(urilist._blocks(storage.resolve(str(listing))))
-    assert block.keys == ["a", "c", "row-2", "e"]
+    assert block.keys == ["a", "c", "d", "e"]  # rows without a key keep the text list's rule: blank, comment
     assert block.errors == ["", "row 1 of the list has no uri", "row 2 of the list has no uri", ""]
     assert block.paths[3].endswith("/#b.png")
 

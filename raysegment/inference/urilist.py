@@ -56,17 +56,18 @@ def _block(
     first_row: int | None = None,
 ) -> Block:
     """The non-blank, non-comment URIs, relative ones below the list's `folder`; keys from the list or from
-    each URI. A Parquet table's rows (`first_row`: the batch's first row number) are all inputs: one with
-    no uri is an error row (keyed by its key column, else `row-N`), never dropped like a text list's blank line."""
+    each URI. In a Parquet table (`first_row`: the batch's first row number) a row that names a key is an
+    input whatever its uri: without one it is an error row under that key, never dropped like a blank line."""
     block = Block()
     for i, raw in enumerate(uris):
         uri = (raw or "").strip()
-        if first_row is not None and not uri:
-            block.keys.append(str(keys[i] or "") if keys is not None and keys[i] else f"row-{first_row + i}")
+        keyed = first_row is not None and keys is not None and bool(keys[i])
+        if keyed and not uri:
+            block.keys.append(str(keys[i]))
             block.paths.append("")
             block.errors.append(f"row {first_row + i} of the list has no uri")
             continue
-        if uri and (first_row is not None or not uri.startswith("#")):
+        if uri and (keyed or not uri.startswith("#")):
             uri = storage.beside(uri, folder)
             block.keys.append(str(keys[i] or "") if keys is not None else _uri_key(uri))
             block.paths.append(uri)
