@@ -175,7 +175,7 @@ class Segmenter:
             )
             self.card = self.predictor.card
             warm = imaging.encode_mask(np.zeros((8, 8), np.uint8))  # one request end to end (traces the graph)
-            (answer,) = self._segment([warm])
+            (answer,) = self._segment([warm], warm_up=True)
             if answer["status"] != "ok":
                 raise RuntimeError(f"warm-up request failed: {answer['error']}")
             self.ready.set()
@@ -196,7 +196,7 @@ class Segmenter:
         model_id = self.card.model_id if self.card else None
         return {"ready": self.ready.is_set(), "error": self.load_error, "model_id": model_id}
 
-    def _segment(self, bodies: list[bytes]) -> list[dict[str, Any]]:
+    def _segment(self, bodies: list[bytes], warm_up: bool = False) -> list[dict[str, Any]]:
         """A batch of encoded images through infer's steps: preprocess, predict, write_masks (into scratch)."""
         from raysegment.inference import output
         from raysegment.inference.predictor import preprocess
@@ -206,7 +206,7 @@ class Segmenter:
         data = np.empty(n, dtype=object)
         data[:] = bodies
         batch = {"key": keys, "source_uri": np.full(n, "http", dtype=object), "bytes": data}
-        batch = self.predictor(preprocess(batch, card, self.config.max_pixels))
+        batch = self.predictor(preprocess(batch, card, self.config.max_pixels, warm_up))
         rows = output.write_masks(batch, self.scratch, card, "serve", "png").to_pylist()
         answers = []
         for key, row in zip(keys, rows):

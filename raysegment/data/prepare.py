@@ -306,7 +306,7 @@ def _check_class_values(uri: str, hist: np.ndarray) -> int:
         raise DataError(
             f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}"
         )
-    if len(present) <= 1:
+    if len(present) <= 1 and 255 not in found:
         # One value (all background, or one colour): no mapping makes two classes of it.
         held = f"only the value {present[0]}" if present else "only 255 (ignore)"
         raise DataError(

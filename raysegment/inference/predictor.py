@@ -15,7 +15,9 @@ from raysegment.models.card import TTA_FLIPS, ModelCard, normalize
 from raysegment.models.loader import load_model
 
 
-def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -> dict[str, np.ndarray]:
+def preprocess(
+    batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int, warm_up: bool = False
+) -> dict[str, np.ndarray]:
     """Decode the `bytes` column and resize to the model input; bad images become error rows.
 
     Native-scale models keep each image at its size, and the column holds one array per row. The card's
@@ -43,7 +45,7 @@ def preprocess(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int) -
         except imaging.ImageDecodeError as exc:
             errors[i] = str(exc)
             continue
-        if native and img.dtype == np.uint8:
+        if native and img.dtype == np.uint8 and not warm_up:  # serve's warm-up image is 8-bit zeros
             # The normalisation was fitted to 16-bit or float values: 0..255 would all clip to its low end,
             # and every 8-bit image would get the same mask, marked ok.
             errors[i] = imaging.EIGHT_BIT_FOR_DEEP_MODEL
