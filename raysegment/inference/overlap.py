@@ -52,13 +52,13 @@ def check_apart(
     """Refuse OUTPUT inside INPUT, and INPUT inside what the job writes under OUTPUT (``written``
     tells those top-level names). Called before the job writes anything."""
     inp, out = storage.redact(input_loc.uri), storage.redact(output_loc.uri)
+    if within(output_loc, input_loc):
+        raise ConfigError(
+            f"{job}: OUTPUT {out} is inside INPUT {inp}: every run would read its masks and reports "
+            "as new images; choose an OUTPUT outside INPUT"
+        )
     for a in _forms(input_loc):
         for b in _forms(output_loc):
-            if below(b, a) is not None:
-                raise ConfigError(
-                    f"{job}: OUTPUT {out} is inside INPUT {inp}: every run would read its masks and reports "
-                    "as new images; choose an OUTPUT outside INPUT"
-                )
             rel = below(a, b)
             if rel and written(rel.split("/", 1)[0]):
                 raise ConfigError(
