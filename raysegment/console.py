@@ -165,7 +165,7 @@ def session(kind: str, output_uri: str | None = None, as_json: bool = False) -> 
                     log.close_resources()  # while stray output still goes to the log
         except Exception as exc:
             err = user_error(exc)
-            if err is not None and err.exit_code == 2:
+            if err is not None and err.exit_code == 2 and not log.working:
                 # Refused (a folder that is not OUTPUT's to write, a bad option): its log stays in the
                 # temp folder, so a refused command writes nothing under OUTPUT.
                 log.final_dir = None

@@ -110,6 +110,8 @@ class LogFile:
     ray_progress_bars: bool | None = None
     # Run first by finish(): the command's own Ray goes down while its output still lands in the file.
     closers: list[Callable[[], None]] = field(default_factory=list)
+    # Set by began(): the command passed its refusals and started on OUT, whose logs/ then keeps this file.
+    working: bool = False
 
     def close_resources(self) -> None:
         """Run the closers (last registered first)."""
@@ -149,6 +151,13 @@ class LogFile:
 
 # The running command's log file (init_ray routes Ray's loggers to it); None outside a command.
 current: LogFile | None = None
+
+
+def began() -> None:
+    """The command is past its refusals and starts changing OUT: a user error from here on (a store gone
+    mid-job, a checkpoint that cannot be restored) keeps the log in OUT/logs, beside what the run left."""
+    if current is not None:
+        current.working = True
 
 
 def _local_dir(output_uri: str | None) -> str | None:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from raysegment import __version__, ledger, plots, progress, storage
+from raysegment import __version__, ledger, logs, plots, progress, storage
 from raysegment.config import InferSpec, NightlySpec
 from raysegment.errors import JobError, StorageError
 from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix
@@ -227,6 +227,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     check_layout(input_loc, output)
     check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output, job="nightly")
     storage.check_writable(output)
+    logs.began()
     partition = output.child(partition_name(date))
 
     with RunLock(output.child(LOCK_NAME), spec.lock_stale_after_s, purpose="nightly run"):

@@ -270,3 +270,21 @@ def test_a_refused_command_writes_nothing_into_the_folder_it_was_given(tmp_path,
     result = CliRunner().invoke(main, [command, str(tmp_path)])
     assert result.exit_code == 2 and "no inference summaries" in result.output, result.output
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("began", [False, True])
+def test_a_user_error_keeps_its_log_in_out_only_once_the_command_began_on_out(tmp_path, began):
+    """A refusal (exit 2 before any work) leaves OUT as it was; a user error after the command began on OUT
+    (a store gone mid-job, a checkpoint that cannot be restored) keeps its log in OUT/logs beside what the run
+    left, where the next engineer looks for it."""
+    from raysegment.console import session
+    from raysegment.errors import StorageError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StorageError), session("infer", str(out)) as s:
+        if began:
+            logs.began()
+        raise StorageError(f"{out}: the store went away")
+    kept = glob.glob(str(out / "logs" / "raysegment-infer-*.log"))
+    assert kept == ([s.log_path] if began else []) and os.path.exists(s.log_path)

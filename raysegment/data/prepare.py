@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raysegment import __version__, progress, storage
+from raysegment import __version__, logs, progress, storage
 from raysegment.config import PrepareSpec, distinct_class_names
 from raysegment.data import classes, imaging, masks, tiff
 from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, format_fingerprint, merge
@@ -525,6 +525,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     storage.check_readable(source)
     listing, encoding, pairs, split_source = _list_pairs(spec, source)
     manifest_loc = _clear_destination(spec, dest)
+    logs.began()
 
     invalid = [{"key": p.key, "problem": p.problem} for p in pairs if p.problem]
     plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))

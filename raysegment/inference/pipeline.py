@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from raysegment import __version__, progress, storage
+from raysegment import __version__, logs, progress, storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
 from raysegment.inference import actors, resume
@@ -81,6 +81,7 @@ def plan(spec: InferSpec) -> Run:
             f"{output.uri}: holds results of another model ({sorted(other)[0][:12]}); "
             "pass --overwrite to replace them or choose another OUTPUT"
         )
+    logs.began()
     layout.mark_incomplete(output)
     pool = actors.resolve(spec, ray.cluster_resources())
     return Run(spec, card, output, layout.new_run_id(), done, pool, started)

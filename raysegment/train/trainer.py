@@ -18,7 +18,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from raysegment import __version__, overlay, plots, progress, storage
+from raysegment import __version__, logs, overlay, plots, progress, storage
 from raysegment import plan as planning
 from raysegment.config import TrainSpec
 from raysegment.data.examples import Augmentation
@@ -218,6 +218,7 @@ def fit(
             failure_config=FailureConfig(max_failures=spec.max_failures),
         ),
     )
+    logs.began()
     if not spec.resume:
         storage.remove_tree(out.child(spec.name))
     storage.write_json(out.child(spec.name, RUN_IDENTITY), identity)
