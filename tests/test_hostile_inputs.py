@@ -132,6 +132,10 @@ def test_tar_collisions_within_and_across_archives(tiny_model, tmp_path):
     with tarfile.open(inp / "m.tar", "w") as tar:
         for i, name in enumerate(["x.png", "x.jpg", "y.png", "y.png"]):  # a repeated key, a repeated name
             add_member(tar, name, png(10 + i))
+        for name in ("y.jpg", "../up.png"):  # links take the file rules: a repeated key, an unsafe name
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, "x.png"
+            tar.addfile(link)
     with tarfile.open(inp / "n.tar", "w") as tar:
         add_member(tar, "k/z.png", png(20))  # key n/k/z
     with tarfile.open(inp / "n" / "k.tar", "w") as tar:
@@ -146,8 +150,11 @@ def test_tar_collisions_within_and_across_archives(tiny_model, tmp_path):
     assert rows["l/caf\\xe9"][0]["error"].startswith("member file name is not UTF-8 text")
     assert [r["status"] for r in rows["l/ok"]] == ["ok"]
     assert all("key collision: dup.tar and dup.tgz" in r["error"] for r in rows["dup/(archive)"])
-    assert sorted(r["status"] for r in rows["m/x"]) == sorted(r["status"] for r in rows["m/y"]) == ["error", "ok"]
+    assert sorted(r["status"] for r in rows["m/x"]) == ["error", "ok"]
+    assert sorted(r["status"] for r in rows["m/y"]) == ["error", "error", "ok"]
     assert "repeats key 'm/x' of member x.png" in next(r["error"] for r in rows["m/x"] if r["error"])
+    assert "member y.jpg repeats key 'm/y'" in " ".join(r["error"] for r in rows["m/y"])
+    assert [r["error"].startswith("unsafe member name") for r in rows["m/../up"]] == [True]
     assert [r["status"] for r in rows["n/k/z"]] == ["ok"]
     assert "lies under the key of archive 'n'" in rows["n/k/(archive)"][0]["error"]
     assert masks(out) == {"m/x.png", "m/y.png", "n/k/z.png", "l/ok.png"}

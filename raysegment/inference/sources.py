@@ -211,12 +211,6 @@ def _archive_rows(
                     members.append(member_key)
                     if member_key in done:
                         continue
-                    if not member.isfile():
-                        # A streamed archive cannot go back to a link's target: an error row, not silence.
-                        name = storage.utf8_name(member.name)[0]
-                        link = f"a link to {storage.utf8_name(member.linkname)[0]}"
-                        block.add(member_key, f"{uri}#{name}", b"", f"member is {link}, not followed; store the file")
-                        continue
                     _add_member(block, tar, member, key, uri, seen)
                     whole = whole and not block.collides[-1]
                 if len(block.keys) >= BATCH_ROWS:
@@ -245,7 +239,8 @@ def _add_member(
     block: _Block, tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, uri: str, seen: dict[str, str]
 ) -> None:
     """One member's row. A member whose key repeats an earlier one's (x.png and x.jpg, or one name
-    stored twice) is an error row: the archive streams, so the earlier one is already on its way."""
+    stored twice) is an error row: the archive streams, so the earlier one is already on its way. A link
+    member takes its key like a file and is an error row: a streamed archive cannot go back to its target."""
     name, utf8 = member_name(member)
     source = f"{uri}#{storage.utf8_name(member.name)[0]}"
     member_key = f"{key}/{strip_ext(name)}"
@@ -257,6 +252,10 @@ def _add_member(
         block.add(member_key, source, b"", f"unsafe member name: {problem}")
     elif folded in seen:
         block.add(member_key, source, b"", collisions.repeated(member.name, seen[folded], member_key), True)
+    elif not member.isfile():
+        seen[folded] = member.name
+        link = f"a link to {storage.utf8_name(member.linkname)[0]}"
+        block.add(member_key, source, b"", f"member is {link}, not followed; store the file")
     else:
         seen[folded] = member.name
         extracted = tar.extractfile(member)
