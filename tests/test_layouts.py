@@ -16,6 +16,7 @@ from raysegment.data import classes, imaging
 from raysegment.data.examples import Augmentation, decode_for_training, fit_example, photometric
 from raysegment.data.info import format_manifest
 from raysegment.data.layouts import assign_splits, pairs_layout, read_val_keys
+from raysegment.data.pairlist import list_layout
 from raysegment.data.prepare import prepare
 from raysegment.errors import ConfigError, DataError
 from raysegment.models.card import ModelCard
@@ -172,6 +173,22 @@ def test_pairs_match_nested_folders_extensions_and_spaces(tmp_path):
     assert by_key["top"].image_bytes == os.path.getsize(f"{root}/my images/top.tif")
     with pytest.raises(DataError, match="folder not found.*--images-dir"):
         pairs_layout(storage.resolve(root), "images", "my masks")
+
+
+def test_keys_match_val_keys_and_a_mask_suffix_in_either_unicode_form(tmp_path):
+    """A list file's key (and a VOC key) kept the Unicode form of its file name, and --val-keys typed in the
+    other form was 'not in the source'; a --mask-suffix typed in one form missed masks named in the other."""
+    nfc, nfd = unicodedata.normalize("NFC", "crème"), unicodedata.normalize("NFD", "crème")
+    for key in (nfd, "b"):
+        save(rgb(4, 4), f"{tmp_path}/imgs/{key}.png")
+        save(np.zeros((4, 4), np.uint8), f"{tmp_path}/msks/{key}.png")
+    (tmp_path / "pairs.csv").write_text(f"image,mask\nimgs/{nfd}.png,msks/{nfd}.png\nimgs/b.png,msks/b.png\n")
+    pairs, _ = assign_splits(list_layout(storage.resolve(str(tmp_path / "pairs.csv"))), "list", [nfc], None, 0)
+    assert sorted(p.split for p in pairs) == ["train", "val"] and next(p for p in pairs if p.key != "b").split == "val"
+    save(rgb(4, 4), f"{tmp_path}/p/images/a.png")
+    save(np.zeros((4, 4), np.uint8), f"{tmp_path}/p/masks/a_{nfc}.png")
+    listing = pairs_layout(storage.resolve(str(tmp_path / "p")), mask_suffix=f"_{nfd}")
+    assert [(p.key, p.problem) for p in listing.pairs] == [("a", None)]
 
 
 def test_val_keys_list_file_and_unknown_keys(tmp_path):

@@ -57,19 +57,20 @@ class Listing:
 def _files_by_key(loc: storage.Location, suffix: str = "") -> dict[str, list[tuple[str, int]]]:
     """Relative path without extension (and without `suffix`) -> [(path, size)] for image files below loc."""
     found = loc.call(lambda: loc.fs.find(loc.path, detail=True))
+    suffix = unicodedata.normalize("NFC", suffix)
     out: dict[str, list[tuple[str, int]]] = defaultdict(list)
     root = loc.path.rstrip("/") + "/"
     for path, info in found.items():
         rel = path[len(root) :] if path.startswith(root) else path
         if any(part.startswith(".") for part in rel.split("/")):
             continue  # hidden files: .DS_Store, macOS ._resource forks, editor droppings
-        stem, ext = posixpath.splitext(rel)
+        # NFC: macOS writes names decomposed (NFD), so an image and its mask named alike by two tools
+        # may differ only in Unicode form, and must still pair (and a typed suffix must still match).
+        stem, ext = posixpath.splitext(unicodedata.normalize("NFC", rel))
         if ext.lower() not in IMAGE_EXTENSIONS or not stem.endswith(suffix):
             continue
         key = stem[: len(stem) - len(suffix)] if suffix else stem
-        # NFC: macOS writes names decomposed (NFD), so an image and its mask named alike by two tools
-        # may differ only in Unicode form, and must still pair.
-        out[unicodedata.normalize("NFC", key)].append((path, int(info.get("size") or 0)))
+        out[key].append((path, int(info.get("size") or 0)))
     return out
 
 
@@ -353,14 +354,17 @@ def assign_splits(
             )
         return listing.pairs, listing.split_source
     if val_keys is not None:
-        wanted = {unicodedata.normalize("NFC", k) for k in val_keys}  # as the keys are (`_files_by_key`)
-        missing = sorted(wanted - {p.key for p in listing.pairs})
+        # Compared in NFC on both sides: a key typed on one system names a file written by another.
+        wanted = {unicodedata.normalize("NFC", k) for k in val_keys}
+        missing = sorted(wanted - {unicodedata.normalize("NFC", p.key) for p in listing.pairs})
         if missing:
             shown = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
             raise ConfigError(
                 f"--val-keys names {len(missing)} keys not in the source: {shown}; keys are paths without extension"
             )
-        pairs = [replace(p, split="val" if p.key in wanted else "train") for p in listing.pairs]
+        pairs = [
+            replace(p, split="val" if unicodedata.normalize("NFC", p.key) in wanted else "train") for p in listing.pairs
+        ]
         return pairs, f"--val-keys ({len(wanted)} keys)"
     fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     pairs = [replace(p, split=assign_split(p.key, fraction, seed)) for p in listing.pairs]
