@@ -389,9 +389,9 @@ def _own_proxy_port() -> int | None:
 
     try:
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
+        return int(ray.get(controller.get_http_config.remote(), timeout=30).port)
+    except (ValueError, ray.exceptions.RayError):  # none, or a controller dying or not answering: not ours to join
         return None
-    return int(ray.get(controller.get_http_config.remote(), timeout=30).port)
 
 
 def deploy(spec: ServeSpec) -> Served:

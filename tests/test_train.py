@@ -160,3 +160,31 @@ def test_checkpoints_of_another_data_set_or_network_are_not_resumed(tiny_model, 
     with pytest.raises(ConfigError, match="holds a training run on another network"):
         train(TrainSpec(data=data, out=str(out), **{**spec, "base_filters": 8}))
     assert sorted(os.listdir(out)) == before and (out / "_SUCCESS").exists()
+
+
+def test_a_checkpoint_of_another_network_is_one_line_naming_the_run(tmp_path):
+    """restore's refusal quoted each checkpoint's loader error as is: Keras' text for a weights file of
+    another shape spans lines, and the console's one line became several."""
+    import keras
+    import ray.train
+
+    from raysegment.errors import ConfigError
+    from raysegment.train.checkpoint import TrainState, restore, save_checkpoint
+
+    def network(width: int) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(width), keras.layers.Dense(2)])
+        optimizer = keras.optimizers.Adam()
+        optimizer.build(model.trainable_variables)
+        return model, optimizer
+
+    run = tmp_path / "out" / "train"
+    for epoch in (0, 1):
+        folder = run / f"checkpoint_00000{epoch}"
+        folder.mkdir(parents=True)
+        save_checkpoint(str(folder), *network(3), TrainState(epoch=epoch))
+    latest = ray.train.Checkpoint.from_directory(str(run / "checkpoint_000001"))
+    with pytest.raises(ConfigError) as refused:
+        restore(latest, *network(5))
+    text = str(refused.value)
+    assert "\n" not in text and f"no checkpoint in {tmp_path / 'out'} loads" in text and "--no-resume" in text
+    assert text.count("checkpoint_00000") == 2  # each tried, newest first

@@ -152,14 +152,20 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
             with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
                 state = load_checkpoint(d, model, optimizer)
         except Exception as exc:  # h5py, zipfile and json each raise their own kind
-            problems.append(f"{path}: {type(exc).__name__}: {str(exc)[:200]}")
+            # One line each (h5py's text spans several), under the URI the user gave (s3:// included).
+            problems.append(f"{_uri(fs, path)}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
             continue
         # The workers' output stays in Ray's logs; the driver reports `resumes` from the final state.
         resume = {"from_epoch": state.epoch, "checkpoint": path, "skipped": problems}
         return dataclasses.replace(state, resumes=[*state.resumes, resume])
     # A user error (one line, exit 2): the checkpoints are damaged or of another network, and the fix is the user's.
     raise ConfigError(
-        f"no checkpoint in {os.path.dirname(parent.rstrip('/')) or parent} loads into this run's network "
+        f"no checkpoint in {_uri(fs, os.path.dirname(parent.rstrip('/')) or parent)} loads into this run's network "
         f"(damaged, or trained with other options); pass --no-resume to start over, or choose another OUT: "
         + "; ".join(problems)[:600]
     )
+
+
+def _uri(fs: Any, path: str) -> str:
+    """A checkpoint path as the user wrote its store: Ray Train's S3 paths are bucket/prefix."""
+    return f"s3://{path}" if getattr(fs, "type_name", "") == "s3" else path
