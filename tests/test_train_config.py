@@ -174,3 +174,33 @@ def test_plan_refuses_the_compute_and_budgets_train_refuses(tmp_path, flags, nam
     result = CliRunner().invoke(main, ["plan", str(tmp_path), *flags, "--out", str(out)])
     assert result.exit_code == 2 and named in result.output, result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_path(tmp_path):
+    """The run record named the encoder's weights file by its path (the same file moved blocked a resume),
+    and it was written before the first checkpoint (a run stopped before one blocked the next run)."""
+    from raysegment import storage
+    from raysegment.errors import ConfigError
+    from raysegment.models.pretrained import ShippedWeights
+    from raysegment.train.trainer import RUN_IDENTITY, check_resumable, run_identity
+
+    def identity(path: str, sha: str) -> dict:
+        cfg = config(encoder="resnet50", encoder_weights=path)
+        shipped = ShippedWeights("w.weights.h5", sha, None, path)
+        return run_identity(
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shipped_weights=shipped)), "h"
+        )
+
+    (tmp_path / "a.weights.h5").write_bytes(b"")
+    (tmp_path / "b.weights.h5").write_bytes(b"")
+    first = identity(str(tmp_path / "a.weights.h5"), "1" * 64)
+    assert first == identity(str(tmp_path / "b.weights.h5"), "1" * 64)
+    other = identity(str(tmp_path / "a.weights.h5"), "2" * 64)
+    assert other != first
+    run = storage.resolve(str(tmp_path / "out" / "train"))
+    storage.write_json(run.child(RUN_IDENTITY), first)
+    check_resumable(run, other, "out")  # no checkpoint yet: nothing to resume, nothing refused
+    (tmp_path / "out" / "train" / "checkpoint_000000").mkdir()
+    check_resumable(run, first, "out")
+    with pytest.raises(ConfigError, match="holds a training run on another network"):
+        check_resumable(run, other, "out")

@@ -231,6 +231,9 @@ RUN_IDENTITY = "raysegment-run.json"  # beside Ray Train's checkpoints: what the
 def run_identity(cfg: TrainConfig, data_hash: str) -> dict[str, Any]:
     """What a checkpoint must share with this run to be resumed by it: the data set and the network."""
     network = dataclasses.asdict(dataclasses.replace(cfg.model, shipped_weights=None))
+    shipped = cfg.model.shipped_weights
+    if shipped is not None and cfg.model.encoder_weights != "imagenet":
+        network["encoder_weights"] = f"sha256:{shipped.sha256}"  # a weights file by content: moved, still it
     identity = {
         "data set": data_hash,
         "network": network,
@@ -245,9 +248,10 @@ def check_resumable(run_dir: storage.Location, identity: dict[str, Any], out_uri
 
     Ray Train resumes whatever checkpoint the run folder holds: another data set's was taken up at
     its last epoch and written out as a model of this one, and another network's failed to load with
-    a traceback. Run folders from before this record are resumed as they were."""
+    a traceback. Run folders from before this record are resumed as they were, and a record without a
+    checkpoint beside it (a run stopped before its first) refuses nothing: there is nothing to resume."""
     loc = run_dir.child(RUN_IDENTITY)
-    if storage.exists(loc):
+    if storage.exists(loc) and run_dir.call(lambda: run_dir.fs.glob(f"{run_dir.path}/checkpoint_*")):
         try:
             held = storage.read_json(loc)
         except StorageError:
