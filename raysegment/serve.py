@@ -84,7 +84,8 @@ def _error(status: int, message: str):
 
 def answer_format(accept: str) -> str:
     """json when the Accept header prefers application/json over a PNG, else png: by q-value, then by the
-    more specific range (`application/json, */*` asks for JSON, `image/png;q=1, application/json;q=0.5` not)."""
+    more specific range (`application/json, */*` asks for JSON, `image/png;q=1, application/json;q=0.5` not),
+    and JSON on a full tie."""
     best = {"json": (0.0, 0), "png": (0.0, 0)}
     for item in accept.split(","):
         media, *params = (part.strip().lower() for part in item.split(";"))
@@ -102,7 +103,8 @@ def answer_format(accept: str) -> str:
             best["json"] = max(best["json"], (q, 2))
         elif media in ("image/png", "image/*", "*/*"):
             best["png"] = max(best["png"], (q, 2 if media == "image/png" else 1 if media == "image/*" else 0))
-    return "json" if best["json"] > best["png"] else "png"
+    # A full tie (`application/json, image/png`) answers JSON, as a header naming JSON always did.
+    return "json" if best["json"][0] > 0 and best["json"] >= best["png"] else "png"
 
 
 def _accepted_type(content_type: str) -> bool:
@@ -127,11 +129,18 @@ def _header_problem(body: bytes, max_pixels: int) -> tuple[int, str] | None:
 SCRATCH_PREFIX = "raysegment-serve-"
 
 
+def scratch_prefix() -> str:
+    """A replica's scratch folder name up to mkdtemp's random part: its PID on this host. Containers that
+    share /tmp each have their own PIDs, so a folder is judged only by a process of its own host."""
+    return f"{SCRATCH_PREFIX}{os.getpid()}@{socket.gethostname()}@"
+
+
 def sweep_scratch(root: str) -> None:
-    """Remove the scratch folders of replicas whose process is gone: Serve kills a replica's process,
-    so its own clean-up (`__del__`) rarely runs."""
-    for path in glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}*-*")):
-        pid = os.path.basename(path)[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+    """Remove the scratch folders of this host's replicas whose process is gone: Serve kills a replica's
+    process, so its own clean-up (`__del__`) rarely runs."""
+    host = socket.gethostname()
+    for path in glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}*@{glob.escape(host)}@*")):
+        pid = os.path.basename(path)[len(SCRATCH_PREFIX) :].split("@", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -152,7 +161,7 @@ class Segmenter:
         self.load_error: str | None = None
         self.ready = threading.Event()
         sweep_scratch(tempfile.gettempdir())
-        self.scratch = storage.resolve(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+        self.scratch = storage.resolve(tempfile.mkdtemp(prefix=scratch_prefix()))
         self.segment_batch.set_max_batch_size(config.max_batch_size)
         self.segment_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         threading.Thread(target=self._load, name="load-model", daemon=True).start()

@@ -147,3 +147,9 @@ def test_eight_bit_images_among_sixteen_bit_ones_are_warned_of():
     only_eight = ShardFingerprint()
     only_eight.add("e", image, mask)
     assert merge([only_eight], num_classes=2, class_pixel_share=[0.9, 0.1]).mixed_depth is None
+    # A model of the mixed data set at 16-bit units records that it saw 8-bit images: infer takes them.
+    from raysegment.data.prepare import input_channels
+
+    manifest = {"fingerprint": fp.to_json(), "channels": 1}
+    assert input_channels(manifest, "zscore_clipped")["eight_bit_seen"] is True
+    assert input_channels(manifest, "scale_0_1")["eight_bit_seen"] is False  # all at 8 bits: nothing to take

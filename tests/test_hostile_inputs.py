@@ -355,6 +355,10 @@ def test_a_parquet_uri_lists_rows_without_a_uri_are_error_rows(tmp_path):
     assert block.keys == ["a", "c", "d", "e"]  # rows without a key keep the text list's rule: blank, comment
     assert block.errors == ["", "row 1 of the list has no uri", "row 2 of the list has no uri", ""]
     assert block.paths[3].endswith("/#b.png")
+    # An integer key column: 0 is a key like any other (it was taken for 'no key').
+    pq.write_table(pa.table({"uri": ["a.png", None, "b.png"], "key": [0, 0, 1]}), listing)
+    (block,) = list(urilist._blocks(storage.resolve(str(listing))))
+    assert block.keys == ["0", "0", "1"] and block.errors[1] == "row 1 of the list has no uri"
 
 
 def test_a_parquet_table_with_the_wrong_columns_is_named_before_the_run(ray_cluster, tmp_path):

@@ -162,6 +162,10 @@ def test_sixteen_bit_data_gets_z_scores_from_its_fingerprint_in_training_and_inf
     batch = {"key": np.array(["deep", "eight"], object), "bytes": np.array([files[0], eight], object)}
     errors = preprocess(batch, card, imaging.MAX_PIXELS)["error"].tolist()
     assert errors == ["", imaging.EIGHT_BIT_FOR_DEEP_MODEL]
+    # A model trained on a data set that mixed 8-bit images in knows them: they are taken.
+    mixed = card.model_copy(update={"input": norm.model_copy(update={"eight_bit_seen": True})})
+    batch = {"key": np.array(["deep", "eight"], object), "bytes": np.array([files[0], eight], object)}
+    assert preprocess(batch, mixed, imaging.MAX_PIXELS)["error"].tolist() == ["", ""]
 
 
 def test_a_card_round_trips_its_normalisation():

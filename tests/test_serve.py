@@ -239,21 +239,25 @@ def test_accept_header_q_values_choose_the_answer():
         "application/json;q=0.9, image/png;q=0.5": "json",
         "text/html,application/xhtml+xml,*/*;q=0.8": "png",
         "application/json;q=oops": "png",
+        "image/png, application/json": "json",  # a full tie: JSON, as any header naming it answered before q-values
     }
     assert {accept: answer_format(accept) for accept in cases} == cases
 
 
 def test_scratch_of_a_gone_replica_is_swept_and_an_ipv6_host_is_bracketed(tmp_path):
-    from raysegment.serve import SCRATCH_PREFIX, sweep_scratch, url_of
+    from raysegment.serve import SCRATCH_PREFIX, scratch_prefix, sweep_scratch, url_of
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}-abc"
-    live = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def"
-    other = tmp_path / f"{SCRATCH_PREFIX}notapid-x"
-    for folder in (dead, live, other):
+    host = socket.gethostname()
+    dead = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}@{host}@abc"
+    live = tmp_path / f"{scratch_prefix()}def"
+    other = tmp_path / f"{SCRATCH_PREFIX}notapid@{host}@x"
+    # Another container sharing /tmp: its PIDs are not this host's, so its folders are never judged here.
+    elsewhere = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}@{host}-other@abc"
+    for folder in (dead, live, other, elsewhere):
         (folder / "masks").mkdir(parents=True)
     sweep_scratch(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, elsewhere.name])
     assert url_of(ServeSpec(model="m", host="::1", port=8000)) == "http://[::1]:8000"
     assert url_of(ServeSpec(model="m", host="0.0.0.0", port=8000)) == "http://127.0.0.1:8000"

@@ -562,13 +562,13 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
 def input_channels(manifest: dict[str, Any], normalization: str = "scale_0_1") -> dict[str, Any]:
     """The model card's `input.channels`, `input.bands` and `input.pixel_type` for a data set (RGB and uint8
     for manifests before #19): float32 pixels for 16-bit and float data sets under a z-score computed on them."""
-    fingerprint = manifest.get("fingerprint")
-    deep = bool(fingerprint) and Fingerprint.from_json(fingerprint).high_depth
-    native = deep and normalization in ("zscore", "zscore_clipped")
+    fingerprint = Fingerprint.from_json(manifest["fingerprint"]) if manifest.get("fingerprint") else None
+    native = fingerprint is not None and fingerprint.high_depth and normalization in ("zscore", "zscore_clipped")
     return {
         "channels": manifest.get("channels") or 3,
         "bands": manifest.get("bands"),
         "pixel_type": "float32" if native else "uint8",
+        "eight_bit_seen": bool(native and fingerprint is not None and fingerprint.mixed_depth),
     }
 
 

@@ -45,9 +45,9 @@ def preprocess(
         except imaging.ImageDecodeError as exc:
             errors[i] = str(exc)
             continue
-        if native and img.dtype == np.uint8 and not warm_up:  # serve's warm-up image is 8-bit zeros
-            # The normalisation was fitted to 16-bit or float values: 0..255 would all clip to its low end,
-            # and every 8-bit image would get the same mask, marked ok.
+        if native and img.dtype == np.uint8 and not warm_up and not card.input.eight_bit_seen:
+            # The normalisation was fitted to 16-bit or float values only: 0..255 would all clip to its low end,
+            # and every 8-bit image would get the same mask, marked ok. (Serve's warm-up image is 8-bit zeros.)
             errors[i] = imaging.EIGHT_BIT_FOR_DEEP_MODEL
             continue
         img = img.astype(dtype, copy=False)

@@ -307,6 +307,12 @@ def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str
     return {folded: collisions.message(names, folded, fix) for folded, names in found.items()}
 
 
+def _is_bytes(kind: pa.DataType) -> bool:
+    """A column of encoded image bytes, in any of Arrow's binary layouts."""
+    t = pa.types
+    return t.is_binary(kind) or t.is_large_binary(kind) or t.is_binary_view(kind) or t.is_fixed_size_binary(kind)
+
+
 def read_parquet_table(root: storage.Location, image_column: str, key_column: str | None) -> ray.data.Dataset:
     """Rows of Parquet image tables; keys from key_column, else file/row-number."""
     ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs(), include_paths=key_column is None)
@@ -319,7 +325,7 @@ def read_parquet_table(root: storage.Location, image_column: str, key_column: st
             f"{root.uri}: Parquet columns are {names}; set --image-column / --key-column to existing columns"
         )
     kind = types[image_column]
-    if isinstance(kind, pa.DataType) and not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+    if isinstance(kind, pa.DataType) and not _is_bytes(kind):
         raise DataError(
             f"{root.uri}: column {image_column!r} holds {kind}, not the images' encoded bytes (binary); "
             f"set --image-column to the column of PNG/JPEG/TIFF bytes (columns: {names})"

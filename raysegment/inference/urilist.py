@@ -61,7 +61,8 @@ def _block(
     block = Block()
     for i, raw in enumerate(uris):
         uri = (raw or "").strip()
-        keyed = first_row is not None and keys is not None and bool(keys[i])
+        # A key is a value that is not null or empty text: an integer key 0 is a key.
+        keyed = first_row is not None and keys is not None and keys[i] is not None and str(keys[i]) != ""
         if keyed and not uri:
             block.keys.append(str(keys[i]))
             block.paths.append("")
@@ -69,7 +70,7 @@ def _block(
             continue
         if uri and (keyed or not uri.startswith("#")):
             uri = storage.beside(uri, folder)
-            block.keys.append(str(keys[i] or "") if keys is not None else _uri_key(uri))
+            block.keys.append(("" if keys[i] is None else str(keys[i])) if keys is not None else _uri_key(uri))
             block.paths.append(uri)
             block.errors.append(str(errors[i] or "") if errors is not None else "")
     return block

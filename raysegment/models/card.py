@@ -92,6 +92,9 @@ class InputSpec(_Part):
     # maximum, as before #19), or float32: 16-bit and float data sets at their own values (float32 holds 16-bit
     # values exactly), for a z-score computed on them.
     pixel_type: Literal["uint8", "float32"] = "uint8"
+    # float32 only: the training images held 8-bit ones among the deeper ones, so an 8-bit input is one it
+    # knows (the predictor refuses 8-bit images to a model that never saw any).
+    eight_bit_seen: bool = False
     # What the predictor does to pixels (NORMALIZATIONS, or a z-score from `stats`); cards written before
     # z-scores have scale_0_1 (uint8 RGB scaled to [0, 1]).
     normalization: Normalization = "scale_0_1"
