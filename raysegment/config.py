@@ -434,6 +434,9 @@ class InferSpec(InferOptions):
     model: str
     input: str
     output: str
+    fail_if_none_ok: bool = Field(
+        True, description="fail when OUTPUT holds rows but not one segmented image (nightly reports such a night)"
+    )
 
 
 class NightlySpec(InferOptions):

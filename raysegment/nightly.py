@@ -59,7 +59,15 @@ def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Datas
 def night_infer_spec(spec: NightlySpec, list_uri: str, partition_uri: str) -> InferSpec:
     """The night's `infer` run: every inference option of the nightly spec, on the list of new and changed images."""
     return InferSpec.model_validate(
-        {**spec.infer_options(), "model": spec.model, "input": list_uri, "output": partition_uri, "source": "list"}
+        {
+            **spec.infer_options(),
+            "model": spec.model,
+            "input": list_uri,
+            "output": partition_uri,
+            "source": "list",
+            # A night of only bad images is reported (ok 0): failing it would hold them as new every night.
+            "fail_if_none_ok": False,
+        }
     )
 
 

@@ -374,3 +374,22 @@ def test_a_parquet_table_with_the_wrong_columns_is_named_before_the_run(ray_clus
     with pytest.raises(DataError, match="column 'name' holds string, not the images' encoded bytes"):
         read_parquet_table(root, "name", None)
     assert read_parquet_table(root, "img", None).count() == 1
+
+
+def test_a_run_where_no_input_could_be_segmented_fails(tiny_model, tmp_path):
+    """Every input an error row (files that are no images, the wrong model for them) passed as a complete
+    output with exit 0 under the default --max-error-fraction 1.0. It now fails, and so does every re-run,
+    until an input is segmented; one good input among bad ones passes as before."""
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (inp / name).write_bytes(b"not an image at all")
+    spec = InferSpec(model=model, input=str(inp), output=str(out), report=False)
+    for _ in range(2):  # the re-run reads nothing new and fails on what OUTPUT holds
+        with pytest.raises(JobError, match="none of the 2 inputs in OUTPUT could be segmented"):
+            infer(spec)
+        assert not (out / "_SUCCESS").exists()
+    (inp / "c.png").write_bytes(png(3))
+    assert infer(spec)["counts"] == {"total": 3, "skipped": 2, "processed": 1, "ok": 1, "error": 0}
+    assert (out / "_SUCCESS").exists()

@@ -198,3 +198,27 @@ def test_a_split_without_val_pairs_is_warned_of_at_prepare(ray_cluster, tmp_path
         manifest = prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), val_fraction=0.01))
     assert manifest["counts"].get("val", 0) == 0
     assert "no pair is in the val split" in caplog.text and "--val-keys" in caplog.text
+
+
+def test_a_class_only_in_val_is_warned_of_at_prepare_and_by_data_info(ray_cluster, tmp_path, caplog):
+    """A class whose images all fell into val could never be learnt, and nothing said so: prepare and
+    data-info now name it (and a class missing from val, which val mIoU cannot score)."""
+    import logging
+
+    from raysegment.data.info import format_manifest
+
+    for i in range(4):
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:4] = 1 if i < 3 else 2  # class 2 only in v3, which --val-keys puts in val with v0's class 1
+        for folder, array in (("images", np.full((8, 8, 3), 40 * i, np.uint8)), ("masks", mask)):
+            os.makedirs(tmp_path / "src" / folder, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / "src" / folder / f"v{i}.png")
+    (tmp_path / "val.txt").write_text("v0\nv3\n")
+    spec = PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_keys=str(tmp_path / "val.txt"))
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        manifest = prepare(spec)
+    assert manifest["class_pixels"] == {"train": [64, 64, 0], "val": [64, 32, 32]}
+    assert "class class_2 has pixels in val but none in train" in caplog.text
+    assert "warning: class class_2 has pixels in val but none in train" in format_manifest("d", manifest)
+    balanced = {"train": [64, 64, 9], "val": [64, 32, 0]}
+    assert format_manifest("d", {**manifest, "class_pixels": balanced}).count("warning: ") == 1  # not in val

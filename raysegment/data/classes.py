@@ -13,6 +13,24 @@ def distinct_names(names: list[str]) -> bool:
     return len(set(names)) == len(names) and all(n.strip() for n in names)
 
 
+def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None) -> list[str]:
+    """Classes the split leaves unlearnable (pixels in val only) or unscored (none in val)."""
+    if not class_pixels or "train" not in class_pixels or "val" not in class_pixels:
+        return []  # a data set prepared before per-split counts were kept
+    train, val = class_pixels["train"], class_pixels["val"]
+    only_val = [n for n, t, v in zip(names, train, val) if v and not t]
+    not_val = [n for n, t, v in zip(names, train, val) if t and not v]
+    out = []
+    if only_val:
+        out.append(
+            f"class {', '.join(only_val)} has pixels in val but none in train: the model cannot learn it; "
+            "put some of its images in train (--val-keys, --val-fraction or --seed) and prepare again"
+        )
+    if not_val:
+        out.append(f"class {', '.join(not_val)} has no pixels in val: val mIoU does not score it")
+    return out
+
+
 VOC_CLASSES = [
     "background",
     "aeroplane",

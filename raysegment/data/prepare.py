@@ -331,15 +331,16 @@ def _run_shard_tasks(
     invalid: list[dict[str, str]],
     fingerprints: list[ShardFingerprint],
     channels: imaging.Channels = imaging.OWN,
-) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Run the shard tasks, at most a few per CPU in flight; returns shard entries and the class histogram.
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Run the shard tasks, at most a few per CPU in flight; returns shard entries and each split's class
+    histogram.
 
     Invalid pairs and each task's fingerprint part are appended to the lists passed in."""
     max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     counters: dict[str, int] = {}
     pending: list[ray.ObjectRef] = []
     shards: list[dict[str, Any]] = []
-    hist = np.zeros(256, np.int64)
+    hists = {split: np.zeros(256, np.int64) for split in SPLITS}
     done_pairs, last_log = 0, time.time()
     shown = progress.stage("prepare", sum(len(group) for _, group in plan), unit="pairs")
 
@@ -348,7 +349,7 @@ def _run_shard_tasks(
         for result in ray.get(refs):
             found = result.pop("invalid")
             invalid.extend(found)
-            hist[:] += np.asarray(result.pop("hist"), np.int64)
+            hists[result["split"]] += np.asarray(result.pop("hist"), np.int64)
             fingerprints.append(result.pop("fingerprint"))
             done_pairs += result["rows"]
             shown.update(result["rows"] + len(found), invalid=len(invalid))
@@ -389,7 +390,7 @@ def _run_shard_tasks(
             ray.cancel(ref)
         storage.remove_tree(dest.child("shards"))
         raise
-    return sorted(shards, key=lambda s: s["path"]), hist
+    return sorted(shards, key=lambda s: s["path"]), hists
 
 
 def _mask_encoding(spec: PrepareSpec, source: storage.Location, listing: Listing) -> tuple[Listing, masks.MaskEncoding]:
@@ -532,9 +533,10 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
     fingerprints: list[ShardFingerprint] = []
     picked = imaging.Channels(tuple(spec.bands), None) if spec.bands else imaging.OWN
-    shards, hist = _run_shard_tasks(
+    shards, hists = _run_shard_tasks(
         source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked
     )
+    hist = sum(hists.values())
     invalid.sort(key=lambda i: i["key"])
     try:
         if invalid and not spec.skip_invalid:
@@ -548,6 +550,10 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         raise
     manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names, encoding)
     manifest.update(bands=spec.bands, channels=channels)
+    manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
+    for warning in classes.split_warnings(names, manifest["class_pixels"]):
+        log.warning("prepare: %s", warning)
+        progress.note(f"prepare: warning: {warning}")
     fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
     if fingerprint.mixed_depth:
         log.warning("prepare: %s", fingerprint.mixed_depth)

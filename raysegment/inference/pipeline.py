@@ -235,6 +235,14 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
             f"INPUT {storage.redact(spec.input)} held no images ({kind} source): nothing was inferred; check INPUT, "
             "--source and --extensions"
         )
+    elif not done.ok and spec.fail_if_none_ok:
+        # Every row an error (the wrong model for these images, a source of something else): no output
+        # to mistake for a result, whatever --max-error-fraction allows; every re-run fails the same way.
+        problems.append(
+            f"none of the {done.keys} inputs in OUTPUT could be segmented: every summary row is an error "
+            "(their `error` column, or `raysegment report`, says why); fix the inputs or the model, then re-run "
+            "with --overwrite"
+        )
     if counts.processed and counts.error / counts.processed > spec.max_error_fraction:
         problems.append(
             f"{counts.error} of {counts.processed} images failed, over --max-error-fraction {spec.max_error_fraction}"

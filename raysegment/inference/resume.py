@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import ray
 
 from raysegment import storage
@@ -66,6 +67,7 @@ def bucket_bounds(b: int, buckets: int) -> tuple[bytes, bytes | None]:
 @dataclass(frozen=True)
 class GroupFigures:
     rows: int
+    ok: int  # rows with status ok (an output whose rows are all errors segmented nothing)
     models: frozenset[str]
     changed: bool  # a file went away while read (compaction): the index must be built again
 
@@ -76,7 +78,7 @@ def _read_group(output: storage.Location, paths: list[str]) -> tuple[GroupFigure
 
     def read(path: str) -> Any:
         try:
-            return layout.read_summary(output, path, ["key", "model_sha256"])
+            return layout.read_summary(output, path, ["key", "model_sha256", "status"])
         except layout.SummariesChanged:
             return None
 
@@ -84,12 +86,13 @@ def _read_group(output: storage.Location, paths: list[str]) -> tuple[GroupFigure
         tables = list(pool.map(read, paths))
     if any(t is None for t in tables):
         empty = np.zeros(0, DIGEST)
-        return GroupFigures(0, frozenset(), True), empty, empty
+        return GroupFigures(0, 0, frozenset(), True), empty, empty
     keys = [k for t in tables for k in t.column("key").to_pylist()]
     models = frozenset(m for t in tables for m in t.column("model_sha256").unique().to_pylist() if m)
     exact = np.unique(digests(keys))
     folded = np.unique(digests(collisions.fold(k) for k in keys))
-    return GroupFigures(len(keys), models, False), exact, folded
+    ok = sum(pc.sum(pc.equal(t.column("status"), "ok")).as_py() or 0 for t in tables)
+    return GroupFigures(len(keys), ok, models, False), exact, folded
 
 
 def span(values: np.ndarray, lo: bytes, hi: bytes | None) -> tuple[int, int]:
@@ -125,6 +128,7 @@ class DoneIndex:
     keys: int = 0
     folded: int = 0
     rows: int = 0
+    ok: int = 0
     models: frozenset[str] = frozenset()
     files: int = 0
 
@@ -165,6 +169,7 @@ def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | N
         keys=sum(c[0] for c in counts),
         folded=sum(c[1] for c in counts),
         rows=rows,
+        ok=sum(f.ok for f in figures),
         models=frozenset().union(*(f.models for f in figures)),
         files=len(paths),
     )
