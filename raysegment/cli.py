@@ -329,6 +329,9 @@ def compact(config: str | None, as_json: bool, **flags: Any) -> None:
 @click.argument("input", required=False)
 @click.argument("output", required=False)
 @infer_options
+@click.option(
+    "--retry-errors", is_flag=True, default=None, help="resume, and redo the keys whose rows are errors (not ok ones)"
+)
 @endpoint_option
 @config_option
 @json_option

@@ -437,6 +437,15 @@ class InferSpec(InferOptions):
     fail_if_none_ok: bool = Field(
         True, description="fail when OUTPUT holds rows but not one segmented image (nightly reports such a night)"
     )
+    retry_errors: bool = Field(
+        False, description="resume, and redo the keys whose rows are errors (their error rows are dropped first)"
+    )
+
+    @model_validator(mode="after")
+    def _retry_or_overwrite(self) -> InferSpec:
+        if self.retry_errors and self.overwrite:
+            raise ValueError("--retry-errors redoes the error rows, --overwrite every row: give one of them")
+        return self
 
 
 class NightlySpec(InferOptions):

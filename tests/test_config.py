@@ -87,8 +87,9 @@ def test_infer_and_nightly_share_every_inference_option():
     from raysegment.cli import main
 
     options = set(InferOptions.model_fields)
-    # fail_if_none_ok is infer's own: nightly sets it for its runs (a night of bad images is reported).
-    assert set(InferSpec.model_fields) == options | {"model", "input", "output", "fail_if_none_ok"}
+    # infer's own: nightly sets fail_if_none_ok for its runs (a night of bad images is reported), and its
+    # ledger, not the summaries, says what is done, so --retry-errors is not nightly's.
+    assert set(InferSpec.model_fields) == options | {"model", "input", "output", "fail_if_none_ok", "retry_errors"}
     assert options < set(NightlySpec.model_fields)
     for command in ("infer", "nightly"):  # and both commands take them as flags
         flags = {p.name for p in main.commands[command].params}

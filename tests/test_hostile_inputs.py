@@ -393,3 +393,33 @@ def test_a_run_where_no_input_could_be_segmented_fails(tiny_model, tmp_path):
     (inp / "c.png").write_bytes(png(3))
     assert infer(spec)["counts"] == {"total": 3, "skipped": 2, "processed": 1, "ok": 1, "error": 0}
     assert (out / "_SUCCESS").exists()
+
+
+def test_retry_errors_redoes_only_the_error_rows(tiny_model, tmp_path):
+    """Error rows were never retried: a fixed image kept its error row on every resume, and only
+    --overwrite (redoing every image) cleared it. --retry-errors drops the error rows first (a file with ok
+    rows too is replaced, as compaction replaces files; one of errors alone is deleted), then resumes."""
+    from raysegment.inference.output import summary_files
+
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.png").write_bytes(b"damaged")
+    (inp / "b.png").write_bytes(png(1))
+    spec = InferSpec(model=model, input=str(inp), output=str(out), report=False)
+    infer(spec)  # a summary file of one ok row and one error row
+    (inp / "d.png").write_bytes(b"damaged too")
+    infer(spec)  # a summary file of one error row
+    for name in ("a.png", "d.png"):
+        (inp / name).write_bytes(png(2))
+    assert infer(spec)["counts"]["processed"] == 0  # a plain resume keeps the error rows
+    ok_before = next(r for r in summaries(out) if r["key"] == "b")
+    record = infer(spec.model_copy(update={"retry_errors": True}))
+    assert record["counts"] == {"total": 3, "skipped": 1, "processed": 2, "ok": 2, "error": 0}
+    rows = rows_by_key(out)
+    assert sorted(rows) == ["a", "b", "d"] and all(len(r) == 1 and r[0]["status"] == "ok" for r in rows.values())
+    assert rows["b"][0] == ok_before  # the ok row kept as it was, not redone
+    assert masks(out) == {"a.png", "b.png", "d.png"} and (out / "_SUCCESS").exists()
+    assert len(summary_files(storage.resolve(str(out)))) == 2  # b's replacement, and this run's file
+    with pytest.raises(ValueError, match="give one of them"):
+        InferSpec(model=model, input=str(inp), output=str(out), retry_errors=True, overwrite=True)

@@ -183,7 +183,7 @@ def test_the_nights_infer_run_gets_every_inference_option():
     assert (spec.model, spec.input, spec.source) == ("m", "/out/date=2026-01-02/inputs/x.parquet", "list")
     # Every option not chosen keeps its default, as in an `infer` spec.
     plain = nightly.night_infer_spec(NightlySpec(model="m", input="/in", output="/out"), "l", "p")
-    own = {"input", "output", "source", "fail_if_none_ok"}
+    own = {"input", "output", "source", "fail_if_none_ok", "retry_errors"}
     assert plain.model_dump(exclude=own) == InferSpec(model="m", input="l", output="p").model_dump(exclude=own)
     assert not plain.fail_if_none_ok  # a night of only bad images is reported, not failed and retried nightly
 

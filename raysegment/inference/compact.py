@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -91,6 +92,54 @@ def _remove(output: storage.Location, paths: list[str]) -> None:
     for i in range(0, len(paths), 1000):  # one DeleteObjects request per 1000 keys on S3
         chunk = paths[i : i + 1000]
         loc.call(lambda chunk=chunk: loc.fs.rm([p for p in chunk if loc.fs.exists(p)]))
+
+
+@ray.remote(num_cpus=0.5)
+def _without_errors(output: storage.Location, paths: list[str], relative: list[str]) -> list[tuple[str, int]]:
+    """For each of these files that holds error rows: write its other rows as a file that replaces it (none
+    when every row is an error). (path, error rows) of each such file; the caller deletes them."""
+    found = []
+    for path, rel in zip(paths, relative):
+        status = storage.read_table(output, path, columns=["status"]).column("status")
+        errors = pc.sum(pc.equal(status, "error")).as_py() or 0
+        if not errors:
+            continue
+        if errors < len(status):
+            table = storage.read_table(output, path)
+            kept = table.filter(pc.not_equal(table.column("status"), "error"))
+            meta = dict(table.schema.metadata or {})
+            meta[layout.REPLACES_META] = json.dumps([rel]).encode()
+            buf = io.BytesIO()
+            pq.write_table(
+                kept.replace_schema_metadata(meta), buf, row_group_size=layout.ROW_GROUP_ROWS, **storage.PAGE_CHECKSUMS
+            )
+            name = f"part-{layout.batch_name(['without-errors', rel])}.parquet"  # a retried task writes the same
+            storage.write_bytes(output.child(layout.SUMMARIES, layout.COMPACTED, name), buf.getvalue())
+        found.append((path, errors))
+    return found
+
+
+def drop_error_rows(output: storage.Location) -> int:
+    """`infer --retry-errors`: take the error rows out of OUTPUT's summaries, so their keys are inputs again;
+    the error rows dropped. Each file with errors is replaced as compaction replaces files (the new file
+    first, naming the old; the old deleted after), so a reader never sees a row twice or a kept row missing."""
+    root = output.child(layout.SUMMARIES)
+    if not storage.exists(root):
+        return 0
+    live = layout.summary_files(output)
+    # Files a killed compaction left are hidden only by the files that replace them: removed before
+    # any of those is replaced in turn.
+    _remove(output, [p for p in storage.parquet_files(root) if p not in set(live)])
+    groups = [live[i : i + FILES_PER_TASK] for i in range(0, len(live), FILES_PER_TASK)]
+    found = [
+        f
+        for done in ray.get(
+            [_without_errors.remote(output, g, [layout.relative_path(output, p) for p in g]) for g in groups]
+        )
+        for f in done
+    ]
+    _remove(output, [p for p, _ in found])
+    return sum(n for _, n in found)
 
 
 def compact(spec: CompactSpec) -> dict[str, Any]:

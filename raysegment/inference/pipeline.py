@@ -22,7 +22,7 @@ import ray
 from raysegment import __version__, logs, progress, storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
-from raysegment.inference import actors, resume
+from raysegment.inference import actors, compact, resume
 from raysegment.inference import output as layout
 from raysegment.inference.archives import MemberIndex
 from raysegment.inference.overlap import check_apart, check_outside_model
@@ -83,6 +83,10 @@ def plan(spec: InferSpec) -> Run:
         )
     logs.began()
     layout.mark_incomplete(output)
+    if spec.retry_errors:
+        dropped = compact.drop_error_rows(output)
+        progress.note(f"infer: {dropped} error rows dropped from the summaries; their keys are redone")
+        done = resume.build(output) if dropped else done
     pool = actors.resolve(spec, ray.cluster_resources())
     return Run(spec, card, output, layout.new_run_id(), done, pool, started)
 
