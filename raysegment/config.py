@@ -63,7 +63,9 @@ class PrepareSpec(Spec):
         None, max_length=64, description="pairs: masks are named NAME + this suffix before the extension (a_mask.png)"
     )
     mask_values: dict[int, int] | None = Field(None, description="pairs: raw mask value -> class id, '0:0,255:1'")
-    mask_threshold: int | None = Field(None, ge=1, le=255, description="soft binary masks: value >= T -> 1, else 0")
+    mask_threshold: int | None = Field(
+        None, ge=1, le=65535, description="soft binary masks: value >= T -> 1, else 0 (16-bit masks: up to 65535)"
+    )
     mask_colors: str | list[str] | None = Field(
         None, description="colour-coded masks: 'R,G,B:ID;R,G,B:ID' or a class_dict.csv of name,r,g,b"
     )
@@ -131,8 +133,8 @@ class PrepareSpec(Spec):
         if not v:
             raise ValueError("empty mapping; write RAW:CLASS pairs, e.g. 0:0,255:1")
         for raw, cid in v.items():
-            if not 0 <= raw <= 255:
-                raise ValueError(f"raw value {raw} is not a byte (0..255); masks hold 8-bit values")
+            if not 0 <= raw <= 65535:
+                raise ValueError(f"raw value {raw} is outside 0..65535; masks hold 8- or 16-bit values")
             if not 0 <= cid <= 255:
                 raise ValueError(f"class id {cid} for raw value {raw} is outside 0..254 (255 = ignore)")
         return v

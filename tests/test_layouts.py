@@ -233,8 +233,9 @@ def test_prepare_spec_flags():
     assert spec.val_keys == ["24", "25"]
     with pytest.raises(ConfigError, match="field 'mask_values': bad entry '0-0'"):
         load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0-0"})
-    with pytest.raises(ConfigError, match="raw value 300 is not a byte"):
-        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "300:1"})
+    assert load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0:0,65535:1"}).mask_values
+    with pytest.raises(ConfigError, match="raw value 65536 is outside 0..65535"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "65536:1"})
     with pytest.raises(ConfigError, match="--val-keys or --val-fraction, not both"):
         load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "val_keys": "a", "val_fraction": 0.1})
     with pytest.raises(ConfigError, match="--mask-values only apply to --layout pairs"):

@@ -248,10 +248,31 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
     for key, want in expected.items():
         np.testing.assert_array_equal(got[key], want, err_msg=key)
 
-    # 16-bit values that are no small ids: one clear line.
+    # 16-bit values that are no small ids: one clear line, with the mapping that works.
     _save(Image.fromarray(np.full((H, W), 1000, np.uint16)), f"{src}/masks/deep0.png")
-    with pytest.raises(DataError, match="deep0: undecodable mask: I;16 mask holds values up to 1000"):
+    with pytest.raises(DataError, match=r"deep0: undecodable mask: 16-bit mask with values 1000; .*0:0,1000:1"):
         prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1")))
+
+    # Binary masks saved at 16 bits (0 and 65535, as ImageJ and some scanners write them) could not be
+    # mapped at all: --mask-values took bytes only. Both mappings now take 16-bit values.
+    binary = tmp_path / "binary"
+    want = {}
+    for i in range(3):
+        ids = _ids(i)
+        _image(binary, f"b{i}", i)
+        _save(Image.fromarray(ids.astype(np.uint16) * 65535), f"{binary}/masks/b{i}.png")
+        want[f"b{i}"] = ids
+    with pytest.raises(DataError, match=r"16-bit mask with values 0, 65535; .*--mask-values \(e.g. 0:0,65535:1\)"):
+        prepare(PrepareSpec(source=str(binary), dest=str(tmp_path / "d2")))
+    for n, flags in enumerate(({"mask_values": {0: 0, 65535: 1}}, {"mask_threshold": 32768})):
+        data = str(tmp_path / f"b{n}")
+        manifest = prepare(PrepareSpec(source=str(binary), dest=data, val_fraction=0.0, **flags))
+        assert manifest["num_classes"] == 2
+        got = _shard_masks(data, manifest)
+        for key, ids in want.items():
+            np.testing.assert_array_equal(got[key], ids, err_msg=f"{flags} {key}")
+    with pytest.raises(DataError, match=r"mask values not in --mask-values: 16-bit mask with values 0, 65535"):
+        prepare(PrepareSpec(source=str(binary), dest=str(tmp_path / "d3"), mask_values={0: 0, 255: 1}))
 
 
 def _exif(orientation: int) -> bytes:

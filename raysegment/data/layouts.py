@@ -146,7 +146,7 @@ def _suffix_hint(lone_masks: list[str], images: dict[str, Any]) -> str | None:
 def _with_value_table(listing: Listing, mask_values: dict[int, int] | None, num_classes: int | None) -> Listing:
     """The listing with the raw value -> class id table of --mask-values or --num-classes, if given."""
     if mask_values:
-        lut = [-1] * 256
+        lut = [-1] * (256 if max(mask_values) <= 255 else 65536)  # a 16-bit mask's values need the long table
         for raw, cid in mask_values.items():
             lut[raw] = cid
         return replace(listing, lut=lut, unmapped="mask values not in --mask-values")

@@ -184,18 +184,32 @@ def _transparent(img: Image.Image) -> np.ndarray | None:
     return np.asarray(img.getchannel("A")) == 0 if img.mode in ("LA", "RGBA", "PA") else None
 
 
+MAX_RAW = 65535  # the largest raw mask value --mask-values and --mask-threshold take (16-bit masks)
+
+
+def _deep_values(found: np.ndarray) -> str:
+    shown = ", ".join(map(str, found[:8].tolist())) + (" ..." if len(found) > 8 else "")
+    low, high = (int(found[0]) if len(found) > 1 else 0), int(found[-1])
+    return (
+        f"16-bit mask with values {shown}; class ids are 0..254: map its values with --mask-values "
+        f"(e.g. {low}:0,{high}:1) or, for a binary mask, --mask-threshold {(low + high) // 2 + 1}"
+    )
+
+
 def _raw_values(img: Image.Image) -> np.ndarray:
-    """HxW uint8 raw values of a mask whose pixels carry them in one (or three equal) channels."""
+    """HxW raw values of a mask whose pixels carry them in one (or three equal) channels: uint8, or uint16
+    for a 16-bit mask holding values over 255 (binary masks saved as 0/65535, for --mask-values or a
+    --mask-threshold to map)."""
     mode = img.mode
     if mode in ("1", "L", "P"):
         return np.asarray(img, dtype=np.uint8)  # 1-bit: 0 and 1
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img)
-        if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > MAX_RAW:
             raise imaging.ImageDecodeError(
-                f"{mode} mask holds values up to {int(arr.max())}; 16-bit masks must hold class ids 0..255"
+                f"{mode} mask holds values from {int(arr.min())} to {int(arr.max())}; masks hold values 0..65535"
             )
-        return arr.astype(np.uint8)
+        return arr.astype(np.uint8 if arr.max(initial=0) <= 255 else np.uint16)
     if mode in ("LA", "PA"):
         return np.asarray(img.getchannel(0), dtype=np.uint8)
     if mode in ("RGB", "RGBA"):
@@ -212,6 +226,8 @@ def _raw_values(img: Image.Image) -> np.ndarray:
 
 def _mapped(values: np.ndarray, transparent: np.ndarray | None, lut: np.ndarray, unmapped: str) -> np.ndarray:
     """Raw values through the layout's table (-1 = not allowed: a MaskValueError naming them)."""
+    if values.dtype == np.uint16 and int(values.max()) >= len(lut):  # a 16-bit mask; the table is of bytes
+        raise MaskValueError(f"{unmapped}: {_deep_values(np.unique(values))}")
     ids = lut[values]
     bad = ids < 0
     if transparent is not None:
@@ -219,7 +235,8 @@ def _mapped(values: np.ndarray, transparent: np.ndarray | None, lut: np.ndarray,
     if bad.any():
         found = np.unique(values[bad]).tolist()
         seen = values if transparent is None else values[~transparent]
-        hint = f"; {SOFT_HINT}" if looks_soft_binary(np.bincount(seen.ravel(), minlength=256)) else ""
+        soft = values.dtype == np.uint8 and looks_soft_binary(np.bincount(seen.ravel(), minlength=256))
+        hint = f"; {SOFT_HINT}" if soft else ""
         raise MaskValueError(f"{unmapped}: {found[:10]}{' ...' if len(found) > 10 else ''}{hint}")
     return np.where(ids < 0, IGNORE_INDEX, ids).astype(np.uint8)
 
@@ -248,6 +265,8 @@ def class_ids(
         ids = _mapped(_raw_values(img), transparent, lut, unmapped)
     else:
         ids = _raw_values(img)
+        if ids.dtype != np.uint8:
+            raise imaging.ImageDecodeError(_deep_values(np.unique(ids)))
     if transparent is not None:
         ids = np.where(transparent, np.uint8(IGNORE_INDEX), ids)
     return ids
