@@ -307,6 +307,28 @@ def test_exif_rotated_jpeg_pairs_stay_aligned(ray_cluster, tmp_path):
         assert image.shape == (W, H, 3)
         np.testing.assert_array_equal(image, np.rot90(decoded, k=-1))  # lossless: exactly the JPEG's pixels, turned
         assert Image.open(io.BytesIO(images[key])).getexif().get(EXIF_ORIENTATION, 1) == 1
+    assert manifest["exif_turned"] == 0  # a 90-degree turn: the sizes show the untagged mask is upright
+
+
+def test_an_exif_turn_the_sizes_cannot_show_is_warned_of(ray_cluster, tmp_path, caplog):
+    """An image tagged 180 degrees (or mirrored) beside an untagged mask: the sizes match either way, so
+    whether the mask was drawn upright cannot be told; it was taken as upright without a word."""
+    import logging
+
+    src = tmp_path / "src"
+    for key, orientation in (("flipped", 3), ("mirrored", 2), ("plain", 1)):
+        _image(src, key, 1)
+        image = Image.open(f"{src}/images/{key}.png")
+        _save(image, f"{src}/images/{key}.jpg", format="JPEG", quality=95, exif=_exif(orientation))
+        os.remove(f"{src}/images/{key}.png")
+        _save(Image.fromarray(_ids(1)), f"{src}/masks/{key}.png")
+    _save(Image.fromarray(_ids(1)), f"{src}/masks/mirrored.png", exif=_exif(2))  # tagged too: as the image
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        manifest = prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "data"), num_classes=2, val_fraction=0.0))
+    assert manifest["exif_turned"] == 1 and manifest["skipped"] == []
+    assert "1 images were turned upright by their EXIF orientation tag and their masks carry none: flipped;" in (
+        caplog.text
+    )
 
 
 def test_cli_mask_flags(ray_cluster, tmp_path):

@@ -171,6 +171,15 @@ def _map_colors(rgb: np.ndarray, encoding: MaskEncoding, transparent: np.ndarray
     return ids.astype(np.uint8)
 
 
+def oriented(data: bytes) -> bool:
+    """Whether a mask file carries an EXIF orientation that turns it (its header only)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.getexif().get(imaging.EXIF_ORIENTATION, 1) not in (1, None)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def _upright(data: bytes, encoding: MaskEncoding, max_pixels: int) -> Image.Image:
     img = imaging.open_image(data, max_pixels)
     if img.getexif().get(imaging.EXIF_ORIENTATION, 1) not in (1, None):

@@ -103,6 +103,25 @@ EXIF_TURN = (
 )
 
 
+def exif_warning(keys: list[str]) -> str:
+    """Images an EXIF tag turned upright without changing their size (180 degrees, a mirror, or a square
+    image), beside masks without a tag: nothing shows whether the masks were drawn upright."""
+    shown = ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
+    return (
+        f"{len(keys)} images were turned upright by their EXIF orientation tag and their masks carry none: {shown}; "
+        "the masks are taken as drawn on the upright images (as annotation tools show them). If they were "
+        "drawn on the stored pixels, remove the images' tags (exiftool -Orientation= FILE) and prepare again"
+    )
+
+
+def _turned_in_place(stored: bytes, mask_bytes: bytes, shape: tuple[int, ...]) -> bool:
+    """An image its EXIF tag turned without changing its size (so the sizes cannot show whether the
+    untagged mask was drawn on the upright or the stored pixels; a 90-degree turn shows it)."""
+    if masks.oriented(mask_bytes):
+        return False
+    return imaging.open_image(stored, imaging.MAX_PIXELS).size == (shape[1], shape[0])
+
+
 def _check_pair(
     img_bytes: bytes,
     mask_bytes: bytes,
@@ -190,8 +209,10 @@ def _valid_rows(
     hist: np.ndarray,
     encoding: masks.MaskEncoding,
     channels: imaging.Channels,
+    turned: list[str],
 ) -> Iterator[Row]:
-    """Each valid pair as a Row; invalid ones go to `invalid`."""
+    """Each valid pair as a Row; invalid ones go to `invalid`, the keys of images an EXIF tag turned (and
+    whose masks carry none) to `turned`."""
     table = np.asarray(lut, np.int16) if lut is not None else None
     reader = _StackReader(source)
     for pair in pairs:
@@ -205,11 +226,14 @@ def _valid_rows(
         except tiff.TiffError as exc:
             invalid.append({"key": pair.key, "problem": f"undecodable stack: {exc}"})
             continue
+        stored = img_bytes
         problem, mask, img_bytes, decoded = _check_pair(img_bytes, mask_bytes, table, unmapped, encoding, channels)
         if problem:
             invalid.append({"key": pair.key, "problem": problem})
             continue
         assert mask is not None and decoded is not None
+        if img_bytes is not stored and _turned_in_place(stored, mask_bytes, mask.shape):
+            turned.append(pair.key)  # said once, at the end
         hist += np.bincount(mask.ravel(), minlength=256)
         yield Row(pair.key, img_bytes, mask, decoded)
 
@@ -266,7 +290,8 @@ def _build_shard(
     hist = np.zeros(256, np.int64)
     invalid: list[dict[str, str]] = []
     fingerprint = ShardFingerprint()
-    rows = _valid_rows(source, pairs, lut, unmapped, invalid, hist, encoding, channels)
+    turned: list[str] = []
+    rows = _valid_rows(source, pairs, lut, unmapped, invalid, hist, encoding, channels, turned)
     rows = _fingerprinted(rows, fingerprint)
     out: dict[str, Any] = {"name": name, "split": split, "invalid": invalid}
     if not write:
@@ -283,6 +308,7 @@ def _build_shard(
             pass
     out["hist"] = hist.tolist()
     out["fingerprint"] = fingerprint
+    out["turned"] = turned
     return out
 
 
@@ -331,6 +357,7 @@ def _run_shard_tasks(
     invalid: list[dict[str, str]],
     fingerprints: list[ShardFingerprint],
     channels: imaging.Channels = imaging.OWN,
+    turned: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Run the shard tasks, at most a few per CPU in flight; returns shard entries and each split's class
     histogram.
@@ -351,6 +378,7 @@ def _run_shard_tasks(
             invalid.extend(found)
             hists[result["split"]] += np.asarray(result.pop("hist"), np.int64)
             fingerprints.append(result.pop("fingerprint"))
+            (turned if turned is not None else []).extend(result.pop("turned"))
             done_pairs += result["rows"]
             shown.update(result["rows"] + len(found), invalid=len(invalid))
             if result.get("path"):
@@ -533,8 +561,9 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
     fingerprints: list[ShardFingerprint] = []
     picked = imaging.Channels(tuple(spec.bands), None) if spec.bands else imaging.OWN
+    turned: list[str] = []
     shards, hists = _run_shard_tasks(
-        source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked
+        source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked, turned
     )
     hist = sum(hists.values())
     invalid.sort(key=lambda i: i["key"])
@@ -551,7 +580,11 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names, encoding)
     manifest.update(bands=spec.bands, channels=channels)
     manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
-    for warning in classes.split_warnings(names, manifest["class_pixels"]):
+    manifest["exif_turned"] = len(turned)
+    warnings = classes.split_warnings(names, manifest["class_pixels"])
+    if turned:
+        warnings.append(exif_warning(sorted(turned)))
+    for warning in warnings:
         log.warning("prepare: %s", warning)
         progress.note(f"prepare: warning: {warning}")
     fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
