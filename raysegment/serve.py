@@ -47,7 +47,7 @@ from ray import serve
 from raysegment import progress, storage
 from raysegment.config import ServeSpec
 from raysegment.data import imaging
-from raysegment.errors import ConfigError, JobError
+from raysegment.errors import ConfigError, JobError, UserError
 from raysegment.models.card import ModelCard
 
 APP_NAME = "raysegment"
@@ -189,7 +189,9 @@ class Segmenter:
                 raise RuntimeError(f"warm-up request failed: {answer['error']}")
             self.ready.set()
         except Exception as exc:  # reported by /readyz and check_health (Serve then replaces the replica)
-            self.load_error = f"model did not load: {type(exc).__name__}: {exc}"
+            # One line for /readyz and the driver's error: TensorFlow's and h5py's texts span many.
+            said = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            self.load_error = f"model did not load: {' '.join(said.split())[:500]}"
 
     def __del__(self) -> None:
         # Serve calls it when it stops a replica; masks never stay in scratch longer than their request.
