@@ -47,3 +47,12 @@ def test_baseline_pipeline_matches_ray_data_tasks():
     assert set(np.unique(y)) <= {0, 1, 2, 3, 255} and (y == 255).any()
     assert x.min() >= low.min() - 1e-5 and x.max() <= high.max() + 1e-5
     assert (y != ray["mask"]).mean() > 0.05
+
+
+def test_bench_checksums_reads_the_same_shard_both_ways_and_prints_the_share():
+    from raysegment.bench.checksums import bench_checksums, checksum_lines
+
+    r = bench_checksums(rows=12, size=32, repeats=2)
+    assert r["rows"] == 12 and r["decode_s"] > 0 and r["read_s_with_crc"] > 0 and r["read_s_without_crc"] > 0
+    lines = checksum_lines(r)
+    assert "without page CRCs" in lines[1] and lines[2].startswith("the CRCs add ")

@@ -265,6 +265,22 @@ def bench_train(
         s.done(train_lines(r, workers), r, json_too=True)
 
 
+@bench.command("checksums")
+@click.option("--rows", type=int, default=1000, show_default=True, help="images in the shard")
+@click.option("--image-size", type=int, default=512, show_default=True, help="side of each grey PNG")
+@click.option("--repeats", type=int, default=7, show_default=True, help="reads of each kind (median)")
+@json_option
+@handle_errors
+def bench_checksums(rows: int, image_size: int, repeats: int, as_json: bool) -> None:
+    """A shard read with and without its page CRCs checked, beside decoding its images (one core, no Ray)."""
+    from raysegment.bench.checksums import bench_checksums as run
+    from raysegment.bench.checksums import checksum_lines
+
+    with session("bench-checksums", None, as_json) as s:
+        r = run(rows, image_size, repeats)
+        s.done(checksum_lines(r), r, json_too=True)
+
+
 @bench.command("serve")
 @click.option("--requests", type=int, default=400, show_default=True, help="timed POSTs, after one per client")
 @click.option("--clients", type=int, default=8, show_default=True, help="client threads, one request in flight each")
