@@ -139,8 +139,11 @@ def sweep_scratch(root: str) -> None:
     """Remove the scratch folders of this host's replicas whose process is gone: Serve kills a replica's
     process, so its own clean-up (`__del__`) rarely runs."""
     host = socket.gethostname()
-    for path in glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}*@{glob.escape(host)}@*")):
-        pid = os.path.basename(path)[len(SCRATCH_PREFIX) :].split("@", 1)[0]
+    ours = glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}*@{glob.escape(host)}@*"))
+    # Named by a version before the host was in the name (PID-random): judged by the PID alone, as then.
+    older = [p for p in glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}[0-9]*-*")) if "@" not in os.path.basename(p)]
+    for path in ours + older:
+        pid = os.path.basename(path)[len(SCRATCH_PREFIX) :].split("@", 1)[0].split("-", 1)[0]
         if not pid.isdigit():
             continue
         try:

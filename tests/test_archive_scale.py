@@ -165,6 +165,23 @@ def test_a_multi_batch_summary_file_killed_while_assembled_is_redone_once(tiny_m
     assert_one_row_and_mask_per_key(out, [*keys, "zz-barrier/hold"])
 
 
+def test_the_two_rewriters_of_summary_files_take_one_lock(tmp_path):
+    """`compact` and `infer --retry-errors` both replace summary files; replacing one file twice showed its
+    rows twice (and the run then failed as a key collision). Each holds the rewrite lock; the other waits."""
+    from raysegment.config import CompactSpec
+    from raysegment.inference.compact import compact, drop_error_rows, rewrite_lock
+    from raysegment.lock import LockedError
+
+    out = storage.resolve(str(tmp_path / "out"))
+    (tmp_path / "out" / "summaries").mkdir(parents=True)
+    with rewrite_lock(out):
+        with pytest.raises(LockedError, match="another summary rewrite holds the lock"):
+            drop_error_rows(out)
+        with pytest.raises(LockedError, match="another summary rewrite holds the lock"):
+            compact(CompactSpec(output=out.uri))
+    assert os.listdir(tmp_path / "out" / "summaries") == []  # released: no lock file left behind
+
+
 def test_compaction_merges_finished_runs_and_keeps_every_row_once(ray_cluster, tmp_path):
     out = storage.resolve(str(tmp_path / "out"))
     keys = [f"k{i:04d}" for i in range(400)]

@@ -110,6 +110,18 @@ def test_soft_binary_detection():
     assert not masks.looks_soft_binary(voc)
 
 
+def test_a_threshold_over_255_is_for_16_bit_masks_only():
+    """--mask-threshold takes 16-bit values now; over 255 on an 8-bit mask it would make every pixel
+    background, so that mask is refused. A 16-bit mask without foreground (all 0) is thresholded as one."""
+    eight = _encoded(Image.fromarray(np.full((4, 4), 200, np.uint8)), format="PNG")
+    with pytest.raises(imaging.ImageDecodeError, match="--mask-threshold 300 is above every value of an 8-bit"):
+        masks.class_ids(eight, masks.MaskEncoding(threshold=300), None, "")
+    empty = _encoded(Image.fromarray(np.zeros((4, 4), np.uint16)), format="PNG")
+    assert not masks.class_ids(empty, masks.MaskEncoding(threshold=32768), None, "").any()
+    full = _encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), format="PNG")
+    assert masks.class_ids(full, masks.MaskEncoding(threshold=32768), None, "").all()
+
+
 def _encoded(img: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, **kwargs)

@@ -255,9 +255,12 @@ def test_scratch_of_a_gone_replica_is_swept_and_an_ipv6_host_is_bracketed(tmp_pa
     other = tmp_path / f"{SCRATCH_PREFIX}notapid@{host}@x"
     # Another container sharing /tmp: its PIDs are not this host's, so its folders are never judged here.
     elsewhere = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}@{host}-other@abc"
-    for folder in (dead, live, other, elsewhere):
+    # Named before the host was part of the name (PID-random): judged by the PID alone, as then.
+    old_dead, old_live = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}-xyz", tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-xyz"
+    for folder in (dead, live, other, elsewhere, old_dead, old_live):
         (folder / "masks").mkdir(parents=True)
     sweep_scratch(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, elsewhere.name])
+    kept = sorted([live.name, other.name, elsewhere.name, old_live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
     assert url_of(ServeSpec(model="m", host="::1", port=8000)) == "http://[::1]:8000"
     assert url_of(ServeSpec(model="m", host="0.0.0.0", port=8000)) == "http://127.0.0.1:8000"

@@ -188,3 +188,9 @@ def test_a_checkpoint_of_another_network_is_one_line_naming_the_run(tmp_path):
     text = str(refused.value)
     assert "\n" not in text and f"no checkpoint in {tmp_path / 'out'} loads" in text and "--no-resume" in text
     assert text.count("checkpoint_00000") == 2  # each tried, newest first
+    # On S3 Ray Train's paths are bucket/prefix under raysegment's s3fs-wrapped filesystem: named as s3://.
+    from raysegment import storage
+    from raysegment.train.checkpoint import _uri
+
+    s3 = storage.resolve("s3://bucket/out", "http://127.0.0.1:1").arrow_fs()
+    assert _uri(s3, "bucket/out/train") == "s3://bucket/out/train" and _uri(latest.filesystem, "/x") == "/x"

@@ -197,10 +197,17 @@ def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_pa
     assert first == identity(str(tmp_path / "b.weights.h5"), "1" * 64)
     other = identity(str(tmp_path / "a.weights.h5"), "2" * 64)
     assert other != first
-    run = storage.resolve(str(tmp_path / "out" / "train"))
+    folder = tmp_path / "runs[exp1]" / "train"  # glob characters in OUT: listed, not matched as a pattern
+    run = storage.resolve(str(folder))
     storage.write_json(run.child(RUN_IDENTITY), first)
     check_resumable(run, other, "out")  # no checkpoint yet: nothing to resume, nothing refused
-    (tmp_path / "out" / "train" / "checkpoint_000000").mkdir()
+    (folder / "checkpoint_000000").mkdir()
     check_resumable(run, first, "out")
     with pytest.raises(ConfigError, match="holds a training run on another network"):
         check_resumable(run, other, "out")
+    # A record from before its latest fields (no eight_bit_seen; the weights file by its path) is this run's.
+    older = json.loads(json.dumps(first))
+    del older["input"]["eight_bit_seen"]
+    older["network"]["encoder_weights"] = str(tmp_path / "a.weights.h5")
+    storage.write_json(run.child(RUN_IDENTITY), older)
+    check_resumable(run, first, "out")

@@ -193,6 +193,7 @@ def _transparent(img: Image.Image) -> np.ndarray | None:
     return np.asarray(img.getchannel("A")) == 0 if img.mode in ("LA", "RGBA", "PA") else None
 
 
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of 16-bit (and 32-bit integer) masks
 MAX_RAW = 65535  # the largest raw mask value --mask-values and --mask-threshold take (16-bit masks)
 
 
@@ -212,7 +213,7 @@ def _raw_values(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("1", "L", "P"):
         return np.asarray(img, dtype=np.uint8)  # 1-bit: 0 and 1
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
+    if mode in SIXTEEN_BIT:
         arr = np.asarray(img)
         if arr.min(initial=0) < 0 or arr.max(initial=0) > MAX_RAW:
             raise imaging.ImageDecodeError(
@@ -269,7 +270,13 @@ def class_ids(
             raise imaging.ImageDecodeError(f"mask has mode {img.mode}; colour-coded masks are RGB, RGBA or P")
         ids = _map_colors(np.asarray(img.convert("RGB")), encoding, transparent)
     elif encoding.threshold is not None:
-        ids = (_raw_values(img) >= encoding.threshold).astype(np.uint8)
+        values = _raw_values(img)
+        if encoding.threshold > 255 and img.mode not in SIXTEEN_BIT:  # every pixel would be background
+            raise imaging.ImageDecodeError(
+                f"--mask-threshold {encoding.threshold} is above every value of an 8-bit mask (0..255); "
+                "thresholds over 255 are for 16-bit masks"
+            )
+        ids = (values >= encoding.threshold).astype(np.uint8)
     elif lut is not None:
         ids = _mapped(_raw_values(img), transparent, lut, unmapped)
     else:

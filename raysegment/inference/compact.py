@@ -31,6 +31,7 @@ from raysegment import progress, storage
 from raysegment.config import CompactSpec
 from raysegment.errors import DataError
 from raysegment.inference import output as layout
+from raysegment.lock import RunLock
 
 FILES_PER_TASK = 64
 READ_THREADS = 8
@@ -119,6 +120,16 @@ def _without_errors(output: storage.Location, paths: list[str], relative: list[s
     return found
 
 
+REWRITE_LOCK = "_rewrite.lock"  # in summaries/, beside the Parquet files (which alone are listed as summaries)
+REWRITE_STALE_S = 3600  # a rewrite takes minutes; a lock this old was left by a killed one
+
+
+def rewrite_lock(output: storage.Location) -> RunLock:
+    """Held by the two rewriters of summary files, `compact` and `infer --retry-errors`: both replacing one
+    file would show its rows twice."""
+    return RunLock(output.child(layout.SUMMARIES, REWRITE_LOCK), REWRITE_STALE_S, purpose="summary rewrite")
+
+
 def drop_error_rows(output: storage.Location) -> int:
     """`infer --retry-errors`: take the error rows out of OUTPUT's summaries, so their keys are inputs again;
     the error rows dropped. Each file with errors is replaced as compaction replaces files (the new file
@@ -126,10 +137,19 @@ def drop_error_rows(output: storage.Location) -> int:
     root = output.child(layout.SUMMARIES)
     if not storage.exists(root):
         return 0
-    live = layout.summary_files(output)
-    # Files a killed compaction left are hidden only by the files that replace them: removed before
-    # any of those is replaced in turn.
-    _remove(output, [p for p in storage.parquet_files(root) if p not in set(live)])
+    with rewrite_lock(output):
+        # Listed before `live`, as compact() does: a file written between the two listings is then live
+        # (a leftover only if it is replaced), never deleted as one.
+        every = storage.parquet_files(root)
+        live = layout.summary_files(output)
+        # Files a killed compaction left are hidden only by the files that replace them: removed before
+        # any of those is replaced in turn.
+        alive = set(live)
+        _remove(output, [p for p in every if p not in alive])
+        return _drop_errors(output, live)
+
+
+def _drop_errors(output: storage.Location, live: list[str]) -> int:
     groups = [live[i : i + FILES_PER_TASK] for i in range(0, len(live), FILES_PER_TASK)]
     found = [
         f
@@ -148,6 +168,11 @@ def compact(spec: CompactSpec) -> dict[str, Any]:
     root = output.child(layout.SUMMARIES)
     if not storage.exists(root):
         raise DataError(f"{output.uri}: no inference summaries ({layout.SUMMARIES}/); nothing to compact")
+    with rewrite_lock(output):
+        return _compact(spec, output, root)
+
+
+def _compact(spec: CompactSpec, output: storage.Location, root: storage.Location) -> dict[str, Any]:
     every = storage.parquet_files(root)
     live = set(layout.summary_files(output))
     # Left over by a compaction killed before its deletes: replaced, so readers skip them already.

@@ -73,6 +73,7 @@ def plan(spec: InferSpec) -> Run:
     check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output)
     storage.check_writable(output)
     if spec.overwrite:
+        logs.began()  # past the refusals, and OUT is cleared
         layout.clear(output)
     done = resume.build(output)
     other = done.models - {card.model_sha256}
@@ -85,7 +86,7 @@ def plan(spec: InferSpec) -> Run:
     layout.mark_incomplete(output)
     if spec.retry_errors:
         dropped = compact.drop_error_rows(output)
-        progress.note(f"infer: {dropped} error rows dropped from the summaries; their keys are redone")
+        progress.note(f"infer: {dropped} error rows dropped from the summaries; the keys INPUT still lists are redone")
         done = resume.build(output) if dropped else done
     pool = actors.resolve(spec, ray.cluster_resources())
     return Run(spec, card, output, layout.new_run_id(), done, pool, started)
@@ -244,8 +245,8 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
         # to mistake for a result, whatever --max-error-fraction allows; every re-run fails the same way.
         problems.append(
             f"none of the {done.keys} inputs in OUTPUT could be segmented: every summary row is an error "
-            "(their `error` column, or `raysegment report`, says why); fix the inputs or the model, then re-run "
-            "with --overwrite"
+            "(their `error` column, or `raysegment report`, says why); fix the inputs and re-run with "
+            "--retry-errors, or with another MODEL into another OUTPUT"
         )
     if counts.processed and counts.error / counts.processed > spec.max_error_fraction:
         problems.append(

@@ -168,4 +168,5 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
 
 def _uri(fs: Any, path: str) -> str:
     """A checkpoint path as the user wrote its store: Ray Train's S3 paths are bucket/prefix."""
-    return f"s3://{path}" if getattr(fs, "type_name", "") == "s3" else path
+    # Arrow's own S3 filesystem is "s3"; raysegment's (s3fs wrapped) "py::fsspec+('s3', 's3a')".
+    return f"s3://{path}" if "s3" in getattr(fs, "type_name", "") else path

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import tempfile
 import time
 from typing import Any
@@ -117,6 +118,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     identity = run_identity(cfg, manifest["content_hash"])
     if spec.resume:
         check_resumable(out.child(spec.name), identity, spec.out)
+    logs.began()  # past the refusals: from here OUT changes
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
 
@@ -218,7 +220,6 @@ def fit(
             failure_config=FailureConfig(max_failures=spec.max_failures),
         ),
     )
-    logs.began()
     if not spec.resume:
         storage.remove_tree(out.child(spec.name))
     storage.write_json(out.child(spec.name, RUN_IDENTITY), identity)
@@ -251,11 +252,16 @@ def check_resumable(run_dir: storage.Location, identity: dict[str, Any], out_uri
     a traceback. Run folders from before this record are resumed as they were, and a record without a
     checkpoint beside it (a run stopped before its first) refuses nothing: there is nothing to resume."""
     loc = run_dir.child(RUN_IDENTITY)
-    if storage.exists(loc) and run_dir.call(lambda: run_dir.fs.glob(f"{run_dir.path}/checkpoint_*")):
+    if storage.exists(loc) and any(
+        posixpath.basename(p.rstrip("/")).startswith("checkpoint_")
+        for p in run_dir.call(lambda: run_dir.fs.ls(run_dir.path))
+    ):  # listed, not globbed: an OUT named runs/[exp1] is no pattern
         try:
             held = storage.read_json(loc)
         except StorageError:
             held = None
+        if isinstance(held, dict):
+            held = _as_recorded_now(held, identity)
         if held != identity:
             differs = sorted(k for k in identity if not isinstance(held, dict) or held.get(k) != identity[k])
             raise ConfigError(
@@ -263,6 +269,21 @@ def check_resumable(run_dir: storage.Location, identity: dict[str, Any], out_uri
                 "(its checkpoints cannot be resumed by this one); pass --no-resume to start over there, "
                 "or choose another OUT"
             )
+
+
+def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    """A record written before its latest fields, read as it would be written now: a card input without
+    `eight_bit_seen` saw no 8-bit images, and an encoder weights file named by its path (not yet by its
+    content) is taken as the file given now, whose content the old record cannot show."""
+    held = json.loads(json.dumps(held))
+    if isinstance(held.get("input"), dict):
+        held["input"].setdefault("eight_bit_seen", False)
+    old, new = (held.get("network") or {}), identity["network"]
+    weights = old.get("encoder_weights") if isinstance(old, dict) else None
+    if isinstance(weights, str) and weights not in ("imagenet",) and not weights.startswith("sha256:"):
+        if str(new.get("encoder_weights", "")).startswith("sha256:"):
+            old["encoder_weights"] = new["encoder_weights"]
+    return held
 
 
 def write_artifacts(
