@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -92,6 +93,7 @@ class RunLock:
         stale_after_s: float,
         purpose: str = "run",
         now: Callable[[], float] = time.time,
+        heartbeat_s: float | None = None,
     ) -> None:
         self.loc = loc
         self.stale_after_s = stale_after_s
@@ -99,6 +101,12 @@ class RunLock:
         self.now = now
         self.owner = uuid.uuid4().hex
         self.held = False
+        self.created = time.time()
+        # While held (a `with` block), the lock is rewritten every quarter of the stale age: a run that
+        # outlives that age is alive, not dead, and must not be taken over.
+        self.heartbeat_s = max(1.0, stale_after_s / 4) if heartbeat_s is None else heartbeat_s
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
 
     def _body(self) -> bytes:
         info = {
@@ -106,10 +114,23 @@ class RunLock:
             "purpose": self.purpose,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "created_ts": time.time(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "created_ts": self.created,
         }
         return json.dumps(info).encode()
+
+    def refresh(self) -> None:
+        """Rewrite the lock while it is still ours: its age (the store's modification time) starts again."""
+        holder = self._holder()
+        if self.held and holder is not None and holder.info.get("owner") == self.owner:
+            self.loc.call(lambda: self.loc.fs.pipe_file(self.loc.path, self._body()))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.refresh()
+            except Exception as exc:  # a store down for a while: the next beat tries again
+                log.warning("could not refresh the lock %s: %s", self.loc.uri, exc)
 
     def _holder(self) -> Holder | None:
         """The current lock, or None if there is none; a store that stays down past the deadline raises."""
@@ -178,9 +199,16 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.acquire()
+        self._stop.clear()
+        self._beating = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
+        self._beating.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join()
+            self._beating = None
         self.release()

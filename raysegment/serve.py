@@ -135,13 +135,28 @@ def scratch_prefix() -> str:
     return f"{SCRATCH_PREFIX}{os.getpid()}@{socket.gethostname()}@"
 
 
+OLD_SCRATCH_AGE_S = 86400
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
 def sweep_scratch(root: str) -> None:
     """Remove the scratch folders of this host's replicas whose process is gone: Serve kills a replica's
     process, so its own clean-up (`__del__`) rarely runs."""
     host = socket.gethostname()
     ours = glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}*@{glob.escape(host)}@*"))
-    # Named by a version before the host was in the name (PID-random): judged by the PID alone, as then.
-    older = [p for p in glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}[0-9]*-*")) if "@" not in os.path.basename(p)]
+    # Named by a version before the host was in the name (PID-random): the PID may be another container's,
+    # so such a folder goes only once a day old as well (no request keeps a mask that long).
+    older = [
+        p
+        for p in glob.glob(os.path.join(root, f"{SCRATCH_PREFIX}[0-9]*-*"))
+        if "@" not in os.path.basename(p) and _age_s(p) > OLD_SCRATCH_AGE_S
+    ]
     for path in ours + older:
         pid = os.path.basename(path)[len(SCRATCH_PREFIX) :].split("@", 1)[0].split("-", 1)[0]
         if not pid.isdigit():

@@ -240,10 +240,31 @@ def check_lock(root: storage.Location):
     with RunLock(loc, stale_after_s=3600, now=lambda: time.time() + 7200) as taker:
         assert json.loads(storage.read_bytes(loc))["owner"] == taker.owner
     assert not storage.exists(loc)
+    # A run that outlives the stale age is alive: its lock is rewritten while held, so it is not taken over.
+    two_hours_on = lambda: time.time() + 7200  # noqa: E731
+    with RunLock(loc, stale_after_s=3600, now=two_hours_on, heartbeat_s=0.05) as live:
+        first = loc.fs.info(loc.path)
+        deadline = time.monotonic() + 60
+        while loc.call(lambda: (loc.fs.invalidate_cache(loc.path), loc.fs.info(loc.path))[1]) == first:
+            assert time.monotonic() < deadline, "the lock was never rewritten while held"
+            time.sleep(0.05)
+        assert json.loads(storage.read_bytes(loc))["owner"] == live.owner
+    assert not storage.exists(loc)
 
 
 def test_lock_local(tmp_path):
     check_lock(storage.resolve(str(tmp_path / "out")))
+    # A lock two hours old by the store's clock, refreshed by its live holder, is fresh again.
+    loc = storage.resolve(str(tmp_path / "out" / "_nightly.lock"))
+    held = RunLock(loc, stale_after_s=3600)
+    held.acquire()
+    past = time.time() - 7200
+    os.utime(loc.path, (past, past))
+    held.refresh()
+    with pytest.raises(LockedError, match="another run holds the lock"):
+        RunLock(loc, stale_after_s=3600).acquire()
+    assert json.loads(storage.read_bytes(loc))["created_ts"] == held.created  # still when it was taken
+    held.release()
 
 
 @pytest.mark.s3

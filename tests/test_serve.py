@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -256,11 +257,15 @@ def test_scratch_of_a_gone_replica_is_swept_and_an_ipv6_host_is_bracketed(tmp_pa
     # Another container sharing /tmp: its PIDs are not this host's, so its folders are never judged here.
     elsewhere = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}@{host}-other@abc"
     # Named before the host was part of the name (PID-random): judged by the PID alone, as then.
+    # Such a name may be another container's PID, so it goes only once a day old as well.
     old_dead, old_live = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}-xyz", tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-xyz"
-    for folder in (dead, live, other, elsewhere, old_dead, old_live):
+    old_recent = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}-new"
+    for folder in (dead, live, other, elsewhere, old_dead, old_live, old_recent):
         (folder / "masks").mkdir(parents=True)
+    for folder in (old_dead, old_live):
+        os.utime(folder, (time.time() - 2 * 86400,) * 2)
     sweep_scratch(str(tmp_path))
-    kept = sorted([live.name, other.name, elsewhere.name, old_live.name])
+    kept = sorted([live.name, other.name, elsewhere.name, old_live.name, old_recent.name])
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
     assert url_of(ServeSpec(model="m", host="::1", port=8000)) == "http://[::1]:8000"
     assert url_of(ServeSpec(model="m", host="0.0.0.0", port=8000)) == "http://127.0.0.1:8000"

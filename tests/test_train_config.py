@@ -210,4 +210,6 @@ def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_pa
     del older["input"]["eight_bit_seen"]
     older["network"]["encoder_weights"] = str(tmp_path / "a.weights.h5")
     storage.write_json(run.child(RUN_IDENTITY), older)
-    check_resumable(run, first, "out")
+    check_resumable(run, first, "out", str(tmp_path / "a.weights.h5"))
+    with pytest.raises(ConfigError, match="another network"):  # the record's file is not the one given now
+        check_resumable(run, first, "out", str(tmp_path / "b.weights.h5"))

@@ -16,6 +16,7 @@ task per merged file; the driver holds one (path, rows) pair per file, never the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -130,14 +131,15 @@ def rewrite_lock(output: storage.Location) -> RunLock:
     return RunLock(output.child(layout.SUMMARIES, REWRITE_LOCK), REWRITE_STALE_S, purpose="summary rewrite")
 
 
-def drop_error_rows(output: storage.Location) -> int:
+def drop_error_rows(output: storage.Location, held: bool = False) -> int:
     """`infer --retry-errors`: take the error rows out of OUTPUT's summaries, so their keys are inputs again;
     the error rows dropped. Each file with errors is replaced as compaction replaces files (the new file
-    first, naming the old; the old deleted after), so a reader never sees a row twice or a kept row missing."""
+    first, naming the old; the old deleted after), so a reader never sees a row twice or a kept row missing.
+    `held`: the caller holds `rewrite_lock` already."""
     root = output.child(layout.SUMMARIES)
     if not storage.exists(root):
         return 0
-    with rewrite_lock(output):
+    with contextlib.nullcontext() if held else rewrite_lock(output):
         # Listed before `live`, as compact() does: a file written between the two listings is then live
         # (a leftover only if it is replaced), never deleted as one.
         every = storage.parquet_files(root)

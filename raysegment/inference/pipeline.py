@@ -83,11 +83,15 @@ def plan(spec: InferSpec) -> Run:
             "pass --overwrite to replace them or choose another OUTPUT"
         )
     logs.began()
-    layout.mark_incomplete(output)
     if spec.retry_errors:
-        dropped = compact.drop_error_rows(output)
+        # The lock first: a compaction holding it refuses this run before _SUCCESS is touched.
+        with compact.rewrite_lock(output):
+            layout.mark_incomplete(output)
+            dropped = compact.drop_error_rows(output, held=True)
         progress.note(f"infer: {dropped} error rows dropped from the summaries; the keys INPUT still lists are redone")
         done = resume.build(output) if dropped else done
+    else:
+        layout.mark_incomplete(output)
     pool = actors.resolve(spec, ray.cluster_resources())
     return Run(spec, card, output, layout.new_run_id(), done, pool, started)
 

@@ -117,7 +117,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
     identity = run_identity(cfg, manifest["content_hash"])
     if spec.resume:
-        check_resumable(out.child(spec.name), identity, spec.out)
+        check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights)
     logs.began()  # past the refusals: from here OUT changes
     # A stale artifact must not pass for this run's result while it trains.
     storage.remove_success(out)
@@ -244,7 +244,9 @@ def run_identity(cfg: TrainConfig, data_hash: str) -> dict[str, Any]:
     return json.loads(json.dumps(identity))  # as it reads back: tuples as lists
 
 
-def check_resumable(run_dir: storage.Location, identity: dict[str, Any], out_uri: str) -> None:
+def check_resumable(
+    run_dir: storage.Location, identity: dict[str, Any], out_uri: str, weights_path: str | None = None
+) -> None:
     """Refuse to resume checkpoints of another data set or network, before anything in OUT is touched.
 
     Ray Train resumes whatever checkpoint the run folder holds: another data set's was taken up at
@@ -261,7 +263,7 @@ def check_resumable(run_dir: storage.Location, identity: dict[str, Any], out_uri
         except StorageError:
             held = None
         if isinstance(held, dict):
-            held = _as_recorded_now(held, identity)
+            held = _as_recorded_now(held, identity, weights_path)
         if held != identity:
             differs = sorted(k for k in identity if not isinstance(held, dict) or held.get(k) != identity[k])
             raise ConfigError(
@@ -271,18 +273,16 @@ def check_resumable(run_dir: storage.Location, identity: dict[str, Any], out_uri
             )
 
 
-def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
-    """A record written before its latest fields, read as it would be written now: a card input without
-    `eight_bit_seen` saw no 8-bit images, and an encoder weights file named by its path (not yet by its
-    content) is taken as the file given now, whose content the old record cannot show."""
+def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any], weights_path: str | None) -> dict[str, Any]:
+    """A record written before its latest fields, read as it would be written now: `eight_bit_seen` follows
+    from the data set and normalisation (both compared), and an encoder weights file named by its path is
+    this run's file when that is the path given now (the old record cannot show its content)."""
     held = json.loads(json.dumps(held))
     if isinstance(held.get("input"), dict):
-        held["input"].setdefault("eight_bit_seen", False)
-    old, new = (held.get("network") or {}), identity["network"]
-    weights = old.get("encoder_weights") if isinstance(old, dict) else None
-    if isinstance(weights, str) and weights not in ("imagenet",) and not weights.startswith("sha256:"):
-        if str(new.get("encoder_weights", "")).startswith("sha256:"):
-            old["encoder_weights"] = new["encoder_weights"]
+        held["input"].setdefault("eight_bit_seen", identity["input"].get("eight_bit_seen", False))
+    old, new = held.get("network"), identity["network"]
+    if isinstance(old, dict) and weights_path and old.get("encoder_weights") == weights_path:
+        old["encoder_weights"] = new.get("encoder_weights")
     return held
 
 
