@@ -205,6 +205,9 @@ def test_a_class_only_in_val_is_warned_of_at_prepare_and_by_data_info(ray_cluste
     data-info now name it (and a class missing from val, which val mIoU cannot score)."""
     import logging
 
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
     from raysegment.data.info import format_manifest
 
     for i in range(4):
@@ -220,5 +223,7 @@ def test_a_class_only_in_val_is_warned_of_at_prepare_and_by_data_info(ray_cluste
     assert manifest["class_pixels"] == {"train": [64, 64, 0], "val": [64, 32, 32]}
     assert "class class_2 has pixels in val but none in train" in caplog.text
     assert "warning: class class_2 has pixels in val but none in train" in format_manifest("d", manifest)
+    planned = CliRunner().invoke(main, ["plan", str(tmp_path / "data"), "--out", str(tmp_path / "plan.json")])
+    assert planned.exit_code == 0 and "plan: warning: class class_2 has pixels in val" in planned.stderr
     balanced = {"train": [64, 64, 9], "val": [64, 32, 0]}
     assert format_manifest("d", {**manifest, "class_pixels": balanced}).count("warning: ") == 1  # not in val

@@ -22,6 +22,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from raysegment import __version__, logs, overlay, plots, progress, storage
 from raysegment import plan as planning
 from raysegment.config import TrainSpec
+from raysegment.data.classes import split_warnings
 from raysegment.data.examples import Augmentation
 from raysegment.data.pipeline import padded_for_workers, training_dataset
 from raysegment.data.prepare import read_manifest
@@ -108,6 +109,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
+    for warning in split_warnings(manifest["class_names"], manifest.get("class_pixels")):
+        log.warning("train: %s", warning)
+        progress.note(f"train: warning: {warning}")
     spec, plan_record = apply_plan(spec, data_loc, manifest)
     fingerprint = planning.read_fingerprint(data_loc, manifest) if spec.normalization != "scale_0_1" else None
     # With a time budget the first epoch's measured time sets the epochs: any number where the plan chose them.
