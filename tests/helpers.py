@@ -118,7 +118,7 @@ def mask_size(path: str) -> tuple[int, int]:
 def summaries(out: str | Path) -> list[dict[str, Any]]:
     return pq.read_table(
         os.path.join(out, "summaries"),
-        columns=["key", "status", "error", "mask_uri", "mask_offset", "mask_length", "run_id"],
+        columns=["key", "source_uri", "status", "error", "mask_uri", "mask_offset", "mask_length", "run_id"],
     ).to_pylist()
 
 

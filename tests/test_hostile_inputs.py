@@ -178,8 +178,34 @@ def test_parquet_key_column_duplicates_across_files(tiny_model, tmp_path):
     assert masks(out) == {"r0.png", "r2.png"}
     for key in ("../../escape", "../evil", "/abs/x"):
         assert [r["error"].split(":")[0] for r in rows[key]] == ["unsafe key"], key
-    assert [r["error"] for r in rows[""]] == ["unsafe key: empty key"]  # the null: no key, not 'None'
+    # The null: no key (not 'None'), an error row under its file and row, so that one row per key holds.
+    assert [r["error"] for r in rows["part-1/5"]] == [
+        "no key: --key-column id is null or empty in part-1.parquet row 5; fill it, then re-run"
+    ]
+    assert rows["part-1/5"][0]["source_uri"].endswith("in/part-1.parquet#5")
     assert {p.name for p in tmp_path.rglob("*.png")} == {"r0.png", "r2.png"}  # nothing outside masks/
+
+
+def test_parquet_rows_are_keyed_by_their_own_files_row_numbers(tiny_model, tmp_path):
+    """Row keys were numbered over Ray's blocks, which merge small files: a table's second file got keys
+    from the first's count (`b/2` for b's only row), and adding a table renumbered the others, so a
+    re-run wrote second rows and masks for images already done. Keys are FILE/ROW of the file's own
+    rows now, and a dictionary-encoded image column (as writers that share repeated values store it) reads."""
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    pq.write_table(pa.table({"image": [png(0), png(1)]}), inp / "a.parquet")
+    pq.write_table(pa.table({"image": [png(2)]}), inp / "b.parquet")
+    spec = InferSpec(model=model, input=str(inp), output=str(out), source="parquet", report=False)
+    infer(spec)
+    assert sorted(rows_by_key(out)) == ["a/0", "a/1", "b/0"]
+    assert rows_by_key(out)["a/1"][0]["source_uri"] == f"{inp}/a.parquet#1"
+    shared = pa.array([png(3), png(3), png(4)]).dictionary_encode()
+    pq.write_table(pa.table({"image": shared}), inp / "0.parquet", row_group_size=2)
+    again = infer(spec)
+    assert again["counts"] == {"total": 6, "skipped": 3, "processed": 3, "ok": 3, "error": 0}
+    assert sorted(rows_by_key(out)) == ["0/0", "0/1", "0/2", "a/0", "a/1", "b/0"]
+    assert masks(out) == {f"{k}.png" for k in rows_by_key(out)}
 
 
 @pytest.mark.slow
@@ -369,9 +395,9 @@ def test_a_parquet_table_with_the_wrong_columns_is_named_before_the_run(ray_clus
     (tmp_path / "t").mkdir()
     pq.write_table(pa.table({"img": [png(0)], "name": ["a"]}), tmp_path / "t" / "part.parquet")
     root = storage.resolve(str(tmp_path / "t"))
-    with pytest.raises(DataError, match=r"Parquet columns are \['img', 'name'\]; set --image-column"):
+    with pytest.raises(DataError, match=r"Parquet columns are \['img', 'name'\] in part.parquet; set --image-column"):
         read_parquet_table(root, "image", None)
-    with pytest.raises(DataError, match="column 'name' holds string, not the images' encoded bytes"):
+    with pytest.raises(DataError, match="column 'name' holds string in part.parquet, not the images' encoded bytes"):
         read_parquet_table(root, "name", None)
     assert read_parquet_table(root, "img", None).count() == 1
 

@@ -267,39 +267,139 @@ def key_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _parquet_rows(
-    batch: dict[str, np.ndarray], uri: str, image_column: str, key_column: str | None, clashes: dict[str, str]
-) -> dict[str, np.ndarray]:
-    images = batch[image_column]
-    keys = [key_text(k) for k in (batch[key_column] if key_column else batch["__row"])]
-    clashing = [clashes.get(collisions.fold(k), "") if clashes else "" for k in keys]
-    # A key names the mask's file: one that would escape OUTPUT (`..`, absolute, empty or null) is an error row.
-    refused = [c or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "") for c, k in zip(clashing, keys)]
-    return _rows(
-        keys,
-        [f"{uri}#{k}" for k in keys],
-        [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
-        [r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes") for b, r in zip(images, refused)],
-        [bool(c) for c in clashing],
-    )
+# Rows of a Parquet table go this many to a block: a row group can hold thousands of images.
+PARQUET_ROWS_PER_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGroup:
+    """One row group of one table file: `first` is the file's row number of its first row."""
+
+    path: str
+    name: str  # the file's path under INPUT, as keys and errors name it
+    group: int
+    first: int
+
+
+def _table_files(root: storage.Location) -> list[tuple[str, str]]:
+    """(path, name under INPUT) of each Parquet file: INPUT itself when it is one."""
+    if root.call(lambda: root.fs.isfile(root.path)):
+        return [(root.path, posixpath.basename(root.path))]
+    prefix = root.path.rstrip("/") + "/"
+    return [(p, p.removeprefix(prefix)) for p in storage.parquet_files(root)]
+
+
+def _row_groups(root: storage.Location, image_column: str, key_column: str | None) -> list[RowGroup]:
+    """Every row group of the tables under INPUT, from their footers (read on the driver, one request or
+    two a file): row numbers must be the file's own, which Ray's blocks (small files merged, big ones
+    split) do not keep. A file without the columns is refused here, naming it and the columns it has."""
+    groups: list[RowGroup] = []
+    for path, name in _table_files(root):
+
+        def footer(path: str = path) -> pq.ParquetFile:
+            with root.fs.open(path, "rb") as f:
+                return pq.ParquetFile(f)
+
+        table = root.call(footer)
+        schema = table.schema_arrow
+        wanted = [image_column, *([key_column] if key_column else [])]
+        if any(c not in schema.names for c in wanted):
+            raise DataError(
+                f"{root.uri}: Parquet columns are {schema.names} in {name}; set --image-column / --key-column to "
+                "existing columns"
+            )
+        kind = schema.field(image_column).type
+        if not _is_bytes(kind):
+            raise DataError(
+                f"{root.uri}: column {image_column!r} holds {kind} in {name}, not the images' encoded bytes "
+                f"(binary); set --image-column to the column of PNG/JPEG/TIFF bytes (columns: {schema.names})"
+            )
+        first = 0
+        for g in range(table.metadata.num_row_groups):
+            rows = table.metadata.row_group(g).num_rows
+            if rows:
+                groups.append(RowGroup(path, name, g, first))
+            first += rows
+    return groups
+
+
+def _is_bytes(kind: pa.DataType) -> bool:
+    """A column of encoded image bytes, in any of Arrow's binary layouts, dictionary-encoded too (writers
+    that share repeated values store a table's images so)."""
+    t = pa.types
+    if t.is_dictionary(kind):
+        return _is_bytes(kind.value_type)
+    return t.is_binary(kind) or t.is_large_binary(kind) or t.is_binary_view(kind) or t.is_fixed_size_binary(kind)
+
+
+def read_row_groups(
+    batch: dict[str, np.ndarray],
+    root: storage.Location,
+    image_column: str,
+    key_column: str | None,
+    clashes: dict[str, str],
+) -> Iterator[dict[str, np.ndarray]]:
+    """Rows of the row groups in batch, PARQUET_ROWS_PER_BLOCK at a time. A row's source is `FILE#ROW`
+    (the file's own row number); its key is the key column's value, else `FILE/ROW` (FILE without its
+    extension). A null or empty key is an error row under `FILE/ROW`: one row per key holds, and the row
+    can be found."""
+    columns = [image_column, *([key_column] if key_column else [])]
+    for path, name, group, first in zip(batch["path"], batch["name"], batch["group"], batch["first"]):
+        file_uri = storage.join(root.uri, name) if root.path != path else root.uri
+
+        def read(path: str = path, group: int = int(group)) -> list[pa.RecordBatch]:
+            with root.fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f)
+                return list(table.iter_batches(PARQUET_ROWS_PER_BLOCK, row_groups=[group], columns=columns))
+
+        row = int(first)
+        for rb in root.call(read):
+            images = rb.column(0).to_pylist()
+            numbers = range(row, row + len(images))
+            row += len(images)
+            by_row = [f"{strip_ext(name)}/{n}" for n in numbers]
+            given = [key_text(k) for k in rb.column(1).to_pylist()] if key_column else by_row
+            keys = [k or r for k, r in zip(given, by_row)]
+            refused = [
+                ""
+                if k
+                else f"no key: --key-column {key_column} is null or empty in {name} row {n}; fill it, then re-run"
+                for k, n in zip(given, numbers)
+            ]
+            refused = [
+                r
+                or (clashes.get(collisions.fold(k), "") if clashes else "")
+                or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "")
+                for r, k in zip(refused, keys)
+            ]
+            collide = [bool(k) and bool(clashes.get(collisions.fold(k))) for k in given] if clashes else None
+            yield _rows(
+                keys,
+                [f"{file_uri}#{n}" for n in numbers],
+                [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
+                [
+                    r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes")
+                    for b, r in zip(images, refused)
+                ],
+                collide,
+            )
 
 
 def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str]:
-    """fold(key) -> error text, for keys of the key column that more than one row has.
+    """fold(key) -> error text, for keys of the key column that more than one row has (null and empty
+    keys are error rows of their own, not a clash).
 
     Read first, on the driver, and only that column: a table's keys can repeat anywhere in it.
     """
-    prefix = root.path.rstrip("/") + "/"
 
     def pairs() -> Iterator[tuple[list[str], list[str]]]:
-        files = [root.path] if root.fs.isfile(root.path) else storage.parquet_files(root)
-        for path in files:
-            name = path.removeprefix(prefix)
+        for path, name in _table_files(root):
             with root.fs.open(path, "rb") as f:
                 row = 0
                 for rb in pq.ParquetFile(f).iter_batches(columns=[key_column]):
                     keys = [key_text(k) for k in rb.column(0).to_pylist()]
-                    yield keys, [f"{name} row {row + i}" for i in range(len(keys))]
+                    named = [(k, f"{name} row {row + i}") for i, k in enumerate(keys) if k]
+                    yield [k for k, _ in named], [n for _, n in named]
                     row += len(keys)
 
     found = root.call(lambda: collisions.duplicated(pairs))
@@ -307,50 +407,17 @@ def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str
     return {folded: collisions.message(names, folded, fix) for folded, names in found.items()}
 
 
-def _is_bytes(kind: pa.DataType) -> bool:
-    """A column of encoded image bytes, in any of Arrow's binary layouts."""
-    t = pa.types
-    return t.is_binary(kind) or t.is_large_binary(kind) or t.is_binary_view(kind) or t.is_fixed_size_binary(kind)
-
-
 def read_parquet_table(root: storage.Location, image_column: str, key_column: str | None) -> ray.data.Dataset:
-    """Rows of Parquet image tables; keys from key_column, else file/row-number."""
-    ds = ray.data.read_parquet(root.path, filesystem=root.arrow_fs(), include_paths=key_column is None)
-    schema = ds.schema()
-    types = dict(zip(schema.names, schema.types))
-    # `path` is Ray's own column (include_paths), not the file's: not offered as one.
-    names = [n for n in schema.names if key_column is not None or n != "path"]
-    if image_column not in names or (key_column and key_column not in names):
-        raise DataError(
-            f"{root.uri}: Parquet columns are {names}; set --image-column / --key-column to existing columns"
-        )
-    kind = types[image_column]
-    if isinstance(kind, pa.DataType) and not _is_bytes(kind):
-        raise DataError(
-            f"{root.uri}: column {image_column!r} holds {kind}, not the images' encoded bytes (binary); "
-            f"set --image-column to the column of PNG/JPEG/TIFF bytes (columns: {names})"
-        )
-    if key_column is None:
-        prefix = root.path.rstrip("/") + "/"
-
-        def add_row_keys(batch: dict[str, Any]) -> dict[str, Any]:
-            paths = batch["path"]
-            batch["__row"] = np.asarray(
-                [
-                    f"{strip_ext(p[len(prefix) :] if p.startswith(prefix) else posixpath.basename(p))}/{i}"
-                    for i, p in enumerate(paths)
-                ],
-                dtype=object,
-            )
-            return batch
-
-        # Row numbers are per file: one batch per file keeps them stable across runs. Paths
-        # differ, so these keys never collide.
-        ds = ds.map_batches(add_row_keys, batch_size=None, batch_format="numpy")
+    """Rows of Parquet image tables, a task per row group; keys from key_column, else FILE/ROW."""
+    groups = _row_groups(root, image_column, key_column)
+    if not groups:
+        raise DataError(f"{root.uri}: no Parquet rows under it, nothing to infer; check INPUT and --source")
     clashes = key_column_clashes(root, key_column) if key_column else {}
-    return ds.map_batches(
-        _parquet_rows,
-        fn_kwargs={"uri": root.uri, "image_column": image_column, "key_column": key_column, "clashes": clashes},
+    items = [dataclasses.asdict(g) for g in groups]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_row_groups,
+        batch_size=1,
+        fn_kwargs={"root": root, "image_column": image_column, "key_column": key_column, "clashes": clashes},
         batch_format="numpy",
     )
 
