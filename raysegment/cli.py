@@ -89,6 +89,12 @@ def main(verbose: bool) -> None:
     "--unlisted-colors", type=click.Choice(["invalid", "ignore"]), default=None, help="colours not in --mask-colors"
 )
 @click.option(
+    "--mask-alpha",
+    type=click.Choice(["ignore", "keep"]),
+    default=None,
+    help="transparent mask pixels: ignore (default: unlabelled) or keep (their value is their class)",
+)
+@click.option(
     "--bands", default=None, help="image bands the model sees, 1-based, e.g. 1,2,3 (default: RGB, or all past 4)"
 )
 @click.option("--num-classes", type=int, default=None, help="class count (default: from the masks)")
@@ -170,7 +176,9 @@ def plan(
     result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, spec.time_budget)
     storage.write_json(storage.resolve(out, endpoint_url), {"data": loc.uri, **result.to_json()})
     click.echo("\n".join([*planning.format_plan(result), f"written to {out}"]))
-    for warning in split_warnings(manifest["class_names"], manifest.get("class_pixels")):
+    for warning in split_warnings(
+        manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0)
+    ):
         click.echo(f"plan: warning: {warning}", err=True)
 
 

@@ -70,6 +70,9 @@ class PrepareSpec(Spec):
         None, description="colour-coded masks: 'R,G,B:ID;R,G,B:ID' or a class_dict.csv of name,r,g,b"
     )
     unlisted_colors: Literal["invalid", "ignore"] = Field("invalid", description="colours not in mask_colors")
+    mask_alpha: Literal["ignore", "keep"] = Field(
+        "ignore", description="transparent mask pixels: ignore (unlabelled), or keep: their value is their class"
+    )
     bands: list[int] | None = Field(
         None, description="image bands the model sees, 1-based: '1,2,3' (default: RGB, or every band past 4)"
     )

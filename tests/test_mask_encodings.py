@@ -100,6 +100,9 @@ def test_spec_mask_encoding_flags():
 def test_soft_binary_detection():
     hist = np.zeros(256, np.int64)
     hist[0], hist[255], hist[128] = 500, 400, 30
+    # One value in between is a class of its own (0/128/255 trimaps, boundary classes): not a fade.
+    assert not masks.looks_soft_binary(hist)
+    hist[90], hist[170] = 10, 10  # an anti-aliased edge fades through several values
     assert masks.looks_soft_binary(hist)
     hist[1:255] = 50  # values everywhere: not a binary mask
     assert not masks.looks_soft_binary(hist)
@@ -367,3 +370,29 @@ def test_cli_mask_flags(ray_cluster, tmp_path):
     _, manifest = read_manifest(str(dest))
     assert manifest["class_names"] == ["bg", "red"] and manifest["palette"] == [[0, 0, 0], [255, 0, 0]]
     np.testing.assert_array_equal(_shard_masks(str(dest), manifest)["a"], ids)
+
+
+def test_a_transparent_background_is_named_and_kept_with_mask_alpha_keep(ray_cluster, tmp_path, caplog):
+    """A label layer saved over a transparent background (GIMP, Photoshop): alpha 0 read as unlabelled
+    left the background class without a pixel, the model learnt 'everything is foreground' and scored 1.0,
+    and nothing said so. prepare now names the empty class and the fix; --mask-alpha keep reads it."""
+    import logging
+
+    src = str(tmp_path / "src")
+    for i in range(4):
+        ids = _ids(i)
+        _image(src, f"t{i}", i)
+        layer = np.stack([ids * 255] * 3 + [ids * 255], axis=-1).astype(np.uint8)  # background: alpha 0
+        _save(Image.fromarray(layer, "RGBA"), f"{src}/masks/t{i}.png")
+    base = {"source": src, "mask_values": {0: 0, 255: 1}, "class_names": ["background", "cell"], "val_keys": ["t0"]}
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        dropped = prepare(PrepareSpec(**base, dest=str(tmp_path / "d1")))
+    assert dropped["class_pixels"]["train"][0] == 0 and dropped["mask_alpha"] == "ignore"
+    assert "class background has no labelled pixel in any mask" in caplog.text
+    assert "prepare again with --mask-alpha keep" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        kept = prepare(PrepareSpec(**base, dest=str(tmp_path / "d2"), mask_alpha="keep"))
+    assert "no labelled pixel" not in caplog.text and kept["ignored_pixels"] == 0
+    shard_masks = _shard_masks(str(tmp_path / "d2"), kept)
+    assert all(np.array_equal(shard_masks[f"t{i}"], _ids(i)) for i in range(4))

@@ -13,14 +13,27 @@ def distinct_names(names: list[str]) -> bool:
     return len(set(names)) == len(names) and all(n.strip() for n in names)
 
 
-def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None) -> list[str]:
-    """Classes the split leaves unlearnable (pixels in val only) or unscored (none in val)."""
+def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None, ignored: int = 0) -> list[str]:
+    """Classes no mask labels, or that the split leaves unlearnable (pixels in val only) or unscored
+    (none in val). `ignored`: the data set's ignore pixels, named when they could be the missing class's."""
     if not class_pixels or "train" not in class_pixels or "val" not in class_pixels:
         return []  # a data set prepared before per-split counts were kept
     train, val = class_pixels["train"], class_pixels["val"]
+    nowhere = [n for n, t, v in zip(names, train, val) if not t and not v]
     only_val = [n for n, t, v in zip(names, train, val) if v and not t]
     not_val = [n for n, t, v in zip(names, train, val) if t and not v]
     out = []
+    if nowhere:
+        labelled = sum(train) + sum(val)
+        text = f"class {', '.join(nowhere)} has no labelled pixel in any mask: the model cannot learn it"
+        if ignored and ignored >= 0.05 * (labelled + ignored):
+            # A label layer saved over a transparent background: its background read as unlabelled.
+            share = ignored / (labelled + ignored)
+            text += (
+                f"; {share:.0%} of the mask pixels are ignore (255, or transparent: alpha 0 reads as unlabelled): "
+                "if transparent means that class, prepare again with --mask-alpha keep"
+            )
+        out.append(text)
     if only_val:
         out.append(
             f"class {', '.join(only_val)} has pixels in val but none in train: the model cannot learn it; "

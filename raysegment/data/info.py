@@ -55,7 +55,12 @@ def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
     ignored = manifest.get("ignored_pixels")
     rows.append([str(manifest["ignore_index"]), "(ignore)", "", "" if ignored is None else f"{ignored} px"])
     out += _table(["id", "class", "colour", "pixels"], rows, right={0, 3})
-    out += [f"warning: {w}" for w in split_warnings(manifest["class_names"], manifest.get("class_pixels"))]
+    out += [
+        f"warning: {w}"
+        for w in split_warnings(
+            manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0)
+        )
+    ]
     out.append("")
     listed = shards if len(shards) <= MAX_SHARDS_LISTED else shards[: MAX_SHARDS_LISTED // 2]
     rows = [[s["path"], s["split"], str(s["rows"]), _mib(s["bytes"])] for s in listed]

@@ -130,6 +130,9 @@ class MaskEncoding:
     threshold: int | None = None  # soft binary masks: value >= threshold -> 1, else 0
     colors: dict[tuple[int, int, int], int] | None = None  # RGB colour-coded masks
     unlisted: Literal["invalid", "ignore"] = "invalid"  # colours not in `colors`
+    # Transparent pixels: unlabelled (sparse annotations), or read by their value like the rest (a label
+    # layer saved over a transparent background, where transparent is the background class).
+    alpha: Literal["ignore", "keep"] = "ignore"
 
 
 PLAIN = MaskEncoding()  # values as the layout's table reads them
@@ -264,7 +267,7 @@ def class_ids(
     or a colour table gives ids directly. Transparent pixels become 255. Raises
     ImageDecodeError for files that are no usable mask, MaskValueError for values not allowed."""
     img = _upright(data, encoding, max_pixels)
-    transparent = _transparent(img)
+    transparent = _transparent(img) if encoding.alpha == "ignore" else None
     if encoding.colors is not None:
         if img.mode not in ("RGB", "RGBA", "P", "PA", "L", "LA"):
             raise imaging.ImageDecodeError(f"mask has mode {img.mode}; colour-coded masks are RGB, RGBA or P")
@@ -293,8 +296,9 @@ def looks_soft_binary(hist: np.ndarray) -> bool:
 
     An edge fades between the two, so it holds mid-range values; class ids with 255 as void (VOC:
     0..20 and 255, Cityscapes' ids up to 33) hold only small values in between, and thresholding them
-    would merge every class into one."""
+    would merge every class into one. A fade takes several values: one value in between (0/128/255, a
+    trimap or a boundary class) is a class of its own, and thresholding would merge it into another."""
     total = int(hist.sum())
     between = total - int(hist[0]) - int(hist[255])
-    fading = bool(hist[SOFT_EDGE_MIN:255].any())
+    fading = int(np.count_nonzero(hist[SOFT_EDGE_MIN:255])) >= 2
     return bool(hist[0]) and bool(hist[255]) and fading and 0 < between <= SOFT_EDGE_SHARE * total

@@ -330,7 +330,8 @@ def _check_class_values(uri: str, hist: np.ndarray) -> int:
     example = ",".join(f"{v}:{i}" for i, v in enumerate(found))
     if masks.looks_soft_binary(hist):
         raise DataError(
-            f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}"
+            f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}; "
+            f"or, if the values in between are classes, map them with --mask-values, e.g. --mask-values {example}"
         )
     if len(present) <= 1 and 255 not in found:
         # One value (all background, or one colour): no mapping makes two classes of it.
@@ -427,10 +428,12 @@ def _mask_encoding(spec: PrepareSpec, source: storage.Location, listing: Listing
         table = masks.load_color_table(spec.mask_colors, spec.endpoint_url, source.retry_s)
         k = max(table.num_classes, spec.num_classes or 0, 0 if table.names else len(spec.class_names or []))
         listing = replace(listing, lut=classes.identity_lut(k), class_names=table.names, palette=table.palette(k))
-        return listing, masks.MaskEncoding(colors=table.colors, unlisted=spec.unlisted_colors)
+        encoding = masks.MaskEncoding(colors=table.colors, unlisted=spec.unlisted_colors, alpha=spec.mask_alpha)
+        return listing, encoding
     if spec.mask_threshold is not None:
-        return replace(listing, lut=classes.identity_lut(2)), masks.MaskEncoding(threshold=spec.mask_threshold)
-    return listing, masks.PLAIN
+        encoding = masks.MaskEncoding(threshold=spec.mask_threshold, alpha=spec.mask_alpha)
+        return replace(listing, lut=classes.identity_lut(2)), encoding
+    return listing, masks.MaskEncoding(alpha=spec.mask_alpha)
 
 
 def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, masks.MaskEncoding, list[Pair], str]:
@@ -533,6 +536,7 @@ def _manifest(
         "ignore_index": classes.IGNORE_INDEX,
         "mask_values": {str(k): v for k, v in sorted(spec.mask_values.items())} if spec.mask_values else None,
         "mask_threshold": spec.mask_threshold,
+        "mask_alpha": spec.mask_alpha,
         "mask_colors": {",".join(map(str, c)): i for c, i in encoding.colors.items()} if encoding.colors else None,
         "splits_from": split_source,
         "counts": {s: sum(sh["rows"] for sh in shards if sh["split"] == s) for s in SPLITS},
@@ -581,7 +585,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest.update(bands=spec.bands, channels=channels)
     manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
     manifest["exif_turned"] = len(turned)
-    warnings = classes.split_warnings(names, manifest["class_pixels"])
+    warnings = classes.split_warnings(names, manifest["class_pixels"], manifest["ignored_pixels"])
     if turned:
         warnings.append(exif_warning(sorted(turned)))
     for warning in warnings:

@@ -109,7 +109,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
-    for warning in split_warnings(manifest["class_names"], manifest.get("class_pixels")):
+    for warning in split_warnings(
+        manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0)
+    ):
         log.warning("train: %s", warning)
         progress.note(f"train: warning: {warning}")
     spec, plan_record = apply_plan(spec, data_loc, manifest)
