@@ -502,6 +502,9 @@ def model_import(config: str | None, as_json: bool, **flags: Any) -> None:
 @click.argument("dest", required=False)
 @click.option("--format", "format", type=click.Choice(["saved_model", "onnx", "tflite"]), default=None)
 @click.option("--probabilities", is_flag=True, default=None, help="also output per-class probabilities (HxWxK)")
+@click.option(
+    "--tta-flip/--no-tta-flip", default=None, help="flip TTA in the graph, as infer (default: the card's advice)"
+)
 @click.option("--overwrite", is_flag=True, default=None)
 @click.option("--storage-retry-s", type=float, default=None, help="retry unreachable object storage this long")
 @endpoint_option

@@ -638,6 +638,7 @@ class ExportSpec(Spec):
     dest: str = Field(description="folder for the export and its model.json, local or s3://")
     format: Literal["saved_model", "onnx", "tflite"]
     probabilities: bool = Field(False, description="also output per-class probabilities (HxWxK)")
+    tta_flip: bool | None = Field(None, description="flip TTA in the graph, as infer (default: the card's advice)")
     overwrite: bool = False
     storage_retry_s: StorageRetryS = None
 

@@ -115,16 +115,20 @@ def _pad_indices(length, pad, reflect):
     return tf.where(idx < length, idx, tf.where(reflect, 2 * (length - 1) - idx, length - 1))
 
 
-def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str = "float64"):
+def segment_fn(
+    model, card: ModelCard, probabilities: bool = False, dtype: str = "float64", flips: tuple[str, ...] = ()
+):
     """The exported computation: uint8 [H, W, 3] -> {"class_map": uint8 [H, W], "probabilities"?}.
 
     `dtype`: of the resampling coefficients and positions; float64 is Pillow's own, float32 is for TFLite
-    (no float64 builtins), where a coefficient or an exact tie may round the other way."""
+    (no float64 builtins), where a coefficient or an exact tie may round the other way. `flips`: the flip
+    TTA passes averaged in, as `infer` runs them (`ModelCard.tta`)."""
     import tensorflow as tf
 
-    from raysegment.inference.predictor import class_probabilities, reflect_padding
+    from raysegment.inference.predictor import averaged_probabilities, reflect_padding
 
     multiple = card.size_multiple
+    predict = averaged_probabilities(model, card.output, flips)
 
     def segment(image):
         scale, offset = (tf.constant(v, tf.float32) for v in card.pixel_affine)  # inside: graph constants
@@ -144,7 +148,7 @@ def segment_fn(model, card: ModelCard, probabilities: bool = False, dtype: str =
         x = x * scale + offset
         if missing is not None:
             x = tf.where(missing, tf.zeros_like(x), x)
-        probs = class_probabilities(model(x[None], training=False), card.output)[0]
+        probs = predict(x[None])[0]
         if card.native_scale:
             probs = probs[:h, :w]
         else:
@@ -198,7 +202,11 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     import tensorflow as tf
 
     model = load_model(model_dir, card)
-    segment = segment_fn(model, card, spec.probabilities, "float32" if spec.format == "tflite" else "float64")
+    # The flip TTA infer runs for this model (the card's advice, or --tta-flip/--no-tta-flip) is in the graph,
+    # and the model.json beside it says whether: the exported masks are infer's.
+    tta = card.tta(spec.tta_flip)
+    dtype = "float32" if spec.format == "tflite" else "float64"
+    segment = segment_fn(model, card, spec.probabilities, dtype, tta.flips)
     image = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, FILE_NAMES[spec.format])
@@ -206,6 +214,8 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         _replace(local, target)
     for fmt in stale:
         storage.remove_tree(dest.child(FILE_NAMES[fmt]))
+    if card.inference is not None and card.inference.tta_flip != bool(tta.flips):
+        card = card.model_copy(update={"inference": card.inference.model_copy(update={"tta_flip": bool(tta.flips)})})
     card.write(dest)
     return {
         "format": spec.format,

@@ -152,6 +152,39 @@ def test_native_scale_export_pads_as_the_predictor(tmp_path):
         assert (out["class_map"].numpy() == pred).all()
 
 
+def test_export_runs_the_flip_tta_infer_runs(tmp_path):
+    """The card advised flip TTA, infer ran it, and the exported graph did not, while the model.json beside
+    it still said tta_flip: true (2.4-3.9% of the mask pixels differed). The graph now averages the same
+    passes, and --no-tta-flip exports the plain pass with a model.json that says so."""
+    import tensorflow as tf
+
+    from raysegment.export import export
+    from raysegment.inference.predictor import Predictor
+    from raysegment.models.card import InferenceAdvice
+
+    model = make_model_dir(str(tmp_path), image_size=32, depth=2, base_filters=4)
+    card = ModelCard.read(model)
+    advice = InferenceAdvice(tta_flip=True, val_mean_iou={"plain": 0.5, "tta": 0.6}, images=2, flips=["lr"])
+    training = {**(card.training or {}), "flip": "horizontal", "augment": True}
+    native = card.input.model_copy(update={"resize": "none"})  # whole images through the predictor, as infer
+    card.model_copy(update={"inference": advice, "training": training, "input": native}).write(storage.resolve(model))
+    assert ModelCard.read(model).tta().flips  # the card turns TTA on for infer
+    rng = np.random.default_rng(3)
+    images = np.empty(3, dtype=object)
+    images[:] = [(rng.random(s) * 255).astype(np.uint8) for s in [(45, 50, 3), (32, 32, 3), (20, 60, 3)]]
+    errors = np.asarray([""] * 3, object)
+    with_tta = Predictor(model)({"image": images, "error": errors})["pred"]
+    plain = Predictor(model, tta_flip=False)({"image": images, "error": errors})["pred"]
+    assert any((a != b).any() for a, b in zip(with_tta, plain))  # else the test could not tell them apart
+    for tta_flip, expected, dest in ((None, with_tta, "on"), (False, plain, "off")):
+        spec = ExportSpec(model=model, dest=str(tmp_path / dest), format="saved_model", tta_flip=tta_flip)
+        serve = tf.saved_model.load(export(spec)["path"]).signatures["serving_default"]
+        for img, pred in zip(images, expected):
+            assert (serve(image=tf.constant(img))["class_map"].numpy() == pred).all()
+        exported = json.loads((tmp_path / dest / "model.json").read_text())
+        assert exported["inference"]["tta_flip"] is (tta_flip is None)
+
+
 def test_export_refuses_what_it_cannot_write_faithfully(tmp_path):
     """Refused before any conversion: a model of 16-bit or float pixels (the graph takes 8-bit images and would
     apply statistics fitted to other values), DEST the model's own folder, and a link where the file goes."""
