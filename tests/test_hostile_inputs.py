@@ -186,6 +186,34 @@ def test_parquet_key_column_duplicates_across_files(tiny_model, tmp_path):
     assert {p.name for p in tmp_path.rglob("*.png")} == {"r0.png", "r2.png"}  # nothing outside masks/
 
 
+def test_archives_and_tables_a_source_passes_over_are_named(tiny_model, tmp_path, caplog):
+    """A tar and a table beside loose images, or zip and bz2 archives under a tar source, were passed over
+    without a word: the run reported only the images it read, complete, exit 0. Now it says what it left."""
+    import logging
+
+    from raysegment.inference.sources import unread_inputs_note
+
+    _, model = tiny_model
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "p.png").write_bytes(png(0))
+    with tarfile.open(mixed / "more.tar", "w") as tar:
+        tar.add(mixed / "p.png", arcname="q.png")
+    pq.write_table(pa.table({"image": [png(1)]}), mixed / "t.parquet")
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        run = infer(InferSpec(model=model, input=str(mixed), output=str(tmp_path / "out"), report=False))
+    assert run["source"] == "files" and run["counts"]["processed"] == 1
+    assert "INPUT also holds 2 files not read (more.tar, t.parquet)" in caplog.text
+    assert "--source tar or parquet" in caplog.text
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    for name in ("a.tar", "b.tar.bz2", "c.zip"):
+        (archives / name).write_bytes(b"")
+    note = unread_inputs_note(storage.resolve(str(archives)), "tar")
+    assert note is not None and "2 files not read (b.tar.bz2, c.zip)" in note and "repack them" in note
+    assert unread_inputs_note(storage.resolve(str(archives / "a.tar")), "tar") is None  # one file: nothing beside it
+
+
 def test_parquet_rows_are_keyed_by_their_own_files_row_numbers(tiny_model, tmp_path):
     """Row keys were numbered over Ray's blocks, which merge small files: a table's second file got keys
     from the first's count (`b/2` for b's only row), and adding a table renumbered the others, so a

@@ -21,6 +21,7 @@ refused (``overlap.check_apart``), and a list naming OUTPUT's masks or summaries
 from __future__ import annotations
 
 import dataclasses
+import logging
 import posixpath
 import tarfile
 import threading
@@ -34,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raysegment import storage
+from raysegment import progress, storage
 from raysegment.data import limits, tiff
 from raysegment.errors import DataError
 from raysegment.inference import collisions, rasters
@@ -84,6 +85,8 @@ def _rows(
         "raster": np.asarray(raster if raster is not None else [False] * len(keys), bool),
     }
 
+
+log = logging.getLogger(__name__)
 
 # Image files directly under INPUT are read this many batches to a task: a task per handful
 # of files cost more in scheduling than the reads, and much bigger blocks hold back the
@@ -492,6 +495,29 @@ def detect_kind(root: storage.Location) -> str:
 
 KeyFilter = Callable[[ray.data.Dataset], ray.data.Dataset]
 
+# Archive forms a tar source does not open (tarfile streams only plain and gzip tars here).
+UNREAD_ARCHIVES = (".zip", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".7z", ".rar")
+
+
+def unread_inputs_note(root: storage.Location, kind: str) -> str | None:
+    """What INPUT holds that a `kind` source will pass over without a row, from the first 1000 names (the
+    driver never lists everything): archives or tables beside images, archives a tar source cannot open.
+    Nothing said so; a run over half the data passed as complete."""
+    if kind not in ("files", "tar") or not root.call(lambda: root.fs.isdir(root.path)):
+        return None
+    sample = [n for n in root.call(lambda: _sample(root)) if not hidden(n)]
+    if kind == "files":
+        unread = [n for n in sample if has_ext(n, (*ARCHIVE_EXTENSIONS, *UNREAD_ARCHIVES, ".parquet"))]
+        fix = "a files source reads image files only: give archives and tables their own run (--source tar or parquet)"
+    else:
+        unread = [n for n in sample if has_ext(n, UNREAD_ARCHIVES)]
+        fix = "a tar source opens .tar, .tar.gz and .tgz only: repack them as one of those"
+    if not unread:
+        return None
+    first = ", ".join(sorted(unread)[:3])
+    some = "" if len(sample) < 1000 else " among the first 1000 names"
+    return f"INPUT also holds {len(unread)} files not read{some} ({first}{', ...' if len(unread) > 3 else ''}); {fix}"
+
 
 def source_rows(
     uri: str,
@@ -517,6 +543,9 @@ def source_rows(
     """
     root = storage.resolve(uri, endpoint_url, retry_s)
     kind = detect_kind(root) if kind == "auto" else kind
+    if note := unread_inputs_note(root, kind):
+        log.warning("infer: %s", note)
+        progress.note(f"infer: warning: {note}")
     exts = tuple(extensions)  # lower-case with the dot: InferOptions normalises them
     if kind == "files":
         ds = keep(_listed(root, exts, BATCHES_PER_READ_TASK * batch_size)).map_batches(
