@@ -76,6 +76,10 @@ def test_color_pairs_and_csv_parse():
     table = masks.parse_color_csv("name,r,g,b\nSky,128,128,128\nRoad,128,64,128\n", "class_dict.csv")
     assert table.names == ["Sky", "Road"] and table.colors == {(128, 128, 128): 0, (128, 64, 128): 1}
     assert table.palette() == [[128, 128, 128], [128, 64, 128]]
+    # CamVid's own table lists Void: unlabelled pixels, not a class to train and score.
+    camvid = masks.parse_color_csv("name,r,g,b\nSky,128,128,128\nVoid,0,0,0\nRoad,128,64,128\n", "class_dict.csv")
+    assert camvid.names == ["Sky", "Road"] and camvid.num_classes == 2
+    assert camvid.colors == {(128, 128, 128): 0, (0, 0, 0): 255, (128, 64, 128): 1}
     with pytest.raises(ConfigError, match="first row must be the header name,r,g,b"):
         masks.parse_color_csv("Sky,128,128,128\nRoad,128,64,128\n", "c.csv")
     with pytest.raises(ConfigError, match="row 3"):

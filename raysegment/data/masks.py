@@ -82,8 +82,14 @@ class ColorTable:
         return palette
 
 
+# Rows of a class_dict.csv that name no class but unlabelled pixels (CamVid's `Void`): ignore (255), so
+# they are neither trained nor scored, and the classes after them keep consecutive ids.
+VOID_NAMES = frozenset({"void", "unlabeled", "unlabelled", "ignore"})
+
+
 def parse_color_csv(text: str, uri: str) -> ColorTable:
-    """A CamVid class_dict.csv: a header row `name,r,g,b`, then one class per row; row order = class id."""
+    """A CamVid class_dict.csv: a header row `name,r,g,b`, then one class per row; row order = class id.
+    A row named void (any case; or unlabeled, unlabelled, ignore) is ignore, not a class."""
     rows = list(csv.reader(io.StringIO(text)))
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if header[:4] != ["name", "r", "g", "b"]:
@@ -101,6 +107,9 @@ def parse_color_csv(text: str, uri: str) -> ColorTable:
             raise ConfigError(f"--mask-colors {uri}: row {n} {row}: write name,r,g,b with r, g, b in 0..255") from None
         if (r, g, b) in colors:
             raise ConfigError(f"--mask-colors {uri}: row {n}: colour {r},{g},{b} is already class {colors[(r, g, b)]}")
+        if row[0].strip().lower() in VOID_NAMES:
+            colors[(r, g, b)] = IGNORE_INDEX
+            continue
         colors[(r, g, b)] = len(names)
         names.append(row[0].strip())
     if len(names) < 2:
