@@ -89,6 +89,15 @@ def test_list_errors_name_the_rows(tmp_path):
     # A missing file is a bad pair (reported with the others), not a listing failure.
     pairs = listing(_csv([ROWS[0], ("imgs/nope.png", "labels/x.png", "train")], header="image,mask,split")).pairs
     assert [p.problem for p in pairs] == [None, "image not found: imgs/nope.png"]
+    # A list saved by Excel on Windows: split values in any case and padded are read; a backslash path is
+    # named as such (here it is part of a file name).
+    excel = [(ROWS[0][0], ROWS[0][1], " Train"), ("imgs\\scans\\x.png", ROWS[1][1], "VAL")]
+    pairs = listing(_csv(excel)).pairs
+    assert [p.split for p in pairs] == ["train", "val"]
+    assert (
+        pairs[1].problem
+        == "image not found: imgs\\scans\\x.png; write paths with / (\\ is not a folder separator here)"
+    )
     with pytest.raises(ConfigError, match="--images-dir/--masks-dir do not apply to --layout list"):
         load_spec(PrepareSpec, None, {"source": "l.csv", "dest": "d", "layout": "list", "images_dir": "x"})
 

@@ -43,7 +43,7 @@ def _csv_rows(text: str, uri: str) -> list[Row]:
         if not any(c.strip() for c in cells):
             continue
         cells = cells + [""] * (len(header) - len(cells))
-        split = cells[col["split"]].strip() if "split" in col else None
+        split = cells[col["split"]].strip().lower() if "split" in col else None  # Excel's 'Train ' too
         rows.append(Row(f"line {line}", cells[col["image"]].strip(), cells[col["mask"]].strip(), split))
     return rows
 
@@ -58,7 +58,7 @@ def _parquet_rows(data: bytes, uri: str) -> list[Row]:
             f"row {i + 1}",
             str(img or "").strip(),
             str(msk or "").strip(),
-            str(split[i] or "").strip() if split else None,
+            str(split[i] or "").strip().lower() if split else None,
         )
         for i, (img, msk) in enumerate(zip(images, masks))
     ]
@@ -119,6 +119,11 @@ def _key_root(paths: list[str]) -> str:
     return posixpath.commonpath(folders) if len({f.startswith("/") for f in folders}) == 1 else ""
 
 
+def _backslash_hint(entry: str) -> str:
+    """A list written on Windows (`imgs\\a.png`): here a backslash is part of a file name, not a folder."""
+    return "; write paths with / (\\ is not a folder separator here)" if "\\" in entry else ""
+
+
 def list_layout(source: storage.Location) -> Listing:
     """The pairs of a list file (CSV or Parquet, local or s3://)."""
     rows = _read_rows(source)
@@ -153,9 +158,9 @@ def list_layout(source: storage.Location) -> Listing:
         seen[key] = i
         problem = None
         if img not in sizes:
-            problem = f"image not found: {row.image}"
+            problem = f"image not found: {row.image}{_backslash_hint(row.image)}"
         elif msk not in sizes:
-            problem = f"mask not found: {row.mask}"
+            problem = f"mask not found: {row.mask}{_backslash_hint(row.mask)}"
         pairs.append(Pair(key, img, msk, sizes.get(img, 0), sizes.get(msk, 0), row.split, problem))
     has_splits = rows[0].split is not None
     return Listing(pairs, split_source="the list's split column" if has_splits else None, root=root)
