@@ -461,3 +461,24 @@ def test_masks_named_with_a_suffix_pair_with_mask_suffix_and_are_hinted_without(
     assert paired[0].mask.endswith("_mask.png")
     with pytest.raises(ValueError, match="--mask-suffix applies to --layout pairs only"):
         PrepareSpec(source="s", dest="d", layout="voc", mask_suffix="_mask")
+
+
+def test_val_keys_naming_a_stack_put_all_its_pages_in_val():
+    """`--val-keys vol` for a multi-page stack was refused as a key not in the source, with a hint that
+    did not fit (`vol` is the path without extension); its pages are `vol/0000` .... It now names them all."""
+    from raysegment.data.layouts import Listing, Pair, assign_splits
+
+    pages = [Pair(f"vol/000{i}", "vol.tif", "m/vol.tif", page=i) for i in range(3)]
+    listing = Listing([*pages, Pair("a", "a.png", "m/a.png"), Pair("dir/b", "dir/b.png", "m/dir/b.png")])
+    pairs, _ = assign_splits(listing, "pairs", ["vol"], None, 0)
+    assert {p.key: p.split for p in pairs} == {
+        "vol/0000": "val",
+        "vol/0001": "val",
+        "vol/0002": "val",
+        "a": "train",
+        "dir/b": "train",
+    }
+    pairs, _ = assign_splits(listing, "pairs", ["vol/0001", "a"], None, 0)
+    assert [p.key for p in pairs if p.split == "val"] == ["vol/0001", "a"]
+    with pytest.raises(ConfigError, match="names 1 keys not in the source: dir"):  # a folder is no stack
+        assign_splits(listing, "pairs", ["dir"], None, 0)

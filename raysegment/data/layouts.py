@@ -356,7 +356,16 @@ def assign_splits(
     if val_keys is not None:
         # Compared in NFC on both sides: a key typed on one system names a file written by another.
         wanted = {unicodedata.normalize("NFC", k) for k in val_keys}
-        missing = sorted(wanted - {unicodedata.normalize("NFC", p.key) for p in listing.pairs})
+        # A multi-page stack's name puts every page in val (its keys are NAME/0000 ...): neighbouring slices
+        # on both sides of the split would let val score what training saw.
+        stacks = {unicodedata.normalize("NFC", p.key).rsplit("/", 1)[0] for p in listing.pairs if p.page is not None}
+        named_stacks = wanted & stacks
+        wanted |= {
+            unicodedata.normalize("NFC", p.key)
+            for p in listing.pairs
+            if p.page is not None and unicodedata.normalize("NFC", p.key).rsplit("/", 1)[0] in named_stacks
+        }
+        missing = sorted(wanted - named_stacks - {unicodedata.normalize("NFC", p.key) for p in listing.pairs})
         if missing:
             shown = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
             raise ConfigError(
