@@ -214,6 +214,28 @@ def test_archives_and_tables_a_source_passes_over_are_named(tiny_model, tmp_path
     assert unread_inputs_note(storage.resolve(str(archives / "a.tar")), "tar") is None  # one file: nothing beside it
 
 
+def test_a_resumed_run_with_other_mask_settings_says_so(tiny_model, tmp_path, caplog):
+    """Resuming with another --mask-format (or TTA, tiles, precision) left PNGs beside packed files, or half
+    the rows with TTA, in one OUTPUT without a word. The masks stay (resume keeps what is done); it is said."""
+    import logging
+
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.png").write_bytes(png(0))
+    infer(InferSpec(model=model, input=str(inp), output=str(out), report=False))
+    (inp / "b.png").write_bytes(png(1))
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        infer(InferSpec(model=model, input=str(inp), output=str(out), report=False))  # the same settings
+    assert "other settings" not in caplog.text
+    (inp / "c.png").write_bytes(png(2))
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        run = infer(InferSpec(model=model, input=str(inp), output=str(out), report=False, mask_format="packed"))
+    assert run["counts"]["processed"] == 1
+    assert "wrote its masks with other settings (mask_format png -> packed)" in caplog.text
+    assert "--overwrite" in caplog.text
+
+
 def test_parquet_rows_are_keyed_by_their_own_files_row_numbers(tiny_model, tmp_path):
     """Row keys were numbered over Ray's blocks, which merge small files: a table's second file got keys
     from the first's count (`b/2` for b's only row), and adding a table renumbered the others, so a

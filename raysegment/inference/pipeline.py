@@ -82,6 +82,8 @@ def plan(spec: InferSpec) -> Run:
             f"{output.uri}: holds results of another model ({sorted(other)[0][:12]}); "
             "pass --overwrite to replace them or choose another OUTPUT"
         )
+    if done.rows:
+        warn_of_changed_settings(output, spec, card)
     logs.began()
     if spec.retry_errors:
         # The lock first: a compaction holding it refuses this run before _SUCCESS is touched.
@@ -94,6 +96,42 @@ def plan(spec: InferSpec) -> Run:
         layout.mark_incomplete(output)
     pool = actors.resolve(spec, ray.cluster_resources())
     return Run(spec, card, output, layout.new_run_id(), done, pool, started)
+
+
+# Options whose change makes a resumed run's masks unlike the earlier ones' (the format, or the pixels).
+MASK_SETTINGS = ("mask_format", "tile_size", "tile_overlap", "precision")
+
+
+def changed_settings(record: layout.RunRecord, spec: InferSpec, card: ModelCard) -> list[str]:
+    """What this run would write differently from the earlier run `record` describes."""
+    now = spec.model_dump()
+    out = [
+        f"{k} {record.config[k]} -> {now[k]}"
+        for k in MASK_SETTINGS
+        if k in record.config and record.config[k] != now[k]
+    ]
+    before = ((record.model_extra or {}).get("tta") or {}).get("tta_flips")
+    flips = list(card.tta(spec.tta_flip).flips)
+    if before is not None and before != flips:
+        out.append(f"flip TTA {','.join(before) or 'off'} -> {','.join(flips) or 'off'}")
+    return out
+
+
+def warn_of_changed_settings(output: storage.Location, spec: InferSpec, card: ModelCard) -> None:
+    """A resumed run with other mask settings than the last run's kept both kinds of mask in one OUTPUT,
+    silently (PNGs beside packed files, half the rows with TTA): said once, before the run."""
+    try:
+        run_id, record = layout.find_run(output)
+    except DataError:
+        return  # a damaged record: resume does not depend on it
+    changes = changed_settings(record, spec, card) if record is not None else []
+    if changes:
+        note = (
+            f"OUTPUT's run {run_id} wrote its masks with other settings ({'; '.join(changes)}); they stay, so "
+            "OUTPUT will hold both kinds: pass --overwrite to redo every image with these"
+        )
+        log.warning("infer: %s", note)
+        progress.note(f"infer: warning: {note}")
 
 
 def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
