@@ -236,6 +236,24 @@ def test_a_resumed_run_with_other_mask_settings_says_so(tiny_model, tmp_path, ca
     assert "--overwrite" in caplog.text
 
 
+def test_one_archive_is_an_input_and_one_image_gets_advice_that_fits(tiny_model, tmp_path):
+    """INPUT naming one .tar was refused even with --source tar, with advice (--source list) that led to
+    an iconv message about the archive's bytes. One archive is read as its folder would read it."""
+    _, model = tiny_model
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (tmp_path / "a.png").write_bytes(png(0))
+    with tarfile.open(inp / "outer.tar", "w") as tar:
+        tar.add(tmp_path / "a.png", arcname="a.png")
+        tar.add(tmp_path / "a.png", arcname="sub/b.png")
+    spec = InferSpec(model=model, input=str(inp / "outer.tar"), output=str(tmp_path / "out"), report=False)
+    run = infer(spec)
+    assert run["source"] == "tar" and sorted(rows_by_key(tmp_path / "out")) == ["outer/a", "outer/sub/b"]
+    assert infer(spec)["counts"]["processed"] == 0  # resumed: its member list says all are done
+    with pytest.raises(DataError, match=r"a.png: is a file; give a prefix \(folder\), one .tar/.tar.gz archive"):
+        infer(InferSpec(model=model, input=str(tmp_path / "a.png"), output=str(tmp_path / "o2"), report=False))
+
+
 def test_parquet_rows_are_keyed_by_their_own_files_row_numbers(tiny_model, tmp_path):
     """Row keys were numbered over Ray's blocks, which merge small files: a table's second file got keys
     from the first's count (`b/2` for b's only row), and adding a table renumbered the others, so a
@@ -435,6 +453,22 @@ def test_a_parquet_uri_lists_rows_without_a_uri_are_error_rows(tmp_path):
     pq.write_table(pa.table({"uri": ["a.png", None, "b.png"], "key": [0, 0, 1]}), listing)
     (block,) = list(urilist._blocks(storage.resolve(str(listing))))
     assert block.keys == ["0", "0", "1"] and block.errors[1] == "row 1 of the list has no uri"
+
+
+def test_a_file_localhost_uri_in_a_list_is_the_local_absolute_path(tmp_path):
+    """`file://localhost/PATH` is /PATH (RFC 8089); it was read as the relative `localhost/PATH` below the
+    list's folder, so the image was never found."""
+    from raysegment.inference import urilist
+
+    image = tmp_path / "imgs" / "x.png"
+    image.parent.mkdir()
+    image.write_bytes(png(0))
+    listing = tmp_path / "lists" / "list.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"file://localhost{image}\nFILE://LOCALHOST{image}\nfile://{image}\nfile://rel/y.png\n")
+    (block,) = list(urilist._blocks(storage.resolve(str(listing))))
+    assert block.paths == [str(image)] * 3 + [str(listing.parent / "rel" / "y.png")]
+    assert block.keys[:3] == [str(image.with_suffix("")).lstrip("/")] * 3  # the key of the plain path
 
 
 def test_a_parquet_table_with_the_wrong_columns_is_named_before_the_run(ray_cluster, tmp_path):

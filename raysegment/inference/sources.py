@@ -40,7 +40,16 @@ from raysegment.data import limits, tiff
 from raysegment.errors import DataError
 from raysegment.inference import collisions, rasters
 from raysegment.inference.archives import Archive, MemberIndex
-from raysegment.inference.listing import ARCHIVE_EXTENSIONS, has_ext, hidden, list_prefix, path_of, strip_ext
+from raysegment.inference.listing import (
+    ARCHIVE_EXTENSIONS,
+    LISTED_SCHEMA,
+    has_ext,
+    hidden,
+    list_prefix,
+    path_of,
+    strip_ext,
+)
+from raysegment.inference.listing import version as file_version
 from raysegment.inference.urilist import list_uris
 
 MAX_KEY_LENGTH = 512
@@ -102,7 +111,8 @@ def _listed(
     root: storage.Location, exts: tuple[str, ...], files_per_task: int = 1, containers: bool = False
 ) -> ray.data.Dataset:
     """Listing rows of the files under INPUT; none at all (an empty folder, or only empty folders) is an error."""
-    ds = list_prefix(root, exts, "give a prefix (folder) or use --source list", files_per_task, containers)
+    hint = "give a prefix (folder), one .tar/.tar.gz archive, or a .txt list of image URIs (--source list)"
+    ds = list_prefix(root, exts, hint, files_per_task, containers)
     if ds is None:
         raise DataError(
             f"{root.uri}: no files ending in {', '.join(exts)} under it, nothing to infer; "
@@ -478,6 +488,8 @@ def detect_kind(root: storage.Location) -> str:
     def look() -> str | list[str]:
         if not root.fs.exists(root.path):
             raise FileNotFoundError(root.path)
+        if has_ext(low, ARCHIVE_EXTENSIONS) and root.fs.isfile(root.path):
+            return "tar"  # one archive
         if low.endswith(".parquet") and root.fs.isfile(root.path):
             with root.fs.open(root.path, "rb") as f:
                 return "list" if "uri" in pq.ParquetFile(f).schema_arrow.names else "parquet"
@@ -494,6 +506,21 @@ def detect_kind(root: storage.Location) -> str:
 
 
 KeyFilter = Callable[[ray.data.Dataset], ray.data.Dataset]
+
+
+def _one_archive(root: storage.Location) -> ray.data.Dataset | None:
+    """INPUT naming one archive file: its listing row (members keyed `{archive name}/{member}`, as when
+    its folder is INPUT), else None."""
+    if not has_ext(root.path, ARCHIVE_EXTENSIONS):
+        return None
+    info = root.call(lambda: root.fs.info(root.path) if root.fs.isfile(root.path) else None)
+    if info is None:
+        return None
+    name = posixpath.basename(root.path)
+    row = {"key": strip_ext(name), "uri": root.uri, "size": int(info.get("size") or 0), "version": file_version(info)}
+    row |= {"error": "", "collides": False}
+    return ray.data.from_arrow(pa.Table.from_pylist([row], schema=LISTED_SCHEMA))
+
 
 # Archive forms a tar source does not open (tarfile streams only plain and gzip tars here).
 UNREAD_ARCHIVES = (".zip", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".7z", ".rar")
@@ -562,7 +589,7 @@ def source_rows(
             batch_format="numpy",
         )
     elif kind == "tar":
-        archives = _listed(root, ARCHIVE_EXTENSIONS, containers=True)
+        archives = _one_archive(root) or _listed(root, ARCHIVE_EXTENSIONS, containers=True)
         kwargs = {"root": root, "exts": exts, "index": members}
         ds = keep(archives.map_batches(read_archives, fn_kwargs=kwargs, batch_size=1, batch_format="numpy"))
     elif kind == "parquet":
