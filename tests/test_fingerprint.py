@@ -153,3 +153,28 @@ def test_eight_bit_images_among_sixteen_bit_ones_are_warned_of():
     manifest = {"fingerprint": fp.to_json(), "channels": 1}
     assert input_channels(manifest, "zscore_clipped")["eight_bit_seen"] is True
     assert input_channels(manifest, "scale_0_1")["eight_bit_seen"] is False  # all at 8 bits: nothing to take
+
+
+def test_float_images_in_0_1_among_counts_are_warned_of():
+    """A float image normalised to 0..1 among 12-bit counts was accepted without a word; under the counts'
+    normalisation it is one constant, and its mask came out as noise marked ok. The fingerprint names it."""
+    from raysegment.data.fingerprint import format_fingerprint
+    from raysegment.data.imaging import Decoded
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 1
+    rng = np.random.default_rng(0)
+    counts = [Decoded(rng.integers(200, 4000, (8, 8, 1)).astype(np.uint16), "I;16", 1) for _ in range(3)]
+    unit = Decoded(rng.random((8, 8, 1)).astype(np.float32), "F", 1)
+    part = ShardFingerprint()
+    for i, image in enumerate([*counts, unit]):
+        part.add(f"k{i}", image, mask)
+    fp = merge([part], num_classes=2, class_pixel_share=[0.5, 0.5])
+    assert fp.unit_range == 1 and "1 of 4 16-bit or float images hold values in 0..1 only" in (fp.mixed_range or "")
+    assert any("one range" in line for line in format_fingerprint(fp, ["a", "b"]))
+    only_unit = ShardFingerprint()
+    only_unit.add("u", unit, mask)  # a data set of 0..1 floats throughout is one range
+    assert merge([only_unit], num_classes=2, class_pixel_share=[0.5, 0.5]).mixed_range is None
+    assert Fingerprint.is_current({**fp.to_json()} | {"unit_range": 0}) and "unit_range" in fp.to_json()
+    older = {k: v for k, v in fp.to_json().items() if k != "unit_range"}
+    assert Fingerprint.is_current(older) and Fingerprint.from_json(older).unit_range == 0  # not recomputed

@@ -66,6 +66,7 @@ class ShardFingerprint:
     total: list[int] = field(default_factory=lambda: [0] * 256)
     areas: dict[int, list[int]] = field(default_factory=dict)
     sampled: int = 0
+    unit_range: int = 0  # images deeper than 8 bits whose every finite value lies in 0..1 (`Fingerprint.mixed_range`)
 
     def add(self, key: str, image: imaging.Decoded | bytes, mask: np.ndarray) -> None:
         """One pair: its decoded image (the shard task decodes each once), or its bytes (decoded here)."""
@@ -78,6 +79,9 @@ class ShardFingerprint:
         self.bands[image.bands] = self.bands.get(image.bands, 0) + 1
         dtype, channels = image.pixels.dtype.name, image.pixels.shape[2]
         self.dtypes[dtype] = self.dtypes.get(dtype, 0) + 1
+        if dtype not in ("uint8", "bool"):
+            finite = image.pixels[np.isfinite(image.pixels)] if image.pixels.dtype.kind == "f" else image.pixels
+            self.unit_range += int(finite.size > 0 and finite.min() >= 0 and finite.max() <= 1)
         self.channels[channels] = self.channels.get(channels, 0) + 1
         self.channel_example.setdefault(channels, key)
         present = np.unique(mask)
@@ -119,6 +123,7 @@ class Fingerprint:
     class_left_share: list[float | None]  # ... and in their left halves
     sampled_images: int
     dtypes: dict[str, int] = field(default_factory=dict)  # decoded pixel type -> images (absent before #19)
+    unit_range: int = 0  # deeper images with values in 0..1 only (0 in fingerprints from before it was counted)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +148,20 @@ class Fingerprint:
             "one bit depth and prepare again"
         )
 
+    @property
+    def mixed_range(self) -> str | None:
+        """A warning when some 16-bit or float images hold values in 0..1 only (floats normalised by their
+        writer) and the others larger counts: a model normalised for the counts sees the 0..1 ones as one
+        constant, and their masks come out as noise, marked ok."""
+        deep = sum(n for d, n in self.dtypes.items() if d not in ("uint8", "bool"))
+        if not self.unit_range or self.unit_range >= deep:
+            return None
+        return (
+            f"{self.unit_range} of {deep} 16-bit or float images hold values in 0..1 only, the others larger "
+            "counts: a model normalised for one range sees the other as nearly constant; scale the images to "
+            "one range and prepare again"
+        )
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fingerprint:
         """The stored fingerprint; one from an earlier version gets no side shares (None: no orientation
@@ -158,7 +177,7 @@ class Fingerprint:
         """True when a stored fingerprint has every field this version computes: an earlier one (without the
         side shares, or without `dtypes`, whose intensities were then sampled as 8-bit) is computed afresh
         by `plan` and `train`."""
-        return bool(data) and {f.name for f in fields(cls)} <= set(data)
+        return bool(data) and {f.name for f in fields(cls)} - {"unit_range"} <= set(data)
 
 
 def _spread(values: list[int]) -> dict[str, float]:
@@ -173,6 +192,7 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
     modes: dict[str, int] = {}
     bands: dict[str, int] = {}
     dtypes: Counter[str] = Counter()
+    unit_range = 0
     with_class = np.zeros(256, np.int64)
     top, left, total = (np.zeros(256, np.int64) for _ in range(3))
     areas: dict[int, list[int]] = {}
@@ -182,6 +202,7 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
         for b, n in p.bands.items():
             bands[str(b)] = bands.get(str(b), 0) + n
         dtypes.update(p.dtypes)
+        unit_range += p.unit_range
         with_class += np.asarray(p.images_with_class, np.int64)
         top += np.asarray(p.top, np.int64)
         left += np.asarray(p.left, np.int64)
@@ -204,6 +225,7 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
         class_top_share=[round(float(top[c] / total[c]), 6) if total[c] else None for c in range(num_classes)],
         class_left_share=[round(float(left[c] / total[c]), 6) if total[c] else None for c in range(num_classes)],
         dtypes=dict(sorted(dtypes.items())),
+        unit_range=unit_range,
     )
 
 
@@ -243,8 +265,9 @@ def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
             lines.append(f"  intensity {ch:<2} {stats}")
         if fp.dtypes:
             lines.append(f"  pixels       {', '.join(f'{d}: {n}' for d, n in fp.dtypes.items())} (decoded types)")
-            if fp.mixed_depth:
-                lines.append(f"  warning      {fp.mixed_depth}")
+            for warning in (fp.mixed_depth, fp.mixed_range):
+                if warning:
+                    lines.append(f"  warning      {warning}")
     lines.append(f"  {'class':<20} {'pixels':>8} {'images':>8} {'median object px':>17}")
     for c, name in enumerate(class_names):
         area = fp.object_area_median[c]

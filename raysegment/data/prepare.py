@@ -592,9 +592,10 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         log.warning("prepare: %s", warning)
         progress.note(f"prepare: warning: {warning}")
     fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
-    if fingerprint.mixed_depth:
-        log.warning("prepare: %s", fingerprint.mixed_depth)
-        progress.note(f"prepare: warning: {fingerprint.mixed_depth}")
+    for warning in (fingerprint.mixed_depth, fingerprint.mixed_range):
+        if warning:
+            log.warning("prepare: %s", warning)
+            progress.note(f"prepare: warning: {warning}")
     manifest["fingerprint"] = fingerprint.to_json()
     manifest["seconds"] = round(time.time() - t0, 2)
     storage.write_json(manifest_loc, manifest)
