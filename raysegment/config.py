@@ -7,6 +7,7 @@ a misspelt option must never silently fall back to a default.
 
 from __future__ import annotations
 
+import calendar
 import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -453,6 +454,20 @@ class InferSpec(InferOptions):
         return self
 
 
+def _date_problem(v: str) -> str:
+    """Why `v` is not a night's date: no such day (2026-02-30, 2026-13-01), else not written YYYY-MM-DD."""
+    parts = v.split("-")
+    if len(parts) != 3 or [len(p) for p in parts] != [4, 2, 2] or not all(p.isascii() and p.isdigit() for p in parts):
+        return "write the date as YYYY-MM-DD, e.g. 2026-01-31"
+    year, month = int(parts[0]), int(parts[1])
+    if year < 1:
+        return "no such day: years start at 0001"
+    if not 1 <= month <= 12:
+        return f"no such day: there is no month {parts[1]}"
+    days = calendar.monthrange(year, month)[1]
+    return f"no such day: {calendar.month_name[month]} {year} has days 01 to {days}"
+
+
 class NightlySpec(InferOptions):
     """`nightly`: infer only on images under INPUT that are new or changed since the last night.
 
@@ -493,7 +508,7 @@ class NightlySpec(InferOptions):
                 if day.isoformat() != v:
                     raise ValueError
             except ValueError:
-                raise ValueError("write the date as YYYY-MM-DD, e.g. 2026-01-31") from None
+                raise ValueError(_date_problem(v)) from None
             # A night not yet begun would get a partition and ledger rows from the future, and the
             # drift check would compare real nights against it; one day of slack for zones ahead of UTC.
             tomorrow = datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1)

@@ -7,7 +7,11 @@ Layout under OUTPUT (see DESIGN.md, "Nightly runs"):
     ledger/part-{date}-{stamp}.parquet
                                 one row per input processed: key, uri, size, version, model_sha256,
                                 status, date, run_id, recorded_at; appended only after _SUCCESS
-    reports/YYYY-MM-DD.json     counts, mean class fractions, drift against the previous report
+    reports/YYYY-MM-DD.json     counts, mean class fractions, drift against the previous report: the
+                                date's run that processed the latest work (see `_placement`)
+    reports/YYYY-MM-DD-{failed,rerun,replaced}-{stamp}.json
+                                a re-run's report that does not take YYYY-MM-DD.json, or the earlier
+                                report a re-run that processed images took it from
     _nightly.lock               while a run is in progress (conditional create, see lock.py)
 
 An input is up to date when the latest ledger row for its key has the same size,
@@ -42,12 +46,18 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_DRIFT = 0, 3, 4
 LOCK_NAME = "_nightly.lock"
-REPORT_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.json")  # reports/DATE.json; a failed re-run's report is not one
+# reports/DATE.json; DATE-{failed,rerun,replaced}-STAMP.json (see _placement) are not one, nor compared with.
+REPORT_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.json")
 
 
 def partition_name(date: str) -> str:
     """The date partition of one night's output."""
     return f"date={date}"
+
+
+def input_exists(root: storage.Location) -> bool:
+    """Whether INPUT is there at all: a local path that exists, an S3 prefix with at least one object."""
+    return root.call(lambda: root.fs.exists(root.path))
 
 
 def list_inputs(root: storage.Location, exts: tuple[str, ...]) -> ray.data.Dataset | None:
@@ -87,6 +97,21 @@ class NightPlan:
     clashes: pa.Table  # inputs whose keys collide
 
 
+def empty_plan() -> NightPlan:
+    """The plan of a listing with no images in it (or no INPUT to list)."""
+    empty = LISTED_SCHEMA.empty_table().append_column("change", pa.array([], pa.string()))
+    return NightPlan({**dict.fromkeys(ledger.CHANGES, 0), "listed": 0}, empty, empty)
+
+
+def counts_line(date: str, counts: dict[str, int]) -> str:
+    """The console line of the night's plan; its parts add up to `listed` (deferred shown when there are any)."""
+    deferred = f", {counts['deferred']} deferred" if counts["deferred"] else ""
+    return (
+        f"nightly {date}: {counts['listed']} listed, {counts['new']} new, {counts['changed']} changed, "
+        f"{counts['unchanged']} unchanged{deferred}"
+    )
+
+
 def _tally(batch: pa.Table) -> pa.Table:
     return pa.table({c: [_count(batch["change"], c)] for c in ledger.CHANGES})
 
@@ -100,8 +125,7 @@ def plan_night(input_loc: storage.Location, exts: tuple[str, ...], index: ledger
     """List INPUT and classify every image by tasks; the driver gets counts and the rows to act on."""
     listed = list_inputs(input_loc, exts)
     if listed is None:
-        empty = LISTED_SCHEMA.empty_table().append_column("change", pa.array([], pa.string()))
-        return NightPlan({**dict.fromkeys(ledger.CHANGES, 0), "listed": 0}, empty, empty)
+        return empty_plan()
     kwargs = {"lookups": [index.lookups], "model_sha256": model}
     planned = listed.map_batches(ledger.classify, fn_kwargs=kwargs, batch_format="pyarrow").materialize()
     # Ray Data passes an empty block (a sub-folder without images) through map_batches without
@@ -241,14 +265,13 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     with RunLock(output.child(LOCK_NAME), spec.lock_stale_after_s, purpose="nightly run"):
         index = ledger.build(output, date)
         ledger.compact(output, index, f"{date}-{_stamp()}")  # a year of nights stays a few files
-        night = plan_night(input_loc, tuple(spec.extensions), index, card.model_sha256)
+        # No INPUT at all (a mistyped path or prefix, a share not mounted): the night fails below with a report.
+        missing = not input_exists(input_loc)
+        night = empty_plan() if missing else plan_night(input_loc, tuple(spec.extensions), index, card.model_sha256)
         counts, todo = dict(night.counts), night.todo
         # Keys the ledger holds that tonight's listing lacks: deleted, moved, or a share not mounted.
         counts["absent"] = max(0, index.keys - (counts["listed"] - counts["new"]))
-        progress.note(
-            f"nightly {date}: {counts['listed']} listed, {counts['new']} new, {counts['changed']} changed, "
-            f"{counts['unchanged']} unchanged"
-        )
+        progress.note(counts_line(date, counts))
         progress.expect_total("infer", todo.num_rows)
         report: dict[str, Any] = {
             "date": date,
@@ -265,6 +288,13 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
         }
         try:
             refuse_collisions(night.clashes)
+            if missing and not spec.allow_empty_input:
+                earlier = f", and the ledger records {index.keys} images from earlier nights" if index.keys else ""
+                raise JobError(
+                    f"nightly: INPUT {storage.redact(spec.input)} does not exist (no such folder, or no object "
+                    f"under the prefix){earlier}: check that INPUT is mounted and its path or prefix is right; "
+                    "if it was emptied on purpose, run again with --allow-empty-input"
+                )
             if not counts["listed"] and index.keys and not spec.allow_empty_input:
                 raise JobError(
                     f"nightly: INPUT {storage.redact(spec.input)} lists no images, but the ledger records "
@@ -304,14 +334,15 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             report["class_fraction_mean"] = None
         previous = previous_report(output.child("reports"), date)
         report["drift"] = drift(report["class_fraction_mean"], previous, spec.drift_threshold)
+        placed = _placement(report, output, date)
         if report["class_fraction_mean"] and previous:
-            # The same comparison as a picture: per-class share before, now and the change.
-            plot = output.child("reports", f"{date}-drift.png")
+            # The same comparison as a picture: per-class share before, now and the change (beside the report).
+            plot = output.child("reports", placed.name.removesuffix(".json") + "-drift.png")
             storage.write_bytes(plot, plots.drift_png(previous["class_fraction_mean"], report["class_fraction_mean"]))
             report["drift"]["plot"] = storage.redact(plot.uri)
         if report["drift"]["flagged"]:
             report.update(status="drift", exit_code=EXIT_DRIFT)
-        _finish(report, output, date, t0)
+        _finish(report, output, date, t0, placed)
     return report
 
 
@@ -337,27 +368,79 @@ def _append_ledger(
     ledger.write_parquet(output.child(ledger.LEDGER, f"part-{date}-{stamp}.parquet"), table)
 
 
-def _finish(report: dict[str, Any], output: storage.Location, date: str, t0: float) -> None:
+def _finish(
+    report: dict[str, Any], output: storage.Location, date: str, t0: float, placed: Placement | None = None
+) -> None:
     report["seconds"] = round(time.time() - t0, 2)
     report["raysegment"] = __version__
-    target = output.child("reports", f"{date}.json")
-    if report["status"] == "failed" and _succeeded(target):
-        # A failed re-run adds nothing to the date (no ledger rows): the earlier run's report stays.
-        target = output.child("reports", f"{date}-failed-{_stamp()}.json")
-        log.warning(
-            "nightly %s failed; the report of the earlier run on that date is kept, this attempt's is %s",
-            date,
-            storage.redact(target.uri),
-        )
-    storage.write_json(target, report)
+    placed = placed or _placement(report, output, date)
+    if placed.displaced is not None:
+        # Kept beside it before DATE.json is rewritten: a run killed in between leaves both copies.
+        storage.write_json(output.child("reports", placed.displaced_name), placed.displaced)
+    if placed.why:
+        log.warning("nightly %s %s; this run's report is %s", date, placed.why, storage.redact(placed.target.uri))
+    report["report_uri"] = storage.redact(placed.target.uri)  # where it went: DATE.json or a side file
+    storage.write_json(placed.target, report)
 
 
-def _succeeded(loc: storage.Location) -> bool:
-    """Whether a report exists there and records a run that did not fail."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a night's report goes under OUTPUT/reports, and the earlier report it displaces."""
+
+    name: str  # DATE.json, or DATE-{failed,rerun}-STAMP.json beside it
+    target: storage.Location
+    why: str = ""  # for the console, when the report does not simply take DATE.json
+    displaced: dict[str, Any] | None = None  # the earlier DATE.json, kept as displaced_name
+    displaced_name: str = ""
+
+
+def _placement(report: dict[str, Any], output: storage.Location, date: str) -> Placement:
+    """Where this run's report goes: DATE.json holds the date's run that processed the latest work.
+
+    - a failed run takes DATE.json only if that holds no run that did not fail (else DATE-failed-STAMP.json);
+    - a run that processed images takes it; an earlier report there that recorded processed images is
+      kept as DATE-replaced-STAMP.json;
+    - a run that processed nothing takes it unless it holds a run that processed images (a re-run
+      after the night's work): then DATE-rerun-STAMP.json.
+
+    Drift compares only DATE.json reports (REPORT_NAME), so a side report is never its baseline.
+    """
+    reports = output.child("reports")
+    name = f"{date}.json"
+    earlier = _earlier_report(reports.child(name))
+    if earlier is None or earlier.get("status") == "failed":
+        return Placement(name, reports.child(name))
+    worked = _processed(earlier)
+    if report["status"] == "failed":
+        side, why = "failed", "failed; the report of the earlier run on that date is kept"
+    elif _processed(report):
+        if not worked:
+            return Placement(name, reports.child(name))
+        kept = f"{date}-replaced-{_stamp()}.json"
+        why = f"processed images again; the earlier run's report (run {earlier.get('run_id')}) is kept as {kept}"
+        return Placement(name, reports.child(name), why, earlier, kept)
+    elif worked:
+        side = "rerun"
+        why = f"processed nothing; {name} keeps the report of the earlier run (run {earlier.get('run_id')})"
+    else:
+        return Placement(name, reports.child(name))
+    side_name = f"{date}-{side}-{_stamp()}.json"
+    return Placement(side_name, reports.child(side_name), why)
+
+
+def _earlier_report(loc: storage.Location) -> dict[str, Any] | None:
+    """The report there, if one can be read (a damaged one is replaced, as if there were none)."""
     if not storage.exists(loc):
-        return False
+        return None
     try:
         earlier = storage.read_json(loc)
     except StorageError:
-        return False
-    return isinstance(earlier, dict) and earlier.get("status") not in (None, "failed")
+        return None
+    return earlier if isinstance(earlier, dict) and earlier.get("status") is not None else None
+
+
+def _processed(report: dict[str, Any]) -> bool:
+    """Whether a report records a run that did not fail and processed images."""
+    counts = report.get("counts")
+    processed = counts.get("processed") if isinstance(counts, dict) else None
+    return report.get("status") != "failed" and isinstance(processed, int) and processed > 0

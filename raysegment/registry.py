@@ -195,7 +195,7 @@ def nightly_line(report: dict[str, Any]) -> str:
     return (
         f"nightly {report['date']}: {report['status']}; {c['listed']} listed, {c['new']} new, {c['changed']} changed, "
         f"{c['processed']} processed ({c['ok']} ok, {c['error']} errors){shift}; report "
-        f"{report['output']}/reports/{report['date']}.json"
+        f"{report.get('report_uri') or report['output'] + '/reports/' + report['date'] + '.json'}"
     )
 
 

@@ -7,7 +7,8 @@
     GET  /healthz   200 while the replica's process is up
     GET  /readyz    200 once the model is loaded and has answered a warm-up request, else 503
 
-A request is checked before it reaches the model: content type (415), body size (413,
+A request is checked before it reaches the model: an Accept that refuses both answers (406), content type
+and any Content-Encoding but identity (415; not decoded, see `_encoding_problem`), body size (413,
 `max_body_mb`), the header's pixel count (413, `max_pixels`) and an image header at all (400);
 every 4xx is one line of JSON, {"error": "..."}. Requests wait up to `batch_wait_timeout_s` for
 `max_batch_size` others (`@serve.batch`) and a batch runs in a thread, so /healthz answers while
@@ -82,11 +83,13 @@ def _error(status: int, message: str):
     return JSONResponse({"error": message}, status_code=status)
 
 
-def answer_format(accept: str) -> str:
-    """json when the Accept header prefers application/json over a PNG, else png: by q-value, then by the
-    more specific range (`application/json, */*` asks for JSON, `image/png;q=1, application/json;q=0.5` not),
-    and JSON on a full tie."""
-    best = {"json": (0.0, 0), "png": (0.0, 0)}
+# What POST /segment can answer, by the media type that names it.
+ANSWER_TYPES = {"json": "application/json", "png": "image/png"}
+
+
+def _accept_ranges(accept: str) -> list[tuple[str, float]]:
+    """(media range, q) of an Accept header, lower case; a range with an unreadable q is left out."""
+    ranges = []
     for item in accept.split(","):
         media, *params = (part.strip().lower() for part in item.split(";"))
         q = 1.0
@@ -94,17 +97,57 @@ def answer_format(accept: str) -> str:
             name, _, value = param.partition("=")
             if name.strip() == "q":
                 try:
-                    q = min(max(float(value), 0.0), 1.0)
+                    q = float(value)
                 except ValueError:
-                    q = 0.0
-        if q <= 0:
-            continue  # q=0: not acceptable
-        if media == "application/json":
-            best["json"] = max(best["json"], (q, 2))
-        elif media in ("image/png", "image/*", "*/*"):
-            best["png"] = max(best["png"], (q, 2 if media == "image/png" else 1 if media == "image/*" else 0))
-    # A full tie (`application/json, image/png`) answers JSON, as a header naming JSON always did.
-    return "json" if best["json"][0] > 0 and best["json"] >= best["png"] else "png"
+                    q = math.nan
+        if media and math.isfinite(q):
+            ranges.append((media, min(max(q, 0.0), 1.0)))
+    return ranges
+
+
+def answer_format(accept: str) -> str | None:
+    """json when the Accept header prefers application/json over a PNG, else png; None (406) when it gives
+    both q=0. Each type takes the q of its most specific range (`image/png` over `image/*` over `*/*`);
+    JSON wins by q-value, then by the more specific range (`application/json, */*` asks for JSON,
+    `image/png;q=1, application/json;q=0.5` not), and on a full tie of named ranges (`image/png,
+    application/json`); a type the header does not name is still given (PNG first: `text/html` answers one)."""
+    best: dict[str, tuple[float, int]] = {}
+    for media, q in _accept_ranges(accept):
+        for fmt, full in ANSWER_TYPES.items():
+            kind = full.split("/", 1)[0]
+            specificity = 2 if media == full else 1 if media == f"{kind}/*" else 0 if media == "*/*" else -1
+            if specificity < 0:
+                continue
+            q_was, specificity_was = best.get(fmt, (0.0, -1))
+            if specificity > specificity_was:
+                best[fmt] = (q, specificity)
+            elif specificity == specificity_was:
+                best[fmt] = (max(q_was, q), specificity)
+    refused = {fmt for fmt, (q, _) in best.items() if q <= 0}
+    if refused == set(ANSWER_TYPES):
+        return None
+    if refused:
+        return next(fmt for fmt in ANSWER_TYPES if fmt not in refused)
+    json_rank, png_rank = best.get("json", (0.0, -1)), best.get("png", (0.0, -1))
+    # A full tie between named ranges (`application/json, image/png`) answers JSON, as a header naming JSON
+    # always did; `*/*` alone (or a header naming neither) answers the PNG.
+    return "json" if json_rank > png_rank or (json_rank == png_rank and json_rank[1] > 0) else "png"
+
+
+def _not_acceptable() -> str:
+    return f"Accept refuses every answer (q=0); this server answers {ANSWER_TYPES['png']} or {ANSWER_TYPES['json']}"
+
+
+def _encoding_problem(content_encoding: str) -> str | None:
+    """Why a body with this Content-Encoding is refused (415), or None for none or identity. Not decoded: the
+    body-size limit counts the bytes sent, and a small gzip body can inflate past it (a gzip bomb)."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    if all(c == "identity" for c in codings):
+        return None
+    return (
+        f"Content-Encoding {', '.join(codings)[:60]} is not taken: send the image's bytes as they are, without "
+        "Content-Encoding (an image file is compressed already)"
+    )
 
 
 def _accepted_type(content_type: str) -> bool:
@@ -268,10 +311,15 @@ class Segmenter:
         if not self.ready.is_set():
             return _error(503, self.load_error or "model still loading; poll /readyz")
         fmt = request.query_params.get("format") or answer_format(request.headers.get("accept", ""))
+        if fmt is None:
+            return _error(406, _not_acceptable())
         if fmt not in ("png", "json"):
             return _error(400, f"format={fmt}: use png (the mask) or json (class fractions)")
         if not _accepted_type(request.headers.get("content-type", "")):
             return _error(415, "send the image's bytes with Content-Type image/* or application/octet-stream")
+        encoding = _encoding_problem(request.headers.get("content-encoding", ""))
+        if encoding:
+            return _error(415, encoding)
         try:
             # A body that trickles in would hold one of the replica's few request slots for good.
             body = await asyncio.wait_for(_read_body(request, self.config.max_body_bytes), self.config.body_timeout_s)

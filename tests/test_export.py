@@ -183,6 +183,10 @@ def test_export_runs_the_flip_tta_infer_runs(tmp_path):
             assert (serve(image=tf.constant(img))["class_map"].numpy() == pred).all()
         exported = json.loads((tmp_path / dest / "model.json").read_text())
         assert exported["inference"]["tta_flip"] is (tta_flip is None)
+    from raysegment.errors import DataError
+
+    with pytest.raises(DataError, match=r"an export \(saved_model\), not a trained model .*model import"):
+        ModelCard.read(str(tmp_path / "on"))  # infer/serve given the export's folder: named as one
 
 
 def test_export_refuses_what_it_cannot_write_faithfully(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from raysegment import ledger as night_ledger
 from raysegment import nightly, storage
-from raysegment.config import InferSpec, NightlySpec
+from raysegment.config import InferSpec, NightlySpec, load_spec
 from raysegment.data import synthetic
 from raysegment.errors import ConfigError, JobError
 from raysegment.inference import pipeline
@@ -130,6 +130,26 @@ def test_a_ledger_of_many_nights_gives_the_same_plan_by_tasks_and_compacted(ray_
     again = night_ledger.build(out, "2026-02-12")
     assert by_tasks(again).equals(expected)
     assert night_ledger.compact(out, again, "2026-02-13-stamp") == 0  # under the limit: left alone
+
+
+def test_a_date_that_does_not_exist_is_named_as_such():
+    """`--date 2026-02-30` was told to write the date as YYYY-MM-DD, which it is; it names the day now."""
+    cases = {
+        "2026-02-30": "no such day: February 2026 has days 01 to 28",
+        "2024-02-30": "no such day: February 2024 has days 01 to 29",
+        "2026-04-31": "April 2026 has days 01 to 30",
+        "2026-01-00": "January 2026 has days 01 to 31",
+        "2026-13-01": "no such day: there is no month 13",
+        "0000-01-01": "years start at 0001",
+        "2026-1-2": "write the date as YYYY-MM-DD",
+        "20260102": "write the date as YYYY-MM-DD",
+        "2026-01-02T00:00": "write the date as YYYY-MM-DD",
+    }
+    for date, said in cases.items():
+        with pytest.raises(ConfigError, match="date") as exc:
+            load_spec(NightlySpec, None, {"model": "m", "input": "/in", "output": "/out", "date": date})
+        assert said in str(exc.value) and "\n" not in str(exc.value).strip(), (date, str(exc.value))
+    assert NightlySpec(model="m", input="/in", output="/out", date="2024-02-29").date == "2024-02-29"
 
 
 def test_drift_flags_a_shift_beyond_the_threshold():
@@ -393,3 +413,141 @@ def test_a_subfolder_without_images_is_planned_as_nothing(ray_cluster, tmp_path)
     night = nightly.plan_night(root, (".png",), index, "m1")
     assert night.counts == {"new": 2, "changed": 0, "unchanged": 0, "deferred": 0, "listed": 2}
     assert night.todo["key"].to_pylist() == ["a", "b"] and night.clashes.num_rows == 0
+
+
+def test_the_console_line_adds_up_with_deferred_inputs():
+    counts = {"listed": 5, "new": 0, "changed": 0, "unchanged": 4, "deferred": 1}
+    assert nightly.counts_line("2026-12-02", counts) == (
+        "nightly 2026-12-02: 5 listed, 0 new, 0 changed, 4 unchanged, 1 deferred"
+    )
+    # No deferred inputs: the line is as before.
+    assert nightly.counts_line("2026-12-02", {**counts, "unchanged": 5, "deferred": 0}).endswith("5 unchanged")
+
+
+def night_report(status, processed, run_id=None):
+    return {"date": "2026-12-01", "status": status, "run_id": run_id, "counts": {"processed": processed}}
+
+
+def test_a_rerun_report_never_replaces_one_that_records_work(tmp_path):
+    """DATE.json holds the date's run that processed the latest work: a re-run that processed nothing
+    (or failed) goes beside it, one that processed images takes it and keeps the earlier one beside it."""
+    out = storage.resolve(str(tmp_path / "out"))
+    date_json = out.child("reports", "2026-12-01.json")
+
+    def placed(report, earlier=None):
+        if earlier is None:
+            storage.remove_tree(date_json)
+        else:
+            storage.write_json(date_json, earlier)
+        return nightly._placement(report, out, "2026-12-01")
+
+    worked = night_report("ok", 5, "run-1")
+    assert placed(worked).name == "2026-12-01.json"
+    # Nothing new on a re-run of a date whose report records work: that report stays.
+    p = placed(night_report("nothing_new", 0), worked)
+    assert p.name.startswith("2026-12-01-rerun-") and p.name.endswith(".json") and p.displaced is None
+    assert "run-1" in p.why
+    p = placed(night_report("drift", 0), worked)  # drift flagged on the partition's statistics: still a re-run
+    assert p.name.startswith("2026-12-01-rerun-")
+    assert placed(night_report("failed", 0), worked).name.startswith("2026-12-01-failed-")
+    # A re-run that processed images holds the latest work: it takes DATE.json, the earlier report is kept.
+    p = placed(night_report("ok", 1, "run-2"), worked)
+    assert p.name == "2026-12-01.json" and p.displaced == worked
+    assert p.displaced_name.startswith("2026-12-01-replaced-") and p.displaced_name in p.why
+    # An earlier report that recorded no work (nothing new) or failed is replaced by any later run.
+    for earlier in (night_report("nothing_new", 0), night_report("failed", 0)):
+        assert placed(night_report("nothing_new", 0), earlier).name == "2026-12-01.json"
+        assert placed(night_report("ok", 2), earlier).displaced is None
+    assert placed(night_report("failed", 0), night_report("failed", 0)).name == "2026-12-01.json"
+    assert placed(night_report("failed", 0), night_report("nothing_new", 0)).name.startswith("2026-12-01-failed-")
+    # The side reports are never the drift baseline: only DATE.json is.
+    for name in (p.displaced_name, "2026-12-01-rerun-20261201T000000000000Z.json"):
+        assert not nightly.REPORT_NAME.fullmatch(name)
+
+
+class FakeCard:
+    model_id = "fake"
+    model_sha256 = "0" * 64
+    class_names = ["background", "cell"]
+
+
+def check_missing_input_fails_the_night(out: str, inp: str, monkeypatch):
+    from raysegment.models import card
+
+    monkeypatch.setattr(card.ModelCard, "read", classmethod(lambda cls, *a, **kw: FakeCard()))
+
+    def night(**kw):
+        return nightly.run_nightly(NightlySpec(model="/models/m", input=inp, output=out, date="2026-12-03", **kw))
+
+    # A cron job needs a report to watch: the night fails (exit 3) with one naming INPUT and the fix,
+    # on the first night too (a mistyped path never looks like "nothing new").
+    with pytest.raises(JobError, match=r"INPUT .* does not exist.*check that INPUT .*--allow-empty-input") as exc:
+        night()
+    assert exc.value.exit_code == nightly.EXIT_FAILED
+    report = storage.read_json(storage.resolve(out).child("reports", "2026-12-03.json"))
+    assert report["status"] == "failed" and report["exit_code"] == 3 and report["counts"]["listed"] == 0
+    assert "does not exist" in report["problem"] and "--allow-empty-input" in report["problem"]
+    # Emptied on purpose (on S3 an emptied prefix is not there at all): the flag makes it nothing new.
+    report = night(allow_empty_input=True)
+    assert report["status"] == "nothing_new" and nightly.exit_code(report) == 0
+
+
+def test_a_missing_input_fails_the_night_with_a_report(ray_cluster, tmp_path, monkeypatch):
+    check_missing_input_fails_the_night(str(tmp_path / "out"), str(tmp_path / "no-such-folder"), monkeypatch)
+
+
+@pytest.mark.s3
+def test_a_missing_input_prefix_fails_the_night_with_a_report(ray_cluster, s3_prefix, monkeypatch):
+    check_missing_input_fails_the_night(f"{s3_prefix}/out", f"{s3_prefix}/no-such-prefix", monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_date_keeps_the_report_of_the_run_that_did_the_work(tiny_model, tmp_path, monkeypatch):
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "nightly"
+    reports = out / "reports"
+    write_pngs(inp, ["a", "b", "c"])
+    notes = []
+    real_note = nightly.progress.note
+    monkeypatch.setattr(nightly.progress, "note", lambda text: notes.append(text) or real_note(text))
+
+    def night(date="2026-12-01"):
+        return nightly.run_nightly(NightlySpec(model=model, input=str(inp), output=str(out), date=date, batch_size=4))
+
+    def side(kind):
+        return sorted(reports.glob(f"2026-12-01-{kind}-*.json"))
+
+    first = night()
+    assert first["status"] == "ok" and first["counts"]["processed"] == 3
+    worked = (reports / "2026-12-01.json").read_text()
+
+    # Re-run, nothing new: the report of the run that did the work stays; the re-run's goes beside it.
+    again = night()
+    assert again["status"] == "nothing_new" and again["counts"]["processed"] == 0
+    assert (reports / "2026-12-01.json").read_text() == worked
+    (rerun,) = side("rerun")
+    assert json.loads(rerun.read_text())["counts"]["processed"] == 0
+    from raysegment.registry import nightly_line
+
+    assert again["report_uri"] == str(rerun) and nightly_line(again).endswith(f"report {rerun}")  # not DATE.json
+
+    # An image changed after it was processed into the date: deferred, shown on the console so the counts add up.
+    write_pngs(inp, ["b"], seed=20)
+    os.utime(inp / "b.png", (time.time() + 5, time.time() + 5))
+    deferred = night()
+    assert deferred["counts"]["deferred"] == 1 and deferred["counts"]["processed"] == 0
+    assert notes[-1] == "nightly 2026-12-01: 3 listed, 0 new, 0 changed, 2 unchanged, 1 deferred"
+    assert (reports / "2026-12-01.json").read_text() == worked and len(side("rerun")) == 2
+
+    # A re-run that processes images (one added since) holds the latest work: it takes 2026-12-01.json and
+    # the earlier report is kept beside it.
+    write_pngs(inp, ["d"], seed=30)
+    more = night()
+    assert more["status"] == "ok" and more["counts"]["processed"] == 1 and more["counts"]["new"] == 1
+    now = json.loads((reports / "2026-12-01.json").read_text())
+    assert now["run_id"] == more["run_id"] != first["run_id"] and now["partition_rows"]["total"] == 4
+    (replaced,) = side("replaced")
+    assert replaced.read_text() == worked
+    # The next night's drift compares with 2026-12-01.json, never with a side report.
+    previous = nightly.previous_report(storage.resolve(str(reports)), "2026-12-02")
+    assert previous["run_id"] == more["run_id"]

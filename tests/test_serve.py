@@ -245,6 +245,52 @@ def test_accept_header_q_values_choose_the_answer():
     assert {accept: answer_format(accept) for accept in cases} == cases
 
 
+def test_accept_ranges_and_refusals_choose_the_answer_or_406():
+    from raysegment.serve import answer_format
+
+    cases = {
+        "application/*": "json",  # matches application/json, not image/png
+        "application/*;q=0.5, image/*;q=0.4": "json",
+        "image/*, application/*": "json",  # a full tie of named ranges
+        "image/png;q=0.5, */*": "json",  # image/png's own q is 0.5; */* gives JSON 1
+        "image/png;q=0": "json",  # PNG refused, JSON not named: JSON is still given
+        "application/json;q=0": "png",
+        "text/html": "png",  # names neither: PNG, as the README says
+        "application/json;q=0, image/png;q=0": None,  # every answer refused: 406
+        "*/*;q=0": None,
+        "image/*;q=0, application/json;q=0, text/html": None,
+        "image/png;q=0, */*;q=0.3, application/json;q=0": None,
+        "image/*;q=0, image/png": "png",  # the most specific range decides
+        "application/json;q=nan, image/png;q=0": "json",  # an unreadable q leaves its range out
+    }
+    assert {accept: answer_format(accept) for accept in cases} == cases
+
+
+def test_a_content_encoded_body_is_refused_not_decoded():
+    from raysegment.serve import _encoding_problem
+
+    assert _encoding_problem("") is None and _encoding_problem("identity") is None
+    assert _encoding_problem(" Identity ") is None
+    for coding in ("gzip", "deflate", "br", "gzip, identity", "x-gzip"):
+        message = _encoding_problem(coding)
+        assert message and "without Content-Encoding" in message and "\n" not in message, coding
+
+
+@pytest.mark.slow
+def test_accept_406_and_content_encoding_415_over_http(server, inferred):
+    import gzip
+
+    inputs, _, keys = inferred
+    good = (inputs / f"{keys[0]}.png").read_bytes()
+    status, headers, body = server.segment(good, Accept="application/*")
+    assert status == 200 and headers["content-type"] == "application/json", body
+    status, error = _error(server.segment(good, Accept="application/json;q=0, image/png;q=0"))
+    assert status == 406 and "image/png" in error and "application/json" in error
+    status, error = _error(server.segment(gzip.compress(good), **{"Content-Encoding": "gzip"}))
+    assert status == 415 and "without Content-Encoding" in error
+    assert server.segment(good, **{"Content-Encoding": "identity"})[0] == 200
+
+
 def test_scratch_of_a_gone_replica_is_swept_and_an_ipv6_host_is_bracketed(tmp_path):
     from raysegment.serve import SCRATCH_PREFIX, scratch_prefix, sweep_scratch, url_of
 
