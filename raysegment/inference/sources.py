@@ -359,43 +359,51 @@ def read_row_groups(
     columns = [image_column, *([key_column] if key_column else [])]
     for path, name, group, first in zip(batch["path"], batch["name"], batch["group"], batch["first"]):
         file_uri = storage.join(root.uri, name) if root.path != path else root.uri
-
-        def read(path: str = path, group: int = int(group)) -> list[pa.RecordBatch]:
-            with root.fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f)
-                return list(table.iter_batches(PARQUET_ROWS_PER_BLOCK, row_groups=[group], columns=columns))
-
         row = int(first)
-        for rb in root.call(read):
-            images = rb.column(0).to_pylist()
-            numbers = range(row, row + len(images))
-            row += len(images)
-            by_row = [f"{strip_ext(name)}/{n}" for n in numbers]
-            given = [key_text(k) for k in rb.column(1).to_pylist()] if key_column else by_row
-            keys = [k or r for k, r in zip(given, by_row)]
-            refused = [
-                ""
-                if k
-                else f"no key: --key-column {key_column} is null or empty in {name} row {n}; fill it, then re-run"
-                for k, n in zip(given, numbers)
-            ]
-            refused = [
-                r
-                or (clashes.get(collisions.fold(k), "") if clashes else "")
-                or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "")
-                for r, k in zip(refused, keys)
-            ]
-            collide = [bool(k) and bool(clashes.get(collisions.fold(k))) for k in given] if clashes else None
-            yield _rows(
-                keys,
-                [f"{file_uri}#{n}" for n in numbers],
-                [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
-                [
-                    r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes")
-                    for b, r in zip(images, refused)
-                ],
-                collide,
-            )
+        # Streamed, a block at a time: a writer's default row group holds up to a million rows (gigabytes
+        # of images). A store that fails mid-group fails the task, as a failed archive read does.
+        with root.call(lambda path=path: root.fs.open(path, "rb")) as f:
+            batches = pq.ParquetFile(f).iter_batches(PARQUET_ROWS_PER_BLOCK, row_groups=[int(group)], columns=columns)
+            yield from _table_rows(batches, row, name, file_uri, key_column, clashes)
+
+
+def _table_rows(
+    batches: Iterator[pa.RecordBatch],
+    row: int,
+    name: str,
+    file_uri: str,
+    key_column: str | None,
+    clashes: dict[str, str],
+) -> Iterator[dict[str, np.ndarray]]:
+    """`read_row_groups`' rows of one row group's record batches, its first row being the file's `row`."""
+    for rb in batches:
+        images = rb.column(0).to_pylist()
+        numbers = range(row, row + len(images))
+        row += len(images)
+        by_row = [f"{strip_ext(name)}/{n}" for n in numbers]
+        given = [key_text(k) for k in rb.column(1).to_pylist()] if key_column else by_row
+        keys = [k or r for k, r in zip(given, by_row)]
+        refused = [
+            "" if k else f"no key: --key-column {key_column} is null or empty in {name} row {n}; fill it, then re-run"
+            for k, n in zip(given, numbers)
+        ]
+        refused = [
+            r
+            or (clashes.get(collisions.fold(k), "") if clashes else "")
+            or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "")
+            for r, k in zip(refused, keys)
+        ]
+        collide = [bool(k) and bool(clashes.get(collisions.fold(k))) for k in given] if clashes else None
+        yield _rows(
+            keys,
+            [f"{file_uri}#{n}" for n in numbers],
+            [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
+            [
+                r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes")
+                for b, r in zip(images, refused)
+            ],
+            collide,
+        )
 
 
 def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str]:
