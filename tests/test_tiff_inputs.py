@@ -433,3 +433,21 @@ def test_band_model_trains_infers_shows_and_reports(band_model, tmp_path):
     shown = show_overlay(f"{inputs}/vol.tif#page=1", str(model), out=str(tmp_path / "page1.png"))
     assert (shown["page"], shown["pages"]) == (1, 3) and (shown["height"], shown["width"]) == (H, W)
     assert Image.open(tmp_path / "page1.png").size == (W, H)
+
+
+def test_a_planar_tiff_mask_is_named_as_a_possible_stack():
+    """tifffile writes a (4, H, W) array as one page of 4 separate planes: a short label stack read as an
+    RGBA colour mask got only the --mask-colors advice. The error now names the other reading."""
+    from raysegment.data import masks
+
+    labels = np.zeros((4, 16, 16), np.uint8)
+    labels[1, 2:5], labels[2, :, 3] = 255, 255
+    planar = io.BytesIO()
+    tifffile.imwrite(planar, labels)
+    with pytest.raises(imaging.ImageDecodeError, match=r"--mask-colors .*save them as pages .*minisblack"):
+        masks.class_ids(planar.getvalue(), masks.PLAIN, None, "x")
+    rgb = io.BytesIO()
+    Image.fromarray(np.moveaxis(labels[:3], 0, -1)).save(rgb, format="TIFF")  # interleaved colour: no such hint
+    with pytest.raises(imaging.ImageDecodeError) as caught:
+        masks.class_ids(rgb.getvalue(), masks.PLAIN, None, "x")
+    assert "--mask-colors" in str(caught.value) and "pages" not in str(caught.value)

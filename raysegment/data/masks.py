@@ -201,6 +201,18 @@ def _upright(data: bytes, encoding: MaskEncoding, max_pixels: int) -> Image.Imag
     return img
 
 
+def _planar_hint(img: Image.Image) -> str:
+    """A TIFF of 3 or 4 separate planes is what tifffile writes for a (3, H, W) or (4, H, W) array: often
+    a short stack of slices, not a colour mask."""
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None or tags.get(284) != 2:  # PlanarConfiguration: separate planes
+        return ""
+    return (
+        "; or, if its planes are slices of a stack, save them as pages "
+        "(tifffile.imwrite(path, stack, photometric='minisblack')): the images' too"
+    )
+
+
 def _transparent(img: Image.Image) -> np.ndarray | None:
     return np.asarray(img.getchannel("A")) == 0 if img.mode in ("LA", "RGBA", "PA") else None
 
@@ -241,6 +253,7 @@ def _raw_values(img: Image.Image) -> np.ndarray:
             raise imaging.ImageDecodeError(
                 f"{mode} mask with colours ({', '.join(_colors_found(rgb))}); map colours to class ids with "
                 f"--mask-colors (R,G,B:ID pairs, e.g. {COLOR_EXAMPLE}, or a class_dict.csv of name,r,g,b)"
+                f"{_planar_hint(img)}"
             )
         return grey
     raise imaging.ImageDecodeError(f"mask has mode {mode}; masks are L, P, LA, RGB, RGBA, I;16 or 1-bit")
