@@ -216,6 +216,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         storage.remove_tree(dest.child(FILE_NAMES[fmt]))
     if card.inference is not None and card.inference.tta_flip != bool(tta.flips):
         card = card.model_copy(update={"inference": card.inference.model_copy(update={"tta_flip": bool(tta.flips)})})
+    card = card.model_copy(update={"export_tta": tta.record()})  # also for cards without TTA advice (imported)
     card.write(dest)
     return {
         "format": spec.format,

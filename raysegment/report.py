@@ -28,6 +28,7 @@ from raysegment.data import imaging, tiff
 from raysegment.errors import DataError, StorageError, UserError
 from raysegment.inference import output as layout
 from raysegment.inference import rasters
+from raysegment.inference.listing import ARCHIVE_EXTENSIONS
 from raysegment.inference.output import RunRecord
 from raysegment.models.card import ModelCard
 from raysegment.report_scan import HIST_BINS as HIST_BINS  # re-exported: the histograms' bins
@@ -39,7 +40,7 @@ REPORT_FILE = "report.html"
 OVERLAYS_FILE = "overlays.png"
 TILE = 256  # px: overlay thumbnails, in the page and in overlays.png
 COLUMNS = 4
-CONTAINERS = (".tar", ".tar.gz", ".tgz", ".parquet")
+CONTAINERS = (*ARCHIVE_EXTENSIONS, ".parquet")
 
 
 @dataclasses.dataclass

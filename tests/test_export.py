@@ -183,6 +183,7 @@ def test_export_runs_the_flip_tta_infer_runs(tmp_path):
             assert (serve(image=tf.constant(img))["class_map"].numpy() == pred).all()
         exported = json.loads((tmp_path / dest / "model.json").read_text())
         assert exported["inference"]["tta_flip"] is (tta_flip is None)
+        assert exported["export_tta"]["tta_flip"] is (tta_flip is None)
     from raysegment.errors import DataError
 
     with pytest.raises(DataError, match=r"an export \(saved_model\), not a trained model .*model import"):

@@ -172,6 +172,10 @@ def test_float_images_in_0_1_among_counts_are_warned_of():
     fp = merge([part], num_classes=2, class_pixel_share=[0.5, 0.5])
     assert fp.unit_range == 1 and "1 of 4 16-bit or float images hold values in 0..1 only" in (fp.mixed_range or "")
     assert any("one range" in line for line in format_fingerprint(fp, ["a", "b"]))
+    blank = ShardFingerprint()  # an empty or binary 16-bit tile is no normalised image
+    for i, image in enumerate([*counts, Decoded(np.zeros((8, 8, 1), np.uint16), "I;16", 1)]):
+        blank.add(f"b{i}", image, mask)
+    assert merge([blank], num_classes=2, class_pixel_share=[0.5, 0.5]).mixed_range is None
     only_unit = ShardFingerprint()
     only_unit.add("u", unit, mask)  # a data set of 0..1 floats throughout is one range
     assert merge([only_unit], num_classes=2, class_pixel_share=[0.5, 0.5]).mixed_range is None

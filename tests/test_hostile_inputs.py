@@ -210,7 +210,7 @@ def test_archives_and_tables_a_source_passes_over_are_named(tiny_model, tmp_path
     for name in ("a.tar", "b.tar.bz2", "c.zip"):
         (archives / name).write_bytes(b"")
     note = unread_inputs_note(storage.resolve(str(archives)), "tar")
-    assert note is not None and "2 files not read (b.tar.bz2, c.zip)" in note and "repack them" in note
+    assert note is not None and "1 files not read (c.zip)" in note and "repack them" in note  # bz2 tars are read
     assert unread_inputs_note(storage.resolve(str(archives / "a.tar")), "tar") is None  # one file: nothing beside it
 
 
@@ -243,10 +243,10 @@ def test_one_archive_is_an_input_and_one_image_gets_advice_that_fits(tiny_model,
     inp = tmp_path / "in"
     inp.mkdir()
     (tmp_path / "a.png").write_bytes(png(0))
-    with tarfile.open(inp / "outer.tar", "w") as tar:
+    with tarfile.open(inp / "outer.tar.xz", "w:xz") as tar:  # xz and bz2 tars stream as gzip ones do
         tar.add(tmp_path / "a.png", arcname="a.png")
         tar.add(tmp_path / "a.png", arcname="sub/b.png")
-    spec = InferSpec(model=model, input=str(inp / "outer.tar"), output=str(tmp_path / "out"), report=False)
+    spec = InferSpec(model=model, input=str(inp / "outer.tar.xz"), output=str(tmp_path / "out"), report=False)
     run = infer(spec)
     assert run["source"] == "tar" and sorted(rows_by_key(tmp_path / "out")) == ["outer/a", "outer/sub/b"]
     assert infer(spec)["counts"]["processed"] == 0  # resumed: its member list says all are done

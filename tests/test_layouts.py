@@ -470,7 +470,8 @@ def test_val_keys_naming_a_stack_put_all_its_pages_in_val():
 
     pages = [Pair(f"vol/000{i}", "vol.tif", "m/vol.tif", page=i) for i in range(3)]
     listing = Listing([*pages, Pair("a", "a.png", "m/a.png"), Pair("dir/b", "dir/b.png", "m/dir/b.png")])
-    pairs, _ = assign_splits(listing, "pairs", ["vol"], None, 0)
+    pairs, source = assign_splits(listing, "pairs", ["vol"], None, 0)
+    assert source == "--val-keys (3 keys)"
     assert {p.key: p.split for p in pairs} == {
         "vol/0000": "val",
         "vol/0001": "val",

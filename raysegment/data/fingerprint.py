@@ -66,7 +66,7 @@ class ShardFingerprint:
     total: list[int] = field(default_factory=lambda: [0] * 256)
     areas: dict[int, list[int]] = field(default_factory=dict)
     sampled: int = 0
-    unit_range: int = 0  # images deeper than 8 bits whose every finite value lies in 0..1 (`Fingerprint.mixed_range`)
+    unit_range: int = 0  # float images whose finite values lie in 0..1, not all 0 (`Fingerprint.mixed_range`)
 
     def add(self, key: str, image: imaging.Decoded | bytes, mask: np.ndarray) -> None:
         """One pair: its decoded image (the shard task decodes each once), or its bytes (decoded here)."""
@@ -79,9 +79,9 @@ class ShardFingerprint:
         self.bands[image.bands] = self.bands.get(image.bands, 0) + 1
         dtype, channels = image.pixels.dtype.name, image.pixels.shape[2]
         self.dtypes[dtype] = self.dtypes.get(dtype, 0) + 1
-        if dtype not in ("uint8", "bool"):
-            finite = image.pixels[np.isfinite(image.pixels)] if image.pixels.dtype.kind == "f" else image.pixels
-            self.unit_range += int(finite.size > 0 and finite.min() >= 0 and finite.max() <= 1)
+        if image.pixels.dtype.kind == "f":  # integers in 0..1 are blank or binary tiles, not a normalised image
+            finite = image.pixels[np.isfinite(image.pixels)]
+            self.unit_range += int(finite.size > 0 and finite.min() >= 0 and 0 < finite.max() <= 1)
         self.channels[channels] = self.channels.get(channels, 0) + 1
         self.channel_example.setdefault(channels, key)
         present = np.unique(mask)

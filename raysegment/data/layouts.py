@@ -374,7 +374,7 @@ def assign_splits(
         pairs = [
             replace(p, split="val" if unicodedata.normalize("NFC", p.key) in wanted else "train") for p in listing.pairs
         ]
-        return pairs, f"--val-keys ({len(wanted)} keys)"
+        return pairs, f"--val-keys ({len(wanted - named_stacks)} keys)"
     fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     pairs = [replace(p, split=assign_split(p.key, fraction, seed)) for p in listing.pairs]
     return pairs, f"key hash, val_fraction {fraction}, seed {seed}"

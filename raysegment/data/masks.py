@@ -106,7 +106,9 @@ def parse_color_csv(text: str, uri: str) -> ColorTable:
         except ValueError:
             raise ConfigError(f"--mask-colors {uri}: row {n} {row}: write name,r,g,b with r, g, b in 0..255") from None
         if (r, g, b) in colors:
-            raise ConfigError(f"--mask-colors {uri}: row {n}: colour {r},{g},{b} is already class {colors[(r, g, b)]}")
+            held = colors[(r, g, b)]
+            was = "ignore (a void row)" if held == IGNORE_INDEX else f"class {held}"
+            raise ConfigError(f"--mask-colors {uri}: row {n}: colour {r},{g},{b} is already {was}")
         if row[0].strip().lower() in VOID_NAMES:
             colors[(r, g, b)] = IGNORE_INDEX
             continue

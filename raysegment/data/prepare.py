@@ -329,9 +329,11 @@ def _check_class_values(uri: str, hist: np.ndarray) -> int:
     found = [int(v) for v in np.nonzero(hist)[0]]
     example = ",".join(f"{v}:{i}" for i, v in enumerate(found))
     if masks.looks_soft_binary(hist):
+        # A few values in between may be classes (0/85/170/255); a fade of many is no class table.
+        classes_too = f"; or, if the values in between are classes, --mask-values {example}" if len(found) <= 8 else ""
         raise DataError(
-            f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}; "
-            f"or, if the values in between are classes, map them with --mask-values, e.g. --mask-values {example}"
+            f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}"
+            f"{classes_too}"
         )
     if len(present) <= 1 and 255 not in found:
         # One value (all background, or one colour): no mapping makes two classes of it.

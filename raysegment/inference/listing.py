@@ -30,7 +30,8 @@ from raysegment import storage
 from raysegment.errors import DataError
 from raysegment.inference import collisions
 
-ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+# tarfile streams plain, gzip, bzip2 and xz tars alike (mode "r|*").
+ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 # The columns nightly's ledger rows start with.
 LISTING_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 # What the lister returns: a row with an error is not to be read (it becomes an error row).

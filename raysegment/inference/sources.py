@@ -304,16 +304,26 @@ def _table_files(root: storage.Location) -> list[tuple[str, str]]:
 
 def _row_groups(root: storage.Location, image_column: str, key_column: str | None) -> list[RowGroup]:
     """Every row group of the tables under INPUT, from their footers (read on the driver, one request or
-    two a file): row numbers must be the file's own, which Ray's blocks (small files merged, big ones
-    split) do not keep. A file without the columns is refused here, naming it and the columns it has."""
-    groups: list[RowGroup] = []
-    for path, name in _table_files(root):
+    two a file, READS_IN_FLIGHT at a time): row numbers must be the file's own, which Ray's blocks (small
+    files merged, big ones split) do not keep. A file without the columns is refused here, naming it and
+    the columns it has."""
+    if key_column == image_column:
+        raise DataError(
+            f"{root.uri}: --key-column and --image-column are both {image_column!r}; name the keys' own column"
+        )
 
-        def footer(path: str = path) -> pq.ParquetFile:
+    def footer(path: str) -> pq.ParquetFile:
+        def read() -> pq.ParquetFile:
             with root.fs.open(path, "rb") as f:
-                return pq.ParquetFile(f)
+                return pq.ParquetFile(f)  # its metadata and schema are read here, before the file closes
 
-        table = root.call(footer)
+        return root.call(read)
+
+    files = _table_files(root)
+    with ThreadPoolExecutor(max(1, min(READS_IN_FLIGHT, len(files)))) as pool:
+        footers = list(pool.map(footer, [path for path, _ in files]))
+    groups: list[RowGroup] = []
+    for (path, name), table in zip(files, footers):
         schema = table.schema_arrow
         wanted = [image_column, *([key_column] if key_column else [])]
         if any(c not in schema.names for c in wanted):
@@ -477,10 +487,14 @@ def read_uris(
     return _read_each(batch, [str(u) for u in batch["path"]], read)
 
 
-def _sample(root: storage.Location, n: int = 1000) -> list[str]:
-    """Up to n file names under root, walked folder by folder: never the whole listing on the driver."""
+def _sample(root: storage.Location, n: int = 1000, skip_hidden: bool = False) -> list[str]:
+    """Up to n file names under root, walked folder by folder: never the whole listing on the driver.
+    `skip_hidden`: without hidden files and folders, as the listing skips them."""
     names: list[str] = []
-    for _, _, files in root.fs.walk(root.path):
+    for _, dirs, files in root.fs.walk(root.path):
+        if skip_hidden:
+            dirs[:] = [d for d in dirs if not hidden(d)]  # pruned in place: not walked
+            files = [f for f in files if not hidden(f)]
         names.extend(files[: n - len(names)])
         if len(names) >= n:
             break
@@ -530,8 +544,8 @@ def _one_archive(root: storage.Location) -> ray.data.Dataset | None:
     return ray.data.from_arrow(pa.Table.from_pylist([row], schema=LISTED_SCHEMA))
 
 
-# Archive forms a tar source does not open (tarfile streams only plain and gzip tars here).
-UNREAD_ARCHIVES = (".zip", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".7z", ".rar")
+# Archive forms a tar source does not open (not tars, or compressed in a way tarfile does not stream).
+UNREAD_ARCHIVES = (".zip", ".tar.zst", ".tzst", ".7z", ".rar")
 
 
 def unread_inputs_note(root: storage.Location, kind: str) -> str | None:
@@ -540,13 +554,13 @@ def unread_inputs_note(root: storage.Location, kind: str) -> str | None:
     Nothing said so; a run over half the data passed as complete."""
     if kind not in ("files", "tar") or not root.call(lambda: root.fs.isdir(root.path)):
         return None
-    sample = [n for n in root.call(lambda: _sample(root)) if not hidden(n)]
+    sample = root.call(lambda: _sample(root, skip_hidden=True))
     if kind == "files":
         unread = [n for n in sample if has_ext(n, (*ARCHIVE_EXTENSIONS, *UNREAD_ARCHIVES, ".parquet"))]
         fix = "a files source reads image files only: give archives and tables their own run (--source tar or parquet)"
     else:
         unread = [n for n in sample if has_ext(n, UNREAD_ARCHIVES)]
-        fix = "a tar source opens .tar, .tar.gz and .tgz only: repack them as one of those"
+        fix = "a tar source opens .tar, .tar.gz/.tgz, .tar.bz2/.tbz2 and .tar.xz/.txz only: repack them as one of those"
     if not unread:
         return None
     first = ", ".join(sorted(unread)[:3])
