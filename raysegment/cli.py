@@ -160,7 +160,7 @@ def plan(
     """Derive a training plan for DATA from its fingerprint and the compute; print it, write plan.json."""
     from raysegment import plan as planning
     from raysegment import storage
-    from raysegment.data.classes import split_warnings
+    from raysegment.data.classes import manifest_warnings
     from raysegment.data.prepare import read_manifest
     from raysegment.train.config import check_labelled, check_val
 
@@ -176,9 +176,7 @@ def plan(
     result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, spec.time_budget)
     storage.write_json(storage.resolve(out, endpoint_url), {"data": loc.uri, **result.to_json()})
     click.echo("\n".join([*planning.format_plan(result), f"written to {out}"]))
-    for warning in split_warnings(
-        manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0)
-    ):
+    for warning in manifest_warnings(manifest):
         click.echo(f"plan: warning: {warning}", err=True)
 
 

@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
 from raysegment.errors import ConfigError, StorageError
-from raysegment.models.card import CARD_FILE, MODEL_FILE, ModelCard, location_sha256
+from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, ModelCard, location_sha256
 from raysegment.models.loader import load_model, put_tree
 
 if TYPE_CHECKING:
     from raysegment.config import ExportSpec
 
 FORMATS = ("saved_model", "onnx", "tflite")
-FILE_NAMES = {"saved_model": "saved_model", "onnx": "model.onnx", "tflite": "model.tflite"}
+FILE_NAMES = EXPORT_FILES
 ONNX_OPSET = 17
 FIXED_POINT_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images
 

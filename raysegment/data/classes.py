@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 IGNORE_INDEX = 255
 
@@ -11,6 +11,11 @@ def distinct_names(names: list[str]) -> bool:
     """Each name non-empty and used once: per-class IoU, class fractions and overlays are keyed by name,
     so a repeated one hid one class's figures behind the other's."""
     return len(set(names)) == len(names) and all(n.strip() for n in names)
+
+
+def manifest_warnings(manifest: dict[str, Any]) -> list[str]:
+    """`split_warnings` for a prepared data set's manifest (prepare, data-info, plan and train print them)."""
+    return split_warnings(manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0))
 
 
 def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None, ignored: int = 0) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raysegment.data.classes import split_warnings
+from raysegment.data.classes import manifest_warnings
 from raysegment.data.fingerprint import Fingerprint, format_fingerprint
 
 MAX_SHARDS_LISTED = 30
@@ -55,12 +55,7 @@ def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
     ignored = manifest.get("ignored_pixels")
     rows.append([str(manifest["ignore_index"]), "(ignore)", "", "" if ignored is None else f"{ignored} px"])
     out += _table(["id", "class", "colour", "pixels"], rows, right={0, 3})
-    out += [
-        f"warning: {w}"
-        for w in split_warnings(
-            manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0)
-        )
-    ]
+    out += [f"warning: {w}" for w in manifest_warnings(manifest)]
     out.append("")
     listed = shards if len(shards) <= MAX_SHARDS_LISTED else shards[: MAX_SHARDS_LISTED // 2]
     rows = [[s["path"], s["split"], str(s["rows"]), _mib(s["bytes"])] for s in listed]

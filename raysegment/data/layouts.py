@@ -356,24 +356,19 @@ def assign_splits(
     if val_keys is not None:
         # Compared in NFC on both sides: a key typed on one system names a file written by another.
         wanted = {unicodedata.normalize("NFC", k) for k in val_keys}
+        keys = [unicodedata.normalize("NFC", p.key) for p in listing.pairs]
         # A multi-page stack's name puts every page in val (its keys are NAME/0000 ...): neighbouring slices
         # on both sides of the split would let val score what training saw.
-        stacks = {unicodedata.normalize("NFC", p.key).rsplit("/", 1)[0] for p in listing.pairs if p.page is not None}
-        named_stacks = wanted & stacks
-        wanted |= {
-            unicodedata.normalize("NFC", p.key)
-            for p in listing.pairs
-            if p.page is not None and unicodedata.normalize("NFC", p.key).rsplit("/", 1)[0] in named_stacks
-        }
-        missing = sorted(wanted - named_stacks - {unicodedata.normalize("NFC", p.key) for p in listing.pairs})
+        pages = {k: k.rsplit("/", 1)[0] for k, p in zip(keys, listing.pairs) if p.page is not None}
+        named_stacks = wanted & set(pages.values())
+        wanted |= {k for k, stack in pages.items() if stack in named_stacks}
+        missing = sorted(wanted - named_stacks - set(keys))
         if missing:
             shown = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
             raise ConfigError(
                 f"--val-keys names {len(missing)} keys not in the source: {shown}; keys are paths without extension"
             )
-        pairs = [
-            replace(p, split="val" if unicodedata.normalize("NFC", p.key) in wanted else "train") for p in listing.pairs
-        ]
+        pairs = [replace(p, split="val" if k in wanted else "train") for k, p in zip(keys, listing.pairs)]
         return pairs, f"--val-keys ({len(wanted - named_stacks)} keys)"
     fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     pairs = [replace(p, split=assign_split(p.key, fraction, seed)) for p in listing.pairs]

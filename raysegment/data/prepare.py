@@ -587,7 +587,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest.update(bands=spec.bands, channels=channels)
     manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
     manifest["exif_turned"] = len(turned)
-    warnings = classes.split_warnings(names, manifest["class_pixels"], manifest["ignored_pixels"])
+    warnings = classes.manifest_warnings(manifest)
     if turned:
         warnings.append(exif_warning(sorted(turned)))
     for warning in warnings:

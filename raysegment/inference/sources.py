@@ -393,17 +393,19 @@ def _table_rows(
         by_row = [f"{strip_ext(name)}/{n}" for n in numbers]
         given = [key_text(k) for k in rb.column(1).to_pylist()] if key_column else by_row
         keys = [k or r for k, r in zip(given, by_row)]
+        clashing = [clashes.get(collisions.fold(k), "") if k and clashes else "" for k in given]
+        # A key names the mask's file: a missing one, a shared one or one that would escape OUTPUT is an error row.
         refused = [
-            "" if k else f"no key: --key-column {key_column} is null or empty in {name} row {n}; fill it, then re-run"
-            for k, n in zip(given, numbers)
-        ]
-        refused = [
-            r
-            or (clashes.get(collisions.fold(k), "") if clashes else "")
+            (
+                f"no key: --key-column {key_column} is null or empty in {name} row {n}; fill it, then re-run"
+                if not g
+                else ""
+            )
+            or c
             or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "")
-            for r, k in zip(refused, keys)
+            for g, c, k, n in zip(given, clashing, keys, numbers)
         ]
-        collide = [bool(k) and bool(clashes.get(collisions.fold(k))) for k in given] if clashes else None
+        collide = [bool(c) for c in clashing]
         yield _rows(
             keys,
             [f"{file_uri}#{n}" for n in numbers],
@@ -560,7 +562,7 @@ def unread_inputs_note(root: storage.Location, kind: str) -> str | None:
         fix = "a files source reads image files only: give archives and tables their own run (--source tar or parquet)"
     else:
         unread = [n for n in sample if has_ext(n, UNREAD_ARCHIVES)]
-        fix = "a tar source opens .tar, .tar.gz/.tgz, .tar.bz2/.tbz2 and .tar.xz/.txz only: repack them as one of those"
+        fix = f"a tar source opens {', '.join(ARCHIVE_EXTENSIONS)} only: repack them as one of those"
     if not unread:
         return None
     first = ", ".join(sorted(unread)[:3])
@@ -611,7 +613,9 @@ def source_rows(
             batch_format="numpy",
         )
     elif kind == "tar":
-        archives = _one_archive(root) or _listed(root, ARCHIVE_EXTENSIONS, containers=True)
+        archives = _one_archive(root)
+        if archives is None:
+            archives = _listed(root, ARCHIVE_EXTENSIONS, containers=True)
         kwargs = {"root": root, "exts": exts, "index": members}
         ds = keep(archives.map_batches(read_archives, fn_kwargs=kwargs, batch_size=1, batch_format="numpy"))
     elif kind == "parquet":

@@ -31,8 +31,8 @@ MODEL_FILE = "model.keras"
 # An imported TensorFlow SavedModel, kept whole in place of model.keras (`models/loader.py` loads either).
 SAVED_MODEL_DIR = "saved_model"
 CARD_FILE = "model.json"
-# What `raysegment export` writes beside a card (export.FILE_NAMES): a DEST given as MODEL is named as one.
-EXPORT_FILES = ("saved_model", "model.onnx", "model.tflite")
+# What `raysegment export` writes beside a card, by format: a DEST given as MODEL is named as one.
+EXPORT_FILES = {"saved_model": "saved_model", "onnx": "model.onnx", "tflite": "model.tflite"}
 
 
 class _Part(BaseModel):
@@ -291,7 +291,7 @@ class ModelCard(_Part):
         card = cls.parse(storage.read_json(card_loc), card_loc.uri) if storage.exists(card_loc) else None
         if card is None or not storage.exists(card.model_location(loc)):
             name = card.model_name if card else MODEL_FILE
-            exported = [f for f in EXPORT_FILES if card is not None and storage.exists(loc.child(f))]
+            exported = [f for f in EXPORT_FILES.values() if card is not None and storage.exists(loc.child(f))]
             if exported:  # `raysegment export`'s DEST: the graph runs without raysegment, not under it
                 raise DataError(
                     f"{loc.uri}: an export ({', '.join(exported)}), not a trained model (needs {name}); give the "

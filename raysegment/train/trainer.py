@@ -22,7 +22,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from raysegment import __version__, logs, overlay, plots, progress, storage
 from raysegment import plan as planning
 from raysegment.config import TrainSpec
-from raysegment.data.classes import split_warnings
+from raysegment.data.classes import manifest_warnings
 from raysegment.data.examples import Augmentation
 from raysegment.data.pipeline import padded_for_workers, training_dataset
 from raysegment.data.prepare import read_manifest
@@ -109,9 +109,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
-    for warning in split_warnings(
-        manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0)
-    ):
+    for warning in manifest_warnings(manifest):
         log.warning("train: %s", warning)
         progress.note(f"train: warning: {warning}")
     spec, plan_record = apply_plan(spec, data_loc, manifest)
