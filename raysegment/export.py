@@ -16,8 +16,8 @@ doing inside the graph what `infer` does around the model:
   default, into tiles; the export does not), then cropped.
 
 Formats: a TensorFlow SavedModel (`serving_default` takes the image tensor, `segment_encoded` an encoded
-PNG/JPEG/BMP/GIF string, decoded by TensorFlow: JPEG pixels may differ slightly from Pillow's and EXIF
-rotation is not applied), ONNX (tf2onnx, the `export` extra) and TFLite (tf.lite, builtin ops only: the
+PNG/JPEG/BMP/GIF string, decoded by TensorFlow as `infer` decodes it (`decode_as_infer`): JPEG pixels may
+differ slightly from Pillow's and EXIF rotation is not applied), ONNX (tf2onnx, the `export` extra) and TFLite (tf.lite, builtin ops only: the
 resampling maths runs in float32 there, see `segment_fn`). The model card is written beside it as `model.json`.
 """
 
@@ -41,6 +41,7 @@ FORMATS = ("saved_model", "onnx", "tflite")
 FILE_NAMES = EXPORT_FILES
 ONNX_OPSET = 17
 FIXED_POINT_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def pil_resize_weights(src, dst, dtype="float64"):
@@ -274,6 +275,33 @@ def _replace(local: str, target: storage.Location) -> None:
         storage.remove_tree(staged)
 
 
+def decode_as_infer(image_bytes):
+    """An encoded image string -> uint8 [H, W, 3], as `imaging.decode_image` decodes it (EXIF aside).
+
+    TensorFlow brings a 16-bit grey PNG to 8 bits by dropping the low byte; Pillow's path in `infer`
+    stretches it by the image's own maximum (a 12-bit camera's 0..4095 fills 0..255), so that case is
+    decoded at 16 bits and stretched the same way. 16-bit colour PNGs Pillow reads by their high byte,
+    as TensorFlow does."""
+    import tensorflow as tf
+
+    header = tf.strings.substr(image_bytes, 0, 26)
+    grey16 = tf.logical_and(
+        tf.equal(tf.strings.substr(header, 0, 8), PNG_SIGNATURE),
+        tf.equal(tf.strings.substr(header, 24, 2), b"\x10\x00"),  # IHDR bit depth 16, colour type 0 (grey)
+    )
+
+    def stretched():
+        grey = tf.cast(tf.io.decode_png(image_bytes, channels=1, dtype=tf.uint16), tf.float64)
+        top = tf.reduce_max(grey)
+        scaled = grey * (255.0 / tf.where(top > 0, top, tf.constant(1.0, tf.float64)))
+        return tf.image.grayscale_to_rgb(tf.cast(scaled, tf.uint8))  # truncated, as numpy's astype
+
+    def plain():
+        return tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
+
+    return tf.cond(grey16, stretched, plain)
+
+
 def _saved_model(model, segment, spec, target: str) -> str:
     import tensorflow as tf
 
@@ -283,8 +311,7 @@ def _saved_model(model, segment, spec, target: str) -> str:
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")])
     def segment_encoded(image_bytes):
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
-        return module.segment(image)
+        return module.segment(decode_as_infer(image_bytes))
 
     module.segment_encoded = segment_encoded
     signatures = {"serving_default": module.segment, "segment_encoded": segment_encoded}

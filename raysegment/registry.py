@@ -192,9 +192,11 @@ def nightly_line(report: dict[str, Any]) -> str:
     c = report["counts"]
     d = report["drift"]
     shift = "" if d["max_shift"] is None else f", max class shift {d['max_shift']} vs {d['compared_with']}"
+    held = f", {c['unchanged']} unchanged" if "unchanged" in c else ""  # reports of older versions lack it
+    held += f", {c['deferred']} deferred" if c.get("deferred") else ""
     return (
-        f"nightly {report['date']}: {report['status']}; {c['listed']} listed, {c['new']} new, {c['changed']} changed, "
-        f"{c['processed']} processed ({c['ok']} ok, {c['error']} errors){shift}; report "
+        f"nightly {report['date']}: {report['status']}; {c['listed']} listed, {c['new']} new, {c['changed']} changed"
+        f"{held}, {c['processed']} processed ({c['ok']} ok, {c['error']} errors){shift}; report "
         f"{report.get('report_uri') or report['output'] + '/reports/' + report['date'] + '.json'}"
     )
 

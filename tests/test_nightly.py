@@ -537,6 +537,10 @@ def test_a_rerun_of_a_date_keeps_the_report_of_the_run_that_did_the_work(tiny_mo
     deferred = night()
     assert deferred["counts"]["deferred"] == 1 and deferred["counts"]["processed"] == 0
     assert notes[-1] == "nightly 2026-12-01: 3 listed, 0 new, 0 changed, 2 unchanged, 1 deferred"
+    # The closing line adds up too: listed = new + changed + unchanged + deferred.
+    assert nightly_line(deferred).startswith(
+        "nightly 2026-12-01: nothing_new; 3 listed, 0 new, 0 changed, 2 unchanged, 1 deferred, 0 processed"
+    )
     assert (reports / "2026-12-01.json").read_text() == worked and len(side("rerun")) == 2
 
     # A re-run that processes images (one added since) holds the latest work: it takes 2026-12-01.json and
