@@ -37,6 +37,7 @@ INFER_OPTIONS = [
     click.option("--overwrite", is_flag=True, default=None, help="redo every key instead of resuming"),
     click.option("--max-error-fraction", type=float, default=None, help="fail the job above this share of bad inputs"),
     click.option("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)"),
+    click.option("--max-input-mb", type=int, default=None, help="refuse inputs of more encoded bytes, unread (512)"),
     click.option(
         "--precision",
         type=click.Choice(["auto", "float32", "bfloat16", "float16"]),

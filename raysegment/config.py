@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raysegment.data import masks
+from raysegment.data import limits, masks
 from raysegment.data.classes import IGNORE_INDEX, distinct_names
 from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError
@@ -379,6 +379,9 @@ class InferOptions(Spec):
     overwrite: bool = False
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     max_pixels: int = Field(100_000_000, ge=1, le=2_000_000_000)
+    max_input_mb: int = Field(
+        limits.MAX_INPUT_MB, ge=1, le=1 << 20, description="inputs of more encoded bytes are error rows, not read"
+    )
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="model compute dtype; auto: bfloat16 on GPU actors, float32 on CPU"
     )

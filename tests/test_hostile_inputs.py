@@ -533,3 +533,50 @@ def test_retry_errors_redoes_only_the_error_rows(tiny_model, tmp_path):
     assert len(summary_files(storage.resolve(str(out)))) == 2  # b's replacement, and this run's file
     with pytest.raises(ValueError, match="give one of them"):
         InferSpec(model=model, input=str(inp), output=str(out), retry_errors=True, overwrite=True)
+
+
+def test_inflated_inputs_are_refused_unread_and_pipes_do_not_hang(tiny_model, tmp_path):
+    """A 1 MB .tar.gz holding a 1 GiB member and a 43 KB zstd table holding a 1 GiB value took a read task to
+    4-6 GB; a FIFO named like an image hung the run in open() for good. Each is now its own error row, the
+    tar member and the table's values judged by the sizes their headers give (--max-input-mb) before any is
+    inflated, and the good inputs beside them are segmented."""
+    _, model = tiny_model
+    zeros = bytes(3 << 20)  # 3 MiB: over --max-input-mb 1
+
+    def run(name: str, source: str, **extra) -> dict[str, list[dict]]:
+        out = tmp_path / f"out-{name}"
+        spec = InferSpec(
+            model=model, input=str(tmp_path / name), output=str(out), source=source, max_input_mb=1, report=False
+        )
+        infer(spec.model_copy(update=extra))
+        return {k: v[0] for k, v in rows_by_key(out).items()}
+
+    (tmp_path / "tars").mkdir()
+    with tarfile.open(tmp_path / "tars" / "t.tar.gz", "w:gz") as tar:
+        add_member(tar, "big.png", zeros)
+        add_member(tar, "small.png", png(0))
+    rows = run("tars", "tar")
+    assert "over --max-input-mb 1 (3145728 bytes" in rows["t/big"]["error"]
+    assert rows["t/small"]["status"] == "ok"
+
+    (tmp_path / "tables").mkdir()
+    schema = pa.schema([("image", pa.binary()), ("id", pa.string())])
+    with pq.ParquetWriter(tmp_path / "tables" / "t.parquet", schema, compression="zstd") as writer:
+        writer.write_table(pa.table({"image": [zeros, png(1)], "id": ["bomb", "beside"]}, schema=schema))
+        writer.write_table(
+            pa.table({"image": [bytes(3 << 19), png(2), png(3), png(4)], "id": ["big", "c", "d", "e"]}, schema=schema)
+        )
+    assert (tmp_path / "tables" / "t.parquet").stat().st_size < 100_000
+    rows = run("tables", "parquet", key_column="id")
+    # The first group decompresses to over 1 MiB a row: not read, its rows keyed from the key column alone.
+    assert all("row group 0 of t.parquet" in rows[k]["error"] for k in ("bomb", "beside"))
+    assert "over --max-input-mb 1 (1572864 bytes" in rows["big"]["error"]  # read with its group, then refused
+    assert [rows[k]["status"] for k in "cde"] == ["ok"] * 3
+
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "big.png").write_bytes(zeros)
+    os.mkfifo(tmp_path / "files" / "pipe.png")
+    (tmp_path / "files" / "ok.png").write_bytes(png(5))
+    rows = run("files", "files")
+    assert "over --max-input-mb 1" in rows["big"]["error"]
+    assert "not a regular file" in rows["pipe"]["error"] and rows["ok"]["status"] == "ok"

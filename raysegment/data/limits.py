@@ -1,4 +1,5 @@
-"""The decompression-bomb guard every decoder shares: how much an image may decode to, and the refusal.
+"""The decompression-bomb guards every reader shares: how much an image may decode to, how large one input's
+encoded bytes may be, and the refusals.
 
 A header is checked before any pixel is decoded. The limit counts pixels of up to four bands (RGBA);
 a pixel of more bands counts as bands/4 pixels, so a small file of a few pixels and thousands of bands
@@ -8,6 +9,19 @@ cannot decode to gigabytes either.
 from __future__ import annotations
 
 MAX_PIXELS = 100_000_000
+# One input's encoded bytes (infer's --max-input-mb): a 100-megapixel RGBA image stored raw is 400 MB. A tar
+# member or a Parquet value is inflated by its container before any header can be read; this bounds that.
+MAX_INPUT_MB = 512
+
+
+def too_large(max_bytes: int, size: int | None = None) -> str:
+    """The error text for an input over the limit of encoded bytes (a file, member or table value); `size`
+    when known (a ranged read stops one byte past the limit)."""
+    held = f"{size} bytes" if size is not None else "larger than that"
+    return (
+        f"input over --max-input-mb {max_bytes / (1 << 20):g} ({held}: one image's encoded bytes; raise the "
+        "limit for larger images); not read"
+    )
 
 
 def refusal(size: str, max_pixels: int) -> str:

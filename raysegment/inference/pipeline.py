@@ -160,6 +160,7 @@ def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
         output=spec.output,
         members=MemberIndex(run.output, run.done.buckets),
         max_pixels=spec.max_pixels,  # TIFFs over it in blocks: big rasters, read by windows in the actors
+        max_bytes=spec.max_input_mb << 20,
     )
 
 

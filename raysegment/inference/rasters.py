@@ -45,6 +45,7 @@ import functools
 import json
 import math
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,7 +54,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from raysegment import storage
-from raysegment.data import imaging, tiff
+from raysegment.data import imaging, limits, tiff
 from raysegment.errors import DataError, StorageError
 from raysegment.inference import output as layout
 from raysegment.inference.stitch import tile_starts
@@ -119,19 +120,39 @@ def require_rasterio() -> None:
         ) from None
 
 
-def read_input(loc: storage.Location, max_pixels: int | None) -> bytes | RasterInfo:
+def read_input(loc: storage.Location, max_pixels: int | None, max_bytes: int | None = None) -> bytes | RasterInfo:
     """An input's bytes, or, for a big raster (`RasterInfo.windowed`), its header facts and nothing more.
 
-    Only TIFF names are probed (one header read; the rest of a small TIFF is read through the same handle)."""
+    Only TIFF names are probed (one header read; the rest of a small TIFF is read through the same handle).
+    At most `max_bytes` are read (one ranged read: no size request first); an input over it is an OSError, as a
+    local path that is not a regular file is (a pipe or a device would block the read, or never end)."""
+    if not loc.remote and not regular_file(loc.path):
+        raise OSError(f"{loc.path}: not a regular file (a pipe, a device or a folder); not read")
     if max_pixels is None or not tiff.is_tiff_name(loc.path):
-        return loc.fs.cat_file(loc.path)
+        whole = loc.fs.cat_file(loc.path) if not max_bytes else loc.fs.cat_file(loc.path, start=0, end=max_bytes + 1)
+        return _bounded(whole, max_bytes)
     with loc.fs.open(loc.path, "rb", block_size=HEADER_BLOCK) as f:
         info = probe(f)
         if info is None or not info.windowed(max_pixels):
             f.seek(0)
-            return f.read()
+            return _bounded(f.read(max_bytes + 1) if max_bytes else f.read(), max_bytes)
     require_rasterio()
     return info
+
+
+def regular_file(path: str) -> bool:
+    """Whether a local path (its links followed) is a plain file: opening a pipe blocks until a writer comes,
+    and a device such as /dev/zero never ends."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # not there: the read says so, as for any missing file
+
+
+def _bounded(data: bytes, max_bytes: int | None) -> bytes:
+    if max_bytes and len(data) > max_bytes:
+        raise OSError(limits.too_large(max_bytes))
+    return data
 
 
 # -- windows ------------------------------------------------------------------------------------------

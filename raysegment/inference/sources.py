@@ -148,15 +148,15 @@ def _read_each(
 
 
 def read_files(
-    batch: dict[str, np.ndarray], root: storage.Location, max_pixels: int | None = None
+    batch: dict[str, np.ndarray], root: storage.Location, max_pixels: int | None = None, max_bytes: int | None = None
 ) -> dict[str, np.ndarray]:
     """Read each listed file under root; a failure names the file, not INPUT. A TIFF over `max_pixels`
-    stored in blocks is not read here (`rasters.read_input`)."""
+    stored in blocks is not read here (`rasters.read_input`), nor more than `max_bytes` of one file."""
     uris = [str(u) for u in batch["uri"]]
 
     def read(i: int) -> bytes | rasters.RasterInfo:
         loc = storage.Location(uris[i], root.fs, path_of(root, uris[i]), root.endpoint_url, root.retry_s)
-        return loc.call(lambda: rasters.read_input(loc, max_pixels))
+        return loc.call(lambda: rasters.read_input(loc, max_pixels, max_bytes))
 
     return _read_each(batch, uris, read)
 
@@ -183,7 +183,11 @@ class _Block:
 
 
 def read_archives(
-    batch: dict[str, np.ndarray], root: storage.Location, exts: tuple[str, ...], index: MemberIndex | None = None
+    batch: dict[str, np.ndarray],
+    root: storage.Location,
+    exts: tuple[str, ...],
+    index: MemberIndex | None = None,
+    max_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream the image members of each tar archive as rows, BATCH_ROWS at a time. With `index`
     (a resumed run), an archive whose recorded members are all done is not opened."""
@@ -197,7 +201,7 @@ def read_archives(
         done = index.done_members(archive) if index is not None else frozenset()
         if done is None:
             continue  # every member is done: not opened
-        yield from _archive_rows(root, str(key), archive, exts, index, done)
+        yield from _archive_rows(root, str(key), archive, exts, index, done, max_bytes)
 
 
 def _archive_rows(
@@ -207,9 +211,14 @@ def _archive_rows(
     exts: tuple[str, ...],
     index: MemberIndex | None,
     done: frozenset[str],
+    max_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Rows of the archive's image members, less those in `done` (not even extracted)."""
+    """Rows of the archive's image members, less those in `done` (not even extracted); a member over
+    `max_bytes` (its header says, before any is inflated: a 1 MB .tar.gz held 1 GiB) is an error row."""
     uri = archive.uri
+    if not root.remote and not rasters.regular_file(path_of(root, uri)):
+        yield _rows([f"{key}/(archive)"], [uri], [b""], ["not a regular file (a pipe or a device); not read"], [False])
+        return
     block = _Block()
     seen: dict[str, str] = {}  # fold(member key) -> the first member with it
     members: list[str] = []
@@ -224,7 +233,7 @@ def _archive_rows(
                     members.append(member_key)
                     if member_key in done:
                         continue
-                    _add_member(block, tar, member, key, uri, seen)
+                    _add_member(block, tar, member, key, uri, seen, max_bytes)
                     whole = whole and not block.collides[-1]
                 if len(block.keys) >= BATCH_ROWS:
                     yield block.rows()
@@ -249,7 +258,13 @@ def member_name(member: tarfile.TarInfo) -> tuple[str, bool]:
 
 
 def _add_member(
-    block: _Block, tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, uri: str, seen: dict[str, str]
+    block: _Block,
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    key: str,
+    uri: str,
+    seen: dict[str, str],
+    max_bytes: int | None = None,
 ) -> None:
     """One member's row. A member whose key repeats an earlier one's (x.png and x.jpg, or one name
     stored twice) is an error row: the archive streams, so the earlier one is already on its way. A link
@@ -269,6 +284,9 @@ def _add_member(
         seen[folded] = member.name
         link = f"a link to {storage.utf8_name(member.linkname)[0]}"
         block.add(member_key, source, b"", f"member is {link}, not followed; store the file")
+    elif max_bytes and member.size > max_bytes:
+        seen[folded] = member.name
+        block.add(member_key, source, b"", limits.too_large(max_bytes, member.size))
     else:
         seen[folded] = member.name
         extracted = tar.extractfile(member)
@@ -292,6 +310,8 @@ class RowGroup:
     name: str  # the file's path under INPUT, as keys and errors name it
     group: int
     first: int
+    rows: int
+    image_bytes: int  # the image column's bytes once decompressed (the footer says, before any is read)
 
 
 def _table_files(root: storage.Location) -> list[tuple[str, str]]:
@@ -338,12 +358,22 @@ def _row_groups(root: storage.Location, image_column: str, key_column: str | Non
                 f"(binary); set --image-column to the column of PNG/JPEG/TIFF bytes (columns: {schema.names})"
             )
         first = 0
+        at = schema.get_field_index(image_column)
         for g in range(table.metadata.num_row_groups):
-            rows = table.metadata.row_group(g).num_rows
+            group = table.metadata.row_group(g)
+            rows = group.num_rows
             if rows:
-                groups.append(RowGroup(path, name, g, first))
+                inflated = _column_bytes(group, image_column, at)
+                groups.append(RowGroup(path, name, g, first, rows, inflated))
             first += rows
     return groups
+
+
+def _column_bytes(group: pq.RowGroupMetaData, column: str, at: int) -> int:
+    """The decompressed size of `column`'s chunk in a row group (its leaf columns', for a nested type)."""
+    chunks = [group.column(i) for i in range(group.num_columns)]
+    mine = [c for c in chunks if c.path_in_schema == column or c.path_in_schema.startswith(f"{column}.")]
+    return sum(c.total_uncompressed_size for c in mine) if mine else group.column(at).total_uncompressed_size
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
@@ -361,20 +391,47 @@ def read_row_groups(
     image_column: str,
     key_column: str | None,
     clashes: dict[str, str],
+    max_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Rows of the row groups in batch, PARQUET_ROWS_PER_BLOCK at a time. A row's source is `FILE#ROW`
     (the file's own row number); its key is the key column's value, else `FILE/ROW` (FILE without its
     extension). A null or empty key is an error row under `FILE/ROW`: one row per key holds, and the row
-    can be found."""
+    can be found. A value over `max_bytes` is an error row; a row group whose image column decompresses to
+    more than that per row is not decompressed at all (43 KB of zstd held a 1 GiB value): its rows are
+    error rows, keyed from the key column alone."""
     columns = [image_column, *([key_column] if key_column else [])]
-    for path, name, group, first in zip(batch["path"], batch["name"], batch["group"], batch["first"]):
+    for path, name, group, first, rows, inflated in zip(
+        batch["path"], batch["name"], batch["group"], batch["first"], batch["rows"], batch["image_bytes"]
+    ):
         file_uri = storage.join(root.uri, name) if root.path != path else root.uri
         row = int(first)
+        bomb = bool(max_bytes) and int(inflated) > int(rows) * max_bytes
         # Streamed, a block at a time: a writer's default row group holds up to a million rows (gigabytes
         # of images). A store that fails mid-group fails the task, as a failed archive read does.
         with root.call(lambda path=path: root.fs.open(path, "rb")) as f:
-            batches = pq.ParquetFile(f).iter_batches(PARQUET_ROWS_PER_BLOCK, row_groups=[int(group)], columns=columns)
-            yield from _table_rows(batches, row, name, file_uri, key_column, clashes)
+            table = pq.ParquetFile(f)
+            if bomb:
+                refused = (
+                    f"row group {int(group)} of {name}: its images decompress to {int(inflated)} bytes, over "
+                    f"--max-input-mb for each of its {int(rows)} rows; not read (write the table with smaller images "
+                    "or raise --max-input-mb)"
+                )
+                batches = _refused_batches(table, int(group), int(rows), key_column)
+            else:
+                refused = ""
+                batches = table.iter_batches(PARQUET_ROWS_PER_BLOCK, row_groups=[int(group)], columns=columns)
+            yield from _table_rows(batches, row, name, file_uri, key_column, clashes, max_bytes, refused)
+
+
+def _refused_batches(table: pq.ParquetFile, group: int, rows: int, key_column: str | None) -> Iterator[pa.RecordBatch]:
+    """A refused row group's rows without their images (nulls in their place): its key column only is read."""
+    if key_column:
+        for keys in table.iter_batches(PARQUET_ROWS_PER_BLOCK, row_groups=[group], columns=[key_column]):
+            yield pa.RecordBatch.from_arrays([pa.nulls(keys.num_rows, pa.binary()), keys.column(0)], ["image", "key"])
+        return
+    for start in range(0, rows, PARQUET_ROWS_PER_BLOCK):
+        count = min(PARQUET_ROWS_PER_BLOCK, rows - start)
+        yield pa.RecordBatch.from_arrays([pa.nulls(count, pa.binary())], ["image"])
 
 
 def _table_rows(
@@ -384,10 +441,18 @@ def _table_rows(
     file_uri: str,
     key_column: str | None,
     clashes: dict[str, str],
+    max_bytes: int | None = None,
+    refused_all: str = "",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """`read_row_groups`' rows of one row group's record batches, its first row being the file's `row`."""
+    """`read_row_groups`' rows of one row group's record batches, its first row being the file's `row`;
+    `refused_all`: every row's error (the group was not read)."""
     for rb in batches:
         images = rb.column(0).to_pylist()
+        if max_bytes:
+            images = [
+                limits.too_large(max_bytes, len(b)) if isinstance(b, bytes) and len(b) > max_bytes else b
+                for b in images
+            ]
         numbers = range(row, row + len(images))
         row += len(images)
         by_row = [f"{strip_ext(name)}/{n}" for n in numbers]
@@ -403,7 +468,9 @@ def _table_rows(
             )
             or c
             or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "")
-            for g, c, k, n in zip(given, clashing, keys, numbers)
+            or refused_all
+            or (b if isinstance(b, str) else "")  # over --max-input-mb
+            for g, c, k, n, b in zip(given, clashing, keys, numbers, images)
         ]
         collide = [bool(c) for c in clashing]
         yield _rows(
@@ -440,7 +507,9 @@ def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str
     return {folded: collisions.message(names, folded, fix) for folded, names in found.items()}
 
 
-def read_parquet_table(root: storage.Location, image_column: str, key_column: str | None) -> ray.data.Dataset:
+def read_parquet_table(
+    root: storage.Location, image_column: str, key_column: str | None, max_bytes: int | None = None
+) -> ray.data.Dataset:
     """Rows of Parquet image tables, a task per row group; keys from key_column, else FILE/ROW."""
     groups = _row_groups(root, image_column, key_column)
     if not groups:
@@ -450,7 +519,13 @@ def read_parquet_table(root: storage.Location, image_column: str, key_column: st
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_row_groups,
         batch_size=1,
-        fn_kwargs={"root": root, "image_column": image_column, "key_column": key_column, "clashes": clashes},
+        fn_kwargs={
+            "root": root,
+            "image_column": image_column,
+            "key_column": key_column,
+            "clashes": clashes,
+            "max_bytes": max_bytes,
+        },
         batch_format="numpy",
     )
 
@@ -470,7 +545,11 @@ def _list_filesystem(uri: str, endpoint_url: str | None, retry_s: float | None) 
 
 
 def read_uris(
-    batch: dict[str, np.ndarray], endpoint_url: str | None, retry_s: float | None, max_pixels: int | None = None
+    batch: dict[str, np.ndarray],
+    endpoint_url: str | None,
+    retry_s: float | None,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Read each URI of a list source, with one filesystem per scheme and the job's retry deadline (big
     rasters as `read_files`). The filesystems outlive the task in its worker process: a new S3 client
@@ -484,7 +563,7 @@ def read_uris(
         else:
             fs = _list_filesystem(uri, endpoint_url, retry_s)
             loc = storage.Location(uri, fs, uri.split("://", 1)[1], endpoint_url, retry_s)
-        return loc.call(lambda: rasters.read_input(loc, max_pixels))
+        return loc.call(lambda: rasters.read_input(loc, max_pixels, max_bytes))
 
     return _read_each(batch, [str(u) for u in batch["path"]], read)
 
@@ -583,6 +662,7 @@ def source_rows(
     output: str | None = None,
     members: MemberIndex | None = None,
     max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[str, ray.data.Dataset]:
     """(kind, dataset of key/source_uri/bytes/error/collides rows) for INPUT.
 
@@ -600,7 +680,7 @@ def source_rows(
     exts = tuple(extensions)  # lower-case with the dot: InferOptions normalises them
     if kind == "files":
         ds = keep(_listed(root, exts, BATCHES_PER_READ_TASK * batch_size)).map_batches(
-            read_files, fn_kwargs={"root": root, "max_pixels": max_pixels}, batch_format="numpy"
+            read_files, fn_kwargs={"root": root, "max_pixels": max_pixels, "max_bytes": max_bytes}, batch_format="numpy"
         )
     elif kind == "list":
         out = storage.resolve(output, endpoint_url, retry_s) if output else None
@@ -609,17 +689,22 @@ def source_rows(
         listed = keep(list_uris(root, out)).repartition(target_num_rows_per_block=LIST_ROWS_PER_READ_TASK)
         ds = listed.map_batches(
             read_uris,
-            fn_kwargs={"endpoint_url": endpoint_url, "retry_s": root.retry_s, "max_pixels": max_pixels},
+            fn_kwargs={
+                "endpoint_url": endpoint_url,
+                "retry_s": root.retry_s,
+                "max_pixels": max_pixels,
+                "max_bytes": max_bytes,
+            },
             batch_format="numpy",
         )
     elif kind == "tar":
         archives = _one_archive(root)
         if archives is None:
             archives = _listed(root, ARCHIVE_EXTENSIONS, containers=True)
-        kwargs = {"root": root, "exts": exts, "index": members}
+        kwargs = {"root": root, "exts": exts, "index": members, "max_bytes": max_bytes}
         ds = keep(archives.map_batches(read_archives, fn_kwargs=kwargs, batch_size=1, batch_format="numpy"))
     elif kind == "parquet":
-        ds = keep(read_parquet_table(root, image_column, key_column))
+        ds = keep(read_parquet_table(root, image_column, key_column, max_bytes))
     else:
         raise DataError(f"unknown source kind '{kind}'; use auto, files, tar, parquet or list")
     # A multi-page TIFF is one input per slice (`{key}/0003`, `data/tiff.py`; Pillow alone would read its
