@@ -37,14 +37,25 @@ def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _confusion(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """One batch's confusion and edge counts; `unread`: the first image the model could not take (a data set of
+    other bands or channels than the model's), as `KEY: why`, which fails the run (no score leaves it out)."""
     cm = np.zeros((num_classes, num_classes), np.int64)
     edges = np.zeros((len(EDGE_BANDS), 2), np.int64)
-    for pred, mask_bytes, h, w in zip(batch["pred"], batch["mask"], batch["height"], batch["width"]):
+    errors = batch.get("error", [""] * len(batch["pred"]))
+    unread = next((f"{key}: {error}" for key, error in zip(batch["key"], errors) if error), "")
+    for pred, mask_bytes, h, w, error in zip(batch["pred"], batch["mask"], batch["height"], batch["width"], errors):
+        if error:
+            continue
         truth = imaging.decode_mask(mask_bytes)
         pred = imaging.resize_mask(pred, (int(h), int(w)))
         cm += confusion_matrix(truth, pred, num_classes)
         edges += edge_error_counts(truth, pred, num_classes)
-    return {"cm": cm.reshape(1, -1), "edges": edges.reshape(1, -1), "rows": np.asarray([len(batch["pred"])])}
+    return {
+        "cm": cm.reshape(1, -1),
+        "edges": edges.reshape(1, -1),
+        "rows": np.asarray([len(batch["pred"])]),
+        "unread": np.asarray([unread], dtype=object),
+    }
 
 
 # `train` turns flip TTA on in the card where it raises val mIoU by at least this much (`measure_tta`): below it
@@ -71,7 +82,10 @@ def measure_tta(
         for start in range(0, n, step):
             batch = _rename({c: rows[c][start : start + step] for c in columns})
             batch = predictor(preprocess(batch, card, imaging.MAX_PIXELS))
-            cm += _confusion(batch, k)["cm"].reshape(k, k)
+            scored = _confusion(batch, k)
+            if scored["unread"][0]:
+                raise DataError(f"{data_loc.uri}: val image {scored['unread'][0]}")
+            cm += scored["cm"].reshape(k, k)
         scores[name] = float(metrics_from_confusion(cm, card.class_names)["mean_iou"])
     return InferenceAdvice(
         tta_flip=scores["tta"] - scores["plain"] >= TTA_MIN_GAIN,
@@ -128,6 +142,11 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     images = 0
     with progress.stage("evaluate", manifest["counts"].get(spec.split)) as shown:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if unread := next((str(u) for u in batch["unread"] if u), None):
+                raise DataError(
+                    f"{data_loc.uri}: the model cannot take its {spec.split} image {unread}; evaluate a data set "
+                    "prepared as the model's was (the same --bands and channels)"
+                )
             cm += batch["cm"].sum(axis=0).reshape(k, k)
             edges += batch["edges"].sum(axis=0)
             images += int(batch["rows"].sum())

@@ -195,3 +195,33 @@ def test_cli_missing_data_set_is_clear(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'model'}: not a trained model (needs model.keras and model.json); run `raysegment train`"
     ]
+
+
+def test_evaluate_names_an_image_the_model_cannot_take(trained, tmp_path):
+    """An RGB model on a data set of 5-band scenes (the wrong model for the data) ended in a Ray traceback,
+    `height and width must be > 0`, exit 1: the error rows of images it could not decode were scored. The run
+    now stops on the first one with its key and why."""
+    import tifffile
+    from PIL import Image
+
+    from raysegment.config import PrepareSpec
+    from raysegment.data.prepare import prepare
+    from raysegment.errors import DataError
+
+    root, _ = trained
+    card = json.loads((root / "model" / "model.json").read_text())
+    rng = np.random.default_rng(0)
+    for d in ("images", "masks"):
+        (tmp_path / "src" / d).mkdir(parents=True)
+    for i in range(4):
+        scene = rng.integers(0, 255, (16, 16, 5), np.uint8)
+        tifffile.imwrite(
+            tmp_path / "src" / "images" / f"s{i}.tif", scene, photometric="minisblack", planarconfig="contig"
+        )
+        Image.fromarray(rng.integers(0, 4, (16, 16), np.uint8)).save(tmp_path / "src" / "masks" / f"s{i}.png")
+    spec = PrepareSpec(
+        source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_keys=["s0"], class_names=card["class_names"]
+    )
+    prepare(spec)
+    with pytest.raises(DataError, match=r"the model cannot take its val image s0: .*prepared as the model's was"):
+        evaluate(EvaluateSpec(model=str(root / "model"), data=str(tmp_path / "data")))
