@@ -15,7 +15,7 @@ from raysegment.config import PrepareSpec, TrainSpec, load_spec
 from raysegment.data import classes, imaging
 from raysegment.data.examples import Augmentation, decode_for_training, fit_example, photometric
 from raysegment.data.info import format_manifest
-from raysegment.data.layouts import assign_splits, pairs_layout, read_val_keys
+from raysegment.data.layouts import assign_splits, list_source, no_val_fix, pairs_layout, read_val_keys
 from raysegment.data.pairlist import list_layout
 from raysegment.data.prepare import prepare
 from raysegment.errors import ConfigError, DataError
@@ -326,6 +326,91 @@ def test_voc_layout(ray_cluster, tmp_path):
         prepare(PrepareSpec(source=str(tmp_path / "VOC2012"), dest=str(tmp_path / "d3"), layout="voc"))
     with pytest.raises(DataError, match="point SOURCE at the VOC2012 folder"):
         prepare(PrepareSpec(source=str(tmp_path), dest=str(tmp_path / "d4"), layout="voc"))
+
+
+def test_voc_without_val_txt_is_split_by_val_keys_or_the_key_hash(tmp_path):
+    """A VOC export with train.txt but no val.txt gave 0 val pairs, and the --val-keys the warning advised
+    was refused ("the voc source has its own splits"): a dead end. Without val.txt the split files now only
+    name the pairs, and --val-keys, --val-fraction or the default hash split them."""
+    root = tmp_path / "VOC2012"
+    write_voc(str(root))
+    sets = root / "ImageSets/Segmentation"
+    os.remove(sets / "val.txt")
+    listing = list_source(storage.resolve(str(root)), "voc")
+    assert listing.split_source is None and [p.key for p in listing.pairs] == [
+        "2007_000032",
+        "2007_000039",  # named by trainval.txt only
+        "2008_000001",
+        "2009_000002",
+    ]
+    pairs, source = assign_splits(listing, "voc", ["2008_000001"], None, 0)
+    assert [p.key for p in pairs if p.split == "val"] == ["2008_000001"] and source == "--val-keys (1 keys)"
+    pairs, source = assign_splits(listing, "voc", None, None, 0)
+    assert source.startswith("key hash, val_fraction 0.2") and {p.split for p in pairs} <= {"train", "val"}
+    # With val.txt the files are the splits (train.txt, else trainval.txt less val.txt, is train), and the
+    # refusal of --val-keys names the way to split by it.
+    (sets / "val.txt").write_text("2007_000039\n")
+    os.remove(sets / "train.txt")
+    listing = list_source(storage.resolve(str(root)), "voc")
+    assert {p.key: p.split for p in listing.pairs} == {
+        "2007_000032": "train",
+        "2007_000039": "val",
+        "2008_000001": "train",
+        "2009_000002": "train",
+    }
+    with pytest.raises(ConfigError, match=r"own splits .*drop --val-keys/--val-fraction, or move .*val.txt away"):
+        assign_splits(listing, "voc", ["2008_000001"], None, 0)
+    assert "move ImageSets/Segmentation/val.txt away" in no_val_fix(listing)
+
+
+def test_val_keys_file_with_a_byte_order_mark(tmp_path):
+    """Notepad and Excel's "CSV UTF-8" start a file with a BOM: its first key was 'not in the source'."""
+    keys_file = tmp_path / "val.txt"
+    keys_file.write_bytes(b"\xef\xbb\xbfs0\r\ns1\r\n")
+    assert read_val_keys(str(keys_file)) == ["s0", "s1"]
+
+
+def test_a_masks_folder_inside_the_images_folder_is_not_listed_as_images(tmp_path):
+    """`dataset/*.jpg` + `dataset/masks/*.png` (--images-dir . --masks-dir masks) listed every mask as an
+    image too, each one 'masks/s0: image without mask'."""
+    for key in ("s0", "sub/s1"):
+        save(rgb(8, 8), f"{tmp_path}/flat/{key}.jpg", fmt="JPEG")
+        save(np.zeros((8, 8), np.uint8), f"{tmp_path}/flat/masks/{key}.png")
+        save(rgb(8, 8), f"{tmp_path}/nested/images/{key}.png")
+        save(np.zeros((8, 8), np.uint8), f"{tmp_path}/nested/images/masks/{key}.png")
+    for images_dir in (".", ""):
+        listing = list_source(storage.resolve(str(tmp_path / "flat")), "pairs", images_dir, "masks")
+        assert [(p.key, p.problem) for p in listing.pairs] == [("s0", None), ("sub/s1", None)]
+    listing = list_source(storage.resolve(str(tmp_path / "nested")), "pairs", "images", "images/masks")
+    assert [(p.key, p.problem) for p in listing.pairs] == [("s0", None), ("sub/s1", None)]
+
+
+def test_links_to_folders_are_followed_as_links_to_files_are(tmp_path):
+    """Data sets assembled from links into shared storage: a linked sub-folder of images/ or masks/ was
+    skipped without a word (its files 'mask without image', or 'no image files found'). It is followed,
+    out of SOURCE too, and a link back to a folder it is in is not (it would never end)."""
+    shared = tmp_path / "shared"
+    for key in ("x0", "x1"):
+        save(rgb(8, 8), f"{shared}/imgs/{key}.png")
+        save(np.zeros((8, 8), np.uint8), f"{shared}/msks/{key}.png")
+    src = tmp_path / "src"
+    save(rgb(8, 8), f"{src}/images/real/r0.png")
+    save(np.zeros((8, 8), np.uint8), f"{src}/masks/real/r0.png")
+    os.symlink(shared / "imgs", src / "images" / "lnk")
+    os.symlink("../../shared/msks", src / "masks" / "lnk")  # a relative link
+    os.symlink("..", src / "images" / "real" / "loop")  # cycles: to its folder, to SOURCE, and back
+    os.symlink(src, src / "masks" / "real" / "up")
+    os.symlink(src / "images", shared / "imgs" / "back")
+    listing = list_source(storage.resolve(str(src)), "pairs")
+    assert {p.key: p.problem for p in listing.pairs} == {"lnk/x0": None, "lnk/x1": None, "real/r0": None}
+    assert next(p for p in listing.pairs if p.key == "lnk/x0").image == f"{src}/images/lnk/x0.png"
+    assert next(p for p in listing.pairs if p.key == "lnk/x0").image_bytes == os.path.getsize(shared / "imgs/x0.png")
+    os.remove(shared / "imgs" / "back")
+    only_links = tmp_path / "only"  # every folder a link: 'no image files found'
+    for folder, target in (("images", "imgs"), ("masks", "msks")):
+        os.makedirs(only_links / folder)
+        os.symlink(shared / target, only_links / folder / "sub")
+    assert [p.key for p in list_source(storage.resolve(str(only_links)), "pairs").pairs] == ["sub/x0", "sub/x1"]
 
 
 def test_cityscapes_layout(ray_cluster, tmp_path):

@@ -227,3 +227,18 @@ def test_a_class_only_in_val_is_warned_of_at_prepare_and_by_data_info(ray_cluste
     assert planned.exit_code == 0 and "plan: warning: class class_2 has pixels in val" in planned.stderr
     balanced = {"train": [64, 64, 9], "val": [64, 32, 0]}
     assert format_manifest("d", {**manifest, "class_pixels": balanced}).count("warning: ") == 1  # not in val
+
+
+def test_no_val_pair_left_after_skip_invalid_is_warned_of(ray_cluster, tmp_path, caplog):
+    """The val-split check ran on the listing, before --skip-invalid dropped the invalid pairs: a data set
+    whose val pairs were all invalid was written with 0 val images and no word (plan and train refuse it)."""
+    import logging
+
+    src = write_source(str(tmp_path / "src"), count=4, size=8)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "src" / "masks" / "00001.png")  # size mismatch
+    spec = PrepareSpec(source=src, dest=str(tmp_path / "data"), val_keys="00001", skip_invalid=True)
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        manifest = prepare(spec)
+    assert manifest["counts"] == {"train": 3, "val": 0}
+    assert "no pair is in the val split: its 1 pairs were all invalid and skipped (--val-keys (1 keys))" in caplog.text
+    assert "prepare again with --val-keys" in caplog.text

@@ -51,27 +51,65 @@ class Listing:
     lut: list[int] | None = None
     unmapped: str = "class ids out of range"  # the problem text for values the table does not map
     split_source: str | None = None  # where the layout's own splits came from, None when it has none
+    splits_off: str | None = None  # how to turn the layout's own splits off (for --val-keys), if one can
     root: storage.Location | None = None  # the store the pairs' paths are in, when not SOURCE (list layout)
 
 
-def _files_by_key(loc: storage.Location, suffix: str = "") -> dict[str, list[tuple[str, int]]]:
-    """Relative path without extension (and without `suffix`) -> [(path, size)] for image files below loc."""
-    found = loc.call(lambda: loc.fs.find(loc.path, detail=True))
+def _files_by_key(
+    loc: storage.Location, suffix: str = "", leave_out: storage.Location | None = None
+) -> dict[str, list[tuple[str, int]]]:
+    """Relative path without extension (and without `suffix`) -> [(path, size)] for image files below loc,
+    through links to folders (local sources), leaving out the folder `leave_out` (a masks folder inside
+    the images folder)."""
+    found = _find(loc)
     suffix = unicodedata.normalize("NFC", suffix)
     out: dict[str, list[tuple[str, int]]] = defaultdict(list)
     root = loc.path.rstrip("/") + "/"
-    for path, info in found.items():
+    skip = posixpath.normpath(leave_out.path) + "/" if leave_out else None
+    for path, size in found.items():
         rel = path[len(root) :] if path.startswith(root) else path
         if any(part.startswith(".") for part in rel.split("/")):
             continue  # hidden files: .DS_Store, macOS ._resource forks, editor droppings
+        if skip and posixpath.normpath(path).startswith(skip):
+            continue
         # NFC: macOS writes names decomposed (NFD), so an image and its mask named alike by two tools
         # may differ only in Unicode form, and must still pair (and a typed suffix must still match).
         stem, ext = posixpath.splitext(unicodedata.normalize("NFC", rel))
         if ext.lower() not in IMAGE_EXTENSIONS or not stem.endswith(suffix):
             continue
         key = stem[: len(stem) - len(suffix)] if suffix else stem
-        out[key].append((path, int(info.get("size") or 0)))
+        out[key].append((path, size))
     return out
+
+
+def _find(loc: storage.Location, chain: tuple[str, ...] = ()) -> dict[str, int]:
+    """Path -> size of every file below loc. A local link to a folder is followed like a link to a file
+    (data sets are often assembled from links into shared storage, and SOURCE is the user's own data),
+    its files listed under the link's path, unless it leads back to a folder it is in (a cycle)."""
+    found = loc.call(lambda: loc.fs.find(loc.path, detail=True))
+    files = {path: int(info.get("size") or 0) for path, info in found.items()}
+    if loc.remote:
+        return files
+    chain = (*chain, os.path.realpath(loc.path))
+    for path, info in found.items():
+        if not (info.get("islink") and os.path.isdir(path)):
+            continue
+        del files[path]
+        target = os.path.realpath(path)
+        if any(_inside(real, target) for real in (*chain, os.path.realpath(posixpath.dirname(path)))):
+            continue  # a link to a folder it is in: following it would never end
+        files.update(_find(storage.Location(path, loc.fs, path, retry_s=loc.retry_s), chain))
+    return files
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _is_below(inner: storage.Location, outer: storage.Location) -> bool:
+    """Whether `inner` is a folder inside `outer` (local paths, or keys in one store)."""
+    a, b = posixpath.normpath(inner.path), posixpath.normpath(outer.path)
+    return inner.fs is outer.fs and a != b and a.startswith(b.rstrip("/") + "/")
 
 
 def _require_dir(loc: storage.Location, fix: str) -> None:
@@ -115,10 +153,13 @@ def pairs_layout(
     """Match images and masks by relative path and stem (extensions may differ); a mask's stem may carry
     `mask_suffix` (a_mask.png for a.png), which its key drops."""
     fix = "check SOURCE and --images-dir/--masks-dir"
-    _require_dir(source.child(images_dir), fix)
-    _require_dir(source.child(masks_dir), fix)
-    images = _files_by_key(source.child(images_dir))
-    masks = _files_by_key(source.child(masks_dir), mask_suffix)
+    images_loc, masks_loc = source.child(images_dir), source.child(masks_dir)
+    _require_dir(images_loc, fix)
+    _require_dir(masks_loc, fix)
+    # A masks folder inside the images folder (`--images-dir . --masks-dir masks`) holds no images; and
+    # the other way round.
+    images = _files_by_key(images_loc, leave_out=masks_loc if _is_below(masks_loc, images_loc) else None)
+    masks = _files_by_key(masks_loc, mask_suffix, images_loc if _is_below(images_loc, masks_loc) else None)
     if not images:
         raise DataError(f"{source.child(images_dir).uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
     pairs = [_pair(k, images, masks) for k in sorted(set(images) | set(masks))]
@@ -158,36 +199,59 @@ def _with_value_table(listing: Listing, mask_values: dict[int, int] | None, num_
 
 
 def _read_keys(loc: storage.Location) -> list[str]:
-    text = storage.read_bytes(loc).decode("utf-8", errors="replace")
+    text = storage.read_bytes(loc).decode("utf-8-sig", errors="replace")  # Notepad and Excel write a BOM
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+VOC_SETS = "ImageSets/Segmentation"
+
+
+def _voc_split_files(sets: storage.Location) -> dict[str, list[str]]:
+    """The keys of each of ImageSets/Segmentation/{train,val,trainval}.txt that exists."""
+    files = {name: sets.child(f"{name}.txt") for name in (*SPLITS, "trainval")}
+    return {name: _read_keys(loc) for name, loc in files.items() if storage.exists(loc)}
+
+
+def _voc_split_pairs(files: dict[str, list[str]], images: dict, masks: dict) -> list[Pair]:
+    """The pairs of split files that include val.txt, each in its split (train.txt, else trainval.txt
+    less val.txt, is train)."""
+    val = files["val"]
+    train = files.get("train", [k for k in files.get("trainval", []) if k not in set(val)])
+    listed: dict[str, list[str]] = {}
+    for split, keys in (("train", train), ("val", val)):
+        for key in dict.fromkeys(keys):  # a key twice in one file is listed once
+            listed.setdefault(key, []).append(split)
+    pairs = []
+    for key in sorted(listed):
+        pair = _pair(key, images, masks, listed[key][-1])
+        if len(listed[key]) > 1:
+            pair = replace(pair, problem="listed in both train.txt and val.txt")
+        pairs.append(pair)
+    return pairs
+
+
 def voc_layout(source: storage.Location) -> Listing:
-    """PASCAL VOC 2012: JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/{train,val}.txt."""
+    """PASCAL VOC 2012: JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/{train,val}.txt.
+
+    val.txt makes the split files the splits. Without it (custom exports often write only train.txt or
+    trainval.txt) the files only name the pairs, and --val-keys/--val-fraction split them; without any
+    split file, every SegmentationClass mask is a pair."""
     fix = "point SOURCE at the VOC2012 folder (the one holding JPEGImages/, SegmentationClass/, ImageSets/)"
     _require_dir(source.child("JPEGImages"), fix)
     _require_dir(source.child("SegmentationClass"), fix)
     images = _files_by_key(source.child("JPEGImages"))
     masks = _files_by_key(source.child("SegmentationClass"))
-    sets = source.child("ImageSets", "Segmentation")
-    listed: dict[str, list[str]] = {}
-    for split in SPLITS:
-        loc = sets.child(f"{split}.txt")
-        if storage.exists(loc):
-            for key in _read_keys(loc):
-                listed.setdefault(key, []).append(split)
-    if listed:
-        pairs = []
-        for key in sorted(listed):
-            pair = _pair(key, images, masks, listed[key][-1])
-            if len(listed[key]) > 1:
-                pair = replace(pair, problem="listed in both train.txt and val.txt")
-            pairs.append(pair)
-        split_source = "ImageSets/Segmentation/{train,val}.txt"
+    sets = source.child(*VOC_SETS.split("/"))
+    files = _voc_split_files(sets)
+    split_source = None
+    if "val" in files:
+        pairs = _voc_split_pairs(files, images, masks)
+        split_source = f"{VOC_SETS}/{{{'train' if 'train' in files else 'trainval'},val}}.txt"
+    elif files:
+        pairs = [_pair(k, images, masks) for k in sorted({k for keys in files.values() for k in keys})]
     else:
         # Without split files every segmentation mask is a pair; most JPEGs have none, which is normal in VOC.
         pairs = [_pair(k, images, masks) for k in sorted(masks)]
-        split_source = None
     if not pairs:
         raise DataError(f"{source.uri}: no segmentation masks in SegmentationClass/ nor keys in {sets.uri}")
     return Listing(
@@ -197,6 +261,7 @@ def voc_layout(source: storage.Location) -> Listing:
         lut=classes.identity_lut(len(classes.VOC_CLASSES)),
         unmapped=f"class ids out of range 0..{len(classes.VOC_CLASSES) - 1}",
         split_source=split_source,
+        splits_off=f"move {VOC_SETS}/val.txt away" if split_source else None,
     )
 
 
@@ -245,7 +310,12 @@ def list_source(
         listing = _with_value_table(list_layout(source), mask_values, num_classes)
     else:
         listing = pairs_layout(
-            source, images_dir or "images", masks_dir or "masks", mask_values, num_classes, mask_suffix
+            source,
+            "images" if images_dir is None else images_dir,  # "" or ".": SOURCE itself
+            "masks" if masks_dir is None else masks_dir,
+            mask_values,
+            num_classes,
+            mask_suffix,
         )
     return expand_stacks(listing, listing.root or source)
 
@@ -319,6 +389,14 @@ def _mark_repeated_keys(pairs: list[Pair]) -> list[Pair]:
     return [replace(p, problem=p.problem or problem) if seen[p.key] > 1 else p for p in pairs]
 
 
+def no_val_fix(listing: Listing) -> str:
+    """What to do when no pair is in val: a flag where the splits are ours, else the layout's own way."""
+    if not listing.split_source:
+        return NO_VAL_FIX
+    off = f", or {listing.splits_off} to split them by --val-keys or --val-fraction" if listing.splits_off else ""
+    return f"put some pairs in val in {listing.split_source}{off}"
+
+
 def assign_split(key: str, val_fraction: float, seed: int) -> str:
     """Seeded key-hash split: stable for a key when other images are added or removed."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
@@ -349,8 +427,9 @@ def assign_splits(
     """Every pair with its split, and a line saying where the splits came from."""
     if listing.split_source:
         if val_keys is not None or val_fraction is not None:
+            off = f", or {listing.splits_off} to split by them" if listing.splits_off else ""
             raise ConfigError(
-                f"the {layout} source has its own splits ({listing.split_source}); drop --val-keys/--val-fraction"
+                f"the {layout} source has its own splits ({listing.split_source}); drop --val-keys/--val-fraction{off}"
             )
         return listing.pairs, listing.split_source
     if val_keys is not None:

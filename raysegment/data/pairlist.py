@@ -163,4 +163,6 @@ def list_layout(source: storage.Location) -> Listing:
             problem = f"mask not found: {row.mask}{_backslash_hint(row.mask)}"
         pairs.append(Pair(key, img, msk, sizes.get(img, 0), sizes.get(msk, 0), row.split, problem))
     has_splits = rows[0].split is not None
-    return Listing(pairs, split_source="the list's split column" if has_splits else None, root=root)
+    if not has_splits:
+        return Listing(pairs, root=root)
+    return Listing(pairs, split_source="the list's split column", splits_off="drop the split column", root=root)

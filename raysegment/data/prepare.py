@@ -36,7 +36,7 @@ from raysegment import __version__, logs, progress, storage
 from raysegment.config import PrepareSpec, distinct_class_names
 from raysegment.data import classes, imaging, masks, tiff
 from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, format_fingerprint, merge
-from raysegment.data.layouts import NO_VAL_FIX, SPLITS, Listing, Pair, assign_splits, list_source, read_val_keys
+from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, no_val_fix, read_val_keys
 from raysegment.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -452,9 +452,9 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
     listing, encoding = _mask_encoding(spec, source, listing)
     val_keys = read_val_keys(spec.val_keys, spec.endpoint_url, source.retry_s) if spec.val_keys is not None else None
     pairs, split_source = assign_splits(listing, spec.layout, val_keys, spec.val_fraction, spec.seed)
-    if pairs and not any(p.split == "val" for p in pairs):
+    if pairs and not any(p.split == "val" and not p.problem for p in pairs):
         # train and plan refuse such a data set (the best epoch is picked on val): said now, not after the shards.
-        progress.note(f"prepare: warning: no pair is in the val split ({split_source}); {NO_VAL_FIX}")
+        progress.note(f"prepare: warning: no pair is in the val split ({split_source}); {no_val_fix(listing)}")
     if listing.class_names:
         fixed_by = f"--mask-colors {spec.mask_colors}" if spec.mask_colors else f"the {spec.layout} layout"
         if spec.num_classes and spec.num_classes != len(listing.class_names):
@@ -588,6 +588,12 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
     manifest["exif_turned"] = len(turned)
     warnings = classes.manifest_warnings(manifest)
+    if not manifest["counts"]["val"] and any(p.split == "val" and not p.problem for p in pairs):
+        # Not said while listing: the val pairs were all invalid, and --skip-invalid dropped them.
+        warnings.append(
+            f"no pair is in the val split: its {sum(p.split == 'val' for p in pairs)} pairs were all invalid "
+            f"and skipped ({split_source}); {no_val_fix(listing)}"
+        )
     if turned:
         warnings.append(exif_warning(sorted(turned)))
     for warning in warnings:
