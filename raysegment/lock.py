@@ -4,7 +4,9 @@ Creation is the atomic step: ``O_CREAT | O_EXCL`` locally, a conditional PUT
 (``If-None-Match: *``) on S3. S3 has no rename and no lock service; the
 conditional PUT is its only compare-and-set, and a store that ignores the
 header would let two runs in (AWS S3 and SeaweedFS honour it). A lock older
-than ``stale_after_s`` belongs to a run presumed dead and is taken over.
+than ``stale_after_s`` belongs to a run presumed dead and is taken over; so, at once, is one whose process
+is known dead: written on this machine (the same boot and PID namespace) by a PID that no longer runs, as a
+SIGKILLed or OOM-killed driver leaves it (its re-run resumes instead of waiting out the stale age).
 
 A lock's age is measured from the store's modification time (S3 LastModified,
 local mtime), not from the clock of the host that wrote it: a writer whose clock
@@ -83,6 +85,29 @@ class Holder:
     age_s: float
 
 
+def machine_id() -> str | None:
+    """This machine and PID namespace (boot id and the namespace's inode): PIDs are comparable only within it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None  # not Linux: no lock is known dead, they age out
+
+
+def holder_dead(info: dict[str, Any]) -> bool:
+    """Whether a lock's writer is known to be gone: its process on this machine no longer runs."""
+    pid, here = info.get("pid"), machine_id()
+    if here is None or info.get("machine") != here or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it runs, as another user
+    return False
+
+
 class RunLock:
     """A lock object at `loc`, held for the duration of a `with` block. ``now`` is the clock ages are
     measured with (tests move it)."""
@@ -116,6 +141,7 @@ class RunLock:
             "pid": os.getpid(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
             "created_ts": self.created,
+            "machine": machine_id(),
         }
         return json.dumps(info).encode()
 
@@ -166,10 +192,16 @@ class RunLock:
             if holder.info.get("owner") == self.owner:
                 self.held = True  # our own create, retried after its reply was lost
                 return
-            if holder.age_s <= self.stale_after_s:
+            dead = holder_dead(holder.info)
+            if holder.age_s <= self.stale_after_s and not dead:
                 raise LockedError(self._held_message(holder))
             log.warning(
-                "taking over a stale lock %s (%.0f s old, host %s)", self.loc.uri, holder.age_s, holder.info.get("host")
+                "taking over a %s lock %s (%.0f s old, host %s, pid %s)",
+                "dead process's" if dead else "stale",
+                self.loc.uri,
+                holder.age_s,
+                holder.info.get("host"),
+                holder.info.get("pid"),
             )
             self._remove_if_owned_by(holder.info.get("owner"))
         raise LockedError(f"{self.loc.uri}: could not take the lock; another {self.purpose} is starting, try again")

@@ -19,6 +19,7 @@ import posixpath
 import stat
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -75,11 +76,22 @@ def utf8_name(path: str) -> tuple[str, bool]:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), False
 
 
+def file_path(uri: str) -> str:
+    """A `file:` URI's local path, anything else as it is. `file:///P` and `file://localhost/P` are RFC 8089's
+    absolute /P, percent-encoded as `Path.as_uri()` writes them (`a%20b.png` is `a b.png`); `file://P` is
+    raysegment's own shorthand for the path P, taken literally."""
+    head, sep, rest = uri.partition("://")
+    if head.lower() != "file" or not sep:
+        return uri
+    if rest[:10].lower() == "localhost/":
+        rest = rest[len("localhost") :]
+    return urllib.parse.unquote(rest, errors="surrogateescape") if rest.startswith("/") else rest
+
+
 def beside(entry: str, folder: str) -> str:
     """A list file's entry as a URI or absolute local path: relative entries lie below `folder`, the
     list file's own folder, wherever the command runs (prepare's pair lists and infer's URI lists)."""
-    if entry.startswith("file://"):
-        entry = entry[len("file://") :]
+    entry = file_path(entry)
     if "://" in entry or entry.startswith("/"):
         return entry
     scheme, sep, rest = folder.partition("://")
@@ -123,8 +135,7 @@ def resolve(uri: str, endpoint_url: str | None = None, retry_s: float | None = N
     """Turn a URI into a Location; raises StorageError for unsupported schemes."""
     if not uri:
         raise StorageError("empty URI: give a local path, file://path or s3://bucket/prefix")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
+    uri = file_path(uri)
     # Fixed here, in the process that resolves: tasks on other nodes get the driver's deadline
     # (also from a local location, e.g. a local URI list that names s3:// images).
     if retry_s is None:

@@ -457,7 +457,8 @@ def test_a_parquet_uri_lists_rows_without_a_uri_are_error_rows(tmp_path):
 
 def test_a_file_localhost_uri_in_a_list_is_the_local_absolute_path(tmp_path):
     """`file://localhost/PATH` is /PATH (RFC 8089); it was read as the relative `localhost/PATH` below the
-    list's folder, so the image was never found."""
+    list's folder, so the image was never found, and as an argument below the current folder. `file:///`
+    URIs are percent-decoded, as `Path.as_uri()` writes them."""
     from raysegment.inference import urilist
 
     image = tmp_path / "imgs" / "x.png"
@@ -466,9 +467,16 @@ def test_a_file_localhost_uri_in_a_list_is_the_local_absolute_path(tmp_path):
     listing = tmp_path / "lists" / "list.txt"
     listing.parent.mkdir()
     listing.write_text(f"file://localhost{image}\nFILE://LOCALHOST{image}\nfile://{image}\nfile://rel/y.png\n")
+    spaced = tmp_path / "imgs" / "a b é.png"  # Path.as_uri() percent-encodes it: file:///.../a%20b%20%C3%A9.png
+    with listing.open("a") as f:
+        f.write(f"{spaced.as_uri()}\n")
     (block,) = list(urilist._blocks(storage.resolve(str(listing))))
-    assert block.paths == [str(image)] * 3 + [str(listing.parent / "rel" / "y.png")]
+    assert block.paths == [str(image)] * 3 + [str(listing.parent / "rel" / "y.png"), str(spaced)]
     assert block.keys[:3] == [str(image.with_suffix("")).lstrip("/")] * 3  # the key of the plain path
+    # As an argument too (OUTPUT was written below ./localhost/ of the current folder); file://P stays literal.
+    assert storage.resolve(f"file://localhost{tmp_path}/o").path == f"{tmp_path}/o"
+    assert storage.resolve(spaced.as_uri()).path == str(spaced)
+    assert storage.resolve("file://x%20y").path == os.path.abspath("x%20y")
 
 
 def test_a_parquet_table_with_the_wrong_columns_is_named_before_the_run(ray_cluster, tmp_path):
@@ -535,11 +543,11 @@ def test_retry_errors_redoes_only_the_error_rows(tiny_model, tmp_path):
         InferSpec(model=model, input=str(inp), output=str(out), retry_errors=True, overwrite=True)
 
 
-def test_inflated_inputs_are_refused_unread_and_pipes_do_not_hang(tiny_model, tmp_path):
+def test_inflated_inputs_and_devices_are_refused_unread(tiny_model, tmp_path):
     """A 1 MB .tar.gz holding a 1 GiB member and a 43 KB zstd table holding a 1 GiB value took a read task to
-    4-6 GB; a FIFO named like an image hung the run in open() for good. Each is now its own error row, the
-    tar member and the table's values judged by the sizes their headers give (--max-input-mb) before any is
-    inflated, and the good inputs beside them are segmented."""
+    4-6 GB, and a device listed as an input (/dev/zero) was read without end. Each is now its own error row,
+    the tar member and the table's values judged by the sizes their headers give (--max-input-mb) before any
+    is inflated, and the good inputs beside them are segmented."""
     _, model = tiny_model
     zeros = bytes(3 << 20)  # 3 MiB: over --max-input-mb 1
 
@@ -575,8 +583,70 @@ def test_inflated_inputs_are_refused_unread_and_pipes_do_not_hang(tiny_model, tm
 
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "big.png").write_bytes(zeros)
-    os.mkfifo(tmp_path / "files" / "pipe.png")
     (tmp_path / "files" / "ok.png").write_bytes(png(5))
-    rows = run("files", "files")
-    assert "over --max-input-mb 1" in rows["big"]["error"]
-    assert "not a regular file" in rows["pipe"]["error"] and rows["ok"]["status"] == "ok"
+    assert "over --max-input-mb 1" in run("files", "files")["big"]["error"]
+    (tmp_path / "list.txt").write_text(f"/dev/zero\n{tmp_path}/files/ok.png\n")
+    rows = {k.rsplit("/", 1)[-1]: v for k, v in run("list.txt", "list").items()}
+    assert "a device or socket, not a file" in rows["zero"]["error"] and rows["ok"]["status"] == "ok"
+
+
+def test_two_infer_runs_into_one_output_do_not_overlap(tiny_model, tmp_path):
+    """Two runs started into one OUTPUT at once each wrote every key: 160 rows for 80 images under one
+    _SUCCESS, and every later run failed as a key collision. A run holds OUTPUT's lock; a second is refused
+    (exit 5) before it reads or changes anything, and the lock goes with the run that held it."""
+    from raysegment.inference.pipeline import RUN_LOCK
+
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for i in range(3):
+        (inp / f"i{i}.png").write_bytes(png(i))
+    spec = InferSpec(model=model, input=str(inp), output=str(out), report=False)
+    other = RunLock(storage.resolve(str(out / RUN_LOCK)), 120, purpose="infer run into this OUTPUT")
+    with other:  # the first run, as the second finds it
+        with pytest.raises(LockedError, match="another infer run into this OUTPUT holds the lock") as refused:
+            infer(spec)
+        assert refused.value.exit_code == 5 and sorted(os.listdir(out)) == [RUN_LOCK]
+    assert infer(spec)["counts"]["ok"] == 3
+    assert not (out / RUN_LOCK).exists() and all(len(v) == 1 for v in rows_by_key(out).values())
+
+
+def test_a_lock_whose_process_is_dead_is_taken_over_at_once(tmp_path):
+    """A SIGKILLed driver leaves its lock; its re-run on the same machine takes it over at once instead of
+    waiting out the stale age. A live holder, or one on another machine, still holds."""
+    import subprocess
+    import sys
+
+    from raysegment.lock import machine_id
+
+    loc = storage.resolve(str(tmp_path / "_infer.lock"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid, machine, held in ((int(gone.stdout), machine_id(), False), (os.getpid(), machine_id(), True)):
+        body = {"owner": "other", "host": socket.gethostname(), "pid": pid, "created_ts": time.time()}
+        storage.write_bytes(loc, json.dumps(body | {"machine": machine}).encode())
+        if held:
+            with pytest.raises(LockedError, match="another run holds the lock"):
+                RunLock(loc, stale_after_s=3600).acquire()
+        else:
+            with RunLock(loc, stale_after_s=3600) as taker:
+                assert json.loads(storage.read_bytes(loc))["owner"] == taker.owner
+    write_lock(loc, time.time())  # another machine's: it ages out, whatever its pid
+    with pytest.raises(LockedError):
+        RunLock(loc, stale_after_s=3600).acquire()
+
+
+def test_a_stray_parquet_file_in_summaries_is_named_not_damaged(tiny_model, tmp_path):
+    """Someone's DuckDB export saved in summaries/: `report` ended in a KeyError traceback and `infer` called
+    the healthy file damaged, with Arrow's internals in the message. Both now name it and the fix."""
+    from raysegment.report import write_run_report
+
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.png").write_bytes(png(0))
+    spec = InferSpec(model=model, input=str(inp), output=str(out), report=False)
+    infer(spec)
+    pq.write_table(pa.table({"a": [1, 2]}), out / "summaries" / "analysis.parquet")
+    for job in (lambda: write_run_report(str(out), samples=2), lambda: infer(spec)):
+        with pytest.raises(DataError, match=r"analysis.parquet: not a raysegment summary \(columns \['a'\]"):
+            job()

@@ -550,13 +550,37 @@ DAMAGED_SUMMARY = "delete it and run `infer` again with the same OUTPUT: the key
 
 
 def read_summary(output: storage.Location, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One summary file; SummariesChanged when compaction removed it since it was listed."""
+    """One summary file; SummariesChanged when compaction removed it since it was listed. A readable Parquet
+    file without a summary's columns (someone's export dropped beside them) is named as such, not as damaged."""
     try:
-        return storage.read_table(output, path, columns=columns, fix=DAMAGED_SUMMARY)
+        table = storage.read_table(output, path, columns=columns, fix=DAMAGED_SUMMARY)
     except StorageError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             raise SummariesChanged(path) from None
         raise
+    except DataError:
+        if columns and (names := _schema_names(output, path)) is not None and not set(columns) <= set(names):
+            raise _not_a_summary(output, path, names) from None
+        raise
+    if columns is None and not {"key", "status"} <= set(table.schema.names):
+        raise _not_a_summary(output, path, table.schema.names)
+    return table
+
+
+def _schema_names(output: storage.Location, path: str) -> list[str] | None:
+    """A Parquet file's column names, or None if its footer cannot be read (then it is damaged)."""
+    try:
+        return pq.read_schema(io.BytesIO(storage.call(output, lambda: output.fs.cat_file(path)))).names
+    except (pa.ArrowException, OSError, StorageError):
+        return None
+
+
+def _not_a_summary(output: storage.Location, path: str, names: list[str]) -> DataError:
+    uri = storage.redact(f"s3://{path}" if output.remote else path)
+    return DataError(
+        f"{uri}: not a raysegment summary (columns {names[:6]}, no key/status); move it out of {SUMMARIES}/, "
+        "where every Parquet file is read as a run's rows"
+    )
 
 
 def consistent(read: Callable[[], T], attempts: int = 5) -> T:

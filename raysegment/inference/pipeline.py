@@ -12,6 +12,7 @@ read back, is inference/output.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -28,6 +29,7 @@ from raysegment.inference.archives import MemberIndex
 from raysegment.inference.overlap import check_apart, check_outside_model
 from raysegment.inference.predictor import Predictor, preprocess, resolve_precision
 from raysegment.inference.sources import source_rows
+from raysegment.lock import RunLock
 from raysegment.models.card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,18 @@ class Run:
 
 def infer(spec: InferSpec) -> dict[str, Any]:
     """Run batch inference; returns the run record written to runs/{run_id}.json."""
-    run = plan(spec)
+    with contextlib.ExitStack() as held:
+        return _infer(spec, held)
+
+
+# OUTPUT's run lock: two runs into one OUTPUT (an overlapping cron, a second terminal) each wrote every key,
+# 160 rows for 80 images under one _SUCCESS. Refreshed while held; a killed run's is taken over after this.
+RUN_LOCK = "_infer.lock"
+RUN_LOCK_STALE_S = 120
+
+
+def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
+    run = plan(spec, held)
     kind, ds = list_inputs(run)
     ds = write(run, predict(run, ds))
     record = verify(run, kind, *drain(run, ds))
@@ -61,8 +74,9 @@ def infer(spec: InferSpec) -> dict[str, Any]:
     return record.as_dict()
 
 
-def plan(spec: InferSpec) -> Run:
-    """Check model and locations, clear or read what earlier runs did, and start a run."""
+def plan(spec: InferSpec, held: contextlib.ExitStack | None = None) -> Run:
+    """Check model and locations, take OUTPUT's run lock (held by `held`, for the run), clear or read what
+    earlier runs did, and start a run."""
     started = time.time()
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     # Hashed here, once: a model.keras that is not the card's would stamp every row with a wrong hash.
@@ -72,6 +86,8 @@ def plan(spec: InferSpec) -> Run:
     check_apart(input_loc, output)  # before the first write: outputs are never read as inputs
     check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output)
     storage.check_writable(output)
+    if held is not None:  # after the refusals, which write nothing: before anything of OUTPUT is read or changed
+        held.enter_context(RunLock(output.child(RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT"))
     if spec.overwrite:
         logs.began()  # past the refusals, and OUT is cleared
         layout.clear(output)

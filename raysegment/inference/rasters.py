@@ -125,9 +125,9 @@ def read_input(loc: storage.Location, max_pixels: int | None, max_bytes: int | N
 
     Only TIFF names are probed (one header read; the rest of a small TIFF is read through the same handle).
     At most `max_bytes` are read (one ranged read: no size request first); an input over it is an OSError, as a
-    local path that is not a regular file is (a pipe or a device would block the read, or never end)."""
-    if not loc.remote and not regular_file(loc.path):
-        raise OSError(f"{loc.path}: not a regular file (a pipe, a device or a folder); not read")
+    local device or socket is (/dev/zero never ends, a terminal blocks for good)."""
+    if not loc.remote and not readable_kind(loc.path):
+        raise OSError(f"{loc.path}: a device or socket, not a file; not read")
     if max_pixels is None or not tiff.is_tiff_name(loc.path):
         whole = loc.fs.cat_file(loc.path) if not max_bytes else loc.fs.cat_file(loc.path, start=0, end=max_bytes + 1)
         return _bounded(whole, max_bytes)
@@ -140,13 +140,14 @@ def read_input(loc: storage.Location, max_pixels: int | None, max_bytes: int | N
     return info
 
 
-def regular_file(path: str) -> bool:
-    """Whether a local path (its links followed) is a plain file: opening a pipe blocks until a writer comes,
-    and a device such as /dev/zero never ends."""
+def readable_kind(path: str) -> bool:
+    """Whether a local path (its links followed) is a file or a named pipe, not a device or a socket. A pipe is
+    read as `cat` reads one, when its writer comes (the tests hold jobs on pipes, `helpers.PipeBarrier`)."""
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except OSError:
         return True  # not there: the read says so, as for any missing file
+    return not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode))
 
 
 def _bounded(data: bytes, max_bytes: int | None) -> bytes:

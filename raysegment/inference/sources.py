@@ -214,10 +214,11 @@ def _archive_rows(
     max_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Rows of the archive's image members, less those in `done` (not even extracted); a member over
-    `max_bytes` (its header says, before any is inflated: a 1 MB .tar.gz held 1 GiB) is an error row."""
+    `max_bytes` (its header says, before any is inflated: a 1 MB .tar.gz held 1 GiB) is an error row, as an
+    archive that is a device is."""
     uri = archive.uri
-    if not root.remote and not rasters.regular_file(path_of(root, uri)):
-        yield _rows([f"{key}/(archive)"], [uri], [b""], ["not a regular file (a pipe or a device); not read"], [False])
+    if not root.remote and not rasters.readable_kind(path_of(root, uri)):
+        yield _rows([f"{key}/(archive)"], [uri], [b""], ["a device or socket, not a file; not read"], [False])
         return
     block = _Block()
     seen: dict[str, str] = {}  # fold(member key) -> the first member with it

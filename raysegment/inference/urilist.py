@@ -43,14 +43,6 @@ class Block:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
-def _local_host(uri: str) -> str:
-    """`file://localhost/PATH` is the local absolute /PATH (RFC 8089), not a path below `localhost/`."""
-    head, sep, rest = uri.partition("://")
-    if head.lower() == "file" and sep and rest[:10].lower() == "localhost/":
-        return "file://" + rest[len("localhost") :]
-    return uri
-
-
 def _uri_key(uri: str) -> str:
     rest = uri.split("://", 1)[1] if "://" in uri else uri
     return strip_ext(rest.lstrip("/"))
@@ -77,7 +69,7 @@ def _block(
             block.errors.append(f"row {first_row + i} of the list has no uri")
             continue
         if uri and (keyed or not uri.startswith("#")):
-            uri = storage.beside(_local_host(uri), folder)
+            uri = storage.beside(uri, folder)
             block.keys.append(("" if keys[i] is None else str(keys[i])) if keys is not None else _uri_key(uri))
             block.paths.append(uri)
             block.errors.append(str(errors[i] or "") if errors is not None else "")
