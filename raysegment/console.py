@@ -185,6 +185,9 @@ def _error_json(kind: str, err: BaseException, exit_code: int, s: Session | None
     return {"command": kind, "exit_code": exit_code, "error": error_text(err), "log_file": s.log_path if s else None}
 
 
+INTERRUPTED = 130  # exit code after Ctrl-C
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print user-fixable errors as one line (exit 2; 3 for a failed job, with the log's path), no traceback.
 
@@ -196,6 +199,15 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         _last = None
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            # 130, as shells report SIGINT: a scheduler tells "stopped" from "failed" (click said "Aborted!", 1).
+            kind = _last.kind if _last is not None else fn.__name__.replace("_", " ")
+            click.echo(
+                f"interrupted: {kind} stopped; what it finished is kept, and the same command again resumes "
+                "(infer, nightly and train go on where they stopped)",
+                err=True,
+            )
+            sys.exit(INTERRUPTED)
         except Exception as exc:
             err, s = user_error(exc), _last
             as_json = bool(kwargs.get("as_json") or (s is not None and s.as_json))

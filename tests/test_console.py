@@ -288,3 +288,20 @@ def test_a_user_error_keeps_its_log_in_out_only_once_the_command_began_on_out(tm
         raise StorageError(f"{out}: the store went away")
     kept = glob.glob(str(out / "logs" / "raysegment-infer-*.log"))
     assert kept == ([s.log_path] if began else []) and os.path.exists(s.log_path)
+
+
+def test_ctrl_c_exits_130_and_says_the_command_resumes(capsys):
+    """Ctrl-C ended a command with click's bare "Aborted!" and exit 1, a code the README does not list:
+    a scheduler could not tell an interrupted run from a failed one."""
+    from raysegment.console import INTERRUPTED, handle_errors
+
+    @handle_errors
+    def infer() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        infer()
+    assert stopped.value.code == INTERRUPTED == 130
+    assert "interrupted: infer stopped; what it finished is kept, and the same command again resumes" in (
+        capsys.readouterr().err
+    )
