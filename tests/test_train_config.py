@@ -81,12 +81,15 @@ def test_frozen_and_picklable():
     [
         ({"image_size": 40, "depth": 4}, {"train": 50, "val": 5}, "multiple of 2\\*\\*depth"),
         ({"workers": 4, "batch_size": 16}, {"train": 50, "val": 5}, "fewer than one global batch"),
-        ({}, {"train": 50}, "no validation images"),
+        ({}, {"train": 50}, "no validation images; prepare again with --val-keys"),
+        # A layout's own splits refuse --val-keys: the fix is in its split file.
+        ({"splits_from": "ImageSets/Segmentation/{train,val}.txt"}, {"train": 50}, "in val in ImageSets"),
     ],
 )
 def test_data_set_that_cannot_train(fields, counts, message):
+    source = {"splits_from": fields.pop("splits_from")} if "splits_from" in fields else {}
     with pytest.raises(DataError, match=message):
-        train_config(TrainSpec(data="d", out="o", **fields), {**MANIFEST, "counts": counts}, "d")
+        train_config(TrainSpec(data="d", out="o", **fields), {**MANIFEST, **source, "counts": counts}, "d")
 
 
 def test_encoder_weights_the_driver_does_not_have_are_refused_before_the_run(tmp_path):
