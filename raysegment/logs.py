@@ -62,10 +62,16 @@ def worker_env_vars() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in QUIET_ENV.items() if key not in taken}
 
 
+# A log record's attribute: its line is on the console already (`progress.warn`), so the console log leaves it out.
+NOTED = "raysegment_noted"
+
+
 class _ConsoleFilter(logging.Filter):
     """Quiet console: our own warnings, anybody's errors."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, NOTED, False):
+            return False
         return record.levelno >= logging.ERROR or (
             record.levelno >= logging.WARNING and record.name.startswith("raysegment")
         )

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from raysegment import logs
+
 log = logging.getLogger(__name__)
 
 OFF, BAR, LINES = "off", "bar", "lines"
@@ -178,6 +180,15 @@ class Stage:
 def stage(name: str, total: int | None = None, unit: str = "images") -> Stage:
     """A new stage's progress; use as a context manager or call close()."""
     return Stage(name, total, unit)
+
+
+def warn(logger: logging.Logger, kind: str, text: str) -> None:
+    """A warning for people: in the log file, and on the console once (the `KIND: warning: ...` progress line,
+    or the console log's line when progress is off); both printed it when stderr was not a terminal."""
+    noted = settings.mode != OFF
+    logger.warning("%s: %s", kind, text, extra={logs.NOTED: noted})
+    if noted:
+        note(f"{kind}: warning: {text}")
 
 
 def note(text: str) -> None:

@@ -116,7 +116,7 @@ def test_infer_through_a_pipe_is_quiet_and_the_log_holds_ray_datas_plan(piped):
 
 
 @pytest.mark.slow
-def test_json_of_prepare_evaluate_report_nightly_and_bench(piped, tiny_model, tmp_path):
+def test_json_of_prepare_evaluate_report_nightly_and_bench(piped, tiny_model, ray_cluster, tmp_path):
     root, _, infer = piped
     data, model = tiny_model
     runner = CliRunner()
@@ -126,8 +126,11 @@ def test_json_of_prepare_evaluate_report_nightly_and_bench(piped, tiny_model, tm
         assert r.exit_code == 0, r.stderr[-3000:]
         return one_json(r.stdout, argv[0] if argv[0] != "bench" else f"bench-{argv[1]}")
 
-    prepared = invoke("prepare", write_source(str(tmp_path / "src"), count=8), str(tmp_path / "data"))
-    assert sum(prepared["counts"].values()) == 8
+    # Five classes for four-class masks: a warning, once on the console (it was a log line and a progress line).
+    src = write_source(str(tmp_path / "src"), count=8)
+    r = run_cli("prepare", src, str(tmp_path / "data"), "--num-classes", "5", "--json", env=ray_cluster.env)
+    assert r.returncode == 0 and sum(one_json(r.stdout, "prepare")["counts"].values()) == 8
+    assert r.stderr.count("class class_4 has no labelled pixel in any mask") == 1, r.stderr
     assert invoke("evaluate", model, data, "--out", str(tmp_path / "eval.json"))["images"] > 0
     assert invoke("report", str(root / "out"))["rows"] == 6
     compacted = invoke("compact", str(root / "out"))

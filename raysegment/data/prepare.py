@@ -597,13 +597,11 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     if turned:
         warnings.append(exif_warning(sorted(turned)))
     for warning in warnings:
-        log.warning("prepare: %s", warning)
-        progress.note(f"prepare: warning: {warning}")
+        progress.warn(log, "prepare", warning)
     fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
     for warning in (fingerprint.mixed_depth, fingerprint.mixed_range):
         if warning:
-            log.warning("prepare: %s", warning)
-            progress.note(f"prepare: warning: {warning}")
+            progress.warn(log, "prepare", warning)
     manifest["fingerprint"] = fingerprint.to_json()
     manifest["seconds"] = round(time.time() - t0, 2)
     storage.write_json(manifest_loc, manifest)

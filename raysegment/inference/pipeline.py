@@ -146,8 +146,7 @@ def warn_of_changed_settings(output: storage.Location, spec: InferSpec, card: Mo
             f"OUTPUT's run {run_id} wrote its masks with other settings ({'; '.join(changes)}); they stay, so "
             "OUTPUT will hold both kinds: pass --overwrite to redo every image with these"
         )
-        log.warning("infer: %s", note)
-        progress.note(f"infer: warning: {note}")
+        progress.warn(log, "infer", note)
 
 
 def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:

@@ -676,8 +676,7 @@ def source_rows(
     root = storage.resolve(uri, endpoint_url, retry_s)
     kind = detect_kind(root) if kind == "auto" else kind
     if note := unread_inputs_note(root, kind):
-        log.warning("infer: %s", note)
-        progress.note(f"infer: warning: {note}")
+        progress.warn(log, "infer", note)
     exts = tuple(extensions)  # lower-case with the dot: InferOptions normalises them
     if kind == "files":
         ds = keep(_listed(root, exts, BATCHES_PER_READ_TASK * batch_size)).map_batches(

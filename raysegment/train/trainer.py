@@ -110,8 +110,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
     for warning in manifest_warnings(manifest):
-        log.warning("train: %s", warning)
-        progress.note(f"train: warning: {warning}")
+        progress.warn(log, "train", warning)
     spec, plan_record = apply_plan(spec, data_loc, manifest)
     fingerprint = planning.read_fingerprint(data_loc, manifest) if spec.normalization != "scale_0_1" else None
     # With a time budget the first epoch's measured time sets the epochs: any number where the plan chose them.
