@@ -278,28 +278,30 @@ def _replace(local: str, target: storage.Location) -> None:
 def decode_as_infer(image_bytes):
     """An encoded image string -> uint8 [H, W, 3], as `imaging.decode_image` decodes it (EXIF aside).
 
-    TensorFlow brings a 16-bit grey PNG to 8 bits by dropping the low byte; Pillow's path in `infer`
-    stretches it by the image's own maximum (a 12-bit camera's 0..4095 fills 0..255), so that case is
-    decoded at 16 bits and stretched the same way. 16-bit colour PNGs Pillow reads by their high byte,
-    as TensorFlow does."""
+    TensorFlow brings a 16-bit PNG to 8 bits by dropping each sample's low byte; `infer` reads it at 16 bits
+    and stretches it by the image's own maximum (a 12-bit camera's 0..4095 fills 0..255), its alpha left
+    out, so 16-bit PNGs are decoded at 16 bits and stretched the same way here."""
     import tensorflow as tf
 
     header = tf.strings.substr(image_bytes, 0, 26)
-    grey16 = tf.logical_and(
+    deep = tf.logical_and(
         tf.equal(tf.strings.substr(header, 0, 8), PNG_SIGNATURE),
-        tf.equal(tf.strings.substr(header, 24, 2), b"\x10\x00"),  # IHDR bit depth 16, colour type 0 (grey)
+        tf.equal(tf.strings.substr(header, 24, 1), b"\x10"),  # IHDR bit depth 16 (any colour type)
     )
+    colour_type = tf.strings.substr(header, 25, 1)
+    grey = tf.logical_or(tf.equal(colour_type, b"\x00"), tf.equal(colour_type, b"\x04"))  # grey, grey + alpha
 
     def stretched():
-        grey = tf.cast(tf.io.decode_png(image_bytes, channels=1, dtype=tf.uint16), tf.float64)
-        top = tf.reduce_max(grey)
-        scaled = grey * (255.0 / tf.where(top > 0, top, tf.constant(1.0, tf.float64)))
-        return tf.image.grayscale_to_rgb(tf.cast(scaled, tf.uint8))  # truncated, as numpy's astype
+        pixels = tf.cast(tf.io.decode_png(image_bytes, channels=0, dtype=tf.uint16), tf.float64)
+        kept = pixels[..., : tf.where(grey, 1, 3)]  # alpha left out, as `select_channels` leaves it
+        top = tf.reduce_max(kept)
+        scaled = tf.cast(kept * (255.0 / tf.where(top > 0, top, tf.constant(1.0, tf.float64))), tf.uint8)
+        return tf.cond(grey, lambda: tf.tile(scaled, [1, 1, 3]), lambda: scaled)  # truncated, as numpy's astype
 
     def plain():
         return tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
 
-    return tf.cond(grey16, stretched, plain)
+    return tf.cond(deep, stretched, plain)
 
 
 def _saved_model(model, segment, spec, target: str) -> str:

@@ -125,7 +125,8 @@ def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
         else "  plan       off (--no-plan): fixed defaults"
     )
     return [
-        f"trained {result['out']}: best epoch {best['epoch']}, val mean_iou {best['val_mean_iou']:.4f}, "
+        # Counted from 1, as the progress lines count (`epoch 2/2`); metrics.json and history.csv keep 0-based.
+        f"trained {result['out']}: best epoch {best['epoch'] + 1}, val mean_iou {best['val_mean_iou']:.4f}, "
         f"pixel_accuracy {best['val_pixel_accuracy']:.4f}",
         f"  {m['epochs_run']} epochs in {m['seconds']} s{early}",
         planned,

@@ -97,6 +97,8 @@ def test_train_through_a_pipe_is_quiet_shows_each_epoch_once_and_logs_the_detail
     assert result["epochs_run"] == 1 and result["exit_code"] == 0
     assert len(re.findall(r"^\d\d:\d\d:\d\d epoch 1/1 .* in \d+s .*loss .*val mIoU", train.stderr, re.M)) == 1
     assert "trained " in train.stderr and "exit 0: ok" in train.stderr  # the summary, on stderr under --json
+    # The summary counts epochs from 1, as the progress line ("epoch 1/1"); the JSON keeps history's 0-based.
+    assert result["best"]["epoch"] == 0 and ": best epoch 1, val mean_iou" in train.stderr
     log = Path(result["log_file"])
     assert log.parent == root / "model" / "logs"
     detail = log.read_text()

@@ -281,25 +281,31 @@ def test_export_from_a_spec_through_the_job_entrypoint_to_s3(infer_masks, s3_pre
     assert not storage.exists(stray) and storage.exists(dest.child("saved_model", "saved_model.pb"))
 
 
-def test_encoded_signature_decodes_16_bit_grey_pngs_as_infer(tmp_path):
-    """`segment_encoded` brought a 16-bit grey PNG to 8 bits by its high byte (a 12-bit camera's image
-    became values 0..15) where infer stretches by the image's own maximum; it now decodes as infer."""
+def test_encoded_signature_decodes_16_bit_pngs_as_infer(tmp_path):
+    """`segment_encoded` brought a 16-bit PNG to 8 bits by its high bytes (a 12-bit camera's image became
+    values 0..15) where infer stretches by the image's own maximum, alpha aside; it now decodes as infer."""
     import tensorflow as tf
 
-    from raysegment.data.imaging import decode_image
+    from raysegment.data.imaging import _encode_png16, decode_image
     from raysegment.export import decode_as_infer
 
     rng = np.random.default_rng(3)
     cases = {
         "grey12": (rng.random((20, 30)) * 4095).astype(np.uint16),
+        "rgb12": (rng.random((8, 6, 3)) * 4095).astype(np.uint16),
+        "rgba16": (rng.random((7, 9, 4)) * 65535).astype(np.uint16),
+        "greyalpha16": (rng.random((5, 4, 2)) * 30000).astype(np.uint16),
         "black16": np.zeros((5, 7), np.uint16),
         "rgb8": (rng.random((9, 11, 3)) * 255).astype(np.uint8),
         "grey8": (rng.random((9, 11)) * 255).astype(np.uint8),
     }
     for name, pixels in cases.items():
         path = tmp_path / f"{name}.png"
-        Image.fromarray(pixels).save(path)
-        data = path.read_bytes()
+        if pixels.dtype == np.uint16 and pixels.ndim == 3:  # Pillow writes no 16-bit colour PNG
+            data = _encode_png16(pixels, alpha=int(pixels.shape[2] in (2, 4)))
+        else:
+            Image.fromarray(pixels).save(path)
+            data = path.read_bytes()
         got = decode_as_infer(tf.constant(data)).numpy()
         assert got.shape == (*pixels.shape[:2], 3) and got.dtype == np.uint8, name
         assert (got == decode_image(data)).all(), name

@@ -14,6 +14,10 @@ from raysegment.data import imaging
 
 def encoded(fmt: str) -> bytes:
     rng = np.random.default_rng(0)
+    if fmt == "PNG16":  # 16-bit RGB, which imaging decodes past Pillow (Pillow would keep the high bytes)
+        rows = (rng.random((48, 40, 3)) * 65535).astype(">u2").view(np.uint8).reshape(48, -1)
+        raw = np.concatenate([np.zeros((48, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 a row
+        return png_file(40, 48, zlib.compress(raw), depth=16)
     img = Image.fromarray((rng.random((48, 40, 3)) * 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format=fmt)
@@ -40,10 +44,10 @@ def mutations(data: bytes, count: int, seed: int):
         yield bytes(b)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "PNG16"])
 def test_mutated_images_decode_or_fail_cleanly(fmt):
     decoded = failed = 0
-    for i, data in enumerate(mutations(encoded(fmt), 300, seed={"PNG": 1, "JPEG": 2, "TIFF": 3}[fmt])):
+    for i, data in enumerate(mutations(encoded(fmt), 300, seed={"PNG": 1, "JPEG": 2, "TIFF": 3, "PNG16": 4}[fmt])):
         try:
             img = imaging.decode_image(data, max_pixels=10_000_000)
         except imaging.ImageDecodeError as exc:
@@ -55,21 +59,21 @@ def test_mutated_images_decode_or_fail_cleanly(fmt):
     assert failed > 0  # the mutations really do break images
 
 
-def png_file(width: int, height: int, idat: bytes) -> bytes:
-    """A PNG (8-bit RGB) with the given header size and compressed pixel data."""
+def png_file(width: int, height: int, idat: bytes, depth: int = 8) -> bytes:
+    """A PNG (RGB, 8-bit unless `depth` says) with the given header size and compressed pixel data."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
 
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, 2, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid PNG of zeros: a few hundred KB that decode to width x height x 3 bytes."""
+def png_bomb(width: int, height: int, depth: int = 8) -> bytes:
+    """A valid PNG of zeros: a few hundred KB that decode to width x height x 3 samples."""
     z = zlib.compressobj()
-    row = bytes(1 + 3 * width)  # filter byte, then RGB
-    return png_file(width, height, b"".join(z.compress(row) for _ in range(height)) + z.flush())
+    row = bytes(1 + 3 * width * depth // 8)  # filter byte, then RGB
+    return png_file(width, height, b"".join(z.compress(row) for _ in range(height)) + z.flush(), depth)
 
 
 def pixel_buffers() -> int:
@@ -84,10 +88,13 @@ def pixel_buffers() -> int:
         pytest.param(100_000, 100_000, 100_000_000, False, id="header-claims-1e10"),
         # Real pixel data: 8000 x 8000 zeros (190 MB decoded), under Pillow's limit, over ours.
         pytest.param(8000, 8000, 1_000_000, True, id="zeros-over-max-pixels"),
+        # The same at 16 bits (decoded past Pillow's 8-bit reading): the header is still checked first.
+        pytest.param(8000, 8000, 1_000_000, 16, id="zeros16-over-max-pixels"),
     ],
 )
 def test_decompression_bomb_is_refused_before_decoding(width, height, max_pixels, bomb):
-    data = png_bomb(width, height) if bomb else png_file(width, height, zlib.compress(b"\0" * 1024))
+    depth = 16 if bomb == 16 else 8
+    data = png_bomb(width, height, depth) if bomb else png_file(width, height, zlib.compress(b"\0" * 1024))
     before = pixel_buffers()
     tracemalloc.start()
     try:

@@ -269,8 +269,15 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
 
     # 16-bit values that are no small ids: one clear line, with the mapping that works.
     _save(Image.fromarray(np.full((H, W), 1000, np.uint16)), f"{src}/masks/deep0.png")
-    with pytest.raises(DataError, match=r"deep0: undecodable mask: 16-bit mask with values 1000; .*0:0,1000:1"):
+    with pytest.raises(DataError, match=r"deep0: 16-bit mask with values 1000; .*--mask-values 0:0,1000:1 "):
         prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1")))
+    # A class raster of four codes: every one mapped (the example mapped two, making the others invalid), and
+    # no threshold, which would merge three classes.
+    codes = np.array([0, 300, 1200, 3000], np.uint16)[np.arange(H * W).reshape(H, W) % 4]
+    _save(Image.fromarray(codes), f"{src}/masks/deep0.png")
+    with pytest.raises(DataError, match=r"--mask-values 0:0,300:1,1200:2,3000:3 \(") as refused:
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1")))
+    assert "--mask-threshold" not in str(refused.value)
 
     # Binary masks saved at 16 bits (0 and 65535, as ImageJ and some scanners write them) could not be
     # mapped at all: --mask-values took bytes only. Both mappings now take 16-bit values.
@@ -281,7 +288,7 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
         _image(binary, f"b{i}", i)
         _save(Image.fromarray(ids.astype(np.uint16) * 65535), f"{binary}/masks/b{i}.png")
         want[f"b{i}"] = ids
-    with pytest.raises(DataError, match=r"16-bit mask with values 0, 65535; .*--mask-values \(e.g. 0:0,65535:1\)"):
+    with pytest.raises(DataError, match=r"16-bit mask with values 0, 65535; .*0:0,65535:1 .*--mask-threshold 32768"):
         prepare(PrepareSpec(source=str(binary), dest=str(tmp_path / "d2")))
     for n, flags in enumerate(({"mask_values": {0: 0, 65535: 1}}, {"mask_threshold": 32768})):
         data = str(tmp_path / f"b{n}")

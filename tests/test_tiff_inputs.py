@@ -8,6 +8,7 @@ covers the bands path through train, infer (a stack among the inputs), show and 
 import io
 import json
 import os
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -451,3 +452,201 @@ def test_a_planar_tiff_mask_is_named_as_a_possible_stack():
     with pytest.raises(imaging.ImageDecodeError) as caught:
         masks.class_ids(rgb.getvalue(), masks.PLAIN, None, "x")
     assert "--mask-colors" in str(caught.value) and "pages" not in str(caught.value)
+
+
+# --- 16-bit colour PNGs, and RGB models given other band counts (no Ray) ---------------------------
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4) + kind + body + zlib.crc32(kind + body).to_bytes(4)
+
+
+def _filtered(rows: np.ndarray, bpp: int) -> bytes:
+    """Scanlines (uint8, one a row) filtered as encoders do, the five PNG filter types in turn (0..4)."""
+    out, prev = [], np.zeros(rows.shape[1], np.int32)
+    for y, row in enumerate(rows.astype(np.int32)):
+        left = np.concatenate([np.zeros(bpp, np.int32), row[:-bpp]])
+        corner = np.concatenate([np.zeros(bpp, np.int32), prev[:-bpp]])
+        guess = left + prev - corner
+        d_left, d_up, d_corner = abs(guess - left), abs(guess - prev), abs(guess - corner)
+        paeth = np.where((d_left <= d_up) & (d_left <= d_corner), left, np.where(d_up <= d_corner, prev, corner))
+        kind = y % 5
+        diff = (row, row - left, row - prev, row - (left + prev) // 2, row - paeth)[kind]
+        out.append(bytes([kind]) + (diff % 256).astype(np.uint8).tobytes())
+        prev = row
+    return b"".join(out)
+
+
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png16(arr: np.ndarray, interlaced: bool = False, exif: bytes = b"") -> bytes:
+    """A 16-bit PNG (grey + alpha, RGB or RGBA by the band count), every filter type used, Adam7 or not, its
+    IDAT split in two chunks; written here as encoders write them (Pillow writes no 16-bit colour PNG)."""
+    height, width, bands = arr.shape
+    colour_type = {2: 4, 3: 2, 4: 6}[bands]
+    big = arr.astype(">u2")
+    passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
+    raw = b""
+    for x0, y0, dx, dy in passes:
+        part = big[y0::dy, x0::dx]
+        if part.size:
+            raw += _filtered(part.view(np.uint8).reshape(part.shape[0], -1), 2 * bands)
+    packed = zlib.compress(raw)
+    ihdr = width.to_bytes(4) + height.to_bytes(4) + bytes([16, colour_type, 0, 0, int(interlaced)])
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + (_png_chunk(b"eXIf", exif) if exif else b"")
+        + _png_chunk(b"IDAT", packed[:40])
+        + _png_chunk(b"IDAT", packed[40:])
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _as_tiff(arr: np.ndarray) -> bytes:
+    """The same pixels as a 16-bit TIFF, its alpha marked (ExtraSamples) as a PNG's alpha is."""
+    bands = arr.shape[2]
+    alpha = {"extrasamples": ["unassalpha"]} if bands in (2, 4) else {}
+    return _tiff_bytes(arr, photometric="rgb" if bands >= 3 else "minisblack", planarconfig="contig", **alpha)
+
+
+def _twelve_bit(bands: int, seed: int) -> np.ndarray:
+    """A 12-bit camera's values (about 1000, +60 on an object): 3..4 when cut to their high byte."""
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(1000, 30, (H + 3, W + 5, bands))
+    arr[4:12, 6:14] += 60
+    if bands in (2, 4):
+        arr[..., -1] = rng.integers(0, 65536, arr.shape[:2])  # alpha over the whole 16-bit range
+    return arr.clip(0, 65535).astype(np.uint16)
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()[6:]  # the TIFF structure, without Pillow's "Exif\0\0" prefix
+
+
+def _card(**given) -> ModelCard:
+    """The card of a 2-class RGB model (what preprocess reads: infer's, show's and evaluate's decoding)."""
+    return ModelCard.create(
+        "0" * 64,
+        architecture={"name": "unet"},
+        num_classes=2,
+        class_names=["background", "object"],
+        palette=imaging.default_palette(2),
+        ignore_index=imaging.IGNORE_INDEX,
+        input={"size": [16, 16], "channels": 3, "resize": "bilinear", **given},
+    )
+
+
+@pytest.mark.parametrize("bands", [3, 4, 2])
+def test_16_bit_colour_pngs_keep_their_precision_as_the_same_tiff_does(bands):
+    """A 16-bit RGB, RGBA or grey + alpha PNG was opened by Pillow at 8 bits (its high bytes: a 12-bit camera's
+    ~1000 became 3..4) although the README promises 16-bit PNGs their precision. Each decoder now gives what the
+    same pixels as a 16-bit TIFF give: prepare's (and the fingerprint's), infer's for a 16-bit model and for an
+    8-bit one (stretched by the image's own maximum), and show's."""
+    from raysegment.data.fingerprint import ShardFingerprint, merge
+    from raysegment.inference.predictor import preprocess
+
+    arr = _twelve_bit(bands, bands)
+    seen = np.repeat(arr[..., :1], 3, axis=2) if bands == 2 else arr[..., :3]  # alpha dropped, grey repeated
+    tif = _as_tiff(arr)
+    for interlaced in (False, True):
+        png = _png16(arr, interlaced)
+        for channels in (imaging.OWN, imaging.RGB):
+            got, want = imaging.decode_pixels(png, channels=channels), imaging.decode_pixels(tif, channels=channels)
+            assert (got.mode, got.bands, got.pixels.dtype) == (want.mode, want.bands, want.pixels.dtype)
+            assert (got.mode, got.bands, got.pixels.dtype) == (f"uint16x{bands}", bands, np.uint16)
+            np.testing.assert_array_equal(got.pixels, want.pixels)
+            np.testing.assert_array_equal(got.pixels, seen)
+        stored, decoded = imaging.decode_upright(png)
+        assert stored == png and np.array_equal(decoded.pixels, seen)
+        # An 8-bit (RGB) model: 16 bits stretched by the image's own maximum, as for a 16-bit grey PNG.
+        eight = imaging.decode_image(png)
+        assert eight.dtype == np.uint8 and eight.shape == (H + 3, W + 5, 3)
+        np.testing.assert_array_equal(eight, imaging.decode_image(tif))
+        np.testing.assert_array_equal(eight, (seen * (255.0 / seen.max())).astype(np.uint8))
+        assert imaging.display_rgb(decoded.pixels).max() == 255  # show stretches the 16-bit values
+
+    fingerprints = []
+    for data in (_png16(arr), tif):
+        part = ShardFingerprint()
+        part.add("k", imaging.decode_upright(data)[1], np.zeros(arr.shape[:2], np.uint8))
+        fingerprints.append(merge([part], 1, [1.0]).to_json())
+    assert fingerprints[0] == fingerprints[1] and fingerprints[0]["intensity"]["p50"][0] > 900
+
+    stats = {"mean": [1000.0] * 3, "std": [30.0] * 3, "low": [900.0] * 3, "high": [1100.0] * 3}
+    native = _card(normalization="zscore_clipped", pixel_type="float32", stats=stats)
+    eight_bit = _card(normalization="scale_0_1")
+    batch = {"key": np.array(["png", "tif"], object), "bytes": np.array([_png16(arr), tif], object)}
+    for card in (native, eight_bit):
+        out = preprocess(dict(batch), card, imaging.MAX_PIXELS)
+        assert out["error"].tolist() == ["", ""]  # not "an 8-bit image" for the 16-bit model
+        np.testing.assert_array_equal(out["image"][0], out["image"][1])
+
+
+def test_16_bit_colour_pngs_are_turned_upright_checked_and_refused_as_other_images():
+    arr = _twelve_bit(3, 7)
+    upright = np.rot90(arr, -1)  # EXIF orientation 6: turn 90 degrees clockwise
+    stored, decoded = imaging.decode_upright(_png16(arr, exif=_orientation(6)))
+    np.testing.assert_array_equal(decoded.pixels, upright)
+    # What prepare stores is the upright image, still 16-bit, without the tag.
+    np.testing.assert_array_equal(imaging.decode_pixels(stored, channels=imaging.OWN).pixels, upright)
+    assert imaging.decode_image(stored).shape == (W + 5, H + 3, 3)
+    for value in range(2, 9):
+        pixels = (arr // 257).astype(np.uint8)  # the 8-bit image of the same high bytes, same tag
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG", exif=_orientation(value))
+        eight = imaging.decode_pixels(buf.getvalue()).pixels
+        deep = imaging.decode_pixels(_png16(pixels.astype(np.uint16) * 257, exif=_orientation(value))).pixels
+        np.testing.assert_array_equal(deep, eight.astype(np.uint16) * 257, err_msg=f"orientation {value}")
+
+    png = _png16(arr)
+    with pytest.raises(imaging.ImageDecodeError, match="over the limit of 100 pixels"):
+        imaging.decode_pixels(png, max_pixels=100)  # the header's size, before any pixel is decoded
+    with pytest.raises(imaging.ImageDecodeError, match="16-bit PNG whose pixel data is damaged"):
+        imaging.decode_pixels(png[:-60])  # the second IDAT cut short
+    garbled = bytearray(png)
+    garbled[60:70] = b"\xff" * 10  # inside the deflate stream
+    for read in (imaging.decode_pixels, imaging.decode_image):
+        with pytest.raises(imaging.ImageDecodeError, match="cannot decode image"):
+            read(bytes(garbled))
+
+
+def test_rgb_models_name_the_band_count_of_any_other_tiff():
+    """An RGB model given a 2- or 5-band 16-bit TIFF said "a TIFF file whose header is damaged or unsupported",
+    and a 2-band 8-bit one (SAR VV/VH) was read as grey, band 2 dropped, and marked ok. Each is now the error
+    row naming its band count, as prepare reads them; 16-bit colour TIFFs are stretched by their own maximum."""
+    from raysegment.inference.predictor import preprocess
+
+    rng = np.random.default_rng(3)
+    files = {
+        "two8": (rng.integers(0, 256, (H, W, 2)).astype(np.uint8), "contig", 2),
+        "two": (rng.integers(0, 60_000, (H, W, 2)).astype(np.uint16), "contig", 2),
+        "five": (rng.integers(0, 60_000, (H, W, 5)).astype(np.uint16), "contig", 5),
+        "five_planar": (rng.integers(0, 60_000, (H, W, 5)).astype(np.uint16), "separate", 5),
+    }
+    card = _card(normalization="scale_0_1")
+    encoded = {}
+    for key, (arr, planar, bands) in files.items():
+        stored = np.moveaxis(arr, -1, 0) if planar == "separate" else arr
+        encoded[key] = _tiff_bytes(stored, photometric="minisblack", planarconfig=planar)
+        assert imaging.decode_pixels(encoded[key], channels=imaging.OWN).bands == bands  # as prepare reads it
+        for read in (imaging.decode_image, lambda d: imaging.model_pixels(d, imaging.MAX_PIXELS, imaging.RGB, False)):
+            with pytest.raises(imaging.ImageDecodeError, match=f"image has {bands} bands, the model takes 3 channels"):
+                read(encoded[key])
+    colour = files["five"][0][..., :3]
+    encoded["colour16"] = _tiff_bytes(colour, photometric="rgb")
+    out = preprocess(
+        {"key": np.array(list(encoded), object), "bytes": np.array(list(encoded.values()), object)},
+        card,
+        imaging.MAX_PIXELS,
+    )
+    errors = dict(zip(encoded, out["error"].tolist()))
+    for key, (_, _, bands) in files.items():
+        assert errors[key].startswith(f"image has {bands} bands, the model takes 3 channels"), errors[key]
+    assert errors["colour16"] == ""
+    np.testing.assert_array_equal(
+        imaging.decode_image(encoded["colour16"]), (colour * (255.0 / colour.max())).astype(np.uint8)
+    )

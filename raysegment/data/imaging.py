@@ -3,7 +3,10 @@
 Two ways to decode an image: `decode_image` (8-bit RGB, as models with a 0..255 normalisation were
 trained) and `decode_pixels` (the bands the data set chose, `Channels`, at the file's own precision:
 16-bit and float values are never rescaled here; the card's normalisation maps them). TIFFs Pillow
-cannot take whole (more than four bands, 16-bit colour, float colour, stacks) are read by `data/tiff.py`.
+cannot take whole (more than four bands, 16-bit colour, float colour, stacks) are read by `data/tiff.py`;
+16-bit colour PNGs (RGB, RGBA, grey + alpha), which Pillow cuts to their high byte, by `_png16` (Pillow's
+own PNG decoder, run once for each byte of the 16-bit samples). `decode_image` takes both the same way
+and brings them to 8 bits by their own maximum, as it does a 16-bit grey PNG.
 `display_rgb` makes any decoded image viewable (`show`, `report`): its first three channels, 16-bit
 and float ones contrast-stretched.
 """
@@ -14,6 +17,7 @@ import io
 import re
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,16 +175,117 @@ def _tiff_problem(exc: tiff.TiffError) -> ImageDecodeError:
     return ImageDecodeError(str(exc))
 
 
-def _raw(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, str, bytes]:
-    """(height x width x bands, trailing alpha bands, mode, upright bytes) of an image file.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# IHDR colour types Pillow opens at 8 bits when their samples are 16-bit: RGB, grey + alpha, RGBA.
+_PNG16_COLOUR = {2: ("RGB", 0), 4: ("LA", 1), 6: ("RGBA", 1)}  # colour type -> (bands, trailing alpha bands)
+_PNG16_TYPE = {(2, 1): 4, (3, 0): 2, (4, 1): 6}  # (bands, alpha) -> colour type, for `_encode_png16`
+# ImageOps.exif_transpose's turns, on arrays (height x width x bands).
+_ORIENTED = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
 
-    The bytes are the file's own, or a lossless PNG when an EXIF orientation had to be applied."""
+
+def is_png16_colour(data: bytes) -> bool:
+    """True for a PNG whose IHDR says 16-bit RGB, RGBA or grey + alpha (bit depth byte 24, colour type 25)."""
+    return (
+        data.startswith(PNG_SIGNATURE)
+        and len(data) >= 29
+        and data[12:16] == b"IHDR"
+        and data[24] == 16
+        and data[25] in _PNG16_COLOUR
+    )
+
+
+def _png_chunks(data: bytes) -> tuple[bytes, bool]:
+    """(the IDAT chunks' data joined, whether an eXIf chunk is there) of a PNG; a truncated file gives what
+    it holds (its decoding then fails for want of data)."""
+    pos, parts, exif = 8, [], False
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            parts.append(data[pos + 8 : pos + 8 + length])
+        exif = exif or kind == b"eXIf"
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return b"".join(parts), exif
+
+
+def _png16(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, bytes]:
+    """(height x width x bands uint16, trailing alpha bands, upright bytes) of a 16-bit colour PNG.
+
+    Pillow opens these at 8 bits (their high bytes); its PNG decoder (inflate, unfilter, Adam7) is run here
+    twice on the IDAT data, unpacking the high bytes, then the low ones (grey + alpha, four bytes a pixel,
+    unpacks whole as RGBA bytes in one run). The header's size is checked first, as for any image; an EXIF
+    orientation is applied, and the upright image is then stored as a 16-bit PNG of its own."""
+    img = _checked_header(data, max_pixels)
+    width, height = img.size
+    colour_type, interlaced = data[25], data[28]
+    mode, alpha = _PNG16_COLOUR[colour_type]
+    idat, exif = _png_chunks(data)
+    try:
+        if mode == "LA":
+            both = np.asarray(Image.frombytes("RGBA", (width, height), idat, "zip", "RGBA", interlaced))
+            arr = (both[..., 0::2].astype(np.uint16) << 8) | both[..., 1::2]
+        else:
+            high = Image.frombytes(mode, (width, height), idat, "zip", f"{mode};16B", interlaced)
+            low = Image.frombytes(mode, (width, height), idat, "zip", f"{mode};16L", interlaced)
+            arr = (np.asarray(high).astype(np.uint16) << 8) | np.asarray(low)
+    except Exception as exc:  # Pillow raises ValueError, OSError, zlib errors for damaged pixel data
+        raise ImageDecodeError(f"cannot decode image: a 16-bit PNG whose pixel data is damaged ({exc})") from exc
+    try:  # read without decoding the 8-bit pixels again, unless the tag comes after them
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1) if exif or "xmp" in img.info else 1
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+    if orientation in _ORIENTED:
+        arr = np.ascontiguousarray(_ORIENTED[orientation](arr))
+        data = _encode_png16(arr, alpha)
+    return arr, alpha, data
+
+
+def _encode_png16(arr: np.ndarray, alpha: int) -> bytes:
+    """Height x width x bands uint16 as a 16-bit PNG (unfiltered rows, fast deflate): lossless, as `_png`."""
+    height, width, bands = arr.shape
+    rows = np.zeros((height, 1 + width * bands * 2), np.uint8)  # each row's filter byte: 0 (none)
+    rows[:, 1:] = arr.astype(">u2").view(np.uint8).reshape(height, -1)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4) + kind + body + zlib.crc32(kind + body).to_bytes(4)
+
+    ihdr = width.to_bytes(4) + height.to_bytes(4) + bytes([16, _PNG16_TYPE[bands, alpha], 0, 0, 0])
+    idat = zlib.compress(rows.tobytes(), 1)
+    return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _deep(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, bytes] | None:
+    """(height x width x bands, trailing alpha bands, upright bytes) of a file Pillow would not decode whole
+    (a TIFF `tiff.needs_tifffile` names, a 16-bit colour PNG), at its own precision; None for the rest."""
     try:
         if tiff.needs_tifffile(data):
             arr, alpha = tiff.read_bands(data, max_pixels)
-            return arr, alpha, f"{arr.dtype.name}x{arr.shape[2]}", data
+            return arr, alpha, data
     except tiff.TiffError as exc:
         raise _tiff_problem(exc) from exc
+    if is_png16_colour(data):
+        return _png16(data, max_pixels)
+    return None
+
+
+def _raw(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, str, bytes]:
+    """(height x width x bands, trailing alpha bands, mode, upright bytes) of an image file.
+
+    The bytes are the file's own, or a lossless PNG when an EXIF orientation had to be applied. What
+    Pillow has no mode for (read by tifffile, 16-bit colour PNGs) has the mode dtype x bands ("uint16x3")."""
+    deep = _deep(data, max_pixels)
+    if deep is not None:
+        arr, alpha, upright = deep
+        return arr, alpha, f"{arr.dtype.name}x{arr.shape[2]}", upright
     img = _open(data, max_pixels)
     mode = img.mode
     if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
@@ -237,7 +342,11 @@ def model_pixels(data: bytes, max_pixels: int, channels: Channels, native: bool)
         return decode_pixels(data, max_pixels, channels).pixels
     if channels == RGB:
         return decode_image(data, max_pixels)
-    pixels = decode_pixels(data, max_pixels, channels).pixels
+    return _eight_bit(decode_pixels(data, max_pixels, channels).pixels)
+
+
+def _eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """16-bit and float pixels brought to uint8 by the image's own maximum (NaN and negatives 0); uint8 as is."""
     if pixels.dtype == np.uint8:
         return pixels
     values = np.clip(np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0, None)
@@ -279,7 +388,14 @@ def verify_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded bytes -> HxWx3 uint8 RGB as meant to be seen (an EXIF orientation is applied, as
     `prepare` stores training images, so a phone photo is predicted upright and its mask is the
-    upright image's size); grey, alpha, palette and 16-bit are converted."""
+    upright image's size); grey, alpha, palette and 16-bit are converted, 16-bit and float by the
+    image's own maximum. What Pillow would not decode whole (TIFFs of other band counts or deeper colour,
+    16-bit colour PNGs) is read at its own precision first: bands other than grey or RGB, alpha aside,
+    are an ImageDecodeError naming their count (`select_channels`), never a guess."""
+    deep = _deep(data, max_pixels)
+    if deep is not None:
+        raw, alpha, _ = deep
+        return np.ascontiguousarray(_eight_bit(select_channels(raw, alpha, RGB)))
     img = _open(data, max_pixels)
     if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
         img = ImageOps.exif_transpose(img)
@@ -315,16 +431,20 @@ def image_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
             return h, w
     except tiff.TiffError as exc:
         raise _tiff_problem(exc) from exc
+    w, h = _checked_header(data, max_pixels).size
+    return h, w
+
+
+def _checked_header(data: bytes, max_pixels: int) -> Image.Image:
+    """`_header`, its failures as ImageDecodeError."""
     try:
-        img = _header(data, max_pixels)
+        return _header(data, max_pixels)
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError(_unidentified(data)) from exc
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
-    w, h = img.size
-    return h, w
 
 
 def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:

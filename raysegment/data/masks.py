@@ -224,12 +224,18 @@ MAX_RAW = 65535  # the largest raw mask value --mask-values and --mask-threshold
 
 
 def _deep_values(found: np.ndarray) -> str:
+    """The problem of a 16-bit mask's values over 255, with a --mask-values mapping every one of them (a
+    partial example made the other values invalid) and a threshold only where two values make it binary."""
     shown = ", ".join(map(str, found[:8].tolist())) + (" ..." if len(found) > 8 else "")
-    low, high = (int(found[0]) if len(found) > 1 else 0), int(found[-1])
-    return (
-        f"16-bit mask with values {shown}; class ids are 0..254: map its values with --mask-values "
-        f"(e.g. {low}:0,{high}:1) or, for a binary mask, --mask-threshold {(low + high) // 2 + 1}"
-    )
+    values = sorted({0, *(int(v) for v in found)})  # 0 kept as the background other masks may hold
+    if len(values) <= 32:
+        mapping = ",".join(f"{v}:{i}" for i, v in enumerate(values))
+        fix = f"--mask-values {mapping} (this mask's values in order; add any value other masks hold)"
+    else:
+        fix = "--mask-values RAW:ID,... for each value (one RAW:ID pair a class)"
+    if len(values) == 2:
+        fix += f", or --mask-threshold {(values[0] + values[1]) // 2 + 1} for a binary mask"
+    return f"16-bit mask with values {shown}; class ids are 0..254: map its values with {fix}"
 
 
 def _raw_values(img: Image.Image) -> np.ndarray:
@@ -308,8 +314,8 @@ def class_ids(
         ids = _mapped(_raw_values(img), transparent, lut, unmapped)
     else:
         ids = _raw_values(img)
-        if ids.dtype != np.uint8:
-            raise imaging.ImageDecodeError(_deep_values(np.unique(ids)))
+        if ids.dtype != np.uint8:  # decoded fine: its values are the problem, not the file
+            raise MaskValueError(_deep_values(np.unique(ids)))
     if transparent is not None:
         ids = np.where(transparent, np.uint8(IGNORE_INDEX), ids)
     return ids
