@@ -473,6 +473,11 @@ def test_a_file_localhost_uri_in_a_list_is_the_local_absolute_path(tmp_path):
     (block,) = list(urilist._blocks(storage.resolve(str(listing))))
     assert block.paths == [str(image)] * 3 + [str(listing.parent / "rel" / "y.png"), str(spaced)]
     assert block.keys[:3] == [str(image.with_suffix("")).lstrip("/")] * 3  # the key of the plain path
+    # A comment after an entry is no extension: its line keeps a key of its own, not x.png's (both were
+    # collision rows, and x.png got no mask).
+    listing.write_text(f"{image}\n{image}  # the first slide\n")
+    (block,) = list(urilist._blocks(storage.resolve(str(listing))))
+    assert len(set(block.keys)) == 2 and block.keys[0] == str(image.with_suffix("")).lstrip("/")
     # As an argument too (OUTPUT was written below ./localhost/ of the current folder); file://P stays literal.
     assert storage.resolve(f"file://localhost{tmp_path}/o").path == f"{tmp_path}/o"
     assert storage.resolve(spaced.as_uri()).path == str(spaced)

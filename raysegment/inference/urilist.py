@@ -44,8 +44,11 @@ class Block:
 
 
 def _uri_key(uri: str) -> str:
-    rest = uri.split("://", 1)[1] if "://" in uri else uri
-    return strip_ext(rest.lstrip("/"))
+    """The URI's path without its extension. An "extension" holding a space is none (`a.png  # note`, a
+    comment after an entry): stripped, that line took the key of `a.png` on the line before, and both
+    became collision rows; kept whole, it is a missing file's error row of its own."""
+    rest = (uri.split("://", 1)[1] if "://" in uri else uri).lstrip("/")
+    return rest if any(c.isspace() for c in posixpath.splitext(rest)[1]) else strip_ext(rest)
 
 
 def _block(
