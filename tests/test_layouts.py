@@ -548,6 +548,19 @@ def test_masks_named_with_a_suffix_pair_with_mask_suffix_and_are_hinted_without(
         PrepareSpec(source="s", dest="d", layout="voc", mask_suffix="_mask")
 
 
+def test_names_that_differ_only_in_case_are_named_with_each_other(tmp_path):
+    """images/Case.png + masks/case.png pair on Windows and macOS; here they were 'image without mask' and
+    'mask without image' with no word of why."""
+    root = str(tmp_path)
+    save(rgb(8, 8), f"{root}/images/Case.png")
+    save(np.zeros((8, 8), np.uint8), f"{root}/masks/case.png")
+    save(rgb(8, 8), f"{root}/images/alone.png")
+    problems = {p.key: p.problem for p in pairs_layout(storage.resolve(root), "images", "masks").pairs}
+    assert problems["Case"] == "image without mask (its name differs only in case from 'case': rename one to match)"
+    assert problems["case"] == "mask without image (its name differs only in case from 'Case': rename one to match)"
+    assert problems["alone"] == "image without mask"
+
+
 def test_val_keys_naming_a_stack_put_all_its_pages_in_val():
     """`--val-keys vol` for a multi-page stack was refused as a key not in the source, with a hint that
     did not fit (`vol` is the path without extension); its pages are `vol/0000` .... It now names them all."""

@@ -157,6 +157,11 @@ def test_jpeg_masks_need_a_threshold_and_unturned_masks_name_the_exif_tag():
         image, _encoded(Image.fromarray(_ids(1).T.copy()), format="PNG"), None, "", masks.PLAIN, imaging.OWN
     )
     assert problem == f"size mismatch: image {W}x{H}, mask {H}x{W}"  # no tag: no word about one
+    # A mask drawn on a copy of twice the size (or half) is named as such, with the resampling that keeps ids.
+    double = _encoded(Image.fromarray(np.kron(_ids(1), np.ones((2, 2), np.uint8))), format="PNG")
+    problem, *_ = _check_pair(image, double, None, "", masks.PLAIN, imaging.OWN)
+    assert problem.startswith(f"size mismatch: image {W}x{H}, mask {2 * W}x{2 * H}; the mask is exactly 2x the image")
+    assert "nearest-neighbour" in problem
 
 
 # --- prepared on real Ray -------------------------------------------------------------------------

@@ -165,7 +165,23 @@ def pairs_layout(
     pairs = [_pair(k, images, masks) for k in sorted(set(images) | set(masks))]
     if hint := _suffix_hint([k for k in masks if k not in images], images):
         pairs = [replace(p, problem=f"{p.problem} ({hint})") if p.problem == "mask without image" else p for p in pairs]
-    return _with_value_table(Listing(pairs), mask_values, num_classes)
+    return _with_value_table(Listing(_case_hints(pairs)), mask_values, num_classes)
+
+
+def _case_hints(pairs: list[Pair]) -> list[Pair]:
+    """A lone image and a lone mask whose keys differ only in case (`Case.png` + `case.png`: one file on
+    Windows and macOS, two here) are each named with the other."""
+    lone = defaultdict(list)
+    for p in pairs:
+        if p.problem in ("mask without image", "image without mask"):
+            lone[p.key.casefold()].append(p)
+    named = {}
+    for group in lone.values():
+        if {p.problem for p in group} == {"mask without image", "image without mask"}:
+            for p in group:
+                others = ", ".join(repr(o.key) for o in group if o is not p)
+                named[p.key] = f"{p.problem} (its name differs only in case from {others}: rename one to match)"
+    return [replace(p, problem=named[p.key]) if p.key in named else p for p in pairs]
 
 
 def _suffix_hint(lone_masks: list[str], images: dict[str, Any]) -> str | None:

@@ -151,8 +151,22 @@ def _check_pair(
         problem = f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]}"
         if img_bytes is not stored and ids.shape == (w, h):  # decode_upright turned the image by its EXIF tag
             problem += f"; {EXIF_TURN}"
+        elif (scale := _scale_between(ids.shape, (h, w))) is not None:
+            problem += (
+                f"; the mask is exactly {scale:g}x the image: resize it to the image's size with nearest-neighbour "
+                "sampling (never bilinear, which would invent class ids), or use the images it was drawn on"
+            )
         return problem, None, img_bytes, decoded
     return None, ids, img_bytes, decoded
+
+
+def _scale_between(mask: tuple[int, ...], image: tuple[int, int]) -> float | None:
+    """The factor a mask is of its image when both sides agree on one (2, 0.5, 4, ...), else None."""
+    (mh, mw), (h, w) = mask[:2], image
+    for factor in (2.0, 4.0, 8.0, 0.5, 0.25, 0.125):
+        if mh == round(h * factor) and mw == round(w * factor):
+            return factor
+    return None
 
 
 def _missing(pair: Pair) -> str:
