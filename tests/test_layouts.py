@@ -581,3 +581,13 @@ def test_val_keys_naming_a_stack_put_all_its_pages_in_val():
     assert [p.key for p in pairs if p.split == "val"] == ["vol/0001", "a"]
     with pytest.raises(ConfigError, match="names 1 keys not in the source: dir"):  # a folder is no stack
         assign_splits(listing, "pairs", ["dir"], None, 0)
+
+
+def test_a_page_count_mismatch_against_one_mask_page_names_a_bands_array_saved_as_pages():
+    """tifffile writes an (H, W, bands) array of other than 3 or 4 bands as H pages of W x bands: prepare said
+    only that the image has 64 pages and the mask 1."""
+    from raysegment.data.layouts import Pair, _page_mismatch
+
+    pair = Pair("s0", "images/s0.tif", "masks/s0.png")
+    assert "photometric='minisblack', planarconfig='contig'" in _page_mismatch(pair, 64, 1)
+    assert "photometric" not in _page_mismatch(pair, 3, 2)  # a short stack: no word of bands

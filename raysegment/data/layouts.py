@@ -391,6 +391,12 @@ def _page_mismatch(pair: Pair, images: int, masks: int) -> str:
     return (
         f"image {posixpath.basename(pair.image)} has {images} page{'s' * (images != 1)} but mask "
         f"{posixpath.basename(pair.mask)} has {masks}: a TIFF stack needs one mask page per image page"
+        + (
+            "; or, if the image is one picture of several bands, it was saved as pages (tifffile writes an "
+            "(H, W, bands) array so without photometric='minisblack', planarconfig='contig')"
+            if masks == 1
+            else ""
+        )
     )
 
 
