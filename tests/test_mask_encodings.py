@@ -412,3 +412,22 @@ def test_a_transparent_background_is_named_and_kept_with_mask_alpha_keep(ray_clu
     assert "no labelled pixel" not in caplog.text and kept["ignored_pixels"] == 0
     shard_masks = _shard_masks(str(tmp_path / "d2"), kept)
     assert all(np.array_equal(shard_masks[f"t{i}"], _ids(i)) for i in range(4))
+
+
+def test_palette_masks_give_the_data_set_their_own_colours(ray_cluster, tmp_path):
+    """A palette mask's own colours (its annotation tool's) were replaced by VOC's in the manifest, so `show`
+    and `report` drew the classes in colours the annotator never saw. Its palette is the data set's now,
+    unless a mapping makes its indices other than class ids."""
+    colours = [10, 20, 30, 200, 0, 0, 0, 200, 0]
+    src = tmp_path / "src"
+    for i in range(3):
+        _image(src, f"p{i}", i)
+        mask = Image.fromarray(_ids(i, classes=3), mode="P")
+        mask.putpalette(colours + [0] * (768 - len(colours)))
+        _save(mask, f"{src}/masks/p{i}.png")
+    manifest = prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "own"), val_keys=["p0"]))
+    assert manifest["palette"] == [[10, 20, 30], [200, 0, 0], [0, 200, 0]]
+    mapped = prepare(
+        PrepareSpec(source=str(src), dest=str(tmp_path / "mapped"), val_keys=["p0"], mask_values={0: 0, 1: 1, 2: 2})
+    )
+    assert mapped["palette"] == imaging.default_palette(3)

@@ -223,6 +223,20 @@ SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of 16-bit (and 3
 MAX_RAW = 65535  # the largest raw mask value --mask-values and --mask-threshold take (16-bit masks)
 
 
+def own_palette(data: bytes, num_classes: int) -> list[list[int]] | None:
+    """The colours a palette (P) mask file gives its first `num_classes` indices (its annotation tool's: `show`
+    and `report` draw the classes in them), or None: not a palette mask, too few entries, or a grey ramp."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header and palette only, no pixel decoded
+            palette = img.getpalette() if img.mode == "P" else None
+    except Exception:
+        return None
+    if not palette or len(palette) < 3 * num_classes:
+        return None
+    colours = [palette[3 * i : 3 * i + 3] for i in range(num_classes)]
+    return None if all(c == [i, i, i] for i, c in enumerate(colours)) else colours
+
+
 def _deep_values(found: np.ndarray) -> str:
     """The problem of a 16-bit mask's values over 255, with a --mask-values mapping every one of them (a
     partial example made the other values invalid) and a threshold only where two values make it binary."""

@@ -530,6 +530,18 @@ def _input_channels(uri: str, spec: PrepareSpec, parts: list[ShardFingerprint]) 
     )
 
 
+def _masks_palette(root: storage.Location, pairs: list[Pair], num_classes: int) -> list[list[int]] | None:
+    """The palette of the first valid pair's mask when it is a palette PNG whose indices are the class ids
+    (no mapping given): the annotation tool's colours for `show` and `report`. One header read."""
+    first = next((p.mask for p in pairs if not p.problem and p.mask), None)
+    if first is None:
+        return None
+    try:
+        return masks.own_palette(_read(root, first), num_classes)
+    except storage.StorageError:
+        return None  # the default colours then: a palette is for people, not worth failing prepare
+
+
 def _manifest(
     spec: PrepareSpec,
     listing: Listing,
@@ -597,6 +609,8 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     except DataError:
         storage.remove_tree(dest.child("shards"))  # nothing without a manifest may look like a data set
         raise
+    if listing.palette is None and not (encoding.colors or encoding.threshold is not None or spec.mask_values):
+        listing = replace(listing, palette=_masks_palette(listing.root or source, pairs, num_classes))
     manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names, encoding)
     manifest.update(bands=spec.bands, channels=channels)
     manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
