@@ -203,8 +203,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # 130, as shells report SIGINT: a scheduler tells "stopped" from "failed" (click said "Aborted!", 1).
             kind = _last.kind if _last is not None else fn.__name__.replace("_", " ")
             click.echo(
-                f"interrupted: {kind} stopped; what it finished is kept, and the same command again resumes "
-                "(infer, nightly and train go on where they stopped)",
+                f"interrupted: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
+                "and train go on where they stopped)",
                 err=True,
             )
             sys.exit(INTERRUPTED)

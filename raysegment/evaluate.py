@@ -144,8 +144,8 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if unread := next((str(u) for u in batch["unread"] if u), None):
                 raise DataError(
-                    f"{data_loc.uri}: the model cannot take its {spec.split} image {unread}; evaluate a data set "
-                    "prepared as the model's was (the same --bands and channels)"
+                    f"{data_loc.uri}: the model cannot take its {spec.split} image {unread}; a score without it "
+                    "would pass for the split's: evaluate a data set the model can read (prepared as its own was)"
                 )
             cm += batch["cm"].sum(axis=0).reshape(k, k)
             edges += batch["edges"].sum(axis=0)

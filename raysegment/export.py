@@ -30,6 +30,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
+from raysegment.data.imaging import PNG_SIGNATURE
 from raysegment.errors import ConfigError, StorageError
 from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, ModelCard, location_sha256
 from raysegment.models.loader import load_model, put_tree
@@ -41,7 +42,6 @@ FORMATS = ("saved_model", "onnx", "tflite")
 FILE_NAMES = EXPORT_FILES
 ONNX_OPSET = 17
 FIXED_POINT_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def pil_resize_weights(src, dst, dtype="float64"):

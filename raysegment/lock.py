@@ -220,6 +220,12 @@ class RunLock:
         if current is not None and current.info.get("owner") == owner:
             self.loc.call(lambda: self.loc.fs.rm_file(self.loc.path))
 
+    def still_held(self) -> bool:
+        """Whether the lock is still this one's: a store down past the stale age, or a clock far ahead on
+        another host, can let a second run take it over while this one runs on."""
+        holder = self._holder()
+        return self.held and holder is not None and holder.info.get("owner") == self.owner
+
     def release(self) -> None:
         """Remove the lock if it is still ours (a taker-over may have replaced it)."""
         if self.held:

@@ -172,8 +172,7 @@ def _local_dir(output_uri: str | None) -> str | None:
 
     if not output_uri or storage.is_remote(output_uri):
         return None
-    path = output_uri[len("file://") :] if output_uri.startswith("file://") else output_uri
-    return os.path.join(os.path.abspath(path), "logs")
+    return os.path.join(os.path.abspath(storage.file_path(output_uri)), "logs")
 
 
 def start(kind: str, output_uri: str | None, console_stream: TextIO | None = None) -> LogFile:

@@ -188,11 +188,15 @@ def warn(logger: logging.Logger, kind: str, text: str) -> None:
     noted = settings.mode != OFF
     logger.warning("%s: %s", kind, text, extra={logs.NOTED: noted})
     if noted:
-        note(f"{kind}: warning: {text}")
+        _show(f"{kind}: warning: {text}")  # the log has the record already
 
 
 def note(text: str) -> None:
     """A one-off progress line (nightly: listed, new, changed), shown whenever progress is on."""
     log.info("%s", text)
     if settings.mode != OFF:
-        print(f"{time.strftime('%H:%M:%S')} {text}", file=settings.stream or sys.stderr, flush=True)
+        _show(text)
+
+
+def _show(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=settings.stream or sys.stderr, flush=True)

@@ -307,6 +307,6 @@ def test_ctrl_c_exits_130_and_says_the_command_resumes(capsys):
     with pytest.raises(SystemExit) as stopped:
         infer()
     assert stopped.value.code == INTERRUPTED == 130
-    assert "interrupted: infer stopped; what it finished is kept, and the same command again resumes" in (
+    assert "interrupted: infer stopped; what it finished is kept: run the same command again (infer" in (
         capsys.readouterr().err
     )

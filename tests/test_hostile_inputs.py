@@ -638,6 +638,12 @@ def test_a_lock_whose_process_is_dead_is_taken_over_at_once(tmp_path):
     write_lock(loc, time.time())  # another machine's: it ages out, whatever its pid
     with pytest.raises(LockedError):
         RunLock(loc, stale_after_s=3600).acquire()
+    # A holder finds out that its lock was taken over (infer then fails instead of writing _SUCCESS).
+    storage.remove_tree(loc)
+    with RunLock(loc, stale_after_s=3600) as mine:
+        assert mine.still_held()
+        write_lock(loc, time.time())
+        assert not mine.still_held()
 
 
 def test_a_stray_parquet_file_in_summaries_is_named_not_damaged(tiny_model, tmp_path):

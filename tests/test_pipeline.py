@@ -223,5 +223,5 @@ def test_evaluate_names_an_image_the_model_cannot_take(trained, tmp_path):
         source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_keys=["s0"], class_names=card["class_names"]
     )
     prepare(spec)
-    with pytest.raises(DataError, match=r"the model cannot take its val image s0: .*prepared as the model's was"):
+    with pytest.raises(DataError, match=r"the model cannot take its val image s0: .*prepared as its own was"):
         evaluate(EvaluateSpec(model=str(root / "model"), data=str(tmp_path / "data")))

@@ -242,3 +242,9 @@ def test_no_val_pair_left_after_skip_invalid_is_warned_of(ray_cluster, tmp_path,
     assert manifest["counts"] == {"train": 3, "val": 0}
     assert "no pair is in the val split: its 1 pairs were all invalid and skipped (--val-keys (1 keys))" in caplog.text
     assert "prepare again with --val-keys" in caplog.text
+    # plan and train refuse it with the same advice (the manifest's fix; its splits are the key hash's).
+    from raysegment.errors import DataError
+    from raysegment.train.config import check_val
+
+    with pytest.raises(DataError, match="no validation images; prepare again with --val-keys naming some pairs"):
+        check_val(manifest, "d")

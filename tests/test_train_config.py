@@ -82,12 +82,16 @@ def test_frozen_and_picklable():
         ({"image_size": 40, "depth": 4}, {"train": 50, "val": 5}, "multiple of 2\\*\\*depth"),
         ({"workers": 4, "batch_size": 16}, {"train": 50, "val": 5}, "fewer than one global batch"),
         ({}, {"train": 50}, "no validation images; prepare again with --val-keys"),
-        # A layout's own splits refuse --val-keys: the fix is in its split file.
-        ({"splits_from": "ImageSets/Segmentation/{train,val}.txt"}, {"train": 50}, "in val in ImageSets"),
+        # A layout's own splits refuse --val-keys: the fix prepare recorded for it (`layouts.no_val_fix`).
+        (
+            {"no_val_fix": "put some pairs in val in ImageSets/Segmentation/{train,val}.txt"},
+            {"train": 50},
+            "in ImageSets",
+        ),
     ],
 )
 def test_data_set_that_cannot_train(fields, counts, message):
-    source = {"splits_from": fields.pop("splits_from")} if "splits_from" in fields else {}
+    source = {"no_val_fix": fields.pop("no_val_fix")} if "no_val_fix" in fields else {}
     with pytest.raises(DataError, match=message):
         train_config(TrainSpec(data="d", out="o", **fields), {**MANIFEST, **source, "counts": counts}, "d")
 

@@ -232,7 +232,11 @@ def _voc_split_pairs(files: dict[str, list[str]], images: dict, masks: dict) -> 
     """The pairs of split files that include val.txt, each in its split (train.txt, else trainval.txt
     less val.txt, is train)."""
     val = files["val"]
-    train = files.get("train", [k for k in files.get("trainval", []) if k not in set(val)])
+    if "train" in files:
+        train = files["train"]
+    else:
+        held_out = set(val)  # once: a set built per key made 100k keys take minutes
+        train = [k for k in files.get("trainval", []) if k not in held_out]
     listed: dict[str, list[str]] = {}
     for split, keys in (("train", train), ("val", val)):
         for key in dict.fromkeys(keys):  # a key twice in one file is listed once

@@ -468,7 +468,7 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
     pairs, split_source = assign_splits(listing, spec.layout, val_keys, spec.val_fraction, spec.seed)
     if pairs and not any(p.split == "val" and not p.problem for p in pairs):
         # train and plan refuse such a data set (the best epoch is picked on val): said now, not after the shards.
-        progress.note(f"prepare: warning: no pair is in the val split ({split_source}); {no_val_fix(listing)}")
+        progress.warn(log, "prepare", f"no pair is in the val split ({split_source}); {no_val_fix(listing)}")
     if listing.class_names:
         fixed_by = f"--mask-colors {spec.mask_colors}" if spec.mask_colors else f"the {spec.layout} layout"
         if spec.num_classes and spec.num_classes != len(listing.class_names):
@@ -567,6 +567,7 @@ def _manifest(
         "mask_alpha": spec.mask_alpha,
         "mask_colors": {",".join(map(str, c)): i for c, i in encoding.colors.items()} if encoding.colors else None,
         "splits_from": split_source,
+        "no_val_fix": no_val_fix(listing),  # plan and train say it when val is empty: the layout knows the way
         "counts": {s: sum(sh["rows"] for sh in shards if sh["split"] == s) for s in SPLITS},
         "pixel_frequency": [float(hist[i] / labelled) if labelled else 0.0 for i in range(num_classes)],
         "ignored_pixels": int(hist[classes.IGNORE_INDEX]),

@@ -52,6 +52,7 @@ from raysegment.models.card import ModelCard
 
 MASKS = "masks"
 SUMMARIES = "summaries"
+RUN_LOCK = "_infer.lock"  # held by a run for its whole length (`pipeline.infer`)
 RUNS = "runs"
 ARCHIVES = "archives"  # member lists of input tar archives (inference/archives.py)
 CLASS_NAMES_META = b"raysegment.class_names"
@@ -559,7 +560,7 @@ def read_summary(output: storage.Location, path: str, columns: list[str] | None 
             raise SummariesChanged(path) from None
         raise
     except DataError:
-        if columns and (names := _schema_names(output, path)) is not None and not set(columns) <= set(names):
+        if columns and (names := _schema_names(output, path)) is not None and not {"key", "status"} <= set(names):
             raise _not_a_summary(output, path, names) from None
         raise
     if columns is None and not {"key", "status"} <= set(table.schema.names):
@@ -569,8 +570,13 @@ def read_summary(output: storage.Location, path: str, columns: list[str] | None 
 
 def _schema_names(output: storage.Location, path: str) -> list[str] | None:
     """A Parquet file's column names, or None if its footer cannot be read (then it is damaged)."""
+
+    def read() -> list[str]:
+        with output.fs.open(path, "rb") as f:  # the footer only
+            return pq.read_schema(f).names
+
     try:
-        return pq.read_schema(io.BytesIO(storage.call(output, lambda: output.fs.cat_file(path)))).names
+        return storage.call(output, read)
     except (pa.ArrowException, OSError, StorageError):
         return None
 

@@ -16,16 +16,17 @@ from collections.abc import Callable
 
 from raysegment import storage
 from raysegment.errors import ConfigError
+from raysegment.inference.output import RUN_LOCK
 
 # What `infer` writes directly under OUTPUT (inference/output.py, report.py).
-INFER_PARTS = ("masks", "summaries", "runs", "archives", "report.html", "overlays.png", storage.SUCCESS)
+INFER_PARTS = ("masks", "summaries", "runs", "archives", "report.html", "overlays.png", storage.SUCCESS, RUN_LOCK)
 
 
 def comparable(uri: str) -> str:
     """A URI as a string to compare prefixes with, without touching storage."""
     if storage.is_remote(uri):
         return "s3://" + uri.split("://", 1)[1].rstrip("/")
-    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    return os.path.abspath(os.path.expanduser(storage.file_path(uri)))
 
 
 def _forms(loc: storage.Location) -> set[str]:

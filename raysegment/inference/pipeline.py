@@ -46,6 +46,7 @@ class Run:
     done: resume.DoneIndex  # keys earlier runs finished
     actors: actors.Actors  # the predictor pool, resolved against the cluster
     started: float  # time.time() at the start
+    lock: RunLock | None = None  # OUTPUT's run lock, held for the run (`infer`); checked before _SUCCESS
 
 
 def infer(spec: InferSpec) -> dict[str, Any]:
@@ -55,9 +56,9 @@ def infer(spec: InferSpec) -> dict[str, Any]:
 
 
 # OUTPUT's run lock: two runs into one OUTPUT (an overlapping cron, a second terminal) each wrote every key,
-# 160 rows for 80 images under one _SUCCESS. Refreshed while held; a killed run's is taken over after this.
-RUN_LOCK = "_infer.lock"
-RUN_LOCK_STALE_S = 120
+# 160 rows for 80 images under one _SUCCESS. Refreshed while held. A killed run's is taken over at once on its
+# machine (its PID gone), elsewhere after this: long against store outages and other hosts' clocks.
+RUN_LOCK, RUN_LOCK_STALE_S = layout.RUN_LOCK, 1800
 
 
 def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
@@ -86,8 +87,11 @@ def plan(spec: InferSpec, held: contextlib.ExitStack | None = None) -> Run:
     check_apart(input_loc, output)  # before the first write: outputs are never read as inputs
     check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output)
     storage.check_writable(output)
+    lock = None
     if held is not None:  # after the refusals, which write nothing: before anything of OUTPUT is read or changed
-        held.enter_context(RunLock(output.child(RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT"))
+        lock = held.enter_context(
+            RunLock(output.child(RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT")
+        )
     if spec.overwrite:
         logs.began()  # past the refusals, and OUT is cleared
         layout.clear(output)
@@ -111,7 +115,7 @@ def plan(spec: InferSpec, held: contextlib.ExitStack | None = None) -> Run:
     else:
         layout.mark_incomplete(output)
     pool = actors.resolve(spec, ray.cluster_resources())
-    return Run(spec, card, output, layout.new_run_id(), done, pool, started)
+    return Run(spec, card, output, layout.new_run_id(), done, pool, started, lock)
 
 
 # Options whose change makes a resumed run's masks unlike the earlier ones' (the format, or the pixels).
@@ -309,6 +313,11 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
     if counts.processed and counts.error / counts.processed > spec.max_error_fraction:
         problems.append(
             f"{counts.error} of {counts.processed} images failed, over --max-error-fraction {spec.max_error_fraction}"
+        )
+    if run.lock is not None and not run.lock.still_held():
+        problems.append(
+            f"another run took OUTPUT's lock ({RUN_LOCK}) over while this one ran (the store unreachable for "
+            f"{RUN_LOCK_STALE_S} s?); rows of both may be mixed: run again with --overwrite"
         )
     return layout.RunRecord(
         run_id=run.run_id,

@@ -124,25 +124,66 @@ def read_input(loc: storage.Location, max_pixels: int | None, max_bytes: int | N
     """An input's bytes, or, for a big raster (`RasterInfo.windowed`), its header facts and nothing more.
 
     Only TIFF names are probed (one header read; the rest of a small TIFF is read through the same handle).
-    At most `max_bytes` are read (one ranged read: no size request first); an input over it is an OSError, as a
-    local device or socket is (/dev/zero never ends, a terminal blocks for good)."""
-    if not loc.remote and not readable_kind(loc.path):
-        raise OSError(f"{loc.path}: a device or socket, not a file; not read")
+    An input of more than `max_bytes` is an OSError, unread: a local file by its size (one fstat of the open
+    file), an object by one ranged read (no size request first), as a local device or socket is (/dev/zero
+    never ends). A named pipe is read as `cat` reads one, when its writer comes, up to `max_bytes` (the tests
+    hold jobs on pipes: `helpers.PipeBarrier`)."""
+    if not loc.remote:
+        return _read_local(loc.path, max_pixels, max_bytes)
     if max_pixels is None or not tiff.is_tiff_name(loc.path):
-        whole = loc.fs.cat_file(loc.path) if not max_bytes else loc.fs.cat_file(loc.path, start=0, end=max_bytes + 1)
-        return _bounded(whole, max_bytes)
+        if not max_bytes:
+            return loc.fs.cat_file(loc.path)
+        return _bounded(_ranged(loc, max_bytes + 1), max_bytes)
     with loc.fs.open(loc.path, "rb", block_size=HEADER_BLOCK) as f:
         info = probe(f)
         if info is None or not info.windowed(max_pixels):
             f.seek(0)
-            return _bounded(f.read(max_bytes + 1) if max_bytes else f.read(), max_bytes)
+            return _bounded(f.read(max_bytes + 1) if max_bytes else f.read(), max_bytes)  # capped at its size
     require_rasterio()
     return info
 
 
+def _read_local(path: str, max_pixels: int | None, max_bytes: int | None) -> bytes | RasterInfo:
+    with open(path, "rb") as f:  # a pipe: waits here for its writer
+        mode, size = (st := os.fstat(f.fileno())).st_mode, st.st_size
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+            raise OSError(f"{path}: a device or socket, not a file; not read")
+        if not stat.S_ISREG(mode):  # a pipe: no size to judge by, so read in pieces up to the limit
+            return _bounded(_upto(f, max_bytes), max_bytes) if max_bytes else f.read()
+        if max_bytes and size > max_bytes:
+            raise OSError(limits.too_large(max_bytes, size))
+        if max_pixels is not None and tiff.is_tiff_name(path):
+            info = probe(f)
+            if info is not None and info.windowed(max_pixels):
+                require_rasterio()
+                return info
+            f.seek(0)
+        return f.read()
+
+
+def _upto(f: Any, max_bytes: int) -> bytes:
+    """A stream's bytes, read a MiB at a time, stopping one byte past `max_bytes` (never allocating it whole:
+    `read(n)` reserves n bytes up front)."""
+    parts, held = [], 0
+    while held <= max_bytes and (part := f.read(min(1 << 20, max_bytes + 1 - held))):
+        parts.append(part)
+        held += len(part)
+    return b"".join(parts)
+
+
+def _ranged(loc: storage.Location, end: int) -> bytes:
+    """An object's first `end` bytes by one ranged GET; an empty object, which some stores answer with 416
+    (no byte 0 to give), is b"" as a plain read would be."""
+    try:
+        return loc.fs.cat_file(loc.path, start=0, end=end)
+    except OSError as exc:
+        if "InvalidRange" in str(exc) or "416" in str(exc):
+            return b""
+        raise
+
+
 def readable_kind(path: str) -> bool:
-    """Whether a local path (its links followed) is a file or a named pipe, not a device or a socket. A pipe is
-    read as `cat` reads one, when its writer comes (the tests hold jobs on pipes, `helpers.PipeBarrier`)."""
+    """Whether a local path (its links followed) is a file or a named pipe, not a device or a socket."""
     try:
         mode = os.stat(path).st_mode
     except OSError:

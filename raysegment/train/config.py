@@ -154,10 +154,9 @@ def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None
 def check_val(manifest: dict[str, Any], data_uri: str) -> None:
     """DataError without val images: training picks its best checkpoint by them (`plan` checks it too)."""
     if manifest["counts"].get("val", 0) == 0:
-        # A layout that gave its own splits (VOC's val.txt, a list's split column) refuses --val-keys.
-        source = manifest.get("splits_from")
-        fix = f"put some pairs in val in {source} and prepare again" if source else NO_VAL_FIX
-        raise DataError(f"{data_uri}: no validation images; {fix}")
+        # A layout that gave its own splits (VOC's val.txt, a list's split column) refuses --val-keys: prepare
+        # recorded the fix that works for it (data sets prepared before that get the flags' advice).
+        raise DataError(f"{data_uri}: no validation images; {manifest.get('no_val_fix') or NO_VAL_FIX}")
 
 
 def train_config(
