@@ -94,11 +94,19 @@ def machine_id() -> str | None:
         return None  # not Linux: no lock is known dead, they age out
 
 
+# The owners of the locks this process holds now: one of this process's whose owner is not among them was
+# left by a `with` block that has ended (its release failed: the store was down), not by a live run.
+_HELD_HERE: set[str] = set()
+
+
 def holder_dead(info: dict[str, Any]) -> bool:
-    """Whether a lock's writer is known to be gone: its process on this machine no longer runs."""
+    """Whether a lock's writer is known to be gone: its process on this machine no longer runs, or it is
+    this process and no longer holds it."""
     pid, here = info.get("pid"), machine_id()
     if here is None or info.get("machine") != here or not isinstance(pid, int) or pid <= 0:
         return False
+    if pid == os.getpid():
+        return info.get("owner") not in _HELD_HERE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -237,6 +245,7 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.acquire()
+        _HELD_HERE.add(self.owner)
         self._stop.clear()
         self._beating = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._beating.start()
@@ -249,4 +258,5 @@ class RunLock:
         if self._beating is not None:
             self._beating.join()
             self._beating = None
+        _HELD_HERE.discard(self.owner)
         self.release()

@@ -59,6 +59,7 @@ IDENTITIES = {
         "List",
         f"Write:{S3_TEST_BUCKET}/masks-only/out/masks/*",
         f"Write:{S3_TEST_BUCKET}/masks-only/out/.write-probe*",
+        f"Write:{S3_TEST_BUCKET}/masks-only/out/_infer.lock*",  # the run's lock, taken before any mask
     ],
 }
 

@@ -618,7 +618,9 @@ def test_two_infer_runs_into_one_output_do_not_overlap(tiny_model, tmp_path):
 
 def test_a_lock_whose_process_is_dead_is_taken_over_at_once(tmp_path):
     """A SIGKILLed driver leaves its lock; its re-run on the same machine takes it over at once instead of
-    waiting out the stale age. A live holder, or one on another machine, still holds."""
+    waiting out the stale age, as it does a lock this process left when its release failed (the store down
+    as the run failed; the next run in the process was refused). A live holder, or one on another machine,
+    still holds."""
     import subprocess
     import sys
 
@@ -626,7 +628,11 @@ def test_a_lock_whose_process_is_dead_is_taken_over_at_once(tmp_path):
 
     loc = storage.resolve(str(tmp_path / "_infer.lock"))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for pid, machine, held in ((int(gone.stdout), machine_id(), False), (os.getpid(), machine_id(), True)):
+    for pid, machine, held in (
+        (int(gone.stdout), machine_id(), False),
+        (os.getpid(), machine_id(), False),  # this process, but no `with` block of it holds that owner's lock
+        (os.getppid(), machine_id(), True),
+    ):
         body = {"owner": "other", "host": socket.gethostname(), "pid": pid, "created_ts": time.time()}
         storage.write_bytes(loc, json.dumps(body | {"machine": machine}).encode())
         if held:
