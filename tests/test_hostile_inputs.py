@@ -586,12 +586,13 @@ def test_inflated_inputs_and_devices_are_refused_unread(tiny_model, tmp_path):
     assert "over --max-input-mb 1 (1572864 bytes" in rows["big"]["error"]  # read with its group, then refused
     assert [rows[k]["status"] for k in "cde"] == ["ok"] * 3
 
+    # Files (one read path for a files source and a list): by their size, and a device not at all.
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "big.png").write_bytes(zeros)
     (tmp_path / "files" / "ok.png").write_bytes(png(5))
-    assert "over --max-input-mb 1" in run("files", "files")["big"]["error"]
-    (tmp_path / "list.txt").write_text(f"/dev/zero\n{tmp_path}/files/ok.png\n")
+    (tmp_path / "list.txt").write_text(f"/dev/zero\n{tmp_path}/files/ok.png\n{tmp_path}/files/big.png\n")
     rows = {k.rsplit("/", 1)[-1]: v for k, v in run("list.txt", "list").items()}
+    assert "over --max-input-mb 1 (3145728 bytes" in rows["big"]["error"]
     assert "a device or socket, not a file" in rows["zero"]["error"] and rows["ok"]["status"] == "ok"
 
 
