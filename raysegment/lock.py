@@ -94,8 +94,8 @@ def machine_id() -> str | None:
         return None  # not Linux: no lock is known dead, they age out
 
 
-# The owners of the locks this process holds now: one of this process's whose owner is not among them was
-# left by a `with` block that has ended (its release failed: the store was down), not by a live run.
+# The owners of the locks this process holds now (acquired, not released): one of this process's whose owner is
+# not among them was left by a run that has ended (its release failed: the store was down), not a live one.
 _HELD_HERE: set[str] = set()
 
 
@@ -192,13 +192,13 @@ class RunLock:
         """Take the lock, taking over a stale one; LockedError if a live run holds it."""
         for _ in range(2):
             if create_exclusive(self.loc, self._body()):
-                self.held = True
+                self._hold()
                 return
             holder = self._holder()
             if holder is None:
                 continue  # released between our attempt and the read: try once more
             if holder.info.get("owner") == self.owner:
-                self.held = True  # our own create, retried after its reply was lost
+                self._hold()  # our own create, retried after its reply was lost
                 return
             dead = holder_dead(holder.info)
             if holder.age_s <= self.stale_after_s and not dead:
@@ -234,10 +234,15 @@ class RunLock:
         holder = self._holder()
         return self.held and holder is not None and holder.info.get("owner") == self.owner
 
+    def _hold(self) -> None:
+        self.held = True
+        _HELD_HERE.add(self.owner)
+
     def release(self) -> None:
         """Remove the lock if it is still ours (a taker-over may have replaced it)."""
         if self.held:
             self.held = False
+            _HELD_HERE.discard(self.owner)  # from here a lock left behind (the remove failed) is a dead one
             try:
                 self._remove_if_owned_by(self.owner)
             except storage.StorageError as exc:
@@ -245,7 +250,6 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.acquire()
-        _HELD_HERE.add(self.owner)
         self._stop.clear()
         self._beating = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._beating.start()
@@ -258,5 +262,4 @@ class RunLock:
         if self._beating is not None:
             self._beating.join()
             self._beating = None
-        _HELD_HERE.discard(self.owner)
         self.release()
