@@ -88,6 +88,11 @@ def file_path(uri: str) -> str:
     return urllib.parse.unquote(rest, errors="surrogateescape") if rest.startswith("/") else rest
 
 
+def within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (normalised paths: local, or keys of one store)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def beside(entry: str, folder: str) -> str:
     """A list file's entry as a URI or absolute local path: relative entries lie below `folder`, the
     list file's own folder, wherever the command runs (prepare's pair lists and infer's URI lists)."""

@@ -600,7 +600,7 @@ def test_two_infer_runs_into_one_output_do_not_overlap(tiny_model, tmp_path):
     """Two runs started into one OUTPUT at once each wrote every key: 160 rows for 80 images under one
     _SUCCESS, and every later run failed as a key collision. A run holds OUTPUT's lock; a second is refused
     (exit 5) before it reads or changes anything, and the lock goes with the run that held it."""
-    from raysegment.inference.pipeline import RUN_LOCK
+    from raysegment.inference.output import RUN_LOCK
 
     _, model = tiny_model
     inp, out = tmp_path / "in", tmp_path / "out"

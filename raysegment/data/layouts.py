@@ -65,12 +65,12 @@ def _files_by_key(
     suffix = unicodedata.normalize("NFC", suffix)
     out: dict[str, list[tuple[str, int]]] = defaultdict(list)
     root = loc.path.rstrip("/") + "/"
-    skip = posixpath.normpath(leave_out.path) + "/" if leave_out else None
+    skip = posixpath.normpath(leave_out.path) if leave_out else None
     for path, size in found.items():
         rel = path[len(root) :] if path.startswith(root) else path
         if any(part.startswith(".") for part in rel.split("/")):
             continue  # hidden files: .DS_Store, macOS ._resource forks, editor droppings
-        if skip and posixpath.normpath(path).startswith(skip):
+        if skip and storage.within(posixpath.normpath(path), skip):
             continue
         # NFC: macOS writes names decomposed (NFD), so an image and its mask named alike by two tools
         # may differ only in Unicode form, and must still pair (and a typed suffix must still match).
@@ -96,20 +96,16 @@ def _find(loc: storage.Location, chain: tuple[str, ...] = ()) -> dict[str, int]:
             continue
         del files[path]
         target = os.path.realpath(path)
-        if any(_inside(real, target) for real in (*chain, os.path.realpath(posixpath.dirname(path)))):
+        if any(storage.within(real, target) for real in (*chain, os.path.realpath(posixpath.dirname(path)))):
             continue  # a link to a folder it is in: following it would never end
         files.update(_find(storage.Location(path, loc.fs, path, retry_s=loc.retry_s), chain))
     return files
 
 
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 def _is_below(inner: storage.Location, outer: storage.Location) -> bool:
     """Whether `inner` is a folder inside `outer` (local paths, or keys in one store)."""
     a, b = posixpath.normpath(inner.path), posixpath.normpath(outer.path)
-    return inner.fs is outer.fs and a != b and a.startswith(b.rstrip("/") + "/")
+    return inner.fs is outer.fs and a != b and storage.within(a, b)
 
 
 def _require_dir(loc: storage.Location, fix: str) -> None:

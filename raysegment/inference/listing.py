@@ -99,16 +99,12 @@ def hidden(relative: str) -> bool:
     return any(part.startswith(".") and part not in (".", "..") for part in relative.split("/"))
 
 
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
 def link_problem(path: str, real_root: str) -> str:
     """Why a local symlink is not followed: dangling, or pointing outside INPUT ('' if inside)."""
     target = os.path.realpath(path)
     if not os.path.exists(target):
         return f"dangling symlink {path} -> {os.readlink(path)}: its target does not exist"
-    if not _within(target, real_root):
+    if not storage.within(target, real_root):
         kind = "folder" if os.path.isdir(target) else "file"
         return f"symlink {path} -> {target}: a {kind} outside INPUT, not followed"
     return ""

@@ -46,7 +46,7 @@ class Run:
     done: resume.DoneIndex  # keys earlier runs finished
     actors: actors.Actors  # the predictor pool, resolved against the cluster
     started: float  # time.time() at the start
-    lock: RunLock | None = None  # OUTPUT's run lock, held for the run (`infer`); checked before _SUCCESS
+    lock: RunLock  # OUTPUT's run lock, held for the run (`infer`); checked before _SUCCESS
 
 
 def infer(spec: InferSpec) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def infer(spec: InferSpec) -> dict[str, Any]:
 # OUTPUT's run lock: two runs into one OUTPUT (an overlapping cron, a second terminal) each wrote every key,
 # 160 rows for 80 images under one _SUCCESS. Refreshed while held. A killed run's is taken over at once on its
 # machine (its PID gone), elsewhere after this: long against store outages and other hosts' clocks.
-RUN_LOCK, RUN_LOCK_STALE_S = layout.RUN_LOCK, 1800
+RUN_LOCK_STALE_S = 1800
 
 
 def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
@@ -75,8 +75,8 @@ def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
     return record.as_dict()
 
 
-def plan(spec: InferSpec, held: contextlib.ExitStack | None = None) -> Run:
-    """Check model and locations, take OUTPUT's run lock (held by `held`, for the run), clear or read what
+def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
+    """Check model and locations, take OUTPUT's run lock (`held` keeps it for the run), clear or read what
     earlier runs did, and start a run."""
     started = time.time()
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
@@ -87,11 +87,10 @@ def plan(spec: InferSpec, held: contextlib.ExitStack | None = None) -> Run:
     check_apart(input_loc, output)  # before the first write: outputs are never read as inputs
     check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output)
     storage.check_writable(output)
-    lock = None
-    if held is not None:  # after the refusals, which write nothing: before anything of OUTPUT is read or changed
-        lock = held.enter_context(
-            RunLock(output.child(RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT")
-        )
+    # After the refusals, which write nothing: before anything of OUTPUT is read or changed.
+    lock = held.enter_context(
+        RunLock(output.child(layout.RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT")
+    )
     if spec.overwrite:
         logs.began()  # past the refusals, and OUT is cleared
         layout.clear(output)
@@ -314,9 +313,9 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
         problems.append(
             f"{counts.error} of {counts.processed} images failed, over --max-error-fraction {spec.max_error_fraction}"
         )
-    if run.lock is not None and not run.lock.still_held():
+    if not run.lock.still_held():
         problems.append(
-            f"another run took OUTPUT's lock ({RUN_LOCK}) over while this one ran (the store unreachable for "
+            f"another run took OUTPUT's lock ({layout.RUN_LOCK}) over while this one ran (the store unreachable for "
             f"{RUN_LOCK_STALE_S} s?); rows of both may be mixed: run again with --overwrite"
         )
     return layout.RunRecord(

@@ -146,7 +146,7 @@ def read_input(loc: storage.Location, max_pixels: int | None, max_bytes: int | N
 def _read_local(path: str, max_pixels: int | None, max_bytes: int | None) -> bytes | RasterInfo:
     with open(path, "rb") as f:  # a pipe: waits here for its writer
         mode, size = (st := os.fstat(f.fileno())).st_mode, st.st_size
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+        if _device_or_socket(mode):
             raise OSError(f"{path}: a device or socket, not a file; not read")
         if not stat.S_ISREG(mode):  # a pipe: no size to judge by, so read in pieces up to the limit
             return _bounded(_upto(f, max_bytes), max_bytes) if max_bytes else f.read()
@@ -188,7 +188,12 @@ def readable_kind(path: str) -> bool:
         mode = os.stat(path).st_mode
     except OSError:
         return True  # not there: the read says so, as for any missing file
-    return not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode))
+    return not _device_or_socket(mode)
+
+
+def _device_or_socket(mode: int) -> bool:
+    """A mode no read of which ends (/dev/zero) or starts (a socket)."""
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
 
 
 def _bounded(data: bytes, max_bytes: int | None) -> bytes:

@@ -359,22 +359,21 @@ def _row_groups(root: storage.Location, image_column: str, key_column: str | Non
                 f"(binary); set --image-column to the column of PNG/JPEG/TIFF bytes (columns: {schema.names})"
             )
         first = 0
-        at = schema.get_field_index(image_column)
         for g in range(table.metadata.num_row_groups):
             group = table.metadata.row_group(g)
             rows = group.num_rows
             if rows:
-                inflated = _column_bytes(group, image_column, at)
+                inflated = _column_bytes(group, image_column)
                 groups.append(RowGroup(path, name, g, first, rows, inflated))
             first += rows
     return groups
 
 
-def _column_bytes(group: pq.RowGroupMetaData, column: str, at: int) -> int:
+def _column_bytes(group: pq.RowGroupMetaData, column: str) -> int:
     """The decompressed size of `column`'s chunk in a row group (its leaf columns', for a nested type)."""
     chunks = [group.column(i) for i in range(group.num_columns)]
     mine = [c for c in chunks if c.path_in_schema == column or c.path_in_schema.startswith(f"{column}.")]
-    return sum(c.total_uncompressed_size for c in mine) if mine else group.column(at).total_uncompressed_size
+    return sum(c.total_uncompressed_size for c in mine)
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
