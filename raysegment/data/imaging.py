@@ -217,13 +217,14 @@ def _png_chunks(data: bytes) -> tuple[bytes, bool]:
     return b"".join(parts), exif
 
 
-def _png16(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, bytes]:
+def _png16(data: bytes, max_pixels: int, upright_bytes: bool = True) -> tuple[np.ndarray, int, bytes]:
     """(height x width x bands uint16, trailing alpha bands, upright bytes) of a 16-bit colour PNG.
 
     Pillow opens these at 8 bits (their high bytes); its PNG decoder (inflate, unfilter, Adam7) is run here
     twice on the IDAT data, unpacking the high bytes, then the low ones (grey + alpha, four bytes a pixel,
     unpacks whole as RGBA bytes in one run). The header's size is checked first, as for any image; an EXIF
-    orientation is applied, and the upright image is then stored as a 16-bit PNG of its own."""
+    orientation is applied, and the upright image is then stored as a 16-bit PNG of its own (`upright_bytes`;
+    else the file's bytes are returned as they are)."""
     img = _checked_header(data, max_pixels)
     width, height = img.size
     colour_type, interlaced = data[25], data[28]
@@ -245,7 +246,7 @@ def _png16(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, bytes]:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     if orientation in _ORIENTED:
         arr = np.ascontiguousarray(_ORIENTED[orientation](arr))
-        data = _encode_png16(arr, alpha)
+        data = _encode_png16(arr, alpha) if upright_bytes else data
     return arr, alpha, data
 
 
@@ -263,7 +264,7 @@ def _encode_png16(arr: np.ndarray, alpha: int) -> bytes:
     return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def _deep(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, bytes] | None:
+def _deep(data: bytes, max_pixels: int, upright_bytes: bool = True) -> tuple[np.ndarray, int, bytes] | None:
     """(height x width x bands, trailing alpha bands, upright bytes) of a file Pillow would not decode whole
     (a TIFF `tiff.needs_tifffile` names, a 16-bit colour PNG), at its own precision; None for the rest."""
     try:
@@ -273,16 +274,17 @@ def _deep(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, bytes] | None:
     except tiff.TiffError as exc:
         raise _tiff_problem(exc) from exc
     if is_png16_colour(data):
-        return _png16(data, max_pixels)
+        return _png16(data, max_pixels, upright_bytes)
     return None
 
 
-def _raw(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, str, bytes]:
+def _raw(data: bytes, max_pixels: int, upright_bytes: bool = True) -> tuple[np.ndarray, int, str, bytes]:
     """(height x width x bands, trailing alpha bands, mode, upright bytes) of an image file.
 
-    The bytes are the file's own, or a lossless PNG when an EXIF orientation had to be applied. What
-    Pillow has no mode for (read by tifffile, 16-bit colour PNGs) has the mode dtype x bands ("uint16x3")."""
-    deep = _deep(data, max_pixels)
+    The bytes are the file's own, or a lossless PNG when an EXIF orientation had to be applied (only with
+    `upright_bytes`: prepare stores them, the decoders for a model drop them). What Pillow has no mode for
+    (read by tifffile, 16-bit colour PNGs) has the mode dtype x bands ("uint16x3")."""
+    deep = _deep(data, max_pixels, upright_bytes)
     if deep is not None:
         arr, alpha, upright = deep
         return arr, alpha, f"{arr.dtype.name}x{arr.shape[2]}", upright
@@ -290,7 +292,8 @@ def _raw(data: bytes, max_pixels: int) -> tuple[np.ndarray, int, str, bytes]:
     mode = img.mode
     if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
         img = ImageOps.exif_transpose(img)
-        data = _png(img if img.mode in ("I", *tiff.PNG_MODES) else img.convert("RGB"))  # CMYK, YCbCr JPEGs
+        if upright_bytes:
+            data = _png(img if img.mode in ("I", *tiff.PNG_MODES) else img.convert("RGB"))  # CMYK, YCbCr JPEGs
     arr, alpha = _pil_bands(img)
     return arr, alpha, mode, data
 
@@ -323,7 +326,7 @@ def select_channels(raw: np.ndarray, alpha: int, channels: Channels) -> np.ndarr
 def decode_pixels(data: bytes, max_pixels: int = MAX_PIXELS, channels: Channels = RGB) -> Decoded:
     """Encoded bytes -> the channels the model sees (see `Channels`), at the file's own precision,
     EXIF orientation applied; raises ImageDecodeError for what cannot be decoded or does not fit."""
-    raw, alpha, mode, _ = _raw(data, max_pixels)
+    raw, alpha, mode, _ = _raw(data, max_pixels, upright_bytes=False)
     return Decoded(select_channels(raw, alpha, channels), mode, raw.shape[2])
 
 
@@ -392,7 +395,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     image's own maximum. What Pillow would not decode whole (TIFFs of other band counts or deeper colour,
     16-bit colour PNGs) is read at its own precision first: bands other than grey or RGB, alpha aside,
     are an ImageDecodeError naming their count (`select_channels`), never a guess."""
-    deep = _deep(data, max_pixels)
+    deep = _deep(data, max_pixels, upright_bytes=False)
     if deep is not None:
         raw, alpha, _ = deep
         return np.ascontiguousarray(_eight_bit(select_channels(raw, alpha, RGB)))
