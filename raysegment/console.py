@@ -201,12 +201,18 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             # 130, as shells report SIGINT: a scheduler tells "stopped" from "failed" (click said "Aborted!", 1).
-            kind = _last.kind if _last is not None else fn.__name__.replace("_", " ")
-            click.echo(
+            s = _last
+            kind = s.kind if s is not None else fn.__name__.replace("_", " ")
+            text = (
                 f"interrupted: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
-                "and train go on where they stopped)",
-                err=True,
+                "and train go on where they stopped)"
             )
+            click.echo(text, err=True)
+            if kwargs.get("as_json") or (s is not None and s.as_json):  # a script still reads one object
+                print_json(
+                    {"command": kind, "exit_code": INTERRUPTED, "error": text, "log_file": s.log_path if s else None},
+                    s.results if s is not None else sys.stdout,
+                )
             sys.exit(INTERRUPTED)
         except Exception as exc:
             err, s = user_error(exc), _last

@@ -310,3 +310,18 @@ def test_ctrl_c_exits_130_and_says_the_command_resumes(capsys):
     assert "interrupted: infer stopped; what it finished is kept: run the same command again (infer" in (
         capsys.readouterr().err
     )
+
+
+def test_ctrl_c_under_json_still_prints_one_object(capsys):
+    """A --json run stopped by Ctrl-C left stdout empty: a script parsing it got no object to read."""
+    from raysegment.console import INTERRUPTED, handle_errors
+
+    @handle_errors
+    def infer(as_json: bool) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        infer(as_json=True)
+    out = json.loads(capsys.readouterr().out)
+    assert stopped.value.code == INTERRUPTED and out["exit_code"] == INTERRUPTED and out["command"] == "infer"
+    assert "run the same command again" in out["error"]
