@@ -89,6 +89,12 @@ def main(verbose: bool) -> None:
     "--unlisted-colors", type=click.Choice(["invalid", "ignore"]), default=None, help="colours not in --mask-colors"
 )
 @click.option(
+    "--mask-zero",
+    type=click.Choice(["class", "ignore"]),
+    default=None,
+    help="mask value 0: class 0 (default), or ignore: unlabelled, and value v is class v-1 (ADE20K)",
+)
+@click.option(
     "--mask-alpha",
     type=click.Choice(["ignore", "keep"]),
     default=None,

@@ -71,6 +71,9 @@ class PrepareSpec(Spec):
         None, description="colour-coded masks: 'R,G,B:ID;R,G,B:ID' or a class_dict.csv of name,r,g,b"
     )
     unlisted_colors: Literal["invalid", "ignore"] = Field("invalid", description="colours not in mask_colors")
+    mask_zero: Literal["class", "ignore"] = Field(
+        "class", description="mask value 0: class 0, or ignore: unlabelled, and value v is class v-1 (ADE20K)"
+    )
     mask_alpha: Literal["ignore", "keep"] = Field(
         "ignore", description="transparent mask pixels: ignore (unlabelled), or keep: their value is their class"
     )
@@ -168,6 +171,7 @@ class PrepareSpec(Spec):
         if fixed:
             mask_flags = ("images_dir", "masks_dir", "mask_values", "mask_threshold", "mask_colors")
             set_flags = [f for f in mask_flags if getattr(self, f) is not None]
+            set_flags += ["mask_zero"] if self.mask_zero == "ignore" else []
             if set_flags:
                 flags = ", ".join("--" + f.replace("_", "-") for f in set_flags)
                 raise ValueError(
@@ -186,6 +190,7 @@ class PrepareSpec(Spec):
 
     def _consistent_mask_encoding(self) -> None:
         given = [f for f in ("mask_values", "mask_threshold", "mask_colors") if getattr(self, f) is not None]
+        given += ["mask_zero"] if self.mask_zero == "ignore" else []
         if len(given) > 1:
             flags = " and ".join("--" + f.replace("_", "-") for f in given)
             raise ValueError(f"{flags} are different ways to read masks; give one of them")

@@ -579,8 +579,24 @@ def test_val_keys_naming_a_stack_put_all_its_pages_in_val():
     }
     pairs, _ = assign_splits(listing, "pairs", ["vol/0001", "a"], None, 0)
     assert [p.key for p in pairs if p.split == "val"] == ["vol/0001", "a"]
-    with pytest.raises(ConfigError, match="names 1 keys not in the source: dir"):  # a folder is no stack
-        assign_splits(listing, "pairs", ["dir"], None, 0)
+    with pytest.raises(ConfigError, match=r"names 1 keys not in the source: dir; .*a folder of keys ends in /"):
+        assign_splits(listing, "pairs", ["dir"], None, 0)  # a folder is no stack
+
+
+def test_val_keys_ending_in_a_slash_name_a_folder():
+    """Data sets shipped as training/ and validation/ folders (ADE20K, LoVeDA, most exports) needed a file
+    listing every validation key; `--val-keys validation/` now names the folder."""
+    from raysegment.data.layouts import Listing, Pair, assign_splits
+
+    names = ["training/a", "training/b", "validation/c", "validation/sub/d", "validationx/e"]
+    listing = Listing([Pair(k, f"{k}.png", f"m/{k}.png") for k in names])
+    pairs, source = assign_splits(listing, "pairs", ["validation/"], None, 0)
+    assert [p.key for p in pairs if p.split == "val"] == ["validation/c", "validation/sub/d"]
+    assert source == "--val-keys (2 keys)"
+    pairs, _ = assign_splits(listing, "pairs", ["validation/sub/", "training/a"], None, 0)
+    assert [p.key for p in pairs if p.split == "val"] == ["training/a", "validation/sub/d"]
+    with pytest.raises(ConfigError, match="names 1 keys not in the source: test/"):
+        assign_splits(listing, "pairs", ["validation/", "test/"], None, 0)
 
 
 def test_a_page_count_mismatch_against_one_mask_page_names_a_bands_array_saved_as_pages():

@@ -431,3 +431,30 @@ def test_palette_masks_give_the_data_set_their_own_colours(ray_cluster, tmp_path
         PrepareSpec(source=str(src), dest=str(tmp_path / "mapped"), val_keys=["p0"], mask_values={0: 0, 1: 1, 2: 2})
     )
     assert mapped["palette"] == imaging.default_palette(3)
+
+
+def test_mask_zero_ignore_reads_ade20k_style_masks(ray_cluster, tmp_path):
+    """ADE20K's SceneParsing masks store 0 for unlabelled pixels and class c as c+1: without a way to say so,
+    value 0 became a class of its own, or the user had to list 151 --mask-values pairs."""
+    with pytest.raises(ConfigError, match="--mask-values and --mask-zero are different ways"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0:0", "mask_zero": "ignore"})
+    with pytest.raises(ConfigError, match="--mask-zero only apply to --layout pairs"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "layout": "voc", "mask_zero": "ignore"})
+
+    src, want = tmp_path / "src", {}
+    for i in range(3):
+        raw = _ids(i, classes=4)  # values 0..3: 0 unlabelled, 1..3 the classes 0..2
+        raw[0, 0] = 255  # 255 stays ignore
+        _image(src, f"a{i}", i)
+        _save(Image.fromarray(raw), f"{src}/masks/a{i}.png")
+        want[f"a{i}"] = np.where(raw == 0, 255, np.where(raw == 255, 255, raw - 1)).astype(np.uint8)
+    data = str(tmp_path / "data")
+    manifest = prepare(PrepareSpec(source=str(src), dest=data, val_fraction=0.0, mask_zero="ignore"))
+    assert manifest["num_classes"] == 3 and manifest["mask_zero"] == "ignore"
+    assert manifest["ignored_pixels"] == sum(int((w == 255).sum()) for w in want.values())
+    got = _shard_masks(data, manifest)
+    for key, ids in want.items():
+        np.testing.assert_array_equal(got[key], ids, err_msg=key)
+    # With a class count, a value past it names the encoding.
+    with pytest.raises(DataError, match=r"mask values over 2 \(--mask-zero ignore: value v is class v-1 of 2\): \[3\]"):
+        prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d2"), mask_zero="ignore", num_classes=2))

@@ -158,6 +158,17 @@ def cityscapes_lut() -> list[int]:
     return lut
 
 
+def zero_ignore_lut(num_classes: int | None) -> list[int]:
+    """Value 0 = unlabelled (ignore), value v = class v-1, 255 stays ignore: ADE20K's SceneParsing masks
+    (mmsegmentation's reduce_zero_label). Without a class count every value up to 254 is allowed."""
+    top = num_classes if num_classes else IGNORE_INDEX - 1
+    lut = [-1] * 256
+    lut[0] = lut[IGNORE_INDEX] = IGNORE_INDEX
+    for v in range(1, top + 1):
+        lut[v] = v - 1
+    return lut
+
+
 def identity_lut(num_classes: int) -> list[int]:
     """0..K-1 and 255 map to themselves; every other value is unmapped (-1)."""
     lut = [-1] * 256

@@ -463,11 +463,18 @@ def assign_splits(
         pages = {k: k.rsplit("/", 1)[0] for k, p in zip(keys, listing.pairs) if p.page is not None}
         named_stacks = wanted & set(pages.values())
         wanted |= {k for k, stack in pages.items() if stack in named_stacks}
+        # An entry ending in / names a folder: data sets shipped as train/ and validation/ folders split by them.
+        folders = {k for k in wanted if k.endswith("/")}
+        if folders:
+            under = {k for k in keys if any(k.startswith(f) for f in folders)}
+            folders -= {f for f in folders if any(k.startswith(f) for k in under)}  # the empty ones stay missing
+            wanted = (wanted - {k for k in wanted if k.endswith("/")}) | under | folders
         missing = sorted(wanted - named_stacks - set(keys))
         if missing:
             shown = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
             raise ConfigError(
-                f"--val-keys names {len(missing)} keys not in the source: {shown}; keys are paths without extension"
+                f"--val-keys names {len(missing)} keys not in the source: {shown}; keys are paths without extension "
+                "(a folder of keys ends in /)"
             )
         pairs = [replace(p, split="val" if k in wanted else "train") for k, p in zip(keys, listing.pairs)]
         return pairs, f"--val-keys ({len(wanted - named_stacks)} keys)"

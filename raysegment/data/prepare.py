@@ -449,7 +449,15 @@ def _mask_encoding(spec: PrepareSpec, source: storage.Location, listing: Listing
     if spec.mask_threshold is not None:
         encoding = masks.MaskEncoding(threshold=spec.mask_threshold, alpha=spec.mask_alpha)
         return replace(listing, lut=classes.identity_lut(2)), encoding
+    if spec.mask_zero == "ignore":
+        k = _given_class_count(spec)
+        unmapped = f"mask values over {k} (--mask-zero ignore: value v is class v-1 of {k})" if k else ""
+        listing = replace(listing, lut=classes.zero_ignore_lut(k), unmapped=unmapped or "mask values")
     return listing, masks.MaskEncoding(alpha=spec.mask_alpha)
+
+
+def _given_class_count(spec: PrepareSpec) -> int | None:
+    return spec.num_classes or (len(spec.class_names) if spec.class_names else None)
 
 
 def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, masks.MaskEncoding, list[Pair], str]:
@@ -497,8 +505,12 @@ def _classes(spec: PrepareSpec, source: storage.Location, listing: Listing, hist
     """(class count, class names) from the layout, the mask mapping or the mask values themselves."""
     if listing.class_names:
         num_classes = len(listing.class_names)
+    elif spec.mask_zero == "ignore" and not _given_class_count(spec):
+        # Values 1..254 are all allowed: the classes are the ids found (ADE20K's 150 from values 1..150).
+        present = [int(v) for v in np.nonzero(hist[: classes.IGNORE_INDEX])[0]]
+        num_classes = max(present, default=0) + 1
     elif listing.lut is not None:
-        num_classes = spec.num_classes or (len(spec.class_names) if spec.class_names else None) or 0
+        num_classes = _given_class_count(spec) or 0
         num_classes = max(num_classes, max((c for c in listing.lut if 0 <= c < classes.IGNORE_INDEX), default=0) + 1)
     else:
         num_classes = _check_class_values(source.uri, hist)
@@ -565,6 +577,7 @@ def _manifest(
         "mask_values": {str(k): v for k, v in sorted(spec.mask_values.items())} if spec.mask_values else None,
         "mask_threshold": spec.mask_threshold,
         "mask_alpha": spec.mask_alpha,
+        "mask_zero": spec.mask_zero,
         "mask_colors": {",".join(map(str, c)): i for c, i in encoding.colors.items()} if encoding.colors else None,
         "splits_from": split_source,
         "no_val_fix": no_val_fix(listing),  # plan and train say it when val is empty: the layout knows the way
