@@ -7,7 +7,7 @@ with anti-aliased edges (`--mask-threshold T`: value >= T -> 1, else 0). EXIF or
 is applied to masks as to images, so a pair stays aligned.
 
 `class_ids` turns one file into class ids: raw 8-bit values go through the layout's table
-(`Listing.lut`, from --mask-values or --num-classes) unless a threshold or a colour table
+(`Listing.lut`, from --mask-values, --num-classes or --mask-zero ignore) unless a threshold or a colour table
 gives the ids; transparent pixels become ignore whatever their value.
 """
 
