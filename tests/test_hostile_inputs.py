@@ -668,3 +668,44 @@ def test_a_stray_parquet_file_in_summaries_is_named_not_damaged(tiny_model, tmp_
     for job in (lambda: write_run_report(str(out), samples=2), lambda: infer(spec)):
         with pytest.raises(DataError, match=r"analysis.parquet: not a raysegment summary \(columns \['a'\]"):
             job()
+
+
+def test_parquet_rows_sharing_one_value_are_read_once_and_blocked_by_bytes(tmp_path, monkeypatch):
+    """A dictionary-encoded image column lets many rows share one stored value: 20 MB of file took 2 GB for
+    each block read, as every row's copy is whole, and the footer's size counted the value once. The column
+    is now read as its dictionary, blocks are cut at PARQUET_BLOCK_BYTES of image bytes, and a value over
+    --max-input-mb is refused by its length before any row copies it."""
+    import dataclasses
+
+    from raysegment.inference import sources
+
+    monkeypatch.setattr(sources, "PARQUET_BLOCK_BYTES", 20 << 20)
+    big, small = bytes(8 << 20), png(1)  # 8 MiB of zeros: a few KB once compressed
+    index = [0] * 60 + [1, 0, 1, 0]
+    column = pa.DictionaryArray.from_arrays(pa.array(index, pa.int32()), pa.array([big, small]))
+    table = pa.table({"image": column, "id": [f"k{i}" for i in range(64)]})
+    pq.write_table(table, tmp_path / "t.parquet", store_schema=False)  # no Arrow schema (as Spark writes)
+    assert (tmp_path / "t.parquet").stat().st_size < 1_000_000
+    root = storage.resolve(str(tmp_path))
+    (group,) = sources._row_groups(root, "image", "id")
+    assert group.dictionary and group.rows == 64 and group.image_bytes < 10 << 20  # the footer counts it once
+    batch = {k: [v] for k, v in dataclasses.asdict(group).items()}
+
+    def blocks(max_bytes):
+        for block in sources.read_row_groups(batch, root, "image", "id", {}, max_bytes):
+            yield block, pa.total_allocated_bytes()
+
+    read = list(blocks(64 << 20))
+    # Read densely, one block of 64 rows held 512 MiB in Arrow's pool; as a dictionary it holds one copy.
+    assert max(held for _, held in read) < 64 << 20
+    sizes = [sum(len(b) for b in block["bytes"]) for block, _ in read]
+    assert max(sizes) <= 20 << 20 and [len(block["key"]) for block, _ in read][:2] == [2, 2]
+    keys = [k for block, _ in read for k in block["key"]]
+    assert keys == [f"k{i}" for i in range(64)]
+    got = {k: b for block, _ in read for k, b in zip(block["key"], block["bytes"])}
+    assert got["k0"] == big and got["k60"] == small and got["k63"] == big
+
+    # Over --max-input-mb: refused by length (no copy made), so the small rows share one block.
+    (refused,) = [block for block, _ in blocks(1 << 20)]
+    errors = dict(zip(refused["key"], refused["error"]))
+    assert "over --max-input-mb 1 (8388608 bytes" in errors["k0"] and errors["k60"] == errors["k62"] == ""

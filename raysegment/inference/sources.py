@@ -32,6 +32,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -299,8 +300,10 @@ def key_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-# Rows of a Parquet table go this many to a block: a row group can hold thousands of images.
+# Rows of a Parquet table go at most this many to a block (a row group can hold thousands of images), and
+# fewer where their image bytes would pass PARQUET_BLOCK_BYTES (at least one row a block).
 PARQUET_ROWS_PER_BLOCK = 64
+PARQUET_BLOCK_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +316,7 @@ class RowGroup:
     first: int
     rows: int
     image_bytes: int  # the image column's bytes once decompressed (the footer says, before any is read)
+    dictionary: bool  # the image column's chunk has a dictionary page: rows may share one stored value
 
 
 def _table_files(root: storage.Location) -> list[tuple[str, str]]:
@@ -363,17 +367,18 @@ def _row_groups(root: storage.Location, image_column: str, key_column: str | Non
             group = table.metadata.row_group(g)
             rows = group.num_rows
             if rows:
-                inflated = _column_bytes(group, image_column)
-                groups.append(RowGroup(path, name, g, first, rows, inflated))
+                inflated, dictionary = _column_bytes(group, image_column)
+                groups.append(RowGroup(path, name, g, first, rows, inflated, dictionary))
             first += rows
     return groups
 
 
-def _column_bytes(group: pq.RowGroupMetaData, column: str) -> int:
-    """The decompressed size of `column`'s chunk in a row group (its leaf columns', for a nested type)."""
+def _column_bytes(group: pq.RowGroupMetaData, column: str) -> tuple[int, bool]:
+    """The decompressed size of `column`'s chunk in a row group (its leaf columns', for a nested type), and
+    whether it has a dictionary page."""
     chunks = [group.column(i) for i in range(group.num_columns)]
     mine = [c for c in chunks if c.path_in_schema == column or c.path_in_schema.startswith(f"{column}.")]
-    return sum(c.total_uncompressed_size for c in mine)
+    return sum(c.total_uncompressed_size for c in mine), any(c.has_dictionary_page for c in mine)
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
@@ -398,10 +403,17 @@ def read_row_groups(
     extension). A null or empty key is an error row under `FILE/ROW`: one row per key holds, and the row
     can be found. A value over `max_bytes` is an error row; a row group whose image column decompresses to
     more than that per row is not decompressed at all (43 KB of zstd held a 1 GiB value): its rows are
-    error rows, keyed from the key column alone."""
+    error rows, keyed from the key column alone. A dictionary-encoded image column is read as a dictionary,
+    so a value that many rows share is held once (20 MB of file made 2 GB per block read densely)."""
     columns = [image_column, *([key_column] if key_column else [])]
-    for path, name, group, first, rows, inflated in zip(
-        batch["path"], batch["name"], batch["group"], batch["first"], batch["rows"], batch["image_bytes"]
+    for path, name, group, first, rows, inflated, dictionary in zip(
+        batch["path"],
+        batch["name"],
+        batch["group"],
+        batch["first"],
+        batch["rows"],
+        batch["image_bytes"],
+        batch["dictionary"],
     ):
         file_uri = storage.join(root.uri, name) if root.path != path else root.uri
         row = int(first)
@@ -409,7 +421,9 @@ def read_row_groups(
         # Streamed, a block at a time: a writer's default row group holds up to a million rows (gigabytes
         # of images). A store that fails mid-group fails the task, as a failed archive read does.
         with root.call(lambda path=path: root.fs.open(path, "rb")) as f:
-            table = pq.ParquetFile(f)
+            # Reading dictionary pages as one costs about 0.3 ms per 200 KB image where the writer fell back to
+            # plain pages (pyarrow's default does after 1 MB), as it hashes those values.
+            table = pq.ParquetFile(f, read_dictionary=[image_column] if dictionary else None)
             if bomb:
                 refused = (
                     f"row group {int(group)} of {name}: its images decompress to {int(inflated)} bytes, over "
@@ -419,7 +433,10 @@ def read_row_groups(
                 batches = _refused_batches(table, int(group), int(rows), key_column)
             else:
                 refused = ""
-                batches = table.iter_batches(PARQUET_ROWS_PER_BLOCK, row_groups=[int(group)], columns=columns)
+                # Rows of big images are read fewer at a time: each read holds its rows' values whole.
+                per_row = max(1, int(inflated) // max(1, int(rows)))
+                size = max(1, min(PARQUET_ROWS_PER_BLOCK, PARQUET_BLOCK_BYTES // per_row))
+                batches = table.iter_batches(size, row_groups=[int(group)], columns=columns)
             yield from _table_rows(batches, row, name, file_uri, key_column, clashes, max_bytes, refused)
 
 
@@ -445,44 +462,77 @@ def _table_rows(
     refused_all: str = "",
 ) -> Iterator[dict[str, np.ndarray]]:
     """`read_row_groups`' rows of one row group's record batches, its first row being the file's `row`;
-    `refused_all`: every row's error (the group was not read)."""
+    `refused_all`: every row's error (the group was not read). Blocks hold up to PARQUET_BLOCK_BYTES of
+    image bytes (one row at least), judged before the rows' bytes are copied out of the batch."""
     for rb in batches:
-        images = rb.column(0).to_pylist()
-        if max_bytes:
-            images = [
-                limits.too_large(max_bytes, len(b)) if isinstance(b, bytes) and len(b) > max_bytes else b
-                for b in images
-            ]
-        numbers = range(row, row + len(images))
-        row += len(images)
-        by_row = [f"{strip_ext(name)}/{n}" for n in numbers]
-        given = [key_text(k) for k in rb.column(1).to_pylist()] if key_column else by_row
-        keys = [k or r for k, r in zip(given, by_row)]
-        clashing = [clashes.get(collisions.fold(k), "") if k and clashes else "" for k in given]
-        # A key names the mask's file: a missing one, a shared one or one that would escape OUTPUT is an error row.
-        refused = [
-            (
-                f"no key: --key-column {key_column} is null or empty in {name} row {n}; fill it, then re-run"
-                if not g
-                else ""
-            )
-            or c
-            or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "")
-            or refused_all
-            or (b if isinstance(b, str) else "")  # over --max-input-mb
-            for g, c, k, n, b in zip(given, clashing, keys, numbers, images)
-        ]
-        collide = [bool(c) for c in clashing]
-        yield _rows(
-            keys,
-            [f"{file_uri}#{n}" for n in numbers],
-            [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
-            [
-                r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes")
-                for b, r in zip(images, refused)
-            ],
-            collide,
-        )
+        for start, stop, images in _image_blocks(rb.column(0), max_bytes):
+            keys_in = rb.column(1).slice(start, stop - start).to_pylist() if key_column else None
+            yield _table_block(images, row + start, name, file_uri, keys_in, key_column, clashes, refused_all)
+        row += rb.num_rows
+
+
+def _table_block(
+    images: list[bytes | str | None],
+    row: int,
+    name: str,
+    file_uri: str,
+    keys_in: list[Any] | None,
+    key_column: str | None,
+    clashes: dict[str, str],
+    refused_all: str,
+) -> dict[str, np.ndarray]:
+    numbers = range(row, row + len(images))
+    by_row = [f"{strip_ext(name)}/{n}" for n in numbers]
+    given = [key_text(k) for k in keys_in] if keys_in is not None else by_row
+    keys = [k or r for k, r in zip(given, by_row)]
+    clashing = [clashes.get(collisions.fold(k), "") if k and clashes else "" for k in given]
+    # A key names the mask's file: a missing one, a shared one or one that would escape OUTPUT is an error row.
+    refused = [
+        (f"no key: --key-column {key_column} is null or empty in {name} row {n}; fill it, then re-run" if not g else "")
+        or c
+        or (f"unsafe key: {why}" if (why := unsafe_key_reason(k)) else "")
+        or refused_all
+        or (b if isinstance(b, str) else "")  # over --max-input-mb
+        for g, c, k, n, b in zip(given, clashing, keys, numbers, images)
+    ]
+    return _rows(
+        keys,
+        [f"{file_uri}#{n}" for n in numbers],
+        [b if isinstance(b, bytes) and not r else b"" for b, r in zip(images, refused)],
+        [r or ("" if isinstance(b, bytes) and b else "empty or missing image bytes") for b, r in zip(images, refused)],
+        [bool(c) for c in clashing],
+    )
+
+
+def _image_blocks(column: pa.Array, max_bytes: int | None) -> Iterator[tuple[int, int, list[bytes | str | None]]]:
+    """(start, stop, values) of a batch's image column, in runs of up to PARQUET_BLOCK_BYTES: each row's bytes,
+    None for a null, or its error text when over `max_bytes`. Lengths are read before any value is copied:
+    rows of a dictionary share one stored value, and each row's copy is a full one."""
+    if pa.types.is_dictionary(column.type):
+        values, index = column.dictionary, column.indices.to_pylist()
+    else:
+        values, index = column, list(range(len(column)))
+    if pa.types.is_binary_view(values.type):  # no length kernel; not what Parquet reads as
+        values = values.cast(pa.large_binary())
+    sizes = pc.binary_length(values).to_pylist()
+    kept = [0 if i is None or sizes[i] is None or (max_bytes and sizes[i] > max_bytes) else sizes[i] for i in index]
+    start = 0
+    while start < len(index):
+        stop, held = start + 1, kept[start]
+        while stop < len(index) and held + kept[stop] <= PARQUET_BLOCK_BYTES:
+            held += kept[stop]
+            stop += 1
+        out: list[bytes | str | None] = []
+        for i in index[start:stop]:
+            size = None if i is None else sizes[i]
+            if size is None:
+                out.append(None)
+            elif max_bytes and size > max_bytes:
+                out.append(limits.too_large(max_bytes, size))
+            else:
+                out.append(values[i].as_py())
+        yield start, stop, out
+        start = stop
 
 
 def key_column_clashes(root: storage.Location, key_column: str) -> dict[str, str]:
