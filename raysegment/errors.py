@@ -29,3 +29,11 @@ class JobError(UserError):
     """A job ran but its result is not acceptable (too many bad inputs, key collisions)."""
 
     exit_code = 3
+
+
+class RunFailed(JobError):
+    """An `infer` run that ran to its end and failed its checks; `record` is its run record (as written)."""
+
+    def __init__(self, message: str, record: dict) -> None:
+        super().__init__(message)
+        self.record = record

@@ -27,6 +27,7 @@ import logging
 import posixpath
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ import ray
 
 from raysegment import __version__, ledger, logs, plots, progress, storage
 from raysegment.config import InferSpec, NightlySpec
-from raysegment.errors import JobError, StorageError
+from raysegment.errors import DataError, JobError, RunFailed, StorageError
 from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix
 from raysegment.inference.overlap import check_apart, check_outside_model
 from raysegment.lock import RunLock
@@ -48,6 +49,7 @@ EXIT_OK, EXIT_FAILED, EXIT_DRIFT = 0, 3, 4
 LOCK_NAME = "_nightly.lock"
 # reports/DATE.json; DATE-{failed,rerun,replaced}-STAMP.json (see _placement) are not one, nor compared with.
 REPORT_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.json")
+PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})")
 
 
 def partition_name(date: str) -> str:
@@ -272,7 +274,6 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
         # Keys the ledger holds that tonight's listing lacks: deleted, moved, or a share not mounted.
         counts["absent"] = max(0, index.keys - (counts["listed"] - counts["new"]))
         progress.note(counts_line(date, counts))
-        progress.expect_total("infer", todo.num_rows)
         report: dict[str, Any] = {
             "date": date,
             "status": "nothing_new",
@@ -283,9 +284,20 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             "model_id": card.model_id,
             "model_sha256": card.model_sha256,
             "run_id": None,
-            "counts": {**counts, "processed": 0, "ok": 0, "error": 0},
+            "counts": {**counts, "processed": 0, "ok": 0, "error": 0, "skipped": 0},
             "class_names": card.class_names,
+            "unfinished_partitions": unfinished_partitions(output, date),
         }
+        if report["unfinished_partitions"]:
+            shown = ", ".join(report["unfinished_partitions"][:3])
+            more = len(report["unfinished_partitions"]) - 3
+            progress.warn(
+                log,
+                "nightly",
+                f"{shown}{f' and {more} more' if more > 0 else ''} have no _SUCCESS (a run failed or was "
+                "killed): their images were not recorded in the ledger, so a later night redoes them; skip or "
+                "remove those partitions when reading the output",
+            )
         try:
             refuse_collisions(night.clashes)
             if missing and not spec.allow_empty_input:
@@ -302,26 +314,29 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
                     "if it was emptied on purpose, run again with --allow-empty-input"
                 )
         except JobError as exc:
-            report.update(status="failed", exit_code=EXIT_FAILED, class_fraction_mean=None, problem=str(exc))
+            _failed(report, exc, spec)
             _finish(report, output, date, t0)
             raise
+        todo = _same_date_rerun(partition, todo, counts, card.model_sha256, report)
+        progress.expect_total("infer", todo.num_rows)
         if todo.num_rows:
             stamp = _stamp()
             list_loc = partition.child("inputs", f"{stamp}.parquet")
             # The lister's errors (symlinks it will not follow) become error rows of the night's run.
-            ledger.write_parquet(list_loc, todo.select(["uri", "key", "error"]))
+            # With each image's size and version: a re-run of the date tells a changed image from a resumed one.
+            ledger.write_parquet(list_loc, todo.select(["uri", "key", "error", "size", "version"]))
             infer_spec = night_infer_spec(spec, list_loc.uri, partition.uri)
             report["partition"] = storage.redact(partition.uri)
             try:
                 record = infer(infer_spec)
-            except JobError as exc:
+            except (JobError, DataError) as exc:
                 # No ledger rows: every key of this run stays new/changed for the next attempt.
-                report.update(status="failed", exit_code=EXIT_FAILED, problem=str(exc))
+                if isinstance(exc, RunFailed):
+                    _counted(report, exc.record)
+                _failed(report, exc, spec)
                 _finish(report, output, date, t0)
                 raise
-            c = record["counts"]
-            report["run_id"] = record["run_id"]
-            report["counts"].update(processed=c["processed"], ok=c["ok"], error=c["error"])
+            _counted(report, record)
             report["status"] = "ok"
             _append_ledger(output, todo, _partition_rows(partition), card.model_sha256, date, record["run_id"], stamp)
         if is_complete(partition):
@@ -344,6 +359,101 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             report.update(status="drift", exit_code=EXIT_DRIFT)
         _finish(report, output, date, t0, placed)
     return report
+
+
+def _counted(report: dict[str, Any], record: dict[str, Any]) -> None:
+    c = record["counts"]
+    report["run_id"] = record["run_id"]
+    report["counts"].update(processed=c["processed"], ok=c["ok"], error=c["error"], skipped=c["skipped"])
+
+
+def _failed(report: dict[str, Any], exc: Exception, spec: NightlySpec) -> None:
+    """A failed night's report: the same keys as any other (no statistics to compare)."""
+    code = exc.exit_code if isinstance(exc, DataError) else EXIT_FAILED
+    report.update(status="failed", exit_code=code, problem=str(exc), class_fraction_mean=None)
+    report["drift"] = drift(None, None, spec.drift_threshold)
+
+
+def _same_date_rerun(
+    partition: storage.Location, todo: pa.Table, counts: dict[str, int], model: str, report: dict[str, Any]
+) -> pa.Table:
+    """Tonight's work, where the date's partition holds rows an unfinished attempt (failed or killed, so
+    not in the ledger) wrote. Such a row stands when its image is as that attempt listed it (the run
+    resumes); an image changed since has its row dropped, so it is masked again (a stale mask recorded
+    as current, or a fixed image left an error, before). A partition of another model's rows cannot take
+    this model's: the work is deferred to the next night's partition."""
+    from raysegment.inference import compact
+    from raysegment.inference.output import mark_incomplete, summary_tables
+
+    if not todo.num_rows or not storage.exists(partition.child("summaries")):
+        return todo
+    rows = pa.concat_tables(list(summary_tables(partition, ["key", "model_sha256"])) or [_NO_ROWS])
+    others = sorted(set(pc.unique(rows["model_sha256"]).to_pylist()) - {model, None})
+    if others:
+        moved = {c: _count(todo["change"], c) for c in ("new", "changed")}
+        counts.update(new=counts["new"] - moved["new"], changed=counts["changed"] - moved["changed"])
+        counts["deferred"] += todo.num_rows
+        report["counts"].update(counts)
+        report["status"] = "deferred"
+        report["problem"] = (
+            f"{storage.redact(partition.uri)} holds results of another model ({others[0][:12]}): this model's "
+            f"{todo.num_rows} new and changed images go to the next night's partition (or remove the partition "
+            "and run this date again to redo it with this model)"
+        )
+        progress.warn(log, "nightly", report["problem"])
+        return todo.slice(0, 0)
+    earlier = _earlier_listing(partition)
+    if earlier is None:
+        return todo
+    now = todo.select(["key", "size", "version"]).join(earlier, "key", join_type="inner", right_suffix="_then")
+    now = now.filter(pc.is_in(now["key"], rows["key"]))
+    moved = pc.or_(
+        pc.not_equal(now["size"], now["size_then"]),
+        pc.not_equal(pc.fill_null(now["version"], ""), pc.fill_null(now["version_then"], "")),
+    )
+    stale = now.filter(pc.fill_null(moved, True))["key"].to_pylist()
+    if stale:
+        mark_incomplete(partition)
+        dropped = compact.drop_key_rows(partition, stale)
+        progress.note(
+            f"nightly: {len(stale)} images changed since an unfinished run of this date masked them: their "
+            f"{dropped} rows dropped, they are masked again"
+        )
+    return todo
+
+
+_NO_ROWS = pa.table({"key": pa.array([], pa.string()), "model_sha256": pa.array([], pa.string())})
+
+
+def _earlier_listing(partition: storage.Location) -> pa.Table | None:
+    """key, size, version of each image as the date's latest earlier run that listed it saw it (the
+    partition's inputs/ lists, in stamp order); None when none records sizes (written by older versions)."""
+    root = partition.child("inputs")
+    if not storage.exists(root):
+        return None
+    tables = []
+    for order, path in enumerate(sorted(storage.parquet_files(root))):
+        table = storage.read_table(root, path)
+        if "size" in table.column_names:
+            tables.append(
+                table.select(["key", "size", "version"]).append_column("order", pa.array([order] * len(table)))
+            )
+    if not tables:
+        return None
+    listed = pa.concat_tables(tables).sort_by([("order", "ascending")])
+    latest = listed.group_by("key", use_threads=False).aggregate([("size", "last"), ("version", "last")])
+    return latest.select(["key", "size_last", "version_last"]).rename_columns(["key", "size", "version"])
+
+
+def unfinished_partitions(output: storage.Location, date: str) -> list[str]:
+    """Earlier date partitions without _SUCCESS: a failed or killed night's, whose rows a reader of the
+    partitions must skip (their images have no ledger rows, so a later night redoes them)."""
+    from raysegment.inference.output import is_complete
+
+    names = [n for n in storage.folders(output) if (m := PARTITION.fullmatch(n)) and m.group(1) < date]
+    with ThreadPoolExecutor(16) as pool:
+        complete = list(pool.map(lambda n: is_complete(output.child(n)), names))
+    return [n for n, done in zip(names, complete) if not done]
 
 
 def _append_ledger(

@@ -195,9 +195,11 @@ def nightly_line(report: dict[str, Any]) -> str:
     shift = "" if d["max_shift"] is None else f", max class shift {d['max_shift']} vs {d['compared_with']}"
     held = f", {c['unchanged']} unchanged" if "unchanged" in c else ""  # reports of older versions lack it
     held += f", {c['deferred']} deferred" if c.get("deferred") else ""
+    # A re-run of an unfinished date resumes: images an earlier attempt masked count as already done.
+    done = f", {c['skipped']} already done" if c.get("skipped") else ""
     return (
         f"nightly {report['date']}: {report['status']}; {c['listed']} listed, {c['new']} new, {c['changed']} changed"
-        f"{held}, {c['processed']} processed ({c['ok']} ok, {c['error']} errors){shift}; report "
+        f"{held}, {c['processed']} processed ({c['ok']} ok, {c['error']} errors){done}{shift}; report "
         f"{report.get('report_uri') or report['output'] + '/reports/' + report['date'] + '.json'}"
     )
 
@@ -224,10 +226,16 @@ def _compact_lines(spec: CompactSpec, r: dict[str, Any]) -> list[str]:
         f"compacted {r['output']}: {r['files_before']} summary files -> {r['files_after']} "
         f"({r['merged_files']} merged into {r['written_files']}, {r['rows_moved']} rows)"
     ]
+    if r["killed_runs_checked"]:
+        lines.append(
+            f"  compacted the files of {len(r['killed_runs_checked'])} killed runs (no run record) as finished: "
+            "the run that wrote _SUCCESS checked their rows"
+        )
     if r["unfinished_runs_left"]:
         lines.append(
-            f"  left {len(r['unfinished_runs_left'])} runs without a run record (running or killed): "
-            "re-run infer, or pass --include-unfinished"
+            f"  left {len(r['unfinished_runs_left'])} runs without a run record: an infer into OUTPUT is running, or "
+            "one was killed and none has finished since; compact merges them after the next infer over OUTPUT "
+            "succeeds (it resumes them), or now with --include-unfinished if none is running"
         )
     return lines
 

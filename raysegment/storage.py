@@ -533,6 +533,18 @@ def damaged_parquet(loc: Location, path: str, exc: Exception, fix: str = DAMAGED
     return DataError(f"{uri}: damaged Parquet file ({str(exc)[:120]}); {fix}")
 
 
+def folders(loc: Location) -> list[str]:
+    """Names of the folders directly under a location (S3: the common prefixes), sorted; none if it does not exist."""
+
+    def ls() -> list[str]:
+        if not loc.fs.exists(loc.path):
+            return []
+        entries = loc.fs.ls(loc.path, detail=True, refresh=True)  # not a listing cached before tonight's writes
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+    return call(loc, ls)
+
+
 def list_files(loc: Location, extensions: tuple[str, ...] | None = None) -> list[str]:
     """All file paths under a location (recursive), sorted; extensions are lower-case with a dot."""
 

@@ -189,6 +189,16 @@ def test_max_error_fraction_fails_without_success(tiny_model, tmp_path):
     assert not (out / "_SUCCESS").exists()
     run = json.loads(next((out / "runs").iterdir()).read_text())
     assert run["status"] == "failed"
+    # Run again unchanged, it resumed every key and passed (exit 0, _SUCCESS over 60% errors): the fraction
+    # is the whole OUTPUT's.
+    spec = InferSpec(model=model, input=str(tmp_path / "in"), output=str(out), max_error_fraction=0.5)
+    with pytest.raises(JobError, match=r"3 of 5 images failed \(0 of 0 in this run\).*--retry-errors"):
+        infer(spec)
+    assert not (out / "_SUCCESS").exists()
+    for i in range(3):
+        (tmp_path / "in" / f"bad{i}.png").write_bytes(png(i))
+    assert infer(spec.model_copy(update={"retry_errors": True}))["counts"]["ok"] == 3
+    assert (out / "_SUCCESS").exists()
 
 
 def test_key_collision_is_reported(tiny_model, tmp_path):

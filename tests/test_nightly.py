@@ -555,3 +555,71 @@ def test_a_rerun_of_a_date_keeps_the_report_of_the_run_that_did_the_work(tiny_mo
     # The next night's drift compares with 2026-12-01.json, never with a side report.
     previous = nightly.previous_report(storage.resolve(str(reports)), "2026-12-02")
     assert previous["run_id"] == more["run_id"]
+
+
+def test_a_rerun_of_an_unfinished_date_masks_images_changed_since(tiny_model, tmp_path):
+    """A failed night, its bad images fixed (and one good image replaced), then the same date again: the
+    re-run resumed every key, so the fixed images stayed error rows and the replaced one kept its old mask,
+    and the ledger recorded the new files as done. Rows of images changed since the unfinished attempt are
+    now dropped and masked again; unchanged ones resume. The failed night's report counts what it did."""
+    from raysegment.errors import RunFailed
+
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "nightly"
+    write_pngs(inp, ["a", "b", "c", "d"])
+    for name in ("x", "y"):
+        (inp / f"{name}.png").write_bytes(b"not a png")
+
+    def night(date="2026-12-01"):
+        spec = NightlySpec(model=model, input=str(inp), output=str(out), date=date, batch_size=4)
+        return nightly.run_nightly(spec.model_copy(update={"max_error_fraction": 0.2}))
+
+    with pytest.raises(RunFailed, match="2 of 6 images failed"):
+        night()
+    failed = json.loads((out / "reports" / "2026-12-01.json").read_text())
+    assert failed["status"] == "failed" and failed["counts"]["processed"] == 6 and failed["counts"]["error"] == 2
+    assert failed["drift"]["flagged"] is False  # the same keys as any report
+    first_run = failed["run_id"]
+
+    write_pngs(inp, ["x", "y"], seed=10)  # fixed
+    write_pngs(inp, ["a"], seed=40)  # replaced by another picture
+    os.utime(inp / "a.png", (time.time() + 5, time.time() + 5))
+    again = night()
+    assert again["status"] == "ok" and again["counts"]["processed"] == 3 and again["counts"]["skipped"] == 3
+    rows = pq.read_table(out / "date=2026-12-01" / "summaries", columns=["key", "status", "run_id"]).to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert {k for k, r in by_key.items() if r["run_id"] == again["run_id"]} == {"a", "x", "y"}
+    assert {by_key[k]["run_id"] for k in "bcd"} == {first_run}
+    recorded = night_ledger.read(storage.resolve(str(out))).to_pylist()
+    assert sorted((r["key"], r["status"]) for r in recorded) == [(k, "ok") for k in "abcdxy"]
+
+
+def test_a_date_holding_another_models_rows_defers_the_night(tiny_model, tmp_path):
+    """A model deployed mid-day, then the date run again: the partition holds the other model's rows, and
+    infer refused it with exit 2 naming --overwrite, which nightly refuses; no report was written, and
+    every re-run that day failed so. The work now goes to the next night, which does it. An unfinished
+    earlier partition is named on every later night."""
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "nightly"
+    write_pngs(inp, ["a", "b"])
+
+    def night(date):
+        return nightly.run_nightly(NightlySpec(model=model, input=str(inp), output=str(out), date=date, batch_size=4))
+
+    assert night("2026-12-01")["counts"]["processed"] == 2
+    (part,) = (out / "date=2026-12-01" / "summaries").rglob("*.parquet")
+    table = pq.read_table(part)  # as if another model had written the date
+    column = table.schema.get_field_index("model_sha256")
+    pq.write_table(table.set_column(column, "model_sha256", pa.array(["f" * 64] * table.num_rows)), part)
+    write_pngs(inp, ["c"], seed=5)
+    held = night("2026-12-01")
+    assert held["status"] == "deferred" and held["exit_code"] == 0 and held["counts"]["processed"] == 0
+    assert held["counts"]["new"] == 0 and held["counts"]["deferred"] == 1
+    assert "holds results of another model (ffffffffffff)" in held["problem"]
+    assert json.loads(open(held["report_uri"]).read())["status"] == "deferred"
+    nxt = night("2026-12-02")
+    assert nxt["counts"]["new"] == 1 and nxt["counts"]["processed"] == 1 and nxt["unfinished_partitions"] == []
+
+    (out / "date=2026-12-02" / "_SUCCESS").unlink()  # as a killed or failed night leaves it
+    assert night("2026-12-03")["unfinished_partitions"] == ["date=2026-12-02"]

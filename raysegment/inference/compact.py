@@ -9,9 +9,11 @@ deletes those. A reader that lists between the two steps sees both and reads onl
 (`output.consistent`). So no reader sees a row twice or misses one. A compaction killed before its
 deletes leaves both, which readers treat the same way, and the next compaction deletes the rest.
 
-Only files of finished runs (those with a run record) are merged, unless `include_unfinished`:
-a run in progress is still adding files. The work is Ray tasks: footers read in parallel, one
-task per merged file; the driver holds one (path, rows) pair per file, never the rows.
+Only files of finished runs are merged, unless `include_unfinished`: a run in progress is still
+adding files. A run is finished when it has a run record, or when it was killed and a later run
+checked its rows: `_SUCCESS` there while no run holds OUTPUT's run lock (`_checked_by_success`). The
+work is Ray tasks: footers read in parallel, one task per merged file; the driver holds one (path,
+rows) pair per file, never the rows.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from raysegment import progress, storage
 from raysegment.config import CompactSpec
 from raysegment.errors import DataError
 from raysegment.inference import output as layout
-from raysegment.lock import RunLock
+from raysegment.lock import LockedError, RunLock
 
 FILES_PER_TASK = 64
 READ_THREADS = 8
@@ -89,6 +91,39 @@ def _finished_runs(output: storage.Location) -> set[str]:
     return {posixpath.basename(p)[: -len(".json")] for p in storage.list_files(runs, (".json",))}
 
 
+def _checked_by_success(output: storage.Location) -> bool:
+    """Whether the last infer run into OUTPUT checked every summary file listed before this call, killed
+    runs' included: `_SUCCESS` is there while no run holds OUTPUT's run lock. Every run takes that lock,
+    removes `_SUCCESS` before it writes a row, and writes it again only after checking the rows of all of
+    OUTPUT (one per key); so a file written before `_SUCCESS` is seen under the lock is part of an output
+    that checked out. The lock is held only for the look: a run starting after it writes files under its
+    own run id, which were not listed."""
+    from raysegment.inference.pipeline import RUN_LOCK_STALE_S  # pipeline imports this module
+
+    if not layout.is_complete(output):
+        return False  # cheap first: no lock written for an output whose last run did not finish
+    try:
+        with RunLock(output.child(layout.RUN_LOCK), RUN_LOCK_STALE_S, purpose="compact (a look at _SUCCESS)"):
+            return layout.is_complete(output)
+    except LockedError:
+        return False  # an infer is running into OUTPUT: nothing is checked until it ends
+
+
+def nightly_partition_fix(output: storage.Location, command: str) -> str | None:
+    """The fix for `compact` or `report` given a nightly OUTPUT (date=YYYY-MM-DD partitions, each one night's
+    infer output, beside ledger/ and reports/) instead of one infer output: a partition, the latest named.
+    None when OUTPUT holds no partition."""
+    from raysegment.nightly import PARTITION  # nightly imports this module
+
+    names = [n for n in storage.folders(output) if PARTITION.fullmatch(n)]
+    if not names:
+        return None
+    return (
+        f"{output.uri}: a nightly OUTPUT ({len(names)} date partitions), not one infer output; give a "
+        f"partition: raysegment {command} {output.child(names[-1]).uri} (the latest)"
+    )
+
+
 def _remove(output: storage.Location, paths: list[str]) -> None:
     loc = output.child(layout.SUMMARIES)
     for i in range(0, len(paths), 1000):  # one DeleteObjects request per 1000 keys on S3
@@ -97,25 +132,31 @@ def _remove(output: storage.Location, paths: list[str]) -> None:
 
 
 @ray.remote(num_cpus=0.5)
-def _without_errors(output: storage.Location, paths: list[str], relative: list[str]) -> list[tuple[str, int]]:
-    """For each of these files that holds error rows: write its other rows as a file that replaces it (none
-    when every row is an error). (path, error rows) of each such file; the caller deletes them."""
+def _without(
+    output: storage.Location, paths: list[str], relative: list[str], keys: pa.Array | None
+) -> list[tuple[str, int]]:
+    """For each of these files that holds rows to drop (error rows; with `keys`, the rows of those keys):
+    write its other rows as a file that replaces it (none when every row goes). (path, rows dropped) of
+    each such file; the caller deletes them."""
     found = []
     for path, rel in zip(paths, relative):
-        status = storage.read_table(output, path, columns=["status"]).column("status")
-        errors = pc.sum(pc.equal(status, "error")).as_py() or 0
+        column = "status" if keys is None else "key"
+        values = storage.read_table(output, path, columns=[column]).column(column)
+        drop = pc.equal(values, "error") if keys is None else pc.is_in(values, keys)
+        errors = pc.sum(drop).as_py() or 0
         if not errors:
             continue
-        if errors < len(status):
+        if errors < len(values):
             table = storage.read_table(output, path)
-            kept = table.filter(pc.not_equal(table.column("status"), "error"))
+            kept = table.filter(pc.invert(drop))
             meta = dict(table.schema.metadata or {})
             meta[layout.REPLACES_META] = json.dumps([rel]).encode()
             buf = io.BytesIO()
             pq.write_table(
                 kept.replace_schema_metadata(meta), buf, row_group_size=layout.ROW_GROUP_ROWS, **storage.PAGE_CHECKSUMS
             )
-            name = f"part-{layout.batch_name(['without-errors', rel])}.parquet"  # a retried task writes the same
+            what = "without-errors" if keys is None else f"without-{len(keys)}-keys"
+            name = f"part-{layout.batch_name([what, rel])}.parquet"  # a retried task writes the same
             storage.write_bytes(output.child(layout.SUMMARIES, layout.COMPACTED, name), buf.getvalue())
         found.append((path, errors))
     return found
@@ -126,8 +167,8 @@ REWRITE_STALE_S = 3600  # a rewrite takes minutes; a lock this old was left by a
 
 
 def rewrite_lock(output: storage.Location) -> RunLock:
-    """Held by the two rewriters of summary files, `compact` and `infer --retry-errors`: both replacing one
-    file would show its rows twice."""
+    """Held by the rewriters of summary files (`compact`, `infer --retry-errors`, a nightly re-run dropping
+    changed images' rows): two replacing one file would show its rows twice."""
     return RunLock(output.child(layout.SUMMARIES, REWRITE_LOCK), REWRITE_STALE_S, purpose="summary rewrite")
 
 
@@ -136,6 +177,16 @@ def drop_error_rows(output: storage.Location, held: bool = False) -> int:
     the error rows dropped. Each file with errors is replaced as compaction replaces files (the new file
     first, naming the old; the old deleted after), so a reader never sees a row twice or a kept row missing.
     `held`: the caller holds `rewrite_lock` already."""
+    return _drop_rows(output, None, held)
+
+
+def drop_key_rows(output: storage.Location, keys: list[str]) -> int:
+    """`nightly`: take the rows of these keys out of OUTPUT's summaries (their images changed since an
+    unfinished attempt wrote them), as `drop_error_rows` takes error rows; the rows dropped."""
+    return _drop_rows(output, pa.array(keys, pa.string()), held=False) if keys else 0
+
+
+def _drop_rows(output: storage.Location, keys: pa.Array | None, held: bool) -> int:
     root = output.child(layout.SUMMARIES)
     if not storage.exists(root):
         return 0
@@ -148,15 +199,16 @@ def drop_error_rows(output: storage.Location, held: bool = False) -> int:
         # any of those is replaced in turn.
         alive = set(live)
         _remove(output, [p for p in every if p not in alive])
-        return _drop_errors(output, live)
+        return _drop(output, live, keys)
 
 
-def _drop_errors(output: storage.Location, live: list[str]) -> int:
+def _drop(output: storage.Location, live: list[str], keys: pa.Array | None) -> int:
     groups = [live[i : i + FILES_PER_TASK] for i in range(0, len(live), FILES_PER_TASK)]
+    shared = ray.put(keys)
     found = [
         f
         for done in ray.get(
-            [_without_errors.remote(output, g, [layout.relative_path(output, p) for p in g]) for g in groups]
+            [_without.remote(output, g, [layout.relative_path(output, p) for p in g], shared) for g in groups]
         )
         for f in done
     ]
@@ -169,7 +221,8 @@ def compact(spec: CompactSpec) -> dict[str, Any]:
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     root = output.child(layout.SUMMARIES)
     if not storage.exists(root):
-        raise DataError(f"{output.uri}: no inference summaries ({layout.SUMMARIES}/); nothing to compact")
+        fix = nightly_partition_fix(output, "compact")
+        raise DataError(fix or f"{output.uri}: no inference summaries ({layout.SUMMARIES}/); nothing to compact")
     with rewrite_lock(output):
         return _compact(spec, output, root)
 
@@ -182,10 +235,16 @@ def _compact(spec: CompactSpec, output: storage.Location, root: storage.Location
     leftovers = [p for p in every if p not in live]
     _remove(output, leftovers)
     finished = _finished_runs(output)
+    compacted = layout.COMPACTED[len("run=") :]
+    killed = {_run_of(layout.relative_path(output, p)) for p in live} - finished - {compacted}
+    # Runs without a record (killed or running) are finished once a later run checked them: their files were
+    # listed above, before the look at _SUCCESS.
+    checked = killed if killed and not spec.include_unfinished and _checked_by_success(output) else set()
+    finished |= checked
 
     def movable(path: str) -> bool:
         run = _run_of(layout.relative_path(output, path))
-        return run != layout.COMPACTED[len("run=") :] and (spec.include_unfinished or run in finished)
+        return run != compacted and (spec.include_unfinished or run in finished)
 
     candidates = sorted(p for p in live if movable(p) or layout.relative_path(output, p).startswith(layout.COMPACTED))
     groups = [candidates[i : i + FILES_PER_TASK] for i in range(0, len(candidates), FILES_PER_TASK)]
@@ -219,5 +278,6 @@ def _compact(spec: CompactSpec, output: storage.Location, root: storage.Location
         "written_files": len(merged),
         "rows_moved": sum(n for _, n in merged),
         "leftovers_removed": len(leftovers),
-        "unfinished_runs_left": sorted(unfinished - {layout.COMPACTED[len("run=") :]}),
+        "unfinished_runs_left": sorted(unfinished - {compacted}),
+        "killed_runs_checked": sorted(checked),
     }

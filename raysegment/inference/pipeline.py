@@ -22,7 +22,7 @@ import ray
 
 from raysegment import __version__, logs, progress, storage
 from raysegment.config import InferSpec
-from raysegment.errors import DataError, JobError
+from raysegment.errors import DataError, RunFailed
 from raysegment.inference import actors, compact, resume
 from raysegment.inference import output as layout
 from raysegment.inference.archives import MemberIndex
@@ -70,7 +70,7 @@ def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
         write_report(run, record)  # from the record in memory: it is written only after the report
     layout.write_run_record(run.output, record)
     if record.problems:
-        raise JobError(f"{run.output.uri}: run {run.run_id} failed: " + "; ".join(record.problems))
+        raise RunFailed(f"{run.output.uri}: run {run.run_id} failed: " + "; ".join(record.problems), record.as_dict())
     layout.mark_complete(run.output, run.run_id)
     return record.as_dict()
 
@@ -309,9 +309,13 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
             "(their `error` column, or `raysegment report`, says why); fix the inputs and re-run with "
             "--retry-errors, or with another MODEL into another OUTPUT"
         )
-    if counts.processed and counts.error / counts.processed > spec.max_error_fraction:
+    # Over the whole output too: a re-run of a failed run (resuming every key) must not pass what it failed.
+    failed = done.rows - done.ok
+    if done.rows and failed / done.rows > spec.max_error_fraction:
+        now = f" ({counts.error} of {counts.processed} in this run)" if counts.processed != done.rows else ""
         problems.append(
-            f"{counts.error} of {counts.processed} images failed, over --max-error-fraction {spec.max_error_fraction}"
+            f"{failed} of {done.rows} images failed{now}, over --max-error-fraction {spec.max_error_fraction}: "
+            "their `error` column (or `raysegment report`) says why; fix them, then re-run with --retry-errors"
         )
     if not run.lock.still_held():
         problems.append(
