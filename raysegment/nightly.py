@@ -383,11 +383,11 @@ def _same_date_rerun(
     as current, or a fixed image left an error, before). A partition of another model's rows cannot take
     this model's: the work is deferred to the next night's partition."""
     from raysegment.inference import compact
-    from raysegment.inference.output import mark_incomplete, summary_tables
+    from raysegment.inference.output import consistent, mark_incomplete, summary_tables
 
     if not todo.num_rows or not storage.exists(partition.child("summaries")):
         return todo
-    rows = pa.concat_tables(list(summary_tables(partition, ["key", "model_sha256"])) or [_NO_ROWS])
+    rows = pa.concat_tables(consistent(lambda: list(summary_tables(partition, ["key", "model_sha256"]))) or [_NO_ROWS])
     others = sorted(set(pc.unique(rows["model_sha256"]).to_pylist()) - {model, None})
     if others:
         moved = {c: _count(todo["change"], c) for c in ("new", "changed")}
