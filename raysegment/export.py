@@ -17,8 +17,12 @@ doing inside the graph what `infer` does around the model:
 
 Formats: a TensorFlow SavedModel (`serving_default` takes the image tensor, `segment_encoded` an encoded
 PNG/JPEG/BMP/GIF string, decoded by TensorFlow as `infer` decodes it (`decode_as_infer`): JPEG pixels may
-differ slightly from Pillow's and EXIF rotation is not applied), ONNX (tf2onnx, the `export` extra) and TFLite (tf.lite, builtin ops only: the
-resampling maths runs in float32 there, see `segment_fn`). The model card is written beside it as `model.json`.
+differ slightly from Pillow's, up to 1.6% of a photo's mask pixels measured, and EXIF rotation is not
+applied), ONNX (tf2onnx, the `export` extra) and TFLite (tf.lite, builtin ops only: the resampling maths
+runs in float32 there, see `segment_fn`). The SavedModel and TFLite graphs go through Keras' ExportArchive
+(`_archive`: TF1's session loader, TensorFlow Serving's, runs the SavedModel; TFLite keeps its signature's
+output names). The model card is written beside it as `model.json`, with `exports`: per format in DEST, the
+TTA passes and outputs its graph holds (several formats of one model share a DEST).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
 from raysegment.data.imaging import PNG_SIGNATURE
-from raysegment.errors import ConfigError, StorageError
-from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, ModelCard, location_sha256
+from raysegment.errors import ConfigError, DataError, StorageError
+from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, SAVED_MODEL_DIR, ModelCard
 from raysegment.models.loader import load_model, put_tree
 
 if TYPE_CHECKING:
@@ -180,15 +184,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
             "values); export's graph takes 8-bit images only: run it with `raysegment infer` or `serve`"
         )
     dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
-    if dest.uri.rstrip("/") == model_dir.uri.rstrip("/"):
-        raise ConfigError(f"{spec.dest}: DEST is MODEL's own folder (its files would be replaced); choose another DEST")
-    held = dest.child(MODEL_FILE)
-    if storage.exists(held) and held.call(lambda: location_sha256(held)) != card.model_sha256:
-        # Another trained model's folder: export would replace the model.json it is loaded by.
-        raise ConfigError(
-            f"{spec.dest}: DEST holds another trained model ({MODEL_FILE}), whose {CARD_FILE} export would "
-            "replace; choose another DEST"
-        )
+    _refuse_model_folder(spec, dest, model_dir)
     target = dest.child(FILE_NAMES[spec.format])
     if storage.exists(target) and not spec.overwrite:
         raise ConfigError(f"{target.uri} exists; pass --overwrite or choose another DEST")
@@ -215,9 +211,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         _replace(local, target)
     for fmt in stale:
         storage.remove_tree(dest.child(FILE_NAMES[fmt]))
-    if card.inference is not None and card.inference.tta_flip != bool(tta.flips):
-        card = card.model_copy(update={"inference": card.inference.model_copy(update={"tta_flip": bool(tta.flips)})})
-    card = card.model_copy(update={"export_tta": tta.record()})  # also for cards without TTA advice (imported)
+    card = _exported_card(card, dest, spec.format, {**tta.record(), "probabilities": spec.probabilities})
     card.write(dest)
     return {
         "format": spec.format,
@@ -226,6 +220,55 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         "note": note,
         "model_id": card.model_id,
     }
+
+
+def _refuse_model_folder(spec: ExportSpec, dest: storage.Location, model_dir: storage.Location) -> None:
+    """DEST may not be a trained model's folder, MODEL's own (by any spelling, a link included) or another's
+    (a copy of MODEL too): export would replace the model.json the model is loaded by, and add files to it."""
+    if dest.remote or model_dir.remote:
+        same = dest.uri.rstrip("/") == model_dir.uri.rstrip("/")
+    else:  # a link, `..` or a bind mount to the model's folder is the same folder
+        same = os.path.isdir(dest.path) and os.path.samefile(dest.path, model_dir.path)
+    if same:
+        raise ConfigError(f"{spec.dest}: DEST is MODEL's own folder (its files would be replaced); choose another DEST")
+    held = _trained_model_file(spec, dest)
+    if held:
+        raise ConfigError(
+            f"{spec.dest}: DEST holds a trained model ({held}), whose {CARD_FILE} export would replace "
+            "(even with --overwrite); choose another DEST"
+        )
+
+
+def _trained_model_file(spec: ExportSpec, dest: storage.Location) -> str | None:
+    """The trained model DEST holds: a model.keras (any), or an imported SavedModel its card was written for
+    (an export's saved_model/ is a graph of another hash); None for an export folder or a new one."""
+    if storage.exists(dest.child(MODEL_FILE)):
+        return MODEL_FILE
+    if not storage.exists(dest.child(SAVED_MODEL_DIR)):
+        return None
+    try:
+        held = ModelCard.read(spec.dest, spec.endpoint_url, verify_model=True, retry_s=spec.storage_retry_s)
+    except (DataError, StorageError):
+        return None  # no card, another model's card, or not its SavedModel: an export's folder
+    return held.model_name
+
+
+def _exported_card(card: ModelCard, dest: storage.Location, fmt: str, record: dict[str, Any]) -> ModelCard:
+    """MODEL's card with `exports`: per format in DEST, what its graph holds (the flip TTA passes, the
+    probabilities output). The records of the other formats DEST holds of this model are kept."""
+    exports = {fmt: record}
+    held = dest.child(CARD_FILE)
+    if storage.exists(held):
+        try:
+            old = storage.read_json(held)
+            kept = old.get("exports", {}) if old.get("model_sha256") == card.model_sha256 else {}
+        except (StorageError, AttributeError):
+            kept = {}
+        for other, rec in kept.items() if isinstance(kept, dict) else ():
+            if other in FORMATS and other != fmt and storage.exists(dest.child(FILE_NAMES[other])):
+                exports[other] = rec
+    fields = {k: v for k, v in card.as_dict().items() if k != "export_tta"}  # one record for a DEST, replaced
+    return ModelCard.model_validate({**fields, "exports": dict(sorted(exports.items()))})
 
 
 def _other_models_exports(dest: storage.Location, fmt: str, card: ModelCard) -> list[str]:
@@ -304,20 +347,29 @@ def decode_as_infer(image_bytes):
     return tf.cond(deep, stretched, plain)
 
 
-def _saved_model(model, segment, spec, target: str) -> str:
+def _archive(model, segment, spec, encoded: bool = False):
+    """The graph as a Keras ExportArchive: `serving_default` on the image tensor, and with `encoded`
+    `segment_encoded` on an encoded image string. The archive saves the model's variables under the names the
+    graph reads them by, so TF1's session loader (TensorFlow Serving, `saved_model_cli run`) restores them as
+    `tf.saved_model.load` does; a `tf.Module` holding the Keras model saved them under other names (it loaded
+    in TF2 only: "Could not find variable ..."), and TFLite's converter given the model as trackable read NaN."""
+    import keras
     import tensorflow as tf
 
-    module = tf.Module()
-    module.model = model  # tracked: its variables are saved with the graph
-    module.segment = tf.function(segment, input_signature=[spec])
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    serve = archive.add_endpoint("serving_default", segment, input_signature=[spec])
+    if encoded:
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")])
-    def segment_encoded(image_bytes):
-        return module.segment(decode_as_infer(image_bytes))
+        def segment_encoded(image_bytes):
+            return serve(decode_as_infer(image_bytes))
 
-    module.segment_encoded = segment_encoded
-    signatures = {"serving_default": module.segment, "segment_encoded": segment_encoded}
-    tf.saved_model.save(module, target, signatures=signatures)
+        archive.add_endpoint("segment_encoded", segment_encoded, [tf.TensorSpec([], tf.string, name="image_bytes")])
+    return archive
+
+
+def _saved_model(model, segment, spec, target: str) -> str:
+    _archive(model, segment, spec, encoded=True).write_out(target, verbose=False)
     return "signatures serving_default (uint8 image HxWx3) and segment_encoded (encoded image string)"
 
 
@@ -339,12 +391,16 @@ def _onnx(model, segment, spec, target: str) -> str:
 def _tflite(model, segment, spec, target: str) -> str:
     import tensorflow as tf
 
-    fn = tf.function(segment, input_signature=[spec])
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # any TFLite runtime, no Flex
+    # From the SavedModel's signature, so that the file has one naming its outputs `class_map` and
+    # `probabilities` (from a concrete function it had none, and outputs `Identity`, `Identity_1`).
+    with tempfile.TemporaryDirectory() as d:
+        _archive(model, segment, spec).write_out(d, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(d, signature_keys=["serving_default"])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # any TFLite runtime, no Flex
+        data = converter.convert()
     with open(target, "wb") as f:
-        f.write(converter.convert())
-    return "TFLite builtins; resize the input tensor to the image's HxW before allocate_tensors"
+        f.write(data)
+    return "TFLite builtins, signature serving_default (its runner takes an image of any size)"
 
 
 _WRITERS = {"saved_model": _saved_model, "onnx": _onnx, "tflite": _tflite}

@@ -9,7 +9,8 @@
 
 A request is checked before it reaches the model: an Accept that refuses both answers (406), content type
 and any Content-Encoding but identity (415; not decoded, see `_encoding_problem`), body size (413,
-`max_body_mb`), the header's pixel count (413, `max_pixels`) and an image header at all (400);
+`max_body_mb`), the header's pixel count (413, `max_pixels`), an image header at all (400) and, for a
+TIFF, one page (400: `infer` makes a mask of each page of a stack, one answer would hold the first);
 every 4xx is one line of JSON, {"error": "..."}. Requests wait up to `batch_wait_timeout_s` for
 `max_batch_size` others (`@serve.batch`) and a batch runs in a thread, so /healthz answers while
 the model predicts.
@@ -47,8 +48,8 @@ from ray import serve
 
 from raysegment import progress, storage
 from raysegment.config import ServeSpec
-from raysegment.data import imaging
-from raysegment.errors import ConfigError, JobError, UserError
+from raysegment.data import imaging, tiff
+from raysegment.errors import ConfigError, DataError, JobError, UserError
 from raysegment.models.card import ModelCard
 
 APP_NAME = "raysegment"
@@ -169,6 +170,21 @@ def _header_problem(body: bytes, max_pixels: int) -> tuple[int, str] | None:
     return None
 
 
+def _pages_problem(body: bytes) -> tuple[int, str] | None:
+    """(400, message) for a TIFF of several pages: `infer` makes a mask of each, so one answer would hold the
+    first page alone. Walks every page header (up to `tiff.MAX_PAGES`), so it runs off the event loop."""
+    try:
+        pages = tiff.page_count(body)
+    except (tiff.TiffError, OSError) as exc:
+        return 400, f"cannot read the TIFF's pages: {exc}"
+    if pages > 1:
+        return 400, (
+            f"the TIFF has {pages} pages and serve segments one image: send one page as its own image "
+            "(infer segments every page of a stack)"
+        )
+    return None
+
+
 SCRATCH_PREFIX = "raysegment-serve-"
 
 
@@ -220,6 +236,7 @@ class Segmenter:
         self.card: ModelCard | None = None
         self.predictor: Any = None
         self.load_error: str | None = None
+        self.load_error_is_user = False  # a UserError (a damaged model file): the driver exits 2, not 3
         self.ready = threading.Event()
         sweep_scratch(tempfile.gettempdir())
         self.scratch = storage.resolve(tempfile.mkdtemp(prefix=scratch_prefix()))
@@ -252,6 +269,7 @@ class Segmenter:
         except Exception as exc:  # reported by /readyz and check_health (Serve then replaces the replica)
             # One line for /readyz and the driver's error: TensorFlow's and h5py's texts span many.
             said = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            self.load_error_is_user = isinstance(exc, UserError)
             self.load_error = f"model did not load: {' '.join(said.split())[:500]}"
 
     def __del__(self) -> None:
@@ -266,7 +284,12 @@ class Segmenter:
     def readiness(self) -> dict[str, Any]:
         """Readiness for the driver (through a DeploymentHandle): ready, or the load error."""
         model_id = self.card.model_id if self.card else None
-        return {"ready": self.ready.is_set(), "error": self.load_error, "model_id": model_id}
+        return {
+            "ready": self.ready.is_set(),
+            "error": self.load_error,
+            "user_error": self.load_error_is_user,
+            "model_id": model_id,
+        }
 
     def _segment(self, bodies: list[bytes], warm_up: bool = False) -> list[dict[str, Any]]:
         """A batch of encoded images through infer's steps: preprocess, predict, write_masks (into scratch)."""
@@ -330,6 +353,8 @@ class Segmenter:
         if not body:
             return _error(400, "empty body: POST the image's bytes")
         problem = _header_problem(body, self.config.max_pixels)
+        if problem is None and tiff.is_tiff(body):
+            problem = await asyncio.to_thread(_pages_problem, body)
         if problem:
             return _error(*problem)
         row = await self.segment_batch(body)
@@ -495,10 +520,16 @@ def _wait_ready(handle: Any, timeout_s: float) -> None:
         if state["ready"]:
             return
         if state["error"]:
-            raise JobError(f"serve: {state['error']}")
+            raise load_failed(state)
         if time.monotonic() > deadline:
             raise JobError(f"serve: the model did not load within {timeout_s:g} s (--ready-timeout-s)")
         time.sleep(0.2)  # polling the replica's state, not driving it
+
+
+def load_failed(state: dict[str, Any]) -> UserError:
+    """A replica's load error as the driver's: the user's (a damaged model file, exit 2) or the job's (3)."""
+    message = f"serve: {state['error']}"
+    return DataError(message) if state.get("user_error") else JobError(message)
 
 
 def undeploy() -> None:

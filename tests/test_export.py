@@ -10,6 +10,7 @@ Tolerances (changed pixels, against infer's mask files on 20 images from 5x7 to 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,14 +55,9 @@ elif fmt == "onnx":
         masks[f] = session.run(["class_map"], {name: img})[0]
 else:
     import tensorflow as tf
-    interpreter = tf.lite.Interpreter(model_path=path)
-    inp = interpreter.get_input_details()[0]
+    runner = tf.lite.Interpreter(model_path=path).get_signature_runner("serving_default")
     for f, img in zip(files, images):
-        interpreter.resize_tensor_input(inp["index"], img.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], img)
-        interpreter.invoke()
-        masks[f] = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        masks[f] = runner(image=img)["class_map"]  # the runner resizes the input to the image
 assert all(m.dtype == np.uint8 and m.shape == i.shape[:2] for m, i in zip(masks.values(), images))
 np.savez(out, **{str(i): masks[f] for i, f in enumerate(files)})
 """
@@ -152,10 +148,39 @@ def test_native_scale_export_pads_as_the_predictor(tmp_path):
         assert (out["class_map"].numpy() == pred).all()
 
 
+def test_saved_model_runs_under_the_tf1_session_loader(tmp_path):
+    """The SavedModel loaded under `tf.saved_model.load` only: TF1's session loader (TensorFlow Serving,
+    `saved_model_cli run`) failed with "Could not find variable down0_bn1/moving_variance" (the variables were
+    saved under other names than the graph reads them by). Both signatures now run in a graph-mode Session
+    and give the TF2 loader's outputs."""
+    import tensorflow as tf
+
+    from raysegment.export import export
+
+    model = make_model_dir(str(tmp_path), image_size=32, depth=2, base_filters=4)
+    spec = ExportSpec(model=model, dest=str(tmp_path / "sm"), format="saved_model", probabilities=True, tta_flip=True)
+    path = export(spec)["path"]
+    image = (np.random.default_rng(4).random((45, 50, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    feeds = {"serving_default": image, "segment_encoded": (tmp_path / "image.png").read_bytes()}
+    signatures = tf.saved_model.load(path).signatures
+    expected = {name: signatures[name](tf.constant(feed)) for name, feed in feeds.items()}
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+        for name, feed in feeds.items():
+            signature = graph.signature_def[name]
+            assert sorted(signature.outputs) == ["class_map", "probabilities"], name
+            (given,) = signature.inputs.values()
+            got = session.run({key: out.name for key, out in signature.outputs.items()}, {given.name: feed})
+            assert np.array_equal(got["class_map"], expected[name]["class_map"].numpy()), name
+            assert np.allclose(got["probabilities"], expected[name]["probabilities"].numpy(), atol=1e-6), name
+
+
 def test_export_runs_the_flip_tta_infer_runs(tmp_path):
     """The card advised flip TTA, infer ran it, and the exported graph did not, while the model.json beside
     it still said tta_flip: true (2.4-3.9% of the mask pixels differed). The graph now averages the same
-    passes, and --no-tta-flip exports the plain pass with a model.json that says so."""
+    passes, and --no-tta-flip exports the plain pass with a model.json that says so (`exports`, per format);
+    `inference` stays the trained model's advice."""
     import tensorflow as tf
 
     from raysegment.export import export
@@ -182,8 +207,8 @@ def test_export_runs_the_flip_tta_infer_runs(tmp_path):
         for img, pred in zip(images, expected):
             assert (serve(image=tf.constant(img))["class_map"].numpy() == pred).all()
         exported = json.loads((tmp_path / dest / "model.json").read_text())
-        assert exported["inference"]["tta_flip"] is (tta_flip is None)
-        assert exported["export_tta"]["tta_flip"] is (tta_flip is None)
+        assert exported["exports"]["saved_model"]["tta_flip"] is (tta_flip is None)
+        assert exported["inference"]["tta_flip"] is True and "export_tta" not in exported
     from raysegment.errors import DataError
 
     with pytest.raises(DataError, match=r"an export \(saved_model\), not a trained model .*model import"):
@@ -192,19 +217,27 @@ def test_export_runs_the_flip_tta_infer_runs(tmp_path):
 
 def test_export_refuses_what_it_cannot_write_faithfully(tmp_path):
     """Refused before any conversion: a model of 16-bit or float pixels (the graph takes 8-bit images and would
-    apply statistics fitted to other values), DEST the model's own folder, and a link where the file goes."""
+    apply statistics fitted to other values), DEST the model's own folder (a link to it too: it was written
+    through, and the model's card lost its TTA advice) or another trained model's (a copy of MODEL too), and a
+    link where the file goes."""
     from raysegment.errors import ConfigError, StorageError
     from raysegment.export import export
 
     model = make_model_dir(str(tmp_path / "m"), image_size=32, depth=2, base_filters=4)
-    with pytest.raises(ConfigError, match="DEST is MODEL's own folder"):
-        export(ExportSpec(model=model, dest=model, format="saved_model"))
+    os.symlink(model, tmp_path / "link")
+    own_card = (Path(model) / "model.json").read_bytes()
+    for dest in (model, str(tmp_path / "link"), f"{model}/../model"):
+        with pytest.raises(ConfigError, match="DEST is MODEL's own folder"):
+            export(ExportSpec(model=model, dest=dest, format="tflite", overwrite=True))
+    assert (Path(model) / "model.json").read_bytes() == own_card and not (Path(model) / "model.tflite").exists()
     other = make_model_dir(str(tmp_path / "other"), image_size=32, depth=2, base_filters=8)
-    card_before = (Path(other) / "model.json").read_bytes()
-    for overwrite in (False, True):  # another trained model's folder: its model.json would be replaced
-        with pytest.raises(ConfigError, match=r"holds another trained model \(model.keras\)"):
-            export(ExportSpec(model=model, dest=other, format="onnx", overwrite=overwrite))
-    assert (Path(other) / "model.json").read_bytes() == card_before and not (Path(other) / "model.onnx").exists()
+    copy = shutil.copytree(model, tmp_path / "copy")
+    for dest in (other, str(copy)):  # a trained model's folder: its model.json would be replaced
+        card_before = (Path(dest) / "model.json").read_bytes()
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match=r"holds a trained model \(model.keras\)"):
+                export(ExportSpec(model=model, dest=dest, format="onnx", overwrite=overwrite))
+        assert (Path(dest) / "model.json").read_bytes() == card_before and not (Path(dest) / "model.onnx").exists()
     (tmp_path / "d").mkdir()
     os.symlink(tmp_path / "elsewhere.onnx", tmp_path / "d" / "model.onnx")  # dangling
     with pytest.raises(StorageError, match="model.onnx: is a link, not a file"):
@@ -246,8 +279,38 @@ def test_overwrite_swaps_the_export_whole_and_one_card_describes_dest(tmp_path):
     export(ExportSpec(model=b, dest=str(dest), format="saved_model", overwrite=True))
     assert sorted(p.name for p in dest.iterdir()) == ["model.json", "saved_model"]  # tflite of a: removed
     assert not (dest / "saved_model" / "stray.txt").exists()
-    assert json.loads((dest / "model.json").read_text())["model_sha256"] == ModelCard.read(b).model_sha256
+    exported = json.loads((dest / "model.json").read_text())
+    assert exported["model_sha256"] == ModelCard.read(b).model_sha256 and list(exported["exports"]) == ["saved_model"]
     assert "serving_default" in tf.saved_model.load(str(dest / "saved_model")).signatures
+
+
+def test_one_dest_records_what_each_formats_graph_holds(tmp_path):
+    """Formats exported into one DEST shared one model.json whose `export_tta` described the last export only
+    (a TFLite file without TTA beside a card saying it had it), and `--probabilities` was not recorded: each
+    format now has its record under `exports`. The TFLite file lost its output names (`Identity`, no
+    signature): it has a `serving_default` signature naming `class_map` and `probabilities`."""
+    import tensorflow as tf
+
+    from raysegment.export import export
+
+    model = make_model_dir(str(tmp_path), image_size=32, depth=2, base_filters=4)
+    dest = tmp_path / "dest"
+    export(ExportSpec(model=model, dest=str(dest), format="tflite", tta_flip=False, probabilities=True))
+    export(ExportSpec(model=model, dest=str(dest), format="saved_model", tta_flip=True))
+    exported = json.loads((dest / "model.json").read_text())
+    assert exported["exports"] == {
+        "saved_model": {"tta_flip": True, "tta_flips": ["horizontal"], "tta_from": "given", "probabilities": False},
+        "tflite": {"tta_flip": False, "tta_flips": [], "tta_from": "given", "probabilities": True},
+    }
+    assert "export_tta" not in exported
+    interpreter = tf.lite.Interpreter(model_path=str(dest / "model.tflite"))
+    outputs = ["class_map", "probabilities"]
+    assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["image"], "outputs": outputs}}
+    image = (np.random.default_rng(5).random((20, 30, 3)) * 255).astype(np.uint8)
+    out = interpreter.get_signature_runner("serving_default")(image=image)
+    assert out["class_map"].shape == (20, 30) and out["class_map"].dtype == np.uint8
+    assert np.allclose(out["probabilities"].sum(axis=-1), 1.0, atol=1e-4)  # the model's weights, not NaN
+    assert (out["class_map"] == out["probabilities"].argmax(axis=-1)).all()
 
 
 @pytest.mark.s3

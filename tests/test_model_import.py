@@ -116,6 +116,86 @@ def test_softmax_output_is_recorded_as_probabilities_and_used_as_such(tmp_path):
     assert pred.shape == (21, 30) and (pred == want).mean() > 0.999
 
 
+def wrapped(path, head):
+    """A functional model whose head is a nested model (`head` takes 8 channels), then upsampled: the
+    output's activation lies inside the sub-model."""
+    keras.utils.set_random_seed(0)
+    x = inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.UpSampling2D(2, interpolation="bilinear")(head(x))
+    keras.Model(inp, x).save(path)
+    return str(path)
+
+
+def test_a_nested_sigmoid_or_softmax_head_is_read_as_probabilities(tmp_path):
+    """`--output auto` read only the outer model's layers: a nested head was logits, so a sigmoid marked
+    every pixel foreground (and a softmax's confidence and TTA averaging were wrong)."""
+    inner = keras.Input((None, None, 8))
+    sigmoid = keras.Model(inner, keras.layers.Conv2D(1, 1, activation="sigmoid")(inner), name="head")
+    softmax = keras.Sequential([keras.layers.Conv2D(3, 1), keras.layers.Softmax()], name="head")
+    for name, head, classes in (("sigmoid", sigmoid, "bg,fg"), ("softmax", softmax, "a,b,c")):
+        src = wrapped(tmp_path / f"{name}.keras", head)
+        r = import_model(ImportSpec(model_file=src, dest=str(tmp_path / name), classes=classes, input_size=(16, 16)))
+        card = ModelCard.read(r["out"])
+        assert (card.output, card.head) == ("probabilities", name), name
+
+
+def test_a_head_that_does_not_say_is_refused_naming_output(tmp_path):
+    """A head whose last layer has weights and no activation may hold probabilities or not: no guess."""
+    inner = keras.Input((None, None, 8))
+    head = keras.Model(inner, keras.layers.BatchNormalization(name="norm")(keras.layers.Conv2D(2, 1)(inner)))
+    src = wrapped(tmp_path / "bn.keras", head)
+    spec = ImportSpec(model_file=src, dest=str(tmp_path / "m"), classes="bg,fg", input_size=(16, 16))
+    with pytest.raises(ConfigError, match="cannot tell whether the model outputs logits or probabilities") as err:
+        import_model(spec)
+    assert "BatchNormalization layer 'norm'" in str(err.value)
+    assert str(err.value).endswith("pass --output logits or --output probabilities")
+    assert not (tmp_path / "m").exists()
+    card = ModelCard.read(import_model(spec.model_copy(update={"output": "logits"}))["out"])
+    assert card.output == "logits"
+
+
+def test_overwrite_refuses_a_trained_models_folder_and_drops_an_imported_ones_evaluations(tmp_path):
+    """A trained model's metrics, history, plots and checkpoints would stay beside the import (export refuses
+    such a DEST too); an imported model's eval-*.json describe the model --overwrite replaces."""
+    import json
+
+    src = functional(tmp_path / "net.keras", classes=2)
+    spec = ImportSpec(model_file=src, dest=str(tmp_path / "m"), classes="a,b", input_size=(16, 16), overwrite=True)
+    import_model(spec)
+    (tmp_path / "m" / "eval-val.json").write_text("{}")
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    import_model(spec)
+    assert sorted(os.listdir(tmp_path / "m")) == ["_SUCCESS", "model.json", "model.keras", "notes.txt"]
+
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    card["training"] = {"name": "run1", "epochs": 2}  # as train writes it; its checkpoints under run1/
+    (tmp_path / "m" / "model.json").write_text(json.dumps(card))
+    for name in ("metrics.json", "history.csv"):
+        (tmp_path / "m" / name).write_text("x")
+    (tmp_path / "m" / "run1").mkdir()
+    before = (tmp_path / "m" / "model.keras").read_bytes()
+    with pytest.raises(
+        ConfigError, match=r"m: DEST is a trained model's folder \(it holds metrics.json, history.csv, run1,"
+    ):
+        import_model(spec)
+    assert (tmp_path / "m" / "model.keras").read_bytes() == before
+
+
+def test_a_file_that_is_not_a_keras_model_says_so(tmp_path):
+    """Keras says "File not found" for a .keras file that is there but no zip archive."""
+    for name, said in (
+        ("damaged.keras", "not a readable Keras archive (damaged, or not a .keras file"),
+        ("old.h5", "not a readable HDF5 file (damaged, or not a legacy .h5 Keras model)"),
+        ("model.bin", "not a .keras or .h5 file"),
+    ):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 cut short")
+        spec = ImportSpec(model_file=str(tmp_path / name), dest=str(tmp_path / "m"), classes="a,b", input_size=(8, 8))
+        with pytest.raises(DataError) as err:
+            import_model(spec)
+        assert str(err.value).startswith(f"{tmp_path / name}: {said}") and "File not found" not in str(err.value)
+
+
 def test_a_saved_model_with_only_a_signature_imports_and_predicts(tmp_path):
     """tf.saved_model.save with a `serving_default` signature (named input, dict output), not Keras' export."""
     import tensorflow as tf
@@ -216,7 +296,5 @@ def test_a_damaged_model_file_whose_hash_was_rewritten_is_one_error(tmp_path):
     card = ModelCard.read(model)
     card = card.model_copy(update={"model_sha256": hashlib.sha256(garbage).hexdigest()})
     card.write(storage.resolve(model))
-    with pytest.raises(
-        DataError, match="model.keras: not a Keras model Keras can load .*train or import the model again"
-    ):
+    with pytest.raises(DataError, match="model.keras: not a readable Keras archive .*train or import the model again"):
         load_model(storage.resolve(model), ModelCard.read(model, verify_model=True))

@@ -203,6 +203,8 @@ def test_bad_requests_get_one_line_json_4xx(server, inferred):
     assert _error(server.segment(good, "?format=xml"))[0] == 400
     assert _error(server.request("GET", "/segment"))[0] == 405
     assert _error(server.request("GET", "/nothing"))[0] == 404
+    status, error = _error(server.segment(tiff_stack(3), content_type="image/tiff"))
+    assert status == 400 and "the TIFF has 3 pages and serve segments one image" in error
     assert server.segment(good, content_type="application/octet-stream")[0] == 200  # and still serving
 
     # A body that never completes (a client that stalls, or trickles bytes to hold a slot) gets 408.
@@ -213,6 +215,61 @@ def test_bad_requests_get_one_line_json_4xx(server, inferred):
         reply.begin()
         status, error = reply.status, json.loads(reply.read())["error"]
     assert status == 408 and f"within {BODY_S} s (--body-timeout-s)" in error, error
+
+
+def tiff_stack(pages: int) -> bytes:
+    """A TIFF of `pages` 8x8 RGB pages (a z-stack, as infer splits into one mask per page)."""
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for page in range(pages):
+            tif.write(np.full((8, 8, 3), page * 40, np.uint8), photometric="rgb")
+    return buf.getvalue()
+
+
+def test_a_tiff_stack_is_refused_naming_its_pages_and_one_page_is_taken():
+    """infer writes a mask per page; serve answered page 0 alone, silently."""
+    from raysegment.serve import _header_problem, _pages_problem
+
+    assert _header_problem(tiff_stack(3), MAX_PIXELS) is None  # the first page's header is an image's
+    status, message = _pages_problem(tiff_stack(3))
+    assert status == 400 and message.startswith("the TIFF has 3 pages and serve segments one image: send one page")
+    assert "infer segments every page" in message and "\n" not in message
+    assert _pages_problem(tiff_stack(1)) is None
+
+
+def test_a_damaged_model_file_is_the_users_error_exit_2(tmp_path):
+    """A model.keras that is no zip archive, its hash rewritten in the card: the replica's load fails as
+    export's and show's do (exit 2), not as a failed job (3)."""
+    import dataclasses
+    import hashlib
+    import shutil
+
+    from raysegment import storage
+    from raysegment.errors import DataError
+    from raysegment.models.card import ModelCard
+    from raysegment.serve import Segmenter, load_failed, replica_config
+
+    junk = b"PK\x03\x04" + os.urandom(500)  # a zip's first bytes, then nothing of one
+    (tmp_path / "model.keras").write_bytes(junk)
+    ModelCard.create(
+        hashlib.sha256(junk).hexdigest(), architecture={"name": "unet", "depth": 2, "base_filters": 4},
+        num_classes=2, class_names=["a", "b"], palette=imaging.default_palette(2), ignore_index=imaging.IGNORE_INDEX,
+        input={"size": [32, 32], "channels": 3, "normalization": "scale_0_1", "resize": "bilinear"},
+    ).write(storage.resolve(str(tmp_path)))  # fmt: skip
+    # In this process, whose TensorFlow may be running already: threads=0 leaves its thread pools as they are.
+    replica = Segmenter(dataclasses.replace(replica_config(ServeSpec(model=str(tmp_path)), 5.0), threads=0))
+    try:
+        wait_for(lambda: replica.readiness()["error"], "the load error", timeout=60)
+        state = replica.readiness()
+        assert not state["ready"] and state["user_error"] is True, state
+        error = load_failed(state)
+        assert isinstance(error, DataError) and error.exit_code == 2
+        assert str(error).startswith(f"serve: model did not load: {tmp_path / 'model.keras'}: not a readable Keras")
+    finally:
+        shutil.rmtree(replica.scratch.path, ignore_errors=True)
+    assert load_failed({"error": "model did not load: OSError: ...", "user_error": False}).exit_code == 3
 
 
 def test_serve_spec_replicas_and_deployment_options():

@@ -131,6 +131,42 @@ def test_a_failed_training_leaves_a_failed_run_with_its_params(tmp_path, monkeyp
     assert "mlflow_uri" not in got.data.params and "endpoint_url" not in got.data.params
 
 
+def test_relative_data_and_out_are_recorded_as_the_absolute_paths_the_card_has(tmp_path, monkeypatch):
+    uri = mlflow_store(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    spec = TrainSpec(data="data", out="models/unet1/", epochs=1, mlflow_uri=uri)
+    with tracking.mlflow_run(spec, None) as run:
+        pass
+    got = tracking.mlflow_client(uri).get_run(run.run_id)
+    data, out = str(tmp_path / "data"), str(tmp_path / "models" / "unet1")
+    assert got.data.params["data"] == data and got.data.params["out"] == out and got.info.run_name == "unet1"
+    assert got.data.tags["raysegment.data"] == data and got.data.tags["raysegment.out"] == out
+
+
+def test_a_tracking_uri_the_client_refuses_is_one_line_naming_the_fix_before_any_work(tmp_path, monkeypatch):
+    """MLflow picks its store when the client is made: a file store without the opt-in, a SQL store with
+    mlflow-skinny, an unknown scheme were a traceback and exit 1."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed: pip install -e '.[mlflow]'")
+    from raysegment.train.trainer import train
+
+    monkeypatch.delenv(tracking.FILE_STORE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    fixes = {
+        (tmp_path / "mlruns").as_uri(): "MLflow 3 opens a file store only when MLFLOW_ALLOW_FILE_STORE=true is set",
+        "mlruns": "MLFLOW_ALLOW_FILE_STORE=true",  # a relative path is a file store too
+        "bogus://x": r"MLflow has no store for bogus:// URIs; give a tracking server \(http://host:5000\)",
+    }
+    if not tracking._full_mlflow():  # the full package opens SQL stores
+        fixes[f"sqlite:///{tmp_path}/ml.db"] = r"a sqlite store needs the full MLflow package \(pip install mlflow\)"
+    for uri, fix in fixes.items():
+        spec = TrainSpec(data=str(tmp_path / "no-data"), out=str(tmp_path / "out"), mlflow_uri=uri)
+        with pytest.raises(ConfigError, match=fix) as err:
+            train(spec)  # before the data set is read: it does not exist
+        assert err.value.exit_code == 2 and "\n" not in str(err.value)
+        assert str(err.value).startswith(f"--mlflow-uri {uri}: ")
+    assert sorted(os.listdir(tmp_path)) == []  # no store, no OUT
+
+
 def test_an_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed: pip install -e '.[mlflow]'")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

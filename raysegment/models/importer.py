@@ -14,14 +14,17 @@ probabilities must be given (`output`).
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
+import posixpath
 import tempfile
+import zipfile
 from typing import TYPE_CHECKING, Any
 
 from raysegment import __version__, storage
 from raysegment.data import imaging
-from raysegment.errors import ConfigError, DataError
+from raysegment.errors import ConfigError, DataError, StorageError
 from raysegment.models.card import CARD_FILE, MODEL_FILE, SAVED_MODEL_DIR, ModelCard, tree_sha256
 from raysegment.models.loader import download_tree, put_tree, saved_model_as_keras
 from raysegment.train.checkpoint import file_sha256
@@ -30,13 +33,26 @@ if TYPE_CHECKING:
     from raysegment.config import ImportSpec
 
 SAVED_MODEL_PB = "saved_model.pb"
+# A head whose activation (layer, or a layer's `activation`) is one of these outputs probabilities.
+PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "hard_sigmoid")
+MAX_HEAD_STEPS = 1000
+# What `train` writes beside model.keras; its checkpoints go under OUT/{--name}, by default train/.
+TRAINED_FILES = (
+    "metrics.json",
+    "history.csv",
+    "training_curves.png",
+    "confusion_matrix.png",
+    "examples.png",
+    "tensorboard",
+)
+DEFAULT_RUN_NAME = "train"
+EVALUATION_FILES = "eval-*.json"  # `evaluate`'s default --out in the model's folder
 
 
 def import_model(spec: ImportSpec) -> dict[str, Any]:
     """Check the spec's model against the card it describes and write the model directory DEST."""
     out = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
-    if storage.exists(out.child(CARD_FILE)) and not spec.overwrite:
-        raise ConfigError(f"{out.uri} already holds a model; pass --overwrite or choose another DEST")
+    _check_dest(out, spec.overwrite)
     input_size = None if spec.input_size == "native" else tuple(spec.input_size)
     k = len(spec.classes)
     probe = input_size or (2 * spec.size_multiple, 3 * spec.size_multiple)
@@ -50,9 +66,9 @@ def import_model(spec: ImportSpec) -> dict[str, Any]:
             )
         model, endpoint = _load(source, spec.model_file)
         head = _check_output(model, spec.model_file, probe, k)
-        kind = _output_kind(model) if spec.output == "auto" else spec.output
+        kind = _output_kind(model, spec.model_file) if spec.output == "auto" else spec.output
         storage.remove_success(out)
-        for stale in (MODEL_FILE, SAVED_MODEL_DIR):  # --overwrite of a model of the other format
+        for stale in (MODEL_FILE, SAVED_MODEL_DIR, *_evaluations(out)):  # --overwrite: the old model's files
             storage.remove_tree(out.child(stale))
         if saved:
             sha = source_sha = tree_sha256(storage.resolve(source))
@@ -66,6 +82,49 @@ def import_model(spec: ImportSpec) -> dict[str, Any]:
     card.write(out)
     storage.mark_success(out, {"model_id": card.model_id})
     return {"model_id": card.model_id, "out": out.uri, "model_card": card.as_dict()}
+
+
+def _check_dest(out: storage.Location, overwrite: bool) -> None:
+    """DEST takes an import when empty, or holding an imported model and --overwrite is given; never when it
+    is a trained model's folder (export refuses one too): its metrics, history, plots and checkpoints would
+    stay beside the import, describing another model."""
+    trained = _trained_outputs(out)
+    if trained:
+        raise ConfigError(
+            f"{out.uri}: DEST is a trained model's folder (it holds {', '.join(trained)}, which would stay beside "
+            "the import describing another model), refused even with --overwrite; choose another DEST"
+        )
+    if storage.exists(out.child(CARD_FILE)) and not overwrite:
+        raise ConfigError(f"{out.uri} already holds a model; pass --overwrite or choose another DEST")
+
+
+def _trained_outputs(out: storage.Location) -> list[str]:
+    """What `train` wrote in DEST: its files, and its checkpoint folder where DEST's card names a training run
+    (`--name`; a folder `train` alone may be anything)."""
+    names = list(TRAINED_FILES)
+    card = out.child(CARD_FILE)
+    try:
+        training = storage.read_json(card).get("training") if storage.exists(card) else None
+    except (StorageError, AttributeError):
+        training = None  # not a card that train wrote
+    if isinstance(training, dict):
+        run = training.get("name") or DEFAULT_RUN_NAME
+        if isinstance(run, str) and "/" not in run:
+            names.append(run)
+    return [name for name in names if storage.exists(out.child(name))]
+
+
+def _evaluations(out: storage.Location) -> list[str]:
+    """The `evaluate` results (eval-SPLIT.json) DEST holds: of the model an --overwrite replaces."""
+    if not storage.exists(out.child(CARD_FILE)):
+        return []
+    folder = out.path.rstrip("/")
+    found = storage.list_files(out, (".json",))
+    return [
+        posixpath.basename(p)
+        for p in found
+        if posixpath.dirname(p) == folder and fnmatch.fnmatch(posixpath.basename(p), EVALUATION_FILES)
+    ]
 
 
 def _local_source(spec: ImportSpec, tmp: str) -> str:
@@ -95,6 +154,9 @@ def _load(path: str, name: str) -> tuple[Any, str | None]:
         return model, model.layers[-1].call_endpoint  # the TFSMLayer after the input
     import keras
 
+    problem = _not_a_model_file(path, name)
+    if problem:
+        raise DataError(problem)
     try:
         return keras.models.load_model(path, compile=False), None
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's file
@@ -102,6 +164,28 @@ def _load(path: str, name: str) -> tuple[Any, str | None]:
             f"{name}: cannot be loaded by keras.models.load_model ({type(exc).__name__}: {exc}); "
             "save it with Keras 3 model.save(), without Lambda layers or unregistered custom objects"
         ) from None
+
+
+def _not_a_model_file(path: str, name: str) -> str | None:
+    """Why the file cannot be a Keras model, from its name (as Keras reads it: `.keras`, `.h5`/`.hdf5`) and
+    its first bytes; Keras itself says "File not found" for a .keras file that is there but no zip archive."""
+    if path.endswith(".keras"):
+        if zipfile.is_zipfile(path):
+            return None
+        return (
+            f"{name}: not a readable Keras archive (damaged, or not a .keras file: Keras 3 saves a zip archive); "
+            "save the model again with model.save('model.keras')"
+        )
+    if path.endswith((".h5", ".hdf5")):
+        import h5py
+
+        if h5py.is_hdf5(path):
+            return None
+        return f"{name}: not a readable HDF5 file (damaged, or not a legacy .h5 Keras model); save the model again"
+    return (
+        f"{name}: not a .keras or .h5 file; give a Keras 3 model saved with model.save('model.keras') "
+        "(legacy .h5 loads too) or a TensorFlow SavedModel folder"
+    )
 
 
 def _card(
@@ -186,16 +270,61 @@ def _check_output(model, model_file: str, size: tuple[int, int], k: int) -> str:
     )
 
 
-def _output_kind(model) -> str:
-    """'probabilities' when the last layer with an activation (past weightless ones such as upsampling)
-    ends in softmax or sigmoid, else 'logits'."""
-    for layer in reversed(model.layers):
-        kind = type(layer).__name__.lower()
-        if kind in ("softmax", "sigmoid"):
-            return "probabilities"
-        activation = getattr(layer, "activation", None)
-        if activation is not None:
-            return "probabilities" if getattr(activation, "__name__", "") in ("softmax", "sigmoid") else "logits"
-        if layer.weights:
-            break
-    return "logits"
+def _output_kind(model, model_file: str) -> str:
+    """'probabilities' or 'logits', read from the layer that produces the model's output: followed back
+    through weightless one-input layers (upsampling, resizing, dropout: a resized softmax is still one) and
+    into nested models (a Functional or Sequential model used as a layer: a wrapped head is common). A head
+    that does not say (a layer with weights and no activation, a merge, a subclassed model) is refused,
+    naming --output: read as logits, a sigmoid head would mark every pixel foreground."""
+    activation, why = _head_activation(model)
+    if activation is None:
+        raise ConfigError(
+            f"{model_file}: cannot tell whether the model outputs logits or probabilities ({why}); "
+            "pass --output logits or --output probabilities"
+        )
+    return "probabilities" if activation in PROBABILITY_ACTIVATIONS else "logits"
+
+
+def _head_activation(model) -> tuple[str | None, str]:
+    """(the activation that makes the model's output, or None and why it cannot be told), found by following
+    the output tensor back to the layer that decides it."""
+    outputs = _graph_outputs(model)
+    if outputs is None:
+        return None, f"{type(model).__name__} is a subclassed model, without layers to follow"
+    op, node, index = outputs[0]._keras_history
+    for _ in range(MAX_HEAD_STEPS):
+        inner = _graph_outputs(op)
+        if inner is not None:  # a nested model: the layer that makes its own output
+            op, node, index = inner[index]._keras_history
+            continue
+        layer = f"the {type(op).__name__} layer {op.name!r}"
+        if type(op).__name__.lower() in PROBABILITY_ACTIVATIONS:  # the Softmax and Sigmoid layers
+            return type(op).__name__.lower(), ""
+        activation = getattr(op, "activation", None)
+        name = getattr(activation, "__name__", None)
+        if activation is not None and name is None:
+            return None, f"its output comes from {layer}, whose activation is not one of Keras'"
+        if name is not None and (op.weights or name != "linear"):  # Activation("linear") passes values on
+            return name, ""
+        if op.weights:
+            return None, f"its output comes from {layer}, which has weights and no activation"
+        inputs = op._inbound_nodes[node].input_tensors if op._inbound_nodes else []
+        if not inputs:
+            return None, f"its output is the input {layer}"
+        if len(inputs) != 1:
+            return None, f"its output comes from {layer}, which merges {len(inputs)} inputs"
+        op, node, index = inputs[0]._keras_history
+    return None, f"no activation within {MAX_HEAD_STEPS} layers of the output"
+
+
+def _graph_outputs(layer) -> list[Any] | None:
+    """A Functional or Sequential model's output tensors; None for a plain layer or a subclassed model."""
+    import keras
+
+    if not isinstance(layer, keras.Model):
+        return None
+    try:
+        outputs = layer.outputs
+    except (AttributeError, ValueError):
+        return None
+    return outputs or None

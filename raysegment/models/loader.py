@@ -15,6 +15,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import zipfile
 from typing import Any
 
 from raysegment import storage
@@ -39,6 +40,11 @@ def load_model(model_dir: storage.Location, card: ModelCard, precision: str = "f
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, MODEL_FILE)
         storage.download_file(card.model_location(model_dir), local)
+        if not zipfile.is_zipfile(local):  # Keras itself says "File not found" for a file that is there
+            raise DataError(
+                f"{card.model_location(model_dir).uri}: not a readable Keras archive (damaged, or not a .keras "
+                "file: Keras 3 saves a zip archive); train or import the model again"
+            )
         try:
             model = keras.models.load_model(local, compile=False)
         except Exception as exc:  # a damaged or foreign file (its hash can be rewritten with it): one line

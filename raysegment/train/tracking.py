@@ -23,6 +23,7 @@ overlays, so a finished run's events equal history.csv.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -30,6 +31,7 @@ import os
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,9 @@ EXAMPLES_TAG = "val/examples"
 MLFLOW_EXTRA = "pip install 'raysegment[mlflow]'"
 MLFLOW_EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "raysegment"
+FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SERVER_EXAMPLE = "http://host:5000"
 # OUT's files an MLflow run keeps: the model and its card under model/, the rest at the top.
 MODEL_ARTIFACTS = ("model.keras", "model.json")
 RUN_ARTIFACTS = ("metrics.json", "history.csv", "training_curves.png", "confusion_matrix.png", "examples.png")
@@ -192,14 +197,51 @@ class LiveLog:
 
 
 def mlflow_client(uri: str) -> Any:
-    """An MlflowClient for the tracking URI; ConfigError (exit 2) naming the extra when MLflow is missing."""
+    """An MlflowClient for the tracking URI; ConfigError (exit 2) naming the extra when MLflow is missing, and
+    naming the fix when the installed client cannot use the URI (MLflow picks the store when the client is
+    made, so `train` learns it before any work)."""
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
         raise ConfigError(
             f"--mlflow-uri needs the MLflow client, which is not installed: {MLFLOW_EXTRA} (mlflow-skinny)"
         ) from exc
-    return MlflowClient(tracking_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as exc:  # noqa: BLE001 - a store MLflow refuses for this URI: the user's to fix
+        raise ConfigError(unusable_uri(uri, exc)) from exc
+
+
+def unusable_uri(uri: str, exc: Exception) -> str:
+    """One line for a tracking URI the installed MLflow client refuses: the URI and the fix."""
+    shown = f"--mlflow-uri {storage.redact(uri)}"
+    said = " ".join(str(exc).split())
+    scheme = urllib.parse.urlparse(uri).scheme.split("+", 1)[0].lower()
+    if scheme in ("", "file") and FILE_STORE_ENV in said:
+        return (
+            f"{shown}: MLflow 3 opens a file store only when {FILE_STORE_ENV}=true is set; set it, or give a "
+            f"tracking server ({SERVER_EXAMPLE})"
+        )
+    if scheme in SQL_SCHEMES and not _full_mlflow():
+        return (
+            f"{shown}: a {scheme} store needs the full MLflow package (pip install mlflow); the installed "
+            f"mlflow-skinny client has no SQL store. Or give a tracking server ({SERVER_EXAMPLE})"
+        )
+    if scheme not in ("", "file", "http", "https", *SQL_SCHEMES) and "unsupported uri" in said.lower():
+        return (
+            f"{shown}: MLflow has no store for {scheme}:// URIs; give a tracking server ({SERVER_EXAMPLE}), "
+            f"file:///absolute/dir (with {FILE_STORE_ENV}=true) or databricks"
+        )
+    return f"{shown}: the MLflow client cannot use it ({type(exc).__name__}: {said[:300]})"
+
+
+def _full_mlflow() -> bool:
+    """Whether the full `mlflow` package (SQL stores) is installed, not only mlflow-skinny."""
+    try:
+        importlib.metadata.version("mlflow")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -216,10 +258,16 @@ def mlflow_errors(uri: str, doing: str) -> Iterator[None]:
         ) from exc
 
 
+def run_uri(uri: str, spec: TrainSpec) -> str:
+    """DATA or OUT as the model card records it (absolute; s3:// as resolved), without credentials: a relative
+    path means nothing to a shared tracking server."""
+    return storage.redact(storage.resolve(uri, spec.endpoint_url).uri)
+
+
 def run_params(spec: TrainSpec, plan: dict[str, Any] | None) -> dict[str, str]:
     """The trained spec's values (the plan's filled in) and the plan in brief, as MLflow params."""
     values = spec.model_dump(exclude={"endpoint_url", "mlflow_uri"})
-    values["data"], values["out"] = storage.redact(spec.data), storage.redact(spec.out)
+    values["data"], values["out"] = run_uri(spec.data, spec), run_uri(spec.out, spec)
     params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in values.items()}
     if plan is not None:
         params["plan.auto"] = ",".join(plan["auto"])
@@ -244,10 +292,11 @@ class MlflowRun:
         with mlflow_errors(uri, f"create a run in experiment {name!r}"):
             experiment = client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+            out = run_uri(spec.out, spec)
             run = client.create_run(
                 experiment_id,
-                run_name=os.path.basename(spec.out.rstrip("/")) or spec.name,
-                tags={"raysegment.out": storage.redact(spec.out), "raysegment.data": storage.redact(spec.data)},
+                run_name=os.path.basename(out.rstrip("/")) or spec.name,
+                tags={"raysegment.out": out, "raysegment.data": run_uri(spec.data, spec)},
             )
             run_id = run.info.run_id
             params = [Param(k, v) for k, v in run_params(spec, plan).items()]

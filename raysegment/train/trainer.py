@@ -105,7 +105,8 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     """Run distributed training and write OUT/model.keras, model.json and metrics.json."""
     t0 = time.time()
     if spec.mlflow_uri:
-        tracking.mlflow_client(spec.mlflow_uri)  # a missing MLflow package fails here, before any work
+        # A missing MLflow package, or a URI the installed client refuses, is one ConfigError here, before any work.
+        tracking.mlflow_client(spec.mlflow_uri)
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
