@@ -430,9 +430,9 @@ def report(
 
     with session("report", run_uri, as_json) as s:
         r = write_run_report(run_uri, run_id, samples, endpoint_url, storage_retry_s)
+        which = f"run {r['run_id']}" if r["run_id"] else "an output without a run record (killed or running)"
         lines = [
-            f"report for run {r['run_id']}: {r['rows']} rows ({r['ok']} ok, {r['error']} errors), "
-            f"{r['samples']} overlays",
+            f"report for {which}: {r['rows']} rows ({r['ok']} ok, {r['error']} errors), {r['samples']} overlays",
             f"  {r['report']}",
             f"  {r['overlays']}",
         ]

@@ -293,7 +293,7 @@ class TrainSpec(Spec):
     )
     mlflow_uri: str | None = Field(
         None,
-        description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///dir): log params, "
+        description="MLflow tracking URI (http://host:5000, or file:///dir with MLFLOW_ALLOW_FILE_STORE=true): log params, "
         "per-epoch metrics, the plan, the model card and the model there (extra: raysegment[mlflow])",
     )
 
@@ -521,7 +521,10 @@ class NightlySpec(InferOptions):
             # drift check would compare real nights against it; one day of slack for zones ahead of UTC.
             tomorrow = datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1)
             if day > tomorrow:
-                raise ValueError(f"{v} is in the future; a night's date is today (UTC, the default) or an earlier one")
+                raise ValueError(
+                    f"{v} is after tomorrow ({tomorrow}, UTC); a night's date is at most tomorrow's in UTC (a day "
+                    "of slack for time zones ahead of UTC); the default is today's"
+                )
         return v
 
     @model_validator(mode="after")

@@ -13,10 +13,12 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import click
 
@@ -186,34 +188,88 @@ def _error_json(kind: str, err: BaseException, exit_code: int, s: Session | None
 
 
 INTERRUPTED = 130  # exit code after Ctrl-C
+TERMINATED = 143  # exit code after SIGTERM (128 + 15, as shells report it)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd stop, Kubernetes, `ray job stop`), raised in the main thread. A KeyboardInterrupt, so
+    the stack unwinds as after Ctrl-C (`with` blocks release their locks, no `except Exception` takes it for
+    a job's error), and so Ray passes it on: a signal handler's exception inside `ray.get`/`ray.wait` comes
+    out of them as a plain KeyboardInterrupt (any other BaseException is dropped there, a SystemExit turns
+    into SystemExit(1)). `_sigterm_seen` tells handle_errors which signal it was."""
+
+
+_sigterm_armed = 0  # how many handle_errors calls are running (the handler is ours while any is)
+_sigterm_seen = False
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    global _sigterm_seen
+    _sigterm_seen = True
+    raise Terminated
+
+
+def rearm_sigterm() -> None:
+    """Make SIGTERM ours again inside a command: `ray.init` installs Ray's driver handler, which calls
+    sys.exit(15) (exit 15, no line, nothing on stdout under --json). `init_ray` calls this after it."""
+    if _sigterm_armed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Meanwhile SIGTERM raises Terminated (signal handlers can be set in the main thread only)."""
+    global _sigterm_armed, _sigterm_seen
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    _sigterm_armed += 1
+    _sigterm_seen = False
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        _sigterm_armed -= 1
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def _stopped(fn: Callable[..., Any], kwargs: dict[str, Any], how: str, exit_code: int) -> NoReturn:
+    """End a command stopped from outside (Ctrl-C, SIGTERM): one line saying what is kept, under --json the
+    one error object, and the exit code a shell gives that signal, so a scheduler tells "stopped" from
+    "failed"."""
+    s = _last
+    kind = s.kind if s is not None else fn.__name__.replace("_", " ")
+    text = (
+        f"{how}: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
+        "and train go on where they stopped)"
+    )
+    click.echo(text, err=True)
+    if kwargs.get("as_json") or (s is not None and s.as_json):  # a script still reads one object
+        print_json(
+            {"command": kind, "exit_code": exit_code, "error": text, "log_file": s.log_path if s else None},
+            s.results if s is not None else sys.stdout,
+        )
+    sys.exit(exit_code)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print user-fixable errors as one line (exit 2; 3 for a failed job, with the log's path), no traceback.
 
-    Under `--json` (an `as_json` argument) the error is also the one JSON object on stdout."""
+    Under `--json` (an `as_json` argument) the error is also the one JSON object on stdout. Ctrl-C exits 130
+    and SIGTERM 143, each with one line (and object) saying the command stopped."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         global _last
         _last = None
         try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            # 130, as shells report SIGINT: a scheduler tells "stopped" from "failed" (click said "Aborted!", 1).
-            s = _last
-            kind = s.kind if s is not None else fn.__name__.replace("_", " ")
-            text = (
-                f"interrupted: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
-                "and train go on where they stopped)"
-            )
-            click.echo(text, err=True)
-            if kwargs.get("as_json") or (s is not None and s.as_json):  # a script still reads one object
-                print_json(
-                    {"command": kind, "exit_code": INTERRUPTED, "error": text, "log_file": s.log_path if s else None},
-                    s.results if s is not None else sys.stdout,
-                )
-            sys.exit(INTERRUPTED)
+            with _sigterm_raises():
+                return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            # click alone said "Aborted!" and exited 1, a code that reads as a failure.
+            term = isinstance(exc, Terminated) or _sigterm_seen
+            _stopped(fn, kwargs, *(("terminated (SIGTERM)", TERMINATED) if term else ("interrupted", INTERRUPTED)))
         except Exception as exc:
             err, s = user_error(exc), _last
             as_json = bool(kwargs.get("as_json") or (s is not None and s.as_json))

@@ -6,7 +6,7 @@ their CPU needs come from `registry.py`. Inside a submitted job Ray sets
 RAY_ADDRESS, so init_ray joins the cluster. The job logs (`ray job logs`) show
 progress lines and the closing summary; RAYSEGMENT_LOG_LEVEL=INFO or DEBUG in the
 job's env brings the full logs back. Exit codes: 0 ok, 2 user error,
-3 failed job, 4 nightly drift flagged, 5 nightly lock held.
+3 failed job, 4 nightly drift flagged, 5 nightly lock held, 143 stopped by SIGTERM (`ray job stop`).
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ REPORT_FILE = "report.html"
 OVERLAYS_FILE = "overlays.png"
 TILE = 256  # px: overlay thumbnails, in the page and in overlays.png
 COLUMNS = 4
+# The status of a run without a run record (killed, or still running): a string like a record's
+# "succeeded"/"failed", so a script reading --json compares strings.
+UNFINISHED = "unfinished"
 CONTAINERS = (*ARCHIVE_EXTENSIONS, ".parquet")
 
 
@@ -230,7 +233,7 @@ def _num(value: Any) -> str:
 
 
 def _meta_html(output: storage.Location, record: RunRecord | None) -> str:
-    status = record.status if record else "no run record (killed or still running?)"
+    status = record.status if record else f"{UNFINISHED}: no run record (killed or still running?)"
     rows = [
         ("output", storage.redact(output.uri)),
         ("input", record.input if record else ""),
@@ -348,6 +351,22 @@ def render_html(
     )
 
 
+def _scan(output: storage.Location, samples: int, run_id: str | None) -> Scan:
+    """The summaries' scan; a nightly OUTPUT (no summaries of its own, date partitions) is refused with the
+    partition to give instead."""
+    try:
+        return scan_summaries(output, samples, run_id)
+    except DataError:
+        if storage.exists(output.child(layout.SUMMARIES)):
+            raise
+        from raysegment.inference.compact import nightly_partition_fix
+
+        fix = nightly_partition_fix(output, "report")
+        if fix is None:
+            raise
+        raise DataError(fix) from None
+
+
 def write_run_report(
     output_uri: str,
     run_id: str | None = None,
@@ -371,7 +390,7 @@ def write_run_report(
         if asked is not None and ("/" in asked or ".." in asked or not asked.strip()):
             raise DataError(f"--run-id {asked!r}: a run id names a file under runs/; see OUTPUT/runs/")
         run_id, record = layout.find_run(output, run_id)
-    scan = scan_summaries(output, samples, run_id)
+    scan = _scan(output, samples, run_id)
     if record is None and asked is not None and not storage.exists(output.child(layout.SUMMARIES, f"run={asked}")):
         # Neither a record nor a summary of it (a killed run has the latter): a mistyped id, which replaced
         # report.html with one that said "no run record".
@@ -394,7 +413,7 @@ def write_run_report(
         "report": output.child(REPORT_FILE).uri,
         "overlays": output.child(OVERLAYS_FILE).uri,
         "run_id": run_id,
-        "status": record.status if record else None,
+        "status": record.status if record else UNFINISHED,
         "rows": scan.rows,
         "ok": scan.ok,
         "error": scan.error,

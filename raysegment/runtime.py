@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from raysegment import logs
+from raysegment import console, logs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def init_ray(min_cpus: int = 0) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **quiet)
     else:
         ray.init(num_cpus=max(cores(), min_cpus), **quiet)
+    console.rearm_sigterm()  # ray.init made SIGTERM sys.exit(15): a command ends it as it ends Ctrl-C
     log.info("Ray's own logs (workers, Ray Train, Ray Data): %s on the head node", _ray_logs_dir())
     if logs.current is not None:
         # Disconnect before the command's output is printed: Ray's driver thread prints cluster

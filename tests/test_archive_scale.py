@@ -200,6 +200,43 @@ def test_compaction_merges_finished_runs_and_keeps_every_row_once(ray_cluster, t
     assert again["files_after"] == 1 and committed_keys(out) == keys
 
 
+def test_a_killed_run_that_a_later_run_checked_is_compacted_as_finished(ray_cluster, tmp_path):
+    """A killed run never gets a run record, so every compaction left its files and advised "re-run infer",
+    which could not help: the run that resumed it wrote _SUCCESS after checking every row of OUTPUT. With
+    _SUCCESS there and no run holding OUTPUT's run lock, its files are merged as a finished run's."""
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+    from raysegment.inference.pipeline import RUN_LOCK_STALE_S
+    from raysegment.lock import RunLock
+
+    out = storage.resolve(str(tmp_path / "out"))
+    keys = [f"k{i:03d}" for i in range(64)]
+    write_runs(out, {"r1-killed": [keys[i : i + 8] for i in range(0, 32, 8)]}, records=False)
+    write_runs(out, {"r2": [keys[i : i + 8] for i in range(32, 64, 8)]})
+
+    # No _SUCCESS (the resumed run failed, or none ran yet): the killed run's files stay, and the note says
+    # what merges them.
+    r = compact(CompactSpec(output=out.uri, summary_rows=1000))
+    assert (r["unfinished_runs_left"], r["killed_runs_checked"], r["merged_files"]) == (["r1-killed"], [], 4)
+
+    # _SUCCESS, but an infer holds the run lock (it removes _SUCCESS next): nothing is taken as checked.
+    layout.mark_complete(out, "r2")
+    with RunLock(out.child(layout.RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT"):
+        r = compact(CompactSpec(output=out.uri, summary_rows=1000))
+        assert (r["unfinished_runs_left"], r["killed_runs_checked"]) == (["r1-killed"], [])
+        assert (tmp_path / "out" / layout.RUN_LOCK).exists()  # still the running infer's
+
+    result = CliRunner().invoke(main, ["compact", out.uri, "--summary-rows", "1000", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert (r["unfinished_runs_left"], r["killed_runs_checked"], r["merged_files"]) == ([], ["r1-killed"], 5)
+    assert "compacted the files of 1 killed runs (no run record) as finished" in result.stderr
+    assert "re-run infer" not in result.stderr
+    assert len(layout.summary_files(out)) == 1 and committed_keys(out) == keys
+    assert not (tmp_path / "out" / layout.RUN_LOCK).exists()  # held for the look only
+
+
 def test_a_compaction_killed_before_its_deletes_is_read_once_and_finished_next_time(ray_cluster, tmp_path):
     out = storage.resolve(str(tmp_path / "out"))
     keys = [f"k{i:03d}" for i in range(64)]

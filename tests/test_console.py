@@ -13,6 +13,8 @@ import json
 import os
 import pty
 import re
+import select
+import signal
 import struct
 import subprocess
 import sys
@@ -325,3 +327,80 @@ def test_ctrl_c_under_json_still_prints_one_object(capsys):
     out = json.loads(capsys.readouterr().out)
     assert stopped.value.code == INTERRUPTED and out["exit_code"] == INTERRUPTED and out["command"] == "infer"
     assert "run the same command again" in out["error"]
+
+
+# A command that holds OUTPUT's run lock in a `with` block (as infer does), says it is ready through the FIFO
+# it is given, and waits until a signal ends it: with Ray, in `ray.get` of a task that says so (Ray checks
+# for signals there itself); without, on stdin, which the test never writes.
+STOPPABLE = """
+import os, sys, threading
+import ray
+from raysegment import storage
+from raysegment.console import handle_errors, session
+from raysegment.lock import RunLock
+
+out, ready, with_ray = sys.argv[1], sys.argv[2], sys.argv[3] == "ray"
+
+def say_ready(fifo):
+    with open(fifo, "w") as f:
+        f.write("ready")
+
+@ray.remote
+def hold(fifo):
+    say_ready(fifo)
+    threading.Event().wait()
+
+@handle_errors
+def infer(as_json):
+    with session("infer", out, as_json=as_json):
+        if with_ray:
+            from raysegment.runtime import init_ray
+            init_ray()  # installs Ray's driver SIGTERM handler
+        with RunLock(storage.resolve(out).child("_infer.lock"), 3600):
+            if with_ray:
+                ray.get(hold.remote(ready))
+            else:
+                say_ready(ready)
+                os.read(0, 1)
+
+infer(as_json=True)
+"""
+
+
+@pytest.mark.parametrize("with_ray", ["no-ray", "ray"])
+def test_sigterm_exits_143_with_one_line_and_object_after_the_locks_are_released(with_ray, request, tmp_path):
+    """SIGTERM (systemd stop, Kubernetes, `ray job stop`) ended a command with Ray's driver handler's
+    sys.exit(15) (exit 1 inside `ray.get`), or before ray.init killed it outright: no line, nothing on stdout
+    under --json, and without Ray a run lock left behind. It now ends a command as Ctrl-C does, exit 143."""
+    from raysegment.console import TERMINATED
+
+    env = request.getfixturevalue("ray_cluster").env if with_ray == "ray" else dict(os.environ)
+    out, fifo = tmp_path / "out", tmp_path / "ready"
+    os.mkfifo(fifo)
+    ready = os.open(fifo, os.O_RDWR)  # never blocks, never EOF: the deadline below is the only wait
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPABLE, str(out), str(fifo), with_ray],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if not select.select([ready], [], [], 120)[0]:
+            proc.kill()
+            pytest.fail(f"the command never got ready: {proc.communicate()[1][-3000:]}")
+        assert os.read(ready, 5) == b"ready"
+        assert (out / "_infer.lock").exists()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        os.close(ready)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == TERMINATED == 143, stderr[-3000:]
+    assert "terminated (SIGTERM): infer stopped; what it finished is kept: run the same command again" in stderr
+    result = json.loads(stdout)
+    assert (result["command"], result["exit_code"]) == ("infer", 143) and result["log_file"]
+    assert not (out / "_infer.lock").exists()  # the `with` block ran its exit: the lock is released

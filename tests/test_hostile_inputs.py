@@ -6,6 +6,7 @@ is one error; every storage call of nightly and the lock keeps the job's deadlin
 age is the store's, not its writer's clock.
 """
 
+import datetime
 import io
 import json
 import os
@@ -376,9 +377,18 @@ def test_nightly_refuses_colliding_keys_before_inference(tiny_model, tmp_path):
 # --- specs, keys, clocks, deadlines (no Ray) ---------------------------------------------------------
 
 
-def test_a_night_in_the_future_is_refused():
-    with pytest.raises(ConfigError, match="date': 9999-12-31 is in the future"):
-        load_spec(NightlySpec, overrides={"model": "m", "input": "/in", "output": "/out", "date": "9999-12-31"})
+def test_a_night_after_tomorrow_is_refused_with_the_rule_it_breaks():
+    """The day after tomorrow was refused as "in the future; a night's date is today ... or an earlier one",
+    while tomorrow (also in the future) passed: the message contradicted the rule it enforced."""
+    tomorrow = datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1)
+    spec = {"model": "m", "input": "/in", "output": "/out"}
+    assert load_spec(NightlySpec, overrides={**spec, "date": tomorrow.isoformat()}).date == tomorrow.isoformat()
+    after = (tomorrow + datetime.timedelta(days=1)).isoformat()
+    with pytest.raises(ConfigError) as refused:
+        load_spec(NightlySpec, overrides={**spec, "date": after})
+    assert f"date': {after} is after tomorrow ({tomorrow}, UTC); a night's date is at most tomorrow's in UTC" in str(
+        refused.value
+    )
 
 
 def test_keys_with_empty_segments_are_unsafe():

@@ -8,6 +8,7 @@ run the real pipeline on the tiny model and open the page in headless Chromium.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -281,6 +282,43 @@ def test_report_without_source_images_or_run_record(tmp_path):
 def test_report_of_an_empty_output_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no inference summaries"):
         report.write_run_report(str(tmp_path))
+
+
+def test_a_run_without_a_record_has_status_unfinished(tmp_path):
+    """A killed run's output (no run record) gave `"status": null` under --json, where every other report's
+    status is a string: a script comparing strings failed on it."""
+    out = storage.resolve(str(tmp_path / "out"))
+    make_output(out, storage.resolve(str(tmp_path / "in")))
+    storage.remove_tree(out.child("runs"))
+    storage.remove_success(out)
+    res = CliRunner().invoke(main, ["report", out.uri, "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert (result["status"], result["run_id"]) == ("unfinished", None)
+    assert "report for an output without a run record (killed or running): 8 rows" in res.stderr
+
+
+def test_report_and_compact_of_a_nightly_output_name_its_latest_partition(tmp_path):
+    """Given a nightly OUTPUT (date partitions, ledger/, reports/) instead of one of its partitions, `report`
+    said "run `raysegment infer`" and `compact` "nothing to compact": the fix is a partition."""
+    from raysegment.config import CompactSpec
+    from raysegment.inference.compact import compact
+
+    nightly = tmp_path / "nightly"
+    for date in ("2026-12-01", "2026-12-03"):
+        make_output(storage.resolve(str(nightly / f"date={date}")), storage.resolve(str(tmp_path / "in")))
+    (nightly / "ledger").mkdir()
+    (nightly / "reports").mkdir()
+    latest = f"{nightly}/date=2026-12-03 (the latest)"
+    with pytest.raises(DataError) as refused:
+        report.write_run_report(str(nightly))
+    assert str(refused.value) == (
+        f"{nightly}: a nightly OUTPUT (2 date partitions), not one infer output; give a partition: "
+        f"raysegment report {latest}"
+    )
+    with pytest.raises(DataError, match=re.escape(f"give a partition: raysegment compact {latest}")):
+        compact(CompactSpec(output=str(nightly)))
+    assert not (nightly / "report.html").exists()
 
 
 def test_report_command(tmp_path):
