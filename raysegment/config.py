@@ -195,6 +195,8 @@ class PrepareSpec(Spec):
             flags = " and ".join("--" + f.replace("_", "-") for f in given)
             raise ValueError(f"{flags} are different ways to read masks; give one of them")
         k = self.num_classes or (len(self.class_names) if self.class_names else None)
+        if self.mask_zero == "ignore" and (k or 0) >= IGNORE_INDEX:
+            raise ValueError("--mask-zero ignore makes at most 254 classes: value 255 stays ignore")
         if self.mask_threshold is not None and k not in (None, 2):
             raise ValueError(f"--mask-threshold makes two classes (0 and 1), not {k}")
 

@@ -205,6 +205,8 @@ _sigterm_seen = False
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     global _sigterm_seen
+    if _sigterm_seen:  # a second one (some supervisors repeat it) while the first unwinds: locks go first
+        return
     _sigterm_seen = True
     raise Terminated
 

@@ -37,3 +37,6 @@ class RunFailed(JobError):
     def __init__(self, message: str, record: dict) -> None:
         super().__init__(message)
         self.record = record
+
+    def __reduce__(self) -> tuple:  # pickled (a Ray task's error) with its record
+        return (RunFailed, (str(self), self.record))

@@ -289,15 +289,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             "unfinished_partitions": unfinished_partitions(output, date),
         }
         if report["unfinished_partitions"]:
-            shown = ", ".join(report["unfinished_partitions"][:3])
-            more = len(report["unfinished_partitions"]) - 3
-            progress.warn(
-                log,
-                "nightly",
-                f"{shown}{f' and {more} more' if more > 0 else ''} have no _SUCCESS (a run failed or was "
-                "killed): their images were not recorded in the ledger, so a later night redoes them; skip or "
-                "remove those partitions when reading the output",
-            )
+            progress.warn(log, "nightly", _unfinished_note(output, report["unfinished_partitions"]))
         try:
             refuse_collisions(night.clashes)
             if missing and not spec.allow_empty_input:
@@ -339,8 +331,9 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
             _counted(report, record)
             report["status"] = "ok"
             _append_ledger(output, todo, _partition_rows(partition), card.model_sha256, date, record["run_id"], stamp)
-        if is_complete(partition):
-            # The report describes the whole date partition, also on a second run the same day.
+        if report["status"] != "deferred" and is_complete(partition):
+            # The report describes the whole date partition, also on a second run the same day (not another
+            # model's partition, whose figures this model's class names would mislabel).
             rows = _partition_rows(partition)
             report["partition"] = storage.redact(partition.uri)
             report["partition_rows"] = {"total": rows.num_rows, "ok": _count(rows["status"], "ok")}
@@ -382,13 +375,12 @@ def _same_date_rerun(
     resumes); an image changed since has its row dropped, so it is masked again (a stale mask recorded
     as current, or a fixed image left an error, before). A partition of another model's rows cannot take
     this model's: the work is deferred to the next night's partition."""
-    from raysegment.inference import compact
-    from raysegment.inference.output import consistent, mark_incomplete, summary_tables
+    from raysegment.inference import compact, resume
+    from raysegment.inference.output import mark_incomplete
 
     if not todo.num_rows or not storage.exists(partition.child("summaries")):
         return todo
-    rows = pa.concat_tables(consistent(lambda: list(summary_tables(partition, ["key", "model_sha256"]))) or [_NO_ROWS])
-    others = sorted(set(pc.unique(rows["model_sha256"]).to_pylist()) - {model, None})
+    others = sorted(resume.build(partition).models - {model})  # by tasks, as infer's own check
     if others:
         moved = {c: _count(todo["change"], c) for c in ("new", "changed")}
         counts.update(new=counts["new"] - moved["new"], changed=counts["changed"] - moved["changed"])
@@ -405,24 +397,24 @@ def _same_date_rerun(
     earlier = _earlier_listing(partition)
     if earlier is None:
         return todo
+    # Keys listed before with another size or version; one without a row in the partition drops nothing.
     now = todo.select(["key", "size", "version"]).join(earlier, "key", join_type="inner", right_suffix="_then")
-    now = now.filter(pc.is_in(now["key"], rows["key"]))
     moved = pc.or_(
         pc.not_equal(now["size"], now["size_then"]),
         pc.not_equal(pc.fill_null(now["version"], ""), pc.fill_null(now["version_then"], "")),
     )
     stale = now.filter(pc.fill_null(moved, True))["key"].to_pylist()
     if stale:
-        mark_incomplete(partition)
-        dropped = compact.drop_key_rows(partition, stale)
-        progress.note(
-            f"nightly: {len(stale)} images changed since an unfinished run of this date masked them: their "
-            f"{dropped} rows dropped, they are masked again"
-        )
+        # The lock first, as infer's --retry-errors: a compaction holding it refuses this before _SUCCESS goes.
+        with compact.rewrite_lock(partition):
+            mark_incomplete(partition)
+            dropped = compact.drop_key_rows(partition, stale, held=True)
+        if dropped:
+            progress.note(
+                f"nightly: {dropped} images changed since an unfinished run of this date masked them: their rows "
+                "are dropped, and they are masked again"
+            )
     return todo
-
-
-_NO_ROWS = pa.table({"key": pa.array([], pa.string()), "model_sha256": pa.array([], pa.string())})
 
 
 def _earlier_listing(partition: storage.Location) -> pa.Table | None:
@@ -433,14 +425,13 @@ def _earlier_listing(partition: storage.Location) -> pa.Table | None:
         return None
     tables = []
     for order, path in enumerate(sorted(storage.parquet_files(root))):
-        table = storage.read_table(root, path)
-        if "size" in table.column_names:
-            tables.append(
-                table.select(["key", "size", "version"]).append_column("order", pa.array([order] * len(table)))
-            )
+        table = storage.read_table(root, path)  # one list at a time: its uri column is let go at once
+        if "size" in table.column_names:  # lists written before sizes were recorded say nothing
+            table = table.select(["key", "size", "version"])
+            tables.append(table.append_column("order", pa.array(np.full(len(table), order, np.int32))))
     if not tables:
         return None
-    listed = pa.concat_tables(tables).sort_by([("order", "ascending")])
+    listed = pa.concat_tables(tables)  # in stamp order already
     latest = listed.group_by("key", use_threads=False).aggregate([("size", "last"), ("version", "last")])
     return latest.select(["key", "size_last", "version_last"]).rename_columns(["key", "size", "version"])
 
@@ -454,6 +445,31 @@ def unfinished_partitions(output: storage.Location, date: str) -> list[str]:
     with ThreadPoolExecutor(16) as pool:
         complete = list(pool.map(lambda n: is_complete(output.child(n)), names))
     return [n for n, done in zip(names, complete) if not done]
+
+
+def _unfinished_note(output: storage.Location, names: list[str]) -> str:
+    """What an unfinished partition holds, by its date's report: a date whose report records a run that
+    processed images has ledger rows pointing at that partition's masks (a re-run of the date failed or was
+    killed after), so it is kept; one without has no ledger rows, so a later night redoes its images."""
+    reports = output.child("reports")
+    kept = [n for n in names if _processed(_earlier_report(reports.child(f"{n.removeprefix('date=')}.json")) or {})]
+    dropped = [n for n in names if n not in kept]
+
+    def shown(part: list[str]) -> str:
+        return ", ".join(part[:3]) + (f" and {len(part) - 3} more" if len(part) > 3 else "")
+
+    notes = []
+    if dropped:
+        notes.append(
+            f"{shown(dropped)} have no _SUCCESS (a night failed or was killed): their images were not recorded in "
+            "the ledger, so a later night redoes them; skip or remove those partitions when reading the output"
+        )
+    if kept:
+        notes.append(
+            f"{shown(kept)} have no _SUCCESS (a re-run of the date failed or was killed after its night recorded "
+            "images): the ledger points at masks there, so keep them; run nightly with that --date to finish them"
+        )
+    return "; ".join(notes)
 
 
 def _append_ledger(

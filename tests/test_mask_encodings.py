@@ -440,6 +440,8 @@ def test_mask_zero_ignore_reads_ade20k_style_masks(ray_cluster, tmp_path):
         load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_values": "0:0", "mask_zero": "ignore"})
     with pytest.raises(ConfigError, match="--mask-zero only apply to --layout pairs"):
         load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "layout": "voc", "mask_zero": "ignore"})
+    with pytest.raises(ConfigError, match="at most 254 classes: value 255 stays ignore"):
+        load_spec(PrepareSpec, None, {"source": "s", "dest": "d", "mask_zero": "ignore", "num_classes": 255})
 
     src, want = tmp_path / "src", {}
     for i in range(3):

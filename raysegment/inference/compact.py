@@ -180,10 +180,11 @@ def drop_error_rows(output: storage.Location, held: bool = False) -> int:
     return _drop_rows(output, None, held)
 
 
-def drop_key_rows(output: storage.Location, keys: list[str]) -> int:
+def drop_key_rows(output: storage.Location, keys: list[str], held: bool = False) -> int:
     """`nightly`: take the rows of these keys out of OUTPUT's summaries (their images changed since an
-    unfinished attempt wrote them), as `drop_error_rows` takes error rows; the rows dropped."""
-    return _drop_rows(output, pa.array(keys, pa.string()), held=False) if keys else 0
+    unfinished attempt wrote them), as `drop_error_rows` takes error rows; the rows dropped. `held`: the
+    caller holds `rewrite_lock` already."""
+    return _drop_rows(output, pa.array(keys, pa.string()), held) if keys else 0
 
 
 def _drop_rows(output: storage.Location, keys: pa.Array | None, held: bool) -> int:

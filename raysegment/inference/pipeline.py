@@ -315,7 +315,8 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
         now = f" ({counts.error} of {counts.processed} in this run)" if counts.processed != done.rows else ""
         problems.append(
             f"{failed} of {done.rows} images failed{now}, over --max-error-fraction {spec.max_error_fraction}: "
-            "their `error` column (or `raysegment report`) says why; fix them, then re-run with --retry-errors"
+            "their `error` column (or `raysegment report`) says why; fix them, then re-run with --retry-errors "
+            "(nightly: fix or replace the images; a changed image is masked again)"
         )
     if not run.lock.still_held():
         problems.append(
