@@ -436,12 +436,17 @@ def _earlier_listing(partition: storage.Location) -> pa.Table | None:
     return latest.select(["key", "size_last", "version_last"]).rename_columns(["key", "size", "version"])
 
 
+def partitions(output: storage.Location) -> list[str]:
+    """The names of OUTPUT's date partitions (`date=YYYY-MM-DD`), oldest first."""
+    return [n for n in storage.folders(output) if PARTITION.fullmatch(n)]
+
+
 def unfinished_partitions(output: storage.Location, date: str) -> list[str]:
     """Earlier date partitions without _SUCCESS: a failed or killed night's, whose rows a reader of the
     partitions must skip (their images have no ledger rows, so a later night redoes them)."""
     from raysegment.inference.output import is_complete
 
-    names = [n for n in storage.folders(output) if (m := PARTITION.fullmatch(n)) and m.group(1) < date]
+    names = [n for n in partitions(output) if n < partition_name(date)]
     with ThreadPoolExecutor(16) as pool:
         complete = list(pool.map(lambda n: is_complete(output.child(n)), names))
     return [n for n, done in zip(names, complete) if not done]

@@ -113,9 +113,9 @@ def nightly_partition_fix(output: storage.Location, command: str) -> str | None:
     """The fix for `compact` or `report` given a nightly OUTPUT (date=YYYY-MM-DD partitions, each one night's
     infer output, beside ledger/ and reports/) instead of one infer output: a partition, the latest named.
     None when OUTPUT holds no partition."""
-    from raysegment.nightly import PARTITION  # nightly imports this module
+    from raysegment.nightly import partitions  # nightly imports this module
 
-    names = [n for n in storage.folders(output) if PARTITION.fullmatch(n)]
+    names = partitions(output)
     if not names:
         return None
     return (
