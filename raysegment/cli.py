@@ -618,7 +618,11 @@ def jobs_logs(job_id: str, address: str | None, follow: bool) -> None:
     client = jobs.connect(address)
     if follow:
         jobs.job_info(client, job_id)
-        jobs.wait(client, job_id, lambda chunk: click.echo(chunk, nl=False))
+        try:
+            jobs.wait(client, job_id, lambda chunk: click.echo(chunk, nl=False))
+        except KeyboardInterrupt:
+            click.echo(f"{job_id}: {jobs.still_running(job_id)}", err=True)
+            raise
     else:
         click.echo(jobs.job_logs(client, job_id), nl=False)
 

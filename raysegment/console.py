@@ -243,7 +243,9 @@ def _stopped(fn: Callable[..., Any], kwargs: dict[str, Any], how: str, exit_code
     s = _last
     kind = s.kind if s is not None else fn.__name__.replace("_", " ")
     text = (
-        f"{how}: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
+        f"{how}: {kind} stopped following the cluster job (see the line above: the job goes on)"
+        if kind in ("submit", "jobs logs")
+        else f"{how}: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
         "and train go on where they stopped)"
     )
     click.echo(text, err=True)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from raysegment import storage
 from raysegment.data.imaging import PNG_SIGNATURE
 from raysegment.errors import ConfigError, DataError, StorageError
-from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, SAVED_MODEL_DIR, ModelCard
+from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, SAVED_MODEL_DIR, ExportRecord, ModelCard
 from raysegment.models.loader import load_model, put_tree
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
         _replace(local, target)
     for fmt in stale:
         storage.remove_tree(dest.child(FILE_NAMES[fmt]))
-    card = _exported_card(card, dest, spec.format, {**tta.record(), "probabilities": spec.probabilities})
+    card = _exported_card(card, dest, spec.format, ExportRecord(**tta.record(), probabilities=spec.probabilities))
     card.write(dest)
     return {
         "format": spec.format,
@@ -253,19 +253,19 @@ def _trained_model_file(spec: ExportSpec, dest: storage.Location) -> str | None:
     return held.model_name
 
 
-def _exported_card(card: ModelCard, dest: storage.Location, fmt: str, record: dict[str, Any]) -> ModelCard:
+def _exported_card(card: ModelCard, dest: storage.Location, fmt: str, record: ExportRecord) -> ModelCard:
     """MODEL's card with `exports`: per format in DEST, what its graph holds (the flip TTA passes, the
     probabilities output). The records of the other formats DEST holds of this model are kept."""
     exports = {fmt: record}
     held = dest.child(CARD_FILE)
     if storage.exists(held):
         try:
-            old = storage.read_json(held)
-            kept = old.get("exports", {}) if old.get("model_sha256") == card.model_sha256 else {}
-        except (StorageError, AttributeError):
-            kept = {}
-        for other, rec in kept.items() if isinstance(kept, dict) else ():
-            if other in FORMATS and other != fmt and storage.exists(dest.child(FILE_NAMES[other])):
+            old = ModelCard.parse(storage.read_json(held), held.uri)
+            kept = (old.exports or {}) if old.model_sha256 == card.model_sha256 else {}
+        except (DataError, StorageError):
+            kept = {}  # unreadable: it describes nothing we can trust
+        for other, rec in kept.items():
+            if other != fmt and storage.exists(dest.child(FILE_NAMES[other])):
                 exports[other] = rec
     fields = {k: v for k, v in card.as_dict().items() if k != "export_tta"}  # one record for a DEST, replaced
     return ModelCard.model_validate({**fields, "exports": dict(sorted(exports.items()))})

@@ -322,10 +322,22 @@ def submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
         write(f"{job_id}: submitted to {client.get_address()}\n")
     if not req.wait:
         return 0
-    info = wait(client, job_id, write)
+    try:
+        info = wait(client, job_id, write)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM stops the following, not the job
+        write(f"{job_id}: {still_running(job_id)}\n")
+        raise
     code = exit_status(info)
     write(f"{job_id}: {status_of(info)} (exit code {code})\n")
     return code
+
+
+def still_running(job_id: str) -> str:
+    """What a stopped `submit --wait` or `jobs logs --follow` leaves: the job itself goes on."""
+    return (
+        f"the job goes on running on the cluster; follow it with `raysegment jobs logs {job_id} --follow`, "
+        f"stop it with `raysegment jobs stop {job_id}`"
+    )
 
 
 def status_of(info: Any) -> str:

@@ -441,6 +441,19 @@ def partitions(output: storage.Location) -> list[str]:
     return [n for n in storage.folders(output) if PARTITION.fullmatch(n)]
 
 
+def partition_fix(output: storage.Location, command: str) -> str | None:
+    """The fix for `compact` or `report` given a nightly OUTPUT (date=YYYY-MM-DD partitions, each one night's
+    infer output, beside ledger/ and reports/) instead of one infer output: a partition, the latest named.
+    None when OUTPUT holds no partition."""
+    names = partitions(output)
+    if not names:
+        return None
+    return (
+        f"{output.uri}: a nightly OUTPUT ({len(names)} date partitions), not one infer output; give a "
+        f"partition: raysegment {command} {output.child(names[-1]).uri} (the latest)"
+    )
+
+
 def unfinished_partitions(output: storage.Location, date: str) -> list[str]:
     """Earlier date partitions without _SUCCESS: a failed or killed night's, whose rows a reader of the
     partitions must skip (their images have no ledger rows, so a later night redoes them)."""

@@ -359,9 +359,9 @@ def _scan(output: storage.Location, samples: int, run_id: str | None) -> Scan:
     except DataError:
         if storage.exists(output.child(layout.SUMMARIES)):
             raise
-        from raysegment.inference.compact import nightly_partition_fix
+        from raysegment.nightly import partition_fix
 
-        fix = nightly_partition_fix(output, "report")
+        fix = partition_fix(output, "report")
         if fix is None:
             raise
         raise DataError(fix) from None

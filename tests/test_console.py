@@ -314,6 +314,20 @@ def test_ctrl_c_exits_130_and_says_the_command_resumes(capsys):
     )
 
 
+def test_ctrl_c_while_following_a_cluster_job_says_the_job_goes_on(capsys):
+    """`submit --wait` stopped by Ctrl-C said "run the same command again", while the cluster job ran on."""
+    from raysegment.console import handle_errors
+
+    @handle_errors
+    def submit() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit):
+        submit()
+    err = capsys.readouterr().err
+    assert "submit stopped following the cluster job" in err and "run the same command again" not in err
+
+
 def test_ctrl_c_under_json_still_prints_one_object(capsys):
     """A --json run stopped by Ctrl-C left stdout empty: a script parsing it got no object to read."""
     from raysegment.console import INTERRUPTED, handle_errors

@@ -566,7 +566,7 @@ def test_a_rerun_of_an_unfinished_date_masks_images_changed_since(tiny_model, tm
 
     _, model = tiny_model
     inp, out = tmp_path / "in", tmp_path / "nightly"
-    write_pngs(inp, ["a", "b", "c", "d"])
+    write_pngs(inp, ["a", "b", "c", "d", "e"])
     for name in ("x", "y"):
         (inp / f"{name}.png").write_bytes(b"not a png")
 
@@ -574,25 +574,30 @@ def test_a_rerun_of_an_unfinished_date_masks_images_changed_since(tiny_model, tm
         spec = NightlySpec(model=model, input=str(inp), output=str(out), date=date, batch_size=4)
         return nightly.run_nightly(spec.model_copy(update={"max_error_fraction": 0.2}))
 
-    with pytest.raises(RunFailed, match="2 of 6 images failed"):
+    with pytest.raises(RunFailed, match="2 of 7 images failed"):
         night()
     failed = json.loads((out / "reports" / "2026-12-01.json").read_text())
-    assert failed["status"] == "failed" and failed["counts"]["processed"] == 6 and failed["counts"]["error"] == 2
+    assert failed["status"] == "failed" and failed["counts"]["processed"] == 7 and failed["counts"]["error"] == 2
     assert failed["drift"]["flagged"] is False  # the same keys as any report
     first_run = failed["run_id"]
+    masks = out / "date=2026-12-01" / "masks"
+    assert (masks / "e.png").exists()
 
     write_pngs(inp, ["x", "y"], seed=10)  # fixed
     write_pngs(inp, ["a"], seed=40)  # replaced by another picture
-    os.utime(inp / "a.png", (time.time() + 5, time.time() + 5))
+    (inp / "e.png").write_bytes(b"damaged since")  # its redo fails: no stale mask may stay beside the error row
+    for name in ("a", "e"):
+        os.utime(inp / f"{name}.png", (time.time() + 5, time.time() + 5))
     again = night()
-    assert again["status"] == "ok" and again["counts"]["processed"] == 3 and again["counts"]["skipped"] == 3
+    assert again["status"] == "ok" and again["counts"]["processed"] == 4 and again["counts"]["skipped"] == 3
     rows = pq.read_table(out / "date=2026-12-01" / "summaries", columns=["key", "status", "run_id"]).to_pylist()
     by_key = {r["key"]: r for r in rows}
-    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
-    assert {k for k, r in by_key.items() if r["run_id"] == again["run_id"]} == {"a", "x", "y"}
+    assert len(rows) == 7 and [k for k, r in by_key.items() if r["status"] != "ok"] == ["e"]
+    assert not (masks / "e.png").exists() and (masks / "a.png").exists()
+    assert {k for k, r in by_key.items() if r["run_id"] == again["run_id"]} == {"a", "e", "x", "y"}
     assert {by_key[k]["run_id"] for k in "bcd"} == {first_run}
     recorded = night_ledger.read(storage.resolve(str(out))).to_pylist()
-    assert sorted((r["key"], r["status"]) for r in recorded) == [(k, "ok") for k in "abcdxy"]
+    assert sorted((r["key"], r["status"]) for r in recorded) == [(k, "error" if k == "e" else "ok") for k in "abcdexy"]
 
 
 def test_a_date_holding_another_models_rows_defers_the_night(tiny_model, tmp_path):

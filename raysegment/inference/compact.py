@@ -109,21 +109,6 @@ def _checked_by_success(output: storage.Location) -> bool:
         return False  # an infer is running into OUTPUT: nothing is checked until it ends
 
 
-def nightly_partition_fix(output: storage.Location, command: str) -> str | None:
-    """The fix for `compact` or `report` given a nightly OUTPUT (date=YYYY-MM-DD partitions, each one night's
-    infer output, beside ledger/ and reports/) instead of one infer output: a partition, the latest named.
-    None when OUTPUT holds no partition."""
-    from raysegment.nightly import partitions  # nightly imports this module
-
-    names = partitions(output)
-    if not names:
-        return None
-    return (
-        f"{output.uri}: a nightly OUTPUT ({len(names)} date partitions), not one infer output; give a "
-        f"partition: raysegment {command} {output.child(names[-1]).uri} (the latest)"
-    )
-
-
 def _remove(output: storage.Location, paths: list[str]) -> None:
     loc = output.child(layout.SUMMARIES)
     for i in range(0, len(paths), 1000):  # one DeleteObjects request per 1000 keys on S3
@@ -136,8 +121,8 @@ def _without(
     output: storage.Location, paths: list[str], relative: list[str], keys: pa.Array | None
 ) -> list[tuple[str, int]]:
     """For each of these files that holds rows to drop (error rows; with `keys`, the rows of those keys):
-    write its other rows as a file that replaces it (none when every row goes). (path, rows dropped) of
-    each such file; the caller deletes them."""
+    write its other rows as a file that replaces it (none when every row goes), and delete the mask files
+    of dropped keys. (path, rows dropped) of each such file; the caller deletes them."""
     found = []
     for path, rel in zip(paths, relative):
         column = "status" if keys is None else "key"
@@ -146,8 +131,12 @@ def _without(
         errors = pc.sum(drop).as_py() or 0
         if not errors:
             continue
+        table = storage.read_table(output, path) if errors < len(values) or keys is not None else None
+        if keys is not None:  # a dropped key's own mask file goes with its row (the error rows have none)
+            stale = layout.own_mask_files(output, table.filter(drop))
+            for loc in stale:
+                loc.call(lambda loc=loc: loc.fs.rm_file(loc.path) if loc.fs.exists(loc.path) else None)
         if errors < len(values):
-            table = storage.read_table(output, path)
             kept = table.filter(pc.invert(drop))
             meta = dict(table.schema.metadata or {})
             meta[layout.REPLACES_META] = json.dumps([rel]).encode()
@@ -222,7 +211,9 @@ def compact(spec: CompactSpec) -> dict[str, Any]:
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     root = output.child(layout.SUMMARIES)
     if not storage.exists(root):
-        fix = nightly_partition_fix(output, "compact")
+        from raysegment.nightly import partition_fix  # nightly imports this module
+
+        fix = partition_fix(output, "compact")
         raise DataError(fix or f"{output.uri}: no inference summaries ({layout.SUMMARIES}/); nothing to compact")
     with rewrite_lock(output):
         return _compact(spec, output, root)

@@ -286,6 +286,19 @@ def read_mask(output: storage.Location, row: Mapping[str, Any]) -> tuple[np.ndar
     return fmt.read(output, str(row["key"]), ref)
 
 
+def own_mask_files(output: storage.Location, rows: pa.Table) -> list[storage.Location]:
+    """The mask files these summary rows alone point at (a PNG or a big raster per key, never a shared
+    pack): deleted with the rows when a re-run drops them, so no stale mask sits beside a failed redo."""
+    found = []
+    uris = rows.column("mask_uri").to_pylist()
+    offsets = rows.column("mask_offset").to_pylist() if "mask_offset" in rows.column_names else [None] * len(uris)
+    for uri, offset in zip(uris, offsets):
+        ref = MaskRef(uri or "", -1 if offset is None else offset)
+        if ref.uri and not PackedMasks.holds(ref) and not NpzMasks.holds(ref):
+            found.append(_mask_location(output, ref.uri))
+    return found
+
+
 def _mask_location(output: storage.Location, uri: str) -> storage.Location:
     """Where a mask file is now: below OUTPUT/masks even if the output was moved since the run."""
     if f"/{MASKS}/" in uri:

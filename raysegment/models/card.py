@@ -237,6 +237,15 @@ class TTA:
         return {"tta_flip": self.on, "tta_flips": list(self.flips), "tta_from": self.source}
 
 
+class ExportRecord(_Part):
+    """What one `export` format's graph in the card's folder holds (`ModelCard.exports`)."""
+
+    tta_flip: bool
+    tta_flips: list[str]
+    tta_from: Literal["given", "card"]
+    probabilities: bool
+
+
 class ModelCard(_Part):
     """model.json, typed. Build one with `ModelCard.create`, load one with `ModelCard.read`."""
 
@@ -261,6 +270,8 @@ class ModelCard(_Part):
     imported: Imported | None = None
     # Absent in cards written before flip TTA was measured at the end of training, and in imported models'.
     inference: InferenceAdvice | None = None
+    # An export folder's card (export.py): per format there, what its graph holds.
+    exports: dict[Literal["saved_model", "onnx", "tflite"], ExportRecord] | None = None
 
     @model_validator(mode="after")
     def _names_match_classes(self) -> ModelCard:
