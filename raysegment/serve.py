@@ -38,6 +38,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
@@ -369,7 +370,7 @@ class Segmenter:
         # A model that overflowed (NaN probabilities) still answers; JSON has no NaN, so it says null.
         confidence = row["mean_confidence"] if math.isfinite(row["mean_confidence"]) else None
         if fmt == "png":
-            headers = {"X-Model-Id": card.model_id, "X-Mean-Confidence": f"{row['mean_confidence']:.6f}"}
+            headers = {"X-Model-Id": header_text(card.model_id), "X-Mean-Confidence": f"{row['mean_confidence']:.6f}"}
             return Response(row["png"], media_type="image/png", headers=headers)
         return _json(
             {
@@ -380,6 +381,12 @@ class Segmenter:
                 "class_fractions": dict(zip(card.class_names, row["class_fractions"])),
             }
         )
+
+
+def header_text(text: str) -> str:
+    """A card's free text as an HTTP header value: percent-encoded past printable ASCII (a model id with
+    non-Latin-1 text or CR/LF made every PNG answer a 500); the JSON body keeps it as it is."""
+    return urllib.parse.quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
 def _json(obj: dict[str, Any], status: int = 200):

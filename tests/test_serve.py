@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -372,3 +373,17 @@ def test_scratch_of_a_gone_replica_is_swept_and_an_ipv6_host_is_bracketed(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
     assert url_of(ServeSpec(model="m", host="::1", port=8000)) == "http://[::1]:8000"
     assert url_of(ServeSpec(model="m", host="0.0.0.0", port=8000)) == "http://127.0.0.1:8000"
+
+
+def test_a_model_id_any_text_is_a_valid_header_value():
+    """A model id with non-Latin-1 text or CR/LF (model.json is free text) made every PNG answer a non-JSON
+    500 while /readyz said ready."""
+    from starlette.responses import Response
+
+    from raysegment.serve import header_text
+
+    assert header_text("unet-3f2a9c01_x.y") == "unet-3f2a9c01_x.y"
+    for model_id in ("unet-猫", "unet-x\r\nSet-Cookie: a=b", "50%"):
+        value = header_text(model_id)
+        assert value.isascii() and value.isprintable() and urllib.parse.unquote(value) == model_id
+        Response(b"", headers={"X-Model-Id": value})  # starlette encodes headers as Latin-1

@@ -175,3 +175,16 @@ def test_a_damaged_parquet_file_is_named_with_the_fix(tmp_path):
         path.write_bytes(damaged)
         with pytest.raises(DataError, match=f"{path}: damaged Parquet file .*; delete it and run `infer` again"):
             storage.read_table(loc, str(path), fix=DAMAGED_SUMMARY)
+
+
+def test_a_uri_list_entry_with_credentials_is_an_error_row_without_them(tmp_path):
+    """`s3://KEY:SECRET@bucket/b.png` in a URI list became the key `KEY:SECRET@bucket/b` (summaries, mask
+    names, the report) and the raw source_uri, and was read with the secret as part of the bucket name."""
+    from raysegment.inference import urilist
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("s3://bucket/a.png\ns3://AKIAEXAMPLE:wJalrSECRET@bucket/b.png\n")
+    (block,) = list(urilist._blocks(storage.resolve(str(listing))))
+    assert block.errors == ["", urilist.CREDENTIALS_IN_URI]
+    assert block.paths[1] == "s3://***@bucket/b.png" and block.keys[1] == "***@bucket/b"
+    assert "SECRET" not in repr(block) and "AKIA" not in repr(block)

@@ -43,6 +43,12 @@ class Block:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
+CREDENTIALS_IN_URI = (
+    "the URI holds credentials (user:secret@), which are never read from a list nor kept: give them through "
+    "the environment or the AWS config (README: Storage and credentials) and list the URI without them"
+)
+
+
 def _uri_key(uri: str) -> str:
     """The URI's path without its extension. An "extension" holding a space is none (`a.png  # note`, a
     comment after an entry): stripped, that line took the key of `a.png` on the line before, and both
@@ -73,9 +79,12 @@ def _block(
             continue
         if uri and (keyed or not uri.startswith("#")):
             uri = storage.beside(uri, folder)
+            error = str(errors[i] or "") if errors is not None else ""
+            if storage.redact(uri) != uri:  # never read, nor kept in a key, a summary or a log
+                uri, error = storage.redact(uri), CREDENTIALS_IN_URI
             block.keys.append(("" if keys[i] is None else str(keys[i])) if keys is not None else _uri_key(uri))
             block.paths.append(uri)
-            block.errors.append(str(errors[i] or "") if errors is not None else "")
+            block.errors.append(error)
     return block
 
 
