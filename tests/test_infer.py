@@ -23,8 +23,10 @@ from helpers import (
 )
 from PIL import Image
 
+from raysegment import storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
+from raysegment.inference import output as layout
 from raysegment.inference.pipeline import infer
 
 pytestmark = pytest.mark.slow
@@ -176,6 +178,65 @@ def test_uri_list_source_and_npz_masks(tiny_model, tmp_path):
     run = infer(InferSpec(model=model, input=str(tmp_path / "l.parquet"), output=str(tmp_path / "out2"), report=False))
     assert run["source"] == "list" and run["counts"]["ok"] == 3
     assert sorted(r["key"] for r in summaries(tmp_path / "out2")) == ["x/0", "x/1", "x/2"]
+
+
+def test_mask_of_a_key_under_a_folder_named_masks_is_its_own(tmp_path):
+    """Key photos/masks/a (INPUT/photos/masks/a.png): its mask file is found as its own, not key a's (a nightly
+    re-run deletes what own_mask_files names), where it was written and after the output moved."""
+    out = storage.resolve(str(tmp_path / "out"))
+    pngs = layout.PngMasks(out, "b", None)
+    pngs.write("a", np.zeros((2, 2), np.uint8))
+    ref = pngs.write("photos/masks/a", np.ones((2, 2), np.uint8))
+    pngs.finish()
+    tif = out.child("masks", "photos/masks/a.tif").uri  # a big raster's mask, as the predictor names it
+    rows = pa.table({"key": ["photos/masks/a"] * 2, "mask_uri": [ref.uri, tif], "mask_offset": [-1, -1]})
+    assert [loc.path for loc in layout.own_mask_files(out, rows)] == [
+        str(tmp_path / "out/masks/photos/masks/a.png"),
+        str(tmp_path / "out/masks/photos/masks/a.tif"),
+    ]
+    assert [loc.path for loc in layout.own_mask_files(out, rows.drop_columns(["key"]))][0].endswith(
+        "photos/masks/a.png"
+    )
+    os.rename(tmp_path / "out", tmp_path / "masks")  # moved, under a folder named masks itself
+    moved = storage.resolve(str(tmp_path / "masks"))
+    assert [loc.path for loc in layout.own_mask_files(moved, rows)] == [
+        str(tmp_path / "masks/masks/photos/masks/a.png"),
+        str(tmp_path / "masks/masks/photos/masks/a.tif"),
+    ]
+
+
+def test_npz_pack_keys_named_like_numpy_arguments_or_members(tmp_path):
+    """Keys are not savez keyword names: `file` raised, `allow_pickle` was lost, `a.npy` read `a`'s mask."""
+    out = storage.resolve(str(tmp_path / "out"))
+    keys = ["file", "allow_pickle", "a", "a.npy", "d/masks/x.npz#y"]
+    pack = layout.NpzMasks(out, layout.batch_name(np.asarray(keys)), None)
+    refs = {k: pack.write(k, np.full((2, 3), i, np.uint8)) for i, k in enumerate(keys)}
+    pack.finish()
+    for i, key in enumerate(keys):
+        row = {"key": key, "mask_uri": refs[key].uri}
+        assert layout.read_mask(out, row)[0].tolist() == [[i] * 3] * 2, key
+    with np.load(refs["a"].uri.split("#")[0]) as packed:  # arrays named by key (README)
+        assert packed["a.npy"][0, 0] == 3 and packed["a"][0, 0] == 2
+    # A pack an earlier version wrote (np.savez_compressed: members {key}.npy) still reads.
+    old = out.child("masks", "part-0123abcd.npz")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{"k": np.full((2, 2), 5, np.uint8), "d/k": np.full((2, 2), 6, np.uint8)})
+    storage.write_bytes(old, buf.getvalue())
+    assert layout.read_mask(out, {"key": "d/k", "mask_uri": f"{old.uri}#d/k"})[0].tolist() == [[6, 6]] * 2
+    with pytest.raises(DataError, match="holds no mask of key 'missing'"):
+        layout.read_mask(out, {"key": "missing", "mask_uri": f"{old.uri}#missing"})
+
+
+def test_png_mask_of_a_key_holding_npz_hash_is_a_png(tmp_path):
+    """Image scan.npz#2.png with --mask-format png: its row is a PNG's, not an npz pack member's."""
+    out = storage.resolve(str(tmp_path / "out"))
+    pngs = layout.PngMasks(out, "b", None)
+    ref = pngs.write("scan.npz#2", np.ones((2, 2), np.uint8))
+    pngs.finish()
+    row = {"key": "scan.npz#2", "mask_uri": ref.uri, "mask_offset": -1, "mask_length": -1}
+    assert layout.read_mask(out, row)[0].tolist() == [[1, 1]] * 2
+    rows = pa.table({"key": [row["key"]], "mask_uri": [ref.uri], "mask_offset": [-1]})
+    assert [loc.path for loc in layout.own_mask_files(out, rows)] == [str(tmp_path / "out/masks/scan.npz#2.png")]
 
 
 def test_max_error_fraction_fails_without_success(tiny_model, tmp_path):

@@ -33,8 +33,10 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
@@ -59,6 +61,11 @@ CLASS_NAMES_META = b"raysegment.class_names"
 # `raysegment compact` writes under summaries/run=_compacted/; each file's footer lists what it replaces.
 COMPACTED = "run=_compacted"
 REPLACES_META = b"raysegment.replaces"
+# An npz pack's zip comment when its members are named exactly by key (NpzMasks); older packs lack it.
+NPZ_MEMBERS_BY_KEY = b"raysegment npz: members named by key"
+# An npz member's mask_uri: OUTPUT/masks/part-{batch_name}.npz#{key}. The pack's name, not a mere `.npz#`,
+# marks it: a PNG key may hold `.npz#` (image scan.npz#2.png). The first match: the key may hold one too.
+_NPZ_REF = re.compile(rf"(.*?/{MASKS}/part-[0-9a-f]+\.npz)#(.*)\Z", re.DOTALL)
 T = TypeVar("T")
 # What filesystems and S3 allow a mask name: ext4, XFS and most others take 255 bytes per path
 # component; S3 takes 1024 bytes per key, of which OUTPUT's own prefix needs a part.
@@ -193,6 +200,11 @@ class PngMasks(MaskFormat):
 
 
 class NpzMasks(MaskFormat):
+    """One .npz pack per batch, one member per key named exactly the key (`np.load(pack)[key]` finds it: NpzFile
+    tries the exact member name first). Written member by member, not by `np.savez_compressed(**arrays)`: keys as
+    keyword names clash with its own parameters (`file` raised, `allow_pickle` was lost) and with one another
+    (`a` and `a.npy` were both read as `a.npy`)."""
+
     name = "npz"
 
     def __init__(self, output: storage.Location, batch: str, palette: Palette) -> None:
@@ -207,18 +219,34 @@ class NpzMasks(MaskFormat):
     def finish(self) -> None:
         if self.arrays:
             buf = io.BytesIO()
-            np.savez_compressed(buf, **self.arrays)
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as pack:
+                pack.comment = NPZ_MEMBERS_BY_KEY
+                for key, mask in self.arrays.items():
+                    with pack.open(key, "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asarray(mask), allow_pickle=False)
             storage.write_bytes(self.pack, buf.getvalue())
 
     @staticmethod
     def holds(ref: MaskRef) -> bool:
-        return ".npz#" in ref.uri
+        return _NPZ_REF.match(ref.uri) is not None
 
     @staticmethod
     def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
-        pack, member = ref.uri.split(".npz#", 1)
-        with np.load(io.BytesIO(storage.read_bytes(_mask_location(output, pack + ".npz")))) as arrays:
-            return np.asarray(arrays[member], np.uint8), None
+        found = _NPZ_REF.match(ref.uri)
+        if found is None:
+            raise DataError(f"{storage.redact(ref.uri)}: not a mask in an npz pack (masks/part-*.npz#key)")
+        pack, member = found.group(1), found.group(2)
+        data = storage.read_bytes(_mask_location(output, pack))
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as packed:
+                # Packs written before NPZ_MEMBERS_BY_KEY were np.savez_compressed's: member `{key}.npy`.
+                name = member if packed.comment == NPZ_MEMBERS_BY_KEY else f"{member}.npy"
+                with packed.open(name) as f:
+                    return np.asarray(np.lib.format.read_array(f, allow_pickle=False), np.uint8), None
+        except KeyError:
+            raise DataError(f"{storage.redact(ref.uri)}: the pack holds no mask of key {member!r}") from None
+        except zipfile.BadZipFile as exc:
+            raise DataError(f"{storage.redact(pack)}: not a readable npz pack ({exc})") from None
 
 
 class PackedMasks(MaskFormat):
@@ -267,7 +295,7 @@ class RasterMasks(MaskFormat):
     def read(output: storage.Location, key: str, ref: MaskRef) -> tuple[np.ndarray, Palette]:
         from raysegment.inference import rasters
 
-        return rasters.read_mask_view(_mask_location(output, ref.uri))
+        return rasters.read_mask_view(_mask_location(output, ref.uri, key))
 
 
 class WrittenMask(BaseModel):
@@ -292,15 +320,27 @@ def own_mask_files(output: storage.Location, rows: pa.Table) -> list[storage.Loc
     found = []
     uris = rows.column("mask_uri").to_pylist()
     offsets = rows.column("mask_offset").to_pylist() if "mask_offset" in rows.column_names else [None] * len(uris)
-    for uri, offset in zip(uris, offsets):
+    keys = rows.column("key").to_pylist() if "key" in rows.column_names else [None] * len(uris)
+    for uri, offset, key in zip(uris, offsets, keys):
         ref = MaskRef(uri or "", -1 if offset is None else offset)
         if ref.uri and not PackedMasks.holds(ref) and not NpzMasks.holds(ref):
-            found.append(_mask_location(output, ref.uri))
+            found.append(_mask_location(output, ref.uri, key))
     return found
 
 
-def _mask_location(output: storage.Location, uri: str) -> storage.Location:
-    """Where a mask file is now: below OUTPUT/masks even if the output was moved since the run."""
+def _mask_location(output: storage.Location, uri: str, key: str | None = None) -> storage.Location:
+    """Where a mask file is now: below OUTPUT/masks even if the output was moved since the run.
+
+    A key's own file (`key`: a PNG, a big raster's .tif) is `mask_name(key, ext)` below masks/: a key may hold a
+    folder named masks (`photos/masks/a`), so a `/masks/` found in the URI may be the key's, not OUTPUT's. A pack
+    (`part-*`, one path part) follows the URI's last `/masks/`."""
+    if key is not None:
+        name = mask_name(key, posixpath.splitext(uri)[1])
+        if uri.endswith(f"/{MASKS}/{name}"):
+            return output.child(MASKS, name)
+    below = output.child(MASKS).uri.rstrip("/") + "/"
+    if uri.startswith(below):  # not moved
+        return output.child(MASKS, uri[len(below) :])
     if f"/{MASKS}/" in uri:
         return output.child(MASKS, uri.rsplit(f"/{MASKS}/", 1)[1])
     return storage.resolve(uri, output.endpoint_url)
