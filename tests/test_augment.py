@@ -130,3 +130,36 @@ def test_train_flags_override_the_plans_augmentation():
         assert flag in help_text
     spec = load_spec(TrainSpec, None, {"data": "d", "out": "o", "rotate": 0.0, "gamma": 0.5, "normalization": "zscore"})
     assert {"rotate", "gamma", "normalization"} <= spec.model_fields_set  # given: the plan keeps them
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (300, 1000), (40, 1000), (8, 8), (2048, 257)])
+def test_native_validation_scores_each_pixel_of_the_val_images_once(shape):
+    """A native-scale model was validated on each val image's central window only: on a data set of 512 px
+    slices and 256 px windows, a quarter of the val pixels chose the best checkpoint; on 40x1000 strips, 4%.
+    The grid of windows that covers the data set's largest image scores each pixel once (at most
+    MAX_VAL_GRID windows a side: past that, the windows are spread over the image)."""
+    from raysegment.data.examples import MAX_VAL_GRID, decode_for_training, grid_windows, native_validation
+    from raysegment.data.imaging import encode_mask
+
+    rng = np.random.default_rng(0)
+    h, w = shape
+    size = 256
+    aug = native_validation(size, 2048, 1000)
+    assert aug.grid == (MAX_VAL_GRID, 4) and native_validation(size, 512, 512).grid == (2, 2)
+    img = rng.integers(0, 255, (h, w, 1), np.uint8)
+    mask = (np.arange(h * w).reshape(h, w) % 251).astype(np.uint8)  # each pixel's value says where it was
+    imgs, masks = grid_windows(img, mask, size, aug.grid)
+    assert imgs.shape == (16, size, size, 1) and masks.shape == (16, size, size)
+    scored = masks[masks != IGNORE_INDEX]
+    covers = h <= MAX_VAL_GRID * size and w <= 4 * size
+    assert scored.size == (h * w if covers else scored.size) and scored.size <= h * w
+    if covers:  # every pixel once: the scored values are the mask's, as a multiset
+        assert np.array_equal(np.sort(scored), np.sort(mask.ravel()))
+    # Each window's scored pixels sit where its image pixels came from.
+    (k, y, x) = np.argwhere(masks != IGNORE_INDEX)[-1]
+    assert imgs[k, y, x, 0] in img
+    # Through the pipeline's decode: 16 rows per val image, the row count training pads by.
+    batch = {"image": np.array([encode_mask(img[..., 0])], object), "mask": np.array([encode_mask(mask)], object)}
+    out = decode_for_training(batch, size, aug)
+    assert out["image"].shape[0] == out["mask"].shape[0] == 16
+    assert np.array_equal(out["mask"], masks)

@@ -112,7 +112,7 @@ def test_native_scale_model_predicts_at_full_resolution(ray_cluster, tmp_path):
 
     synthetic.write_pairs(str(tmp_path / "src"), 16, size=48, seed=3)
     prepare(PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_fraction=0.25))
-    train(
+    trained = train(
         TrainSpec(
             data=str(tmp_path / "data"),
             out=str(tmp_path / "model"),
@@ -131,6 +131,8 @@ def test_native_scale_model_predicts_at_full_resolution(ray_cluster, tmp_path):
     assert card["input"]["resize"] == "none"
     m = evaluate(EvaluateSpec(model=str(tmp_path / "model"), data=str(tmp_path / "data")))
     assert m["pixels"] == m["images"] * 48 * 48
+    # Training's val metrics scored every val pixel, as evaluate does (a central 32 px window scored 44%).
+    assert trained["metrics"]["val_pixels"] == m["pixels"]
     os.makedirs(tmp_path / "in")
     img, _ = synthetic.make_example(5, size=64)
     Image.fromarray(img).resize((50, 37)).save(tmp_path / "in" / "odd.png")  # not a multiple of 4: padded

@@ -8,6 +8,8 @@ No Ray here: `data/pipeline.py` maps `decode_for_training` over Ray Data, `bench
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,6 +57,7 @@ class Augmentation:
     noise: float = 0.0
     oversample: float = 0.0  # share of windows centred on a pixel of a class in `rare_classes`
     rare_classes: tuple[int, ...] = ()
+    grid: tuple[int, int] = (1, 1)  # crop "center": windows per image down and across (`grid_windows`)
 
     def __post_init__(self) -> None:
         if isinstance(self.flip, bool):
@@ -89,8 +92,20 @@ class Augmentation:
         return bool(self.rotate or self.elastic)
 
 
-# Validation for `crop: native` models: a deterministic central window, no augmentation.
+# Validation for `crop: native` models: deterministic windows at the original scale, no augmentation.
 NATIVE_VAL = Augmentation(crop="center", flip="none", rotate90=False)
+# At most this many windows per side of a val image: a 2048 px image and 256 px windows is scored on 4x4
+# windows spread over it, not 8x8 (validation runs every epoch).
+MAX_VAL_GRID = 4
+
+
+def native_validation(size: int, max_height: int, max_width: int) -> Augmentation:
+    """Validation for a data set whose largest image is max_height x max_width: the grid of windows that covers
+    it (at most MAX_VAL_GRID per side). Every val image gives the same number of windows (the row count
+    is known before reading), and each pixel is scored by one window (`grid_windows`). A single central window
+    scored 10% of a data set's val pixels, and picked the best checkpoint on them."""
+    grid = tuple(min(MAX_VAL_GRID, max(1, math.ceil(extent / size))) for extent in (max_height, max_width))
+    return dataclasses.replace(NATIVE_VAL, grid=grid)
 
 
 def _crop_or_pad(
@@ -175,14 +190,41 @@ def fit_example(
 
 def center_window(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The central SxS window at the original scale (padded with ignore where the image is smaller)."""
+    imgs, masks = grid_windows(img, mask, size, (1, 1))
+    return imgs[0], masks[0]
+
+
+def _owned_spans(extent: int, size: int, count: int) -> list[tuple[int, int, int]]:
+    """(start, first owned, end owned) of `count` windows along one side: evenly spread over it (one:
+    central), each owning the pixels nearer its centre than any other window's that covers them."""
+    if extent <= size:
+        starts = [0] * count
+    elif count == 1:
+        starts = [(extent - size) // 2]
+    else:
+        starts = [round(i * (extent - size) / (count - 1)) for i in range(count)]
+    # Between neighbours, the midpoint of their centres; a window owns nothing past its own edges.
+    cuts = [(a + b + size) // 2 for a, b in zip(starts, starts[1:])]
+    bounds = [0, *cuts, extent]
+    return [(s, max(s, lo), min(s + size, hi, extent)) for s, lo, hi in zip(starts, bounds, bounds[1:])]
+
+
+def grid_windows(img: np.ndarray, mask: np.ndarray, size: int, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """grid[0] x grid[1] SxS windows of one image at its scale, for validation. Each pixel is scored once:
+    a window's mask keeps the pixels it owns (`_owned_spans`) and is ignore elsewhere, as where it passes
+    the image (padded). With windows that cover the image, every pixel is scored."""
     h, w = img.shape[:2]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    img, mask = img[top : top + size, left : left + size], mask[top : top + size, left : left + size]
-    ph, pw = size - img.shape[0], size - img.shape[1]
-    if ph or pw:
-        img = np.pad(img, [(0, ph), (0, pw), (0, 0)])
-        mask = np.pad(mask, [(0, ph), (0, pw)], constant_values=imaging.IGNORE_INDEX)
-    return img, mask
+    imgs = np.zeros((grid[0] * grid[1], size, size, img.shape[2]), img.dtype)
+    masks = np.full((grid[0] * grid[1], size, size), imaging.IGNORE_INDEX, np.uint8)
+    k = 0
+    for top, y0, y1 in _owned_spans(h, size, grid[0]):
+        for left, x0, x1 in _owned_spans(w, size, grid[1]):
+            window = img[top : top + size, left : left + size]
+            imgs[k, : window.shape[0], : window.shape[1]] = window
+            if y1 > y0 and x1 > x0:
+                masks[k, y0 - top : y1 - top, x0 - left : x1 - left] = mask[y0:y1, x0:x1]
+            k += 1
+    return imgs, masks
 
 
 def photometric(
@@ -206,10 +248,16 @@ def decode_for_training(
     norm = norm or InputSpec(size=(size, size))
     # The card's bands, at the files' own precision where its normalisation was computed on them.
     channels, native = imaging.Channels.of(norm.bands, norm.channels), norm.native_pixels
-    pixels = np.empty((n, size, size, norm.channels), np.float32)  # float32 holds uint8 and uint16 values exactly
-    masks = np.empty((n, size, size), np.uint8)
+    # Validation windows (crop "center") are a grid of k per image; anything else one example per image.
+    k = augment.grid[0] * augment.grid[1] if augment is not None and augment.crop == "center" else 1
+    pixels = np.empty((n * k, size, size, norm.channels), np.float32)  # float32 holds uint8 and uint16 values exactly
+    masks = np.empty((n * k, size, size), np.uint8)
     for i in range(n):
         img = imaging.model_pixels(batch["image"][i], imaging.MAX_PIXELS, channels, native)
         mask = imaging.decode_mask(batch["mask"][i])
-        pixels[i], masks[i] = fit_example(img, mask, size, augment, rng)
+        rows = slice(i * k, (i + 1) * k)
+        if k > 1:
+            pixels[rows], masks[rows] = grid_windows(img, mask, size, augment.grid)
+        else:
+            pixels[i], masks[i] = fit_example(img, mask, size, augment, rng)
     return {"image": photometric(normalize(pixels, norm), augment, rng, norm), "mask": masks}

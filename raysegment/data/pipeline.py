@@ -21,7 +21,7 @@ import ray
 
 from raysegment import storage
 from raysegment.data import imaging
-from raysegment.data.examples import NATIVE_VAL, Augmentation, decode_for_training
+from raysegment.data.examples import Augmentation, decode_for_training
 from raysegment.data.prepare import RE_PREPARE
 from raysegment.errors import DataError
 from raysegment.models.card import InputSpec
@@ -90,22 +90,18 @@ def training_dataset(
     split: str,
     size: int,
     augment: bool | Augmentation | None,
-    native_validation: bool = False,
     repeat: int = 1,
     norm: InputSpec | None = None,
 ) -> ray.data.Dataset:
     """Decoded, resized or cropped (for training, augmented) batches ready for the train loop.
 
     `augment` is an Augmentation (see `Augmentation.from_spec`), True for the default one,
-    or False/None for a plain resize, as validation and inference see the images.
-    `native_validation` takes the central window at the original scale instead, for
-    models trained with `crop: native`. `repeat` reads the split that many times per
+    or False/None for a plain resize, as validation and inference see the images
+    (`examples.native_validation`: the windows a `crop: native` model is validated on). `repeat` reads the split that many times per
     epoch (small data sets with random crops: more steps per epoch, fewer epoch ends).
     `norm`: the model card's input (its normalisation); default scale_0_1.
     """
     aug = Augmentation() if augment is True else (augment or None)
-    if native_validation:
-        aug = NATIVE_VAL
     ds = read_split(loc, manifest, split, columns=["image", "mask"], repeat=repeat)
     return ds.map_batches(
         decode_for_training,

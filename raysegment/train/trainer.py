@@ -23,7 +23,7 @@ from raysegment import __version__, logs, overlay, plots, progress, storage
 from raysegment import plan as planning
 from raysegment.config import TrainSpec
 from raysegment.data.classes import manifest_warnings
-from raysegment.data.examples import Augmentation
+from raysegment.data.examples import NATIVE_VAL, Augmentation, native_validation
 from raysegment.data.pipeline import padded_for_workers, training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.errors import ConfigError, StorageError
@@ -64,17 +64,35 @@ def history_csv(history: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def validation_dataset(data_loc: storage.Location, manifest: dict[str, Any], spec: TrainSpec, cfg: TrainConfig):
-    """The val split as training sees it: no augmentation, whole images for native-scale models."""
+def validation_dataset(
+    data_loc: storage.Location, manifest: dict[str, Any], spec: TrainSpec, cfg: TrainConfig, whole: bool = True
+):
+    """The val split as training sees it: no augmentation; for native-scale models, windows at the images'
+    scale, a grid covering the largest image (`whole`; else the central window, as examples.png shows)."""
     return training_dataset(
-        data_loc,
-        manifest,
-        "val",
-        spec.image_size,
-        augment=False,
-        native_validation=spec.crop == "native",
-        norm=cfg.model_input,
+        data_loc, manifest, "val", spec.image_size, augment=val_windows(manifest, spec, whole), norm=cfg.model_input
     )
+
+
+def val_windows(manifest: dict[str, Any], spec: TrainSpec, whole: bool = True) -> Augmentation | None:
+    """How val images become windows: None (resized whole) unless the model is native-scale. The grid comes
+    from the largest image in the manifest's fingerprint (a data set prepared before fingerprints: one
+    central window, as then)."""
+    if spec.crop != "native":
+        return None
+    fingerprint = manifest.get("fingerprint") or {}
+    try:
+        high, wide = int(fingerprint["height"]["max"]), int(fingerprint["width"]["max"])
+    except (KeyError, TypeError, ValueError):
+        high = wide = 0
+    return native_validation(spec.image_size, high, wide) if whole else NATIVE_VAL
+
+
+def val_rows(manifest: dict[str, Any], spec: TrainSpec) -> int:
+    """The val dataset's rows: windows per image (native-scale models) times the val images."""
+    windows = val_windows(manifest, spec)
+    per_image = windows.grid[0] * windows.grid[1] if windows is not None else 1
+    return int(manifest["counts"]["val"]) * per_image
 
 
 def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: TrainConfig, count: int = 8) -> bytes:
@@ -82,7 +100,7 @@ def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: T
     from raysegment.models.losses import probabilities
 
     data_loc = storage.resolve(spec.data, spec.endpoint_url)
-    val = validation_dataset(data_loc, manifest, spec, cfg)
+    val = validation_dataset(data_loc, manifest, spec, cfg, whole=False)  # one window per image: more images
     batch = val.take_batch(count, batch_format="numpy")
     pred = np.argmax(probabilities(model(batch["image"], training=False)).numpy(), axis=-1)
     # The model's input is normalised (z-scores): each image stretched to its own min..max to be seen.
@@ -180,7 +198,7 @@ def training_datasets(
         ),
         "val": padded_for_workers(
             validation_dataset(data_loc, manifest, spec, cfg),
-            int(manifest["counts"]["val"]),
+            val_rows(manifest, spec),
             spec.workers,
             spec.image_size,
             cfg.model_input.channels,
@@ -326,6 +344,8 @@ def write_artifacts(
         "epochs_fitted": state.fitted_epochs,
         "stopped_early": state.stopped_early,
         "stopped_by": state.stopped_by,
+        # The labelled val pixels the metrics scored (a native-scale model's: those its val windows cover).
+        "val_pixels": int(np.sum(best_cm)) if best_cm else None,
         "resumes": state.resumes,
         # The plan in brief (the model card has all of it): which fields it chose, which were given.
         "plan": None if plan is None else {k: plan[k] for k in ("auto", "given", "time_budget_s")},
