@@ -11,6 +11,7 @@ import io
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from raysegment.config import TrainSpec
@@ -166,6 +167,64 @@ def test_sixteen_bit_data_gets_z_scores_from_its_fingerprint_in_training_and_inf
     mixed = card.model_copy(update={"input": norm.model_copy(update={"eight_bit_seen": True})})
     batch = {"key": np.array(["deep", "eight"], object), "bytes": np.array([files[0], eight], object)}
     assert preprocess(batch, mixed, imaging.MAX_PIXELS)["error"].tolist() == ["", ""]
+
+
+def _tif(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, values)
+    return buf.getvalue()
+
+
+def _errors(card: ModelCard, **images: bytes) -> dict[str, str]:
+    """infer's, evaluate's, show's and serve's decoding (`preprocess`) of each image: its error, "" when taken."""
+    from raysegment.inference.predictor import preprocess
+
+    batch = {"key": np.array(list(images), object), "bytes": np.array(list(images.values()), object)}
+    return dict(zip(images, preprocess(batch, card, imaging.MAX_PIXELS)["error"].tolist()))
+
+
+def test_images_outside_a_deep_models_range_are_error_rows():
+    """A float image scaled to 0..1, or 12-bit counts, given to a model of 16-bit values: every value under
+    the low clip bound was one constant input and a mask marked ok; an error row names both ranges now."""
+    stats = {"mean": [30000.0] * 3, "std": [600.0] * 3, "low": [29500.0] * 3, "high": [31900.0] * 3}
+    deep, eight_bit = card_for("zscore_clipped", stats=stats), card_for("scale_0_1", stats=None)
+    rng = np.random.default_rng(0)
+    sixteen = rng.normal(30000, 600, (32, 32))
+    dark = np.full((32, 32), 28000.0)  # below every training pixel, yet in the range's neighbourhood: taken
+    dark[:3, :3] = 31000
+    images = {
+        "sixteen": _png16(sixteen),
+        "dark": _png16(dark),
+        "twelve": _png16(np.linspace(1000, 3000, 32 * 32).reshape(32, 32)),
+        "unit": _tif(rng.random((32, 32)).astype(np.float32)),
+    }
+    errors = _errors(deep, **images)
+    assert errors["sixteen"] == errors["dark"] == ""
+    assert errors["twelve"].startswith("pixel values 1000..3000, outside the range of the model's training pixels ")
+    assert "(29500..31900)" in errors["twelve"] and "12-bit counts" in errors["twelve"]
+    assert errors["unit"].startswith("pixel values 0.0") and "rescaled to 0..1" in errors["unit"]
+    # A few values in range are not enough (under 1%); an 8-bit model scales each image by its maximum: no range.
+    few = np.full((32, 32), 2000.0)
+    few[0, :5] = 30000
+    assert _errors(deep, few=_png16(few))["few"].startswith("pixel values 2000..30000")
+    assert set(_errors(eight_bit, **images).values()) == {""}
+
+
+def test_an_image_with_no_finite_pixel_is_an_error_row():
+    """An all-no-data tile (NaN, infinities) came out as a confident one-class mask, marked ok."""
+    none = "no valid pixel: every value is NaN or infinite (no data)"
+    stats = {"mean": [0.3] * 3, "std": [0.2] * 3, "low": [-0.1] * 3, "high": [0.6] * 3}
+    nan = np.full((16, 16), np.nan, np.float32)
+    nan[:4] = np.inf
+    nan[4:8] = -np.inf
+    one = nan.copy()
+    one[9, 9] = 0.2  # one valid pixel: the rest is no data, as in any scene's border
+    images = {"nan": _tif(nan), "one": _tif(one), "zeros": _tif(np.zeros((16, 16), np.float32))}
+    for card in (card_for("zscore_clipped", stats=stats), card_for("scale_0_1", stats=None)):
+        assert _errors(card, **images) == {"nan": none, "one": "", "zeros": ""}
+    # An 8-bit image of 0 and 255 only (what no data becomes at 8 bits) is decoded again, and taken.
+    binary = imaging.encode_mask(np.where(np.eye(16, dtype=bool), 255, 0).astype(np.uint8))
+    assert _errors(card_for("scale_0_1", stats=None), binary=binary) == {"binary": ""}
 
 
 def test_a_card_round_trips_its_normalisation():

@@ -11,7 +11,7 @@ import numpy as np
 from raysegment import storage
 from raysegment.data import imaging
 from raysegment.inference.stitch import WindowBlender, argmax_and_max, tile_starts, upsample_argmax
-from raysegment.models.card import TTA_FLIPS, ModelCard, normalize
+from raysegment.models.card import TTA_FLIPS, InputSpec, ModelCard, normalize
 from raysegment.models.loader import load_model
 
 
@@ -45,10 +45,10 @@ def preprocess(
         except imaging.ImageDecodeError as exc:
             errors[i] = str(exc)
             continue
-        if native and img.dtype == np.uint8 and not warm_up and not card.input.eight_bit_seen:
-            # The normalisation was fitted to 16-bit or float values only: 0..255 would all clip to its low end,
-            # and every 8-bit image would get the same mask, marked ok. (Serve's warm-up image is 8-bit zeros.)
-            errors[i] = imaging.EIGHT_BIT_FOR_DEEP_MODEL
+        # Serve's warm-up image is 8-bit zeros, whatever the model takes.
+        problem = "" if warm_up else unusable_pixels(img, card, data[i], max_pixels, channels)
+        if problem:
+            errors[i] = problem
             continue
         img = img.astype(dtype, copy=False)
         heights[i], widths[i] = img.shape[:2]
@@ -56,6 +56,75 @@ def preprocess(
     batch.update(image=images, height=heights, width=widths, error=errors)
     batch["decode_ms"] = np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1), np.float32)
     return batch
+
+
+NO_VALID_PIXEL = "no valid pixel: every value is NaN or infinite (no data)"
+# An image of a 16-bit or float model with under this share of its finite values in the model's range (widened
+# by its width on each side: darker or brighter images than the training ones still pass) is refused.
+IN_RANGE_MIN = 0.01
+
+
+def unusable_pixels(img: np.ndarray, card: ModelCard, data: bytes, max_pixels: int, channels: imaging.Channels) -> str:
+    """Why an image's decoded pixels (`imaging.model_pixels`) cannot give a meaningful mask, or "".
+
+    Each of these was a mask marked ok that says nothing about the image: no finite pixel at all (no data
+    reaches the model as the z-score mean, and a wholly empty tile came out as one confident class); and, for
+    models of 16-bit or float pixels at their own values, an 8-bit image the model never saw, or values that
+    lie almost entirely outside the range of the training pixels (a float image scaled to 0..1, 12-bit counts
+    given to a model of 16-bit ones): they all clip to one bound, the same input for every such image."""
+    spec = card.input
+    if img.dtype.kind == "f" and not np.isfinite(img).any():
+        return NO_VALID_PIXEL
+    if not spec.native_pixels:
+        # 8-bit models see float images brought to 8 bits, NaN and infinities as 0 or 255: only an image of
+        # those two values may have had no data at all, and is decoded again at its own precision to know.
+        if ((img > 0) & (img < 255)).any():
+            return ""
+        try:
+            raw = imaging.decode_pixels(data, max_pixels, channels).pixels
+        except imaging.ImageDecodeError:  # decoded once already; this reading is only for the check
+            return ""
+        return NO_VALID_PIXEL if raw.dtype.kind == "f" and not np.isfinite(raw).any() else ""
+    if img.dtype == np.uint8:
+        # 0..255 would all clip to a 16-bit model's low end; a data set that mixed 8-bit images in knows them.
+        return "" if spec.eight_bit_seen else imaging.EIGHT_BIT_FOR_DEEP_MODEL
+    return _outside_training_range(img, spec)
+
+
+def _outside_training_range(img: np.ndarray, spec: InputSpec) -> str:
+    """The error for a 16-bit or float image whose finite values lie (almost) all outside the range of the
+    training pixels: the card's per-channel 0.5-99.5 percentiles (zscore_clipped's clip bounds, kept for
+    zscore too), else mean +- 3 std (about the same for normal data). "" when the image shares the range."""
+    stats = spec.stats
+    if stats is None:
+        return ""
+    if stats.low is not None and stats.high is not None:
+        low, high = np.asarray(stats.low, np.float64), np.asarray(stats.high, np.float64)
+    else:
+        mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+        low, high = mean - 3 * std, mean + 3 * std
+    width = high - low
+    used = width > 0  # a constant channel is the same input whatever its value: nothing to compare
+    if not used.any():
+        return ""
+    # A strided sample of about a million pixels (a view) is plenty for a 1% threshold, and spares a big
+    # image's copies.
+    step = max(1, int(np.ceil(np.sqrt(img.shape[0] * img.shape[1] / 2**20))))
+    x = img[::step, ::step]
+    if not used.all():
+        x, low, high, width = x[..., used], low[used], high[used], width[used]
+    finite = np.isfinite(x) if x.dtype.kind == "f" else np.ones(x.shape, bool)
+    count = int(finite.sum())
+    inside = int(((x >= low - width) & (x <= high + width)).sum())  # NaN compares False: never inside
+    if count == 0 or inside >= IN_RANGE_MIN * count:
+        return ""
+    values = x[finite]
+    return (
+        f"pixel values {float(values.min()):.6g}..{float(values.max()):.6g}, outside the range of the model's "
+        f"training pixels ({float(low.min()):.6g}..{float(high.max()):.6g}), so the mask would mean nothing; "
+        "give it images in the training data's units (its bit depth and scale: "
+        "not floats rescaled to 0..1, nor 12-bit counts to a model of 16-bit ones)"
+    )
 
 
 def reflect_padding(height, width, pad_h, pad_w):
