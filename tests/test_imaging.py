@@ -112,3 +112,13 @@ def test_header_over_pillows_own_limit_is_refused_in_our_terms():
         match=r"10000000000 pixels, over the limit of 1000 pixels \(infer and serve: raise --max-pixels",
     ):
         imaging.decode_image(data, max_pixels=1000)
+
+
+def test_a_float_image_for_an_8_bit_model_is_scaled_not_clamped():
+    """Pillow converts a float TIFF to RGB by clamping: an image in 0..1 reached an 8-bit model all black,
+    and its mask was marked ok. It is brought to 8 bits by its own maximum, as 16-bit images are."""
+    values = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    buf = io.BytesIO()
+    Image.fromarray(values, mode="F").save(buf, format="TIFF")
+    rgb = imaging.decode_image(buf.getvalue())
+    assert rgb.shape == (16, 16, 3) and rgb.max() == 255 and len(np.unique(rgb)) > 200

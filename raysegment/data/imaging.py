@@ -402,10 +402,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     img = _open(data, max_pixels)
     if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
         img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() or 1.0
-        img = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Pillow's own conversion clamps: a float image in 0..1 came out black (and 32-bit negatives wrapped).
+        img = Image.fromarray(_eight_bit(np.asarray(img)))
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if "A" in img.mode or img.mode == "P" else img.convert("RGB")
     return np.asarray(img, dtype=np.uint8)
