@@ -720,3 +720,147 @@ def test_parquet_rows_sharing_one_value_are_read_once_and_blocked_by_bytes(tmp_p
     (refused,) = [block for block, _ in blocks(1 << 20)]
     errors = dict(zip(refused["key"], refused["error"]))
     assert "over --max-input-mb 1 (8388608 bytes" in errors["k0"] and errors["k60"] == errors["k62"] == ""
+
+
+# --- tar headers and members that tarfile holds, and local reads past fstat --------------------------------
+
+
+def tar_block(kind: bytes, body: bytes, name: str = "././@PaxHeader", fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    """One raw tar entry: a header of type `kind` and its body, padded to whole blocks."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(body)
+    return info.tobuf(format=fmt) + body + bytes(-len(body) % tarfile.BLOCKSIZE)
+
+
+def pax(**records: str) -> bytes:
+    """A pax header's body: records '<length> <key>=<value>\\n', the length counting itself."""
+    out = b""
+    for key, value in records.items():
+        rest = f" {key}={value}\n".encode()
+        length = len(rest) + len(str(len(rest)))
+        out += str(length + (len(str(length)) > len(str(len(rest))))).encode() + rest
+    return out
+
+
+def archive_rows(path, max_bytes: int = 1 << 20) -> list[tuple[str, str]]:
+    """(key, error) of the rows one archive yields, read as a tar source's read task reads it."""
+    from raysegment.inference import sources
+    from raysegment.inference.archives import Archive
+
+    archive = Archive(str(path), path.stat().st_size, "v1")
+    rows = sources._archive_rows(
+        storage.resolve(str(path.parent)), "t", archive, (".png",), None, frozenset(), max_bytes
+    )
+    return [(k, e) for block in rows for k, e in zip(block["key"], block["error"])]
+
+
+def test_tar_headers_over_their_limits_end_the_archive_with_an_error_row(tmp_path):
+    """A 1 MB .tar.gz holding a 1000 MB pax header took a read task to 3.1 GB: tarfile reads a header whole
+    before --max-input-mb sees its member. A GNU long name did the same and then renamed the image after it,
+    which vanished without a row. Headers are now held to archives.MAX_TAR_HEADER_BYTES (global ones and
+    chains too), checked before tarfile reads them; a damaged header mid-archive (tarfile takes it for the
+    end) and one tarfile cannot parse (a ValueError that failed the task) end the archive the same way: one
+    error row naming it, the members before it kept."""
+    import gzip
+    import tracemalloc
+
+    huge = 8 << 20  # over the 1 MiB limit; a few KB once compressed
+    a, b = tar_block(tarfile.REGTYPE, png(1), "a.png"), tar_block(tarfile.REGTYPE, png(2), "b.png")
+    hostile = {
+        "pax": (tar_block(tarfile.XHDTYPE, pax(comment="a" * huge)), "hold over 1 MiB"),
+        "gnu": (tar_block(tarfile.GNUTYPE_LONGNAME, b"a" * huge + b".png\0", "././@LongLink"), "hold over 1 MiB"),
+        "global": (tar_block(tarfile.XGLTYPE, pax(comment="g" * (20 << 10))), "global pax headers over 16 KiB"),
+        "chain": (tar_block(tarfile.XHDTYPE, pax(comment="c")) * 17, "over 16 tar headers in front of one member"),
+        "damaged": (b"\x01" * tarfile.BLOCKSIZE, f"damaged tar header at byte {len(a)} (invalid header)"),
+        "sparse": (tar_block(tarfile.XHDTYPE, pax(**{"GNU.sparse.size": "zz"})), "damaged tar header (ValueError"),
+    }
+    for name, (blocks, error) in hostile.items():
+        path = tmp_path / f"{name}.tar.gz"
+        path.write_bytes(gzip.compress(a + blocks + b + bytes(2 * tarfile.BLOCKSIZE)))
+        assert path.stat().st_size < 100_000
+        tracemalloc.start()
+        rows = archive_rows(path)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert [k for k, _ in rows] == ["t/a", "t/(archive)"] and rows[0][1] == "", name  # b is not read
+        assert rows[1][1].startswith(f"cannot read archive {name}.tar.gz: TarHeaderError: "), name
+        assert error in rows[1][1] and "the rest of the archive is not read" in rows[1][1], name
+        assert peak < 1 << 20, name  # the 8 MiB headers were never read (they took 24-41 MB)
+
+    # Real headers pass: a long GNU name, a pax path and link, a global header as git archive writes one.
+    long = "d/" * 150 + "x.png"
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, long, png(3))
+    with open(good, "rb") as f:
+        gnu = f.read().rstrip(b"\0")
+    gnu += bytes(-len(gnu) % tarfile.BLOCKSIZE)
+    git = tar_block(tarfile.XGLTYPE, pax(comment="3f2a" * 10), "pax_global_header")
+    link = tar_block(tarfile.XHDTYPE, pax(path=f"p/{long}", linkpath=long)) + tar_block(tarfile.SYMTYPE, b"", "l")
+    path_only = tar_block(tarfile.XHDTYPE, pax(path=f"q/{long}")) + tar_block(tarfile.REGTYPE, png(4), "q.png")
+    good.write_bytes(git + gnu + link + path_only + bytes(2 * tarfile.BLOCKSIZE))
+    rows = dict(archive_rows(good))
+    key = f"t/{long.removesuffix('.png')}"
+    assert sorted(rows) == sorted([key, f"t/p/{key[2:]}", f"t/q/{key[2:]}"])
+    assert rows[key] == rows[f"t/q/{key[2:]}"] == "" and "not followed" in rows[f"t/p/{key[2:]}"]
+
+
+def test_a_compressed_archive_is_inflated_only_as_far_as_it_is_read(tmp_path):
+    """tarfile's stream inflated each 10 KB of an archive in one call, whatever it held, and copied what was
+    left on every later read: 311 bytes of .tar.bz2 holding a 200 MB member of zeros took over 5 minutes, and
+    323 bytes holding a 200 MB pax header 780 MB (refused, but inflated first). Archives are now inflated by
+    Python's gzip, bz2 and lzma readers, only as far as tarfile reads."""
+    import bz2
+    import gzip
+    import lzma
+    import tracemalloc
+
+    body = tar_block(tarfile.REGTYPE, bytes(16 << 20), "zeros.bin") + tar_block(tarfile.REGTYPE, png(1), "a.png")
+    fast = {
+        "tar.gz": lambda b: gzip.compress(b, 1),
+        "tar.bz2": bz2.compress,
+        "tar.xz": lambda b: lzma.compress(b, preset=0),
+    }
+    for ext, compress in fast.items():
+        path = tmp_path / f"z.{ext}"
+        path.write_bytes(compress(body + bytes(2 * tarfile.BLOCKSIZE)))
+        tracemalloc.start()
+        rows = archive_rows(path)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert rows == [("t/a", "")], ext
+        assert peak < 2 << 20, ext  # each took 31-52 MB
+
+
+def test_a_tar_stream_keeps_no_member_it_has_passed(tmp_path):
+    """In stream mode tarfile still kept every member's TarInfo: 1M empty members (a 4.7 MB .tar.gz) took a
+    read task to +440 MB. Members are now dropped as the stream passes them."""
+    import gzip
+    import tracemalloc
+
+    members = b"".join(tar_block(tarfile.REGTYPE, b"", f"d/{i:06d}.txt") for i in range(10_000))
+    path = tmp_path / "many.tar.gz"
+    path.write_bytes(gzip.compress(members + tar_block(tarfile.REGTYPE, png(1), "a.png") + bytes(1024)))
+    tracemalloc.start()
+    rows = archive_rows(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rows == [("t/a", "")]
+    assert peak < 1 << 20  # 10,000 TarInfos held 6 MB
+
+
+def test_a_local_read_stops_at_the_limit_whatever_fstat_said(tmp_path):
+    """A local file was judged by its fstat size, then read to its end: a /proc file (size 0) or a file that
+    grew after the check got past --max-input-mb. It is now read up to the limit and a byte, and refused past it."""
+    from raysegment.inference import rasters
+
+    status = storage.resolve("/proc/self/status")  # size 0, over 100 bytes
+    assert os.stat(status.path).st_size == 0
+    with pytest.raises(OSError, match=r"over --max-input-mb .*\(larger than that"):
+        rasters.read_input(status, None, 100)
+    assert len(rasters.read_input(status, None, 1 << 20)) > 100
+    (tmp_path / "a.png").write_bytes(png(1))
+    exact = storage.resolve(str(tmp_path / "a.png"))
+    assert rasters.read_input(exact, None, len(png(1))) == png(1)
+    with pytest.raises(OSError, match=r"over --max-input-mb .*\(\d+ bytes"):
+        rasters.read_input(exact, None, len(png(1)) - 1)  # refused by its size, unread

@@ -11,12 +11,22 @@ skipped, not extracted (resume.drop_done drops any the list missed). A member li
 done, so it is right whatever happened to the run that wrote it; a changed archive (new size or
 version) is read again and its list rewritten. A damaged archive gets no list: it is read, and
 reported, every time.
+
+Archives are read as streams (`open_stream`) with what a read task holds bounded: inflated only as far as
+tarfile reads, their headers held to MAX_TAR_HEADER_BYTES before tarfile reads them, no member kept once passed.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import hashlib
 import io
+import lzma
+import tarfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +38,128 @@ from raysegment.inference import resume
 from raysegment.inference.output import ARCHIVES
 
 _META = b"raysegment.archive"
+
+# What tarfile may read to parse one member's headers (pax, GNU long name or link, sparse map): it reads each
+# whole before the member is seen, and a run of one byte compresses about 1000:1 (a 1 MB .tar.gz held a 1000 MB
+# pax header and took a read task to 3.1 GB). Real headers hold a path, a link target or a few attributes.
+MAX_TAR_HEADER_BYTES = 1 << 20
+# Global pax headers apply to every member after them and tarfile walks them all for each member (1 MiB of short
+# records cost 80 ms a member); git archive writes one, of 52 bytes.
+MAX_TAR_GLOBAL_BYTES = 16 << 10
+# Headers chained in front of one member: tarfile reads each by recursion. Real ones chain up to three (a global
+# pax header, then a pax header, or GNU long name and long link).
+MAX_TAR_HEADER_CHAIN = 16
+_REST = "the rest of the archive is not read"
+_EXTENDED = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
+class TarHeaderError(tarfile.TarError):
+    """A member's headers over the limits above, or damaged. Not a tarfile.HeaderError: mid-archive, tarfile
+    takes one of those for the archive's end and stops without a word."""
+
+
+class _HeaderReader:
+    """The stream as tarfile sees it while it parses one member's headers: a read past what they may hold
+    is refused before it is made."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self.stream, self.limit, self.left = stream, limit, limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self.left:
+            raise TarHeaderError(
+                f"a member's tar headers (pax, GNU long name or sparse map) hold over {self.limit / (1 << 20):g} MiB "
+                f"(real ones hold a path or a few attributes: a decompression bomb or damage); {_REST}"
+            )
+        self.left -= size
+        return self.stream.read(size)
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek
+        return getattr(self.stream, name)
+
+
+class _TarInfo(tarfile.TarInfo):
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            if tar.offset == 0:
+                raise  # not a tar at all: tarfile says so
+            raise TarHeaderError(f"damaged tar header at byte {tar.offset} ({exc}); {_REST}") from None
+
+    def _proc_member(self, tar: TarStream) -> tarfile.TarInfo:
+        if self.type in _EXTENDED:
+            tar.extended(self)
+        return super()._proc_member(tar)
+
+
+class TarStream(tarfile.TarFile):
+    """A tar archive read as a stream (`open_stream`), its headers bounded and no member kept once passed: in
+    stream mode tarfile keeps every TarInfo (1M empty members took 440 MB), and a stream cannot go back to one."""
+
+    tarinfo = _TarInfo
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.chain, self.global_bytes = 0, 0
+        super().__init__(*args, **kwargs)  # reads the first member
+
+    def next(self) -> tarfile.TarInfo | None:
+        stream, self.chain = self.fileobj, 0
+        self.fileobj = _HeaderReader(stream, MAX_TAR_HEADER_BYTES)
+        try:
+            member = super().next()
+        except (ValueError, IndexError) as exc:  # tarfile parsing bad numbers of a sparse header
+            raise TarHeaderError(f"damaged tar header ({type(exc).__name__}: {exc}); {_REST}") from exc
+        finally:
+            self.fileobj = stream
+        self.members.clear()
+        return member
+
+    def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        while (member := self.next()) is not None:
+            yield member
+
+    def extended(self, header: tarfile.TarInfo) -> None:
+        """Count a pax or GNU header in front of the member being read, before tarfile reads it."""
+        self.chain += 1
+        if self.chain > MAX_TAR_HEADER_CHAIN:
+            raise TarHeaderError(f"over {MAX_TAR_HEADER_CHAIN} tar headers in front of one member; {_REST}")
+        if header.type == tarfile.XGLTYPE:
+            self.global_bytes += header.size
+            if self.global_bytes > MAX_TAR_GLOBAL_BYTES:
+                raise TarHeaderError(f"global pax headers over {MAX_TAR_GLOBAL_BYTES >> 10} KiB; {_REST}")
+
+
+# What streaming a damaged or cut archive raises (zlib and lzma errors are not OSErrors).
+STREAM_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError)
+
+
+@contextlib.contextmanager
+def open_stream(f: Any) -> Iterator[TarStream]:
+    """The tar archive `f` holds, streamed; gzip, bzip2 and xz are told by their first bytes, as tarfile's
+    "r|*" tells them. Each is inflated only as far as it is read: tarfile's own stream inflated each 10 KB in
+    one call whatever it held (323 bytes of .tar.bz2 at once to 780 MB), and copied what was left on each
+    later read (skipping a 200 MB member of zeros took over 5 minutes)."""
+    head = f.read(10)
+    f.seek(0)
+    inflated: Any
+    if head.startswith(b"\x1f\x8b\x08"):
+        inflated = gzip.GzipFile(fileobj=f, mode="rb")
+    elif head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        inflated = bz2.BZ2File(f)
+    elif head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        inflated = lzma.LZMAFile(f)
+    else:
+        inflated = contextlib.nullcontext(f)
+    with inflated as stream, TarStream.open(fileobj=stream, mode="r|") as tar:
+        yield tar
 
 
 @dataclass(frozen=True)

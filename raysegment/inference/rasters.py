@@ -125,9 +125,9 @@ def read_input(loc: storage.Location, max_pixels: int | None, max_bytes: int | N
 
     Only TIFF names are probed (one header read; the rest of a small TIFF is read through the same handle).
     An input of more than `max_bytes` is an OSError, unread: a local file by its size (one fstat of the open
-    file), an object by one ranged read (no size request first), as a local device or socket is (/dev/zero
-    never ends). A named pipe is read as `cat` reads one, when its writer comes, up to `max_bytes` (the tests
-    hold jobs on pipes: `helpers.PipeBarrier`)."""
+    file, and never read past the limit: a /proc file says size 0), an object by one ranged read (no size
+    request first), as a local device or socket is (/dev/zero never ends). A named pipe is read as `cat` reads
+    one, when its writer comes, up to `max_bytes` (the tests hold jobs on pipes: `helpers.PipeBarrier`)."""
     if not loc.remote:
         return _read_local(loc.path, max_pixels, max_bytes)
     if max_pixels is None or not tiff.is_tiff_name(loc.path):
@@ -158,17 +158,19 @@ def _read_local(path: str, max_pixels: int | None, max_bytes: int | None) -> byt
                 require_rasterio()
                 return info
             f.seek(0)
-        return f.read()
+        # Up to the limit still: a /proc file says size 0, and a file can grow after the fstat.
+        return _bounded(_upto(f, max_bytes, size), max_bytes) if max_bytes else f.read()
 
 
-def _upto(f: Any, max_bytes: int) -> bytes:
-    """A stream's bytes, read a MiB at a time, stopping one byte past `max_bytes` (never allocating it whole:
-    `read(n)` reserves n bytes up front)."""
-    parts, held = [], 0
-    while held <= max_bytes and (part := f.read(min(1 << 20, max_bytes + 1 - held))):
+def _upto(f: Any, max_bytes: int, size: int = 0) -> bytes:
+    """A stream's bytes, stopping one byte past `max_bytes`: first the `size` it says it holds (a regular file's,
+    within the limit), then a MiB at a time (never allocating the limit whole: `read(n)` reserves n bytes up
+    front)."""
+    parts, held, step = [], 0, size + 1 if size else 1 << 20
+    while held <= max_bytes and (part := f.read(min(step, max_bytes + 1 - held))):
         parts.append(part)
-        held += len(part)
-    return b"".join(parts)
+        held, step = held + len(part), 1 << 20
+    return b"".join(parts)  # one part: that part, not a copy
 
 
 def _ranged(loc: storage.Location, end: int) -> bytes:

@@ -40,7 +40,7 @@ from raysegment import progress, storage
 from raysegment.data import limits, tiff
 from raysegment.errors import DataError
 from raysegment.inference import collisions, rasters
-from raysegment.inference.archives import Archive, MemberIndex
+from raysegment.inference.archives import STREAM_ERRORS, Archive, MemberIndex, open_stream
 from raysegment.inference.listing import (
     ARCHIVE_EXTENSIONS,
     LISTED_SCHEMA,
@@ -216,23 +216,26 @@ def _archive_rows(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Rows of the archive's image members, less those in `done` (not even extracted); a member over
     `max_bytes` (its header says, before any is inflated: a 1 MB .tar.gz held 1 GiB) is an error row, as an
-    archive that is a device is."""
+    archive that is a device is; headers over their limits, or damaged, end the archive with an error row
+    before they are read (`archives.TarStream`: a 1 MB .tar.gz held a 1000 MB pax header)."""
     uri = archive.uri
     if not root.remote and not rasters.readable_kind(path_of(root, uri)):
         yield _rows([f"{key}/(archive)"], [uri], [b""], ["a device or socket, not a file; not read"], [False])
         return
     block = _Block()
     seen: dict[str, str] = {}  # fold(member key) -> the first member with it
-    members: list[str] = []
+    # The list to record; none when read for `done`, which this version's list gave already.
+    members: list[str] | None = [] if index is not None and not done else None
     whole = True  # read to the end, without damage or a repeated member: its list may be kept
     try:
-        with root.fs.open(path_of(root, uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with root.fs.open(path_of(root, uri), "rb") as f, open_stream(f) as tar:
             for member in tar:
                 if (member.isfile() or member.issym() or member.islnk()) and has_ext(member.name, exts):
                     if hidden(member.name):
                         continue
                     member_key = f"{key}/{strip_ext(member_name(member)[0])}"
-                    members.append(member_key)
+                    if members is not None:
+                        members.append(member_key)
                     if member_key in done:
                         continue
                     _add_member(block, tar, member, key, uri, seen, max_bytes)
@@ -240,15 +243,16 @@ def _archive_rows(
                 if len(block.keys) >= BATCH_ROWS:
                     yield block.rows()
                     block = _Block()
-    except (OSError, tarfile.TarError, EOFError) as exc:
+    except STREAM_ERRORS as exc:
         if root.remote and storage.is_transient(exc):
             raise storage.StorageError(f"{uri}: storage unreachable mid-archive ({exc})") from exc
         # A damaged archive is one error row; members read before the damage are kept.
-        block.add(f"{key}/(archive)", uri, b"", f"cannot read archive: {type(exc).__name__}: {exc}")
+        name = posixpath.basename(uri)
+        block.add(f"{key}/(archive)", uri, b"", f"cannot read archive {name}: {type(exc).__name__}: {exc}")
         whole = False
     if block.keys:
         yield block.rows()
-    if whole and index is not None and not done:  # a list read for `done` is this version's already
+    if whole and index is not None and members is not None:
         index.record(archive, members)
 
 
