@@ -30,7 +30,7 @@ from raysegment import storage
 from raysegment.errors import DataError
 from raysegment.inference import collisions
 
-# tarfile streams plain, gzip, bzip2 and xz tars alike (mode "r|*").
+# Plain, gzip, bzip2 and xz tars alike, told by their first bytes (`archives.open_stream`).
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 # The columns nightly's ledger rows start with.
 LISTING_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
