@@ -244,10 +244,13 @@ def _compact(spec: CompactSpec, output: storage.Location, root: storage.Location
     # Files already holding half a target file's rows stay as they are.
     small = [(p, n) for p, n in zip(candidates, rows) if n < spec.summary_rows // 2]
     chunks: list[list[tuple[str, int]]] = [[]]
+    held = 0  # the last chunk's rows (summed again per file, 62,500 files into one took a minute)
     for path, n in small:
-        if chunks[-1] and sum(r for _, r in chunks[-1]) + n > spec.summary_rows:
+        if chunks[-1] and held + n > spec.summary_rows:
             chunks.append([])
+            held = 0
         chunks[-1].append((path, n))
+        held += n
     chunks = [c for c in chunks if len(c) > 1]
     merged: list[tuple[str, int]] = []
     with progress.stage("compact", len(chunks), unit="files") as shown:
