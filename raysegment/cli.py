@@ -168,7 +168,7 @@ def plan(
     from raysegment import storage
     from raysegment.data.classes import manifest_warnings
     from raysegment.data.prepare import read_manifest
-    from raysegment.train.config import check_labelled, check_val
+    from raysegment.train.config import check_labelled, check_train, check_val
 
     # The compute and budget checked as `train` checks them (TrainSpec's bounds): a plan is only printed for
     # values train would accept.
@@ -176,7 +176,9 @@ def plan(
     spec = load_spec(TrainSpec, None, {"data": data, "out": out, "time_budget": time_budget, **given})
     loc, manifest = read_manifest(data, endpoint_url)
     check_labelled(manifest, loc.uri)
-    check_val(manifest, loc.uri)  # train refuses such a data set: no plan for it either
+    # train refuses such data sets: no plan for them either (the plan's batch is at least 1 per worker).
+    check_train(manifest, loc.uri, 1, spec.workers)
+    check_val(manifest, loc.uri)
     fp = planning.read_fingerprint(loc, manifest)
     compute = planning.Compute(spec.workers, spec.gpus_per_worker, spec.cpus_per_worker)
     result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, spec.time_budget)
@@ -463,7 +465,7 @@ def show(
         r = show_overlay(image_uri, model_uri, out, alpha, endpoint_url, tta_flip)
         shares = ", ".join(f"{name} {share:.1%}" for name, share in r["class_fractions"].items() if share > 0)
         view = f", a {r['view'][1]}x{r['view'][0]} view" if "view" in r else ""  # a big raster's overlay
-        s.done([f"wrote {r['out']} ({r['width']}x{r['height']}{view}): {shares}"], None)
+        s.done([f"wrote {r['out']} ({r['width']}x{r['height']}{view}, width x height): {shares}"], None)
 
 
 @main.group("model")

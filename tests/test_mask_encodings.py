@@ -152,15 +152,17 @@ def test_jpeg_masks_need_a_threshold_and_unturned_masks_name_the_exif_tag():
     sideways = _encoded(Image.fromarray(np.zeros((H, W, 3), np.uint8)), format="JPEG", exif=_exif(6))
     unturned = _encoded(Image.fromarray(_ids(1)), format="PNG")  # H x W, as stored; the photo shows W x H
     problem, *_ = _check_pair(sideways, unturned, None, "", masks.PLAIN, imaging.OWN)
-    assert problem == f"size mismatch: image {H}x{W}, mask {W}x{H}; {EXIF_TURN}"
+    assert problem == f"size mismatch: image {H}x{W}, mask {W}x{H} (width x height); {EXIF_TURN}"
     problem, *_ = _check_pair(
         image, _encoded(Image.fromarray(_ids(1).T.copy()), format="PNG"), None, "", masks.PLAIN, imaging.OWN
     )
-    assert problem == f"size mismatch: image {W}x{H}, mask {H}x{W}"  # no tag: no word about one
+    assert problem == f"size mismatch: image {W}x{H}, mask {H}x{W} (width x height)"  # no tag: no word about one
     # A mask drawn on a copy of twice the size (or half) is named as such, with the resampling that keeps ids.
     double = _encoded(Image.fromarray(np.kron(_ids(1), np.ones((2, 2), np.uint8))), format="PNG")
     problem, *_ = _check_pair(image, double, None, "", masks.PLAIN, imaging.OWN)
-    assert problem.startswith(f"size mismatch: image {W}x{H}, mask {2 * W}x{2 * H}; the mask is exactly 2x the image")
+    assert problem.startswith(
+        f"size mismatch: image {W}x{H}, mask {2 * W}x{2 * H} (width x height); the mask is exactly 2x the image"
+    )
     assert "nearest-neighbour" in problem
 
 
@@ -222,7 +224,7 @@ def test_colour_coded_masks_from_class_dict_csv(ray_cluster, tmp_path):
     csv_path = str(tmp_path / "class_dict.csv")
 
     # Without --mask-colors a colour mask is named as such, with the fix.
-    with pytest.raises(DataError, match=r"RGB mask with colours \(64,0,128.*--mask-colors"):
+    with pytest.raises(DataError, match=r"mask colours not mapped: RGB mask with colours 64,0,128; .*--mask-colors"):
         prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d0")))
 
     data = str(tmp_path / "data")
@@ -400,6 +402,15 @@ def test_a_transparent_background_is_named_and_kept_with_mask_alpha_keep(ray_clu
         _image(src, f"t{i}", i)
         layer = np.stack([ids * 255] * 3 + [ids * 255], axis=-1).astype(np.uint8)  # background: alpha 0
         _save(Image.fromarray(layer, "RGBA"), f"{src}/masks/t{i}.png")
+    # Without a mapping, transparent pixels read as ignore left one value: the advice mapped it to one class
+    # (--mask-values 255:0, refused next) and never named --mask-alpha keep.
+    with pytest.raises(DataError) as err:
+        prepare(PrepareSpec(source=src, dest=str(tmp_path / "d0"), val_keys=["t0"]))
+    assert "--mask-values 255:0" not in str(err.value)
+    assert "transparent (alpha 0), read as ignore" in str(err.value)
+    assert str(err.value).endswith("prepare with --mask-alpha keep --mask-values 0:0,255:1")
+    with pytest.raises(DataError, match=r"gives only 1 class.*--mask-alpha keep --mask-values 0:0,255:1$"):
+        prepare(PrepareSpec(source=src, dest=str(tmp_path / "d0"), val_keys=["t0"], mask_values={255: 0}))
     base = {"source": src, "mask_values": {0: 0, 255: 1}, "class_names": ["background", "cell"], "val_keys": ["t0"]}
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         dropped = prepare(PrepareSpec(**base, dest=str(tmp_path / "d1")))

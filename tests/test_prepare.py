@@ -93,7 +93,7 @@ def _bad_source(tmp_path, count: int = 8) -> str:
 EXPECTED_PROBLEMS = {
     "00000": "image without mask",
     "extra": "mask without image",
-    "00001": "size mismatch: image 32x32, mask 10x10",
+    "00001": "size mismatch: image 32x32, mask 10x10 (width x height)",
     "00002": "undecodable image",
     "00003": "undecodable mask: empty file",
     "00004": "class ids out of range 0..3: [9]",
@@ -119,18 +119,34 @@ def test_skip_invalid_writes_good_pairs_and_records_the_rest(ray_cluster, tmp_pa
     from raysegment.data.info import format_manifest
 
     shown = format_manifest(str(data), manifest)  # data-info names each skipped pair (it gave only the count)
-    assert "skipped       6 invalid pairs" in shown and "  00001: size mismatch: image 32x32, mask 10x10" in shown
+    assert (
+        "skipped       6 invalid pairs" in shown and "  00001: size mismatch: image 32x32, mask 10x10 (width" in shown
+    )
 
 
-def test_many_bad_pairs_report_names_20_and_the_count(ray_cluster, tmp_path):
+def test_many_bad_pairs_report_each_problem_once_with_its_keys_and_the_count(ray_cluster, tmp_path):
+    """One problem shared by many pairs (every mask a JPEG, or missing) was repeated once a pair, up to 20
+    times in one line: it is said once, with the count and the first keys."""
     src = write_source(str(tmp_path / "src"), count=25)
-    for i in range(25):
+    for i in range(23):
         os.remove(tmp_path / "src" / "masks" / f"{i:05d}.png")
+    for i, side in ((23, 10), (24, 12)):
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(tmp_path / "src" / "masks" / f"{i:05d}.png")
     with pytest.raises(DataError) as err:
         prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
     msg = str(err.value)
-    assert "25 invalid pairs" in msg and "(and 5 more)" in msg
-    assert msg.count("image without mask") == 20 and "00019" in msg and "00020" not in msg
+    assert "25 invalid pairs" in msg and msg.count("image without mask") == 1
+    assert "23 pairs (00000, 00001, 00002, 00003, 00004 and 18 more): image without mask" in msg
+    assert "00023: size mismatch: image 32x32, mask 10x10 (width x height)" in msg and "00024: size mismatch" in msg
+
+
+def test_invalid_report_names_20_problems_and_the_count_of_the_rest():
+    from raysegment.data.prepare import _invalid_report
+
+    invalid = [{"key": f"k{i:02d}", "problem": f"problem {i}"} for i in range(25)]
+    msg = _invalid_report("d", invalid)
+    assert "25 invalid pairs" in msg and "(and 5 more problems)" in msg
+    assert "k19: problem 19" in msg and "k20" not in msg
 
 
 def test_overwrite_replaces_shards_and_manifest(ray_cluster, tmp_path):
@@ -200,6 +216,69 @@ def test_a_split_without_val_pairs_is_warned_of_at_prepare(ray_cluster, tmp_path
     assert "no pair is in the val split" in caplog.text and "--val-keys" in caplog.text
 
 
+def test_a_split_without_train_pairs_is_warned_of_at_prepare_and_refused_by_plan(ray_cluster, tmp_path, caplog):
+    """One pair (or --val-keys naming every key) leaves train empty: prepare said nothing, plan printed a plan
+    for "1 training images", and train's refusal advised a smaller --batch-size, which cannot help."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    src = write_source(str(tmp_path / "src"), count=2, size=8)
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        manifest = prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), val_keys="00000,00001", num_classes=4))
+    assert manifest["counts"] == {"train": 0, "val": 2}
+    assert "no pair is in the train split (--val-keys (2 keys)); put pairs in train: prepare again with fewer " in (
+        caplog.text
+    )
+    # The per-class warnings name several classes in the plural, one in the singular.
+    assert "classes class_0, class_2, class_3 have pixels in val but none in train: the model cannot learn them" in (
+        caplog.text
+    )
+    assert "class class_1 has no labelled pixel in any mask" in caplog.text
+    planned = CliRunner().invoke(main, ["plan", str(tmp_path / "data"), "--out", str(tmp_path / "plan.json")])
+    assert planned.exit_code == 2 and not (tmp_path / "plan.json").exists()
+    assert "no training images (2 in val, none in train); put pairs in train" in planned.output
+    assert "--batch-size" not in planned.output
+
+
+def test_voc_void_stays_ignore_in_the_mask_values_advice(ray_cluster, tmp_path):
+    """VOC-style masks (0, a class id 15, void 255): the advice said '255 = ignore' and then mapped 255 to a
+    class (255:2), which prepared the object borders as a third class."""
+    src = write_source(str(tmp_path / "src"), count=3, size=8)
+    for name in os.listdir(tmp_path / "src" / "masks"):
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:6, 2:6], mask[1, 1:7] = 15, 255
+        Image.fromarray(mask).save(tmp_path / "src" / "masks" / name)
+    with pytest.raises(DataError) as err:
+        prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
+    msg = str(err.value)
+    assert "values [0, 15, 255]" in msg and "e.g. --mask-values 0:0,15:1, which keeps 255 as ignore" in msg
+    assert "--mask-values 0:0,15:1,255:2" not in msg
+
+
+def test_colour_masks_without_mask_colors_get_a_concrete_mapping(ray_cluster, tmp_path):
+    """RGB colour codes without --mask-colors were 'undecodable', with a flat list of numbers and a generic
+    example, repeated for each pair: now 'mask colours not mapped', once, with a --mask-colors to start from."""
+    from raysegment.config import PrepareSpec as Spec
+
+    src = write_source(str(tmp_path / "src"), count=3, size=8)
+    colours = np.asarray([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    for i, name in enumerate(sorted(os.listdir(tmp_path / "src" / "masks"))):
+        ids = np.zeros((8, 8), np.uint8)
+        ids[:4], ids[6:] = 1, 2 if i else 1  # the first mask lacks green: the mapping is the union
+        Image.fromarray(colours[ids]).save(tmp_path / "src" / "masks" / name)
+    with pytest.raises(DataError) as err:
+        prepare(Spec(source=src, dest=str(tmp_path / "data")))
+    msg = str(err.value)
+    assert "undecodable" not in msg and msg.count("mask colours not mapped") == 2
+    assert "2 pairs (00001, 00002): mask colours not mapped: RGB mask with colours 0,0,0; 0,255,0; 255,0,0" in msg
+    assert "--mask-colors '0,0,0:0;0,255,0:1;255,0,0:2'" in msg
+    manifest = prepare(Spec(source=src, dest=str(tmp_path / "data"), mask_colors="0,0,0:0;0,255,0:1;255,0,0:2"))
+    assert manifest["num_classes"] == 3
+
+
 def test_a_class_only_in_val_is_warned_of_at_prepare_and_by_data_info(ray_cluster, tmp_path, caplog):
     """A class whose images all fell into val could never be learnt, and nothing said so: prepare and
     data-info now name it (and a class missing from val, which val mIoU cannot score)."""
@@ -240,7 +319,7 @@ def test_no_val_pair_left_after_skip_invalid_is_warned_of(ray_cluster, tmp_path,
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         manifest = prepare(spec)
     assert manifest["counts"] == {"train": 3, "val": 0}
-    assert "no pair is in the val split: its 1 pairs were all invalid and skipped (--val-keys (1 keys))" in caplog.text
+    assert "no pair is in the val split: its one pair was invalid and skipped (--val-keys (1 keys))" in caplog.text
     assert "prepare again with --val-keys" in caplog.text
     # plan and train refuse it with the same advice (the manifest's fix; its splits are the key hash's).
     from raysegment.errors import DataError

@@ -81,6 +81,8 @@ def test_frozen_and_picklable():
     [
         ({"image_size": 40, "depth": 4}, {"train": 50, "val": 5}, "multiple of 2\\*\\*depth"),
         ({"workers": 4, "batch_size": 16}, {"train": 50, "val": 5}, "fewer than one global batch"),
+        # No batch size helps an empty train split: the fix is pairs in train (it said "lower --batch-size").
+        ({}, {"train": 0, "val": 1}, "no training images \\(1 in val, none in train\\); put pairs in train: "),
         ({}, {"train": 50}, "no validation images; prepare again with --val-keys"),
         # A layout's own splits refuse --val-keys: the fix prepare recorded for it (`layouts.no_val_fix`).
         (

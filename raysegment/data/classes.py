@@ -30,7 +30,7 @@ def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None, 
     out = []
     if nowhere:
         labelled = sum(train) + sum(val)
-        text = f"class {', '.join(nowhere)} has no labelled pixel in any mask: the model cannot learn it"
+        text = f"{_classes_have(nowhere)} no labelled pixel in any mask: the model cannot learn {_them(nowhere)}"
         if ignored and ignored >= 0.05 * (labelled + ignored):
             # A label layer saved over a transparent background: its background read as unlabelled.
             share = ignored / (labelled + ignored)
@@ -40,13 +40,22 @@ def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None, 
             )
         out.append(text)
     if only_val:
+        its = "its" if len(only_val) == 1 else "their"
         out.append(
-            f"class {', '.join(only_val)} has pixels in val but none in train: the model cannot learn it; "
-            "put some of its images in train (--val-keys, --val-fraction or --seed) and prepare again"
+            f"{_classes_have(only_val)} pixels in val but none in train: the model cannot learn {_them(only_val)}; "
+            f"put some of {its} images in train (--val-keys, --val-fraction or --seed) and prepare again"
         )
     if not_val:
-        out.append(f"class {', '.join(not_val)} has no pixels in val: val mIoU does not score it")
+        out.append(f"{_classes_have(not_val)} no pixels in val: val mIoU does not score {_them(not_val)}")
     return out
+
+
+def _classes_have(names: list[str]) -> str:
+    return f"class {names[0]} has" if len(names) == 1 else f"classes {', '.join(names)} have"
+
+
+def _them(names: list[str]) -> str:
+    return "it" if len(names) == 1 else "them"
 
 
 VOC_CLASSES = [

@@ -64,6 +64,12 @@ class ShardFingerprint:
     top: list[int] = field(default_factory=lambda: [0] * 256)
     left: list[int] = field(default_factory=lambda: [0] * 256)
     total: list[int] = field(default_factory=lambda: [0] * 256)
+    # Per class: images holding more of it in the top than the bottom half (and the reverse; left, right):
+    # each image's vote, so a few images cannot make pooled pixels look oriented by chance.
+    top_votes: list[int] = field(default_factory=lambda: [0] * 256)
+    bottom_votes: list[int] = field(default_factory=lambda: [0] * 256)
+    left_votes: list[int] = field(default_factory=lambda: [0] * 256)
+    right_votes: list[int] = field(default_factory=lambda: [0] * 256)
     areas: dict[int, list[int]] = field(default_factory=dict)
     sampled: int = 0
     unit_range: int = 0  # float images whose finite values lie in 0..1, not all 0 (`Fingerprint.mixed_range`)
@@ -87,9 +93,21 @@ class ShardFingerprint:
         present = np.unique(mask)
         for c in present.tolist():
             self.images_with_class[c] += 1
-        for counts, part in ((self.total, mask), (self.top, mask[: h // 2]), (self.left, mask[:, : w // 2])):
-            for c, n in enumerate(np.bincount(part.ravel(), minlength=256).tolist()):
-                counts[c] += n
+        total = np.bincount(mask.ravel(), minlength=256)
+        # The halves leave an odd side's middle row (column) out, so neither half is favoured by its size.
+        top, bottom = (np.bincount(part.ravel(), minlength=256) for part in (mask[: h // 2], mask[h - h // 2 :]))
+        left, right = (np.bincount(part.ravel(), minlength=256) for part in (mask[:, : w // 2], mask[:, w - w // 2 :]))
+        for counts, add in (
+            (self.total, total),
+            (self.top, top),
+            (self.left, left),
+            (self.top_votes, top > bottom),
+            (self.bottom_votes, bottom > top),
+            (self.left_votes, left > right),
+            (self.right_votes, right > left),
+        ):
+            for c in np.flatnonzero(add).tolist():
+                counts[c] += int(add[c])
         if self.sampled >= SAMPLED_IMAGES:
             return
         self.sampled += 1
@@ -124,6 +142,10 @@ class Fingerprint:
     sampled_images: int
     dtypes: dict[str, int] = field(default_factory=dict)  # decoded pixel type -> images (absent before #19)
     unit_range: int = 0  # deeper images with values in 0..1 only (0 in fingerprints from before it was counted)
+    # Per class: [images with more of it in the top half, ... in the bottom half] (and left, right). A stored
+    # fingerprint without them is computed afresh (`is_current`); None only in one built without them.
+    class_top_votes: list[list[int]] | None = None
+    class_left_votes: list[list[int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +199,11 @@ class Fingerprint:
         """True when a stored fingerprint has every field this version computes: an earlier one (without the
         side shares, or without `dtypes`, whose intensities were then sampled as 8-bit) is computed afresh
         by `plan` and `train`."""
-        return bool(data) and {f.name for f in fields(cls)} - {"unit_range"} <= set(data)
+        return bool(data) and {f.name for f in fields(cls)} - OPTIONAL_FIELDS <= set(data)
+
+
+# Fields a fingerprint may lack without being computed afresh: their defaults are a safe reading.
+OPTIONAL_FIELDS = {"unit_range"}
 
 
 def _spread(values: list[int]) -> dict[str, float]:
@@ -195,6 +221,7 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
     unit_range = 0
     with_class = np.zeros(256, np.int64)
     top, left, total = (np.zeros(256, np.int64) for _ in range(3))
+    votes = {side: np.zeros(256, np.int64) for side in ("top", "bottom", "left", "right")}
     areas: dict[int, list[int]] = {}
     for p in parts:
         for m, n in p.modes.items():
@@ -207,6 +234,8 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
         top += np.asarray(p.top, np.int64)
         left += np.asarray(p.left, np.int64)
         total += np.asarray(p.total, np.int64)
+        for side, counted in votes.items():
+            counted += np.asarray(getattr(p, f"{side}_votes"), np.int64)
         for c, a in p.areas.items():
             areas.setdefault(int(c), []).extend(a)
     intensity = _intensity([px for p in parts for px in p.pixels])
@@ -226,6 +255,8 @@ def merge(parts: list[ShardFingerprint], num_classes: int, class_pixel_share: li
         class_left_share=[round(float(left[c] / total[c]), 6) if total[c] else None for c in range(num_classes)],
         dtypes=dict(sorted(dtypes.items())),
         unit_range=unit_range,
+        class_top_votes=[[int(votes["top"][c]), int(votes["bottom"][c])] for c in range(num_classes)],
+        class_left_votes=[[int(votes["left"][c]), int(votes["right"][c])] for c in range(num_classes)],
     )
 
 
@@ -247,6 +278,12 @@ def _intensity(sampled: list[list[float]]) -> dict[str, list[float]]:
     }
 
 
+def _stat(value: float) -> str:
+    """An intensity statistic with four significant digits (0.1234 for data in 0..1, 120.5 for 8-bit
+    values), and no exponent for counts up to 65535 (31872.6)."""
+    return f"{value:.1f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
     """Lines for `raysegment data-info`."""
     h, w = fp.height, fp.width
@@ -261,7 +298,7 @@ def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:
         count = len(fp.intensity["mean"])
         names = list("RGB") if count == 3 else [str(i + 1) for i in range(count)]
         for i, ch in enumerate(names):
-            stats = ", ".join(f"{name} {values[i]:.1f}" for name, values in fp.intensity.items())
+            stats = ", ".join(f"{name} {_stat(values[i])}" for name, values in fp.intensity.items())
             lines.append(f"  intensity {ch:<2} {stats}")
         if fp.dtypes:
             lines.append(f"  pixels       {', '.join(f'{d}: {n}' for d, n in fp.dtypes.items())} (decoded types)")

@@ -28,6 +28,8 @@ DEFAULT_VAL_FRACTION = 0.2
 
 # What to do when no pair landed in val (a hash split of a few pairs can give none).
 NO_VAL_FIX = "prepare again with --val-keys naming some pairs, a larger --val-fraction, or more pairs"
+# ... and when none landed in train (one pair, or --val-keys naming every key).
+NO_TRAIN_FIX = "put pairs in train: prepare again with fewer --val-keys, a smaller --val-fraction, or more pairs"
 
 
 @dataclass(frozen=True)
@@ -417,6 +419,14 @@ def no_val_fix(listing: Listing) -> str:
         return NO_VAL_FIX
     off = f", or {listing.splits_off} to split them by --val-keys or --val-fraction" if listing.splits_off else ""
     return f"put some pairs in val in {listing.split_source}{off}"
+
+
+def no_train_fix(listing: Listing) -> str:
+    """What to do when no pair is in train: the flags where the splits are ours, else the layout's own way."""
+    if not listing.split_source:
+        return NO_TRAIN_FIX
+    off = f", or {listing.splits_off} to split them by --val-keys or --val-fraction" if listing.splits_off else ""
+    return f"put some pairs in train in {listing.split_source}{off}"
 
 
 def assign_split(key: str, val_fraction: float, seed: int) -> str:

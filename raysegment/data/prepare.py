@@ -22,8 +22,9 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -36,7 +37,16 @@ from raysegment import __version__, logs, progress, storage
 from raysegment.config import PrepareSpec, distinct_class_names
 from raysegment.data import classes, imaging, masks, tiff
 from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, format_fingerprint, merge
-from raysegment.data.layouts import SPLITS, Listing, Pair, assign_splits, list_source, no_val_fix, read_val_keys
+from raysegment.data.layouts import (
+    SPLITS,
+    Listing,
+    Pair,
+    assign_splits,
+    list_source,
+    no_train_fix,
+    no_val_fix,
+    read_val_keys,
+)
 from raysegment.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -144,11 +154,13 @@ def _check_pair(
     try:
         ids = masks.class_ids(mask_bytes, encoding, lut, unmapped)
     except imaging.ImageDecodeError as exc:
+        if encoding.colors is None and encoding.threshold is None and (codes := _colour_codes(mask_bytes)):
+            return codes, None, img_bytes, decoded
         return f"undecodable mask: {exc}", None, img_bytes, decoded
     except masks.MaskValueError as exc:
         return str(exc), None, img_bytes, decoded
     if ids.shape != (h, w):
-        problem = f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]}"
+        problem = f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]} (width x height)"
         if img_bytes is not stored and ids.shape == (w, h):  # decode_upright turned the image by its EXIF tag
             problem += f"; {EXIF_TURN}"
         elif (scale := _scale_between(ids.shape, (h, w))) is not None:
@@ -158,6 +170,54 @@ def _check_pair(
             )
         return problem, None, img_bytes, decoded
     return None, ids, img_bytes, decoded
+
+
+UNMAPPED_COLOURS = "mask colours not mapped"
+# More colours than this in a mask is no colour code (a photo, or anti-aliased edges): no --mask-colors proposed.
+MAX_COLOUR_CODES = 32
+
+
+def _colour_codes(mask_bytes: bytes) -> str | None:
+    """The problem of a colour-coded (RGB/RGBA) mask given without --mask-colors: its colours, one R,G,B
+    each (`_colour_fix` proposes the mapping for all such masks at once); None for any other mask."""
+    try:
+        img = imaging.open_image(mask_bytes, imaging.MAX_PIXELS)
+        if img.mode not in ("RGB", "RGBA"):
+            return None
+        rgb = np.asarray(img.convert("RGB")).reshape(-1, 3).astype(np.int32)
+    except Exception:  # the decoder's own error is the problem then
+        return None
+    codes = np.unique(rgb @ np.array([1 << 16, 1 << 8, 1], np.int32))
+    if len(codes) > MAX_COLOUR_CODES:
+        return (
+            f"{UNMAPPED_COLOURS}: {img.mode} mask with {len(codes)} colours, more than a colour code has (a "
+            "photo, or anti-aliased edges?): map the class colours with --mask-colors and the rest with "
+            "--unlisted-colors ignore"
+        )
+    shown = "; ".join(f"{c >> 16},{(c >> 8) & 255},{c & 255}" for c in codes.tolist())
+    return f"{UNMAPPED_COLOURS}: {img.mode} mask with colours {shown}{masks._planar_hint(img)}"
+
+
+def _colour_fix(invalid: list[dict[str, str]]) -> str:
+    """A concrete --mask-colors for the colours every unmapped colour mask holds (ids in colour order,
+    black first), or "" when no such mask is among the invalid pairs."""
+    found: set[tuple[int, ...]] = set()
+    for item in invalid:
+        if item["problem"].startswith(f"{UNMAPPED_COLOURS}: ") and " with colours " in item["problem"]:
+            # The problem lists them (`_colour_codes`); nothing else in it is three numbers with commas.
+            found |= {tuple(map(int, c)) for c in re.findall(r"\b(\d+),(\d+),(\d+)\b", item["problem"])}
+    if not found:
+        return ""
+    if len(found) > MAX_COLOUR_CODES:
+        return (
+            f"; the masks hold {len(found)} colours in all: map the class colours with --mask-colors "
+            "(R,G,B:ID pairs, or a class_dict.csv of name,r,g,b) and --unlisted-colors ignore for the rest"
+        )
+    pairs = ";".join(f"{','.join(map(str, c))}:{i}" for i, c in enumerate(sorted(found)))
+    return (
+        f"; map the mask colours to class ids with --mask-colors '{pairs}' (the {len(found)} colours found, "
+        "ids in colour order: give each colour its class's id, or a class_dict.csv of name,r,g,b)"
+    )
 
 
 def _scale_between(mask: tuple[int, ...], image: tuple[int, int]) -> float | None:
@@ -326,41 +386,119 @@ def _build_shard(
     return out
 
 
+# Keys named for a problem many pairs share.
+KEYS_PER_PROBLEM = 5
+
+
 def _invalid_report(uri: str, invalid: list[dict[str, str]]) -> str:
-    shown = "; ".join(f"{i['key']}: {i['problem']}" for i in invalid[:MAX_REPORTED])
-    more = f" (and {len(invalid) - MAX_REPORTED} more)" if len(invalid) > MAX_REPORTED else ""
+    """One line: each distinct problem once (in key order), with the keys that have it; a problem shared by
+    many pairs (every JPEG mask) was repeated for each, up to 20 times."""
+    by_problem: dict[str, list[str]] = {}
+    for item in invalid:
+        by_problem.setdefault(item["problem"], []).append(item["key"])
+    parts = []
+    for problem, keys in list(by_problem.items())[:MAX_REPORTED]:
+        if len(keys) == 1:
+            parts.append(f"{keys[0]}: {problem}")
+            continue
+        named = ", ".join(keys[:KEYS_PER_PROBLEM]) + (
+            f" and {len(keys) - KEYS_PER_PROBLEM} more" if len(keys) > KEYS_PER_PROBLEM else ""
+        )
+        parts.append(f"{len(keys)} pairs ({named}): {problem}")
+    left = len(by_problem) - MAX_REPORTED
+    more = f" (and {left} more problems)" if left > 0 else ""
     return (
-        f"{uri}: {len(invalid)} invalid pairs, nothing written: {shown}{more}; "
+        f"{uri}: {len(invalid)} invalid pairs, nothing written: {'; '.join(parts)}{more}{_colour_fix(invalid)}; "
         "fix them, or pass --skip-invalid to write the valid pairs and record these in the manifest"
     )
 
 
-def _check_class_values(uri: str, hist: np.ndarray) -> int:
-    """The class count when masks hold raw values that are already 0..K-1; else a DataError listing them."""
+def _mapping(values: list[int]) -> str:
+    """A --mask-values example mapping raw values to ids in order. Beside two or more other values, 255 is
+    left out (it stays ignore, as the messages say: VOC's void border), with how to make it a class."""
+    others = [v for v in values if v != classes.IGNORE_INDEX]
+    if classes.IGNORE_INDEX in values and len(others) >= 2:
+        example = ",".join(f"{v}:{i}" for i, v in enumerate(others))
+        return f"{example}, which keeps 255 as ignore (add 255:{len(others)} if 255 is a class)"
+    return ",".join(f"{v}:{i}" for i, v in enumerate(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaSample:
+    """Grey + alpha masks of a few pairs: the share of transparent pixels, and the values under them and
+    under the rest (what --mask-alpha keep would read)."""
+
+    transparent: float
+    opaque: list[int]  # the values of pixels not transparent
+    values: list[int]  # every value, transparent pixels' included
+
+
+def _alpha_sample(root: storage.Location, pairs: list[Pair], count: int = 8) -> AlphaSample | None:
+    """The first `count` valid pairs' masks read on the driver, when they have an alpha channel with
+    transparent pixels; None otherwise (or unreadable: only a hint depends on it)."""
+    transparent = total = 0
+    values: set[int] = set()
+    opaque: set[int] = set()
+    for pair in [p for p in pairs if not p.problem and p.mask and p.page is None][:count]:
+        try:
+            img = imaging.open_image(_read(root, pair.mask), imaging.MAX_PIXELS)
+            if img.mode not in ("LA", "PA", "RGBA"):
+                continue
+            grey, alpha = np.asarray(img.getchannel(0)), np.asarray(img.getchannel("A"))
+        except Exception:  # a hint is not worth failing the message it belongs to
+            continue
+        transparent += int((alpha == 0).sum())
+        total += alpha.size
+        values |= set(np.unique(grey).tolist())
+        opaque |= set(np.unique(grey[alpha > 0]).tolist())
+    return AlphaSample(transparent / total, sorted(opaque), sorted(values)) if transparent else None
+
+
+def _alpha_hint(sample: AlphaSample | None) -> str:
+    """How --mask-alpha keep reads the masks, when transparency is what left them one class, else "" (also
+    where the opaque pixels hold two values: EM membrane masks saved with transparency map those)."""
+    if sample is None or len(sample.opaque) > 1 or len(sample.values) < 2:
+        return ""
+    fix = "--mask-alpha keep"
+    if sample.values != list(range(len(sample.values))):
+        fix += f" --mask-values {_mapping(sample.values)}"
+    return (
+        f"; {sample.transparent:.0%} of the mask pixels sampled are transparent (alpha 0), read as ignore: if "
+        f"transparent is the background (a label layer saved over a transparent background), prepare with {fix}"
+    )
+
+
+def _check_class_values(uri: str, hist: np.ndarray, alpha: Callable[[], AlphaSample | None] = lambda: None) -> int:
+    """The class count when masks hold raw values that are already 0..K-1; else a DataError listing them.
+    `alpha`: the masks' transparency (`_alpha_sample`), read only for a hint when they give one class."""
     present = [int(v) for v in np.nonzero(hist)[0] if v != classes.IGNORE_INDEX]
     if len(present) >= 2 and present == list(range(len(present))):
         return len(present)
     found = [int(v) for v in np.nonzero(hist)[0]]
-    example = ",".join(f"{v}:{i}" for i, v in enumerate(found))
+    if len(present) <= 1 and (hint := _alpha_hint(alpha())):
+        # Grey + alpha masks whose background is transparent: read as ignore, it left one value (or none).
+        held = f"only the value {present[0]} and 255 (ignore)" if present else "only 255 (ignore)"
+        raise DataError(f"{uri}: masks hold {held}: one class, and segmentation needs at least two{hint}")
     if masks.looks_soft_binary(hist):
         # A few values in between may be classes (0/85/170/255); a fade of many is no class table.
+        example = ",".join(f"{v}:{i}" for i, v in enumerate(found))
         classes_too = f"; or, if the values in between are classes, --mask-values {example}" if len(found) <= 8 else ""
         raise DataError(
             f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}"
             f"{classes_too}"
         )
-    if len(present) <= 1 and 255 not in found:
-        # One value (all background, or one colour): no mapping makes two classes of it.
+    if len(found) <= 1:
+        # One value (all background, one colour, or all ignore): no mapping makes two classes of it.
         held = f"only the value {present[0]}" if present else "only 255 (ignore)"
         raise DataError(
-            f"{uri}: masks hold {held}{' and 255 (ignore)' if present and 255 in found else ''}: one class, and "
+            f"{uri}: masks hold {held}: one class, and "
             "segmentation needs at least two; check that the masks are the right files, or, if the other "
             "classes are merely absent here, set --num-classes (or --class-names)"
         )
     raise DataError(
         f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}, which are not class ids 0..K-1 "
-        f"(255 = ignore) for K >= 2; map them with --mask-values, e.g. --mask-values {example} "
-        "(or, if they are class ids and some classes are absent, set --num-classes)"
+        f"(255 = ignore) for K >= 2; map them with --mask-values, e.g. --mask-values {_mapping(found)}; "
+        "or, if they are class ids and some classes are absent, set --num-classes"
     )
 
 
@@ -477,6 +615,9 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
     if pairs and not any(p.split == "val" and not p.problem for p in pairs):
         # train and plan refuse such a data set (the best epoch is picked on val): said now, not after the shards.
         progress.warn(log, "prepare", f"no pair is in the val split ({split_source}); {no_val_fix(listing)}")
+    if pairs and not any(p.split == "train" and not p.problem for p in pairs):
+        # ... and one with nothing to train on (a single pair lands in val): no batch size helps.
+        progress.warn(log, "prepare", f"no pair is in the train split ({split_source}); {no_train_fix(listing)}")
     if listing.class_names:
         fixed_by = f"--mask-colors {spec.mask_colors}" if spec.mask_colors else f"the {spec.layout} layout"
         if spec.num_classes and spec.num_classes != len(listing.class_names):
@@ -501,8 +642,17 @@ def _clear_destination(spec: PrepareSpec, dest: storage.Location) -> storage.Loc
     return manifest_loc
 
 
-def _classes(spec: PrepareSpec, source: storage.Location, listing: Listing, hist: np.ndarray) -> tuple[int, list[str]]:
-    """(class count, class names) from the layout, the mask mapping or the mask values themselves."""
+def _classes(
+    spec: PrepareSpec, source: storage.Location, listing: Listing, hist: np.ndarray, pairs: list[Pair] | None = None
+) -> tuple[int, list[str]]:
+    """(class count, class names) from the layout, the mask mapping or the mask values themselves. `pairs`:
+    for a hint on transparent masks when they leave one class (a few masks read again, on the driver)."""
+
+    def alpha() -> AlphaSample | None:
+        if spec.mask_alpha != "ignore" or not pairs or spec.mask_colors or spec.mask_threshold is not None:
+            return None
+        return _alpha_sample(listing.root or source, pairs)
+
     if listing.class_names:
         num_classes = len(listing.class_names)
     elif spec.mask_zero == "ignore" and not _given_class_count(spec):
@@ -513,9 +663,12 @@ def _classes(spec: PrepareSpec, source: storage.Location, listing: Listing, hist
         num_classes = _given_class_count(spec) or 0
         num_classes = max(num_classes, max((c for c in listing.lut if 0 <= c < classes.IGNORE_INDEX), default=0) + 1)
     else:
-        num_classes = _check_class_values(source.uri, hist)
+        num_classes = _check_class_values(source.uri, hist, alpha)
     if num_classes < 2:
-        raise DataError(f"{source.uri}: --mask-values gives only {num_classes} class; a segmentation needs at least 2")
+        raise DataError(
+            f"{source.uri}: --mask-values gives only {num_classes} class; a segmentation needs at least 2"
+            f"{_alpha_hint(alpha()) if spec.mask_values else ''}"
+        )
     names = spec.class_names or listing.class_names or [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise DataError(f"--class-names gives {len(names)} names for {num_classes} classes")
@@ -581,6 +734,7 @@ def _manifest(
         "mask_colors": {",".join(map(str, c)): i for c, i in encoding.colors.items()} if encoding.colors else None,
         "splits_from": split_source,
         "no_val_fix": no_val_fix(listing),  # plan and train say it when val is empty: the layout knows the way
+        "no_train_fix": no_train_fix(listing),  # ... and when train is
         "counts": {s: sum(sh["rows"] for sh in shards if sh["split"] == s) for s in SPLITS},
         "pixel_frequency": [float(hist[i] / labelled) if labelled else 0.0 for i in range(num_classes)],
         "ignored_pixels": int(hist[classes.IGNORE_INDEX]),
@@ -619,7 +773,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         if not shards:
             raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
         channels = _input_channels(source.uri, spec, fingerprints)
-        num_classes, names = _classes(spec, source, listing, hist)
+        num_classes, names = _classes(spec, source, listing, hist, pairs)
     except DataError:
         storage.remove_tree(dest.child("shards"))  # nothing without a manifest may look like a data set
         raise
@@ -630,12 +784,14 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
     manifest["exif_turned"] = len(turned)
     warnings = classes.manifest_warnings(manifest)
-    if not manifest["counts"]["val"] and any(p.split == "val" and not p.problem for p in pairs):
-        # Not said while listing: the val pairs were all invalid, and --skip-invalid dropped them.
-        warnings.append(
-            f"no pair is in the val split: its {sum(p.split == 'val' for p in pairs)} pairs were all invalid "
-            f"and skipped ({split_source}); {no_val_fix(listing)}"
-        )
+    for split, fix in (("val", no_val_fix), ("train", no_train_fix)):
+        if not manifest["counts"][split] and any(p.split == split and not p.problem for p in pairs):
+            # Not said while listing: the split's pairs were all invalid, and --skip-invalid dropped them.
+            n = sum(p.split == split for p in pairs)
+            what = "its one pair was" if n == 1 else f"its {n} pairs were all"
+            warnings.append(
+                f"no pair is in the {split} split: {what} invalid and skipped ({split_source}); {fix(listing)}"
+            )
     if turned:
         warnings.append(exif_warning(sorted(turned)))
     for warning in warnings:

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from raysegment.data.layouts import NO_VAL_FIX
+from raysegment.data.layouts import NO_TRAIN_FIX, NO_VAL_FIX
 from raysegment.errors import ConfigError, DataError
 from raysegment.train.optim import scaled_learning_rate
 
@@ -142,13 +142,25 @@ def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None
         what = "an encoder's 32x downsampling" if spec.encoder else "2**depth"
         raise DataError(f"--image-size {spec.image_size} must be a multiple of {what} = {2**spec.model_depth}")
     check_labelled(manifest, data_uri)
+    check_train(manifest, data_uri, spec.batch_size, spec.workers)
+    check_val(manifest, data_uri)
+
+
+def check_train(manifest: dict[str, Any], data_uri: str, batch_size: int = 1, workers: int = 1) -> None:
+    """DataError unless the train split holds one global batch (`plan` checks it too, with a batch of 1)."""
     train_count = manifest["counts"].get("train", 0)
-    if train_count < spec.batch_size * spec.workers:
+    if not train_count:
+        # No batch size helps: the pairs must go to train (the layout's own splits have their own way).
+        val = manifest["counts"].get("val", 0)
+        raise DataError(
+            f"{data_uri}: no training images ({val} in val, none in train); "
+            f"{manifest.get('no_train_fix') or NO_TRAIN_FIX}"
+        )
+    if train_count < batch_size * workers:
         raise DataError(
             f"{data_uri}: {train_count} training images, fewer than one global batch "
-            f"({spec.batch_size} x {spec.workers} workers); lower --batch-size or --workers"
+            f"({batch_size} x {workers} workers); lower --batch-size or --workers"
         )
-    check_val(manifest, data_uri)
 
 
 def check_val(manifest: dict[str, Any], data_uri: str) -> None:
