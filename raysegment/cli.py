@@ -28,7 +28,7 @@ from raysegment.config import (
     TrainSpec,
     load_spec,
 )
-from raysegment.console import handle_errors, json_option, session
+from raysegment.console import FOLLOWING, handle_errors, json_option, session
 
 
 def _run(spec: Spec, as_json: bool) -> None:
@@ -622,8 +622,9 @@ def jobs_logs(job_id: str, address: str | None, follow: bool) -> None:
         jobs.job_info(client, job_id)
         try:
             jobs.wait(client, job_id, lambda chunk: click.echo(chunk, nl=False))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo(f"{job_id}: {jobs.still_running(job_id)}", err=True)
+            setattr(exc, FOLLOWING, True)
             raise
     else:
         click.echo(jobs.job_logs(client, job_id), nl=False)

@@ -236,7 +236,13 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
-def _stopped(fn: Callable[..., Any], kwargs: dict[str, Any], how: str, exit_code: int) -> NoReturn:
+# Set on the KeyboardInterrupt that stops the following of a cluster job (`jobs.wait`): the job goes on.
+FOLLOWING = "raysegment_following_job"
+
+
+def _stopped(
+    fn: Callable[..., Any], kwargs: dict[str, Any], how: str, exit_code: int, following: bool = False
+) -> NoReturn:
     """End a command stopped from outside (Ctrl-C, SIGTERM): one line saying what is kept, under --json the
     one error object, and the exit code a shell gives that signal, so a scheduler tells "stopped" from
     "failed"."""
@@ -244,7 +250,7 @@ def _stopped(fn: Callable[..., Any], kwargs: dict[str, Any], how: str, exit_code
     kind = s.kind if s is not None else fn.__name__.replace("_", " ")
     text = (
         f"{how}: {kind} stopped following the cluster job (see the line above: the job goes on)"
-        if kind in ("submit", "jobs logs")
+        if following
         else f"{how}: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
         "and train go on where they stopped)"
     )
@@ -273,7 +279,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as exc:
             # click alone said "Aborted!" and exited 1, a code that reads as a failure.
             term = isinstance(exc, Terminated) or _sigterm_seen
-            _stopped(fn, kwargs, *(("terminated (SIGTERM)", TERMINATED) if term else ("interrupted", INTERRUPTED)))
+            how = ("terminated (SIGTERM)", TERMINATED) if term else ("interrupted", INTERRUPTED)
+            _stopped(fn, kwargs, *how, following=getattr(exc, FOLLOWING, False))
         except Exception as exc:
             err, s = user_error(exc), _last
             as_json = bool(kwargs.get("as_json") or (s is not None and s.as_json))

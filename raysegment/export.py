@@ -265,7 +265,7 @@ def _exported_card(card: ModelCard, dest: storage.Location, fmt: str, record: Ex
         except (DataError, StorageError):
             kept = {}  # unreadable: it describes nothing we can trust
         for other, rec in kept.items():
-            if other != fmt and storage.exists(dest.child(FILE_NAMES[other])):
+            if other in FORMATS and other != fmt and storage.exists(dest.child(FILE_NAMES[other])):
                 exports[other] = rec
     fields = {k: v for k, v in card.as_dict().items() if k != "export_tta"}  # one record for a DEST, replaced
     return ModelCard.model_validate({**fields, "exports": dict(sorted(exports.items()))})

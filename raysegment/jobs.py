@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysegment import __version__
+from raysegment import __version__, console
 from raysegment.config import NightlySpec, Spec, TrainSpec
 from raysegment.errors import ConfigError, UserError
 from raysegment.registry import load_job_spec
@@ -324,8 +324,9 @@ def submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
         return 0
     try:
         info = wait(client, job_id, write)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM stops the following, not the job
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM stops the following, not the job
         write(f"{job_id}: {still_running(job_id)}\n")
+        setattr(exc, console.FOLLOWING, True)
         raise
     code = exit_status(info)
     write(f"{job_id}: {status_of(info)} (exit code {code})\n")

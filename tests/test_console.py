@@ -315,17 +315,23 @@ def test_ctrl_c_exits_130_and_says_the_command_resumes(capsys):
 
 
 def test_ctrl_c_while_following_a_cluster_job_says_the_job_goes_on(capsys):
-    """`submit --wait` stopped by Ctrl-C said "run the same command again", while the cluster job ran on."""
-    from raysegment.console import handle_errors
+    """`submit --wait` stopped by Ctrl-C said "run the same command again", while the cluster job ran on.
+    Stopped before there is a job to follow (connecting, uploading), it still says to run it again."""
+    from raysegment.console import FOLLOWING, handle_errors
 
     @handle_errors
-    def submit() -> None:
-        raise KeyboardInterrupt
+    def submit(following: bool) -> None:
+        exc = KeyboardInterrupt()
+        setattr(exc, FOLLOWING, following)  # as jobs.submit_and_follow marks it while it follows the job
+        raise exc
 
     with pytest.raises(SystemExit):
-        submit()
+        submit(following=True)
     err = capsys.readouterr().err
     assert "submit stopped following the cluster job" in err and "run the same command again" not in err
+    with pytest.raises(SystemExit):
+        submit(following=False)
+    assert "run the same command again" in capsys.readouterr().err
 
 
 def test_ctrl_c_under_json_still_prints_one_object(capsys):

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import os
 
 import numpy as np
@@ -254,8 +255,12 @@ def test_voc_void_stays_ignore_in_the_mask_values_advice(ray_cluster, tmp_path):
     with pytest.raises(DataError) as err:
         prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
     msg = str(err.value)
-    assert "values [0, 15, 255]" in msg and "e.g. --mask-values 0:0,15:1, which keeps 255 as ignore" in msg
-    assert "--mask-values 0:0,15:1,255:2" not in msg
+    assert "values [0, 15, 255]" in msg and "e.g. --mask-values 0:0,15:1,255:255, which keeps 255 as" in msg
+    assert "--mask-values 0:0,15:1,255:2 " not in msg and "--mask-values 0:0,15:1,255:2," not in msg
+    # The advice works as given: two classes, the border ignored.
+    prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), mask_values="0:0,15:1,255:255"))
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["num_classes"] == 2 and sum(manifest["counts"].values()) == 3
 
 
 def test_colour_masks_without_mask_colors_get_a_concrete_mapping(ray_cluster, tmp_path):

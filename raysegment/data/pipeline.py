@@ -103,10 +103,12 @@ def training_dataset(
     """
     aug = Augmentation() if augment is True else (augment or None)
     ds = read_split(loc, manifest, split, columns=["image", "mask"], repeat=repeat)
+    # Validation windows are a grid of up to 16 per image: a block holds about 32 windows either way.
+    per_image = aug.grid[0] * aug.grid[1] if aug is not None and aug.crop == "center" else 1
     return ds.map_batches(
         decode_for_training,
         fn_kwargs={"size": size, "augment": aug, "norm": norm},
-        batch_size=32,
+        batch_size=max(1, 32 // per_image),
         batch_format="numpy",
     )
 

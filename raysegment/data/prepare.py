@@ -414,12 +414,13 @@ def _invalid_report(uri: str, invalid: list[dict[str, str]]) -> str:
 
 
 def _mapping(values: list[int]) -> str:
-    """A --mask-values example mapping raw values to ids in order. Beside two or more other values, 255 is
-    left out (it stays ignore, as the messages say: VOC's void border), with how to make it a class."""
+    """A --mask-values example mapping raw values to ids in order. Beside two or more other values, 255 maps
+    to itself, ignore (as the messages say: VOC's void border; a value left out of --mask-values makes its
+    pair invalid), with how to make it a class instead."""
     others = [v for v in values if v != classes.IGNORE_INDEX]
     if classes.IGNORE_INDEX in values and len(others) >= 2:
         example = ",".join(f"{v}:{i}" for i, v in enumerate(others))
-        return f"{example}, which keeps 255 as ignore (add 255:{len(others)} if 255 is a class)"
+        return f"{example},255:255, which keeps 255 as ignore (255:{len(others)} if 255 is a class)"
     return ",".join(f"{v}:{i}" for i, v in enumerate(values))
 
 

@@ -270,8 +270,9 @@ class ModelCard(_Part):
     imported: Imported | None = None
     # Absent in cards written before flip TTA was measured at the end of training, and in imported models'.
     inference: InferenceAdvice | None = None
-    # An export folder's card (export.py): per format there, what its graph holds.
-    exports: dict[Literal["saved_model", "onnx", "tflite"], ExportRecord] | None = None
+    # An export folder's card (export.py): per format there, what its graph holds. Any format name: a newer
+    # raysegment's card still loads.
+    exports: dict[str, ExportRecord] | None = None
 
     @model_validator(mode="after")
     def _names_match_classes(self) -> ModelCard:

@@ -65,16 +65,16 @@ def history_csv(history: list[dict[str, Any]]) -> bytes:
 
 
 def validation_dataset(
-    data_loc: storage.Location, manifest: dict[str, Any], spec: TrainSpec, cfg: TrainConfig, whole: bool = True
+    data_loc: storage.Location, manifest: dict[str, Any], spec: TrainSpec, cfg: TrainConfig, grid: bool = True
 ):
     """The val split as training sees it: no augmentation; for native-scale models, windows at the images'
-    scale, a grid covering the largest image (`whole`; else the central window, as examples.png shows)."""
+    scale, a grid covering the largest image (`grid`; else the central window, as examples.png shows)."""
     return training_dataset(
-        data_loc, manifest, "val", spec.image_size, augment=val_windows(manifest, spec, whole), norm=cfg.model_input
+        data_loc, manifest, "val", spec.image_size, augment=val_windows(manifest, spec, grid), norm=cfg.model_input
     )
 
 
-def val_windows(manifest: dict[str, Any], spec: TrainSpec, whole: bool = True) -> Augmentation | None:
+def val_windows(manifest: dict[str, Any], spec: TrainSpec, grid: bool = True) -> Augmentation | None:
     """How val images become windows: None (resized whole) unless the model is native-scale. The grid comes
     from the largest image in the manifest's fingerprint (a data set prepared before fingerprints: one
     central window, as then)."""
@@ -85,7 +85,7 @@ def val_windows(manifest: dict[str, Any], spec: TrainSpec, whole: bool = True) -
         high, wide = int(fingerprint["height"]["max"]), int(fingerprint["width"]["max"])
     except (KeyError, TypeError, ValueError):
         high = wide = 0
-    return native_validation(spec.image_size, high, wide) if whole else NATIVE_VAL
+    return native_validation(spec.image_size, high, wide) if grid else NATIVE_VAL
 
 
 def val_rows(manifest: dict[str, Any], spec: TrainSpec) -> int:
@@ -100,7 +100,7 @@ def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: T
     from raysegment.models.losses import probabilities
 
     data_loc = storage.resolve(spec.data, spec.endpoint_url)
-    val = validation_dataset(data_loc, manifest, spec, cfg, whole=False)  # one window per image: more images
+    val = validation_dataset(data_loc, manifest, spec, cfg, grid=False)  # one window per image: more images
     batch = val.take_batch(count, batch_format="numpy")
     pred = np.argmax(probabilities(model(batch["image"], training=False)).numpy(), axis=-1)
     # The model's input is normalised (z-scores): each image stretched to its own min..max to be seen.
