@@ -142,8 +142,9 @@ class Fingerprint:
     sampled_images: int
     dtypes: dict[str, int] = field(default_factory=dict)  # decoded pixel type -> images (absent before #19)
     unit_range: int = 0  # deeper images with values in 0..1 only (0 in fingerprints from before it was counted)
-    # Per class: [images with more of it in the top half, ... in the bottom half] (and left, right). A stored
-    # fingerprint without them is computed afresh (`is_current`); None only in one built without them.
+    # Per class: [images with more of it in the top half, ... in the bottom half] (and left, right). None in a
+    # fingerprint stored before they were counted: `plan.oriented_side` then asks as many images as a
+    # significant unanimous vote (not computed afresh: that read every shard on each plan and train).
     class_top_votes: list[list[int]] | None = None
     class_left_votes: list[list[int]] | None = None
 
@@ -203,7 +204,7 @@ class Fingerprint:
 
 
 # Fields a fingerprint may lack without being computed afresh: their defaults are a safe reading.
-OPTIONAL_FIELDS = {"unit_range"}
+OPTIONAL_FIELDS = {"unit_range", "class_top_votes", "class_left_votes"}
 
 
 def _spread(values: list[int]) -> dict[str, float]:
