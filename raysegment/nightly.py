@@ -23,6 +23,7 @@ gets counts and tonight's work.
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import posixpath
 import re
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from raysegment import __version__, ledger, logs, plots, progress, storage
@@ -135,33 +137,102 @@ def plan_night(input_loc: storage.Location, exts: tuple[str, ...], index: ledger
     tallies = [t for t in ray.get(planned.map_batches(_tally, batch_format="pyarrow").to_arrow_refs()) if t.num_rows]
     counts = {c: int(sum(pc.sum(t[c]).as_py() or 0 for t in tallies)) for c in ledger.CHANGES}
     counts["listed"] = sum(counts.values())
-    needed = ray.get(planned.map_batches(_rows_needed, batch_format="pyarrow").to_arrow_refs())
+    # Tonight's work stays on the driver on purpose, as Arrow columns (key, uri, size, version, error,
+    # change, collides: about 100 bytes a row): it is the night's list source, and the ledger rows it
+    # gets. Only new, changed and colliding rows come; every other listed row stays in the object store.
     schema = planned.schema().base_schema
+    # Blocks without rows (a sub-folder without images) lack the function's columns: left out before the cast.
+    needed = ray.get(planned.map_batches(_rows_needed, batch_format="pyarrow").to_arrow_refs())
     rows = pa.concat_tables([t.cast(schema) for t in needed if t.num_rows] or [schema.empty_table()])
-    rows = rows.sort_by([("key", "ascending"), ("uri", "ascending")])
-    todo = rows.filter(pc.is_in(rows["change"], pa.array(["new", "changed"])))
-    return NightPlan(counts, todo, rows.filter(rows["collides"]))
+    del needed
+    rows = rows.sort_by([("key", "ascending"), ("uri", "ascending")])  # the fetched blocks are let go
+    # Without collisions every row is new or changed: no second copy.
+    clashes = rows.filter(rows["collides"])
+    todo = rows.filter(pc.is_in(rows["change"], pa.array(["new", "changed"]))) if clashes.num_rows else rows
+    return NightPlan(counts, todo, clashes)
 
 
-def _partition_rows(partition: storage.Location) -> pa.Table:
-    """key, status, class_fractions of every summary row in a date partition."""
+def _partition_statuses(partition: storage.Location) -> pa.Table:
+    """key and status of every summary row in a date partition, read a file at a time as Arrow columns
+    (a few tens of bytes a row; the class fractions are not read)."""
     from raysegment.inference.output import consistent, summary_tables
 
-    tables = consistent(lambda: list(summary_tables(partition, ["key", "status", "class_fractions"])))
-    if not tables:
-        return pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-    return pa.concat_tables(tables)
+    empty = pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    tables = consistent(lambda: list(summary_tables(partition, ["key", "status"])))
+    return pa.concat_tables([t.cast(empty.schema) for t in tables] or [empty])
+
+
+@dataclass(frozen=True)
+class PartitionFigures:
+    """A date partition's rows as its report gives them: counts and the mean class fractions."""
+
+    total: int
+    ok: int
+    class_fraction_mean: dict[str, float] | None
+
+
+class FractionSums:
+    """The mean of class_fractions over ok rows, added up a summary file at a time.
+
+    The sum runs row after row in float64, as numpy's mean over one array of every row did (its
+    reduction down the rows is sequential), so the figures are the same to the last bit."""
+
+    def __init__(self) -> None:
+        self.sums: np.ndarray | None = None
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        """Add the ok rows of one table (status, class_fractions)."""
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        if not ok.num_rows:
+            return
+        fractions = _fractions(ok["class_fractions"])
+        stacked = fractions if self.sums is None else np.concatenate([self.sums[None, :], fractions])
+        self.sums = np.add.reduce(stacked, axis=0)
+        self.rows += ok.num_rows
+
+    def means(self, class_names: list[str]) -> dict[str, float] | None:
+        """By class name; None without ok rows."""
+        if self.sums is None:
+            return None
+        return {name: round(float(v), 6) for name, v in zip(class_names, self.sums / self.rows)}
+
+
+def _fractions(column: pa.ChunkedArray) -> np.ndarray:
+    """Rows of class fractions as a float64 (rows, classes) array, from the list values where every row
+    is a list of as many (no Python floats; a null fraction is NaN either way), else as numpy reads the
+    lists (a null or ragged row fails there, as it did)."""
+    lengths = pc.list_value_length(column)
+    if not lengths.null_count and pc.min(lengths).as_py() == pc.max(lengths).as_py():
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        return values.astype(np.float64).reshape(len(column), pc.min(lengths).as_py())
+    return np.asarray(column.to_pylist(), np.float64)
 
 
 def class_fraction_means(rows: pa.Table, class_names: list[str]) -> dict[str, float] | None:
     """Mean of class_fractions over the ok rows, by class name; None without ok rows."""
     if "class_fractions" not in rows.column_names:
         return None
-    ok = rows.filter(pc.equal(rows["status"], "ok"))
-    if not ok.num_rows:
-        return None
-    fractions = np.asarray(ok["class_fractions"].to_pylist(), np.float64)
-    return {name: round(float(v), 6) for name, v in zip(class_names, fractions.mean(axis=0))}
+    sums = FractionSums()
+    sums.add(rows)
+    return sums.means(class_names)
+
+
+def partition_figures(partition: storage.Location, class_names: list[str]) -> PartitionFigures:
+    """Rows, ok rows and mean class fractions of a date partition, a summary file at a time: the driver
+    holds one file's status and class_fractions columns, never the partition's rows."""
+    from raysegment.inference.output import consistent, summary_tables
+
+    def read() -> PartitionFigures:
+        total = ok = 0
+        sums = FractionSums()
+        for table in summary_tables(partition, ["status", "class_fractions"]):
+            total += table.num_rows
+            ok += _count(table["status"], "ok")
+            sums.add(table)
+        return PartitionFigures(total, ok, sums.means(class_names))
+
+    return consistent(read)
 
 
 def previous_report(reports: storage.Location, date: str) -> dict[str, Any] | None:
@@ -330,14 +401,14 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
                 raise
             _counted(report, record)
             report["status"] = "ok"
-            _append_ledger(output, todo, _partition_rows(partition), card.model_sha256, date, record["run_id"], stamp)
+            _append_ledger(output, todo, partition, card.model_sha256, date, record["run_id"], stamp)
         if report["status"] != "deferred" and is_complete(partition):
             # The report describes the whole date partition, also on a second run the same day (not another
             # model's partition, whose figures this model's class names would mislabel).
-            rows = _partition_rows(partition)
+            figures = partition_figures(partition, card.class_names)
             report["partition"] = storage.redact(partition.uri)
-            report["partition_rows"] = {"total": rows.num_rows, "ok": _count(rows["status"], "ok")}
-            report["class_fraction_mean"] = class_fraction_means(rows, card.class_names)
+            report["partition_rows"] = {"total": figures.total, "ok": figures.ok}
+            report["class_fraction_mean"] = figures.class_fraction_mean
         else:
             report["class_fraction_mean"] = None
         previous = previous_report(output.child("reports"), date)
@@ -490,26 +561,52 @@ def _unfinished_note(output: storage.Location, names: list[str]) -> str:
     return "; ".join(notes)
 
 
+LEDGER_SLICE = 1 << 16  # ledger rows built and written at a time
+
+
 def _append_ledger(
-    output: storage.Location, todo: pa.Table, rows: pa.Table, model: str, date: str, run_id: str, stamp: str
+    output: storage.Location,
+    todo: pa.Table,
+    partition: storage.Location,
+    model: str,
+    date: str,
+    run_id: str,
+    stamp: str,
 ) -> None:
-    """Record the inputs that now have a summary row; the run's _SUCCESS is already written."""
-    status = dict(zip(rows["key"].to_pylist(), rows["status"].to_pylist()))
-    done = todo.filter(pc.is_in(todo["key"], pa.array(list(status), pa.string())))
-    n = done.num_rows
+    """Record the inputs that now have a summary row in the partition, with the status of their key's last
+    row there; the run's _SUCCESS is already written. By Arrow columns, never a Python object a row: the
+    partition's key and status columns (a few tens of bytes a row, let go once each key's last status is
+    taken), a hash lookup of tonight's keys in them, and the ledger's repeated columns made a slice at a time."""
+    rows = _partition_statuses(partition)
+    # Last row first: a key's first match (index_in's) is then its last row, which gives its status.
+    latest = rows.take(pa.array(np.arange(rows.num_rows - 1, -1, -1, dtype=np.int64)))
+    del rows
+    where = pc.index_in(todo["key"], value_set=latest["key"])  # null: no summary row for that key
+    if where.null_count:
+        found = pc.is_valid(where)
+        todo, where = todo.filter(found), where.filter(found)
+    status = latest["status"].take(where)
+    del latest
     recorded = datetime.datetime.now(datetime.UTC).isoformat()
-    table = pa.table(
-        {
-            **{name: done[name] for name in LISTING_SCHEMA.names},
-            "model_sha256": [model] * n,
-            "status": [status[k] for k in done["key"].to_pylist()],
-            "date": [date] * n,
-            "run_id": [run_id] * n,
-            "recorded_at": [recorded] * n,
-        },
-        schema=ledger.LEDGER_SCHEMA,
-    )
-    ledger.write_parquet(output.child(ledger.LEDGER, f"part-{date}-{stamp}.parquet"), table)
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, ledger.LEDGER_SCHEMA, **storage.PAGE_CHECKSUMS) as writer:
+        for start in range(0, todo.num_rows, LEDGER_SLICE):
+            done = todo.slice(start, LEDGER_SLICE)
+            n = done.num_rows
+            writer.write_table(
+                pa.table(
+                    {
+                        **{name: done[name] for name in LISTING_SCHEMA.names},
+                        "model_sha256": pa.repeat(pa.scalar(model, pa.string()), n),
+                        "status": status.slice(start, n),
+                        "date": pa.repeat(pa.scalar(date, pa.string()), n),
+                        "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
+                        "recorded_at": pa.repeat(pa.scalar(recorded, pa.string()), n),
+                    },
+                    schema=ledger.LEDGER_SCHEMA,
+                )
+            )
+    storage.write_bytes(output.child(ledger.LEDGER, f"part-{date}-{stamp}.parquet"), buf.getvalue())
 
 
 def _finish(

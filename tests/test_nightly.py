@@ -415,6 +415,55 @@ def test_a_subfolder_without_images_is_planned_as_nothing(ray_cluster, tmp_path)
     assert night.todo["key"].to_pylist() == ["a", "b"] and night.clashes.num_rows == 0
 
 
+def test_the_ledger_rows_and_report_figures_of_a_partition_are_as_the_per_row_reading_gave(tmp_path, monkeypatch):
+    """The night's closing steps read the partition by Arrow columns (a file at a time for the report,
+    a hash lookup for the ledger's statuses): the same ledger rows and report figures as the per-row
+    Python reading they replaced (a key's last summary row gives its status; a todo key without a row
+    is not recorded; the mean over ok rows to the last bit), also when the ledger is built a slice at a time."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    part = storage.resolve(str(tmp_path / "out" / "date=2026-12-01"))
+    files = []
+    for f, keys in enumerate([[f"k{i:04d}" for i in range(0, 300)], [f"k{i:04d}" for i in range(250, 520)]]):
+        status = rng.choice(["ok", "ok", "ok", "error"], len(keys)).tolist()
+        fractions = rng.dirichlet(np.ones(4), len(keys)).astype(np.float32).tolist()
+        fractions = [None if s == "error" else v for s, v in zip(status, fractions)]
+        table = pa.table(
+            {"key": keys, "status": status, "class_fractions": pa.array(fractions, pa.list_(pa.float32()))}
+        )
+        pq.write_table(table, tmp_path / f"part-{f}.parquet")
+        storage.write_bytes(
+            part.child("summaries", f"run=r{f}", f"part-{f}.parquet"), (tmp_path / f"part-{f}.parquet").read_bytes()
+        )
+        files.append(table)
+    todo = listing([(f"k{i:04d}", i, f"v{i}") for i in range(0, 540)])  # k0520.. have no summary row
+
+    # The oracle: every row as Python objects, as the night read them before.
+    rows = pa.concat_tables(files)
+    status = dict(zip(rows["key"].to_pylist(), rows["status"].to_pylist()))
+    done = todo.filter(pc.is_in(todo["key"], pa.array(list(status), pa.string())))
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    means = np.asarray(ok["class_fractions"].to_pylist(), np.float64).mean(axis=0)
+    names = ["bg", "a", "b", "c"]
+
+    monkeypatch.setattr(nightly, "LEDGER_SLICE", 64)
+    output = storage.resolve(str(tmp_path / "out"))
+    nightly._append_ledger(output, todo, part, "m1", "2026-12-01", "run-1", "S")
+    written = night_ledger.read(output)
+    assert written.select(nightly.LISTING_SCHEMA.names).equals(done.select(nightly.LISTING_SCHEMA.names))
+    assert written["status"].to_pylist() == [status[k] for k in done["key"].to_pylist()]
+    assert set(written["model_sha256"].to_pylist()) == {"m1"} and set(written["run_id"].to_pylist()) == {"run-1"}
+    assert written.num_rows == 520 and set(written["date"].to_pylist()) == {"2026-12-01"}
+
+    figures = nightly.partition_figures(part, names)
+    assert (figures.total, figures.ok) == (rows.num_rows, ok.num_rows)
+    assert figures.class_fraction_mean == {n: round(float(v), 6) for n, v in zip(names, means)}
+    assert nightly.class_fraction_means(rows, names) == figures.class_fraction_mean
+    empty = nightly.partition_figures(storage.resolve(str(tmp_path / "none")), names)
+    assert (empty.total, empty.ok, empty.class_fraction_mean) == (0, 0, None)
+
+
 def test_the_console_line_adds_up_with_deferred_inputs():
     counts = {"listed": 5, "new": 0, "changed": 0, "unchanged": 4, "deferred": 1}
     assert nightly.counts_line("2026-12-02", counts) == (
