@@ -617,7 +617,7 @@ def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> P
     spec sets explicitly (`model_fields_set`: a flag, a spec-file field, a keyword) as given."""
     from raysegment.train.config import check_train
 
-    check_train(manifest, loc.uri)  # train's own refusal, before a plan is made of no training images
+    check_train(manifest, spec.data)  # train's own refusal, before a plan is made of no training images
     given = {k: getattr(spec, k) for k in PLAN_FIELDS if k in spec.model_fields_set}
     if given.get("flip") == "auto":
         del given["flip"]  # `flip: true` / --flip: flips on the axes the plan finds right

@@ -203,6 +203,33 @@ def test_mask_of_a_key_under_a_folder_named_masks_is_its_own(tmp_path):
         str(tmp_path / "masks/masks/photos/masks/a.png"),
         str(tmp_path / "masks/masks/photos/masks/a.tif"),
     ]
+    # A hand-edited or foreign summary naming a file outside OUTPUT/masks names nothing to delete.
+    (tmp_path / "important.png").write_bytes(b"keep")
+    outside = [str(tmp_path / "important.png"), f"{moved.uri}/masks/../../important.png", "s3://bucket/important.png"]
+    rows = pa.table({"key": ["k", "masks/k", "a"], "mask_uri": outside, "mask_offset": [-1] * 3})
+    assert layout.own_mask_files(moved, rows) == []
+    assert layout.own_mask_files(moved, rows.drop_columns(["key"])) == []
+
+
+def test_stale_mask_files_are_deleted_in_lists_those_gone_skipped(tmp_path, monkeypatch):
+    """compact._without asked whether each dropped key's mask existed, then deleted it: two requests a key, one
+    key after another (a nightly re-run dropping 100k keys spent most of an hour). Now one fs.rm per 1000
+    files; files already gone are skipped, and a name with [ ] is no pattern (on S3 a list is globbed)."""
+    from raysegment.inference import compact
+
+    masks = storage.resolve(str(tmp_path / "masks"))
+    names = ["a.png", "b.png", "gone.png", "x[12].png", "x1.png", "x2.png"]
+    for name in names:
+        if name != "gone.png":
+            (tmp_path / "masks" / name).parent.mkdir(exist_ok=True)
+            (tmp_path / "masks" / name).write_bytes(b"m")
+    calls = []
+    rm = masks.fs.rm
+    monkeypatch.setattr(masks.fs, "rm", lambda paths: calls.append(list(paths)) or rm(paths))
+    monkeypatch.setattr(compact, "DELETE_CHUNK", 2)
+    compact._delete(masks, [masks.child(n).path for n in names[:4]])
+    assert sorted(os.listdir(tmp_path / "masks")) == ["x1.png", "x2.png"]  # x[12].png's pattern matched none
+    assert [len(c) for c in calls] == [2, 1]  # a.png b.png; gone.png (x[12].png alone)
 
 
 def test_npz_pack_keys_named_like_numpy_arguments_or_members(tmp_path):

@@ -210,7 +210,7 @@ def test_images_outside_a_deep_models_range_are_error_rows():
     assert set(_errors(eight_bit, **images).values()) == {""}
 
 
-def test_an_image_with_no_finite_pixel_is_an_error_row():
+def test_an_image_with_no_finite_pixel_is_an_error_row(monkeypatch):
     """An all-no-data tile (NaN, infinities) came out as a confident one-class mask, marked ok."""
     none = "no valid pixel: every value is NaN or infinite (no data)"
     stats = {"mean": [0.3] * 3, "std": [0.2] * 3, "low": [-0.1] * 3, "high": [0.6] * 3}
@@ -222,9 +222,15 @@ def test_an_image_with_no_finite_pixel_is_an_error_row():
     images = {"nan": _tif(nan), "one": _tif(one), "zeros": _tif(np.zeros((16, 16), np.float32))}
     for card in (card_for("zscore_clipped", stats=stats), card_for("scale_0_1", stats=None)):
         assert _errors(card, **images) == {"nan": none, "one": "", "zeros": ""}
-    # An 8-bit image of 0 and 255 only (what no data becomes at 8 bits) is decoded again, and taken.
-    binary = imaging.encode_mask(np.where(np.eye(16, dtype=bool), 255, 0).astype(np.uint8))
-    assert _errors(card_for("scale_0_1", stats=None), binary=binary) == {"binary": ""}
+    # An 8-bit model sees no data as 0 (never 255): an image with a pixel above 0 is taken unread again; an
+    # all-0 one is decoded again at its own precision only when it is a TIFF (PNG, JPEG... hold no floats).
+    decoded, decode = [], imaging.decode_pixels
+    monkeypatch.setattr(imaging, "decode_pixels", lambda data, *args: decoded.append(data[:2]) or decode(data, *args))
+    bilevel, black = np.eye(16, dtype=np.uint8) * 255, np.zeros((16, 16), np.uint8)
+    images = {"binary": imaging.encode_mask(bilevel), "binary_tif": _tif(bilevel)}
+    images.update(black_png=imaging.encode_mask(black), black_tif=_tif(black))
+    assert _errors(card_for("scale_0_1", stats=None), **images) == dict.fromkeys(images, "")
+    assert decoded == [b"II"]  # the black TIFF alone
 
 
 def test_a_card_round_trips_its_normalisation():

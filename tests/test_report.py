@@ -395,7 +395,7 @@ def test_show_writes_an_overlay_at_the_original_size(tiny_model, tmp_path):
         main, ["show", str(tmp_path / "photo.png"), "--model", model, "--out", str(tmp_path / "o.png")]
     )
     assert res.exit_code == 0, res.output
-    assert "wrote" in res.output and "(52x40)" in res.output
+    assert "wrote" in res.output and "(52x40, width x height)" in res.output
     out = decode_png((tmp_path / "o.png").read_bytes())
     assert out.size == (52, 40) and out.mode == "RGB"
     res = CliRunner().invoke(main, ["show", str(tmp_path / "missing.png"), "--model", model])

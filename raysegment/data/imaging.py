@@ -349,11 +349,24 @@ def model_pixels(data: bytes, max_pixels: int, channels: Channels, native: bool)
 
 
 def _eight_bit(pixels: np.ndarray) -> np.ndarray:
-    """16-bit and float pixels brought to uint8 by the image's own maximum (NaN and negatives 0); uint8 as is."""
+    """16-bit and float pixels brought to uint8 by the image's own maximum, truncated; uint8 as is. NaN, +inf,
+    -inf and negatives are 0 (the maximum is that of the finite values), so an image without a finite
+    pixel is all 0.
+
+    Each value is multiplied in float64 and cast to uint8 by one ufunc (no full-size float copy): the same
+    numbers as `export.decode_as_infer`'s float64 product (float32 differs for some maxima: 7, 14, 25...).
+    Unsigned integers need no masking (a 2048^2 uint16: 2 ms, where NaN handling and clipping copies took 100)."""
     if pixels.dtype == np.uint8:
         return pixels
-    values = np.clip(np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0, None)
-    return (values * (255.0 / (values.max() or 1.0))).astype(np.uint8)
+    out = np.zeros(pixels.shape, np.uint8)
+    if pixels.dtype.kind == "u":
+        scale = np.float64(255.0 / (float(np.max(pixels, initial=0)) or 1.0))
+        return np.multiply(pixels, scale, out=out, casting="unsafe")
+    kept = pixels > 0  # NaN compares False
+    if pixels.dtype.kind == "f":
+        kept &= np.isfinite(pixels)
+    scale = np.float64(255.0 / (float(np.max(pixels, where=kept, initial=0)) or 1.0))
+    return np.multiply(pixels, scale, out=out, where=kept, casting="unsafe")
 
 
 def display_rgb(pixels: np.ndarray) -> np.ndarray:

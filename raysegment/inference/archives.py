@@ -137,6 +137,60 @@ class TarStream(tarfile.TarFile):
                 raise TarHeaderError(f"global pax headers over {MAX_TAR_GLOBAL_BYTES >> 10} KiB; {_REST}")
 
 
+_HEAD = 10  # bytes that tell gzip, bzip2 and xz apart
+
+
+class _Replayed:
+    """A stream whose first bytes were read (to tell its compression) and are given again by read() before
+    the rest: no seek, which a named pipe or another stream that cannot seek refuses. It offers no seek or
+    tell either, so no reader can move the stream without the bytes put back."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+        self.name = getattr(stream, "name", "")  # gzip.GzipFile names itself after it
+
+    def read(self, size: int | None = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(-1 if size is None else size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+        elif size <= len(self.head):
+            data, self.head = self.head[:size], self.head[size:]
+        else:
+            data, self.head = self.head + self.stream.read(size - len(self.head)), b""
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+# TarStream and _TarInfo lean on tarfile internals that are not its public API (read in CPython 3.11's
+# tarfile; main's still has them):
+# - TarInfo._proc_member: called for every header, chained ones included; _TarInfo counts pax and GNU headers
+#   there, before tarfile reads their bodies;
+# - TarFile.fileobj: tarfile parses headers through it, so TarStream.next swaps in a _HeaderReader for the
+#   parse (an extracted member's reader takes the stream itself, when extractfile is called);
+# - TarFile.members (cleared by TarStream.next) and TarFile.offset (named in a damaged header's error);
+# - _Stream.seek: skipping a member's data reads the stream itself, not through fileobj (so a big member is
+#   not charged to the header limit).
+# Were one renamed, the header chain and global-header limits would stop applying without a word: a CPython
+# without them fails here, at import (not an assert: python -O would drop it).
+_PROBE = bytes(2 * tarfile.BLOCKSIZE)  # an empty archive
+with TarStream.open(fileobj=io.BytesIO(_PROBE), mode="r|") as _probe:
+    _missing = [f"TarFile.{a}" for a in ("fileobj", "members", "offset") if not hasattr(_probe, a)]
+if not callable(getattr(tarfile.TarInfo, "_proc_member", None)):
+    _missing.append("TarInfo._proc_member")
+if _missing:
+    raise ImportError(
+        f"this Python's tarfile lacks {', '.join(_missing)}, which raysegment's bounded tar reading relies on "
+        "(raysegment.inference.archives); use a Python whose tarfile has them (3.11 does)"
+    )
+del _PROBE, _probe, _missing
+
+
 # What streaming a damaged or cut archive raises (zlib and lzma errors are not OSErrors).
 STREAM_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError)
 
@@ -146,18 +200,21 @@ def open_stream(f: Any) -> Iterator[TarStream]:
     """The tar archive `f` holds, streamed; gzip, bzip2 and xz are told by their first bytes, as tarfile's
     "r|*" tells them. Each is inflated only as far as it is read: tarfile's own stream inflated each 10 KB in
     one call whatever it held (323 bytes of .tar.bz2 at once to 780 MB), and copied what was left on each
-    later read (skipping a 200 MB member of zeros took over 5 minutes)."""
-    head = f.read(10)
-    f.seek(0)
+    later read (skipping a 200 MB member of zeros took over 5 minutes). `f` need not seek: a named pipe is
+    read as `cat` reads one (its first bytes are put back in front, `_Replayed`)."""
+    head = b""
+    while len(head) < _HEAD and (more := f.read(_HEAD - len(head))):
+        head += more
+    raw = _Replayed(head, f)
     inflated: Any
     if head.startswith(b"\x1f\x8b\x08"):
-        inflated = gzip.GzipFile(fileobj=f, mode="rb")
+        inflated = gzip.GzipFile(fileobj=raw, mode="rb")
     elif head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
-        inflated = bz2.BZ2File(f)
+        inflated = bz2.BZ2File(raw)
     elif head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
-        inflated = lzma.LZMAFile(f)
+        inflated = lzma.LZMAFile(raw)
     else:
-        inflated = contextlib.nullcontext(f)
+        inflated = contextlib.nullcontext(raw)
     with inflated as stream, TarStream.open(fileobj=stream, mode="r|") as tar:
         yield tar
 

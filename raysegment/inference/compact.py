@@ -19,6 +19,7 @@ rows) pair per file, never the rows.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import posixpath
@@ -110,10 +111,33 @@ def _checked_by_success(output: storage.Location) -> bool:
 
 
 def _remove(output: storage.Location, paths: list[str]) -> None:
-    loc = output.child(layout.SUMMARIES)
-    for i in range(0, len(paths), 1000):  # one DeleteObjects request per 1000 keys on S3
-        chunk = paths[i : i + 1000]
-        loc.call(lambda chunk=chunk: loc.fs.rm([p for p in chunk if loc.fs.exists(p)]))
+    _delete(output.child(layout.SUMMARIES), paths)
+
+
+DELETE_CHUNK = 1000  # keys in one S3 DeleteObjects request
+
+
+def _delete(loc: storage.Location, paths: list[str]) -> None:
+    """Delete these files (paths on loc's store), those already gone skipped: one `fs.rm` of a list per
+    DELETE_CHUNK paths (one request on S3, where a missing key is no error), never a request per file to ask
+    first. A path holding * ? or [ is deleted alone (`fs.rm` of a list takes it for a pattern: on S3 it would
+    match other keys' files)."""
+    for i in range(0, len(paths), DELETE_CHUNK):
+        chunk = paths[i : i + DELETE_CHUNK]
+        loc.call(lambda chunk=chunk: _delete_chunk(loc.fs, chunk))
+
+
+def _delete_chunk(fs: Any, paths: list[str]) -> None:
+    plain = [p for p in paths if not glob.has_magic(p)]
+    alone = [p for p in paths if glob.has_magic(p)]
+    if plain:
+        try:
+            fs.rm(plain)
+        except FileNotFoundError:  # a local file already gone stops the list there: the rest one by one
+            alone = plain + alone
+    for path in alone:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
 
 
 @ray.remote(num_cpus=0.5)
@@ -122,8 +146,13 @@ def _without(
 ) -> list[tuple[str, int]]:
     """For each of these files that holds rows to drop (error rows; with `keys`, the rows of those keys):
     write its other rows as a file that replaces it (none when every row goes), and delete the mask files
-    of dropped keys. (path, rows dropped) of each such file; the caller deletes them."""
-    found = []
+    of dropped keys. (path, rows dropped) of each such file; the caller deletes them.
+
+    A dropped key's mask files are deleted before any file without its row is written (a task killed between
+    the two would leave them for good), gathered over the files that go whole, DELETE_CHUNK to a request."""
+    found: list[tuple[str, int]] = []
+    stale: list[str] = []  # mask files of dropped keys, not yet deleted
+    masks = output.child(layout.MASKS)
     for path, rel in zip(paths, relative):
         column = "status" if keys is None else "key"
         values = storage.read_table(output, path, columns=[column]).column(column)
@@ -133,10 +162,10 @@ def _without(
             continue
         table = storage.read_table(output, path) if errors < len(values) or keys is not None else None
         if keys is not None:  # a dropped key's own mask file goes with its row (the error rows have none)
-            stale = layout.own_mask_files(output, table.filter(drop))
-            for loc in stale:
-                loc.call(lambda loc=loc: loc.fs.rm_file(loc.path) if loc.fs.exists(loc.path) else None)
+            stale += [loc.path for loc in layout.own_mask_files(output, table.filter(drop))]
         if errors < len(values):
+            _delete(masks, stale)
+            stale = []
             kept = table.filter(pc.invert(drop))
             meta = dict(table.schema.metadata or {})
             meta[layout.REPLACES_META] = json.dumps([rel]).encode()
@@ -148,6 +177,7 @@ def _without(
             name = f"part-{layout.batch_name([what, rel])}.parquet"  # a retried task writes the same
             storage.write_bytes(output.child(layout.SUMMARIES, layout.COMPACTED, name), buf.getvalue())
         found.append((path, errors))
+    _delete(masks, stale)
     return found
 
 

@@ -316,16 +316,29 @@ def read_mask(output: storage.Location, row: Mapping[str, Any]) -> tuple[np.ndar
 
 def own_mask_files(output: storage.Location, rows: pa.Table) -> list[storage.Location]:
     """The mask files these summary rows alone point at (a PNG or a big raster per key, never a shared
-    pack): deleted with the rows when a re-run drops them, so no stale mask sits beside a failed redo."""
+    pack): deleted with the rows when a re-run drops them, so no stale mask sits beside a failed redo.
+    Only files below OUTPUT/masks: a URI that leads elsewhere (a hand-edited or foreign summary) names none."""
     found = []
     uris = rows.column("mask_uri").to_pylist()
     offsets = rows.column("mask_offset").to_pylist() if "mask_offset" in rows.column_names else [None] * len(uris)
     keys = rows.column("key").to_pylist() if "key" in rows.column_names else [None] * len(uris)
+    masks = output.child(MASKS)
     for uri, offset, key in zip(uris, offsets, keys):
         ref = MaskRef(uri or "", -1 if offset is None else offset)
         if ref.uri and not PackedMasks.holds(ref) and not NpzMasks.holds(ref):
-            found.append(_mask_location(output, ref.uri, key))
+            loc = _mask_location(output, ref.uri, key)
+            if _below(masks, loc):
+                found.append(loc)
     return found
+
+
+def _below(folder: storage.Location, loc: storage.Location) -> bool:
+    """Whether `loc` is a file below `folder` on the same store, by its path: no '.', '..' or empty part on the
+    way (a key has none: `sources.unsafe_key_reason`), so none leads out of it."""
+    prefix = folder.path.rstrip("/") + "/"
+    if loc.remote != folder.remote or not loc.path.startswith(prefix):
+        return False
+    return all(part not in ("", ".", "..") for part in loc.path[len(prefix) :].split("/"))
 
 
 def _mask_location(output: storage.Location, uri: str, key: str | None = None) -> storage.Location:

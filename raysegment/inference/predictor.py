@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from raysegment import storage
-from raysegment.data import imaging
+from raysegment.data import imaging, tiff
 from raysegment.inference.stitch import WindowBlender, argmax_and_max, tile_starts, upsample_argmax
 from raysegment.models.card import TTA_FLIPS, InputSpec, ModelCard, normalize
 from raysegment.models.loader import load_model
@@ -76,9 +76,12 @@ def unusable_pixels(img: np.ndarray, card: ModelCard, data: bytes, max_pixels: i
     if img.dtype.kind == "f" and not np.isfinite(img).any():
         return NO_VALID_PIXEL
     if not spec.native_pixels:
-        # 8-bit models see float images brought to 8 bits, NaN and infinities as 0 or 255: only an image of
-        # those two values may have had no data at all, and is decoded again at its own precision to know.
-        if ((img > 0) & (img < 255)).any():
+        # 8-bit models see float images brought to 8 bits by `imaging._eight_bit`, which makes NaN, +inf, -inf
+        # (and negatives) 0: a pixel above 0 came from a finite value. Only an all-0 image may have had no data,
+        # and only a TIFF can hold floats; such an image alone is decoded again at its own precision to know.
+        if img[::16, ::16].any() or img.any():  # the sample settles almost every image
+            return ""
+        if bytes(data[:4]) not in tiff.TIFF_MAGIC:  # PNG, JPEG, BMP, WebP and GIF hold no floats
             return ""
         try:
             raw = imaging.decode_pixels(data, max_pixels, channels).pixels

@@ -228,7 +228,9 @@ def _archive_rows(
     members: list[str] | None = [] if index is not None and not done else None
     whole = True  # read to the end, without damage or a repeated member: its list may be kept
     try:
-        with root.fs.open(path_of(root, uri), "rb") as f, open_stream(f) as tar:
+        # A local file by Python's open: fsspec's seeks to the end on opening, which a named pipe refuses.
+        opened = open(path_of(root, uri), "rb") if not root.remote else root.fs.open(path_of(root, uri), "rb")
+        with opened as f, open_stream(f) as tar:
             for member in tar:
                 if (member.isfile() or member.issym() or member.islnk()) and has_ext(member.name, exts):
                     if hidden(member.name):
