@@ -175,10 +175,15 @@ def _local_dir(output_uri: str | None) -> str | None:
     return os.path.join(os.path.abspath(storage.file_path(output_uri)), "logs")
 
 
+TEMP_LOGS = "raysegment-logs"
+
+
 def start(kind: str, output_uri: str | None, console_stream: TextIO | None = None) -> LogFile:
     """Open `raysegment-{kind}-{time}.log` and route every logger to it; the console (`console_stream`, default
     sys.stderr) gets the quiet filter."""
-    folder = os.path.join(tempfile.gettempdir(), "raysegment", "logs")
+    # Not $TMPDIR/raysegment: a Ray worker started in $TMPDIR has it on sys.path, where a folder of that name
+    # is a namespace package shadowing an editable install (every task failed to import raysegment).
+    folder = os.path.join(tempfile.gettempdir(), TEMP_LOGS)
     os.makedirs(folder, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log = LogFile(os.path.join(folder, f"raysegment-{kind}-{stamp}-{os.getpid()}.log"), _local_dir(output_uri))

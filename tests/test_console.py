@@ -424,3 +424,17 @@ def test_sigterm_exits_143_with_one_line_and_object_after_the_locks_are_released
     result = json.loads(stdout)
     assert (result["command"], result["exit_code"]) == ("infer", 143) and result["log_file"]
     assert not (out / "_infer.lock").exists()  # the `with` block ran its exit: the lock is released
+
+
+def test_the_temp_log_folder_cannot_shadow_the_package(tmp_path):
+    """Logs went to $TMPDIR/raysegment/logs: a command run from $TMPDIR started Ray workers with $TMPDIR on
+    sys.path, where that folder was a namespace package named raysegment, shadowing an editable install:
+    every task failed with "cannot import name '__version__' from 'raysegment'"."""
+    import tempfile
+
+    from raysegment.console import session
+
+    with session("report", str(tmp_path / "out")) as s:
+        pass
+    below = os.path.relpath(s.log_path, tempfile.gettempdir()).split(os.sep)[0]
+    assert not below.isidentifier(), below  # no folder Python could import as a package
