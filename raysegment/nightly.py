@@ -209,15 +209,6 @@ def _fractions(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.to_pylist(), np.float64)
 
 
-def class_fraction_means(rows: pa.Table, class_names: list[str]) -> dict[str, float] | None:
-    """Mean of class_fractions over the ok rows, by class name; None without ok rows."""
-    if "class_fractions" not in rows.column_names:
-        return None
-    sums = FractionSums()
-    sums.add(rows)
-    return sums.means(class_names)
-
-
 def partition_figures(partition: storage.Location, class_names: list[str]) -> PartitionFigures:
     """Rows, ok rows and mean class fractions of a date partition, a summary file at a time: the driver
     holds one file's status and class_fractions columns, never the partition's rows."""

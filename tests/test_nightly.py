@@ -459,7 +459,6 @@ def test_the_ledger_rows_and_report_figures_of_a_partition_are_as_the_per_row_re
     figures = nightly.partition_figures(part, names)
     assert (figures.total, figures.ok) == (rows.num_rows, ok.num_rows)
     assert figures.class_fraction_mean == {n: round(float(v), 6) for n, v in zip(names, means)}
-    assert nightly.class_fraction_means(rows, names) == figures.class_fraction_mean
     empty = nightly.partition_figures(storage.resolve(str(tmp_path / "none")), names)
     assert (empty.total, empty.ok, empty.class_fraction_mean) == (0, 0, None)
 
