@@ -81,6 +81,27 @@ def test_edge_errors_leave_out_ignored_pixels_and_maps_without_edges():
     assert counts[:, 1].sum() == 0 and counts[:, 0].sum() == 40
 
 
+def test_a_void_band_between_two_classes_is_an_edge():
+    """VOC voids every object's outline: with no two classes touching, 100% of pixels and errors were put
+    5+ px from an edge. The band's middle is the edge now; void beside one class still is none."""
+    from raysegment.models.metrics import edge_distance, edge_error_counts
+
+    labels = np.zeros((24, 24), np.uint8)
+    labels[6:18, 6:18] = 1
+    ring = np.zeros_like(labels, bool)
+    ring[4:20, 4:20] = True
+    ring[8:16, 8:16] = False
+    labels[ring] = 255  # a 4 px void band around the object
+    dist = edge_distance(labels, 2)
+    assert dist[3, 10] <= 2 and dist[8, 10] <= 2  # just outside and just inside the band
+    assert dist[12, 12] >= 3 and dist[0, 0] >= 3
+    grown = labels.copy()
+    grown[labels == 255] = 0
+    grown[3:21, 3:21] = 1  # the model's object a pixel past the band on every side
+    counts = edge_error_counts(labels, grown, 2)
+    assert counts[-1, 1] == 0 and counts[:-1, 1].sum() == 4 * 18 - 4
+
+
 def test_evaluate_refuses_the_models_classes_in_another_order():
     """Scores are by class id: a data set naming the model's classes in another order would attribute
     each class's figures to another (it was accepted, as only the count was checked)."""

@@ -210,6 +210,32 @@ def test_images_outside_a_deep_models_range_are_error_rows():
     assert set(_errors(eight_bit, **images).values()) == {""}
 
 
+def test_a_rescaled_float_image_is_refused_where_training_pixels_reach_down_to_0():
+    """Microscopy's dark background puts the low bound near 0, where widening it by the range's width took any
+    value >= 0: a float image scaled to 0..1 gave a 16-bit model's 99.9% foreground mask, marked ok."""
+    rescaled = "rescaled to 0..1"
+    for low in (257.0, 0.0):
+        stats = {"mean": [900.0] * 3, "std": [400.0] * 3, "low": [low] * 3, "high": [2622.0] * 3}
+        deep = card_for("zscore_clipped", stats=stats)
+        rng = np.random.default_rng(1)
+        slice16 = rng.normal(900, 400, (32, 32)).clip(0, 65535)
+        dim = np.full((32, 32), 40.0)  # a dark field in the training units: taken
+        dim[::4] = 90
+        images = {
+            "slice": _png16(slice16),
+            "dim": _png16(dim),
+            "unit": _tif((slice16 / 65535).astype(np.float32)),
+            "unit_full": _tif(rng.random((32, 32)).astype(np.float32)),
+            "counts_as_float": _tif(slice16.astype(np.float32)),
+        }
+        errors = _errors(deep, **images)
+        assert errors["slice"] == errors["counts_as_float"] == errors["dim"] == "", low
+        assert rescaled in errors["unit"] and rescaled in errors["unit_full"], low
+    # A model of float data in its own 0..1 units takes 0..1 images.
+    unit = card_for("zscore_clipped", stats={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0.0] * 3, "high": [0.9] * 3})
+    assert _errors(unit, unit=_tif(np.random.default_rng(2).random((32, 32)).astype(np.float32))) == {"unit": ""}
+
+
 def test_an_image_with_no_finite_pixel_is_an_error_row(monkeypatch):
     """An all-no-data tile (NaN, infinities) came out as a confident one-class mask, marked ok."""
     none = "no valid pixel: every value is NaN or infinite (no data)"

@@ -118,10 +118,19 @@ def _outside_training_range(img: np.ndarray, spec: InputSpec) -> str:
         x, low, high, width = x[..., used], low[used], high[used], width[used]
     finite = np.isfinite(x) if x.dtype.kind == "f" else np.ones(x.shape, bool)
     count = int(finite.sum())
-    inside = int(((x >= low - width) & (x <= high + width)).sum())  # NaN compares False: never inside
-    if count == 0 or inside >= IN_RANGE_MIN * count:
+    if count == 0:
         return ""
     values = x[finite]
+    # Widened by the range's width each side, but for non-negative training pixels never below a tenth of the
+    # low bound: microscopy and CT backgrounds sit near 0, where low - width is negative and took any value
+    # >= 0 (a 0..1 float image given to a model of counts 257..2622 got a 99.9% foreground mask, marked ok).
+    lower = np.where(low > 0, np.maximum(low - width, low / 10), low - width)
+    inside = int(((x >= lower) & (x <= high + width)).sum())  # NaN compares False: never inside
+    # Floats within -1..1 for a model whose training pixels spanned more than 8 bits' worth are the same
+    # image rescaled, even where the training range reaches down to 0 and so holds 0..1.
+    rescaled = x.dtype.kind == "f" and float(np.abs(values).max()) <= 1 and float(width.max()) > 255
+    if inside >= IN_RANGE_MIN * count and not rescaled:
+        return ""
     return (
         f"pixel values {float(values.min()):.6g}..{float(values.max()):.6g}, outside the range of the model's "
         f"training pixels ({float(low.min()):.6g}..{float(high.max()):.6g}), so the mask would mean nothing; "
