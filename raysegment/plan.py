@@ -230,7 +230,15 @@ def window(fp: Fingerprint, compute: Compute, size: int | None = None) -> tuple[
             f"resizing the largest images ({largest} px) to {size} px would shrink the smallest median object "
             f"({smallest:g} px) below {MIN_OBJECT_PX:g} px",
         )
-    return "resize", size, f"images fit the {size} px window; resizing loses no object"
+    # Larger images are shrunk into the window, not fitted to it: say what the rule checked.
+    if smallest is None:
+        return "resize", size, f"resizing the largest images ({largest} px) to {size} px: no object measured to shrink"
+    return (
+        "resize",
+        size,
+        f"resizing the largest images ({largest} px) to {size} px keeps the smallest median object "
+        f"({smallest:g} px, about {smallest * shrink:.0f} px after) at least {MIN_OBJECT_PX:g} px",
+    )
 
 
 def depth_for(size: int) -> int:

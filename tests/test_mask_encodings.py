@@ -274,15 +274,15 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
     for key, want in expected.items():
         np.testing.assert_array_equal(got[key], want, err_msg=key)
 
-    # 16-bit values that are no small ids: one clear line, with the mapping that works.
+    # 16-bit values that are no small ids: one clear line, with the mapping that works for every mask.
     _save(Image.fromarray(np.full((H, W), 1000, np.uint16)), f"{src}/masks/deep0.png")
-    with pytest.raises(DataError, match=r"deep0: 16-bit mask with values 1000; .*--mask-values 0:0,1000:1 "):
+    with pytest.raises(DataError, match=r"deep0: 16-bit mask with values 1000 \(.*--mask-values 0:0,1:1,2:2,1000:3;"):
         prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1")))
     # A class raster of four codes: every one mapped (the example mapped two, making the others invalid), and
     # no threshold, which would merge three classes.
     codes = np.array([0, 300, 1200, 3000], np.uint16)[np.arange(H * W).reshape(H, W) % 4]
     _save(Image.fromarray(codes), f"{src}/masks/deep0.png")
-    with pytest.raises(DataError, match=r"--mask-values 0:0,300:1,1200:2,3000:3 \(") as refused:
+    with pytest.raises(DataError, match=r"--mask-values 0:0,1:1,2:2,300:3,1200:4,3000:5;") as refused:
         prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "d1")))
     assert "--mask-threshold" not in str(refused.value)
 
@@ -295,7 +295,7 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
         _image(binary, f"b{i}", i)
         _save(Image.fromarray(ids.astype(np.uint16) * 65535), f"{binary}/masks/b{i}.png")
         want[f"b{i}"] = ids
-    with pytest.raises(DataError, match=r"16-bit mask with values 0, 65535; .*0:0,65535:1 .*--mask-threshold 32768"):
+    with pytest.raises(DataError, match=r"16-bit mask with values 0, 65535 \(.*0:0,65535:1, or --mask-threshold 32768"):
         prepare(PrepareSpec(source=str(binary), dest=str(tmp_path / "d2")))
     for n, flags in enumerate(({"mask_values": {0: 0, 65535: 1}}, {"mask_threshold": 32768})):
         data = str(tmp_path / f"b{n}")
@@ -306,6 +306,25 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
             np.testing.assert_array_equal(got[key], ids, err_msg=f"{flags} {key}")
     with pytest.raises(DataError, match=r"mask values not in --mask-values: 16-bit mask with values 0, 65535"):
         prepare(PrepareSpec(source=str(binary), dest=str(tmp_path / "d3"), mask_values={0: 0, 255: 1}))
+
+
+def test_16_bit_masks_holding_different_values_get_one_mapping_for_all(ray_cluster, tmp_path):
+    """ADE-style 16-bit masks, each holding a subset of the ids: each group of masks got its own
+    --mask-values proposal, mapping the same raw value to different ids. One mapping covers them all now."""
+    subsets = [(0, 12, 300), (0, 300, 1200), (12, 1200), (0, 12, 300, 1200)]
+    for i, values in enumerate(subsets):
+        _image(tmp_path / "src", f"ade{i}", i)
+        raw = np.array(values, np.uint16)[np.arange(H * W).reshape(H, W) % len(values)]
+        _save(Image.fromarray(raw), f"{tmp_path}/src/masks/ade{i}.png")
+    with pytest.raises(DataError) as refused:
+        prepare(PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "d")))
+    msg = str(refused.value)
+    assert "ade2: 16-bit mask with values 12, 1200 (class ids are 0..254)" in msg
+    assert msg.count("--mask-values") == 1
+    assert (
+        "the masks hold the values 0, 12, 300, 1200 in all: map them with --mask-values 0:0,12:1,300:2,1200:3;" in msg
+    )
+    assert "--mask-threshold" not in msg  # four values: no binary mask
 
 
 def _exif(orientation: int) -> bytes:
@@ -423,6 +442,46 @@ def test_a_transparent_background_is_named_and_kept_with_mask_alpha_keep(ray_clu
     assert "no labelled pixel" not in caplog.text and kept["ignored_pixels"] == 0
     shard_masks = _shard_masks(str(tmp_path / "d2"), kept)
     assert all(np.array_equal(shard_masks[f"t{i}"], _ids(i)) for i in range(4))
+
+
+def test_mask_alpha_keep_is_named_only_where_transparent_pixels_were_read_as_ignore(ray_cluster, tmp_path, caplog):
+    """Cityscapes-style grey masks (255 from the value mapping, no alpha channel) with a class absent: the
+    warning advised --mask-alpha keep, and again after it was given, sending the user in a loop. Only
+    transparent pixels read as ignore name it now; a manifest from before the count was kept names it never."""
+    import logging
+
+    from raysegment.data.classes import manifest_warnings
+    from raysegment.data.info import format_manifest
+
+    src = str(tmp_path / "src")
+    for i in range(4):
+        _image(src, f"g{i}", i)
+        grey = _ids(i).copy()
+        grey[:, :4] = 255  # a fifth of every mask unlabelled by value
+        _save(Image.fromarray(grey), f"{src}/masks/g{i}.png")
+    base = {"source": src, "num_classes": 3, "val_keys": ["g0"]}
+    for alpha in ("ignore", "keep"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+            manifest = prepare(PrepareSpec(**base, dest=str(tmp_path / f"d-{alpha}"), mask_alpha=alpha))
+        assert manifest["ignored_pixels"] == 4 * 4 * H and manifest["transparent_ignored_pixels"] == 0
+        assert "class class_2 has no labelled pixel in any mask" in caplog.text
+        assert "--mask-alpha" not in caplog.text and "transparent" not in caplog.text
+        assert "--mask-alpha" not in format_manifest("d", manifest)
+    old = {k: v for k, v in manifest.items() if k != "transparent_ignored_pixels"}
+    assert not any("--mask-alpha" in w for w in manifest_warnings(old))  # an older manifest still reads
+    # The same masks with the unlabelled fifth transparent instead: the advice, with the transparent share.
+    for i in range(4):
+        grey = _ids(i)
+        alpha = np.full((H, W), 255, np.uint8)
+        alpha[:, :4] = 0
+        _save(Image.fromarray(np.stack([grey, alpha], axis=-1), "LA"), f"{src}/masks/g{i}.png")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"):
+        manifest = prepare(PrepareSpec(**base, dest=str(tmp_path / "d-la")))
+    assert manifest["transparent_ignored_pixels"] == 4 * 4 * H
+    assert "20% of the mask pixels are transparent (alpha 0), read as ignore" in caplog.text
+    assert "prepare again with --mask-alpha keep" in format_manifest("d", manifest)
 
 
 def test_palette_masks_give_the_data_set_their_own_colours(ray_cluster, tmp_path):

@@ -75,6 +75,18 @@ def test_resizing_that_would_erase_small_objects_keeps_native_scale():
     assert make_plan(big_objects, 80, CPU).crop == "resize"
 
 
+def test_the_reason_for_resizing_larger_images_says_they_shrink_not_fit():
+    """Portrait 96x128 photos, 96 px window: the reason said the images "fit the 96 px window; resizing
+    loses no object" while the largest were shrunk into it."""
+    photos = dataclasses.replace(fingerprint(side=96), height={"min": 128, "median": 128.0, "max": 128})
+    plan = make_plan(photos, 80, CPU)
+    assert (plan.crop, plan.image_size) == ("resize", 96)
+    reason = plan.reasons["crop"]
+    assert "fit" not in reason
+    assert "resizing the largest images (128 px) to 96 px keeps the smallest median object (400 px" in reason
+    assert "about 225 px after) at least 9 px" in reason
+
+
 @pytest.mark.parametrize(("size", "depth"), [(32, 2), (64, 3), (128, 4), (256, 5), (512, 5)])
 def test_depth_keeps_an_8_pixel_bottleneck(size, depth):
     assert depth_for(size) == depth

@@ -58,7 +58,7 @@ def test_prepare_reports_bad_pairs_and_writes_nothing(ray_cluster, tmp_path):
         ("00003", f"dangling symlink {tmp_path}/src/masks/00003.png -> {tmp_path}/gone.png"),
     ]:
         assert f"{key}: {problem}" in msg
-    assert "5 invalid pairs" in msg
+    assert "3 invalid pairs, 1 image without a mask, 1 mask without an image, nothing written" in msg
     assert not (tmp_path / "data" / "manifest.json").exists()
     assert not (tmp_path / "data" / "shards").exists() or not os.listdir(tmp_path / "data" / "shards")
 
@@ -104,7 +104,10 @@ EXPECTED_PROBLEMS = {
 def test_skip_invalid_writes_good_pairs_and_records_the_rest(ray_cluster, tmp_path):
     src = _bad_source(tmp_path)
     data = tmp_path / "data"
-    with pytest.raises(DataError, match="6 invalid pairs, nothing written.*--skip-invalid"):
+    with pytest.raises(
+        DataError,
+        match="4 invalid pairs, 1 image without a mask, 1 mask without an image, nothing written.*--skip-invalid",
+    ):
         prepare(PrepareSpec(source=src, dest=str(data), num_classes=4, shard_size_mb=0.005))
     assert not (data / "manifest.json").exists()
     manifest = prepare(PrepareSpec(source=src, dest=str(data), num_classes=4, skip_invalid=True, shard_size_mb=0.005))
@@ -136,9 +139,29 @@ def test_many_bad_pairs_report_each_problem_once_with_its_keys_and_the_count(ray
     with pytest.raises(DataError) as err:
         prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
     msg = str(err.value)
-    assert "25 invalid pairs" in msg and msg.count("image without mask") == 1
-    assert "23 pairs (00000, 00001, 00002, 00003, 00004 and 18 more): image without mask" in msg
+    assert "2 invalid pairs, 23 images without a mask, nothing written" in msg
+    assert msg.count("image without mask") == 1
+    assert "23 images (00000, 00001, 00002, 00003, 00004 and 18 more): image without mask" in msg
     assert "00023: size mismatch: image 32x32, mask 10x10 (width x height)" in msg and "00024: size mismatch" in msg
+
+
+def test_masks_named_with_a_suffix_get_the_suffix_fix_alone_and_files_counted_as_files(ray_cluster, tmp_path, caplog):
+    """ISIC-style X.jpg beside X_segmentation.png without --mask-suffix: no file pairs. Two split warnings
+    (no pair in val, none in train) with fixes beside the point came first, and 16 images and 16 masks
+    were "32 invalid pairs", with --skip-invalid offered though no pair was valid."""
+    import logging
+
+    src = write_source(str(tmp_path / "src"), count=4, size=8)
+    for name in os.listdir(tmp_path / "src" / "masks"):
+        stem = name.rsplit(".", 1)[0]
+        os.rename(tmp_path / "src" / "masks" / name, tmp_path / "src" / "masks" / f"{stem}_segmentation.png")
+    with caplog.at_level(logging.INFO, logger="raysegment.progress"), pytest.raises(DataError) as err:
+        prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
+    assert "no pair is in" not in caplog.text and "--val-" not in caplog.text
+    msg = str(err.value)
+    assert "4 images without a mask, 4 masks without an image, nothing written" in msg
+    assert "4 masks (00000_segmentation, " in msg and "pass --mask-suffix _segmentation" in msg
+    assert "invalid pairs" not in msg and "--skip-invalid" not in msg
 
 
 def test_invalid_report_names_20_problems_and_the_count_of_the_rest():
@@ -160,7 +183,7 @@ def test_overwrite_replaces_shards_and_manifest(ray_cluster, tmp_path):
     assert sorted(os.listdir(data / "shards")) == ["train-00000.parquet", "val-00000.parquet"]
     # A failed rewrite leaves no data set behind: the old manifest went first, the new one never came.
     os.remove(tmp_path / "src" / "masks" / "00000.png")
-    with pytest.raises(DataError, match="1 invalid pairs"):
+    with pytest.raises(DataError, match="1 image without a mask"):
         prepare(PrepareSpec(source=src, dest=str(data), overwrite=True))
     assert not (data / "manifest.json").exists()
 

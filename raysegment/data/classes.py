@@ -14,13 +14,23 @@ def distinct_names(names: list[str]) -> bool:
 
 
 def manifest_warnings(manifest: dict[str, Any]) -> list[str]:
-    """`split_warnings` for a prepared data set's manifest (prepare, data-info, plan and train print them)."""
-    return split_warnings(manifest["class_names"], manifest.get("class_pixels"), manifest.get("ignored_pixels", 0))
+    """`split_warnings` for a prepared data set's manifest (prepare, data-info, plan and train print them).
+    A manifest from before `transparent_ignored_pixels` was kept reads as no transparent pixel."""
+    return split_warnings(
+        manifest["class_names"],
+        manifest.get("class_pixels"),
+        manifest.get("ignored_pixels", 0),
+        manifest.get("transparent_ignored_pixels", 0),
+    )
 
 
-def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None, ignored: int = 0) -> list[str]:
+def split_warnings(
+    names: list[str], class_pixels: dict[str, list[int]] | None, ignored: int = 0, transparent: int = 0
+) -> list[str]:
     """Classes no mask labels, or that the split leaves unlearnable (pixels in val only) or unscored
-    (none in val). `ignored`: the data set's ignore pixels, named when they could be the missing class's."""
+    (none in val). `ignored`: the data set's ignore pixels; `transparent`: those that are ignore because
+    their alpha was 0, named with --mask-alpha keep when they could be the missing class's (255 from a
+    value mapping, or any pixel under --mask-alpha keep, is not: the flag would change nothing)."""
     if not class_pixels or "train" not in class_pixels or "val" not in class_pixels:
         return []  # a data set prepared before per-split counts were kept
     train, val = class_pixels["train"], class_pixels["val"]
@@ -29,13 +39,12 @@ def split_warnings(names: list[str], class_pixels: dict[str, list[int]] | None, 
     not_val = [n for n, t, v in zip(names, train, val) if t and not v]
     out = []
     if nowhere:
-        labelled = sum(train) + sum(val)
+        total = sum(train) + sum(val) + ignored
         text = f"{_classes_have(nowhere)} no labelled pixel in any mask: the model cannot learn {_them(nowhere)}"
-        if ignored and ignored >= 0.05 * (labelled + ignored):
+        if transparent and transparent >= 0.05 * total:
             # A label layer saved over a transparent background: its background read as unlabelled.
-            share = ignored / (labelled + ignored)
             text += (
-                f"; {share:.0%} of the mask pixels are ignore (255, or transparent: alpha 0 reads as unlabelled): "
+                f"; {transparent / total:.0%} of the mask pixels are transparent (alpha 0), read as ignore: "
                 "if transparent means that class, prepare again with --mask-alpha keep"
             )
         out.append(text)

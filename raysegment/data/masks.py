@@ -237,19 +237,24 @@ def own_palette(data: bytes, num_classes: int) -> list[list[int]] | None:
     return None if all(c == [i, i, i] for i, c in enumerate(colours)) else colours
 
 
+DEEP_VALUES = "16-bit mask with values"
+MAX_DEEP_SHOWN = 32  # a mask's values named in full up to this many (a proposal maps no more)
+
+
 def _deep_values(found: np.ndarray) -> str:
-    """The problem of a 16-bit mask's values over 255, with a --mask-values mapping every one of them (a
-    partial example made the other values invalid) and a threshold only where two values make it binary."""
-    shown = ", ".join(map(str, found[:8].tolist())) + (" ..." if len(found) > 8 else "")
-    values = sorted({0, *(int(v) for v in found)})  # 0 kept as the background other masks may hold
-    if len(values) <= 32:
-        mapping = ",".join(f"{v}:{i}" for i, v in enumerate(values))
-        fix = f"--mask-values {mapping} (this mask's values in order; add any value other masks hold)"
-    else:
-        fix = "--mask-values RAW:ID,... for each value (one RAW:ID pair a class)"
-    if len(values) == 2:
-        fix += f", or --mask-threshold {(values[0] + values[1]) // 2 + 1} for a binary mask"
-    return f"16-bit mask with values {shown}; class ids are 0..254: map its values with {fix}"
+    """The problem of a 16-bit mask's values over 255, naming them all: prepare proposes one --mask-values
+    over every mask's values (`deep_values_in`), where one proposal per mask gave each mask's own ids to
+    the same raw values."""
+    shown = ", ".join(map(str, found[:MAX_DEEP_SHOWN].tolist())) + (" ..." if len(found) > MAX_DEEP_SHOWN else "")
+    return f"{DEEP_VALUES} {shown} (class ids are 0..254)"
+
+
+def deep_values_in(problem: str) -> tuple[set[int], bool] | None:
+    """(values, all named) of a `_deep_values` problem, or None for any other problem."""
+    found = re.search(rf"{DEEP_VALUES} ([\d, ]+)( \.\.\.)? \(", problem)
+    if found is None:
+        return None
+    return {int(v) for v in found.group(1).split(",")}, found.group(2) is None
 
 
 def _raw_values(img: Image.Image) -> np.ndarray:
@@ -298,6 +303,15 @@ def _mapped(values: np.ndarray, transparent: np.ndarray | None, lut: np.ndarray,
     return np.where(ids < 0, IGNORE_INDEX, ids).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class MaskRead:
+    """A mask's class ids, and how many of its pixels are ignore because they were transparent (not
+    because of their value): only those make --mask-alpha keep worth naming."""
+
+    ids: np.ndarray
+    transparent: int
+
+
 def class_ids(
     data: bytes,
     encoding: MaskEncoding,
@@ -305,6 +319,17 @@ def class_ids(
     unmapped: str,
     max_pixels: int = imaging.MAX_PIXELS,
 ) -> np.ndarray:
+    """Encoded mask -> HxW uint8 class ids (255 = ignore), EXIF orientation applied (`read_mask`'s ids)."""
+    return read_mask(data, encoding, lut, unmapped, max_pixels).ids
+
+
+def read_mask(
+    data: bytes,
+    encoding: MaskEncoding,
+    lut: np.ndarray | None,
+    unmapped: str,
+    max_pixels: int = imaging.MAX_PIXELS,
+) -> MaskRead:
     """Encoded mask -> HxW uint8 class ids (255 = ignore), EXIF orientation applied.
 
     `lut` (int16[256], -1 = not allowed) maps raw values; None keeps them as found. A threshold
@@ -330,9 +355,9 @@ def class_ids(
         ids = _raw_values(img)
         if ids.dtype != np.uint8:  # decoded fine: its values are the problem, not the file
             raise MaskValueError(_deep_values(np.unique(ids)))
-    if transparent is not None:
-        ids = np.where(transparent, np.uint8(IGNORE_INDEX), ids)
-    return ids
+    if transparent is None:
+        return MaskRead(ids, 0)
+    return MaskRead(np.where(transparent, np.uint8(IGNORE_INDEX), ids), int(transparent.sum()))
 
 
 def looks_soft_binary(hist: np.ndarray) -> bool:

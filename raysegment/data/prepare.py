@@ -139,26 +139,28 @@ def _check_pair(
     unmapped: str,
     encoding: masks.MaskEncoding,
     channels: imaging.Channels,
-) -> tuple[str | None, np.ndarray | None, bytes, imaging.Decoded | None]:
-    """(problem, class-id mask, image bytes, decoded image) for one pair; the problem is None when it is valid.
+) -> tuple[str | None, np.ndarray | None, bytes, imaging.Decoded | None, int]:
+    """(problem, class-id mask, image bytes, decoded image, transparent pixels the mask made ignore) for one
+    pair; the problem is None when it is valid.
 
     The image bytes are the file's own, or an upright PNG when the file carries an EXIF rotation."""
     stored = img_bytes
     try:
         img_bytes, decoded = imaging.decode_upright(img_bytes, channels=channels)
     except imaging.ImageDecodeError as exc:
-        return f"undecodable image: {exc}", None, img_bytes, None
+        return f"undecodable image: {exc}", None, img_bytes, None, 0
     h, w = decoded.pixels.shape[:2]
     if mask_bytes.startswith(JPEG_MAGIC) and encoding.threshold is None:
-        return LOSSY_MASK, None, img_bytes, decoded
+        return LOSSY_MASK, None, img_bytes, decoded, 0
     try:
-        ids = masks.class_ids(mask_bytes, encoding, lut, unmapped)
+        read = masks.read_mask(mask_bytes, encoding, lut, unmapped)
     except imaging.ImageDecodeError as exc:
         if encoding.colors is None and encoding.threshold is None and (codes := _colour_codes(mask_bytes)):
-            return codes, None, img_bytes, decoded
-        return f"undecodable mask: {exc}", None, img_bytes, decoded
+            return codes, None, img_bytes, decoded, 0
+        return f"undecodable mask: {exc}", None, img_bytes, decoded, 0
     except masks.MaskValueError as exc:
-        return str(exc), None, img_bytes, decoded
+        return str(exc), None, img_bytes, decoded, 0
+    ids = read.ids
     if ids.shape != (h, w):
         problem = f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]} (width x height)"
         if img_bytes is not stored and ids.shape == (w, h):  # decode_upright turned the image by its EXIF tag
@@ -168,8 +170,8 @@ def _check_pair(
                 f"; the mask is exactly {scale:g}x the image: resize it to the image's size with nearest-neighbour "
                 "sampling (never bilinear, which would invent class ids), or use the images it was drawn on"
             )
-        return problem, None, img_bytes, decoded
-    return None, ids, img_bytes, decoded
+        return problem, None, img_bytes, decoded, 0
+    return None, ids, img_bytes, decoded, read.transparent
 
 
 UNMAPPED_COLOURS = "mask colours not mapped"
@@ -218,6 +220,29 @@ def _colour_fix(invalid: list[dict[str, str]]) -> str:
         f"; map the mask colours to class ids with --mask-colors '{pairs}' (the {len(found)} colours found, "
         "ids in colour order: give each colour its class's id, or a class_dict.csv of name,r,g,b)"
     )
+
+
+def _deep_fix(invalid: list[dict[str, str]], raw_values: list[int] | None) -> str:
+    """One --mask-values for the values of every 16-bit mask with values over 255 (and of the valid masks,
+    `raw_values`), as the 8-bit masks get one (`_check_class_values`); "" when no such mask is invalid."""
+    found: set[int] = set()
+    named_all = True
+    for item in invalid:
+        if (deep := masks.deep_values_in(item["problem"])) is not None:
+            found |= deep[0]
+            named_all &= deep[1]
+    if not found:
+        return ""
+    values = sorted(found | set(raw_values or []))
+    if not named_all or len(values) > masks.MAX_DEEP_SHOWN:
+        return "; map each mask value to a class id with --mask-values RAW:ID,... (one pair a value)"
+    fix = (
+        f"; the masks hold the values {', '.join(map(str, values))} in all: map them with --mask-values "
+        f"{_mapping(values)}"
+    )
+    if len(values) == 2:
+        fix += f", or --mask-threshold {(values[0] + values[1]) // 2 + 1} for a binary mask"
+    return fix
 
 
 def _scale_between(mask: tuple[int, ...], image: tuple[int, int]) -> float | None:
@@ -284,9 +309,10 @@ def _valid_rows(
     encoding: masks.MaskEncoding,
     channels: imaging.Channels,
     turned: list[str],
+    transparent: list[int],
 ) -> Iterator[Row]:
     """Each valid pair as a Row; invalid ones go to `invalid`, the keys of images an EXIF tag turned (and
-    whose masks carry none) to `turned`."""
+    whose masks carry none) to `turned`, each valid mask's transparent pixels read as ignore to `transparent`."""
     table = np.asarray(lut, np.int16) if lut is not None else None
     reader = _StackReader(source)
     for pair in pairs:
@@ -301,7 +327,9 @@ def _valid_rows(
             invalid.append({"key": pair.key, "problem": f"undecodable stack: {exc}"})
             continue
         stored = img_bytes
-        problem, mask, img_bytes, decoded = _check_pair(img_bytes, mask_bytes, table, unmapped, encoding, channels)
+        problem, mask, img_bytes, decoded, alpha = _check_pair(
+            img_bytes, mask_bytes, table, unmapped, encoding, channels
+        )
         if problem:
             invalid.append({"key": pair.key, "problem": problem})
             continue
@@ -309,6 +337,7 @@ def _valid_rows(
         if img_bytes is not stored and _turned_in_place(stored, mask_bytes, mask.shape):
             turned.append(pair.key)  # said once, at the end
         hist += np.bincount(mask.ravel(), minlength=256)
+        transparent.append(alpha)
         yield Row(pair.key, img_bytes, mask, decoded)
 
 
@@ -365,7 +394,8 @@ def _build_shard(
     invalid: list[dict[str, str]] = []
     fingerprint = ShardFingerprint()
     turned: list[str] = []
-    rows = _valid_rows(source, pairs, lut, unmapped, invalid, hist, encoding, channels, turned)
+    transparent: list[int] = []
+    rows = _valid_rows(source, pairs, lut, unmapped, invalid, hist, encoding, channels, turned, transparent)
     rows = _fingerprinted(rows, fingerprint)
     out: dict[str, Any] = {"name": name, "split": split, "invalid": invalid}
     if not write:
@@ -383,6 +413,7 @@ def _build_shard(
     out["hist"] = hist.tolist()
     out["fingerprint"] = fingerprint
     out["turned"] = turned
+    out["transparent"] = sum(transparent)
     return out
 
 
@@ -390,12 +421,35 @@ def _build_shard(
 KEYS_PER_PROBLEM = 5
 
 
-def _invalid_report(uri: str, invalid: list[dict[str, str]]) -> str:
+def _unpaired(problem: str) -> str:
+    """What an invalid item is: a file that paired with nothing ("images", "masks"), else "pairs"."""
+    if problem.startswith("image without mask"):
+        return "images"
+    return "masks" if problem.startswith("mask without image") else "pairs"
+
+
+# The report's count of each: an image and a mask that paired with nothing are two files, not two pairs.
+INVALID_NOUNS: dict[str, Callable[[int], str]] = {
+    "pairs": lambda n: "invalid pairs",
+    "images": lambda n: "image without a mask" if n == 1 else "images without a mask",
+    "masks": lambda n: "mask without an image" if n == 1 else "masks without an image",
+}
+
+
+def _invalid_report(
+    uri: str, invalid: list[dict[str, str]], raw_values: list[int] | None = None, valid: bool = True
+) -> str:
     """One line: each distinct problem once (in key order), with the keys that have it; a problem shared by
-    many pairs (every JPEG mask) was repeated for each, up to 20 times."""
+    many pairs (every JPEG mask) was repeated for each, up to 20 times. `raw_values`: the values the valid
+    masks hold when no table mapped them, which a proposed --mask-values must map too; `valid`: whether any
+    pair is, for --skip-invalid to write."""
     by_problem: dict[str, list[str]] = {}
     for item in invalid:
         by_problem.setdefault(item["problem"], []).append(item["key"])
+    counts: dict[str, int] = {}
+    for item in invalid:
+        counts[_unpaired(item["problem"])] = counts.get(_unpaired(item["problem"]), 0) + 1
+    header = ", ".join(f"{counts[what]} {noun(counts[what])}" for what, noun in INVALID_NOUNS.items() if what in counts)
     parts = []
     for problem, keys in list(by_problem.items())[:MAX_REPORTED]:
         if len(keys) == 1:
@@ -404,12 +458,13 @@ def _invalid_report(uri: str, invalid: list[dict[str, str]]) -> str:
         named = ", ".join(keys[:KEYS_PER_PROBLEM]) + (
             f" and {len(keys) - KEYS_PER_PROBLEM} more" if len(keys) > KEYS_PER_PROBLEM else ""
         )
-        parts.append(f"{len(keys)} pairs ({named}): {problem}")
+        parts.append(f"{len(keys)} {_unpaired(problem)} ({named}): {problem}")
     left = len(by_problem) - MAX_REPORTED
     more = f" (and {left} more problems)" if left > 0 else ""
     return (
-        f"{uri}: {len(invalid)} invalid pairs, nothing written: {'; '.join(parts)}{more}{_colour_fix(invalid)}; "
-        "fix them, or pass --skip-invalid to write the valid pairs and record these in the manifest"
+        f"{uri}: {header}, nothing written: {'; '.join(parts)}{more}{_colour_fix(invalid)}"
+        f"{_deep_fix(invalid, raw_values)}; fix them"
+        + (", or pass --skip-invalid to write the valid pairs and record these in the manifest" if valid else "")
     )
 
 
@@ -514,11 +569,13 @@ def _run_shard_tasks(
     fingerprints: list[ShardFingerprint],
     channels: imaging.Channels = imaging.OWN,
     turned: list[str] | None = None,
+    transparent: list[int] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Run the shard tasks, at most a few per CPU in flight; returns shard entries and each split's class
     histogram.
 
-    Invalid pairs and each task's fingerprint part are appended to the lists passed in."""
+    Invalid pairs, each task's fingerprint part, the keys EXIF turned and each task's count of transparent
+    pixels read as ignore are appended to the lists passed in."""
     max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     counters: dict[str, int] = {}
     pending: list[ray.ObjectRef] = []
@@ -535,6 +592,7 @@ def _run_shard_tasks(
             hists[result["split"]] += np.asarray(result.pop("hist"), np.int64)
             fingerprints.append(result.pop("fingerprint"))
             (turned if turned is not None else []).extend(result.pop("turned"))
+            (transparent if transparent is not None else []).append(result.pop("transparent"))
             done_pairs += result["rows"]
             shown.update(result["rows"] + len(found), invalid=len(invalid))
             if result.get("path"):
@@ -613,10 +671,13 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
     listing, encoding = _mask_encoding(spec, source, listing)
     val_keys = read_val_keys(spec.val_keys, spec.endpoint_url, source.retry_s) if spec.val_keys is not None else None
     pairs, split_source = assign_splits(listing, spec.layout, val_keys, spec.val_fraction, spec.seed)
-    if pairs and not any(p.split == "val" and not p.problem for p in pairs):
+    # No file paired at all (masks named NAME_mask without --mask-suffix): the invalid report says why and
+    # prepare fails; a split's fix (--val-keys, --val-fraction) would be beside the point.
+    paired = any(not p.problem for p in pairs)
+    if paired and not any(p.split == "val" and not p.problem for p in pairs):
         # train and plan refuse such a data set (the best epoch is picked on val): said now, not after the shards.
         progress.warn(log, "prepare", f"no pair is in the val split ({split_source}); {no_val_fix(listing)}")
-    if pairs and not any(p.split == "train" and not p.problem for p in pairs):
+    if paired and not any(p.split == "train" and not p.problem for p in pairs):
         # ... and one with nothing to train on (a single pair lands in val): no batch size helps.
         progress.warn(log, "prepare", f"no pair is in the train split ({split_source}); {no_train_fix(listing)}")
     if listing.class_names:
@@ -763,14 +824,16 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     fingerprints: list[ShardFingerprint] = []
     picked = imaging.Channels(tuple(spec.bands), None) if spec.bands else imaging.OWN
     turned: list[str] = []
+    transparent: list[int] = []
     shards, hists = _run_shard_tasks(
-        source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked, turned
+        source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked, turned, transparent
     )
     hist = sum(hists.values())
     invalid.sort(key=lambda i: i["key"])
     try:
         if invalid and not spec.skip_invalid:
-            raise DataError(_invalid_report(dest.uri, invalid))
+            raw = [int(v) for v in np.nonzero(hist)[0]] if listing.lut is None else None
+            raise DataError(_invalid_report(dest.uri, invalid, raw, valid=len(invalid) < len(pairs)))
         if not shards:
             raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
         channels = _input_channels(source.uri, spec, fingerprints)
@@ -784,6 +847,8 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest.update(bands=spec.bands, channels=channels)
     manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
     manifest["exif_turned"] = len(turned)
+    # Ignore pixels that were transparent, not 255: only they make --mask-alpha keep worth naming.
+    manifest["transparent_ignored_pixels"] = sum(transparent)
     warnings = classes.manifest_warnings(manifest)
     for split, fix in (("val", no_val_fix), ("train", no_train_fix)):
         if not manifest["counts"][split] and any(p.split == split and not p.problem for p in pairs):
