@@ -85,7 +85,7 @@ def _prepare(spec: PrepareSpec) -> dict[str, Any]:
 
 
 def _prepare_lines(spec: PrepareSpec, manifest: dict[str, Any]) -> list[str]:
-    skipped = f", {len(manifest['skipped'])} invalid pairs skipped" if manifest["skipped"] else ""
+    skipped = f", {len(manifest['skipped'])} invalid or unpaired inputs skipped" if manifest["skipped"] else ""
     return [
         f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, "
         f"classes {manifest['class_names']}{skipped}",

@@ -124,7 +124,8 @@ def test_skip_invalid_writes_good_pairs_and_records_the_rest(ray_cluster, tmp_pa
 
     shown = format_manifest(str(data), manifest)  # data-info names each skipped pair (it gave only the count)
     assert (
-        "skipped       6 invalid pairs" in shown and "  00001: size mismatch: image 32x32, mask 10x10 (width" in shown
+        "skipped       6 invalid or unpaired inputs" in shown
+        and "  00001: size mismatch: image 32x32, mask 10x10 (width" in shown
     )
 
 

@@ -41,7 +41,8 @@ def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
         f"splits from   {manifest.get('splits_from') or '?'}",
         f"channels      {manifest.get('channels') or 3}"
         + (f" (bands {','.join(map(str, manifest['bands']))})" if manifest.get("bands") else ""),
-        f"skipped       {len(skipped)} invalid pairs" + (" (all in manifest.json 'skipped')" if skipped else ""),
+        f"skipped       {len(skipped)} invalid or unpaired inputs"
+        + (" (all in manifest.json 'skipped')" if skipped else ""),
         *[f"  {s.get('key', '?')}: {s.get('problem', '?')}" for s in skipped[:SHOWN_SKIPPED] if isinstance(s, dict)],
         *([f"  (and {len(skipped) - SHOWN_SKIPPED} more)"] if len(skipped) > SHOWN_SKIPPED else []),
         f"content hash  {manifest['content_hash']}",
