@@ -317,7 +317,9 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
 
     t0 = time.time()
     date = spec.date or datetime.datetime.now(datetime.UTC).date().isoformat()
-    card = ModelCard.read(spec.model, spec.endpoint_url)
+    # Hashed before anything is written: a model.keras that is not the card's, refused by infer only after the
+    # date's inputs/ list was written, left a partition without _SUCCESS that later nights warned of.
+    card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True, retry_s=spec.storage_retry_s)
     input_loc = storage.resolve(spec.input, spec.endpoint_url, spec.storage_retry_s)
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     check_layout(input_loc, output)

@@ -4,15 +4,18 @@ schedule follows, and the model card records the plan's estimate beside the fitt
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from raysegment import progress
 from raysegment.config import TrainSpec
 from raysegment.train.config import train_config
-from raysegment.train.loop import fitted_epochs, measured_epoch_seconds, steady_epoch_seconds
+from raysegment.train.events import EpochEnd, EpochView, Step
+from raysegment.train.loop import eta_seconds, fitted_epochs, measured_epoch_seconds, steady_epoch_seconds
 
 MANIFEST = {
     "num_classes": 2,
@@ -43,6 +46,32 @@ def test_later_epochs_refit_from_their_own_mean():
     # the mean of epochs 2-3 fits 69, and the schedule is re-fitted to end there.
     assert fitted_epochs(2400, 47.3, 28.9, done=1, cap=None) == 82
     assert fitted_epochs(2400, 47.3 + 35 + 34, 34.5, done=3, cap=None) == 69
+
+
+def test_the_eta_never_passes_the_budget():
+    # `--time-budget 1m`, the first epoch 19 s with its one-time costs: 10 more at 19 s said ETA 3m07s.
+    assert eta_seconds(10, epoch_s=4.0, budget_s=60, spent_s=19) == 40  # the fit's steady epochs
+    assert eta_seconds(10, epoch_s=19.0, budget_s=60, spent_s=19) == 41  # at most the budget's rest
+    assert eta_seconds(3, epoch_s=19.0, budget_s=60, spent_s=70) == 0
+    assert eta_seconds(10, epoch_s=19.0, budget_s=None, spent_s=19) == 190  # no budget: the epochs left
+
+
+def test_the_first_epoch_line_shows_the_fitted_epochs_and_the_loops_eta():
+    """The stage is named when the epoch starts (`epoch 1/25`, the plan's count); its closing line takes the count
+    the first epoch fitted, and the ETA the loop worked out (not 10 x the first epoch's 19 s)."""
+    out = io.StringIO()
+    progress.configure(progress.LINES, interval_s=3600, stream=out)
+    try:
+        view = EpochView(25)
+        view.show(Step(0, 0, 8, None))
+        view.show(Step(0, 8, 8, 0.5))
+        metrics = {"epoch": 0, "epochs": 11, "epoch_seconds": 19.0, "eta_s": 41.0, "train_loss": 0.5}
+        metrics |= {"val_mean_iou": 0.3, "val_pixel_accuracy": 0.9, "images_per_second": 12.0}
+        view.show(EpochEnd(metrics, None))
+    finally:
+        progress.configure(progress.OFF)
+    (line,) = out.getvalue().splitlines()
+    assert " epoch 1/11  8/8 steps" in line and line.endswith("ETA 41s"), line
 
 
 def cosine(step: int, total: int, warmup: int, peak: float) -> float:

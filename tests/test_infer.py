@@ -43,6 +43,12 @@ def test_resume_skips_done_keys_and_overwrite_redoes_all(tiny_model, tmp_path):
     second = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=4))
     assert second["counts"] == {"total": 15, "skipped": 12, "processed": 3, "ok": 3, "error": 0}
     assert_one_row_and_mask_per_key(out, keys)
+    # Another INPUT into the same OUTPUT: the counts are its own inputs' (one done, one new), not OUTPUT's
+    # 15 rows ("inferred 1 image; 15 already done", total 16, before).
+    other = write_images(tmp_path / "in2", 1, start=14) + write_images(tmp_path / "in2", 1, start=20)
+    fed = infer(InferSpec(model=model, input=str(tmp_path / "in2"), output=out, batch_size=4))
+    assert fed["counts"] == {"total": 2, "skipped": 1, "processed": 1, "ok": 1, "error": 0}
+    assert_one_row_and_mask_per_key(out, [*keys, other[1]])
     third = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=out, batch_size=4, overwrite=True))
     assert third["counts"]["processed"] == 15
     rows = summaries(out)
@@ -125,6 +131,8 @@ def test_tar_source(tiny_model, tmp_path):
     # A re-run finds every member done, ./sample1.png too (its key is the one its row was written under).
     again = infer(InferSpec(model=model, input=str(tmp_path / "in"), output=str(out)))
     assert again["counts"]["processed"] == 0 and again["status"] == "succeeded"
+    # Skipped members are counted whether the filter dropped them or the archive was not opened.
+    assert again["counts"]["skipped"] == again["counts"]["total"] == run["counts"]["processed"]
 
 
 def test_parquet_table_source_and_packed_masks(tiny_model, tmp_path):

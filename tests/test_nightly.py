@@ -14,9 +14,10 @@ from raysegment import ledger as night_ledger
 from raysegment import nightly, storage
 from raysegment.config import InferSpec, NightlySpec, load_spec
 from raysegment.data import synthetic
-from raysegment.errors import ConfigError, JobError
+from raysegment.errors import ConfigError, DataError, JobError
 from raysegment.inference import pipeline
 from raysegment.lock import LockedError, RunLock, create_exclusive
+from raysegment.models.card import MODEL_FILE, ModelCard
 
 
 def listing(rows):
@@ -596,6 +597,7 @@ def test_a_rerun_of_a_date_keeps_the_report_of_the_run_that_did_the_work(tiny_mo
     write_pngs(inp, ["d"], seed=30)
     more = night()
     assert more["status"] == "ok" and more["counts"]["processed"] == 1 and more["counts"]["new"] == 1
+    assert more["counts"]["skipped"] == 0  # tonight's one image; the date's 3 earlier rows were not its inputs
     now = json.loads((reports / "2026-12-01.json").read_text())
     assert now["run_id"] == more["run_id"] != first["run_id"] and now["partition_rows"]["total"] == 4
     (replaced,) = side("replaced")
@@ -603,6 +605,27 @@ def test_a_rerun_of_a_date_keeps_the_report_of_the_run_that_did_the_work(tiny_mo
     # The next night's drift compares with 2026-12-01.json, never with a side report.
     previous = nightly.previous_report(storage.resolve(str(reports)), "2026-12-02")
     assert previous["run_id"] == more["run_id"]
+
+
+def test_a_model_file_that_is_not_the_cards_is_refused_before_output_is_touched(tmp_path):
+    """infer refused it before writing, nightly only after the date's inputs/ list was written: a partition
+    without _SUCCESS that every later night warned of."""
+    model, out = tmp_path / "model", tmp_path / "nightly"
+    card = ModelCard(
+        model_id="unet-test",
+        model_sha256="a" * 64,
+        num_classes=2,
+        class_names=["background", "thing"],
+        palette=[(0, 0, 0), (200, 0, 0)],
+        input={"size": (8, 8)},
+    )
+    card.write(storage.resolve(str(model)))
+    (model / MODEL_FILE).write_bytes(b"another model's weights")
+    write_pngs(tmp_path / "in", ["a"])
+    spec = NightlySpec(model=str(model), input=str(tmp_path / "in"), output=str(out), date="2026-12-01")
+    with pytest.raises(DataError, match="does not match model.json's model_sha256"):
+        nightly.run_nightly(spec)
+    assert not out.exists()
 
 
 def test_a_rerun_of_an_unfinished_date_masks_images_changed_since(tiny_model, tmp_path):

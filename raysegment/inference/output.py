@@ -706,8 +706,8 @@ class Summaries:
 
 
 class RunCounts(BaseModel):
-    total: int = 0  # distinct keys under OUTPUT after the run
-    skipped: int = 0  # done by earlier runs
+    total: int = 0  # this run's inputs: processed + skipped
+    skipped: int = 0  # this run's inputs that earlier runs did
     processed: int = 0
     ok: int = 0
     error: int = 0

@@ -25,7 +25,7 @@ from raysegment.config import InferSpec
 from raysegment.errors import DataError, RunFailed
 from raysegment.inference import actors, compact, resume
 from raysegment.inference import output as layout
-from raysegment.inference.archives import MemberIndex
+from raysegment.inference.archives import Archive, MemberIndex
 from raysegment.inference.overlap import check_apart, check_outside_model
 from raysegment.inference.predictor import Predictor, preprocess, resolve_precision
 from raysegment.inference.sources import source_rows
@@ -44,6 +44,7 @@ class Run:
     output: storage.Location
     run_id: str
     done: resume.DoneIndex  # keys earlier runs finished
+    skips: Any  # a resume.SkipTally actor counting this run's inputs found done (None: none are done)
     actors: actors.Actors  # the predictor pool, resolved against the cluster
     started: float  # time.time() at the start
     lock: RunLock  # OUTPUT's run lock, held for the run (`infer`); checked before _SUCCESS
@@ -66,7 +67,7 @@ def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
     kind, ds = list_inputs(run)
     ds = write(run, predict(run, ds))
     record = verify(run, kind, *drain(run, ds))
-    if spec.report and record.counts.total:
+    if spec.report and (record.counts.total or run.done):  # the report is of all of OUTPUT
         write_report(run, record)  # from the record in memory: it is written only after the report
     layout.write_run_record(run.output, record)
     if record.problems:
@@ -114,7 +115,10 @@ def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
     else:
         layout.mark_incomplete(output)
     pool = actors.resolve(spec, ray.cluster_resources())
-    return Run(spec, card, output, layout.new_run_id(), done, pool, started, lock)
+    skips = resume.start_tally() if done else None
+    if skips is not None:
+        held.callback(ray.kill, skips)
+    return Run(spec, card, output, layout.new_run_id(), done, skips, pool, started, lock)
 
 
 # Options whose change makes a resumed run's masks unlike the earlier ones' (the format, or the pixels).
@@ -163,7 +167,8 @@ def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
         # Right after listing, before any read: skipped images are never fetched.
         if not run.done:
             return ds
-        return ds.map_batches(resume.drop_done, fn_kwargs={"done": [run.done.buckets]}, batch_format="numpy")
+        kwargs = {"done": [run.done.buckets], "tally": run.skips}
+        return ds.map_batches(resume.drop_done, fn_kwargs=kwargs, batch_format="numpy")
 
     return source_rows(
         spec.input,
@@ -176,10 +181,31 @@ def list_inputs(run: Run) -> tuple[str, ray.data.Dataset]:
         spec.storage_retry_s,
         spec.batch_size,
         output=spec.output,
-        members=MemberIndex(run.output, run.done.buckets),
+        members=CountedMembers(run.output, run.done.buckets, run.skips),
         max_pixels=spec.max_pixels,  # TIFFs over it in blocks: big rasters, read by windows in the actors
         max_bytes=spec.max_input_mb << 20,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class CountedMembers(MemberIndex):
+    """The member index of a run: the members it skips unread (an archive all done is not opened, done members
+    are not extracted) never reach `drop_done`, so they are counted here."""
+
+    tally: Any = None
+    # Each archive's recorded member count, from `members`, until `done_members` counts it (per task copy).
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
+
+    def members(self, archive: Archive) -> list[str] | None:
+        keys = super().members(archive)
+        self.sizes[archive.uri] = len(keys or ())
+        return keys
+
+    def done_members(self, archive: Archive) -> frozenset[str] | None:
+        done = super().done_members(archive)
+        listed = self.sizes.pop(archive.uri, 0)
+        resume.count_skipped(self.tally, listed if done is None else len(done))
+        return done
 
 
 def predict(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -240,7 +266,7 @@ def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.Firs
     mask that is not there; rows still waiting when the driver dies are redone by the next run.
     The driver holds references to the write tasks' blocks, never the rows: a zero-CPU actor
     (`layout.BlockCommitter`) counts each block's statuses and writes each summary file."""
-    counts = layout.RunCounts(skipped=run.done.keys)
+    counts = layout.RunCounts()
     committer = layout.start_committer()
     writer = layout.SummaryWriter(run.output, run.run_id, run.spec.summary_rows, committer)
     counting: list[ray.ObjectRef] = []
@@ -274,6 +300,8 @@ def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.Firs
         writer.close()
     finally:
         ray.kill(committer)
+    # Every filter task has counted by now: the stream ended after the last of them.
+    counts.skipped = ray.get(run.skips.total.remote()) if run.skips is not None else 0
     return counts, first_batch
 
 
@@ -283,7 +311,7 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
     # By tasks, like the resume index: the driver gets counts only. A run that wrote nothing
     # checks the index it started from (compaction keeps rows exactly), not a second pass.
     done = run.done if not counts.processed else resume.build(run.output)
-    counts.total = done.keys
+    counts.total = counts.processed + counts.skipped  # this run's inputs; `done` is all of OUTPUT
     seconds = time.time() - run.started
     problems = []
     # Rows against keys over the whole output, not this run's count: a re-run must not pass a

@@ -189,10 +189,38 @@ def known(values: np.ndarray, buckets: list[Any]) -> np.ndarray:
     return found
 
 
-def drop_done(batch: dict[str, np.ndarray], done: list[list[Any]]) -> dict[str, np.ndarray]:
+class SkipTally:
+    """A run's count of the inputs its filters found done (the run record's `skipped`): a zero-CPU actor each
+    filter task adds its batch's count to. The size of the index was shown instead, so an OUTPUT of 960
+    rows given 5 new images said "960 already done"; counted per batch, the driver never sees a key."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def total(self) -> int:
+        return self.count
+
+
+def start_tally() -> Any:
+    return ray.remote(SkipTally).options(num_cpus=0).remote()
+
+
+def count_skipped(tally: Any, n: int) -> None:
+    """Add `n` skipped inputs to the run's tally, waiting for it: once the stream has ended, every filter
+    task has counted (a call still in flight would be lost to the record)."""
+    if tally is not None and n:
+        ray.get(tally.add.remote(n))
+
+
+def drop_done(batch: dict[str, np.ndarray], done: list[list[Any]], tally: Any = None) -> dict[str, np.ndarray]:
     """A listing batch less its done keys (`done`: [the index's bucket refs], wrapped so Ray Data
-    passes the refs, not their values). A colliding key is kept: it is reported on every run."""
+    passes the refs, not their values), counted in `tally` (a SkipTally actor). A colliding key is
+    kept: it is reported on every run."""
     keep = ~known(digests(batch["key"]), done[0])
     if "collides" in batch:
         keep |= batch["collides"].astype(bool)
+    count_skipped(tally, int(len(keep) - keep.sum()))
     return {name: col[keep] for name, col in batch.items()}

@@ -102,7 +102,7 @@ class EpochView:
     def _stage(self, epoch: int, steps: int) -> progress.Stage:
         if self.current is None or self.epoch != epoch:
             if self.current is not None:
-                self.current.close()  # a restarted worker group began this epoch again
+                self.current.close(stopped=True)  # a restarted worker group began this epoch again
             self.current = progress.stage(f"epoch {epoch + 1}/{self.epochs}", steps, unit="steps")
             self.epoch = epoch
         return self.current
@@ -115,10 +115,9 @@ class EpochView:
         m = event.metrics
         self.epochs = m.get("epochs", self.epochs)  # the time budget's fitted epochs, once the first is measured
         stage = self._stage(m["epoch"], None)
-        stage.figures.clear()
-        eta = (self.epochs - m["epoch"] - 1) * m["epoch_seconds"]
+        stage.name = f"epoch {m['epoch'] + 1}/{self.epochs}"  # the first epoch's line: the count it fitted
         stage.close(
-            eta_s=None if event.stopped_by else eta,
+            eta_s=None if event.stopped_by else m["eta_s"],  # the loop's: at most what is left of a time budget
             loss=m["train_loss"],
             val_mIoU=m["val_mean_iou"],
             pixel_acc=m["val_pixel_accuracy"],
@@ -132,7 +131,7 @@ class EpochView:
 
     def close(self) -> None:
         if self.current is not None:
-            self.current.close()
+            self.current.close(stopped=True)  # an epoch still open at the end never finished
 
 
 @contextmanager

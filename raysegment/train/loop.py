@@ -88,9 +88,19 @@ def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
         if not first_fit and not state.stopped_early and epoch + 1 < total and budget_spent(worker, state):
             state = state.stopped_at_budget()
         metrics["epochs"] = total  # the run's length as now known (the progress line and ETA)
+        spent = sum(row["epoch_seconds"] for row in state.history)
+        epoch_s = steady if steady is not None else metrics["epoch_seconds"]
+        metrics["eta_s"] = eta_seconds(total - epoch - 1, epoch_s, cfg.time_budget_s, spent)  # the line's ETA
         report(worker, state, metrics)
         if state.stopped_early:
             break
+
+
+def eta_seconds(epochs_left: int, epoch_s: float, budget_s: float | None, spent_s: float) -> float:
+    """The time `epochs_left` more epochs of `epoch_s` take; with a time budget, at most the budget's rest (the
+    first epoch's time holds its one-time costs: 10 more at its 19 s showed ETA 3m07s for a 1-minute budget)."""
+    eta = max(epochs_left, 0) * epoch_s
+    return min(eta, max(budget_s - spent_s, 0.0)) if budget_s else eta
 
 
 def steady_epoch_seconds(epoch_s: float, train_s: float, first_step_s: float | None, steps: int) -> float:
@@ -363,7 +373,7 @@ def report(worker: Worker, state: TrainState, metrics: dict[str, Any]) -> None:
 def log_epoch(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
     """One line per epoch in the worker's log (Ray's log files; on the console only with -v)."""
     epoch, epochs = metrics["epoch"], metrics.get("epochs", cfg.epochs)
-    eta = (epochs - epoch - 1) * metrics["epoch_seconds"]
+    eta = metrics["eta_s"]
     print(
         f"[raysegment] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  "
         f"val mIoU {metrics['val_mean_iou']:.4f}  pixel acc {metrics['val_pixel_accuracy']:.4f}  "
