@@ -4,7 +4,9 @@ A submission carries the validated spec inline (``python -m raysegment.entrypoin
 KIND --spec JSON``), the package (the repo checkout as ``working_dir``, or pip
 requirements), storage endpoint variables, and entrypoint resources. Its id is
 derived from the spec, so submitting the same job twice is refused by Ray and
-reported as "already submitted".
+reported as "already submitted", unless that job FAILED or was STOPPED: then the
+same command runs it again as ID-r2, ID-r3... (infer, nightly and train resume
+what the earlier attempt finished), as the stopped job's own last line advises.
 
 Authentication: Ray 2.60's ``JobSubmissionClient`` adds ``Authorization: Bearer
 <token>`` by itself when ``RAY_AUTH_MODE=token`` is set, reading the token from
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysegment import __version__, console
+from raysegment import __version__, console, logs
 from raysegment.config import NightlySpec, Spec, TrainSpec
 from raysegment.errors import ConfigError, UserError
 from raysegment.registry import load_job_spec
@@ -55,6 +57,8 @@ WORKING_DIR_EXCLUDES = [
     "raysegment-demo/",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# A job that ended without finishing: submitting it again runs it again (the others are deduplicated).
+RERUN = ("FAILED", "STOPPED")
 
 
 def spec_digest(spec: Spec, exclude: set[str] | None = None) -> str:
@@ -223,6 +227,36 @@ def connect(address: str | None) -> Any:
         return JobSubmissionClient()
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """Where a submission goes: `id`, and `existing`, the status of the job already under it (None: submit
+    there now); `previous` is the FAILED or STOPPED attempt it runs again, if any."""
+
+    id: str
+    existing: str | None = None
+    previous: tuple[str, str] | None = None
+
+
+def attempt_id(base: str, n: int) -> str:
+    """The n-th attempt's submission id: `base`, then `base-r2`, `base-r3`..."""
+    return base if n == 1 else f"{base}-r{n}"
+
+
+def next_attempt(base: str, status: Callable[[str], str | None]) -> Attempt:
+    """The first attempt of `base` that is free or holds a job not to run again (PENDING, RUNNING,
+    SUCCEEDED); `status(id)` is the status of the job under an id, None if there is none."""
+    n, previous = 1, None
+    while (found := status(attempt_id(base, n))) in RERUN:
+        previous = (attempt_id(base, n), found)
+        n += 1
+    return Attempt(attempt_id(base, n), found, previous)
+
+
+def _status_or_none(client: Any, job_id: str) -> str | None:
+    info = _info_or_none(client, job_id)
+    return None if info is None else status_of(info)
+
+
 def submit(
     client: Any,
     kind: str,
@@ -234,14 +268,17 @@ def submit(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     job_id: str | None = None,
-) -> tuple[str, bool]:
-    """Submit one job; (submission id, True if it had been submitted already)."""
-    job_id = job_id or submission_id(kind, spec)
+) -> Attempt:
+    """Submit one job under its id (`job_id`, else derived from the spec), or its next attempt's when the job
+    under that id FAILED or was STOPPED; a job already there that is pending, running or done is not rerun."""
+    attempt = next_attempt(job_id or submission_id(kind, spec), lambda j: _status_or_none(client, j))
+    if attempt.existing is not None:
+        return attempt
     with cluster_errors(client.get_address()):
         try:
             client.submit_job(
                 entrypoint=entrypoint(kind, spec),
-                submission_id=job_id,
+                submission_id=attempt.id,
                 runtime_env=runtime_env(working_dir, pip, job_env(env)),
                 metadata=metadata(kind, spec),
                 entrypoint_num_cpus=num_cpus,
@@ -250,8 +287,9 @@ def submit(
         except RuntimeError as exc:
             if "already exists" not in str(exc):
                 raise
-            return job_id, True
-    return job_id, False
+            # Submitted by someone else since we looked (two retried ticks at once): theirs runs.
+            return Attempt(attempt.id, status_of(job_info(client, attempt.id)), attempt.previous)
+    return attempt
 
 
 @dataclass(frozen=True)
@@ -297,14 +335,35 @@ def shipped_dir(working_dir: str | None, no_working_dir: bool, pip: tuple[str, .
     return working_dir
 
 
+@contextlib.contextmanager
+def ray_lines_to_log() -> Iterator[None]:
+    """Ray's job client logs its packaging (working_dir excludes, "Uploading package") on its own console
+    handler: into a log file, as every command's Ray lines go, unless -v."""
+    if logs.verbose():
+        yield
+        return
+    log = logs.start("submit", None)
+    try:
+        logs.route_ray_logs(log)
+        yield
+    finally:
+        log.finish()
+
+
 def submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
-    """Submit (once per spec), report it through `write`; with `wait`, stream logs: the job's exit code."""
+    """Submit (once per spec while its job is pending, running or done; again after it failed or was
+    stopped), report it through `write`; with `wait`, stream logs: the job's exit code."""
+    with ray_lines_to_log():
+        return _submit_and_follow(req, write)
+
+
+def _submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
     spec = spec_to_submit(req.kind, req.spec_file, req.date)
     working_dir = shipped_dir(req.working_dir, req.no_working_dir, req.pip)
     extra_env = parse_env(req.env)
     job_env(extra_env)  # refuse secrets before talking to the cluster
     client = connect(req.address)
-    job_id, existed = submit(
+    attempt = submit(
         client,
         req.kind,
         spec,
@@ -315,11 +374,8 @@ def submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
         num_gpus=req.num_gpus,
         job_id=req.submission_id,
     )
-    if existed:
-        status = status_of(job_info(client, job_id))
-        write(f"{job_id}: already submitted ({status}); pass --submission-id to run it again\n")
-    else:
-        write(f"{job_id}: submitted to {client.get_address()}\n")
+    job_id = attempt.id
+    write(f"{job_id}: {submitted_text(attempt, client.get_address())}\n")
     if not req.wait:
         return 0
     try:
@@ -331,6 +387,18 @@ def submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
     code = exit_status(info)
     write(f"{job_id}: {status_of(info)} (exit code {code})\n")
     return code
+
+
+def submitted_text(attempt: Attempt, address: str) -> str:
+    """What `submit` says about its attempt (after the id)."""
+    if attempt.existing == "SUCCEEDED":
+        return "already submitted (SUCCEEDED); pass --submission-id to run it again"
+    if attempt.existing is not None:
+        return f"already submitted ({attempt.existing})"
+    if attempt.previous is not None:
+        previous, status = attempt.previous
+        return f"submitted to {address} (runs {previous} again: {status})"
+    return f"submitted to {address}"
 
 
 def still_running(job_id: str) -> str:
@@ -346,11 +414,23 @@ def status_of(info: Any) -> str:
     return getattr(info.status, "value", str(info.status))
 
 
-def exit_status(info: Any) -> int:
-    """The job's own exit code when its driver ran, else 0 for SUCCEEDED and 3 otherwise."""
+def exit_code(info: Any) -> int | None:
+    """The job's exit code: its driver's when Ray has it; a STOPPED job (Ray records none: it SIGTERMs the
+    driver, `ray job stop`) 143, as every command stopped by SIGTERM; None while the job runs."""
     if info.driver_exit_code is not None:
         return int(info.driver_exit_code)
-    return 0 if status_of(info) == "SUCCEEDED" else 3
+    status = status_of(info)
+    if status == "STOPPED":
+        return console.TERMINATED
+    if status in TERMINAL:
+        return 0 if status == "SUCCEEDED" else 3  # a FAILED job whose driver never ran (runtime_env setup)
+    return None
+
+
+def exit_status(info: Any) -> int:
+    """The exit code of a job that ended (see exit_code)."""
+    code = exit_code(info)
+    return 3 if code is None else code
 
 
 def wait(client: Any, job_id: str, out: Callable[[str], None], poll_s: float = 1.0) -> Any:
@@ -385,22 +465,30 @@ def job_rows(client: Any) -> list[dict[str, Any]]:
                 "status": status_of(j),
                 "kind": (j.metadata or {}).get("raysegment_kind", "-"),
                 "start_utc": start,
-                "exit_code": "-" if j.driver_exit_code is None else j.driver_exit_code,
+                "exit_code": "-" if (code := exit_code(j)) is None else code,
                 "entrypoint": j.entrypoint,
             }
         )
     return rows
 
 
-def job_info(client: Any, job_id: str) -> Any:
-    """JobDetails of one job, or a UserError naming the id."""
+def _info_or_none(client: Any, job_id: str) -> Any:
+    """JobDetails of one job, None if the cluster has none under that id."""
     with cluster_errors(client.get_address()):
         try:
             return client.get_job_info(job_id)
         except RuntimeError as exc:
             if "404" in str(exc) or "does not exist" in str(exc):
-                raise UserError(f"{job_id}: no such job on {client.get_address()}; see `raysegment jobs list`") from exc
+                return None
             raise
+
+
+def job_info(client: Any, job_id: str) -> Any:
+    """JobDetails of one job, or a UserError naming the id."""
+    info = _info_or_none(client, job_id)
+    if info is None:
+        raise UserError(f"{job_id}: no such job on {client.get_address()}; see `raysegment jobs list`")
+    return info
 
 
 def job_logs(client: Any, job_id: str) -> str:

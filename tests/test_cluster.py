@@ -7,6 +7,7 @@ here gets this cluster's address explicitly and its own token file.
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,12 +25,13 @@ import pytest
 import yaml
 from helpers import PipeBarrier, assert_one_row_and_mask_per_key_on_s3
 
-from raysegment import storage
+from raysegment import jobs, storage
 from raysegment.config import InferSpec
 from raysegment.data import synthetic
 from raysegment.inference.actors import resolve as resolve_actors
 from raysegment.inference.output import find_run
 from raysegment.inference.sources import LIST_ROWS_PER_READ_TASK
+from raysegment.registry import load_job_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -70,8 +72,12 @@ def local_cluster(s3_server):
     # so the nodes (and the jobs they run) find the S3 credentials in their environment.
     cdir = tempfile.mkdtemp(prefix="rsc-", dir="/tmp")
     base = free_port_block(SPAN)
+    # The venv is not on PATH, only named by RAY (as a script calling its binaries by path does): start.sh
+    # must give the nodes, and so every job's `python`, that venv.
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p or ".").resolve() != BIN)
     env = without_ray_env(os.environ) | {
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PATH": path,
+        "RAY": str(BIN / "ray"),
         "RAYSEG_PORT_BASE": str(base),
         "RAYSEG_WORKERS": "1",
         # Two on the head: after the worker node is removed, the head alone runs actor and tasks.
@@ -81,7 +87,7 @@ def local_cluster(s3_server):
     try:
         subprocess.run([str(REPO / "cluster/local/start.sh"), cdir], env=env, check=True, timeout=420)
         client_env = without_ray_env(os.environ) | {
-            "PATH": env["PATH"],
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": f"{cdir}/auth_token",
         }
@@ -197,6 +203,50 @@ def test_jobs_and_nightly_on_a_local_multi_node_cluster(local_cluster, tiny_mode
     listed = run(local_cluster, rs, "jobs", "list", "--address", local_cluster.address)
     assert listed.returncode == 0 and listed.stdout.count("raysegment-nightly-") == 1
     print(f"cluster test body: {time.time() - t0:.0f} s")
+
+
+def test_a_stopped_job_exits_143_and_the_same_submit_runs_a_stopped_or_failed_job_again(local_cluster, tmp_path):
+    """`jobs stop` ends a followed job with 143 (Ray records no exit code for a stopped job); the same
+    `submit` then runs it again as ID-r2, and after that one failed as ID-r3, while a pending or running one
+    is only followed. The rerun reaches the entrypoint's own error (exit 2: no model), not a
+    ModuleNotFoundError (exit 1) from a `python` outside the venv. Ray's packaging lines stay off stderr."""
+    rs, addr = str(BIN / "raysegment"), ["--address", local_cluster.address]
+    spec = spec_file(
+        tmp_path, "infer-again", model=str(tmp_path / "no-model"), input=str(tmp_path), output=str(tmp_path / "out")
+    )
+    job = jobs.submission_id("infer", load_job_spec("infer", spec))
+    probe = run(
+        local_cluster, str(BIN / "ray"), "job", "submit", *addr, "--",
+        "python", "-c", "import sys; print('python:', sys.executable)",
+    )  # fmt: skip
+    assert probe.returncode == 0 and f"python: {BIN}/python" in probe.stdout, probe.stdout
+    # A job under the spec's id that runs until stopped (the id is all that `submit` looks at).
+    placeholder = run(local_cluster, str(BIN / "ray"), "job", "submit", *addr, "--submission-id", job, "--no-wait",
+                      "--", "sleep", "600")  # fmt: skip
+    assert placeholder.returncode == 0
+    follower = subprocess.Popen(
+        [rs, "submit", "infer", spec, *addr, "--wait"], cwd=REPO, env=local_cluster.env | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = follower.stdout.readline()  # it follows the job before the job is stopped
+    assert re.fullmatch(rf"{job}: already submitted \((PENDING|RUNNING)\)\n", first), first
+    assert run(local_cluster, rs, "jobs", "stop", job, *addr).returncode == 0
+    stdout, stderr = follower.communicate(timeout=120)
+    print(first + stdout, stderr)
+    assert follower.returncode == 143 and f"{job}: STOPPED (exit code 143)" in stdout
+    listed = run(local_cluster, rs, "jobs", "list", *addr)
+    assert re.search(rf"^{job} +STOPPED .* 143$", listed.stdout, re.M), listed.stdout
+
+    again = run(local_cluster, rs, "submit", "infer", spec, *addr, "--wait")
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert again.stdout.startswith(f"{job}-r2: submitted to {local_cluster.address} (runs {job} again: STOPPED)")
+    assert "no-model" in again.stdout and "ModuleNotFoundError" not in again.stdout
+    assert f"{job}-r2: FAILED (exit code 2)" in again.stdout
+    assert not re.search(r"packaging\.py|working_dir\.py|Uploading package", again.stderr), again.stderr
+    third = run(local_cluster, rs, "submit", "infer", spec, *addr)
+    assert third.returncode == 0 and third.stdout.startswith(f"{job}-r3: submitted to "), third.stdout
+    assert f"(runs {job}-r2 again: FAILED)" in third.stdout
+    assert run(local_cluster, rs, "jobs", "stop", f"{job}-r3", *addr).returncode == 0
 
 
 def node_busy(pgid: int) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from raysegment import jobs
+from raysegment import jobs, logs
 from raysegment.cli import main
 from raysegment.config import (
     CompactSpec,
@@ -155,4 +155,43 @@ def test_exit_status_is_the_jobs_own():
 
     assert jobs.exit_status(Info(driver_exit_code=4, status="FAILED")) == 4
     assert jobs.exit_status(Info(driver_exit_code=None, status="SUCCEEDED")) == 0
-    assert jobs.exit_status(Info(driver_exit_code=None, status="STOPPED")) == 3
+    assert jobs.exit_status(Info(driver_exit_code=None, status="FAILED")) == 3  # runtime_env setup failed
+    assert jobs.exit_code(Info(driver_exit_code=None, status="RUNNING")) is None
+
+
+def test_a_stopped_job_exits_143_not_failed():
+    # Ray records no driver exit code for a job it stopped (`ray job stop` SIGTERMs the driver).
+    from types import SimpleNamespace as Info
+
+    assert jobs.exit_status(Info(driver_exit_code=None, status="STOPPED")) == 143
+
+
+def test_a_failed_or_stopped_job_runs_again_under_the_next_attempts_id():
+    base = "raysegment-infer-0123456789ab"
+    assert jobs.next_attempt(base, {}.get) == jobs.Attempt(base)
+    for done in ("PENDING", "RUNNING", "SUCCEEDED"):  # deduplicated: the same command does not run it twice
+        assert jobs.next_attempt(base, {base: done}.get) == jobs.Attempt(base, done)
+    statuses = {base: "STOPPED", f"{base}-r2": "FAILED"}
+    assert jobs.next_attempt(base, statuses.get) == jobs.Attempt(f"{base}-r3", None, (f"{base}-r2", "FAILED"))
+    statuses[f"{base}-r3"] = "RUNNING"  # the rerun is running: a retried tick follows it
+    assert jobs.next_attempt(base, statuses.get) == jobs.Attempt(f"{base}-r3", "RUNNING", (f"{base}-r2", "FAILED"))
+    again = jobs.submitted_text(jobs.next_attempt(base, {base: "STOPPED"}.get), "http://h:8265")
+    assert again == f"submitted to http://h:8265 (runs {base} again: STOPPED)"
+
+
+def test_rays_job_client_lines_go_to_the_log_file_unless_verbose(capfd, monkeypatch):
+    import logging
+
+    import ray  # noqa: F401  (configures the `ray` logger and its console handler)
+
+    packaging = logging.getLogger("ray._private.runtime_env.packaging")
+    monkeypatch.delenv(logs.LEVEL_ENV, raising=False)
+    with jobs.ray_lines_to_log():
+        assert logs.current is not None, "no log file takes Ray's lines"
+        path = logs.current.path
+        packaging.info("Ignoring upload to cluster for these files: [probe-1]")
+    assert "probe-1" not in capfd.readouterr().err
+    assert "probe-1" in Path(path).read_text()
+    monkeypatch.setenv(logs.LEVEL_ENV, "DEBUG")
+    with jobs.ray_lines_to_log():
+        assert logs.current is None  # -v: Ray's own console handler shows them, as before

@@ -8,7 +8,8 @@
 #   cluster/local/stop.sh [DIR]
 #
 # Environment: RAYSEG_PORT_BASE (default 26380; the cluster uses BASE..BASE+100+200*(WORKERS+1)),
-# RAYSEG_WORKERS (1), RAYSEG_HEAD_CPUS (1), RAYSEG_WORKER_CPUS (2), RAY (the ray executable),
+# RAYSEG_WORKERS (1), RAYSEG_HEAD_CPUS (1), RAYSEG_WORKER_CPUS (2), RAY (the ray executable; its folder
+# goes first on the nodes' PATH, so jobs run the python of its venv even when that is not activated),
 # RAYSEG_START_TIMEOUT (seconds, 90). Keep DIR short: Ray's socket paths live under it (Unix limit 107 bytes).
 # Logs: DIR/{head,workerN}.log and DIR/tmp-{head,workerN}/session_latest/logs/.
 set -euo pipefail
@@ -20,8 +21,14 @@ HEAD_CPUS=${RAYSEG_HEAD_CPUS:-1}
 WORKER_CPUS=${RAYSEG_WORKER_CPUS:-2}
 RAY=${RAY:-ray}
 TIMEOUT=${RAYSEG_START_TIMEOUT:-90}
-PYTHON=$(dirname "$(command -v "$RAY")")/python
-[ -x "$PYTHON" ] || PYTHON=python3
+RAY_BIN=$(cd "$(dirname "$(command -v "$RAY")")" && pwd)
+PYTHON=$RAY_BIN/python
+if [ -x "$PYTHON" ]; then
+    # A job runs `python` from its node's PATH: the environment $RAY belongs to, also when it is not activated.
+    export PATH="$RAY_BIN:$PATH"
+else
+    PYTHON=python3
+fi
 
 GCS_PORT=$BASE
 DASHBOARD_PORT=$((BASE + 1))
