@@ -27,7 +27,9 @@ TTA passes and outputs its graph holds (several formats of one model share a DES
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -37,10 +39,13 @@ from raysegment import storage
 from raysegment.data.imaging import PNG_SIGNATURE
 from raysegment.errors import ConfigError, DataError, StorageError
 from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, SAVED_MODEL_DIR, ExportRecord, ModelCard
+from raysegment.models.importer import SAVED_MODEL_PB
 from raysegment.models.loader import load_model, put_tree
 
 if TYPE_CHECKING:
     from raysegment.config import ExportSpec
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("saved_model", "onnx", "tflite")
 FILE_NAMES = EXPORT_FILES
@@ -207,7 +212,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     image = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, FILE_NAMES[spec.format])
-        note = _WRITERS[spec.format](model, segment, image, local)
+        note = _WRITERS[spec.format](model, segment, image, local, spec.model)
         _replace(local, target)
     for fmt in stale:
         storage.remove_tree(dest.child(FILE_NAMES[fmt]))
@@ -231,12 +236,34 @@ def _refuse_model_folder(spec: ExportSpec, dest: storage.Location, model_dir: st
         same = os.path.isdir(dest.path) and os.path.samefile(dest.path, model_dir.path)
     if same:
         raise ConfigError(f"{spec.dest}: DEST is MODEL's own folder (its files would be replaced); choose another DEST")
+    inside = _saved_model_folder(spec, dest)
+    if inside:  # an export's saved_model/ is replaced whole by the next saved_model export: this one would go too
+        raise ConfigError(
+            f"{spec.dest}: DEST is inside the SavedModel folder {inside} (an export's, or an imported model's); "
+            "choose another DEST"
+        )
     held = _trained_model_file(spec, dest)
     if held:
         raise ConfigError(
             f"{spec.dest}: DEST holds a trained model ({held}), whose {CARD_FILE} export would replace "
             "(even with --overwrite); choose another DEST"
         )
+
+
+def _saved_model_folder(spec: ExportSpec, dest: storage.Location) -> str | None:
+    """The SavedModel folder (one holding saved_model.pb) DEST is or lies below, else None."""
+    if dest.remote:
+        bucket, *parts = dest.path.rstrip("/").split("/")
+        folders = ["s3://" + "/".join([bucket, *parts[:n]]) for n in range(len(parts), 0, -1)]
+    else:  # a link into one is inside it too
+        path, folders = os.path.realpath(dest.path), []
+        while path not in folders:
+            folders.append(path)
+            path = os.path.dirname(path)
+    for folder in folders:
+        if storage.exists(storage.resolve(folder, spec.endpoint_url, spec.storage_retry_s).child(SAVED_MODEL_PB)):
+            return folder
+    return None
 
 
 def _trained_model_file(spec: ExportSpec, dest: storage.Location) -> str | None:
@@ -368,12 +395,12 @@ def _archive(model, segment, spec, encoded: bool = False):
     return archive
 
 
-def _saved_model(model, segment, spec, target: str) -> str:
+def _saved_model(model, segment, spec, target: str, source: str) -> str:
     _archive(model, segment, spec, encoded=True).write_out(target, verbose=False)
     return "signatures serving_default (uint8 image HxWx3) and segment_encoded (encoded image string)"
 
 
-def _onnx(model, segment, spec, target: str) -> str:
+def _onnx(model, segment, spec, target: str, source: str) -> str:
     import tensorflow as tf
 
     try:
@@ -388,7 +415,7 @@ def _onnx(model, segment, spec, target: str) -> str:
     return f"ONNX opset {ONNX_OPSET}, input 'image' uint8 HxWx3 of any size"
 
 
-def _tflite(model, segment, spec, target: str) -> str:
+def _tflite(model, segment, spec, target: str, source: str) -> str:
     import tensorflow as tf
 
     # From the SavedModel's signature, so that the file has one naming its outputs `class_map` and
@@ -397,10 +424,33 @@ def _tflite(model, segment, spec, target: str) -> str:
         _archive(model, segment, spec).write_out(d, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(d, signature_keys=["serving_default"])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # any TFLite runtime, no Flex
-        data = converter.convert()
+        try:
+            data = converter.convert()
+        except Exception as exc:  # noqa: BLE001 - the converter's errors are pages of MLIR: one line instead
+            log.info("TFLite's converter failed: %s", exc)  # the whole text, for the log file
+            raise ConfigError(
+                f"{source}: TFLite's builtin ops cannot run this model ({_converter_reason(exc)}); "
+                "export it with --format saved_model or --format onnx"
+            ) from None
     with open(target, "wb") as f:
         f.write(data)
     return "TFLite builtins, signature serving_default (its runner takes an image of any size)"
 
 
+def _converter_reason(exc: Exception) -> str:
+    """What TFLite's converter lacked, from its error: the TF ops it would need (e.g. a convolution over a
+    tensor of unknown channels), else its first line."""
+    text = str(exc)
+    for label, what in (
+        ("TF Select ops:", "it needs the TensorFlow (Flex) ops"),
+        ("Custom ops:", "it needs the custom ops"),
+    ):
+        match = re.search(re.escape(label) + r"\s*([^\n]+)", text)
+        if match:
+            return f"{what} {match.group(1).strip()[:120]}"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:160]
+
+
+# Each writes (Keras model, `segment_fn`, input spec, local target, MODEL as given for its errors) -> a note.
 _WRITERS = {"saved_model": _saved_model, "onnx": _onnx, "tflite": _tflite}

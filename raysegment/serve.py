@@ -6,6 +6,7 @@
                     mean confidence, height, width: the summary row `infer` writes
     GET  /healthz   200 while the replica's process is up
     GET  /readyz    200 once the model is loaded and has answered a warm-up request, else 503
+    (HEAD as GET; another method 405 with `Allow`, another path 404)
 
 A request is checked before it reaches the model: an Accept that refuses both answers (406), content type
 and any Content-Encoding but identity (415; not decoded, see `_encoding_problem`), body size (413,
@@ -56,6 +57,8 @@ from raysegment.models.card import ModelCard
 APP_NAME = "raysegment"
 DEPLOYMENT_NAME = "segmenter"
 SEGMENT, HEALTHZ, READYZ = "/segment", "/healthz", "/readyz"
+# The methods each route takes (HEAD with GET, as every HTTP server should); others get 405 and `Allow`.
+METHODS = {SEGMENT: ("POST",), HEALTHZ: ("GET", "HEAD"), READYZ: ("GET", "HEAD")}
 # Where a 413 for pixels is decided: read the header's size without a limit, then compare.
 NO_LIMIT = 1 << 62
 
@@ -79,10 +82,10 @@ class ReplicaConfig:
     max_pixels: int
 
 
-def _error(status: int, message: str):
+def _error(status: int, message: str, headers: dict[str, str] | None = None):
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 # What POST /segment can answer, by the media type that names it.
@@ -320,15 +323,16 @@ class Segmenter:
 
     async def __call__(self, request):
         path = "/" + request.url.path.strip("/")
+        if path not in METHODS:
+            return _error(404, f"no route {path}: POST an image to {SEGMENT}; GET {HEALTHZ} or {READYZ}")
+        if request.method not in METHODS[path]:  # 405 names the methods it takes (RFC 9110 15.5.6)
+            takes = "POST with the image's bytes as the body" if path == SEGMENT else "GET"
+            return _error(405, f"{path} takes {takes}", {"Allow": ", ".join(METHODS[path])})
         if path == HEALTHZ:
             return _json({"status": "ok"})
         if path == READYZ:
             state = self.readiness()
             return _json(state, 200 if state["ready"] else 503)
-        if path != SEGMENT:
-            return _error(404, f"no route {path}: POST an image to {SEGMENT}; GET {HEALTHZ} or {READYZ}")
-        if request.method != "POST":
-            return _error(405, f"{SEGMENT} takes POST with the image's bytes as the body")
         return await self._segment_request(request)
 
     async def _segment_request(self, request):

@@ -51,7 +51,7 @@ def read_image(image_uri: str, endpoint_url: str | None) -> tuple[bytes, dict[st
             return data, {}
         page = page or 0
         if page >= pages:
-            raise DataError(f"{image_uri}: the TIFF has {pages} pages (0..{pages - 1})")
+            raise DataError(f"{image_uri}: the TIFF has {tiff.pages_text(pages)}")
         return tiff.page_bytes(data, page), {"page": page, "pages": pages}
     except tiff.TiffError as exc:
         raise DataError(f"{image_uri}: {exc}") from None

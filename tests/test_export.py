@@ -373,3 +373,92 @@ def test_encoded_signature_decodes_16_bit_pngs_as_infer(tmp_path):
         assert got.shape == (*pixels.shape[:2], 3) and got.dtype == np.uint8, name
         assert (got == decode_image(data)).all(), name
     assert decode_image((tmp_path / "grey12.png").read_bytes()).max() == 255  # stretched, not the high byte
+
+
+def native_model_dir(root: Path, net) -> str:
+    """A native-scale model directory holding the Keras model `net` (the card of `make_model_dir`)."""
+    from raysegment.train.checkpoint import file_sha256
+
+    model = make_model_dir(str(root), image_size=32, depth=2, base_filters=4)
+    path = os.path.join(model, "model.keras")
+    net.save(path)
+    card = ModelCard.read(model)
+    native = card.input.model_copy(update={"resize": "none"})
+    card.model_copy(update={"model_sha256": file_sha256(path), "input": native}).write(storage.resolve(model))
+    return model
+
+
+def test_a_native_scale_model_with_resize_upsampling_infers_and_exports(tmp_path):
+    """`train --crop native --upsampling resize` builds bilinear UpSampling2D layers, whose Keras resize checks
+    its size in Python: at an unknown image size (the predictor's second image size, export's HxW graph) it
+    failed with OperatorNotAllowedInGraphError in infer and in every export format. The loaded model resizes
+    with the same op at any size; its file stays Keras' own layer."""
+    import keras
+    import tensorflow as tf
+
+    from raysegment.export import export
+    from raysegment.inference.predictor import Predictor
+    from raysegment.train.config import ModelConfig
+
+    keras.utils.set_random_seed(0)
+    config = ModelConfig(4, 2, 4, batch_norm=True, dropout=0.0, upsampling="resize", head="softmax", input_channels=3)
+    model = native_model_dir(tmp_path, config.build())  # as train builds it
+    rng = np.random.default_rng(6)
+    predictor, errors = Predictor(model), np.asarray([""], object)
+    images, preds = [], []
+    for shape in [(45, 50, 3), (3, 2, 3), (32, 36, 3)]:  # one batch each: shapes the tf.function has not seen
+        batch = np.empty(1, dtype=object)
+        batch[0] = (rng.random(shape) * 255).astype(np.uint8)
+        images.append(batch[0])
+        preds.append(predictor({"image": batch, "error": errors})["pred"][0])
+    assert any(len(np.unique(p)) > 1 for p in preds)
+    serve = tf.saved_model.load(
+        export(ExportSpec(model=model, dest=str(tmp_path / "sm"), format="saved_model"))["path"]
+    )
+    for img, pred in zip(images, preds):
+        assert (serve.signatures["serving_default"](image=tf.constant(img))["class_map"].numpy() == pred).all()
+
+
+def test_tflite_without_the_ops_a_model_needs_is_one_line_and_no_dest(tmp_path):
+    """A native-scale model whose nearest UpSampling2D leaves its channels unknown needs TensorFlow's (Flex)
+    Conv2D in TFLite: the converter's 165-line traceback (exit 1) is one line naming the model, the cause
+    and the formats that work (exit 2), and DEST is not made."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    x = inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.UpSampling2D()(x)
+    x = keras.layers.Conv2D(4, 3, padding="same")(x)
+    model = native_model_dir(tmp_path, keras.Model(inp, x))
+    result = CliRunner().invoke(main, ["export", model, str(tmp_path / "exp"), "--format", "tflite"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line == (
+        f"error: {model}: TFLite's builtin ops cannot run this model (it needs the TensorFlow (Flex) ops Conv2D); "
+        "export it with --format saved_model or --format onnx"
+    )
+    assert not (tmp_path / "exp").exists()
+
+
+def test_dest_inside_a_saved_model_folder_is_refused(tmp_path):
+    """`export MODEL exp/saved_model --format onnx` wrote model.onnx and model.json into the SavedModel folder
+    of an earlier export, and the next `--format saved_model --overwrite` to exp deleted them silently. A DEST
+    that is a SavedModel folder, lies below one or links into one is refused before anything is written."""
+    from raysegment.errors import ConfigError
+    from raysegment.export import export
+
+    model = make_model_dir(str(tmp_path / "m"), image_size=32, depth=2, base_filters=4)
+    export(ExportSpec(model=model, dest=str(tmp_path / "exp"), format="saved_model"))
+    saved = tmp_path / "exp" / "saved_model"
+    before = sorted(p.relative_to(saved) for p in saved.rglob("*"))
+    os.symlink(saved, tmp_path / "link")
+    for dest in (saved, saved / "variables", saved / "new" / "deeper", tmp_path / "link"):
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match=rf"^{dest}: DEST is inside the SavedModel folder {saved} "):
+                export(ExportSpec(model=model, dest=str(dest), format="onnx", overwrite=overwrite))
+    assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before
+    result = CliRunner().invoke(main, ["export", model, str(saved), "--format", "tflite"])
+    assert result.exit_code == 2 and result.output.count("DEST is inside the SavedModel folder") == 1

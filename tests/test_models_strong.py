@@ -105,3 +105,37 @@ def test_train_and_infer_with_a_deeplab_encoder_model(tiny_model, ray_cluster, t
     record = infer(InferSpec(model=str(out), input=str(tmp_path / "in"), output=str(tmp_path / "out"), report=False))
     assert record["counts"]["ok"] == 3
     assert len(list(Path(tmp_path / "out" / "masks").glob("*.png"))) == 3
+
+
+def test_a_saved_resize_unet_loads_as_one_that_runs_at_any_size(tmp_path):
+    """model.keras keeps Keras' own bilinear UpSampling2D (a file plain Keras loads, as those trained before);
+    the loader swaps in `ResizeUpSampling2D`, inside a nested model too, with the same outputs, and it runs in
+    a tf.function of unknown height and width, where Keras' layer raised OperatorNotAllowedInGraphError."""
+    import tensorflow as tf
+
+    from raysegment import storage
+    from raysegment.models.card import MODEL_FILE, ModelCard
+    from raysegment.models.loader import load_model
+    from raysegment.models.unet import ResizeUpSampling2D
+
+    unet = build_unet(3, depth=2, base_filters=4, upsampling="resize")
+    inp = keras.Input((None, None, 3))
+    model = keras.Model(inp, keras.layers.UpSampling2D(interpolation="bilinear")(unet(inp)))  # nested and outer
+    model.save(tmp_path / MODEL_FILE)
+    assert "ResizeUpSampling2D" not in keras.saving.load_model(tmp_path / MODEL_FILE).to_json()
+    card = ModelCard.create(
+        "0" * 64,
+        architecture={"name": "unet", "depth": 2},
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+        input={"size": [32, 32], "channels": 3, "normalization": "scale_0_1", "resize": "none"},
+    )
+    loaded = load_model(storage.resolve(str(tmp_path)), card)
+    swapped = [layer for layer in loaded.layers[-1:] + loaded.layers[1].layers if type(layer) is ResizeUpSampling2D]
+    assert len(swapped) == 3
+    run = tf.function(lambda x: loaded(x, training=False), input_signature=[tf.TensorSpec([1, None, None, 3])])
+    for shape in [(1, 32, 32, 3), (1, 12, 20, 3)]:
+        x = np.random.default_rng(3).random(shape).astype(np.float32)
+        np.testing.assert_allclose(run(x), model(x), atol=1e-6)
+        assert run(x).shape == (1, shape[1] * 2, shape[2] * 2, 3)

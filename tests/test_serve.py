@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -218,6 +219,26 @@ def test_bad_requests_get_one_line_json_4xx(server, inferred):
     assert status == 408 and f"within {BODY_S} s (--body-timeout-s)" in error, error
 
 
+def test_each_route_takes_its_methods_and_405_says_which(server):
+    """405 answers had no `Allow` header (RFC 9110 requires one), and POST /healthz answered 200 though
+    the routes are GET /healthz, GET /readyz and POST /segment."""
+    for method, path, allow in [
+        ("GET", "/segment", "POST"),
+        ("OPTIONS", "/segment", "POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/readyz", "GET, HEAD"),
+    ]:
+        answer = server.request(method, path, b"x" if method in ("POST", "PUT") else None)
+        status, error = _error(answer)
+        assert (status, answer[1].get("allow")) == (405, allow), (method, path, answer)
+        assert error.startswith(f"{path} takes {allow.split(',')[0]}"), error
+    for path in ("/healthz", "/readyz"):
+        status, headers, body = server.request("HEAD", path)
+        assert status == 200 and body == b"", (path, status, headers)
+    status, headers, _ = server.request("DELETE", "/nothing")
+    assert status == 404 and "allow" not in headers
+
+
 def tiff_stack(pages: int) -> bytes:
     """A TIFF of `pages` 8x8 RGB pages (a z-stack, as infer splits into one mask per page)."""
     import tifffile
@@ -238,6 +259,21 @@ def test_a_tiff_stack_is_refused_naming_its_pages_and_one_page_is_taken():
     assert status == 400 and message.startswith("the TIFF has 3 pages and serve segments one image: send one page")
     assert "infer segments every page" in message and "\n" not in message
     assert _pages_problem(tiff_stack(1)) is None
+
+
+def test_a_page_past_a_stacks_end_is_named_in_the_singular_too(tmp_path):
+    """`show IMAGE#page=5` of a one-page TIFF said "the TIFF has 1 pages (0..0)": the count reads as English."""
+    from raysegment.data import tiff
+    from raysegment.errors import DataError
+    from raysegment.show import read_image
+
+    for pages, text in ((1, "1 page (0)"), (3, "3 pages (0..2)")):
+        path = tmp_path / f"stack{pages}.tif"
+        path.write_bytes(tiff_stack(pages))
+        with pytest.raises(DataError, match=rf"stack{pages}.tif#page=5: the TIFF has {re.escape(text)}$"):
+            read_image(f"{path}#page=5", None)
+        with pytest.raises(tiff.TiffError, match=rf"^page 5 asked for; the TIFF has {re.escape(text)}$"):
+            tiff.page_bytes(tiff_stack(pages), 5)
 
 
 def test_a_damaged_model_file_is_the_users_error_exit_2(tmp_path):

@@ -116,6 +116,11 @@ def page_count(data: bytes) -> int:
         return len(slice_pages(tif))
 
 
+def pages_text(count: int) -> str:
+    """A stack's pages for a message: "1 page (0)", "3 pages (0..2)"."""
+    return "1 page (0)" if count == 1 else f"{count} pages (0..{count - 1})"
+
+
 def page_key(key: str, page: int, pages: int) -> str:
     """`vol` page 3 of 30 -> `vol/0003` (more digits past 9,999 pages, so keys still sort)."""
     return f"{key}/{page:0{max(PAGE_DIGITS, len(str(pages - 1)))}d}"
@@ -213,7 +218,7 @@ def slice_size(data: bytes, page: int = 0) -> tuple[int, int]:
     with _open(data) as tif:
         index = next(itertools.islice(_slices(tif), page, None), None)
         if index is None:
-            raise TiffError(f"TIFF has {len(slice_pages(tif))} pages; page {page} asked for")
+            raise TiffError(f"page {page} asked for; the TIFF has {pages_text(len(slice_pages(tif)))}")
         return _tifffile(lambda: (tif.pages[index].imagelength, tif.pages[index].imagewidth))
 
 
@@ -242,7 +247,7 @@ def read_bands(data: bytes, max_pixels: int, page: int = 0) -> tuple[np.ndarray,
     with _open(data) as tif:
         pages = slice_pages(tif)
         if page >= len(pages):
-            raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
+            raise TiffError(f"page {page} asked for; the TIFF has {pages_text(len(pages))}")
         p = tif.pages[pages[page]]
         if problem := limits.over(p.imagewidth, p.imagelength, max_pixels, p.samplesperpixel):
             raise TiffError(problem)
@@ -264,7 +269,7 @@ def page_bytes(data: bytes, page: int, max_pixels: int = limits.MAX_PIXELS) -> b
     with _open(data) as tif:
         pages = slice_pages(tif)
         if page >= len(pages):
-            raise TiffError(f"TIFF has {len(pages)} pages; page {page} asked for")
+            raise TiffError(f"page {page} asked for; the TIFF has {pages_text(len(pages))}")
         p = tif.pages[pages[page]]
         if problem := _tifffile(lambda: limits.over(p.imagewidth, p.imagelength, max_pixels, p.samplesperpixel)):
             raise TiffError(problem)

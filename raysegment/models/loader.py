@@ -1,7 +1,9 @@
 """The one way a model directory's model becomes a Keras model: the predictor (so `infer`, `evaluate`,
 `show`, `nightly` and `serve`), `export` and `model import` all call `load_model` or `saved_model_as_keras`.
 
-model.keras (trained, or an imported Keras model) loads with `keras.models.load_model` (safe mode).
+model.keras (trained, or an imported Keras model) loads with `keras.models.load_model` (safe mode), its
+bilinear `UpSampling2D` layers swapped for `unet.ResizeUpSampling2D` (`as_dynamic`), which traces at unknown
+image sizes.
 An imported TensorFlow SavedModel is kept whole under saved_model/ and loads as a `TFSMLayer` inside a
 one-input functional model. Why the folder and not a model.keras holding that layer: Keras 3 cannot turn
 a SavedModel's graph back into layers, and a saved TFSMLayer keeps only the folder's path, so model.keras
@@ -34,6 +36,8 @@ def load_model(model_dir: storage.Location, card: ModelCard, precision: str = "f
         return saved_model_as_keras(local_tree(card.model_location(model_dir)), endpoint)
     import keras
 
+    from raysegment.models.unet import as_dynamic
+
     if card.architecture.encoder:
         import raysegment.models.encoders  # noqa: F401  registers the encoders' layers (CaffePreprocess)
 
@@ -52,6 +56,7 @@ def load_model(model_dir: storage.Location, card: ModelCard, precision: str = "f
                 f"{card.model_location(model_dir).uri}: not a Keras model Keras can load "
                 f"({type(exc).__name__}: {str(exc)[:120]}); train or import the model again"
             ) from exc
+    model = as_dynamic(model)  # bilinear UpSampling2D traced at unknown sizes (native scale, export)
     return model if precision == "float32" else _with_policy(model, f"mixed_{precision}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 
 def _conv_block(
@@ -25,6 +25,55 @@ def _conv_block(
             x = layers.Add(name=f"{name}_add")([x, shortcut])
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
+
+
+class ResizeUpSampling2D(layers.UpSampling2D):
+    """`UpSampling2D` whose bilinear (any smooth) resize traces at unknown heights and widths.
+
+    Keras' own checks `size > 0` in Python on the doubled shape, which inside a tf.function of unknown
+    spatial size (the predictor's relaxed retraces, export's HxW graph) is a symbolic tensor: native-scale
+    models with resize upsampling failed in infer and export. The resize is the same `tf.image.resize`
+    Keras' TensorFlow backend runs, so outputs are unchanged. `as_dynamic` swaps it in at load; files keep
+    Keras' own layer (loadable without raysegment).
+    """
+
+    def call(self, inputs):
+        if self.interpolation == "nearest":  # a repeat: no shape check, traces at any size
+            return super().call(inputs)
+        import tensorflow as tf
+
+        first = self.data_format == "channels_first"
+        x = ops.transpose(inputs, [0, 2, 3, 1]) if first else inputs
+        shape = ops.shape(x)  # Python ints where known, tensors where not
+        x = tf.image.resize(x, (shape[1] * self.size[0], shape[2] * self.size[1]), method=self.interpolation)
+        return ops.transpose(x, [0, 3, 1, 2]) if first else x
+
+
+def _plain_resize(layer: keras.layers.Layer) -> bool:
+    return type(layer) is layers.UpSampling2D and layer.interpolation != "nearest"
+
+
+def _all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    found = []
+    for layer in getattr(model, "layers", []):
+        found += [layer, *_all_layers(layer)]
+    return found
+
+
+def as_dynamic(model: keras.Model) -> keras.Model:
+    """The model with each bilinear `UpSampling2D` (nested ones too) as `ResizeUpSampling2D`, other layers
+    shared, so it runs at any image size in a tf.function; the model itself when it has none, or when it is
+    not functional or sequential (Keras cannot clone it)."""
+    if not any(_plain_resize(layer) for layer in _all_layers(model)):
+        return model
+
+    def swap(layer: keras.layers.Layer) -> keras.layers.Layer:
+        return ResizeUpSampling2D.from_config(layer.get_config()) if _plain_resize(layer) else layer
+
+    try:
+        return keras.models.clone_model(model, clone_function=swap, recursive=True)
+    except ValueError:  # a subclassed model: Keras clones functional and sequential ones only
+        return model
 
 
 def _upsample(x: keras.KerasTensor, filters: int, mode: str, name: str) -> keras.KerasTensor:
