@@ -604,7 +604,7 @@ def jobs_status(job_id: str, address: str | None) -> None:
     from raysegment import jobs
 
     info = jobs.job_info(jobs.connect(address), job_id)
-    exit_code = "-" if info.driver_exit_code is None else info.driver_exit_code
+    exit_code = "-" if (code := jobs.exit_code(info)) is None else code
     click.echo(f"{job_id}: {jobs.status_of(info)} (exit code {exit_code}) {info.message or ''}".rstrip())
 
 

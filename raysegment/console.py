@@ -248,12 +248,15 @@ def _stopped(
     "failed"."""
     s = _last
     kind = s.kind if s is not None else fn.__name__.replace("_", " ")
-    text = (
-        f"{how}: {kind} stopped following the cluster job (see the line above: the job goes on)"
-        if following
-        else f"{how}: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
-        "and train go on where they stopped)"
-    )
+    if following:
+        text = f"{how}: {kind} stopped following the cluster job (see the line above: the job goes on)"
+    elif kind == "serve":  # stopped while loading the model: nothing to keep or go on with
+        text = f"{how}: serve stopped"
+    else:
+        text = (
+            f"{how}: {kind} stopped; what it finished is kept: run the same command again (infer, nightly "
+            "and train go on where they stopped)"
+        )
     click.echo(text, err=True)
     if kwargs.get("as_json") or (s is not None and s.as_json):  # a script still reads one object
         print_json(

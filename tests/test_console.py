@@ -314,6 +314,20 @@ def test_ctrl_c_exits_130_and_says_the_command_resumes(capsys):
     )
 
 
+def test_serve_stopped_while_loading_says_no_more_than_that(capsys):
+    """serve stopped while its model loaded told the user infer, nightly and train go on where they stopped."""
+    from raysegment.console import INTERRUPTED, handle_errors
+
+    @handle_errors
+    def serve() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        serve()
+    assert stopped.value.code == INTERRUPTED
+    assert capsys.readouterr().err.strip() == "interrupted: serve stopped"
+
+
 def test_ctrl_c_while_following_a_cluster_job_says_the_job_goes_on(capsys):
     """`submit --wait` stopped by Ctrl-C said "run the same command again", while the cluster job ran on.
     Stopped before there is a job to follow (connecting, uploading), it still says to run it again."""
