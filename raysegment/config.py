@@ -11,7 +11,7 @@ import calendar
 import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from raysegment.data import limits, masks
 from raysegment.data.classes import IGNORE_INDEX, distinct_names
@@ -19,6 +19,9 @@ from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError
 from raysegment.specfile import clip, echo, read_yaml
 from raysegment.storage import redact
+
+# How MLflow's client authenticates to a tracking server (never a URI's user:password).
+MLFLOW_AUTH = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
 
 
 def distinct_class_names(names: list[str]) -> None:
@@ -36,9 +39,11 @@ class Spec(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _no_credentials_in_uris(cls, v: Any) -> Any:
+    def _no_credentials_in_uris(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, str) and "://" in v and redact(v) != v:
-            raise ValueError("credentials in a URI are not allowed; use AWS_* env vars or a profile")
+            # MLflow's client reads its own credentials; the AWS ones are object storage's.
+            fix = MLFLOW_AUTH if info.field_name == "mlflow_uri" else "use AWS_* env vars or a profile"
+            raise ValueError(f"credentials in a URI are not allowed; {fix}")
         return v
 
 

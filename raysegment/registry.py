@@ -124,6 +124,7 @@ def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
         if plan
         else "  plan       off (--no-plan): fixed defaults"
     )
+    tracked = [f"  mlflow     run {result['mlflow_run_id']}"] if result.get("mlflow_run_id") else []
     return [
         # Counted from 1, as the progress lines count (`epoch 2/2`); metrics.json and history.csv keep 0-based.
         f"trained {result['out']}: best epoch {best['epoch'] + 1}, val mean_iou {best['val_mean_iou']:.4f}, "
@@ -132,6 +133,7 @@ def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
         planned,
         f"  model      {storage.join(result['out'], 'model.keras')} (+ model.json, metrics.json, history.csv, "
         "training_curves.png)",
+        *tracked,
     ]
 
 
@@ -140,7 +142,8 @@ def _train_payload(spec: TrainSpec, result: dict[str, Any]) -> dict[str, Any]:
     return {
         "out": result["out"],
         "model_id": result["model_card"]["model_id"],
-        **{k: m[k] for k in ("best", "last", "epochs_run", "stopped_early", "seconds")},
+        **{k: m.get(k) for k in ("best", "last", "epochs_run", "stopped_early", "val_pixels", "seconds")},
+        "mlflow_run_id": result.get("mlflow_run_id"),
     }
 
 

@@ -38,7 +38,17 @@ NOISE = re.compile(
 # The documented --json keys (README, "Results as JSON"), besides command, exit_code and log_file.
 KEYS = {
     "prepare": {"dest", "counts", "shards", "num_classes", "class_names", "skipped", "content_hash", "seconds"},
-    "train": {"out", "model_id", "best", "last", "epochs_run", "stopped_early", "seconds"},
+    "train": {
+        "out",
+        "model_id",
+        "best",
+        "last",
+        "epochs_run",
+        "stopped_early",
+        "val_pixels",
+        "seconds",
+        "mlflow_run_id",
+    },
     "evaluate": {
         "pixel_accuracy",
         "mean_iou",

@@ -13,7 +13,10 @@ import csv
 import io
 import json
 import os
+import socket
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +179,158 @@ def test_an_unreachable_tracking_server_fails_before_training(tmp_path, monkeypa
             pytest.fail("the run must not start")
 
 
+def closed_port() -> int:
+    """A local port nothing listens on: connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TinyServer(ThreadingHTTPServer):
+    """A real HTTP server that reads each request and answers it with `answers[method]` (status, JSON body);
+    a method it has no answer for is held without one until `release` is set, then its connection is
+    closed unanswered (a server that stops answering). `requests` has the paths and bodies it read."""
+
+    daemon_threads = True
+
+    def __init__(self, answers: dict[str, tuple[int, dict]] | None = None) -> None:
+        self.release = threading.Event()
+        self.requests: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                server.requests.append((self.path, body))
+                if self.command not in (answers or {}):
+                    server.release.wait()
+                    self.close_connection = True
+                    return
+                status, reply = (answers or {})[self.command]
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> TinyServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def own_http_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MLflow HTTP settings of the user's: raysegment's bounds apply."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed: pip install -e '.[mlflow]'")
+    for key in tracking.HTTP_BOUNDS:
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.mark.timeout(60)  # MLflow's own retries took about 4 minutes for a refused connection
+def test_an_unreachable_tracking_server_is_refused_in_seconds_before_the_data_set_is_read(tmp_path, own_http_env):
+    """The start-up check asks the server, within raysegment's bounds: a gone server was noticed only when the
+    run was created, after the plan and minutes of MLflow's retries. The user's own MLflow settings are kept."""
+    from raysegment.train.trainer import train
+
+    uri = f"http://127.0.0.1:{closed_port()}"
+    spec = TrainSpec(data=str(tmp_path / "no-data"), out=str(tmp_path / "out"), mlflow_uri=uri)
+    with pytest.raises(ConfigError) as err:
+        train(spec)  # before the data set is read: it does not exist
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"--mlflow-uri {uri}: no answer (") and "Connection refused" in str(err.value)
+    assert "start the tracking server or correct the URI" in str(err.value)
+    assert not any(key in os.environ for key in tracking.HTTP_BOUNDS)  # the bounds were for the check alone
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_tracking_server_that_stops_answering_is_refused_within_the_users_timeout(monkeypatch, own_http_env):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the user's: kept
+    with TinyServer() as server, pytest.raises(ConfigError, match=r"no answer \(Read timed out. \(read timeout=1\)"):
+        tracking.check_tracking(server.uri)
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+
+
+@pytest.mark.timeout(60)
+def test_mlflow_gone_mid_run_never_holds_the_epochs_and_is_one_warning(tmp_path, monkeypatch, caplog, own_http_env):
+    """The live MLflow calls ran in the progress thread, which prints the epoch lines, with MLflow's retries:
+    a server gone mid-run stopped the console for minutes, and each epoch waited again. Here the server
+    holds the first request unanswered: the epochs go on meanwhile (TensorBoard has them), and after the
+    failure MLflow is not tried again until training ends, when the failure is quick."""
+    uri = mlflow_store(tmp_path, monkeypatch)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")  # without a thread of its own rows() would hang
+    with tracking.mlflow_run(TrainSpec(data="d", out=str(tmp_path / "o"), mlflow_uri=uri), None) as created:
+        pass
+    out = storage.resolve(str(tmp_path / "model"))
+    dest = out.child(tracking.TENSORBOARD_DIR)
+    h0, h1, h2 = HISTORY
+    with TinyServer() as server:
+        run = tracking.MlflowRun(tracking.mlflow_client(server.uri), server.uri, created.run_id)
+        with tracking.LiveLog(dest, run) as live:
+            live.rows([h0])
+            wait_for(lambda: server.requests, "the epoch 0 request at the server", 30)
+            live.rows([h1])  # while epoch 0's request is held
+            assert live_epochs(Path(dest.path)) == [0, 1]
+            server.release.set()  # the server goes: connections closed unanswered
+        held = len(server.requests)  # epoch 0's request and MLflow's one retry: none for epoch 1
+        assert {m["step"] for _, body in server.requests for m in json.loads(body)["metrics"]} == {0}
+        live.rows([h2])  # after close: logged in finish only
+        with pytest.raises(StorageError, match=rf"--mlflow-uri {server.uri}: could not log the run's epochs"):
+            live.finish(out, [h0, h1, h2], {"metrics": {"best": h2}, "model_card": {"model_id": "unet-0"}})
+        assert len(server.requests) > held  # tried again at the end
+    warnings = [r for r in caplog.records if "could not log epochs to MLflow" in r.getMessage()]
+    assert len(warnings) == 1 and run.failing
+
+
+@pytest.mark.timeout(60)
+def test_a_tracking_server_that_refuses_the_credentials_names_mlflows_own(own_http_env):
+    with TinyServer({"GET": (401, {"error_code": "UNAUTHENTICATED", "message": "login"})}) as server:
+        with pytest.raises(
+            ConfigError, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
+        ):
+            tracking.check_tracking(server.uri)
+
+
+def test_credentials_in_the_mlflow_uri_are_refused_naming_mlflows_variables(tmp_path):
+    """The refusal named AWS_* variables, which MLflow does not read."""
+    flags = {"data": str(tmp_path / "d"), "out": str(tmp_path / "o")}
+    with pytest.raises(ConfigError) as err:
+        load_spec(TrainSpec, None, {**flags, "mlflow_uri": "http://alice:s3cret@127.0.0.1:5000"})
+    said = str(err.value)
+    assert (
+        "mlflow_uri" in said
+        and "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN" in said
+    )
+    assert "AWS" not in said and "s3cret" not in said
+    with pytest.raises(ConfigError, match="use AWS_\\* env vars or a profile"):  # object storage's own fix
+        load_spec(TrainSpec, None, {**flags, "out": "s3://key:secret@bucket/o"})
+
+
+def test_encoder_weights_are_a_param_only_where_an_encoder_uses_them(tmp_path):
+    """A plain U-Net logged encoder_weights=imagenet, the unused default (its card says null)."""
+    plain = tracking.run_params(TrainSpec(data="d", out="o"), None)
+    assert plain["encoder"] == "null" and plain["encoder_weights"] == "null"
+    encoded = tracking.run_params(TrainSpec(data="d", out="o", encoder="mobilenetv3large"), None)
+    assert encoded["encoder"] == "mobilenetv3large" and encoded["encoder_weights"] == "imagenet"
+
+
 # --- live: each epoch once, as the driver learns of it --------------------------------------------
 
 
@@ -253,6 +408,29 @@ def live_epochs(tb_dir: Path) -> list[int]:
     return [step for step, _ in read_events(tb_dir)[1].get("train/loss", [])]
 
 
+@pytest.mark.timeout(120)
+def test_a_tracking_server_that_refuses_the_run_leaves_a_finished_model_as_it_was(tiny_data, tmp_path, own_http_env):
+    """The server answers the start-up check but refuses to create the run: train fails, and OUT's _SUCCESS
+    (a finished model's marker) stays. It was removed before the run was created."""
+    from raysegment.train.trainer import train
+
+    out = storage.resolve(str(tmp_path / "model"))
+    storage.mark_success(out, {"model_id": "unet-earlier"})
+    marker = (tmp_path / "model" / "_SUCCESS").read_bytes()
+    answers = {
+        "GET": (404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}),
+        "POST": (403, {"error_code": "PERMISSION_DENIED", "message": "may not create experiments"}),
+    }
+    with TinyServer(answers) as server:
+        spec = TrainSpec(
+            data=str(tiny_data / "data"), out=out.uri, epochs=1, workers=1, image_size=32, depth=2, base_filters=4,
+            tta_check=False, mlflow_uri=server.uri,
+        )  # fmt: skip
+        with pytest.raises(StorageError, match="could not create a run.*PERMISSION_DENIED"):
+            train(spec)
+    assert (tmp_path / "model" / "_SUCCESS").read_bytes() == marker
+
+
 @pytest.mark.slow
 def test_training_logs_each_epoch_while_it_runs_then_writes_the_artifacts(tiny_data, tmp_path, monkeypatch):
     """Ray Train's controller holds the run after its first checkpoint (helpers.training_held_after_first_checkpoint),
@@ -271,7 +449,13 @@ def test_training_logs_each_epoch_while_it_runs_then_writes_the_artifacts(tiny_d
         hold.wait_reported(job)
         wait_for(lambda: 0 in live_epochs(out / "tensorboard"), "epoch 0 in OUT/tensorboard", 120, job)
         [run] = client.search_runs([client.get_experiment_by_name("raysegment").experiment_id])
-        assert 0 in [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        # MLflow is logged to on a thread of its own, after the TensorBoard events.
+        wait_for(
+            lambda: 0 in [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")],
+            "epoch 0 in the MLflow run",
+            60,
+            job,
+        )
         assert run.info.status == "RUNNING" and not job.done() and not (out / "model.keras").exists()
         hold.release()
         result = job.result(timeout=600)
@@ -310,3 +494,16 @@ def test_cli_with_mlflow_uri_but_no_mlflow_exits_2(ray_cluster, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
     r = invoke_train(str(tmp_path / "data"), str(tmp_path / "out"), "--mlflow-uri", "http://127.0.0.1:1")
     assert r.exit_code == 2 and "pip install 'raysegment[mlflow]'" in r.output
+
+
+def test_the_train_summary_names_the_mlflow_run():
+    """The run id was in train's result only: neither the summary nor --json showed where the run went."""
+    from raysegment import registry
+
+    best = {"epoch": 1, "val_mean_iou": 0.9, "val_pixel_accuracy": 0.95}
+    metrics = {"best": best, "last": best, "epochs_run": 2, "stopped_early": False, "seconds": 3.0, "plan": None}
+    result = {"out": "/m", "metrics": metrics, "model_card": {"model_id": "unet-1"}, "mlflow_run_id": "abc123"}
+    assert "  mlflow     run abc123" in registry._train_lines(None, result)
+    assert registry._train_payload(None, result)["mlflow_run_id"] == "abc123"
+    del result["mlflow_run_id"]
+    assert not any("mlflow" in line for line in registry._train_lines(None, result))

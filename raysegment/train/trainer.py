@@ -123,8 +123,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     """Run distributed training and write OUT/model.keras, model.json and metrics.json."""
     t0 = time.time()
     if spec.mlflow_uri:
-        # A missing MLflow package, or a URI the installed client refuses, is one ConfigError here, before any work.
-        tracking.mlflow_client(spec.mlflow_uri)
+        # A missing MLflow package, a URI the installed client refuses or a tracking server that does not answer
+        # (within seconds) is one ConfigError here, before any work.
+        tracking.check_tracking(spec.mlflow_uri)
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     out = storage.resolve(spec.out, spec.endpoint_url)
     storage.check_writable(out)
@@ -140,12 +141,12 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     identity = run_identity(cfg, manifest["content_hash"])
     if spec.resume:
         check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights)
-    logs.began()  # past the refusals: from here OUT changes
-    # A stale artifact must not pass for this run's result while it trains.
-    storage.remove_success(out)
-
-    # The MLflow run (with --mlflow-uri) exists from here: FINISHED once the artifacts are logged, else FAILED.
+    # The MLflow run (with --mlflow-uri) exists from here, before OUT changes (a store that refuses it is a
+    # refusal too): FINISHED once the artifacts are logged, else FAILED.
     with tracking.mlflow_run(spec, plan_record) as run:
+        logs.began()  # past the refusals: from here OUT changes
+        # A stale artifact must not pass for this run's result while it trains.
+        storage.remove_success(out)
         # Each epoch goes to TensorBoard (and MLflow) as the driver learns that it finished.
         live = tracking.LiveLog(out.child(tracking.TENSORBOARD_DIR), run)
         with live, events.follow(cfg.epochs, live.rows) as inbox:
