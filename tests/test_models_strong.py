@@ -139,3 +139,7 @@ def test_a_saved_resize_unet_loads_as_one_that_runs_at_any_size(tmp_path):
         x = np.random.default_rng(3).random(shape).astype(np.float32)
         np.testing.assert_allclose(run(x), model(x), atol=1e-6)
         assert run(x).shape == (1, shape[1] * 2, shape[2] * 2, 3)
+    # A GPU's default precision clones the nested model from its config: the swapped layer must be found.
+    half = load_model(storage.resolve(str(tmp_path)), card, precision="bfloat16")
+    x = np.random.default_rng(4).random((1, 12, 20, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(half(x), np.float32), model(x), atol=0.05)

@@ -27,6 +27,8 @@ def _conv_block(
     return x
 
 
+# Registered: `loader._with_policy` clones a nested model from its config, which names this class (bf16/fp16).
+@keras.saving.register_keras_serializable(package="raysegment")
 class ResizeUpSampling2D(layers.UpSampling2D):
     """`UpSampling2D` whose bilinear (any smooth) resize traces at unknown heights and widths.
 
