@@ -231,9 +231,15 @@ def test_a_rescaled_float_image_is_refused_where_training_pixels_reach_down_to_0
         errors = _errors(deep, **images)
         assert errors["slice"] == errors["counts_as_float"] == errors["dim"] == "", low
         assert rescaled in errors["unit"] and rescaled in errors["unit_full"], low
-    # A model of float data in its own 0..1 units takes 0..1 images.
-    unit = card_for("zscore_clipped", stats={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0.0] * 3, "high": [0.9] * 3})
-    assert _errors(unit, unit=_tif(np.random.default_rng(2).random((32, 32)).astype(np.float32))) == {"unit": ""}
+    # A model of float data in its own 0..1 units takes 0..1 images, and a dark scene (water, shadow) below its
+    # low bound; a model of counts whose darkest pixels are near 0 takes an all-0 frame.
+    unit = card_for("zscore_clipped", stats={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0.02] * 3, "high": [0.6] * 3})
+    rng = np.random.default_rng(2)
+    images = {"unit": _tif(rng.random((32, 32)).astype(np.float32))}
+    images["dark"] = _tif((rng.random((32, 32)) * 0.0018).astype(np.float32))
+    assert _errors(unit, **images) == {"unit": "", "dark": ""}
+    near0 = {"mean": [300.0] * 3, "std": [200.0] * 3, "low": [1.0] * 3, "high": [900.0] * 3}
+    assert _errors(card_for("zscore_clipped", stats=near0), black=_png16(np.zeros((32, 32)))) == {"black": ""}
 
 
 def test_an_image_with_no_finite_pixel_is_an_error_row(monkeypatch):

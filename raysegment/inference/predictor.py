@@ -121,22 +121,32 @@ def _outside_training_range(img: np.ndarray, spec: InputSpec) -> str:
     if count == 0:
         return ""
     values = x[finite]
-    # Widened by the range's width each side, but for non-negative training pixels never below a tenth of the
-    # low bound: microscopy and CT backgrounds sit near 0, where low - width is negative and took any value
-    # >= 0 (a 0..1 float image given to a model of counts 257..2622 got a 99.9% foreground mask, marked ok).
-    lower = np.where(low > 0, np.maximum(low - width, low / 10), low - width)
+    # Widened by the range's width each side. For counts (a channel spanning more than 8 bits' worth, its low
+    # bound 10 or more) never below a tenth of the low bound: microscopy and CT backgrounds sit near 0, where
+    # low - width is negative and took any value >= 0 (a 0..1 float image given to a model of counts 257..2622
+    # got a 99.9% foreground mask, marked ok). Data in physical units (reflectance 0.02..0.6) keep the width.
+    counts = width > 255
+    lower = np.where(counts & (low >= 10), np.maximum(low - width, low / 10), low - width)
     inside = int(((x >= lower) & (x <= high + width)).sum())  # NaN compares False: never inside
-    # Floats within -1..1 for a model whose training pixels spanned more than 8 bits' worth are the same
-    # image rescaled, even where the training range reaches down to 0 and so holds 0..1.
-    rescaled = x.dtype.kind == "f" and float(np.abs(values).max()) <= 1 and float(width.max()) > 255
-    if inside >= IN_RANGE_MIN * count and not rescaled:
-        return ""
-    return (
-        f"pixel values {float(values.min()):.6g}..{float(values.max()):.6g}, outside the range of the model's "
-        f"training pixels ({float(low.min()):.6g}..{float(high.max()):.6g}), so the mask would mean nothing; "
-        "give it images in the training data's units (its bit depth and scale: "
-        "not floats rescaled to 0..1, nor 12-bit counts to a model of 16-bit ones)"
-    )
+    if inside < IN_RANGE_MIN * count:
+        return (
+            f"pixel values {float(values.min()):.6g}..{float(values.max()):.6g}, outside the range of the model's "
+            f"training pixels ({float(low.min()):.6g}..{float(high.max()):.6g}), so the mask would mean nothing; "
+            "give it images in the training data's units (its bit depth and scale: "
+            "not floats rescaled to 0..1, nor 12-bit counts to a model of 16-bit ones)"
+        )
+    # Fractions within -1..1 in every channel of counts: the image rescaled, even where the training range
+    # reaches down to 0 and so holds 0..1.
+    if x.dtype.kind == "f" and counts.any():
+        wide = x[..., counts][finite[..., counts]]
+        if wide.size and float(np.abs(wide).max()) <= 1 and bool((wide != np.round(wide)).any()):
+            return (
+                f"pixel values {float(values.min()):.6g}..{float(values.max()):.6g}: fractions within -1..1, "
+                f"where the model's training pixels were counts ({float(low.min()):.6g}..{float(high.max()):.6g}), "
+                "so the mask would mean nothing; give it images in the training data's units (not floats "
+                "rescaled to 0..1)"
+            )
+    return ""
 
 
 def reflect_padding(height, width, pad_h, pad_w):
