@@ -325,6 +325,11 @@ def test_16_bit_masks_holding_different_values_get_one_mapping_for_all(ray_clust
         "the masks hold the values 0, 12, 300, 1200 in all: map them with --mask-values 0:0,12:1,300:2,1200:3;" in msg
     )
     assert "--mask-threshold" not in msg  # four values: no binary mask
+    # Under a mapping already given, a whole new one would drop its pairs: the values to add are named.
+    with pytest.raises(DataError) as refused:
+        prepare(PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "d"), mask_values="0:0,12:1"))
+    msg = str(refused.value)
+    assert "add the values 300, 1200 to --mask-values as RAW:ID pairs" in msg and "map them with" not in msg
 
 
 def _exif(orientation: int) -> bytes:

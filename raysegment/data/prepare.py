@@ -222,9 +222,11 @@ def _colour_fix(invalid: list[dict[str, str]]) -> str:
     )
 
 
-def _deep_fix(invalid: list[dict[str, str]], raw_values: list[int] | None) -> str:
+def _deep_fix(invalid: list[dict[str, str]], raw_values: list[int] | None, mapped: set[int] | None = None) -> str:
     """One --mask-values for the values of every 16-bit mask with values over 255 (and of the valid masks,
-    `raw_values`), as the 8-bit masks get one (`_check_class_values`); "" when no such mask is invalid."""
+    `raw_values`), as the 8-bit masks get one (`_check_class_values`); "" when no such mask is invalid.
+    `mapped`: the raw values a table in force maps (a layout's, or --mask-values): a whole new mapping would
+    drop its pairs, so the values it lacks are named, to add to it."""
     found: set[int] = set()
     named_all = True
     for item in invalid:
@@ -233,6 +235,11 @@ def _deep_fix(invalid: list[dict[str, str]], raw_values: list[int] | None) -> st
             named_all &= deep[1]
     if not found:
         return ""
+    if mapped is not None:
+        lacking = sorted(found - mapped)
+        more = " ..." if not named_all or len(lacking) > masks.MAX_DEEP_SHOWN else ""
+        shown = ", ".join(map(str, lacking[: masks.MAX_DEEP_SHOWN]))
+        return f"; add the values {shown}{more} to --mask-values as RAW:ID pairs" if lacking else ""
     values = sorted(found | set(raw_values or []))
     if not named_all or len(values) > masks.MAX_DEEP_SHOWN:
         return "; map each mask value to a class id with --mask-values RAW:ID,... (one pair a value)"
@@ -437,7 +444,11 @@ INVALID_NOUNS: dict[str, Callable[[int], str]] = {
 
 
 def _invalid_report(
-    uri: str, invalid: list[dict[str, str]], raw_values: list[int] | None = None, valid: bool = True
+    uri: str,
+    invalid: list[dict[str, str]],
+    raw_values: list[int] | None = None,
+    valid: bool = True,
+    mapped: set[int] | None = None,
 ) -> str:
     """One line: each distinct problem once (in key order), with the keys that have it; a problem shared by
     many pairs (every JPEG mask) was repeated for each, up to 20 times. `raw_values`: the values the valid
@@ -463,7 +474,7 @@ def _invalid_report(
     more = f" (and {left} more problems)" if left > 0 else ""
     return (
         f"{uri}: {header}, nothing written: {'; '.join(parts)}{more}{_colour_fix(invalid)}"
-        f"{_deep_fix(invalid, raw_values)}; fix them"
+        f"{_deep_fix(invalid, raw_values, mapped)}; fix them"
         + (", or pass --skip-invalid to write the valid pairs and record these in the manifest" if valid else "")
     )
 
@@ -628,6 +639,7 @@ def _run_shard_tasks(
         pending = []
         shown.close()
     except BaseException:
+        shown.close(stopped=True)  # its line says so, and its heartbeat stops before the cleanup
         for ref in pending:
             ray.cancel(ref)
         storage.remove_tree(dest.child("shards"))
@@ -833,7 +845,8 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     try:
         if invalid and not spec.skip_invalid:
             raw = [int(v) for v in np.nonzero(hist)[0]] if listing.lut is None else None
-            raise DataError(_invalid_report(dest.uri, invalid, raw, valid=len(invalid) < len(pairs)))
+            mapped = None if listing.lut is None else {v for v, c in enumerate(listing.lut) if c >= 0}
+            raise DataError(_invalid_report(dest.uri, invalid, raw, len(invalid) < len(pairs), mapped))
         if not shards:
             raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
         channels = _input_channels(source.uri, spec, fingerprints)
