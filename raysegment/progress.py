@@ -204,7 +204,7 @@ class Stage:
 
     def _write(self, line: str) -> None:
         self._last_line = time.time()
-        print(f"{time.strftime('%H:%M:%S')} {line}", file=self._stream(), flush=True)
+        _show(line, self._stream())
 
 
 def _start_heartbeat(shown: Stage, interval_s: float) -> None:
@@ -251,5 +251,14 @@ def note(text: str) -> None:
         _show(text)
 
 
-def _show(text: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {text}", file=settings.stream or sys.stderr, flush=True)
+# Every line of this module's, from any thread, is one write under this lock: print() wrote a line's text and
+# its newline apart, and the heartbeat thread's line could take a warning's text between them.
+_writing = threading.Lock()
+
+
+def _show(text: str, stream: TextIO | None = None) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {text}\n"
+    out = stream or settings.stream or sys.stderr
+    with _writing:
+        out.write(line)
+        out.flush()

@@ -10,6 +10,7 @@ import fcntl
 import glob
 import io
 import json
+import logging
 import os
 import pty
 import re
@@ -19,6 +20,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,118 @@ def test_progress_lines_off_a_terminal():
     with progress.stage("infer", total=2) as shown:
         shown.update(2)
     assert silent.getvalue() == ""
+
+
+class Said(io.StringIO):
+    """A stream that tells when something was written to it (the heartbeat writes from its thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        self.written.set()
+        return n
+
+
+def test_a_running_stage_shows_a_line_each_interval_before_any_row():
+    """Listing and actor start-up passed without a line: a 27 s infer resume printed its first 23 s in."""
+    out = Said()
+    progress.configure(progress.LINES, interval_s=0.05, stream=out)
+    try:
+        with progress.stage("infer", total=4) as shown:
+            assert out.written.wait(30), "no line while the stage waited for its first rows"
+            assert shown.done == 0
+    finally:
+        progress.configure(progress.OFF)
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d infer  0/4 images \(0%\)  0\.0 images/s", lines[0]), lines
+    assert re.search(r"  in \d+s$", lines[-1]), lines
+
+
+def test_a_stage_stopped_midway_says_so_in_its_last_line():
+    """SIGINT or SIGTERM (or an error) inside a stage: its last line ended `in 24s`, as a finished stage's."""
+    out = io.StringIO()
+    progress.configure(progress.LINES, interval_s=3600, stream=out)
+    try:
+        with pytest.raises(KeyboardInterrupt), progress.stage("infer", total=10) as shown:
+            shown.update(4)
+            raise KeyboardInterrupt
+        with progress.stage("infer", total=2) as shown:
+            shown.update(2)
+    finally:
+        progress.configure(progress.OFF)
+    stopped, finished = out.getvalue().splitlines()
+    assert re.search(r"infer  4/10 images \(40%\)  [\d.]+ images/s  stopped after \d+s$", stopped), stopped
+    assert re.search(r"infer  2/2 images \(100%\)  [\d.]+ images/s  in \d+s$", finished), finished
+
+
+def test_a_slow_stage_bar_shows_images_per_second():
+    """Under one image a second tqdm inverts the rate: with the unit's leading space it read `1.47s/ images`."""
+    out = io.StringIO()
+    progress.configure(progress.BAR, stream=out)
+    try:
+        for total in (10, None):
+            shown = progress.stage("infer", total=total)
+            shown.update(1)
+            bar = shown._bar
+            text = bar.format_meter(**{**bar.format_dict, "elapsed": 100.0, "rate": None})  # 1 image in 100 s
+            assert " 0.01 images/s" in text and "s/ images" not in text, text
+            shown.close()
+    finally:
+        progress.configure(progress.OFF)
+
+
+class Writes(io.StringIO):
+    """A stream that keeps each write call: a line written in two parts could take another thread's between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_each_progress_line_is_one_write():
+    """print() wrote a line's text and its newline apart, so the heartbeat's line and a warning could merge."""
+    out = Writes()
+    progress.configure(progress.LINES, interval_s=0.0, stream=out)
+    try:
+        with progress.stage("infer", total=2) as shown:
+            shown.update(1)
+        progress.note("infer: 2 listed")
+        progress.warn(logging.getLogger(__name__), "infer", "a warning")
+    finally:
+        progress.configure(progress.OFF)
+    assert len(out.calls) == 4, out.calls
+    assert all(call.endswith("\n") and call.count("\n") == 1 for call in out.calls), out.calls
+
+
+def test_a_prepare_that_fails_says_its_stage_stopped(ray_cluster, tmp_path):
+    """prepare's stage was never closed on an error: no `stopped after` line, and its heartbeat thread went on
+    printing `prepare N/M pairs` while the shards were removed."""
+    from raysegment import storage
+    from raysegment.config import PrepareSpec
+    from raysegment.data import prepare as prep
+
+    spec = PrepareSpec(source=write_source(str(tmp_path / "src"), count=4), dest=str(tmp_path / "data"))
+    source, dest = storage.resolve(spec.source), storage.resolve(spec.dest)
+    listing, encoding, pairs, _ = prep._list_pairs(spec, source)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shards").write_bytes(b"")  # a file where the shards folder goes: every write fails
+    out = io.StringIO()
+    progress.configure(progress.LINES, interval_s=3600, stream=out)
+    try:
+        with pytest.raises(Exception, match="shards"):
+            prep._run_shard_tasks(source, dest, prep._plan_shards(pairs, 1 << 20), listing, encoding, False, [], [])
+    finally:
+        progress.configure(progress.OFF)
+    assert re.fullmatch(r"\S+ prepare  0/4 pairs \(0%\)  [\d.]+ pairs/s  stopped after \d+s\n", out.getvalue()), (
+        out.getvalue()
+    )
 
 
 def test_log_level_from_the_environment(monkeypatch):

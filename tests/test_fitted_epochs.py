@@ -9,13 +9,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raysegment import progress
 from raysegment.config import TrainSpec
+from raysegment.train.checkpoint import TrainState
 from raysegment.train.config import train_config
 from raysegment.train.events import EpochEnd, EpochView, Step
-from raysegment.train.loop import eta_seconds, fitted_epochs, measured_epoch_seconds, steady_epoch_seconds
+from raysegment.train.loop import epoch_end, eta_seconds, fitted_epochs, measured_epoch_seconds, steady_epoch_seconds
 
 MANIFEST = {
     "num_classes": 2,
@@ -54,6 +56,17 @@ def test_the_eta_never_passes_the_budget():
     assert eta_seconds(10, epoch_s=19.0, budget_s=60, spent_s=19) == 41  # at most the budget's rest
     assert eta_seconds(3, epoch_s=19.0, budget_s=60, spent_s=70) == 0
     assert eta_seconds(10, epoch_s=19.0, budget_s=None, spent_s=19) == 190  # no budget: the epochs left
+
+
+def test_the_eta_stays_out_of_the_history():
+    """The loop set `eta_s` on the row the history already held: checkpoints, `train --json`'s best and last rows
+    carried it. The row keeps `epochs` (history.csv's column); only what the epoch reports has the ETA."""
+    row = {"epoch": 1, "train_loss": 0.5, "val_mean_iou": 0.3, "epoch_seconds": 19.0}
+    first = {**row, "epoch": 0, "epochs": 25}
+    state = TrainState(history=[first]).after_epoch(dict(row), np.zeros((2, 2)), patience=None)
+    state, shown = epoch_end(state, total=11, epoch_s=4.0, budget_s=60)
+    assert state.history == [first, {**row, "epochs": 11}]
+    assert shown == {**row, "epochs": 11, "eta_s": 22.0}  # 9 more at 4 s, within the 22 s left of the budget
 
 
 def test_the_first_epoch_line_shows_the_fitted_epochs_and_the_loops_eta():
@@ -140,6 +153,7 @@ def test_a_budgeted_run_trains_the_epochs_its_first_epoch_fits(tiny_model, ray_c
         assert row["learning_rate"] == pytest.approx(expected, rel=1e-4), (epoch, planned, length)
     assert rows[-1]["epochs"] == fitted  # the card records the last fit
     assert card["input"]["normalization"] == "zscore" and len(card["input"]["stats"]["mean"]) == 3
+    assert "eta_s" not in metrics["last"] and "eta_s" not in metrics["best"]  # the progress line's, not history's
 
 
 def csv_rows(path: Path):

@@ -27,7 +27,9 @@ from raysegment import storage
 from raysegment.config import InferSpec
 from raysegment.errors import DataError, JobError
 from raysegment.inference import output as layout
-from raysegment.inference.pipeline import infer
+from raysegment.inference import resume
+from raysegment.inference.archives import Archive
+from raysegment.inference.pipeline import CountedMembers, infer
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +95,26 @@ def test_killed_actor_and_rerun_leave_one_row_per_key(tiny_model, ray_cluster, t
         record = job.result(timeout=600)
     assert record["counts"]["total"] == 121
     assert_one_row_and_mask_per_key(out, keys, unreadable=("zz-barrier/hold",))
+
+
+def test_a_skip_counted_again_by_a_retried_task_counts_once_and_a_dead_tally_fails_nothing(ray_cluster, tmp_path):
+    """Ray runs a filter task again when its worker dies (or rebuilds its block from the lineage): its count of
+    done inputs was added again, inflating `skipped` and `total`. And once the tally's actor had died, every
+    filter task failed, so the run did, over a number only for the record."""
+    done = [ray.put(np.sort(resume.digests(["a", "b", "t/1"])))]
+    batch = {"key": np.array(["a", "b", "c"])}
+    output = storage.resolve(str(tmp_path / "out"))
+    archive = Archive(str(tmp_path / "t.tar"), 10, "v1")
+    CountedMembers(output, done).record(archive, ["t/1", "t/2"])
+    tally = resume.start_tally()
+    for _ in range(2):  # a task, then Ray's run of it again (each with its own copy of the arguments)
+        assert resume.drop_done(dict(batch), [done], tally)["key"].tolist() == ["c"]
+        assert CountedMembers(output, done, tally).done_members(archive) == {"t/1"}
+    assert resume.skipped_total(tally) == 3
+    ray.kill(tally)
+    assert resume.drop_done(dict(batch), [done], tally)["key"].tolist() == ["c"]
+    assert CountedMembers(output, done, tally).done_members(archive) == {"t/1"}
+    assert resume.skipped_total(tally) == 0  # lost: logged, the run goes on
 
 
 def test_tar_source(tiny_model, tmp_path):

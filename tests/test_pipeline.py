@@ -1,13 +1,10 @@
 """prepare -> train -> evaluate -> infer end to end on local Ray and the local filesystem."""
 
 import glob
-import io
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import mask_size, write_infer_inputs
 
-from raysegment import progress
 from raysegment.config import EvaluateSpec
 from raysegment.evaluate import evaluate
 
@@ -229,67 +225,3 @@ def test_evaluate_names_an_image_the_model_cannot_take(trained, tmp_path):
     prepare(spec)
     with pytest.raises(DataError, match=r"the model cannot take its val image s0: .*prepared as its own was"):
         evaluate(EvaluateSpec(model=str(root / "model"), data=str(tmp_path / "data")))
-
-
-# -- progress of the infer stage (and every other) off a terminal, and its bar ----------------------------------
-
-
-class Said(io.StringIO):
-    """A stream that tells when something was written to it (the heartbeat writes from its thread)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = threading.Event()
-
-    def write(self, text: str) -> int:
-        n = super().write(text)
-        self.written.set()
-        return n
-
-
-def test_a_running_stage_shows_a_line_each_interval_before_any_row():
-    """Listing and actor start-up passed without a line: a 27 s infer resume printed its first 23 s in."""
-    out = Said()
-    progress.configure(progress.LINES, interval_s=0.05, stream=out)
-    try:
-        with progress.stage("infer", total=4) as shown:
-            assert out.written.wait(30), "no line while the stage waited for its first rows"
-            assert shown.done == 0
-    finally:
-        progress.configure(progress.OFF)
-    lines = out.getvalue().splitlines()
-    assert re.fullmatch(r"\d\d:\d\d:\d\d infer  0/4 images \(0%\)  0\.0 images/s", lines[0]), lines
-    assert re.search(r"  in \d+s$", lines[-1]), lines
-
-
-def test_a_stage_stopped_midway_says_so_in_its_last_line():
-    """SIGINT or SIGTERM (or an error) inside a stage: its last line ended `in 24s`, as a finished stage's."""
-    out = io.StringIO()
-    progress.configure(progress.LINES, interval_s=3600, stream=out)
-    try:
-        with pytest.raises(KeyboardInterrupt), progress.stage("infer", total=10) as shown:
-            shown.update(4)
-            raise KeyboardInterrupt
-        with progress.stage("infer", total=2) as shown:
-            shown.update(2)
-    finally:
-        progress.configure(progress.OFF)
-    stopped, finished = out.getvalue().splitlines()
-    assert re.search(r"infer  4/10 images \(40%\)  [\d.]+ images/s  stopped after \d+s$", stopped), stopped
-    assert re.search(r"infer  2/2 images \(100%\)  [\d.]+ images/s  in \d+s$", finished), finished
-
-
-def test_a_slow_stage_bar_shows_images_per_second():
-    """Under one image a second tqdm inverts the rate: with the unit's leading space it read `1.47s/ images`."""
-    out = io.StringIO()
-    progress.configure(progress.BAR, stream=out)
-    try:
-        for total in (10, None):
-            shown = progress.stage("infer", total=total)
-            shown.update(1)
-            bar = shown._bar
-            text = bar.format_meter(**{**bar.format_dict, "elapsed": 100.0, "rate": None})  # 1 image in 100 s
-            assert " 0.01 images/s" in text and "s/ images" not in text, text
-            shown.close()
-    finally:
-        progress.configure(progress.OFF)

@@ -18,6 +18,7 @@ about n^2 / 2^129 (1e-26 for a billion keys).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,8 @@ MIN_TASKS = 64
 KEYS_PER_BUCKET = 4_000_000
 READ_THREADS = 8
 DIGEST = np.dtype("S16")
+
+log = logging.getLogger(__name__)
 
 
 def digests(keys: Iterable[Any]) -> np.ndarray:
@@ -192,35 +195,66 @@ def known(values: np.ndarray, buckets: list[Any]) -> np.ndarray:
 class SkipTally:
     """A run's count of the inputs its filters found done (the run record's `skipped`): a zero-CPU actor each
     filter task adds its batch's count to. The size of the index was shown instead, so an OUTPUT of 960
-    rows given 5 new images said "960 already done"; counted per batch, the driver never sees a key."""
+    rows given 5 new images said "960 already done"; counted per batch, the driver never sees a key.
+
+    Counts are kept by batch id (`batch_id`, from what was skipped), so a task Ray runs again (a retry after
+    a worker died, a block rebuilt from its lineage) sets its batch's count again instead of adding it twice."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.counts: dict[bytes, int] = {}
 
-    def add(self, n: int) -> None:
-        self.count += n
+    def add(self, batch: bytes, n: int) -> None:
+        self.counts[batch] = n
 
     def total(self) -> int:
-        return self.count
+        return sum(self.counts.values())
 
 
 def start_tally() -> Any:
     return ray.remote(SkipTally).options(num_cpus=0).remote()
 
 
-def count_skipped(tally: Any, n: int) -> None:
-    """Add `n` skipped inputs to the run's tally, waiting for it: once the stream has ended, every filter
-    task has counted (a call still in flight would be lost to the record)."""
-    if tally is not None and n:
-        ray.get(tally.add.remote(n))
+def batch_id(*parts: bytes) -> bytes:
+    """A 16-byte id of what a task skipped (the digests of the keys it dropped; an archive's stamp): the same
+    when Ray runs the task again."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.digest()
+
+
+def count_skipped(tally: Any, batch: bytes, n: int) -> None:
+    """Set batch `batch`'s count of skipped inputs in the run's tally, waiting for it: once the stream has
+    ended, every filter task has counted (a call still in flight would be lost to the record). Best effort:
+    the count is only for the record, so a tally that is gone (its actor died with its node) is logged,
+    never a failed task; the run then records `skipped` as 0 (`skipped_total`)."""
+    if tally is None or not n:
+        return
+    try:
+        ray.get(tally.add.remote(batch, n))
+    except ray.exceptions.RayActorError as exc:  # ActorDiedError, ActorUnavailableError
+        log.warning("infer: %d skipped inputs not counted, the run's tally is gone: %s", n, exc)
+
+
+def skipped_total(tally: Any) -> int:
+    """The run's count of inputs found done (0 when none were, or when the tally is gone: then logged)."""
+    if tally is None:
+        return 0
+    try:
+        return ray.get(tally.total.remote())
+    except ray.exceptions.RayActorError as exc:
+        log.warning("infer: the count of inputs found done is lost (its actor died); the run records 0: %s", exc)
+        return 0
 
 
 def drop_done(batch: dict[str, np.ndarray], done: list[list[Any]], tally: Any = None) -> dict[str, np.ndarray]:
     """A listing batch less its done keys (`done`: [the index's bucket refs], wrapped so Ray Data
     passes the refs, not their values), counted in `tally` (a SkipTally actor). A colliding key is
     kept: it is reported on every run."""
-    keep = ~known(digests(batch["key"]), done[0])
+    values = digests(batch["key"])
+    keep = ~known(values, done[0])
     if "collides" in batch:
         keep |= batch["collides"].astype(bool)
-    count_skipped(tally, int(len(keep) - keep.sum()))
+    dropped = np.sort(values[~keep])
+    count_skipped(tally, batch_id(b"keys", dropped.tobytes()), len(dropped))
     return {name: col[keep] for name, col in batch.items()}

@@ -87,13 +87,28 @@ def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
         # one-time costs: the fit alone decides then).
         if not first_fit and not state.stopped_early and epoch + 1 < total and budget_spent(worker, state):
             state = state.stopped_at_budget()
-        metrics["epochs"] = total  # the run's length as now known (the progress line and ETA)
-        spent = sum(row["epoch_seconds"] for row in state.history)
         epoch_s = steady if steady is not None else metrics["epoch_seconds"]
-        metrics["eta_s"] = eta_seconds(total - epoch - 1, epoch_s, cfg.time_budget_s, spent)  # the line's ETA
-        report(worker, state, metrics)
+        state, shown = epoch_end(state, total, epoch_s, cfg.time_budget_s)
+        report(worker, state, shown)
         if state.stopped_early:
             break
+
+
+def spent_seconds(state: TrainState) -> float:
+    """The epochs' own time so far, resumed runs' included (what a time budget counts)."""
+    return sum(row["epoch_seconds"] for row in state.history)
+
+
+def epoch_end(
+    state: TrainState, total: int, epoch_s: float, budget_s: float | None
+) -> tuple[TrainState, dict[str, Any]]:
+    """(the state with its last history row given `epochs`, history.csv's column: the run's length as now known;
+    what the epoch reports: that row plus `eta_s`, the progress line's ETA). New dicts: the ETA once set on the
+    row the history held went into checkpoints and `train --json`'s rows."""
+    row = {**state.history[-1], "epochs": total}
+    state = dataclasses.replace(state, history=[*state.history[:-1], row])
+    eta = eta_seconds(total - row["epoch"] - 1, epoch_s, budget_s, spent_seconds(state))
+    return state, {**row, "eta_s": eta}
 
 
 def eta_seconds(epochs_left: int, epoch_s: float, budget_s: float | None, spent_s: float) -> float:
@@ -134,8 +149,7 @@ def fit_to_budget(worker: Worker, state: TrainState, steady_s: float) -> TrainSt
     import tensorflow as tf
 
     cfg = worker.cfg
-    spent = sum(row["epoch_seconds"] for row in state.history)
-    mean = worker.all_reduce_mean2(tf.constant([spent, steady_s], tf.float64)).numpy()
+    mean = worker.all_reduce_mean2(tf.constant([spent_seconds(state), steady_s], tf.float64)).numpy()
     cap = None if cfg.epochs_from_budget else cfg.epochs
     epochs = fitted_epochs(cfg.time_budget_s or 0.0, float(mean[0]), float(mean[1]), state.epoch + 1, cap)
     if epochs == state.fitted_epochs:
@@ -164,7 +178,7 @@ def budget_spent(worker: Worker, state: TrainState) -> bool:
     budget = worker.cfg.time_budget_s
     if not budget:
         return False
-    spent = sum(row["epoch_seconds"] for row in state.history)
+    spent = spent_seconds(state)
     mean = worker.all_reduce_mean2(tf.constant([spent, state.history[-1]["epoch_seconds"]], tf.float64)).numpy()
     return out_of_budget(float(mean[0]), float(mean[1]), budget)
 
