@@ -565,9 +565,10 @@ def nightly(spec_file: str | None, as_json: bool, **flags: Any) -> None:
 @click.option("--wait", is_flag=True, help="stream the job's logs; exit with the job's exit code")
 @handle_errors
 def submit(**request: Any) -> None:
-    """Submit a job spec to a Ray cluster (Ray Jobs API); a spec already submitted is not run twice.
+    """Submit a job spec to a Ray cluster (Ray Jobs API); a spec whose job is pending, running or done
+    (succeeded, or a nightly that flagged drift) is not run twice; one stopped or failed runs again as ID-r2...
 
-    Exit codes: 0 submitted or already submitted; with --wait, the job's own exit code
+    Exit codes: 0 submitted, run again, or already submitted; with --wait, the job's own exit code
     (0 ok, 2 user error, 3 failed, 4 nightly drift, 5 nightly locked).
     """
     from raysegment import jobs

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
 from raysegment.data.imaging import PNG_SIGNATURE
-from raysegment.errors import ConfigError, DataError, StorageError
+from raysegment.errors import ConfigError, DataError, JobError, StorageError, UserError
 from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, SAVED_MODEL_DIR, ExportRecord, ModelCard
 from raysegment.models.importer import SAVED_MODEL_PB
 from raysegment.models.loader import load_model, put_tree
@@ -236,7 +236,7 @@ def _refuse_model_folder(spec: ExportSpec, dest: storage.Location, model_dir: st
         same = os.path.isdir(dest.path) and os.path.samefile(dest.path, model_dir.path)
     if same:
         raise ConfigError(f"{spec.dest}: DEST is MODEL's own folder (its files would be replaced); choose another DEST")
-    inside = _saved_model_folder(spec, dest)
+    inside = _saved_model_folder(dest)
     if inside:  # an export's saved_model/ is replaced whole by the next saved_model export: this one would go too
         raise ConfigError(
             f"{spec.dest}: DEST is inside the SavedModel folder {inside} (an export's, or an imported model's); "
@@ -250,19 +250,29 @@ def _refuse_model_folder(spec: ExportSpec, dest: storage.Location, model_dir: st
         )
 
 
-def _saved_model_folder(spec: ExportSpec, dest: storage.Location) -> str | None:
+def _saved_model_folder(dest: storage.Location) -> str | None:
     """The SavedModel folder (one holding saved_model.pb) DEST is or lies below, else None."""
     if dest.remote:
         bucket, *parts = dest.path.rstrip("/").split("/")
-        folders = ["s3://" + "/".join([bucket, *parts[:n]]) for n in range(len(parts), 0, -1)]
+        paths = ["/".join([bucket, *parts[:n]]) for n in range(len(parts), 0, -1)]
+        folders = [(f"s3://{path}", path) for path in paths]
     else:  # a link into one is inside it too
-        path, folders = os.path.realpath(dest.path), []
-        while path not in folders:
-            folders.append(path)
+        path, paths = os.path.realpath(dest.path), []
+        while path not in paths:
+            paths.append(path)
             path = os.path.dirname(path)
-    for folder in folders:
-        if storage.exists(storage.resolve(folder, spec.endpoint_url, spec.storage_retry_s).child(SAVED_MODEL_PB)):
-            return folder
+        folders = [(path, path) for path in paths]
+    for uri, path in folders:  # DEST's client for each: a new S3 client per parent took a second each
+        probe = storage.Location(uri, dest.fs, path, dest.endpoint_url, dest.retry_s).child(SAVED_MODEL_PB)
+        try:
+            if storage.exists(probe):
+                return uri
+        except StorageError as exc:
+            # S3 answers 403 above the prefix a restricted role may read (`team/exports/*`): a parent
+            # the user never named ends the walk, as one holding no SavedModel; DEST's own denial stands.
+            if path == paths[0] or not isinstance(exc.__cause__, PermissionError):
+                raise
+            return None
     return None
 
 
@@ -428,19 +438,29 @@ def _tflite(model, segment, spec, target: str, source: str) -> str:
             data = converter.convert()
         except Exception as exc:  # noqa: BLE001 - the converter's errors are pages of MLIR: one line instead
             log.info("TFLite's converter failed: %s", exc)  # the whole text, for the log file
-            raise ConfigError(
-                f"{source}: TFLite's builtin ops cannot run this model ({_converter_reason(exc)}); "
-                "export it with --format saved_model or --format onnx"
-            ) from None
+            raise _converter_error(source, exc) from None
     with open(target, "wb") as f:
         f.write(data)
     return "TFLite builtins, signature serving_default (its runner takes an image of any size)"
 
 
-def _converter_reason(exc: Exception) -> str:
-    """What TFLite's converter lacked, from its error: the TF ops it would need (e.g. a convolution over a
-    tensor of unknown channels), else its first line."""
-    text = str(exc)
+def _converter_error(source: str, exc: Exception) -> UserError:
+    """The user's error (exit 2) when TFLite's builtins lack an op the model needs (e.g. a convolution over
+    a tensor of unknown channels): another format works. Any other failure (a crash, out of memory, a
+    converter bug) is not the model's or the user's: the job failed (exit 3), with its first line."""
+    missing = _missing_ops(str(exc))
+    if missing:
+        return ConfigError(
+            f"{source}: TFLite's builtin ops cannot run this model ({missing}); "
+            "export it with --format saved_model or --format onnx"
+        )
+    text = str(exc).strip()
+    first = text.splitlines()[0][:160] if text else type(exc).__name__
+    return JobError(f"{source}: TFLite's converter failed: {first} (the whole error is in the log file)")
+
+
+def _missing_ops(text: str) -> str | None:
+    """What TFLite's builtins lack, from its converter's error text; None when it names no missing op."""
     for label, what in (
         ("TF Select ops:", "it needs the TensorFlow (Flex) ops"),
         ("Custom ops:", "it needs the custom ops"),
@@ -448,8 +468,8 @@ def _converter_reason(exc: Exception) -> str:
         match = re.search(re.escape(label) + r"\s*([^\n]+)", text)
         if match:
             return f"{what} {match.group(1).strip()[:120]}"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first[:160]
+    match = re.search(r"failed to legalize operation '([^']+)'", text)
+    return f"it has no builtin for {match.group(1)}" if match else None
 
 
 # Each writes (Keras model, `segment_fn`, input spec, local target, MODEL as given for its errors) -> a note.

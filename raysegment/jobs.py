@@ -4,9 +4,10 @@ A submission carries the validated spec inline (``python -m raysegment.entrypoin
 KIND --spec JSON``), the package (the repo checkout as ``working_dir``, or pip
 requirements), storage endpoint variables, and entrypoint resources. Its id is
 derived from the spec, so submitting the same job twice is refused by Ray and
-reported as "already submitted", unless that job FAILED or was STOPPED: then the
-same command runs it again as ID-r2, ID-r3... (infer, nightly and train resume
-what the earlier attempt finished), as the stopped job's own last line advises.
+reported as "already submitted", unless that job FAILED (other than a nightly's
+exit 4: the night completed, drift flagged) or was STOPPED: then the same
+command runs it again as ID-r2, ID-r3... (infer, nightly and train resume what
+the earlier attempt finished), as the stopped job's own last line advises.
 
 Authentication: Ray 2.60's ``JobSubmissionClient`` adds ``Authorization: Bearer
 <token>`` by itself when ``RAY_AUTH_MODE=token`` is set, reading the token from
@@ -59,6 +60,9 @@ WORKING_DIR_EXCLUDES = [
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # A job that ended without finishing: submitting it again runs it again (the others are deduplicated).
 RERUN = ("FAILED", "STOPPED")
+# A FAILED job that did finish: a nightly that flagged drift (exit 4, nightly.EXIT_DRIFT, not imported to
+# keep `submit` light). Its rerun would change nothing: the same command reports it, as a SUCCEEDED one.
+FINISHED_EXIT_CODES = (4,)
 
 
 def spec_digest(spec: Spec, exclude: set[str] | None = None) -> str:
@@ -227,14 +231,24 @@ def connect(address: str | None) -> Any:
         return JobSubmissionClient()
 
 
+# A job under an id: its status and exit code (None while it runs, see `exit_code`).
+Found = tuple[str, int | None]
+
+
 @dataclass(frozen=True)
 class Attempt:
     """Where a submission goes: `id`, and `existing`, the status of the job already under it (None: submit
-    there now); `previous` is the FAILED or STOPPED attempt it runs again, if any."""
+    there now) with its `exit_code`; `previous` is the FAILED or STOPPED attempt it runs again, if any."""
 
     id: str
     existing: str | None = None
     previous: tuple[str, str] | None = None
+    exit_code: int | None = None
+
+
+def reruns(found: Found | None) -> bool:
+    """Whether submitting again runs this job again: it was stopped, or failed short of its end."""
+    return found is not None and found[0] in RERUN and found[1] not in FINISHED_EXIT_CODES
 
 
 def attempt_id(base: str, n: int) -> str:
@@ -242,19 +256,20 @@ def attempt_id(base: str, n: int) -> str:
     return base if n == 1 else f"{base}-r{n}"
 
 
-def next_attempt(base: str, status: Callable[[str], str | None]) -> Attempt:
+def next_attempt(base: str, status: Callable[[str], Found | None]) -> Attempt:
     """The first attempt of `base` that is free or holds a job not to run again (PENDING, RUNNING,
-    SUCCEEDED); `status(id)` is the status of the job under an id, None if there is none."""
+    SUCCEEDED, a nightly FAILED with drift flagged); `status(id)` is the job under an id, None if none."""
     n, previous = 1, None
-    while (found := status(attempt_id(base, n))) in RERUN:
-        previous = (attempt_id(base, n), found)
+    while reruns(found := status(attempt_id(base, n))):
+        previous = (attempt_id(base, n), found[0])
         n += 1
-    return Attempt(attempt_id(base, n), found, previous)
+    existing, code = found or (None, None)
+    return Attempt(attempt_id(base, n), existing, previous, code)
 
 
-def _status_or_none(client: Any, job_id: str) -> str | None:
+def _status_or_none(client: Any, job_id: str) -> Found | None:
     info = _info_or_none(client, job_id)
-    return None if info is None else status_of(info)
+    return None if info is None else (status_of(info), exit_code(info))
 
 
 def submit(
@@ -270,7 +285,7 @@ def submit(
     job_id: str | None = None,
 ) -> Attempt:
     """Submit one job under its id (`job_id`, else derived from the spec), or its next attempt's when the job
-    under that id FAILED or was STOPPED; a job already there that is pending, running or done is not rerun."""
+    under that id was STOPPED or FAILED (see `reruns`); one pending, running or done is not rerun."""
     attempt = next_attempt(job_id or submission_id(kind, spec), lambda j: _status_or_none(client, j))
     if attempt.existing is not None:
         return attempt
@@ -288,7 +303,8 @@ def submit(
             if "already exists" not in str(exc):
                 raise
             # Submitted by someone else since we looked (two retried ticks at once): theirs runs.
-            return Attempt(attempt.id, status_of(job_info(client, attempt.id)), attempt.previous)
+            info = job_info(client, attempt.id)
+            return Attempt(attempt.id, status_of(info), attempt.previous, exit_code(info))
     return attempt
 
 
@@ -338,21 +354,21 @@ def shipped_dir(working_dir: str | None, no_working_dir: bool, pip: tuple[str, .
 @contextlib.contextmanager
 def ray_lines_to_log() -> Iterator[None]:
     """Ray's job client logs its packaging (working_dir excludes, "Uploading package") on its own console
-    handler: into a log file, as every command's Ray lines go, unless -v."""
+    handler: into a log file, as every command's Ray lines go, unless -v (without Ray Data's import)."""
     if logs.verbose():
         yield
         return
     log = logs.start("submit", None)
     try:
-        logs.route_ray_logs(log)
+        logs.route_ray_logs(log, logs.JOB_CLIENT_LOGGERS)
         yield
     finally:
         log.finish()
 
 
 def submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
-    """Submit (once per spec while its job is pending, running or done; again after it failed or was
-    stopped), report it through `write`; with `wait`, stream logs: the job's exit code."""
+    """Submit (once per spec while its job is pending, running or done; again after it was stopped or
+    failed, see `reruns`), report it through `write`; with `wait`, stream logs: the job's exit code."""
     with ray_lines_to_log():
         return _submit_and_follow(req, write)
 
@@ -375,7 +391,7 @@ def _submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
         job_id=req.submission_id,
     )
     job_id = attempt.id
-    write(f"{job_id}: {submitted_text(attempt, client.get_address())}\n")
+    write(f"{job_id}: {submitted_text(attempt, client.get_address(), req.submission_id is not None)}\n")
     if not req.wait:
         return 0
     try:
@@ -389,10 +405,13 @@ def _submit_and_follow(req: Submission, write: Callable[[str], None]) -> int:
     return code
 
 
-def submitted_text(attempt: Attempt, address: str) -> str:
-    """What `submit` says about its attempt (after the id)."""
+def submitted_text(attempt: Attempt, address: str, id_given: bool = False) -> str:
+    """What `submit` says about its attempt (after the id); `id_given`: the user passed --submission-id."""
+    hint = f"; pass {'another ' if id_given else ''}--submission-id to run it again"
     if attempt.existing == "SUCCEEDED":
-        return "already submitted (SUCCEEDED); pass --submission-id to run it again"
+        return f"already submitted (SUCCEEDED){hint}"
+    if attempt.existing is not None and attempt.exit_code is not None:  # ended, not to rerun: a nightly's drift
+        return f"already submitted ({attempt.existing}, exit code {attempt.exit_code}){hint}"
     if attempt.existing is not None:
         return f"already submitted ({attempt.existing})"
     if attempt.previous is not None:

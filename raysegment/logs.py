@@ -30,6 +30,9 @@ LEVEL_ENV = "RAYSEGMENT_LOG_LEVEL"
 # collectives use; read when TensorFlow loads, so set before that in every process.
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR"}
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+# Ray's job client: its packaging (ray._private.runtime_env) and SDK (ray.dashboard.modules.job) loggers
+# propagate to `ray`, the one with its own console handler.
+JOB_CLIENT_LOGGERS = ("ray",)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -207,18 +210,23 @@ def start(kind: str, output_uri: str | None, console_stream: TextIO | None = Non
     return log
 
 
-def route_ray_logs(log: LogFile) -> None:
+def route_ray_logs(log: LogFile, loggers: tuple[str, ...] = RAY_LOGGERS) -> None:
     """Ray's loggers keep their own console handlers and do not propagate: quiet those, copy records to the file.
 
-    Call once `ray` is imported (before ray.init, so its own start-up lines are quiet too)."""
-    import ray.data  # its import configures the `ray.data` logger; adjust it after
+    Call once `ray` is imported (before ray.init, so its own start-up lines are quiet too). With
+    JOB_CLIENT_LOGGERS (`submit`), Ray Data is not imported for its logger and progress bars: seconds."""
+    if "ray.data" in loggers:
+        import ray.data  # its import configures the `ray.data` logger; adjust it after
+
+        if log.ray_progress_bars is None:
+            context = ray.data.DataContext.get_current()
+            log.ray_progress_bars = context.enable_progress_bars
+            context.enable_progress_bars = verbose()
+    else:
+        import ray  # noqa: F401 - its import gives the `ray` logger its console handler; adjust it after
 
     file_handler = next(h for _, h in log.handlers if isinstance(h, logging.FileHandler))
-    if log.ray_progress_bars is None:
-        context = ray.data.DataContext.get_current()
-        log.ray_progress_bars = context.enable_progress_bars
-        context.enable_progress_bars = verbose()
-    for name in RAY_LOGGERS:
+    for name in loggers:
         logger = logging.getLogger(name)
         if logger.propagate:
             continue  # reaches the root handlers already

@@ -443,6 +443,81 @@ def test_tflite_without_the_ops_a_model_needs_is_one_line_and_no_dest(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
+# TFLite's converter error for the model above (TF 2.x), its first line and the lines naming the ops.
+FLEX_ERROR = (
+    'Could not translate MLIR to FlatBuffer.<unknown>:0: error: loc(callsite(fused["Conv2D:", '
+    '"functional_1/conv2d_1_2/convolution@__inference___call___302"])): '
+    "'tf.Conv2D' op is neither a custom op nor a flex op\n"
+    "<unknown>:0: error: failed while converting: 'main': \n"
+    "Some ops are not supported by the native TFLite runtime, you can enable TF kernels fallback using TF "
+    "Select. See instructions: https://www.tensorflow.org/lite/guide/ops_select \n"
+    "TF Select ops: Conv2D\n"
+    "Details:\n"
+    "\ttf.Conv2D(tensor<?x?x?x?xf32>, tensor<3x3x4x4xf32>) -> (tensor<?x?x?x4xf32>)\n"
+)
+
+
+def test_a_tflite_converter_failure_is_the_users_only_when_it_names_missing_ops():
+    """Every converter failure (out of memory, a crash, a shape-inference bug) was a ConfigError saying the
+    builtins cannot run the model (exit 2). Only missing ops are the model's (another format works); any
+    other failure is a failed job (exit 3) whose line says what the converter said, not why it guessed."""
+    from raysegment.errors import ConfigError, JobError
+    from raysegment.export import _converter_error
+
+    for text, missing in (
+        (FLEX_ERROR, "it needs the TensorFlow (Flex) ops Conv2D"),
+        ("loc(...): error: Custom ops: MyOp\nDetails: ...", "it needs the custom ops MyOp"),
+        (
+            "error: failed to legalize operation 'tf.Erf' that was explicitly marked illegal",
+            "it has no builtin for tf.Erf",
+        ),
+    ):
+        err = _converter_error("m", Exception(text))
+        assert type(err) is ConfigError and err.exit_code == 2
+        assert str(err) == f"m: TFLite's builtin ops cannot run this model ({missing}); " + (
+            "export it with --format saved_model or --format onnx"
+        )
+    for exc, first in (
+        (MemoryError(), "MemoryError"),
+        (RuntimeError("std::bad_alloc\n<unknown>:0: note: ..."), "std::bad_alloc"),
+        (Exception("Could not translate MLIR to FlatBuffer.\n<unknown>:0: error: 'tfl.reshape' op ..."), None),
+    ):
+        err = _converter_error("m", exc)
+        assert type(err) is JobError and err.exit_code == 3
+        first = first or str(exc).splitlines()[0]
+        assert str(err) == f"m: TFLite's converter failed: {first} (the whole error is in the log file)"
+
+
+@pytest.mark.s3
+def test_a_parent_prefix_the_role_may_not_read_ends_the_saved_model_walk(tmp_path, monkeypatch):
+    """An export role limited to `team/exports/*` gets 403 (not 404) for `team/saved_model.pb`: the walk up
+    from DEST for a SavedModel folder failed the export on a prefix the user never named. A denied parent
+    ends the walk; a SavedModel within the readable prefix is still found, and DEST's own denial still fails.
+    Its own server: the session's identities are fixed when it starts."""
+    from raysegment.bench.s3server import S3Server
+    from raysegment.errors import StorageError
+    from raysegment.export import _saved_model_folder
+
+    bucket, role = "export-walk", "raysegment-exports-only"
+    allowed = f"{bucket}/team/exports/*"
+    with S3Server(bucket, root=tmp_path / "s3", identities={role: [f"Read:{allowed}", f"List:{allowed}"]}) as s3:
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):  # a shell's would win
+            monkeypatch.delenv(key, raising=False)
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        storage.write_bytes(storage.resolve(f"s3://{bucket}/team/exports/sm/saved_model.pb"), b"graph")
+        for key, value in s3.env_for(role).items():
+            monkeypatch.setenv(key, value)
+
+        def walk(dest: str) -> str | None:
+            return _saved_model_folder(storage.resolve(dest))
+
+        assert walk(f"s3://{bucket}/team/exports/run1") is None
+        assert walk(f"s3://{bucket}/team/exports/sm/new") == f"s3://{bucket}/team/exports/sm"
+        with pytest.raises(StorageError, match="access denied"):
+            walk(f"s3://{bucket}/team/elsewhere")
+
+
 def test_dest_inside_a_saved_model_folder_is_refused(tmp_path):
     """`export MODEL exp/saved_model --format onnx` wrote model.onnx and model.json into the SavedModel folder
     of an earlier export, and the next `--format saved_model --overwrite` to exp deleted them silently. A DEST

@@ -1,6 +1,7 @@
 """Job submission without a cluster: ids, runtime_env, secrets kept out, entrypoint specs, CLI errors."""
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -169,14 +170,60 @@ def test_a_stopped_job_exits_143_not_failed():
 def test_a_failed_or_stopped_job_runs_again_under_the_next_attempts_id():
     base = "raysegment-infer-0123456789ab"
     assert jobs.next_attempt(base, {}.get) == jobs.Attempt(base)
-    for done in ("PENDING", "RUNNING", "SUCCEEDED"):  # deduplicated: the same command does not run it twice
-        assert jobs.next_attempt(base, {base: done}.get) == jobs.Attempt(base, done)
-    statuses = {base: "STOPPED", f"{base}-r2": "FAILED"}
+    for done in (("PENDING", None), ("RUNNING", None), ("SUCCEEDED", 0)):  # the same command does not rerun it
+        assert jobs.next_attempt(base, {base: done}.get) == jobs.Attempt(base, done[0], None, done[1])
+    statuses = {base: ("STOPPED", 143), f"{base}-r2": ("FAILED", 3)}
     assert jobs.next_attempt(base, statuses.get) == jobs.Attempt(f"{base}-r3", None, (f"{base}-r2", "FAILED"))
-    statuses[f"{base}-r3"] = "RUNNING"  # the rerun is running: a retried tick follows it
-    assert jobs.next_attempt(base, statuses.get) == jobs.Attempt(f"{base}-r3", "RUNNING", (f"{base}-r2", "FAILED"))
-    again = jobs.submitted_text(jobs.next_attempt(base, {base: "STOPPED"}.get), "http://h:8265")
+    statuses[f"{base}-r3"] = ("RUNNING", None)  # the rerun is running: a retried tick follows it
+    found = jobs.Attempt(f"{base}-r3", "RUNNING", (f"{base}-r2", "FAILED"))
+    assert jobs.next_attempt(base, statuses.get) == found
+    again = jobs.submitted_text(jobs.next_attempt(base, {base: ("STOPPED", 143)}.get), "http://h:8265")
     assert again == f"submitted to http://h:8265 (runs {base} again: STOPPED)"
+
+
+def test_a_nightly_that_flagged_drift_is_not_run_again():
+    """A nightly that exits 4 (drift flagged) is FAILED to Ray, but the night completed: the same submit (a
+    retried tick) reran it as ID-r2, which changes nothing. It is reported as already submitted, with its
+    exit code; another FAILED exit code still reruns. The hint names --submission-id, another if given."""
+    base = "raysegment-nightly-0123456789ab-2024-05-01"
+    drift = jobs.next_attempt(base, {base: ("FAILED", 4)}.get)
+    assert drift == jobs.Attempt(base, "FAILED", None, 4)
+    assert jobs.submitted_text(drift, "http://h:8265") == (
+        "already submitted (FAILED, exit code 4); pass --submission-id to run it again"
+    )
+    assert jobs.submitted_text(drift, "http://h:8265", id_given=True) == (
+        "already submitted (FAILED, exit code 4); pass another --submission-id to run it again"
+    )
+    after_stop = {base: ("STOPPED", 143), f"{base}-r2": ("FAILED", 4)}
+    assert jobs.next_attempt(base, after_stop.get) == jobs.Attempt(f"{base}-r2", "FAILED", (base, "STOPPED"), 4)
+    for code in (2, 3, 5):
+        assert jobs.next_attempt(base, {base: ("FAILED", code)}.get) == jobs.Attempt(
+            f"{base}-r2", None, (base, "FAILED")
+        )
+    done = jobs.Attempt(base, "SUCCEEDED", None, 0)
+    assert jobs.submitted_text(done, "h", id_given=True) == (
+        "already submitted (SUCCEEDED); pass another --submission-id to run it again"
+    )
+
+
+def test_submit_routes_rays_client_lines_without_importing_ray_data(tmp_path):
+    """`submit` imported Ray Data (seconds) only to turn its progress bars off. In a fresh process: the job
+    client's packaging lines still go to the log file, not stderr, and ray.data is never imported."""
+    code = (
+        "import logging, sys\n"
+        "from raysegment import jobs, logs\n"
+        "with jobs.ray_lines_to_log():\n"
+        "    from ray.job_submission import JobSubmissionClient  # as connect() does, after routing\n"
+        "    logging.getLogger('ray._private.runtime_env.packaging').info('Uploading package probe-2')\n"
+        "    print(logs.current.path)\n"
+        "print('ray.data' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != logs.LEVEL_ENV} | {"TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    path, imported = r.stdout.split()
+    assert imported == "False" and "probe-2" not in r.stderr
+    assert "probe-2" in Path(path).read_text()
 
 
 def test_rays_job_client_lines_go_to_the_log_file_unless_verbose(capfd, monkeypatch):
@@ -189,7 +236,8 @@ def test_rays_job_client_lines_go_to_the_log_file_unless_verbose(capfd, monkeypa
     with jobs.ray_lines_to_log():
         assert logs.current is not None, "no log file takes Ray's lines"
         path = logs.current.path
-        packaging.info("Ignoring upload to cluster for these files: [probe-1]")
+        # A warning: a ray.init earlier in this process (another test) leaves the `ray` logger at WARNING.
+        packaging.warning("Ignoring upload to cluster for these files: [probe-1]")
     assert "probe-1" not in capfd.readouterr().err
     assert "probe-1" in Path(path).read_text()
     monkeypatch.setenv(logs.LEVEL_ENV, "DEBUG")

@@ -232,9 +232,20 @@ def test_each_route_takes_its_methods_and_405_says_which(server):
         status, error = _error(answer)
         assert (status, answer[1].get("allow")) == (405, allow), (method, path, answer)
         assert error.startswith(f"{path} takes {allow.split(',')[0]}"), error
-    for path in ("/healthz", "/readyz"):
-        status, headers, body = server.request("HEAD", path)
-        assert status == 200 and body == b"", (path, status, headers)
+    for path in ("/healthz", "/readyz"):  # GET's status and headers, no body (http.client reads none for HEAD)
+        _, got, body = server.request("GET", path)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        assert status_line.split()[1] == "200" and rest == b"", (path, answer)
+        for name in ("content-type", "content-length"):
+            assert headers.get(name) == got.get(name), (path, name, headers, got)
+        assert got["content-length"] == str(len(body)) and body, (path, got, body)
     status, headers, _ = server.request("DELETE", "/nothing")
     assert status == 404 and "allow" not in headers
 

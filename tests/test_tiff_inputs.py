@@ -408,16 +408,19 @@ def test_band_model_trains_infers_shows_and_reports(band_model, tmp_path):
     stack = np.stack([_bands(_ids(50 + i), 50 + i) for i in range(3)])
     _tiff(f"{inputs}/vol.tif", stack, photometric="minisblack", planarconfig="contig")
     _tiff(f"{inputs}/scene.tif", _bands(_ids(60), 60), photometric="minisblack", planarconfig="contig")
-    real = _bands(_ids(61), 61).astype(np.float32) / 60_000
+    real = _bands(_ids(61), 61).astype(np.float32)  # counts as floats, as the training floats hold them
     real[:2, :3] = np.nan  # no data: predicted from its neighbours, not an error row
     _tiff(f"{inputs}/real.tif", real, photometric="minisblack", planarconfig="contig")
+    # The same scaled to 0..1: every value sits below the training pixels' (257..59,777), an error row.
+    _tiff(f"{inputs}/unit.tif", real / 60_000, photometric="minisblack", planarconfig="contig")
     _png(f"{inputs}/photo.png", np.zeros((H, W, 3), np.uint8))
     out = tmp_path / "out"
     record = infer(InferSpec(input=str(inputs), output=str(out), model=str(model), actors="1", report=False))
-    assert record["counts"]["processed"] == 6
+    assert record["counts"]["processed"] == 7
     table = pq.read_table(out / "summaries", columns=["key", "source_uri", "status", "error"]).to_pylist()
     rows = {r["key"]: r for r in table}
-    assert sorted(rows) == ["photo", "real", "scene", "vol/0000", "vol/0001", "vol/0002"]
+    assert sorted(rows) == ["photo", "real", "scene", "unit", "vol/0000", "vol/0001", "vol/0002"]
+    assert "outside the range of the model's training pixels" in rows["unit"]["error"]
     assert rows["vol/0002"]["source_uri"].endswith("vol.tif#page=2")
     assert "image has 3 bands, the model takes 6 channels" in rows["photo"]["error"]
     for key in ("real", "scene", "vol/0000", "vol/0001", "vol/0002"):

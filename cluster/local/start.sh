@@ -23,11 +23,11 @@ RAY=${RAY:-ray}
 TIMEOUT=${RAYSEG_START_TIMEOUT:-90}
 RAY_BIN=$(cd "$(dirname "$(command -v "$RAY")")" && pwd)
 PYTHON=$RAY_BIN/python
-if [ -x "$PYTHON" ]; then
-    # A job runs `python` from its node's PATH: the environment $RAY belongs to, also when it is not activated.
+[ -x "$PYTHON" ] || PYTHON=python3
+if [ -f "$RAY_BIN/../pyvenv.cfg" ]; then
+    # A job runs `python` from its node's PATH: the venv $RAY belongs to, also when it is not activated.
+    # Only a venv's: a system ray's folder (/usr/bin) first would reorder PATH (pyenv, conda behind it).
     export PATH="$RAY_BIN:$PATH"
-else
-    PYTHON=python3
 fi
 
 GCS_PORT=$BASE
