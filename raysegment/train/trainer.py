@@ -163,9 +163,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
             progress.note(
                 f"train: resumed after epoch {resume['from_epoch'] + 1} from {storage.redact(resume['checkpoint'])}"
             )
-        summary = write_artifacts(
-            out, spec, manifest, cfg, best_ckpt, best_metrics, state, time.time() - t0, plan_record
-        )
+        # The history's row of that epoch: what the epoch reported also holds the progress line's ETA.
+        best_row = next((row for row in state.history if row["epoch"] == best_metrics["epoch"]), best_metrics)
+        summary = write_artifacts(out, spec, manifest, cfg, best_ckpt, best_row, state, time.time() - t0, plan_record)
         live.finish(out, state.history, summary)
         if run is not None:
             summary["mlflow_run_id"] = run.run_id
