@@ -31,6 +31,7 @@ from PIL import Image
 from raysegment import storage
 from raysegment.data import synthetic
 from raysegment.inference.output import summary_files
+from raysegment.models.card import ModelCard
 
 T = TypeVar("T")
 
@@ -65,6 +66,18 @@ IDENTITIES = {
 
 
 # --- data ---------------------------------------------------------------------------------------
+
+
+def untrained_card() -> ModelCard:
+    """A 2-class model card for a model no test trains (its model_sha256 matches no file)."""
+    return ModelCard(
+        model_id="unet-test",
+        model_sha256="a" * 64,
+        num_classes=2,
+        class_names=["background", "thing"],
+        palette=[(0, 0, 0), (200, 0, 0)],
+        input={"size": (8, 8)},
+    )
 
 
 def write_source(root: str, count: int = 40, size: int = 32) -> str:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from click.testing import CliRunner
-from helpers import PipeBarrier, has_summary, in_background, png, summaries, wait_for
+from helpers import PipeBarrier, has_summary, in_background, png, summaries, untrained_card, wait_for
 
 from raysegment import report, storage
 from raysegment.cli import main
@@ -32,7 +32,7 @@ from raysegment.data.prepare import _build_shard, prepare
 from raysegment.errors import StorageError
 from raysegment.inference import output as layout
 from raysegment.inference.pipeline import infer
-from raysegment.models.card import CARD_FILE, MODEL_FILE, ModelCard
+from raysegment.models.card import CARD_FILE, MODEL_FILE
 
 DEAD_BUCKET = "s3://raysegment-dead"
 GAVE_UP = r"still failing after \d+ attempts over 1s"
@@ -52,14 +52,7 @@ def dead_endpoint(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def write_run(out: storage.Location, keys: list[str], sources: list[str], errors: list[str] | None = None) -> None:
     """One batch of summary rows and masks, written by the pipeline's own last stage (no Ray, no model)."""
-    card = ModelCard(
-        model_id="unet-test",
-        model_sha256="a" * 64,
-        num_classes=2,
-        class_names=["background", "thing"],
-        palette=[(0, 0, 0), (200, 0, 0)],
-        input={"size": (8, 8)},
-    )
+    card = untrained_card()
     n = len(keys)
     batch = {
         "key": np.asarray(keys, object),

@@ -122,11 +122,11 @@ def test_a_threshold_over_255_is_for_16_bit_masks_only():
     background, so that mask is refused. A 16-bit mask without foreground (all 0) is thresholded as one."""
     eight = _encoded(Image.fromarray(np.full((4, 4), 200, np.uint8)), format="PNG")
     with pytest.raises(imaging.ImageDecodeError, match="--mask-threshold 300 is above every value of an 8-bit"):
-        masks.class_ids(eight, masks.MaskEncoding(threshold=300), None, "")
+        masks.read_mask(eight, masks.MaskEncoding(threshold=300), None, "")
     empty = _encoded(Image.fromarray(np.zeros((4, 4), np.uint16)), format="PNG")
-    assert not masks.class_ids(empty, masks.MaskEncoding(threshold=32768), None, "").any()
+    assert not masks.read_mask(empty, masks.MaskEncoding(threshold=32768), None, "").ids.any()
     full = _encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), format="PNG")
-    assert masks.class_ids(full, masks.MaskEncoding(threshold=32768), None, "").all()
+    assert masks.read_mask(full, masks.MaskEncoding(threshold=32768), None, "").ids.all()
 
 
 def _encoded(img: Image.Image, **kwargs) -> bytes:

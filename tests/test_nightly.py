@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import untrained_card
 from PIL import Image
 
 from raysegment import ledger as night_ledger
@@ -17,7 +18,7 @@ from raysegment.data import synthetic
 from raysegment.errors import ConfigError, DataError, JobError
 from raysegment.inference import pipeline
 from raysegment.lock import LockedError, RunLock, create_exclusive
-from raysegment.models.card import MODEL_FILE, ModelCard
+from raysegment.models.card import MODEL_FILE
 
 
 def listing(rows):
@@ -611,14 +612,7 @@ def test_a_model_file_that_is_not_the_cards_is_refused_before_output_is_touched(
     """infer refused it before writing, nightly only after the date's inputs/ list was written: a partition
     without _SUCCESS that every later night warned of."""
     model, out = tmp_path / "model", tmp_path / "nightly"
-    card = ModelCard(
-        model_id="unet-test",
-        model_sha256="a" * 64,
-        num_classes=2,
-        class_names=["background", "thing"],
-        palette=[(0, 0, 0), (200, 0, 0)],
-        input={"size": (8, 8)},
-    )
+    card = untrained_card()
     card.write(storage.resolve(str(model)))
     (model / MODEL_FILE).write_bytes(b"another model's weights")
     write_pngs(tmp_path / "in", ["a"])

@@ -449,11 +449,11 @@ def test_a_planar_tiff_mask_is_named_as_a_possible_stack():
     planar = io.BytesIO()
     tifffile.imwrite(planar, labels)
     with pytest.raises(imaging.ImageDecodeError, match=r"--mask-colors .*save them as pages .*minisblack"):
-        masks.class_ids(planar.getvalue(), masks.PLAIN, None, "x")
+        masks.read_mask(planar.getvalue(), masks.PLAIN, None, "x")
     rgb = io.BytesIO()
     Image.fromarray(np.moveaxis(labels[:3], 0, -1)).save(rgb, format="TIFF")  # interleaved colour: no such hint
     with pytest.raises(imaging.ImageDecodeError) as caught:
-        masks.class_ids(rgb.getvalue(), masks.PLAIN, None, "x")
+        masks.read_mask(rgb.getvalue(), masks.PLAIN, None, "x")
     assert "--mask-colors" in str(caught.value) and "pages" not in str(caught.value)
 
 

@@ -6,7 +6,7 @@ ignore 255), RGB colour-coded (`--mask-colors`: colour -> class id), or a soft b
 with anti-aliased edges (`--mask-threshold T`: value >= T -> 1, else 0). EXIF orientation
 is applied to masks as to images, so a pair stays aligned.
 
-`class_ids` turns one file into class ids: raw 8-bit values go through the layout's table
+`read_mask` turns one file into class ids: raw 8-bit values go through the layout's table
 (`Listing.lut`, from --mask-values, --num-classes or --mask-zero ignore) unless a threshold or a colour table
 gives the ids; transparent pixels become ignore whatever their value.
 """
@@ -310,17 +310,6 @@ class MaskRead:
 
     ids: np.ndarray
     transparent: int
-
-
-def class_ids(
-    data: bytes,
-    encoding: MaskEncoding,
-    lut: np.ndarray | None,
-    unmapped: str,
-    max_pixels: int = imaging.MAX_PIXELS,
-) -> np.ndarray:
-    """Encoded mask -> HxW uint8 class ids (255 = ignore), EXIF orientation applied (`read_mask`'s ids)."""
-    return read_mask(data, encoding, lut, unmapped, max_pixels).ids
 
 
 def read_mask(
