@@ -144,7 +144,7 @@ def test_jpeg_masks_need_a_threshold_and_unturned_masks_name_the_exif_tag():
     jpeg_ids = _encoded(Image.fromarray(ids), format="JPEG", quality=90)
     assert len(np.unique(np.asarray(Image.open(io.BytesIO(jpeg_ids))))) > 3  # what it would have passed on
     problem, *_ = _check_pair(image, jpeg_ids, None, "", masks.PLAIN, imaging.OWN)
-    assert problem == LOSSY_MASK and "--mask-threshold 128" in problem
+    assert problem is not None and problem.text == LOSSY_MASK and "--mask-threshold 128" in problem.text
     jpeg_binary = _encoded(Image.fromarray(((ids > 0) * 255).astype(np.uint8)), format="JPEG", quality=90)
     problem, got, *_ = _check_pair(image, jpeg_binary, None, "", masks.MaskEncoding(threshold=128), imaging.OWN)
     assert problem is None and set(np.unique(got)) <= {0, 1}
@@ -152,18 +152,23 @@ def test_jpeg_masks_need_a_threshold_and_unturned_masks_name_the_exif_tag():
     sideways = _encoded(Image.fromarray(np.zeros((H, W, 3), np.uint8)), format="JPEG", exif=_exif(6))
     unturned = _encoded(Image.fromarray(_ids(1)), format="PNG")  # H x W, as stored; the photo shows W x H
     problem, *_ = _check_pair(sideways, unturned, None, "", masks.PLAIN, imaging.OWN)
-    assert problem == f"size mismatch: image {H}x{W}, mask {W}x{H} (width x height); {EXIF_TURN}"
+    assert (
+        problem is not None
+        and problem.text == f"size mismatch: image {H}x{W}, mask {W}x{H} (width x height); {EXIF_TURN}"
+    )
     problem, *_ = _check_pair(
         image, _encoded(Image.fromarray(_ids(1).T.copy()), format="PNG"), None, "", masks.PLAIN, imaging.OWN
     )
-    assert problem == f"size mismatch: image {W}x{H}, mask {H}x{W} (width x height)"  # no tag: no word about one
+    assert (
+        problem is not None and problem.text == f"size mismatch: image {W}x{H}, mask {H}x{W} (width x height)"
+    )  # no tag: no word about one
     # A mask drawn on a copy of twice the size (or half) is named as such, with the resampling that keeps ids.
     double = _encoded(Image.fromarray(np.kron(_ids(1), np.ones((2, 2), np.uint8))), format="PNG")
     problem, *_ = _check_pair(image, double, None, "", masks.PLAIN, imaging.OWN)
-    assert problem.startswith(
+    assert problem is not None and problem.text.startswith(
         f"size mismatch: image {W}x{H}, mask {2 * W}x{2 * H} (width x height); the mask is exactly 2x the image"
     )
-    assert "nearest-neighbour" in problem
+    assert "nearest-neighbour" in problem.text
 
 
 # --- prepared on real Ray -------------------------------------------------------------------------

@@ -166,9 +166,9 @@ def test_masks_named_with_a_suffix_get_the_suffix_fix_alone_and_files_counted_as
 
 
 def test_invalid_report_names_20_problems_and_the_count_of_the_rest():
-    from raysegment.data.prepare import _invalid_report
+    from raysegment.data.prepare import Invalid, Problem, _invalid_report
 
-    invalid = [{"key": f"k{i:02d}", "problem": f"problem {i}"} for i in range(25)]
+    invalid = [Invalid(f"k{i:02d}", Problem(f"problem {i}")) for i in range(25)]
     msg = _invalid_report("d", invalid)
     assert "25 invalid pairs" in msg and "(and 5 more problems)" in msg
     assert "k19: problem 19" in msg and "k20" not in msg

@@ -162,7 +162,13 @@ def _colors_found(rgb: np.ndarray, limit: int = 8) -> list[str]:
 
 
 class MaskValueError(ValueError):
-    """A decodable mask with values (or colours) that the mapping does not allow; the message says which."""
+    """A decodable mask with values (or colours) that the mapping does not allow; the message says which.
+    `deep`: the values over 255 of a 16-bit mask that it names (all of them unless `deep_cut`), from which
+    prepare proposes one --mask-values over every mask."""
+
+    def __init__(self, message: str, deep: tuple[int, ...] = (), deep_cut: bool = False):
+        super().__init__(message)
+        self.deep, self.deep_cut = deep, deep_cut
 
 
 def _map_colors(rgb: np.ndarray, encoding: MaskEncoding, transparent: np.ndarray | None) -> np.ndarray:
@@ -241,20 +247,14 @@ DEEP_VALUES = "16-bit mask with values"
 MAX_DEEP_SHOWN = 32  # a mask's values named in full up to this many (a proposal maps no more)
 
 
-def _deep_values(found: np.ndarray) -> str:
-    """The problem of a 16-bit mask's values over 255, naming them all: prepare proposes one --mask-values
-    over every mask's values (`deep_values_in`), where one proposal per mask gave each mask's own ids to
-    the same raw values."""
-    shown = ", ".join(map(str, found[:MAX_DEEP_SHOWN].tolist())) + (" ..." if len(found) > MAX_DEEP_SHOWN else "")
-    return f"{DEEP_VALUES} {shown} (class ids are 0..254)"
-
-
-def deep_values_in(problem: str) -> tuple[set[int], bool] | None:
-    """(values, all named) of a `_deep_values` problem, or None for any other problem."""
-    found = re.search(rf"{DEEP_VALUES} ([\d, ]+)( \.\.\.)? \(", problem)
-    if found is None:
-        return None
-    return {int(v) for v in found.group(1).split(",")}, found.group(2) is None
+def _deep_values(found: np.ndarray, prefix: str = "") -> MaskValueError:
+    """The error of a 16-bit mask's values over 255, naming them all: prepare proposes one --mask-values
+    over every mask's values (from `deep`), where one proposal per mask gave each mask's own ids to the
+    same raw values."""
+    shown = tuple(found[:MAX_DEEP_SHOWN].tolist())
+    cut = len(found) > MAX_DEEP_SHOWN
+    text = f"{prefix}{DEEP_VALUES} {', '.join(map(str, shown))}{' ...' if cut else ''} (class ids are 0..254)"
+    return MaskValueError(text, shown, cut)
 
 
 def _raw_values(img: Image.Image) -> np.ndarray:
@@ -289,7 +289,7 @@ def _raw_values(img: Image.Image) -> np.ndarray:
 def _mapped(values: np.ndarray, transparent: np.ndarray | None, lut: np.ndarray, unmapped: str) -> np.ndarray:
     """Raw values through the layout's table (-1 = not allowed: a MaskValueError naming them)."""
     if values.dtype == np.uint16 and int(values.max()) >= len(lut):  # a 16-bit mask; the table is of bytes
-        raise MaskValueError(f"{unmapped}: {_deep_values(np.unique(values))}")
+        raise _deep_values(np.unique(values), f"{unmapped}: ")
     ids = lut[values]
     bad = ids < 0
     if transparent is not None:
@@ -343,7 +343,7 @@ def read_mask(
     else:
         ids = _raw_values(img)
         if ids.dtype != np.uint8:  # decoded fine: its values are the problem, not the file
-            raise MaskValueError(_deep_values(np.unique(ids)))
+            raise _deep_values(np.unique(ids))
     if transparent is None:
         return MaskRead(ids, 0)
     return MaskRead(np.where(transparent, np.uint8(IGNORE_INDEX), ids), int(transparent.sum()))

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -132,6 +131,29 @@ def _turned_in_place(stored: bytes, mask_bytes: bytes, shape: tuple[int, ...]) -
     return imaging.open_image(stored, imaging.MAX_PIXELS).size == (shape[1], shape[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Why a pair is invalid: the text the report and the manifest show, and what a fix is proposed from
+    over every such mask at once: an unmapped colour mask's colours (`_colour_fix`), a 16-bit mask's values
+    over 255 (`_deep_fix`; all of them unless `deep_cut`)."""
+
+    text: str
+    colours: tuple[tuple[int, int, int], ...] = ()
+    deep: tuple[int, ...] = ()
+    deep_cut: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Invalid:
+    """An invalid pair (or a file that paired with nothing) and its problem."""
+
+    key: str
+    problem: Problem
+
+    def as_manifest(self) -> dict[str, str]:
+        return {"key": self.key, "problem": self.problem.text}
+
+
 def _check_pair(
     img_bytes: bytes,
     mask_bytes: bytes,
@@ -139,7 +161,7 @@ def _check_pair(
     unmapped: str,
     encoding: masks.MaskEncoding,
     channels: imaging.Channels,
-) -> tuple[str | None, np.ndarray | None, bytes, imaging.Decoded | None, int]:
+) -> tuple[Problem | None, np.ndarray | None, bytes, imaging.Decoded | None, int]:
     """(problem, class-id mask, image bytes, decoded image, transparent pixels the mask made ignore) for one
     pair; the problem is None when it is valid.
 
@@ -148,18 +170,18 @@ def _check_pair(
     try:
         img_bytes, decoded = imaging.decode_upright(img_bytes, channels=channels)
     except imaging.ImageDecodeError as exc:
-        return f"undecodable image: {exc}", None, img_bytes, None, 0
+        return Problem(f"undecodable image: {exc}"), None, img_bytes, None, 0
     h, w = decoded.pixels.shape[:2]
     if mask_bytes.startswith(JPEG_MAGIC) and encoding.threshold is None:
-        return LOSSY_MASK, None, img_bytes, decoded, 0
+        return Problem(LOSSY_MASK), None, img_bytes, decoded, 0
     try:
         read = masks.read_mask(mask_bytes, encoding, lut, unmapped)
     except imaging.ImageDecodeError as exc:
         if encoding.colors is None and encoding.threshold is None and (codes := _colour_codes(mask_bytes)):
             return codes, None, img_bytes, decoded, 0
-        return f"undecodable mask: {exc}", None, img_bytes, decoded, 0
+        return Problem(f"undecodable mask: {exc}"), None, img_bytes, decoded, 0
     except masks.MaskValueError as exc:
-        return str(exc), None, img_bytes, decoded, 0
+        return Problem(str(exc), deep=exc.deep, deep_cut=exc.deep_cut), None, img_bytes, decoded, 0
     ids = read.ids
     if ids.shape != (h, w):
         problem = f"size mismatch: image {w}x{h}, mask {ids.shape[1]}x{ids.shape[0]} (width x height)"
@@ -170,7 +192,7 @@ def _check_pair(
                 f"; the mask is exactly {scale:g}x the image: resize it to the image's size with nearest-neighbour "
                 "sampling (never bilinear, which would invent class ids), or use the images it was drawn on"
             )
-        return problem, None, img_bytes, decoded, 0
+        return Problem(problem), None, img_bytes, decoded, 0
     return None, ids, img_bytes, decoded, read.transparent
 
 
@@ -179,9 +201,9 @@ UNMAPPED_COLOURS = "mask colours not mapped"
 MAX_COLOUR_CODES = 32
 
 
-def _colour_codes(mask_bytes: bytes) -> str | None:
-    """The problem of a colour-coded (RGB/RGBA) mask given without --mask-colors: its colours, one R,G,B
-    each (`_colour_fix` proposes the mapping for all such masks at once); None for any other mask."""
+def _colour_codes(mask_bytes: bytes) -> Problem | None:
+    """The problem of a colour-coded (RGB/RGBA) mask given without --mask-colors, naming its colours
+    (`_colour_fix` proposes the mapping for all such masks at once); None for any other mask."""
     try:
         img = imaging.open_image(mask_bytes, imaging.MAX_PIXELS)
         if img.mode not in ("RGB", "RGBA"):
@@ -191,23 +213,20 @@ def _colour_codes(mask_bytes: bytes) -> str | None:
         return None
     codes = np.unique(rgb @ np.array([1 << 16, 1 << 8, 1], np.int32))
     if len(codes) > MAX_COLOUR_CODES:
-        return (
+        return Problem(
             f"{UNMAPPED_COLOURS}: {img.mode} mask with {len(codes)} colours, more than a colour code has (a "
             "photo, or anti-aliased edges?): map the class colours with --mask-colors and the rest with "
             "--unlisted-colors ignore"
         )
-    shown = "; ".join(f"{c >> 16},{(c >> 8) & 255},{c & 255}" for c in codes.tolist())
-    return f"{UNMAPPED_COLOURS}: {img.mode} mask with colours {shown}{masks._planar_hint(img)}"
+    colours = tuple((c >> 16, (c >> 8) & 255, c & 255) for c in codes.tolist())
+    shown = "; ".join(",".join(map(str, c)) for c in colours)
+    return Problem(f"{UNMAPPED_COLOURS}: {img.mode} mask with colours {shown}{masks._planar_hint(img)}", colours)
 
 
-def _colour_fix(invalid: list[dict[str, str]]) -> str:
+def _colour_fix(invalid: list[Invalid]) -> str:
     """A concrete --mask-colors for the colours every unmapped colour mask holds (ids in colour order,
     black first), or "" when no such mask is among the invalid pairs."""
-    found: set[tuple[int, ...]] = set()
-    for item in invalid:
-        if item["problem"].startswith(f"{UNMAPPED_COLOURS}: ") and " with colours " in item["problem"]:
-            # The problem lists them (`_colour_codes`); nothing else in it is three numbers with commas.
-            found |= {tuple(map(int, c)) for c in re.findall(r"\b(\d+),(\d+),(\d+)\b", item["problem"])}
+    found = {colour for item in invalid for colour in item.problem.colours}
     if not found:
         return ""
     if len(found) > MAX_COLOUR_CODES:
@@ -222,17 +241,13 @@ def _colour_fix(invalid: list[dict[str, str]]) -> str:
     )
 
 
-def _deep_fix(invalid: list[dict[str, str]], raw_values: list[int] | None, mapped: set[int] | None = None) -> str:
+def _deep_fix(invalid: list[Invalid], raw_values: list[int] | None, mapped: set[int] | None = None) -> str:
     """One --mask-values for the values of every 16-bit mask with values over 255 (and of the valid masks,
     `raw_values`), as the 8-bit masks get one (`_check_class_values`); "" when no such mask is invalid.
     `mapped`: the raw values a table in force maps (a layout's, or --mask-values): a whole new mapping would
     drop its pairs, so the values it lacks are named, to add to it."""
-    found: set[int] = set()
-    named_all = True
-    for item in invalid:
-        if (deep := masks.deep_values_in(item["problem"])) is not None:
-            found |= deep[0]
-            named_all &= deep[1]
+    found = {value for item in invalid for value in item.problem.deep}
+    named_all = not any(item.problem.deep_cut for item in invalid)
     if not found:
         return ""
     if mapped is not None:
@@ -311,7 +326,7 @@ def _valid_rows(
     pairs: list[Pair],
     lut: list[int] | None,
     unmapped: str,
-    invalid: list[dict[str, str]],
+    invalid: list[Invalid],
     hist: np.ndarray,
     encoding: masks.MaskEncoding,
     channels: imaging.Channels,
@@ -328,17 +343,17 @@ def _valid_rows(
         except storage.StorageError as exc:
             if not isinstance(exc.__cause__, FileNotFoundError):
                 raise
-            invalid.append({"key": pair.key, "problem": _missing(pair)})
+            invalid.append(Invalid(pair.key, Problem(_missing(pair))))
             continue
         except tiff.TiffError as exc:
-            invalid.append({"key": pair.key, "problem": f"undecodable stack: {exc}"})
+            invalid.append(Invalid(pair.key, Problem(f"undecodable stack: {exc}")))
             continue
         stored = img_bytes
         problem, mask, img_bytes, decoded, alpha = _check_pair(
             img_bytes, mask_bytes, table, unmapped, encoding, channels
         )
         if problem:
-            invalid.append({"key": pair.key, "problem": problem})
+            invalid.append(Invalid(pair.key, problem))
             continue
         assert mask is not None and decoded is not None
         if img_bytes is not stored and _turned_in_place(stored, mask_bytes, mask.shape):
@@ -398,7 +413,7 @@ def _build_shard(
 ) -> dict[str, Any]:
     """Read, validate, encode and (when `write`) write one shard; return its statistics and invalid pairs."""
     hist = np.zeros(256, np.int64)
-    invalid: list[dict[str, str]] = []
+    invalid: list[Invalid] = []
     fingerprint = ShardFingerprint()
     turned: list[str] = []
     transparent: list[int] = []
@@ -445,7 +460,7 @@ INVALID_NOUNS: dict[str, Callable[[int], str]] = {
 
 def _invalid_report(
     uri: str,
-    invalid: list[dict[str, str]],
+    invalid: list[Invalid],
     raw_values: list[int] | None = None,
     valid: bool = True,
     mapped: set[int] | None = None,
@@ -456,10 +471,10 @@ def _invalid_report(
     pair is, for --skip-invalid to write."""
     by_problem: dict[str, list[str]] = {}
     for item in invalid:
-        by_problem.setdefault(item["problem"], []).append(item["key"])
+        by_problem.setdefault(item.problem.text, []).append(item.key)
     counts: dict[str, int] = {}
     for item in invalid:
-        counts[_unpaired(item["problem"])] = counts.get(_unpaired(item["problem"]), 0) + 1
+        counts[_unpaired(item.problem.text)] = counts.get(_unpaired(item.problem.text), 0) + 1
     header = ", ".join(f"{counts[what]} {noun(counts[what])}" for what, noun in INVALID_NOUNS.items() if what in counts)
     parts = []
     for problem, keys in list(by_problem.items())[:MAX_REPORTED]:
@@ -576,7 +591,7 @@ def _run_shard_tasks(
     listing: Listing,
     encoding: masks.MaskEncoding,
     skip_invalid: bool,
-    invalid: list[dict[str, str]],
+    invalid: list[Invalid],
     fingerprints: list[ShardFingerprint],
     channels: imaging.Channels = imaging.OWN,
     turned: list[str] | None = None,
@@ -787,7 +802,7 @@ def _manifest(
     split_source: str,
     shards: list[dict[str, Any]],
     hist: np.ndarray,
-    invalid: list[dict[str, str]],
+    invalid: list[Invalid],
     num_classes: int,
     names: list[str],
     encoding: masks.MaskEncoding,
@@ -814,7 +829,7 @@ def _manifest(
         "ignored_pixels": int(hist[classes.IGNORE_INDEX]),
         "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "sha256")} for s in shards],
         "content_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
-        "skipped": invalid,
+        "skipped": [item.as_manifest() for item in invalid],
         "created_by": f"raysegment {__version__}",
     }
 
@@ -830,7 +845,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     manifest_loc = _clear_destination(spec, dest)
     logs.began()
 
-    invalid = [{"key": p.key, "problem": p.problem} for p in pairs if p.problem]
+    invalid = [Invalid(p.key, Problem(p.problem)) for p in pairs if p.problem]
     plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
     log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))
     fingerprints: list[ShardFingerprint] = []
@@ -841,7 +856,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked, turned, transparent
     )
     hist = sum(hists.values())
-    invalid.sort(key=lambda i: i["key"])
+    invalid.sort(key=lambda i: i.key)
     try:
         if invalid and not spec.skip_invalid:
             raw = [int(v) for v in np.nonzero(hist)[0]] if listing.lut is None else None
