@@ -394,10 +394,13 @@ def test_a_resumed_run_does_not_open_archives_whose_members_are_all_done(tiny_mo
     write_tar(inputs / "a1.tar", {f"img{i}.png": png(10 + i) for i in range(5)})  # one member more
     second = infer(spec)
     assert (second["counts"]["processed"], second["counts"]["error"]) == (1, 0)
+    # Members skipped unread (a0, a2) and read but done (a1's first four) count alike.
+    assert (second["counts"]["skipped"], second["counts"]["total"]) == (12, 13)
     assert sorted(committed_keys(out))[-1] == "a2/img3" and "a1/img4" in committed_keys(out)
     assert archives.recorded(out) == 3
     third = infer(spec)  # a1's new list: nothing opened, nothing to do
     assert third["counts"]["processed"] == 0 and third["status"] == "succeeded"
+    assert (third["counts"]["skipped"], third["counts"]["total"]) == (13, 13)
 
 
 def test_a_uri_list_is_read_by_many_tasks_not_the_one_that_streams_it(ray_cluster, tmp_path):

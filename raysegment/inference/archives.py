@@ -262,10 +262,11 @@ class MemberIndex:
 
     def done_members(self, archive: Archive) -> frozenset[str] | None:
         """The archive's members that are done (empty: none known to be), or None when all are."""
-        if not self.done_buckets:
-            return frozenset()
-        keys = self.members(archive)
-        if keys is None:
+        return self.done_among(self.members(archive) if self.done_buckets else None)
+
+    def done_among(self, keys: list[str] | None) -> frozenset[str] | None:
+        """Of an archive's recorded member keys, those done (empty: none known to be), or None when all are."""
+        if not self.done_buckets or keys is None:
             return frozenset()
         done = resume.known(resume.digests(keys), self.done_buckets)
         if done.all():

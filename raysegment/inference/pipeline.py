@@ -193,20 +193,13 @@ class CountedMembers(MemberIndex):
     are not extracted) never reach `drop_done`, so they are counted here."""
 
     tally: Any = None
-    # Each archive's recorded member count, from `members`, until `done_members` counts it (per task copy).
-    sizes: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
-
-    def members(self, archive: Archive) -> list[str] | None:
-        keys = super().members(archive)
-        self.sizes[archive.uri] = len(keys or ())
-        return keys
 
     def done_members(self, archive: Archive) -> frozenset[str] | None:
-        done = super().done_members(archive)
-        listed = self.sizes.pop(archive.uri, 0)
+        keys = self.members(archive) if self.done_buckets else None
+        done = self.done_among(keys)
         # By this version of the archive: a read task run again counts it once.
         batch = resume.batch_id(b"archive", archive.stamp())
-        resume.count_skipped(self.tally, batch, listed if done is None else len(done))
+        resume.count_skipped(self.tally, batch, len(keys or ()) if done is None else len(done))
         return done
 
 
