@@ -8,9 +8,10 @@
 #   cluster/local/stop.sh [DIR]
 #
 # Environment: RAYSEG_PORT_BASE (default 26380; the cluster uses BASE..BASE+100+200*(WORKERS+1)),
-# RAYSEG_WORKERS (1), RAYSEG_HEAD_CPUS (1), RAYSEG_WORKER_CPUS (2), RAY (the ray executable; its folder
-# goes first on the nodes' PATH, so jobs run the python of its venv even when that is not activated),
-# RAYSEG_START_TIMEOUT (seconds, 90). Keep DIR short: Ray's socket paths live under it (Unix limit 107 bytes).
+# RAYSEG_WORKERS (1, at most 8: see node_ports), RAYSEG_HEAD_CPUS (1), RAYSEG_WORKER_CPUS (2), RAY (the
+# ray executable; its folder goes first on the nodes' PATH, so jobs run the python of its venv even when
+# that is not activated), RAYSEG_START_TIMEOUT (seconds, 90). Keep DIR short: Ray's socket paths live
+# under it (Unix limit 107 bytes).
 # Logs: DIR/{head,workerN}.log and DIR/tmp-{head,workerN}/session_latest/logs/.
 set -euo pipefail
 
@@ -21,6 +22,11 @@ HEAD_CPUS=${RAYSEG_HEAD_CPUS:-1}
 WORKER_CPUS=${RAYSEG_WORKER_CPUS:-2}
 RAY=${RAY:-ray}
 TIMEOUT=${RAYSEG_START_TIMEOUT:-90}
+MAX_WORKERS=8
+if ! [[ $WORKERS =~ ^[0-9]+$ ]] || [ "$WORKERS" -gt $MAX_WORKERS ]; then
+    echo "RAYSEG_WORKERS=$WORKERS: 0 to $MAX_WORKERS worker nodes (the port layout holds no more); nothing started" >&2
+    exit 2
+fi
 RAY_BIN=$(cd "$(dirname "$(command -v "$RAY")")" && pwd)
 PYTHON=$RAY_BIN/python
 [ -x "$PYTHON" ] || PYTHON=python3
@@ -53,7 +59,8 @@ unset RAY_AUTH_TOKEN RAY_ADDRESS RAY_API_SERVER_ADDRESS
 # On SIGTERM a node first drains for up to this long (for Serve proxies; none here): stop at once.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
 
-# Node i gets ports BASE+10+10i.. and a worker port range BASE+100+200i..+199.
+# Node i gets ports BASE+10+10i..+5 and a worker port range BASE+100+200i..+199: the fixed ports of
+# nodes 0..8 lie below BASE+100, a ninth worker node's would fall in the head's range (MAX_WORKERS).
 node_ports() {
     local i=$1 p=$((BASE + 10 + 10 * $1)) w=$((BASE + 100 + 200 * $1))
     echo "--node-manager-port=$p --object-manager-port=$((p + 1)) --dashboard-agent-listen-port=$((p + 2))" \
@@ -111,12 +118,16 @@ for i in $(seq 1 "$WORKERS"); do
         --resources='{"worker_node": 1}' $(node_ports "$i")
 done
 
-cat >"$DIR/cluster.env" <<ENV
-export RAY_ADDRESS=127.0.0.1:$GCS_PORT
-export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
-export RAY_AUTH_MODE=token
-export RAY_AUTH_TOKEN_PATH=$DIR/auth_token
-ENV
+# Values quoted for the shell (printf %q): DIR may hold spaces or quotes.
+write_env() {
+    {
+        printf 'export RAY_ADDRESS=%q\n' "127.0.0.1:$GCS_PORT"
+        printf 'export RAY_API_SERVER_ADDRESS=%q\n' "http://127.0.0.1:$DASHBOARD_PORT"
+        printf 'export RAY_AUTH_MODE=token\n'
+        printf 'export RAY_AUTH_TOKEN_PATH=%q\n' "$DIR/auth_token"
+    } >"$DIR/cluster.env"
+}
+write_env
 echo "Ray cluster up: head + $WORKERS worker node(s), token auth on"
 echo "  Jobs API / dashboard: http://127.0.0.1:$DASHBOARD_PORT   GCS: 127.0.0.1:$GCS_PORT"
-echo "  source $DIR/cluster.env   # then: raysegment submit ... or ray job submit ..."
+echo "  source $(printf %q "$DIR/cluster.env")   # then: raysegment submit ... or ray job submit ..."
