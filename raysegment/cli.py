@@ -121,9 +121,8 @@ def main(verbose: bool) -> None:
 @config_option
 @json_option
 @handle_errors
-def prepare(config: str | None, class_names: str | None, as_json: bool, **flags: Any) -> None:
+def prepare(config: str | None, as_json: bool, **flags: Any) -> None:
     """Turn labelled images under SOURCE into Parquet shards + manifest.json under DEST."""
-    flags["class_names"] = class_names.split(",") if class_names else None
     _run(load_spec(PrepareSpec, config, flags), as_json)
 
 
@@ -353,9 +352,8 @@ def compact(config: str | None, as_json: bool, **flags: Any) -> None:
 @config_option
 @json_option
 @handle_errors
-def infer(config: str | None, extensions: str | None, as_json: bool, **flags: Any) -> None:
+def infer(config: str | None, as_json: bool, **flags: Any) -> None:
     """Segment every image under INPUT with MODEL; write masks and summaries to OUTPUT."""
-    flags["extensions"] = extensions.split(",") if extensions else None
     _run(load_spec(InferSpec, config, flags), as_json)
 
 

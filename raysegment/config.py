@@ -24,6 +24,26 @@ from raysegment.storage import redact
 MLFLOW_AUTH = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
 
 
+def comma_list(v: Any) -> Any:
+    """A flag's (or spec file's) comma-separated text as its items, stripped, empty ones dropped.
+
+    The one rule for every list given as text ('a, b' is ['a', 'b']); a YAML list passes unchanged.
+    """
+    return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+
+def min_max(v: Any, usage: str) -> Any:
+    """A flag's MIN or MIN:MAX text (or one int) as (MIN, MAX); `usage` is the error for other text."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, str):
+        lo, _, hi = v.partition(":")
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+            raise ValueError(usage)
+        return (int(lo), int(hi or lo))
+    return v
+
+
 def distinct_class_names(names: list[str]) -> None:
     """2 to 255 names, each non-empty and used once (`classes.distinct_names`)."""
     if not 2 <= len(names) <= 255 or not distinct_names(names):
@@ -100,7 +120,7 @@ class PrepareSpec(Spec):
     def _parse_mask_values(cls, v: Any) -> Any:
         if isinstance(v, str):
             out: dict[int, int] = {}
-            for item in filter(None, (p.strip() for p in v.split(","))):
+            for item in comma_list(v):
                 raw, sep, cid = item.partition(":")
                 if not sep or not raw.strip().isdigit() or not cid.strip().isdigit():
                     raise ValueError(f"bad entry '{item}'; write RAW:CLASS pairs, e.g. 0:0,255:1")
@@ -114,7 +134,7 @@ class PrepareSpec(Spec):
         if isinstance(v, int):
             return [v]
         if isinstance(v, str):
-            items = [p.strip() for p in v.split(",") if p.strip()]
+            items = comma_list(v)
             if not items or not all(p.isdigit() for p in items):
                 raise ValueError(f"bad bands '{v}'; write 1-based band numbers separated by commas, e.g. 1,2,3")
             return [int(p) for p in items]
@@ -150,6 +170,11 @@ class PrepareSpec(Spec):
             if not 0 <= cid <= 255:
                 raise ValueError(f"class id {cid} for raw value {raw} is outside 0..254 (255 = ignore)")
         return v
+
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _split_class_names(cls, v: Any) -> Any:
+        return comma_list(v)
 
     @field_validator("class_names", mode="after")
     @classmethod
@@ -414,8 +439,7 @@ class InferOptions(Spec):
     @field_validator("extensions", mode="before")
     @classmethod
     def _split_extensions(cls, v: Any) -> Any:
-        # The flag gives one comma-separated string; YAML may give either form.
-        return v.split(",") if isinstance(v, str) else v
+        return comma_list(v)  # an empty text is no extension: refused below, never the defaults
 
     @field_validator("extensions", mode="after")
     @classmethod
@@ -430,14 +454,7 @@ class InferOptions(Spec):
     def _parse_actors(cls, v: Any) -> Any:
         if isinstance(v, str) and v.strip().lower() == "auto":
             return "auto"
-        if isinstance(v, int):
-            return (v, v)
-        if isinstance(v, str):
-            lo, _, hi = v.partition(":")
-            if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
-                raise ValueError("write auto, MIN or MIN:MAX, e.g. 2 or 1:4")
-            return (int(lo), int(hi or lo))
-        return v
+        return min_max(v, "write auto, MIN or MIN:MAX, e.g. 2 or 1:4")
 
     @field_validator("actors", mode="after")
     @classmethod
@@ -575,14 +592,7 @@ class ServeSpec(Spec):
     @field_validator("replicas", mode="before")
     @classmethod
     def _parse_replicas(cls, v: Any) -> Any:
-        if isinstance(v, int):
-            return (v, v)
-        if isinstance(v, str):
-            lo, _, hi = v.partition(":")
-            if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
-                raise ValueError("write MIN or MIN:MAX, e.g. 1 or 1:4")
-            return (int(lo), int(hi or lo))
-        return v
+        return min_max(v, "write MIN or MIN:MAX, e.g. 1 or 1:4")
 
     @field_validator("replicas", mode="after")
     @classmethod
@@ -612,7 +622,7 @@ class ImportSpec(Spec):
     @field_validator("classes", mode="before")
     @classmethod
     def _parse_classes(cls, v: Any) -> Any:
-        return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
     @field_validator("classes", mode="after")
     @classmethod

@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TextIO
 
@@ -302,12 +302,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(err.exit_code)
 
     return wrapper
-
-
-def echo_lines(lines: Iterable[str], err: bool = False) -> None:
-    """Print each line to stdout (stderr with err=True)."""
-    for line in lines:
-        click.echo(line, err=err)
 
 
 def print_json(result: dict[str, Any], stream: TextIO | None = None) -> None:

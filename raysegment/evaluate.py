@@ -19,7 +19,7 @@ from raysegment.data.pipeline import read_split
 from raysegment.data.prepare import read_manifest
 from raysegment.errors import DataError
 from raysegment.inference.predictor import Predictor, preprocess
-from raysegment.models.card import InferenceAdvice, ModelCard
+from raysegment.models.card import InferenceAdvice, ModelCard, evaluation_file
 from raysegment.models.metrics import (
     EDGE_BANDS,
     confusion_matrix,
@@ -165,7 +165,7 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     out = (
         storage.resolve(spec.out, spec.endpoint_url)
         if spec.out
-        else storage.resolve(spec.model, spec.endpoint_url).child(f"eval-{spec.split}.json")
+        else storage.resolve(spec.model, spec.endpoint_url).child(evaluation_file(spec.split))
     )
     storage.write_json(out, result)
     result["written_to"] = out.uri

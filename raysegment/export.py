@@ -38,8 +38,15 @@ from typing import TYPE_CHECKING, Any
 from raysegment import storage
 from raysegment.data.imaging import PNG_SIGNATURE
 from raysegment.errors import ConfigError, DataError, JobError, StorageError, UserError
-from raysegment.models.card import CARD_FILE, EXPORT_FILES, MODEL_FILE, SAVED_MODEL_DIR, ExportRecord, ModelCard
-from raysegment.models.importer import SAVED_MODEL_PB
+from raysegment.models.card import (
+    CARD_FILE,
+    EXPORT_FILES,
+    MODEL_FILE,
+    SAVED_MODEL_DIR,
+    SAVED_MODEL_PB,
+    ExportRecord,
+    ModelCard,
+)
 from raysegment.models.loader import load_model, put_tree
 
 if TYPE_CHECKING:

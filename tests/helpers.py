@@ -30,7 +30,8 @@ from PIL import Image
 
 from raysegment import storage
 from raysegment.data import synthetic
-from raysegment.inference.output import summary_files
+from raysegment.data.fingerprint import Fingerprint
+from raysegment.inference.output import commit_rows, summary_files, write_masks
 from raysegment.models.card import ModelCard
 
 T = TypeVar("T")
@@ -77,6 +78,26 @@ def untrained_card() -> ModelCard:
         class_names=["background", "thing"],
         palette=[(0, 0, 0), (200, 0, 0)],
         input={"size": (8, 8)},
+    )
+
+
+def fingerprint(side: int = 128, shares=(0.7, 0.3), areas=(5000.0, 400.0), top=None, modes=None) -> Fingerprint:
+    """A crafted data set fingerprint (side x side RGB images; per-class shares, object areas, top shares),
+    for the training plan's rules without a data set."""
+    k = len(shares)
+    return Fingerprint(
+        images=100,
+        height={"min": side, "median": float(side), "max": side},
+        width={"min": side, "median": float(side), "max": side},
+        modes=modes or {"RGB": 100},
+        channels={"3": 100},
+        intensity={"mean": [120.0] * 3, "std": [40.0] * 3, "p0.5": [2.0] * 3, "p50": [118.0] * 3, "p99.5": [250.0] * 3},
+        class_pixel_share=list(shares),
+        class_image_share=[1.0] * k,
+        object_area_median=list(areas),
+        sampled_images=32,
+        class_top_share=list(top or [0.5] * k),
+        class_left_share=[0.5] * k,
     )
 
 
@@ -127,6 +148,14 @@ def mask_size(path: str) -> tuple[int, int]:
         assert img.mode == "P"
         arr = np.asarray(img)
     return arr.shape
+
+
+def write_outputs(
+    batch: dict[str, np.ndarray], output: storage.Location, card: ModelCard, run_id: str, mask_format: str
+) -> str:
+    """One batch's masks and its own summary file, as the pipeline's last stage writes them (no Ray);
+    the summary's URI."""
+    return commit_rows(output, run_id, write_masks(batch, output, card, run_id, mask_format))
 
 
 def summaries(out: str | Path) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ import tracemalloc
 
 import pytest
 
-from raysegment.config import InferOptions, InferSpec, NightlySpec, TrainSpec, load_spec
+from raysegment.config import InferOptions, InferSpec, NightlySpec, PrepareSpec, TrainSpec, load_spec
 from raysegment.data.imaging import IMAGE_EXTENSIONS
 from raysegment.errors import ConfigError
 from raysegment.specfile import MAX_SPEC_ALIASES, MAX_SPEC_BYTES
@@ -103,6 +103,24 @@ def test_extensions_one_list_normalised():
     assert load_spec(InferSpec, None, {**base, "extensions": "PNG, .Jpg"}).extensions == [".png", ".jpg"]
     with pytest.raises(ConfigError, match="field 'extensions': give at least one"):
         load_spec(InferSpec, None, {**base, "extensions": []})
+
+
+def test_comma_list_flags_and_spec_fields_read_alike():
+    # One rule for every comma list, flag or spec file: items stripped, empty ones dropped.
+    from click.testing import CliRunner
+
+    from raysegment.cli import main
+
+    base = {"source": "s", "dest": "d"}
+    assert load_spec(PrepareSpec, None, {**base, "class_names": "a, b"}).class_names == ["a", "b"]
+    assert load_spec(PrepareSpec, None, {**base, "class_names": ["a", "b"]}).class_names == ["a", "b"]
+    runner = CliRunner()
+    # "a, a" is one name twice, not the classes "a" and " a"; both refused before anything runs.
+    r = runner.invoke(main, ["prepare", "s", "d", "--class-names", "a, a"])
+    assert r.exit_code == 2 and "field 'class_names': give 2 to 255 distinct" in r.output, r.output
+    r = runner.invoke(main, ["infer", "m", "i", "o", "--extensions", ""])  # as nightly: not silently the defaults
+    assert r.exit_code == 2 and "field 'extensions': give at least one extension" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
 
 
 @pytest.mark.parametrize("field,value", [("source", "tar"), ("source", "list"), ("overwrite", True)])

@@ -22,7 +22,16 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from click.testing import CliRunner
-from helpers import PipeBarrier, has_summary, in_background, png, summaries, untrained_card, wait_for
+from helpers import (
+    PipeBarrier,
+    has_summary,
+    in_background,
+    png,
+    summaries,
+    untrained_card,
+    wait_for,
+    write_outputs,
+)
 
 from raysegment import report, storage
 from raysegment.cli import main
@@ -65,7 +74,7 @@ def write_run(out: storage.Location, keys: list[str], sources: list[str], errors
         "decode_ms": np.ones(n, np.float32),
         "predict_ms": np.ones(n, np.float32),
     }
-    layout.write_outputs(batch, out, card, "20260101T000000Z-0000abcd", "png")
+    write_outputs(batch, out, card, "20260101T000000Z-0000abcd", "png")
 
 
 # -- 1. the report runs under the job's storage deadline ------------------------------------------------

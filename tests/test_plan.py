@@ -7,30 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from helpers import fingerprint
 
 from raysegment.data.fingerprint import Fingerprint
 from raysegment.plan import Compute, depth_for, format_plan, make_plan, parse_duration
 
 CPU = Compute(workers=2)
 GPU = Compute(workers=1, gpus_per_worker=1)
-
-
-def fingerprint(side: int = 128, shares=(0.7, 0.3), areas=(5000.0, 400.0), top=None, modes=None) -> Fingerprint:
-    k = len(shares)
-    return Fingerprint(
-        images=100,
-        height={"min": side, "median": float(side), "max": side},
-        width={"min": side, "median": float(side), "max": side},
-        modes=modes or {"RGB": 100},
-        channels={"3": 100},
-        intensity={"mean": [120.0] * 3, "std": [40.0] * 3, "p0.5": [2.0] * 3, "p50": [118.0] * 3, "p99.5": [250.0] * 3},
-        class_pixel_share=list(shares),
-        class_image_share=[1.0] * k,
-        object_area_median=list(areas),
-        sampled_images=32,
-        class_top_share=list(top or [0.5] * k),
-        class_left_share=[0.5] * k,
-    )
 
 
 def test_small_images_with_large_objects_are_resized():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_plan import fingerprint
+from helpers import fingerprint
 
 from raysegment import plan
 from raysegment.config import TrainSpec, load_spec

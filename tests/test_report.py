@@ -1,6 +1,6 @@
 """Reports and pictures: overlays, plots, report.html/overlays.png, `raysegment report` and `show`.
 
-The unit tests build an inference output without Ray or a model: output.write_outputs
+The unit tests build an inference output without Ray or a model: helpers.write_outputs
 writes masks and summaries exactly as the pipeline's last stage does. The slow tests
 run the real pipeline on the tiny model and open the page in headless Chromium.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_outputs
 from PIL import Image
 
 from raysegment import overlay, plots, report, storage
@@ -25,7 +26,6 @@ from raysegment.cli import main
 from raysegment.config import InferSpec
 from raysegment.data import imaging, synthetic
 from raysegment.errors import DataError
-from raysegment.inference.output import write_outputs
 from raysegment.models.card import ModelCard
 
 CHROMIUM = "/usr/bin/chromium"

@@ -27,6 +27,7 @@ from PIL import Image
 from raysegment import storage
 from raysegment.config import PrepareSpec, TrainSpec, load_spec
 from raysegment.errors import ConfigError, StorageError
+from raysegment.models.card import TENSORBOARD_DIR
 from raysegment.train import tracking
 
 HISTORY = [
@@ -279,7 +280,7 @@ def test_mlflow_gone_mid_run_never_holds_the_epochs_and_is_one_warning(tmp_path,
     with tracking.mlflow_run(TrainSpec(data="d", out=str(tmp_path / "o"), mlflow_uri=uri), None) as created:
         pass
     out = storage.resolve(str(tmp_path / "model"))
-    dest = out.child(tracking.TENSORBOARD_DIR)
+    dest = out.child(TENSORBOARD_DIR)
     h0, h1, h2 = HISTORY
     with TinyServer() as server:
         run = tracking.MlflowRun(tracking.mlflow_client(server.uri), server.uri, created.run_id)
@@ -340,7 +341,7 @@ def test_live_log_writes_each_epoch_once_across_restarts_and_resumes(tmp_path, m
     that resumes starts from the checkpoint's history in a new MLflow run and a fresh TensorBoard directory."""
     uri = mlflow_store(tmp_path, monkeypatch)
     out = storage.resolve(str(tmp_path / "model"))
-    dest = out.child(tracking.TENSORBOARD_DIR)
+    dest = out.child(TENSORBOARD_DIR)
     h0, h1, h2 = HISTORY
     spec = TrainSpec(data="d", out=out.uri, mlflow_uri=uri)
     result = {"metrics": {"best": h2}, "model_card": {"model_id": "unet-0"}}

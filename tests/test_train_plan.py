@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import write_source
-from test_plan import fingerprint
+from helpers import fingerprint, write_source
 
 from raysegment import jobs, plan
 from raysegment.config import PrepareSpec, TrainSpec, load_spec

@@ -395,12 +395,6 @@ def decode_display(data: bytes, max_pixels: int = MAX_PIXELS, channels: Channels
     return display_rgb(decode_pixels(data, max_pixels, Channels(channels.bands, None)).pixels)
 
 
-def verify_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """(height, width) of an image whose pixels fully decode; raises ImageDecodeError otherwise."""
-    img = _open(data, max_pixels)
-    return img.size[1], img.size[0]
-
-
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded bytes -> HxWx3 uint8 RGB as meant to be seen (an EXIF orientation is applied, as
     `prepare` stores training images, so a phone photo is predicted upright and its mask is the

@@ -456,16 +456,6 @@ def ok_count(status: pa.Array | pa.ChunkedArray) -> int:
     return pc.sum(pc.equal(status, "ok")).as_py() or 0
 
 
-def write_outputs(
-    batch: dict[str, np.ndarray], output: storage.Location, card: ModelCard, run_id: str, mask_format: str
-) -> dict[str, np.ndarray]:
-    """One batch's masks and its own summary file (tests and tools that write outside a run); counts."""
-    rows = write_masks(batch, output, card, run_id, mask_format)
-    commit_rows(output, run_id, rows)
-    ok = ok_count(rows.column("status"))
-    return {"rows": np.asarray([rows.num_rows]), "ok": np.asarray([ok]), "error": np.asarray([rows.num_rows - ok])}
-
-
 @dataclasses.dataclass(frozen=True)
 class PendingRows:
     """Rows waiting for their summary file: rows `start:stop` of a table, or of a reference to one in

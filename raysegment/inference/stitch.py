@@ -90,14 +90,6 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts + [length - tile]
 
 
-def tile_bounds(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
-    """The part of each tile that is kept: overlaps are split at their middle, so the kept
-    parts partition [0, length) and every pixel comes from the tile where it is farthest
-    from an edge (convolutions see the most context there)."""
-    cuts = [0] + [(nxt + prev + tile) // 2 for prev, nxt in zip(starts, starts[1:])] + [length]
-    return list(zip(cuts, cuts[1:]))
-
-
 class WindowBlender:
     """Gaussian-weighted sum of window probabilities over a (height, width) image, kept one band of
     rows at a time: add every window of a row of windows (`add`), then `finish_rows` hands back the

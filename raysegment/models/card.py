@@ -1,7 +1,8 @@
 """The model card: OUT/model.json beside OUT/model.keras, the one description of a trained model.
 
 `train` writes it; `infer`, `evaluate`, `show`, `nightly` and the predictor actor read it.
-This module owns both file names, reading and writing (local or s3:// through
+This module owns the model folder's file names (the card's, the model's, what `train` and
+`evaluate` write beside them), reading and writing (local or s3:// through
 `storage`), validation (a card that is not raysegment's, or too old to use, is one
 clear error naming the file and the fix) and the facts callers derive from it:
 input size, native scale, normalisation, classes, palette, head, and flip TTA (`ModelCard.tta`).
@@ -30,9 +31,27 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.keras"
 # An imported TensorFlow SavedModel, kept whole in place of model.keras (`models/loader.py` loads either).
 SAVED_MODEL_DIR = "saved_model"
+# The file that makes a folder a SavedModel (`model import` takes one; `export` refuses a DEST holding one).
+SAVED_MODEL_PB = "saved_model.pb"
 CARD_FILE = "model.json"
 # What `raysegment export` writes beside a card, by format: a DEST given as MODEL is named as one.
 EXPORT_FILES = {"saved_model": "saved_model", "onnx": "model.onnx", "tflite": "model.tflite"}
+# What `train` writes beside the model and its card (MLflow keeps these files; `model import` refuses
+# a DEST holding any of them, or the TensorBoard folder). Its checkpoints go under OUT/{--name}.
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "training_curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+EXAMPLES_FILE = "examples.png"
+TRAINED_FILES = (METRICS_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, EXAMPLES_FILE)
+TENSORBOARD_DIR = "tensorboard"
+# `evaluate`'s default --out in the model's folder, one per split.
+EVALUATION_FILES = "eval-*.json"
+
+
+def evaluation_file(split: str) -> str:
+    """The name of `evaluate`'s results for `split` in the model's folder (matches EVALUATION_FILES)."""
+    return EVALUATION_FILES.replace("*", split)
 
 
 class _Part(BaseModel):
@@ -372,11 +391,6 @@ class ModelCard(_Part):
     def size_multiple(self) -> int:
         """Height and width a full-resolution input must be a multiple of (2**depth for a U-Net)."""
         return 2**self.architecture.depth
-
-    @property
-    def pixel_scale(self) -> float:
-        """Factor from uint8 pixels to the model's input range (normalisation scale_0_1)."""
-        return 1.0 / 255.0
 
     @property
     def pixel_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -20,33 +20,29 @@ import os
 import posixpath
 import tempfile
 import zipfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from raysegment import __version__, storage
+from raysegment.config import ImportSpec, TrainSpec
 from raysegment.data import imaging
 from raysegment.errors import ConfigError, DataError, StorageError
-from raysegment.models.card import CARD_FILE, MODEL_FILE, SAVED_MODEL_DIR, ModelCard, tree_sha256
+from raysegment.models.card import (
+    CARD_FILE,
+    EVALUATION_FILES,
+    MODEL_FILE,
+    SAVED_MODEL_DIR,
+    SAVED_MODEL_PB,
+    TENSORBOARD_DIR,
+    TRAINED_FILES,
+    ModelCard,
+    tree_sha256,
+)
 from raysegment.models.loader import download_tree, put_tree, saved_model_as_keras
 from raysegment.train.checkpoint import file_sha256
 
-if TYPE_CHECKING:
-    from raysegment.config import ImportSpec
-
-SAVED_MODEL_PB = "saved_model.pb"
 # A head whose activation (layer, or a layer's `activation`) is one of these outputs probabilities.
 PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "hard_sigmoid")
 MAX_HEAD_STEPS = 1000
-# What `train` writes beside model.keras; its checkpoints go under OUT/{--name}, by default train/.
-TRAINED_FILES = (
-    "metrics.json",
-    "history.csv",
-    "training_curves.png",
-    "confusion_matrix.png",
-    "examples.png",
-    "tensorboard",
-)
-DEFAULT_RUN_NAME = "train"
-EVALUATION_FILES = "eval-*.json"  # `evaluate`'s default --out in the model's folder
 
 
 def import_model(spec: ImportSpec) -> dict[str, Any]:
@@ -101,14 +97,14 @@ def _check_dest(out: storage.Location, overwrite: bool) -> None:
 def _trained_outputs(out: storage.Location) -> list[str]:
     """What `train` wrote in DEST: its files, and its checkpoint folder where DEST's card names a training run
     (`--name`; a folder `train` alone may be anything)."""
-    names = list(TRAINED_FILES)
+    names = [*TRAINED_FILES, TENSORBOARD_DIR]
     card = out.child(CARD_FILE)
     try:
         training = storage.read_json(card).get("training") if storage.exists(card) else None
     except (StorageError, AttributeError):
         training = None  # not a card that train wrote
     if isinstance(training, dict):
-        run = training.get("name") or DEFAULT_RUN_NAME
+        run = training.get("name") or TrainSpec.model_fields["name"].default
         if isinstance(run, str) and "/" not in run:
             names.append(run)
     return [name for name in names if storage.exists(out.child(name))]

@@ -47,13 +47,13 @@ from typing import TYPE_CHECKING, Any
 from raysegment import progress, storage
 from raysegment.config import MLFLOW_AUTH
 from raysegment.errors import ConfigError, StorageError
+from raysegment.models.card import CARD_FILE, MODEL_FILE, TRAINED_FILES
 
 if TYPE_CHECKING:
     from raysegment.config import TrainSpec
 
 log = logging.getLogger(__name__)
 
-TENSORBOARD_DIR = "tensorboard"
 # history.csv column -> TensorBoard tag; the MLflow metrics keep the column names.
 SCALAR_TAGS = {
     "train_loss": "train/loss",
@@ -78,9 +78,9 @@ HTTP_BOUNDS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
 }
-# OUT's files an MLflow run keeps: the model and its card under model/, the rest at the top.
-MODEL_ARTIFACTS = ("model.keras", "model.json")
-RUN_ARTIFACTS = ("metrics.json", "history.csv", "training_curves.png", "confusion_matrix.png", "examples.png")
+# OUT's files an MLflow run keeps: the model and its card under model/, train's other files (TRAINED_FILES)
+# at the top.
+MODEL_ARTIFACTS = (MODEL_FILE, CARD_FILE)
 
 
 # --- TensorBoard ----------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ class MlflowRun:
             self.client.log_batch(self.run_id, metrics=metrics)
             self.client.set_tag(self.run_id, "raysegment.model_id", result["model_card"]["model_id"])
             with tempfile.TemporaryDirectory() as d:
-                for name in (*MODEL_ARTIFACTS, *RUN_ARTIFACTS):
+                for name in (*MODEL_ARTIFACTS, *TRAINED_FILES):
                     local = _local_copy(out.child(name), d)
                     if local is not None:
                         self.client.log_artifact(self.run_id, local, "model" if name in MODEL_ARTIFACTS else None)

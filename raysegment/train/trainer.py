@@ -28,7 +28,17 @@ from raysegment.data.pipeline import padded_for_workers, training_dataset
 from raysegment.data.prepare import read_manifest
 from raysegment.errors import ConfigError, StorageError
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
-from raysegment.models.card import MODEL_FILE, InferenceAdvice, ModelCard
+from raysegment.models.card import (
+    CONFUSION_FILE,
+    CURVES_FILE,
+    EXAMPLES_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    TENSORBOARD_DIR,
+    InferenceAdvice,
+    ModelCard,
+)
 from raysegment.train import events, tracking
 from raysegment.train.backend import TFClusterConfig
 from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
@@ -37,11 +47,6 @@ from raysegment.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.csv"
-CURVES_FILE = "training_curves.png"
-CONFUSION_FILE = "confusion_matrix.png"
-EXAMPLES_FILE = "examples.png"
 HISTORY_COLUMNS = (
     "epoch",
     "train_loss",
@@ -148,7 +153,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         # A stale artifact must not pass for this run's result while it trains.
         storage.remove_success(out)
         # Each epoch goes to TensorBoard (and MLflow) as the driver learns that it finished.
-        live = tracking.LiveLog(out.child(tracking.TENSORBOARD_DIR), run)
+        live = tracking.LiveLog(out.child(TENSORBOARD_DIR), run)
         with live, events.follow(cfg.epochs, live.rows) as inbox:
             result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest, cfg), inbox, identity)
         if result.error:
@@ -358,7 +363,7 @@ def write_artifacts(
         storage.write_bytes(out.child(CONFUSION_FILE), plots.confusion_matrix_png(best_cm, manifest["class_names"]))
     examples = validation_examples(model, spec, manifest, cfg)
     storage.write_bytes(out.child(EXAMPLES_FILE), examples)
-    tracking.write_tensorboard(out.child(tracking.TENSORBOARD_DIR), history, examples, best.get("epoch"))
+    tracking.write_tensorboard(out.child(TENSORBOARD_DIR), history, examples, best.get("epoch"))
     card = ModelCard.create(
         model_hash,
         architecture={
