@@ -17,7 +17,7 @@ from typing import Any
 import s3fs
 from fsspec.asyn import mirror_sync_methods
 
-_METHODS = ("cat_file", "pipe_file", "info", "ls", "find", "exists", "rm", "rm_file", "cat", "mkdir")
+_METHODS = ("cat_file", "pipe_file", "info", "ls", "find", "exists", "rm", "rm_file", "cat", "mkdir", "call_s3")
 # Whole-file transfers (shards, model files) may take long for good reasons.
 _TRANSFERS = ("put_file", "get_file")
 TRANSFER_TIMEOUT_S = 1800.0

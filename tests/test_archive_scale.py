@@ -1,6 +1,7 @@
 """Costs that do not grow on the driver: summary files of many batches, the resume index built by
 tasks, compaction beside readers, and `--actors auto`."""
 
+import dataclasses
 import json
 import os
 import re
@@ -129,6 +130,29 @@ def test_resume_index_is_built_by_tasks_and_filters_exactly(ray_cluster, tmp_pat
     batch["collides"][0] = True  # a colliding key is reported on every run, done or not
     assert done[0] in resume.drop_done(batch, [index.buckets])["key"]
     assert not resume.build(storage.resolve(str(tmp_path / "empty")))
+
+
+def test_the_end_of_run_check_reads_the_runs_own_files_and_still_finds_collisions(ray_cluster, tmp_path):
+    """A resumed run that added 5 rows to 1M built the whole index again for its check (20 s). It reads its own
+    files now, merged into the index it started from; a key of its own that collides with an earlier run's
+    (Unicode forms) is still found, and a compaction meanwhile means a full build."""
+    out = storage.resolve(str(tmp_path / "out"))
+    nfc = unicodedata.normalize("NFC", "caf\u00e9")
+    nfd = unicodedata.normalize("NFD", nfc)
+    write_runs(out, {"r1": [[f"img/{i:04d}" for i in range(j, j + 100)] for j in range(0, 1000, 100)], "r2": [[nfc]]})
+    index = resume.build(out, keys_per_bucket=300)  # several buckets
+    assert len(index.buckets) == 4 and len(index.paths) == 11
+    write_runs(out, {"r3": [["img/new-1", "img/new-2"], [nfd, "img/new-3"]]})
+    earlier = Path(index.paths[0])
+    kept = earlier.read_bytes()
+    earlier.write_bytes(b"damaged, and never read again")  # the run's check does not read the earlier runs' files
+    after = resume.after_run(out, index, "r3")
+    assert (after.rows, after.keys, after.folded, after.ok, after.files) == (1005, 1005, 1004, 1005, 13)
+    earlier.write_bytes(kept)
+    assert after == dataclasses.replace(resume.build(out), buckets=[], folded_buckets=[])
+    write_runs(out, {"compacted": [["img/0000"]]})  # a file the run did not write: everything is read again
+    again = resume.after_run(out, index, "r3")
+    assert (again.rows, again.keys, again.folded) == (1006, 1005, 1004) and again.buckets  # built again
 
 
 def test_a_multi_batch_summary_file_killed_while_assembled_is_redone_once(tiny_model, ray_cluster, tmp_path):

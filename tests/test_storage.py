@@ -188,3 +188,93 @@ def test_a_uri_list_entry_with_credentials_is_an_error_row_without_them(tmp_path
     assert block.errors == ["", urilist.CREDENTIALS_IN_URI]
     assert block.paths[1] == "s3://***@bucket/b.png" and block.keys[1] == "***@bucket/b"
     assert "SECRET" not in repr(block) and "AKIA" not in repr(block)
+
+
+def _walk_sample(root, n, skip_hidden=False):
+    """What `sources._sample` gave before it stopped early: `fs.walk`, folder by folder."""
+    from raysegment.inference.listing import hidden
+
+    names = []
+    for _, dirs, files in root.fs.walk(root.path):
+        if skip_hidden:
+            dirs[:] = [d for d in dirs if not hidden(d)]
+            files = [f for f in files if not hidden(f)]
+        names.extend(files[: n - len(names)])
+        if len(names) >= n:
+            break
+    return names
+
+
+def test_the_input_sample_stops_after_n_names(tmp_path, monkeypatch):
+    """`detect_kind` and `unread_inputs_note` look at 1000 names, but `fs.walk` listed and stat-ed a whole flat
+    folder first: two more full listings of a 1M-file INPUT (7-9 s each, on S3 a paginated LIST each). The
+    sample reads a bounded number of entries now, and gives the names it gave."""
+    from raysegment.inference import sources
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(5000):
+        (flat / f"{i:05d}.png").touch()
+    read = []
+    real_scandir = os.scandir
+
+    class Counted:
+        def __init__(self, path):
+            self.it = real_scandir(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+        def __iter__(self):
+            for e in self.it:
+                read.append(e.name)
+                yield e
+
+    monkeypatch.setattr(os, "scandir", Counted)
+    root = storage.resolve(str(flat))
+    sample = sources._sample(root, n=10)
+    assert len(sample) == 10 and len(read) <= 100, f"{len(read)} entries read for a sample of 10"
+    monkeypatch.undo()
+    assert sample == _walk_sample(root, 10)
+    # Nested folders, hidden ones, links and a file root: the names fs.walk gave, in its order.
+    tree = tmp_path / "tree"
+    for rel in ("a.png", "b/c.png", "b/d/e.png", ".h/f.png", "b/.g.png", "z/y.tar", "z/x/w.png"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).touch()
+    (tree / "link").symlink_to(tree / "b")
+    nested = storage.resolve(str(tree))
+    for n in (1, 2, 3, 4, 1000):
+        for skip in (False, True):
+            assert sources._sample(nested, n, skip) == _walk_sample(nested, n, skip), (n, skip)
+    assert sources._sample(storage.resolve(str(tree / "a.png"))) == _walk_sample(
+        storage.resolve(str(tree / "a.png")), 1000
+    )
+    assert sources._sample(storage.resolve(str(tmp_path / "missing"))) == []
+
+
+@pytest.mark.s3
+def test_the_input_sample_on_s3_is_one_limited_listing(s3_prefix):
+    """On S3 the sample was a complete paginated LIST of a flat prefix; now a page of n keys, then it stops."""
+    from raysegment.inference import sources
+
+    root = storage.resolve(s3_prefix)
+    rels = [f"flat/{i:04d}.png" for i in range(30)] + ["n/a.png", "n/b/c.png", "n/.h/d.png", "n/b/.e.png", "n/f/g.tar"]
+    root.fs.pipe({f"{root.path}/{r}": b"x" for r in rels})
+    calls = []
+    real = root.fs.call_s3
+
+    def counted(method, **kwargs):
+        calls.append((method, kwargs.get("MaxKeys")))
+        return real(method, **kwargs)
+
+    root.fs.call_s3 = counted
+    flat = root.child("flat")
+    assert sources._sample(flat, n=10) == [f"{i:04d}.png" for i in range(10)]
+    assert calls == [("list_objects_v2", 10)]
+    nested = root.child("n")
+    for n in (1, 2, 3, 1000):
+        for skip in (False, True):
+            assert sources._sample(nested, n, skip) == _walk_sample(nested, n, skip), (n, skip)

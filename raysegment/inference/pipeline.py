@@ -304,8 +304,9 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
     """The run record, checked against what is on storage (not what the driver counted): one row per key."""
     spec = run.spec
     # By tasks, like the resume index: the driver gets counts only. A run that wrote nothing
-    # checks the index it started from (compaction keeps rows exactly), not a second pass.
-    done = run.done if not counts.processed else resume.build(run.output)
+    # checks the index it started from (compaction keeps rows exactly), not a second pass; one that
+    # did, that index with its own files merged in (everything read again if other files changed).
+    done = run.done if not counts.processed else resume.after_run(run.output, run.done, run.run_id)
     counts.total = counts.processed + counts.skipped  # this run's inputs; `done` is all of OUTPUT
     seconds = time.time() - run.started
     problems = []

@@ -7,7 +7,9 @@ fetches, the sorted 128-bit digests of its keys and of their Unicode-folded form
 figures (rows, model hashes). One merge task per range of the digest space (a bucket, about
 KEYS_PER_BUCKET keys) then keeps the distinct digests of its range. The filter (`drop_done`)
 hashes a batch's keys and looks each up by binary search in its bucket, fetched zero-copy from
-the object store; the end-of-run check (one row per key) is the same index built again.
+the object store. The end-of-run check (one row per key) reads only the run's own summary files and merges
+their digests into the index built at the start, a task per bucket (`extend`); the whole index is built again
+only when other files changed meanwhile (a compaction).
 
 So the driver's memory and time grow with the number of summary files, never with the number of
 keys done, and a batch's filter costs a few microseconds instead of unpickling every done key.
@@ -110,15 +112,38 @@ def _slice(values: np.ndarray, lo: bytes, hi: bytes | None) -> np.ndarray:
     return values[start:stop]
 
 
-@ray.remote(num_cpus=0.25, num_returns=2)
-def _merge_bucket(b: int, buckets: int, groups: int, *arrays: np.ndarray) -> tuple[tuple[int, int], np.ndarray]:
-    """((distinct keys, distinct folded keys) in bucket b, the sorted distinct key digests of it).
+@ray.remote(num_cpus=0.25, num_returns=3)
+def _merge_bucket(
+    b: int, buckets: int, groups: int, *arrays: np.ndarray
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    """((distinct keys, distinct folded keys) in bucket b, the sorted distinct key digests of it, the same of
+    the folded keys in its range).
 
     `arrays` are every group's exact digests, then every group's folded digests."""
     lo, hi = bucket_bounds(b, buckets)
     exact = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[:groups]] or [np.zeros(0, DIGEST)]))
     folded = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[groups:]] or [np.zeros(0, DIGEST)]))
-    return (len(exact), len(folded)), exact
+    return (len(exact), len(folded)), exact, folded
+
+
+def _absent(held: np.ndarray, values: np.ndarray) -> int:
+    """How many of the sorted distinct `values` the sorted `held` lacks."""
+    if not len(held):
+        return len(values)
+    pos = np.minimum(np.searchsorted(held, values), len(held) - 1)
+    return int((held[pos] != values).sum())
+
+
+@ray.remote(num_cpus=0.25)
+def _extend_bucket(
+    b: int, buckets: int, groups: int, exact: np.ndarray, folded: np.ndarray, *arrays: np.ndarray
+) -> tuple[int, int]:
+    """(distinct keys, distinct folded keys) in bucket b once the new files' digests (`arrays`, as for
+    `_merge_bucket`) join the bucket's `exact` and `folded` digests."""
+    lo, hi = bucket_bounds(b, buckets)
+    new = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[:groups]] or [np.zeros(0, DIGEST)]))
+    new_folded = np.unique(np.concatenate([_slice(a, lo, hi) for a in arrays[groups:]] or [np.zeros(0, DIGEST)]))
+    return len(exact) + _absent(exact, new), len(folded) + _absent(folded, new_folded)
 
 
 @dataclass(frozen=True)
@@ -134,6 +159,8 @@ class DoneIndex:
     ok: int = 0
     models: frozenset[str] = frozenset()
     files: int = 0
+    folded_buckets: list[Any] = field(default_factory=list)  # the folded digests in each bucket's range
+    paths: tuple[str, ...] = ()  # the summary files it holds (`extend` tells what was added since)
 
     def __bool__(self) -> bool:
         return self.keys > 0
@@ -156,9 +183,7 @@ def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | N
         return None
     if not paths:
         return DoneIndex()
-    # Few large files (100k rows each) get a task each; many small ones (older outputs) go 16 a task.
-    per_task = max(1, min(FILES_PER_TASK, math.ceil(len(paths) / MIN_TASKS)))
-    groups = [_read_group.remote(output, paths[i : i + per_task]) for i in range(0, len(paths), per_task)]
+    groups = _groups(output, paths)
     figures: list[GroupFigures] = ray.get([g[0] for g in groups])
     if any(f.changed for f in figures):
         return None
@@ -175,6 +200,62 @@ def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | N
         ok=sum(f.ok for f in figures),
         models=frozenset().union(*(f.models for f in figures)),
         files=len(paths),
+        folded_buckets=[m[2] for m in merged],
+        paths=tuple(paths),
+    )
+
+
+def _groups(output: storage.Location, paths: list[str]) -> list[Any]:
+    # Few large files (100k rows each) get a task each; many small ones (older outputs) go 16 a task.
+    per_task = max(1, min(FILES_PER_TASK, math.ceil(len(paths) / MIN_TASKS)))
+    return [_read_group.remote(output, paths[i : i + per_task]) for i in range(0, len(paths), per_task)]
+
+
+def after_run(output: storage.Location, index: DoneIndex, run_id: str) -> DoneIndex:
+    """The counts of every summary row under OUTPUT after run `run_id`, whose index at its start was `index`:
+    by `extend` when the run only added its own files, else built again (`build`). Counts only: no buckets."""
+    extended = extend(output, index, output.child(layout.SUMMARIES, f"run={run_id}").path.rstrip("/") + "/")
+    return build(output) if extended is None else extended
+
+
+def extend(output: storage.Location, index: DoneIndex, added_under: str) -> DoneIndex | None:
+    """`index` with the summary files under `added_under` (a folder's path, with its '/') read and merged in,
+    a task per bucket: at 1M keys, a run that added 5 rows read 1M again (20 s) for its end-of-run check.
+    None when OUTPUT's other files are not those `index` holds (compaction replaced them meanwhile; an index
+    without files): then build it again. Counts only, without bucket refs."""
+    try:
+        paths = layout.summary_files(output)
+    except layout.SummariesChanged:
+        return None
+    added = [p for p in paths if p.startswith(added_under)]
+    if (
+        not index.paths
+        or set(paths).difference(added) != set(index.paths)
+        or len(index.folded_buckets) != len(index.buckets)
+    ):
+        return None
+    if not added:
+        return index
+    groups = _groups(output, added)
+    figures: list[GroupFigures] = ray.get([g[0] for g in groups])
+    if any(f.changed for f in figures):
+        return None
+    arrays = [g[1] for g in groups] + [g[2] for g in groups]
+    buckets = len(index.buckets)
+    counts = ray.get(
+        [
+            _extend_bucket.remote(b, buckets, len(groups), index.buckets[b], index.folded_buckets[b], *arrays)
+            for b in range(buckets)
+        ]
+    )
+    return DoneIndex(
+        keys=sum(c[0] for c in counts),
+        folded=sum(c[1] for c in counts),
+        rows=index.rows + sum(f.rows for f in figures),
+        ok=index.ok + sum(f.ok for f in figures),
+        models=index.models.union(*(f.models for f in figures)),
+        files=len(paths),
+        paths=tuple(paths),
     )
 
 
