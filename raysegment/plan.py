@@ -623,9 +623,11 @@ def compute_of(spec: TrainSpec) -> Compute:
 def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> Plan:
     """The plan `raysegment plan` makes for the spec's data set and compute, with the PLAN_FIELDS the
     spec sets explicitly (`model_fields_set`: a flag, a spec-file field, a keyword) as given."""
-    from raysegment.train.config import check_train
+    from raysegment.train.config import check_train, check_val
 
-    check_train(manifest, spec.data)  # train's own refusal, before a plan is made of no training images
+    # train's own refusals, before a plan is made of no training (or no validation) images
+    check_train(manifest, spec.data)
+    check_val(manifest, spec.data)
     given = {k: getattr(spec, k) for k in PLAN_FIELDS if k in spec.model_fields_set}
     if given.get("flip") == "auto":
         del given["flip"]  # `flip: true` / --flip: flips on the axes the plan finds right

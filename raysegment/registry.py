@@ -115,6 +115,11 @@ def _train(spec: TrainSpec) -> dict[str, Any]:
 def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
     m = result["metrics"]
     best = m["best"]
+    if result.get("already_trained"):  # the same options as the finished run in OUT: it is kept as it is
+        return [
+            f"{result['out']}: already trained ({m['epochs_run']} epochs, best epoch {best['epoch'] + 1}, "
+            f"val mIoU {best['val_mean_iou']:.4f}); nothing to do — pass --no-resume to train again"
+        ]
     early = ", stopped early" if m["stopped_early"] else ""
     if m.get("stopped_by") == "time_budget":
         early = ", stopped at the time budget"
@@ -144,6 +149,7 @@ def _train_payload(spec: TrainSpec, result: dict[str, Any]) -> dict[str, Any]:
         "model_id": result["model_card"]["model_id"],
         **{k: m.get(k) for k in ("best", "last", "epochs_run", "stopped_early", "val_pixels", "seconds")},
         "mlflow_run_id": result.get("mlflow_run_id"),
+        "already_trained": bool(result.get("already_trained")),
     }
 
 

@@ -103,7 +103,7 @@ def piped(tiny_model, ray_cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_through_a_pipe_is_quiet_shows_each_epoch_once_and_logs_the_detail(piped):
+def test_train_through_a_pipe_is_quiet_shows_each_epoch_once_and_logs_the_detail(piped, ray_cluster):
     root, train, _ = piped
     assert train.returncode == 0, train.stderr[-3000:]
     assert noise(train.stdout + train.stderr) == []
@@ -117,6 +117,17 @@ def test_train_through_a_pipe_is_quiet_shows_each_epoch_once_and_logs_the_detail
     assert log.parent == root / "model" / "logs"
     detail = log.read_text()
     assert "epoch 1/1" in detail and "Ray's own logs" in detail and "Started a local Ray instance" not in train.stderr
+    # The same command again (resuming, the default) finds the run finished: nothing trained, model.keras (its
+    # model_id) kept; it trained 0 epochs, rewrote the model and recorded the new flags.
+    model = (root / "model" / "model.keras").read_bytes()
+    argv = [a for a in train.args[1:] if a != "--no-resume"]
+    again = run_cli(*argv, env=ray_cluster.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{root / 'model'}: already trained (1 epochs, best epoch 1, val mIoU " in again.stderr
+    assert "nothing to do — pass --no-resume to train again" in again.stderr and "epoch 1/1" not in again.stderr
+    rerun = one_json(again.stdout, "train")
+    assert rerun["already_trained"] and rerun["model_id"] == result["model_id"] and rerun["best"] == result["best"]
+    assert (root / "model" / "model.keras").read_bytes() == model
 
 
 @pytest.mark.slow
@@ -562,6 +573,34 @@ def test_sigterm_exits_143_with_one_line_and_object_after_the_locks_are_released
     result = json.loads(stdout)
     assert (result["command"], result["exit_code"]) == ("infer", 143) and result["log_file"]
     assert not (out / "_infer.lock").exists()  # the `with` block ran its exit: the lock is released
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_train_exits_130_with_one_line_and_object(tiny_model, ray_cluster, tmp_path):
+    """Ray Train's own SIGINT handler ended `train` with sys.exit(0): exit 1, no line, no --json object (its
+    third Ctrl-C: exit 0, a stopped run as a success). Ctrl-C is the command's again: exit 130, as SIGTERM 143."""
+    from raysegment.console import INTERRUPTED
+
+    data, _ = tiny_model
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k not in ("resume", "tta_check", "epochs")]
+    argv = [RAYSEGMENT, "train", data, str(tmp_path / "model"), *flags, "--workers=1", "--epochs=1000", "--json"]
+    proc = subprocess.Popen(argv, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        while not any(re.search(r" epoch 1/1000 ", line) for line in seen):  # the job says an epoch finished
+            if not select.select([proc.stderr], [], [], 300)[0] or proc.poll() is not None:
+                pytest.fail(f"no epoch line: {''.join(seen)[-3000:]}")
+            seen.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == INTERRUPTED == 130, stderr[-3000:]
+    assert "interrupted: train stopped; what it finished is kept: run the same command again" in stderr
+    result = json.loads(stdout)
+    assert (result["command"], result["exit_code"]) == ("train", 130) and result["log_file"]
 
 
 def test_the_temp_log_folder_cannot_shadow_the_package(tmp_path):

@@ -56,10 +56,12 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, ca
     assert json.loads(fs.cat_file(f"{latest}/state.json"))["epoch"] == 1
     weights = fs.cat_file(f"{latest}/model.weights.h5")
     fs.pipe_file(f"{latest}/model.weights.h5", weights[: len(weights) // 2])
-    result = train(TrainSpec(**spec | {"epochs": 3, "resume": True}))
+    # As if stopped while its last checkpoint was written: no _SUCCESS (a finished run is kept, not resumed).
+    fs.rm(f"{bucket_path}/model/_SUCCESS")
+    result = train(TrainSpec(**spec | {"resume": True}))
     rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{bucket_path}/model/history.csv").decode())))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # epoch 1 redone from the epoch-0 checkpoint
-    assert result["metrics"]["epochs_run"] == 3
+    assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 1 redone from the epoch-0 checkpoint
+    assert result["metrics"]["epochs_run"] == 2
     (resumed,) = result["metrics"]["resumes"]
     assert resumed["from_epoch"] == 0 and "checkpoint_" in resumed["checkpoint"]
     assert len(resumed["skipped"]) == 1 and latest.rstrip("/").rsplit("/", 1)[1] in resumed["skipped"][0]

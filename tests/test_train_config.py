@@ -112,6 +112,39 @@ def test_encoder_weights_the_driver_does_not_have_are_refused_before_the_run(tmp
         train_config(TrainSpec(data="d", out="o", encoder="resnet50", encoder_weights=given), MANIFEST, "d")
 
 
+def test_encoder_weights_that_are_not_the_encoders_are_one_line_before_ray_train_and_out(tmp_path):
+    """A weights file that is not HDF5 (a failed download) or of another backbone: Ray Train started, every
+    worker failed in h5py, and the CLI printed a 66-line traceback (exit 1), leaving a run record in OUT."""
+    import keras
+
+    from raysegment.errors import ConfigError
+    from raysegment.models.encoders import backbone
+    from raysegment.train.trainer import train
+
+    text = tmp_path / "wrong.weights.h5"
+    text.write_text("<html>404 Not Found</html>")
+    small = tmp_path / "small.weights.h5"
+    backbone("mobilenetv3small", None).save_weights(str(small))
+    keras.backend.clear_session()
+    config(encoder="mobilenetv3small", encoder_weights=str(small)).model.check_weights()  # its own: loads
+    with pytest.raises(ConfigError, match="small.weights.h5: not a Keras weights file for mobilenetv3large"):
+        config(encoder="mobilenetv3large", encoder_weights=str(small)).model.check_weights()
+    shards = [
+        {"path": f"shards/{s}-00000.parquet", "split": s, "rows": n, "bytes": 1} for s, n in MANIFEST["counts"].items()
+    ]
+    manifest = {**MANIFEST, "format_version": FORMAT_VERSION, "shards": shards, "palette": [[0, 0, 0], [255, 0, 0]]}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "content_hash": "h"}))
+    out = tmp_path / "out"
+    spec = TrainSpec(
+        data=str(tmp_path), out=str(out), plan=False, encoder="mobilenetv3small", encoder_weights=str(text)
+    )
+    with pytest.raises(ConfigError) as refused:
+        train(spec)
+    assert str(refused.value).startswith(f"--encoder-weights {text}: not a Keras weights file for mobilenetv3small (")
+    assert "\n" not in str(refused.value)
+    assert not out.exists() or not any(out.iterdir())  # nothing in OUT: no run record, no checkpoint folder
+
+
 def test_a_data_set_whose_masks_label_no_pixel_is_refused_by_train_and_plan(tmp_path):
     void = {**MANIFEST, "pixel_frequency": [0.0, 0.0], "ignored_pixels": 4096}
     with pytest.raises(DataError, match="no mask labels a pixel \\(4096 pixels are 255"):
@@ -222,3 +255,90 @@ def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_pa
     check_resumable(run, first, "out", str(tmp_path / "a.weights.h5"))
     with pytest.raises(ConfigError, match="another network"):  # the record's file is not the one given now
         check_resumable(run, first, "out", str(tmp_path / "b.weights.h5"))
+
+
+def test_a_resume_takes_the_newest_complete_checkpoint_not_rays_lagging_latest(tmp_path):
+    """Stopped just after a checkpoint was written, Ray's snapshot did not list it: the re-run resumed from
+    the one before and trained the epoch shown as done again. The newest complete one is taken now; a torn
+    one (no state.json) and a damaged one are passed over, the damaged one named."""
+    import ray.train
+
+    from raysegment.train.checkpoint import restore, save_checkpoint
+    from raysegment.train.optim import learning_rate_schedule, make_optimizer
+
+    cfg = config(image_size=32, depth=2, base_filters=4)
+    model = cfg.model.build()
+    optimizer = make_optimizer(cfg, learning_rate_schedule(cfg))
+    optimizer.build(model.trainable_variables)
+    run = tmp_path / "train"
+
+    def written(second: int, epoch: int):
+        folder = run / f"checkpoint_2026-01-01_00-00-0{second}.000000"
+        folder.mkdir(parents=True)
+        save_checkpoint(str(folder), model, optimizer, TrainState(epoch=epoch, best_epoch=epoch))
+        return folder
+
+    written(1, 1)
+    listed = written(2, 2)  # Ray's latest, by its snapshot
+    newest = written(3, 3)  # complete on disk, not in the snapshot yet
+    (written(4, 4) / "state.json").unlink()  # torn by the stop: no state
+    damaged = written(5, 5)
+    (damaged / "model.weights.h5").write_bytes(b"partial")
+    state = restore(ray.train.Checkpoint(str(listed)), model, optimizer)
+    assert state.epoch == 3 and state.resumes[-1]["checkpoint"] == str(newest)
+    assert state.resumes[-1]["from_epoch"] == 3
+    assert [s.split(":")[0] for s in state.resumes[-1]["skipped"]] == [str(damaged)]
+
+    # Ray's record of the checkpoints shares their prefix: it is no checkpoint, never one to remove.
+    from raysegment import storage
+    from raysegment.train.trainer import _checkpoint_dirs
+
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert _checkpoint_dirs(storage.resolve(str(run))) == sorted(p.name for p in run.iterdir() if p.is_dir())
+
+
+def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
+    """Resumed with another learning rate (or workers: the global batch) the run went on silently, one history
+    and card for two runs; a finished run re-run with more epochs trained none and recorded the new flags."""
+    from raysegment import storage
+    from raysegment.errors import ConfigError
+    from raysegment.registry import _train_lines, _train_payload
+    from raysegment.train.trainer import RUN_IDENTITY, check_resumable, finished_run, run_identity
+
+    folder = tmp_path / "out" / "train"
+    run = storage.resolve(str(folder))
+    first = run_identity(config(), "h")
+    storage.write_json(run.child(RUN_IDENTITY), first)
+    (folder / "checkpoint_000000").mkdir()
+    check_resumable(run, first, "out")
+    lr = run_identity(config(learning_rate=0.05), "h")
+    with pytest.raises(ConfigError, match=r"^out: holds an unfinished training run with other training options "):
+        check_resumable(run, lr, "out")
+    with pytest.raises(ConfigError, match=r"\(workers 2 there, 1 now; .*--no-resume to start over"):
+        check_resumable(run, run_identity(config(workers=1), "h"), "out")
+    with pytest.raises(ConfigError, match=r"finished training run with other training options \(epochs 10 there, 40"):
+        check_resumable(run, run_identity(config(epochs=40), "h"), "out", finished=True)
+    with pytest.raises(ConfigError, match=r"time_budget_s None there, 60.0 now.*--no-resume"):
+        check_resumable(run, run_identity(config(time_budget=60), "h"), "out", finished=True)
+    with pytest.raises(ConfigError, match="another data set"):  # the data set still named as before
+        check_resumable(run, run_identity(config(learning_rate=0.05), "other"), "out")
+    older = {k: v for k, v in first.items() if k != "training"}  # recorded before the training options were
+    storage.write_json(run.child(RUN_IDENTITY), older)
+    check_resumable(run, lr, "out")  # resumed as before
+
+    # A finished run (its _SUCCESS, metrics and card, and its checkpoints) is kept: one line, nothing trained.
+    out = storage.resolve(str(tmp_path / "out"))
+    assert finished_run(out, "train") is None
+    best = {"epoch": 20, "val_mean_iou": 0.99334, "val_pixel_accuracy": 0.998}
+    storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 26})
+    storage.write_json(out.child("model.json"), {"model_id": "unet-42d08784322c"})
+    assert finished_run(out, "train") is None  # no _SUCCESS: stopped, or training now
+    storage.mark_success(out, {"model_id": "unet-42d08784322c"})
+    done = finished_run(out, "train")
+    assert done is not None and done["already_trained"]
+    assert _train_lines(None, done) == [
+        f"{out.uri}: already trained (26 epochs, best epoch 21, val mIoU 0.9933); nothing to do — pass "
+        "--no-resume to train again"
+    ]
+    payload = _train_payload(None, done)
+    assert payload["already_trained"] and payload["model_id"] == "unet-42d08784322c" and payload["best"] == best

@@ -80,6 +80,17 @@ def test_no_plan_keeps_the_fixed_defaults():
     assert (defaults["image_size"], defaults["epochs"], defaults["crop"]) == (128, 10, "resize")
 
 
+def test_train_refuses_a_data_set_without_val_images_before_printing_a_plan(capsys):
+    """`train` printed its plan, then refused a data set with no val split; `plan` refuses it without one."""
+    from raysegment.errors import DataError
+    from raysegment.train.trainer import apply_plan
+
+    spec = load_spec(TrainSpec, None, {"data": "d", "out": "o"})
+    with pytest.raises(DataError, match="no validation images"):
+        apply_plan(spec, None, {**MANIFEST, "counts": {"train": 80, "val": 0}})
+    assert "plan for the data set" not in capsys.readouterr().err
+
+
 def test_time_budget_parses_like_plan_and_old_cards_load():
     assert load_spec(TrainSpec, None, {"data": "d", "out": "o", "time_budget": "40m"}).time_budget == 2400
     with pytest.raises(Exception, match="not a duration"):

@@ -63,6 +63,22 @@ def backbone(name: str, weights: str | None) -> keras.Model:
     return model
 
 
+def check_weights_file(name: str, path: str) -> None:
+    """ValueError (one line) unless the file at `path` loads into the backbone `name`, as every training
+    worker loads it: a file that is not HDF5 (a failed download) or of another backbone failed there, after
+    start-up, with h5py's or Keras' traceback."""
+    try:
+        backbone(name, path)
+    except Exception as exc:  # h5py, Keras and the file system each raise their own kind
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(
+            f"not a Keras weights file for {name} ({type(exc).__name__}: {reason}); give imagenet, none, "
+            f"or a file saved from the {name} backbone (`save_weights`, .weights.h5 or Keras' legacy .h5)"
+        ) from None
+    finally:
+        keras.backend.clear_session()  # the probe model's graph and memory are not the run's
+
+
 def skip_layers(model: keras.Model) -> dict[int, str]:
     """Stride -> the name of the last layer with exactly that resolution (probed on a 128x128 image)."""
     inner = [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]

@@ -129,25 +129,33 @@ def load_checkpoint(directory: str, model, optimizer) -> TrainState:
 
 
 def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
-    """Load the latest checkpoint; if it is corrupt or partial, the newest older one that loads.
+    """Load the newest complete checkpoint of the run: the highest epoch whose files match their hashes.
 
-    Ray Train hands over only the latest checkpoint; its siblings (``num_to_keep``) sit
-    next to it in the run's storage. Every rank walks the same list, so all agree.
+    Ray Train hands over its latest checkpoint, by its snapshot of the run, which lags the disk: a run
+    stopped (SIGTERM, Ctrl-C) just after a checkpoint was written does not list it, and its epoch, shown
+    as done, was trained again. So every `checkpoint_*` folder beside it (``num_to_keep``, and such ones)
+    is ordered by the epoch its state.json records, Ray's latest first among equals; one with no readable
+    state (torn by the stop) is tried last, and one that does not load (corrupt, partial) is skipped for
+    the next. Every rank walks the same list, so all agree. `trainer.remove_untracked_checkpoints` removes
+    those Ray does not track once the model is written.
     """
     import pyarrow.fs as pafs
     import ray.train
 
-    fs, latest = checkpoint.filesystem, checkpoint.path
-    parent = os.path.dirname(latest.rstrip("/"))
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent = os.path.dirname(latest)
     siblings = [
-        info.path
+        info.path.rstrip("/")
         for info in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
         if info.type == pafs.FileType.Directory
-        and os.path.basename(info.path).startswith("checkpoint_")
-        and info.path.rstrip("/") != latest.rstrip("/")
+        and os.path.basename(info.path.rstrip("/")).startswith("checkpoint_")
+        and info.path.rstrip("/") != latest
     ]
+    order = sorted(
+        [latest, *siblings], key=lambda p: (_recorded_epoch(fs, p), p == latest, os.path.basename(p)), reverse=True
+    )
     problems = []
-    for path in [latest, *sorted(siblings, reverse=True)]:
+    for path in order:
         try:
             with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
                 state = load_checkpoint(d, model, optimizer)
@@ -164,6 +172,15 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
         f"(damaged, or trained with other options); pass --no-resume to start over, or choose another OUT: "
         + "; ".join(problems)[:600]
     )
+
+
+def _recorded_epoch(fs: Any, path: str) -> int:
+    """The epoch a checkpoint's state.json records; -1 without a readable one (torn: tried last)."""
+    try:
+        with fs.open_input_stream(f"{path}/{CHECKPOINT_STATE}") as f:
+            return int(json.loads(f.read())["epoch"])
+    except Exception:  # missing, partial or not JSON: the load says which, if it comes to that
+        return -1
 
 
 def _uri(fs: Any, path: str) -> str:

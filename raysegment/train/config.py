@@ -58,6 +58,18 @@ class ModelConfig:
         path = weights_file(self.encoder, self.encoder_weights) if self.encoder else None
         return replace(self, shipped_weights=ship(path)) if path else self
 
+    def check_weights(self) -> None:
+        """ConfigError unless a given encoder weights file loads into the encoder: checked on the driver,
+        before Ray Train starts and before OUT changes (`train`), as every worker would load it."""
+        if not self.encoder or self.encoder_weights in (None, "imagenet"):
+            return
+        from raysegment.models.encoders import check_weights_file
+
+        try:
+            check_weights_file(self.encoder, self.encoder_weights)
+        except ValueError as exc:
+            raise ConfigError(f"--encoder-weights {self.encoder_weights}: {exc}") from None
+
     def build(self) -> keras.Model:
         """A freshly initialised model (workers train it; the driver loads the best weights into it)."""
         if self.encoder:

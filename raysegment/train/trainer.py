@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import posixpath
+import signal
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -142,10 +144,14 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     from_budget = plan_record is not None and "epochs" in plan_record["auto"]
     # An encoder's weights file on the driver goes to the workers through Ray's object store.
     cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
+    cfg.model.check_weights()  # a weights file that is not the encoder's: one line, before Ray Train and OUT
     cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
     identity = run_identity(cfg, manifest["content_hash"])
     if spec.resume:
-        check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights)
+        finished = finished_run(out, spec.name)
+        check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights, finished is not None)
+        if finished is not None:
+            return finished  # trained with these options already: model.keras (its model_id) stays as it is
     # The MLflow run (with --mlflow-uri) exists from here, before OUT changes (a store that refuses it is a
     # refusal too): FINISHED once the artifacts are logged, else FAILED.
     with tracking.mlflow_run(spec, plan_record) as run:
@@ -159,9 +165,10 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         if result.error:
             raise result.error
         progress.note(f"train: writing the model, its card and plots to {out.uri}")
-        best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"])
         with result.checkpoint.as_directory() as d:
             state = read_state(d)
+        kept = [*result.best_checkpoints, *resumed_checkpoints(result, state)]
+        best_ckpt, best_metrics = max(kept, key=lambda cm: cm[1]["val_mean_iou"])
         for resume in state.resumes:
             for problem in resume["skipped"]:
                 log.warning("train: skipped unreadable checkpoint %s", problem)
@@ -171,10 +178,67 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         # The history's row of that epoch: what the epoch reported also holds the progress line's ETA.
         best_row = next((row for row in state.history if row["epoch"] == best_metrics["epoch"]), best_metrics)
         summary = write_artifacts(out, spec, manifest, cfg, best_ckpt, best_row, state, time.time() - t0, plan_record)
+        remove_untracked_checkpoints(out.child(spec.name), result)
         live.finish(out, state.history, summary)
         if run is not None:
             summary["mlflow_run_id"] = run.run_id
     return summary
+
+
+def finished_run(out: storage.Location, name: str) -> dict[str, Any] | None:
+    """What a finished run in OUT recorded (its card and metrics, as `train` returns them, `already_trained`),
+    or None: a run is finished when OUT has its _SUCCESS (train removes it first) and the run's checkpoints."""
+    from raysegment.models.card import CARD_FILE
+
+    try:
+        # Read, not listed: a listing cached before the marker went (s3fs's) would still show it.
+        success = storage.read_json(out.child(storage.SUCCESS))
+        metrics, card = storage.read_json(out.child(METRICS_FILE)), storage.read_json(out.child(CARD_FILE))
+        _ = (metrics["best"]["epoch"], metrics["best"]["val_mean_iou"], metrics["epochs_run"])
+        if success["model_id"] != card["model_id"] or not _checkpoint_dirs(out.child(name)):
+            return None
+    except (StorageError, OSError, KeyError, TypeError):
+        return None  # no _SUCCESS (stopped, or training now), or not what train writes: train (over it)
+    return {"already_trained": True, "model_card": card, "metrics": metrics, "out": out.uri}
+
+
+def _checkpoint_dirs(run_dir: storage.Location) -> list[str]:
+    """The names of the run folder's checkpoint_* folders (listed, not globbed: an OUT named runs/[exp1] is
+    no pattern); none when the folder does not exist. Folders only: Ray's own record of them,
+    checkpoint_manager_snapshot.json, shares the prefix (removed with the "untracked", the next run resumed
+    nothing)."""
+    if not storage.exists(run_dir):
+        return []
+    entries = run_dir.call(lambda: run_dir.fs.ls(run_dir.path, detail=True))
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+    return sorted(n for n in names if n.startswith("checkpoint_"))
+
+
+def resumed_checkpoints(result: ray.train.Result, state: TrainState) -> list[tuple[ray.train.Checkpoint, dict]]:
+    """The checkpoints this run resumed from that Ray Train does not track, with their epochs' metrics: one
+    written just before an interrupt is on disk, complete, but missing from Ray's snapshot (`restore` takes
+    it up), so Ray never weighs it for the best."""
+    tracked = {c.path.rstrip("/") for c, _ in result.best_checkpoints} | {result.checkpoint.path.rstrip("/")}
+    rows = {row["epoch"]: row for row in state.history}
+    found = []
+    for resume in state.resumes:
+        path = resume["checkpoint"].rstrip("/")
+        if path not in tracked and resume["from_epoch"] in rows:
+            checkpoint = ray.train.Checkpoint(path, filesystem=result.checkpoint.filesystem)
+            if checkpoint.filesystem.get_file_info(path).type.name == "Directory":
+                found.append((checkpoint, rows[resume["from_epoch"]]))
+    return found
+
+
+def remove_untracked_checkpoints(run_dir: storage.Location, result: ray.train.Result) -> None:
+    """Once the model is written, remove the checkpoints Ray Train does not track (it keeps `num_to_keep` by
+    val mIoU and the latest, and deletes the rest): one written just before an interrupt, or torn by it,
+    would stay in OUT for good."""
+    tracked = {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints}
+    tracked.add(posixpath.basename(result.checkpoint.path.rstrip("/")))
+    for name in _checkpoint_dirs(run_dir):
+        if name not in tracked:
+            storage.remove_tree(run_dir.child(name))
 
 
 def apply_plan(
@@ -222,7 +286,7 @@ def fit(
 ) -> ray.train.Result:
     """Run the Ray Train job; rank 0 posts progress to `inbox` (None: no progress shown). `identity` is
     recorded beside the checkpoints (`check_resumable` read it before)."""
-    trainer = DataParallelTrainer(
+    trainer = _Trainer(
         # Bound here rather than passed as `train_loop_config`, which Ray types as a dict.
         functools.partial(train_loop_per_worker, cfg, inbox),
         backend_config=TFClusterConfig(),  # TensorflowTrainer's set-up without its TF import (see backend.py)
@@ -251,14 +315,49 @@ def fit(
     if not spec.resume:
         storage.remove_tree(out.child(spec.name))
     storage.write_json(out.child(spec.name, RUN_IDENTITY), identity)
-    return trainer.fit()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread() and before is not None:
+            signal.signal(signal.SIGINT, before)  # whatever Ray Train set stays out of the rest of the command
+
+
+class _Trainer(DataParallelTrainer):
+    """Ray Train's trainer, with Ctrl-C left as the command's: Ray's SIGINT handler asks the controller to
+    abort and then ends the process with sys.exit(0) (exit 1, no line, no --json object; its third Ctrl-C
+    exits 0, a stopped run reported as a success). Left alone, Ctrl-C raises KeyboardInterrupt in the
+    driver's `ray.get`, which `console.handle_errors` ends with exit 130 and its "interrupted" line; the
+    controller and the workers are the driver's, ended with it, as after SIGTERM."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        return None
 
 
 RUN_IDENTITY = "raysegment-run.json"  # beside Ray Train's checkpoints: what they were trained on
 
 
+# The options a resumed run must share with its checkpoints: they set the schedule (its length, steps, rates),
+# the effective batch and what is optimised; changed mid-run they mixed two runs in one history and card.
+TRAINING_OPTIONS = (
+    "epochs",
+    "time_budget_s",
+    "workers",
+    "batch_size",
+    "steps_per_epoch",
+    "peak_learning_rate",
+    "schedule",
+    "warmup_epochs",
+    "optimizer",
+    "momentum",
+    "loss",
+    "class_weights",
+)
+
+
 def run_identity(cfg: TrainConfig, data_hash: str) -> dict[str, Any]:
-    """What a checkpoint must share with this run to be resumed by it: the data set and the network."""
+    """What a checkpoint must share with this run to be resumed by it: the data set, the network and the
+    training options (`TRAINING_OPTIONS`)."""
     network = dataclasses.asdict(dataclasses.replace(cfg.model, shipped_weights=None))
     shipped = cfg.model.shipped_weights
     if shipped is not None and cfg.model.encoder_weights != "imagenet":
@@ -268,44 +367,67 @@ def run_identity(cfg: TrainConfig, data_hash: str) -> dict[str, Any]:
         "network": network,
         "classes": list(cfg.class_names),
         "input": cfg.model_input.model_dump(mode="json"),
+        "training": {k: getattr(cfg, k) for k in TRAINING_OPTIONS},
     }
     return json.loads(json.dumps(identity))  # as it reads back: tuples as lists
 
 
 def check_resumable(
-    run_dir: storage.Location, identity: dict[str, Any], out_uri: str, weights_path: str | None = None
+    run_dir: storage.Location,
+    identity: dict[str, Any],
+    out_uri: str,
+    weights_path: str | None = None,
+    finished: bool = False,
 ) -> None:
-    """Refuse to resume checkpoints of another data set or network, before anything in OUT is touched.
+    """Refuse to resume checkpoints of another data set, network or training options, before anything in
+    OUT is touched; `finished`: the run in OUT finished (`finished_run`), so it is not resumed but kept.
 
     Ray Train resumes whatever checkpoint the run folder holds: another data set's was taken up at
     its last epoch and written out as a model of this one, and another network's failed to load with
-    a traceback. Run folders from before this record are resumed as they were, and a record without a
-    checkpoint beside it (a run stopped before its first) refuses nothing: there is nothing to resume."""
+    a traceback. Other training options (learning rate, epochs, budget, batch, workers) went on silently
+    from the checkpoint's epoch, one history and card for two runs; a finished run re-run with more epochs
+    trained none and recorded the new options. Run folders from before this record are resumed as they
+    were (a record without training options: as before it had them), and a record without a checkpoint
+    beside it (a run stopped before its first) refuses nothing: there is nothing to resume."""
     loc = run_dir.child(RUN_IDENTITY)
-    if storage.exists(loc) and any(
-        posixpath.basename(p.rstrip("/")).startswith("checkpoint_")
-        for p in run_dir.call(lambda: run_dir.fs.ls(run_dir.path))
-    ):  # listed, not globbed: an OUT named runs/[exp1] is no pattern
-        try:
-            held = storage.read_json(loc)
-        except StorageError:
-            held = None
-        if isinstance(held, dict):
-            held = _as_recorded_now(held, identity, weights_path)
-        if held != identity:
-            differs = sorted(k for k in identity if not isinstance(held, dict) or held.get(k) != identity[k])
-            raise ConfigError(
-                f"{out_uri}: holds a training run on another {' and '.join(differs) or 'record'} "
-                "(its checkpoints cannot be resumed by this one); pass --no-resume to start over there, "
-                "or choose another OUT"
-            )
+    if not (storage.exists(loc) and _checkpoint_dirs(run_dir)):
+        return
+    try:
+        held = storage.read_json(loc)
+    except StorageError:
+        held = None
+    if isinstance(held, dict):
+        held = _as_recorded_now(held, identity, weights_path)
+    if held == identity:
+        return
+    differs = sorted(k for k in identity if not isinstance(held, dict) or held.get(k) != identity[k])
+    if differs != ["training"]:
+        raise ConfigError(
+            f"{out_uri}: holds a training run on another {' and '.join(differs) or 'record'} "
+            "(its checkpoints cannot be resumed by this one); pass --no-resume to start over there, "
+            "or choose another OUT"
+        )
+    was, now = held["training"] if isinstance(held["training"], dict) else {}, identity["training"]
+    options = "; ".join(f"{k} {was.get(k)} there, {now[k]} now" for k in TRAINING_OPTIONS if was.get(k) != now[k])
+    if finished:
+        raise ConfigError(
+            f"{out_uri}: holds a finished training run with other training options ({options}); "
+            "pass --no-resume to train again there from the start, or choose another OUT"
+        )
+    raise ConfigError(
+        f"{out_uri}: holds an unfinished training run with other training options ({options}): resumed, "
+        "it would mix the two; run it with its own options to finish it, pass --no-resume to start over "
+        "there, or choose another OUT"
+    )
 
 
 def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any], weights_path: str | None) -> dict[str, Any]:
     """A record written before its latest fields, read as it would be written now: `eight_bit_seen` follows
     from the data set and normalisation (both compared), and an encoder weights file named by its path is
-    this run's file when that is the path given now (the old record cannot show its content)."""
+    this run's file when that is the path given now (the old record cannot show its content), and a record
+    without training options resumes with this run's (as it did before they were recorded)."""
     held = json.loads(json.dumps(held))
+    held.setdefault("training", identity["training"])  # recorded before the training options were
     if isinstance(held.get("input"), dict):
         held["input"].setdefault("eight_bit_seen", identity["input"].get("eight_bit_seen", False))
     old, new = held.get("network"), identity["network"]
