@@ -296,6 +296,18 @@ def test_a_resume_takes_the_newest_complete_checkpoint_not_rays_lagging_latest(t
     (run / "checkpoint_manager_snapshot.json").write_text("{}")
     assert _checkpoint_dirs(storage.resolve(str(run))) == sorted(p.name for p in run.iterdir() if p.is_dir())
 
+    # The model is written from the best checkpoint Ray keeps, never one the resume found damaged (Ray still
+    # lists it with the metrics it had), and the later epoch on a tie.
+    from raysegment.train.trainer import best_checkpoint
+
+    def ckpt(folder, epoch: int, miou: float):
+        return ray.train.Checkpoint(str(folder)), {"epoch": epoch, "val_mean_iou": miou}
+
+    kept = [ckpt(listed, 2, 0.5), ckpt(newest, 3, 0.5), ckpt(damaged, 5, 0.9)]
+    result = ray.train.Result(metrics={}, checkpoint=kept[1][0], error=None, path=str(run), best_checkpoints=kept)
+    chosen, metrics = best_checkpoint(result, state)
+    assert chosen.path == str(newest) and metrics["epoch"] == 3
+
 
 def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
     """Resumed with another learning rate (or workers: the global batch) the run went on silently, one history
@@ -322,6 +334,8 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
         check_resumable(run, run_identity(config(time_budget=60), "h"), "out", finished=True)
     with pytest.raises(ConfigError, match="another data set"):  # the data set still named as before
         check_resumable(run, run_identity(config(learning_rate=0.05), "other"), "out")
+    # 1.1h and 66m are one budget, though their floats differ in the last bit.
+    assert run_identity(config(time_budget=1.1 * 3600), "h") == run_identity(config(time_budget=3960.0), "h")
     older = {k: v for k, v in first.items() if k != "training"}  # recorded before the training options were
     storage.write_json(run.child(RUN_IDENTITY), older)
     check_resumable(run, lr, "out")  # resumed as before
@@ -334,6 +348,10 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
     storage.write_json(out.child("model.json"), {"model_id": "unet-42d08784322c"})
     assert finished_run(out, "train") is None  # no _SUCCESS: stopped, or training now
     storage.mark_success(out, {"model_id": "unet-42d08784322c"})
+    # Recorded without training options (an older version): nothing shows these were its options, so it is
+    # resumed as before, not kept whatever the flags.
+    assert finished_run(out, "train") is None
+    storage.write_json(run.child(RUN_IDENTITY), first)
     done = finished_run(out, "train")
     assert done is not None and done["already_trained"]
     assert _train_lines(None, done) == [

@@ -154,7 +154,8 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
     order = sorted(
         [latest, *siblings], key=lambda p: (_recorded_epoch(fs, p), p == latest, os.path.basename(p)), reverse=True
     )
-    problems = []
+    problems: list[str] = []
+    skipped: list[str] = []
     for path in order:
         try:
             with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
@@ -162,9 +163,11 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
         except Exception as exc:  # h5py, zipfile and json each raise their own kind
             # One line each (h5py's text spans several), under the URI the user gave (s3:// included).
             problems.append(f"{_uri(fs, path)}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            skipped.append(path)
             continue
         # The workers' output stays in Ray's logs; the driver reports `resumes` from the final state.
-        resume = {"from_epoch": state.epoch, "checkpoint": path, "skipped": problems}
+        # `skipped_paths`: as Ray Train names them, so the driver never takes one of them for the best.
+        resume = {"from_epoch": state.epoch, "checkpoint": path, "skipped": problems, "skipped_paths": skipped}
         return dataclasses.replace(state, resumes=[*state.resumes, resume])
     # A user error (one line, exit 2): the checkpoints are damaged or of another network, and the fix is the user's.
     raise ConfigError(

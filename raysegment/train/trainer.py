@@ -167,8 +167,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         progress.note(f"train: writing the model, its card and plots to {out.uri}")
         with result.checkpoint.as_directory() as d:
             state = read_state(d)
-        kept = [*result.best_checkpoints, *resumed_checkpoints(result, state)]
-        best_ckpt, best_metrics = max(kept, key=lambda cm: cm[1]["val_mean_iou"])
+        best_ckpt, best_metrics = best_checkpoint(result, state)
         for resume in state.resumes:
             for problem in resume["skipped"]:
                 log.warning("train: skipped unreadable checkpoint %s", problem)
@@ -178,7 +177,10 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         # The history's row of that epoch: what the epoch reported also holds the progress line's ETA.
         best_row = next((row for row in state.history if row["epoch"] == best_metrics["epoch"]), best_metrics)
         summary = write_artifacts(out, spec, manifest, cfg, best_ckpt, best_row, state, time.time() - t0, plan_record)
-        remove_untracked_checkpoints(out.child(spec.name), result)
+        try:  # the model is written and marked: a store that refuses a delete costs only disk
+            remove_untracked_checkpoints(out.child(spec.name), result)
+        except (StorageError, OSError) as exc:
+            log.warning("train: checkpoints Ray Train does not track were not removed: %s", exc)
         live.finish(out, state.history, summary)
         if run is not None:
             summary["mlflow_run_id"] = run.run_id
@@ -197,6 +199,10 @@ def finished_run(out: storage.Location, name: str) -> dict[str, Any] | None:
         _ = (metrics["best"]["epoch"], metrics["best"]["val_mean_iou"], metrics["epochs_run"])
         if success["model_id"] != card["model_id"] or not _checkpoint_dirs(out.child(name)):
             return None
+        # Only a run that recorded its training options can show that it had these: an older one's record
+        # (or none) would call any options "the same"; such a run is resumed, as it was before.
+        if "training" not in storage.read_json(out.child(name, RUN_IDENTITY)):
+            return None
     except (StorageError, OSError, KeyError, TypeError):
         return None  # no _SUCCESS (stopped, or training now), or not what train writes: train (over it)
     return {"already_trained": True, "model_card": card, "metrics": metrics, "out": out.uri}
@@ -212,6 +218,19 @@ def _checkpoint_dirs(run_dir: storage.Location) -> list[str]:
     entries = run_dir.call(lambda: run_dir.fs.ls(run_dir.path, detail=True))
     names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
     return sorted(n for n in names if n.startswith("checkpoint_"))
+
+
+def best_checkpoint(result: ray.train.Result, state: TrainState) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
+    """The checkpoint the model is written from: the best val mIoU among those Ray Train keeps and those this
+    run resumed from, the later epoch on a tie; never one a resume found damaged (Ray still lists it, with
+    the metrics it had: its weights failed to load, or worse, loaded wrong)."""
+    damaged = {p.rstrip("/") for resume in state.resumes for p in resume.get("skipped_paths", [])}
+    kept = [
+        cm
+        for cm in [*result.best_checkpoints, *resumed_checkpoints(result, state)]
+        if cm[0].path.rstrip("/") not in damaged
+    ]
+    return max(kept, key=lambda cm: (cm[1]["val_mean_iou"], cm[1].get("epoch", -1)))
 
 
 def resumed_checkpoints(result: ray.train.Result, state: TrainState) -> list[tuple[ray.train.Checkpoint, dict]]:
@@ -352,6 +371,7 @@ TRAINING_OPTIONS = (
     "momentum",
     "loss",
     "class_weights",
+    "patience",
 )
 
 
@@ -367,9 +387,14 @@ def run_identity(cfg: TrainConfig, data_hash: str) -> dict[str, Any]:
         "network": network,
         "classes": list(cfg.class_names),
         "input": cfg.model_input.model_dump(mode="json"),
-        "training": {k: getattr(cfg, k) for k in TRAINING_OPTIONS},
+        # A budget to the tenth of a second: 1.1h and 66m are one budget (3960.0000000000005 and 3960.0).
+        "training": {k: _rounded(getattr(cfg, k)) for k in TRAINING_OPTIONS},
     }
     return json.loads(json.dumps(identity))  # as it reads back: tuples as lists
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 1) if isinstance(value, float) else value
 
 
 def check_resumable(
