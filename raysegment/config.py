@@ -25,11 +25,19 @@ MLFLOW_AUTH = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLF
 
 
 def comma_list(v: Any) -> Any:
-    """A flag's (or spec file's) comma-separated text as its items, stripped, empty ones dropped.
+    """A flag's (or spec file's) comma-separated text as its items, stripped; blank text is no item.
 
-    The one rule for every list given as text ('a, b' is ['a', 'b']); a YAML list passes unchanged.
+    The one rule for every list given as text ('a, b' is ['a', 'b']); a YAML list passes unchanged. An empty
+    item ('bg,,cell') is refused: dropping it would make three class names two, a typo a different data set.
     """
-    return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+    if not isinstance(v, str):
+        return v
+    if not v.strip():
+        return []
+    items = [p.strip() for p in v.split(",")]
+    if "" in items:
+        raise ValueError(f"an empty item in {v!r}: separate the items by single commas")
+    return items
 
 
 def min_max(v: Any, usage: str) -> Any:

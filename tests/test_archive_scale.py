@@ -153,6 +153,13 @@ def test_the_end_of_run_check_reads_the_runs_own_files_and_still_finds_collision
     write_runs(out, {"compacted": [["img/0000"]]})  # a file the run did not write: everything is read again
     again = resume.after_run(out, index, "r3")
     assert (again.rows, again.keys, again.folded) == (1006, 1005, 1004) and again.buckets  # built again
+    # A run that adds more rows than the start index held: built again, its buckets sized for all the keys.
+    small = storage.resolve(str(tmp_path / "small"))
+    write_runs(small, {"s1": [["a"]]})
+    start = resume.build(small)
+    write_runs(small, {"s2": [[f"b{i}" for i in range(5)]]})
+    grown = resume.after_run(small, start, "s2")
+    assert (grown.rows, grown.keys) == (6, 6) and grown.buckets
 
 
 def test_a_multi_batch_summary_file_killed_while_assembled_is_redone_once(tiny_model, ray_cluster, tmp_path):

@@ -106,7 +106,7 @@ def test_extensions_one_list_normalised():
 
 
 def test_comma_list_flags_and_spec_fields_read_alike():
-    # One rule for every comma list, flag or spec file: items stripped, empty ones dropped.
+    # One rule for every comma list, flag or spec file: items stripped, an empty one refused.
     from click.testing import CliRunner
 
     from raysegment.cli import main
@@ -114,6 +114,8 @@ def test_comma_list_flags_and_spec_fields_read_alike():
     base = {"source": "s", "dest": "d"}
     assert load_spec(PrepareSpec, None, {**base, "class_names": "a, b"}).class_names == ["a", "b"]
     assert load_spec(PrepareSpec, None, {**base, "class_names": ["a", "b"]}).class_names == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"an empty item in 'bg,,cell': separate the items by single commas"):
+        load_spec(PrepareSpec, None, {**base, "class_names": "bg,,cell"})  # a typo, not the two classes bg, cell
     runner = CliRunner()
     # "a, a" is one name twice, not the classes "a" and " a"; both refused before anything runs.
     r = runner.invoke(main, ["prepare", "s", "d", "--class-names", "a, a"])

@@ -256,7 +256,7 @@ def test_the_input_sample_stops_after_n_names(tmp_path, monkeypatch):
 
 
 @pytest.mark.s3
-def test_the_input_sample_on_s3_is_one_limited_listing(s3_prefix):
+def test_the_input_sample_on_s3_is_one_limited_listing(s3_prefix, monkeypatch):
     """On S3 the sample was a complete paginated LIST of a flat prefix; now a page of n keys, then it stops."""
     from raysegment.inference import sources
 
@@ -270,7 +270,7 @@ def test_the_input_sample_on_s3_is_one_limited_listing(s3_prefix):
         calls.append((method, kwargs.get("MaxKeys")))
         return real(method, **kwargs)
 
-    root.fs.call_s3 = counted
+    monkeypatch.setattr(root.fs, "call_s3", counted)  # the cached filesystem is shared: put back after
     flat = root.child("flat")
     assert sources._sample(flat, n=10) == [f"{i:04d}.png" for i in range(10)]
     assert calls == [("list_objects_v2", 10)]

@@ -685,12 +685,6 @@ class Summaries:
         names = self.metadata.get(CLASS_NAMES_META)
         return [str(n) for n in json.loads(names)] if names else []
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        """Record batches of the summary columns each file has (older runs lack some)."""
-        for path in self.paths:
-            table = read_summary(self.output, path)
-            yield from table.select([c for c in SUMMARY_COLUMNS if c in table.schema.names]).to_batches()
-
 
 # -- run records and the _SUCCESS marker -----------------------------------------------------------------
 

@@ -238,7 +238,9 @@ def extend(output: storage.Location, index: DoneIndex, added_under: str) -> Done
         return index
     groups = _groups(output, added)
     figures: list[GroupFigures] = ray.get([g[0] for g in groups])
-    if any(f.changed for f in figures):
+    # More rows than the start index held: its buckets were sized for fewer keys (one task would merge them
+    # all), so the index is built again, bucketed for all of them.
+    if any(f.changed for f in figures) or sum(f.rows for f in figures) > index.rows:
         return None
     arrays = [g[1] for g in groups] + [g[2] for g in groups]
     buckets = len(index.buckets)
