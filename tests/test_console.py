@@ -536,6 +536,14 @@ infer(as_json=True)
 """
 
 
+def assert_stopped(returncode: int, stdout: str, stderr: str, command: str, code: int, said: str) -> None:
+    """A command stopped by a signal: its exit code, its one line (`said`, then the advice) and its --json object."""
+    assert returncode == code, stderr[-3000:]
+    assert f"{said}; what it finished is kept: run the same command again" in stderr
+    result = json.loads(stdout)
+    assert (result["command"], result["exit_code"]) == (command, code) and result["log_file"]
+
+
 @pytest.mark.parametrize("with_ray", ["no-ray", "ray"])
 def test_sigterm_exits_143_with_one_line_and_object_after_the_locks_are_released(with_ray, request, tmp_path):
     """SIGTERM (systemd stop, Kubernetes, `ray job stop`) ended a command with Ray's driver handler's
@@ -568,10 +576,8 @@ def test_sigterm_exits_143_with_one_line_and_object_after_the_locks_are_released
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == TERMINATED == 143, stderr[-3000:]
-    assert "terminated (SIGTERM): infer stopped; what it finished is kept: run the same command again" in stderr
-    result = json.loads(stdout)
-    assert (result["command"], result["exit_code"]) == ("infer", 143) and result["log_file"]
+    assert TERMINATED == 143
+    assert_stopped(proc.returncode, stdout, stderr, "infer", 143, "terminated (SIGTERM): infer stopped")
     assert not (out / "_infer.lock").exists()  # the `with` block ran its exit: the lock is released
 
 
@@ -597,10 +603,8 @@ def test_ctrl_c_in_train_exits_130_with_one_line_and_object(tiny_model, ray_clus
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == INTERRUPTED == 130, stderr[-3000:]
-    assert "interrupted: train stopped; what it finished is kept: run the same command again" in stderr
-    result = json.loads(stdout)
-    assert (result["command"], result["exit_code"]) == ("train", 130) and result["log_file"]
+    assert INTERRUPTED == 130
+    assert_stopped(proc.returncode, stdout, stderr, "train", 130, "interrupted: train stopped")
 
 
 def test_the_temp_log_folder_cannot_shadow_the_package(tmp_path):

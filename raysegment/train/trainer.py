@@ -31,6 +31,7 @@ from raysegment.data.prepare import read_manifest
 from raysegment.errors import ConfigError, StorageError
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
 from raysegment.models.card import (
+    CARD_FILE,
     CONFUSION_FILE,
     CURVES_FILE,
     EXAMPLES_FILE,
@@ -190,8 +191,6 @@ def train(spec: TrainSpec) -> dict[str, Any]:
 def finished_run(out: storage.Location, name: str) -> dict[str, Any] | None:
     """What a finished run in OUT recorded (its card and metrics, as `train` returns them, `already_trained`),
     or None: a run is finished when OUT has its _SUCCESS (train removes it first) and the run's checkpoints."""
-    from raysegment.models.card import CARD_FILE
-
     try:
         # Read, not listed: a listing cached before the marker went (s3fs's) would still show it.
         success = storage.read_json(out.child(storage.SUCCESS))
@@ -237,7 +236,7 @@ def resumed_checkpoints(result: ray.train.Result, state: TrainState) -> list[tup
     """The checkpoints this run resumed from that Ray Train does not track, with their epochs' metrics: one
     written just before an interrupt is on disk, complete, but missing from Ray's snapshot (`restore` takes
     it up), so Ray never weighs it for the best."""
-    tracked = {c.path.rstrip("/") for c, _ in result.best_checkpoints} | {result.checkpoint.path.rstrip("/")}
+    tracked = _tracked(result)
     rows = {row["epoch"]: row for row in state.history}
     found = []
     for resume in state.resumes:
@@ -249,12 +248,16 @@ def resumed_checkpoints(result: ray.train.Result, state: TrainState) -> list[tup
     return found
 
 
+def _tracked(result: ray.train.Result) -> set[str]:
+    """The paths of the checkpoints Ray Train tracks: those it keeps by val mIoU, and its latest."""
+    return {c.path.rstrip("/") for c, _ in result.best_checkpoints} | {result.checkpoint.path.rstrip("/")}
+
+
 def remove_untracked_checkpoints(run_dir: storage.Location, result: ray.train.Result) -> None:
     """Once the model is written, remove the checkpoints Ray Train does not track (it keeps `num_to_keep` by
     val mIoU and the latest, and deletes the rest): one written just before an interrupt, or torn by it,
     would stay in OUT for good."""
-    tracked = {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints}
-    tracked.add(posixpath.basename(result.checkpoint.path.rstrip("/")))
+    tracked = {posixpath.basename(path) for path in _tracked(result)}
     for name in _checkpoint_dirs(run_dir):
         if name not in tracked:
             storage.remove_tree(run_dir.child(name))
