@@ -6,6 +6,7 @@ The job kinds, what they print and the CPUs they need are in `registry.py`; erro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -137,10 +138,10 @@ def data_info(data: str, endpoint_url: str | None) -> None:
     from its shards (Ray tasks)."""
     from raysegment import plan as planning
     from raysegment.data.info import format_manifest
-    from raysegment.data.prepare import read_manifest
+    from raysegment.data.manifest import read_manifest
 
     loc, manifest = read_manifest(data, endpoint_url)
-    manifest["fingerprint"] = planning.read_fingerprint(loc, manifest).to_json()
+    manifest = dataclasses.replace(manifest, fingerprint=planning.read_fingerprint(loc, manifest).to_json())
     click.echo(format_manifest(loc.uri, manifest))
 
 
@@ -166,7 +167,7 @@ def plan(
     from raysegment import plan as planning
     from raysegment import storage
     from raysegment.data.classes import manifest_warnings
-    from raysegment.data.prepare import read_manifest
+    from raysegment.data.manifest import read_manifest
     from raysegment.train.config import check_labelled, check_train, check_val
 
     # The compute and budget checked as `train` checks them (TrainSpec's bounds): a plan is only printed for
@@ -180,7 +181,7 @@ def plan(
     check_val(manifest, loc.uri)
     fp = planning.read_fingerprint(loc, manifest)
     compute = planning.Compute(spec.workers, spec.gpus_per_worker, spec.cpus_per_worker)
-    result = planning.make_plan(fp, manifest["counts"].get("train", 0), compute, spec.time_budget)
+    result = planning.make_plan(fp, manifest.counts.train, compute, spec.time_budget)
     storage.write_json(storage.resolve(out, endpoint_url), {"data": loc.uri, **result.to_json()})
     click.echo("\n".join([*planning.format_plan(result), f"written to {out}"]))
     for warning in manifest_warnings(manifest):
@@ -374,6 +375,9 @@ def infer(config: str | None, as_json: bool, **flags: Any) -> None:
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
 @click.option("--tta-flip/--no-tta-flip", default=None, help="flip TTA, as infer (default: the card's advice)")
 @click.option("--ready-timeout-s", type=float, default=None, help="wait this long for the model to load (600)")
+@click.option(
+    "--drain-timeout-s", type=float, default=None, help="on Ctrl-C/SIGTERM, requests in flight get this long (20)"
+)
 @click.option("--storage-retry-s", type=float, default=None, help="retry unreachable object storage this long")
 @endpoint_option
 @config_option

@@ -595,6 +595,9 @@ class ServeSpec(Spec):
     tile_size: int = Field(1024, ge=16, le=65536)
     tile_overlap: int | None = Field(None, ge=0, le=4096)
     ready_timeout_s: float = Field(600.0, gt=0, le=86400, description="wait this long for the model to load")
+    drain_timeout_s: float = Field(
+        20.0, ge=0, le=3600, description="on Ctrl-C/SIGTERM, how long requests in flight get to finish"
+    )
     storage_retry_s: StorageRetryS = None
 
     @field_validator("replicas", mode="before")

@@ -15,8 +15,8 @@ import ray
 from raysegment import progress, storage
 from raysegment.config import EvaluateSpec
 from raysegment.data import imaging
+from raysegment.data.manifest import Manifest, read_manifest
 from raysegment.data.pipeline import read_split
-from raysegment.data.prepare import read_manifest
 from raysegment.errors import DataError
 from raysegment.inference.predictor import Predictor, preprocess
 from raysegment.models.card import InferenceAdvice, ModelCard, evaluation_file
@@ -65,7 +65,7 @@ TTA_IMAGES = 64  # val images `measure_tta` scores (the first ones): a bounded c
 
 
 def measure_tta(
-    model_uri: str, data_loc: storage.Location, manifest: dict[str, Any], endpoint_url: str | None = None
+    model_uri: str, data_loc: storage.Location, manifest: Manifest, endpoint_url: str | None = None
 ) -> InferenceAdvice:
     """The model's val mIoU without and with flip TTA, and the card's advice: on when TTA gains TTA_MIN_GAIN.
 
@@ -118,9 +118,9 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True)
     data_loc, manifest = read_manifest(spec.data, spec.endpoint_url)
     k = card.num_classes
-    if manifest["num_classes"] != k:
-        raise DataError(f"{data_loc.uri}: {manifest['num_classes']} classes, but the model predicts {k}")
-    check_class_names(data_loc.uri, list(manifest["class_names"]), list(card.class_names))
+    if manifest.num_classes != k:
+        raise DataError(f"{data_loc.uri}: {manifest.num_classes} classes, but the model predicts {k}")
+    check_class_names(data_loc.uri, list(manifest.class_names), list(card.class_names))
     ds = read_split(data_loc, manifest, spec.split, columns=["key", "image", "mask", "height", "width"])
     ds = ds.map_batches(_rename, batch_format="numpy")
     ds = ds.map_batches(
@@ -140,7 +140,7 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
     cm = np.zeros((k, k), np.int64)
     edges = np.zeros(len(EDGE_BANDS) * 2, np.int64)
     images = 0
-    with progress.stage("evaluate", manifest["counts"].get(spec.split)) as shown:
+    with progress.stage("evaluate", manifest.counts.of(spec.split)) as shown:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if unread := next((str(u) for u in batch["unread"] if u), None):
                 raise DataError(
@@ -157,7 +157,7 @@ def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
         **card.tta(spec.tta_flip).record(),  # the Predictor's same decision
         "images": images,
         "model_id": card.model_id,
-        "data_content_hash": manifest["content_hash"],
+        "data_content_hash": manifest.content_hash,
         "confusion_matrix": cm.tolist(),
         # Where the errors are: on a label edge, an annotator's own pixel-level choice, or away from one.
         "errors_by_edge_distance": edge_error_table(edges),

@@ -34,6 +34,7 @@ from raysegment.models import pretrained
 
 if TYPE_CHECKING:
     from raysegment.config import TrainSpec
+    from raysegment.data.manifest import Manifest
     from raysegment.storage import Location
 
 # An object resized below this many pixels of area is lost to a U-Net (about 3 x 3).
@@ -604,11 +605,11 @@ def make_plan(
     )
 
 
-def read_fingerprint(loc: Location, manifest: dict[str, Any]) -> Fingerprint:
+def read_fingerprint(loc: Location, manifest: Manifest) -> Fingerprint:
     """The manifest's fingerprint; computed from the shards (Ray tasks) for a data set prepared before
     fingerprints existed, or before the fields this version reads (`Fingerprint.is_current`)."""
-    if Fingerprint.is_current(manifest.get("fingerprint")):
-        return Fingerprint.from_json(manifest["fingerprint"])
+    if Fingerprint.is_current(manifest.fingerprint):
+        return Fingerprint.from_json(manifest.fingerprint)
     from raysegment.data.fingerprint import fingerprint_shards
     from raysegment.runtime import init_ray
 
@@ -620,7 +621,7 @@ def compute_of(spec: TrainSpec) -> Compute:
     return Compute(spec.workers, spec.gpus_per_worker, spec.cpus_per_worker)
 
 
-def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> Plan:
+def plan_for_spec(spec: TrainSpec, loc: Location, manifest: Manifest) -> Plan:
     """The plan `raysegment plan` makes for the spec's data set and compute, with the PLAN_FIELDS the
     spec sets explicitly (`model_fields_set`: a flag, a spec-file field, a keyword) as given."""
     from raysegment.train.config import check_train, check_val
@@ -633,7 +634,7 @@ def plan_for_spec(spec: TrainSpec, loc: Location, manifest: dict[str, Any]) -> P
         del given["flip"]  # `flip: true` / --flip: flips on the axes the plan finds right
     return make_plan(
         read_fingerprint(loc, manifest),
-        manifest["counts"].get("train", 0),
+        manifest.counts.train,
         compute_of(spec),
         spec.time_budget,
         given,

@@ -13,7 +13,7 @@ import json
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysegment import storage
 from raysegment.config import (
@@ -33,6 +33,9 @@ from raysegment.config import (
 from raysegment.console import session
 from raysegment.errors import ConfigError
 from raysegment.specfile import MAX_SPEC_BYTES
+
+if TYPE_CHECKING:
+    from raysegment.data.manifest import Manifest
 
 
 def _no_min_cpus(spec: Any) -> int:
@@ -78,31 +81,32 @@ def infer_min_cpus(spec: InferOptions) -> int:
     return cores() + 2
 
 
-def _prepare(spec: PrepareSpec) -> dict[str, Any]:
+def _prepare(spec: PrepareSpec) -> Manifest:
     from raysegment.data.prepare import prepare
 
     return prepare(spec)
 
 
-def _prepare_lines(spec: PrepareSpec, manifest: dict[str, Any]) -> list[str]:
-    skipped = f", {len(manifest['skipped'])} invalid or unpaired inputs skipped" if manifest["skipped"] else ""
+def _prepare_lines(spec: PrepareSpec, manifest: Manifest) -> list[str]:
+    skipped = f", {len(manifest.skipped)} invalid or unpaired inputs skipped" if manifest.skipped else ""
+    seconds = "?" if manifest.seconds is None else manifest.seconds
     return [
-        f"prepared {spec.dest}: {manifest['counts']} images, {len(manifest['shards'])} shards, "
-        f"classes {manifest['class_names']}{skipped}",
-        f"  data set   {storage.join(spec.dest, 'manifest.json')} (+ shards/), in {manifest.get('seconds', '?')} s",
+        f"prepared {spec.dest}: {manifest.counts.to_json()} images, {len(manifest.shards)} shards, "
+        f"classes {list(manifest.class_names)}{skipped}",
+        f"  data set   {storage.join(spec.dest, 'manifest.json')} (+ shards/), in {seconds} s",
     ]
 
 
-def _prepare_payload(spec: PrepareSpec, manifest: dict[str, Any]) -> dict[str, Any]:
+def _prepare_payload(spec: PrepareSpec, manifest: Manifest) -> dict[str, Any]:
     return {
         "dest": spec.dest,
-        "counts": manifest["counts"],
-        "shards": len(manifest["shards"]),
-        "num_classes": manifest["num_classes"],
-        "class_names": manifest["class_names"],
-        "skipped": len(manifest["skipped"]),
-        "content_hash": manifest["content_hash"],
-        "seconds": manifest.get("seconds"),
+        "counts": manifest.counts.to_json(),
+        "shards": len(manifest.shards),
+        "num_classes": manifest.num_classes,
+        "class_names": list(manifest.class_names),
+        "skipped": len(manifest.skipped),
+        "content_hash": manifest.content_hash,
+        "seconds": manifest.seconds,
     }
 
 

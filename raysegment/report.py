@@ -3,7 +3,8 @@
 Everything is read back from the run's output (summaries, run record, masks, all
 through inference/output.py) and the sources the summaries name, so a report can be (re)built for any run, local
 or on S3, long after it finished. Summaries are streamed (report_scan.py): counts, histograms,
-the first errors and a hash-chosen sample are all that is kept in memory.
+the first errors and a hash-chosen sample are all that is kept in memory. `infer`'s report starts
+from the tally the last report left (report_tally.json) and reads only the files added since (`tally`).
 
 Every storage call of a report retries for the job's deadline (`storage_retry_s`, passed in by
 `infer`), and a store still down past it is not asked again (`DownStores`): a report over a dead
@@ -351,11 +352,11 @@ def render_html(
     )
 
 
-def _scan(output: storage.Location, samples: int, run_id: str | None) -> Scan:
-    """The summaries' scan; a nightly OUTPUT (no summaries of its own, date partitions) is refused with the
-    partition to give instead."""
+def _scan(output: storage.Location, samples: int, run_id: str | None, tally: bool) -> Scan:
+    """The summaries' scan (from the report tally: see report_scan); a nightly OUTPUT (no summaries of its own,
+    date partitions) is refused with the partition to give instead."""
     try:
-        return scan_summaries(output, samples, run_id)
+        return scan_summaries(output, samples, run_id, tally)
     except DataError:
         if storage.exists(output.child(layout.SUMMARIES)):
             raise
@@ -374,13 +375,16 @@ def write_run_report(
     endpoint_url: str | None = None,
     retry_s: float | None = None,
     record: RunRecord | None = None,
+    tally: bool = False,
 ) -> dict[str, Any]:
     """Write OUTPUT/report.html and OUTPUT/overlays.png for a run; returns where and what they show.
 
     Storage calls retry for `retry_s` (the job's `storage_retry_s`; default RAYSEGMENT_STORAGE_RETRY_S
     or 120), and a store down past it is not asked again. `record`: the run record `infer` holds in
     memory, so the report is built before the record is written (a killed report step leaves no
-    record); without it the report reads runs/ (see find_run)."""
+    record); without it the report reads runs/ (see find_run). `tally` (infer's report): the summaries' figures
+    from the tally the last report left, and the files added since (report_scan); else from every file (and
+    the tally is written again)."""
     output = storage.resolve(output_uri, endpoint_url, retry_s)
     asked = None
     if record is not None:
@@ -390,7 +394,7 @@ def write_run_report(
         if asked is not None and ("/" in asked or ".." in asked or not asked.strip()):
             raise DataError(f"--run-id {asked!r}: a run id names a file under runs/; see OUTPUT/runs/")
         run_id, record = layout.find_run(output, run_id)
-    scan = _scan(output, samples, run_id)
+    scan = _scan(output, samples, run_id, tally)
     if record is None and asked is not None and not storage.exists(output.child(layout.SUMMARIES, f"run={asked}")):
         # Neither a record nor a summary of it (a killed run has the latter): a mistyped id, which replaced
         # report.html with one that said "no run record".
@@ -401,7 +405,9 @@ def write_run_report(
     log.info("report: %d summary rows (%d ok, %d errors) in %s", scan.rows, scan.ok, scan.error, output.uri)
     k = len(scan.class_names)
     channels = model_channels(record, endpoint_url, output.retry_s)
-    tiles, palette = build_overlays(output, [row for _, row in scan.samples], k, endpoint_url, DownStores(), channels)
+    tiles, palette = build_overlays(
+        output, [row for _, row in scan.samples[: max(samples, 0)]], k, endpoint_url, DownStores(), channels
+    )
     histograms = plots.class_fraction_histograms(scan.hist, scan.class_names, palette) if scan.ok and k else None
     page = render_html(output, run_id, record, scan, tiles, palette, histograms)
     storage.write_bytes(output.child(REPORT_FILE), page.encode())

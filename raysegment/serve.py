@@ -23,7 +23,11 @@ a thread, so /healthz answers during the load and /readyz says when it is done.
 
 The driver (`serve_until_stopped`, the `serve` job) checks the model card and its hash once, starts
 Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` and blocks until
-SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then deletes the app.
+SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then drains (`drain`): the app is deleted, so
+Serve's proxy answers new requests 404 at once, while each replica finishes the requests it has (Serve's
+graceful shutdown, `graceful_shutdown_timeout_s` = `drain_timeout_s`) before Serve stops it; the driver
+returns once the app is gone. A local Ray dies with the driver, Serve's proxy with it: returning earlier
+cut the connections of requests in flight.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import glob
+import json
 import math
 import os
 import shutil
@@ -242,6 +247,7 @@ class Segmenter:
         self.load_error: str | None = None
         self.load_error_is_user = False  # a UserError (a damaged model file): the driver exits 2, not 3
         self.ready = threading.Event()
+        self.in_flight = 0  # POST /segment requests this replica is answering (on its event loop only)
         sweep_scratch(tempfile.gettempdir())
         self.scratch = storage.resolve(tempfile.mkdtemp(prefix=scratch_prefix()))
         self.segment_batch.set_max_batch_size(config.max_batch_size)
@@ -286,13 +292,15 @@ class Segmenter:
             raise RuntimeError(self.load_error)
 
     def readiness(self) -> dict[str, Any]:
-        """Readiness for the driver (through a DeploymentHandle): ready, or the load error."""
+        """Readiness for the driver (through a DeploymentHandle) and /readyz: ready, or the load error; and the
+        POST /segment requests this replica is answering."""
         model_id = self.card.model_id if self.card else None
         return {
             "ready": self.ready.is_set(),
             "error": self.load_error,
             "user_error": self.load_error_is_user,
             "model_id": model_id,
+            "in_flight": self.in_flight,
         }
 
     def _segment(self, bodies: list[bytes], warm_up: bool = False) -> list[dict[str, Any]]:
@@ -336,6 +344,13 @@ class Segmenter:
         return await self._segment_request(request)
 
     async def _segment_request(self, request):
+        self.in_flight += 1
+        try:
+            return await self._segment_checked(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _segment_checked(self, request):
         if not self.ready.is_set():
             return _error(503, self.load_error or "model still loading; poll /readyz")
         fmt = request.query_params.get("format") or answer_format(request.headers.get("accept", ""))
@@ -461,6 +476,10 @@ def deployment_options(spec: ServeSpec) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
         # Room for one batch predicting and the next one filling (and the health probes).
         "max_ongoing_requests": 2 * spec.max_batch_size + 2,
+        # A replica Serve stops (the app deleted on Ctrl-C/SIGTERM, a scale-down, a replacement) first
+        # finishes its requests in flight, for this long at most; then Serve kills it.
+        "graceful_shutdown_timeout_s": spec.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": SHUTDOWN_WAIT_LOOP_S,
         **scale,
     }
 
@@ -544,17 +563,122 @@ def load_failed(state: dict[str, Any]) -> UserError:
 
 
 def undeploy() -> None:
-    """Delete the app (Serve itself and its proxy stay for other apps; `serve shutdown` ends them).
-    Not blocking: `ray job stop` SIGKILLs the driver 3 s after its SIGTERM."""
+    """Delete the app without waiting (Serve itself and its proxy stay for other apps; `serve shutdown` ends
+    them): Serve stops the replicas, each after its requests in flight (`drain`)."""
     serve.delete(APP_NAME, _blocking=False)
 
 
+# Serve's pause between two looks at a stopping replica's requests in flight (its default, 2 s, made every
+# stop take 2 s or more).
+SHUTDOWN_WAIT_LOOP_S = 0.25
+# How often the driver looks at the app and the replicas' requests while they drain.
+DRAIN_POLL_S = 0.2
+# After the drain timeout Serve kills the replicas, and the app is gone a moment later: the driver's wait
+# is bounded by both (a controller that stopped answering does not hold it for good).
+DELETE_MARGIN_S = 10.0
+# How long the driver waits for Serve's proxy to drop the app's route after the delete.
+ROUTE_GONE_S = 5.0
+
+
+def _requests(n: int | None) -> str:
+    return "an unknown number of requests" if n is None else f"{n} request{'' if n == 1 else 's'}"
+
+
+def _replica_actors() -> list[Any]:
+    """The app's running replicas' actors, to count their requests in flight (Serve has no public API for it);
+    none when Serve's controller cannot say."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+    from ray.serve.context import _get_global_client
+
+    try:
+        details = _get_global_client().get_serve_details()
+        replicas = details["applications"][APP_NAME]["deployments"][DEPLOYMENT_NAME]["replicas"]
+        return [ray.get_actor(r["actor_name"], namespace=SERVE_NAMESPACE) for r in replicas if r["state"] == "RUNNING"]
+    except Exception:  # best effort: the count is for the stop line only
+        return []
+
+
+def _in_flight(actors: list[Any]) -> int | None:
+    """Requests the replicas are answering (Serve's own count: all routes), or None when one cannot say."""
+    import ray
+
+    if not actors:
+        return None
+    try:
+        return sum(ray.get([a.get_num_ongoing_requests.remote() for a in actors], timeout=5))
+    except Exception:  # a replica stopped (drained, or killed at the timeout) or not answering
+        return None
+
+
+def _app_deleted() -> bool:
+    try:
+        return APP_NAME not in serve.status().applications
+    except Exception:  # Serve's controller is gone: so is the app
+        return True
+
+
+def _route_gone(url: str, hurry: threading.Event) -> None:
+    """Wait (up to ROUTE_GONE_S) until the proxy at `url` no longer routes to the app: from then on a new
+    request gets Serve's 404, and the stop line says so truly. Gives up on a proxy it cannot reach."""
+    deadline = time.monotonic() + ROUTE_GONE_S
+    while time.monotonic() < deadline and not hurry.is_set():
+        try:
+            with urllib.request.urlopen(f"{url}/-/routes", timeout=2) as r:
+                if APP_NAME not in json.loads(r.read()).values():
+                    return
+        except (OSError, ValueError):  # not reachable from here (another node's proxy) or not JSON
+            return
+        hurry.wait(0.05)
+
+
+def drain(url: str, timeout_s: float, hurry: threading.Event | None = None) -> dict[str, Any]:
+    """Stop serving: delete the app, so Serve's proxy refuses new requests (404), and wait until Serve has
+    stopped the replicas, each once its requests in flight are answered or `timeout_s` passed (the
+    deployment's `graceful_shutdown_timeout_s`). `hurry` (a second Ctrl-C/SIGTERM) ends the wait early.
+
+    Waited for even on a cluster, where Serve's proxy outlives the driver and drains without it: the
+    summary then says what happened (`ray job stop` may SIGKILL the driver before, 3 s after its SIGTERM;
+    the requests are drained all the same). The delete is sent first, so a SIGKILL never leaves the app."""
+    hurry = hurry or threading.Event()
+    started = time.monotonic()
+    actors = _replica_actors()
+    serve.delete(APP_NAME, _blocking=False)
+    _route_gone(url, hurry)
+    in_flight = last = _in_flight(actors)
+    progress.note(
+        f"stopping: new requests are refused; waiting up to {timeout_s:g} s for {_requests(in_flight)} in flight "
+        "(--drain-timeout-s; Ctrl-C again stops at once)"
+    )
+    deadline = started + timeout_s + DELETE_MARGIN_S
+    while not _app_deleted():
+        if hurry.is_set() or time.monotonic() > deadline:
+            break
+        now = _in_flight(actors)
+        last = now if now is not None else last
+        hurry.wait(DRAIN_POLL_S)
+    drain_s = time.monotonic() - started
+    # Serve stops a replica early only once its requests are done; one stopped at the timeout, or a driver
+    # that stopped waiting, leaves those still in flight at the last count unanswered (on a local Ray; on a
+    # cluster Serve goes on draining them).
+    cut_off = 0 if _app_deleted() and drain_s < timeout_s else last
+    if cut_off == 0:
+        progress.note(f"stopped: {_requests(in_flight)} in flight answered; drained in {drain_s:.1f} s")
+    else:
+        why = "by a second Ctrl-C/SIGTERM" if hurry.is_set() else f"at the drain timeout ({timeout_s:g} s)"
+        of = "" if in_flight is None else f" of {in_flight}"
+        progress.note(f"stopped: {_requests(cut_off)}{of} in flight cut off {why}, unanswered")
+    return {"in_flight_at_stop": in_flight, "cut_off": cut_off, "drain_s": round(drain_s, 1)}
+
+
 def serve_until_stopped(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
-    """The `serve` job: deploy, block until SIGINT/SIGTERM (or `stop`), delete the app."""
+    """The `serve` job: deploy, block until SIGINT/SIGTERM (or `stop`), drain (`drain`)."""
     stop = stop or threading.Event()
+    hurry = threading.Event()
     started = time.time()
     served = deploy(spec)
-    restore = _stop_on_signals(stop)
+    restore = _stop_on_signals(stop, hurry)
+    drained: dict[str, Any] = {}
     try:
         lo, hi = served.replicas
         progress.note(
@@ -563,9 +687,11 @@ def serve_until_stopped(spec: ServeSpec, stop: threading.Event | None = None) ->
         )
         while not stop.wait(timeout=1.0):  # timed: a signal handled in this thread is acted on within 1 s
             pass
+        drained = drain(served.url, spec.drain_timeout_s, hurry)
     finally:
         restore()
-        undeploy()
+        if not drained:  # an error or a KeyboardInterrupt before the drain: the app goes all the same
+            undeploy()
     return {
         "url": served.url,
         "endpoint": served.url + SEGMENT,
@@ -573,12 +699,18 @@ def serve_until_stopped(spec: ServeSpec, stop: threading.Event | None = None) ->
         "replicas": list(served.replicas),
         **served.tta,
         "served_s": round(time.time() - started, 1),
+        **drained,
     }
 
 
-def _stop_on_signals(stop: threading.Event):
-    """SIGINT and SIGTERM set `stop` (in the main thread only; elsewhere the caller sets it); returns the undo."""
+def _stop_on_signals(stop: threading.Event, hurry: threading.Event):
+    """SIGINT and SIGTERM set `stop`, a second one `hurry` (in the main thread only; elsewhere the caller sets
+    them); returns the undo."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    saved = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(*_: Any) -> None:
+        (hurry if stop.is_set() else stop).set()
+
+    saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(sig, handler) for sig, handler in saved.items()]

@@ -31,6 +31,8 @@ from PIL import Image
 from raysegment import storage
 from raysegment.data import synthetic
 from raysegment.data.fingerprint import Fingerprint
+from raysegment.data.imaging import default_palette
+from raysegment.data.manifest import FORMAT_VERSION, Manifest
 from raysegment.inference.output import commit_rows, summary_files, write_masks
 from raysegment.models.card import ModelCard
 
@@ -99,6 +101,31 @@ def fingerprint(side: int = 128, shares=(0.7, 0.3), areas=(5000.0, 400.0), top=N
         class_top_share=list(top or [0.5] * k),
         class_left_share=[0.5] * k,
     )
+
+
+def manifest(**fields: Any) -> Manifest:
+    """A crafted data set's manifest (2 classes, 50 train and 5 val images unless `fields`, manifest.json's keys,
+    say otherwise; one shard per split that has images), read as `read_manifest` reads one."""
+    counts = fields.get("counts", {"train": 50, "val": 5})
+    k = fields.get("num_classes", 2)
+    shards = [
+        {"path": f"shards/{s}-00000.parquet", "split": s, "rows": n, "bytes": 1, "sha256": "0" * 64}
+        for s, n in counts.items()
+        if n
+    ]
+    data = {
+        "format_version": FORMAT_VERSION,
+        "layout": "pairs",
+        "num_classes": k,
+        "class_names": [f"class_{i}" for i in range(k)],
+        "palette": default_palette(k),
+        "ignore_index": 255,
+        "counts": counts,
+        "shards": shards,
+        "content_hash": "h",
+        **fields,
+    }
+    return Manifest.from_json(data, "crafted manifest.json")
 
 
 def write_source(root: str, count: int = 40, size: int = 32) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import manifest
 
 from raysegment.config import TrainSpec
 from raysegment.data import augment
@@ -105,8 +106,9 @@ def test_oversampling_centres_a_third_of_the_windows_on_a_rare_class(rotate):
 
 def test_oversampling_follows_the_spec_and_the_rare_classes_of_the_data_set():
     spec = TrainSpec(data="d", out="o", crop="native", oversample=0.33, rotate=45, elastic=3, gamma=0.2, noise=0.05)
-    assert rare_classes({"pixel_frequency": [0.9, 0.07, 0.03]}) == (1, 2)
-    assert rare_classes({"pixel_frequency": [0.93, 0.07, 0.0]}) == (1,)  # no pixel of class 2 to centre on
+    assert rare_classes(manifest(num_classes=3, pixel_frequency=[0.9, 0.07, 0.03])) == (1, 2)
+    # No pixel of class 2 to centre on:
+    assert rare_classes(manifest(num_classes=3, pixel_frequency=[0.93, 0.07, 0.0])) == (1,)
     aug = Augmentation.from_spec(spec, (1, 2))
     assert (aug.oversample, aug.rare_classes, aug.rotate, aug.elastic, aug.gamma, aug.noise) == (
         0.33,

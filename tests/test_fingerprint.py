@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 
 import numpy as np
 import pytest
+from helpers import manifest as crafted_manifest
 from PIL import Image
 
 from raysegment import storage
@@ -74,13 +76,13 @@ def test_prepare_stores_the_fingerprint_and_data_info_recomputes_it(ray_cluster,
         (tmp_path / "src" / "images" / f"k{i}.png").write_bytes(image)
         Image.fromarray(mask).save(tmp_path / "src" / "masks" / f"k{i}.png")
     manifest = prepare(PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_fraction=0.3))
-    fp = Fingerprint.from_json(manifest["fingerprint"])
+    fp = Fingerprint.from_json(manifest.fingerprint)
     assert fp.images == 6 and fp.height == {"min": 32, "median": 52.0, "max": 72}
     assert fp.class_image_share == [1.0, 1.0] and fp.object_area_median[1] == 16.0
     assert fp.modes == {"L": 3, "RGB": 3}
     # A data set prepared before fingerprints: data-info computes the same from the shards.
     again = fingerprint_shards(storage.resolve(str(tmp_path / "data")), manifest)
-    assert again.to_json() == manifest["fingerprint"]
+    assert again.to_json() == manifest.fingerprint
     text = format_manifest(str(tmp_path / "data"), manifest)
     assert "median object px" in text and "height 32/52/72" in text
     # `raysegment plan` reads the stored fingerprint and writes the plan it prints (window: the median side, 48;
@@ -100,10 +102,10 @@ def test_prepare_stores_the_fingerprint_and_data_info_recomputes_it(ray_cluster,
     # `plan`, `train` and `data-info`, not read as if it held what this version's rules need.
     from raysegment.plan import read_fingerprint
 
-    old = {k: v for k, v in manifest["fingerprint"].items() if k not in ("class_top_share", "dtypes")}
-    assert not Fingerprint.is_current(old) and Fingerprint.is_current(manifest["fingerprint"])
-    stale = {**manifest, "fingerprint": old}
-    assert read_fingerprint(storage.resolve(str(tmp_path / "data")), stale).to_json() == manifest["fingerprint"]
+    old = {k: v for k, v in manifest.fingerprint.items() if k not in ("class_top_share", "dtypes")}
+    assert not Fingerprint.is_current(old) and Fingerprint.is_current(manifest.fingerprint)
+    stale = dataclasses.replace(manifest, fingerprint=old)
+    assert read_fingerprint(storage.resolve(str(tmp_path / "data")), stale).to_json() == manifest.fingerprint
 
 
 def test_an_earlier_fingerprint_loads_without_the_fields_it_lacks():
@@ -150,9 +152,9 @@ def test_eight_bit_images_among_sixteen_bit_ones_are_warned_of():
     # A model of the mixed data set at 16-bit units records that it saw 8-bit images: infer takes them.
     from raysegment.data.prepare import input_channels
 
-    manifest = {"fingerprint": fp.to_json(), "channels": 1}
-    assert input_channels(manifest, "zscore_clipped")["eight_bit_seen"] is True
-    assert input_channels(manifest, "scale_0_1")["eight_bit_seen"] is False  # all at 8 bits: nothing to take
+    mixed = crafted_manifest(fingerprint=fp.to_json(), channels=1)
+    assert input_channels(mixed, "zscore_clipped")["eight_bit_seen"] is True
+    assert input_channels(mixed, "scale_0_1")["eight_bit_seen"] is False  # all at 8 bits: nothing to take
 
 
 def test_float_images_in_0_1_among_counts_are_warned_of():

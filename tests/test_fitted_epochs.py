@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import manifest
 
 from raysegment import progress
 from raysegment.config import TrainSpec
@@ -19,12 +20,9 @@ from raysegment.train.config import train_config
 from raysegment.train.events import EpochEnd, EpochView, Step
 from raysegment.train.loop import epoch_end, eta_seconds, fitted_epochs, measured_epoch_seconds, steady_epoch_seconds
 
-MANIFEST = {
-    "num_classes": 2,
-    "class_names": ["background", "cell"],
-    "counts": {"train": 40, "val": 5},
-    "pixel_frequency": [0.9, 0.1],
-}
+MANIFEST = manifest(
+    num_classes=2, class_names=["background", "cell"], counts={"train": 40, "val": 5}, pixel_frequency=[0.9, 0.1]
+)
 
 
 def test_the_epochs_that_fit_the_budget():

@@ -16,6 +16,7 @@ from raysegment.data import classes, imaging
 from raysegment.data.examples import Augmentation, decode_for_training, fit_example, photometric
 from raysegment.data.info import format_manifest
 from raysegment.data.layouts import assign_splits, list_source, no_val_fix, pairs_layout, read_val_keys
+from raysegment.data.manifest import Manifest
 from raysegment.data.pairlist import list_layout
 from raysegment.data.prepare import prepare
 from raysegment.errors import ConfigError, DataError
@@ -109,10 +110,10 @@ def write_cityscapes(root: str) -> dict[str, np.ndarray]:
     return label_ids
 
 
-def read_rows(data: str, manifest: dict) -> dict[str, dict]:
+def read_rows(data: str, manifest: Manifest) -> dict[str, dict]:
     rows = {}
-    for shard in manifest["shards"]:
-        for row in pq.read_table(os.path.join(data, shard["path"])).to_pylist():
+    for shard in manifest.shards:
+        for row in pq.read_table(os.path.join(data, shard.path)).to_pylist():
             rows[row["key"]] = row
     return rows
 
@@ -282,15 +283,15 @@ def test_pairs_image_modes_and_mask_values(ray_cluster, tmp_path):
             source=str(src), dest=data, mask_values="40:0,200:1,7:255", val_keys="rgb", class_names=["bg", "fg"]
         )
     )
-    assert manifest["counts"] == {"train": 6, "val": 1}
-    assert manifest["class_names"] == ["bg", "fg"] and manifest["mask_values"] == {"7": 255, "40": 0, "200": 1}
+    assert manifest.counts.to_json() == {"train": 6, "val": 1}
+    assert manifest.class_names == ("bg", "fg") and manifest.mask_values == {"7": 255, "40": 0, "200": 1}
     rows = read_rows(data, manifest)
     for row in rows.values():
         assert imaging.decode_image(row["image"]).shape == (12, 10, 3)
         mask = imaging.decode_mask(row["mask"])
         assert (mask[0] == 255).all() and (mask[1:6] == 1).all() and (mask[6:] == 0).all()
     assert rows["deep/photo"]["image"] == (src / "images" / "deep" / "photo.jpg").read_bytes()
-    assert manifest["pixel_frequency"] == pytest.approx([60 / 110, 50 / 110])
+    assert manifest.pixel_frequency == pytest.approx([60 / 110, 50 / 110])
 
     # Without --mask-values the raw values are reported, with the flag to map them.
     with pytest.raises(DataError, match=r"values \[7, 40, 200\].*--mask-values 7:0,40:1,200:2"):
@@ -304,16 +305,16 @@ def test_voc_layout(ray_cluster, tmp_path):
     write_voc(str(tmp_path / "VOC2012"))
     data = str(tmp_path / "data")
     manifest = prepare(PrepareSpec(source=str(tmp_path / "VOC2012"), dest=data, layout="voc"))
-    assert manifest["num_classes"] == 21 and manifest["class_names"] == classes.VOC_CLASSES
-    assert manifest["palette"] == classes.VOC_PALETTE and manifest["ignore_index"] == 255
-    assert manifest["counts"] == {"train": 3, "val": 1}
-    assert manifest["splits_from"].startswith("ImageSets/Segmentation")
+    assert manifest.num_classes == 21 and list(manifest.class_names) == classes.VOC_CLASSES
+    assert manifest.to_json()["palette"] == classes.VOC_PALETTE and manifest.ignore_index == 255
+    assert manifest.counts.to_json() == {"train": 3, "val": 1}
+    assert manifest.splits_from.startswith("ImageSets/Segmentation")
     rows = read_rows(data, manifest)
     assert rows["2007_000039"]["split"] == "val" and "2010_000003" not in rows
     mask = imaging.decode_mask(rows["2007_000032"]["mask"])
     assert set(np.unique(mask)) == {0, 1, 15, 255} and (mask[3] == 255).all()
-    assert manifest["ignored_pixels"] == 4 * 24
-    freq = manifest["pixel_frequency"]
+    assert manifest.ignored_pixels == 4 * 24
+    freq = manifest.pixel_frequency
     assert freq[15] > 0 and freq[4] > 0 and freq[5] == 0
     with pytest.raises(ConfigError, match="own splits"):
         prepare(
@@ -417,17 +418,17 @@ def test_cityscapes_layout(ray_cluster, tmp_path):
     label_ids = write_cityscapes(str(tmp_path / "cs"))
     data = str(tmp_path / "data")
     manifest = prepare(PrepareSpec(source=str(tmp_path / "cs"), dest=data, layout="cityscapes"))
-    assert manifest["num_classes"] == 19 and manifest["class_names"] == classes.CITYSCAPES_CLASSES
-    assert manifest["palette"] == classes.CITYSCAPES_PALETTE
-    assert manifest["counts"] == {"train": 2, "val": 1}
+    assert manifest.num_classes == 19 and list(manifest.class_names) == classes.CITYSCAPES_CLASSES
+    assert manifest.to_json()["palette"] == classes.CITYSCAPES_PALETTE
+    assert manifest.counts.to_json() == {"train": 2, "val": 1}
     rows = read_rows(data, manifest)
     assert set(rows) == set(label_ids) and rows["frankfurt/frankfurt_000000_000294"]["split"] == "val"
     for key, ids in label_ids.items():
         expected = np.vectorize(lambda v: CITYSCAPES_TRAIN_IDS.get(int(v), 255))(ids)
         assert (imaging.decode_mask(rows[key]["mask"]) == expected).all()
-    freq = manifest["pixel_frequency"]
+    freq = manifest.pixel_frequency
     assert freq[0] > 0 and freq[13] > 0 and freq[18] > 0 and freq[1] == 0
-    assert manifest["ignored_pixels"] == 3 * (8 * 8)  # the parking block of each frame
+    assert manifest.ignored_pixels == 3 * (8 * 8)  # the parking block of each frame
 
 
 def test_data_info_table(ray_cluster, tmp_path):

@@ -13,6 +13,7 @@ from raysegment import storage
 from raysegment.config import PrepareSpec, load_spec
 from raysegment.data import imaging
 from raysegment.data.layouts import list_source
+from raysegment.data.manifest import Manifest
 from raysegment.data.prepare import prepare
 from raysegment.errors import ConfigError, DataError
 
@@ -108,10 +109,10 @@ def _upload_tree(local, remote: storage.Location) -> None:
             storage.upload_file(str(path), remote.child(str(path.relative_to(local))))
 
 
-def _read_back(loc: storage.Location, manifest: dict) -> dict[str, tuple[str, np.ndarray]]:
+def _read_back(loc: storage.Location, manifest: Manifest) -> dict[str, tuple[str, np.ndarray]]:
     out = {}
-    for shard in manifest["shards"]:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(loc.child(shard["path"]))))
+    for shard in manifest.shards:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(loc.child(shard.path))))
         for row in table.to_pylist():
             out[row["key"]] = (row["split"], imaging.decode_mask(row["mask"]))
     return out
@@ -130,8 +131,8 @@ def test_list_layout_on_s3(ray_cluster, s3_prefix, tmp_path):
 
     dest = storage.resolve(f"{s3_prefix}/data")
     manifest = prepare(PrepareSpec(source=f"{remote.uri}/lists/pairs.csv", dest=dest.uri, layout="list"))
-    assert manifest["layout"] == "list" and manifest["counts"] == {"train": 3, "val": 1}
-    assert manifest["splits_from"] == "the list's split column"
+    assert manifest.layout == "list" and manifest.counts.to_json() == {"train": 3, "val": 1}
+    assert manifest.splits_from == "the list's split column"
     got = _read_back(dest, manifest)
     assert {k: s for k, (s, _) in got.items()} == {k: s for k, (_, _, s) in zip(expected, ROWS)}
     for key, ids in expected.items():
@@ -146,7 +147,7 @@ def test_list_layout_on_s3(ray_cluster, s3_prefix, tmp_path):
     manifest = prepare(
         PrepareSpec(source=str(tmp_path / "pairs.parquet"), dest=dest2.uri, layout="list", val_keys="scans/x")
     )
-    assert manifest["counts"] == {"train": 3, "val": 1}
+    assert manifest.counts.to_json() == {"train": 3, "val": 1}
     got = _read_back(dest2, manifest)
     assert got["scans/x"][0] == "val" and set(got) == set(expected)
     for key, ids in expected.items():

@@ -13,7 +13,8 @@ from PIL import Image
 
 from raysegment.config import PrepareSpec, load_spec
 from raysegment.data import imaging, masks
-from raysegment.data.prepare import EXIF_TURN, LOSSY_MASK, _check_pair, prepare, read_manifest
+from raysegment.data.manifest import Manifest, read_manifest
+from raysegment.data.prepare import EXIF_TURN, LOSSY_MASK, _check_pair, prepare
 from raysegment.errors import ConfigError, DataError
 
 H, W = 12, 20
@@ -36,19 +37,19 @@ def _image(root, key: str, seed: int, shape: tuple[int, int] = (H, W)) -> None:
     _save(Image.fromarray(arr), f"{root}/images/{key}.png")
 
 
-def _shard_masks(data: str, manifest: dict) -> dict[str, np.ndarray]:
+def _shard_masks(data: str, manifest: Manifest) -> dict[str, np.ndarray]:
     out = {}
-    for shard in manifest["shards"]:
-        table = pq.read_table(os.path.join(data, shard["path"]))
+    for shard in manifest.shards:
+        table = pq.read_table(os.path.join(data, shard.path))
         for key, mask in zip(table.column("key").to_pylist(), table.column("mask").to_pylist()):
             out[key] = imaging.decode_mask(mask)
     return out
 
 
-def _shard_images(data: str, manifest: dict) -> dict[str, bytes]:
+def _shard_images(data: str, manifest: Manifest) -> dict[str, bytes]:
     out = {}
-    for shard in manifest["shards"]:
-        table = pq.read_table(os.path.join(data, shard["path"]))
+    for shard in manifest.shards:
+        table = pq.read_table(os.path.join(data, shard.path))
         out.update(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
     return out
 
@@ -203,12 +204,12 @@ def test_grey_alpha_and_rgba_soft_edges_with_threshold(ray_cluster, tmp_path):
 
     data = str(tmp_path / "data")
     manifest = prepare(PrepareSpec(source=str(src), dest=data, mask_threshold=128, val_fraction=0.0))
-    assert manifest["num_classes"] == 2 and manifest["mask_threshold"] == 128
+    assert manifest.num_classes == 2 and manifest.mask_threshold == 128
     got = _shard_masks(data, manifest)
     assert set(got) == set(expected)
     for key, want in expected.items():
         np.testing.assert_array_equal(got[key], want, err_msg=key)
-    assert manifest["ignored_pixels"] == 4 * W
+    assert manifest.ignored_pixels == 4 * W
 
 
 def test_colour_coded_masks_from_class_dict_csv(ray_cluster, tmp_path):
@@ -234,9 +235,9 @@ def test_colour_coded_masks_from_class_dict_csv(ray_cluster, tmp_path):
 
     data = str(tmp_path / "data")
     manifest = prepare(PrepareSpec(source=str(src), dest=data, mask_colors=csv_path, val_fraction=0.0))
-    assert manifest["class_names"] == ["Sky", "Road", "Car"]
-    assert manifest["palette"] == [list(c) for c in colours.values()]
-    assert manifest["mask_colors"] == {"128,128,128": 0, "128,64,128": 1, "64,0,128": 2}
+    assert manifest.class_names == ("Sky", "Road", "Car")
+    assert manifest.palette == tuple(colours.values())
+    assert manifest.mask_colors == {"128,128,128": 0, "128,64,128": 1, "64,0,128": 2}
     got = _shard_masks(data, manifest)
     for key, want in expected.items():
         np.testing.assert_array_equal(got[key], want, err_msg=key)
@@ -252,8 +253,8 @@ def test_colour_coded_masks_from_class_dict_csv(ray_cluster, tmp_path):
     manifest = prepare(
         PrepareSpec(source=str(src), dest=data2, mask_colors=pairs, unlisted_colors="ignore", val_fraction=0.0)
     )
-    assert manifest["class_names"] == ["class_0", "class_1", "class_2"]
-    assert manifest["palette"] == [list(c) for c in colours.values()]
+    assert manifest.class_names == ("class_0", "class_1", "class_2")
+    assert manifest.palette == tuple(colours.values())
     got = _shard_masks(data2, manifest)
     assert got["c0"][0, 0] == 255 and (got["c0"].ravel()[1:] == expected["c0"].ravel()[1:]).all()
 
@@ -274,7 +275,7 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
     assert Image.open(f"{src}/masks/bit3.png").mode == "1"
     data = str(tmp_path / "data")
     manifest = prepare(PrepareSpec(source=str(src), dest=data, val_fraction=0.0))
-    assert manifest["num_classes"] == 3
+    assert manifest.num_classes == 3
     got = _shard_masks(data, manifest)
     for key, want in expected.items():
         np.testing.assert_array_equal(got[key], want, err_msg=key)
@@ -305,7 +306,7 @@ def test_16_bit_and_1_bit_masks(ray_cluster, tmp_path):
     for n, flags in enumerate(({"mask_values": {0: 0, 65535: 1}}, {"mask_threshold": 32768})):
         data = str(tmp_path / f"b{n}")
         manifest = prepare(PrepareSpec(source=str(binary), dest=data, val_fraction=0.0, **flags))
-        assert manifest["num_classes"] == 2
+        assert manifest.num_classes == 2
         got = _shard_masks(data, manifest)
         for key, ids in want.items():
             np.testing.assert_array_equal(got[key], ids, err_msg=f"{flags} {key}")
@@ -360,7 +361,7 @@ def test_exif_rotated_jpeg_pairs_stay_aligned(ray_cluster, tmp_path):
 
     data = str(tmp_path / "data")
     manifest = prepare(PrepareSpec(source=str(src), dest=data, num_classes=2, val_fraction=0.0))
-    assert manifest["skipped"] == []
+    assert manifest.skipped == ()
     got, images = _shard_masks(data, manifest), _shard_images(data, manifest)
     decoded = np.asarray(Image.open(f"{src}/images/upright_mask.jpg").convert("RGB"))  # JPEG pixels, sideways
     for key in ("upright_mask", "tagged_mask"):
@@ -369,7 +370,7 @@ def test_exif_rotated_jpeg_pairs_stay_aligned(ray_cluster, tmp_path):
         assert image.shape == (W, H, 3)
         np.testing.assert_array_equal(image, np.rot90(decoded, k=-1))  # lossless: exactly the JPEG's pixels, turned
         assert Image.open(io.BytesIO(images[key])).getexif().get(EXIF_ORIENTATION, 1) == 1
-    assert manifest["exif_turned"] == 0  # a 90-degree turn: the sizes show the untagged mask is upright
+    assert manifest.exif_turned == 0  # a 90-degree turn: the sizes show the untagged mask is upright
 
 
 def test_an_exif_turn_the_sizes_cannot_show_is_warned_of(ray_cluster, tmp_path, caplog):
@@ -387,7 +388,7 @@ def test_an_exif_turn_the_sizes_cannot_show_is_warned_of(ray_cluster, tmp_path, 
     _save(Image.fromarray(_ids(1)), f"{src}/masks/mirrored.png", exif=_exif(2))  # tagged too: as the image
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         manifest = prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "data"), num_classes=2, val_fraction=0.0))
-    assert manifest["exif_turned"] == 1 and manifest["skipped"] == []
+    assert manifest.exif_turned == 1 and manifest.skipped == ()
     assert "1 images were turned upright by their EXIF orientation tag and their masks carry none: flipped;" in (
         caplog.text
     )
@@ -415,7 +416,7 @@ def test_cli_mask_flags(ray_cluster, tmp_path):
     result = runner.invoke(main, [*args, "--val-fraction", "0", "--json"])
     assert result.exit_code == 0, result.output
     _, manifest = read_manifest(str(dest))
-    assert manifest["class_names"] == ["bg", "red"] and manifest["palette"] == [[0, 0, 0], [255, 0, 0]]
+    assert manifest.class_names == ("bg", "red") and manifest.palette == ((0, 0, 0), (255, 0, 0))
     np.testing.assert_array_equal(_shard_masks(str(dest), manifest)["a"], ids)
 
 
@@ -443,13 +444,13 @@ def test_a_transparent_background_is_named_and_kept_with_mask_alpha_keep(ray_clu
     base = {"source": src, "mask_values": {0: 0, 255: 1}, "class_names": ["background", "cell"], "val_keys": ["t0"]}
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         dropped = prepare(PrepareSpec(**base, dest=str(tmp_path / "d1")))
-    assert dropped["class_pixels"]["train"][0] == 0 and dropped["mask_alpha"] == "ignore"
+    assert dropped.class_pixels["train"][0] == 0 and dropped.mask_alpha == "ignore"
     assert "class background has no labelled pixel in any mask" in caplog.text
     assert "prepare again with --mask-alpha keep" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         kept = prepare(PrepareSpec(**base, dest=str(tmp_path / "d2"), mask_alpha="keep"))
-    assert "no labelled pixel" not in caplog.text and kept["ignored_pixels"] == 0
+    assert "no labelled pixel" not in caplog.text and kept.ignored_pixels == 0
     shard_masks = _shard_masks(str(tmp_path / "d2"), kept)
     assert all(np.array_equal(shard_masks[f"t{i}"], _ids(i)) for i in range(4))
 
@@ -474,11 +475,11 @@ def test_mask_alpha_keep_is_named_only_where_transparent_pixels_were_read_as_ign
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="raysegment.progress"):
             manifest = prepare(PrepareSpec(**base, dest=str(tmp_path / f"d-{alpha}"), mask_alpha=alpha))
-        assert manifest["ignored_pixels"] == 4 * 4 * H and manifest["transparent_ignored_pixels"] == 0
+        assert manifest.ignored_pixels == 4 * 4 * H and manifest.transparent_ignored_pixels == 0
         assert "class class_2 has no labelled pixel in any mask" in caplog.text
         assert "--mask-alpha" not in caplog.text and "transparent" not in caplog.text
         assert "--mask-alpha" not in format_manifest("d", manifest)
-    old = {k: v for k, v in manifest.items() if k != "transparent_ignored_pixels"}
+    old = Manifest.from_json({k: v for k, v in manifest.to_json().items() if k != "transparent_ignored_pixels"})
     assert not any("--mask-alpha" in w for w in manifest_warnings(old))  # an older manifest still reads
     # The same masks with the unlabelled fifth transparent instead: the advice, with the transparent share.
     for i in range(4):
@@ -489,7 +490,7 @@ def test_mask_alpha_keep_is_named_only_where_transparent_pixels_were_read_as_ign
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         manifest = prepare(PrepareSpec(**base, dest=str(tmp_path / "d-la")))
-    assert manifest["transparent_ignored_pixels"] == 4 * 4 * H
+    assert manifest.transparent_ignored_pixels == 4 * 4 * H
     assert "20% of the mask pixels are transparent (alpha 0), read as ignore" in caplog.text
     assert "prepare again with --mask-alpha keep" in format_manifest("d", manifest)
 
@@ -506,11 +507,11 @@ def test_palette_masks_give_the_data_set_their_own_colours(ray_cluster, tmp_path
         mask.putpalette(colours + [0] * (768 - len(colours)))
         _save(mask, f"{src}/masks/p{i}.png")
     manifest = prepare(PrepareSpec(source=str(src), dest=str(tmp_path / "own"), val_keys=["p0"]))
-    assert manifest["palette"] == [[10, 20, 30], [200, 0, 0], [0, 200, 0]]
+    assert manifest.palette == ((10, 20, 30), (200, 0, 0), (0, 200, 0))
     mapped = prepare(
         PrepareSpec(source=str(src), dest=str(tmp_path / "mapped"), val_keys=["p0"], mask_values={0: 0, 1: 1, 2: 2})
     )
-    assert mapped["palette"] == imaging.default_palette(3)
+    assert mapped.to_json()["palette"] == imaging.default_palette(3)
 
 
 def test_mask_zero_ignore_reads_ade20k_style_masks(ray_cluster, tmp_path):
@@ -532,8 +533,8 @@ def test_mask_zero_ignore_reads_ade20k_style_masks(ray_cluster, tmp_path):
         want[f"a{i}"] = np.where(raw == 0, 255, np.where(raw == 255, 255, raw - 1)).astype(np.uint8)
     data = str(tmp_path / "data")
     manifest = prepare(PrepareSpec(source=str(src), dest=data, val_fraction=0.0, mask_zero="ignore"))
-    assert manifest["num_classes"] == 3 and manifest["mask_zero"] == "ignore"
-    assert manifest["ignored_pixels"] == sum(int((w == 255).sum()) for w in want.values())
+    assert manifest.num_classes == 3 and manifest.mask_zero == "ignore"
+    assert manifest.ignored_pixels == sum(int((w == 255).sum()) for w in want.values())
     got = _shard_masks(data, manifest)
     for key, ids in want.items():
         np.testing.assert_array_equal(got[key], ids, err_msg=key)

@@ -7,11 +7,13 @@ kind of normalisation a card can name; older cards keep their meaning.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
 import pytest
 import tifffile
+from helpers import manifest
 from PIL import Image
 
 from raysegment.config import TrainSpec
@@ -128,7 +130,8 @@ def test_sixteen_bit_data_gets_z_scores_from_its_fingerprint_in_training_and_inf
     fp = merge([part], 1, [1.0])
     assert fp.high_depth and fp.intensity["p99.5"][0] < 65535  # the hot pixels lie above the clip bound
     spec = TrainSpec(data="d", out="o", image_size=48, normalization="zscore_clipped", crop="native")
-    norm = model_input(spec, {"fingerprint": fp.to_json()}, fp)
+    # One class in the fingerprint: set on a crafted two-class manifest (only its fingerprint is read here).
+    norm = model_input(spec, dataclasses.replace(manifest(), fingerprint=fp.to_json()), fp)
     assert norm.native_pixels  # 16-bit values reach the z-score as they are, not scaled to 8 bits
     assert norm.stats.mean == tuple(fp.intensity["mean"]) and norm.stats.high == tuple(fp.intensity["p99.5"])
 
@@ -144,7 +147,7 @@ def test_sixteen_bit_data_gets_z_scores_from_its_fingerprint_in_training_and_inf
     z_high = (fp.intensity["p99.5"][0] - fp.intensity["mean"][0]) / fp.intensity["std"][0]
     assert float(trained.max()) == pytest.approx(z_high, rel=1e-4)  # hot pixels clipped, not 15 sigma
     with pytest.raises(DataError, match="sampled intensities"):
-        model_input(spec, {}, None)
+        model_input(spec, manifest(), None)
 
     # An 8-bit image given to this model is an error row: its 0..255 clipped to the 16-bit low bound
     # was one constant input, and every such image got the same mask, marked ok.

@@ -63,11 +63,12 @@ def test_every_val_image_reaches_a_worker_whatever_their_count(trained):
 
     from raysegment import storage
     from raysegment.data.imaging import IGNORE_INDEX
+    from raysegment.data.manifest import read_manifest
     from raysegment.data.pipeline import padded_for_workers, training_dataset
 
     root, _ = trained
-    manifest = json.loads((root / "data" / "manifest.json").read_text())
-    rows = manifest["counts"]["val"]
+    _, manifest = read_manifest(str(root / "data"))
+    rows = manifest.counts.val
     workers = next(w for w in range(3, rows + 2) if rows % w)
 
     def labelled(ds) -> int:
@@ -115,12 +116,12 @@ def test_a_shard_changed_after_prepare_is_refused(trained, tmp_path):
 def test_a_hand_edited_or_damaged_manifest_is_one_error(trained, tmp_path):
     """Every reader goes through `read_manifest`; each of these was a KeyError or TypeError traceback in
     data-info, plan, train or evaluate (or a model of 0 classes, or a shard read from outside the data set)."""
-    from raysegment.data.prepare import read_manifest
+    from raysegment.data.manifest import read_manifest
     from raysegment.errors import DataError
 
     root, _ = trained
     good = json.loads((root / "data" / "manifest.json").read_text())
-    assert read_manifest(str(root / "data"))[1] == good
+    assert read_manifest(str(root / "data"))[1].to_json() == good
     train = next(i for i, s in enumerate(good["shards"]) if s["split"] == "train")
 
     def shard(**change):

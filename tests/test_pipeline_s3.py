@@ -31,7 +31,7 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, ca
     fs.put(str(tmp_path / "in"), f"{bucket_path}/in", recursive=True)
 
     manifest = prepare(PrepareSpec(source=f"{s3_prefix}/src", dest=f"{s3_prefix}/data", val_fraction=0.25))
-    assert sum(manifest["counts"].values()) == 40
+    assert manifest.counts.total == 40
     assert fs.exists(f"{bucket_path}/data/manifest.json")
 
     spec = {"data": f"{s3_prefix}/data", "out": f"{s3_prefix}/model"} | TINY | {"epochs": 2}
@@ -42,7 +42,7 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, ca
     assert len(checkpoints) == 2, "Ray Train checkpoints go to the bucket, one per epoch"
 
     m = evaluate(EvaluateSpec(model=f"{s3_prefix}/model", data=f"{s3_prefix}/data"))
-    assert m["images"] == manifest["counts"]["val"] and m["written_to"].startswith("s3://")
+    assert m["images"] == manifest.counts.val and m["written_to"].startswith("s3://")
 
     run = infer(InferSpec(model=f"{s3_prefix}/model", input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", batch_size=2))
     assert run["counts"] == {"total": 6, "skipped": 0, "processed": 6, "ok": 3, "error": 3}

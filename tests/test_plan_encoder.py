@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fingerprint
+from helpers import fingerprint, manifest
 
 from raysegment import plan
 from raysegment.config import TrainSpec, load_spec
@@ -25,14 +25,14 @@ DEEP = dataclasses.replace(PHOTOS, modes={"uint16x3": 100}, dtypes={"uint16": 10
 FOUR_BANDS = dataclasses.replace(PHOTOS, modes={"uint8x4": 100}, channels={"4": 100})  # e.g. RGB + near infrared
 # Photos with an alpha band (RGBA, transparent palette PNGs) beside plain RGB ones: the model sees RGB.
 WITH_ALPHA = dataclasses.replace(PHOTOS, modes={"RGB": 60, "RGBA": 30, "P": 10}, channels={"3": 60, "4": 40})
-MANIFEST = {
-    "fingerprint": PHOTOS.to_json(),
-    "counts": {"train": 80, "val": 20},
-    "num_classes": 2,
-    "class_names": ["background", "thing"],
-    "pixel_frequency": [0.7, 0.3],
-    "channels": 3,
-}
+MANIFEST = manifest(
+    fingerprint=PHOTOS.to_json(),
+    counts={"train": 80, "val": 20},
+    num_classes=2,
+    class_names=["background", "thing"],
+    pixel_frequency=[0.7, 0.3],
+    channels=3,
+)
 
 
 @pytest.fixture(scope="module")

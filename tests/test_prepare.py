@@ -1,5 +1,6 @@
 """`prepare` on real Ray: shards and manifest, and a named report for bad pairs."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -13,28 +14,35 @@ from PIL import Image
 
 from raysegment import storage
 from raysegment.config import PrepareSpec
-from raysegment.data.prepare import prepare, read_manifest
+from raysegment.data.manifest import read_manifest, write_manifest
+from raysegment.data.prepare import prepare
 from raysegment.errors import DataError
 
 
 def test_prepare_writes_shards_and_manifest(ray_cluster, tmp_path):
     src = write_source(str(tmp_path / "src"), count=30)
     manifest = prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), shard_size_mb=0.01, val_fraction=0.25))
-    assert manifest["num_classes"] == 4
-    assert manifest["counts"]["train"] + manifest["counts"]["val"] == 30
-    assert manifest["counts"]["val"] > 0
-    assert len(manifest["shards"]) > 2  # the small target size forces several shards
+    assert manifest.num_classes == 4
+    assert manifest.counts.train + manifest.counts.val == 30
+    assert manifest.counts.val > 0
+    assert len(manifest.shards) > 2  # the small target size forces several shards
     rows = 0
-    for shard in manifest["shards"]:
-        table = pq.read_table(tmp_path / "data" / shard["path"])
+    for shard in manifest.shards:
+        table = pq.read_table(tmp_path / "data" / shard.path)
         assert table.column_names == ["key", "image", "mask", "height", "width", "split"]
-        assert set(table.column("split").to_pylist()) == {shard["split"]}
-        assert os.path.getsize(tmp_path / "data" / shard["path"]) == shard["bytes"]
+        assert set(table.column("split").to_pylist()) == {shard.split}
+        assert os.path.getsize(tmp_path / "data" / shard.path) == shard.bytes
         rows += table.num_rows
     assert rows == 30
-    assert abs(sum(manifest["pixel_frequency"]) - 1) < 1e-6
+    assert abs(sum(manifest.pixel_frequency) - 1) < 1e-6
     _, again = read_manifest(str(tmp_path / "data"))
-    assert again["content_hash"] == manifest["content_hash"]
+    assert again.content_hash == manifest.content_hash
+    # The typed manifest is the file: read back it equals what prepare returned, and written again it is
+    # the same bytes (every key prepare writes is a field, in the file's order, with its JSON value).
+    written = (tmp_path / "data" / "manifest.json").read_bytes()
+    assert again == manifest and json.loads(written) == again.to_json()
+    write_manifest(storage.resolve(str(tmp_path / "copy")), again)
+    assert (tmp_path / "copy" / "manifest.json").read_bytes() == written
     with pytest.raises(DataError, match="already exists"):
         prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
 
@@ -111,15 +119,15 @@ def test_skip_invalid_writes_good_pairs_and_records_the_rest(ray_cluster, tmp_pa
         prepare(PrepareSpec(source=src, dest=str(data), num_classes=4, shard_size_mb=0.005))
     assert not (data / "manifest.json").exists()
     manifest = prepare(PrepareSpec(source=src, dest=str(data), num_classes=4, skip_invalid=True, shard_size_mb=0.005))
-    skipped = {s["key"]: s["problem"] for s in manifest["skipped"]}
+    skipped = {s.key: s.problem for s in manifest.skipped}
     assert set(skipped) == set(EXPECTED_PROBLEMS)
     for key, problem in EXPECTED_PROBLEMS.items():
         assert skipped[key].startswith(problem), (key, skipped[key])
-    keys = {k for s in manifest["shards"] for k in pq.read_table(data / s["path"]).column("key").to_pylist()}
+    keys = {k for s in manifest.shards for k in pq.read_table(data / s.path).column("key").to_pylist()}
     assert keys == {"00005", "00006", "00007"}
-    assert sum(manifest["counts"].values()) == 3
+    assert manifest.counts.total == 3
     # Only shards the manifest lists exist: the ones whose pairs were all bad were never committed.
-    assert sorted(os.listdir(data / "shards")) == sorted(s["path"].split("/")[1] for s in manifest["shards"])
+    assert sorted(os.listdir(data / "shards")) == sorted(s.path.split("/")[1] for s in manifest.shards)
     from raysegment.data.info import format_manifest
 
     shown = format_manifest(str(data), manifest)  # data-info names each skipped pair (it gave only the count)
@@ -178,9 +186,9 @@ def test_overwrite_replaces_shards_and_manifest(ray_cluster, tmp_path):
     src = write_source(str(tmp_path / "src"), count=12)
     data = tmp_path / "data"
     first = prepare(PrepareSpec(source=src, dest=str(data), shard_size_mb=0.005))
-    assert len(first["shards"]) > 2
+    assert len(first.shards) > 2
     second = prepare(PrepareSpec(source=src, dest=str(data), overwrite=True, val_keys="00003,00004"))
-    assert second["counts"] == {"train": 10, "val": 2} and len(second["shards"]) == 2
+    assert second.counts.to_json() == {"train": 10, "val": 2} and len(second.shards) == 2
     assert sorted(os.listdir(data / "shards")) == ["train-00000.parquet", "val-00000.parquet"]
     # A failed rewrite leaves no data set behind: the old manifest went first, the new one never came.
     os.remove(tmp_path / "src" / "masks" / "00000.png")
@@ -204,13 +212,13 @@ def test_prepare_s3_to_s3(ray_cluster, s3_prefix, tmp_path):
             storage.upload_file(str(path), source.child(str(path.relative_to(src))))
     dest = f"{s3_prefix}/data"
     manifest = prepare(PrepareSpec(source=source.uri, dest=dest, val_keys=f"{source.uri}/val.txt", shard_size_mb=0.01))
-    assert manifest["counts"] == {"train": 8, "val": 2} and len(manifest["shards"]) > 2
+    assert manifest.counts.to_json() == {"train": 8, "val": 2} and len(manifest.shards) > 2
     loc, again = read_manifest(dest)
-    assert again["content_hash"] == manifest["content_hash"]
+    assert again.content_hash == manifest.content_hash
     keys = {}
-    for shard in manifest["shards"]:
-        data = storage.read_bytes(loc.child(shard["path"]))
-        assert len(data) == shard["bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
+    for shard in manifest.shards:
+        data = storage.read_bytes(loc.child(shard.path))
+        assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
         table = pq.read_table(io.BytesIO(data))
         keys.update(dict(zip(table.column("key").to_pylist(), table.column("split").to_pylist())))
     assert keys["sub dir/00009"] == "val" and keys["00001"] == "val" and len(keys) == 10
@@ -237,7 +245,7 @@ def test_a_split_without_val_pairs_is_warned_of_at_prepare(ray_cluster, tmp_path
     src = write_source(str(tmp_path / "src"), count=2)
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         manifest = prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), val_fraction=0.01))
-    assert manifest["counts"].get("val", 0) == 0
+    assert manifest.counts.val == 0
     assert "no pair is in the val split" in caplog.text and "--val-keys" in caplog.text
 
 
@@ -253,7 +261,7 @@ def test_a_split_without_train_pairs_is_warned_of_at_prepare_and_refused_by_plan
     src = write_source(str(tmp_path / "src"), count=2, size=8)
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         manifest = prepare(PrepareSpec(source=src, dest=str(tmp_path / "data"), val_keys="00000,00001", num_classes=4))
-    assert manifest["counts"] == {"train": 0, "val": 2}
+    assert manifest.counts.to_json() == {"train": 0, "val": 2}
     assert "no pair is in the train split (--val-keys (2 keys)); put pairs in train: prepare again with fewer " in (
         caplog.text
     )
@@ -305,7 +313,7 @@ def test_colour_masks_without_mask_colors_get_a_concrete_mapping(ray_cluster, tm
     assert "2 pairs (00001, 00002): mask colours not mapped: RGB mask with colours 0,0,0; 0,255,0; 255,0,0" in msg
     assert "--mask-colors '0,0,0:0;0,255,0:1;255,0,0:2'" in msg
     manifest = prepare(Spec(source=src, dest=str(tmp_path / "data"), mask_colors="0,0,0:0;0,255,0:1;255,0,0:2"))
-    assert manifest["num_classes"] == 3
+    assert manifest.num_classes == 3
 
 
 def test_a_class_only_in_val_is_warned_of_at_prepare_and_by_data_info(ray_cluster, tmp_path, caplog):
@@ -328,13 +336,14 @@ def test_a_class_only_in_val_is_warned_of_at_prepare_and_by_data_info(ray_cluste
     spec = PrepareSpec(source=str(tmp_path / "src"), dest=str(tmp_path / "data"), val_keys=str(tmp_path / "val.txt"))
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         manifest = prepare(spec)
-    assert manifest["class_pixels"] == {"train": [64, 64, 0], "val": [64, 32, 32]}
+    assert manifest.class_pixels == {"train": (64, 64, 0), "val": (64, 32, 32)}
     assert "class class_2 has pixels in val but none in train" in caplog.text
     assert "warning: class class_2 has pixels in val but none in train" in format_manifest("d", manifest)
     planned = CliRunner().invoke(main, ["plan", str(tmp_path / "data"), "--out", str(tmp_path / "plan.json")])
     assert planned.exit_code == 0 and "plan: warning: class class_2 has pixels in val" in planned.stderr
-    balanced = {"train": [64, 64, 9], "val": [64, 32, 0]}
-    assert format_manifest("d", {**manifest, "class_pixels": balanced}).count("warning: ") == 1  # not in val
+    balanced = {"train": (64, 64, 9), "val": (64, 32, 0)}
+    balanced_shown = format_manifest("d", dataclasses.replace(manifest, class_pixels=balanced))
+    assert balanced_shown.count("warning: ") == 1  # not in val
 
 
 def test_no_val_pair_left_after_skip_invalid_is_warned_of(ray_cluster, tmp_path, caplog):
@@ -347,7 +356,7 @@ def test_no_val_pair_left_after_skip_invalid_is_warned_of(ray_cluster, tmp_path,
     spec = PrepareSpec(source=src, dest=str(tmp_path / "data"), val_keys="00001", skip_invalid=True)
     with caplog.at_level(logging.INFO, logger="raysegment.progress"):
         manifest = prepare(spec)
-    assert manifest["counts"] == {"train": 3, "val": 0}
+    assert manifest.counts.to_json() == {"train": 3, "val": 0}
     assert "no pair is in the val split: its one pair was invalid and skipped (--val-keys (1 keys))" in caplog.text
     assert "prepare again with --val-keys" in caplog.text
     # plan and train refuse it with the same advice (the manifest's fix; its splits are the key hash's).

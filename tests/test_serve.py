@@ -326,6 +326,11 @@ def test_serve_spec_replicas_and_deployment_options():
     assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 4
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0} and "num_replicas" not in options
     assert deployment_options(load_spec(ServeSpec, None, {"model": "m", "replicas": 2}))["num_replicas"] == 2
+    # A replica Serve stops finishes its requests in flight for the drain timeout (Serve's default was 20 s
+    # whatever --drain-timeout-s said), looking every 0.25 s (its default 2 s made every stop take 2 s).
+    drained = deployment_options(load_spec(ServeSpec, None, {"model": "m", "drain_timeout_s": 5}))
+    assert (drained["graceful_shutdown_timeout_s"], drained["graceful_shutdown_wait_loop_s"]) == (5.0, 0.25)
+    assert options["graceful_shutdown_timeout_s"] == 20.0
     assert spec.host == "127.0.0.1"  # loopback unless asked
     for bad in ("4:1", "0", "a:b"):
         with pytest.raises(ConfigError, match="replicas"):
@@ -434,3 +439,70 @@ def test_a_model_id_any_text_is_a_valid_header_value():
         value = header_text(model_id)
         assert value.isascii() and value.isprintable() and urllib.parse.unquote(value) == model_id
         Response(b"", headers={"X-Model-Id": value})  # starlette encodes headers as Latin-1
+
+
+def test_sigterm_answers_the_requests_in_flight_and_refuses_new_ones(tiny_model):
+    """SIGTERM (systemd stop, a Kubernetes rolling restart) with uploads in flight cut every one of them off
+    (BrokenPipe, no answer) while the driver said "stopped", exit 0: it deleted the app without waiting and
+    its local Ray, Serve's proxy with it, died at once. Now a request in flight when SIGTERM arrives gets
+    its 200, one begun after the stop line gets Serve's 404, and the driver exits 0 once the replica has
+    answered. A Ray of its own (no RAY_ADDRESS): on the test cluster Serve's proxy outlives the driver."""
+    import queue
+    import threading
+
+    _, model = tiny_model
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    command = [sys.executable, "-m", "raysegment.cli", "serve", model, "--port", str(port), "--drain-timeout-s", "60"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    said: list[str] = []
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+
+    def line_with(text: str) -> str:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                said.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+            if text in said[-1]:
+                return said[-1]
+        raise AssertionError(f"no line with {text!r}; the serve process said: {''.join(said)[-3000:]}")
+
+    client = Client(port)
+    try:
+        line_with(" serving unet-")
+        upload = socket.create_connection(("127.0.0.1", port), timeout=60)
+        head = f"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(png)}\r\n\r\n"
+        upload.sendall(head.encode() + png[: len(png) // 2])
+        # The replica says when it holds the upload (reading its body): the event the SIGTERM waits for.
+        wait_for(lambda: json.loads(client.request("GET", "/readyz")[2])["in_flight"] == 1, "the upload in flight")
+        proc.send_signal(signal.SIGTERM)
+        stopping = line_with(" stopping: ")
+        assert "new requests are refused; waiting up to 60 s for 1 request in flight" in stopping, stopping
+        status, _, body = client.segment(png)  # begun after the stop: the route is gone, an answer all the same
+        assert status == 404 and b"/segment" in body, (status, body)
+
+        upload.sendall(png[len(png) // 2 :])
+        answer = http.client.HTTPResponse(upload)
+        answer.begin()
+        mask = answer.read()
+        upload.close()
+        assert answer.status == 200 and answer.getheader("content-type") == "image/png", (answer.status, mask)
+        assert Image.open(io.BytesIO(mask)).size == (48, 40)
+
+        stopped = line_with(" stopped: ")
+        assert proc.wait(timeout=60) == 0, "".join(said)
+        assert "stopped: 1 request in flight answered; drained in" in stopped, stopped
+        out = proc.stdout.read()
+        assert out.startswith("served unet-") and f"127.0.0.1:{port}/segment for" in out and "; stopped" in out, out
+        with pytest.raises(ConnectionRefusedError):  # gone with its Ray: new connections are refused
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -28,7 +28,8 @@ from raysegment.config import PrepareSpec, TrainSpec
 from raysegment.data import imaging
 from raysegment.data.examples import Augmentation, decode_for_training, fit_example
 from raysegment.data.fingerprint import Fingerprint
-from raysegment.data.prepare import prepare, read_manifest
+from raysegment.data.manifest import Manifest, read_manifest
+from raysegment.data.prepare import prepare
 from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
 from raysegment.storage import Location
 
@@ -117,7 +118,7 @@ def colour_mask(ids: np.ndarray) -> np.ndarray:
 class Streets:
     data: str
     loc: Location
-    manifest: dict[str, Any]
+    manifest: Manifest
     fingerprint: Fingerprint
     truth: dict[str, np.ndarray]  # key -> the class ids the scene was drawn with
     train: dict[str, np.ndarray]  # the training split's shard columns (key, image, mask), as object arrays
@@ -148,8 +149,8 @@ def streets(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Streets:
     return Streets(spec.dest, loc, manifest, planning.read_fingerprint(loc, manifest), truth, _columns(root, manifest))
 
 
-def _columns(root: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    tables = [pq.read_table(root / "data" / s["path"]) for s in manifest["shards"] if s["split"] == "train"]
+def _columns(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    tables = [pq.read_table(root / "data" / s.path) for s in manifest.shards if s.split == "train"]
     return {
         c: np.asarray([v for t in tables for v in t.column(c).to_pylist()], object) for c in ("key", "image", "mask")
     }
@@ -165,13 +166,13 @@ def _planned(streets: Streets, **given: Any) -> TrainSpec:
 
 def test_prepare_keeps_class_ids_void_and_pixel_shares_exact(streets):
     m = streets.manifest
-    assert (m["num_classes"], m["class_names"]) == (11, NAMES)
-    assert [tuple(c) for c in m["palette"]] == COLOURS
+    assert (m.num_classes, list(m.class_names)) == (11, NAMES)
+    assert [tuple(c) for c in m.palette] == COLOURS
     truth = np.stack(list(streets.truth.values()))
     labelled = truth[truth != VOID]
-    assert m["pixel_frequency"] == [float(np.sum(labelled == c) / labelled.size) for c in range(11)]
-    assert m["ignored_pixels"] == int(np.sum(truth == VOID))
-    assert 0.09 < m["pixel_frequency"][TREE] < 0.12  # the ~10% class of the report, at a fixed id
+    assert m.pixel_frequency == tuple(float(np.sum(labelled == c) / labelled.size) for c in range(11))
+    assert m.ignored_pixels == int(np.sum(truth == VOID))
+    assert 0.09 < m.pixel_frequency[TREE] < 0.12  # the ~10% class of the report, at a fixed id
     for key, mask in zip(streets.train["key"], streets.train["mask"]):
         assert np.array_equal(imaging.decode_mask(mask), streets.truth[key]), key
 
@@ -192,10 +193,10 @@ def test_the_loss_weighs_each_id_by_its_own_weight_and_ignores_void(streets):
 
     from raysegment.models.losses import class_weights, cross_entropy
 
-    weights = class_weights("inverse_sqrt_frequency", streets.manifest["pixel_frequency"])
+    weights = class_weights("inverse_sqrt_frequency", streets.manifest.pixel_frequency)
     assert len(weights) == 11
     # The rarer the class, the larger its weight: weights follow the ids, not the palette or name order.
-    order = np.argsort(streets.manifest["pixel_frequency"])
+    order = np.argsort(streets.manifest.pixel_frequency)
     assert list(np.argsort(weights)[::-1]) == list(order)
     labels = next(iter(streets.truth.values()))
     logits = 3.0 * np.eye(11, dtype=np.float32)[np.where(labels == VOID, 0, labels)]  # right everywhere...
@@ -245,7 +246,7 @@ def test_per_class_iou_is_scored_by_id_and_void_is_left_out(streets):
 
 
 def test_the_plan_for_street_scenes_flips_left_right_only_and_weighs_classes(streets):
-    plan = planning.make_plan(streets.fingerprint, streets.manifest["counts"]["train"], planning.Compute(workers=1))
+    plan = planning.make_plan(streets.fingerprint, streets.manifest.counts.train, planning.Compute(workers=1))
     assert (plan.flip, plan.rotate90, plan.rotate, plan.elastic) == ("horizontal", False, 0.0, 0.0)
     assert plan.class_weights == "inverse_sqrt_frequency" and plan.loss == "ce+dice"
     assert "left-right flips only" in plan.reasons["augment"]
@@ -354,13 +355,13 @@ def test_a_short_run_with_the_plan_learns_the_scarce_classes_on_the_training_spl
     images trained on (2-4 of them over four initialisations; which ones varies), while 600-1000 steps bring
     every class to 0.95 or more, so no id is lost on the way: it is training too short for the imbalance.
     The plan's class weights (1/sqrt(share)) learn most of them in the same 200 steps."""
-    epochs = max(1, STEPS // (streets.manifest["counts"]["train"] // 8))
+    epochs = max(1, STEPS // (streets.manifest.counts.train // 8))
     planned = _planned(streets, epochs=epochs)
     assert planned.class_weights == "inverse_sqrt_frequency"
     weighted = _train_briefly(streets, planned)
     unweighted = _train_briefly(streets, _planned(streets, epochs=epochs, class_weights="none"))
     assert weighted["tree"] > 0.5 and unweighted["tree"] > 0.5  # the ~10% class at its fixed id is learnt
-    scarce = [n for n, s in zip(NAMES, streets.manifest["pixel_frequency"]) if s < 0.03]  # pole .. bicyclist
+    scarce = [n for n, s in zip(NAMES, streets.manifest.pixel_frequency) if s < 0.03]  # pole .. bicyclist
     runs = {"plan": weighted, "none": unweighted}
     mean = {name: np.mean([run[n] for n in scarce]) for name, run in runs.items()}
     assert mean["plan"] > mean["none"] + 0.15, runs

@@ -19,6 +19,7 @@ from PIL import Image
 from raysegment import storage
 from raysegment.config import InferSpec, PrepareSpec, TrainSpec, load_spec
 from raysegment.data import imaging, tiff
+from raysegment.data.manifest import Manifest
 from raysegment.data.prepare import prepare
 from raysegment.errors import ConfigError, DataError
 from raysegment.models.card import ModelCard
@@ -50,10 +51,10 @@ def _bands(ids: np.ndarray, seed: int) -> np.ndarray:
     return arr
 
 
-def _shard_rows(data: str, manifest: dict) -> dict[str, dict]:
+def _shard_rows(data: str, manifest: Manifest) -> dict[str, dict]:
     rows = {}
-    for shard in manifest["shards"]:
-        for row in pq.read_table(os.path.join(data, shard["path"])).to_pylist():
+    for shard in manifest.shards:
+        for row in pq.read_table(os.path.join(data, shard.path)).to_pylist():
             rows[row["key"]] = row
     return rows
 
@@ -281,8 +282,8 @@ def test_stack_pairs_one_pair_per_slice(ray_cluster, s3_prefix, tmp_path):
             skip_invalid=True,
         )
     )
-    assert manifest["counts"] == {"train": 3, "val": 2} and manifest["channels"] == 3
-    assert [s["key"] for s in manifest["skipped"]] == ["short"]
+    assert manifest.counts.to_json() == {"train": 3, "val": 2} and manifest.channels == 3
+    assert [s.key for s in manifest.skipped] == ["short"]
     rows = _shard_rows(data, manifest)
     assert sorted(rows) == [f"vol/000{i}" for i in range(5)]
     for i in range(5):
@@ -303,7 +304,7 @@ def test_stack_pairs_one_pair_per_slice(ray_cluster, s3_prefix, tmp_path):
             skip_invalid=True,
         )
     )
-    assert again["content_hash"] == manifest["content_hash"] and again["skipped"] == manifest["skipped"]
+    assert again.content_hash == manifest.content_hash and again.skipped == manifest.skipped
 
 
 def test_16_bit_and_float_images_keep_their_values(ray_cluster, tmp_path):
@@ -324,7 +325,7 @@ def test_16_bit_and_float_images_keep_their_values(ray_cluster, tmp_path):
         got = imaging.decode_pixels(rows[key]["image"]).pixels
         assert got.dtype == arr.dtype
         np.testing.assert_array_equal(got[..., 0], arr, err_msg=key)
-    fp = manifest["fingerprint"]
+    fp = manifest.fingerprint
     assert fp["modes"] == {"F": 3, "I;16": 3} and fp["dtypes"] == {"float32": 3, "uint16": 3}
     assert fp["intensity"]["p99.5"][0] > 20_000  # native units, not 0..255
 
@@ -342,16 +343,16 @@ def test_multiband_bands_or_all_of_them(ray_cluster, tmp_path):
 
     picked = str(tmp_path / "picked")
     manifest = prepare(PrepareSpec(source=str(src), dest=picked, bands=[2, 3, 6], val_fraction=0.0))
-    assert manifest["bands"] == [2, 3, 6] and manifest["channels"] == 3
-    assert len(manifest["fingerprint"]["intensity"]["mean"]) == 3
-    assert manifest["fingerprint"]["intensity"]["mean"][1] > 8_000  # band 3, 16-bit values
+    assert manifest.bands == (2, 3, 6) and manifest.channels == 3
+    assert len(manifest.fingerprint["intensity"]["mean"]) == 3
+    assert manifest.fingerprint["intensity"]["mean"][1] > 8_000  # band 3, 16-bit values
     rows = _shard_rows(picked, manifest)
     assert rows["s1"]["image"] == (src / "images" / "s1.tif").read_bytes()
 
     every = str(tmp_path / "every")
     manifest = prepare(PrepareSpec(source=str(src), dest=every, val_fraction=0.0))
-    assert manifest["bands"] is None and manifest["channels"] == BANDS
-    assert manifest["fingerprint"]["channels"] == {"6": 4} and manifest["fingerprint"]["modes"] == {"uint16x6": 4}
+    assert manifest.bands is None and manifest.channels == BANDS
+    assert manifest.fingerprint["channels"] == {"6": 4} and manifest.fingerprint["modes"] == {"uint16x6": 4}
 
     # A 6-band scene beside an RGB photo: no common channel count without --bands.
     _png(f"{src}/images/rgb.png", np.zeros((H, W, 3), np.uint8))

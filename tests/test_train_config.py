@@ -6,19 +6,20 @@ import pickle
 
 import numpy as np
 import pytest
+from helpers import manifest
 
 from raysegment.config import TrainSpec
-from raysegment.data.prepare import FORMAT_VERSION
 from raysegment.errors import DataError
 from raysegment.train.checkpoint import TrainState
 from raysegment.train.config import TrainConfig, train_config
 
-MANIFEST = {
+FIELDS = {
     "num_classes": 2,
     "class_names": ["background", "cell"],
     "counts": {"train": 50, "val": 5},
     "pixel_frequency": [0.9, 0.1],
 }
+MANIFEST = manifest(**FIELDS)
 
 
 def config(**fields) -> TrainConfig:
@@ -83,11 +84,11 @@ def test_frozen_and_picklable():
         ({"workers": 4, "batch_size": 16}, {"train": 50, "val": 5}, "fewer than one global batch"),
         # No batch size helps an empty train split: the fix is pairs in train (it said "lower --batch-size").
         ({}, {"train": 0, "val": 1}, "no training images \\(1 in val, none in train\\); put pairs in train: "),
-        ({}, {"train": 50}, "no validation images; prepare again with --val-keys"),
+        ({}, {"train": 50, "val": 0}, "no validation images; prepare again with --val-keys"),
         # A layout's own splits refuse --val-keys: the fix prepare recorded for it (`layouts.no_val_fix`).
         (
             {"no_val_fix": "put some pairs in val in ImageSets/Segmentation/{train,val}.txt"},
-            {"train": 50},
+            {"train": 50, "val": 0},
             "in ImageSets",
         ),
     ],
@@ -95,7 +96,7 @@ def test_frozen_and_picklable():
 def test_data_set_that_cannot_train(fields, counts, message):
     source = {"no_val_fix": fields.pop("no_val_fix")} if "no_val_fix" in fields else {}
     with pytest.raises(DataError, match=message):
-        train_config(TrainSpec(data="d", out="o", **fields), {**MANIFEST, **source, "counts": counts}, "d")
+        train_config(TrainSpec(data="d", out="o", **fields), manifest(**{**FIELDS, **source, "counts": counts}), "d")
 
 
 def test_encoder_weights_the_driver_does_not_have_are_refused_before_the_run(tmp_path):
@@ -129,11 +130,7 @@ def test_encoder_weights_that_are_not_the_encoders_are_one_line_before_ray_train
     config(encoder="mobilenetv3small", encoder_weights=str(small)).model.check_weights()  # its own: loads
     with pytest.raises(ConfigError, match="small.weights.h5: not a Keras weights file for mobilenetv3large"):
         config(encoder="mobilenetv3large", encoder_weights=str(small)).model.check_weights()
-    shards = [
-        {"path": f"shards/{s}-00000.parquet", "split": s, "rows": n, "bytes": 1} for s, n in MANIFEST["counts"].items()
-    ]
-    manifest = {**MANIFEST, "format_version": FORMAT_VERSION, "shards": shards, "palette": [[0, 0, 0], [255, 0, 0]]}
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "content_hash": "h"}))
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST.to_json()))
     out = tmp_path / "out"
     spec = TrainSpec(
         data=str(tmp_path), out=str(out), plan=False, encoder="mobilenetv3small", encoder_weights=str(text)
@@ -146,26 +143,21 @@ def test_encoder_weights_that_are_not_the_encoders_are_one_line_before_ray_train
 
 
 def test_a_data_set_whose_masks_label_no_pixel_is_refused_by_train_and_plan(tmp_path):
-    void = {**MANIFEST, "pixel_frequency": [0.0, 0.0], "ignored_pixels": 4096}
+    void = manifest(**{**FIELDS, "pixel_frequency": [0.0, 0.0], "ignored_pixels": 4096})
     with pytest.raises(DataError, match="no mask labels a pixel \\(4096 pixels are 255"):
         train_config(TrainSpec(data="d", out="o"), void, "d")
     from click.testing import CliRunner
 
     from raysegment.cli import main
 
-    shards = [
-        {"path": f"shards/{s}-00000.parquet", "split": s, "rows": n, "bytes": 1} for s, n in MANIFEST["counts"].items()
-    ]
-    whole = {**void, "format_version": FORMAT_VERSION, "shards": shards, "palette": [[0, 0, 0], [255, 0, 0]]}
-    (tmp_path / "manifest.json").write_text(json.dumps(whole))
+    (tmp_path / "manifest.json").write_text(json.dumps(void.to_json()))
     result = CliRunner().invoke(main, ["plan", str(tmp_path)])
     assert result.exit_code == 2 and "no mask labels a pixel" in result.output
     assert not (tmp_path / "plan.json").exists()
 
     # No val images: train refuses them (the best checkpoint is chosen by val), so plan does too.
-    no_val = {**whole, "pixel_frequency": MANIFEST["pixel_frequency"], "counts": {**MANIFEST["counts"], "val": 0}}
-    no_val["shards"] = [s for s in shards if s["split"] == "train"]
-    (tmp_path / "manifest.json").write_text(json.dumps(no_val))
+    no_val = manifest(**{**FIELDS, "counts": {"train": 50, "val": 0}})
+    (tmp_path / "manifest.json").write_text(json.dumps(no_val.to_json()))
     result = CliRunner().invoke(main, ["plan", str(tmp_path)])
     assert result.exit_code == 2 and "no validation images" in result.output, result.output
     assert "--val-keys" in result.output  # the fix that works for a data set already split by --val-fraction

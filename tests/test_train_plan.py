@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import fingerprint, write_source
+from helpers import fingerprint, manifest, write_source
 
 from raysegment import jobs, plan
 from raysegment.config import PrepareSpec, TrainSpec, load_spec
@@ -20,7 +20,7 @@ from raysegment.registry import load_job_spec
 
 RAYSEGMENT = str(Path(sys.executable).parent / "raysegment")
 LARGE = fingerprint(side=1024, shares=(0.95, 0.05), areas=(1e5, 40.0))
-MANIFEST = {"fingerprint": LARGE.to_json(), "counts": {"train": 80, "val": 20}}
+MANIFEST = manifest(fingerprint=LARGE.to_json(), counts={"train": 80, "val": 20})
 
 
 def planned(**flags):
@@ -87,7 +87,7 @@ def test_train_refuses_a_data_set_without_val_images_before_printing_a_plan(caps
 
     spec = load_spec(TrainSpec, None, {"data": "d", "out": "o"})
     with pytest.raises(DataError, match="no validation images"):
-        apply_plan(spec, None, {**MANIFEST, "counts": {"train": 80, "val": 0}})
+        apply_plan(spec, None, manifest(fingerprint=LARGE.to_json(), counts={"train": 80, "val": 0}))
     assert "plan for the data set" not in capsys.readouterr().err
 
 

@@ -29,7 +29,8 @@ from raysegment import plan as planning
 from raysegment.config import PrepareSpec, TrainSpec
 from raysegment.data import imaging
 from raysegment.data.examples import Augmentation, fit_example, photometric
-from raysegment.data.prepare import prepare, read_manifest
+from raysegment.data.manifest import Manifest, read_manifest
+from raysegment.data.prepare import prepare
 from raysegment.models.metrics import confusion_matrix, metrics_from_confusion
 
 SIDE = 384
@@ -78,7 +79,7 @@ def large_image(seed: int) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True)
 class SmallObjects:
     data: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     rows: dict[str, list[tuple[bytes, bytes]]]  # split -> its shard rows (image, mask), as workers read them
 
 
@@ -102,9 +103,9 @@ def small_objects(root: Path, seed: int = 0) -> SmallObjects:
     )
     _, manifest = read_manifest(data)
     rows = {"train": [], "val": []}
-    for shard in manifest["shards"]:
-        table = pq.read_table(Path(data) / shard["path"], columns=["image", "mask"]).to_pydict()
-        rows[shard["split"]] += list(zip(table["image"], table["mask"]))
+    for shard in manifest.shards:
+        table = pq.read_table(Path(data) / shard.path, columns=["image", "mask"]).to_pydict()
+        rows[shard.split] += list(zip(table["image"], table["mask"]))
     return SmallObjects(data, manifest, rows)
 
 

@@ -66,12 +66,12 @@ def bench_prepare(pairs: int, size: int, shard_size_mb: float, workdir: str | No
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    rows = sum(manifest["counts"].values())
+    rows = manifest.counts.total
     return {
         "pairs": pairs,
         "size": size,
         "rows": rows,
-        "shards": len(manifest["shards"]),
+        "shards": len(manifest.shards),
         "shard_size_mb": shard_size_mb,
         "source_mib": round(source_bytes / 2**20, 1),
         "generate_s": round(generate_s, 1),

@@ -61,7 +61,7 @@ def write_source(root: str, count: int, size: int, kind: str) -> None:
 def bench_plan(data_dir: str, image_size: int, depth: int, base_filters: int, global_batch: int, epochs: int) -> Plan:
     """The plan `raysegment plan` makes for the data set on one worker, with the bench's model and batch given."""
     from raysegment import plan as planning
-    from raysegment.data.prepare import read_manifest
+    from raysegment.data.manifest import read_manifest
 
     loc, manifest = read_manifest(data_dir)
     spec = TrainSpec(
@@ -314,7 +314,8 @@ def bench_train(
     vs one worker given cores/N (scaling)."""
     from raysegment import plan as planning
     from raysegment.data.examples import Augmentation
-    from raysegment.data.prepare import prepare, read_manifest
+    from raysegment.data.manifest import read_manifest
+    from raysegment.data.prepare import prepare
     from raysegment.train.config import rare_classes, train_config
 
     if global_batch % workers:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from raysegment.data.manifest import Manifest
 
 IGNORE_INDEX = 255
 
@@ -13,19 +17,19 @@ def distinct_names(names: list[str]) -> bool:
     return len(set(names)) == len(names) and all(n.strip() for n in names)
 
 
-def manifest_warnings(manifest: dict[str, Any]) -> list[str]:
+def manifest_warnings(manifest: Manifest) -> list[str]:
     """`split_warnings` for a prepared data set's manifest (prepare, data-info, plan and train print them).
     A manifest from before `transparent_ignored_pixels` was kept reads as no transparent pixel."""
     return split_warnings(
-        manifest["class_names"],
-        manifest.get("class_pixels"),
-        manifest.get("ignored_pixels", 0),
-        manifest.get("transparent_ignored_pixels", 0),
+        list(manifest.class_names),
+        manifest.class_pixels,
+        manifest.ignored_pixels or 0,
+        manifest.transparent_ignored_pixels,
     )
 
 
 def split_warnings(
-    names: list[str], class_pixels: dict[str, list[int]] | None, ignored: int = 0, transparent: int = 0
+    names: list[str], class_pixels: dict[str, Sequence[int]] | None, ignored: int = 0, transparent: int = 0
 ) -> list[str]:
     """Classes no mask labels, or that the split leaves unlearnable (pixels in val only) or unscored
     (none in val). `ignored`: the data set's ignore pixels; `transparent`: those that are ignore because

@@ -18,11 +18,14 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raysegment.data import imaging
+
+if TYPE_CHECKING:
+    from raysegment.data.manifest import Manifest
 
 # Per shard task: pixel values from this many images (this many pixels each), object sizes
 # from this many images. Enough for stable percentiles; the driver merges a few MB at most.
@@ -327,11 +330,11 @@ def _shard_part(loc: Any, path: str, channels: imaging.Channels) -> ShardFingerp
     return part
 
 
-def fingerprint_shards(loc: Any, manifest: dict[str, Any]) -> Fingerprint:
+def fingerprint_shards(loc: Any, manifest: Manifest) -> Fingerprint:
     """The fingerprint of a data set prepared before fingerprints existed: one Ray task per shard."""
     import ray
 
     task = ray.remote(_shard_part)
-    channels = imaging.Channels.of(manifest.get("bands"), manifest.get("channels"))
-    parts = ray.get([task.remote(loc, loc.child(s["path"]).path, channels) for s in manifest["shards"]])
-    return merge(parts, manifest["num_classes"], manifest.get("pixel_frequency") or [0.0] * manifest["num_classes"])
+    channels = imaging.Channels.of(manifest.bands, manifest.channels)
+    parts = ray.get([task.remote(loc, loc.child(s.path).path, channels) for s in manifest.shards])
+    return merge(parts, manifest.num_classes, list(manifest.pixel_frequency or [0.0] * manifest.num_classes))

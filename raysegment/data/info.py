@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from raysegment.data.classes import manifest_warnings
-from raysegment.data.fingerprint import Fingerprint, format_fingerprint
+from raysegment.data.fingerprint import format_fingerprint
+from raysegment.data.manifest import Manifest
 
 MAX_SHARDS_LISTED = 30
 
@@ -28,45 +27,46 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 SHOWN_SKIPPED = 20  # as prepare's own report of invalid pairs
 
 
-def format_manifest(uri: str, manifest: dict[str, Any]) -> str:
+def format_manifest(uri: str, manifest: Manifest) -> str:
     """Summary, class table (colour, pixel frequency) and shard table of one data set."""
-    shards = manifest["shards"]
-    counts = manifest["counts"]
-    skipped = manifest.get("skipped") or []
+    shards = manifest.shards
+    counts = manifest.counts.to_json()
+    skipped = manifest.skipped
+    created_by = "?" if manifest.created_by is None else manifest.created_by
     out = [
         f"data set      {uri}",
-        f"layout        {manifest['layout']} (format {manifest['format_version']}, {manifest.get('created_by', '?')})",
-        f"source        {manifest.get('source', '?')}",
+        f"layout        {manifest.layout} (format {manifest.format_version}, {created_by})",
+        f"source        {'?' if manifest.source is None else manifest.source}",
         "images        " + ", ".join(f"{s} {n}" for s, n in counts.items()) + f" (total {sum(counts.values())})",
-        f"splits from   {manifest.get('splits_from') or '?'}",
-        f"channels      {manifest.get('channels') or 3}"
-        + (f" (bands {','.join(map(str, manifest['bands']))})" if manifest.get("bands") else ""),
+        f"splits from   {manifest.splits_from or '?'}",
+        f"channels      {manifest.channels or 3}"
+        + (f" (bands {','.join(map(str, manifest.bands))})" if manifest.bands else ""),
         f"skipped       {len(skipped)} invalid or unpaired inputs"
         + (" (all in manifest.json 'skipped')" if skipped else ""),
-        *[f"  {s.get('key', '?')}: {s.get('problem', '?')}" for s in skipped[:SHOWN_SKIPPED] if isinstance(s, dict)],
+        *[f"  {s.key}: {s.problem}" for s in skipped[:SHOWN_SKIPPED]],
         *([f"  (and {len(skipped) - SHOWN_SKIPPED} more)"] if len(skipped) > SHOWN_SKIPPED else []),
-        f"content hash  {manifest['content_hash']}",
+        f"content hash  {manifest.content_hash}",
         "",
     ]
-    freq = manifest.get("pixel_frequency") or [0.0] * manifest["num_classes"]
+    freq = manifest.pixel_frequency or [0.0] * manifest.num_classes
     rows = [
-        [str(i), name, "#{:02x}{:02x}{:02x}".format(*manifest["palette"][i]), f"{100 * freq[i]:.2f}%"]
-        for i, name in enumerate(manifest["class_names"])
+        [str(i), name, "#{:02x}{:02x}{:02x}".format(*manifest.palette[i]), f"{100 * freq[i]:.2f}%"]
+        for i, name in enumerate(manifest.class_names)
     ]
-    ignored = manifest.get("ignored_pixels")
-    rows.append([str(manifest["ignore_index"]), "(ignore)", "", "" if ignored is None else f"{ignored} px"])
+    ignored = manifest.ignored_pixels
+    rows.append([str(manifest.ignore_index), "(ignore)", "", "" if ignored is None else f"{ignored} px"])
     out += _table(["id", "class", "colour", "pixels"], rows, right={0, 3})
     out += [f"warning: {w}" for w in manifest_warnings(manifest)]
     out.append("")
     listed = shards if len(shards) <= MAX_SHARDS_LISTED else shards[: MAX_SHARDS_LISTED // 2]
-    rows = [[s["path"], s["split"], str(s["rows"]), _mib(s["bytes"])] for s in listed]
+    rows = [[s.path, s.split, str(s.rows), _mib(s.bytes)] for s in listed]
     if len(listed) < len(shards):
         rows.append([f"... {len(shards) - len(listed)} more", "", "", ""])
-    sizes = sorted(s["bytes"] for s in shards)
-    rows.append([f"total ({len(shards)} shards)", "", str(sum(s["rows"] for s in shards)), _mib(sum(sizes))])
+    sizes = sorted(s.bytes for s in shards)
+    rows.append([f"total ({len(shards)} shards)", "", str(sum(s.rows for s in shards)), _mib(sum(sizes))])
     out += _table(["shard", "split", "rows", "size"], rows, right={2, 3})
     if sizes:
         out.append(f"shard size: min {_mib(sizes[0])}, median {_mib(sizes[len(sizes) // 2])}, max {_mib(sizes[-1])}")
-    if manifest.get("fingerprint"):
-        out += ["", *format_fingerprint(Fingerprint.from_json(manifest["fingerprint"]), manifest["class_names"])]
+    if fingerprint := manifest.stored_fingerprint():
+        out += ["", *format_fingerprint(fingerprint, list(manifest.class_names))]
     return "\n".join(out)

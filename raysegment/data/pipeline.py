@@ -12,7 +12,6 @@ augmentation maths is in `data/augment.py`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +21,7 @@ import ray
 from raysegment import storage
 from raysegment.data import imaging
 from raysegment.data.examples import Augmentation, decode_for_training
-from raysegment.data.prepare import RE_PREPARE
+from raysegment.data.manifest import RE_PREPARE, Manifest
 from raysegment.errors import DataError
 from raysegment.models.card import InputSpec
 
@@ -61,7 +60,7 @@ def _read_shards(batch: dict[str, np.ndarray], loc: storage.Location, columns: l
 
 
 def read_split(
-    loc: storage.Location, manifest: dict[str, Any], split: str, columns: list[str] | None = None, repeat: int = 1
+    loc: storage.Location, manifest: Manifest, split: str, columns: list[str] | None = None, repeat: int = 1
 ) -> ray.data.Dataset:
     """The shards of one split as a Ray dataset (only shards the manifest lists).
 
@@ -70,10 +69,10 @@ def read_split(
     executes the dataset anew (measured: 30 images, 7 s to the first batch with
     read_parquet, 0.07 s this way).
     """
-    shards = [s for s in manifest["shards"] if s["split"] == split]
+    shards = manifest.split_shards(split)
     if not shards:
-        raise DataError(f"{loc.uri}: split '{split}' has no shards (counts: {manifest['counts']})")
-    items = [{"path": s["path"], "rows": s["rows"], "bytes": s["bytes"]} for s in shards] * repeat
+        raise DataError(f"{loc.uri}: split '{split}' has no shards (counts: {manifest.counts.to_json()})")
+    items = [{"path": s.path, "rows": s.rows, "bytes": s.bytes} for s in shards] * repeat
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # A quarter CPU, unlike the decoding map after it: ops with equal resources are fused, and the fused
     # task then took the decoder's 32 rows of input, i.e. 32 shards: one task read, decoded and augmented
@@ -86,7 +85,7 @@ def read_split(
 
 def training_dataset(
     loc: storage.Location,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     split: str,
     size: int,
     augment: bool | Augmentation | None,

@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 import ray
 
 from raysegment import __version__, logs, progress, storage
-from raysegment.config import PrepareSpec, distinct_class_names
+from raysegment.config import PrepareSpec
 from raysegment.data import classes, imaging, masks, tiff
-from raysegment.data.fingerprint import Fingerprint, ShardFingerprint, format_fingerprint, merge
+from raysegment.data.fingerprint import ShardFingerprint, merge
 from raysegment.data.layouts import (
     SPLITS,
     Listing,
@@ -46,12 +46,11 @@ from raysegment.data.layouts import (
     no_val_fix,
     read_val_keys,
 )
+from raysegment.data.manifest import FORMAT_VERSION, MANIFEST, Counts, Manifest, Shard, Skipped, write_manifest
 from raysegment.errors import DataError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 SHARD_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -100,7 +99,6 @@ class Row:
         return self.mask.shape[0], self.mask.shape[1]
 
 
-RE_PREPARE = "run `raysegment prepare` again into a new DEST"
 JPEG_MAGIC = b"\xff\xd8\xff"
 LOSSY_MASK = (
     "mask is a JPEG, whose lossy compression changes class ids along every edge; "
@@ -150,8 +148,8 @@ class Invalid:
     key: str
     problem: Problem
 
-    def as_manifest(self) -> dict[str, str]:
-        return {"key": self.key, "problem": self.problem.text}
+    def as_manifest(self) -> Skipped:
+        return Skipped(self.key, self.problem.text)
 
 
 def _check_pair(
@@ -718,8 +716,8 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
     return listing, encoding, pairs, split_source
 
 
-def _clear_destination(spec: PrepareSpec, dest: storage.Location) -> storage.Location:
-    """Remove an old data set at DEST (manifest first) if --overwrite allows; returns the manifest's location."""
+def _clear_destination(spec: PrepareSpec, dest: storage.Location) -> None:
+    """Remove an old data set at DEST (manifest first) if --overwrite allows."""
     manifest_loc = dest.child(MANIFEST)
     if storage.exists(manifest_loc):
         if not spec.overwrite:
@@ -728,7 +726,6 @@ def _clear_destination(spec: PrepareSpec, dest: storage.Location) -> storage.Loc
         storage.remove_tree(manifest_loc)
     storage.remove_tree(dest.child("shards"))
     storage.check_writable(dest)
-    return manifest_loc
 
 
 def _classes(
@@ -801,40 +798,51 @@ def _manifest(
     listing: Listing,
     split_source: str,
     shards: list[dict[str, Any]],
-    hist: np.ndarray,
+    hists: dict[str, np.ndarray],
     invalid: list[Invalid],
     num_classes: int,
     names: list[str],
     encoding: masks.MaskEncoding,
-) -> dict[str, Any]:
+    channels: int,
+    turned: int,
+    transparent: int,
+) -> Manifest:
+    """The manifest, but for its fingerprint and prepare's time (`prepare` adds them last)."""
+    hist = sum(hists.values())
     labelled = hist[:num_classes].sum()
-    return {
-        "format_version": FORMAT_VERSION,
-        "layout": spec.layout,
-        "source": storage.redact(spec.source),
-        "num_classes": num_classes,
-        "class_names": names,
-        "palette": listing.palette or imaging.default_palette(num_classes),
-        "ignore_index": classes.IGNORE_INDEX,
-        "mask_values": {str(k): v for k, v in sorted(spec.mask_values.items())} if spec.mask_values else None,
-        "mask_threshold": spec.mask_threshold,
-        "mask_alpha": spec.mask_alpha,
-        "mask_zero": spec.mask_zero,
-        "mask_colors": {",".join(map(str, c)): i for c, i in encoding.colors.items()} if encoding.colors else None,
-        "splits_from": split_source,
-        "no_val_fix": no_val_fix(listing),  # plan and train say it when val is empty: the layout knows the way
-        "no_train_fix": no_train_fix(listing),  # ... and when train is
-        "counts": {s: sum(sh["rows"] for sh in shards if sh["split"] == s) for s in SPLITS},
-        "pixel_frequency": [float(hist[i] / labelled) if labelled else 0.0 for i in range(num_classes)],
-        "ignored_pixels": int(hist[classes.IGNORE_INDEX]),
-        "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "sha256")} for s in shards],
-        "content_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
-        "skipped": [item.as_manifest() for item in invalid],
-        "created_by": f"raysegment {__version__}",
-    }
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        layout=spec.layout,
+        source=storage.redact(spec.source),
+        num_classes=num_classes,
+        class_names=tuple(names),
+        palette=tuple(tuple(c) for c in listing.palette or imaging.default_palette(num_classes)),
+        ignore_index=classes.IGNORE_INDEX,
+        mask_values={str(k): v for k, v in sorted(spec.mask_values.items())} if spec.mask_values else None,
+        mask_threshold=spec.mask_threshold,
+        mask_alpha=spec.mask_alpha,
+        mask_zero=spec.mask_zero,
+        mask_colors={",".join(map(str, c)): i for c, i in encoding.colors.items()} if encoding.colors else None,
+        splits_from=split_source,
+        no_val_fix=no_val_fix(listing),  # plan and train say it when val is empty: the layout knows the way
+        no_train_fix=no_train_fix(listing),  # ... and when train is
+        counts=Counts(**{s: sum(sh["rows"] for sh in shards if sh["split"] == s) for s in SPLITS}),
+        pixel_frequency=tuple(float(hist[i] / labelled) if labelled else 0.0 for i in range(num_classes)),
+        ignored_pixels=int(hist[classes.IGNORE_INDEX]),
+        shards=tuple(Shard(**{k: s[k] for k in ("path", "split", "rows", "bytes", "sha256")}) for s in shards),
+        content_hash=hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
+        skipped=tuple(item.as_manifest() for item in invalid),
+        created_by=f"raysegment {__version__}",
+        bands=tuple(spec.bands) if spec.bands is not None else None,
+        channels=channels,
+        class_pixels={split: tuple(int(h[i]) for i in range(num_classes)) for split, h in hists.items()},
+        exif_turned=turned,
+        # Ignore pixels that were transparent, not 255: only they make --mask-alpha keep worth naming.
+        transparent_ignored_pixels=transparent,
+    )
 
 
-def prepare(spec: PrepareSpec) -> dict[str, Any]:
+def prepare(spec: PrepareSpec) -> Manifest:
     """Run the prepare job and return the manifest (written last: it is the commit)."""
     t0 = time.time()
     # The deadline is fixed here, on the driver; the shard tasks get it with the Locations.
@@ -842,7 +850,7 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
     dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
     storage.check_readable(source)
     listing, encoding, pairs, split_source = _list_pairs(spec, source)
-    manifest_loc = _clear_destination(spec, dest)
+    _clear_destination(spec, dest)
     logs.began()
 
     invalid = [Invalid(p.key, Problem(p.problem)) for p in pairs if p.problem]
@@ -871,15 +879,23 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         raise
     if listing.palette is None and not (encoding.colors or encoding.threshold is not None or spec.mask_values):
         listing = replace(listing, palette=_masks_palette(listing.root or source, pairs, num_classes))
-    manifest = _manifest(spec, listing, split_source, shards, hist, invalid, num_classes, names, encoding)
-    manifest.update(bands=spec.bands, channels=channels)
-    manifest["class_pixels"] = {split: [int(h[i]) for i in range(num_classes)] for split, h in hists.items()}
-    manifest["exif_turned"] = len(turned)
-    # Ignore pixels that were transparent, not 255: only they make --mask-alpha keep worth naming.
-    manifest["transparent_ignored_pixels"] = sum(transparent)
+    manifest = _manifest(
+        spec,
+        listing,
+        split_source,
+        shards,
+        hists,
+        invalid,
+        num_classes,
+        names,
+        encoding,
+        channels,
+        len(turned),
+        sum(transparent),
+    )
     warnings = classes.manifest_warnings(manifest)
     for split, fix in (("val", no_val_fix), ("train", no_train_fix)):
-        if not manifest["counts"][split] and any(p.split == split and not p.problem for p in pairs):
+        if not manifest.counts.of(split) and any(p.split == split and not p.problem for p in pairs):
             # Not said while listing: the split's pairs were all invalid, and --skip-invalid dropped them.
             n = sum(p.split == split for p in pairs)
             what = "its one pair was" if n == 1 else f"its {n} pairs were all"
@@ -890,100 +906,24 @@ def prepare(spec: PrepareSpec) -> dict[str, Any]:
         warnings.append(exif_warning(sorted(turned)))
     for warning in warnings:
         progress.warn(log, "prepare", warning)
-    fingerprint = merge(fingerprints, num_classes, manifest["pixel_frequency"])
+    fingerprint = merge(fingerprints, num_classes, list(manifest.pixel_frequency or ()))
     for warning in (fingerprint.mixed_depth, fingerprint.mixed_range):
         if warning:
             progress.warn(log, "prepare", warning)
-    manifest["fingerprint"] = fingerprint.to_json()
-    manifest["seconds"] = round(time.time() - t0, 2)
-    storage.write_json(manifest_loc, manifest)
-    log.info("prepared %s: %s, %d skipped", dest.uri, manifest["counts"], len(invalid))
+    manifest = replace(manifest, fingerprint=fingerprint.to_json(), seconds=round(time.time() - t0, 2))
+    write_manifest(dest, manifest)
+    log.info("prepared %s: %s, %d skipped", dest.uri, manifest.counts.to_json(), len(invalid))
     return manifest
 
 
-def input_channels(manifest: dict[str, Any], normalization: str = "scale_0_1") -> dict[str, Any]:
+def input_channels(manifest: Manifest, normalization: str = "scale_0_1") -> dict[str, Any]:
     """The model card's `input.channels`, `input.bands` and `input.pixel_type` for a data set (RGB and uint8
     for manifests before #19): float32 pixels for 16-bit and float data sets under a z-score computed on them."""
-    fingerprint = Fingerprint.from_json(manifest["fingerprint"]) if manifest.get("fingerprint") else None
+    fingerprint = manifest.stored_fingerprint()
     native = fingerprint is not None and fingerprint.high_depth and normalization in ("zscore", "zscore_clipped")
     return {
-        "channels": manifest.get("channels") or 3,
-        "bands": manifest.get("bands"),
+        "channels": manifest.channels or 3,
+        "bands": None if manifest.bands is None else list(manifest.bands),
         "pixel_type": "float32" if native else "uint8",
         "eight_bit_seen": bool(native and fingerprint is not None and fingerprint.mixed_depth),
     }
-
-
-def read_manifest(data_uri: str, endpoint_url: str | None = None) -> tuple[storage.Location, dict[str, Any]]:
-    """The data set's location and manifest, or a clear error if it is not a prepared data set."""
-    loc = storage.resolve(data_uri, endpoint_url)
-    mloc = loc.child(MANIFEST)
-    if not storage.exists(mloc):
-        raise DataError(f"{loc.uri}: no {MANIFEST}; run `raysegment prepare` first (or the write did not finish)")
-    manifest = storage.read_json(mloc)
-    if not isinstance(manifest, dict):
-        raise DataError(f"{mloc.uri}: not a manifest (a JSON object); {RE_PREPARE}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{mloc.uri}: unsupported format_version {manifest.get('format_version')}")
-    if problem := manifest_problem(manifest):
-        raise DataError(f"{mloc.uri}: {problem}: it was changed after prepare; {RE_PREPARE}")
-    return loc, manifest
-
-
-def manifest_problem(manifest: dict[str, Any]) -> str | None:
-    """What makes a manifest unusable (a field every reader relies on, missing or of the wrong kind), or None.
-
-    Readers index these fields directly; a hand-edited or damaged manifest was a KeyError or TypeError
-    traceback in data-info, plan, train or evaluate, or a model of 0 classes."""
-    k = manifest.get("num_classes")
-    if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= 255:
-        return f"num_classes {k!r} is not a whole number of classes 2..255"
-    names = manifest.get("class_names")
-    if not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) for n in names):
-        return f"class_names {names!r} are not {k} names"
-    try:
-        distinct_class_names(names)
-    except ValueError as exc:
-        return str(exc)
-    palette = manifest.get("palette")
-    if not isinstance(palette, list) or len(palette) < k or not all(_colour(c) for c in palette):
-        return f"palette is not {k} R,G,B colours"
-    counts = manifest.get("counts")
-    if not isinstance(counts, dict) or not all(_count(counts.get(s)) for s in SPLITS):
-        return f"counts {counts!r} are not image counts per split ({', '.join(SPLITS)})"
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        return "it lists no shards"
-    for shard in shards:
-        if not isinstance(shard, dict) or not (
-            isinstance(shard.get("path"), str)
-            and shard["path"].startswith("shards/")
-            and ".." not in shard["path"].split("/")
-            and shard.get("split") in SPLITS
-            and _count(shard.get("rows"))
-            and _count(shard.get("bytes"))
-        ):
-            return f"shard entry {shard!r:.120} is not a path under shards/, a split, rows and bytes"
-    for split in SPLITS:
-        listed = sum(s["rows"] for s in shards if s["split"] == split)
-        if listed != counts[split]:
-            return f"its {split} shards hold {listed} rows, but counts says {counts[split]}"
-    fingerprint = manifest.get("fingerprint")
-    if fingerprint is not None and not isinstance(fingerprint, dict):
-        return "its fingerprint is not a JSON object"
-    # One of this version's (an earlier one is computed afresh by its readers): formatting it reads every
-    # field `data-info` and `plan` read, with the types they take.
-    if fingerprint and Fingerprint.is_current(fingerprint):
-        try:
-            format_fingerprint(Fingerprint.from_json(fingerprint), names)
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-            return f"its fingerprint is damaged ({type(exc).__name__}: {str(exc)[:80]})"
-    return None
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _colour(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 3 and all(_count(v) and v <= 255 for v in value)

@@ -9,6 +9,8 @@
     summaries/run={run_id}/part-{keys}.parquet    one row per input image (SUMMARY_COLUMNS), many batches a file
     summaries/run=_compacted/part-{files}.parquet what `raysegment compact` merged (footer: what it replaces)
     runs/{run_id}.json           the run record (RunRecord)
+    report_tally.json            what the last report's pass over the summaries found, and in which files
+                                 (report_scan.py: the next report reads only the files added since)
     archives/{uri digest}.parquet the member keys of one input tar archive (inference/archives.py)
     _SUCCESS                     {"run_id": ...}: the output is complete
 
@@ -28,6 +30,7 @@ about 550 lines: the layout is one contract, and its writers and readers change 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -61,6 +64,9 @@ CLASS_NAMES_META = b"raysegment.class_names"
 # `raysegment compact` writes under summaries/run=_compacted/; each file's footer lists what it replaces.
 COMPACTED = "run=_compacted"
 REPLACES_META = b"raysegment.replaces"
+# The report's running tally (report_scan.py), beside report.html: not in summaries/, where readers take every
+# file for a Parquet file. Removed with the summaries (--overwrite).
+REPORT_TALLY = "report_tally.json"
 # An npz pack's zip comment when its members are named exactly by key (NpzMasks); older packs lack it.
 NPZ_MEMBERS_BY_KEY = b"raysegment npz: members named by key"
 # An npz member's mask_uri: OUTPUT/masks/part-{batch_name}.npz#{key}. The pack's name, not a mere `.npz#`,
@@ -570,6 +576,24 @@ class SummariesChanged(Exception):
     """A summary file went away while being read: `raysegment compact` replaced it. Read again."""
 
 
+@contextlib.contextmanager
+def changed_if_gone(path: str) -> Iterator[None]:
+    """A storage call on summary file `path`: its StorageError for a file not found (compaction removed it since
+    it was listed) as SummariesChanged, any other as it is. The one such mapping of every reader of summaries."""
+    try:
+        yield
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise SummariesChanged(path) from None
+        raise
+
+
+def fetch_summary(output: storage.Location, path: str) -> bytes:
+    """One summary file's bytes, under the output's retry deadline (SummariesChanged: see `changed_if_gone`)."""
+    with changed_if_gone(path):
+        return storage.call(output, lambda: output.fs.cat_file(path))
+
+
 def relative_path(output: storage.Location, path: str) -> str:
     """A summary file's path below OUTPUT/summaries/ (what a compacted file's `replaces` names)."""
     return path[len(output.child(SUMMARIES).path.rstrip("/")) + 1 :]
@@ -583,24 +607,42 @@ def replaced_by(output: storage.Location, path: str) -> list[str]:
         with loc.fs.open(path, "rb") as f:
             return pq.read_metadata(f).metadata or {}
 
-    try:
+    with changed_if_gone(path):
         meta = loc.call(read)
-    except StorageError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            raise SummariesChanged(path) from None
-        raise
     return json.loads(meta.get(REPLACES_META, b"[]"))
+
+
+def _live(output: storage.Location, paths: list[str]) -> list[str]:
+    """`paths` (every Parquet file under summaries/, sorted) less those a compacted file replaces."""
+    replaced = {
+        r for p in paths if relative_path(output, p).startswith(f"{COMPACTED}/") for r in replaced_by(output, p)
+    }
+    return [p for p in paths if relative_path(output, p) not in replaced]
 
 
 def summary_files(output: storage.Location) -> list[str]:
     """Every summary file under OUTPUT that holds rows now: all of them, less those a compacted
     file replaces (compaction writes the new file first and deletes the old ones after, so a
     listing in between sees both, and must read only the new one)."""
-    paths = storage.parquet_files(output.child(SUMMARIES))
-    replaced = {
-        r for p in paths if relative_path(output, p).startswith(f"{COMPACTED}/") for r in replaced_by(output, p)
+    return _live(output, storage.parquet_files(output.child(SUMMARIES)))
+
+
+def summary_stamps(output: storage.Location) -> dict[str, str]:
+    """`summary_files` (in its order), each with a stamp of its version from the same listing: its size and
+    its ETag on S3, its mtime on a local disk. A file rewritten under its name (or replaced by a copy) gets
+    another stamp, so the report's tally of it is not taken for the file's rows (report_scan.py)."""
+    root = output.child(SUMMARIES)
+
+    def find() -> dict[str, Any]:
+        return root.fs.find(root.path, detail=True) if root.fs.exists(root.path) else {}
+
+    found = root.call(find)
+    stamps = {
+        p: f"{info.get('size')}/{info.get('ETag') or info.get('mtime') or info.get('LastModified') or ''}"
+        for p, info in sorted(found.items())
+        if p.endswith(".parquet") and info.get("type", "file") == "file"
     }
-    return [p for p in paths if relative_path(output, p) not in replaced]
+    return {p: stamps[p] for p in _live(output, list(stamps))}
 
 
 DAMAGED_SUMMARY = "delete it and run `infer` again with the same OUTPUT: the keys it recorded are redone"
@@ -610,11 +652,8 @@ def read_summary(output: storage.Location, path: str, columns: list[str] | None 
     """One summary file; SummariesChanged when compaction removed it since it was listed. A readable Parquet
     file without a summary's columns (someone's export dropped beside them) is named as such, not as damaged."""
     try:
-        table = storage.read_table(output, path, columns=columns, fix=DAMAGED_SUMMARY)
-    except StorageError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            raise SummariesChanged(path) from None
-        raise
+        with changed_if_gone(path):
+            table = storage.read_table(output, path, columns=columns, fix=DAMAGED_SUMMARY)
     except DataError:
         if columns and (names := _schema_names(output, path)) is not None and not {"key", "status"} <= set(names):
             raise _not_a_summary(output, path, names) from None
@@ -635,6 +674,38 @@ def _schema_names(output: storage.Location, path: str) -> list[str] | None:
         return storage.call(output, read)
     except (pa.ArrowException, OSError, StorageError):
         return None
+
+
+FOOTER_GUESS = 64 << 10  # bytes read from a Parquet file's end for its footer (again, more, if it is longer)
+
+
+def _summary_schema(output: storage.Location, path: str) -> pa.Schema:
+    """A summary file's schema from its footer alone, read by range (damaged, not a summary, SummariesChanged:
+    as `read_summary`). Fetched under the storage deadline, parsed after: a damaged file is no storage failure."""
+
+    def tail() -> bytes:
+        with output.fs.open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(size - FOOTER_GUESS, 0))
+            data = f.read()
+            need = int.from_bytes(data[-8:-4], "little") + 8 if len(data) >= 8 else 0
+            if len(data) < need <= size:
+                f.seek(size - need)
+                data = f.read()
+            return data
+
+    with changed_if_gone(path):
+        data = storage.call(output, tail)
+    need = int.from_bytes(data[-8:-4], "little") + 8 if len(data) >= 8 else 0
+    try:
+        if data[-4:] != b"PAR1" or need > len(data):
+            raise pa.ArrowInvalid("no Parquet footer at the end of the file")
+        schema = pq.read_schema(io.BytesIO(b"PAR1" + data[-need:]))  # the footer, as a file of nothing else
+    except (pa.ArrowException, OSError) as exc:
+        raise storage.damaged_parquet(output, path, exc, DAMAGED_SUMMARY) from exc
+    if not {"key", "status"} <= set(schema.names):
+        raise _not_a_summary(output, path, schema.names)
+    return schema
 
 
 def _not_a_summary(output: storage.Location, path: str, names: list[str]) -> DataError:
@@ -670,14 +741,16 @@ class Summaries:
     storage call of a report; a file is one batch of rows, so memory stays that small."""
 
     def __init__(self, output: storage.Location) -> None:
-        self.paths = summary_files(output)
+        self.stamps = summary_stamps(output)  # each file's version (`summary_stamps`), for the report's tally
+        self.paths = list(self.stamps)
         if not self.paths:
             raise DataError(
                 f"{output.uri}: no inference summaries ({SUMMARIES}/run=*/part-*.parquet); run `raysegment infer`"
             )
         self.output = output
-        # The first file names the classes, as a dataset over all of them would.
-        self.metadata = read_summary(output, self.paths[0], columns=[]).schema.metadata or {}
+        # The first file names the classes, as a dataset over all of them would: its footer only (a report from
+        # the tally reads no other byte of the files it counted).
+        self.metadata = _summary_schema(output, self.paths[0]).metadata or {}
 
     @property
     def class_names(self) -> list[str]:
@@ -766,7 +839,7 @@ def find_run(output: storage.Location, run_id: str | None = None) -> tuple[str |
 def clear(output: storage.Location) -> None:
     """--overwrite: remove the marker first, then everything an earlier run wrote."""
     storage.remove_success(output)
-    for part in (SUMMARIES, MASKS, RUNS, ARCHIVES):
+    for part in (SUMMARIES, MASKS, RUNS, ARCHIVES, REPORT_TALLY):
         storage.remove_tree(output.child(part))
 
 

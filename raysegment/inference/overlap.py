@@ -16,10 +16,13 @@ from collections.abc import Callable
 
 from raysegment import storage
 from raysegment.errors import ConfigError
-from raysegment.inference.output import RUN_LOCK
+from raysegment.inference.output import REPORT_TALLY, RUN_LOCK
 
 # What `infer` writes directly under OUTPUT (inference/output.py, report.py).
-INFER_PARTS = ("masks", "summaries", "runs", "archives", "report.html", "overlays.png", storage.SUCCESS, RUN_LOCK)
+INFER_PARTS = (
+    *("masks", "summaries", "runs", "archives", "report.html", "overlays.png", REPORT_TALLY),
+    *(storage.SUCCESS, RUN_LOCK),
+)
 
 
 def comparable(uri: str) -> str:

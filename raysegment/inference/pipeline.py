@@ -370,10 +370,12 @@ def verify(run: Run, kind: str, counts: layout.RunCounts, first_batch: layout.Fi
 
 def write_report(run: Run, record: layout.RunRecord) -> None:
     """report.html and overlays.png, under the job's storage deadline; never fails a finished run
-    (`raysegment report` redoes them)."""
+    (`raysegment report` redoes them). From the tally the last report left and the summary files added since
+    (report_scan.py): a run adding 5 rows to 1M reads its own rows, not 1M."""
     from raysegment.report import write_run_report
 
+    spec, output = run.spec, run.output
     try:
-        write_run_report(run.output.uri, endpoint_url=run.spec.endpoint_url, retry_s=run.output.retry_s, record=record)
+        write_run_report(output.uri, endpoint_url=spec.endpoint_url, retry_s=output.retry_s, record=record, tally=True)
     except Exception as exc:
         log.warning("run report not written (%s); run `raysegment report %s`", exc, storage.redact(run.output.uri))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from raysegment.data.layouts import NO_TRAIN_FIX, NO_VAL_FIX
 from raysegment.errors import ConfigError, DataError
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from raysegment.config import TrainSpec
     from raysegment.data.fingerprint import Fingerprint
+    from raysegment.data.manifest import Manifest
     from raysegment.models.card import InputSpec
     from raysegment.models.pretrained import ShippedWeights
 
@@ -137,18 +138,18 @@ def dtype_policy(mixed_precision: str, gpus_per_worker: float) -> DtypePolicy:
     return DTYPE_POLICIES[mixed_precision]
 
 
-def check_labelled(manifest: dict[str, Any], data_uri: str) -> None:
+def check_labelled(manifest: Manifest, data_uri: str) -> None:
     """DataError for a data set whose masks label no pixel (every one 255, ignore): nothing to learn."""
-    shares = manifest.get("pixel_frequency")
+    shares = manifest.pixel_frequency
     if shares and not any(share > 0 for share in shares):
-        ignored = manifest.get("ignored_pixels", 0)
+        ignored = manifest.ignored_pixels or 0
         raise DataError(
             f"{data_uri}: no mask labels a pixel ({ignored} pixels are 255, ignore): nothing to train on; "
             "prepare again with --mask-values mapping the masks' values to class ids"
         )
 
 
-def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None:
+def check_fits(spec: TrainSpec, manifest: Manifest, data_uri: str) -> None:
     """DataError unless the data set and the spec can train together."""
     if spec.image_size % 2**spec.model_depth:
         what = "an encoder's 32x downsampling" if spec.encoder else "2**depth"
@@ -158,15 +159,14 @@ def check_fits(spec: TrainSpec, manifest: dict[str, Any], data_uri: str) -> None
     check_val(manifest, data_uri)
 
 
-def check_train(manifest: dict[str, Any], data_uri: str, batch_size: int = 1, workers: int = 1) -> None:
+def check_train(manifest: Manifest, data_uri: str, batch_size: int = 1, workers: int = 1) -> None:
     """DataError unless the train split holds one global batch (`plan` checks it too, with a batch of 1)."""
-    train_count = manifest["counts"].get("train", 0)
+    train_count = manifest.counts.train
     if not train_count:
         # No batch size helps: the pairs must go to train (the layout's own splits have their own way).
-        val = manifest["counts"].get("val", 0)
         raise DataError(
-            f"{data_uri}: no training images ({val} in val, none in train); "
-            f"{manifest.get('no_train_fix') or NO_TRAIN_FIX}"
+            f"{data_uri}: no training images ({manifest.counts.val} in val, none in train); "
+            f"{manifest.no_train_fix or NO_TRAIN_FIX}"
         )
     if train_count < batch_size * workers:
         raise DataError(
@@ -175,17 +175,17 @@ def check_train(manifest: dict[str, Any], data_uri: str, batch_size: int = 1, wo
         )
 
 
-def check_val(manifest: dict[str, Any], data_uri: str) -> None:
+def check_val(manifest: Manifest, data_uri: str) -> None:
     """DataError without val images: training picks its best checkpoint by them (`plan` checks it too)."""
-    if manifest["counts"].get("val", 0) == 0:
+    if manifest.counts.val == 0:
         # A layout that gave its own splits (VOC's val.txt, a list's split column) refuses --val-keys: prepare
         # recorded the fix that works for it (data sets prepared before that get the flags' advice).
-        raise DataError(f"{data_uri}: no validation images; {manifest.get('no_val_fix') or NO_VAL_FIX}")
+        raise DataError(f"{data_uri}: no validation images; {manifest.no_val_fix or NO_VAL_FIX}")
 
 
 def train_config(
     spec: TrainSpec,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     data_uri: str,
     epochs_from_budget: bool = False,
     fingerprint: Fingerprint | None = None,
@@ -199,7 +199,7 @@ def train_config(
     global_batch = spec.batch_size * spec.workers
     # Fixed here from the manifest, not counted from the shards: Ray has been seen to
     # double step counts on pre-sharded data (Ray #61838).
-    steps = manifest["counts"]["train"] * spec.repeat // global_batch
+    steps = manifest.counts.train * spec.repeat // global_batch
     weights = spec.encoder_weights
     if spec.encoder and weights not in ("imagenet", "none") and not os.path.isfile(weights):
         # The driver ships a given file to the workers (`ModelConfig.ship_weights`); one it does not have
@@ -210,19 +210,19 @@ def train_config(
         )
     return TrainConfig(
         model=ModelConfig(
-            num_classes=manifest["num_classes"],
+            num_classes=manifest.num_classes,
             depth=spec.model_depth,
             base_filters=spec.base_filters,
             batch_norm=spec.batch_norm,
             dropout=spec.dropout,
             upsampling=spec.upsampling,
             head=spec.head,
-            input_channels=manifest.get("channels") or 3,
+            input_channels=manifest.channels or 3,
             architecture=spec.architecture,
             encoder=spec.encoder,
             encoder_weights=None if spec.encoder_weights == "none" else spec.encoder_weights,
         ),
-        class_names=tuple(manifest["class_names"]),
+        class_names=manifest.class_names,
         image_size=spec.image_size,
         epochs=spec.epochs,
         workers=spec.workers,
@@ -234,7 +234,7 @@ def train_config(
         optimizer=spec.optimizer,
         momentum=spec.momentum,
         loss=spec.loss,
-        class_weights=class_weights(spec.class_weights, manifest["pixel_frequency"]),
+        class_weights=class_weights(spec.class_weights, manifest.pixel_frequency or ()),
         dtype_policy=dtype_policy(spec.mixed_precision, spec.gpus_per_worker),
         patience=spec.patience,
         seed=spec.seed,
@@ -245,7 +245,7 @@ def train_config(
     )
 
 
-def model_input(spec: TrainSpec, manifest: dict[str, Any], fingerprint: Fingerprint | None) -> InputSpec:
+def model_input(spec: TrainSpec, manifest: Manifest, fingerprint: Fingerprint | None) -> InputSpec:
     """The model card's `input` for this training: size, bands, resize or native scale, and the normalisation
     with the fingerprint's statistics (`TrainConfig.model_input`)."""
     from raysegment.data.prepare import input_channels
@@ -269,8 +269,8 @@ def model_input(spec: TrainSpec, manifest: dict[str, Any], fingerprint: Fingerpr
     )
 
 
-def rare_classes(manifest: dict[str, Any]) -> tuple[int, ...]:
+def rare_classes(manifest: Manifest) -> tuple[int, ...]:
     """Classes under the plan's rare share of labelled pixels (what `oversample` centres windows on)."""
     from raysegment.plan import RARE_CLASS, scarce_classes
 
-    return tuple(scarce_classes(manifest.get("pixel_frequency") or [], RARE_CLASS))
+    return tuple(scarce_classes(list(manifest.pixel_frequency or ()), RARE_CLASS))

@@ -26,8 +26,8 @@ from raysegment import plan as planning
 from raysegment.config import TrainSpec
 from raysegment.data.classes import manifest_warnings
 from raysegment.data.examples import NATIVE_VAL, Augmentation, native_validation
+from raysegment.data.manifest import Manifest, read_manifest
 from raysegment.data.pipeline import padded_for_workers, training_dataset
-from raysegment.data.prepare import read_manifest
 from raysegment.errors import ConfigError, StorageError
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
 from raysegment.models.card import (
@@ -73,7 +73,7 @@ def history_csv(history: list[dict[str, Any]]) -> bytes:
 
 
 def validation_dataset(
-    data_loc: storage.Location, manifest: dict[str, Any], spec: TrainSpec, cfg: TrainConfig, grid: bool = True
+    data_loc: storage.Location, manifest: Manifest, spec: TrainSpec, cfg: TrainConfig, grid: bool = True
 ):
     """The val split as training sees it: no augmentation; for native-scale models, windows at the images'
     scale, a grid covering the largest image (`grid`; else the central window, as examples.png shows)."""
@@ -82,13 +82,13 @@ def validation_dataset(
     )
 
 
-def val_windows(manifest: dict[str, Any], spec: TrainSpec, grid: bool = True) -> Augmentation | None:
+def val_windows(manifest: Manifest, spec: TrainSpec, grid: bool = True) -> Augmentation | None:
     """How val images become windows: None (resized whole) unless the model is native-scale. The grid comes
     from the largest image in the manifest's fingerprint (a data set prepared before fingerprints: one
     central window, as then)."""
     if spec.crop != "native":
         return None
-    fingerprint = manifest.get("fingerprint") or {}
+    fingerprint = manifest.fingerprint or {}
     try:
         high, wide = int(fingerprint["height"]["max"]), int(fingerprint["width"]["max"])
     except (KeyError, TypeError, ValueError):
@@ -96,14 +96,14 @@ def val_windows(manifest: dict[str, Any], spec: TrainSpec, grid: bool = True) ->
     return native_validation(spec.image_size, high, wide) if grid else NATIVE_VAL
 
 
-def val_rows(manifest: dict[str, Any], spec: TrainSpec) -> int:
+def val_rows(manifest: Manifest, spec: TrainSpec) -> int:
     """The val dataset's rows: windows per image (native-scale models) times the val images."""
     windows = val_windows(manifest, spec)
     per_image = windows.grid[0] * windows.grid[1] if windows is not None else 1
-    return int(manifest["counts"]["val"]) * per_image
+    return manifest.counts.val * per_image
 
 
-def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: TrainConfig, count: int = 8) -> bytes:
+def validation_examples(model, spec: TrainSpec, manifest: Manifest, cfg: TrainConfig, count: int = 8) -> bytes:
     """image | ground truth | prediction for the first validation images, as a PNG grid."""
     from raysegment.models.losses import probabilities
 
@@ -113,10 +113,10 @@ def validation_examples(model, spec: TrainSpec, manifest: dict[str, Any], cfg: T
     pred = np.argmax(probabilities(model(batch["image"], training=False)).numpy(), axis=-1)
     # The model's input is normalised (z-scores): each image stretched to its own min..max to be seen.
     shown = [(x - x.min()) / max(float(x.max() - x.min()), 1e-6) for x in batch["image"]]
-    return overlay.example_grid(list(zip(shown, batch["mask"], pred)), manifest["palette"])
+    return overlay.example_grid(list(zip(shown, batch["mask"], pred)), manifest.palette)
 
 
-def tta_advice(out: storage.Location, spec: TrainSpec, manifest: dict[str, Any]) -> InferenceAdvice:
+def tta_advice(out: storage.Location, spec: TrainSpec, manifest: Manifest) -> InferenceAdvice:
     """Whether flip TTA pays for the model in OUT: its val mIoU without and with it (`evaluate.measure_tta`)."""
     advice = measure_tta(out.uri, storage.resolve(spec.data, spec.endpoint_url), manifest, spec.endpoint_url)
     plain, tta = advice.val_mean_iou["plain"], advice.val_mean_iou["tta"]
@@ -147,7 +147,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
     cfg.model.check_weights()  # a weights file that is not the encoder's: one line, before Ray Train and OUT
     cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
-    identity = run_identity(cfg, manifest["content_hash"])
+    identity = run_identity(cfg, manifest.content_hash)
     if spec.resume:
         finished = finished_run(out, spec.name)
         check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights, finished is not None)
@@ -264,7 +264,7 @@ def remove_untracked_checkpoints(run_dir: storage.Location, result: ray.train.Re
 
 
 def apply_plan(
-    spec: TrainSpec, data_loc: storage.Location, manifest: dict[str, Any]
+    spec: TrainSpec, data_loc: storage.Location, manifest: Manifest
 ) -> tuple[TrainSpec, dict[str, Any] | None]:
     """The spec to train (the plan's values where the user gave none) and the card's record of the plan;
     `plan: false` trains the spec as written and records no plan."""
@@ -279,7 +279,7 @@ def apply_plan(
 
 
 def training_datasets(
-    spec: TrainSpec, data_loc: storage.Location, manifest: dict[str, Any], cfg: TrainConfig
+    spec: TrainSpec, data_loc: storage.Location, manifest: Manifest, cfg: TrainConfig
 ) -> dict[str, Any]:
     """The train split (augmented, repeated, rare classes oversampled) and the val split (plain), as Ray
     datasets, both normalised as the model card will say (`cfg.model_input`)."""
@@ -467,7 +467,7 @@ def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any], weights_pat
 def write_artifacts(
     out: storage.Location,
     spec: TrainSpec,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     cfg: TrainConfig,
     checkpoint: ray.train.Checkpoint,
     best: dict[str, Any],
@@ -510,7 +510,7 @@ def write_artifacts(
     storage.write_bytes(out.child(HISTORY_FILE), history_csv(history))
     storage.write_bytes(out.child(CURVES_FILE), plots.training_curves(history))
     if best_cm:
-        storage.write_bytes(out.child(CONFUSION_FILE), plots.confusion_matrix_png(best_cm, manifest["class_names"]))
+        storage.write_bytes(out.child(CONFUSION_FILE), plots.confusion_matrix_png(best_cm, list(manifest.class_names)))
     examples = validation_examples(model, spec, manifest, cfg)
     storage.write_bytes(out.child(EXAMPLES_FILE), examples)
     tracking.write_tensorboard(out.child(TENSORBOARD_DIR), history, examples, best.get("epoch"))
@@ -526,15 +526,19 @@ def write_artifacts(
             "upsampling": spec.upsampling,
             "head": spec.head,
         },
-        num_classes=manifest["num_classes"],
-        class_names=manifest["class_names"],
-        palette=manifest["palette"],
-        ignore_index=manifest["ignore_index"],
+        num_classes=manifest.num_classes,
+        class_names=list(manifest.class_names),
+        palette=list(manifest.palette),
+        ignore_index=manifest.ignore_index,
         # Size, bands, native scale and the normalisation the training pipeline applied (`model_input`).
         input=cfg.model_input,
         output="logits",
         training=spec.model_dump(exclude={"endpoint_url"}),
-        data={"uri": storage.redact(spec.data), "content_hash": manifest["content_hash"], "counts": manifest["counts"]},
+        data={
+            "uri": storage.redact(spec.data),
+            "content_hash": manifest.content_hash,
+            "counts": manifest.counts.to_json(),
+        },
         metrics={k: best[k] for k in ("val_pixel_accuracy", "val_mean_iou", "val_mean_dice") if k in best},
         best_epoch=best.get("epoch"),
         **({"plan": plan} if plan is not None else {}),
