@@ -679,6 +679,11 @@ def _schema_names(output: storage.Location, path: str) -> list[str] | None:
 FOOTER_GUESS = 64 << 10  # bytes read from a Parquet file's end for its footer (again, more, if it is longer)
 
 
+def _footer_size(data: bytes) -> int:
+    """The bytes a Parquet file's footer takes at its end (its length field, then 8), from the file's last bytes."""
+    return int.from_bytes(data[-8:-4], "little") + 8 if len(data) >= 8 else 0
+
+
 def _summary_schema(output: storage.Location, path: str) -> pa.Schema:
     """A summary file's schema from its footer alone, read by range (damaged, not a summary, SummariesChanged:
     as `read_summary`). Fetched under the storage deadline, parsed after: a damaged file is no storage failure."""
@@ -688,7 +693,7 @@ def _summary_schema(output: storage.Location, path: str) -> pa.Schema:
             size = f.seek(0, 2)
             f.seek(max(size - FOOTER_GUESS, 0))
             data = f.read()
-            need = int.from_bytes(data[-8:-4], "little") + 8 if len(data) >= 8 else 0
+            need = _footer_size(data)
             if len(data) < need <= size:
                 f.seek(size - need)
                 data = f.read()
@@ -696,7 +701,7 @@ def _summary_schema(output: storage.Location, path: str) -> pa.Schema:
 
     with changed_if_gone(path):
         data = storage.call(output, tail)
-    need = int.from_bytes(data[-8:-4], "little") + 8 if len(data) >= 8 else 0
+    need = _footer_size(data)
     try:
         if data[-4:] != b"PAR1" or need > len(data):
             raise pa.ArrowInvalid("no Parquet footer at the end of the file")
