@@ -6,7 +6,6 @@ The job kinds, what they print and the CPUs they need are in `registry.py`; erro
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -136,13 +135,9 @@ def data_info(data: str, endpoint_url: str | None) -> None:
 
     A data set prepared before fingerprints existed (or before this version's fields) gets one computed
     from its shards (Ray tasks)."""
-    from raysegment import plan as planning
-    from raysegment.data.info import format_manifest
-    from raysegment.data.manifest import read_manifest
+    from raysegment.data.info import describe
 
-    loc, manifest = read_manifest(data, endpoint_url)
-    manifest = dataclasses.replace(manifest, fingerprint=planning.read_fingerprint(loc, manifest).to_json())
-    click.echo(format_manifest(loc.uri, manifest))
+    click.echo(describe(data, endpoint_url))
 
 
 @main.command("plan")
@@ -164,27 +159,15 @@ def plan(
     endpoint_url: str | None,
 ) -> None:
     """Derive a training plan for DATA from its fingerprint and the compute; print it, write plan.json."""
-    from raysegment import plan as planning
-    from raysegment import storage
-    from raysegment.data.classes import manifest_warnings
-    from raysegment.data.manifest import read_manifest
-    from raysegment.train.config import check_labelled, check_train, check_val
+    from raysegment.plan import format_plan, write_plan
 
     # The compute and budget checked as `train` checks them (TrainSpec's bounds): a plan is only printed for
     # values train would accept.
-    given = {"workers": workers, "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker}
-    spec = load_spec(TrainSpec, None, {"data": data, "out": out, "time_budget": time_budget, **given})
-    loc, manifest = read_manifest(data, endpoint_url)
-    check_labelled(manifest, loc.uri)
-    # train refuses such data sets: no plan for them either (the plan's batch is at least 1 per worker).
-    check_train(manifest, loc.uri, 1, spec.workers)
-    check_val(manifest, loc.uri)
-    fp = planning.read_fingerprint(loc, manifest)
-    compute = planning.Compute(spec.workers, spec.gpus_per_worker, spec.cpus_per_worker)
-    result = planning.make_plan(fp, manifest.counts.train, compute, spec.time_budget)
-    storage.write_json(storage.resolve(out, endpoint_url), {"data": loc.uri, **result.to_json()})
-    click.echo("\n".join([*planning.format_plan(result), f"written to {out}"]))
-    for warning in manifest_warnings(manifest):
+    compute = {"workers": workers, "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker}
+    spec = load_spec(TrainSpec, None, {"data": data, "out": out, "time_budget": time_budget, **compute})
+    result, warnings = write_plan(spec, endpoint_url)
+    click.echo("\n".join([*format_plan(result), f"written to {out}"]))
+    for warning in warnings:
         click.echo(f"plan: warning: {warning}", err=True)
 
 

@@ -643,6 +643,22 @@ def plan_for_spec(spec: TrainSpec, loc: Location, manifest: Manifest) -> Plan:
     )
 
 
+def write_plan(spec: TrainSpec, endpoint_url: str | None = None) -> tuple[Plan, list[str]]:
+    """`raysegment plan`: the plan for the spec's data set and compute, written to `spec.out` as
+    {"data": URI, **plan}; returned with the data set's warnings (`manifest_warnings`)."""
+    from raysegment import storage
+    from raysegment.data.classes import manifest_warnings
+    from raysegment.data.manifest import read_manifest
+    from raysegment.train.config import check_data
+
+    loc, manifest = read_manifest(spec.data, endpoint_url)
+    # train refuses such data sets: no plan for them either (the plan's batch is at least 1 per worker).
+    check_data(manifest, loc.uri, 1, spec.workers)
+    plan = plan_for_spec(spec, loc, manifest)
+    storage.write_json(storage.resolve(spec.out, endpoint_url), {"data": loc.uri, **plan.to_json()})
+    return plan, manifest_warnings(manifest)
+
+
 def planned_spec(spec: TrainSpec, plan: Plan) -> TrainSpec:
     """The spec with the plan's values in (given ones are the spec's own), validated again. When the
     plan chose the epochs, its budget becomes the spec's `time_budget`: training stops inside it."""

@@ -9,6 +9,7 @@ imported when a job runs: loading this table must not start TensorFlow or Ray.
 
 from __future__ import annotations
 
+import importlib
 import json
 import posixpath
 from collections.abc import Callable
@@ -36,6 +37,18 @@ from raysegment.specfile import MAX_SPEC_BYTES
 
 if TYPE_CHECKING:
     from raysegment.data.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """The function at `target`, "module:function", imported when it is called: the job modules import
+    TensorFlow or Ray, which loading this table must not."""
+
+    target: str
+
+    def __call__(self, *args: Any) -> Any:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)(*args)
 
 
 def _no_min_cpus(spec: Any) -> int:
@@ -81,12 +94,6 @@ def infer_min_cpus(spec: InferOptions) -> int:
     return cores() + 2
 
 
-def _prepare(spec: PrepareSpec) -> Manifest:
-    from raysegment.data.prepare import prepare
-
-    return prepare(spec)
-
-
 def _prepare_lines(spec: PrepareSpec, manifest: Manifest) -> list[str]:
     skipped = f", {len(manifest.skipped)} invalid or unpaired inputs skipped" if manifest.skipped else ""
     seconds = "?" if manifest.seconds is None else manifest.seconds
@@ -108,12 +115,6 @@ def _prepare_payload(spec: PrepareSpec, manifest: Manifest) -> dict[str, Any]:
         "content_hash": manifest.content_hash,
         "seconds": manifest.seconds,
     }
-
-
-def _train(spec: TrainSpec) -> dict[str, Any]:
-    from raysegment.train.trainer import train
-
-    return train(spec)
 
 
 def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
@@ -157,12 +158,6 @@ def _train_payload(spec: TrainSpec, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _evaluate(spec: EvaluateSpec) -> dict[str, Any]:
-    from raysegment.evaluate import evaluate
-
-    return evaluate(spec)
-
-
 def _evaluate_lines(spec: EvaluateSpec, result: dict[str, Any]) -> list[str]:
     table = [f"{'class':<20} {'IoU':>8}"]
     table += [f"{name:<20} {'-' if iou is None else f'{iou:.4f}':>8}" for name, iou in result["per_class_iou"].items()]
@@ -179,12 +174,6 @@ def _evaluate_lines(spec: EvaluateSpec, result: dict[str, Any]) -> list[str]:
     ]
 
 
-def _infer(spec: InferSpec) -> dict[str, Any]:
-    from raysegment.inference.pipeline import infer
-
-    return infer(spec)
-
-
 def _infer_lines(spec: InferSpec, record: dict[str, Any]) -> list[str]:
     c = record["counts"]
     report = f", {storage.join(spec.output, 'report.html')}" if spec.report else ""
@@ -193,12 +182,6 @@ def _infer_lines(spec: InferSpec, record: dict[str, Any]) -> list[str]:
         f"at {record['images_per_second']} images/s; run {record['run_id']} in {spec.output}",
         f"  outputs    {storage.join(spec.output, 'masks')}/, summaries/, runs/{record['run_id']}.json{report}",
     ]
-
-
-def _nightly(spec: NightlySpec) -> dict[str, Any]:
-    from raysegment.nightly import run_nightly
-
-    return run_nightly(spec)
 
 
 def nightly_line(report: dict[str, Any]) -> str:
@@ -217,21 +200,9 @@ def nightly_line(report: dict[str, Any]) -> str:
     )
 
 
-def _nightly_exit_code(report: dict[str, Any]) -> int:
-    from raysegment.nightly import exit_code
-
-    return exit_code(report)
-
-
 def _as_is(spec: Any, result: dict[str, Any]) -> dict[str, Any]:
     """The result as the job wrote it: eval-SPLIT.json, runs/{run_id}.json, reports/DATE.json."""
     return result
-
-
-def _compact(spec: CompactSpec) -> dict[str, Any]:
-    from raysegment.inference.compact import compact
-
-    return compact(spec)
 
 
 def _compact_lines(spec: CompactSpec, r: dict[str, Any]) -> list[str]:
@@ -253,12 +224,6 @@ def _compact_lines(spec: CompactSpec, r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _serve(spec: ServeSpec) -> dict[str, Any]:
-    from raysegment.serve import serve_until_stopped
-
-    return serve_until_stopped(spec)
-
-
 def _serve_lines(spec: ServeSpec, r: dict[str, Any]) -> list[str]:
     return [f"served {r['model_id']} at {r['endpoint']} for {r['served_s']} s; stopped"]
 
@@ -270,22 +235,10 @@ def serve_min_cpus(spec: ServeSpec) -> int:
     return math.ceil(spec.replicas[1] * spec.cpus_per_replica)
 
 
-def _import(spec: ImportSpec) -> dict[str, Any]:
-    from raysegment.models.importer import import_model
-
-    return import_model(spec)
-
-
 def _import_lines(spec: ImportSpec, r: dict[str, Any]) -> list[str]:
     card = r["model_card"]
     size = "native" if spec.input_size == "native" else f"{spec.input_size[0]},{spec.input_size[1]}"
     return [f"imported {r['model_id']} to {r['out']}: {card['num_classes']} classes, {card['output']}, input {size}"]
-
-
-def _export(spec: ExportSpec) -> dict[str, Any]:
-    from raysegment.export import export
-
-    return export(spec)
 
 
 def _export_lines(spec: ExportSpec, r: dict[str, Any]) -> list[str]:
@@ -295,6 +248,18 @@ def _export_lines(spec: ExportSpec, r: dict[str, Any]) -> list[str]:
 def _evaluate_output(spec: EvaluateSpec) -> str:
     return posixpath.dirname(spec.out) or "." if spec.out else spec.model
 
+
+# The job functions, imported when a job runs.
+_prepare = _Lazy("raysegment.data.prepare:prepare")
+_train = _Lazy("raysegment.train.trainer:train")
+_evaluate = _Lazy("raysegment.evaluate:evaluate")
+_infer = _Lazy("raysegment.inference.pipeline:infer")
+_nightly = _Lazy("raysegment.nightly:run_nightly")
+_nightly_exit_code = _Lazy("raysegment.nightly:exit_code")
+_compact = _Lazy("raysegment.inference.compact:compact")
+_serve = _Lazy("raysegment.serve:serve_until_stopped")
+_import = _Lazy("raysegment.models.importer:import_model")
+_export = _Lazy("raysegment.export:export")
 
 JOBS: dict[str, Job] = {
     job.kind: job

@@ -11,10 +11,13 @@ Mark tests that use them with ``@pytest.mark.s3``. The server's extra S3 users
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import IDENTITIES, S3_TEST_BUCKET, TINY, write_source
@@ -131,14 +134,31 @@ def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
 def tiny_model(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(data set dir, model dir): a tiny U-Net trained for one epoch on 40 synthetic pairs.
 
-    One Ray Train worker (each xdist worker trains its own; a second costs ~8 s of TensorFlow
-    start): training on two is test_train's, test_pipeline_s3's and test_console's."""
+    One Ray Train worker (training on two is test_train's, test_pipeline_s3's and test_console's). Under
+    xdist the first worker to ask trains it into the run's shared temp folder while the others wait on a
+    lock, and each worker gets its own copy (tests write evaluations and runs beside it): the suite is
+    CPU-bound, so training it once per worker cost one training of CPU for nothing."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        _train_tiny_model(root)
+    else:
+        shared = tmp_path_factory.getbasetemp().parent / "tiny-model"  # this run's folder, not another run's
+        with open(f"{shared}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (shared / "done").exists():
+                shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
+                _train_tiny_model(shared)
+                (shared / "done").touch()
+        for part in ("data", "model"):
+            shutil.copytree(shared / part, root / part)
+    return str(root / "data"), str(root / "model")
+
+
+def _train_tiny_model(root: Path) -> None:
     from raysegment.config import PrepareSpec, TrainSpec
     from raysegment.data.prepare import prepare
     from raysegment.train.trainer import train
 
-    root = tmp_path_factory.mktemp("tiny-model")
     src = write_source(str(root / "src"), count=40)
     prepare(PrepareSpec(source=src, dest=str(root / "data"), val_fraction=0.25))
     train(TrainSpec(data=str(root / "data"), out=str(root / "model"), **(TINY | {"workers": 1, "tta_check": True})))
-    return str(root / "data"), str(root / "model")

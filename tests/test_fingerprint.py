@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-from helpers import manifest as crafted_manifest
 from PIL import Image
 
 from raysegment import storage
@@ -66,7 +65,7 @@ def test_merged_fingerprint_states_sizes_modes_shares_and_object_sizes():
 def test_prepare_stores_the_fingerprint_and_data_info_recomputes_it(ray_cluster, tmp_path):
     from raysegment.config import PrepareSpec
     from raysegment.data.fingerprint import fingerprint_shards
-    from raysegment.data.info import format_manifest
+    from raysegment.data.info import describe
     from raysegment.data.prepare import prepare
 
     for sub in ("images", "masks"):
@@ -83,7 +82,7 @@ def test_prepare_stores_the_fingerprint_and_data_info_recomputes_it(ray_cluster,
     # A data set prepared before fingerprints: data-info computes the same from the shards.
     again = fingerprint_shards(storage.resolve(str(tmp_path / "data")), manifest)
     assert again.to_json() == manifest.fingerprint
-    text = format_manifest(str(tmp_path / "data"), manifest)
+    text = describe(str(tmp_path / "data"))
     assert "median object px" in text and "height 32/52/72" in text
     # `raysegment plan` reads the stored fingerprint and writes the plan it prints (window: the median side, 48;
     # native, as resizing the 72 px images to 48 would shrink the 16 px squares to 7 px).
@@ -150,11 +149,10 @@ def test_eight_bit_images_among_sixteen_bit_ones_are_warned_of():
     only_eight.add("e", image, mask)
     assert merge([only_eight], num_classes=2, class_pixel_share=[0.9, 0.1]).mixed_depth is None
     # A model of the mixed data set at 16-bit units records that it saw 8-bit images: infer takes them.
-    from raysegment.data.prepare import input_channels
+    from raysegment.train.config import pixel_type
 
-    mixed = crafted_manifest(fingerprint=fp.to_json(), channels=1)
-    assert input_channels(mixed, "zscore_clipped")["eight_bit_seen"] is True
-    assert input_channels(mixed, "scale_0_1")["eight_bit_seen"] is False  # all at 8 bits: nothing to take
+    assert pixel_type(fp, "zscore_clipped") == ("float32", True)
+    assert pixel_type(fp, "scale_0_1") == ("uint8", False)  # all at 8 bits: nothing to take
 
 
 def test_float_images_in_0_1_among_counts_are_warned_of():

@@ -121,6 +121,25 @@ def test_submit_takes_the_registry_kinds_and_entrypoints_do_not_import_the_cli()
     assert out.strip() == "[]"
 
 
+def test_job_functions_are_named_in_the_table_and_imported_only_to_run():
+    """Each job's function is "module:function" (`registry._Lazy`): a function its module defines, read here
+    from the source without importing it; loading the table imports neither TensorFlow nor Ray."""
+    import ast
+    import importlib.util
+
+    from raysegment.registry import _Lazy
+
+    named = [f.target for job in JOBS.values() for f in (job.run, job.exit_code) if isinstance(f, _Lazy)]
+    assert len(named) == len(JOBS) + 1  # every job's function, and nightly's exit code
+    for target in named:
+        module, name = target.split(":")
+        source = Path(importlib.util.find_spec(module).origin).read_text()
+        assert name in {f.name for f in ast.parse(source).body if isinstance(f, ast.FunctionDef)}, target
+    probe = "import sys, raysegment.registry; print(sorted({'tensorflow', 'ray'} & {*sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_entrypoint_user_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         entry_main("infer", ["--spec", '{"model": "m"}'])

@@ -69,17 +69,18 @@ def test_the_json_out_is_the_json_in_key_for_key_and_in_order():
 
 
 def test_an_earlier_manifest_reads_with_the_readers_defaults(tmp_path):
+    from raysegment.config import TrainSpec
     from raysegment.data.classes import manifest_warnings
     from raysegment.data.info import format_manifest
-    from raysegment.data.prepare import input_channels
-    from raysegment.train.config import check_labelled
+    from raysegment.train.config import check_labelled, model_input
 
     first = {k: v for k, v in whole().items() if k in FIRST_KEYS}
     (tmp_path / MANIFEST).write_text(json.dumps(first))
     _, m = read_manifest(str(tmp_path))
     assert (m.skipped, m.bands, m.channels, m.class_pixels, m.fingerprint) == ((), None, None, None, None)
     assert (m.exif_turned, m.transparent_ignored_pixels, m.ignored_pixels, m.no_val_fix) == (0, 0, None, None)
-    assert manifest_warnings(m) == [] and input_channels(m)["channels"] == 3 and input_channels(m)["bands"] is None
+    card_input = model_input(TrainSpec(data="d", out="o"), m, None)
+    assert manifest_warnings(m) == [] and card_input.channels == 3 and card_input.bands is None
     check_labelled(m, "d")
     shown = format_manifest("d", m)
     assert "channels      3\n" in shown and "splits from   ?" in shown and "skipped       0 invalid" in shown

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import fingerprint
+from helpers import fingerprint, manifest
 
 from raysegment.data.fingerprint import Fingerprint
 from raysegment.plan import Compute, depth_for, format_plan, make_plan, parse_duration
@@ -243,6 +243,33 @@ def test_plan_values_are_train_spec_fields():
     spec = TrainSpec(data="d", out="o", **plan.train_values())
     assert spec.crop == "native" and spec.epochs == plan.epochs
     json.dumps(plan.to_json())
+
+
+def test_plan_and_data_info_commands_print_what_train_and_the_stored_fingerprint_say(tmp_path):
+    """`raysegment plan` writes and prints the plan `train` makes for the same compute and budget, and
+    `data-info` prints the stored fingerprint; neither starts Ray for a current one."""
+    from click.testing import CliRunner
+
+    from raysegment import storage
+    from raysegment.cli import main
+    from raysegment.config import TrainSpec
+    from raysegment.data.info import format_manifest
+    from raysegment.plan import plan_for_spec
+
+    data = manifest(fingerprint=fingerprint(side=1024).to_json())
+    (tmp_path / "manifest.json").write_text(json.dumps(data.to_json()))
+    loc, out = storage.resolve(str(tmp_path)), tmp_path / "plan.json"
+    planned = CliRunner().invoke(
+        main, ["plan", str(tmp_path), "--workers", "1", "--time-budget", "10m", "--out", str(out)]
+    )
+    assert planned.exit_code == 0, planned.output
+    expected = plan_for_spec(TrainSpec(data=str(tmp_path), out=str(out), workers=1, time_budget="10m"), loc, data)
+    assert json.loads(out.read_text()) == json.loads(json.dumps({"data": loc.uri, **expected.to_json()}))
+    assert planned.stdout == "\n".join([*format_plan(expected), f"written to {out}"]) + "\n"
+    shown = CliRunner().invoke(main, ["data-info", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout == format_manifest(loc.uri, data, fingerprint(side=1024)) + "\n"
+    assert "height 1024/1024/1024" in shown.stdout
 
 
 def test_durations():

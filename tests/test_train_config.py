@@ -26,6 +26,14 @@ def config(**fields) -> TrainConfig:
     return train_config(TrainSpec(data="d", out="o", **fields), MANIFEST, "d")
 
 
+def identity(data_hash: str = "h", **fields) -> dict:
+    """The run record `train` writes for a spec with these fields, on MANIFEST's data set (`data_hash`)."""
+    from raysegment.train.trainer import run_identity
+
+    spec = TrainSpec(data="d", out="o", **fields)
+    return run_identity(train_config(spec, MANIFEST, "d"), data_hash, spec)
+
+
 def test_spec_defaults_reach_the_workers():
     """The spec's own defaults, not the reader's: the schedule is cosine unless the spec says otherwise."""
     spec = TrainSpec(data="d", out="o")
@@ -218,18 +226,19 @@ def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_pa
     from raysegment.models.pretrained import ShippedWeights
     from raysegment.train.trainer import RUN_IDENTITY, check_resumable, run_identity
 
-    def identity(path: str, sha: str) -> dict:
-        cfg = config(encoder="resnet50", encoder_weights=path)
+    def weights_identity(path: str, sha: str) -> dict:
+        spec = TrainSpec(data="d", out="o", encoder="resnet50", encoder_weights=path)
+        cfg = train_config(spec, MANIFEST, "d")
         shipped = ShippedWeights("w.weights.h5", sha, None, path)
         return run_identity(
-            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shipped_weights=shipped)), "h"
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shipped_weights=shipped)), "h", spec
         )
 
     (tmp_path / "a.weights.h5").write_bytes(b"")
     (tmp_path / "b.weights.h5").write_bytes(b"")
-    first = identity(str(tmp_path / "a.weights.h5"), "1" * 64)
-    assert first == identity(str(tmp_path / "b.weights.h5"), "1" * 64)
-    other = identity(str(tmp_path / "a.weights.h5"), "2" * 64)
+    first = weights_identity(str(tmp_path / "a.weights.h5"), "1" * 64)
+    assert first == weights_identity(str(tmp_path / "b.weights.h5"), "1" * 64)
+    other = weights_identity(str(tmp_path / "a.weights.h5"), "2" * 64)
     assert other != first
     folder = tmp_path / "runs[exp1]" / "train"  # glob characters in OUT: listed, not matched as a pattern
     run = storage.resolve(str(folder))
@@ -307,27 +316,27 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
     from raysegment import storage
     from raysegment.errors import ConfigError
     from raysegment.registry import _train_lines, _train_payload
-    from raysegment.train.trainer import RUN_IDENTITY, check_resumable, finished_run, run_identity
+    from raysegment.train.trainer import RUN_IDENTITY, check_resumable, finished_run
 
     folder = tmp_path / "out" / "train"
     run = storage.resolve(str(folder))
-    first = run_identity(config(), "h")
+    first = identity()
     storage.write_json(run.child(RUN_IDENTITY), first)
     (folder / "checkpoint_000000").mkdir()
     check_resumable(run, first, "out")
-    lr = run_identity(config(learning_rate=0.05), "h")
+    lr = identity(learning_rate=0.05)
     with pytest.raises(ConfigError, match=r"^out: holds an unfinished training run with other training options "):
         check_resumable(run, lr, "out")
     with pytest.raises(ConfigError, match=r"\(workers 2 there, 1 now; .*--no-resume to start over"):
-        check_resumable(run, run_identity(config(workers=1), "h"), "out")
+        check_resumable(run, identity(workers=1), "out")
     with pytest.raises(ConfigError, match=r"finished training run with other training options \(epochs 10 there, 40"):
-        check_resumable(run, run_identity(config(epochs=40), "h"), "out", finished=True)
+        check_resumable(run, identity(epochs=40), "out", finished=True)
     with pytest.raises(ConfigError, match=r"time_budget_s None there, 60.0 now.*--no-resume"):
-        check_resumable(run, run_identity(config(time_budget=60), "h"), "out", finished=True)
+        check_resumable(run, identity(time_budget=60), "out", finished=True)
     with pytest.raises(ConfigError, match="another data set"):  # the data set still named as before
-        check_resumable(run, run_identity(config(learning_rate=0.05), "other"), "out")
+        check_resumable(run, identity("other", learning_rate=0.05), "out")
     # 1.1h and 66m are one budget, though their floats differ in the last bit.
-    assert run_identity(config(time_budget=1.1 * 3600), "h") == run_identity(config(time_budget=3960.0), "h")
+    assert identity(time_budget=1.1 * 3600) == identity(time_budget=3960.0)
     older = {k: v for k, v in first.items() if k != "training"}  # recorded before the training options were
     storage.write_json(run.child(RUN_IDENTITY), older)
     check_resumable(run, lr, "out")  # resumed as before
@@ -352,3 +361,60 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
     ]
     payload = _train_payload(None, done)
     assert payload["already_trained"] and payload["model_id"] == "unet-42d08784322c" and payload["best"] == best
+
+
+def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_path):
+    """The run record held neither the augmentation, the seed nor the mixed precision: a re-run with other
+    ones went on from the checkpoint silently, two runs in one history and card (and floats were compared to
+    the tenth: a learning rate of 0.001 was 0.002's). Records from before these fields still resume."""
+    from raysegment import storage
+    from raysegment.errors import ConfigError
+    from raysegment.train.trainer import AUGMENTATION_OPTIONS, RUN_IDENTITY, check_resumable, finished_run
+
+    folder = tmp_path / "out" / "train"
+    run = storage.resolve(str(folder))
+    first = identity(brightness=0.1)
+    storage.write_json(run.child(RUN_IDENTITY), first)
+    (folder / "checkpoint_000000").mkdir()
+    check_resumable(run, identity(brightness=0.1), "out")
+    unfinished = r"^out: holds an unfinished training run with other training options \("
+    with pytest.raises(ConfigError, match=unfinished + r"brightness 0.1 there, 0.12 now\): resumed"):
+        check_resumable(run, identity(brightness=0.12), "out")
+    with pytest.raises(ConfigError, match=unfinished + r"augment True there, False now\)"):
+        check_resumable(run, identity(brightness=0.1, augment=False), "out")
+    with pytest.raises(ConfigError, match=r"\(flip both there, none now; rotate90 True there, False now\)"):
+        check_resumable(run, identity(brightness=0.1, flip="none", rotate90=False), "out")
+    with pytest.raises(ConfigError, match=r"\(steps_per_epoch 3 there, 6 now; repeat 1 there, 2 now\)"):
+        check_resumable(run, identity(brightness=0.1, repeat=2), "out")
+    with pytest.raises(ConfigError, match=unfinished + r"seed 0 there, 7 now\)"):
+        check_resumable(run, identity(brightness=0.1, seed=7), "out")
+    with pytest.raises(ConfigError, match=unfinished + r"dtype_policy float32 there, mixed_float16 now\)"):
+        check_resumable(run, identity(brightness=0.1, mixed_precision="float16"), "out")
+    with pytest.raises(ConfigError, match=r"peak_learning_rate 0.002 there, 0.004 now"):
+        check_resumable(run, identity(brightness=0.1, learning_rate=0.002), "out")
+    finished = r"^out: holds a finished training run with other training options \("
+    with pytest.raises(ConfigError, match=finished + r"crop resize there, random now; elastic 0.0 there, 4.0 now\)"):
+        check_resumable(run, identity(brightness=0.1, crop="random", elastic=4.0), "out", finished=True)
+    # A native-scale model is another input (it is run at full resolution): named once, as the input.
+    with pytest.raises(ConfigError, match=r"^out: holds a training run on another input \(its checkpoints") as exc:
+        check_resumable(run, identity(brightness=0.1, crop="native"), "out")
+    assert "training options" not in str(exc.value) and "crop" not in str(exc.value)
+
+    # Recorded before these fields (and with floats to the tenth): resumed with today's, as before.
+    older = json.loads(json.dumps(first))
+    for key in (*AUGMENTATION_OPTIONS, "seed", "dtype_policy"):
+        del older["training"][key]
+    older["training"]["peak_learning_rate"] = round(first["training"]["peak_learning_rate"], 1)
+    storage.write_json(run.child(RUN_IDENTITY), older)
+    check_resumable(run, identity(brightness=0.3, seed=7, mixed_precision="float16"), "out")
+    with pytest.raises(ConfigError, match=r"\(epochs 10 there, 40 now\)"):  # what it did record is compared
+        check_resumable(run, identity(brightness=0.3, epochs=40), "out")
+    # ... and, finished, it is resumed rather than kept: nothing shows it had today's augmentation.
+    out = storage.resolve(str(tmp_path / "out"))
+    best = {"epoch": 3, "val_mean_iou": 0.5, "val_pixel_accuracy": 0.9}
+    storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 4})
+    storage.write_json(out.child("model.json"), {"model_id": "unet-0123456789ab"})
+    storage.mark_success(out, {"model_id": "unet-0123456789ab"})
+    assert finished_run(out, "train") is None
+    storage.write_json(run.child(RUN_IDENTITY), first)
+    assert finished_run(out, "train") is not None

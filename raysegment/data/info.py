@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from raysegment.data.classes import manifest_warnings
-from raysegment.data.fingerprint import format_fingerprint
-from raysegment.data.manifest import Manifest
+from raysegment.data.fingerprint import Fingerprint, format_fingerprint
+from raysegment.data.manifest import Manifest, read_manifest
+from raysegment.plan import read_fingerprint
 
 MAX_SHARDS_LISTED = 30
 
@@ -27,8 +28,16 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 SHOWN_SKIPPED = 20  # as prepare's own report of invalid pairs
 
 
-def format_manifest(uri: str, manifest: Manifest) -> str:
-    """Summary, class table (colour, pixel frequency) and shard table of one data set."""
+def describe(data: str, endpoint_url: str | None = None) -> str:
+    """`raysegment data-info DATA`: the data set's manifest with its fingerprint, computed from the shards (Ray
+    tasks) for a data set prepared before fingerprints or before this version's fields (`read_fingerprint`)."""
+    loc, manifest = read_manifest(data, endpoint_url)
+    return format_manifest(loc.uri, manifest, read_fingerprint(loc, manifest))
+
+
+def format_manifest(uri: str, manifest: Manifest, fingerprint: Fingerprint | None = None) -> str:
+    """Summary, class table (colour, pixel frequency) and shard table of one data set, then `fingerprint`
+    (None: no fingerprint section)."""
     shards = manifest.shards
     counts = manifest.counts.to_json()
     skipped = manifest.skipped
@@ -67,6 +76,6 @@ def format_manifest(uri: str, manifest: Manifest) -> str:
     out += _table(["shard", "split", "rows", "size"], rows, right={2, 3})
     if sizes:
         out.append(f"shard size: min {_mib(sizes[0])}, median {_mib(sizes[len(sizes) // 2])}, max {_mib(sizes[-1])}")
-    if fingerprint := manifest.stored_fingerprint():
+    if fingerprint is not None:
         out += ["", *format_fingerprint(fingerprint, list(manifest.class_names))]
     return "\n".join(out)

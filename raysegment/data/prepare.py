@@ -914,16 +914,3 @@ def prepare(spec: PrepareSpec) -> Manifest:
     write_manifest(dest, manifest)
     log.info("prepared %s: %s, %d skipped", dest.uri, manifest.counts.to_json(), len(invalid))
     return manifest
-
-
-def input_channels(manifest: Manifest, normalization: str = "scale_0_1") -> dict[str, Any]:
-    """The model card's `input.channels`, `input.bands` and `input.pixel_type` for a data set (RGB and uint8
-    for manifests before #19): float32 pixels for 16-bit and float data sets under a z-score computed on them."""
-    fingerprint = manifest.stored_fingerprint()
-    native = fingerprint is not None and fingerprint.high_depth and normalization in ("zscore", "zscore_clipped")
-    return {
-        "channels": manifest.channels or 3,
-        "bands": None if manifest.bands is None else list(manifest.bands),
-        "pixel_type": "float32" if native else "uint8",
-        "eight_bit_seen": bool(native and fingerprint is not None and fingerprint.mixed_depth),
-    }

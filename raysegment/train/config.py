@@ -154,8 +154,14 @@ def check_fits(spec: TrainSpec, manifest: Manifest, data_uri: str) -> None:
     if spec.image_size % 2**spec.model_depth:
         what = "an encoder's 32x downsampling" if spec.encoder else "2**depth"
         raise DataError(f"--image-size {spec.image_size} must be a multiple of {what} = {2**spec.model_depth}")
+    check_data(manifest, data_uri, spec.batch_size, spec.workers)
+
+
+def check_data(manifest: Manifest, data_uri: str, batch_size: int = 1, workers: int = 1) -> None:
+    """DataError unless the data set can train: labelled pixels, one global batch of training images and
+    validation images (`plan.write_plan` checks it with a batch of 1)."""
     check_labelled(manifest, data_uri)
-    check_train(manifest, data_uri, spec.batch_size, spec.workers)
+    check_train(manifest, data_uri, batch_size, workers)
     check_val(manifest, data_uri)
 
 
@@ -248,7 +254,6 @@ def train_config(
 def model_input(spec: TrainSpec, manifest: Manifest, fingerprint: Fingerprint | None) -> InputSpec:
     """The model card's `input` for this training: size, bands, resize or native scale, and the normalisation
     with the fingerprint's statistics (`TrainConfig.model_input`)."""
-    from raysegment.data.prepare import input_channels
     from raysegment.models.card import InputSpec
     from raysegment.plan import pixel_stats
 
@@ -258,15 +263,28 @@ def model_input(spec: TrainSpec, manifest: Manifest, fingerprint: Fingerprint | 
         stats = pixel_stats(fingerprint, normalization)
     except ValueError as exc:
         raise DataError(f"{spec.data}: {exc}; use --normalization scale_0_1 or prepare the data set again") from None
+    pixels, eight_bit_seen = pixel_type(fingerprint, normalization)
     return InputSpec(
         size=(spec.image_size, spec.image_size),
-        **input_channels(manifest, normalization),
+        channels=manifest.channels or 3,  # RGB for manifests before #19
+        bands=None if manifest.bands is None else list(manifest.bands),
+        pixel_type=pixels,
+        eight_bit_seen=eight_bit_seen,
         normalization=normalization,
         stats=stats,
         # "none": trained on windows at the original scale, so inference runs at full
         # resolution (padded to a multiple of 2**depth) instead of resizing to `size`.
         resize="none" if spec.crop == "native" else "bilinear",
     )
+
+
+def pixel_type(fingerprint: Fingerprint | None, normalization: str) -> tuple[Literal["uint8", "float32"], bool]:
+    """The card's `input.pixel_type` and `input.eight_bit_seen`: float32 pixels for a 16-bit or float data set
+    under a z-score computed on them (uint8 otherwise, as before #19), and whether such a data set held 8-bit
+    images too (the predictor then takes 8-bit inputs)."""
+    if fingerprint is None or not fingerprint.high_depth or normalization not in ("zscore", "zscore_clipped"):
+        return "uint8", False
+    return "float32", bool(fingerprint.mixed_depth)
 
 
 def rare_classes(manifest: Manifest) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ second, so it costs the training loop nothing measurable.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from raysegment import progress
+from raysegment import progress, storage
+
+log = logging.getLogger(__name__)
 
 POST_EVERY_S = 1.0
 POLL_EVERY_S = 0.5
@@ -42,9 +45,14 @@ class EpochEnd:
 
 @dataclass(frozen=True)
 class Resumed:
-    """Rank 0 restored a checkpoint with this history (the epochs before it): tracking logs those it lacks."""
+    """Rank 0 restored `checkpoint` (its path as Ray Train names it), written after epoch `from_epoch` (0-based),
+    with this history (the epochs up to it): the driver notes it at once, and tracking logs the epochs it
+    lacks. `skipped`: the newer checkpoints that did not load, one line each."""
 
     history: list[dict[str, Any]]
+    from_epoch: int
+    checkpoint: str
+    skipped: tuple[str, ...]
 
 
 Event = Step | EpochEnd | Resumed
@@ -81,8 +89,19 @@ class Poster:
     def epoch_end(self, metrics: dict[str, Any], stopped_by: str | None) -> None:
         self.inbox.put.remote(EpochEnd(metrics, stopped_by))
 
-    def resumed(self, history: list[dict[str, Any]]) -> None:
-        self.inbox.put.remote(Resumed(history))
+    def resumed(self, history: list[dict[str, Any]], resume: dict[str, Any]) -> None:
+        """`resume`: the restore's entry in the state's `resumes` (`checkpoint.restore`)."""
+        skipped = tuple(resume.get("skipped", ()))
+        self.inbox.put.remote(Resumed(history, resume["from_epoch"], resume["checkpoint"], skipped))
+
+
+def note_resumed(event: Resumed) -> None:
+    """The driver's lines for a restore, as soon as it learns of it (before the resumed run's first epoch line):
+    a warning per checkpoint skipped as unreadable, then which checkpoint the run goes on from. Each restore
+    posts one event (a re-run resumed twice, or a restarted worker group, is noted each time, once)."""
+    for problem in event.skipped:
+        progress.warn(log, "train", f"skipped unreadable checkpoint {problem}")
+    progress.note(f"train: resumed after epoch {event.from_epoch + 1} from {storage.redact(event.checkpoint)}")
 
 
 class EpochView:
@@ -98,6 +117,10 @@ class EpochView:
             self._step(event)
         elif isinstance(event, EpochEnd):
             self._end(event)
+        elif isinstance(event, Resumed):
+            self.close()  # a restarted worker group: the epoch it was in never finished
+            self.current, self.epoch = None, -1
+            note_resumed(event)
 
     def _stage(self, epoch: int, steps: int) -> progress.Stage:
         if self.current is None or self.epoch != epoch:
@@ -134,6 +157,21 @@ class EpochView:
             self.current.close(stopped=True)  # an epoch still open at the end never finished
 
 
+def deliver(
+    event: Event, view: EpochView | None, on_epochs: Callable[[list[dict[str, Any]]], None] | None = None
+) -> None:
+    """One event on the driver, in arrival order: shown by `view` (a restore is noted, and logged, with progress
+    off too), and each finished epoch's row, or a restored checkpoint's history, handed to `on_epochs`."""
+    if view is not None:
+        view.show(event)
+    elif isinstance(event, Resumed):
+        note_resumed(event)
+    if on_epochs is not None and isinstance(event, EpochEnd):
+        on_epochs([event.metrics])
+    elif on_epochs is not None and isinstance(event, Resumed):
+        on_epochs(event.history)
+
+
 @contextmanager
 def follow(epochs: int, on_epochs: Callable[[list[dict[str, Any]]], None] | None = None) -> Iterator[Any | None]:
     """While training runs: the inbox actor and a thread showing its events and handing each finished
@@ -148,20 +186,12 @@ def follow(epochs: int, on_epochs: Callable[[list[dict[str, Any]]], None] | None
     inbox = ray.remote(num_cpus=0)(Inbox).remote()
     stop = threading.Event()
 
-    def handle(event: Event) -> None:
-        if view is not None:
-            view.show(event)
-        if on_epochs is not None and isinstance(event, EpochEnd):
-            on_epochs([event.metrics])
-        elif on_epochs is not None and isinstance(event, Resumed):
-            on_epochs(event.history)
-
     def poll() -> None:
         while True:
             done = stop.is_set()
             try:
                 for event in ray.get(inbox.take.remote(), timeout=30):
-                    handle(event)
+                    deliver(event, view, on_epochs)
             except Exception:  # progress must never fail a training run
                 return
             if done:

@@ -297,7 +297,8 @@ def resume(worker: Worker) -> TrainState:
         return TrainState()
     state = restore(checkpoint, worker.model, worker.optimizer)
     if worker.poster is not None:
-        worker.poster.resumed(state.history)  # live tracking logs the epochs it has not seen (a re-run)
+        # The driver notes the restore at once; live tracking logs the epochs it has not seen (a re-run).
+        worker.poster.resumed(state.history, state.resumes[-1])
     return state
 
 

@@ -147,7 +147,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
     cfg.model.check_weights()  # a weights file that is not the encoder's: one line, before Ray Train and OUT
     cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
-    identity = run_identity(cfg, manifest.content_hash)
+    identity = run_identity(cfg, manifest.content_hash, spec)
     if spec.resume:
         finished = finished_run(out, spec.name)
         check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights, finished is not None)
@@ -168,13 +168,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         progress.note(f"train: writing the model, its card and plots to {out.uri}")
         with result.checkpoint.as_directory() as d:
             state = read_state(d)
-        best_ckpt, best_metrics = best_checkpoint(result, state)
-        for resume in state.resumes:
-            for problem in resume["skipped"]:
-                log.warning("train: skipped unreadable checkpoint %s", problem)
-            progress.note(
-                f"train: resumed after epoch {resume['from_epoch'] + 1} from {storage.redact(resume['checkpoint'])}"
-            )
+        best_ckpt, best_metrics = best_checkpoint(result, state)  # each resume was noted as it happened (events)
         # The history's row of that epoch: what the epoch reported also holds the progress line's ETA.
         best_row = next((row for row in state.history if row["epoch"] == best_metrics["epoch"]), best_metrics)
         summary = write_artifacts(out, spec, manifest, cfg, best_ckpt, best_row, state, time.time() - t0, plan_record)
@@ -198,9 +192,10 @@ def finished_run(out: storage.Location, name: str) -> dict[str, Any] | None:
         _ = (metrics["best"]["epoch"], metrics["best"]["val_mean_iou"], metrics["epochs_run"])
         if success["model_id"] != card["model_id"] or not _checkpoint_dirs(out.child(name)):
             return None
-        # Only a run that recorded its training options can show that it had these: an older one's record
-        # (or none) would call any options "the same"; such a run is resumed, as it was before.
-        if "training" not in storage.read_json(out.child(name, RUN_IDENTITY)):
+        # Only a run that recorded its training options (all of today's) can show that it had these: an older
+        # one's record (or none) would call any options it lacks "the same"; such a run is resumed, as before.
+        recorded = storage.read_json(out.child(name, RUN_IDENTITY))["training"]
+        if any(k not in recorded for k in (*TRAINING_OPTIONS, *AUGMENTATION_OPTIONS)):
             return None
     except (StorageError, OSError, KeyError, TypeError):
         return None  # no _SUCCESS (stopped, or training now), or not what train writes: train (over it)
@@ -360,7 +355,8 @@ RUN_IDENTITY = "raysegment-run.json"  # beside Ray Train's checkpoints: what the
 
 
 # The options a resumed run must share with its checkpoints: they set the schedule (its length, steps, rates),
-# the effective batch and what is optimised; changed mid-run they mixed two runs in one history and card.
+# the effective batch, what is optimised, the precision and the random streams (the seed), and what the
+# training windows are (`AUGMENTATION_OPTIONS`); changed mid-run they mixed two runs in one history and card.
 TRAINING_OPTIONS = (
     "epochs",
     "time_budget_s",
@@ -375,29 +371,56 @@ TRAINING_OPTIONS = (
     "loss",
     "class_weights",
     "patience",
+    "dtype_policy",  # --mixed-precision as it took effect (auto: bfloat16 with GPUs, else float32)
+    "seed",
+)
+# The spec's (after the plan): `training_datasets` builds the train split's augmentation from them.
+AUGMENTATION_OPTIONS = (
+    "augment",
+    "crop",
+    "repeat",
+    "flip",
+    "rotate90",
+    "scale_jitter",
+    "brightness",
+    "contrast",
+    "rotate",
+    "elastic",
+    "gamma",
+    "noise",
+    "oversample",
 )
 
 
-def run_identity(cfg: TrainConfig, data_hash: str) -> dict[str, Any]:
+def run_identity(cfg: TrainConfig, data_hash: str, spec: TrainSpec) -> dict[str, Any]:
     """What a checkpoint must share with this run to be resumed by it: the data set, the network and the
-    training options (`TRAINING_OPTIONS`)."""
+    training options (`TRAINING_OPTIONS` of `cfg`, `AUGMENTATION_OPTIONS` of `spec`, the spec it came from)."""
     network = dataclasses.asdict(dataclasses.replace(cfg.model, shipped_weights=None))
     shipped = cfg.model.shipped_weights
     if shipped is not None and cfg.model.encoder_weights != "imagenet":
         network["encoder_weights"] = f"sha256:{shipped.sha256}"  # a weights file by content: moved, still it
+    augmentation = {k: getattr(spec, k) for k in AUGMENTATION_OPTIONS}
+    if augmentation["flip"] == "auto":  # left where no plan resolved it: both axes (`Augmentation.from_spec`)
+        augmentation["flip"] = "both"
     identity = {
         "data set": data_hash,
         "network": network,
         "classes": list(cfg.class_names),
         "input": cfg.model_input.model_dump(mode="json"),
-        # A budget to the tenth of a second: 1.1h and 66m are one budget (3960.0000000000005 and 3960.0).
-        "training": {k: _rounded(getattr(cfg, k)) for k in TRAINING_OPTIONS},
+        "training": {
+            **{k: _rounded(k, getattr(cfg, k)) for k in TRAINING_OPTIONS},
+            **{k: _rounded(k, v) for k, v in augmentation.items()},
+        },
     }
     return json.loads(json.dumps(identity))  # as it reads back: tuples as lists
 
 
-def _rounded(value: Any) -> Any:
-    return round(value, 1) if isinstance(value, float) else value
+def _rounded(key: str, value: Any) -> Any:
+    """A budget to the tenth of a second: 1.1h and 66m are one budget (3960.0000000000005 and 3960.0); other
+    floats to 12 significant digits (to the tenth, a learning rate of 0.001 was 0.003's: both 0.0)."""
+    if not isinstance(value, float):
+        return value
+    return round(value, 1) if key == "time_budget_s" else float(f"{value:.12g}")
 
 
 def check_resumable(
@@ -412,11 +435,12 @@ def check_resumable(
 
     Ray Train resumes whatever checkpoint the run folder holds: another data set's was taken up at
     its last epoch and written out as a model of this one, and another network's failed to load with
-    a traceback. Other training options (learning rate, epochs, budget, batch, workers) went on silently
-    from the checkpoint's epoch, one history and card for two runs; a finished run re-run with more epochs
-    trained none and recorded the new options. Run folders from before this record are resumed as they
-    were (a record without training options: as before it had them), and a record without a checkpoint
-    beside it (a run stopped before its first) refuses nothing: there is nothing to resume."""
+    a traceback. Other training options (learning rate, epochs, budget, batch, workers, augmentation, seed,
+    mixed precision) went on silently from the checkpoint's epoch, one history and card for two runs; a
+    finished run re-run with more epochs trained none and recorded the new options. Run folders from before
+    this record are resumed as they were (a record without training options, or some of them: as before
+    it had them), and a record without a checkpoint beside it (a run stopped before its first) refuses
+    nothing: there is nothing to resume."""
     loc = run_dir.child(RUN_IDENTITY)
     if not (storage.exists(loc) and _checkpoint_dirs(run_dir)):
         return
@@ -429,14 +453,17 @@ def check_resumable(
     if held == identity:
         return
     differs = sorted(k for k in identity if not isinstance(held, dict) or held.get(k) != identity[k])
-    if differs != ["training"]:
+    # Another data set, network, classes or input is named alone: the training options may differ with it
+    # (crop native also changes the input's resize), but the run cannot be resumed whatever they are.
+    groups = [k for k in differs if k != "training"]
+    if groups or not differs:
         raise ConfigError(
-            f"{out_uri}: holds a training run on another {' and '.join(differs) or 'record'} "
+            f"{out_uri}: holds a training run on another {' and '.join(groups) or 'record'} "
             "(its checkpoints cannot be resumed by this one); pass --no-resume to start over there, "
             "or choose another OUT"
         )
     was, now = held["training"] if isinstance(held["training"], dict) else {}, identity["training"]
-    options = "; ".join(f"{k} {was.get(k)} there, {now[k]} now" for k in TRAINING_OPTIONS if was.get(k) != now[k])
+    options = "; ".join(f"{k} {was.get(k)} there, {v} now" for k, v in now.items() if was.get(k) != v)
     if finished:
         raise ConfigError(
             f"{out_uri}: holds a finished training run with other training options ({options}); "
@@ -453,9 +480,19 @@ def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any], weights_pat
     """A record written before its latest fields, read as it would be written now: `eight_bit_seen` follows
     from the data set and normalisation (both compared), and an encoder weights file named by its path is
     this run's file when that is the path given now (the old record cannot show its content), and a record
-    without training options resumes with this run's (as it did before they were recorded)."""
+    without training options, or without some of them (the augmentation, seed and precision came later),
+    resumes with this run's for those it lacks (as it did before they were recorded); its floats were
+    recorded to the tenth then, so one that is this run's to the tenth is this run's."""
     held = json.loads(json.dumps(held))
-    held.setdefault("training", identity["training"])  # recorded before the training options were
+    now = identity["training"]
+    training = held.setdefault("training", dict(now))  # recorded before the training options were
+    if isinstance(training, dict):
+        if "seed" not in training:  # written before `_rounded` kept a float's digits (and before the seed)
+            for k, v in now.items():
+                if isinstance(v, float) and training.get(k) == round(v, 1):
+                    training[k] = v
+        for k, v in now.items():
+            training.setdefault(k, v)
     if isinstance(held.get("input"), dict):
         held["input"].setdefault("eight_bit_seen", identity["input"].get("eight_bit_seen", False))
     old, new = held.get("network"), identity["network"]
