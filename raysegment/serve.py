@@ -23,11 +23,12 @@ a thread, so /healthz answers during the load and /readyz says when it is done.
 
 The driver (`serve_until_stopped`, the `serve` job) checks the model card and its hash once, starts
 Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` and blocks until
-SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then drains (`drain`): the app is deleted, so
-Serve's proxy answers new requests 404 at once, while each replica finishes the requests it has (Serve's
-graceful shutdown, `graceful_shutdown_timeout_s` = `drain_timeout_s`) before Serve stops it; the driver
-returns once the app is gone. A local Ray dies with the driver, Serve's proxy with it: returning earlier
-cut the connections of requests in flight.
+SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then drains (`drain`): every replica refuses new
+requests (503 with Retry-After; /readyz 503) while it answers those in flight, counted by the replica
+itself (`Draining`, the count /readyz shows); once none is left, or at `drain_timeout_s`, the app is
+deleted (from then on Serve's proxy answers 404) and the driver returns once Serve has stopped the
+replicas, within `drain_timeout_s` + `DRAIN_MARGIN_S` in all. A local Ray dies with the driver, Serve's
+proxy with it: returning earlier cut the connections of requests in flight.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import glob
-import json
 import math
 import os
 import shutil
@@ -66,6 +66,13 @@ SEGMENT, HEALTHZ, READYZ = "/segment", "/healthz", "/readyz"
 METHODS = {SEGMENT: ("POST",), HEALTHZ: ("GET", "HEAD"), READYZ: ("GET", "HEAD")}
 # Where a 413 for pixels is decided: read the header's size without a limit, then compare.
 NO_LIMIT = 1 << 62
+# Retry-After of the 503 a stopping (draining) replica answers a new request: by then a load balancer routes
+# to another server, or a restarted one answers.
+RETRY_AFTER_S = 5
+STOPPING = (
+    f"the server is stopping and takes no new requests; send it again in {RETRY_AFTER_S} s (Retry-After), "
+    "when your load balancer routes to another server or this one is restarted"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +244,55 @@ def sweep_scratch(root: str) -> None:
             pass  # alive, another user's
 
 
-class Segmenter:
+def delete_app(app: str) -> None:
+    """Delete the app without waiting (Serve stops its replicas, each after its requests in flight)."""
+    try:
+        serve.delete(app, _blocking=False)
+    except Exception:  # Serve itself is gone, and the app with it
+        pass
+
+
+def _deployed_at(app: str) -> float | None:
+    """When the app was last deployed; None when there is none (or Serve cannot say)."""
+    try:
+        found = serve.status().applications.get(app)
+    except Exception:
+        return None
+    return None if found is None else found.last_deployed_time_s
+
+
+def _delete_when_due(app: str, after_s: float) -> None:
+    """A replica's guard (`Draining.stop_accepting`, in a thread): delete its app after `after_s`, unless the
+    app is gone or was deployed again since (a new `serve` of the same name)."""
+    deployed = _deployed_at(app)
+    time.sleep(max(0.0, after_s))
+    if deployed is not None and _deployed_at(app) == deployed:
+        delete_app(app)
+
+
+class Draining:
+    """A replica's side of the driver's drain: its POST /segment requests in flight (the one count, shown by
+    /readyz and the stop lines) and whether it has stopped taking new ones."""
+
+    in_flight = 0  # POST /segment requests this replica is answering (on its event loop only)
+    draining = False
+
+    async def stop_accepting(self, delete_after_s: float) -> int:
+        """From now on new requests get 503 (the driver's drain, through `handle.broadcast` to every replica,
+        again at each look: a replica started since is told too); returns the requests in flight. The first
+        call arms the replica's own delete of the app after `delete_after_s`, the driver's deadline: a driver
+        killed before it deletes the app (`ray job stop` SIGKILLs it 3 s after its SIGTERM) never leaves a
+        server that refuses every request. Serve ends the guard with the replica when the driver deletes it."""
+        if not self.draining:
+            self.draining = True
+            app = serve.get_replica_context().app_name
+            threading.Thread(
+                target=_delete_when_due, args=(app, delete_after_s), name="drain-guard", daemon=True
+            ).start()
+        return self.in_flight
+
+
+class Segmenter(Draining):
     """The deployment: one per replica, the model loaded once (in a thread, see `/readyz`)."""
 
     def __init__(self, config: ReplicaConfig) -> None:
@@ -247,7 +302,6 @@ class Segmenter:
         self.load_error: str | None = None
         self.load_error_is_user = False  # a UserError (a damaged model file): the driver exits 2, not 3
         self.ready = threading.Event()
-        self.in_flight = 0  # POST /segment requests this replica is answering (on its event loop only)
         sweep_scratch(tempfile.gettempdir())
         self.scratch = storage.resolve(tempfile.mkdtemp(prefix=scratch_prefix()))
         self.segment_batch.set_max_batch_size(config.max_batch_size)
@@ -292,14 +346,15 @@ class Segmenter:
             raise RuntimeError(self.load_error)
 
     def readiness(self) -> dict[str, Any]:
-        """Readiness for the driver (through a DeploymentHandle) and /readyz: ready, or the load error; and the
-        POST /segment requests this replica is answering."""
+        """Readiness for the driver (through a DeploymentHandle) and /readyz: ready, or the load error; whether
+        the server is stopping, and the POST /segment requests this replica is answering."""
         model_id = self.card.model_id if self.card else None
         return {
             "ready": self.ready.is_set(),
             "error": self.load_error,
             "user_error": self.load_error_is_user,
             "model_id": model_id,
+            "draining": self.draining,
             "in_flight": self.in_flight,
         }
 
@@ -338,9 +393,11 @@ class Segmenter:
             return _error(405, f"{path} takes {takes}", {"Allow": ", ".join(METHODS[path])})
         if path == HEALTHZ:
             return _json({"status": "ok"})
-        if path == READYZ:
+        if path == READYZ:  # 503 while stopping too: a load balancer drops the server
             state = self.readiness()
-            return _json(state, 200 if state["ready"] else 503)
+            return _json(state, 200 if state["ready"] and not state["draining"] else 503)
+        if self.draining:
+            return _error(503, STOPPING, {"Retry-After": str(RETRY_AFTER_S)})
         return await self._segment_request(request)
 
     async def _segment_request(self, request):
@@ -437,6 +494,7 @@ class Served:
     model_id: str
     replicas: tuple[int, int]
     tta: dict[str, Any]  # the flip TTA the replicas run (`TTA.record`)
+    handle: Any  # the app's DeploymentHandle: readiness, and the drain
 
 
 def replica_config(spec: ServeSpec, retry_s: float) -> ReplicaConfig:
@@ -540,7 +598,7 @@ def deploy(spec: ServeSpec) -> Served:
     except BaseException:
         undeploy()
         raise
-    return Served(url_of(spec), card.model_id, spec.replicas, card.tta(spec.tta_flip).record())
+    return Served(url_of(spec), card.model_id, spec.replicas, card.tta(spec.tta_flip).record(), handle)
 
 
 def _wait_ready(handle: Any, timeout_s: float) -> None:
@@ -564,104 +622,90 @@ def load_failed(state: dict[str, Any]) -> UserError:
 
 def undeploy() -> None:
     """Delete the app without waiting (Serve itself and its proxy stay for other apps; `serve shutdown` ends
-    them): Serve stops the replicas, each after its requests in flight (`drain`)."""
+    them): Serve stops the replicas, each after its requests in flight."""
     serve.delete(APP_NAME, _blocking=False)
 
 
 # Serve's pause between two looks at a stopping replica's requests in flight (its default, 2 s, made every
 # stop take 2 s or more).
 SHUTDOWN_WAIT_LOOP_S = 0.25
-# How often the driver looks at the app and the replicas' requests while they drain.
+# How often the driver asks the replicas for their requests in flight, and looks for the app, while they drain.
 DRAIN_POLL_S = 0.2
-# After the drain timeout Serve kills the replicas, and the app is gone a moment later: the driver's wait
-# is bounded by both (a controller that stopped answering does not hold it for good).
-DELETE_MARGIN_S = 10.0
-# How long the driver waits for Serve's proxy to drop the app's route after the delete.
-ROUTE_GONE_S = 5.0
+# The one deadline of a stop: it takes at most --drain-timeout-s and this margin. Requests in flight get the
+# drain timeout; then the app is deleted and Serve has the margin to stop the replicas (it stops one early
+# once its requests are answered). The replicas delete the app themselves at the same deadline were the
+# driver killed (`Draining.stop_accepting`).
+DRAIN_MARGIN_S = 5.0
 
 
 def _requests(n: int | None) -> str:
     return "an unknown number of requests" if n is None else f"{n} request{'' if n == 1 else 's'}"
 
 
-def _replica_actors() -> list[Any]:
-    """The app's running replicas' actors, to count their requests in flight (Serve has no public API for it);
-    none when Serve's controller cannot say."""
-    import ray
-    from ray.serve._private.constants import SERVE_NAMESPACE
-    from ray.serve.context import _get_global_client
+def _in_flight(handle: Any, stop_by: float, hurry: threading.Event) -> int | None:
+    """Tell every replica to refuse new requests (`Draining.stop_accepting`, through `handle.broadcast`) and sum
+    the requests they are answering; None when one cannot say by `stop_by` (the deadline, also the replicas'
+    own) or `hurry` is set first."""
+    answer: list[int] = []
+    done = threading.Event()
 
+    def ask() -> None:
+        try:
+            left = max(0.0, stop_by - time.monotonic())
+            answer.append(sum(handle.broadcast("stop_accepting", left).results(timeout_s=left)))
+        except Exception:  # a replica stopped or not answering, the app or Serve gone: the count is for the lines
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=ask, name="drain-count", daemon=True).start()
+    while not done.wait(DRAIN_POLL_S) and not hurry.is_set():  # in a thread: a second Ctrl-C is not held up
+        pass
+    return answer[0] if answer else None
+
+
+def _app_deleted(app: str) -> bool:
     try:
-        details = _get_global_client().get_serve_details()
-        replicas = details["applications"][APP_NAME]["deployments"][DEPLOYMENT_NAME]["replicas"]
-        return [ray.get_actor(r["actor_name"], namespace=SERVE_NAMESPACE) for r in replicas if r["state"] == "RUNNING"]
-    except Exception:  # best effort: the count is for the stop line only
-        return []
-
-
-def _in_flight(actors: list[Any]) -> int | None:
-    """Requests the replicas are answering (Serve's own count: all routes), or None when one cannot say."""
-    import ray
-
-    if not actors:
-        return None
-    try:
-        return sum(ray.get([a.get_num_ongoing_requests.remote() for a in actors], timeout=5))
-    except Exception:  # a replica stopped (drained, or killed at the timeout) or not answering
-        return None
-
-
-def _app_deleted() -> bool:
-    try:
-        return APP_NAME not in serve.status().applications
+        return app not in serve.status().applications
     except Exception:  # Serve's controller is gone: so is the app
         return True
 
 
-def _route_gone(url: str, hurry: threading.Event) -> None:
-    """Wait (up to ROUTE_GONE_S) until the proxy at `url` no longer routes to the app: from then on a new
-    request gets Serve's 404, and the stop line says so truly. Gives up on a proxy it cannot reach."""
-    deadline = time.monotonic() + ROUTE_GONE_S
-    while time.monotonic() < deadline and not hurry.is_set():
-        try:
-            with urllib.request.urlopen(f"{url}/-/routes", timeout=2) as r:
-                if APP_NAME not in json.loads(r.read()).values():
-                    return
-        except (OSError, ValueError):  # not reachable from here (another node's proxy) or not JSON
-            return
-        hurry.wait(0.05)
+def drain(handle: Any, timeout_s: float, hurry: threading.Event | None = None) -> dict[str, Any]:
+    """Stop serving the app of `handle`, in `timeout_s` + DRAIN_MARGIN_S at most: every replica refuses new
+    requests (503 with Retry-After) while it answers those in flight; once none is left, or at `timeout_s`,
+    the app is deleted (Serve's proxy answers 404 from then on) and the driver waits until Serve has stopped
+    the replicas, each once its requests are answered or the drain timeout passed again (the deployment's
+    `graceful_shutdown_timeout_s`), or the margin is spent. `hurry` (a second Ctrl-C/SIGTERM) ends the waits
+    early; the delete is sent all the same.
 
-
-def drain(url: str, timeout_s: float, hurry: threading.Event | None = None) -> dict[str, Any]:
-    """Stop serving: delete the app, so Serve's proxy refuses new requests (404), and wait until Serve has
-    stopped the replicas, each once its requests in flight are answered or `timeout_s` passed (the
-    deployment's `graceful_shutdown_timeout_s`). `hurry` (a second Ctrl-C/SIGTERM) ends the wait early.
-
-    Waited for even on a cluster, where Serve's proxy outlives the driver and drains without it: the
-    summary then says what happened (`ray job stop` may SIGKILL the driver before, 3 s after its SIGTERM;
-    the requests are drained all the same). The delete is sent first, so a SIGKILL never leaves the app."""
+    Waited for even on a cluster, where Serve's proxy outlives the driver and drains without it: the summary
+    then says what happened. `ray job stop` may SIGKILL the driver 3 s after its SIGTERM, before it deletes
+    the app: the replicas then delete it themselves at the same deadline (`Draining.stop_accepting`)."""
     hurry = hurry or threading.Event()
     started = time.monotonic()
-    actors = _replica_actors()
-    serve.delete(APP_NAME, _blocking=False)
-    _route_gone(url, hurry)
-    in_flight = last = _in_flight(actors)
+    answer_by, stop_by = started + timeout_s, started + timeout_s + DRAIN_MARGIN_S
+    in_flight = last = _in_flight(handle, stop_by, hurry)
     progress.note(
         f"stopping: new requests are refused; waiting up to {timeout_s:g} s for {_requests(in_flight)} in flight "
         "(--drain-timeout-s; Ctrl-C again stops at once)"
     )
-    deadline = started + timeout_s + DELETE_MARGIN_S
-    while not _app_deleted():
-        if hurry.is_set() or time.monotonic() > deadline:
-            break
-        now = _in_flight(actors)
-        last = now if now is not None else last
+    while last and time.monotonic() < answer_by and not hurry.is_set():
         hurry.wait(DRAIN_POLL_S)
-    drain_s = time.monotonic() - started
-    # Serve stops a replica early only once its requests are done; one stopped at the timeout, or a driver
-    # that stopped waiting, leaves those still in flight at the last count unanswered (on a local Ray; on a
-    # cluster Serve goes on draining them).
-    cut_off = 0 if _app_deleted() and drain_s < timeout_s else last
+        now = _in_flight(handle, stop_by, hurry)
+        if now is None:  # a replica not answering: Serve's graceful shutdown has the rest
+            break
+        last = now
+    deleted = time.monotonic()
+    delete_app(handle.app_name)
+    while not _app_deleted(handle.app_name) and time.monotonic() < stop_by and not hurry.is_set():
+        hurry.wait(DRAIN_POLL_S)
+    gone, ended = _app_deleted(handle.app_name), time.monotonic()
+    drain_s = ended - started
+    # Serve stops a replica before its graceful_shutdown_timeout_s (the drain timeout again, from the delete)
+    # only once its requests are answered. Otherwise those in flight at the last count are cut off by the
+    # driver's return (on a local Ray; on a cluster Serve goes on draining them).
+    cut_off = 0 if last == 0 or (gone and ended - deleted < timeout_s) else last
     if cut_off == 0:
         progress.note(f"stopped: {_requests(in_flight)} in flight answered; drained in {drain_s:.1f} s")
     else:
@@ -687,7 +731,7 @@ def serve_until_stopped(spec: ServeSpec, stop: threading.Event | None = None) ->
         )
         while not stop.wait(timeout=1.0):  # timed: a signal handled in this thread is acted on within 1 s
             pass
-        drained = drain(served.url, spec.drain_timeout_s, hurry)
+        drained = drain(served.handle, spec.drain_timeout_s, hurry)
     finally:
         restore()
         if not drained:  # an error or a KeyboardInterrupt before the drain: the app goes all the same

@@ -342,6 +342,21 @@ def test_export_from_a_spec_through_the_job_entrypoint_to_s3(infer_masks, s3_pre
     spec.write_text(spec.read_text() + "overwrite: true\n")
     assert entry_main("export", ["--config", str(spec)]) == 0
     assert not storage.exists(stray) and storage.exists(dest.child("saved_model", "saved_model.pb"))
+    # A one-file format beside it (one PUT), through the CLI: the card records both, the file runs as the graph.
+    import onnxruntime
+
+    result = CliRunner().invoke(main, ["export", model, f"{s3_prefix}/exp", "--format", "onnx"])
+    assert result.exit_code == 0 and f"as onnx: {s3_prefix}/exp/model.onnx" in result.output, result.output
+    exports = storage.read_json(dest.child("model.json"))["exports"]
+    assert sorted(exports) == ["onnx", "saved_model"] and exports["saved_model"]["probabilities"] is True, exports
+    session = onnxruntime.InferenceSession(
+        storage.read_bytes(dest.child("model.onnx")), providers=["CPUExecutionProvider"]
+    )
+    image = np.asarray(Image.open(files[0]).convert("RGB"))
+    (class_map,) = session.run(["class_map"], {session.get_inputs()[0].name: image})
+    assert (class_map == serve(image=tf.constant(image))["class_map"].numpy()).all()
+    result = CliRunner().invoke(main, ["export", f"{s3_prefix}/nope", f"{s3_prefix}/exp2", "--format", "onnx"])
+    assert result.exit_code == 2 and f"error: {s3_prefix}/nope: not found; check the path" in result.output
 
 
 def test_encoded_signature_decodes_16_bit_pngs_as_infer(tmp_path):
@@ -516,6 +531,20 @@ def test_a_parent_prefix_the_role_may_not_read_ends_the_saved_model_walk(tmp_pat
         assert walk(f"s3://{bucket}/team/exports/sm/new") == f"s3://{bucket}/team/exports/sm"
         with pytest.raises(StorageError, match="access denied"):
             walk(f"s3://{bucket}/team/elsewhere")
+
+
+def test_a_model_path_that_does_not_exist_is_named_not_found(tmp_path):
+    """`export ./nope DEST` said "./nope: not a trained model (needs model.keras and model.json); run `raysegment
+    train`", as if the folder were there: the path is not found, and DEST is not made."""
+    missing = tmp_path / "nope"
+    result = CliRunner().invoke(main, ["export", str(missing), str(tmp_path / "exp"), "--format", "onnx"])
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line == (
+        f"error: {missing}: not found; check the path: MODEL is the folder `raysegment train` (--out) or "
+        "`raysegment model import` (DEST) wrote"
+    )
+    assert not (tmp_path / "exp").exists()
 
 
 def test_dest_inside_a_saved_model_folder_is_refused(tmp_path):

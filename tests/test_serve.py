@@ -441,11 +441,59 @@ def test_a_model_id_any_text_is_a_valid_header_value():
         Response(b"", headers={"X-Model-Id": value})  # starlette encodes headers as Latin-1
 
 
+def test_a_stop_ends_by_one_deadline_and_replicas_delete_an_orphaned_app(server):
+    """The drain's waits were four constants on top of --drain-timeout-s (the route gone 5 s, the app gone 10 s
+    past the timeout, ...): one deadline now, the drain timeout + DRAIN_MARGIN_S; a request that never ends
+    holds the stop no longer and is counted cut off. A driver killed before it deletes the app (`ray job stop`
+    SIGKILLs it 3 s after SIGTERM) leaves it to the replicas, told to stop taking requests: they delete it at
+    the deadline they were given. `Draining` is Segmenter's side of the drain; a replica without a model here."""
+    import asyncio
+
+    from ray import serve
+
+    from raysegment.serve import DRAIN_MARGIN_S, Draining, drain
+
+    @serve.deployment(
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=DRAIN_MARGIN_S + 5,
+        graceful_shutdown_wait_loop_s=0.25,
+    )
+    class Held(Draining):
+        async def hold(self) -> None:  # a request in flight that never ends, counted as Segmenter counts its own
+            self.in_flight += 1
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.in_flight -= 1
+
+        async def count(self) -> int:
+            return self.in_flight
+
+    apps = [serve.RunTarget(Held.bind(), name=name, route_prefix=None) for name in ("drain-held", "drain-orphan")]
+    held, orphan = serve.run_many(apps)
+    request = held.hold.remote()
+    try:
+        wait_for(lambda: held.count.remote().result(timeout_s=10) == 1, "the request held")
+        assert orphan.broadcast("stop_accepting", 0.5).results(timeout_s=10) == [0]  # its driver dies here
+        started = time.monotonic()
+        drained = drain(held, 0.0)  # Serve would wait DRAIN_MARGIN_S + 5 s for the request: the driver does not
+        took = time.monotonic() - started
+        assert (drained["in_flight_at_stop"], drained["cut_off"]) == (1, 1), drained
+        assert DRAIN_MARGIN_S - 0.5 < took < DRAIN_MARGIN_S + 2, took
+        assert "drain-orphan" not in serve.status().applications  # deleted by its replica 0.5 s after the stop
+    finally:
+        request.cancel()
+        for app in ("drain-held", "drain-orphan"):
+            serve.delete(app, _blocking=False)
+        wait_for(lambda: not {"drain-held", "drain-orphan"} & set(serve.status().applications), "gone", timeout=30)
+
+
 def test_sigterm_answers_the_requests_in_flight_and_refuses_new_ones(tiny_model):
     """SIGTERM (systemd stop, a Kubernetes rolling restart) with uploads in flight cut every one of them off
     (BrokenPipe, no answer) while the driver said "stopped", exit 0: it deleted the app without waiting and
     its local Ray, Serve's proxy with it, died at once. Now a request in flight when SIGTERM arrives gets
-    its 200, one begun after the stop line gets Serve's 404, and the driver exits 0 once the replica has
+    its 200, one begun after the stop line gets 503 with Retry-After (it got Serve's plain-text 404: the app
+    was deleted first) and /readyz 503 with the stop line's count, and the driver exits 0 once the replica has
     answered. A Ray of its own (no RAY_ADDRESS): on the test cluster Serve's proxy outlives the driver."""
     import queue
     import threading
@@ -484,8 +532,12 @@ def test_sigterm_answers_the_requests_in_flight_and_refuses_new_ones(tiny_model)
         proc.send_signal(signal.SIGTERM)
         stopping = line_with(" stopping: ")
         assert "new requests are refused; waiting up to 60 s for 1 request in flight" in stopping, stopping
-        status, _, body = client.segment(png)  # begun after the stop: the route is gone, an answer all the same
-        assert status == 404 and b"/segment" in body, (status, body)
+        refused = client.segment(png)  # begun after the stop: refused, saying when to try again
+        status, error = _error(refused)
+        assert (status, refused[1].get("retry-after")) == (503, "5") and "server is stopping" in error, refused
+        status, _, body = client.request("GET", "/readyz")  # a load balancer drops it; the stop line's one count
+        state = json.loads(body)
+        assert status == 503 and state["draining"] is True and state["in_flight"] == 1, (status, state)
 
         upload.sendall(png[len(png) // 2 :])
         answer = http.client.HTTPResponse(upload)
