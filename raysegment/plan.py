@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from raysegment.data.fingerprint import Fingerprint
 from raysegment.models import pretrained
+from raysegment.models.card import TrainingPlan
 
 if TYPE_CHECKING:
     from raysegment.config import TrainSpec
@@ -712,16 +713,16 @@ def _reason_of(name: str) -> str:
     }.get(name, "")
 
 
-def card_record(plan: Plan, compute: Compute) -> dict[str, Any]:
+def card_record(plan: Plan, compute: Compute) -> TrainingPlan:
     """What the model card keeps of the plan: the values used, which were given and which chosen
     by the rules, the reasons, the budget and compute, and the normalisation's statistics."""
-    return {
-        "values": plan.train_values(),
-        "given": list(plan.given),
-        "auto": list(plan.auto),
-        "reasons": plan.reasons,
-        "time_budget_s": plan.time_budget_s,
-        "compute": asdict(compute),
-        "normalization": {"kind": plan.normalization, **(plan.pixel_stats or {})},
-        "oversample_rare": plan.oversample_rare,
-    }
+    return TrainingPlan(
+        values=plan.train_values(),
+        given=list(plan.given),
+        auto=list(plan.auto),
+        reasons=plan.reasons,
+        time_budget_s=plan.time_budget_s,
+        compute=asdict(compute),
+        normalization={"kind": plan.normalization, **(plan.pixel_stats or {})},
+        oversample_rare=plan.oversample_rare,
+    )

@@ -37,6 +37,8 @@ from raysegment.specfile import MAX_SPEC_BYTES
 
 if TYPE_CHECKING:
     from raysegment.data.manifest import Manifest
+    from raysegment.models.importer import ImportResult
+    from raysegment.train.trainer import TrainResult
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,12 @@ def _prepare_payload(spec: PrepareSpec, manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
-    m = result["metrics"]
+def _train_lines(spec: TrainSpec, result: TrainResult) -> list[str]:
+    m = result.metrics
     best = m["best"]
-    if result.get("already_trained"):  # the same options as the finished run in OUT: it is kept as it is
+    if result.already_trained:  # the same options as the finished run in OUT: it is kept as it is
         return [
-            f"{result['out']}: already trained ({m['epochs_run']} epochs, best epoch {best['epoch'] + 1}, "
+            f"{result.out}: already trained ({m['epochs_run']} epochs, best epoch {best['epoch'] + 1}, "
             f"val mIoU {best['val_mean_iou']:.4f}); nothing to do — pass --no-resume to train again"
         ]
     early = ", stopped early" if m["stopped_early"] else ""
@@ -134,27 +136,27 @@ def _train_lines(spec: TrainSpec, result: dict[str, Any]) -> list[str]:
         if plan
         else "  plan       off (--no-plan): fixed defaults"
     )
-    tracked = [f"  mlflow     run {result['mlflow_run_id']}"] if result.get("mlflow_run_id") else []
+    tracked = [f"  mlflow     run {result.mlflow_run_id}"] if result.mlflow_run_id else []
     return [
         # Counted from 1, as the progress lines count (`epoch 2/2`); metrics.json and history.csv keep 0-based.
-        f"trained {result['out']}: best epoch {best['epoch'] + 1}, val mean_iou {best['val_mean_iou']:.4f}, "
+        f"trained {result.out}: best epoch {best['epoch'] + 1}, val mean_iou {best['val_mean_iou']:.4f}, "
         f"pixel_accuracy {best['val_pixel_accuracy']:.4f}",
         f"  {m['epochs_run']} epochs in {m['seconds']} s{early}",
         planned,
-        f"  model      {storage.join(result['out'], 'model.keras')} (+ model.json, metrics.json, history.csv, "
+        f"  model      {storage.join(result.out, 'model.keras')} (+ model.json, metrics.json, history.csv, "
         "training_curves.png)",
         *tracked,
     ]
 
 
-def _train_payload(spec: TrainSpec, result: dict[str, Any]) -> dict[str, Any]:
-    m = result["metrics"]
+def _train_payload(spec: TrainSpec, result: TrainResult) -> dict[str, Any]:
+    m = result.metrics
     return {
-        "out": result["out"],
-        "model_id": result["model_card"]["model_id"],
+        "out": result.out,
+        "model_id": result.card.model_id,
         **{k: m.get(k) for k in ("best", "last", "epochs_run", "stopped_early", "val_pixels", "seconds")},
-        "mlflow_run_id": result.get("mlflow_run_id"),
-        "already_trained": bool(result.get("already_trained")),
+        "mlflow_run_id": result.mlflow_run_id,
+        "already_trained": result.already_trained,
     }
 
 
@@ -235,10 +237,14 @@ def serve_min_cpus(spec: ServeSpec) -> int:
     return math.ceil(spec.replicas[1] * spec.cpus_per_replica)
 
 
-def _import_lines(spec: ImportSpec, r: dict[str, Any]) -> list[str]:
-    card = r["model_card"]
+def _import_lines(spec: ImportSpec, r: ImportResult) -> list[str]:
+    card = r.card
     size = "native" if spec.input_size == "native" else f"{spec.input_size[0]},{spec.input_size[1]}"
-    return [f"imported {r['model_id']} to {r['out']}: {card['num_classes']} classes, {card['output']}, input {size}"]
+    return [f"imported {card.model_id} to {r.out}: {card.num_classes} classes, {card.output}, input {size}"]
+
+
+def _import_payload(spec: ImportSpec, r: ImportResult) -> dict[str, Any]:
+    return {"model_id": r.card.model_id, "out": r.out, "model_card": r.card.as_dict()}
 
 
 def _export_lines(spec: ExportSpec, r: dict[str, Any]) -> list[str]:
@@ -280,7 +286,7 @@ JOBS: dict[str, Job] = {
         ),
         Job("compact", CompactSpec, _compact, _compact_lines, _as_is, lambda s: s.output),
         Job("serve", ServeSpec, _serve, _serve_lines, _as_is, lambda s: None, min_cpus=serve_min_cpus),
-        Job("import", ImportSpec, _import, _import_lines, _as_is, lambda s: None, uses_ray=False),
+        Job("import", ImportSpec, _import, _import_lines, _import_payload, lambda s: None, uses_ray=False),
         Job("export", ExportSpec, _export, _export_lines, _as_is, lambda s: None, uses_ray=False),
     )
 }

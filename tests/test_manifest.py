@@ -9,6 +9,7 @@ import pytest
 from helpers import fingerprint
 from helpers import manifest as crafted
 
+from raysegment.data.fingerprint import Fingerprint
 from raysegment.data.manifest import MANIFEST, Counts, Manifest, Shard, Skipped, read_manifest
 from raysegment.errors import DataError
 
@@ -65,7 +66,7 @@ def test_the_json_out_is_the_json_in_key_for_key_and_in_order():
     assert m.shards[0] == Shard("shards/train-00000.parquet", "train", 50, 1, "0" * 64)
     assert m.skipped == (Skipped("a", "size mismatch"),) and m.palette[1] == (128, 0, 0)
     assert m.class_pixels == {"train": (30, 10), "val": (3, 1)} and m.bands == (1, 2, 3)
-    assert m.stored_fingerprint() == fingerprint(shares=(0.75, 0.25))
+    assert Fingerprint.from_json(m.fingerprint) == fingerprint(shares=(0.75, 0.25))
 
 
 def test_an_earlier_manifest_reads_with_the_readers_defaults(tmp_path):

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from helpers import summaries, write_images
 from PIL import Image
 
+from raysegment import registry
 from raysegment.cli import main
 from raysegment.config import ImportSpec, InferSpec
 from raysegment.entrypoints import main as entry_main
@@ -104,12 +105,14 @@ def test_softmax_output_is_recorded_as_probabilities_and_used_as_such(tmp_path):
     r = import_model(
         ImportSpec(model_file=src, dest=str(tmp_path / "m"), classes=["bg", "fg"], input_size="native", size_multiple=4)
     )
-    card = ModelCard.read(r["out"])
+    card = ModelCard.read(r.out)
     assert card.output == "probabilities" and card.head == "sigmoid" and card.native_scale
+    # --json: the card as written (import returns the typed card; the payload keeps README's keys).
+    assert registry._import_payload(None, r) == {"model_id": card.model_id, "out": r.out, "model_card": card.as_dict()}
     img = (np.random.default_rng(0).random((21, 30, 3)) * 255).astype(np.uint8)
     images = np.empty(1, dtype=object)
     images[:] = [img]
-    pred = Predictor(r["out"])({"image": images, "error": np.asarray([""], object)})["pred"][0]
+    pred = Predictor(r.out)({"image": images, "error": np.asarray([""], object)})["pred"][0]
     model = keras.models.load_model(src)
     padded = np.pad(img, [(0, 3), (0, 2), (0, 0)], mode="reflect").astype(np.float32) / 255.0
     want = (model(padded[None]).numpy()[0, :21, :30, 0] > 0.5).astype(np.uint8)
@@ -136,7 +139,7 @@ def test_a_nested_sigmoid_or_softmax_head_is_read_as_probabilities(tmp_path):
     for name, head, classes in (("sigmoid", sigmoid, "bg,fg"), ("softmax", softmax, "a,b,c")):
         src = wrapped(tmp_path / f"{name}.keras", head)
         r = import_model(ImportSpec(model_file=src, dest=str(tmp_path / name), classes=classes, input_size=(16, 16)))
-        card = ModelCard.read(r["out"])
+        card = ModelCard.read(r.out)
         assert (card.output, card.head) == ("probabilities", name), name
 
 
@@ -151,7 +154,7 @@ def test_a_head_that_does_not_say_is_refused_naming_output(tmp_path):
     assert "BatchNormalization layer 'norm'" in str(err.value)
     assert str(err.value).endswith("pass --output logits or --output probabilities")
     assert not (tmp_path / "m").exists()
-    card = ModelCard.read(import_model(spec.model_copy(update={"output": "logits"}))["out"])
+    card = ModelCard.read(import_model(spec.model_copy(update={"output": "logits"})).out)
     assert card.output == "logits"
 
 
@@ -215,7 +218,7 @@ def test_a_saved_model_with_only_a_signature_imports_and_predicts(tmp_path):
         model_file=str(tmp_path / "sm"), dest=str(tmp_path / "m"), classes="bg,fg", input_size="native",
         size_multiple=1, output="probabilities",
     )  # fmt: skip
-    card = ModelCard.read(import_model(spec)["out"], verify_model=True)
+    card = ModelCard.read(import_model(spec).out, verify_model=True)
     assert card.imported.call_endpoint == "serving_default" and card.output == "probabilities"
     img = (np.random.default_rng(3).random((9, 13, 3)) * 255).astype(np.uint8)
     images = np.empty(1, dtype=object)
@@ -248,11 +251,11 @@ def test_keras_hub_segformer_with_random_weights(tmp_path):
     with pytest.raises(DataError, match="takes 64x64 images.*--input-size 64,64"):
         import_model(hub_spec(tmp_path, "bad", (32, 32)))
     r = import_model(hub_spec(tmp_path, "m", (64, 64)))
-    card = ModelCard.read(r["out"], verify_model=True)
+    card = ModelCard.read(r.out, verify_model=True)
     assert card.architecture.name == "segformerimagesegmenter" and "keras_hub" in card.imported.keras_class
     images = (np.random.default_rng(1).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     batch = {"image": images, "error": np.asarray(["", ""], object), "height": [64] * 2, "width": [64] * 2}
-    preds = np.stack(list(Predictor(r["out"])(batch)["pred"]))
+    preds = np.stack(list(Predictor(r.out)(batch)["pred"]))
     assert preds.shape == (2, 64, 64) and preds.max() < 3
 
 

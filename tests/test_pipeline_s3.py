@@ -61,8 +61,8 @@ def test_prepare_train_evaluate_infer_on_s3(ray_cluster, s3_prefix, tmp_path, ca
     result = train(TrainSpec(**spec | {"resume": True}))
     rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{bucket_path}/model/history.csv").decode())))
     assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 1 redone from the epoch-0 checkpoint
-    assert result["metrics"]["epochs_run"] == 2
-    (resumed,) = result["metrics"]["resumes"]
+    assert result.metrics["epochs_run"] == 2
+    (resumed,) = result.metrics["resumes"]
     assert resumed["from_epoch"] == 0 and "checkpoint_" in resumed["checkpoint"]
     assert len(resumed["skipped"]) == 1 and latest.rstrip("/").rsplit("/", 1)[1] in resumed["skipped"][0]
     assert "skipped unreadable checkpoint" in caplog.text

@@ -10,6 +10,7 @@ needs nothing beyond mlflow-skinny, where a sqlite URI would need SQLAlchemy and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import in_background, training_held_after_first_checkpoint, wait_for, write_source
+from helpers import in_background, training_held_after_first_checkpoint, untrained_card, wait_for, write_source
 from PIL import Image
 
 from raysegment import storage
 from raysegment.config import PrepareSpec, TrainSpec, load_spec
 from raysegment.errors import ConfigError, StorageError
-from raysegment.models.card import TENSORBOARD_DIR
+from raysegment.models.card import TENSORBOARD_DIR, TrainingPlan
 from raysegment.train import tracking
 
 HISTORY = [
@@ -125,7 +126,7 @@ def test_a_missing_mlflow_package_is_one_clear_error_before_any_work(monkeypatch
 def test_a_failed_training_leaves_a_failed_run_with_its_params(tmp_path, monkeypatch):
     uri = mlflow_store(tmp_path, monkeypatch)
     spec = TrainSpec(data="s3://b/data", out="s3://b/models/unet1", epochs=3, mlflow_uri=uri)
-    plan = {"auto": ["epochs", "crop"], "given": ["batch_size"], "time_budget_s": 60.0, "values": {"epochs": 3}}
+    plan = TrainingPlan(values={"epochs": 3}, auto=["epochs", "crop"], given=["batch_size"], time_budget_s=60.0)
     with pytest.raises(RuntimeError, match="worker died"), tracking.mlflow_run(spec, plan) as run:
         raise RuntimeError("worker died")
     got = tracking.mlflow_client(uri).get_run(run.run_id)
@@ -275,6 +276,8 @@ def test_mlflow_gone_mid_run_never_holds_the_epochs_and_is_one_warning(tmp_path,
     a server gone mid-run stopped the console for minutes, and each epoch waited again. Here the server
     holds the first request unanswered: the epochs go on meanwhile (TensorBoard has them), and after the
     failure MLflow is not tried again until training ends, when the failure is quick."""
+    from raysegment.train.trainer import TrainResult
+
     uri = mlflow_store(tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")  # without a thread of its own rows() would hang
     with tracking.mlflow_run(TrainSpec(data="d", out=str(tmp_path / "o"), mlflow_uri=uri), None) as created:
@@ -294,7 +297,7 @@ def test_mlflow_gone_mid_run_never_holds_the_epochs_and_is_one_warning(tmp_path,
         assert {m["step"] for _, body in server.requests for m in json.loads(body)["metrics"]} == {0}
         live.rows([h2])  # after close: logged in finish only
         with pytest.raises(StorageError, match=rf"--mlflow-uri {server.uri}: could not log the run's epochs"):
-            live.finish(out, [h0, h1, h2], {"metrics": {"best": h2}, "model_card": {"model_id": "unet-0"}})
+            live.finish(out, [h0, h1, h2], TrainResult(out.uri, untrained_card(), {"best": h2}))
         assert len(server.requests) > held  # tried again at the end
     warnings = [r for r in caplog.records if "could not log epochs to MLflow" in r.getMessage()]
     assert len(warnings) == 1 and run.failing
@@ -339,12 +342,14 @@ def test_live_log_writes_each_epoch_once_across_restarts_and_resumes(tmp_path, m
     """The rows the driver hands LiveLog (events.follow): epoch ends, and a restored checkpoint's history. A worker
     group that restarts from checkpoint 0 posts its history and epoch 1 again: nothing is logged twice. A re-run
     that resumes starts from the checkpoint's history in a new MLflow run and a fresh TensorBoard directory."""
+    from raysegment.train.trainer import TrainResult
+
     uri = mlflow_store(tmp_path, monkeypatch)
     out = storage.resolve(str(tmp_path / "model"))
     dest = out.child(TENSORBOARD_DIR)
     h0, h1, h2 = HISTORY
     spec = TrainSpec(data="d", out=out.uri, mlflow_uri=uri)
-    result = {"metrics": {"best": h2}, "model_card": {"model_id": "unet-0"}}
+    result = TrainResult(out.uri, untrained_card(), {"best": h2})
     with tracking.mlflow_run(spec, None) as run:
         with tracking.LiveLog(dest, run) as live:
             live.rows([h0])
@@ -360,6 +365,7 @@ def test_live_log_writes_each_epoch_once_across_restarts_and_resumes(tmp_path, m
         (e, pytest.approx(r["train_loss"])) for e, r in enumerate(HISTORY)
     ]
     client = tracking.mlflow_client(uri)
+    assert client.get_run(run.run_id).data.tags["raysegment.model_id"] == "unet-test"  # the result's card
     loss = client.get_metric_history(run.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in loss) == [(r["epoch"], pytest.approx(r["train_loss"])) for r in HISTORY]
 
@@ -462,7 +468,7 @@ def test_training_logs_each_epoch_while_it_runs_then_writes_the_artifacts(tiny_d
         result = job.result(timeout=600)
     with open(out / "history.csv") as f:
         history = list(csv.DictReader(f))
-    assert [int(row["epoch"]) for row in history] == [0, 1] and result["mlflow_run_id"] == run.info.run_id
+    assert [int(row["epoch"]) for row in history] == [0, 1] and result.mlflow_run_id == run.info.run_id
 
     files, values, _ = read_events(out / "tensorboard")
     assert len(files) == 1  # the final file replaced the live one
@@ -500,11 +506,15 @@ def test_cli_with_mlflow_uri_but_no_mlflow_exits_2(ray_cluster, tmp_path, monkey
 def test_the_train_summary_names_the_mlflow_run():
     """The run id was in train's result only: neither the summary nor --json showed where the run went."""
     from raysegment import registry
+    from raysegment.train.trainer import TrainResult
 
     best = {"epoch": 1, "val_mean_iou": 0.9, "val_pixel_accuracy": 0.95}
     metrics = {"best": best, "last": best, "epochs_run": 2, "stopped_early": False, "seconds": 3.0, "plan": None}
-    result = {"out": "/m", "metrics": metrics, "model_card": {"model_id": "unet-1"}, "mlflow_run_id": "abc123"}
+    result = TrainResult("/m", untrained_card(), metrics, mlflow_run_id="abc123")
     assert "  mlflow     run abc123" in registry._train_lines(None, result)
-    assert registry._train_payload(None, result)["mlflow_run_id"] == "abc123"
-    del result["mlflow_run_id"]
+    assert registry._train_payload(None, result) == {
+        "out": "/m", "model_id": "unet-test", "best": best, "last": best, "epochs_run": 2, "stopped_early": False,
+        "val_pixels": None, "seconds": 3.0, "mlflow_run_id": "abc123", "already_trained": False,
+    }  # fmt: skip
+    result = dataclasses.replace(result, mlflow_run_id=None)
     assert not any("mlflow" in line for line in registry._train_lines(None, result))

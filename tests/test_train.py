@@ -97,7 +97,7 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model, ray_cluster, tmp_path
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
     assert epochs == [0, 1, 2, 3]  # every epoch once in the history
     assert hold.reported_epochs() == [0, 1, 2, 3]  # resumed after epoch 0: not restarted, nothing repeated
-    assert result["metrics"]["epochs_run"] == 4
+    assert result.metrics["epochs_run"] == 4
     assert (out / "training_curves.png").stat().st_size > 1000
 
 
@@ -132,7 +132,7 @@ def test_native_scale_model_predicts_at_full_resolution(ray_cluster, tmp_path):
     m = evaluate(EvaluateSpec(model=str(tmp_path / "model"), data=str(tmp_path / "data")))
     assert m["pixels"] == m["images"] * 48 * 48
     # Training's val metrics scored every val pixel, as evaluate does (a central 32 px window scored 44%).
-    assert trained["metrics"]["val_pixels"] == m["pixels"]
+    assert trained.metrics["val_pixels"] == m["pixels"]
     os.makedirs(tmp_path / "in")
     img, _ = synthetic.make_example(5, size=64)
     Image.fromarray(img).resize((50, 37)).save(tmp_path / "in" / "odd.png")  # not a multiple of 4: padded

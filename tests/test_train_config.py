@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from helpers import manifest
+from helpers import manifest, untrained_card
 
 from raysegment.config import TrainSpec
 from raysegment.errors import DataError
@@ -346,21 +346,22 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
     assert finished_run(out, "train") is None
     best = {"epoch": 20, "val_mean_iou": 0.99334, "val_pixel_accuracy": 0.998}
     storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 26})
-    storage.write_json(out.child("model.json"), {"model_id": "unet-42d08784322c"})
+    card = untrained_card()
+    card.write(out)
     assert finished_run(out, "train") is None  # no _SUCCESS: stopped, or training now
-    storage.mark_success(out, {"model_id": "unet-42d08784322c"})
+    storage.mark_success(out, {"model_id": card.model_id})
     # Recorded without training options (an older version): nothing shows these were its options, so it is
     # resumed as before, not kept whatever the flags.
     assert finished_run(out, "train") is None
     storage.write_json(run.child(RUN_IDENTITY), first)
     done = finished_run(out, "train")
-    assert done is not None and done["already_trained"]
+    assert done is not None and done.already_trained and done.card == card
     assert _train_lines(None, done) == [
         f"{out.uri}: already trained (26 epochs, best epoch 21, val mIoU 0.9933); nothing to do — pass "
         "--no-resume to train again"
     ]
     payload = _train_payload(None, done)
-    assert payload["already_trained"] and payload["model_id"] == "unet-42d08784322c" and payload["best"] == best
+    assert payload["already_trained"] and payload["model_id"] == card.model_id and payload["best"] == best
 
 
 def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_path):
@@ -413,8 +414,8 @@ def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_
     out = storage.resolve(str(tmp_path / "out"))
     best = {"epoch": 3, "val_mean_iou": 0.5, "val_pixel_accuracy": 0.9}
     storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 4})
-    storage.write_json(out.child("model.json"), {"model_id": "unet-0123456789ab"})
-    storage.mark_success(out, {"model_id": "unet-0123456789ab"})
+    untrained_card().write(out)
+    storage.mark_success(out, {"model_id": untrained_card().model_id})
     assert finished_run(out, "train") is None
     storage.write_json(run.child(RUN_IDENTITY), first)
     assert finished_run(out, "train") is not None

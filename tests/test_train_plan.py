@@ -80,6 +80,22 @@ def test_no_plan_keeps_the_fixed_defaults():
     assert (defaults["image_size"], defaults["epochs"], defaults["crop"]) == (128, 10, "resize")
 
 
+def test_the_plan_record_is_the_cards_typed_plan():
+    """`apply_plan` recorded the plan as a dict, extended by spreads and read by key until the card was built;
+    it is the card's `TrainingPlan`, with the budget training stops at, as the card writes it."""
+    from raysegment.models.card import TrainingPlan
+    from raysegment.train.trainer import apply_plan
+
+    spec = load_spec(TrainSpec, None, {"data": "d", "out": "o", "batch_size": 4})
+    trained, record = apply_plan(spec, None, MANIFEST)
+    assert isinstance(record, TrainingPlan) and record.stop_at_s == trained.time_budget is not None
+    assert record.given == ["batch_size"] and "epochs" in record.auto and record.values["batch_size"] == 4
+    assert list(record.model_dump(mode="json", exclude_unset=True)) == [
+        "values", "given", "auto", "reasons", "time_budget_s", "stop_at_s", "compute", "normalization",
+        "oversample_rare",
+    ]  # fmt: skip
+
+
 def test_train_refuses_a_data_set_without_val_images_before_printing_a_plan(capsys):
     """`train` printed its plan, then refused a data set with no val split; `plan` refuses it without one."""
     from raysegment.errors import DataError

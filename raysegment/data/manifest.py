@@ -108,10 +108,6 @@ class Manifest:
     fingerprint: dict[str, Any] | None = None
     seconds: float | None = None  # prepare's wall time
 
-    def stored_fingerprint(self) -> Fingerprint | None:
-        """The stored fingerprint (of whichever version), or None for a data set prepared before them."""
-        return Fingerprint.from_json(self.fingerprint) if self.fingerprint else None
-
     def split_shards(self, split: str) -> list[Shard]:
         return [s for s in self.shards if s.split == split]
 

@@ -20,6 +20,7 @@ import os
 import posixpath
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 from raysegment import __version__, storage
@@ -45,7 +46,16 @@ PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "hard_sigmoid")
 MAX_HEAD_STEPS = 1000
 
 
-def import_model(spec: ImportSpec) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ImportResult:
+    """What `import_model` returns: DEST and the card written there (the JSON result is
+    `registry._import_payload`'s)."""
+
+    out: str
+    card: ModelCard
+
+
+def import_model(spec: ImportSpec) -> ImportResult:
     """Check the spec's model against the card it describes and write the model directory DEST."""
     out = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
     _check_dest(out, spec.overwrite)
@@ -77,7 +87,7 @@ def import_model(spec: ImportSpec) -> dict[str, Any]:
     card = _card(spec, model, sha, head, kind, probe, endpoint, source_sha)
     card.write(out)
     storage.mark_success(out, {"model_id": card.model_id})
-    return {"model_id": card.model_id, "out": out.uri, "model_card": card.as_dict()}
+    return ImportResult(out.uri, card)
 
 
 def _check_dest(out: storage.Location, overwrite: bool) -> None:

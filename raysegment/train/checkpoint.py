@@ -165,7 +165,8 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer) -> TrainState:
             problems.append(f"{_uri(fs, path)}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
             skipped.append(path)
             continue
-        # The workers' output stays in Ray's logs; the driver reports `resumes` from the final state.
+        # Rank 0 posts this restore to the driver, which notes it at once (events.Resumed); metrics.json lists
+        # the run's `resumes` from the final state.
         # `skipped_paths`: as Ray Train names them, so the driver never takes one of them for the best.
         resume = {"from_epoch": state.epoch, "checkpoint": path, "skipped": problems, "skipped_paths": skipped}
         return dataclasses.replace(state, resumes=[*state.resumes, resume])

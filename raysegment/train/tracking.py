@@ -47,10 +47,11 @@ from typing import TYPE_CHECKING, Any
 from raysegment import progress, storage
 from raysegment.config import MLFLOW_AUTH
 from raysegment.errors import ConfigError, StorageError
-from raysegment.models.card import CARD_FILE, MODEL_FILE, TRAINED_FILES
+from raysegment.models.card import CARD_FILE, MODEL_FILE, TRAINED_FILES, TrainingPlan
 
 if TYPE_CHECKING:
     from raysegment.config import TrainSpec
+    from raysegment.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class LiveLog:
                 with contextlib.suppress(RuntimeError):  # closed: finish logs what is missing
                     self._mlflow_thread.submit(self._log_live, list(rows))
 
-    def finish(self, out: storage.Location, history: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    def finish(self, out: storage.Location, history: list[dict[str, Any]], result: TrainResult) -> None:
         """After the artifacts: MLflow gets the final history's epochs it has not had, then the result."""
         if self.run is None:
             return
@@ -370,7 +371,7 @@ def run_uri(uri: str, spec: TrainSpec) -> str:
     return storage.redact(storage.resolve(uri, spec.endpoint_url).uri)
 
 
-def run_params(spec: TrainSpec, plan: dict[str, Any] | None) -> dict[str, str]:
+def run_params(spec: TrainSpec, plan: TrainingPlan | None) -> dict[str, str]:
     """The trained spec's values (the plan's filled in) and the plan in brief, as MLflow params."""
     values = spec.model_dump(exclude={"endpoint_url", "mlflow_uri"})
     if not spec.encoder:
@@ -378,9 +379,9 @@ def run_params(spec: TrainSpec, plan: dict[str, Any] | None) -> dict[str, str]:
     values["data"], values["out"] = run_uri(spec.data, spec), run_uri(spec.out, spec)
     params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in values.items()}
     if plan is not None:
-        params["plan.auto"] = ",".join(plan["auto"])
-        params["plan.given"] = ",".join(plan["given"])
-        params["plan.time_budget_s"] = json.dumps(plan["time_budget_s"])
+        params["plan.auto"] = ",".join(plan.auto)
+        params["plan.given"] = ",".join(plan.given)
+        params["plan.time_budget_s"] = json.dumps(plan.time_budget_s)
     return params
 
 
@@ -402,7 +403,7 @@ class MlflowRun:
             self.failing = False
 
     @classmethod
-    def start(cls, uri: str, spec: TrainSpec, plan: dict[str, Any] | None) -> MlflowRun:
+    def start(cls, uri: str, spec: TrainSpec, plan: TrainingPlan | None) -> MlflowRun:
         """Create the run (experiment $MLFLOW_EXPERIMENT_NAME, default raysegment) and log its params."""
         from mlflow.entities import Param
 
@@ -422,7 +423,7 @@ class MlflowRun:
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 client.log_batch(run_id, params=params[i : i + 100])
             if plan is not None:
-                client.log_dict(run_id, plan, "plan.json")
+                client.log_dict(run_id, plan.model_dump(mode="json", exclude_unset=True), "plan.json")
         return cls(client, uri, run_id)
 
     def log_epochs(self, rows: list[dict[str, Any]]) -> None:
@@ -435,16 +436,16 @@ class MlflowRun:
             for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
-    def log_result(self, out: storage.Location, result: dict[str, Any]) -> None:
+    def log_result(self, out: storage.Location, result: TrainResult) -> None:
         """The best epoch's metrics, the model card and model, and the plots."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        best = result["metrics"]["best"]
+        best = result.metrics["best"]
         metrics = [Metric(f"best_{k}", float(best[k]), now, 0) for k in SCALAR_TAGS if k.startswith("val_")]
         with self._calling("log the run's metrics and artifacts"):
             self.client.log_batch(self.run_id, metrics=metrics)
-            self.client.set_tag(self.run_id, "raysegment.model_id", result["model_card"]["model_id"])
+            self.client.set_tag(self.run_id, "raysegment.model_id", result.card.model_id)
             with tempfile.TemporaryDirectory() as d:
                 for name in (*MODEL_ARTIFACTS, *TRAINED_FILES):
                     local = _local_copy(out.child(name), d)
@@ -468,7 +469,7 @@ def _local_copy(loc: storage.Location, tmp: str) -> str | None:
 
 
 @contextlib.contextmanager
-def mlflow_run(spec: TrainSpec, plan: dict[str, Any] | None) -> Iterator[MlflowRun | None]:
+def mlflow_run(spec: TrainSpec, plan: TrainingPlan | None) -> Iterator[MlflowRun | None]:
     """The run while training and writing artifacts (None without --mlflow-uri): FINISHED on a clean exit,
     FAILED when the block raises (the block's error is the one that propagates; not tried when the last MLflow
     call failed, as when the block's error is MLflow's: another wait on a gone store would tell nothing)."""

@@ -41,6 +41,7 @@ from raysegment.models.card import (
     TENSORBOARD_DIR,
     InferenceAdvice,
     ModelCard,
+    TrainingPlan,
 )
 from raysegment.train import events, tracking
 from raysegment.train.backend import TFClusterConfig
@@ -61,6 +62,18 @@ HISTORY_COLUMNS = (
     "epoch_seconds",
     "epochs",  # the run's length as known at the epoch's end (a time budget re-fits it)
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What `train` returns: OUT, the model's card and metrics.json; `already_trained`: the finished run in OUT
+    had these options, so nothing was trained (`finished_run`). The JSON result is `registry._train_payload`'s."""
+
+    out: str
+    card: ModelCard
+    metrics: dict[str, Any]  # metrics.json as written
+    mlflow_run_id: str | None = None
+    already_trained: bool = False
 
 
 def history_csv(history: list[dict[str, Any]]) -> bytes:
@@ -127,7 +140,7 @@ def tta_advice(out: storage.Location, spec: TrainSpec, manifest: Manifest) -> In
     return advice
 
 
-def train(spec: TrainSpec) -> dict[str, Any]:
+def train(spec: TrainSpec) -> TrainResult:
     """Run distributed training and write OUT/model.keras, model.json and metrics.json."""
     t0 = time.time()
     if spec.mlflow_uri:
@@ -142,7 +155,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     spec, plan_record = apply_plan(spec, data_loc, manifest)
     fingerprint = planning.read_fingerprint(data_loc, manifest) if spec.normalization != "scale_0_1" else None
     # With a time budget the first epoch's measured time sets the epochs: any number where the plan chose them.
-    from_budget = plan_record is not None and "epochs" in plan_record["auto"]
+    from_budget = plan_record is not None and "epochs" in plan_record.auto
     # An encoder's weights file on the driver goes to the workers through Ray's object store.
     cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
     cfg.model.check_weights()  # a weights file that is not the encoder's: one line, before Ray Train and OUT
@@ -177,29 +190,28 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         except (StorageError, OSError) as exc:
             log.warning("train: checkpoints Ray Train does not track were not removed: %s", exc)
         live.finish(out, state.history, summary)
-        if run is not None:
-            summary["mlflow_run_id"] = run.run_id
-    return summary
+    return summary if run is None else dataclasses.replace(summary, mlflow_run_id=run.run_id)
 
 
-def finished_run(out: storage.Location, name: str) -> dict[str, Any] | None:
+def finished_run(out: storage.Location, name: str) -> TrainResult | None:
     """What a finished run in OUT recorded (its card and metrics, as `train` returns them, `already_trained`),
     or None: a run is finished when OUT has its _SUCCESS (train removes it first) and the run's checkpoints."""
     try:
         # Read, not listed: a listing cached before the marker went (s3fs's) would still show it.
         success = storage.read_json(out.child(storage.SUCCESS))
-        metrics, card = storage.read_json(out.child(METRICS_FILE)), storage.read_json(out.child(CARD_FILE))
+        metrics = storage.read_json(out.child(METRICS_FILE))
+        card = ModelCard.model_validate(storage.read_json(out.child(CARD_FILE)))
         _ = (metrics["best"]["epoch"], metrics["best"]["val_mean_iou"], metrics["epochs_run"])
-        if success["model_id"] != card["model_id"] or not _checkpoint_dirs(out.child(name)):
+        if success["model_id"] != card.model_id or not _checkpoint_dirs(out.child(name)):
             return None
         # Only a run that recorded its training options (all of today's) can show that it had these: an older
         # one's record (or none) would call any options it lacks "the same"; such a run is resumed, as before.
         recorded = storage.read_json(out.child(name, RUN_IDENTITY))["training"]
         if any(k not in recorded for k in (*TRAINING_OPTIONS, *AUGMENTATION_OPTIONS)):
             return None
-    except (StorageError, OSError, KeyError, TypeError):
+    except (StorageError, OSError, KeyError, TypeError, ValueError):
         return None  # no _SUCCESS (stopped, or training now), or not what train writes: train (over it)
-    return {"already_trained": True, "model_card": card, "metrics": metrics, "out": out.uri}
+    return TrainResult(out.uri, card, metrics, already_trained=True)
 
 
 def _checkpoint_dirs(run_dir: storage.Location) -> list[str]:
@@ -260,7 +272,7 @@ def remove_untracked_checkpoints(run_dir: storage.Location, result: ray.train.Re
 
 def apply_plan(
     spec: TrainSpec, data_loc: storage.Location, manifest: Manifest
-) -> tuple[TrainSpec, dict[str, Any] | None]:
+) -> tuple[TrainSpec, TrainingPlan | None]:
     """The spec to train (the plan's values where the user gave none) and the card's record of the plan;
     `plan: false` trains the spec as written and records no plan."""
     if not spec.plan:
@@ -270,7 +282,8 @@ def apply_plan(
     auto = ", ".join(f"{k} {v}" for k, v in plan.train_values().items() if k in plan.auto)
     progress.note(f"train: plan for the data set: {auto or 'every planned field given'}")
     log.info("train: plan reasons %s", plan.reasons)
-    return planned, {**planning.card_record(plan, planning.compute_of(spec)), "stop_at_s": planned.time_budget}
+    record = planning.card_record(plan, planning.compute_of(spec))
+    return planned, record.model_copy(update={"stop_at_s": planned.time_budget})
 
 
 def training_datasets(
@@ -510,8 +523,8 @@ def write_artifacts(
     best: dict[str, Any],
     state: TrainState,
     seconds: float,
-    plan: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    plan: TrainingPlan | None = None,
+) -> TrainResult:
     """Rebuild the model from the best checkpoint; write model.keras, model card, metrics, history."""
     import keras
     import tensorflow as tf
@@ -528,7 +541,9 @@ def write_artifacts(
     history = state.history
     if plan is not None and state.fitted_epochs is not None:
         # The plan's epochs were an estimate; its first epoch measured what fits the budget.
-        plan = {**plan, "fitted_epochs": state.fitted_epochs, "first_epoch_s": state.first_epoch_s}
+        plan = plan.model_copy(update={"fitted_epochs": state.fitted_epochs, "first_epoch_s": state.first_epoch_s})
+    # The plan in brief (the model card has all of it): which fields it chose, which were given.
+    brief = None if plan is None else {"auto": plan.auto, "given": plan.given, "time_budget_s": plan.time_budget_s}
     metrics = {
         "best": best,
         "last": history[-1],
@@ -540,8 +555,7 @@ def write_artifacts(
         # The labelled val pixels the metrics scored (a native-scale model's: those its val windows cover).
         "val_pixels": int(np.sum(best_cm)) if best_cm else None,
         "resumes": state.resumes,
-        # The plan in brief (the model card has all of it): which fields it chose, which were given.
-        "plan": None if plan is None else {k: plan[k] for k in ("auto", "given", "time_budget_s")},
+        "plan": brief,
         "seconds": round(seconds, 1),
     }
     storage.write_bytes(out.child(HISTORY_FILE), history_csv(history))
@@ -592,4 +606,4 @@ def write_artifacts(
     storage.write_json(out.child(METRICS_FILE), metrics)
     card.write(out)
     storage.mark_success(out, {"model_id": card.model_id})
-    return {"model_card": card.as_dict(), "metrics": metrics, "out": out.uri}
+    return TrainResult(out.uri, card, metrics)
