@@ -181,11 +181,6 @@ def segment_fn(
 def export(spec: ExportSpec) -> dict[str, Any]:
     """Write MODEL as `spec.format` under DEST (local or s3://), with model.json; returns what was written."""
     model_dir = storage.resolve(spec.model, spec.endpoint_url, spec.storage_retry_s)
-    if not storage.exists(model_dir):  # said before as "not a trained model", as if the path were one
-        raise ConfigError(
-            f"{spec.model}: not found; check the path: MODEL is the folder `raysegment train` (--out) or "
-            "`raysegment model import` (DEST) wrote"
-        )
     card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True, retry_s=spec.storage_retry_s)
     if card.input.channels != 3 or card.input.bands:
         # The graph decodes PNG/JPEG to 8-bit RGB; a model of chosen or many bands needs TIFF decoding it lacks.

@@ -25,10 +25,10 @@ The driver (`serve_until_stopped`, the `serve` job) checks the model card and it
 Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` and blocks until
 SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then drains (`drain`): every replica refuses new
 requests (503 with Retry-After; /readyz 503) while it answers those in flight, counted by the replica
-itself (`Draining`, the count /readyz shows); once none is left, or at `drain_timeout_s`, the app is
-deleted (from then on Serve's proxy answers 404) and the driver returns once Serve has stopped the
-replicas, within `drain_timeout_s` + `DRAIN_MARGIN_S` in all. A local Ray dies with the driver, Serve's
-proxy with it: returning earlier cut the connections of requests in flight.
+itself (`Draining`, shown by its /readyz; the stop lines give the sum); once none is left, or at
+`drain_timeout_s`, the app is deleted (from then on Serve's proxy answers 404) and the driver returns once
+Serve has stopped the replicas, within `drain_timeout_s` + `DRAIN_MARGIN_S` in all. A local Ray dies with
+the driver, Serve's proxy with it: returning earlier cut the connections of requests in flight.
 """
 
 from __future__ import annotations
@@ -261,34 +261,35 @@ def _deployed_at(app: str) -> float | None:
     return None if found is None else found.last_deployed_time_s
 
 
-def _delete_when_due(app: str, after_s: float) -> None:
-    """A replica's guard (`Draining.stop_accepting`, in a thread): delete its app after `after_s`, unless the
-    app is gone or was deployed again since (a new `serve` of the same name)."""
+def _delete_when_due(app: str, delete_at: float) -> None:
+    """A replica's guard (`Draining.stop_accepting`, in a thread): delete its app at `delete_at` (time.time()),
+    unless the app is gone or was deployed again since (a new `serve` of the same name)."""
     deployed = _deployed_at(app)
-    time.sleep(max(0.0, after_s))
+    time.sleep(max(0.0, delete_at - time.time()))
     if deployed is not None and _deployed_at(app) == deployed:
         delete_app(app)
 
 
 class Draining:
-    """A replica's side of the driver's drain: its POST /segment requests in flight (the one count, shown by
-    /readyz and the stop lines) and whether it has stopped taking new ones."""
+    """A replica's side of the driver's drain: its POST /segment requests in flight (its own count, shown by
+    its /readyz; the stop lines give the sum over the replicas) and whether it has stopped taking new ones."""
 
-    in_flight = 0  # POST /segment requests this replica is answering (on its event loop only)
-    draining = False
+    def __init__(self) -> None:
+        self.in_flight = 0  # POST /segment requests this replica is answering (on its event loop only)
+        self.draining = False
 
-    async def stop_accepting(self, delete_after_s: float) -> int:
+    async def stop_accepting(self, delete_at: float) -> int:
         """From now on new requests get 503 (the driver's drain, through `handle.broadcast` to every replica,
         again at each look: a replica started since is told too); returns the requests in flight. The first
-        call arms the replica's own delete of the app after `delete_after_s`, the driver's deadline: a driver
-        killed before it deletes the app (`ray job stop` SIGKILLs it 3 s after its SIGTERM) never leaves a
-        server that refuses every request. Serve ends the guard with the replica when the driver deletes it."""
+        call arms the replica's own delete of the app at `delete_at`, the driver's deadline as a wall-clock
+        time (time.time()): a call that waited behind busy requests (it takes one of the replica's
+        max_ongoing_requests) does not move it. A driver killed before it deletes the app (`ray job stop`
+        SIGKILLs it 3 s after its SIGTERM) thus never leaves a server that refuses every request. Serve ends
+        the guard with the replica when the driver deletes it."""
         if not self.draining:
             self.draining = True
             app = serve.get_replica_context().app_name
-            threading.Thread(
-                target=_delete_when_due, args=(app, delete_after_s), name="drain-guard", daemon=True
-            ).start()
+            threading.Thread(target=_delete_when_due, args=(app, delete_at), name="drain-guard", daemon=True).start()
         return self.in_flight
 
 
@@ -296,6 +297,7 @@ class Segmenter(Draining):
     """The deployment: one per replica, the model loaded once (in a thread, see `/readyz`)."""
 
     def __init__(self, config: ReplicaConfig) -> None:
+        super().__init__()
         self.config = config
         self.card: ModelCard | None = None
         self.predictor: Any = None
@@ -623,7 +625,7 @@ def load_failed(state: dict[str, Any]) -> UserError:
 def undeploy() -> None:
     """Delete the app without waiting (Serve itself and its proxy stay for other apps; `serve shutdown` ends
     them): Serve stops the replicas, each after its requests in flight."""
-    serve.delete(APP_NAME, _blocking=False)
+    delete_app(APP_NAME)
 
 
 # Serve's pause between two looks at a stopping replica's requests in flight (its default, 2 s, made every
@@ -638,30 +640,43 @@ DRAIN_POLL_S = 0.2
 DRAIN_MARGIN_S = 5.0
 
 
+# How long the "stopping" line waits for the replicas' first count before it says "an unknown number": a
+# replica whose max_ongoing_requests are all busy (slow uploads) answers only when one of them ends. Also the
+# least time the first count is waited for (a drain timeout of 0), well inside DRAIN_MARGIN_S.
+COUNT_LINE_S = 2.0
+
+
 def _requests(n: int | None) -> str:
     return "an unknown number of requests" if n is None else f"{n} request{'' if n == 1 else 's'}"
 
 
-def _in_flight(handle: Any, stop_by: float, hurry: threading.Event) -> int | None:
-    """Tell every replica to refuse new requests (`Draining.stop_accepting`, through `handle.broadcast`) and sum
-    the requests they are answering; None when one cannot say by `stop_by` (the deadline, also the replicas'
-    own) or `hurry` is set first."""
-    answer: list[int] = []
-    done = threading.Event()
+class _Count:
+    """One look at the replicas, begun at once in a thread (a second Ctrl-C is not held up): tell every
+    replica to refuse new requests (`Draining.stop_accepting`, through `handle.broadcast`, with `delete_at`
+    for their guard) and sum the requests they are answering. The call takes one of a replica's
+    max_ongoing_requests, so it may wait behind busy ones: the count is waited for until `by`
+    (time.monotonic()) at most."""
 
-    def ask() -> None:
+    def __init__(self, handle: Any, delete_at: float, by: float) -> None:
+        self._answer: list[int] = []
+        self._done = threading.Event()
+        threading.Thread(target=self._ask, args=(handle, delete_at, by), name="drain-count", daemon=True).start()
+
+    def _ask(self, handle: Any, delete_at: float, by: float) -> None:
         try:
-            left = max(0.0, stop_by - time.monotonic())
-            answer.append(sum(handle.broadcast("stop_accepting", left).results(timeout_s=left)))
-        except Exception:  # a replica stopped or not answering, the app or Serve gone: the count is for the lines
+            left = max(0.0, by - time.monotonic())
+            self._answer.append(sum(handle.broadcast("stop_accepting", delete_at).results(timeout_s=left)))
+        except Exception:  # a replica busy, stopped or not answering, the app or Serve gone: no count
             pass
         finally:
-            done.set()
+            self._done.set()
 
-    threading.Thread(target=ask, name="drain-count", daemon=True).start()
-    while not done.wait(DRAIN_POLL_S) and not hurry.is_set():  # in a thread: a second Ctrl-C is not held up
-        pass
-    return answer[0] if answer else None
+    def result(self, until: float, hurry: threading.Event) -> int | None:
+        """The sum, or None when it is not in by `until` (time.monotonic()) or `hurry` is set first."""
+        while not hurry.is_set() and not self._done.wait(min(DRAIN_POLL_S, max(0.0, until - time.monotonic()))):
+            if time.monotonic() >= until:
+                break
+        return self._answer[0] if self._answer else None
 
 
 def _app_deleted(app: str) -> bool:
@@ -676,23 +691,29 @@ def drain(handle: Any, timeout_s: float, hurry: threading.Event | None = None) -
     requests (503 with Retry-After) while it answers those in flight; once none is left, or at `timeout_s`,
     the app is deleted (Serve's proxy answers 404 from then on) and the driver waits until Serve has stopped
     the replicas, each once its requests are answered or the drain timeout passed again (the deployment's
-    `graceful_shutdown_timeout_s`), or the margin is spent. `hurry` (a second Ctrl-C/SIGTERM) ends the waits
-    early; the delete is sent all the same.
+    `graceful_shutdown_timeout_s`), or the margin is spent. Every count is waited for until the drain timeout
+    at most (`_Count`), the "stopping" line COUNT_LINE_S at most. `hurry` (a second Ctrl-C/SIGTERM) ends the
+    waits early; the delete is sent all the same.
 
     Waited for even on a cluster, where Serve's proxy outlives the driver and drains without it: the summary
     then says what happened. `ray job stop` may SIGKILL the driver 3 s after its SIGTERM, before it deletes
     the app: the replicas then delete it themselves at the same deadline (`Draining.stop_accepting`)."""
     hurry = hurry or threading.Event()
-    started = time.monotonic()
+    started, delete_at = time.monotonic(), time.time() + timeout_s + DRAIN_MARGIN_S
     answer_by, stop_by = started + timeout_s, started + timeout_s + DRAIN_MARGIN_S
-    in_flight = last = _in_flight(handle, stop_by, hurry)
+    first_by = max(answer_by, started + COUNT_LINE_S)
+    first = _Count(handle, delete_at, first_by)
+    in_flight = first.result(started + COUNT_LINE_S, hurry)
     progress.note(
         f"stopping: new requests are refused; waiting up to {timeout_s:g} s for {_requests(in_flight)} in flight "
         "(--drain-timeout-s; Ctrl-C again stops at once)"
     )
+    if in_flight is None:  # still told, and counted, when a busy replica's request ends in time
+        in_flight = first.result(first_by, hurry)
+    last = in_flight
     while last and time.monotonic() < answer_by and not hurry.is_set():
         hurry.wait(DRAIN_POLL_S)
-        now = _in_flight(handle, stop_by, hurry)
+        now = _Count(handle, delete_at, answer_by).result(answer_by, hurry)
         if now is None:  # a replica not answering: Serve's graceful shutdown has the rest
             break
         last = now
@@ -706,11 +727,17 @@ def drain(handle: Any, timeout_s: float, hurry: threading.Event | None = None) -
     # only once its requests are answered. Otherwise those in flight at the last count are cut off by the
     # driver's return (on a local Ray; on a cluster Serve goes on draining them).
     cut_off = 0 if last == 0 or (gone and ended - deleted < timeout_s) else last
+    hurried = "by a second Ctrl-C/SIGTERM" if hurry.is_set() else None
     if cut_off == 0:
         progress.note(f"stopped: {_requests(in_flight)} in flight answered; drained in {drain_s:.1f} s")
+    elif cut_off is None:  # no count came back, the app deleted without one: not the drain timeout's cut
+        progress.note(
+            "stopped: the requests in flight were not counted (the replicas did not answer in time); any left "
+            f"were cut off {hurried or f'after {drain_s:.1f} s'}, unanswered"
+        )
     else:
-        why = "by a second Ctrl-C/SIGTERM" if hurry.is_set() else f"at the drain timeout ({timeout_s:g} s)"
         of = "" if in_flight is None else f" of {in_flight}"
+        why = hurried or f"at the drain timeout ({timeout_s:g} s)"
         progress.note(f"stopped: {_requests(cut_off)}{of} in flight cut off {why}, unanswered")
     return {"in_flight_at_stop": in_flight, "cut_off": cut_off, "drain_s": round(drain_s, 1)}
 

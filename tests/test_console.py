@@ -170,6 +170,7 @@ def test_json_of_prepare_evaluate_report_nightly_and_bench(piped, tiny_model, ra
 
 
 def test_json_error_is_one_object_and_one_line(ray_cluster, tmp_path):
+    (tmp_path / "nomodel").mkdir()  # there, without a model in it (a path not there is "not found")
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nomodel"), str(tmp_path / "data"), "--json"])
     assert r.exit_code == 2
     assert json.loads(r.stdout)["exit_code"] == 2 and "not a trained model" in json.loads(r.stdout)["error"]

@@ -191,6 +191,7 @@ def test_cli_misspelled_config_field(tmp_path):
 
 
 def test_cli_missing_data_set_is_clear(tmp_path):
+    (tmp_path / "model").mkdir()  # there, without a model in it (a path not there is "not found")
     proc = cli("evaluate", str(tmp_path / "model"), str(tmp_path / "data"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

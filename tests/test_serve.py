@@ -474,7 +474,9 @@ def test_a_stop_ends_by_one_deadline_and_replicas_delete_an_orphaned_app(server)
     request = held.hold.remote()
     try:
         wait_for(lambda: held.count.remote().result(timeout_s=10) == 1, "the request held")
-        assert orphan.broadcast("stop_accepting", 0.5).results(timeout_s=10) == [0]  # its driver dies here
+        # Its driver dies here; the deadline is a wall-clock time (a call that waited in a busy replica's queue
+        # does not move it).
+        assert orphan.broadcast("stop_accepting", time.time() + 0.5).results(timeout_s=10) == [0]
         started = time.monotonic()
         drained = drain(held, 0.0)  # Serve would wait DRAIN_MARGIN_S + 5 s for the request: the driver does not
         took = time.monotonic() - started
@@ -486,6 +488,64 @@ def test_a_stop_ends_by_one_deadline_and_replicas_delete_an_orphaned_app(server)
         for app in ("drain-held", "drain-orphan"):
             serve.delete(app, _blocking=False)
         wait_for(lambda: not {"drain-held", "drain-orphan"} & set(serve.status().applications), "gone", timeout=30)
+
+
+def test_a_stop_with_every_replica_slot_busy_says_so_at_once_and_keeps_its_deadline(server, tmp_path):
+    """The replicas are told to stop by a call that takes one of their max_ongoing_requests: with every slot
+    busy (slow uploads, --body-timeout-s over the drain timeout) it waits in the replica's queue. The driver
+    waited for it until the stop's last deadline: no "stopping" line until then, the app deleted with no
+    margin left for Serve, and the end said "cut off at the drain timeout" of requests it never counted. Now
+    the line comes within COUNT_LINE_S ("an unknown number"), the count is waited for until the drain timeout
+    at most, and the end says the requests were not counted."""
+    import asyncio
+    import io
+
+    from ray import serve
+
+    from raysegment import progress
+    from raysegment.serve import COUNT_LINE_S, DRAIN_MARGIN_S, Draining, drain
+
+    @serve.deployment(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1,
+        graceful_shutdown_timeout_s=0.5,
+        graceful_shutdown_wait_loop_s=0.25,
+    )
+    class Busy(Draining):
+        async def hold(self, started: str) -> None:  # takes the replica's one slot, never ends
+            self.in_flight += 1
+            Path(started).touch()
+            await asyncio.Event().wait()
+
+    class Lines(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.at: list[tuple[float, str]] = []
+
+        def write(self, text: str) -> int:
+            self.at.append((time.monotonic(), text))
+            return super().write(text)
+
+    busy = serve.run(Busy.bind(), name="drain-busy", route_prefix=None)
+    request = busy.hold.remote(str(tmp_path / "held"))
+    lines = Lines()
+    progress.configure(progress.LINES, stream=lines)
+    try:
+        wait_for(lambda: (tmp_path / "held").exists(), "the request holding the only slot")
+        started = time.monotonic()
+        drained = drain(busy, 0.0)
+        took = time.monotonic() - started
+        assert (drained["in_flight_at_stop"], drained["cut_off"]) == (None, None), drained
+        (stopping, stopped) = [(at - started, text) for at, text in lines.at if " stop" in text]
+        assert "waiting up to 0 s for an unknown number of requests in flight" in stopping[1], stopping
+        assert stopping[0] < COUNT_LINE_S + 1, stopping  # not at the deadline, DRAIN_MARGIN_S
+        assert "requests in flight were not counted (the replicas did not answer in time)" in stopped[1], stopped
+        assert "drain timeout" not in stopped[1] and took < DRAIN_MARGIN_S + 1, (stopped, took)  # one deadline
+    finally:
+        progress.configure(progress.OFF)
+        request.cancel()
+        serve.delete("drain-busy", _blocking=False)
+        wait_for(lambda: "drain-busy" not in serve.status().applications, "gone", timeout=30)
 
 
 def test_sigterm_answers_the_requests_in_flight_and_refuses_new_ones(tiny_model):

@@ -26,12 +26,15 @@ def config(**fields) -> TrainConfig:
     return train_config(TrainSpec(data="d", out="o", **fields), MANIFEST, "d")
 
 
-def identity(data_hash: str = "h", **fields) -> dict:
-    """The run record `train` writes for a spec with these fields, on MANIFEST's data set (`data_hash`)."""
+def identity(data_hash: str = "h", shares: list[float] | None = None, **fields) -> dict:
+    """The run record `train` writes for a spec with these fields, on MANIFEST's data set (`data_hash`; with
+    `shares`, its pixel_frequency: 0.1 is no rare class, 0.05 is one)."""
+    from raysegment.train.config import rare_classes
     from raysegment.train.trainer import run_identity
 
+    data = MANIFEST if shares is None else manifest(**{**FIELDS, "pixel_frequency": shares})
     spec = TrainSpec(data="d", out="o", **fields)
-    return run_identity(train_config(spec, MANIFEST, "d"), data_hash, spec)
+    return run_identity(train_config(spec, data, "d"), data_hash, spec, rare_classes(data))
 
 
 def test_spec_defaults_reach_the_workers():
@@ -231,7 +234,7 @@ def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_pa
         cfg = train_config(spec, MANIFEST, "d")
         shipped = ShippedWeights("w.weights.h5", sha, None, path)
         return run_identity(
-            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shipped_weights=shipped)), "h", spec
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shipped_weights=shipped)), "h", spec, ()
         )
 
     (tmp_path / "a.weights.h5").write_bytes(b"")
@@ -337,7 +340,7 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
         check_resumable(run, identity("other", learning_rate=0.05), "out")
     # 1.1h and 66m are one budget, though their floats differ in the last bit.
     assert identity(time_budget=1.1 * 3600) == identity(time_budget=3960.0)
-    older = {k: v for k, v in first.items() if k != "training"}  # recorded before the training options were
+    older = {k: v for k, v in first.items() if k not in ("record", "training")}  # before the training options
     storage.write_json(run.child(RUN_IDENTITY), older)
     check_resumable(run, lr, "out")  # resumed as before
 
@@ -367,10 +370,10 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
 def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_path):
     """The run record held neither the augmentation, the seed nor the mixed precision: a re-run with other
     ones went on from the checkpoint silently, two runs in one history and card (and floats were compared to
-    the tenth: a learning rate of 0.001 was 0.002's). Records from before these fields still resume."""
+    the tenth: a learning rate of 0.001 was 0.002's)."""
     from raysegment import storage
     from raysegment.errors import ConfigError
-    from raysegment.train.trainer import AUGMENTATION_OPTIONS, RUN_IDENTITY, check_resumable, finished_run
+    from raysegment.train.trainer import RUN_IDENTITY, check_resumable
 
     folder = tmp_path / "out" / "train"
     run = storage.resolve(str(folder))
@@ -379,11 +382,12 @@ def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_
     (folder / "checkpoint_000000").mkdir()
     check_resumable(run, identity(brightness=0.1), "out")
     unfinished = r"^out: holds an unfinished training run with other training options \("
-    with pytest.raises(ConfigError, match=unfinished + r"brightness 0.1 there, 0.12 now\): resumed"):
+    with pytest.raises(ConfigError, match=unfinished + r"augmentation.brightness 0.1 there, 0.12 now\): resumed"):
         check_resumable(run, identity(brightness=0.12), "out")
-    with pytest.raises(ConfigError, match=unfinished + r"augment True there, False now\)"):
+    with pytest.raises(ConfigError, match=unfinished + r"augmentation on there, off now\)"):
         check_resumable(run, identity(brightness=0.1, augment=False), "out")
-    with pytest.raises(ConfigError, match=r"\(flip both there, none now; rotate90 True there, False now\)"):
+    flips = r"\(augmentation.flip both there, none now; augmentation.rotate90 True there, False now\)"
+    with pytest.raises(ConfigError, match=flips):
         check_resumable(run, identity(brightness=0.1, flip="none", rotate90=False), "out")
     with pytest.raises(ConfigError, match=r"\(steps_per_epoch 3 there, 6 now; repeat 1 there, 2 now\)"):
         check_resumable(run, identity(brightness=0.1, repeat=2), "out")
@@ -391,31 +395,102 @@ def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_
         check_resumable(run, identity(brightness=0.1, seed=7), "out")
     with pytest.raises(ConfigError, match=unfinished + r"dtype_policy float32 there, mixed_float16 now\)"):
         check_resumable(run, identity(brightness=0.1, mixed_precision="float16"), "out")
-    with pytest.raises(ConfigError, match=r"peak_learning_rate 0.002 there, 0.004 now"):
+    with pytest.raises(ConfigError, match=r"\(peak_learning_rate 0.002 there, 0.004 now\)"):
         check_resumable(run, identity(brightness=0.1, learning_rate=0.002), "out")
     finished = r"^out: holds a finished training run with other training options \("
-    with pytest.raises(ConfigError, match=finished + r"crop resize there, random now; elastic 0.0 there, 4.0 now\)"):
+    crop = r"augmentation.crop resize there, random now; augmentation.elastic 0.0 there, 4.0 now\)"
+    with pytest.raises(ConfigError, match=finished + crop):
         check_resumable(run, identity(brightness=0.1, crop="random", elastic=4.0), "out", finished=True)
     # A native-scale model is another input (it is run at full resolution): named once, as the input.
     with pytest.raises(ConfigError, match=r"^out: holds a training run on another input \(its checkpoints") as exc:
         check_resumable(run, identity(brightness=0.1, crop="native"), "out")
     assert "training options" not in str(exc.value) and "crop" not in str(exc.value)
 
-    # Recorded before these fields (and with floats to the tenth): resumed with today's, as before.
-    older = json.loads(json.dumps(first))
-    for key in (*AUGMENTATION_OPTIONS, "seed", "dtype_policy"):
+
+def test_the_record_holds_the_augmentation_that_takes_effect(tmp_path):
+    """The record held the spec's raw augmentation fields: with `augment: false` another brightness refused the
+    resume, and `oversample` counted though no class was rare enough for it (`Augmentation.from_spec`)."""
+    from raysegment import storage
+    from raysegment.errors import ConfigError
+    from raysegment.train.trainer import RUN_IDENTITY, check_resumable
+
+    assert identity(augment=False, brightness=0.1, crop="random") == identity(augment=False, brightness=0.3)
+    assert identity(augment=False)["training"]["augmentation"] is None
+    assert identity(flip="auto") == identity(flip="both")  # no plan resolved it: both axes
+    assert identity(oversample=0.5) == identity(oversample=0.0)  # no rare class: no window is centred on one
+    assert identity(oversample=0.5, shares=[0.95, 0.05]) != identity(oversample=0.0, shares=[0.95, 0.05])
+    assert identity(shares=[0.95, 0.05]) == identity()  # a rare class without oversample: none centred on it
+    augmentation = identity(oversample=0.5, shares=[0.95, 0.05])["training"]["augmentation"]
+    assert (augmentation["oversample"], augmentation["rare_classes"], augmentation["flip"]) == (0.5, [1], "both")
+
+    folder = tmp_path / "out" / "train"
+    run = storage.resolve(str(folder))
+    storage.write_json(run.child(RUN_IDENTITY), identity(augment=False, brightness=0.1))
+    (folder / "checkpoint_000000").mkdir()
+    check_resumable(run, identity(augment=False, brightness=0.3), "out")
+    with pytest.raises(ConfigError, match=r"\(augmentation off there, on now\)"):
+        check_resumable(run, identity(brightness=0.3), "out")
+    storage.write_json(run.child(RUN_IDENTITY), identity(shares=[0.95, 0.05]))
+    oversampled = r"\(augmentation.oversample 0.0 there, 0.5 now; augmentation.rare_classes \[\] there, \[1\] now\)"
+    with pytest.raises(ConfigError, match=oversampled):
+        check_resumable(run, identity(oversample=0.5, shares=[0.95, 0.05]), "out")
+
+
+def test_a_record_of_the_previous_version_resumes_and_is_kept_as_before(tmp_path):
+    """A run finished under the previous release (its record without the augmentation, seed or precision, and
+    without a version) was trained again by the same command: `_SUCCESS` removed, model.keras rewritten with a
+    new model_id. Its floats were recorded to the tenth: another learning rate read `0.0 there`, the real
+    value nowhere, and a record's missing seed was what marked that rounding."""
+    from raysegment import storage
+    from raysegment.errors import ConfigError
+    from raysegment.train.trainer import RUN_IDENTITY, RUN_RECORD, check_resumable, finished_run
+
+    first = identity(learning_rate=0.0005)
+    assert first["record"] == RUN_RECORD == 2 and first["training"]["peak_learning_rate"] == 0.001
+    older = json.loads(json.dumps(first))  # as the previous release wrote it
+    del older["record"]
+    for key in ("seed", "dtype_policy", "repeat", "augmentation"):
         del older["training"][key]
-    older["training"]["peak_learning_rate"] = round(first["training"]["peak_learning_rate"], 1)
+    older["training"]["peak_learning_rate"] = 0.0
+    folder = tmp_path / "out" / "train"
+    run = storage.resolve(str(folder))
     storage.write_json(run.child(RUN_IDENTITY), older)
-    check_resumable(run, identity(brightness=0.3, seed=7, mixed_precision="float16"), "out")
+    (folder / "checkpoint_000000").mkdir()
+    # What it lacks is this run's, and a float that is this run's to the tenth is this run's.
+    check_resumable(run, identity(learning_rate=0.0005, brightness=0.3, seed=7, mixed_precision="float16"), "out")
+    check_resumable(run, identity(learning_rate=0.001), "out")
     with pytest.raises(ConfigError, match=r"\(epochs 10 there, 40 now\)"):  # what it did record is compared
-        check_resumable(run, identity(brightness=0.3, epochs=40), "out")
-    # ... and, finished, it is resumed rather than kept: nothing shows it had today's augmentation.
+        check_resumable(run, identity(learning_rate=0.0005, epochs=40), "out")
+    with pytest.raises(ConfigError, match=r"\(peak_learning_rate 0.0 \(recorded to 0.1\) there, 0.1 now\)"):
+        check_resumable(run, identity(learning_rate=0.05), "out")
+    # Finished, it is kept (one line, nothing trained) when the options it recorded are this run's.
     out = storage.resolve(str(tmp_path / "out"))
     best = {"epoch": 3, "val_mean_iou": 0.5, "val_pixel_accuracy": 0.9}
     storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 4})
     untrained_card().write(out)
     storage.mark_success(out, {"model_id": untrained_card().model_id})
-    assert finished_run(out, "train") is None
-    storage.write_json(run.child(RUN_IDENTITY), first)
-    assert finished_run(out, "train") is not None
+    done = finished_run(out, "train")
+    assert done is not None and done.already_trained
+    check_resumable(run, identity(learning_rate=0.0005, brightness=0.3), "out", finished=True)
+    with pytest.raises(ConfigError, match=r"^out: holds a finished training run with other .*\(epochs 10 there"):
+        check_resumable(run, identity(learning_rate=0.0005, epochs=40), "out", finished=True)
+    # Today's version is compared as recorded: no seed is no marker of rounded floats any more.
+    storage.write_json(run.child(RUN_IDENTITY), {**older, "record": RUN_RECORD})
+    with pytest.raises(
+        ConfigError, match=r"peak_learning_rate 0.0 there, 0.001 now; dtype_policy None there, float32 now; seed None"
+    ):
+        check_resumable(run, first, "out")
+
+
+def test_a_resume_trains_no_epoch_past_an_early_stop():
+    """A run resumed from the checkpoint of the epoch that stopped it (patience, or the budget) trained one
+    more epoch (a run that stopped before its `_SUCCESS`)."""
+    from raysegment.train.loop import more_epochs
+
+    cfg = config(epochs=10)
+    state = TrainState().after_epoch({"epoch": 4, "val_mean_iou": 0.5}, np.eye(2), patience=None)
+    assert more_epochs(state, cfg)
+    assert not more_epochs(state.stopped_at_budget(), cfg)
+    assert not more_epochs(dataclasses.replace(state, stopped_early=True, stopped_by="patience"), cfg)
+    assert not more_epochs(dataclasses.replace(state, epoch=9), cfg)
+    assert not more_epochs(dataclasses.replace(state, fitted_epochs=5), cfg)

@@ -84,7 +84,7 @@ class Augmentation:
             spec.gamma,
             spec.noise,
             spec.oversample if rare_classes else 0.0,
-            tuple(rare_classes),
+            tuple(rare_classes) if spec.oversample else (),  # only what windows are centred on (the run record)
         )
 
     @property

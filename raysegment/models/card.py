@@ -316,6 +316,7 @@ class ModelCard(_Part):
         `verify_model`: also hash model.keras and compare with the card's model_sha256 (see
         `check_model_file`); the jobs do this once, on the driver."""
         from raysegment import storage
+        from raysegment.errors import StorageError
 
         loc = storage.resolve(model_uri, endpoint_url, retry_s)
         card_loc = loc.child(CARD_FILE)
@@ -327,6 +328,17 @@ class ModelCard(_Part):
                 raise DataError(
                     f"{loc.uri}: an export ({', '.join(exported)}), not a trained model (needs {name}); give the "
                     "folder it was exported from, or bring a SavedModel in with `raysegment model import`"
+                )
+            try:  # only here, model.json missing: a model that is there costs no listing
+                missing = card is None and not storage.exists(loc)
+            except StorageError as exc:  # a role that may read files but not list the folder (S3 GetObject only)
+                if exc.transient:
+                    raise
+                missing = False
+            if missing:  # it said "not a trained model ... run `raysegment train`", as if the folder were there
+                raise DataError(
+                    f"{loc.uri}: not found; check the path: MODEL is the folder `raysegment train` (--out) or "
+                    "`raysegment model import` (DEST) wrote"
                 )
             raise DataError(f"{loc.uri}: not a trained model (needs {name} and {CARD_FILE}); run `raysegment train`")
         if verify_model:

@@ -58,7 +58,7 @@ def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
     # are part of what each epoch costs (on a small data set 1.4 s to an epoch's 0.6: a 1-minute budget
     # ran 3.2x over when only training and validation counted).
     t0 = time.time()
-    while state.epoch + 1 < (state.fitted_epochs or cfg.epochs):
+    while more_epochs(state, cfg):
         epoch = state.epoch + 1
         started = time.time()
         train_loss, first_step_s = train_epoch(worker, train_shard, epoch)
@@ -90,8 +90,12 @@ def train_loop_per_worker(cfg: TrainConfig, inbox: Any = None) -> None:
         epoch_s = steady if steady is not None else metrics["epoch_seconds"]
         state, shown = epoch_end(state, total, epoch_s, cfg.time_budget_s)
         report(worker, state, shown)
-        if state.stopped_early:
-            break
+
+
+def more_epochs(state: TrainState, cfg: TrainConfig) -> bool:
+    """Whether another epoch is trained: not after the last (fitted, or given), nor once the run stopped early
+    (patience, or the budget): a resume from the epoch that stopped it trained one more, past the stop."""
+    return not state.stopped_early and state.epoch + 1 < (state.fitted_epochs or cfg.epochs)
 
 
 def spent_seconds(state: TrainState) -> float:

@@ -160,7 +160,7 @@ def train(spec: TrainSpec) -> TrainResult:
     cfg = train_config(spec, manifest, data_loc.uri, from_budget, fingerprint)
     cfg.model.check_weights()  # a weights file that is not the encoder's: one line, before Ray Train and OUT
     cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
-    identity = run_identity(cfg, manifest.content_hash, spec)
+    identity = run_identity(cfg, manifest.content_hash, spec, rare_classes(manifest))
     if spec.resume:
         finished = finished_run(out, spec.name)
         check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights, finished is not None)
@@ -204,10 +204,11 @@ def finished_run(out: storage.Location, name: str) -> TrainResult | None:
         _ = (metrics["best"]["epoch"], metrics["best"]["val_mean_iou"], metrics["epochs_run"])
         if success["model_id"] != card.model_id or not _checkpoint_dirs(out.child(name)):
             return None
-        # Only a run that recorded its training options (all of today's) can show that it had these: an older
-        # one's record (or none) would call any options it lacks "the same"; such a run is resumed, as before.
-        recorded = storage.read_json(out.child(name, RUN_IDENTITY))["training"]
-        if any(k not in recorded for k in (*TRAINING_OPTIONS, *AUGMENTATION_OPTIONS)):
+        # Only a run that recorded its training options can show that it had these: a record without them (or
+        # none) would call any options "the same"; such a run is resumed, as before. One recorded before some
+        # of them (the augmentation, seed, precision) is kept when those it has are this run's
+        # (`check_resumable`, as it resumes): it was "already trained" under the release that wrote it.
+        if not isinstance(storage.read_json(out.child(name, RUN_IDENTITY))["training"], dict):
             return None
     except (StorageError, OSError, KeyError, TypeError, ValueError):
         return None  # no _SUCCESS (stopped, or training now), or not what train writes: train (over it)
@@ -365,11 +366,15 @@ class _Trainer(DataParallelTrainer):
 
 
 RUN_IDENTITY = "raysegment-run.json"  # beside Ray Train's checkpoints: what they were trained on
+# Its version, the record's "record" field. 1 (a record without the field): floats kept to the tenth, and no
+# augmentation, seed or precision (`_as_recorded_now` reads it as today's); 2: floats to 12 digits, all of them.
+RUN_RECORD = 2
 
 
 # The options a resumed run must share with its checkpoints: they set the schedule (its length, steps, rates),
-# the effective batch, what is optimised, the precision and the random streams (the seed), and what the
-# training windows are (`AUGMENTATION_OPTIONS`); changed mid-run they mixed two runs in one history and card.
+# the effective batch, what is optimised, the precision and the random streams (the seed); with the spec's
+# `repeat` and the augmentation as it takes effect (`run_identity`), what the training windows are. Changed
+# mid-run they mixed two runs in one history and card.
 TRAINING_OPTIONS = (
     "epochs",
     "time_budget_s",
@@ -387,42 +392,30 @@ TRAINING_OPTIONS = (
     "dtype_policy",  # --mixed-precision as it took effect (auto: bfloat16 with GPUs, else float32)
     "seed",
 )
-# The spec's (after the plan): `training_datasets` builds the train split's augmentation from them.
-AUGMENTATION_OPTIONS = (
-    "augment",
-    "crop",
-    "repeat",
-    "flip",
-    "rotate90",
-    "scale_jitter",
-    "brightness",
-    "contrast",
-    "rotate",
-    "elastic",
-    "gamma",
-    "noise",
-    "oversample",
-)
 
 
-def run_identity(cfg: TrainConfig, data_hash: str, spec: TrainSpec) -> dict[str, Any]:
+def run_identity(cfg: TrainConfig, data_hash: str, spec: TrainSpec, rare: tuple[int, ...]) -> dict[str, Any]:
     """What a checkpoint must share with this run to be resumed by it: the data set, the network and the
-    training options (`TRAINING_OPTIONS` of `cfg`, `AUGMENTATION_OPTIONS` of `spec`, the spec it came from)."""
+    training options (`TRAINING_OPTIONS` of `cfg`; the spec's `repeat`, which reads the train split that many
+    times an epoch; and the augmentation `training_datasets` trains with, `Augmentation.from_spec` of the spec
+    and the data set's `rare` classes, None when off: the fields it ignores, or `oversample` without a rare
+    class, are no option of the run)."""
     network = dataclasses.asdict(dataclasses.replace(cfg.model, shipped_weights=None))
     shipped = cfg.model.shipped_weights
     if shipped is not None and cfg.model.encoder_weights != "imagenet":
         network["encoder_weights"] = f"sha256:{shipped.sha256}"  # a weights file by content: moved, still it
-    augmentation = {k: getattr(spec, k) for k in AUGMENTATION_OPTIONS}
-    if augmentation["flip"] == "auto":  # left where no plan resolved it: both axes (`Augmentation.from_spec`)
-        augmentation["flip"] = "both"
+    augment = Augmentation.from_spec(spec, rare)
+    augmentation = None if augment is None else {k: _rounded(k, v) for k, v in dataclasses.asdict(augment).items()}
     identity = {
+        "record": RUN_RECORD,
         "data set": data_hash,
         "network": network,
         "classes": list(cfg.class_names),
         "input": cfg.model_input.model_dump(mode="json"),
         "training": {
             **{k: _rounded(k, getattr(cfg, k)) for k in TRAINING_OPTIONS},
-            **{k: _rounded(k, v) for k, v in augmentation.items()},
+            "repeat": spec.repeat,
+            "augmentation": augmentation,
         },
     }
     return json.loads(json.dumps(identity))  # as it reads back: tuples as lists
@@ -451,9 +444,9 @@ def check_resumable(
     a traceback. Other training options (learning rate, epochs, budget, batch, workers, augmentation, seed,
     mixed precision) went on silently from the checkpoint's epoch, one history and card for two runs; a
     finished run re-run with more epochs trained none and recorded the new options. Run folders from before
-    this record are resumed as they were (a record without training options, or some of them: as before
-    it had them), and a record without a checkpoint beside it (a run stopped before its first) refuses
-    nothing: there is nothing to resume."""
+    this record are resumed (or kept) as they were (a version-1 record, without training options or some of
+    them, takes this run's for those: `_as_recorded_now`), and a record without a checkpoint beside it (a run
+    stopped before its first) refuses nothing: there is nothing to resume."""
     loc = run_dir.child(RUN_IDENTITY)
     if not (storage.exists(loc) and _checkpoint_dirs(run_dir)):
         return
@@ -461,6 +454,7 @@ def check_resumable(
         held = storage.read_json(loc)
     except StorageError:
         held = None
+    version = held.get("record", 1) if isinstance(held, dict) else None
     if isinstance(held, dict):
         held = _as_recorded_now(held, identity, weights_path)
     if held == identity:
@@ -475,8 +469,8 @@ def check_resumable(
             "(its checkpoints cannot be resumed by this one); pass --no-resume to start over there, "
             "or choose another OUT"
         )
-    was, now = held["training"] if isinstance(held["training"], dict) else {}, identity["training"]
-    options = "; ".join(f"{k} {was.get(k)} there, {v} now" for k, v in now.items() if was.get(k) != v)
+    was = held.get("training") if isinstance(held.get("training"), dict) else {}
+    options = "; ".join(_differences(was, identity["training"], version))
     if finished:
         raise ConfigError(
             f"{out_uri}: holds a finished training run with other training options ({options}); "
@@ -489,23 +483,48 @@ def check_resumable(
     )
 
 
+def _differences(was: dict[str, Any], now: dict[str, Any], version: int | None) -> list[str]:
+    """The training options that differ, each "KEY OLD there, NEW now"; the augmentation by its fields
+    (`augmentation.brightness 0.1 there, 0.2 now`, or `augmentation off there, on now`). A float of a
+    version-1 record is shown as recorded, to the tenth (an old learning rate of 0.001 reads 0.0)."""
+
+    def shown(key: str, value: Any) -> Any:
+        tenth = version == 1 and isinstance(value, float) and key != "time_budget_s" and value == round(value, 1)
+        return f"{value} (recorded to 0.1)" if tenth else value
+
+    lines = []
+    for key, new in now.items():
+        old = was.get(key)
+        if old == new:
+            continue
+        if key == "augmentation" and isinstance(old, dict) and isinstance(new, dict):
+            lines += [f"{key}.{k} {old.get(k)} there, {v} now" for k, v in new.items() if old.get(k) != v]
+        elif key == "augmentation" and (old is None or new is None):
+            lines.append(f"augmentation {'off' if old is None else 'on'} there, {'off' if new is None else 'on'} now")
+        else:
+            lines.append(f"{key} {shown(key, old)} there, {new} now")
+    return lines
+
+
 def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any], weights_path: str | None) -> dict[str, Any]:
     """A record written before its latest fields, read as it would be written now: `eight_bit_seen` follows
     from the data set and normalisation (both compared), and an encoder weights file named by its path is
-    this run's file when that is the path given now (the old record cannot show its content), and a record
-    without training options, or without some of them (the augmentation, seed and precision came later),
-    resumes with this run's for those it lacks (as it did before they were recorded); its floats were
-    recorded to the tenth then, so one that is this run's to the tenth is this run's."""
+    this run's file when that is the path given now (the old record cannot show its content). A version-1
+    record (`RUN_RECORD`) without training options, or without some of them (the augmentation, seed and
+    precision came later), resumes with this run's for those it lacks (as it did before they were recorded);
+    its floats were recorded to the tenth, so one that is this run's to the tenth is this run's."""
     held = json.loads(json.dumps(held))
     now = identity["training"]
-    training = held.setdefault("training", dict(now))  # recorded before the training options were
-    if isinstance(training, dict):
-        if "seed" not in training:  # written before `_rounded` kept a float's digits (and before the seed)
+    if held.get("record", 1) == 1:
+        held["record"] = identity["record"]
+        training = held.setdefault("training", dict(now))  # recorded before the training options were
+        if isinstance(training, dict):
             for k, v in now.items():
                 if isinstance(v, float) and training.get(k) == round(v, 1):
                     training[k] = v
-        for k, v in now.items():
-            training.setdefault(k, v)
+            # Today's options, this run's where it lacks one (a development version's record held the spec's
+            # raw augmentation fields, not what the run trained with: dropped).
+            held["training"] = {k: training.get(k, v) for k, v in now.items()}
     if isinstance(held.get("input"), dict):
         held["input"].setdefault("eight_bit_seen", identity["input"].get("eight_bit_seen", False))
     old, new = held.get("network"), identity["network"]
