@@ -253,10 +253,10 @@ def delete_app(app: str) -> None:
 
 
 def _deployed_at(app: str) -> float | None:
-    """When the app was last deployed; None when there is none (or Serve cannot say)."""
+    """When the app was last deployed; None when there is none (deleted, or Serve's controller gone with it)."""
     try:
         found = serve.status().applications.get(app)
-    except Exception:
+    except Exception:  # Serve's controller is gone: so is the app
         return None
     return None if found is None else found.last_deployed_time_s
 
@@ -679,13 +679,6 @@ class _Count:
         return self._answer[0] if self._answer else None
 
 
-def _app_deleted(app: str) -> bool:
-    try:
-        return app not in serve.status().applications
-    except Exception:  # Serve's controller is gone: so is the app
-        return True
-
-
 def drain(handle: Any, timeout_s: float, hurry: threading.Event | None = None) -> dict[str, Any]:
     """Stop serving the app of `handle`, in `timeout_s` + DRAIN_MARGIN_S at most: every replica refuses new
     requests (503 with Retry-After) while it answers those in flight; once none is left, or at `timeout_s`,
@@ -719,9 +712,9 @@ def drain(handle: Any, timeout_s: float, hurry: threading.Event | None = None) -
         last = now
     deleted = time.monotonic()
     delete_app(handle.app_name)
-    while not _app_deleted(handle.app_name) and time.monotonic() < stop_by and not hurry.is_set():
+    while _deployed_at(handle.app_name) is not None and time.monotonic() < stop_by and not hurry.is_set():
         hurry.wait(DRAIN_POLL_S)
-    gone, ended = _app_deleted(handle.app_name), time.monotonic()
+    gone, ended = _deployed_at(handle.app_name) is None, time.monotonic()
     drain_s = ended - started
     # Serve stops a replica before its graceful_shutdown_timeout_s (the drain timeout again, from the delete)
     # only once its requests are answered. Otherwise those in flight at the last count are cut off by the

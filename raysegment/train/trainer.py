@@ -522,8 +522,7 @@ def _as_recorded_now(held: dict[str, Any], identity: dict[str, Any], weights_pat
             for k, v in now.items():
                 if isinstance(v, float) and training.get(k) == round(v, 1):
                     training[k] = v
-            # Today's options, this run's where it lacks one (a development version's record held the spec's
-            # raw augmentation fields, not what the run trained with: dropped).
+            # Today's options, this run's where it lacks one (the augmentation, seed and precision).
             held["training"] = {k: training.get(k, v) for k, v in now.items()}
     if isinstance(held.get("input"), dict):
         held["input"].setdefault("eight_bit_seen", identity["input"].get("eight_bit_seen", False))
