@@ -624,12 +624,18 @@ def compute_of(spec: TrainSpec) -> Compute:
 
 def plan_for_spec(spec: TrainSpec, loc: Location, manifest: Manifest) -> Plan:
     """The plan `raysegment plan` makes for the spec's data set and compute, with the PLAN_FIELDS the
-    spec sets explicitly (`model_fields_set`: a flag, a spec-file field, a keyword) as given."""
+    spec sets explicitly (`model_fields_set`: a flag, a spec-file field, a keyword) as given; train's own
+    refusals first, before a plan is made of no training (or no validation) images, DATA named as given
+    (train checks the rest, the labels and its batch, after: `check_fits`)."""
     from raysegment.train.config import check_train, check_val
 
-    # train's own refusals, before a plan is made of no training (or no validation) images
     check_train(manifest, spec.data)
     check_val(manifest, spec.data)
+    return _checked_plan(spec, loc, manifest)
+
+
+def _checked_plan(spec: TrainSpec, loc: Location, manifest: Manifest) -> Plan:
+    """`plan_for_spec` of a data set already checked (`write_plan`'s `check_data`: its checks run once)."""
     given = {k: getattr(spec, k) for k in PLAN_FIELDS if k in spec.model_fields_set}
     if given.get("flip") == "auto":
         del given["flip"]  # `flip: true` / --flip: flips on the axes the plan finds right
@@ -653,9 +659,10 @@ def write_plan(spec: TrainSpec, endpoint_url: str | None = None) -> tuple[Plan, 
     from raysegment.train.config import check_data
 
     loc, manifest = read_manifest(spec.data, endpoint_url)
-    # train refuses such data sets: no plan for them either (the plan's batch is at least 1 per worker).
+    # train refuses such data sets: no plan for them either (the plan's batch is at least 1 per worker). These
+    # include `plan_for_spec`'s own checks, so the plan is made without them (the messages name DATA's URI).
     check_data(manifest, loc.uri, 1, spec.workers)
-    plan = plan_for_spec(spec, loc, manifest)
+    plan = _checked_plan(spec, loc, manifest)
     storage.write_json(storage.resolve(spec.out, endpoint_url), {"data": loc.uri, **plan.to_json()})
     return plan, manifest_warnings(manifest)
 

@@ -246,15 +246,17 @@ def test_plan_values_are_train_spec_fields():
 
 
 def test_plan_and_data_info_commands_print_what_train_and_the_stored_fingerprint_say(tmp_path):
-    """`raysegment plan` writes and prints the plan `train` makes for the same compute and budget, and
-    `data-info` prints the stored fingerprint; neither starts Ray for a current one."""
+    """`raysegment plan` writes and prints the plan `train` makes for the same compute and budget (what train
+    records in the model card's `plan` and trains: `apply_plan`, short of training, which the slow
+    test_train_plan.py does), and `data-info` prints the stored fingerprint; neither starts Ray for a current one."""
     from click.testing import CliRunner
 
     from raysegment import storage
     from raysegment.cli import main
-    from raysegment.config import TrainSpec
+    from raysegment.config import TrainSpec, load_spec
     from raysegment.data.info import format_manifest
-    from raysegment.plan import plan_for_spec
+    from raysegment.plan import PLAN_FIELDS, Plan
+    from raysegment.train.trainer import apply_plan
 
     data = manifest(fingerprint=fingerprint(side=1024).to_json())
     (tmp_path / "manifest.json").write_text(json.dumps(data.to_json()))
@@ -263,13 +265,44 @@ def test_plan_and_data_info_commands_print_what_train_and_the_stored_fingerprint
         main, ["plan", str(tmp_path), "--workers", "1", "--time-budget", "10m", "--out", str(out)]
     )
     assert planned.exit_code == 0, planned.output
-    expected = plan_for_spec(TrainSpec(data=str(tmp_path), out=str(out), workers=1, time_budget="10m"), loc, data)
-    assert json.loads(out.read_text()) == json.loads(json.dumps({"data": loc.uri, **expected.to_json()}))
+    written = json.loads(out.read_text())
+    # `train DATA MODEL --workers 1 --time-budget 10m`, as the CLI makes its spec.
+    spec = load_spec(TrainSpec, None, {"data": str(tmp_path), "out": str(tmp_path / "model"), "workers": 1})
+    trained, record = apply_plan(spec.model_copy(update={"time_budget": 600.0}), loc, data)
+    assert record.values == {k: written[k] for k in PLAN_FIELDS} == {k: getattr(trained, k) for k in PLAN_FIELDS}
+    assert (record.reasons, record.given, record.time_budget_s) == (written["reasons"], [], written["time_budget_s"])
+    assert record.normalization == {"kind": written["normalization"], **(written["pixel_stats"] or {})}
+    expected = Plan(**{k: v for k, v in written.items() if k != "data"} | {"given": ()})
+    assert written["data"] == loc.uri
     assert planned.stdout == "\n".join([*format_plan(expected), f"written to {out}"]) + "\n"
     shown = CliRunner().invoke(main, ["data-info", str(tmp_path)])
     assert shown.exit_code == 0, shown.output
     assert shown.stdout == format_manifest(loc.uri, data, fingerprint(side=1024)) + "\n"
     assert "height 1024/1024/1024" in shown.stdout
+
+
+def test_plan_checks_the_data_set_once(tmp_path, monkeypatch):
+    """`raysegment plan` checked the data set (`check_data`), then `plan_for_spec` checked its train and val
+    splits again: each check runs once, and the refusals still name DATA's URI (`train`'s name DATA as given)."""
+    from raysegment import storage
+    from raysegment.config import TrainSpec
+    from raysegment.errors import DataError
+    from raysegment.plan import write_plan
+    from raysegment.train import config
+
+    calls: list[str] = []
+    for name in ("check_labelled", "check_train", "check_val"):
+        real = getattr(config, name)
+        monkeypatch.setattr(config, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps(manifest(fingerprint=fingerprint().to_json()).to_json()))
+    spec = TrainSpec(data=str(data), out=str(tmp_path / "plan.json"), workers=1)
+    write_plan(spec)
+    assert calls == ["check_labelled", "check_train", "check_val"]
+    (data / "manifest.json").write_text(json.dumps(manifest(counts={"train": 50, "val": 0}).to_json()))
+    with pytest.raises(DataError, match=f"^{storage.resolve(str(data)).uri}: no validation images"):
+        write_plan(spec)
 
 
 def test_durations():

@@ -367,6 +367,43 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
     assert payload["already_trained"] and payload["model_id"] == card.model_id and payload["best"] == best
 
 
+def test_the_run_folder_is_read_once_for_both_start_up_checks(tmp_path):
+    """finished_run and check_resumable each listed the checkpoints and read raysegment-run.json: train reads the
+    run folder once (`RunFolder`) and both judge that one reading, as each judged its own before."""
+    from raysegment import storage
+    from raysegment.errors import ConfigError
+    from raysegment.train.trainer import RUN_IDENTITY, RunFolder, check_resumable, finished_run
+
+    out = storage.resolve(str(tmp_path / "out"))
+    run = out.child("train")
+    first = identity()
+    storage.write_json(run.child(RUN_IDENTITY), first)
+    assert RunFolder.read(run) == RunFolder(run, [])  # a record without a checkpoint: no run to resume or keep
+    (tmp_path / "out" / "train" / "checkpoint_000000").mkdir()
+    best = {"epoch": 3, "val_mean_iou": 0.5, "val_pixel_accuracy": 0.9}
+    storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 4})
+    untrained_card().write(out)
+    storage.mark_success(out, {"model_id": untrained_card().model_id})
+    folder = RunFolder.read(run)
+    assert (folder.checkpoints, folder.has_record, folder.record) == (["checkpoint_000000"], True, first)
+    # Both judge what was read: neither reads the run folder again (it is gone since).
+    storage.remove_tree(run)
+    done = finished_run(out, "train", folder)
+    assert done is not None and done.already_trained
+    check_resumable(run, first, "out", finished=True, folder=folder)
+    with pytest.raises(ConfigError, match=r"finished training run with other training options \(epochs 10 there, 40"):
+        check_resumable(run, identity(epochs=40), "out", finished=True, folder=folder)
+    assert finished_run(out, "train") is None  # read now: no checkpoint left
+    # A record that cannot be read, beside a checkpoint: no finished run, and another run's (refused).
+    (tmp_path / "out" / "train" / "checkpoint_000001").mkdir(parents=True)
+    storage.write_bytes(run.child(RUN_IDENTITY), b"{not json")
+    folder = RunFolder.read(run)
+    assert folder.has_record and folder.record is None
+    assert finished_run(out, "train", folder) is None
+    with pytest.raises(ConfigError, match=r"^out: holds a training run on another .*--no-resume to start over"):
+        check_resumable(run, first, "out", folder=folder)
+
+
 def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_path):
     """The run record held neither the augmentation, the seed nor the mixed precision: a re-run with other
     ones went on from the checkpoint silently, two runs in one history and card (and floats were compared to

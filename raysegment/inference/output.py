@@ -664,15 +664,11 @@ def read_summary(output: storage.Location, path: str, columns: list[str] | None 
 
 
 def _schema_names(output: storage.Location, path: str) -> list[str] | None:
-    """A Parquet file's column names, or None if its footer cannot be read (then it is damaged)."""
-
-    def read() -> list[str]:
-        with output.fs.open(path, "rb") as f:  # the footer only
-            return pq.read_schema(f).names
-
+    """A Parquet file's column names (`_footer_schema`), or None if its footer cannot be read (damaged, gone
+    since, storage failing): then the caller's own error stands."""
     try:
-        return storage.call(output, read)
-    except (pa.ArrowException, OSError, StorageError):
+        return _footer_schema(output, path).names
+    except (DataError, StorageError, SummariesChanged):
         return None
 
 
@@ -684,9 +680,10 @@ def _footer_size(data: bytes) -> int:
     return int.from_bytes(data[-8:-4], "little") + 8 if len(data) >= 8 else 0
 
 
-def _summary_schema(output: storage.Location, path: str) -> pa.Schema:
-    """A summary file's schema from its footer alone, read by range (damaged, not a summary, SummariesChanged:
-    as `read_summary`). Fetched under the storage deadline, parsed after: a damaged file is no storage failure."""
+def _footer_schema(output: storage.Location, path: str) -> pa.Schema:
+    """A summary file's schema from its footer alone, read by range (the one reader of summary footers): a
+    damaged file (cut short, not Parquet) is a DataError naming it, one gone since it was listed SummariesChanged.
+    Fetched under the storage deadline, parsed after: a damaged file is no storage failure."""
 
     def tail() -> bytes:
         with output.fs.open(path, "rb") as f:
@@ -708,6 +705,12 @@ def _summary_schema(output: storage.Location, path: str) -> pa.Schema:
         schema = pq.read_schema(io.BytesIO(b"PAR1" + data[-need:]))  # the footer, as a file of nothing else
     except (pa.ArrowException, OSError) as exc:
         raise storage.damaged_parquet(output, path, exc, DAMAGED_SUMMARY) from exc
+    return schema
+
+
+def _summary_schema(output: storage.Location, path: str) -> pa.Schema:
+    """A summary file's schema (`_footer_schema`; damaged, not a summary, SummariesChanged: as `read_summary`)."""
+    schema = _footer_schema(output, path)
     if not {"key", "status"} <= set(schema.names):
         raise _not_a_summary(output, path, schema.names)
     return schema

@@ -162,8 +162,9 @@ def train(spec: TrainSpec) -> TrainResult:
     cfg = dataclasses.replace(cfg, model=cfg.model.ship_weights())
     identity = run_identity(cfg, manifest.content_hash, spec, rare_classes(manifest))
     if spec.resume:
-        finished = finished_run(out, spec.name)
-        check_resumable(out.child(spec.name), identity, spec.out, cfg.model.encoder_weights, finished is not None)
+        folder = RunFolder.read(out.child(spec.name))  # read once, for both
+        finished = finished_run(out, spec.name, folder)
+        check_resumable(folder.run_dir, identity, spec.out, cfg.model.encoder_weights, finished is not None, folder)
         if finished is not None:
             return finished  # trained with these options already: model.keras (its model_id) stays as it is
     # The MLflow run (with --mlflow-uri) exists from here, before OUT changes (a store that refuses it is a
@@ -193,22 +194,46 @@ def train(spec: TrainSpec) -> TrainResult:
     return summary if run is None else dataclasses.replace(summary, mlflow_run_id=run.run_id)
 
 
-def finished_run(out: storage.Location, name: str) -> TrainResult | None:
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """OUT's run folder as train finds it, read once at start-up for `finished_run` and `check_resumable`: its
+    checkpoint_* folders (`_checkpoint_dirs`) and its record (RUN_IDENTITY) of what they were trained on."""
+
+    run_dir: storage.Location
+    checkpoints: list[str]
+    has_record: bool = False  # RUN_IDENTITY is there (only looked for beside a checkpoint: alone it is no run)
+    record: Any = None  # its JSON; None when there is none or it cannot be read
+
+    @classmethod
+    def read(cls, run_dir: storage.Location) -> RunFolder:
+        checkpoints = _checkpoint_dirs(run_dir)
+        loc = run_dir.child(RUN_IDENTITY)
+        if not (checkpoints and storage.exists(loc)):
+            return cls(run_dir, checkpoints)
+        try:
+            return cls(run_dir, checkpoints, True, storage.read_json(loc))
+        except StorageError:
+            return cls(run_dir, checkpoints, True)
+
+
+def finished_run(out: storage.Location, name: str, folder: RunFolder | None = None) -> TrainResult | None:
     """What a finished run in OUT recorded (its card and metrics, as `train` returns them, `already_trained`),
-    or None: a run is finished when OUT has its _SUCCESS (train removes it first) and the run's checkpoints."""
+    or None: a run is finished when OUT has its _SUCCESS (train removes it first) and the run's checkpoints.
+    `folder`: the run folder as already read (`RunFolder`), else it is read here."""
     try:
         # Read, not listed: a listing cached before the marker went (s3fs's) would still show it.
         success = storage.read_json(out.child(storage.SUCCESS))
         metrics = storage.read_json(out.child(METRICS_FILE))
         card = ModelCard.model_validate(storage.read_json(out.child(CARD_FILE)))
         _ = (metrics["best"]["epoch"], metrics["best"]["val_mean_iou"], metrics["epochs_run"])
-        if success["model_id"] != card.model_id or not _checkpoint_dirs(out.child(name)):
+        folder = RunFolder.read(out.child(name)) if folder is None else folder
+        if success["model_id"] != card.model_id or not folder.checkpoints:
             return None
         # Only a run that recorded its training options can show that it had these: a record without them (or
         # none) would call any options "the same"; such a run is resumed, as before. One recorded before some
         # of them (the augmentation, seed, precision) is kept when those it has are this run's
         # (`check_resumable`, as it resumes): it was "already trained" under the release that wrote it.
-        if not isinstance(storage.read_json(out.child(name, RUN_IDENTITY))["training"], dict):
+        if not (isinstance(folder.record, dict) and isinstance(folder.record.get("training"), dict)):
             return None
     except (StorageError, OSError, KeyError, TypeError, ValueError):
         return None  # no _SUCCESS (stopped, or training now), or not what train writes: train (over it)
@@ -435,9 +460,11 @@ def check_resumable(
     out_uri: str,
     weights_path: str | None = None,
     finished: bool = False,
+    folder: RunFolder | None = None,
 ) -> None:
     """Refuse to resume checkpoints of another data set, network or training options, before anything in
-    OUT is touched; `finished`: the run in OUT finished (`finished_run`), so it is not resumed but kept.
+    OUT is touched; `finished`: the run in OUT finished (`finished_run`), so it is not resumed but kept;
+    `folder`: the run folder as already read (`RunFolder`), else it is read here.
 
     Ray Train resumes whatever checkpoint the run folder holds: another data set's was taken up at
     its last epoch and written out as a model of this one, and another network's failed to load with
@@ -447,13 +474,10 @@ def check_resumable(
     this record are resumed (or kept) as they were (a version-1 record, without training options or some of
     them, takes this run's for those: `_as_recorded_now`), and a record without a checkpoint beside it (a run
     stopped before its first) refuses nothing: there is nothing to resume."""
-    loc = run_dir.child(RUN_IDENTITY)
-    if not (storage.exists(loc) and _checkpoint_dirs(run_dir)):
+    folder = RunFolder.read(run_dir) if folder is None else folder
+    if not folder.has_record:  # none beside a checkpoint: nothing to resume
         return
-    try:
-        held = storage.read_json(loc)
-    except StorageError:
-        held = None
+    held = folder.record  # None: unreadable, a record of nothing this run can be
     version = held.get("record", 1) if isinstance(held, dict) else None
     if isinstance(held, dict):
         held = _as_recorded_now(held, identity, weights_path)
