@@ -267,7 +267,8 @@ def _stopped(
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print user-fixable errors as one line (exit 2; 3 for a failed job, with the log's path), no traceback.
+    """Print user-fixable errors as one line (exit 2; 3 for a failed job), no traceback; the log's path follows
+    for a failed job and for a user error raised after the command began on OUT (`logs.began`).
 
     Under `--json` (an `as_json` argument) the error is also the one JSON object on stdout. Ctrl-C exits 130
     and SIGTERM 143, each with one line (and object) saying the command stopped."""
@@ -295,7 +296,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                     print_json(_error_json(kind, exc, 1, s), s.results if s is not None else sys.stdout)
                 raise
             click.echo(f"error: {error_text(err)}", err=True)
-            if s is not None and err.exit_code not in (0, 2):
+            if s is not None and (err.exit_code not in (0, 2) or (err.exit_code == 2 and s.log.working)):
+                # A failed job's log, or a user error's once the command began on OUT (the log kept beside what
+                # it left). A refusal stays its one line: it wrote nothing, its log is in the temp folder.
                 click.echo(f"  log: {s.log_path}", err=True)
             if as_json:
                 print_json(_error_json(kind, err, err.exit_code, s), s.results if s is not None else sys.stdout)

@@ -35,7 +35,7 @@ import tempfile
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from raysegment import storage
+from raysegment import logs, storage
 from raysegment.data.imaging import PNG_SIGNATURE
 from raysegment.errors import ConfigError, DataError, JobError, StorageError, UserError
 from raysegment.models.card import (
@@ -220,6 +220,7 @@ def export(spec: ExportSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, FILE_NAMES[spec.format])
         note = _WRITERS[spec.format](model, segment, image, local, spec.model)
+        logs.began()  # converted: from here DEST changes, and a user error keeps the log in DEST/logs
         _replace(local, target)
     for fmt in stale:
         storage.remove_tree(dest.child(FILE_NAMES[fmt]))

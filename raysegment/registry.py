@@ -287,7 +287,7 @@ JOBS: dict[str, Job] = {
         Job("compact", CompactSpec, _compact, _compact_lines, _as_is, lambda s: s.output),
         Job("serve", ServeSpec, _serve, _serve_lines, _as_is, lambda s: None, min_cpus=serve_min_cpus),
         Job("import", ImportSpec, _import, _import_lines, _import_payload, lambda s: None, uses_ray=False),
-        Job("export", ExportSpec, _export, _export_lines, _as_is, lambda s: None, uses_ray=False),
+        Job("export", ExportSpec, _export, _export_lines, _as_is, lambda s: s.dest, uses_ray=False),
     )
 }
 # What `raysegment submit` and `python -m raysegment.entrypoints` accept, in help order.

@@ -22,7 +22,8 @@ class fractions and confidence are those of `infer`'s rows and files. The replic
 a thread, so /healthz answers during the load and /readyz says when it is done.
 
 The driver (`serve_until_stopped`, the `serve` job) checks the model card and its hash once, starts
-Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` and blocks until
+Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` (a stopped server's still
+there, its driver killed, is deleted first: `clear_stopped_app`) and blocks until
 SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then drains (`drain`): every replica refuses new
 requests (503 with Retry-After; /readyz 503) while it answers those in flight, counted by the replica
 itself (`Draining`, shown by its /readyz; the stop lines give the sum); once none is left, or at
@@ -252,21 +253,20 @@ def delete_app(app: str) -> None:
         pass
 
 
-def _deployed_at(app: str) -> float | None:
-    """When the app was last deployed; None when there is none (deleted, or Serve's controller gone with it)."""
+def _exists(app: str) -> bool:
+    """Whether Serve has the app (deleting included); not when Serve's controller is gone, the app with it."""
     try:
-        found = serve.status().applications.get(app)
+        return app in serve.status().applications
     except Exception:  # Serve's controller is gone: so is the app
-        return None
-    return None if found is None else found.last_deployed_time_s
+        return False
 
 
 def _delete_when_due(app: str, delete_at: float) -> None:
-    """A replica's guard (`Draining.stop_accepting`, in a thread): delete its app at `delete_at` (time.time()),
-    unless the app is gone or was deployed again since (a new `serve` of the same name)."""
-    deployed = _deployed_at(app)
+    """A replica's guard (`Draining.stop_accepting`, in a thread): delete its app at `delete_at` (time.time())
+    unless it is gone. Still there, it is this replica's: a new `serve` of the same name deletes a stopped
+    app and waits until its replicas, guards included, are gone before it deploys (`clear_stopped_app`)."""
     time.sleep(max(0.0, delete_at - time.time()))
-    if deployed is not None and _deployed_at(app) == deployed:
+    if _exists(app):
         delete_app(app)
 
 
@@ -285,12 +285,18 @@ class Draining:
         time (time.time()): a call that waited behind busy requests (it takes one of the replica's
         max_ongoing_requests) does not move it. A driver killed before it deletes the app (`ray job stop`
         SIGKILLs it 3 s after its SIGTERM) thus never leaves a server that refuses every request. Serve ends
-        the guard with the replica when the driver deletes it."""
+        the guard with the replica when the driver deletes it; a new `serve` of the app's name before the
+        deadline deletes it first, so the guard never outlives it (`clear_stopped_app`)."""
         if not self.draining:
             self.draining = True
             app = serve.get_replica_context().app_name
             threading.Thread(target=_delete_when_due, args=(app, delete_at), name="drain-guard", daemon=True).start()
         return self.in_flight
+
+    async def is_draining(self) -> bool:
+        """Whether this replica was told to stop (`stop_accepting`): asked by a new `serve` that finds the app
+        (`clear_stopped_app`)."""
+        return self.draining
 
 
 class Segmenter(Draining):
@@ -593,6 +599,7 @@ def deploy(spec: ServeSpec) -> Served:
     card = ModelCard.read(spec.model, spec.endpoint_url, verify_model=True, retry_s=loc.retry_s)
     _check_port(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})
+    clear_stopped_app(APP_NAME, spec.ready_timeout_s)
     app = serve.deployment(Segmenter, **deployment_options(spec)).bind(replica_config(spec, loc.retry_s))
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     try:
@@ -601,6 +608,57 @@ def deploy(spec: ServeSpec) -> Served:
         undeploy()
         raise
     return Served(url_of(spec), card.model_id, spec.replicas, card.tta(spec.tta_flip).record(), handle)
+
+
+# How long `clear_stopped_app` waits for the replicas of an app already there to say whether they were told to
+# stop (the call takes one of a replica's max_ongoing_requests: a busy one answers when a request ends).
+ASK_STOPPING_S = 5.0
+
+
+def clear_stopped_app(app: str, timeout_s: float) -> str | None:
+    """Before a new `serve` deploys `app`: when one is there that is not a live server (a replica says it was
+    told to stop, or did not say within ASK_STOPPING_S, or it is being deleted), delete it and wait, up to
+    `timeout_s`, until Serve has stopped its replicas; returns the line said, None when there was none to
+    clear. A stopped server's replicas each delete the app at their driver's deadline (`_delete_when_due`),
+    a driver killed before its delete; a replica with requests in flight outlives its app's replacement by
+    serve.run (up to its graceful_shutdown_timeout_s), so deployed over it, the new app would be deleted by
+    its guard. A live server's app is left to serve.run, which replaces it replica by replica."""
+    try:
+        found = serve.status().applications.get(app)
+    except Exception:  # Serve's controller is gone: so is the app
+        return None
+    if found is None:
+        return None
+    why = "was being deleted"
+    if found.status != "DELETING":
+        try:
+            handle = serve.get_app_handle(app)
+            answers = handle.broadcast("is_draining").results(timeout_s=ASK_STOPPING_S, return_exceptions=True)
+        except Exception as exc:  # no replica running (every one stopping or starting), or the app gone meanwhile
+            answers = [exc]
+        if answers and all(answer is False for answer in answers):
+            return None
+        unsure = f"a replica not answering in {ASK_STOPPING_S:g} s, or none running"
+        why = (
+            "was stopping, not yet deleted by its driver (killed, or still draining)"
+            if any(answer is True for answer in answers)
+            else f"did not say whether it was stopping ({unsure})"
+        )
+    said = (
+        f"serve: the app {app} of an earlier server {why}: deleted it first, waiting for its replicas to stop "
+        "(each after its requests in flight, within its --drain-timeout-s)"
+    )
+    progress.note(said)
+    delete_app(app)
+    deadline = time.monotonic() + timeout_s
+    while _exists(app):
+        if time.monotonic() > deadline:
+            raise JobError(
+                f"serve: the app {app} of an earlier server was still stopping after {timeout_s:g} s "
+                "(--ready-timeout-s); run serve again once `serve status` no longer lists it"
+            )
+        time.sleep(DRAIN_POLL_S)  # polling Serve's state, not driving it
+    return said
 
 
 def _wait_ready(handle: Any, timeout_s: float) -> None:
@@ -712,9 +770,9 @@ def drain(handle: Any, timeout_s: float, hurry: threading.Event | None = None) -
         last = now
     deleted = time.monotonic()
     delete_app(handle.app_name)
-    while _deployed_at(handle.app_name) is not None and time.monotonic() < stop_by and not hurry.is_set():
+    while _exists(handle.app_name) and time.monotonic() < stop_by and not hurry.is_set():
         hurry.wait(DRAIN_POLL_S)
-    gone, ended = _deployed_at(handle.app_name) is None, time.monotonic()
+    gone, ended = not _exists(handle.app_name), time.monotonic()
     drain_s = ended - started
     # Serve stops a replica before its graceful_shutdown_timeout_s (the drain timeout again, from the delete)
     # only once its requests are answered. Otherwise those in flight at the last count are cut off by the

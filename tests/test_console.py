@@ -416,21 +416,31 @@ def test_a_refused_command_writes_nothing_into_the_folder_it_was_given(tmp_path,
 
 
 @pytest.mark.parametrize("began", [False, True])
-def test_a_user_error_keeps_its_log_in_out_only_once_the_command_began_on_out(tmp_path, began):
-    """A refusal (exit 2 before any work) leaves OUT as it was; a user error after the command began on OUT
-    (a store gone mid-job, a checkpoint that cannot be restored) keeps its log in OUT/logs beside what the run
-    left, where the next engineer looks for it."""
-    from raysegment.console import session
+def test_a_user_error_keeps_its_log_in_out_only_once_the_command_began_on_out(tmp_path, capsys, began):
+    """A refusal (exit 2 before any work) leaves OUT as it was and is one line; a user error after the command
+    began on OUT (a store gone mid-job, a checkpoint that cannot be restored) keeps its log in OUT/logs beside
+    what the run left, where the next engineer looks for it, and the console names it (`prepare` refusing mask
+    values after it began left DEST/logs/... unnamed: only --json's log_file said where it was)."""
+    from raysegment import console
     from raysegment.errors import StorageError
 
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(StorageError), session("infer", str(out)) as s:
-        if began:
-            logs.began()
-        raise StorageError(f"{out}: the store went away")
+
+    @console.handle_errors
+    def infer() -> None:
+        with console.session("infer", str(out)):
+            if began:
+                logs.began()
+            raise StorageError(f"{out}: the store went away")
+
+    with pytest.raises(SystemExit) as exited:
+        infer()
+    path = console._last.log_path
     kept = glob.glob(str(out / "logs" / "raysegment-infer-*.log"))
-    assert kept == ([s.log_path] if began else []) and os.path.exists(s.log_path)
+    assert exited.value.code == 2 and kept == ([path] if began else []) and os.path.exists(path)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error: ", "  log: "))]
+    assert err == [f"error: {out}: the store went away", *([f"  log: {path}"] if began else [])]
 
 
 def test_ctrl_c_exits_130_and_says_the_command_resumes(capsys):

@@ -555,7 +555,10 @@ def test_dest_inside_a_saved_model_folder_is_refused(tmp_path):
     from raysegment.export import export
 
     model = make_model_dir(str(tmp_path / "m"), image_size=32, depth=2, base_filters=4)
-    export(ExportSpec(model=model, dest=str(tmp_path / "exp"), format="saved_model"))
+    result = CliRunner().invoke(main, ["export", model, str(tmp_path / "exp"), "--format", "saved_model"])
+    # Its log lies in DEST/logs, as every command's beside its local output (export's stayed in $TMPDIR).
+    (log,) = (tmp_path / "exp" / "logs").glob("raysegment-export-*.log")
+    assert result.exit_code == 0 and f"  log        {log}" in result.output, result.output
     saved = tmp_path / "exp" / "saved_model"
     before = sorted(p.relative_to(saved) for p in saved.rglob("*"))
     os.symlink(saved, tmp_path / "link")
@@ -566,3 +569,4 @@ def test_dest_inside_a_saved_model_folder_is_refused(tmp_path):
     assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before
     result = CliRunner().invoke(main, ["export", model, str(saved), "--format", "tflite"])
     assert result.exit_code == 2 and result.output.count("DEST is inside the SavedModel folder") == 1
+    assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before  # a refusal's log is not in DEST

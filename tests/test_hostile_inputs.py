@@ -18,9 +18,11 @@ import unicodedata
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from helpers import png, summaries
 
 from raysegment import nightly, storage
+from raysegment.cli import main
 from raysegment.config import InferSpec, NightlySpec, load_spec
 from raysegment.errors import ConfigError, DataError, JobError, StorageError
 from raysegment.inference.pipeline import infer
@@ -350,6 +352,16 @@ def test_a_folder_without_images_is_one_error(tiny_model, tmp_path):
         with pytest.raises(DataError, match="no files ending in .png, .jpg.* nothing to infer"):
             infer(InferSpec(model=model, input=str(tmp_path / name), output=str(tmp_path / f"out-{name}")))
         assert not (tmp_path / f"out-{name}" / "_SUCCESS").exists()
+    # Refused before OUTPUT changes: an OUTPUT a run completed kept neither its _SUCCESS nor, under --overwrite,
+    # its masks, and the refusal's log landed in OUTPUT/logs (README: exit 2 before it began writes nothing).
+    done = tmp_path / "done"
+    storage.mark_success(storage.resolve(str(done)), {"run_id": "earlier"})
+    (done / "masks").mkdir()
+    (done / "masks" / "a.png").write_bytes(png(0))
+    for flags in ([], ["--overwrite"], ["--retry-errors"]):
+        r = CliRunner().invoke(main, ["infer", model, str(tmp_path / "empty"), str(done), *flags])
+        assert r.exit_code == 2 and "nothing to infer" in r.output and "log:" not in r.output, r.output
+        assert sorted(os.listdir(done)) == ["_SUCCESS", "masks"] and os.listdir(done / "masks") == ["a.png"]
     # Archives without an image member are read by tasks: the run fails at its end, not "0 images, ok".
     (tmp_path / "tars").mkdir()
     with tarfile.open(tmp_path / "tars" / "notes.tar", "w") as tar:

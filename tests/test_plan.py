@@ -159,8 +159,12 @@ def test_intensities_of_data_in_0_1_print_with_significant_digits():
     )
     line = next(x for x in format_fingerprint(unit, ["a", "b"]) if x.strip().startswith("intensity R"))
     assert "mean 0.093, std 0.201, p0.5 -0.13, p50 0.016, p99.5 0.6" in line
+    # 16-bit counts: whole numbers, as the README says (they printed 8035.3 and 11880.3, six digits, under
+    # "four significant digits"); below 1000 four significant digits, never an exponent.
     counts = dataclasses.replace(unit, intensity={k: [31872.6] * 3 for k in unit.intensity})
-    assert "mean 31872.6" in format_fingerprint(counts, ["a", "b"])[3]
+    assert "mean 31873, std 31873" in format_fingerprint(counts, ["a", "b"])[3]
+    grey = dataclasses.replace(unit, intensity={"mean": [8035.3] * 3, "p99.5": [11880.3] * 3, "std": [714.1] * 3})
+    assert "mean 8035, p99.5 11880, std 714.1" in format_fingerprint(grey, ["a", "b"])[3]
     assert "mean 120.5" in format_fingerprint(dataclasses.replace(unit, intensity={"mean": [120.5] * 3}), ["a", "b"])[3]
 
 

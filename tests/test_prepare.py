@@ -66,9 +66,10 @@ def test_prepare_reports_bad_pairs_and_writes_nothing(ray_cluster, tmp_path):
         ("00003", f"dangling symlink {tmp_path}/src/masks/00003.png -> {tmp_path}/gone.png"),
     ]:
         assert f"{key}: {problem}" in msg
-    assert "3 invalid pairs, 1 image without a mask, 1 mask without an image, nothing written" in msg
+    # SOURCE holds the bad files (DEST, empty, was named first)
+    assert msg.startswith(f"{src}: 3 invalid pairs, 1 image without a mask, 1 mask without an image, nothing written")
     assert not (tmp_path / "data" / "manifest.json").exists()
-    assert not (tmp_path / "data" / "shards").exists() or not os.listdir(tmp_path / "data" / "shards")
+    assert not (tmp_path / "data" / "shards").exists()
 
 
 def test_prepare_class_ids_out_of_range(ray_cluster, tmp_path):
@@ -127,7 +128,7 @@ def test_skip_invalid_writes_good_pairs_and_records_the_rest(ray_cluster, tmp_pa
     assert keys == {"00005", "00006", "00007"}
     assert manifest.counts.total == 3
     # Only shards the manifest lists exist: the ones whose pairs were all bad were never committed.
-    assert sorted(os.listdir(data / "shards")) == sorted(s.path.split("/")[1] for s in manifest.shards)
+    assert _files(data / "shards") == sorted(s.path for s in manifest.shards)
     from raysegment.data.info import format_manifest
 
     shown = format_manifest(str(data), manifest)  # data-info names each skipped pair (it gave only the count)
@@ -182,19 +183,118 @@ def test_invalid_report_names_20_problems_and_the_count_of_the_rest():
     assert "k19: problem 19" in msg and "k20" not in msg
 
 
+def _files(folder) -> list[str]:
+    """Every file below folder, as paths relative to the data set (`shards/...`), sorted."""
+    root = folder.parent
+    return sorted(str(p.relative_to(root)) for p in folder.rglob("*") if p.is_file())
+
+
+def _intact(data, manifest) -> None:
+    """The data set at `data` is `manifest`'s, whole: its manifest reads, each shard it lists is there with
+    its size and hash, and shards/ holds nothing else."""
+    _, again = read_manifest(str(data))
+    assert again == manifest
+    for shard in manifest.shards:
+        content = (data / shard.path).read_bytes()
+        assert len(content) == shard.bytes and hashlib.sha256(content).hexdigest() == shard.sha256
+    assert _files(data / "shards") == sorted(s.path for s in manifest.shards)
+
+
 def test_overwrite_replaces_shards_and_manifest(ray_cluster, tmp_path):
     src = write_source(str(tmp_path / "src"), count=12)
     data = tmp_path / "data"
     first = prepare(PrepareSpec(source=src, dest=str(data), shard_size_mb=0.005))
     assert len(first.shards) > 2
+    (generation,) = {s.path.split("/")[1] for s in first.shards}  # each run writes shards/<generation>/
+    assert all(s.path == f"shards/{generation}/{s.split}-{s.path[-13:-8]}.parquet" for s in first.shards)
     second = prepare(PrepareSpec(source=src, dest=str(data), overwrite=True, val_keys="00003,00004"))
     assert second.counts.to_json() == {"train": 10, "val": 2} and len(second.shards) == 2
-    assert sorted(os.listdir(data / "shards")) == ["train-00000.parquet", "val-00000.parquet"]
-    # A failed rewrite leaves no data set behind: the old manifest went first, the new one never came.
-    os.remove(tmp_path / "src" / "masks" / "00000.png")
-    with pytest.raises(DataError, match="1 image without a mask"):
-        prepare(PrepareSpec(source=src, dest=str(data), overwrite=True))
-    assert not (data / "manifest.json").exists()
+    new = second.shards[0].path.split("/")[1]
+    assert new != generation and not (data / "shards" / generation).exists()  # the old generation is removed
+    assert _files(data / "shards") == [f"shards/{new}/train-00000.parquet", f"shards/{new}/val-00000.parquet"]
+    _intact(data, second)
+
+
+def test_a_failed_overwrite_leaves_the_old_data_set_whole(ray_cluster, tmp_path):
+    """`prepare --overwrite` removed the data set at DEST before its shard tasks found a bad pair in the new
+    SOURCE, then said "nothing written": a re-prepare with one wrong mask lost the data set."""
+    from raysegment.data.info import describe
+
+    good = write_source(str(tmp_path / "good"), count=10)
+    data = tmp_path / "data"
+    old = prepare(PrepareSpec(source=good, dest=str(data), num_classes=4, shard_size_mb=0.005))
+    manifest_bytes = (data / "manifest.json").read_bytes()
+    bad = write_source(str(tmp_path / "bad"), count=10)
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(tmp_path / "bad" / "masks" / "00005.png")
+    with pytest.raises(DataError) as err:
+        prepare(PrepareSpec(source=bad, dest=str(data), num_classes=4, overwrite=True, shard_size_mb=0.005))
+    # SOURCE named (not DEST), and one pair is "1 invalid pair"
+    assert str(err.value).startswith(f"{bad}: 1 invalid pair, nothing written: 00005: class ids out of range 0..3")
+    assert (data / "manifest.json").read_bytes() == manifest_bytes
+    _intact(data, old)  # the failed run's own shards are removed, the old ones all kept
+    assert old.content_hash in describe(str(data))  # data-info reads it
+    # The same for a source refused as a whole, after its shards were written (no --num-classes: 7 is a value).
+    with pytest.raises(DataError, match=r"masks hold the values \[0, 1, 2, 3, 7\], which are not class ids"):
+        prepare(PrepareSpec(source=bad, dest=str(data), overwrite=True, shard_size_mb=0.005))
+    assert (data / "manifest.json").read_bytes() == manifest_bytes
+    _intact(data, old)
+
+
+def test_a_data_set_of_an_earlier_release_is_read_and_cleaned_up_by_overwrite(ray_cluster, tmp_path):
+    """Earlier releases wrote shards directly under shards/: such a data set still reads, and an --overwrite
+    removes its shards (and strays of killed runs) once the new manifest is written."""
+    from raysegment.data.pipeline import read_split
+
+    src = write_source(str(tmp_path / "src"), count=8)
+    data = tmp_path / "data"
+    made = prepare(PrepareSpec(source=src, dest=str(data), val_keys="00001,00002"))
+    flat = []
+    for shard in made.shards:  # as an earlier release laid it out
+        name = shard.path.split("/")[-1]
+        os.rename(data / shard.path, data / "shards" / name)
+        flat.append(dataclasses.replace(shard, path=f"shards/{name}"))
+    os.rmdir(data / made.shards[0].path.rsplit("/", 1)[0])
+    earlier = dataclasses.replace(made, shards=tuple(flat))
+    write_manifest(storage.resolve(str(data)), earlier)
+    os.makedirs(data / "shards" / "20200101T000000Z-dead00")  # a killed run's strays
+    (data / "shards" / "20200101T000000Z-dead00" / ".tmp-0123").write_bytes(b"partial")
+    loc, manifest = read_manifest(str(data))
+    assert manifest.content_hash == made.content_hash
+    assert read_split(loc, manifest, "val").count() == 2 and read_split(loc, manifest, "train").count() == 6
+    again = prepare(PrepareSpec(source=src, dest=str(data), val_keys="00001,00002", overwrite=True))
+    assert again.content_hash == made.content_hash  # the same shards: the hash is over their bytes, not paths
+    _intact(data, again)  # the flat shards and the strays are gone
+
+
+def test_bench_baseline_reads_the_shards_the_manifest_lists(ray_cluster, tmp_path):
+    """The plain-Keras baseline listed shards/ for train-*.parquet itself: it found none in a generation folder."""
+    from raysegment.bench.train import _load_encoded
+
+    data = tmp_path / "data"
+    made = prepare(PrepareSpec(source=write_source(str(tmp_path / "src"), count=6), dest=str(data), val_keys="00001"))
+    images, masks = _load_encoded(str(data))
+    assert len(images) == len(masks) == made.counts.train == 5
+
+
+def test_progress_does_not_say_invalid_0_of_pairs_refused_for_their_mask_values(ray_cluster, tmp_path):
+    """0/255 masks without --mask-values: the last progress line said `invalid 0`, then every pair was refused."""
+    from raysegment import progress
+
+    src = write_source(str(tmp_path / "src"), count=5)
+    for name in os.listdir(tmp_path / "src" / "masks"):
+        Image.fromarray(np.where(np.eye(32, dtype=bool), 255, 0).astype(np.uint8)).save(
+            tmp_path / "src" / "masks" / name
+        )
+    out = io.StringIO()
+    progress.configure(progress.LINES, interval_s=3600, stream=out)
+    try:
+        with pytest.raises(DataError, match=r"masks hold the values \[0, 255\], which are not class ids"):
+            prepare(PrepareSpec(source=src, dest=str(tmp_path / "data")))
+    finally:
+        progress.configure(progress.OFF)
+    (line,) = [line for line in out.getvalue().splitlines() if " prepare  " in line]
+    assert "5/5 pairs" in line and line.endswith("invalid 5"), line
+    assert not (tmp_path / "data" / "shards").exists()
 
 
 @pytest.mark.s3
@@ -226,6 +326,11 @@ def test_prepare_s3_to_s3(ray_cluster, s3_prefix, tmp_path):
     from raysegment.data.pipeline import read_split
 
     assert read_split(loc, manifest, "val").count() == 2
+    # An --overwrite on S3 removes the previous generation's objects, and an earlier release's flat shards.
+    storage.write_bytes(loc.child("shards", "train-00000.parquet"), b"an earlier release's shard")
+    again = prepare(PrepareSpec(source=source.uri, dest=dest, overwrite=True, val_keys=f"{source.uri}/val.txt"))
+    listed = [loc.child(s.path).path for s in again.shards]
+    assert storage.parquet_files(loc.child("shards")) == sorted(listed) and len(listed) == 2
 
 
 def test_bench_prepare_reports_memory_and_throughput(ray_cluster, tmp_path):

@@ -490,6 +490,68 @@ def test_a_stop_ends_by_one_deadline_and_replicas_delete_an_orphaned_app(server)
         wait_for(lambda: not {"drain-held", "drain-orphan"} & set(serve.status().applications), "gone", timeout=30)
 
 
+def test_a_stopped_servers_app_is_deleted_before_a_new_serve_so_its_guard_spares_the_new_one(server):
+    """A driver killed after its stop leaves replicas that delete the app at its deadline unless the app "was
+    deployed again since", judged by Serve's last_deployed_time_s, which serve.run of the same name never
+    changes: a new `serve` before that deadline, over a replica kept alive by a request in flight (up to its
+    graceful_shutdown_timeout_s after its replacement), was deleted by that replica's guard. Now the new
+    `serve` deletes a stopped app and waits until its replicas, guards with them, are gone before it deploys
+    (`clear_stopped_app`); a live app is left to serve.run. `Draining` is Segmenter's side; no model here."""
+    import asyncio
+
+    from ray import serve
+
+    from raysegment.serve import Draining, clear_stopped_app
+
+    @serve.deployment(
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.25
+    )
+    class Server(Draining):
+        def __init__(self, generation: int) -> None:
+            super().__init__()
+            self.generation = generation
+
+        async def hold(self) -> None:  # a request in flight that never ends: Serve kills the replica at 2 s
+            self.in_flight += 1
+            await asyncio.Event().wait()
+
+        async def state(self) -> tuple[int, int, int]:
+            return self.generation, os.getpid(), self.in_flight
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    app = "drain-restarted"
+    stopped = serve.run(Server.bind(1), name=app, route_prefix=None)
+    request = stopped.hold.remote()
+    try:
+        wait_for(lambda: stopped.state.remote().result(timeout_s=10)[2] == 1, "the request held")
+        old_pid = stopped.state.remote().result(timeout_s=10)[1]
+        # Its driver is killed here; its replica deletes the app in 1 s unless it is gone; deleted, it lives 2 s more.
+        delete_at = time.time() + 1.0
+        assert stopped.broadcast("stop_accepting", delete_at).results(timeout_s=10) == [1]
+        said = clear_stopped_app(app, 30)  # a new `serve`, before the deadline
+        assert (
+            said and "was stopping, not yet deleted by its driver (killed, or still draining): deleted it first" in said
+        ), said
+        assert app not in serve.status().applications  # gone before the new deploy
+        new = serve.run(Server.bind(2), name=app, route_prefix=None)
+        wait_for(lambda: not alive(old_pid), "the stopped replica ended, its guard with it", timeout=30)
+        assert time.time() > delete_at  # the stopped server's deadline has passed: its guard spared the new app
+        assert serve.status().applications[app].status == "RUNNING"
+        assert new.state.remote().result(timeout_s=10)[0] == 2
+        assert clear_stopped_app(app, 30) is None  # a live server: left to serve.run (replaced replica by replica)
+        assert serve.status().applications[app].status == "RUNNING"
+    finally:
+        request.cancel()
+        serve.delete(app, _blocking=False)
+        wait_for(lambda: app not in serve.status().applications, "gone", timeout=30)
+
+
 def test_a_stop_with_every_replica_slot_busy_says_so_at_once_and_keeps_its_deadline(server, tmp_path):
     """The replicas are told to stop by a call that takes one of their max_ongoing_requests: with every slot
     busy (slow uploads, --body-timeout-s over the drain timeout) it waits in the replica's queue. The driver

@@ -207,15 +207,18 @@ def baseline_dataset(
 
 
 def _load_encoded(data_dir: str) -> tuple[list[bytes], list[bytes]]:
-    """The train split's encoded images and masks, as a plain script would read its files."""
+    """The train split's encoded images and masks, as a plain script would read its files: the shards the
+    manifest lists (`shards/` may hold others: a previous generation's, while an --overwrite runs)."""
     import pyarrow.parquet as pq
 
+    from raysegment.data.manifest import read_manifest
+
+    _, manifest = read_manifest(data_dir)
     images, masks = [], []
-    for shard in sorted(os.listdir(os.path.join(data_dir, "shards"))):
-        if shard.startswith("train-"):
-            table = pq.read_table(os.path.join(data_dir, "shards", shard), columns=["image", "mask"])
-            images += table.column("image").to_pylist()
-            masks += table.column("mask").to_pylist()
+    for shard in manifest.split_shards("train"):
+        table = pq.read_table(os.path.join(data_dir, shard.path), columns=["image", "mask"])
+        images += table.column("image").to_pylist()
+        masks += table.column("mask").to_pylist()
     return images, masks
 
 

@@ -283,9 +283,9 @@ def _intensity(sampled: list[list[float]]) -> dict[str, list[float]]:
 
 
 def _stat(value: float) -> str:
-    """An intensity statistic with four significant digits (0.1234 for data in 0..1, 120.5 for 8-bit
-    values), and no exponent for counts up to 65535 (31872.6)."""
-    return f"{value:.1f}" if abs(value) >= 1000 else f"{value:.4g}"
+    """An intensity statistic with four significant digits below 1000 (0.1234 for data in 0..1, 120.5 for 8-bit
+    values), a whole number from 1000 up (8035 and 31873 for 16-bit counts, without an exponent)."""
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def format_fingerprint(fp: Fingerprint, class_names: list[str]) -> list[str]:

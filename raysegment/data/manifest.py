@@ -51,7 +51,7 @@ assert tuple(f.name for f in fields(Counts)) == SPLITS, "Counts has one field pe
 class Shard:
     """One Parquet shard, as prepare wrote it (readers check its size and rows before trusting it)."""
 
-    path: str  # relative to the data set: shards/{split}-NNNNN.parquet
+    path: str  # relative to the data set: shards/{generation}/{split}-NNNNN.parquet (earlier: shards/{split}-...)
     split: str
     rows: int
     bytes: int

@@ -12,16 +12,23 @@ and histogram must come back to the driver; Ray Data's writers name files by
 uuid and have no side channel for per-file statistics.
 
 The manifest is written last and is the commit: readers open only the shards it
-lists, and an old manifest is removed before anything is rewritten. Each shard
-appears whole (rename locally, one upload on S3).
+lists. Each run writes its shards into a folder of its own, `shards/<generation>/`,
+so a data set being rewritten (--overwrite) stays whole and readable until the new
+manifest replaces the old one; only then is the rest of `shards/` (the previous
+generation, shards an earlier release wrote directly under `shards/`, strays of a
+killed run) removed, and a run that fails removes only its own folder. Each shard
+appears whole (rename locally, one upload on S3); nothing is copied or renamed after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import posixpath
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -437,6 +444,43 @@ def _build_shard(
     return out
 
 
+def _generation() -> str:
+    """A new run's shard folder name below `shards/`: UTC time (sorts by age) + random hex (unique)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def _remove_generation(dest: storage.Location, generation: str) -> None:
+    """Remove one run's shards (a failed run's: the data set its manifest lists is untouched)."""
+    shards = dest.child("shards")
+    storage.remove_tree(shards.child(generation))
+    if not shards.remote:  # no empty shards/ left in a DEST that held no data set (S3 has no empty folders)
+        with contextlib.suppress(OSError):
+            os.rmdir(shards.path)
+
+
+def _remove_other_generations(dest: storage.Location, generation: str) -> None:
+    """After the commit: everything under `shards/` but this run's generation (the previous data set's
+    shards, flat ones of an earlier release, strays of killed runs). A failure leaves strays no manifest
+    lists, which the next --overwrite removes: a warning, not a failed prepare."""
+    shards = dest.child("shards")
+
+    def remove() -> None:
+        for entry in shards.fs.ls(shards.path, detail=False, refresh=True):
+            if posixpath.basename(entry.rstrip("/")) != generation:
+                shards.fs.rm(entry, recursive=True)
+
+    try:
+        storage.call(shards, remove)
+    except storage.StorageError as exc:
+        progress.warn(
+            log,
+            "prepare",
+            f"the data set is written, but the previous shards under {shards.uri} (not listed by the new "
+            f"manifest; all but {generation}/) could not be removed: {exc}; remove them, or the next "
+            "--overwrite does",
+        )
+
+
 # Keys named for a problem many pairs share.
 KEYS_PER_PROBLEM = 5
 
@@ -450,7 +494,7 @@ def _unpaired(problem: str) -> str:
 
 # The report's count of each: an image and a mask that paired with nothing are two files, not two pairs.
 INVALID_NOUNS: dict[str, Callable[[int], str]] = {
-    "pairs": lambda n: "invalid pairs",
+    "pairs": lambda n: "invalid pair" if n == 1 else "invalid pairs",
     "images": lambda n: "image without a mask" if n == 1 else "images without a mask",
     "masks": lambda n: "mask without an image" if n == 1 else "masks without an image",
 }
@@ -548,6 +592,11 @@ def _alpha_hint(sample: AlphaSample | None) -> str:
     )
 
 
+class MaskValuesError(DataError):
+    """The values the masks hold, all together, are no class ids 0..K-1 (and no mapping was given): every
+    pair is refused, not one of them."""
+
+
 def _check_class_values(uri: str, hist: np.ndarray, alpha: Callable[[], AlphaSample | None] = lambda: None) -> int:
     """The class count when masks hold raw values that are already 0..K-1; else a DataError listing them.
     `alpha`: the masks' transparency (`_alpha_sample`), read only for a hint when they give one class."""
@@ -558,24 +607,24 @@ def _check_class_values(uri: str, hist: np.ndarray, alpha: Callable[[], AlphaSam
     if len(present) <= 1 and (hint := _alpha_hint(alpha())):
         # Grey + alpha masks whose background is transparent: read as ignore, it left one value (or none).
         held = f"only the value {present[0]} and 255 (ignore)" if present else "only 255 (ignore)"
-        raise DataError(f"{uri}: masks hold {held}: one class, and segmentation needs at least two{hint}")
+        raise MaskValuesError(f"{uri}: masks hold {held}: one class, and segmentation needs at least two{hint}")
     if masks.looks_soft_binary(hist):
         # A few values in between may be classes (0/85/170/255); a fade of many is no class table.
         example = ",".join(f"{v}:{i}" for i, v in enumerate(found))
         classes_too = f"; or, if the values in between are classes, --mask-values {example}" if len(found) <= 8 else ""
-        raise DataError(
+        raise MaskValuesError(
             f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}; {masks.SOFT_HINT}"
             f"{classes_too}"
         )
     if len(found) <= 1:
         # One value (all background, one colour, or all ignore): no mapping makes two classes of it.
         held = f"only the value {present[0]}" if present else "only 255 (ignore)"
-        raise DataError(
+        raise MaskValuesError(
             f"{uri}: masks hold {held}: one class, and "
             "segmentation needs at least two; check that the masks are the right files, or, if the other "
             "classes are merely absent here, set --num-classes (or --class-names)"
         )
-    raise DataError(
+    raise MaskValuesError(
         f"{uri}: masks hold the values {found[:50]}{' ...' if len(found) > 50 else ''}, which are not class ids 0..K-1 "
         f"(255 = ignore) for K >= 2; map them with --mask-values, e.g. --mask-values {_mapping(found)}; "
         "or, if they are class ids and some classes are absent, set --num-classes"
@@ -594,19 +643,25 @@ def _run_shard_tasks(
     channels: imaging.Channels = imaging.OWN,
     turned: list[str] | None = None,
     transparent: list[int] | None = None,
+    generation: str | None = None,
+    shown: progress.Stage | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Run the shard tasks, at most a few per CPU in flight; returns shard entries and each split's class
-    histogram.
+    histogram. The shards go to `DEST/shards/<generation>/` (a new generation when None), which a failure
+    removes.
 
     Invalid pairs, each task's fingerprint part, the keys EXIF turned and each task's count of transparent
-    pixels read as ignore are appended to the lists passed in."""
+    pixels read as ignore are appended to the lists passed in. `shown`: the caller's progress stage, left
+    open on success (the caller's checks may still refuse the pairs); without it the tasks' own, closed."""
+    generation = generation or _generation()
     max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     counters: dict[str, int] = {}
     pending: list[ray.ObjectRef] = []
     shards: list[dict[str, Any]] = []
     hists = {split: np.zeros(256, np.int64) for split in SPLITS}
     done_pairs, last_log = 0, time.time()
-    shown = progress.stage("prepare", sum(len(group) for _, group in plan), unit="pairs")
+    own_stage = shown is None
+    shown = shown or progress.stage("prepare", sum(len(group) for _, group in plan), unit="pairs")
 
     def collect(refs: list[ray.ObjectRef]) -> None:
         nonlocal done_pairs
@@ -638,7 +693,7 @@ def _run_shard_tasks(
                 _build_shard.remote(
                     listing.root or source,
                     dest,
-                    f"{split}-{idx:05d}.parquet",
+                    f"{generation}/{split}-{idx:05d}.parquet",
                     split,
                     group,
                     listing.lut,
@@ -650,12 +705,13 @@ def _run_shard_tasks(
             )
         collect(pending)
         pending = []
-        shown.close()
+        if own_stage:
+            shown.close()
     except BaseException:
         shown.close(stopped=True)  # its line says so, and its heartbeat stops before the cleanup
         for ref in pending:
             ray.cancel(ref)
-        storage.remove_tree(dest.child("shards"))
+        _remove_generation(dest, generation)
         raise
     return sorted(shards, key=lambda s: s["path"]), hists
 
@@ -716,15 +772,11 @@ def _list_pairs(spec: PrepareSpec, source: storage.Location) -> tuple[Listing, m
     return listing, encoding, pairs, split_source
 
 
-def _clear_destination(spec: PrepareSpec, dest: storage.Location) -> None:
-    """Remove an old data set at DEST (manifest first) if --overwrite allows."""
-    manifest_loc = dest.child(MANIFEST)
-    if storage.exists(manifest_loc):
-        if not spec.overwrite:
-            raise DataError(f"{dest.uri}: a data set already exists here; pass --overwrite or choose another DEST")
-        # The manifest goes first so no reader trusts a data set while it is being replaced.
-        storage.remove_tree(manifest_loc)
-    storage.remove_tree(dest.child("shards"))
+def _check_destination(spec: PrepareSpec, dest: storage.Location) -> None:
+    """Refuse a DEST that holds a data set unless --overwrite; nothing is removed here: the data set stays
+    whole and readable until the new manifest replaces it (`_remove_other_generations` follows the commit)."""
+    if storage.exists(dest.child(MANIFEST)) and not spec.overwrite:
+        raise DataError(f"{dest.uri}: a data set already exists here; pass --overwrite or choose another DEST")
     storage.check_writable(dest)
 
 
@@ -850,7 +902,7 @@ def prepare(spec: PrepareSpec) -> Manifest:
     dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
     storage.check_readable(source)
     listing, encoding, pairs, split_source = _list_pairs(spec, source)
-    _clear_destination(spec, dest)
+    _check_destination(spec, dest)
     logs.began()
 
     invalid = [Invalid(p.key, Problem(p.problem)) for p in pairs if p.problem]
@@ -860,57 +912,86 @@ def prepare(spec: PrepareSpec) -> Manifest:
     picked = imaging.Channels(tuple(spec.bands), None) if spec.bands else imaging.OWN
     turned: list[str] = []
     transparent: list[int] = []
-    shards, hists = _run_shard_tasks(
-        source, dest, plan, listing, encoding, spec.skip_invalid, invalid, fingerprints, picked, turned, transparent
-    )
-    hist = sum(hists.values())
-    invalid.sort(key=lambda i: i.key)
+    # This run's shards go to a folder of their own: an old data set at DEST stays whole until the commit.
+    generation = _generation()
+    # Closed here, after the checks of the whole set: its last line must not say "invalid 0" of pairs the
+    # checks then refuse.
+    shown = progress.stage("prepare", sum(len(group) for _, group in plan), unit="pairs")
     try:
+        shards, hists = _run_shard_tasks(
+            source,
+            dest,
+            plan,
+            listing,
+            encoding,
+            spec.skip_invalid,
+            invalid,
+            fingerprints,
+            picked,
+            turned,
+            transparent,
+            generation=generation,
+            shown=shown,
+        )
+        hist = sum(hists.values())
+        invalid.sort(key=lambda i: i.key)
         if invalid and not spec.skip_invalid:
             raw = [int(v) for v in np.nonzero(hist)[0]] if listing.lut is None else None
             mapped = None if listing.lut is None else {v for v, c in enumerate(listing.lut) if c >= 0}
-            raise DataError(_invalid_report(dest.uri, invalid, raw, len(invalid) < len(pairs), mapped))
+            raise DataError(_invalid_report(source.uri, invalid, raw, len(invalid) < len(pairs), mapped))
         if not shards:
             raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
         channels = _input_channels(source.uri, spec, fingerprints)
-        num_classes, names = _classes(spec, source, listing, hist, pairs)
-    except DataError:
-        storage.remove_tree(dest.child("shards"))  # nothing without a manifest may look like a data set
-        raise
-    if listing.palette is None and not (encoding.colors or encoding.threshold is not None or spec.mask_values):
-        listing = replace(listing, palette=_masks_palette(listing.root or source, pairs, num_classes))
-    manifest = _manifest(
-        spec,
-        listing,
-        split_source,
-        shards,
-        hists,
-        invalid,
-        num_classes,
-        names,
-        encoding,
-        channels,
-        len(turned),
-        sum(transparent),
-    )
-    warnings = classes.manifest_warnings(manifest)
-    for split, fix in (("val", no_val_fix), ("train", no_train_fix)):
-        if not manifest.counts.of(split) and any(p.split == split and not p.problem for p in pairs):
-            # Not said while listing: the split's pairs were all invalid, and --skip-invalid dropped them.
-            n = sum(p.split == split for p in pairs)
-            what = "its one pair was" if n == 1 else f"its {n} pairs were all"
-            warnings.append(
-                f"no pair is in the {split} split: {what} invalid and skipped ({split_source}); {fix(listing)}"
-            )
-    if turned:
-        warnings.append(exif_warning(sorted(turned)))
-    for warning in warnings:
-        progress.warn(log, "prepare", warning)
-    fingerprint = merge(fingerprints, num_classes, list(manifest.pixel_frequency or ()))
-    for warning in (fingerprint.mixed_depth, fingerprint.mixed_range):
-        if warning:
+        try:
+            num_classes, names = _classes(spec, source, listing, hist, pairs)
+        except MaskValuesError:
+            # The values of every mask together are no class ids: each pair is refused, as the line counts.
+            shown.close(invalid=len(invalid) + sum(s["rows"] for s in shards))
+            raise
+        shown.close()
+        if listing.palette is None and not (encoding.colors or encoding.threshold is not None or spec.mask_values):
+            listing = replace(listing, palette=_masks_palette(listing.root or source, pairs, num_classes))
+        manifest = _manifest(
+            spec,
+            listing,
+            split_source,
+            shards,
+            hists,
+            invalid,
+            num_classes,
+            names,
+            encoding,
+            channels,
+            len(turned),
+            sum(transparent),
+        )
+        warnings = classes.manifest_warnings(manifest)
+        for split, fix in (("val", no_val_fix), ("train", no_train_fix)):
+            if not manifest.counts.of(split) and any(p.split == split and not p.problem for p in pairs):
+                # Not said while listing: the split's pairs were all invalid, and --skip-invalid dropped them.
+                n = sum(p.split == split for p in pairs)
+                what = "its one pair was" if n == 1 else f"its {n} pairs were all"
+                warnings.append(
+                    f"no pair is in the {split} split: {what} invalid and skipped ({split_source}); {fix(listing)}"
+                )
+        if turned:
+            warnings.append(exif_warning(sorted(turned)))
+        for warning in warnings:
             progress.warn(log, "prepare", warning)
-    manifest = replace(manifest, fingerprint=fingerprint.to_json(), seconds=round(time.time() - t0, 2))
-    write_manifest(dest, manifest)
+        fingerprint = merge(fingerprints, num_classes, list(manifest.pixel_frequency or ()))
+        for warning in (fingerprint.mixed_depth, fingerprint.mixed_range):
+            if warning:
+                progress.warn(log, "prepare", warning)
+        manifest = replace(manifest, fingerprint=fingerprint.to_json(), seconds=round(time.time() - t0, 2))
+    except DataError:
+        shown.close()  # the pairs were all read; the error says why none is written
+        _remove_generation(dest, generation)  # the data set DEST held, if any, is untouched
+        raise
+    except BaseException:
+        shown.close(stopped=True)
+        _remove_generation(dest, generation)
+        raise
+    write_manifest(dest, manifest)  # the commit: the new data set replaces the old one whole
+    _remove_other_generations(dest, generation)
     log.info("prepared %s: %s, %d skipped", dest.uri, manifest.counts.to_json(), len(invalid))
     return manifest

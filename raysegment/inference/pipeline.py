@@ -64,7 +64,13 @@ RUN_LOCK_STALE_S = 1800
 
 def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
     run = plan(spec, held)
+    # INPUT is listed before OUTPUT changes: one without images is refused with OUTPUT as it was (its
+    # _SUCCESS and, under --overwrite, its results kept; the log stays out of it).
     kind, ds = list_inputs(run)
+    started = begin(run, held)
+    if started is not run:  # --retry-errors dropped error rows: their keys are inputs again
+        run = started
+        kind, ds = list_inputs(run)
     ds = write(run, predict(run, ds))
     record = verify(run, kind, *drain(run, ds))
     if spec.report and (record.counts.total or run.done):  # the report is of all of OUTPUT
@@ -77,8 +83,8 @@ def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
 
 
 def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
-    """Check model and locations, take OUTPUT's run lock (`held` keeps it for the run), clear or read what
-    earlier runs did, and start a run."""
+    """Check model and locations, take OUTPUT's run lock (`held` keeps it for the run) and read what earlier
+    runs did; nothing of OUTPUT changes yet (`begin`)."""
     started = time.time()
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     # Hashed here, once: a model.keras that is not the card's would stamp every row with a wrong hash.
@@ -92,10 +98,8 @@ def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
     lock = held.enter_context(
         RunLock(output.child(layout.RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT")
     )
-    if spec.overwrite:
-        logs.began()  # past the refusals, and OUT is cleared
-        layout.clear(output)
-    done = resume.build(output)
+    # --overwrite clears OUTPUT in `begin`: none of its keys is done then.
+    done = resume.DoneIndex() if spec.overwrite else resume.build(output)
     other = done.models - {card.model_sha256}
     if other:
         raise DataError(
@@ -104,21 +108,37 @@ def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
         )
     if done.rows:
         warn_of_changed_settings(output, spec, card)
-    logs.began()
-    if spec.retry_errors:
-        # The lock first: a compaction holding it refuses this run before _SUCCESS is touched.
-        with compact.rewrite_lock(output):
-            layout.mark_incomplete(output)
-            dropped = compact.drop_error_rows(output, held=True)
-        progress.note(f"infer: {dropped} error rows dropped from the summaries; the keys INPUT still lists are redone")
-        done = resume.build(output) if dropped else done
-    else:
-        layout.mark_incomplete(output)
     pool = actors.resolve(spec, ray.cluster_resources())
+    return Run(spec, card, output, layout.new_run_id(), done, _tally(done, held), pool, started, lock)
+
+
+def _tally(done: resume.DoneIndex, held: contextlib.ExitStack) -> Any:
+    """The run's count of inputs found done (None when none is); killed with the run."""
     skips = resume.start_tally() if done else None
     if skips is not None:
         held.callback(ray.kill, skips)
-    return Run(spec, card, output, layout.new_run_id(), done, skips, pool, started, lock)
+    return skips
+
+
+def begin(run: Run, held: contextlib.ExitStack) -> Run:
+    """Past the refusals (an INPUT without images the last): clear OUTPUT (--overwrite) or drop its error rows
+    (--retry-errors), and mark it incomplete. The run, with its index built again when rows were dropped."""
+    spec, output = run.spec, run.output
+    logs.began()  # from here OUTPUT changes: its logs/ keeps this command's log
+    if spec.overwrite:
+        layout.clear(output)
+    if not spec.retry_errors:
+        layout.mark_incomplete(output)
+        return run
+    # The lock first: a compaction holding it refuses this run before _SUCCESS is touched.
+    with compact.rewrite_lock(output):
+        layout.mark_incomplete(output)
+        dropped = compact.drop_error_rows(output, held=True)
+    progress.note(f"infer: {dropped} error rows dropped from the summaries; the keys INPUT still lists are redone")
+    if not dropped:
+        return run
+    done = resume.build(output)
+    return dataclasses.replace(run, done=done, skips=_tally(done, held))
 
 
 # Options whose change makes a resumed run's masks unlike the earlier ones' (the format, or the pixels).
