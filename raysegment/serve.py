@@ -22,8 +22,9 @@ class fractions and confidence are those of `infer`'s rows and files. The replic
 a thread, so /healthz answers during the load and /readyz says when it is done.
 
 The driver (`serve_until_stopped`, the `serve` job) checks the model card and its hash once, starts
-Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` (a stopped server's still
-there, its driver killed, is deleted first: `clear_stopped_app`) and blocks until
+Serve's proxy on HOST:PORT (loopback by default), deploys the app `raysegment` (one still there that is
+not a live server answering within 5 s, a stopped server's whose driver was killed or a busy one's, is
+deleted first: `clear_stopped_app`) and blocks until
 SIGINT/SIGTERM (`raysegment jobs stop ID` on a cluster), then drains (`drain`): every replica refuses new
 requests (503 with Retry-After; /readyz 503) while it answers those in flight, counted by the replica
 itself (`Draining`, shown by its /readyz; the stop lines give the sum); once none is left, or at
@@ -622,7 +623,11 @@ def clear_stopped_app(app: str, timeout_s: float) -> str | None:
     clear. A stopped server's replicas each delete the app at their driver's deadline (`_delete_when_due`),
     a driver killed before its delete; a replica with requests in flight outlives its app's replacement by
     serve.run (up to its graceful_shutdown_timeout_s), so deployed over it, the new app would be deleted by
-    its guard. A live server's app is left to serve.run, which replaces it replica by replica."""
+    its guard. A live server's app whose replicas all answer is left to serve.run, which replaces it replica by
+    replica; one with a replica that does not answer within ASK_STOPPING_S (every request slot busy, its router
+    not ready, a replica of a release without `is_draining`) is deleted too, its requests in flight answered
+    within its drain timeout and nothing served until the new app is ready: downtime for a server this
+    `serve` replaces anyway, rather than a new app that a stopped server's guard may delete."""
     try:
         found = serve.status().applications.get(app)
     except Exception:  # Serve's controller is gone: so is the app

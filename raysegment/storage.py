@@ -545,6 +545,24 @@ def folders(loc: Location) -> list[str]:
     return call(loc, ls)
 
 
+def remove_children(loc: Location, keep: str) -> None:
+    """Remove everything directly under a location but its child named `keep`: never the location itself,
+    whatever the listing returns (S3 lists a zero-byte `folder/` marker object among the children, as the
+    folder's own path with a slash), nor anything outside it. Paths are compared whole, not by basename."""
+    base = loc.path.rstrip("/")
+
+    def remove() -> None:
+        if not loc.fs.exists(loc.path):
+            return
+        for entry in loc.fs.ls(loc.path, detail=False, refresh=True):
+            name = entry.rstrip("/")
+            child = name[len(base) + 1 :].split("/")[0] if name.startswith(base + "/") else ""
+            if child and child != keep:
+                loc.fs.rm(name, recursive=True)
+
+    call(loc, remove)
+
+
 def list_files(loc: Location, extensions: tuple[str, ...] | None = None) -> list[str]:
     """All file paths under a location (recursive), sorted; extensions are lower-case with a dot."""
 

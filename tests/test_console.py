@@ -335,8 +335,20 @@ def test_a_prepare_that_fails_says_its_stage_stopped(ray_cluster, tmp_path):
     out = io.StringIO()
     progress.configure(progress.LINES, interval_s=3600, stream=out)
     try:
+        shown = progress.stage("prepare", len(pairs), unit="pairs")
         with pytest.raises(Exception, match="shards"):
-            prep._run_shard_tasks(source, dest, prep._plan_shards(pairs, 1 << 20), listing, encoding, False, [], [])
+            prep._run_shard_tasks(
+                source,
+                dest,
+                prep._plan_shards(pairs, 1 << 20),
+                listing,
+                encoding,
+                False,
+                [],
+                [],
+                generation=prep._generation(),
+                shown=shown,
+            )
     finally:
         progress.configure(progress.OFF)
     assert re.fullmatch(r"\S+ prepare  0/4 pairs \(0%\)  [\d.]+ pairs/s  stopped after \d+s\n", out.getvalue()), (

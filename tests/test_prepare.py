@@ -16,7 +16,7 @@ from raysegment import storage
 from raysegment.config import PrepareSpec
 from raysegment.data.manifest import read_manifest, write_manifest
 from raysegment.data.prepare import prepare
-from raysegment.errors import DataError
+from raysegment.errors import DataError, StorageError
 
 
 def test_prepare_writes_shards_and_manifest(ray_cluster, tmp_path):
@@ -240,6 +240,19 @@ def test_a_failed_overwrite_leaves_the_old_data_set_whole(ray_cluster, tmp_path)
     _intact(data, old)
 
 
+def test_a_failed_manifest_write_leaves_its_shards_for_the_next_prepare(ray_cluster, tmp_path):
+    """The docs said a failed run removes its own shards: not when the manifest write fails (on S3 a put that
+    timed out may still have committed). They stay, unlisted, and the next prepare's commit removes them."""
+    src = write_source(str(tmp_path / "src"), count=4)
+    data = tmp_path / "data"
+    os.makedirs(data / "manifest.json")  # a folder where the manifest goes: its write fails, after the shards
+    with pytest.raises(StorageError, match="is a folder"):
+        prepare(PrepareSpec(source=src, dest=str(data), val_keys="00001", overwrite=True))
+    assert len(_files(data / "shards")) == 2  # left: the failure came at the commit
+    os.rmdir(data / "manifest.json")
+    _intact(data, prepare(PrepareSpec(source=src, dest=str(data), val_keys="00001")))  # ... and removed by it
+
+
 def test_a_data_set_of_an_earlier_release_is_read_and_cleaned_up_by_overwrite(ray_cluster, tmp_path):
     """Earlier releases wrote shards directly under shards/: such a data set still reads, and an --overwrite
     removes its shards (and strays of killed runs) once the new manifest is written."""
@@ -328,6 +341,10 @@ def test_prepare_s3_to_s3(ray_cluster, s3_prefix, tmp_path):
     assert read_split(loc, manifest, "val").count() == 2
     # An --overwrite on S3 removes the previous generation's objects, and an earlier release's flat shards.
     storage.write_bytes(loc.child("shards", "train-00000.parquet"), b"an earlier release's shard")
+    # A zero-byte `shards/` folder marker (a console's "Create folder", Hadoop S3A): s3fs lists it among
+    # the folder's children, and removing it recursively removed the new generation too.
+    loc.fs.pipe_file(loc.child("shards").path + "/", b"")
+    assert loc.child("shards").path + "/" in loc.fs.ls(loc.child("shards").path, detail=False, refresh=True)
     again = prepare(PrepareSpec(source=source.uri, dest=dest, overwrite=True, val_keys=f"{source.uri}/val.txt"))
     listed = [loc.child(s.path).path for s in again.shards]
     assert storage.parquet_files(loc.child("shards")) == sorted(listed) and len(listed) == 2

@@ -490,17 +490,21 @@ def test_a_stop_ends_by_one_deadline_and_replicas_delete_an_orphaned_app(server)
         wait_for(lambda: not {"drain-held", "drain-orphan"} & set(serve.status().applications), "gone", timeout=30)
 
 
-def test_a_stopped_servers_app_is_deleted_before_a_new_serve_so_its_guard_spares_the_new_one(server):
+def test_a_stopped_servers_app_is_deleted_before_a_new_serve_so_its_guard_spares_the_new_one(
+    server, tmp_path, monkeypatch
+):
     """A driver killed after its stop leaves replicas that delete the app at its deadline unless the app "was
     deployed again since", judged by Serve's last_deployed_time_s, which serve.run of the same name never
     changes: a new `serve` before that deadline, over a replica kept alive by a request in flight (up to its
     graceful_shutdown_timeout_s after its replacement), was deleted by that replica's guard. Now the new
     `serve` deletes a stopped app and waits until its replicas, guards with them, are gone before it deploys
-    (`clear_stopped_app`); a live app is left to serve.run. `Draining` is Segmenter's side; no model here."""
+    (`clear_stopped_app`); a live app that answers is left to serve.run, a busy one that does not is deleted
+    too. `Draining` is Segmenter's side; no model here."""
     import asyncio
 
     from ray import serve
 
+    from raysegment import serve as segment_serve
     from raysegment.serve import Draining, clear_stopped_app
 
     @serve.deployment(
@@ -511,8 +515,10 @@ def test_a_stopped_servers_app_is_deleted_before_a_new_serve_so_its_guard_spares
             super().__init__()
             self.generation = generation
 
-        async def hold(self) -> None:  # a request in flight that never ends: Serve kills the replica at 2 s
+        async def hold(self, started: str | None = None) -> None:  # never ends: Serve kills the replica at 2 s
             self.in_flight += 1
+            if started:  # told where the test can see it, when no request slot is left to ask
+                open(started, "w").close()
             await asyncio.Event().wait()
 
         async def state(self) -> tuple[int, int, int]:
@@ -528,6 +534,7 @@ def test_a_stopped_servers_app_is_deleted_before_a_new_serve_so_its_guard_spares
     app = "drain-restarted"
     stopped = serve.run(Server.bind(1), name=app, route_prefix=None)
     request = stopped.hold.remote()
+    busy_request = None
     try:
         wait_for(lambda: stopped.state.remote().result(timeout_s=10)[2] == 1, "the request held")
         old_pid = stopped.state.remote().result(timeout_s=10)[1]
@@ -539,15 +546,28 @@ def test_a_stopped_servers_app_is_deleted_before_a_new_serve_so_its_guard_spares
             said and "was stopping, not yet deleted by its driver (killed, or still draining): deleted it first" in said
         ), said
         assert app not in serve.status().applications  # gone before the new deploy
+        # It waited for the stopped replica (its request in flight holds it 2 s), past its guard's deadline.
+        assert time.time() > delete_at
         new = serve.run(Server.bind(2), name=app, route_prefix=None)
         wait_for(lambda: not alive(old_pid), "the stopped replica ended, its guard with it", timeout=30)
-        assert time.time() > delete_at  # the stopped server's deadline has passed: its guard spared the new app
-        assert serve.status().applications[app].status == "RUNNING"
+        assert serve.status().applications[app].status == "RUNNING"  # the guard spared the new app
         assert new.state.remote().result(timeout_s=10)[0] == 2
         assert clear_stopped_app(app, 30) is None  # a live server: left to serve.run (replaced replica by replica)
         assert serve.status().applications[app].status == "RUNNING"
+        # A live server with every request slot busy cannot say within ASK_STOPPING_S whether it was told to
+        # stop (the question takes a slot): it is deleted too, as a stopped one might delete its successor.
+        busy = Server.options(max_ongoing_requests=1, graceful_shutdown_timeout_s=0.5)
+        busy = serve.run(busy.bind(3), name=app, route_prefix=None)
+        busy_request = busy.hold.remote(str(tmp_path / "held"))
+        wait_for((tmp_path / "held").exists, "the busy replica's one slot taken")
+        monkeypatch.setattr(segment_serve, "ASK_STOPPING_S", 1.0)  # 5 s: the wait is the same, only shorter
+        said = clear_stopped_app(app, 30)
+        assert said and "did not say whether it was stopping (a replica not answering in 1 s" in said, said
+        assert app not in serve.status().applications
     finally:
         request.cancel()
+        if busy_request is not None:
+            busy_request.cancel()
         serve.delete(app, _blocking=False)
         wait_for(lambda: app not in serve.status().applications, "gone", timeout=30)
 

@@ -227,7 +227,7 @@ def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_pa
     from raysegment import storage
     from raysegment.errors import ConfigError
     from raysegment.models.pretrained import ShippedWeights
-    from raysegment.train.trainer import RUN_IDENTITY, check_resumable, run_identity
+    from raysegment.train.trainer import RUN_IDENTITY, RunFolder, check_resumable, run_identity
 
     def weights_identity(path: str, sha: str) -> dict:
         spec = TrainSpec(data="d", out="o", encoder="resnet50", encoder_weights=path)
@@ -246,19 +246,19 @@ def test_a_run_is_resumable_by_its_network_data_and_weights_content_not_their_pa
     folder = tmp_path / "runs[exp1]" / "train"  # glob characters in OUT: listed, not matched as a pattern
     run = storage.resolve(str(folder))
     storage.write_json(run.child(RUN_IDENTITY), first)
-    check_resumable(run, other, "out")  # no checkpoint yet: nothing to resume, nothing refused
+    check_resumable(RunFolder.read(run), other, "out")  # no checkpoint yet: nothing to resume, nothing refused
     (folder / "checkpoint_000000").mkdir()
-    check_resumable(run, first, "out")
+    check_resumable(RunFolder.read(run), first, "out")
     with pytest.raises(ConfigError, match="holds a training run on another network"):
-        check_resumable(run, other, "out")
+        check_resumable(RunFolder.read(run), other, "out")
     # A record from before its latest fields (no eight_bit_seen; the weights file by its path) is this run's.
     older = json.loads(json.dumps(first))
     del older["input"]["eight_bit_seen"]
     older["network"]["encoder_weights"] = str(tmp_path / "a.weights.h5")
     storage.write_json(run.child(RUN_IDENTITY), older)
-    check_resumable(run, first, "out", str(tmp_path / "a.weights.h5"))
+    check_resumable(RunFolder.read(run), first, "out", str(tmp_path / "a.weights.h5"))
     with pytest.raises(ConfigError, match="another network"):  # the record's file is not the one given now
-        check_resumable(run, first, "out", str(tmp_path / "b.weights.h5"))
+        check_resumable(RunFolder.read(run), first, "out", str(tmp_path / "b.weights.h5"))
 
 
 def test_a_resume_takes_the_newest_complete_checkpoint_not_rays_lagging_latest(tmp_path):
@@ -319,45 +319,45 @@ def test_a_run_is_resumed_or_kept_only_with_its_own_training_options(tmp_path):
     from raysegment import storage
     from raysegment.errors import ConfigError
     from raysegment.registry import _train_lines, _train_payload
-    from raysegment.train.trainer import RUN_IDENTITY, check_resumable, finished_run
+    from raysegment.train.trainer import RUN_IDENTITY, RunFolder, check_resumable, finished_run
 
     folder = tmp_path / "out" / "train"
     run = storage.resolve(str(folder))
     first = identity()
     storage.write_json(run.child(RUN_IDENTITY), first)
     (folder / "checkpoint_000000").mkdir()
-    check_resumable(run, first, "out")
+    check_resumable(RunFolder.read(run), first, "out")
     lr = identity(learning_rate=0.05)
     with pytest.raises(ConfigError, match=r"^out: holds an unfinished training run with other training options "):
-        check_resumable(run, lr, "out")
+        check_resumable(RunFolder.read(run), lr, "out")
     with pytest.raises(ConfigError, match=r"\(workers 2 there, 1 now; .*--no-resume to start over"):
-        check_resumable(run, identity(workers=1), "out")
+        check_resumable(RunFolder.read(run), identity(workers=1), "out")
     with pytest.raises(ConfigError, match=r"finished training run with other training options \(epochs 10 there, 40"):
-        check_resumable(run, identity(epochs=40), "out", finished=True)
+        check_resumable(RunFolder.read(run), identity(epochs=40), "out", finished=True)
     with pytest.raises(ConfigError, match=r"time_budget_s None there, 60.0 now.*--no-resume"):
-        check_resumable(run, identity(time_budget=60), "out", finished=True)
+        check_resumable(RunFolder.read(run), identity(time_budget=60), "out", finished=True)
     with pytest.raises(ConfigError, match="another data set"):  # the data set still named as before
-        check_resumable(run, identity("other", learning_rate=0.05), "out")
+        check_resumable(RunFolder.read(run), identity("other", learning_rate=0.05), "out")
     # 1.1h and 66m are one budget, though their floats differ in the last bit.
     assert identity(time_budget=1.1 * 3600) == identity(time_budget=3960.0)
     older = {k: v for k, v in first.items() if k not in ("record", "training")}  # before the training options
     storage.write_json(run.child(RUN_IDENTITY), older)
-    check_resumable(run, lr, "out")  # resumed as before
+    check_resumable(RunFolder.read(run), lr, "out")  # resumed as before
 
     # A finished run (its _SUCCESS, metrics and card, and its checkpoints) is kept: one line, nothing trained.
     out = storage.resolve(str(tmp_path / "out"))
-    assert finished_run(out, "train") is None
+    assert finished_run(out, RunFolder.read(run)) is None
     best = {"epoch": 20, "val_mean_iou": 0.99334, "val_pixel_accuracy": 0.998}
     storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 26})
     card = untrained_card()
     card.write(out)
-    assert finished_run(out, "train") is None  # no _SUCCESS: stopped, or training now
+    assert finished_run(out, RunFolder.read(run)) is None  # no _SUCCESS: stopped, or training now
     storage.mark_success(out, {"model_id": card.model_id})
     # Recorded without training options (an older version): nothing shows these were its options, so it is
     # resumed as before, not kept whatever the flags.
-    assert finished_run(out, "train") is None
+    assert finished_run(out, RunFolder.read(run)) is None
     storage.write_json(run.child(RUN_IDENTITY), first)
-    done = finished_run(out, "train")
+    done = finished_run(out, RunFolder.read(run))
     assert done is not None and done.already_trained and done.card == card
     assert _train_lines(None, done) == [
         f"{out.uri}: already trained (26 epochs, best epoch 21, val mIoU 0.9933); nothing to do — pass "
@@ -385,23 +385,23 @@ def test_the_run_folder_is_read_once_for_both_start_up_checks(tmp_path):
     untrained_card().write(out)
     storage.mark_success(out, {"model_id": untrained_card().model_id})
     folder = RunFolder.read(run)
-    assert (folder.checkpoints, folder.has_record, folder.record) == (["checkpoint_000000"], True, first)
+    assert (folder.checkpoints, folder.record_beside_checkpoint, folder.record) == (["checkpoint_000000"], True, first)
     # Both judge what was read: neither reads the run folder again (it is gone since).
     storage.remove_tree(run)
-    done = finished_run(out, "train", folder)
+    done = finished_run(out, folder)
     assert done is not None and done.already_trained
-    check_resumable(run, first, "out", finished=True, folder=folder)
+    check_resumable(folder, first, "out", finished=True)
     with pytest.raises(ConfigError, match=r"finished training run with other training options \(epochs 10 there, 40"):
-        check_resumable(run, identity(epochs=40), "out", finished=True, folder=folder)
-    assert finished_run(out, "train") is None  # read now: no checkpoint left
+        check_resumable(folder, identity(epochs=40), "out", finished=True)
+    assert finished_run(out, RunFolder.read(run)) is None  # read now: no checkpoint left
     # A record that cannot be read, beside a checkpoint: no finished run, and another run's (refused).
     (tmp_path / "out" / "train" / "checkpoint_000001").mkdir(parents=True)
     storage.write_bytes(run.child(RUN_IDENTITY), b"{not json")
     folder = RunFolder.read(run)
-    assert folder.has_record and folder.record is None
-    assert finished_run(out, "train", folder) is None
+    assert folder.record_beside_checkpoint and folder.record is None
+    assert finished_run(out, folder) is None
     with pytest.raises(ConfigError, match=r"^out: holds a training run on another .*--no-resume to start over"):
-        check_resumable(run, first, "out", folder=folder)
+        check_resumable(folder, first, "out")
 
 
 def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_path):
@@ -410,37 +410,37 @@ def test_a_run_is_resumed_only_with_its_own_augmentation_seed_and_precision(tmp_
     the tenth: a learning rate of 0.001 was 0.002's)."""
     from raysegment import storage
     from raysegment.errors import ConfigError
-    from raysegment.train.trainer import RUN_IDENTITY, check_resumable
+    from raysegment.train.trainer import RUN_IDENTITY, RunFolder, check_resumable
 
     folder = tmp_path / "out" / "train"
     run = storage.resolve(str(folder))
     first = identity(brightness=0.1)
     storage.write_json(run.child(RUN_IDENTITY), first)
     (folder / "checkpoint_000000").mkdir()
-    check_resumable(run, identity(brightness=0.1), "out")
+    check_resumable(RunFolder.read(run), identity(brightness=0.1), "out")
     unfinished = r"^out: holds an unfinished training run with other training options \("
     with pytest.raises(ConfigError, match=unfinished + r"augmentation.brightness 0.1 there, 0.12 now\): resumed"):
-        check_resumable(run, identity(brightness=0.12), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.12), "out")
     with pytest.raises(ConfigError, match=unfinished + r"augmentation on there, off now\)"):
-        check_resumable(run, identity(brightness=0.1, augment=False), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, augment=False), "out")
     flips = r"\(augmentation.flip both there, none now; augmentation.rotate90 True there, False now\)"
     with pytest.raises(ConfigError, match=flips):
-        check_resumable(run, identity(brightness=0.1, flip="none", rotate90=False), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, flip="none", rotate90=False), "out")
     with pytest.raises(ConfigError, match=r"\(steps_per_epoch 3 there, 6 now; repeat 1 there, 2 now\)"):
-        check_resumable(run, identity(brightness=0.1, repeat=2), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, repeat=2), "out")
     with pytest.raises(ConfigError, match=unfinished + r"seed 0 there, 7 now\)"):
-        check_resumable(run, identity(brightness=0.1, seed=7), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, seed=7), "out")
     with pytest.raises(ConfigError, match=unfinished + r"dtype_policy float32 there, mixed_float16 now\)"):
-        check_resumable(run, identity(brightness=0.1, mixed_precision="float16"), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, mixed_precision="float16"), "out")
     with pytest.raises(ConfigError, match=r"\(peak_learning_rate 0.002 there, 0.004 now\)"):
-        check_resumable(run, identity(brightness=0.1, learning_rate=0.002), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, learning_rate=0.002), "out")
     finished = r"^out: holds a finished training run with other training options \("
     crop = r"augmentation.crop resize there, random now; augmentation.elastic 0.0 there, 4.0 now\)"
     with pytest.raises(ConfigError, match=finished + crop):
-        check_resumable(run, identity(brightness=0.1, crop="random", elastic=4.0), "out", finished=True)
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, crop="random", elastic=4.0), "out", finished=True)
     # A native-scale model is another input (it is run at full resolution): named once, as the input.
     with pytest.raises(ConfigError, match=r"^out: holds a training run on another input \(its checkpoints") as exc:
-        check_resumable(run, identity(brightness=0.1, crop="native"), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.1, crop="native"), "out")
     assert "training options" not in str(exc.value) and "crop" not in str(exc.value)
 
 
@@ -449,7 +449,7 @@ def test_the_record_holds_the_augmentation_that_takes_effect(tmp_path):
     resume, and `oversample` counted though no class was rare enough for it (`Augmentation.from_spec`)."""
     from raysegment import storage
     from raysegment.errors import ConfigError
-    from raysegment.train.trainer import RUN_IDENTITY, check_resumable
+    from raysegment.train.trainer import RUN_IDENTITY, RunFolder, check_resumable
 
     assert identity(augment=False, brightness=0.1, crop="random") == identity(augment=False, brightness=0.3)
     assert identity(augment=False)["training"]["augmentation"] is None
@@ -464,13 +464,13 @@ def test_the_record_holds_the_augmentation_that_takes_effect(tmp_path):
     run = storage.resolve(str(folder))
     storage.write_json(run.child(RUN_IDENTITY), identity(augment=False, brightness=0.1))
     (folder / "checkpoint_000000").mkdir()
-    check_resumable(run, identity(augment=False, brightness=0.3), "out")
+    check_resumable(RunFolder.read(run), identity(augment=False, brightness=0.3), "out")
     with pytest.raises(ConfigError, match=r"\(augmentation off there, on now\)"):
-        check_resumable(run, identity(brightness=0.3), "out")
+        check_resumable(RunFolder.read(run), identity(brightness=0.3), "out")
     storage.write_json(run.child(RUN_IDENTITY), identity(shares=[0.95, 0.05]))
     oversampled = r"\(augmentation.oversample 0.0 there, 0.5 now; augmentation.rare_classes \[\] there, \[1\] now\)"
     with pytest.raises(ConfigError, match=oversampled):
-        check_resumable(run, identity(oversample=0.5, shares=[0.95, 0.05]), "out")
+        check_resumable(RunFolder.read(run), identity(oversample=0.5, shares=[0.95, 0.05]), "out")
 
 
 def test_a_record_of_the_previous_version_resumes_and_is_kept_as_before(tmp_path):
@@ -480,7 +480,7 @@ def test_a_record_of_the_previous_version_resumes_and_is_kept_as_before(tmp_path
     value nowhere, and a record's missing seed was what marked that rounding."""
     from raysegment import storage
     from raysegment.errors import ConfigError
-    from raysegment.train.trainer import RUN_IDENTITY, RUN_RECORD, check_resumable, finished_run
+    from raysegment.train.trainer import RUN_IDENTITY, RUN_RECORD, RunFolder, check_resumable, finished_run
 
     first = identity(learning_rate=0.0005)
     assert first["record"] == RUN_RECORD == 2 and first["training"]["peak_learning_rate"] == 0.001
@@ -494,29 +494,31 @@ def test_a_record_of_the_previous_version_resumes_and_is_kept_as_before(tmp_path
     storage.write_json(run.child(RUN_IDENTITY), older)
     (folder / "checkpoint_000000").mkdir()
     # What it lacks is this run's, and a float that is this run's to the tenth is this run's.
-    check_resumable(run, identity(learning_rate=0.0005, brightness=0.3, seed=7, mixed_precision="float16"), "out")
-    check_resumable(run, identity(learning_rate=0.001), "out")
+    check_resumable(
+        RunFolder.read(run), identity(learning_rate=0.0005, brightness=0.3, seed=7, mixed_precision="float16"), "out"
+    )
+    check_resumable(RunFolder.read(run), identity(learning_rate=0.001), "out")
     with pytest.raises(ConfigError, match=r"\(epochs 10 there, 40 now\)"):  # what it did record is compared
-        check_resumable(run, identity(learning_rate=0.0005, epochs=40), "out")
+        check_resumable(RunFolder.read(run), identity(learning_rate=0.0005, epochs=40), "out")
     with pytest.raises(ConfigError, match=r"\(peak_learning_rate 0.0 \(recorded to 0.1\) there, 0.1 now\)"):
-        check_resumable(run, identity(learning_rate=0.05), "out")
+        check_resumable(RunFolder.read(run), identity(learning_rate=0.05), "out")
     # Finished, it is kept (one line, nothing trained) when the options it recorded are this run's.
     out = storage.resolve(str(tmp_path / "out"))
     best = {"epoch": 3, "val_mean_iou": 0.5, "val_pixel_accuracy": 0.9}
     storage.write_json(out.child("metrics.json"), {"best": best, "last": best, "epochs_run": 4})
     untrained_card().write(out)
     storage.mark_success(out, {"model_id": untrained_card().model_id})
-    done = finished_run(out, "train")
+    done = finished_run(out, RunFolder.read(run))
     assert done is not None and done.already_trained
-    check_resumable(run, identity(learning_rate=0.0005, brightness=0.3), "out", finished=True)
+    check_resumable(RunFolder.read(run), identity(learning_rate=0.0005, brightness=0.3), "out", finished=True)
     with pytest.raises(ConfigError, match=r"^out: holds a finished training run with other .*\(epochs 10 there"):
-        check_resumable(run, identity(learning_rate=0.0005, epochs=40), "out", finished=True)
+        check_resumable(RunFolder.read(run), identity(learning_rate=0.0005, epochs=40), "out", finished=True)
     # Today's version is compared as recorded: no seed is no marker of rounded floats any more.
     storage.write_json(run.child(RUN_IDENTITY), {**older, "record": RUN_RECORD})
     with pytest.raises(
         ConfigError, match=r"peak_learning_rate 0.0 there, 0.001 now; dtype_policy None there, float32 now; seed None"
     ):
-        check_resumable(run, first, "out")
+        check_resumable(RunFolder.read(run), first, "out")
 
 
 def test_a_resume_trains_no_epoch_past_an_early_stop():

@@ -16,7 +16,9 @@ lists. Each run writes its shards into a folder of its own, `shards/<generation>
 so a data set being rewritten (--overwrite) stays whole and readable until the new
 manifest replaces the old one; only then is the rest of `shards/` (the previous
 generation, shards an earlier release wrote directly under `shards/`, strays of a
-killed run) removed, and a run that fails removes only its own folder. Each shard
+killed run) removed. A run that fails before the commit removes only its own folder; one
+whose manifest write fails leaves it (an S3 upload that timed out may have committed) for
+the next run's commit to remove. Each shard
 appears whole (rename locally, one upload on S3); nothing is copied or renamed after.
 """
 
@@ -27,7 +29,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import posixpath
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -463,14 +464,8 @@ def _remove_other_generations(dest: storage.Location, generation: str) -> None:
     shards, flat ones of an earlier release, strays of killed runs). A failure leaves strays no manifest
     lists, which the next --overwrite removes: a warning, not a failed prepare."""
     shards = dest.child("shards")
-
-    def remove() -> None:
-        for entry in shards.fs.ls(shards.path, detail=False, refresh=True):
-            if posixpath.basename(entry.rstrip("/")) != generation:
-                shards.fs.rm(entry, recursive=True)
-
     try:
-        storage.call(shards, remove)
+        storage.remove_children(shards, keep=generation)
     except storage.StorageError as exc:
         progress.warn(
             log,
@@ -643,25 +638,22 @@ def _run_shard_tasks(
     channels: imaging.Channels = imaging.OWN,
     turned: list[str] | None = None,
     transparent: list[int] | None = None,
-    generation: str | None = None,
-    shown: progress.Stage | None = None,
+    *,
+    generation: str,
+    shown: progress.Stage,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Run the shard tasks, at most a few per CPU in flight; returns shard entries and each split's class
-    histogram. The shards go to `DEST/shards/<generation>/` (a new generation when None), which a failure
-    removes.
+    histogram. The shards go to `DEST/shards/<generation>/`; on a failure the caller removes that folder.
 
     Invalid pairs, each task's fingerprint part, the keys EXIF turned and each task's count of transparent
     pixels read as ignore are appended to the lists passed in. `shown`: the caller's progress stage, left
-    open on success (the caller's checks may still refuse the pairs); without it the tasks' own, closed."""
-    generation = generation or _generation()
+    open on success (the caller's checks may still refuse the pairs), closed as stopped on a failure."""
     max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     counters: dict[str, int] = {}
     pending: list[ray.ObjectRef] = []
     shards: list[dict[str, Any]] = []
     hists = {split: np.zeros(256, np.int64) for split in SPLITS}
     done_pairs, last_log = 0, time.time()
-    own_stage = shown is None
-    shown = shown or progress.stage("prepare", sum(len(group) for _, group in plan), unit="pairs")
 
     def collect(refs: list[ray.ObjectRef]) -> None:
         nonlocal done_pairs
@@ -704,14 +696,10 @@ def _run_shard_tasks(
                 )
             )
         collect(pending)
-        pending = []
-        if own_stage:
-            shown.close()
     except BaseException:
-        shown.close(stopped=True)  # its line says so, and its heartbeat stops before the cleanup
+        shown.close(stopped=True)  # its line says so, and its heartbeat stops before the caller's cleanup
         for ref in pending:
             ray.cancel(ref)
-        _remove_generation(dest, generation)
         raise
     return sorted(shards, key=lambda s: s["path"]), hists
 
@@ -894,6 +882,76 @@ def _manifest(
     )
 
 
+def _checked_manifest(
+    spec: PrepareSpec,
+    source: storage.Location,
+    listing: Listing,
+    encoding: masks.MaskEncoding,
+    pairs: list[Pair],
+    split_source: str,
+    shards: list[dict[str, Any]],
+    hists: dict[str, np.ndarray],
+    invalid: list[Invalid],
+    fingerprints: list[ShardFingerprint],
+    turned: list[str],
+    transparent: list[int],
+    shown: progress.Stage,
+) -> Manifest:
+    """After the shard tasks: the checks of the whole set (a DataError refuses it), then its manifest, but for
+    prepare's time, with its warnings said. Closes `shown` once the checks pass, or with every pair counted
+    invalid when the mask values refuse them all: its last line must not say "invalid 0" of refused pairs."""
+    hist = sum(hists.values())
+    invalid.sort(key=lambda i: i.key)
+    if invalid and not spec.skip_invalid:
+        raw = [int(v) for v in np.nonzero(hist)[0]] if listing.lut is None else None
+        mapped = None if listing.lut is None else {v for v, c in enumerate(listing.lut) if c >= 0}
+        raise DataError(_invalid_report(source.uri, invalid, raw, len(invalid) < len(pairs), mapped))
+    if not shards:
+        raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
+    channels = _input_channels(source.uri, spec, fingerprints)
+    try:
+        num_classes, names = _classes(spec, source, listing, hist, pairs)
+    except MaskValuesError:
+        # The values of every mask together are no class ids: each pair is refused, as the line counts.
+        shown.close(invalid=len(invalid) + sum(s["rows"] for s in shards))
+        raise
+    shown.close()
+    if listing.palette is None and not (encoding.colors or encoding.threshold is not None or spec.mask_values):
+        listing = replace(listing, palette=_masks_palette(listing.root or source, pairs, num_classes))
+    manifest = _manifest(
+        spec,
+        listing,
+        split_source,
+        shards,
+        hists,
+        invalid,
+        num_classes,
+        names,
+        encoding,
+        channels,
+        len(turned),
+        sum(transparent),
+    )
+    warnings = classes.manifest_warnings(manifest)
+    for split, fix in (("val", no_val_fix), ("train", no_train_fix)):
+        if not manifest.counts.of(split) and any(p.split == split and not p.problem for p in pairs):
+            # Not said while listing: the split's pairs were all invalid, and --skip-invalid dropped them.
+            n = sum(p.split == split for p in pairs)
+            what = "its one pair was" if n == 1 else f"its {n} pairs were all"
+            warnings.append(
+                f"no pair is in the {split} split: {what} invalid and skipped ({split_source}); {fix(listing)}"
+            )
+    if turned:
+        warnings.append(exif_warning(sorted(turned)))
+    for warning in warnings:
+        progress.warn(log, "prepare", warning)
+    fingerprint = merge(fingerprints, num_classes, list(manifest.pixel_frequency or ()))
+    for warning in (fingerprint.mixed_depth, fingerprint.mixed_range):
+        if warning:
+            progress.warn(log, "prepare", warning)
+    return replace(manifest, fingerprint=fingerprint.to_json())
+
+
 def prepare(spec: PrepareSpec) -> Manifest:
     """Run the prepare job and return the manifest (written last: it is the commit)."""
     t0 = time.time()
@@ -914,8 +972,7 @@ def prepare(spec: PrepareSpec) -> Manifest:
     transparent: list[int] = []
     # This run's shards go to a folder of their own: an old data set at DEST stays whole until the commit.
     generation = _generation()
-    # Closed here, after the checks of the whole set: its last line must not say "invalid 0" of pairs the
-    # checks then refuse.
+    # Closed by _checked_manifest, after the checks of the whole set.
     shown = progress.stage("prepare", sum(len(group) for _, group in plan), unit="pairs")
     try:
         shards, hists = _run_shard_tasks(
@@ -933,56 +990,21 @@ def prepare(spec: PrepareSpec) -> Manifest:
             generation=generation,
             shown=shown,
         )
-        hist = sum(hists.values())
-        invalid.sort(key=lambda i: i.key)
-        if invalid and not spec.skip_invalid:
-            raw = [int(v) for v in np.nonzero(hist)[0]] if listing.lut is None else None
-            mapped = None if listing.lut is None else {v for v, c in enumerate(listing.lut) if c >= 0}
-            raise DataError(_invalid_report(source.uri, invalid, raw, len(invalid) < len(pairs), mapped))
-        if not shards:
-            raise DataError(f"{source.uri}: no valid pairs to write ({len(invalid)} invalid)")
-        channels = _input_channels(source.uri, spec, fingerprints)
-        try:
-            num_classes, names = _classes(spec, source, listing, hist, pairs)
-        except MaskValuesError:
-            # The values of every mask together are no class ids: each pair is refused, as the line counts.
-            shown.close(invalid=len(invalid) + sum(s["rows"] for s in shards))
-            raise
-        shown.close()
-        if listing.palette is None and not (encoding.colors or encoding.threshold is not None or spec.mask_values):
-            listing = replace(listing, palette=_masks_palette(listing.root or source, pairs, num_classes))
-        manifest = _manifest(
+        manifest = _checked_manifest(
             spec,
+            source,
             listing,
+            encoding,
+            pairs,
             split_source,
             shards,
             hists,
             invalid,
-            num_classes,
-            names,
-            encoding,
-            channels,
-            len(turned),
-            sum(transparent),
+            fingerprints,
+            turned,
+            transparent,
+            shown,
         )
-        warnings = classes.manifest_warnings(manifest)
-        for split, fix in (("val", no_val_fix), ("train", no_train_fix)):
-            if not manifest.counts.of(split) and any(p.split == split and not p.problem for p in pairs):
-                # Not said while listing: the split's pairs were all invalid, and --skip-invalid dropped them.
-                n = sum(p.split == split for p in pairs)
-                what = "its one pair was" if n == 1 else f"its {n} pairs were all"
-                warnings.append(
-                    f"no pair is in the {split} split: {what} invalid and skipped ({split_source}); {fix(listing)}"
-                )
-        if turned:
-            warnings.append(exif_warning(sorted(turned)))
-        for warning in warnings:
-            progress.warn(log, "prepare", warning)
-        fingerprint = merge(fingerprints, num_classes, list(manifest.pixel_frequency or ()))
-        for warning in (fingerprint.mixed_depth, fingerprint.mixed_range):
-            if warning:
-                progress.warn(log, "prepare", warning)
-        manifest = replace(manifest, fingerprint=fingerprint.to_json(), seconds=round(time.time() - t0, 2))
     except DataError:
         shown.close()  # the pairs were all read; the error says why none is written
         _remove_generation(dest, generation)  # the data set DEST held, if any, is untouched
@@ -991,7 +1013,10 @@ def prepare(spec: PrepareSpec) -> Manifest:
         shown.close(stopped=True)
         _remove_generation(dest, generation)
         raise
-    write_manifest(dest, manifest)  # the commit: the new data set replaces the old one whole
+    manifest = replace(manifest, seconds=round(time.time() - t0, 2))
+    # The commit: the new data set replaces the old one whole. Outside the try: a failed write leaves this
+    # run's shards, which the manifest may list after all (an S3 put that timed out); the next run removes them.
+    write_manifest(dest, manifest)
     _remove_other_generations(dest, generation)
     log.info("prepared %s: %s, %d skipped", dest.uri, manifest.counts.to_json(), len(invalid))
     return manifest

@@ -163,8 +163,8 @@ def train(spec: TrainSpec) -> TrainResult:
     identity = run_identity(cfg, manifest.content_hash, spec, rare_classes(manifest))
     if spec.resume:
         folder = RunFolder.read(out.child(spec.name))  # read once, for both
-        finished = finished_run(out, spec.name, folder)
-        check_resumable(folder.run_dir, identity, spec.out, cfg.model.encoder_weights, finished is not None, folder)
+        finished = finished_run(out, folder)
+        check_resumable(folder, identity, spec.out, cfg.model.encoder_weights, finished is not None)
         if finished is not None:
             return finished  # trained with these options already: model.keras (its model_id) stays as it is
     # The MLflow run (with --mlflow-uri) exists from here, before OUT changes (a store that refuses it is a
@@ -201,7 +201,8 @@ class RunFolder:
 
     run_dir: storage.Location
     checkpoints: list[str]
-    has_record: bool = False  # RUN_IDENTITY is there (only looked for beside a checkpoint: alone it is no run)
+    # RUN_IDENTITY is there beside a checkpoint (not looked for without one: a record alone is no run to resume)
+    record_beside_checkpoint: bool = False
     record: Any = None  # its JSON; None when there is none or it cannot be read
 
     @classmethod
@@ -216,17 +217,16 @@ class RunFolder:
             return cls(run_dir, checkpoints, True)
 
 
-def finished_run(out: storage.Location, name: str, folder: RunFolder | None = None) -> TrainResult | None:
+def finished_run(out: storage.Location, folder: RunFolder) -> TrainResult | None:
     """What a finished run in OUT recorded (its card and metrics, as `train` returns them, `already_trained`),
-    or None: a run is finished when OUT has its _SUCCESS (train removes it first) and the run's checkpoints.
-    `folder`: the run folder as already read (`RunFolder`), else it is read here."""
+    or None: a run is finished when OUT has its _SUCCESS (train removes it first) and, in its run folder as
+    read (`folder`), checkpoints."""
     try:
         # Read, not listed: a listing cached before the marker went (s3fs's) would still show it.
         success = storage.read_json(out.child(storage.SUCCESS))
         metrics = storage.read_json(out.child(METRICS_FILE))
         card = ModelCard.model_validate(storage.read_json(out.child(CARD_FILE)))
         _ = (metrics["best"]["epoch"], metrics["best"]["val_mean_iou"], metrics["epochs_run"])
-        folder = RunFolder.read(out.child(name)) if folder is None else folder
         if success["model_id"] != card.model_id or not folder.checkpoints:
             return None
         # Only a run that recorded its training options can show that it had these: a record without them (or
@@ -455,16 +455,15 @@ def _rounded(key: str, value: Any) -> Any:
 
 
 def check_resumable(
-    run_dir: storage.Location,
+    folder: RunFolder,
     identity: dict[str, Any],
     out_uri: str,
     weights_path: str | None = None,
     finished: bool = False,
-    folder: RunFolder | None = None,
 ) -> None:
-    """Refuse to resume checkpoints of another data set, network or training options, before anything in
-    OUT is touched; `finished`: the run in OUT finished (`finished_run`), so it is not resumed but kept;
-    `folder`: the run folder as already read (`RunFolder`), else it is read here.
+    """Refuse to resume checkpoints of another data set, network or training options (those of `folder`, the
+    run folder as read), before anything in OUT is touched; `finished`: the run in OUT finished
+    (`finished_run`), so it is not resumed but kept.
 
     Ray Train resumes whatever checkpoint the run folder holds: another data set's was taken up at
     its last epoch and written out as a model of this one, and another network's failed to load with
@@ -474,8 +473,7 @@ def check_resumable(
     this record are resumed (or kept) as they were (a version-1 record, without training options or some of
     them, takes this run's for those: `_as_recorded_now`), and a record without a checkpoint beside it (a run
     stopped before its first) refuses nothing: there is nothing to resume."""
-    folder = RunFolder.read(run_dir) if folder is None else folder
-    if not folder.has_record:  # none beside a checkpoint: nothing to resume
+    if not folder.record_beside_checkpoint:  # nothing to resume
         return
     held = folder.record  # None: unreadable, a record of nothing this run can be
     version = held.get("record", 1) if isinstance(held, dict) else None
