@@ -99,12 +99,19 @@ def machine_id() -> str | None:
 _HELD_HERE: set[str] = set()
 
 
+def written_here(info: dict[str, Any]) -> bool:
+    """Whether a lock was written on this machine (the same boot and PID namespace) by a process with a PID:
+    its holder's liveness is then known, and the lock is taken over as soon as that process is gone."""
+    pid, here = info.get("pid"), machine_id()
+    return here is not None and info.get("machine") == here and isinstance(pid, int) and pid > 0
+
+
 def holder_dead(info: dict[str, Any]) -> bool:
     """Whether a lock's writer is known to be gone: its process on this machine no longer runs, or it is
     this process and no longer holds it."""
-    pid, here = info.get("pid"), machine_id()
-    if here is None or info.get("machine") != here or not isinstance(pid, int) or pid <= 0:
+    if not written_here(info):
         return False
+    pid = info["pid"]
     if pid == os.getpid():
         return info.get("owner") not in _HELD_HERE
     try:
@@ -216,11 +223,21 @@ class RunLock:
 
     def _held_message(self, holder: Holder) -> str:
         info = holder.info
+        if written_here(info):
+            # Its process runs (else the lock was taken over); a lock it leaves behind is taken over at once.
+            pid = info["pid"]
+            after = (
+                f"wait for it to finish (it runs on this machine: if pid {pid} dies, its lock is taken over at once)"
+            )
+        else:
+            after = (
+                "wait for it to finish, or delete the lock if that run is dead (it is taken over "
+                f"after {int(self.stale_after_s)} s)"
+            )
         return (
             f"{self.loc.uri}: another {self.purpose} holds the lock since {info.get('created', '?')} "
             f"(host {info.get('host', '?')}, pid {info.get('pid', '?')}, {max(holder.age_s, 0):.0f} s old by the "
-            f"store's clock); wait for it to finish, or delete the lock if that run is dead (it is taken over "
-            f"after {int(self.stale_after_s)} s)"
+            f"store's clock); {after}"
         )
 
     def _remove_if_owned_by(self, owner: str | None) -> None:

@@ -41,8 +41,10 @@ import ray
 from raysegment import __version__, ledger, logs, plots, progress, storage
 from raysegment.config import InferSpec, NightlySpec
 from raysegment.errors import DataError, JobError, RunFailed, StorageError
-from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix
+from raysegment.inference import collisions
+from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix, path_of
 from raysegment.inference.overlap import check_apart, check_outside_model
+from raysegment.inference.resume import DIGEST, bucket_of, digests
 from raysegment.lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,8 @@ def counts_line(date: str, counts: dict[str, int]) -> str:
 
 
 def _tally(batch: pa.Table) -> pa.Table:
-    return pa.table({c: [_count(batch["change"], c)] for c in ledger.CHANGES})
+    unicode = pc.sum(pc.invert(pc.string_is_ascii(batch["key"]))).as_py() or 0
+    return pa.table({**{c: [_count(batch["change"], c)] for c in ledger.CHANGES}, "unicode": [unicode]})
 
 
 def _rows_needed(batch: pa.Table) -> pa.Table:
@@ -137,6 +140,7 @@ def plan_night(input_loc: storage.Location, exts: tuple[str, ...], index: ledger
     tallies = [t for t in ray.get(planned.map_batches(_tally, batch_format="pyarrow").to_arrow_refs()) if t.num_rows]
     counts = {c: int(sum(pc.sum(t[c]).as_py() or 0 for t in tallies)) for c in ledger.CHANGES}
     counts["listed"] = sum(counts.values())
+    unicode = sum(pc.sum(t["unicode"]).as_py() or 0 for t in tallies)
     # Tonight's work stays on the driver on purpose, as Arrow columns (key, uri, size, version, error,
     # change, collides: about 100 bytes a row): it is the night's list source, and the ledger rows it
     # gets. Only new, changed and colliding rows come; every other listed row stays in the object store.
@@ -146,10 +150,58 @@ def plan_night(input_loc: storage.Location, exts: tuple[str, ...], index: ledger
     rows = pa.concat_tables([t.cast(schema) for t in needed if t.num_rows] or [schema.empty_table()])
     del needed
     rows = rows.sort_by([("key", "ascending"), ("uri", "ascending")])  # the fetched blocks are let go
+    # The lister sees one folder at a time; keys of two folders collide when their folders' names differ only
+    # in Unicode form (NFC `dé/a` and NFD `dé/a`). Such a key is not plain ASCII, so a night of ASCII keys
+    # skips the check across the whole listing.
+    clashes = _clashes_across(input_loc, planned, schema) if unicode else rows.filter(rows["collides"])
     # Without collisions every row is new or changed: no second copy.
-    clashes = rows.filter(rows["collides"])
     todo = rows.filter(pc.is_in(rows["change"], pa.array(["new", "changed"]))) if clashes.num_rows else rows
     return NightPlan(counts, todo, clashes)
+
+
+_NONE = np.zeros(0, DIGEST)
+
+
+@ray.remote(num_cpus=0.25)
+def _fold_digests(block: pa.Table) -> np.ndarray:
+    """The digest of each key of a listing block in its Unicode-folded form (`collisions.fold`, the rule
+    every key collision check applies): two keys that collide have the same one."""
+    return digests(collisions.fold(k) for k in block["key"].to_pylist()) if "key" in block.column_names else _NONE
+
+
+@ray.remote(num_cpus=0.25)
+def _repeated(*blocks: np.ndarray) -> np.ndarray:
+    """The digests that occur more than once over every block's (sorted)."""
+    values, counts = np.unique(np.concatenate([_NONE, *blocks]), return_counts=True)
+    return values[counts > 1]
+
+
+@ray.remote(num_cpus=0.25)
+def _rows_folding_to(block: pa.Table, repeated: np.ndarray) -> pa.Table:
+    """A listing block's rows whose folded key's digest is among `repeated`."""
+    if not block.num_rows or not len(repeated):
+        return block.slice(0, 0)
+    mine = digests(collisions.fold(k) for k in block["key"].to_pylist())
+    pos = np.minimum(np.searchsorted(repeated, mine), len(repeated) - 1)
+    return block.filter(pa.array(repeated[pos] == mine))
+
+
+def _clashes_across(input_loc: storage.Location, planned: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
+    """Every listed row whose key collides with another's anywhere in the listing, with its error naming
+    them all (`collisions.within` over the rows found): by tasks, which pass the driver a digest of each
+    key's folded form (16 bytes a row, in the object store) and then only the colliding rows."""
+    blocks = planned.to_arrow_refs()
+    repeated = _repeated.remote(*[_fold_digests.remote(b) for b in blocks])
+    found = [t for t in ray.get([_rows_folding_to.remote(b, repeated) for b in blocks]) if t.num_rows]
+    rows = pa.concat_tables([t.cast(schema) for t in found] or [schema.empty_table()])
+    prefix = input_loc.path.rstrip("/") + "/"
+    names = [path_of(input_loc, u).removeprefix(prefix) for u in rows["uri"].to_pylist()]
+    errors = collisions.within(rows["key"].to_pylist(), names)
+    rows = rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+    rows = rows.set_column(
+        rows.schema.get_field_index("collides"), "collides", pa.array([bool(e) for e in errors], pa.bool_())
+    )
+    return rows.filter(rows["collides"]).sort_by([("key", "ascending"), ("uri", "ascending")])
 
 
 def _partition_statuses(partition: storage.Location) -> pa.Table:
@@ -288,6 +340,10 @@ def check_layout(input_loc: storage.Location, output: storage.Location) -> None:
     check_apart(input_loc, output, _written, job="nightly")
 
 
+# What a refused night's collisions say to do: nightly has no --overwrite, and a refused night wrote nothing.
+NIGHT_FIX = "rename one, then run the night again"
+
+
 def refuse_collisions(clashes: pa.Table) -> None:
     """Key collisions fail the night before any inference: one error naming the first few.
 
@@ -296,7 +352,12 @@ def refuse_collisions(clashes: pa.Table) -> None:
     once the inputs are renamed.
     """
     if clashes.num_rows:
-        shown = list(dict.fromkeys(clashes["error"].to_pylist()))
+        errors = clashes["error"].to_pylist()
+        shown = list(
+            dict.fromkeys(
+                e.removesuffix(collisions.FIX) + NIGHT_FIX if e.endswith(collisions.FIX) else e for e in errors
+            )
+        )
         more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
         raise JobError(f"nightly: {clashes.num_rows} inputs share keys: " + "; ".join(shown[:3]) + more)
 
@@ -314,6 +375,8 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     from raysegment.inference.output import is_complete
     from raysegment.inference.pipeline import infer
     from raysegment.models.card import ModelCard
+    from raysegment.registry import infer_min_cpus
+    from raysegment.runtime import init_ray
 
     t0 = time.time()
     date = spec.date or datetime.datetime.now(datetime.UTC).date().isoformat()
@@ -329,6 +392,9 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     partition = output.child(partition_name(date))
 
     with RunLock(output.child(LOCK_NAME), spec.lock_stale_after_s, purpose="nightly run"):
+        # Ray only now: a second night into a locked OUTPUT is refused before it starts a local Ray (10-20 s of
+        # raylet, GCS and workers beside the live run) or reads anything of OUTPUT.
+        init_ray(min_cpus=infer_min_cpus(spec))
         index = ledger.build(output, date)
         ledger.compact(output, index, f"{date}-{_stamp()}")  # a year of nights stays a few files
         # No INPUT at all (a mistyped path or prefix, a share not mounted): the night fails below with a report.
@@ -369,11 +435,10 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
                     f"{index.keys} from earlier nights: check that INPUT is mounted and its prefix is right; "
                     "if it was emptied on purpose, run again with --allow-empty-input"
                 )
+            todo = _same_date_rerun(partition, todo, counts, card.model_sha256, report, index)
         except JobError as exc:
-            _failed(report, exc, spec)
-            _finish(report, output, date, t0)
+            _fail(report, exc, spec, output, date, t0)
             raise
-        todo = _same_date_rerun(partition, todo, counts, card.model_sha256, report)
         progress.expect_total("infer", todo.num_rows)
         if todo.num_rows:
             stamp = _stamp()
@@ -389,8 +454,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
                 # No ledger rows: every key of this run stays new/changed for the next attempt.
                 if isinstance(exc, RunFailed):
                     _counted(report, exc.record)
-                _failed(report, exc, spec)
-                _finish(report, output, date, t0)
+                _fail(report, exc, spec, output, date, t0)
                 raise
             _counted(report, record)
             report["status"] = "ok"
@@ -431,8 +495,25 @@ def _failed(report: dict[str, Any], exc: Exception, spec: NightlySpec) -> None:
     report["drift"] = drift(None, None, spec.drift_threshold)
 
 
+def _fail(
+    report: dict[str, Any], exc: Exception, spec: NightlySpec, output: storage.Location, date: str, t0: float
+) -> None:
+    """Write a failed night's report, and show its closing line (the counts and where the report went) before
+    the error's own line: a night that raises gets no other summary."""
+    from raysegment.registry import nightly_line
+
+    _failed(report, exc, spec)
+    _finish(report, output, date, t0)
+    progress.note(nightly_line(report))
+
+
 def _same_date_rerun(
-    partition: storage.Location, todo: pa.Table, counts: dict[str, int], model: str, report: dict[str, Any]
+    partition: storage.Location,
+    todo: pa.Table,
+    counts: dict[str, int],
+    model: str,
+    report: dict[str, Any],
+    index: ledger.LedgerIndex,
 ) -> pa.Table:
     """Tonight's work, where the date's partition holds rows an unfinished attempt (failed or killed, so
     not in the ledger) wrote. Such a row stands when its image is as that attempt listed it (the run
@@ -458,6 +539,16 @@ def _same_date_rerun(
         )
         progress.warn(log, "nightly", report["problem"])
         return todo.slice(0, 0)
+    colliding = _colliding_keys(partition, todo, index)
+    if colliding:
+        with compact.rewrite_lock(partition):
+            mark_incomplete(partition)
+            dropped = compact.drop_key_rows(partition, colliding, held=True)
+        progress.note(
+            f"nightly: {dropped} rows of {len(colliding)} keys that collide with another key in "
+            f"{storage.redact(partition.uri)} (an earlier attempt of this date wrote them) are dropped; the images "
+            "of those keys listed tonight are masked again"
+        )
     earlier = _earlier_listing(partition)
     if earlier is None:
         return todo
@@ -479,6 +570,76 @@ def _same_date_rerun(
                 "are dropped, and they are masked again"
             )
     return todo
+
+
+def _folded(keys: pa.Array) -> pa.Array:
+    """Each key in the form key collisions compare (`collisions.fold`), by columns: only keys that are not plain
+    ASCII (which folding leaves as they are) go through Python."""
+    odd = pc.invert(pc.string_is_ascii(keys))
+    if not pc.any(odd).as_py():
+        return keys
+    folded = [collisions.fold(k) for k in keys.filter(odd).to_pylist()]
+    return pc.replace_with_mask(keys, odd, pa.array(folded, pa.string()))
+
+
+def _shared(keys: pa.Array, folded: pa.Array) -> pa.Array:
+    """The distinct keys among `keys` (rows, repeats included) whose folded form more than one row has."""
+    if not len(keys):
+        return keys
+    times = pa.table({"f": folded}).group_by("f").aggregate([("f", "count")])
+    many = times.filter(pc.greater(times["f_count"], 1))["f"]
+    return pc.unique(keys.filter(pc.is_in(folded, value_set=many.combine_chunks())))
+
+
+def _colliding_keys(partition: storage.Location, todo: pa.Table, index: ledger.LedgerIndex) -> list[str]:
+    """Keys whose rows in the date's partition must go before tonight's run into it: rows of colliding keys
+    (two inputs of one key, or keys that differ only in Unicode form, `collisions.fold`), among the partition's
+    rows and tonight's keys, that an attempt of this date made before nights were refused for them (infer then
+    wrote a row for each, and failed its rows-vs-keys check; every re-run failed so, renamed inputs or not).
+
+    Such a key's rows are dropped when tonight redoes the key (it is new or changed) or when the ledger holds
+    no row of this date for it (a failed attempt's row: nothing points at it, and an image renamed since is
+    listed under its new key). A key the ledger records from this date keeps its row and mask, which the
+    ledger points at; if one of tonight's keys still collides with it, the night is refused (JobError) before
+    inference. By Arrow columns: the partition's key column (read a file at a time), Python only for keys that
+    are not plain ASCII and for the few that collide."""
+    held = _partition_statuses(partition)["key"].combine_chunks()
+    tonight = todo["key"].combine_chunks()
+    keys = pa.concat_arrays([held, tonight.filter(pc.invert(pc.is_in(tonight, value_set=held)))])
+    folded = _folded(keys)
+    involved = _shared(keys, folded)
+    if not len(involved):
+        return []
+    mine = involved.filter(pc.is_in(involved, value_set=held))
+    redone = np.asarray(pc.is_in(mine, value_set=tonight).to_numpy(zero_copy_only=False), bool)
+    drop = mine.filter(pa.array(redone | ~_recorded_tonight(index, mine.to_pylist())))
+    kept = pc.invert(pc.is_in(keys, value_set=drop))
+    still = _shared(keys.filter(kept), folded.filter(kept))
+    if len(still):
+        names = still.to_pylist()
+        fix = "rename tonight's image, then run the night again"
+        raise JobError(
+            f"nightly: {storage.redact(partition.uri)} holds a row this date's run recorded in the ledger, and one "
+            f"of tonight's images has a key colliding with it: {collisions.message(names, names[0], fix)}"
+        )
+    return drop.to_pylist()
+
+
+def _recorded_tonight(index: ledger.LedgerIndex, keys: list[str]) -> np.ndarray:
+    """For each key, whether its latest ledger row is from tonight's date (the ledger points at its row and mask
+    in tonight's partition): looked up in the index's buckets, as `ledger.classify` does."""
+    found = np.zeros(len(keys), bool)
+    if not index.lookups or not keys:
+        return found
+    values = digests(keys)
+    which = bucket_of(values, len(index.lookups))
+    for b in np.unique(which):
+        lookup: ledger.Lookup = ray.get(index.lookups[int(b)])
+        rows = np.flatnonzero(which == b)
+        if len(lookup.keys):
+            pos = np.minimum(np.searchsorted(lookup.keys, values[rows]), len(lookup.keys) - 1)
+            found[rows] = (lookup.keys[pos] == values[rows]) & lookup.tonight[pos]
+    return found
 
 
 def _earlier_listing(partition: storage.Location) -> pa.Table | None:

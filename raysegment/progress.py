@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -90,7 +91,11 @@ class Stage:
         self.name, self.unit = name, unit
         self.total = total if total is not None else settings.totals.pop(name, None)
         self.done = 0
+        self.skipped = 0  # of `done`, found done by an earlier run (`skip`): not in the rate
         self.figures: dict[str, Any] = {}
+        # Called before a heartbeat's line: a stage fed by a loop that blocks (Ray's iterators) counts what
+        # finished meanwhile, without waiting (infer: blocks its committer counted, inputs resume skipped).
+        self.poll: Callable[[], None] | None = None
         self.started = self._last_line = time.time()
         self.mode = settings.mode
         self._bar = self._make_bar() if self.mode == BAR else None
@@ -128,8 +133,11 @@ class Stage:
         )
 
     def update(self, n: int = 0, **figures: Any) -> None:
-        """`n` more done; figures (loss=0.41, errors=3) replace the ones shown."""
+        """`n` more done (fewer, for a negative `n`); figures (loss=0.41, errors=3) replace the ones shown.
+        Nothing once the stage is closed (a poll that ran late)."""
         with self._lock:
+            if self._closed:
+                return
             self.done += n
             self.figures.update(figures)
             if self._bar is not None:
@@ -139,15 +147,36 @@ class Stage:
             elif self.mode == LINES:
                 self._line_if_due()
 
+    def skip(self, skipped: int) -> None:
+        """`skipped` inputs (a running total) were found done by an earlier run: counted in `done`, so a resumed
+        stage ends at 100%, but not in the rate, and shown as `already done N`."""
+        with self._lock:
+            more = skipped - self.skipped
+            if more <= 0 or self._closed:
+                return
+            self.skipped = skipped
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._figures_text(), refresh=False)
+            self.update(more)
+
     def beat(self) -> None:
         """A line when none was written for `interval_s`, rows or not (the heartbeat thread's call): a stage
-        waiting for its first rows (listing, actors starting) showed nothing for 20 s and more."""
+        waiting for its first rows (listing, actors starting) showed nothing for 20 s and more. `poll` first,
+        outside the lock (it may update the stage), when a line is due."""
+        if self.poll is not None and self._due():
+            try:
+                self.poll()
+            except Exception as exc:  # a count missed now is taken at the next beat, or at the end
+                log.debug("%s: progress poll failed: %s", self.name, exc)
         with self._lock:
             if not self._closed:
                 self._line_if_due()
 
+    def _due(self) -> bool:
+        return time.time() - self._last_line >= settings.interval_s and not self._complete()
+
     def _line_if_due(self) -> None:
-        if time.time() - self._last_line >= settings.interval_s and not self._complete():
+        if self._due():
             self._write(self.line())  # a complete stage gets its final line from close()
 
     def close(self, eta_s: float | None = None, stopped: bool = False, **figures: Any) -> str:
@@ -178,11 +207,12 @@ class Stage:
         return bool(self.total) and self.done >= self.total
 
     def rate(self) -> float:
-        return self.done / max(time.time() - self.started, 1e-9)
+        """Of the work done here: inputs an earlier run did are not counted."""
+        return (self.done - self.skipped) / max(time.time() - self.started, 1e-9)
 
     def line(self, final: bool = False, eta_s: float | None = None, stopped: bool = False) -> str:
-        """`infer  120/400 images (30%)  12.3 images/s  ETA 23s  errors 0` (lines mode prefixes the time);
-        a final line ends `in 27s`, or `stopped after 24s` for a stage that did not finish."""
+        """`infer  120/400 images (30%)  12.3 images/s  ETA 23s  already done 40  errors 0` (lines mode prefixes
+        the time); a final line ends `in 27s`, or `stopped after 24s` for a stage that did not finish."""
         elapsed = time.time() - self.started
         count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
         parts = [self.name, f"{count} {self.unit}"]
@@ -191,13 +221,14 @@ class Stage:
         parts.append(f"{self.rate():.1f} {self.unit}/s")
         if final:
             parts.append(f"{'stopped after' if stopped else 'in'} {duration(elapsed)}")
-        elif self.total and self.done:
+        elif self.total and self.done > self.skipped:
             parts.append(f"ETA {duration((self.total - self.done) / self.rate())}")
         text = self._figures_text(eta_s)
         return "  ".join([*parts, text] if text else parts)
 
     def _figures_text(self, eta_s: float | None = None) -> str:
-        items = [_figure(k, v) for k, v in self.figures.items() if v is not None]
+        items = [f"already done {self.skipped}"] if self.skipped else []
+        items += [_figure(k, v) for k, v in self.figures.items() if v is not None]
         if eta_s is not None:
             items.append(f"ETA {duration(eta_s)}")
         return "  ".join(items)

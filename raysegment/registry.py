@@ -77,7 +77,8 @@ class Job:
     min_cpus: Callable[[Any], int] = _no_min_cpus
     # Has a jobs/{kind}.py entrypoint and can be sent with `raysegment submit`.
     on_cluster: bool = True
-    # Joins Ray (or starts a local one); model import and export run in the job's own process.
+    # Joins Ray (or starts a local one) before it runs; model import and export run in the job's own process, and
+    # nightly joins Ray itself once it holds its lock (a locked OUTPUT is refused without starting Ray).
     uses_ray: bool = True
 
 
@@ -282,11 +283,11 @@ JOBS: dict[str, Job] = {
             _as_is,
             lambda s: s.output,
             _nightly_exit_code,
-            min_cpus=infer_min_cpus,
+            uses_ray=False,  # joins Ray itself once it holds OUTPUT's lock, with infer_min_cpus (run_nightly)
         ),
         Job("compact", CompactSpec, _compact, _compact_lines, _as_is, lambda s: s.output),
         Job("serve", ServeSpec, _serve, _serve_lines, _as_is, lambda s: None, min_cpus=serve_min_cpus),
-        Job("import", ImportSpec, _import, _import_lines, _import_payload, lambda s: None, uses_ray=False),
+        Job("import", ImportSpec, _import, _import_lines, _import_payload, lambda s: s.dest, uses_ray=False),
         Job("export", ExportSpec, _export, _export_lines, _as_is, lambda s: s.dest, uses_ray=False),
     )
 }

@@ -301,3 +301,27 @@ def test_a_damaged_model_file_whose_hash_was_rewritten_is_one_error(tmp_path):
     card.write(storage.resolve(model))
     with pytest.raises(DataError, match="model.keras: not a readable Keras archive .*train or import the model again"):
         load_model(storage.resolve(model), ModelCard.read(model, verify_model=True))
+
+
+def test_import_keeps_its_log_in_dest_logs_and_a_refusal_leaves_dest_as_it_was(tmp_path):
+    """`model import` kept its log in $TMPDIR (its log folder was None), where every other command with a
+    local output folder keeps it in OUT/logs once it began writing there; a refusal's stays in the temp folder."""
+    src = functional(tmp_path / "net.keras", classes=2)
+    dest = tmp_path / "m"
+    args = ["model", "import", src, str(dest), "--classes", "a,b", "--input-size", "16,16"]
+    result = CliRunner().invoke(main, args)
+    (log,) = (dest / "logs").glob("raysegment-import-*.log")
+    assert result.exit_code == 0 and f"  log        {log}" in result.output, result.output
+    assert ModelCard.read(str(dest)).num_classes == 2  # logs/ beside the model changes nothing for it
+    result = CliRunner().invoke(main, [*args, "--overwrite"])  # DEST/logs is no refusal's reason
+    assert result.exit_code == 0 and f"  log        {dest / 'logs'}/raysegment-import-" in result.output
+    refused = tmp_path / "empty"
+    refused.mkdir()
+    inner = keras.Input((None, None, 8))
+    head = keras.Model(inner, keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 1)(inner)))
+    bad = wrapped(tmp_path / "bn.keras", head)  # refused after loading: no --output given
+    result = CliRunner().invoke(
+        main, ["model", "import", bad, str(refused), "--classes", "a,b", "--input-size", "16,16"]
+    )
+    assert result.exit_code == 2 and "pass --output logits" in result.output, result.output
+    assert list(refused.iterdir()) == []

@@ -693,3 +693,208 @@ def test_a_date_holding_another_models_rows_defers_the_night(tiny_model, tmp_pat
 
     (out / "date=2026-12-02" / "_SUCCESS").unlink()  # as a killed or failed night leaves it
     assert night("2026-12-03")["unfinished_partitions"] == ["date=2026-12-02"]
+
+
+NFC, NFD = "d\u00e9", "de\u0301"  # one folder name in two Unicode forms (Linux writes NFC, macOS NFD)
+
+
+def test_keys_that_collide_across_folders_refuse_the_night_before_inference(ray_cluster, tmp_path):
+    """The lister checks collisions a folder at a time, so `dé/a.png` under an NFC and an NFD folder name was
+    not refused: infer ran, failed its rows-vs-keys check advising --overwrite (which nightly refuses), and
+    every re-run of the date failed so. The whole listing is checked now, also against an unchanged image."""
+    root = storage.resolve(str(tmp_path / "in"))
+    for name in (f"{NFC}/a.png", f"{NFD}/a.png", "b.png", "c.png", "c.jpg", "ok/x.png"):
+        storage.write_bytes(root.child(name), b"1")
+    # The NFC image recorded by an earlier night (unchanged tonight), the NFD one new: a collision all the same.
+    info = os.stat(tmp_path / "in" / NFC / "a.png")
+    seen = ledger([(f"{NFC}/a", info.st_size, repr(info.st_mtime), "2026-11-30", "2026-11-30T01:00:00")])
+    index = night_ledger.index_of(seen, "2026-12-01")
+    night = nightly.plan_night(root, (".png", ".jpg"), index, "m1")
+    assert night.counts["listed"] == 6 and night.counts["unchanged"] == 1 and night.todo.num_rows == 5
+    assert sorted(night.clashes["uri"].to_pylist()) == sorted(
+        str(tmp_path / "in" / n) for n in (f"{NFC}/a.png", f"{NFD}/a.png", "c.jpg", "c.png")
+    )
+    errors = dict(zip(night.clashes["uri"].to_pylist(), night.clashes["error"].to_pylist()))
+    assert "two Unicode forms" in errors[str(tmp_path / "in" / NFD / "a.png")]
+    with pytest.raises(JobError, match="4 inputs share keys") as exc:
+        nightly.refuse_collisions(night.clashes)
+    assert "--overwrite" not in str(exc.value) and str(exc.value).count("rename one, then run the night again") == 2
+
+    storage.remove_tree(root.child(NFD))  # keys that are not ASCII, none colliding
+    storage.remove_tree(root.child("c.jpg"))
+    night = nightly.plan_night(root, (".png", ".jpg"), index, "m1")
+    assert night.clashes.num_rows == 0 and night.todo["key"].to_pylist() == ["b", "c", "ok/x"]
+
+
+def summary_file(partition: storage.Location, name: str, keys: list[str]) -> None:
+    """Summary rows as infer writes them, for the columns a re-run reads (`ok` keys with a mask)."""
+    status = ["ok" if k.startswith("ok") else "error" for k in keys]
+    masks = [partition.child("masks", f"{k}.png").uri if s == "ok" else None for k, s in zip(keys, status)]
+    table = pa.table({"key": keys, "status": status, "model_sha256": ["m1"] * len(keys), "mask_uri": masks})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes(partition.child("summaries", "run=r1", f"part-{name}.parquet"), buf.getvalue().to_pybytes())
+    for mask in [m for m in masks if m]:
+        storage.write_bytes(storage.resolve(mask), b"mask")
+
+
+def test_a_rerun_drops_colliding_rows_unless_the_ledger_points_at_them(ray_cluster, tmp_path):
+    """A date's partition holding two rows of keys that differ only in Unicode form (written before nights were
+    refused for them): rows nothing points at are dropped (a failed attempt's); a row the ledger records from
+    this date stays, and a key of tonight's colliding with it refuses the night before inference."""
+    part = storage.resolve(str(tmp_path / "out" / "date=2026-12-01"))
+    summary_file(part, "0", [f"{NFC}/a", "b"])
+    summary_file(part, "1", [f"{NFD}/a", "c", "c"])  # "c" twice: two inputs of one key
+    empty = night_ledger.index_of(ledger([]), "2026-12-01")
+    tonight = listing([(f"{NFC}/a", 1, "v"), ("de2/a", 1, "v"), ("b", 1, "v")])
+    dropped = nightly._colliding_keys(part, tonight, empty)
+    assert sorted(dropped) == sorted([f"{NFC}/a", f"{NFD}/a", "c"])
+
+    # The NFC key recorded from this date (the ledger points at its row), the NFD one new tonight: refused.
+    recorded = night_ledger.index_of(ledger([(f"{NFC}/a", 1, "v", "2026-12-01", "2026-12-01T01:00:00")]), "2026-12-01")
+    part2 = storage.resolve(str(tmp_path / "out2" / "date=2026-12-01"))
+    summary_file(part2, "0", [f"{NFC}/a", "b"])
+    with pytest.raises(JobError, match="run the night again") as exc:
+        nightly._colliding_keys(part2, listing([(f"{NFD}/a", 1, "v")]), recorded)
+    assert "two Unicode forms" in str(exc.value)
+    # Recorded by an earlier date instead: the row is a failed attempt's, dropped.
+    earlier = night_ledger.index_of(ledger([(f"{NFC}/a", 1, "v", "2026-11-30", "2026-11-30T01:00:00")]), "2026-12-01")
+    assert nightly._colliding_keys(part2, listing([(f"{NFD}/a", 1, "v")]), earlier) == [f"{NFC}/a"]
+    assert nightly._colliding_keys(part2, listing([("x", 1, "v")]), recorded) == []
+
+    # The re-run after the NFD image was renamed: the colliding rows (and the mask of one) go, the others stay.
+    part3 = storage.resolve(str(tmp_path / "out3" / "date=2026-12-01"))
+    summary_file(part3, "0", [f"ok{NFC}/a", "b"])
+    summary_file(part3, "1", [f"ok{NFD}/a", "c"])
+    storage.write_bytes(part3.child("_SUCCESS"), b"{}")
+    tonight = listing([(f"ok{NFC}/a", 1, "v"), ("ok-renamed/a", 1, "v")])
+    counts = dict.fromkeys(night_ledger.CHANGES, 0)
+    kept = nightly._same_date_rerun(part3, tonight, counts, "m1", {"counts": {}}, empty)
+    assert kept.equals(tonight) and not storage.exists(part3.child("_SUCCESS"))
+    assert sorted(pq.read_table(part3.path + "/summaries", columns=["key"])["key"].to_pylist()) == ["b", "c"]
+    masks = tmp_path / "out3" / "date=2026-12-01" / "masks"
+    assert not (masks / f"ok{NFC}" / "a.png").exists() and not (masks / f"ok{NFD}" / "a.png").exists()
+
+
+def fake_model(folder) -> str:
+    """A model folder whose card and model file agree, for nights that end before any inference."""
+    import hashlib
+
+    card = untrained_card().model_copy(update={"model_sha256": hashlib.sha256(b"weights").hexdigest()})
+    card.write(storage.resolve(str(folder)))
+    (folder / MODEL_FILE).write_bytes(b"weights")
+    return str(folder)
+
+
+def test_a_night_refused_for_colliding_keys_shows_its_closing_line(ray_cluster, tmp_path, monkeypatch):
+    """Refused before inference (nothing under the date), with the night's closing line naming its report: a
+    night that raised printed only its error line."""
+    model, inp, out = fake_model(tmp_path / "model"), tmp_path / "in", tmp_path / "nightly"
+    for name in (f"{NFC}/a.png", f"{NFD}/a.png", "b.png"):
+        storage.write_bytes(storage.resolve(str(inp / name)), b"1")
+    notes = []
+    real_note = nightly.progress.note
+    monkeypatch.setattr(nightly.progress, "note", lambda text: notes.append(text) or real_note(text))
+    spec = NightlySpec(model=model, input=str(inp), output=str(out), date="2026-12-01")
+    with pytest.raises(JobError, match="2 inputs share keys.*two Unicode forms.*rename one, then run the night again"):
+        nightly.run_nightly(spec)
+    report = json.loads((out / "reports" / "2026-12-01.json").read_text())
+    assert (
+        report["status"] == "failed" and report["counts"]["processed"] == 0 and "two Unicode forms" in report["problem"]
+    )
+    assert notes[-1] == (
+        "nightly 2026-12-01: failed; 3 listed, 3 new, 0 changed, 0 unchanged, 0 processed (0 ok, 0 errors); "
+        f"report {out / 'reports' / '2026-12-01.json'}"
+    )
+    assert not (out / "date=2026-12-01").exists() and not (out / nightly.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_date_an_earlier_release_let_collide_finishes_once_renamed(tiny_model, tmp_path, monkeypatch):
+    """The probe's case end to end: the date's partition holds the rows of `dé/a.png` from an NFC and an NFD
+    folder (infer ran on both and failed). The night is now refused before inference, with its closing line,
+    and once the NFD folder is renamed the same date finishes: the colliding rows are dropped and redone."""
+    from raysegment.errors import RunFailed
+
+    _, model = tiny_model
+    inp, out = tmp_path / "in", tmp_path / "nightly"
+    write_pngs(inp, [f"{NFC}/a", f"{NFD}/a", "b"])
+    part = out / "date=2026-12-01"
+    with pytest.raises(RunFailed, match="3 summary rows for 2 distinct keys"):  # what the earlier release left
+        pipeline.infer(InferSpec(model=model, input=str(inp), output=str(part), batch_size=4))
+    notes = []
+    real_note = nightly.progress.note
+    monkeypatch.setattr(nightly.progress, "note", lambda text: notes.append(text) or real_note(text))
+
+    def night():
+        return nightly.run_nightly(NightlySpec(model=model, input=str(inp), output=str(out), date="2026-12-01"))
+
+    with pytest.raises(JobError, match="2 inputs share keys.*run the night again"):
+        night()
+    report = json.loads((out / "reports" / "2026-12-01.json").read_text())
+    assert report["status"] == "failed" and report["counts"]["processed"] == 0
+    assert notes[-1].startswith("nightly 2026-12-01: failed; 3 listed, 3 new") and notes[-1].endswith(
+        f"report {out / 'reports' / '2026-12-01.json'}"
+    )
+    assert len(pq.read_table(part / "summaries", columns=["key"])) == 3  # no inference: nothing written
+
+    os.rename(inp / NFD, inp / "de2")
+    done = night()
+    assert done["status"] == "ok" and done["counts"]["processed"] == 2 and done["counts"]["skipped"] == 1
+    assert any("rows of 2 keys that collide" in n for n in notes)
+    rows = pq.read_table(part / "summaries", columns=["key", "status"]).to_pylist()
+    assert sorted((r["key"], r["status"]) for r in rows) == [("b", "ok"), ("de2/a", "ok"), (f"{NFC}/a", "ok")]
+    assert sorted(night_ledger.read(storage.resolve(str(out)))["key"].to_pylist()) == ["b", "de2/a", f"{NFC}/a"]
+
+
+def test_the_lock_message_says_when_a_holder_on_this_machine_is_taken_over(tmp_path):
+    """A holder on this machine is known alive (else it was taken over at once): the refusal said it would be
+    taken over after the stale age, and to delete the lock if that run was dead."""
+    from raysegment.lock import machine_id
+
+    loc = storage.resolve(str(tmp_path / "out" / "_nightly.lock"))
+    with RunLock(loc, stale_after_s=21600):
+        with pytest.raises(LockedError, match="another run holds the lock") as exc:
+            RunLock(loc, stale_after_s=21600).acquire()
+    text = str(exc.value)
+    assert f"if pid {os.getpid()} dies, its lock is taken over at once" in text and "21600" not in text
+    # Another machine's holder: its death cannot be seen from here, so the stale age is what takes it over.
+    storage.write_bytes(loc, json.dumps({"owner": "o", "pid": 1, "machine": f"{machine_id()}x"}).encode())
+    with pytest.raises(LockedError, match=r"delete the lock if that run is dead \(it is taken over after 21600 s\)"):
+        RunLock(loc, stale_after_s=21600).acquire()
+
+
+def test_a_night_into_a_locked_output_is_refused_before_ray_starts(tmp_path):
+    """It started a whole local Ray (10-20 s, beside the live run) before reading the lock. Here Ray cannot
+    start at all (its temp folder is a file): the refusal must come first."""
+    import subprocess
+    import sys
+
+    from raysegment.lock import machine_id
+
+    model, out = fake_model(tmp_path / "model"), tmp_path / "nightly"
+    write_pngs(tmp_path / "in", ["a"])
+    out.mkdir()
+    holder = {"owner": "live", "pid": os.getpid(), "machine": machine_id(), "host": "here", "created": "now"}
+    (out / nightly.LOCK_NAME).write_text(json.dumps(holder))
+    script = (
+        "import ray, sys\n"
+        "from raysegment import registry\n"
+        "from raysegment.config import NightlySpec\n"
+        "from raysegment.lock import LockedError\n"
+        "try:\n"
+        "    registry.run(NightlySpec(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3]))\n"
+        "except LockedError as exc:\n"
+        "    print('REFUSED', ray.is_initialized(), exc, file=sys.__stderr__)\n"
+    )
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "not-a-folder")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(model), str(tmp_path / "in"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert "REFUSED False" in done.stderr, done.stderr[-2000:]
+    assert f"pid {os.getpid()}" in done.stderr and not (out / "ledger").exists()

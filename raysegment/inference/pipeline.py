@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any
 
@@ -274,6 +275,91 @@ def write(run: Run, ds: ray.data.Dataset) -> ray.data.Dataset:
     )
 
 
+class InferProgress:
+    """What the infer stage counts, all of it without waiting, from the loop and from the progress heartbeat
+    (the loop blocks in Ray's iterator): rows handed to the writer as they come (their masks are written),
+    each block's ok and error rows once the committer has counted them, and the inputs resume found done
+    (the run's SkipTally, one call in flight at a time). Counts of whole blocks, never of rows: the driver's
+    work does not grow with the images. A stopped stage's last line counts what the run kept: the rows in
+    summary files and the inputs found done (`stopped`)."""
+
+    def __init__(self, shown: progress.Stage, counts: layout.RunCounts, committer: Any, skips: Any) -> None:
+        self.shown, self.counts, self.committer, self.skips = shown, counts, committer, skips
+        self.counting: list[ray.ObjectRef] = []  # the committer's status counts of blocks, not yet tallied
+        self.asked: ray.ObjectRef | None = None  # the skip tally's total, asked for and not yet answered
+        self._lock = threading.Lock()  # the loop and the heartbeat thread both poll
+
+    def add(self, block: ray.ObjectRef, start: int, stop: int) -> None:
+        """Rows block[start:stop] go to the writer: shown now, their ok/error counts when counted."""
+        with self._lock:
+            self.counting.append(self.committer.status_counts.remote(block, start, stop))
+        self.shown.update(stop - start)
+        self.poll()
+
+    def poll(self) -> None:
+        """Tally what is counted by now (blocks, inputs found done), waiting for nothing."""
+        with self._lock:
+            if self.counting:
+                done, self.counting = ray.wait(self.counting, num_returns=len(self.counting), timeout=0)
+                self._tally(done)
+        self._skipped(0)
+
+    def _tally(self, refs: list[ray.ObjectRef]) -> None:
+        for rows, ok in ray.get(refs):
+            self.counts.processed += rows
+            self.counts.ok += ok
+            self.counts.error += rows - ok
+        if refs:
+            self.shown.update(0, errors=self.counts.error)
+
+    def _skipped(self, wait_s: float) -> None:
+        if self.skips is None:
+            return
+        with self._lock:
+            if self.asked is None:
+                self.asked = self.skips.total.remote()
+            ready, _ = ray.wait([self.asked], timeout=wait_s)
+            if not ready:
+                return
+            answer, self.asked = self.asked, None
+        try:
+            self.shown.skip(ray.get(answer))
+        except ray.exceptions.RayActorError:
+            pass  # the tally is gone: `skipped_total` logs it at the end
+
+    def finish(self) -> None:
+        """The stream ended: every block's counts, and the inputs found done (every filter task has counted
+        by now: the stream ended after the last of them), so a finished stage's line reads its total."""
+        with self._lock:
+            refs, self.counting = self.counting, []
+            self._tally(refs)
+        self.counts.skipped = resume.skipped_total(self.skips)
+        self.shown.skip(self.counts.skipped)
+
+    def stopped(self, committed: int) -> None:
+        """The stage stops (an interrupt, an error): its last line counts the rows kept, the `committed` ones in
+        summary files (those waiting in the writer are redone by the next run; a commit the interrupt cut short
+        may still land, uncounted), and the inputs found done (the skip tally gets a second at most)."""
+        try:
+            self.poll()
+            self._skipped(1.0)
+        except Exception as exc:  # the stage's own exception is the one to report
+            log.debug("infer: counts at the stop: %s", exc)
+        self.shown.update(committed - (self.shown.done - self.shown.skipped))
+
+
+class CountedWriter(layout.SummaryWriter):
+    """A SummaryWriter that counts the rows of the summary files it wrote: a stopped run kept those (a block
+    of 256 rows committed 16 at a time may stop half-way through)."""
+
+    committed = 0
+
+    def flush(self) -> None:
+        rows = self.rows
+        super().flush()
+        self.committed += rows
+
+
 def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.FirstBatch | None]:
     """Run the pipeline; the driver counts the rows and commits them, `summary_rows` to a file.
 
@@ -283,40 +369,35 @@ def drain(run: Run, ds: ray.data.Dataset) -> tuple[layout.RunCounts, layout.Firs
     (`layout.BlockCommitter`) counts each block's statuses and writes each summary file."""
     counts = layout.RunCounts()
     committer = layout.start_committer()
-    writer = layout.SummaryWriter(run.output, run.run_id, run.spec.summary_rows, committer)
-    counting: list[ray.ObjectRef] = []
+    writer = CountedWriter(run.output, run.run_id, run.spec.summary_rows, committer)
     first_batch = None
-
-    def tally(refs: list[ray.ObjectRef]) -> None:
-        for rows, ok in ray.get(refs):
-            counts.processed += rows
-            counts.ok += ok
-            counts.error += rows - ok
-            shown.update(rows, errors=counts.error)
-
     try:
         with progress.stage("infer") as shown:  # the total only where the caller knows it (nightly)
-            # A block reaches the writer as soon as it exists (no prefetch holds finished rows back).
-            for bundle in ds.iter_internal_ref_bundles():
-                for entry, piece in zip(bundle.blocks, bundle.slices):
-                    rows = entry.metadata.num_rows
-                    if rows is None:  # a map task's output block has it; else count it
-                        rows = ray.get(committer.status_counts.remote(entry.ref, 0, None))[0]
-                    start, stop = (piece.start_offset, piece.end_offset) if piece else (0, rows)
-                    if stop <= start:
-                        continue
-                    writer.add(layout.PendingRows(entry.ref, start, stop, entry.metadata.size_bytes or 0))
-                    counting.append(committer.status_counts.remote(entry.ref, start, stop))
-                    done, counting = ray.wait(counting, num_returns=len(counting), timeout=0)
-                    tally(done)
-                    if first_batch is None:
-                        first_batch = layout.FirstBatch(seconds=round(time.time() - run.started, 2), rows=stop - start)
-            tally(counting)
-        writer.close()
+            seen = InferProgress(shown, counts, committer, run.skips)
+            shown.poll = seen.poll
+            try:
+                # A block reaches the writer as soon as it exists (no prefetch holds finished rows back).
+                for bundle in ds.iter_internal_ref_bundles():
+                    for entry, piece in zip(bundle.blocks, bundle.slices):
+                        rows = entry.metadata.num_rows
+                        if rows is None:  # a map task's output block has it; else count it
+                            rows = ray.get(committer.status_counts.remote(entry.ref, 0, None))[0]
+                        start, stop = (piece.start_offset, piece.end_offset) if piece else (0, rows)
+                        if stop <= start:
+                            continue
+                        seen.add(entry.ref, start, stop)
+                        writer.add(layout.PendingRows(entry.ref, start, stop, entry.metadata.size_bytes or 0))
+                        if first_batch is None:
+                            first_batch = layout.FirstBatch(
+                                seconds=round(time.time() - run.started, 2), rows=stop - start
+                            )
+                writer.close()
+                seen.finish()
+            except BaseException:
+                seen.stopped(writer.committed)
+                raise
     finally:
         ray.kill(committer)
-    # Every filter task has counted by now: the stream ended after the last of them.
-    counts.skipped = resume.skipped_total(run.skips)
     return counts, first_batch
 
 

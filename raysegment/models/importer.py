@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
-from raysegment import __version__, storage
+from raysegment import __version__, logs, storage
 from raysegment.config import ImportSpec, TrainSpec
 from raysegment.data import imaging
 from raysegment.errors import ConfigError, DataError, StorageError
@@ -73,6 +73,7 @@ def import_model(spec: ImportSpec) -> ImportResult:
         model, endpoint = _load(source, spec.model_file)
         head = _check_output(model, spec.model_file, probe, k)
         kind = _output_kind(model, spec.model_file) if spec.output == "auto" else spec.output
+        logs.began()  # checked: from here DEST changes, and its logs/ keeps this command's log
         storage.remove_success(out)
         for stale in (MODEL_FILE, SAVED_MODEL_DIR, *_evaluations(out)):  # --overwrite: the old model's files
             storage.remove_tree(out.child(stale))
