@@ -167,9 +167,9 @@ def session(kind: str, output_uri: str | None = None, as_json: bool = False) -> 
                     log.close_resources()  # while stray output still goes to the log
         except Exception as exc:
             err = user_error(exc)
-            if err is not None and err.exit_code == 2 and not log.working:
-                # Refused (a folder that is not OUTPUT's to write, a bad option): its log stays in the
-                # temp folder, so a refused command writes nothing under OUTPUT.
+            if err is not None and err.exit_code in REFUSED and not log.working:
+                # Refused (a folder that is not OUTPUT's to write, a bad option, a lock another run holds): its
+                # log stays in the temp folder, so a refused command writes nothing under OUTPUT.
                 log.final_dir = None
             raise
         finally:
@@ -188,6 +188,7 @@ def _error_json(kind: str, err: BaseException, exit_code: int, s: Session | None
 
 
 INTERRUPTED = 130  # exit code after Ctrl-C
+REFUSED = (2, 5)  # a user error, a lock another run holds: before the command began on OUT (logs.began), a refusal
 TERMINATED = 143  # exit code after SIGTERM (128 + 15, as shells report it)
 
 
@@ -296,7 +297,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                     print_json(_error_json(kind, exc, 1, s), s.results if s is not None else sys.stdout)
                 raise
             click.echo(f"error: {error_text(err)}", err=True)
-            if s is not None and (err.exit_code not in (0, 2) or (err.exit_code == 2 and s.log.working)):
+            if s is not None and (err.exit_code not in (0, *REFUSED) or (err.exit_code in REFUSED and s.log.working)):
                 # A failed job's log, or a user error's once the command began on OUT (the log kept beside what
                 # it left). A refusal stays its one line: it wrote nothing, its log is in the temp folder.
                 click.echo(f"  log: {s.log_path}", err=True)

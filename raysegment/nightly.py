@@ -388,10 +388,10 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     check_layout(input_loc, output)
     check_outside_model(storage.resolve(spec.model, spec.endpoint_url), output, job="nightly")
     storage.check_writable(output)
-    logs.began()
     partition = output.child(partition_name(date))
 
     with RunLock(output.child(LOCK_NAME), spec.lock_stale_after_s, purpose="nightly run"):
+        logs.began()  # a refusal by the lock (exit 5) keeps its log out of OUTPUT, as infer's does
         # Ray only now: a second night into a locked OUTPUT is refused before it starts a local Ray (10-20 s of
         # raylet, GCS and workers beside the live run) or reads anything of OUTPUT.
         init_ray(min_cpus=infer_min_cpus(spec))

@@ -78,7 +78,7 @@ class Job:
     # Has a jobs/{kind}.py entrypoint and can be sent with `raysegment submit`.
     on_cluster: bool = True
     # Joins Ray (or starts a local one) before it runs; model import and export run in the job's own process, and
-    # nightly joins Ray itself once it holds its lock (a locked OUTPUT is refused without starting Ray).
+    # infer and nightly join Ray themselves once they hold their lock (a locked OUTPUT is refused without starting Ray).
     uses_ray: bool = True
 
 
@@ -274,7 +274,15 @@ JOBS: dict[str, Job] = {
         Job("prepare", PrepareSpec, _prepare, _prepare_lines, _prepare_payload, lambda s: s.dest, on_cluster=False),
         Job("train", TrainSpec, _train, _train_lines, _train_payload, lambda s: s.out, min_cpus=train_min_cpus),
         Job("evaluate", EvaluateSpec, _evaluate, _evaluate_lines, _as_is, _evaluate_output),
-        Job("infer", InferSpec, _infer, _infer_lines, _as_is, lambda s: s.output, min_cpus=infer_min_cpus),
+        Job(
+            "infer",
+            InferSpec,
+            _infer,
+            _infer_lines,
+            _as_is,
+            lambda s: s.output,
+            uses_ray=False,  # joins Ray itself once it holds OUTPUT's lock, with infer_min_cpus (pipeline.plan)
+        ),
         Job(
             "nightly",
             NightlySpec,

@@ -540,11 +540,13 @@ def test_a_run_where_no_input_could_be_segmented_fails(tiny_model, tmp_path):
     assert (out / "_SUCCESS").exists()
 
 
-def test_retry_errors_redoes_only_the_error_rows(tiny_model, tmp_path):
+def test_retry_errors_redoes_only_the_error_rows(tiny_model, tmp_path, monkeypatch):
     """Error rows were never retried: a fixed image kept its error row on every resume, and only
     --overwrite (redoing every image) cleared it. --retry-errors drops the error rows first (a file with ok
     rows too is replaced, as compaction replaces files; one of errors alone is deleted), then resumes."""
+    from raysegment.inference import pipeline
     from raysegment.inference.output import summary_files
+    from raysegment.inference.sources import source_rows
 
     _, model = tiny_model
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -559,7 +561,12 @@ def test_retry_errors_redoes_only_the_error_rows(tiny_model, tmp_path):
         (inp / name).write_bytes(png(2))
     assert infer(spec)["counts"]["processed"] == 0  # a plain resume keeps the error rows
     ok_before = next(r for r in summaries(out) if r["key"] == "b")
+    # INPUT is listed once, against the index without the error rows: once the rows were dropped it was listed
+    # again (its warnings twice, a second tally actor).
+    listed = []
+    monkeypatch.setattr(pipeline, "source_rows", lambda *a, **k: listed.append(1) or source_rows(*a, **k))
     record = infer(spec.model_copy(update={"retry_errors": True}))
+    assert len(listed) == 1
     assert record["counts"] == {"total": 3, "skipped": 1, "processed": 2, "ok": 2, "error": 0}
     rows = rows_by_key(out)
     assert sorted(rows) == ["a", "b", "d"] and all(len(r) == 1 and r[0]["status"] == "ok" for r in rows.values())
@@ -637,6 +644,72 @@ def test_two_infer_runs_into_one_output_do_not_overlap(tiny_model, tmp_path):
         assert refused.value.exit_code == 5 and sorted(os.listdir(out)) == [RUN_LOCK]
     assert infer(spec)["counts"]["ok"] == 3
     assert not (out / RUN_LOCK).exists() and all(len(v) == 1 for v in rows_by_key(out).values())
+
+
+def checked_model(folder) -> str:
+    """A model folder whose card and model file agree, for runs refused before any inference."""
+    import hashlib
+
+    from helpers import untrained_card
+
+    from raysegment.models.card import MODEL_FILE
+
+    card = untrained_card().model_copy(update={"model_sha256": hashlib.sha256(b"weights").hexdigest()})
+    card.write(storage.resolve(str(folder)))
+    (folder / MODEL_FILE).write_bytes(b"weights")
+    return str(folder)
+
+
+def test_an_infer_into_a_locked_output_is_refused_before_ray_starts(tmp_path):
+    """It started a whole local Ray (10-24 s of raylet, GCS and dashboard beside the live run) before reading
+    OUTPUT's run lock. Here Ray cannot start at all (its temp folder is a file): the refusal must come first."""
+    import subprocess
+    import sys
+
+    from raysegment.inference.output import RUN_LOCK
+    from raysegment.lock import machine_id
+
+    model, inp, out = checked_model(tmp_path / "model"), tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.png").write_bytes(png(0))
+    out.mkdir()
+    holder = {"owner": "live", "pid": os.getpid(), "machine": machine_id(), "host": "here", "created": "now"}
+    (out / RUN_LOCK).write_text(json.dumps(holder))
+    script = (
+        "import ray, sys\n"
+        "from raysegment import registry\n"
+        "from raysegment.config import InferSpec\n"
+        "from raysegment.lock import LockedError\n"
+        "try:\n"
+        "    registry.run(InferSpec(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3]))\n"
+        "except LockedError as exc:\n"
+        "    print('REFUSED', ray.is_initialized(), exc, file=sys.__stderr__)\n"
+    )
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "not-a-folder")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, model, str(inp), str(out)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert "REFUSED False" in done.stderr, done.stderr[-2000:]
+    assert f"pid {os.getpid()}" in done.stderr and sorted(os.listdir(out)) == [RUN_LOCK]  # its log kept out too
+
+
+def test_retry_errors_refused_by_a_compaction_keeps_its_log_out_of_output(ray_cluster, tmp_path):
+    """A compaction holding the summaries' rewrite lock refuses `--retry-errors` (exit 5) before anything
+    changes, yet the run counted as begun: its log went into OUTPUT/logs and its path was printed, as was every
+    exit-5 refusal's. It stays out, _SUCCESS stays."""
+    from raysegment.inference.compact import rewrite_lock
+
+    model, inp, out = checked_model(tmp_path / "model"), tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.png").write_bytes(png(0))
+    storage.mark_success(storage.resolve(str(out)), {"run_id": "earlier"})
+    (out / "summaries").mkdir()
+    with rewrite_lock(storage.resolve(str(out))):
+        r = CliRunner().invoke(main, ["infer", model, str(inp), str(out), "--retry-errors"])
+        assert r.exit_code == 5 and "another summary rewrite holds the lock" in r.output, r.output
+        assert "log:" not in r.output  # a refusal is its one error line
+        assert sorted(os.listdir(out)) == ["_SUCCESS", "summaries"]
 
 
 def test_a_lock_whose_process_is_dead_is_taken_over_at_once(tmp_path):

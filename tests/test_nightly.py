@@ -898,3 +898,4 @@ def test_a_night_into_a_locked_output_is_refused_before_ray_starts(tmp_path):
     )
     assert "REFUSED False" in done.stderr, done.stderr[-2000:]
     assert f"pid {os.getpid()}" in done.stderr and not (out / "ledger").exists()
+    assert sorted(os.listdir(out)) == [nightly.LOCK_NAME]  # its log too stays out of OUTPUT

@@ -32,6 +32,8 @@ from raysegment.inference.predictor import Predictor, preprocess, resolve_precis
 from raysegment.inference.sources import source_rows
 from raysegment.lock import RunLock
 from raysegment.models.card import ModelCard
+from raysegment.registry import infer_min_cpus
+from raysegment.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class Run:
     card: ModelCard
     output: storage.Location
     run_id: str
-    done: resume.DoneIndex  # keys earlier runs finished
+    done: resume.DoneIndex  # keys earlier runs finished (under --retry-errors, their error rows left out)
     skips: Any  # a resume.SkipTally actor counting this run's inputs found done (None: none are done)
     actors: actors.Actors  # the predictor pool, resolved against the cluster
     started: float  # time.time() at the start
@@ -68,10 +70,7 @@ def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
     # INPUT is listed before OUTPUT changes: one without images is refused with OUTPUT as it was (its
     # _SUCCESS and, under --overwrite, its results kept; the log stays out of it).
     kind, ds = list_inputs(run)
-    started = begin(run, held)
-    if started is not run:  # --retry-errors dropped error rows: their keys are inputs again
-        run = started
-        kind, ds = list_inputs(run)
+    begin(run)
     ds = write(run, predict(run, ds))
     record = verify(run, kind, *drain(run, ds))
     if spec.report and (record.counts.total or run.done):  # the report is of all of OUTPUT
@@ -84,8 +83,8 @@ def _infer(spec: InferSpec, held: contextlib.ExitStack) -> dict[str, Any]:
 
 
 def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
-    """Check model and locations, take OUTPUT's run lock (`held` keeps it for the run) and read what earlier
-    runs did; nothing of OUTPUT changes yet (`begin`)."""
+    """Check model and locations, take OUTPUT's run lock (`held` keeps it for the run), join Ray and read what
+    earlier runs did; nothing of OUTPUT changes yet (`begin`)."""
     started = time.time()
     output = storage.resolve(spec.output, spec.endpoint_url, spec.storage_retry_s)
     # Hashed here, once: a model.keras that is not the card's would stamp every row with a wrong hash.
@@ -99,8 +98,12 @@ def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
     lock = held.enter_context(
         RunLock(output.child(layout.RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT")
     )
-    # --overwrite clears OUTPUT in `begin`: none of its keys is done then.
-    done = resume.DoneIndex() if spec.overwrite else resume.build(output)
+    # Ray only now (the infer job kind has uses_ray=False): a second run into a locked OUTPUT is refused before
+    # it starts a local Ray (10-24 s of raylet, GCS and workers beside the live run). Joined already: a no-op.
+    init_ray(min_cpus=infer_min_cpus(spec))
+    # --overwrite clears OUTPUT in `begin`: none of its keys is done then. --retry-errors drops the error rows
+    # there: their keys are not done, and INPUT is listed once, against the index OUTPUT will have.
+    done = resume.DoneIndex() if spec.overwrite else resume.build(output, without_errors=spec.retry_errors)
     other = done.models - {card.model_sha256}
     if other:
         raise DataError(
@@ -121,25 +124,23 @@ def _tally(done: resume.DoneIndex, held: contextlib.ExitStack) -> Any:
     return skips
 
 
-def begin(run: Run, held: contextlib.ExitStack) -> Run:
-    """Past the refusals (an INPUT without images the last): clear OUTPUT (--overwrite) or drop its error rows
-    (--retry-errors), and mark it incomplete. The run, with its index built again when rows were dropped."""
+def begin(run: Run) -> None:
+    """Past the refusals (an INPUT without images, a compaction holding the rewrite lock the last): clear
+    OUTPUT (--overwrite) or drop its error rows (--retry-errors, whose keys `plan` left out of the index),
+    and mark it incomplete."""
     spec, output = run.spec, run.output
-    logs.began()  # from here OUTPUT changes: its logs/ keeps this command's log
-    if spec.overwrite:
-        layout.clear(output)
     if not spec.retry_errors:
+        logs.began()  # from here OUTPUT changes: its logs/ keeps this command's log
+        if spec.overwrite:
+            layout.clear(output)
         layout.mark_incomplete(output)
-        return run
-    # The lock first: a compaction holding it refuses this run before _SUCCESS is touched.
+        return
+    # The lock first: a compaction holding it refuses this run before _SUCCESS is touched or the log kept.
     with compact.rewrite_lock(output):
+        logs.began()
         layout.mark_incomplete(output)
         dropped = compact.drop_error_rows(output, held=True)
     progress.note(f"infer: {dropped} error rows dropped from the summaries; the keys INPUT still lists are redone")
-    if not dropped:
-        return run
-    done = resume.build(output)
-    return dataclasses.replace(run, done=done, skips=_tally(done, held))
 
 
 # Options whose change makes a resumed run's masks unlike the earlier ones' (the format, or the pixels).

@@ -78,8 +78,12 @@ class GroupFigures:
 
 
 @ray.remote(num_cpus=0.25, num_returns=3)
-def _read_group(output: storage.Location, paths: list[str]) -> tuple[GroupFigures, np.ndarray, np.ndarray]:
-    """(figures, sorted distinct digests of the keys, the same of their folded forms) for these files."""
+def _read_group(
+    output: storage.Location, paths: list[str], without_errors: bool = False
+) -> tuple[GroupFigures, np.ndarray, np.ndarray]:
+    """(figures, sorted distinct digests of the keys, the same of their folded forms) for these files;
+    `without_errors`: of their rows but the error rows (`compact.drop_error_rows` keeps the same), the
+    model hashes still of every row."""
 
     def read(path: str) -> Any:
         try:
@@ -92,8 +96,10 @@ def _read_group(output: storage.Location, paths: list[str]) -> tuple[GroupFigure
     if any(t is None for t in tables):
         empty = np.zeros(0, DIGEST)
         return GroupFigures(0, 0, frozenset(), True), empty, empty
-    keys = [k for t in tables for k in t.column("key").to_pylist()]
     models = frozenset(m for t in tables for m in t.column("model_sha256").unique().to_pylist() if m)
+    if without_errors:
+        tables = [t.filter(pc.invert(pc.equal(t.column("status"), "error"))) for t in tables]
+    keys = [k for t in tables for k in t.column("key").to_pylist()]
     exact = np.unique(digests(keys))
     folded = np.unique(digests(collisions.fold(k) for k in keys))
     ok = sum(pc.sum(pc.equal(t.column("status"), "ok")).as_py() or 0 for t in tables)
@@ -166,24 +172,27 @@ class DoneIndex:
         return self.keys > 0
 
 
-def build(output: storage.Location, keys_per_bucket: int = KEYS_PER_BUCKET, attempts: int = 5) -> DoneIndex:
+def build(
+    output: storage.Location, keys_per_bucket: int = KEYS_PER_BUCKET, attempts: int = 5, without_errors: bool = False
+) -> DoneIndex:
     """The index of every summary row under OUTPUT (again from the start if compaction changed the
-    files while they were read)."""
+    files while they were read). `without_errors` (`infer --retry-errors`): the index OUTPUT has once its
+    error rows are dropped, so their keys are inputs again; `models` is still of every row."""
     for _ in range(attempts):
-        index = _build_once(output, keys_per_bucket)
+        index = _build_once(output, keys_per_bucket, without_errors)
         if index is not None:
             return index
     raise layout.SummariesChanged(f"{output.uri}: summaries kept changing while read; is a compaction looping?")
 
 
-def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | None:
+def _build_once(output: storage.Location, keys_per_bucket: int, without_errors: bool) -> DoneIndex | None:
     try:
         paths = layout.summary_files(output)
     except layout.SummariesChanged:
         return None
     if not paths:
         return DoneIndex()
-    groups = _groups(output, paths)
+    groups = _groups(output, paths, without_errors)
     figures: list[GroupFigures] = ray.get([g[0] for g in groups])
     if any(f.changed for f in figures):
         return None
@@ -205,10 +214,10 @@ def _build_once(output: storage.Location, keys_per_bucket: int) -> DoneIndex | N
     )
 
 
-def _groups(output: storage.Location, paths: list[str]) -> list[Any]:
+def _groups(output: storage.Location, paths: list[str], without_errors: bool = False) -> list[Any]:
     # Few large files (100k rows each) get a task each; many small ones (older outputs) go 16 a task.
     per_task = max(1, min(FILES_PER_TASK, math.ceil(len(paths) / MIN_TASKS)))
-    return [_read_group.remote(output, paths[i : i + per_task]) for i in range(0, len(paths), per_task)]
+    return [_read_group.remote(output, paths[i : i + per_task], without_errors) for i in range(0, len(paths), per_task)]
 
 
 def after_run(output: storage.Location, index: DoneIndex, run_id: str) -> DoneIndex:
