@@ -224,10 +224,12 @@ class RunLock:
     def _held_message(self, holder: Holder) -> str:
         info = holder.info
         if written_here(info):
-            # Its process runs (else the lock was taken over); a lock it leaves behind is taken over at once.
+            # Its process runs (else the lock was taken over); a lock it leaves behind is taken over at once, one
+            # it stops refreshing (hung, or the store's clock jumped) after the stale age.
             pid = info["pid"]
             after = (
-                f"wait for it to finish (it runs on this machine: if pid {pid} dies, its lock is taken over at once)"
+                f"wait for it to finish (it runs on this machine: if pid {pid} dies, its lock is taken over at "
+                f"once, or after {int(self.stale_after_s)} s without a refresh; or stop pid {pid})"
             )
         else:
             after = (

@@ -153,7 +153,9 @@ def plan_night(input_loc: storage.Location, exts: tuple[str, ...], index: ledger
     # The lister sees one folder at a time; keys of two folders collide when their folders' names differ only
     # in Unicode form (NFC `dé/a` and NFD `dé/a`). Such a key is not plain ASCII, so a night of ASCII keys
     # skips the check across the whole listing.
-    clashes = _clashes_across(input_loc, planned, schema) if unicode else rows.filter(rows["collides"])
+    clashes = (
+        _clashes_across(input_loc, planned, schema) if unicode else _colliding(input_loc, rows.filter(rows["collides"]))
+    )
     # Without collisions every row is new or changed: no second copy.
     todo = rows.filter(pc.is_in(rows["change"], pa.array(["new", "changed"]))) if clashes.num_rows else rows
     return NightPlan(counts, todo, clashes)
@@ -193,10 +195,15 @@ def _clashes_across(input_loc: storage.Location, planned: ray.data.Dataset, sche
     blocks = planned.to_arrow_refs()
     repeated = _repeated.remote(*[_fold_digests.remote(b) for b in blocks])
     found = [t for t in ray.get([_rows_folding_to.remote(b, repeated) for b in blocks]) if t.num_rows]
-    rows = pa.concat_tables([t.cast(schema) for t in found] or [schema.empty_table()])
+    return _colliding(input_loc, pa.concat_tables([t.cast(schema) for t in found] or [schema.empty_table()]))
+
+
+def _colliding(input_loc: storage.Location, rows: pa.Table) -> pa.Table:
+    """The rows whose key collides with another's among them, each error naming them all and saying to run
+    the night again (`NIGHT_FIX`: nightly has no --overwrite, and a refused night wrote nothing)."""
     prefix = input_loc.path.rstrip("/") + "/"
     names = [path_of(input_loc, u).removeprefix(prefix) for u in rows["uri"].to_pylist()]
-    errors = collisions.within(rows["key"].to_pylist(), names)
+    errors = collisions.within(rows["key"].to_pylist(), names, NIGHT_FIX)
     rows = rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     rows = rows.set_column(
         rows.schema.get_field_index("collides"), "collides", pa.array([bool(e) for e in errors], pa.bool_())
@@ -352,12 +359,7 @@ def refuse_collisions(clashes: pa.Table) -> None:
     once the inputs are renamed.
     """
     if clashes.num_rows:
-        errors = clashes["error"].to_pylist()
-        shown = list(
-            dict.fromkeys(
-                e.removesuffix(collisions.FIX) + NIGHT_FIX if e.endswith(collisions.FIX) else e for e in errors
-            )
-        )
+        shown = list(dict.fromkeys(clashes["error"].to_pylist()))  # one per collision, each ending with NIGHT_FIX
         more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
         raise JobError(f"nightly: {clashes.num_rows} inputs share keys: " + "; ".join(shown[:3]) + more)
 
@@ -372,10 +374,10 @@ def _stamp() -> str:
 
 def run_nightly(spec: NightlySpec) -> dict[str, Any]:
     """One night: list, diff against the ledger, infer the rest into OUTPUT/date=D, report."""
+    from raysegment.inference.actors import min_cpus
     from raysegment.inference.output import is_complete
     from raysegment.inference.pipeline import infer
     from raysegment.models.card import ModelCard
-    from raysegment.registry import infer_min_cpus
     from raysegment.runtime import init_ray
 
     t0 = time.time()
@@ -394,7 +396,7 @@ def run_nightly(spec: NightlySpec) -> dict[str, Any]:
         logs.began()  # a refusal by the lock (exit 5) keeps its log out of OUTPUT, as infer's does
         # Ray only now: a second night into a locked OUTPUT is refused before it starts a local Ray (10-20 s of
         # raylet, GCS and workers beside the live run) or reads anything of OUTPUT.
-        init_ray(min_cpus=infer_min_cpus(spec))
+        init_ray(min_cpus=min_cpus(spec))
         index = ledger.build(output, date)
         ledger.compact(output, index, f"{date}-{_stamp()}")  # a year of nights stays a few files
         # No INPUT at all (a mistyped path or prefix, a share not mounted): the night fails below with a report.
@@ -613,14 +615,21 @@ def _colliding_keys(partition: storage.Location, todo: pa.Table, index: ledger.L
     mine = involved.filter(pc.is_in(involved, value_set=held))
     redone = np.asarray(pc.is_in(mine, value_set=tonight).to_numpy(zero_copy_only=False), bool)
     drop = mine.filter(pa.array(redone | ~_recorded_tonight(index, mine.to_pylist())))
-    kept = pc.invert(pc.is_in(keys, value_set=drop))
-    still = _shared(keys.filter(kept), folded.filter(kept))
+    # The keys after the drop: the partition's kept rows and every key tonight writes again (a dropped key that
+    # tonight redoes is written again, beside the recorded row it may collide with).
+    kept = held.filter(pc.invert(pc.is_in(held, value_set=drop)))
+    after = pa.concat_arrays([kept, tonight.filter(pc.invert(pc.is_in(tonight, value_set=kept)))])
+    still = _shared(after, _folded(after))
     if len(still):
-        names = still.to_pylist()
+        groups: dict[str, list[str]] = {}
+        for key in still.to_pylist():
+            groups.setdefault(collisions.fold(key), []).append(key)
         fix = "rename tonight's image, then run the night again"
+        shown = [collisions.message(names, names[0], fix) for names in groups.values()]
+        more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
         raise JobError(
-            f"nightly: {storage.redact(partition.uri)} holds a row this date's run recorded in the ledger, and one "
-            f"of tonight's images has a key colliding with it: {collisions.message(names, names[0], fix)}"
+            f"nightly: {storage.redact(partition.uri)} holds rows this date's run recorded in the ledger, and "
+            f"tonight's images have keys colliding with them: " + "; ".join(shown[:3]) + more
         )
     return drop.to_pylist()
 

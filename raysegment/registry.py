@@ -1,5 +1,7 @@
 """The job kinds: for each, its spec class, the function that runs it, its closing summary and JSON
-result, its exit code, where its outputs (and log file) go and the logical CPUs a local Ray needs for it.
+result, its exit code, where its outputs (and log file) go, and whether `run` joins Ray (or starts a local
+one, with the logical CPUs the job needs) before calling it: infer and nightly join Ray themselves once they
+hold their lock, model import and export never use it.
 
 One table read by the CLI (`raysegment train ...`), the `ray job submit` entrypoints
 (`jobs/{kind}.py`, `python -m raysegment.entrypoints KIND`) and `raysegment submit`, so a
@@ -22,7 +24,6 @@ from raysegment.config import (
     EvaluateSpec,
     ExportSpec,
     ImportSpec,
-    InferOptions,
     InferSpec,
     NightlySpec,
     PrepareSpec,
@@ -77,24 +78,15 @@ class Job:
     min_cpus: Callable[[Any], int] = _no_min_cpus
     # Has a jobs/{kind}.py entrypoint and can be sent with `raysegment submit`.
     on_cluster: bool = True
-    # Joins Ray (or starts a local one) before it runs; model import and export run in the job's own process, and
-    # infer and nightly join Ray themselves once they hold their lock (a locked OUTPUT is refused without starting Ray).
-    uses_ray: bool = True
+    # `run` joins Ray (or starts a local one, with `min_cpus`) before calling the job. False for model import and
+    # export (run in the job's own process, no Ray), and for infer and nightly, which join Ray themselves once they
+    # hold their lock, with `actors.min_cpus` (a locked OUTPUT is refused without starting Ray).
+    joins_ray_first: bool = True
 
 
 def train_min_cpus(spec: TrainSpec) -> int:
     """Logical CPUs for training: every worker's share plus one, so the Ray Data tasks that feed them can run."""
     return int(spec.workers * spec.cpus_per_worker) + 1
-
-
-def infer_min_cpus(spec: InferOptions) -> int:
-    """Logical CPUs for inference on a local Ray: with `--actors auto`, one per core for the actors
-    plus two for the read, decode and write tasks beside them (what inference/actors.py leaves them)."""
-    if spec.actors != "auto":
-        return 0
-    from raysegment.runtime import cores
-
-    return cores() + 2
 
 
 def _prepare_lines(spec: PrepareSpec, manifest: Manifest) -> list[str]:
@@ -281,7 +273,7 @@ JOBS: dict[str, Job] = {
             _infer_lines,
             _as_is,
             lambda s: s.output,
-            uses_ray=False,  # joins Ray itself once it holds OUTPUT's lock, with infer_min_cpus (pipeline.plan)
+            joins_ray_first=False,  # joins Ray itself once it holds OUTPUT's lock (pipeline.plan)
         ),
         Job(
             "nightly",
@@ -291,12 +283,12 @@ JOBS: dict[str, Job] = {
             _as_is,
             lambda s: s.output,
             _nightly_exit_code,
-            uses_ray=False,  # joins Ray itself once it holds OUTPUT's lock, with infer_min_cpus (run_nightly)
+            joins_ray_first=False,  # joins Ray itself once it holds OUTPUT's lock (run_nightly)
         ),
         Job("compact", CompactSpec, _compact, _compact_lines, _as_is, lambda s: s.output),
         Job("serve", ServeSpec, _serve, _serve_lines, _as_is, lambda s: None, min_cpus=serve_min_cpus),
-        Job("import", ImportSpec, _import, _import_lines, _import_payload, lambda s: s.dest, uses_ray=False),
-        Job("export", ExportSpec, _export, _export_lines, _as_is, lambda s: s.dest, uses_ray=False),
+        Job("import", ImportSpec, _import, _import_lines, _import_payload, lambda s: s.dest, joins_ray_first=False),
+        Job("export", ExportSpec, _export, _export_lines, _as_is, lambda s: s.dest, joins_ray_first=False),
     )
 }
 # What `raysegment submit` and `python -m raysegment.entrypoints` accept, in help order.
@@ -323,13 +315,14 @@ def load_job_spec(kind: str, config: str | None = None, spec_json: str | None = 
 
 
 def run(spec: Spec, as_json: bool = False) -> int:
-    """Join Ray (or start it with enough CPUs), run the job the spec is for, print its summary (and under
-    `as_json` its one JSON object); its exit code."""
+    """Run the job the spec is for, print its summary (and under `as_json` its one JSON object); its exit code.
+    Ray is joined (or started with enough CPUs) first for the kinds marked `joins_ray_first`; infer and nightly
+    join it themselves once they hold their lock."""
     from raysegment.runtime import init_ray
 
     job = next(job for job in JOBS.values() if type(spec) is job.spec)
     with session(job.kind, job.output(spec), as_json) as s:
-        if job.uses_ray:
+        if job.joins_ray_first:
             init_ray(min_cpus=job.min_cpus(spec))
         result = job.run(spec)
         s.done(job.lines(spec, result), job.payload(spec, result), job.exit_code(result))

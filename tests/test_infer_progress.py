@@ -49,6 +49,29 @@ def test_inputs_found_done_count_toward_the_total_not_toward_the_rate(lines):
     assert re.fullmatch(rf"{LINE}3/3 images \(100%\)  0\.0 images/s  in 0s  already done 3", lines()[-1])
 
 
+def test_a_stop_reads_the_stage_counts_under_its_lock(lines):
+    """`stopped` read `done` and `skipped` outside the stage's lock, while the heartbeat's `skip` may have moved
+    one and not yet the other: its last line could be off by a tally step. Every read of `done` is checked."""
+
+    class Watched(progress.Stage):
+        unlocked = 0
+
+        @property
+        def done(self) -> int:
+            self.unlocked += not self._lock._is_owned()
+            return self._done
+
+        @done.setter
+        def done(self, value: int) -> None:
+            self._done = value
+
+    shown = Watched("infer", total=10)
+    shown.skip(3)
+    shown.update(2)
+    InferProgress(shown, layout.RunCounts(), None, None).stopped(4)  # 4 rows kept, and the 3 found done
+    assert shown.unlocked == 0 and shown.done == 7
+
+
 def summary_rows(out, keys, errors):
     """Summary rows of `keys` and their masks, as the pipeline's write tasks make them (no model)."""
     n = len(keys)

@@ -145,7 +145,7 @@ def bench_scale(images: int, store: str, batch_size: int, workdir: str | None) -
     """`measure` at images/10 and images, on local files or a loopback S3 server (started before
     Ray, so a local Ray's workers inherit its credentials; a joined cluster must have them)."""
     from raysegment.config import InferOptions
-    from raysegment.registry import infer_min_cpus
+    from raysegment.inference.actors import min_cpus
     from raysegment.runtime import init_ray
 
     with ExitStack() as stack:
@@ -160,7 +160,7 @@ def bench_scale(images: int, store: str, batch_size: int, workdir: str | None) -
             root = storage.resolve(f"s3://{server.bucket}/bench-{random.getrandbits(32):08x}", endpoint)
         else:
             root = storage.resolve(os.path.join(tmp, "data"))
-        init_ray(min_cpus=infer_min_cpus(InferOptions()))  # what `infer` starts with its defaults
+        init_ray(min_cpus=min_cpus(InferOptions()))  # what `infer` starts with its defaults
         model_dir = make_model_dir(tmp, IMAGE_SIZE, depth=2, base_filters=4)
         args = {"batch_size": batch_size, "mask_format": "packed", "report": False, "endpoint_url": endpoint}
         points = [measure(root, model_dir, n, args) for n in (images // 10, images)]

@@ -19,6 +19,16 @@ RESERVED_SHARE = 0.125
 RESERVED_MIN = 2.0
 
 
+def min_cpus(options: InferOptions) -> int:
+    """Logical CPUs for inference on a local Ray: with `--actors auto`, one per core for the actors plus two for
+    the read, decode and write tasks beside them (RESERVED_MIN)."""
+    if options.actors != "auto":
+        return 0
+    from raysegment.runtime import cores  # runtime imports Ray, which this module does not
+
+    return cores() + int(RESERVED_MIN)
+
+
 @dataclass(frozen=True)
 class Actors:
     min: int

@@ -45,15 +45,15 @@ def message(names: list[str], key: str, fix: str = FIX) -> str:
     return f"key collision: {listed} map to key '{_quote(key)}'{forms}; {fix}"
 
 
-def within(keys: list[str], names: list[str]) -> list[str]:
-    """Per input of one unit: '' or the message of the collision it is part of."""
+def within(keys: list[str], names: list[str], fix: str = FIX) -> list[str]:
+    """Per input of one unit: '' or the message of the collision it is part of, ending with `fix`."""
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(fold(key), []).append(i)
     out = [""] * len(keys)
     for members in groups.values():
         if len(members) > 1:
-            text = message([names[i] for i in members], keys[members[0]])
+            text = message([names[i] for i in members], keys[members[0]], fix)
             for i in members:
                 out[i] = text
     return out

@@ -32,7 +32,6 @@ from raysegment.inference.predictor import Predictor, preprocess, resolve_precis
 from raysegment.inference.sources import source_rows
 from raysegment.lock import RunLock
 from raysegment.models.card import ModelCard
-from raysegment.registry import infer_min_cpus
 from raysegment.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -98,9 +97,9 @@ def plan(spec: InferSpec, held: contextlib.ExitStack) -> Run:
     lock = held.enter_context(
         RunLock(output.child(layout.RUN_LOCK), RUN_LOCK_STALE_S, purpose="infer run into this OUTPUT")
     )
-    # Ray only now (the infer job kind has uses_ray=False): a second run into a locked OUTPUT is refused before
+    # Ray only now (the infer job kind has joins_ray_first=False): a second run into a locked OUTPUT is refused before
     # it starts a local Ray (10-24 s of raylet, GCS and workers beside the live run). Joined already: a no-op.
-    init_ray(min_cpus=infer_min_cpus(spec))
+    init_ray(min_cpus=actors.min_cpus(spec))
     # --overwrite clears OUTPUT in `begin`: none of its keys is done then. --retry-errors drops the error rows
     # there: their keys are not done, and INPUT is listed once, against the index OUTPUT will have.
     done = resume.DoneIndex() if spec.overwrite else resume.build(output, without_errors=spec.retry_errors)
@@ -346,7 +345,8 @@ class InferProgress:
             self._skipped(1.0)
         except Exception as exc:  # the stage's own exception is the one to report
             log.debug("infer: counts at the stop: %s", exc)
-        self.shown.update(committed - (self.shown.done - self.shown.skipped))
+        with self.shown._lock:  # the heartbeat's `skip` moves `skipped`, then `done`, under it
+            self.shown.update(committed - (self.shown.done - self.shown.skipped))
 
 
 class CountedWriter(layout.SummaryWriter):
