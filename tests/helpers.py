@@ -428,3 +428,45 @@ def training_held_after_first_checkpoint(root: Path) -> Iterator[TrainHold]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def hashed_model(folder: Path) -> str:
+    """A model folder whose card and model file agree (the file is no network), for runs refused before any
+    inference."""
+    import hashlib
+
+    from raysegment.models.card import MODEL_FILE
+
+    card = untrained_card().model_copy(update={"model_sha256": hashlib.sha256(b"weights").hexdigest()})
+    card.write(storage.resolve(str(folder)))
+    (folder / MODEL_FILE).write_bytes(b"weights")
+    return str(folder)
+
+
+def run_into_held_lock(spec: str, lock: Path, model: str, inp: Path, out: Path, scratch: Path) -> str:
+    """Run `registry.run(spec(model, inp, out))` (spec: a raysegment.config class name) in a subprocess where
+    Ray cannot start (its temp folder is a file) while this process holds `lock`; returns its stderr, where a
+    LockedError prints `REFUSED <ray.is_initialized()> <message>`."""
+    import json
+    import sys
+
+    from raysegment.lock import machine_id
+
+    holder = {"owner": "live", "pid": os.getpid(), "machine": machine_id(), "host": "here", "created": "now"}
+    lock.write_text(json.dumps(holder))
+    script = (
+        "import ray, sys\n"
+        "from raysegment import registry\n"
+        f"from raysegment.config import {spec}\n"
+        "from raysegment.lock import LockedError\n"
+        "try:\n"
+        f"    registry.run({spec}(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3]))\n"
+        "except LockedError as exc:\n"
+        "    print('REFUSED', ray.is_initialized(), exc, file=sys.__stderr__)\n"
+    )
+    (scratch / "not-a-folder").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(scratch / "not-a-folder")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, model, str(inp), str(out)], capture_output=True, text=True, timeout=120, env=env
+    )
+    return done.stderr

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from helpers import png, summaries
+from helpers import hashed_model, png, run_into_held_lock, summaries
 
 from raysegment import nightly, storage
 from raysegment.cli import main
@@ -646,52 +646,18 @@ def test_two_infer_runs_into_one_output_do_not_overlap(tiny_model, tmp_path):
     assert not (out / RUN_LOCK).exists() and all(len(v) == 1 for v in rows_by_key(out).values())
 
 
-def checked_model(folder) -> str:
-    """A model folder whose card and model file agree, for runs refused before any inference."""
-    import hashlib
-
-    from helpers import untrained_card
-
-    from raysegment.models.card import MODEL_FILE
-
-    card = untrained_card().model_copy(update={"model_sha256": hashlib.sha256(b"weights").hexdigest()})
-    card.write(storage.resolve(str(folder)))
-    (folder / MODEL_FILE).write_bytes(b"weights")
-    return str(folder)
-
-
 def test_an_infer_into_a_locked_output_is_refused_before_ray_starts(tmp_path):
     """It started a whole local Ray (10-24 s of raylet, GCS and dashboard beside the live run) before reading
     OUTPUT's run lock. Here Ray cannot start at all (its temp folder is a file): the refusal must come first."""
-    import subprocess
-    import sys
-
     from raysegment.inference.output import RUN_LOCK
-    from raysegment.lock import machine_id
 
-    model, inp, out = checked_model(tmp_path / "model"), tmp_path / "in", tmp_path / "out"
+    model, inp, out = hashed_model(tmp_path / "model"), tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     (inp / "a.png").write_bytes(png(0))
     out.mkdir()
-    holder = {"owner": "live", "pid": os.getpid(), "machine": machine_id(), "host": "here", "created": "now"}
-    (out / RUN_LOCK).write_text(json.dumps(holder))
-    script = (
-        "import ray, sys\n"
-        "from raysegment import registry\n"
-        "from raysegment.config import InferSpec\n"
-        "from raysegment.lock import LockedError\n"
-        "try:\n"
-        "    registry.run(InferSpec(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3]))\n"
-        "except LockedError as exc:\n"
-        "    print('REFUSED', ray.is_initialized(), exc, file=sys.__stderr__)\n"
-    )
-    (tmp_path / "not-a-folder").write_bytes(b"")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "not-a-folder")}
-    done = subprocess.run(
-        [sys.executable, "-c", script, model, str(inp), str(out)], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert "REFUSED False" in done.stderr, done.stderr[-2000:]
-    assert f"pid {os.getpid()}" in done.stderr and sorted(os.listdir(out)) == [RUN_LOCK]  # its log kept out too
+    stderr = run_into_held_lock("InferSpec", out / RUN_LOCK, model, inp, out, tmp_path)
+    assert "REFUSED False" in stderr, stderr[-2000:]
+    assert f"pid {os.getpid()}" in stderr and sorted(os.listdir(out)) == [RUN_LOCK]  # its log kept out too
 
 
 def test_retry_errors_refused_by_a_compaction_keeps_its_log_out_of_output(ray_cluster, tmp_path):
@@ -700,7 +666,7 @@ def test_retry_errors_refused_by_a_compaction_keeps_its_log_out_of_output(ray_cl
     exit-5 refusal's. It stays out, _SUCCESS stays."""
     from raysegment.inference.compact import rewrite_lock
 
-    model, inp, out = checked_model(tmp_path / "model"), tmp_path / "in", tmp_path / "out"
+    model, inp, out = hashed_model(tmp_path / "model"), tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     (inp / "a.png").write_bytes(png(0))
     storage.mark_success(storage.resolve(str(out)), {"run_id": "earlier"})

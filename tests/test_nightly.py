@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from helpers import untrained_card
+from helpers import hashed_model, run_into_held_lock, untrained_card
 from PIL import Image
 
 from raysegment import ledger as night_ledger
@@ -802,20 +802,10 @@ def test_a_rerun_drops_colliding_rows_unless_the_ledger_points_at_them(ray_clust
     assert not (masks / f"ok{NFC}" / "a.png").exists() and not (masks / f"ok{NFD}" / "a.png").exists()
 
 
-def fake_model(folder) -> str:
-    """A model folder whose card and model file agree, for nights that end before any inference."""
-    import hashlib
-
-    card = untrained_card().model_copy(update={"model_sha256": hashlib.sha256(b"weights").hexdigest()})
-    card.write(storage.resolve(str(folder)))
-    (folder / MODEL_FILE).write_bytes(b"weights")
-    return str(folder)
-
-
 def test_a_night_refused_for_colliding_keys_shows_its_closing_line(ray_cluster, tmp_path, monkeypatch):
     """Refused before inference (nothing under the date), with the night's closing line naming its report: a
     night that raised printed only its error line."""
-    model, inp, out = fake_model(tmp_path / "model"), tmp_path / "in", tmp_path / "nightly"
+    model, inp, out = hashed_model(tmp_path / "model"), tmp_path / "in", tmp_path / "nightly"
     for name in (f"{NFC}/a.png", f"{NFD}/a.png", "b.png"):
         storage.write_bytes(storage.resolve(str(inp / name)), b"1")
     notes = []
@@ -896,35 +886,10 @@ def test_the_lock_message_says_when_a_holder_on_this_machine_is_taken_over(tmp_p
 def test_a_night_into_a_locked_output_is_refused_before_ray_starts(tmp_path):
     """It started a whole local Ray (10-20 s, beside the live run) before reading the lock. Here Ray cannot
     start at all (its temp folder is a file): the refusal must come first."""
-    import subprocess
-    import sys
-
-    from raysegment.lock import machine_id
-
-    model, out = fake_model(tmp_path / "model"), tmp_path / "nightly"
+    model, out = hashed_model(tmp_path / "model"), tmp_path / "nightly"
     write_pngs(tmp_path / "in", ["a"])
     out.mkdir()
-    holder = {"owner": "live", "pid": os.getpid(), "machine": machine_id(), "host": "here", "created": "now"}
-    (out / nightly.LOCK_NAME).write_text(json.dumps(holder))
-    script = (
-        "import ray, sys\n"
-        "from raysegment import registry\n"
-        "from raysegment.config import NightlySpec\n"
-        "from raysegment.lock import LockedError\n"
-        "try:\n"
-        "    registry.run(NightlySpec(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3]))\n"
-        "except LockedError as exc:\n"
-        "    print('REFUSED', ray.is_initialized(), exc, file=sys.__stderr__)\n"
-    )
-    (tmp_path / "not-a-folder").write_bytes(b"")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "not-a-folder")}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(model), str(tmp_path / "in"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert "REFUSED False" in done.stderr, done.stderr[-2000:]
-    assert f"pid {os.getpid()}" in done.stderr and not (out / "ledger").exists()
+    stderr = run_into_held_lock("NightlySpec", out / nightly.LOCK_NAME, model, tmp_path / "in", out, tmp_path)
+    assert "REFUSED False" in stderr, stderr[-2000:]
+    assert f"pid {os.getpid()}" in stderr and not (out / "ledger").exists()
     assert sorted(os.listdir(out)) == [nightly.LOCK_NAME]  # its log too stays out of OUTPUT
