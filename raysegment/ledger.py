@@ -164,27 +164,35 @@ def index_of(table: pa.Table, date: str, rows_per_bucket: int = ROWS_PER_BUCKET)
 def classify(batch: pa.Table, lookups: list[list[Any]], model_sha256: str) -> pa.Table:
     """A listing batch with its `change` column (`lookups`: [the index's bucket refs], wrapped so
     Ray Data passes the refs, not their values)."""
-    buckets = lookups[0]
     n = batch.num_rows
-    keys = digests(batch["key"].to_pylist())
     mine = fingerprints(batch["size"], batch["version"], pa.array([model_sha256] * n, pa.string()))
-    found = np.zeros(n, bool)
-    same = np.zeros(n, bool)
-    tonight = np.zeros(n, bool)
-    if buckets:
-        which = bucket_of(keys, len(buckets))
-        for b in np.unique(which):
-            lookup: Lookup = ray.get(buckets[int(b)])
-            rows = np.flatnonzero(which == b)
-            if not len(lookup.keys):
-                continue
-            pos = np.minimum(np.searchsorted(lookup.keys, keys[rows]), len(lookup.keys) - 1)
-            hit = lookup.keys[pos] == keys[rows]
-            found[rows] = hit
-            same[rows] = hit & (lookup.fingerprints[pos] == mine[rows])
-            tonight[rows] = hit & lookup.tonight[pos]
+    found, same, tonight = look_up(lookups[0], digests(batch["key"].to_pylist()), mine)
     change = np.where(~found, "new", np.where(same, "unchanged", np.where(tonight, "deferred", "changed")))
     return batch.append_column("change", pa.array(change.astype(object), pa.string()))
+
+
+def look_up(
+    buckets: list[Any], keys: np.ndarray, mine: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each key digest, against the index's bucket refs: (in the ledger, its latest row's fingerprint is
+    `mine`'s (all False without `mine`), its latest row is from tonight's date)."""
+    n = len(keys)
+    found, same, tonight = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    if not buckets or not n:
+        return found, same, tonight
+    which = bucket_of(keys, len(buckets))
+    for b in np.unique(which):
+        lookup: Lookup = ray.get(buckets[int(b)])
+        rows = np.flatnonzero(which == b)
+        if not len(lookup.keys):
+            continue
+        pos = np.minimum(np.searchsorted(lookup.keys, keys[rows]), len(lookup.keys) - 1)
+        hit = lookup.keys[pos] == keys[rows]
+        found[rows] = hit
+        if mine is not None:
+            same[rows] = hit & (lookup.fingerprints[pos] == mine[rows])
+        tonight[rows] = hit & lookup.tonight[pos]
+    return found, same, tonight
 
 
 def compact(output: storage.Location, index: LedgerIndex, name: str) -> int:

@@ -44,7 +44,7 @@ from raysegment.errors import DataError, JobError, RunFailed, StorageError
 from raysegment.inference import collisions
 from raysegment.inference.listing import LISTED_SCHEMA, LISTING_SCHEMA, list_prefix, path_of
 from raysegment.inference.overlap import check_apart, check_outside_model
-from raysegment.inference.resume import DIGEST, bucket_of, digests
+from raysegment.inference.resume import DIGEST, digests
 from raysegment.lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ _NONE = np.zeros(0, DIGEST)
 def _fold_digests(block: pa.Table) -> np.ndarray:
     """The digest of each key of a listing block in its Unicode-folded form (`collisions.fold`, the rule
     every key collision check applies): two keys that collide have the same one."""
-    return digests(collisions.fold(k) for k in block["key"].to_pylist()) if "key" in block.column_names else _NONE
+    return digests(_folded(block["key"].combine_chunks()).to_pylist()) if "key" in block.column_names else _NONE
 
 
 @ray.remote(num_cpus=0.25)
@@ -179,11 +179,10 @@ def _repeated(*blocks: np.ndarray) -> np.ndarray:
 
 
 @ray.remote(num_cpus=0.25)
-def _rows_folding_to(block: pa.Table, repeated: np.ndarray) -> pa.Table:
-    """A listing block's rows whose folded key's digest is among `repeated`."""
+def _rows_folding_to(block: pa.Table, mine: np.ndarray, repeated: np.ndarray) -> pa.Table:
+    """A listing block's rows whose folded key's digest (`mine`, from `_fold_digests`) is among `repeated`."""
     if not block.num_rows or not len(repeated):
         return block.slice(0, 0)
-    mine = digests(collisions.fold(k) for k in block["key"].to_pylist())
     pos = np.minimum(np.searchsorted(repeated, mine), len(repeated) - 1)
     return block.filter(pa.array(repeated[pos] == mine))
 
@@ -193,8 +192,11 @@ def _clashes_across(input_loc: storage.Location, planned: ray.data.Dataset, sche
     them all (`collisions.within` over the rows found): by tasks, which pass the driver a digest of each
     key's folded form (16 bytes a row, in the object store) and then only the colliding rows."""
     blocks = planned.to_arrow_refs()
-    repeated = _repeated.remote(*[_fold_digests.remote(b) for b in blocks])
-    found = [t for t in ray.get([_rows_folding_to.remote(b, repeated) for b in blocks]) if t.num_rows]
+    folded = [_fold_digests.remote(b) for b in blocks]  # each key folded and hashed once
+    repeated = _repeated.remote(*folded)
+    found = [
+        t for t in ray.get([_rows_folding_to.remote(b, d, repeated) for b, d in zip(blocks, folded)]) if t.num_rows
+    ]
     return _colliding(input_loc, pa.concat_tables([t.cast(schema) for t in found] or [schema.empty_table()]))
 
 
@@ -636,19 +638,8 @@ def _colliding_keys(partition: storage.Location, todo: pa.Table, index: ledger.L
 
 def _recorded_tonight(index: ledger.LedgerIndex, keys: list[str]) -> np.ndarray:
     """For each key, whether its latest ledger row is from tonight's date (the ledger points at its row and mask
-    in tonight's partition): looked up in the index's buckets, as `ledger.classify` does."""
-    found = np.zeros(len(keys), bool)
-    if not index.lookups or not keys:
-        return found
-    values = digests(keys)
-    which = bucket_of(values, len(index.lookups))
-    for b in np.unique(which):
-        lookup: ledger.Lookup = ray.get(index.lookups[int(b)])
-        rows = np.flatnonzero(which == b)
-        if len(lookup.keys):
-            pos = np.minimum(np.searchsorted(lookup.keys, values[rows]), len(lookup.keys) - 1)
-            found[rows] = (lookup.keys[pos] == values[rows]) & lookup.tonight[pos]
-    return found
+    in tonight's partition)."""
+    return ledger.look_up(index.lookups, digests(keys))[2]
 
 
 def _earlier_listing(partition: storage.Location) -> pa.Table | None:
