@@ -159,6 +159,12 @@ class Stage:
                 self._bar.set_postfix_str(self._figures_text(), refresh=False)
             self.update(more)
 
+    def kept(self, rows: int) -> None:
+        """The stage stopped with `rows` of its own rows kept (besides the inputs found done, `skip`): `done` says
+        that, whatever was counted as it went. Under the lock, as the heartbeat's `skip` moves `skipped`."""
+        with self._lock:
+            self.update(rows - (self.done - self.skipped))
+
     def beat(self) -> None:
         """A line when none was written for `interval_s`, rows or not (the heartbeat thread's call): a stage
         waiting for its first rows (listing, actors starting) showed nothing for 20 s and more. `poll` first,

@@ -240,6 +240,29 @@ def test_a_failed_overwrite_leaves_the_old_data_set_whole(ray_cluster, tmp_path)
     _intact(data, old)
 
 
+def test_a_second_prepare_into_a_dest_being_prepared_is_refused_and_takes_nothing(ray_cluster, tmp_path):
+    """Two prepares into one DEST at once (a retried CronJob beside the first): the second's commit removed the
+    first's shards as "another generation". DEST's lock refuses the second (exit 5) before it writes anything."""
+    from raysegment.data.prepare import PREPARE_LOCK, PREPARE_LOCK_STALE_S
+    from raysegment.lock import LockedError, RunLock
+
+    src = write_source(str(tmp_path / "src"), count=6)
+    data = tmp_path / "data"
+    old = prepare(PrepareSpec(source=src, dest=str(data), val_keys="00001"))
+    manifest_bytes = (data / "manifest.json").read_bytes()
+    with RunLock(
+        storage.resolve(str(data)).child(PREPARE_LOCK), PREPARE_LOCK_STALE_S, purpose="prepare into this DEST"
+    ):
+        with pytest.raises(LockedError, match=r"_prepare\.lock: another prepare into this DEST holds the lock") as err:
+            prepare(PrepareSpec(source=src, dest=str(data), overwrite=True))
+        assert err.value.exit_code == 5
+        assert (data / "manifest.json").read_bytes() == manifest_bytes
+        _intact(data, old)
+    again = prepare(PrepareSpec(source=src, dest=str(data), overwrite=True))  # free again: it runs
+    _intact(data, again)
+    assert not (data / PREPARE_LOCK).exists()
+
+
 def test_a_failed_manifest_write_leaves_its_shards_for_the_next_prepare(ray_cluster, tmp_path):
     """The docs said a failed run removes its own shards: not when the manifest write fails (on S3 a put that
     timed out may still have committed). They stay, unlisted, and the next prepare's commit removes them."""

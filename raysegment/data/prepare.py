@@ -20,6 +20,10 @@ killed run) removed. A run that fails before the commit removes only its own fol
 whose manifest write fails leaves it (an S3 upload that timed out may have committed) for
 the next run's commit to remove. Each shard
 appears whole (rename locally, one upload on S3); nothing is copied or renamed after.
+
+A run holds DEST's lock (`_prepare.lock`, lock.RunLock) from its destination check to its
+cleanup: a second prepare into the same DEST (a retried CronJob while the first still runs)
+would otherwise remove the first's shards as "another generation" after its own commit.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from raysegment.data.layouts import (
 )
 from raysegment.data.manifest import FORMAT_VERSION, MANIFEST, Counts, Manifest, Shard, Skipped, write_manifest
 from raysegment.errors import DataError
+from raysegment.lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,10 @@ SHARD_SCHEMA = pa.schema(
 MAX_REPORTED = 20
 # A row group is the unit Ray Data and Parquet readers stream; it also bounds a shard task's buffer.
 ROW_GROUP_BYTES = 32 * 2**20
+PREPARE_LOCK = "_prepare.lock"
+# A live run rewrites its lock every quarter of this (RunLock's heartbeat); one on this machine whose pid
+# died is taken over at once.
+PREPARE_LOCK_STALE_S = 1800
 
 
 def _plan_shards(pairs: list[Pair], target_bytes: int) -> list[tuple[str, list[Pair]]]:
@@ -765,7 +774,6 @@ def _check_destination(spec: PrepareSpec, dest: storage.Location) -> None:
     whole and readable until the new manifest replaces it (`_remove_other_generations` follows the commit)."""
     if storage.exists(dest.child(MANIFEST)) and not spec.overwrite:
         raise DataError(f"{dest.uri}: a data set already exists here; pass --overwrite or choose another DEST")
-    storage.check_writable(dest)
 
 
 def _classes(
@@ -960,9 +968,25 @@ def prepare(spec: PrepareSpec) -> Manifest:
     dest = storage.resolve(spec.dest, spec.endpoint_url, spec.storage_retry_s)
     storage.check_readable(source)
     listing, encoding, pairs, split_source = _list_pairs(spec, source)
-    _check_destination(spec, dest)
-    logs.began()
+    storage.check_writable(dest)
+    # After SOURCE's refusals, which write nothing; DEST is checked under the lock (a prepare that committed
+    # there while this one listed is refused without --overwrite).
+    with RunLock(dest.child(PREPARE_LOCK), PREPARE_LOCK_STALE_S, purpose="prepare into this DEST"):
+        _check_destination(spec, dest)
+        logs.began()
+        return _prepare_locked(spec, source, dest, listing, encoding, pairs, split_source, t0)
 
+
+def _prepare_locked(
+    spec: PrepareSpec,
+    source: storage.Location,
+    dest: storage.Location,
+    listing: Listing,
+    encoding: masks.MaskEncoding,
+    pairs: list[Pair],
+    split_source: str,
+    t0: float,
+) -> Manifest:
     invalid = [Invalid(p.key, Problem(p.problem)) for p in pairs if p.problem]
     plan = _plan_shards([p for p in pairs if not p.problem], int(spec.shard_size_mb * 2**20))
     log.info("prepare: %d pairs in %d shards (%d invalid while listing)", len(pairs), len(plan), len(invalid))

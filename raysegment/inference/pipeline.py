@@ -345,15 +345,16 @@ class InferProgress:
             self._skipped(1.0)
         except Exception as exc:  # the stage's own exception is the one to report
             log.debug("infer: counts at the stop: %s", exc)
-        with self.shown._lock:  # the heartbeat's `skip` moves `skipped`, then `done`, under it
-            self.shown.update(committed - (self.shown.done - self.shown.skipped))
+        self.shown.kept(committed)
 
 
 class CountedWriter(layout.SummaryWriter):
     """A SummaryWriter that counts the rows of the summary files it wrote: a stopped run kept those (a block
     of 256 rows committed 16 at a time may stop half-way through)."""
 
-    committed = 0
+    def __init__(self, output: storage.Location, run_id: str, max_rows: int, committer: Any = None) -> None:
+        super().__init__(output, run_id, max_rows, committer)
+        self.committed = 0
 
     def flush(self) -> None:
         rows = self.rows
