@@ -533,3 +533,22 @@ def test_a_resume_trains_no_epoch_past_an_early_stop():
     assert not more_epochs(dataclasses.replace(state, stopped_early=True, stopped_by="patience"), cfg)
     assert not more_epochs(dataclasses.replace(state, epoch=9), cfg)
     assert not more_epochs(dataclasses.replace(state, fitted_epochs=5), cfg)
+
+
+def test_a_run_ray_train_ends_short_of_its_epochs_without_an_error_is_refused(tmp_path):
+    """Ray Train ended a run "successfully" after epoch 1 of 2 when a worker was lost after its training function
+    returned and before the controller took its last report (1 run in 3 of test_train's kill, with 2 epochs): train
+    then wrote epoch 1's model as the run's, `epochs_run` 1, exit 0. Now that is exit 3 naming the resume."""
+    from raysegment import storage
+    from raysegment.errors import JobError
+    from raysegment.train.trainer import check_all_epochs
+
+    out = storage.resolve(str(tmp_path))
+    cfg = config(epochs=2)
+    one = TrainState().after_epoch({"epoch": 0, "val_mean_iou": 0.5}, np.eye(2), None)
+    with pytest.raises(JobError, match=r"ended the run after epoch 1 of 2 without an error .* resumes from the last"):
+        check_all_epochs(out, one, cfg)
+    assert JobError.exit_code == 3
+    check_all_epochs(out, one.after_epoch({"epoch": 1, "val_mean_iou": 0.4}, np.eye(2), None), cfg)  # all run
+    check_all_epochs(out, dataclasses.replace(one, stopped_early=True, stopped_by="patience"), cfg)  # stopped
+    check_all_epochs(out, dataclasses.replace(one, fitted_epochs=1), cfg)  # the budget fitted one epoch

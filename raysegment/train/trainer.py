@@ -28,7 +28,7 @@ from raysegment.data.classes import manifest_warnings
 from raysegment.data.examples import NATIVE_VAL, Augmentation, native_validation
 from raysegment.data.manifest import Manifest, read_manifest
 from raysegment.data.pipeline import padded_for_workers, training_dataset
-from raysegment.errors import ConfigError, StorageError
+from raysegment.errors import ConfigError, JobError, StorageError
 from raysegment.evaluate import TTA_MIN_GAIN, measure_tta
 from raysegment.models.card import (
     CARD_FILE,
@@ -47,7 +47,7 @@ from raysegment.train import events, tracking
 from raysegment.train.backend import TFClusterConfig
 from raysegment.train.checkpoint import CHECKPOINT_WEIGHTS, TrainState, file_sha256, read_state
 from raysegment.train.config import TrainConfig, rare_classes, train_config
-from raysegment.train.loop import train_loop_per_worker
+from raysegment.train.loop import more_epochs, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,9 @@ def train(spec: TrainSpec) -> TrainResult:
         live = tracking.LiveLog(out.child(TENSORBOARD_DIR), run)
         with live, events.follow(cfg.epochs, live.rows) as inbox:
             result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest, cfg), inbox, identity)
-        if result.error:
-            raise result.error
+        state = _ended_with(result)
+        check_all_epochs(out, state, cfg)
         progress.note(f"train: writing the model, its card and plots to {out.uri}")
-        with result.checkpoint.as_directory() as d:
-            state = read_state(d)
         best_ckpt, best_metrics = best_checkpoint(result, state)  # each resume was noted as it happened (events)
         # The history's row of that epoch: what the epoch reported also holds the progress line's ETA.
         best_row = next((row for row in state.history if row["epoch"] == best_metrics["epoch"]), best_metrics)
@@ -192,6 +190,26 @@ def train(spec: TrainSpec) -> TrainResult:
             log.warning("train: checkpoints Ray Train does not track were not removed: %s", exc)
         live.finish(out, state.history, summary)
     return summary if run is None else dataclasses.replace(summary, mlflow_run_id=run.run_id)
+
+
+def _ended_with(result: ray.train.Result) -> TrainState:
+    """The state of a finished fit's last checkpoint; its error raised."""
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        return read_state(d)
+
+
+def check_all_epochs(out: storage.Location, state: TrainState, cfg: TrainConfig) -> None:
+    """Refuse a run Ray Train ended without an error short of its epochs (not stopped early): seen when a worker
+    was lost after its training function returned, before the controller took its last report, which then never
+    completed. Nothing is written as the model; the checkpoints stay in OUT for the resume."""
+    if more_epochs(state, cfg):
+        raise JobError(
+            f"{out.uri}: Ray Train ended the run after epoch {state.epoch + 1} of {state.fitted_epochs or cfg.epochs} "
+            "without an error (a worker lost as it finished); run the same command again: it resumes from the last "
+            "checkpoint"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
