@@ -177,7 +177,10 @@ def train(spec: TrainSpec) -> TrainResult:
         live = tracking.LiveLog(out.child(TENSORBOARD_DIR), run)
         with live, events.follow(cfg.epochs, live.rows) as inbox:
             result = fit(spec, out, cfg, training_datasets(spec, data_loc, manifest, cfg), inbox, identity)
-        state = _ended_with(result)
+        if result.error:
+            raise result.error
+        with result.checkpoint.as_directory() as d:
+            state = read_state(d)
         check_all_epochs(out, state, cfg)
         progress.note(f"train: writing the model, its card and plots to {out.uri}")
         best_ckpt, best_metrics = best_checkpoint(result, state)  # each resume was noted as it happened (events)
@@ -190,14 +193,6 @@ def train(spec: TrainSpec) -> TrainResult:
             log.warning("train: checkpoints Ray Train does not track were not removed: %s", exc)
         live.finish(out, state.history, summary)
     return summary if run is None else dataclasses.replace(summary, mlflow_run_id=run.run_id)
-
-
-def _ended_with(result: ray.train.Result) -> TrainState:
-    """The state of a finished fit's last checkpoint; its error raised."""
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        return read_state(d)
 
 
 def check_all_epochs(out: storage.Location, state: TrainState, cfg: TrainConfig) -> None:
