@@ -623,11 +623,9 @@ def _colliding_keys(partition: storage.Location, todo: pa.Table, index: ledger.L
     after = pa.concat_arrays([kept, tonight.filter(pc.invert(pc.is_in(tonight, value_set=kept)))])
     still = _shared(after, _folded(after))
     if len(still):
-        groups: dict[str, list[str]] = {}
-        for key in still.to_pylist():
-            groups.setdefault(collisions.fold(key), []).append(key)
+        keys = still.to_pylist()
         fix = "rename tonight's image, then run the night again"
-        shown = [collisions.message(names, names[0], fix) for names in groups.values()]
+        shown = list(dict.fromkeys(collisions.within(keys, keys, fix)))  # one message per collision group
         more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
         raise JobError(
             f"nightly: {storage.redact(partition.uri)} holds rows this date's run recorded in the ledger, and "
